@@ -1,0 +1,224 @@
+//! Commands: the one enum every front end parses into.
+//!
+//! The CIM-XML endpoint turns a method call (`Msvm_ReplicationService.CreateReplicationRelationship`, …)
+//! into a [`Command`]; the JSON API deserializes the same enum; the CLI builds it. The daemon executes it
+//! and answers with a [`CommandOutput`] or a [`CommandError`] that carries the documented return code.
+//! Front ends never reach into daemon state themselves (Firecracker's `VmmAction` pattern).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::codes::ReturnCode;
+use crate::machine::Operation;
+use crate::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
+
+/// A VM named by its GUID or by its display name (`ElementName`).
+pub type VmRef = String;
+
+/// How the daemon learns and changes a VM's power state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PowerControl {
+    /// QMP socket of the QEMU process running the VM (or of a qemu-storage-daemon standing in for it).
+    pub qmp_socket: Option<String>,
+    /// Shell command that starts the VM.
+    pub start_command: Option<String>,
+    /// Shell command that stops the VM.
+    pub stop_command: Option<String>,
+}
+
+/// A VM as defined to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDefinition {
+    pub name: String,
+    pub disks: Vec<String>,
+    pub id: Option<Uuid>,
+    #[serde(default)]
+    pub power: PowerControl,
+}
+
+/// Extra arguments of the operations that go through the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OperationArgs {
+    /// StartReplication type 2 / ImportInitialReplica: the folder.
+    pub location: Option<String>,
+    /// StartReplication / Resynchronize: when to start (Unix seconds, UTC); None = now.
+    pub start_time: Option<i64>,
+    /// InitiateFailover / TestReplicaSystem / InitiateFailback: the recovery point (InstanceID).
+    pub recovery_point: Option<String>,
+    /// ReverseReplicationRelationship / InitiateFailback: the new settings.
+    pub settings: Option<ReplicationSettings>,
+}
+
+/// Every request any front end can make.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    AddVm(VmDefinition),
+    ListVms,
+    GetServiceSettings,
+    ModifyServiceSettings(ServiceSettings),
+    ListAuthorizationEntries,
+    AddAuthorizationEntry(AuthorizationEntry),
+    ModifyAuthorizationEntry(AuthorizationEntry),
+    RemoveAuthorizationEntry {
+        allowed_primary_host_system: String,
+    },
+    SetAuthorizationEntry {
+        vm: VmRef,
+        entry: AuthorizationEntry,
+    },
+    CreateReplicationRelationship {
+        vm: VmRef,
+        settings: ReplicationSettings,
+    },
+    ModifyReplicationSettings {
+        vm: VmRef,
+        settings: ReplicationSettings,
+    },
+    RemoveReplicationRelationship {
+        vm: VmRef,
+    },
+    /// The operations whose effect moves data or follows the state machine.
+    Replication {
+        vm: VmRef,
+        operation: Operation,
+        #[serde(default)]
+        args: OperationArgs,
+    },
+    GetReplicationStatistics {
+        vm: VmRef,
+    },
+    ResetReplicationStatistics {
+        vm: VmRef,
+    },
+    GetSystemCertificates,
+    TestReplicationConnection {
+        recovery_connection_point: String,
+        recovery_server_port_number: u16,
+        authentication_type: u16,
+        certificate_thumbprint: Option<String>,
+        bypass_proxy_server: bool,
+    },
+    /// `Msvm_VirtualSystemManagementService.DestroySystem`: removes a test VM.
+    DestroySystem {
+        vm: VmRef,
+    },
+    Status,
+    ListJobs,
+    GetJob {
+        id: String,
+    },
+    CancelJob {
+        id: String,
+    },
+}
+
+/// A VM as shown to front ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    pub id: Uuid,
+    pub name: String,
+    pub disks: Vec<String>,
+    /// `Msvm_ComputerSystem.EnabledState`: 2 running, 3 off.
+    pub enabled_state: u16,
+    pub replication_mode: u16,
+    pub replication_state: u16,
+    pub replication_health: u16,
+}
+
+/// One row of `vmreplica status` (Get-VMReplication).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRow {
+    pub vm: VmView,
+    pub mode: String,
+    pub state: String,
+    pub health: String,
+    pub recovery_connection_point: Option<String>,
+    pub primary_connection_point: Option<String>,
+    pub replication_interval: Option<u16>,
+    pub last_replication_time: Option<i64>,
+}
+
+/// An `Msvm_ConcreteJob` as shown to front ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub job_type: u16,
+    pub caption: String,
+    pub job_state: u16,
+    pub percent_complete: u16,
+    pub error_code: u16,
+    pub error_description: Option<String>,
+    pub vm: Option<Uuid>,
+    pub time_submitted: i64,
+    pub time_finished: Option<i64>,
+    pub cancellable: bool,
+}
+
+/// Replication statistics of the current monitoring window (spec §10).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StatisticsView {
+    pub start_statistic_time: i64,
+    pub end_statistic_time: i64,
+    pub replication_success_count: u32,
+    pub replication_size: u64,
+    pub max_replication_size: u64,
+    pub replication_latency: u32,
+    pub max_replication_latency: u32,
+    pub replication_miss_count: u32,
+    pub network_failure_count: u32,
+    pub replication_failure_count: u32,
+    pub application_consistent_snapshot_failure_count: u32,
+    pub pending_replication_size: u64,
+    pub replication_health: u16,
+    pub last_test_failover_time: Option<i64>,
+    pub health_messages: Vec<String>,
+}
+
+/// What a command produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "output", rename_all = "snake_case")]
+pub enum CommandOutput {
+    /// Finished synchronously (return code 0).
+    Completed,
+    /// Started asynchronously (return code 4096).
+    Job(JobView),
+    Vm(VmView),
+    Vms {
+        vms: Vec<VmView>,
+    },
+    ServiceSettings(ServiceSettings),
+    AuthorizationEntries {
+        entries: Vec<AuthorizationEntry>,
+    },
+    Status {
+        rows: Vec<StatusRow>,
+    },
+    Jobs {
+        jobs: Vec<JobView>,
+    },
+    Certificates {
+        encoded: Vec<String>,
+    },
+    Statistics(StatisticsView),
+}
+
+/// A refused or failed command: the CIM return code and a sentence saying what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} (return code {code})")]
+pub struct CommandError {
+    pub code: u32,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn new(code: ReturnCode, message: impl Into<String>) -> Self {
+        Self {
+            code: code.code(),
+            message: message.into(),
+        }
+    }
+}

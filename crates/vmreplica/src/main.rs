@@ -1,0 +1,376 @@
+//! `vmreplica`: the command-line tool. It builds the core's `Command`s and sends them to the
+//! daemon's JSON API (`POST /api/v1/command`), the same commands the CIM-XML endpoint executes.
+//!
+//! Exit codes: 0 success; 1 the daemon could not be reached or answered nonsense; 2 usage error;
+//! 3 the daemon refused the command (its return code and reason are printed); 4 a job failed.
+
+mod client;
+mod render;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use vmreplica_core::command::{Command, CommandOutput, OperationArgs, PowerControl, VmDefinition};
+use vmreplica_core::machine::{Operation, RequestedState};
+use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings};
+use vmreplica_core::state::InitialReplicationType;
+
+use client::{Client, Failure};
+
+#[derive(Parser)]
+#[command(
+    name = "vmreplica",
+    version,
+    about = "Manage vmreplica (Hyper-V Replica for QEMU/KVM)"
+)]
+struct Cli {
+    /// The daemon's endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "VMREPLICA_URL",
+        default_value = "http://127.0.0.1:5988"
+    )]
+    url: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Define and list VMs.
+    #[command(subcommand)]
+    Vm(VmVerb),
+    /// This host's recovery-server settings (Get/Set-VMReplicationServer).
+    #[command(subcommand)]
+    Server(ServerVerb),
+    /// The recovery server's authorization table (*-VMReplicationAuthorizationEntry).
+    #[command(subcommand)]
+    Auth(AuthVerb),
+    /// Enable replication of a VM (Enable-VMReplication → CreateReplicationRelationship).
+    Enable(EnableArgs),
+    /// Change a VM's replication settings (Set-VMReplication → ModifyReplicationSettings).
+    Set(EnableArgs),
+    /// Remove a VM's replication relationship (Remove-VMReplication).
+    Disable { vm: String },
+    /// Start initial replication (Start-VMInitialReplication).
+    Start {
+        vm: String,
+        #[arg(long, value_enum, default_value_t = InitialType::Network)]
+        r#type: InitialType,
+        /// Export folder (with --type export).
+        #[arg(long)]
+        path: Option<String>,
+    },
+    /// Suspend replication (Suspend-VMReplication).
+    Suspend { vm: String },
+    /// Resume replication (Resume-VMReplication).
+    Resume { vm: String },
+    /// Replication state of every VM (Get-VMReplication).
+    Status,
+    /// Replication statistics of a VM (Measure-VMReplication).
+    Measure { vm: String },
+    /// Reset a VM's replication statistics (Reset-VMReplicationStatistics).
+    ResetStatistics { vm: String },
+    /// Certificates in this host's certificate store (base64 DER).
+    Certs,
+    /// Jobs of the daemon.
+    #[command(subcommand)]
+    Job(JobVerb),
+}
+
+#[derive(Subcommand)]
+enum VmVerb {
+    /// Define a VM to the daemon; prints its GUID.
+    Add {
+        #[arg(long)]
+        name: String,
+        /// A disk image (repeat for several disks).
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// The VM's GUID (default: a new one).
+        #[arg(long)]
+        id: Option<uuid::Uuid>,
+        /// QMP socket of the QEMU process running the VM.
+        #[arg(long)]
+        qmp_socket: Option<String>,
+        #[arg(long)]
+        start_command: Option<String>,
+        #[arg(long)]
+        stop_command: Option<String>,
+    },
+    /// List the VMs.
+    List,
+}
+
+#[derive(Subcommand)]
+enum ServerVerb {
+    Show,
+    Set {
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+        /// Certificate thumbprint (hex SHA-1 or SHA-256 of the DER).
+        #[arg(long)]
+        thumbprint: Option<String>,
+        #[arg(long)]
+        https_port: Option<u16>,
+        /// Statistics window, seconds.
+        #[arg(long)]
+        monitoring_interval: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthVerb {
+    List,
+    Add(AuthEntryArgs),
+    Modify(AuthEntryArgs),
+    Remove {
+        /// The entry's AllowedPrimaryHostSystem.
+        primary: String,
+    },
+}
+
+#[derive(Args)]
+struct AuthEntryArgs {
+    /// Allowed primary: an FQDN, `*.domain` or `*`.
+    #[arg(long)]
+    primary: String,
+    /// Where replicas from this primary are stored.
+    #[arg(long)]
+    storage: String,
+    #[arg(long, default_value = "DEFAULT")]
+    trust_group: String,
+}
+
+#[derive(Args)]
+struct EnableArgs {
+    vm: String,
+    /// The replica server's name.
+    #[arg(long)]
+    replica_server: String,
+    #[arg(long, default_value_t = 443)]
+    replica_port: u16,
+    /// Certificate thumbprint used to authenticate to the replica server.
+    #[arg(long)]
+    thumbprint: Option<String>,
+    /// Replication frequency in seconds: 30, 300 or 900.
+    #[arg(long, default_value_t = 300)]
+    frequency: u16,
+    /// Extra hourly recovery points (0-24).
+    #[arg(long, default_value_t = 0)]
+    recovery_history: u16,
+    /// Application-consistent point frequency in hours (0-12, needs --recovery-history).
+    #[arg(long, default_value_t = 0)]
+    vss_frequency: u16,
+    #[arg(long)]
+    no_compression: bool,
+    /// Disks to replicate (default: all).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum InitialType {
+    Network,
+    Export,
+    Seeded,
+}
+
+#[derive(Subcommand)]
+enum JobVerb {
+    List,
+    Show {
+        id: String,
+    },
+    /// Wait for a job to finish, with a progress bar.
+    Wait {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let client = Client::new(&cli.url);
+    let code = match run(&client, cli.output, cli.command) {
+        Ok(()) => 0,
+        Err(Failure::Refused(e)) => {
+            eprintln!("error: {} (return code {})", e.message, e.code);
+            3
+        }
+        Err(Failure::JobFailed(msg)) => {
+            eprintln!("error: {msg}");
+            4
+        }
+        Err(Failure::Transport(e)) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn settings(a: EnableArgs) -> (String, ReplicationSettings) {
+    let s = ReplicationSettings {
+        recovery_connection_point: a.replica_server,
+        recovery_server_port_number: a.replica_port,
+        certificate_thumbprint: a.thumbprint,
+        replication_interval: a.frequency,
+        recovery_history: a.recovery_history,
+        application_consistent_snapshot_interval: a.vss_frequency,
+        compression_enabled: !a.no_compression,
+        included_disks: a.disks,
+        ..ReplicationSettings::default()
+    };
+    (a.vm, s)
+}
+
+fn replication(vm: String, operation: Operation, args: OperationArgs) -> Command {
+    Command::Replication {
+        vm,
+        operation,
+        args,
+    }
+}
+
+fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
+    let cmd = match verb {
+        Verb::Vm(VmVerb::Add {
+            name,
+            disks,
+            id,
+            qmp_socket,
+            start_command,
+            stop_command,
+        }) => {
+            let disks = disks
+                .iter()
+                .map(|d| absolute(d))
+                .collect::<Result<_, _>>()?;
+            let power = PowerControl {
+                qmp_socket,
+                start_command,
+                stop_command,
+            };
+            Command::AddVm(VmDefinition {
+                name,
+                disks,
+                id,
+                power,
+            })
+        }
+        Verb::Vm(VmVerb::List) => Command::ListVms,
+        Verb::Server(ServerVerb::Show) => Command::GetServiceSettings,
+        Verb::Server(ServerVerb::Set {
+            enable,
+            disable,
+            thumbprint,
+            https_port,
+            monitoring_interval,
+        }) => {
+            let mut s = match client.execute(&Command::GetServiceSettings)? {
+                CommandOutput::ServiceSettings(s) => s,
+                other => return Err(Failure::unexpected(&other)),
+            };
+            if enable {
+                s.recovery_server_enabled = true;
+                s.allowed_authentication_type = 2;
+            }
+            if disable {
+                s.recovery_server_enabled = false;
+            }
+            s.certificate_thumbprint = thumbprint.or(s.certificate_thumbprint);
+            s.https_port = https_port.unwrap_or(s.https_port);
+            s.monitoring_interval = monitoring_interval.unwrap_or(s.monitoring_interval);
+            Command::ModifyServiceSettings(s)
+        }
+        Verb::Auth(AuthVerb::List) => Command::ListAuthorizationEntries,
+        Verb::Auth(AuthVerb::Add(a)) => Command::AddAuthorizationEntry(entry(a)),
+        Verb::Auth(AuthVerb::Modify(a)) => Command::ModifyAuthorizationEntry(entry(a)),
+        Verb::Auth(AuthVerb::Remove { primary }) => Command::RemoveAuthorizationEntry {
+            allowed_primary_host_system: primary,
+        },
+        Verb::Enable(a) => {
+            let (vm, settings) = settings(a);
+            Command::CreateReplicationRelationship { vm, settings }
+        }
+        Verb::Set(a) => {
+            let (vm, settings) = settings(a);
+            Command::ModifyReplicationSettings { vm, settings }
+        }
+        Verb::Disable { vm } => Command::RemoveReplicationRelationship { vm },
+        Verb::Start { vm, r#type, path } => {
+            let kind = match r#type {
+                InitialType::Network => InitialReplicationType::Network,
+                InitialType::Export => InitialReplicationType::Export,
+                InitialType::Seeded => InitialReplicationType::Seeded,
+            };
+            let args = OperationArgs {
+                location: path,
+                ..OperationArgs::default()
+            };
+            replication(vm, Operation::StartReplication(kind), args)
+        }
+        Verb::Suspend { vm } => replication(
+            vm,
+            Operation::RequestReplicationStateChange(RequestedState::Suspend),
+            OperationArgs::default(),
+        ),
+        Verb::Resume { vm } => replication(
+            vm,
+            Operation::RequestReplicationStateChange(RequestedState::Replicating),
+            OperationArgs::default(),
+        ),
+        Verb::Status => Command::Status,
+        Verb::Measure { vm } => Command::GetReplicationStatistics { vm },
+        Verb::ResetStatistics { vm } => Command::ResetReplicationStatistics { vm },
+        Verb::Certs => Command::GetSystemCertificates,
+        Verb::Job(JobVerb::List) => Command::ListJobs,
+        Verb::Job(JobVerb::Show { id }) => Command::GetJob { id },
+        Verb::Job(JobVerb::Wait { id }) => {
+            let job = client.wait_job(&id, Duration::from_millis(200))?;
+            render::print(fmt, &CommandOutput::Job(job.clone()));
+            return client::job_outcome(&job);
+        }
+        Verb::Job(JobVerb::Cancel { id }) => Command::CancelJob { id },
+    };
+    let out = client.execute(&cmd)?;
+    // A started job is waited for, as the PowerShell cmdlets do.
+    if let CommandOutput::Job(job) = &out {
+        let done = client.wait_job(&job.id, Duration::from_millis(200))?;
+        render::print(fmt, &CommandOutput::Job(done.clone()));
+        return client::job_outcome(&done);
+    }
+    render::print(fmt, &out);
+    Ok(())
+}
+
+fn entry(a: AuthEntryArgs) -> AuthorizationEntry {
+    AuthorizationEntry {
+        allowed_primary_host_system: a.primary,
+        trust_group: a.trust_group,
+        replica_storage_location: a.storage,
+    }
+}
+
+fn absolute(path: &str) -> Result<String, Failure> {
+    let p = std::path::absolute(path)
+        .with_context(|| format!("cannot make '{path}' absolute"))
+        .map_err(Failure::Transport)?;
+    Ok(p.display().to_string())
+}

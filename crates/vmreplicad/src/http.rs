@@ -1,0 +1,85 @@
+//! The HTTP front: `POST /cimom` (CIM-XML, DSP0200) and `POST /api/v1/command` (JSON of the core's
+//! `Command`, used by the CLI). Both end in the same [`Service::execute`].
+//!
+//! Bodies over [`MAX_BODY`] are refused with 413 before they are read whole.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use vmreplica_core::codes::ReturnCode;
+use vmreplica_core::command::{Command, CommandError};
+
+use crate::service::Service;
+
+/// Largest request body accepted (CIM-XML or JSON).
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route("/cimom", post(cimom))
+        .route("/", post(cimom))
+        .route("/api/v1/command", post(command))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(service)
+}
+
+fn header_is(headers: &HeaderMap, name: &str, expected: &str) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
+}
+
+async fn cimom(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !header_is(&headers, "CIMOperation", "MethodCall") {
+        let mut resp = (
+            StatusCode::BAD_REQUEST,
+            "the CIMOperation header must be MethodCall\n",
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert("CIMError", HeaderValue::from_static("header-mismatch"));
+        return resp;
+    }
+    let reply = crate::wbem::handle(&svc, &body).await;
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, reply.body).into_response();
+    let h = resp.headers_mut();
+    if let Some(e) = reply.cim_error {
+        h.insert("CIMError", HeaderValue::from_static(e));
+        h.insert(
+            "Content-Type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+    } else {
+        h.insert(
+            "Content-Type",
+            HeaderValue::from_static("application/xml; charset=\"utf-8\""),
+        );
+        h.insert("CIMOperation", HeaderValue::from_static("MethodResponse"));
+    }
+    resp
+}
+
+async fn command(State(svc): State<Arc<Service>>, body: Bytes) -> Response {
+    let cmd: Command = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            let err = CommandError::new(
+                ReturnCode::InvalidParameter,
+                format!("the command is not valid JSON: {e}"),
+            );
+            return (StatusCode::BAD_REQUEST, Json(err)).into_response();
+        }
+    };
+    match svc.execute(cmd).await {
+        Ok(out) => (StatusCode::OK, Json(out)).into_response(),
+        Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, Json(e)).into_response(),
+    }
+}

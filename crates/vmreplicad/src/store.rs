@@ -1,0 +1,608 @@
+//! The metadata store: one SQLite database per host (`<data-dir>/vmreplica.db`).
+//!
+//! It holds VMs and their disks, replication relationships with their settings, the recovery-server
+//! settings, the authorization table and jobs. Everything the CIM classes show is read from here, so
+//! every object survives a restart. Settings are stored as JSON of the core's typed settings.
+//!
+//! Locking: one connection behind a mutex; every public method is one short statement or one
+//! transaction, so no caller ever holds the lock across an await point.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use uuid::Uuid;
+use vmreplica_core::command::PowerControl;
+use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("metadata database error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored JSON could not be read")]
+    Json(#[from] serde_json::Error),
+    #[error("stored value is invalid: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A VM as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRow {
+    pub id: Uuid,
+    pub name: String,
+    pub disks: Vec<String>,
+    pub power: PowerControl,
+    pub mode: u16,
+}
+
+/// The primary relationship (index 0) of a VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelationshipRow {
+    pub vm: Uuid,
+    pub state: u16,
+    pub settings: ReplicationSettings,
+    pub primary_connection_point: Option<String>,
+    pub authorization_entry: Option<String>,
+    pub last_replication_time: Option<i64>,
+    pub last_apply_time: Option<i64>,
+    pub last_app_consistent_time: Option<i64>,
+    pub last_replication_type: u16,
+    pub failed_over_type: u16,
+    pub statistics_reset_time: i64,
+}
+
+/// One `Msvm_Error` recorded on a failed job.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobErrorInfo {
+    pub message: String,
+    pub recommended_action: String,
+    /// `Msvm_Error.ErrorType` (4 Software, 10 Unsupported Operation, ...).
+    pub error_type: u16,
+}
+
+/// An `Msvm_ConcreteJob` as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub job_type: u16,
+    pub state: u16,
+    pub percent: u16,
+    pub error_code: u16,
+    pub error_description: Option<String>,
+    pub errors: Vec<JobErrorInfo>,
+    pub vm: Option<Uuid>,
+    pub description: String,
+    pub time_submitted: i64,
+    pub start_time: Option<i64>,
+    pub time_finished: Option<i64>,
+    pub last_change: i64,
+    pub cancellable: bool,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS vms (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE COLLATE NOCASE, disks TEXT NOT NULL,
+    power TEXT NOT NULL, mode INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS relationships (
+    vm TEXT PRIMARY KEY REFERENCES vms(id), state INTEGER NOT NULL, settings TEXT NOT NULL,
+    primary_connection_point TEXT, authorization_entry TEXT,
+    last_replication_time INTEGER, last_apply_time INTEGER, last_app_consistent_time INTEGER,
+    last_replication_type INTEGER NOT NULL DEFAULT 0, failed_over_type INTEGER NOT NULL DEFAULT 0,
+    statistics_reset_time INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS service_settings (id INTEGER PRIMARY KEY CHECK (id = 1), settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS authorization_entries (
+    host TEXT PRIMARY KEY COLLATE NOCASE, trust_group TEXT NOT NULL, storage_location TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, job_type INTEGER NOT NULL, state INTEGER NOT NULL, percent INTEGER NOT NULL,
+    error_code INTEGER NOT NULL, error_description TEXT, errors TEXT NOT NULL, vm TEXT,
+    description TEXT NOT NULL, time_submitted INTEGER NOT NULL, start_time INTEGER,
+    time_finished INTEGER, last_change INTEGER NOT NULL, cancellable INTEGER NOT NULL);
+";
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file and its schema.
+    pub fn open(path: &Path) -> StoreResult<Store> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (statements are atomic),
+        // so a poisoned lock is still safe to use.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // ---- VMs ----
+
+    pub fn insert_vm(&self, vm: &VmRow) -> StoreResult<()> {
+        self.conn().execute(
+            "INSERT INTO vms (id, name, disks, power, mode) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                vm.id.to_string(),
+                vm.name,
+                serde_json::to_string(&vm.disks)?,
+                serde_json::to_string(&vm.power)?,
+                vm.mode
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn list_vms(&self) -> StoreResult<Vec<VmRow>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT id, name, disks, power, mode FROM vms ORDER BY name")?;
+        let rows = stmt.query_map([], raw_vm)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(RawVm::into_row).collect()
+    }
+
+    pub fn get_vm(&self, id: Uuid) -> StoreResult<Option<VmRow>> {
+        let raw = self
+            .conn()
+            .query_row(
+                "SELECT id, name, disks, power, mode FROM vms WHERE id = ?1",
+                [id.to_string()],
+                raw_vm,
+            )
+            .optional()?;
+        raw.map(RawVm::into_row).transpose()
+    }
+
+    pub fn find_vm_by_name(&self, name: &str) -> StoreResult<Option<VmRow>> {
+        let raw = self
+            .conn()
+            .query_row(
+                "SELECT id, name, disks, power, mode FROM vms WHERE name = ?1",
+                [name],
+                raw_vm,
+            )
+            .optional()?;
+        raw.map(RawVm::into_row).transpose()
+    }
+
+    // ---- relationships ----
+
+    pub fn get_relationship(&self, vm: Uuid) -> StoreResult<Option<RelationshipRow>> {
+        let raw = self
+            .conn()
+            .query_row(
+                "SELECT vm, state, settings, primary_connection_point, authorization_entry,
+                        last_replication_time, last_apply_time, last_app_consistent_time,
+                        last_replication_type, failed_over_type, statistics_reset_time
+                 FROM relationships WHERE vm = ?1",
+                [vm.to_string()],
+                raw_relationship,
+            )
+            .optional()?;
+        raw.map(RawRelationship::into_row).transpose()
+    }
+
+    /// Writes the relationship and the VM's mode in one transaction.
+    pub fn put_relationship(&self, rel: &RelationshipRow, mode: u16) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO relationships (vm, state, settings, primary_connection_point,
+                authorization_entry, last_replication_time, last_apply_time, last_app_consistent_time,
+                last_replication_type, failed_over_type, statistics_reset_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                rel.vm.to_string(),
+                rel.state,
+                serde_json::to_string(&rel.settings)?,
+                rel.primary_connection_point,
+                rel.authorization_entry,
+                rel.last_replication_time,
+                rel.last_apply_time,
+                rel.last_app_consistent_time,
+                rel.last_replication_type,
+                rel.failed_over_type,
+                rel.statistics_reset_time
+            ],
+        )?;
+        tx.execute(
+            "UPDATE vms SET mode = ?2 WHERE id = ?1",
+            params![rel.vm.to_string(), mode],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes the relationship and sets the VM's mode to None, in one transaction.
+    pub fn remove_relationship(&self, vm: Uuid) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM relationships WHERE vm = ?1", [vm.to_string()])?;
+        tx.execute("UPDATE vms SET mode = 0 WHERE id = ?1", [vm.to_string()])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_relationship_state(&self, vm: Uuid, state: u16) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE relationships SET state = ?2 WHERE vm = ?1",
+            params![vm.to_string(), state],
+        )?;
+        Ok(())
+    }
+
+    // ---- recovery-server settings and authorization ----
+
+    pub fn service_settings(&self) -> StoreResult<ServiceSettings> {
+        let text: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT settings FROM service_settings WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match text {
+            Some(text) => Ok(serde_json::from_str(&text)?),
+            None => Ok(ServiceSettings::default()),
+        }
+    }
+
+    pub fn put_service_settings(&self, settings: &ServiceSettings) -> StoreResult<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO service_settings (id, settings) VALUES (1, ?1)",
+            [serde_json::to_string(settings)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn authorization_entries(&self) -> StoreResult<Vec<AuthorizationEntry>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT host, trust_group, storage_location FROM authorization_entries ORDER BY host",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(AuthorizationEntry {
+                allowed_primary_host_system: r.get(0)?,
+                trust_group: r.get(1)?,
+                replica_storage_location: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Inserts a new entry; returns false when an entry for that host already exists.
+    pub fn add_authorization_entry(&self, e: &AuthorizationEntry) -> StoreResult<bool> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO authorization_entries (host, trust_group, storage_location)
+             VALUES (?1, ?2, ?3)",
+            params![
+                e.allowed_primary_host_system,
+                e.trust_group,
+                e.replica_storage_location
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Changes an existing entry; returns false when there is none for that host.
+    pub fn modify_authorization_entry(&self, e: &AuthorizationEntry) -> StoreResult<bool> {
+        let n = self.conn().execute(
+            "UPDATE authorization_entries SET trust_group = ?2, storage_location = ?3 WHERE host = ?1",
+            params![e.allowed_primary_host_system, e.trust_group, e.replica_storage_location],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Deletes an entry; returns false when there was none.
+    pub fn remove_authorization_entry(&self, host: &str) -> StoreResult<bool> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM authorization_entries WHERE host = ?1", [host])?;
+        Ok(n == 1)
+    }
+
+    // ---- jobs ----
+
+    pub fn put_job(&self, job: &JobRow) -> StoreResult<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO jobs (id, job_type, state, percent, error_code, error_description,
+                errors, vm, description, time_submitted, start_time, time_finished, last_change, cancellable)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                job.id,
+                job.job_type,
+                job.state,
+                job.percent,
+                job.error_code,
+                job.error_description,
+                serde_json::to_string(&job.errors)?,
+                job.vm.map(|v| v.to_string()),
+                job.description,
+                job.time_submitted,
+                job.start_time,
+                job.time_finished,
+                job.last_change,
+                job.cancellable
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_job(&self, id: &str) -> StoreResult<Option<JobRow>> {
+        let raw = self
+            .conn()
+            .query_row(&format!("{JOB_SELECT} WHERE id = ?1"), [id], raw_job)
+            .optional()?;
+        raw.map(RawJob::into_row).transpose()
+    }
+
+    pub fn list_jobs(&self) -> StoreResult<Vec<JobRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{JOB_SELECT} ORDER BY time_submitted, id"))?;
+        let rows = stmt
+            .query_map([], raw_job)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(RawJob::into_row).collect()
+    }
+
+    /// Deletes finished jobs that finished before `cutoff` (Unix seconds).
+    pub fn purge_jobs(&self, cutoff: i64) -> StoreResult<usize> {
+        Ok(self.conn().execute(
+            "DELETE FROM jobs WHERE time_finished IS NOT NULL AND time_finished < ?1",
+            [cutoff],
+        )?)
+    }
+}
+
+const JOB_SELECT: &str =
+    "SELECT id, job_type, state, percent, error_code, error_description, errors, vm,
+    description, time_submitted, start_time, time_finished, last_change, cancellable FROM jobs";
+
+/// Column values before the fallible JSON/UUID decoding (rusqlite closures can only return its error).
+struct RawVm(String, String, String, String, u16);
+
+fn raw_vm(r: &Row<'_>) -> rusqlite::Result<RawVm> {
+    Ok(RawVm(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+impl RawVm {
+    fn into_row(self) -> StoreResult<VmRow> {
+        Ok(VmRow {
+            id: parse_uuid(&self.0)?,
+            name: self.1,
+            disks: serde_json::from_str(&self.2)?,
+            power: serde_json::from_str(&self.3)?,
+            mode: self.4,
+        })
+    }
+}
+
+type RawRelationship = (
+    String,
+    u16,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    u16,
+    u16,
+    i64,
+);
+
+fn raw_relationship(r: &Row<'_>) -> rusqlite::Result<RawRelationship> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
+trait IntoRow<T> {
+    fn into_row(self) -> StoreResult<T>;
+}
+
+impl IntoRow<RelationshipRow> for RawRelationship {
+    fn into_row(self) -> StoreResult<RelationshipRow> {
+        Ok(RelationshipRow {
+            vm: parse_uuid(&self.0)?,
+            state: self.1,
+            settings: serde_json::from_str(&self.2)?,
+            primary_connection_point: self.3,
+            authorization_entry: self.4,
+            last_replication_time: self.5,
+            last_apply_time: self.6,
+            last_app_consistent_time: self.7,
+            last_replication_type: self.8,
+            failed_over_type: self.9,
+            statistics_reset_time: self.10,
+        })
+    }
+}
+
+struct RawJob(JobRow, String, Option<String>);
+
+fn raw_job(r: &Row<'_>) -> rusqlite::Result<RawJob> {
+    Ok(RawJob(
+        JobRow {
+            id: r.get(0)?,
+            job_type: r.get(1)?,
+            state: r.get(2)?,
+            percent: r.get(3)?,
+            error_code: r.get(4)?,
+            error_description: r.get(5)?,
+            errors: Vec::new(),
+            vm: None,
+            description: r.get(8)?,
+            time_submitted: r.get(9)?,
+            start_time: r.get(10)?,
+            time_finished: r.get(11)?,
+            last_change: r.get(12)?,
+            cancellable: r.get(13)?,
+        },
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+impl RawJob {
+    fn into_row(self) -> StoreResult<JobRow> {
+        let RawJob(mut job, errors, vm) = self;
+        job.errors = serde_json::from_str(&errors)?;
+        job.vm = vm.as_deref().map(parse_uuid).transpose()?;
+        Ok(job)
+    }
+}
+
+fn parse_uuid(text: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(text).map_err(|_| StoreError::Corrupt(format!("'{text}' is not a GUID")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store() -> (tempdir::Dir, Store) {
+        let dir = tempdir::Dir::new();
+        let store = Store::open(&dir.path.join("test.db")).expect("open");
+        (dir, store)
+    }
+
+    mod tempdir {
+        pub struct Dir {
+            pub path: std::path::PathBuf,
+        }
+        impl Dir {
+            pub fn new() -> Dir {
+                let path = std::env::temp_dir().join(format!("vmr-store-{}", uuid::Uuid::new_v4()));
+                std::fs::create_dir_all(&path).expect("mkdir");
+                Dir { path }
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.path);
+            }
+        }
+    }
+
+    fn vm(name: &str) -> VmRow {
+        VmRow {
+            id: Uuid::new_v4(),
+            name: name.into(),
+            disks: vec!["/d/a.qcow2".into()],
+            power: PowerControl::default(),
+            mode: 0,
+        }
+    }
+
+    #[test]
+    fn vm_round_trips_and_names_are_unique_ignoring_case() {
+        let (_d, store) = temp_store();
+        let a = vm("web01");
+        store.insert_vm(&a).expect("insert");
+        assert_eq!(store.get_vm(a.id).expect("get"), Some(a.clone()));
+        assert_eq!(store.find_vm_by_name("WEB01").expect("find"), Some(a));
+        assert!(store.insert_vm(&vm("Web01")).is_err());
+    }
+
+    #[test]
+    fn relationship_write_sets_mode_and_remove_clears_it() {
+        let (_d, store) = temp_store();
+        let a = vm("db01");
+        store.insert_vm(&a).expect("insert");
+        let rel = RelationshipRow {
+            vm: a.id,
+            state: 1,
+            settings: ReplicationSettings::default(),
+            primary_connection_point: Some("p".into()),
+            authorization_entry: None,
+            last_replication_time: None,
+            last_apply_time: None,
+            last_app_consistent_time: None,
+            last_replication_type: 0,
+            failed_over_type: 0,
+            statistics_reset_time: 5,
+        };
+        store.put_relationship(&rel, 1).expect("put");
+        assert_eq!(store.get_relationship(a.id).expect("get"), Some(rel));
+        assert_eq!(store.get_vm(a.id).expect("vm").map(|v| v.mode), Some(1));
+        store.remove_relationship(a.id).expect("remove");
+        assert_eq!(store.get_relationship(a.id).expect("get"), None);
+        assert_eq!(store.get_vm(a.id).expect("vm").map(|v| v.mode), Some(0));
+    }
+
+    #[test]
+    fn authorization_entries_are_keyed_by_host() {
+        let (_d, store) = temp_store();
+        let e = AuthorizationEntry {
+            allowed_primary_host_system: "*.example.org".into(),
+            trust_group: "DEFAULT".into(),
+            replica_storage_location: "/srv/replica".into(),
+        };
+        assert!(store.add_authorization_entry(&e).expect("add"));
+        assert!(!store.add_authorization_entry(&e).expect("add twice"));
+        let mut changed = e.clone();
+        changed.trust_group = "G2".into();
+        assert!(store.modify_authorization_entry(&changed).expect("modify"));
+        assert_eq!(store.authorization_entries().expect("list"), vec![changed]);
+        assert!(store
+            .remove_authorization_entry("*.EXAMPLE.org")
+            .expect("remove"));
+        assert!(!store
+            .remove_authorization_entry("*.example.org")
+            .expect("remove again"));
+    }
+
+    #[test]
+    fn jobs_round_trip_and_purge_only_finished_ones() {
+        let (_d, store) = temp_store();
+        let mut job = JobRow {
+            id: "j1".into(),
+            job_type: 91,
+            state: 4,
+            percent: 10,
+            error_code: 0,
+            error_description: None,
+            errors: vec![JobErrorInfo {
+                message: "m".into(),
+                recommended_action: "a".into(),
+                error_type: 4,
+            }],
+            vm: Some(Uuid::new_v4()),
+            description: "d".into(),
+            time_submitted: 100,
+            start_time: Some(100),
+            time_finished: None,
+            last_change: 100,
+            cancellable: true,
+        };
+        store.put_job(&job).expect("put");
+        assert_eq!(store.get_job("j1").expect("get"), Some(job.clone()));
+        assert_eq!(store.purge_jobs(1000).expect("purge"), 0);
+        job.time_finished = Some(200);
+        store.put_job(&job).expect("put");
+        assert_eq!(store.purge_jobs(150).expect("purge"), 0);
+        assert_eq!(store.purge_jobs(201).expect("purge"), 1);
+        assert!(store.list_jobs().expect("list").is_empty());
+    }
+}
