@@ -315,9 +315,15 @@ impl Store {
 
     pub fn put_job(&self, job: &JobRow) -> StoreResult<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO jobs (id, job_type, state, percent, error_code, error_description,
+            "INSERT INTO jobs (id, job_type, state, percent, error_code, error_description,
                 errors, vm, description, time_submitted, start_time, time_finished, last_change, cancellable)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT(id) DO UPDATE SET job_type = excluded.job_type, state = excluded.state,
+                percent = excluded.percent, error_code = excluded.error_code,
+                error_description = excluded.error_description, errors = excluded.errors, vm = excluded.vm,
+                description = excluded.description, time_submitted = excluded.time_submitted,
+                start_time = excluded.start_time, time_finished = excluded.time_finished,
+                last_change = excluded.last_change, cancellable = excluded.cancellable",
             params![
                 job.id,
                 job.job_type,
@@ -348,7 +354,7 @@ impl Store {
 
     pub fn list_jobs(&self) -> StoreResult<Vec<JobRow>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{JOB_SELECT} ORDER BY time_submitted, id"))?;
+        let mut stmt = conn.prepare(&format!("{JOB_SELECT} ORDER BY time_submitted, rowid"))?;
         let rows = stmt
             .query_map([], raw_job)?
             .collect::<Result<Vec<_>, _>>()?;

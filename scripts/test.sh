@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs every test of vmreplica, installing what the tests need first:
+#   Debian packages (qemu-utils, sblim-wbemcli, e2fsprogs), a Python venv (.venv) with pywbem,
+#   pywbemtools and pytest, and cargo-fuzz. Then: rustfmt, clippy -D warnings, the Rust tests, a short
+#   run of every fuzz target, and the pytest suite that drives real daemons with pywbem/wbemcli.
+# Environment: FUZZ_SECONDS (per target, default 15; 0 skips fuzzing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+FUZZ_SECONDS=${FUZZ_SECONDS:-15}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "Debian packages"
+missing=()
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
+command -v wbemcli >/dev/null || missing+=(sblim-wbemcli)
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+echo "ok: qemu-img $(qemu-img --version | head -1 | awk '{print $3}'), wbemcli, mkfs.ext4"
+
+step "Python venv (.venv)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+.venv/bin/python -c 'import pywbem; print("ok: pywbem", pywbem.__version__)'
+
+step "rustfmt"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo build --workspace --locked
+cargo test --workspace --locked
+
+if [ "$FUZZ_SECONDS" != 0 ]; then
+    step "fuzz targets (${FUZZ_SECONDS}s each)"
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
+    (
+        cd fuzz
+        cargo +nightly fuzz build -O
+        for target in $(cargo +nightly fuzz list); do
+            mkdir -p "corpus/$target"
+            cargo +nightly fuzz run -O "$target" "corpus/$target" -- \
+                -max_total_time="$FUZZ_SECONDS" -print_final_stats=0 2>&1 | tail -n 2
+        done
+    )
+fi
+
+step "integration tests (pytest: real daemons driven by pywbem, wbemcli, pywbemcli, the CLI)"
+export PATH="$ROOT/.venv/bin:$PATH"
+.venv/bin/python -m pytest -q tests

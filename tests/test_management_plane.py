@@ -1,0 +1,326 @@
+"""The management plane driven by pywbem exactly as an orchestration tool drives Hyper-V.
+
+Each test starts a real vmreplicad on a loopback port with its own data directory.
+"""
+
+import json
+import xml.etree.ElementTree as ET
+
+import pywbem
+from pywbem import Uint16
+
+from conftest import NAMESPACE, wait_job
+
+THUMBPRINT = "ab" * 20
+
+
+def service(conn):
+    services = conn.EnumerateInstances("Msvm_ReplicationService")
+    assert len(services) == 1
+    return services[0]
+
+
+def vm_by_name(conn, name):
+    vms = conn.ExecQuery("WQL", f"SELECT * FROM Msvm_ComputerSystem WHERE ElementName = '{name}'")
+    assert len(vms) == 1, vms
+    return vms[0]
+
+
+def settings_of(conn, vm):
+    rsds = conn.Associators(vm.path, ResultClass="Msvm_ReplicationSettingData")
+    assert len(rsds) == 1
+    return rsds[0]
+
+
+def enable_settings(rsd, **changes):
+    rsd["RecoveryConnectionPoint"] = "replica.example.org"
+    rsd["RecoveryServerPortNumber"] = Uint16(443)
+    rsd["AuthenticationType"] = Uint16(2)
+    rsd["CertificateThumbPrint"] = THUMBPRINT
+    rsd["ReplicationInterval"] = Uint16(30)
+    for k, v in changes.items():
+        rsd[k] = v
+    return rsd
+
+
+def relationship_of(conn, vm):
+    rels = conn.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")
+    assert len(rels) <= 1
+    return rels[0] if rels else None
+
+
+def props(embedded):
+    """PROPERTY name -> value text of an embedded instance. pywbem already decodes the out parameters
+    marked EmbeddedObject="instance"; a plain string is read as Microsoft's sample reads it."""
+    if isinstance(embedded, pywbem.CIMInstance):
+        return {k: (None if v is None else str(v)) for k, v in embedded.items()}
+    root = ET.fromstring(embedded)
+    return {p.get("NAME"): (p.findtext("VALUE")) for p in root.iter() if p.tag.startswith("PROPERTY")}
+
+
+def test_enable_replication_the_way_microsofts_sample_does_and_everything_survives_a_restart(daemon, disk):
+    images = [disk("web01.qcow2"), disk("web01-data.qcow2")]
+    vm_id = daemon.add_vm("web01", images)
+    conn = daemon.conn()
+
+    svc = service(conn)
+    assert svc["Name"] == "replicasvc"
+    assert svc["Caption"] == "Hyper-V Replica Service"
+    assert svc["SystemName"] == daemon.host_name
+
+    vm = vm_by_name(conn, "web01")
+    assert vm["Name"] == vm_id
+    assert vm["ReplicationMode"] == 0 and vm["ReplicationState"] == 0
+    assert vm["EnabledState"] == 3  # no QMP socket: off
+
+    # A default Msvm_ReplicationSettingData exists before replication is enabled (spec §1).
+    rsd = settings_of(conn, vm)
+    assert rsd["InstanceID"] == f"Microsoft:{vm_id}\\HVR\\0"
+    assert rsd["VirtualSystemType"] == "Microsoft:Hyper-V:Replica"
+    assert rsd["ReplicationInterval"] == 300
+    assert len(rsd["IncludedDisks"]) == 2
+    disks = conn.Associators(vm.path, ResultClass="Msvm_StorageAllocationSettingData")
+    assert sorted(d["HostResource"][0] for d in disks) == sorted(str(p) for p in images)
+
+    # Change it, serialize it, pass it in (the sample's flow); the instance keeps its path.
+    enable_settings(rsd, RecoveryHistory=Uint16(4), ApplicationConsistentSnapshotInterval=Uint16(2))
+    rv, out = conn.InvokeMethod("CreateReplicationRelationship", svc.path,
+                                ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096
+    job = wait_job(conn, out["Job"])
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert job["JobType"] == 91
+    assert job["PercentComplete"] == 100
+    assert job["TimeBeforeRemoval"] == pywbem.CIMDateTime("00000000000500.000000:000")
+
+    rel = relationship_of(conn, vm)
+    assert rel["InstanceID"] == f"Microsoft:{vm_id}\\HVR\\0"
+    assert rel["ReplicationState"] == 1
+    vm = conn.GetInstance(vm.path)
+    assert vm["ReplicationMode"] == 1 and vm["ReplicationState"] == 1
+    rsd = settings_of(conn, vm)
+    assert rsd["RecoveryConnectionPoint"] == "replica.example.org"
+    assert rsd["ReplicationInterval"] == 30
+    assert rsd["RecoveryHistory"] == 4
+    assert rsd["ApplicationConsistentSnapshotInterval"] == 2
+    assert rsd["CertificateThumbPrint"] == THUMBPRINT
+    assert rsd["PrimaryConnectionPoint"] == daemon.host_name
+
+    # Enabling twice is refused by the state machine and changes nothing.
+    rv, _ = conn.InvokeMethod("CreateReplicationRelationship", svc.path,
+                              ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 32775
+
+    # Data moves only once the data plane exists: an honest 32770, not a pretended success.
+    rv, out = conn.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
+                                InitialReplicationType=Uint16(1))
+    assert rv == 32770 and out["Job"] is None
+    assert relationship_of(conn, vm)["ReplicationState"] == 1
+
+    daemon.restart()
+    conn = daemon.conn()
+    vm = vm_by_name(conn, "web01")
+    assert vm["ReplicationMode"] == 1 and vm["ReplicationState"] == 1
+    assert relationship_of(conn, vm)["ReplicationState"] == 1
+    assert settings_of(conn, vm)["ReplicationInterval"] == 30
+    kept = conn.GetInstance(job.path)
+    assert kept["JobState"] == 7 and kept["JobType"] == 91
+    assert any(j["InstanceID"] == job["InstanceID"] for j in conn.EnumerateInstances("Msvm_ConcreteJob"))
+
+
+def test_modify_then_remove_relationship(daemon, disk):
+    daemon.add_vm("db01", [disk()])
+    conn = daemon.conn()
+    svc, vm = service(conn), vm_by_name(conn, "db01")
+    rsd = enable_settings(settings_of(conn, vm))
+    rv, out = conn.InvokeMethod("CreateReplicationRelationship", svc.path,
+                                ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
+
+    rsd = settings_of(conn, vm)
+    rsd["ReplicationInterval"] = Uint16(900)
+    rv, out = conn.InvokeMethod("ModifyReplicationSettings", svc.path,
+                                ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096
+    assert wait_job(conn, out["Job"])["JobType"] == 92
+    assert settings_of(conn, vm)["ReplicationInterval"] == 900
+
+    rsd["ReplicationInterval"] = Uint16(60)
+    rv, _ = conn.InvokeMethod("ModifyReplicationSettings", svc.path,
+                              ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 32773
+    assert settings_of(conn, vm)["ReplicationInterval"] == 900
+
+    rel = relationship_of(conn, vm)
+    rv, out = conn.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=vm.path,
+                                ReplicationRelationship=rel.tocimxmlstr())
+    assert rv == 4096 and wait_job(conn, out["Job"])["JobType"] == 93
+    vm = conn.GetInstance(vm.path)
+    assert vm["ReplicationMode"] == 0 and vm["ReplicationState"] == 0
+    assert relationship_of(conn, vm) is None
+    # The default settings come back, as on a VM that never replicated.
+    assert settings_of(conn, vm)["ReplicationInterval"] == 300
+
+
+def test_replica_side_state_changes_suspend_resume_and_authorization(daemon, disk):
+    daemon.add_vm("app01", [disk()])
+    conn = daemon.conn()
+    svc, vm = service(conn), vm_by_name(conn, "app01")
+
+    # Nothing to suspend before replication exists.
+    rv, _ = conn.InvokeMethod("RequestReplicationStateChange", vm.path, RequestedState=Uint16(7))
+    assert rv == 32775
+
+    # Enable-VMReplication -AsReplica: RRSC(2) makes the VM a replica waiting for initial replication.
+    rv, out = conn.InvokeMethod("RequestReplicationStateChange", vm.path, RequestedState=Uint16(2))
+    assert rv == 4096
+    assert wait_job(conn, out["Job"])["JobState"] == 7
+    vm = conn.GetInstance(vm.path)
+    assert vm["ReplicationMode"] == 2 and vm["ReplicationState"] == 2
+
+    rel = relationship_of(conn, vm)
+    rv, out = conn.InvokeMethod("RequestReplicationStateChangeEx", vm.path,
+                                ReplicationRelationship=rel.tocimxmlstr(), RequestedState=Uint16(7))
+    assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
+    assert relationship_of(conn, vm)["ReplicationState"] == 7
+
+    rv, out = conn.InvokeMethod("RequestReplicationStateChange", vm.path, RequestedState=Uint16(3))
+    assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
+    assert relationship_of(conn, vm)["ReplicationState"] == 3
+
+    # A replica's primary relationship settings cannot be changed here (PS-IMPL).
+    rsd = enable_settings(settings_of(conn, vm))
+    rv, _ = conn.InvokeMethod("ModifyReplicationSettings", svc.path,
+                              ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 32775
+
+    # The authorization table, then bind the replica to an entry, then remove it: replication stops.
+    entry = pywbem.CIMInstance("Msvm_ReplicationAuthorizationSettingData", properties={
+        "AllowedPrimaryHostSystem": "*.example.org", "TrustGroup": "DEFAULT",
+        "ReplicaStorageLocation": "/srv/replicas"})
+    rv, _ = conn.InvokeMethod("AddAuthorizationEntry", svc.path, AuthorizationEntry=entry.tocimxmlstr())
+    assert rv == 0
+    rv, _ = conn.InvokeMethod("AddAuthorizationEntry", svc.path, AuthorizationEntry=entry.tocimxmlstr())
+    assert rv == 32773
+    entry["TrustGroup"] = "G2"
+    rv, _ = conn.InvokeMethod("ModifyAuthorizationEntry", svc.path, AuthorizationEntry=entry.tocimxmlstr())
+    assert rv == 0
+    entries = conn.Associators(svc.path, ResultClass="Msvm_ReplicationAuthorizationSettingData")
+    assert [(e["AllowedPrimaryHostSystem"], e["TrustGroup"]) for e in entries] == [("*.example.org", "G2")]
+    rv, _ = conn.InvokeMethod("SetAuthorizationEntry", svc.path, ComputerSystem=vm.path,
+                              AuthorizationEntry=entries[0].tocimxmlstr())
+    assert rv == 0
+    rv, _ = conn.InvokeMethod("RemoveAuthorizationEntry", svc.path, AllowedPrimaryHostSystem="*.example.org")
+    assert rv == 0
+    assert relationship_of(conn, vm)["ReplicationState"] == 8
+    assert conn.GetInstance(vm.path)["ReplicationHealth"] == 3
+    assert conn.EnumerateInstances("Msvm_ReplicationAuthorizationSettingData") == []
+    bad = pywbem.CIMInstance("Msvm_ReplicationAuthorizationSettingData", properties={
+        "AllowedPrimaryHostSystem": "a.*.example.org", "TrustGroup": "DEFAULT",
+        "ReplicaStorageLocation": "relative/path"})
+    rv, _ = conn.InvokeMethod("AddAuthorizationEntry", svc.path, AuthorizationEntry=bad.tocimxmlstr())
+    assert rv == 32773
+
+
+def test_recovery_server_settings_statistics_and_certificates(daemon, disk, tmp_path):
+    conn = daemon.conn()
+    svc = service(conn)
+    settings = conn.Associators(svc.path, ResultClass="Msvm_ReplicationServiceSettingData")
+    assert len(settings) == 1
+    s = settings[0]
+    assert s["RecoveryServerEnabled"] is False and s["HttpsPort"] == 443 and s["MonitoringInterval"] == 43200
+
+    s["RecoveryServerEnabled"] = True
+    s["AllowedAuthenticationType"] = Uint16(2)
+    s["CertificateThumbPrint"] = THUMBPRINT
+    s["HttpsPort"] = Uint16(8443)
+    rv, out = conn.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
+    assert rv == 4096
+    assert wait_job(conn, out["Job"])["JobType"] == 90
+    s = conn.EnumerateInstances("Msvm_ReplicationServiceSettingData")[0]
+    assert s["RecoveryServerEnabled"] is True and s["HttpsPort"] == 8443
+
+    s["AllowedAuthenticationType"] = Uint16(1)  # Kerberos only
+    rv, _ = conn.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
+    assert rv == 32770
+
+    # Statistics of a fresh relationship: zero counters, the health message of IR not done.
+    daemon.add_vm("stat01", [disk()])
+    vm = vm_by_name(conn, "stat01")
+    rv, _ = conn.InvokeMethod("GetReplicationStatistics", svc.path, ComputerSystem=vm.path)
+    assert rv == 32775  # no relationship yet
+    rv, out = conn.InvokeMethod("CreateReplicationRelationship", svc.path, ComputerSystem=vm.path,
+                                ReplicationSettingData=enable_settings(settings_of(conn, vm)).tocimxmlstr())
+    wait_job(conn, out["Job"])
+    rel = relationship_of(conn, vm)
+    rv, out = conn.InvokeMethod("GetReplicationStatisticsEx", svc.path, ComputerSystem=vm.path,
+                                ReplicationRelationship=rel.tocimxmlstr())
+    assert rv == 0
+    stats = props(out["ReplicationStatistics"][0])
+    assert stats["ReplicationSuccessCount"] == "0" and stats["ReplicationHealth"] == "2"
+    issues = [props(e)["Message"] for e in out["ReplicationHealthIssues"]]
+    assert any("initial replication" in m.lower() for m in issues), issues
+    rv, _ = conn.InvokeMethod("ResetReplicationStatisticsEx", svc.path, ComputerSystem=vm.path,
+                              ReplicationRelationship=rel.tocimxmlstr())
+    assert rv == 0
+
+    # GetSystemCertificates reads the host's certificate store directory.
+    rv, out = conn.InvokeMethod("GetSystemCertificates", svc.path)
+    assert rv == 0 and out["EncodedCertificates"] == []
+    certs = daemon.data_dir / "certs"
+    certs.mkdir()
+    (certs / "host.pem").write_text("-----BEGIN CERTIFICATE-----\nQUJD\nREVG\n-----END CERTIFICATE-----\n")
+    rv, out = conn.InvokeMethod("GetSystemCertificates", svc.path)
+    assert rv == 0 and out["EncodedCertificates"] == ["QUJDREVG"]
+
+
+def test_job_errors_and_cancel_of_a_finished_job(daemon, disk):
+    daemon.add_vm("job01", [disk()])
+    conn = daemon.conn()
+    svc, vm = service(conn), vm_by_name(conn, "job01")
+    rv, out = conn.InvokeMethod("CreateReplicationRelationship", svc.path, ComputerSystem=vm.path,
+                                ReplicationSettingData=enable_settings(settings_of(conn, vm)).tocimxmlstr())
+    job = wait_job(conn, out["Job"])
+    rv, out = conn.InvokeMethod("GetErrorEx", job.path)
+    assert rv == 0 and out["Errors"] == []
+    rv, out = conn.InvokeMethod("GetError", job.path)
+    assert rv == 0 and out["Error"] is None
+    rv, _ = conn.InvokeMethod("RequestStateChange", job.path, RequestedState=Uint16(4))
+    assert rv == 32775  # already finished, nothing to cancel
+    rv, _ = conn.InvokeMethod("RequestStateChange", job.path, RequestedState=Uint16(3))
+    assert rv == 32770
+
+
+def test_cli_defines_enables_and_reports(daemon, disk):
+    vm_id = daemon.add_vm("cli01", [disk()])
+    assert len(vm_id) == 36
+    listed = json.loads(daemon.cli("--output", "json", "vm", "list").stdout)
+    assert [v["name"] for v in listed["vms"]] == ["cli01"]
+
+    daemon.cli("enable", "cli01", "--replica-server", "replica.example.org", "--thumbprint", THUMBPRINT,
+               "--frequency", "30")
+    status = json.loads(daemon.cli("--output", "json", "status").stdout)
+    row = status["rows"][0]
+    assert row["state"] == "ReadyForInitialReplication" and row["mode"] == "Primary"
+    assert row["replication_interval"] == 30
+    table = daemon.cli("status").stdout
+    assert "cli01" in table and "ReadyForInitialReplication" in table
+
+    refused = daemon.cli("set", "cli01", "--replica-server", "replica.example.org", "--thumbprint", THUMBPRINT,
+                         "--frequency", "60", check=False)
+    assert refused.returncode == 3
+    assert "ReplicationInterval" in refused.stderr and "32773" in refused.stderr
+
+    not_yet = daemon.cli("start", "cli01", check=False)
+    assert not_yet.returncode == 3 and "32770" in not_yet.stderr
+
+    jobs = json.loads(daemon.cli("--output", "json", "job", "list").stdout)["jobs"]
+    assert [j["job_type"] for j in jobs] == [91]
+    shown = json.loads(daemon.cli("--output", "json", "job", "wait", jobs[0]["id"]).stdout)
+    assert shown["job_state"] == 7
+
+    # The same VM seen through CIM.
+    conn = daemon.conn()
+    assert vm_by_name(conn, "cli01")["ReplicationState"] == 1
+    missing = daemon.cli("vm", "add", "--name", "ghost", "--disk", "/nonexistent.qcow2", check=False)
+    assert missing.returncode == 3 and "does not exist" in missing.stderr
