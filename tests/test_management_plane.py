@@ -114,7 +114,7 @@ def test_enable_replication_the_way_microsofts_sample_does_and_everything_surviv
     # Data moves only once the data plane exists: an honest 32770, not a pretended success.
     rv, out = conn.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
                                 InitialReplicationType=Uint16(1))
-    assert rv == 32770 and out["Job"] is None
+    assert rv == 32770 and "Job" not in out  # no job was started
     assert relationship_of(conn, vm)["ReplicationState"] == 1
 
     daemon.restart()
@@ -284,7 +284,7 @@ def test_job_errors_and_cancel_of_a_finished_job(daemon, disk):
     rv, out = conn.InvokeMethod("GetErrorEx", job.path)
     assert rv == 0 and out["Errors"] == []
     rv, out = conn.InvokeMethod("GetError", job.path)
-    assert rv == 0 and out["Error"] is None
+    assert rv == 0 and "Error" not in out  # no error to report
     rv, _ = conn.InvokeMethod("RequestStateChange", job.path, RequestedState=Uint16(4))
     assert rv == 32775  # already finished, nothing to cancel
     rv, _ = conn.InvokeMethod("RequestStateChange", job.path, RequestedState=Uint16(3))
@@ -324,3 +324,29 @@ def test_cli_defines_enables_and_reports(daemon, disk):
     assert vm_by_name(conn, "cli01")["ReplicationState"] == 1
     missing = daemon.cli("vm", "add", "--name", "ghost", "--disk", "/nonexistent.qcow2", check=False)
     assert missing.returncode == 3 and "does not exist" in missing.stderr
+
+
+def test_concurrent_enables_of_one_vm_start_exactly_one_job(daemon, disk):
+    """Two tools racing: one relationship, one job; the others are told the VM is busy or enabled."""
+    import concurrent.futures
+
+    daemon.add_vm("race01", [disk()])
+    conn = daemon.conn()
+    svc, vm = service(conn), vm_by_name(conn, "race01")
+    payload = enable_settings(settings_of(conn, vm)).tocimxmlstr()
+
+    def enable(_):
+        c = daemon.conn()
+        return c.InvokeMethod("CreateReplicationRelationship", svc.path,
+                              ComputerSystem=vm.path, ReplicationSettingData=payload)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(enable, range(8)))
+    codes = sorted(int(rv) for rv, _ in results)
+    assert codes.count(4096) == 1, codes
+    assert set(codes) <= {4096, 32774, 32775}, codes
+    started = [out["Job"] for rv, out in results if rv == 4096]
+    assert wait_job(conn, started[0])["JobState"] == 7
+    jobs = conn.EnumerateInstances("Msvm_ConcreteJob")
+    assert [j["JobType"] for j in jobs] == [91]
+    assert relationship_of(conn, vm)["ReplicationState"] == 1

@@ -23,28 +23,62 @@ impl Failure {
     }
 }
 
+/// How to reach the daemon.
+pub struct Endpoint {
+    pub url: String,
+    /// HTTP Basic credentials (user, password).
+    pub basic: Option<(String, String)>,
+    /// PEM file of the CA that signed the daemon's HTTPS certificate.
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
 pub struct Client {
     agent: ureq::Agent,
     url: String,
+    authorization: Option<String>,
 }
 
 impl Client {
-    pub fn new(url: &str) -> Client {
+    pub fn new(endpoint: &Endpoint) -> anyhow::Result<Client> {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(ca) = &endpoint.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("{} is not a PEM certificate file", ca.display()))?;
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
+            .tls_config(tls.build())
             .build()
             .into();
-        Client {
+        let authorization = endpoint.basic.as_ref().map(|(user, password)| {
+            use base64::Engine;
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            format!("Basic {token}")
+        });
+        let url = format!("{}/api/v1/command", endpoint.url.trim_end_matches('/'));
+        Ok(Client {
             agent,
-            url: format!("{}/api/v1/command", url.trim_end_matches('/')),
-        }
+            url,
+            authorization,
+        })
     }
 
     pub fn execute(&self, cmd: &Command) -> Result<CommandOutput, Failure> {
-        let mut resp = self
-            .agent
-            .post(&self.url)
+        let mut request = self.agent.post(&self.url);
+        if let Some(value) = &self.authorization {
+            request = request.header("Authorization", value);
+        }
+        let mut resp = request
             .send_json(cmd)
             .with_context(|| format!("cannot reach the daemon at {}", self.url))
             .map_err(Failure::Transport)?;
@@ -54,6 +88,11 @@ impl Client {
             .read_to_string()
             .context("cannot read the daemon's answer")
             .map_err(Failure::Transport)?;
+        if status == 401 {
+            return Err(Failure::Transport(anyhow!(
+                "the daemon wants credentials: give --user and --password"
+            )));
+        }
         if status == 200 {
             return serde_json::from_str(&text)
                 .with_context(|| format!("unreadable answer: {text}"))

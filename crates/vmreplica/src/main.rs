@@ -5,6 +5,7 @@
 //! 3 the daemon refused the command (its return code and reason are printed); 4 a job failed.
 
 mod client;
+mod credentials;
 mod render;
 
 use std::time::Duration;
@@ -33,6 +34,20 @@ struct Cli {
         default_value = "http://127.0.0.1:5988"
     )]
     url: String,
+    /// User for HTTP Basic authentication.
+    #[arg(long, global = true, env = "VMREPLICA_USER")]
+    user: Option<String>,
+    /// Password for HTTP Basic authentication.
+    #[arg(
+        long,
+        global = true,
+        env = "VMREPLICA_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// PEM CA certificate that signed the daemon's HTTPS certificate.
+    #[arg(long, global = true, env = "VMREPLICA_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
@@ -87,6 +102,20 @@ enum Verb {
     /// Jobs of the daemon.
     #[command(subcommand)]
     Job(JobVerb),
+    /// The daemon's credentials file (local; vmreplicad --credentials FILE).
+    #[command(subcommand)]
+    Credentials(CredentialsVerb),
+}
+
+#[derive(Subcommand)]
+enum CredentialsVerb {
+    /// Add or replace a user; reads the password from the first line of standard input.
+    Add {
+        #[arg(long)]
+        file: std::path::PathBuf,
+        #[arg(long = "name")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -206,8 +235,22 @@ enum JobVerb {
 
 fn main() {
     let cli = Cli::parse();
-    let client = Client::new(&cli.url);
-    let code = match run(&client, cli.output, cli.command) {
+    let result = match cli.command {
+        Verb::Credentials(CredentialsVerb::Add { file, name }) => {
+            credentials::add(&file, &name).map_err(Failure::Transport)
+        }
+        verb => {
+            let endpoint = client::Endpoint {
+                url: cli.url,
+                basic: cli.user.map(|u| (u, cli.password.unwrap_or_default())),
+                ca_cert: cli.ca_cert,
+            };
+            Client::new(&endpoint)
+                .map_err(Failure::Transport)
+                .and_then(|c| run(&c, cli.output, verb))
+        }
+    };
+    let code = match result {
         Ok(()) => 0,
         Err(Failure::Refused(e)) => {
             eprintln!("error: {} (return code {})", e.message, e.code);
@@ -348,6 +391,7 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             return client::job_outcome(&job);
         }
         Verb::Job(JobVerb::Cancel { id }) => Command::CancelJob { id },
+        Verb::Credentials(_) => unreachable!("handled before connecting"),
     };
     let out = client.execute(&cmd)?;
     // A started job is waited for, as the PowerShell cmdlets do.

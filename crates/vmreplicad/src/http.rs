@@ -1,6 +1,7 @@
 //! The HTTP front: `POST /cimom` (CIM-XML, DSP0200) and `POST /api/v1/command` (JSON of the core's
 //! `Command`, used by the CLI). Both end in the same [`Service::execute`].
 //!
+//! Both require credentials as [`crate::auth`] says; /healthz does not.
 //! Bodies over [`MAX_BODY`] are refused with 413 before they are read whole.
 
 use std::sync::Arc;
@@ -14,16 +15,21 @@ use axum::{Json, Router};
 use vmreplica_core::codes::ReturnCode;
 use vmreplica_core::command::{Command, CommandError};
 
+use crate::auth::AuthPolicy;
 use crate::service::Service;
 
 /// Largest request body accepted (CIM-XML or JSON).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
-pub fn router(service: Arc<Service>) -> Router {
+pub fn router(service: Arc<Service>, auth: Arc<AuthPolicy>) -> Router {
     Router::new()
         .route("/cimom", post(cimom))
         .route("/", post(cimom))
         .route("/api/v1/command", post(command))
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::auth::require,
+        ))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(service)

@@ -3,13 +3,17 @@
 //! `vmreplicad --data-dir DIR --cim-listen HOST:PORT` runs in the foreground, logs to stderr, creates
 //! DIR and its SQLite database on first start, and exits cleanly on SIGTERM or Ctrl-C.
 
+mod auth;
 mod certs;
+mod claims;
 mod clock;
+mod engine;
 mod http;
 mod jobs;
 mod power;
 mod service;
 mod store;
+mod tls;
 mod wbem;
 
 use std::net::SocketAddr;
@@ -36,6 +40,44 @@ struct Args {
     /// This host's name as the CIM objects show it (default: the system host name).
     #[arg(long)]
     host_name: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Accept client certificates signed by this PEM CA instead of credentials (needs --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// File of `user:<argon2 PHC hash>` lines (`vmreplica credentials add` writes it). When given,
+    /// every request needs HTTP Basic credentials from it (or a client certificate).
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+}
+
+/// Checks the listener's security before anything is served (see `auth`'s table).
+fn auth_policy(args: &Args) -> anyhow::Result<auth::AuthPolicy> {
+    let loopback = args.cim_listen.ip().is_loopback();
+    if !loopback && args.tls_cert.is_none() {
+        bail!(
+            "refusing to serve plain HTTP on {}: a non-loopback address needs HTTPS (--tls-cert, --tls-key) and \
+             credentials (--credentials) or client certificates (--client-ca)",
+            args.cim_listen
+        );
+    }
+    if !loopback && args.credentials.is_none() && args.client_ca.is_none() {
+        bail!(
+            "refusing to serve {} without authentication: give --credentials or --client-ca",
+            args.cim_listen
+        );
+    }
+    let credentials = match &args.credentials {
+        Some(path) => Some(auth::Credentials::load(path)?),
+        // With a client CA only, the credentials list is empty: certificates are the only way in.
+        None if args.client_ca.is_some() => Some(auth::Credentials::empty()),
+        None => None,
+    };
+    Ok(auth::AuthPolicy { credentials })
 }
 
 /// The error and its whole `source()` chain, as one line.
@@ -67,13 +109,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    if !args.cim_listen.ip().is_loopback() {
-        bail!(
-            "refusing to serve plain HTTP on {}: the endpoint is unauthenticated, so it binds only to a loopback \
-             address until HTTPS with credentials is implemented",
-            args.cim_listen
-        );
-    }
+    let policy = Arc::new(auth_policy(&args)?);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key, args.client_ca.as_deref())?),
+        _ => None,
+    };
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -98,6 +138,8 @@ async fn main() -> anyhow::Result<()> {
         jobs: jobs.clone(),
         host: args.host_name.clone().unwrap_or_else(system_host_name),
         cert_dir: args.data_dir.join("certs"),
+        engine: Arc::new(engine::NoEngine),
+        claims: claims::VmClaims::default(),
     });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -111,13 +153,72 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.cim_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.cim_listen))?;
-    tracing::info!(addr = %listener.local_addr()?, data_dir = %args.data_dir.display(), "vmreplicad serving CIM-XML on /cimom");
-    axum::serve(listener, http::router(service))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server failed")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %listener.local_addr()?, scheme, data_dir = %args.data_dir.display(), "vmreplicad serving CIM-XML on /cimom");
+    let app = http::router(service, policy);
+    match tls {
+        None => axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("server failed")?,
+        Some(config) => serve_tls(listener, app, config).await,
+    }
     tracing::info!("vmreplicad stopped");
     Ok(())
+}
+
+/// Accepts TLS connections until a shutdown signal; each connection is served by the same router.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    config: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+            };
+            let has_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty());
+            let app = if has_cert {
+                app.layer(axum::Extension(auth::ClientCertificate))
+            } else {
+                app
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
 }
 
 async fn shutdown_signal() {

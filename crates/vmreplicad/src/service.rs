@@ -23,7 +23,9 @@ use vmreplica_core::state::{
     ReplicationHealth, ReplicationMode, ReplicationState, ReplicationType,
 };
 
+use crate::claims::{VmClaim, VmClaims};
 use crate::clock::now;
+use crate::engine::{DataPlane, EngineRequest};
 use crate::jobs::{JobEngine, JobFailure};
 use crate::power;
 use crate::store::{JobRow, RelationshipRow, Store, StoreError, VmRow};
@@ -37,6 +39,10 @@ pub struct Service {
     pub host: String,
     /// Certificate store directory (the equivalent of LocalMachine\My).
     pub cert_dir: PathBuf,
+    /// Runs the operations that move data.
+    pub engine: Arc<dyn DataPlane>,
+    /// One state-changing command or job per VM at a time.
+    pub claims: VmClaims,
 }
 
 impl From<StoreError> for CommandError {
@@ -288,6 +294,7 @@ impl Service {
 
     fn set_authorization_entry(&self, vm: &VmRef, entry: AuthorizationEntry) -> CommandResult {
         let vm = self.resolve_vm(vm)?;
+        let _claim = self.claim(&vm)?; // held while the row is rewritten
         let known = self.store.authorization_entries()?;
         let Some(found) = known.iter().find(|k| {
             k.allowed_primary_host_system
@@ -368,6 +375,7 @@ impl Service {
 
     fn create_relationship(&self, vm: &VmRef, mut settings: ReplicationSettings) -> CommandResult {
         let vm = self.resolve_vm(vm)?;
+        let claim = self.claim(&vm)?;
         let (_, t) = self.decide(&vm, Operation::CreateReplicationRelationship)?;
         settings.validate().map_err(settings_error)?;
         self.resolve_included_disks(&vm, &mut settings)?;
@@ -389,7 +397,7 @@ impl Service {
         let mode = t.mode_after.as_u16();
         self.job(
             t.job_type,
-            Some(vm.id),
+            Some(claim),
             &format!("Enable replication of '{}'", vm.name),
             move |ctx| async move {
                 ctx.check_cancelled()?;
@@ -402,6 +410,7 @@ impl Service {
 
     fn modify_relationship(&self, vm: &VmRef, mut settings: ReplicationSettings) -> CommandResult {
         let vm = self.resolve_vm(vm)?;
+        let claim = self.claim(&vm)?;
         let (rel, t) = self.decide(&vm, Operation::ModifyReplicationSettings)?;
         settings.validate().map_err(settings_error)?;
         self.resolve_included_disks(&vm, &mut settings)?;
@@ -414,7 +423,7 @@ impl Service {
         let mode = t.mode_after.as_u16();
         self.job(
             t.job_type,
-            Some(vm.id),
+            Some(claim),
             &format!("Modify replication of '{}'", vm.name),
             move |ctx| async move {
                 ctx.check_cancelled()?;
@@ -426,13 +435,14 @@ impl Service {
 
     fn remove_relationship(&self, vm: &VmRef) -> CommandResult {
         let vm = self.resolve_vm(vm)?;
+        let claim = self.claim(&vm)?;
         let (_, t) = self.decide(&vm, Operation::RemoveReplicationRelationship)?;
         self.refuse_engineless(&t, "RemoveReplicationRelationship")?;
         let store = self.store.clone();
         let id = vm.id;
         self.job(
             t.job_type,
-            Some(vm.id),
+            Some(claim),
             &format!("Remove replication of '{}'", vm.name),
             move |ctx| async move {
                 ctx.check_cancelled()?;
@@ -447,12 +457,24 @@ impl Service {
     /// after their parameters and state were checked; the others change state in a job.
     fn replication(&self, vm: &VmRef, op: Operation, args: OperationArgs) -> CommandResult {
         let vm = self.resolve_vm(vm)?;
+        let claim = self.claim(&vm)?;
         check_args(op, &args)?;
         let (rel, t) = self.decide(&vm, op)?;
         if let Some(s) = &args.settings {
             s.validate().map_err(settings_error)?;
         }
-        self.refuse_engineless(&t, &op.name())?;
+        // Failover network settings are applied by the failover engine, which also keeps them.
+        if t.moves_data || op == Operation::SetFailoverNetworkAdapterSettings {
+            let request = EngineRequest {
+                vm,
+                relationship: rel,
+                operation: op,
+                args,
+                transition: t,
+                claim,
+            };
+            return Ok(CommandOutput::Job(job_view(&self.engine.start(request)?)));
+        }
         let mut rel = match rel {
             Some(r) => r,
             // RequestReplicationStateChange(2) on a VM with no relationship makes it a replica that
@@ -475,12 +497,12 @@ impl Service {
         if let Some(during) = t.during {
             // While the change is in progress, ReplicationState already reads as the requested value.
             rel.state = during.as_u16();
-            self.store.put_relationship(&rel, vm.mode)?;
+            self.store.put_relationship(&rel, mode)?;
         }
         rel.state = t.after.as_u16();
         let store = self.store.clone();
         let what = format!("{} on '{}'", op.name(), vm.name);
-        self.job(t.job_type, Some(vm.id), &what, move |ctx| async move {
+        self.job(t.job_type, Some(claim), &what, move |ctx| async move {
             ctx.check_cancelled()?;
             store.put_relationship(&rel, mode)?;
             Ok(())
@@ -539,6 +561,7 @@ impl Service {
 
     fn reset_statistics(&self, vm: &VmRef) -> CommandResult {
         let vm = self.resolve_vm(vm)?;
+        let _claim = self.claim(&vm)?; // held while the row is rewritten
         let (rel, _) = self.decide(&vm, Operation::ResetReplicationStatistics)?;
         if let Some(mut rel) = rel {
             rel.statistics_reset_time = now();
@@ -574,10 +597,24 @@ impl Service {
         Ok(CommandOutput::Status { rows })
     }
 
+    /// Claims the VM for one state-changing command (32774 while another holds it).
+    fn claim(&self, vm: &VmRow) -> Result<VmClaim, CommandError> {
+        self.claims.claim(vm.id).ok_or_else(|| {
+            CommandError::new(
+                ReturnCode::SystemInUse,
+                format!(
+                    "another operation on '{}' is still running; wait for its job to finish",
+                    vm.name
+                ),
+            )
+        })
+    }
+
+    /// Starts `work` as a job; the VM's claim, if any, is held until the work has finished.
     fn job<F, Fut>(
         &self,
         job_type: JobType,
-        vm: Option<Uuid>,
+        claim: Option<VmClaim>,
         description: &str,
         work: F,
     ) -> CommandResult
@@ -585,6 +622,11 @@ impl Service {
         F: FnOnce(crate::jobs::JobContext) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<(), JobFailure>> + Send + 'static,
     {
+        let vm = claim.as_ref().map(VmClaim::vm);
+        let work = move |ctx| async move {
+            let _claim = claim;
+            work(ctx).await
+        };
         let job = self
             .jobs
             .spawn(job_type, vm, description.to_string(), false, work)?;

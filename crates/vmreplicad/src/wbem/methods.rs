@@ -285,51 +285,52 @@ pub async fn call(
         Err(MethodError::Cim(e)) => return Err(e),
         Err(MethodError::Command(e)) => {
             tracing::warn!(method = %decl.name, code = e.code, "method refused: {}", e.message);
-            (CimValue::Uint32(e.code), null_outs(decl))
+            (CimValue::Uint32(e.code), Vec::new())
         }
     };
     Ok(result)
 }
 
-fn null_outs(decl: &MethodDecl) -> Vec<OutParam> {
-    decl.params
-        .iter()
-        .filter(|p| p.is_out())
-        .map(|p| OutParam {
+/// Out parameters are sent only when they have a value: sblim-wbemcli crashes on a
+/// PARAMVALUE without a value, and DSP0200 lets a server omit them.
+fn set_out(outs: &mut Vec<OutParam>, decl: &MethodDecl, name: &str, value: CimValue) {
+    if let Some(p) = decl.param(name).filter(|p| p.is_out()) {
+        outs.push(OutParam {
             name: p.name.clone(),
             ty: p.ty,
             is_array: p.is_array,
-            value: None,
+            value: Some(value),
             embedded_object: embedded_class(p).is_some(),
-        })
-        .collect()
-}
-
-fn set_out(outs: &mut [OutParam], name: &str, value: CimValue) {
-    if let Some(o) = outs.iter_mut().find(|o| o.name.eq_ignore_ascii_case(name)) {
-        o.value = Some(value);
+        });
     }
 }
 
 fn render(decl: &MethodDecl, out: CommandOutput) -> MethodResult {
-    let mut outs = null_outs(decl);
+    let mut outs = Vec::new();
     let code = match out {
         CommandOutput::Job(job) => {
             set_out(
                 &mut outs,
+                decl,
                 "Job",
                 CimValue::Reference(objects::job_path(&job.id)),
             );
             ReturnCode::JobStarted
         }
         CommandOutput::Certificates { encoded } => {
-            set_out(&mut outs, "EncodedCertificates", string_array(encoded));
+            set_out(
+                &mut outs,
+                decl,
+                "EncodedCertificates",
+                string_array(encoded),
+            );
             ReturnCode::Completed
         }
         CommandOutput::Statistics(st) => {
             let stats = super::stats::statistics_instance(&st);
             set_out(
                 &mut outs,
+                decl,
                 "ReplicationStatistics",
                 string_array(vec![cim::encode_instance(&stats)]),
             );
@@ -337,7 +338,12 @@ fn render(decl: &MethodDecl, out: CommandOutput) -> MethodResult {
                 .iter()
                 .map(cim::encode_instance)
                 .collect();
-            set_out(&mut outs, "ReplicationHealthIssues", string_array(issues));
+            set_out(
+                &mut outs,
+                decl,
+                "ReplicationHealthIssues",
+                string_array(issues),
+            );
             ReturnCode::Completed
         }
         _ => ReturnCode::Completed,
@@ -445,31 +451,24 @@ async fn concrete_job(
                 format!("no job with InstanceID '{id}'"),
             )
         })?;
-    match args.method.as_str() {
-        "GetError" | "GetErrorEx" => Err(MethodError::Cim(CimError::new(
-            CimStatusCode::Failed,
-            "internal: handled by errors()",
-        ))),
-        _ => {
-            let requested = args
-                .u16("RequestedState")
-                .ok_or_else(|| args.missing("RequestedState"))?;
-            match JobStateRequest::from_u16(requested) {
-                Some(JobStateRequest::Terminate | JobStateRequest::Kill) => {
-                    run(svc, Command::CancelJob { id: job.id }).await
-                }
-                Some(_) => Err(CommandError::new(
-                    ReturnCode::NotSupported,
-                    "jobs can only be terminated (4) or killed (5)",
-                )
-                .into()),
-                None => Err(CommandError::new(
-                    ReturnCode::InvalidParameter,
-                    format!("RequestedState {requested} is not 2-6"),
-                )
-                .into()),
-            }
+    // GetError / GetErrorEx never get here: `job_errors` answers them with their out parameters.
+    let requested = args
+        .u16("RequestedState")
+        .ok_or_else(|| args.missing("RequestedState"))?;
+    match JobStateRequest::from_u16(requested) {
+        Some(JobStateRequest::Terminate | JobStateRequest::Kill) => {
+            run(svc, Command::CancelJob { id: job.id }).await
         }
+        Some(_) => Err(CommandError::new(
+            ReturnCode::NotSupported,
+            "jobs can only be terminated (4) or killed (5)",
+        )
+        .into()),
+        None => Err(CommandError::new(
+            ReturnCode::InvalidParameter,
+            format!("RequestedState {requested} is not 2-6"),
+        )
+        .into()),
     }
 }
 
@@ -505,25 +504,16 @@ pub fn job_errors(
         .iter()
         .map(|e| cim::encode_instance(&objects::error_instance(&job, e)))
         .collect();
-    let out = if method.eq_ignore_ascii_case("GetError") {
-        let value = errors.first().cloned().map(CimValue::String);
-        OutParam {
-            name: "Error".into(),
-            ty: CimType::String,
-            is_array: false,
-            value,
-            embedded_object: true,
+    let decl = schema::class("Msvm_ConcreteJob").and_then(|c| c.method(method))?;
+    let mut outs = Vec::new();
+    if method.eq_ignore_ascii_case("GetError") {
+        if let Some(first) = errors.into_iter().next() {
+            set_out(&mut outs, decl, "Error", CimValue::String(first));
         }
     } else {
-        OutParam {
-            name: "Errors".into(),
-            ty: CimType::String,
-            is_array: true,
-            value: Some(string_array(errors)),
-            embedded_object: true,
-        }
-    };
-    Some(Ok((CimValue::Uint32(0), vec![out])))
+        set_out(&mut outs, decl, "Errors", string_array(errors));
+    }
+    Some(Ok((CimValue::Uint32(0), outs)))
 }
 
 async fn replication_service(svc: &Service, args: &Args) -> Result<CommandOutput, MethodError> {

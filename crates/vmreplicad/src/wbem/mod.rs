@@ -34,6 +34,17 @@ impl WbemReply {
     }
 }
 
+/// The DSP0200 §7.3 HTTP status and `CIMError` header for a request that could not be decoded.
+fn protocol_error(e: &cim::RequestError) -> (u16, &'static str) {
+    match e {
+        cim::RequestError::Limit(cim::XmlLimitError::Malformed(_)) => {
+            (400, "request-not-well-formed")
+        }
+        cim::RequestError::MultiRequest => (501, "multiple-requests-unsupported"),
+        _ => (400, "request-not-valid"),
+    }
+}
+
 fn same_namespace(ns: &str) -> bool {
     ns.replace('\\', "/")
         .trim_matches('/')
@@ -53,7 +64,8 @@ pub async fn handle(svc: &Service, body: &[u8]) -> WbemReply {
         Ok(r) => r,
         Err(e) => {
             tracing::info!("rejected CIM-XML request: {e}");
-            return WbemReply::protocol_error(400, "request-not-valid", format!("{e}\n"));
+            let (status, header) = protocol_error(&e);
+            return WbemReply::protocol_error(status, header, format!("{e}\n"));
         }
     };
     let host = svc.host.as_str();
