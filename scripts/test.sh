@@ -16,13 +16,15 @@ missing=()
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v wbemcli >/dev/null || missing+=(sblim-wbemcli)
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
     SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-echo "ok: qemu-img $(qemu-img --version | head -1 | awk '{print $3}'), wbemcli, mkfs.ext4"
+echo "ok: qemu-img $(qemu-img --version | head -1 | awk '{print $3}'), wbemcli, mkfs.ext4, openssl, curl"
 
 step "Python venv (.venv)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -39,16 +41,25 @@ step "cargo test"
 cargo build --workspace --locked
 cargo test --workspace --locked
 
-if [ "$FUZZ_SECONDS" != 0 ]; then
+if [ "$FUZZ_SECONDS" = 0 ]; then
+    echo "fuzzing skipped (FUZZ_SECONDS=0)"
+elif ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    # cargo-fuzz needs nightly; the machine image carries one and none can be downloaded here.
+    echo "WARNING: no nightly toolchain, fuzz targets not run" >&2
+else
     step "fuzz targets (${FUZZ_SECONDS}s each)"
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
     (
         cd fuzz
         cargo +nightly fuzz build -O
+        mkdir -p corpus/cimxml_request corpus/embedded_instance
+        cp ../crates/cim/tests/fixtures/*.xml corpus/cimxml_request/
         for target in $(cargo +nightly fuzz list); do
             mkdir -p "corpus/$target"
+            printf '%-20s ' "$target"
             cargo +nightly fuzz run -O "$target" "corpus/$target" -- \
-                -max_total_time="$FUZZ_SECONDS" -print_final_stats=0 2>&1 | tail -n 2
+                -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 2>&1 | grep -E '^(stat::number_of_executed_units|SUMMARY|==[0-9]+==ERROR)' \
+                || { echo "fuzz target $target failed" >&2; exit 1; }
         done
     )
 fi

@@ -203,6 +203,18 @@ def test_multireq_is_501_multiple_requests_unsupported(server):
     assert (code, headers.get("CIMError")) == (501, "multiple-requests-unsupported")
 
 
+@pytest.mark.parametrize("old,new,header", [
+    ('CIMVERSION="2.0"', 'CIMVERSION="3.0"', "unsupported-cim-version"),
+    ('DTDVERSION="2.0"', 'DTDVERSION="1.0"', "unsupported-dtd-version"),
+    ('PROTOCOLVERSION="1.0"', 'PROTOCOLVERSION="2.0"', "unsupported-protocol-version"),
+])
+def test_unsupported_versions_are_501_with_the_dsp0200_cimerror(server, conn, old, new, header):
+    body = message(f"<SIMPLEREQ>{add_entry_call('version.example.org')}</SIMPLEREQ>").decode()
+    code, headers, _ = post(server, body.replace(old, new).encode())
+    assert (code, headers.get("CIMError")) == (501, header)
+    assert "version.example.org" not in entries(conn)
+
+
 def test_raw_add_authorization_entry_is_accepted(server, conn):
     """Control for the MULTIREQ case: the same call as a SIMPLEREQ does run."""
     code, _, body = post(server, message(f"<SIMPLEREQ>{add_entry_call('single.example.org')}</SIMPLEREQ>"),

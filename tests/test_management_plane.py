@@ -350,3 +350,83 @@ def test_concurrent_enables_of_one_vm_start_exactly_one_job(daemon, disk):
     jobs = conn.EnumerateInstances("Msvm_ConcreteJob")
     assert [j["JobType"] for j in jobs] == [91]
     assert relationship_of(conn, vm)["ReplicationState"] == 1
+
+
+def test_a_job_running_when_the_daemon_stopped_is_reported_failed_after_restart(daemon):
+    """A job is never silently lost: one left Running in the database (as a crash mid-job leaves it) is
+    reported as failed, with a message and a recommended action, by the next daemon."""
+    import sqlite3
+    import time as _time
+
+    daemon.stop()
+    db = sqlite3.connect(daemon.data_dir / "vmreplica.db")
+    now = int(_time.time())
+    db.execute(
+        "INSERT INTO jobs (id, job_type, state, percent, error_code, error_description, errors, vm, description,"
+        " time_submitted, start_time, time_finished, last_change, cancellable)"
+        " VALUES ('6D3C1A52-0000-4000-8000-000000000001', 94, 4, 37, 0, NULL, '[]', NULL, 'initial replication',"
+        " ?, ?, NULL, ?, 1)", (now, now, now))
+    db.commit()
+    db.close()
+    daemon.start()
+    conn = daemon.conn()
+    job = conn.GetInstance(pywbem.CIMInstanceName(
+        "Msvm_ConcreteJob", {"InstanceID": "6D3C1A52-0000-4000-8000-000000000001"}, namespace=NAMESPACE))
+    assert job["JobState"] == 10
+    assert job["JobType"] == 94
+    assert "daemon stopped" in job["ErrorDescription"]
+    rv, out = conn.InvokeMethod("GetErrorEx", job.path)
+    assert rv == 0 and len(out["Errors"]) == 1
+    error = props(out["Errors"][0])
+    assert "daemon stopped" in error["Message"]
+    assert error["RecommendedActions"]
+
+
+def test_define_system_over_cim_is_the_same_as_vm_add(daemon, disk):
+    """A WBEM tool defines the VM itself (Msvm_VirtualSystemManagementService.DefineSystem)."""
+    conn = daemon.conn()
+    vsms = conn.EnumerateInstanceNames("Msvm_VirtualSystemManagementService")[0]
+    image = disk("cim01.qcow2")
+    system = pywbem.CIMInstance("Msvm_VirtualSystemSettingData", properties={
+        "ElementName": "cim01", "VirtualSystemIdentifier": "1B4E28BA-2FA1-11D2-883F-0016D3CCA427"})
+    sasd = pywbem.CIMInstance("Msvm_StorageAllocationSettingData", properties={
+        "HostResource": [str(image)], "ResourceType": Uint16(31)})
+    rv, out = conn.InvokeMethod("DefineSystem", vsms, SystemSettings=system.tocimxmlstr(),
+                                ResourceSettings=[sasd.tocimxmlstr()])
+    assert rv == 0
+    vm = conn.GetInstance(out["ResultingSystem"])
+    assert vm["ElementName"] == "cim01" and vm["Name"] == "1B4E28BA-2FA1-11D2-883F-0016D3CCA427"
+    listed = json.loads(daemon.cli("--output", "json", "vm", "list").stdout)["vms"]
+    assert [(v["name"], v["disks"]) for v in listed] == [("cim01", [str(image)])]
+
+    rv, _ = conn.InvokeMethod("DefineSystem", vsms, SystemSettings=system.tocimxmlstr(),
+                              ResourceSettings=[sasd.tocimxmlstr()])
+    assert rv == 32773  # the name (and GUID) already exist
+    missing = pywbem.CIMInstance("Msvm_StorageAllocationSettingData", properties={
+        "HostResource": ["/nonexistent/disk.qcow2"]})
+    other = pywbem.CIMInstance("Msvm_VirtualSystemSettingData", properties={"ElementName": "cim02"})
+    rv, _ = conn.InvokeMethod("DefineSystem", vsms, SystemSettings=other.tocimxmlstr(),
+                              ResourceSettings=[missing.tocimxmlstr()])
+    assert rv == 32779
+    rv, _ = conn.InvokeMethod("DestroySystem", vsms, AffectedSystem=vm.path)
+    assert rv == 32775  # only test VMs are destroyed there
+
+
+def test_cli_replica_side_verbs_and_completions(daemon, disk):
+    daemon.add_vm("rep01", [disk()])
+    daemon.cli("enable-as-replica", "rep01")
+    daemon.cli("auth", "add", "--primary", "primary.example.org", "--storage", "/srv/replicas")
+    daemon.cli("auth", "bind", "rep01", "--primary", "primary.example.org")
+    unknown = daemon.cli("auth", "bind", "rep01", "--primary", "other.example.org", check=False)
+    assert unknown.returncode == 3 and "no authorization entry" in unknown.stderr
+    daemon.cli("suspend", "rep01")
+    row = json.loads(daemon.cli("--output", "json", "status").stdout)["rows"][0]
+    assert (row["mode"], row["state"]) == ("Replica", "Suspended")
+    daemon.cli("resume", "rep01")
+    row = json.loads(daemon.cli("--output", "json", "status").stdout)["rows"][0]
+    assert row["state"] == "Replicating"
+    daemon.cli("auth", "remove", "primary.example.org")
+    row = json.loads(daemon.cli("--output", "json", "status").stdout)["rows"][0]
+    assert (row["state"], row["health"]) == ("Error", "Critical")
+    script = daemon.cli("completions", "bash").stdout
+    assert "enable-as-replica" in script

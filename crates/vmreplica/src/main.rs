@@ -76,6 +76,8 @@ enum Verb {
     Enable(EnableArgs),
     /// Change a VM's replication settings (Set-VMReplication → ModifyReplicationSettings).
     Set(EnableArgs),
+    /// Make an existing VM a replica waiting for initial replication (Enable-VMReplication -AsReplica).
+    EnableAsReplica { vm: String },
     /// Remove a VM's replication relationship (Remove-VMReplication).
     Disable { vm: String },
     /// Start initial replication (Start-VMInitialReplication).
@@ -102,6 +104,8 @@ enum Verb {
     /// Jobs of the daemon.
     #[command(subcommand)]
     Job(JobVerb),
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions { shell: clap_complete::Shell },
     /// The daemon's credentials file (local; vmreplicad --credentials FILE).
     #[command(subcommand)]
     Credentials(CredentialsVerb),
@@ -170,6 +174,13 @@ enum AuthVerb {
         /// The entry's AllowedPrimaryHostSystem.
         primary: String,
     },
+    /// Bind a replica VM to an entry: it accepts data only from that primary (SetAuthorizationEntry).
+    Bind {
+        vm: String,
+        /// The entry's AllowedPrimaryHostSystem.
+        #[arg(long)]
+        primary: String,
+    },
 }
 
 #[derive(Args)]
@@ -234,10 +245,20 @@ enum JobVerb {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`vmreplica status | head`) instead of panicking in println!.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Verb::Credentials(CredentialsVerb::Add { file, name }) => {
             credentials::add(&file, &name).map_err(Failure::Transport)
+        }
+        Verb::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "vmreplica", &mut std::io::stdout());
+            Ok(())
         }
         verb => {
             let endpoint = client::Endpoint {
@@ -348,6 +369,14 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
         Verb::Auth(AuthVerb::Remove { primary }) => Command::RemoveAuthorizationEntry {
             allowed_primary_host_system: primary,
         },
+        Verb::Auth(AuthVerb::Bind { vm, primary }) => Command::SetAuthorizationEntry {
+            vm,
+            entry: AuthorizationEntry {
+                allowed_primary_host_system: primary,
+                trust_group: String::new(),
+                replica_storage_location: String::new(),
+            },
+        },
         Verb::Enable(a) => {
             let (vm, settings) = settings(a);
             Command::CreateReplicationRelationship { vm, settings }
@@ -357,6 +386,13 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             Command::ModifyReplicationSettings { vm, settings }
         }
         Verb::Disable { vm } => Command::RemoveReplicationRelationship { vm },
+        Verb::EnableAsReplica { vm } => replication(
+            vm,
+            Operation::RequestReplicationStateChange(
+                RequestedState::WaitingToCompleteInitialReplication,
+            ),
+            OperationArgs::default(),
+        ),
         Verb::Start { vm, r#type, path } => {
             let kind = match r#type {
                 InitialType::Network => InitialReplicationType::Network,
@@ -391,7 +427,9 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             return client::job_outcome(&job);
         }
         Verb::Job(JobVerb::Cancel { id }) => Command::CancelJob { id },
-        Verb::Credentials(_) => unreachable!("handled before connecting"),
+        Verb::Credentials(_) | Verb::Completions { .. } => {
+            unreachable!("handled before connecting")
+        }
     };
     let out = client.execute(&cmd)?;
     // A started job is waited for, as the PowerShell cmdlets do.

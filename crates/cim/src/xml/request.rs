@@ -124,6 +124,17 @@ pub enum RequestError {
     NoCall,
     #[error("METHODCALL has no LOCALINSTANCEPATH or LOCALCLASSPATH element")]
     NoTarget,
+    #[error("CIMVERSION \"{0}\" is not supported; send 2.x")]
+    UnsupportedCimVersion(String),
+    #[error("DTDVERSION \"{0}\" is not supported; send 2.x")]
+    UnsupportedDtdVersion(String),
+    #[error("PROTOCOLVERSION \"{0}\" is not supported; send 1.x")]
+    UnsupportedProtocolVersion(String),
+}
+
+/// `major.` prefix check of a version attribute; an absent attribute is accepted.
+fn version_ok(value: Option<&str>, major: &str) -> bool {
+    value.is_none_or(|v| v.trim() == major || v.trim().starts_with(&format!("{major}.")))
 }
 
 /// Decodes a CIM-XML request body.
@@ -133,12 +144,23 @@ pub fn parse_request(body: &str) -> Result<CimRequest, RequestError> {
     if !cim.has_tag_name("CIM") {
         return Err(RequestError::NotCim(cim.tag_name().name().to_string()));
     }
+    if !version_ok(cim.attribute("CIMVERSION"), "2") {
+        let v = cim.attribute("CIMVERSION").unwrap_or_default().to_string();
+        return Err(RequestError::UnsupportedCimVersion(v));
+    }
+    if !version_ok(cim.attribute("DTDVERSION"), "2") {
+        let v = cim.attribute("DTDVERSION").unwrap_or_default().to_string();
+        return Err(RequestError::UnsupportedDtdVersion(v));
+    }
     let message = require_child(cim, "MESSAGE")?;
     let message_id = require_attr(message, "ID")?.to_string();
     let protocol_version = message
         .attribute("PROTOCOLVERSION")
         .unwrap_or("1.0")
         .to_string();
+    if !version_ok(Some(&protocol_version), "1") {
+        return Err(RequestError::UnsupportedProtocolVersion(protocol_version));
+    }
     let req = match first_element(message) {
         Some(r) if r.has_tag_name("SIMPLEREQ") => r,
         Some(r) if r.has_tag_name("MULTIREQ") => return Err(RequestError::MultiRequest),
@@ -223,6 +245,29 @@ fn param_data(parent: Node2<'_, '_>, v: Node2<'_, '_>) -> Result<ParamData, XmlS
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn versions_other_than_cim_2_dtd_2_protocol_1_are_refused() {
+        let req = |cim: &str, dtd: &str, proto: &str| {
+            format!(
+                r#"<CIM CIMVERSION="{cim}" DTDVERSION="{dtd}"><MESSAGE ID="1" PROTOCOLVERSION="{proto}"><SIMPLEREQ><IMETHODCALL NAME="EnumerateClassNames"><LOCALNAMESPACEPATH><NAMESPACE NAME="root"/></LOCALNAMESPACEPATH></IMETHODCALL></SIMPLEREQ></MESSAGE></CIM>"#
+            )
+        };
+        assert!(parse_request(&req("2.0", "2.0", "1.0")).is_ok());
+        assert!(parse_request(&req("2.6", "2.4", "1.4")).is_ok());
+        assert_eq!(
+            parse_request(&req("3.0", "2.0", "1.0")),
+            Err(RequestError::UnsupportedCimVersion("3.0".into()))
+        );
+        assert_eq!(
+            parse_request(&req("2.0", "1.1", "1.0")),
+            Err(RequestError::UnsupportedDtdVersion("1.1".into()))
+        );
+        assert_eq!(
+            parse_request(&req("2.0", "2.0", "2.0")),
+            Err(RequestError::UnsupportedProtocolVersion("2.0".into()))
+        );
+    }
+
     use super::*;
 
     const NS: &str = r#"<LOCALNAMESPACEPATH><NAMESPACE NAME="root"/><NAMESPACE NAME="virtualization"/><NAMESPACE NAME="v2"/></LOCALNAMESPACEPATH>"#;

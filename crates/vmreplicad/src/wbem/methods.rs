@@ -11,7 +11,9 @@ use cim::{
     MethodDecl, ObjectPath, OutParam, ParamData, ParamDecl, ParamValue,
 };
 use vmreplica_core::codes::ReturnCode;
-use vmreplica_core::command::{Command, CommandError, CommandOutput, OperationArgs};
+use vmreplica_core::command::{
+    Command, CommandError, CommandOutput, OperationArgs, PowerControl, VmDefinition,
+};
 use vmreplica_core::job::JobStateRequest;
 use vmreplica_core::machine::{Operation, RequestedState};
 use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
@@ -317,6 +319,15 @@ fn render(decl: &MethodDecl, out: CommandOutput) -> MethodResult {
             );
             ReturnCode::JobStarted
         }
+        CommandOutput::Vm(vm) => {
+            set_out(
+                &mut outs,
+                decl,
+                "ResultingSystem",
+                CimValue::Reference(objects::vm_path(vm.id)),
+            );
+            ReturnCode::Completed
+        }
         CommandOutput::Certificates { encoded } => {
             set_out(
                 &mut outs,
@@ -399,6 +410,9 @@ async fn dispatch(
             .await
         }
         "Msvm_ConcreteJob" => concrete_job(svc, target, args).await,
+        "Msvm_VirtualSystemManagementService" if args.method == "DefineSystem" => {
+            run(svc, Command::AddVm(vm_definition(args)?)).await
+        }
         "Msvm_VirtualSystemManagementService" => {
             let path = args
                 .reference("AffectedSystem")
@@ -680,6 +694,46 @@ async fn replication_service(svc: &Service, args: &Args) -> Result<CommandOutput
         }
     };
     run(svc, cmd).await
+}
+
+/// DefineSystem: `SystemSettings` names the VM (ElementName, optional VirtualSystemIdentifier GUID);
+/// each `ResourceSettings` entry is a disk whose `HostResource[0]` is the image path.
+fn vm_definition(args: &Args) -> Result<VmDefinition, MethodError> {
+    if args.reference("ReferenceConfiguration").is_some() {
+        let msg = "DefineSystem: ReferenceConfiguration (copying a VM) is not supported";
+        return Err(CommandError::new(ReturnCode::NotSupported, msg).into());
+    }
+    let settings = Props(args.instance("SystemSettings")?);
+    let mut name = String::new();
+    settings.string("ElementName", &mut name)?;
+    let mut id = None;
+    settings.opt_string("VirtualSystemIdentifier", &mut id)?;
+    let id = id
+        .map(|text| {
+            uuid::Uuid::parse_str(text.trim_matches(['{', '}'])).map_err(|_| {
+                let msg = format!("VirtualSystemIdentifier '{text}' is not a GUID");
+                CommandError::new(ReturnCode::InvalidParameter, msg)
+            })
+        })
+        .transpose()?;
+    let mut disks = Vec::new();
+    if let Some(Arg::Instances(list)) = args.get("ResourceSettings") {
+        for inst in list {
+            let mut host_resource = Vec::new();
+            Props(inst).strings("HostResource", &mut host_resource)?;
+            let path = host_resource.into_iter().next().ok_or_else(|| {
+                let msg = "ResourceSettings: every disk needs HostResource (the image path)";
+                CommandError::new(ReturnCode::InvalidParameter, msg)
+            })?;
+            disks.push(path);
+        }
+    }
+    Ok(VmDefinition {
+        name,
+        disks,
+        id,
+        power: PowerControl::default(),
+    })
 }
 
 fn point_args(args: &Args) -> OperationArgs {

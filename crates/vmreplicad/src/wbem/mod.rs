@@ -41,6 +41,9 @@ fn protocol_error(e: &cim::RequestError) -> (u16, &'static str) {
             (400, "request-not-well-formed")
         }
         cim::RequestError::MultiRequest => (501, "multiple-requests-unsupported"),
+        cim::RequestError::UnsupportedCimVersion(_) => (501, "unsupported-cim-version"),
+        cim::RequestError::UnsupportedDtdVersion(_) => (501, "unsupported-dtd-version"),
+        cim::RequestError::UnsupportedProtocolVersion(_) => (501, "unsupported-protocol-version"),
         _ => (400, "request-not-valid"),
     }
 }

@@ -649,6 +649,29 @@ fn management_service() -> CimClass {
     managed_element(b)
         .props(U16, &["EnabledState", "HealthState"])
         .method(
+            "DefineSystem",
+            vec![
+                input_ei("SystemSettings", "Msvm_VirtualSystemSettingData"),
+                param(
+                    "ResourceSettings",
+                    S,
+                    true,
+                    "In",
+                    Some(Qualifier::string(
+                        "EmbeddedInstance",
+                        "Msvm_StorageAllocationSettingData",
+                    )),
+                ),
+                reference(
+                    "ReferenceConfiguration",
+                    "CIM_VirtualSystemSettingData",
+                    "In",
+                ),
+                reference("ResultingSystem", "CIM_ComputerSystem", "Out"),
+                job(),
+            ],
+        )
+        .method(
             "DestroySystem",
             vec![
                 reference("AffectedSystem", "CIM_ComputerSystem", "In"),
