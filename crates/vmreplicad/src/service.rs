@@ -373,61 +373,54 @@ impl Service {
         Ok(())
     }
 
-    fn create_relationship(&self, vm: &VmRef, mut settings: ReplicationSettings) -> CommandResult {
-        let vm = self.resolve_vm(vm)?;
-        let claim = self.claim(&vm)?;
-        let (_, t) = self.decide(&vm, Operation::CreateReplicationRelationship)?;
-        settings.validate().map_err(settings_error)?;
-        self.resolve_included_disks(&vm, &mut settings)?;
-        self.refuse_engineless(&t, "CreateReplicationRelationship")?;
-        let rel = RelationshipRow {
-            vm: vm.id,
-            state: t.after.as_u16(),
-            settings,
-            primary_connection_point: Some(self.host.clone()),
-            authorization_entry: None,
-            last_replication_time: None,
-            last_apply_time: None,
-            last_app_consistent_time: None,
-            last_replication_type: 0,
-            failed_over_type: 0,
-            statistics_reset_time: now(),
-        };
-        let store = self.store.clone();
-        let mode = t.mode_after.as_u16();
-        self.job(
-            t.job_type,
-            Some(claim),
-            &format!("Enable replication of '{}'", vm.name),
-            move |ctx| async move {
-                ctx.check_cancelled()?;
-                store.put_relationship(&rel, mode)?;
-                tracing::info!(vm = %rel.vm, "replication relationship created");
-                Ok(())
-            },
-        )
+    fn create_relationship(&self, vm: &VmRef, settings: ReplicationSettings) -> CommandResult {
+        self.write_settings(vm, settings, Operation::CreateReplicationRelationship)
     }
 
-    fn modify_relationship(&self, vm: &VmRef, mut settings: ReplicationSettings) -> CommandResult {
+    fn modify_relationship(&self, vm: &VmRef, settings: ReplicationSettings) -> CommandResult {
+        self.write_settings(vm, settings, Operation::ModifyReplicationSettings)
+    }
+
+    /// CreateReplicationRelationship (a new relationship, primary side) or ModifyReplicationSettings
+    /// (the existing one): validated settings written by a job.
+    fn write_settings(
+        &self,
+        vm: &VmRef,
+        mut settings: ReplicationSettings,
+        op: Operation,
+    ) -> CommandResult {
         let vm = self.resolve_vm(vm)?;
         let claim = self.claim(&vm)?;
-        let (rel, t) = self.decide(&vm, Operation::ModifyReplicationSettings)?;
+        let (rel, t) = self.decide(&vm, op)?;
         settings.validate().map_err(settings_error)?;
         self.resolve_included_disks(&vm, &mut settings)?;
-        self.refuse_engineless(&t, "ModifyReplicationSettings")?;
-        let mut rel = rel.ok_or_else(|| {
-            CommandError::new(ReturnCode::InvalidState, "the VM has no relationship")
-        })?;
+        self.refuse_engineless(&t, &op.name())?;
+        let (mut rel, what) = match (op, rel) {
+            (Operation::ModifyReplicationSettings, Some(r)) => (r, "Modify replication of"),
+            (Operation::ModifyReplicationSettings, None) => {
+                return Err(CommandError::new(
+                    ReturnCode::InvalidState,
+                    "the VM has no relationship",
+                ))
+            }
+            _ => {
+                let mut fresh = RelationshipRow::new(vm.id, now());
+                fresh.primary_connection_point = Some(self.host.clone());
+                (fresh, "Enable replication of")
+            }
+        };
         rel.settings = settings;
+        rel.state = t.after.as_u16();
         let store = self.store.clone();
         let mode = t.mode_after.as_u16();
         self.job(
             t.job_type,
             Some(claim),
-            &format!("Modify replication of '{}'", vm.name),
+            &format!("{what} '{}'", vm.name),
             move |ctx| async move {
                 ctx.check_cancelled()?;
                 store.put_relationship(&rel, mode)?;
+                tracing::info!(vm = %rel.vm, "replication settings written");
                 Ok(())
             },
         )
@@ -479,19 +472,7 @@ impl Service {
             Some(r) => r,
             // RequestReplicationStateChange(2) on a VM with no relationship makes it a replica that
             // waits for initial replication (Enable-VMReplication -AsReplica).
-            None => RelationshipRow {
-                vm: vm.id,
-                state: 0,
-                settings: ReplicationSettings::default(),
-                primary_connection_point: None,
-                authorization_entry: None,
-                last_replication_time: None,
-                last_apply_time: None,
-                last_app_consistent_time: None,
-                last_replication_type: 0,
-                failed_over_type: 0,
-                statistics_reset_time: now(),
-            },
+            None => RelationshipRow::new(vm.id, now()),
         };
         let mode = t.mode_after.as_u16();
         if let Some(during) = t.during {

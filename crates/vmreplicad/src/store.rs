@@ -53,6 +53,26 @@ pub struct RelationshipRow {
     pub statistics_reset_time: i64,
 }
 
+impl RelationshipRow {
+    /// A relationship in state 0 with default settings, nothing replicated yet, and a statistics
+    /// window starting at `now`.
+    pub fn new(vm: Uuid, now: i64) -> RelationshipRow {
+        RelationshipRow {
+            vm,
+            state: 0,
+            settings: ReplicationSettings::default(),
+            primary_connection_point: None,
+            authorization_entry: None,
+            last_replication_time: None,
+            last_apply_time: None,
+            last_app_consistent_time: None,
+            last_replication_type: 0,
+            failed_over_type: 0,
+            statistics_reset_time: now,
+        }
+    }
+}
+
 /// One `Msvm_Error` recorded on a failed job.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobErrorInfo {
@@ -536,19 +556,16 @@ mod tests {
         let (_d, store) = temp_store();
         let a = vm("db01");
         store.insert_vm(&a).expect("insert");
-        let rel = RelationshipRow {
-            vm: a.id,
-            state: 1,
-            settings: ReplicationSettings::default(),
-            primary_connection_point: Some("p".into()),
-            authorization_entry: None,
-            last_replication_time: None,
-            last_apply_time: None,
-            last_app_consistent_time: None,
-            last_replication_type: 0,
-            failed_over_type: 0,
-            statistics_reset_time: 5,
-        };
+        let mut rel = RelationshipRow::new(a.id, 5);
+        rel.state = 3;
+        rel.primary_connection_point = Some("p".into());
+        rel.authorization_entry = Some("*.example.org".into());
+        rel.last_replication_time = Some(100);
+        rel.last_apply_time = Some(101);
+        rel.last_app_consistent_time = Some(90);
+        rel.last_replication_type = 2;
+        rel.failed_over_type = 3;
+        rel.settings.replication_interval = 30;
         store.put_relationship(&rel, 1).expect("put");
         assert_eq!(store.get_relationship(a.id).expect("get"), Some(rel));
         assert_eq!(store.get_vm(a.id).expect("vm").map(|v| v.mode), Some(1));
