@@ -7,6 +7,7 @@ ReplicationState 0 and its Msvm_ReplicationSettingData is unchanged.
 """
 
 import http.client
+import json
 import subprocess
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape
@@ -201,6 +202,50 @@ def test_multireq_is_refused_and_nothing_runs(server, conn):
 def test_multireq_is_501_multiple_requests_unsupported(server):
     code, headers, _ = post(server, multireq())
     assert (code, headers.get("CIMError")) == (501, "multiple-requests-unsupported")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_cimom_needs_an_xml_content_type(server, conn, content_type):
+    """A browser can send these types cross-origin without a preflight; the daemon refuses them."""
+    headers = {k: v for k, v in CIM_HEADERS.items() if k != "Content-Type"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    body = message(f"<SIMPLEREQ>{add_entry_call('browser.example.org')}</SIMPLEREQ>")
+    code, _, text = post(server, body, headers={**headers, "CIMMethod": "AddAuthorizationEntry"})
+    assert code == 415 and "Content-Type" in text
+    assert "browser.example.org" not in entries(conn)
+
+
+def test_json_api_needs_application_json_and_a_loopback_host(server):
+    body = b'{"command":"add_authorization_entry","allowed_primary_host_system":"csrf.example.org",' \
+           b'"trust_group":"DEFAULT","replica_storage_location":"/srv/r"}'
+    for headers, expected in [({"Content-Type": "text/plain"}, 415),
+                              ({"Content-Type": "application/json", "Host": "evil.example.com"}, 403),
+                              ({"Content-Type": "application/json"}, 200)]:
+        c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        c.request("POST", "/api/v1/command", body=body, headers=headers)
+        resp = c.getresponse()
+        resp.read()
+        assert resp.status == expected, (headers, resp.status)
+
+
+def test_cimom_with_a_foreign_host_header_is_refused(server, conn):
+    """DNS rebinding: a page whose name resolves to 127.0.0.1 still sends its own name as Host."""
+    body = message(f"<SIMPLEREQ>{add_entry_call('rebind.example.org')}</SIMPLEREQ>")
+    code, _, _ = post(server, body, headers={**CIM_HEADERS, "CIMMethod": "AddAuthorizationEntry",
+                                             "Host": "attacker.example.com:5988"})
+    assert code == 403
+    assert "rebind.example.org" not in entries(conn)
+
+
+def test_json_replication_command_cannot_bypass_settings_validation(server):
+    body = json.dumps({"command": "replication", "vm": "web01",
+                       "operation": "CreateReplicationRelationship"}).encode()
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    c.request("POST", "/api/v1/command", body=body, headers={"Content-Type": "application/json"})
+    resp = c.getresponse()
+    answer = json.loads(resp.read())
+    assert resp.status == 422 and answer["code"] == 32773 and "create_replication_relationship" in answer["message"]
 
 
 @pytest.mark.parametrize("old,new,header", [

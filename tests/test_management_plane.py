@@ -306,16 +306,23 @@ def test_cli_defines_enables_and_reports(daemon, disk):
     table = daemon.cli("status").stdout
     assert "cli01" in table and "ReadyForInitialReplication" in table
 
-    refused = daemon.cli("set", "cli01", "--replica-server", "replica.example.org", "--thumbprint", THUMBPRINT,
-                         "--frequency", "60", check=False)
+    refused = daemon.cli("set", "cli01", "--frequency", "60", check=False)
     assert refused.returncode == 3
     assert "ReplicationInterval" in refused.stderr and "32773" in refused.stderr
+
+    # set changes only what it is given.
+    daemon.cli("set", "cli01", "--recovery-history", "6", "--vss-frequency", "2")
+    daemon.cli("set", "cli01", "--frequency", "900")
+    shown = json.loads(daemon.cli("--output", "json", "settings", "cli01").stdout)
+    assert (shown["replication_interval"], shown["recovery_history"]) == (900, 6)
+    assert shown["application_consistent_snapshot_interval"] == 2
+    assert shown["recovery_connection_point"] == "replica.example.org"
 
     not_yet = daemon.cli("start", "cli01", check=False)
     assert not_yet.returncode == 3 and "32770" in not_yet.stderr
 
     jobs = json.loads(daemon.cli("--output", "json", "job", "list").stdout)["jobs"]
-    assert [j["job_type"] for j in jobs] == [91]
+    assert [j["job_type"] for j in jobs] == [91, 92, 92]
     shown = json.loads(daemon.cli("--output", "json", "job", "wait", jobs[0]["id"]).stdout)
     assert shown["job_state"] == 7
 
@@ -324,6 +331,8 @@ def test_cli_defines_enables_and_reports(daemon, disk):
     assert vm_by_name(conn, "cli01")["ReplicationState"] == 1
     missing = daemon.cli("vm", "add", "--name", "ghost", "--disk", "/nonexistent.qcow2", check=False)
     assert missing.returncode == 3 and "does not exist" in missing.stderr
+    guid_name = daemon.cli("vm", "add", "--name", vm_id, "--disk", "/nonexistent.qcow2", check=False)
+    assert guid_name.returncode == 3 and "GUID" in guid_name.stderr
 
 
 def test_concurrent_enables_of_one_vm_start_exactly_one_job(daemon, disk):
@@ -414,8 +423,10 @@ def test_define_system_over_cim_is_the_same_as_vm_add(daemon, disk):
 
 def test_cli_replica_side_verbs_and_completions(daemon, disk):
     daemon.add_vm("rep01", [disk()])
-    daemon.cli("enable-as-replica", "rep01")
     daemon.cli("auth", "add", "--primary", "primary.example.org", "--storage", "/srv/replicas")
+    not_replica = daemon.cli("auth", "bind", "rep01", "--primary", "primary.example.org", check=False)
+    assert not_replica.returncode == 3 and "32775" in not_replica.stderr
+    daemon.cli("enable-as-replica", "rep01")
     daemon.cli("auth", "bind", "rep01", "--primary", "primary.example.org")
     unknown = daemon.cli("auth", "bind", "rep01", "--primary", "other.example.org", check=False)
     assert unknown.returncode == 3 and "no authorization entry" in unknown.stderr

@@ -81,6 +81,10 @@ pub enum Command {
     RemoveReplicationRelationship {
         vm: VmRef,
     },
+    /// The settings of the VM's relationship (the values of its `Msvm_ReplicationSettingData`).
+    GetReplicationSettings {
+        vm: VmRef,
+    },
     /// The operations whose effect moves data or follows the state machine.
     Replication {
         vm: VmRef,
@@ -191,6 +195,7 @@ pub enum CommandOutput {
         vms: Vec<VmView>,
     },
     ServiceSettings(ServiceSettings),
+    ReplicationSettings(ReplicationSettings),
     AuthorizationEntries {
         entries: Vec<AuthorizationEntry>,
     },

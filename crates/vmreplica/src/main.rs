@@ -74,8 +74,11 @@ enum Verb {
     Auth(AuthVerb),
     /// Enable replication of a VM (Enable-VMReplication → CreateReplicationRelationship).
     Enable(EnableArgs),
-    /// Change a VM's replication settings (Set-VMReplication → ModifyReplicationSettings).
-    Set(EnableArgs),
+    /// Change a VM's replication settings (Set-VMReplication → ModifyReplicationSettings); settings
+    /// not given keep their current value.
+    Set(SetArgs),
+    /// Show a VM's replication settings.
+    Settings { vm: String },
     /// Make an existing VM a replica waiting for initial replication (Enable-VMReplication -AsReplica).
     EnableAsReplica { vm: String },
     /// Remove a VM's replication relationship (Remove-VMReplication).
@@ -220,6 +223,48 @@ struct EnableArgs {
     /// Disks to replicate (default: all).
     #[arg(long = "disk")]
     disks: Vec<String>,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    vm: String,
+    #[arg(long)]
+    replica_server: Option<String>,
+    #[arg(long)]
+    replica_port: Option<u16>,
+    #[arg(long)]
+    thumbprint: Option<String>,
+    /// Replication frequency in seconds: 30, 300 or 900.
+    #[arg(long)]
+    frequency: Option<u16>,
+    #[arg(long)]
+    recovery_history: Option<u16>,
+    #[arg(long)]
+    vss_frequency: Option<u16>,
+    #[arg(long)]
+    compression: Option<bool>,
+    /// Disks to replicate (replaces the list).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+}
+
+impl SetArgs {
+    /// The current settings with the given flags applied.
+    fn apply(self, mut s: ReplicationSettings) -> (String, ReplicationSettings) {
+        s.recovery_connection_point = self.replica_server.unwrap_or(s.recovery_connection_point);
+        s.recovery_server_port_number = self.replica_port.unwrap_or(s.recovery_server_port_number);
+        s.certificate_thumbprint = self.thumbprint.or(s.certificate_thumbprint);
+        s.replication_interval = self.frequency.unwrap_or(s.replication_interval);
+        s.recovery_history = self.recovery_history.unwrap_or(s.recovery_history);
+        s.application_consistent_snapshot_interval = self
+            .vss_frequency
+            .unwrap_or(s.application_consistent_snapshot_interval);
+        s.compression_enabled = self.compression.unwrap_or(s.compression_enabled);
+        if !self.disks.is_empty() {
+            s.included_disks = self.disks;
+        }
+        (self.vm, s)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -382,9 +427,14 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             Command::CreateReplicationRelationship { vm, settings }
         }
         Verb::Set(a) => {
-            let (vm, settings) = settings(a);
+            let current = Command::GetReplicationSettings { vm: a.vm.clone() };
+            let (vm, settings) = match client.execute(&current)? {
+                CommandOutput::ReplicationSettings(s) => a.apply(s),
+                other => return Err(Failure::unexpected(&other)),
+            };
             Command::ModifyReplicationSettings { vm, settings }
         }
+        Verb::Settings { vm } => Command::GetReplicationSettings { vm },
         Verb::Disable { vm } => Command::RemoveReplicationRelationship { vm },
         Verb::EnableAsReplica { vm } => replication(
             vm,

@@ -81,6 +81,32 @@ pub fn print(fmt: OutputFormat, out: &CommandOutput) {
             ];
             table(&["Setting", "Value"], rows);
         }
+        CommandOutput::ReplicationSettings(s) => {
+            let rows = vec![
+                vec!["ReplicaServer".into(), s.recovery_connection_point.clone()],
+                vec![
+                    "ReplicaPort".into(),
+                    s.recovery_server_port_number.to_string(),
+                ],
+                vec!["AuthType".into(), auth_type(s.authentication_type).into()],
+                vec![
+                    "CertificateThumbprint".into(),
+                    s.certificate_thumbprint.clone().unwrap_or_default(),
+                ],
+                vec!["FrequencySec".into(), s.replication_interval.to_string()],
+                vec!["RecoveryHistory".into(), s.recovery_history.to_string()],
+                vec![
+                    "VSSSnapshotFrequencyHour".into(),
+                    s.application_consistent_snapshot_interval.to_string(),
+                ],
+                vec![
+                    "CompressionEnabled".into(),
+                    s.compression_enabled.to_string(),
+                ],
+                vec!["ReplicatedDisks".into(), s.included_disks.join(", ")],
+            ];
+            table(&["Setting", "Value"], rows);
+        }
         CommandOutput::AuthorizationEntries { entries } => {
             let rows = entries
                 .iter()

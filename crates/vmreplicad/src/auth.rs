@@ -11,8 +11,10 @@
 //! `vmreplica credentials add` writes them); `#` starts a comment. pywbem and wbemcli send Basic
 //! credentials; /healthz needs none.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
@@ -21,6 +23,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use blake2::{Blake2s256, Digest};
+use tokio::sync::Semaphore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -84,10 +88,65 @@ impl Credentials {
 #[derive(Clone, Copy)]
 pub struct ClientCertificate;
 
+/// How long a verified (user, password) pair is remembered, so a polling client does not pay for an
+/// Argon2 check on every request.
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
+/// Argon2 checks running at once (each takes ~19 MiB and tens of milliseconds).
+const PARALLEL_CHECKS: usize = 2;
+
 /// The policy for one listener.
 pub struct AuthPolicy {
     /// None: no credentials are required (loopback without a credentials file).
-    pub credentials: Option<Credentials>,
+    credentials: Option<Arc<Credentials>>,
+    /// BLAKE2s of (user, password) of recently verified pairs → when verified. Never the password.
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    checks: Semaphore,
+}
+
+impl AuthPolicy {
+    pub fn new(credentials: Option<Credentials>) -> AuthPolicy {
+        AuthPolicy {
+            credentials: credentials.map(Arc::new),
+            verified: Mutex::new(HashMap::new()),
+            checks: Semaphore::new(PARALLEL_CHECKS),
+        }
+    }
+
+    fn remembered(&self, key: &[u8; 32]) -> bool {
+        let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(key).is_some_and(|t| t.elapsed() < VERIFIED_TTL)
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|_, t| t.elapsed() < VERIFIED_TTL);
+        if cache.len() < 1024 {
+            cache.insert(key, Instant::now());
+        }
+    }
+
+    /// Checks Basic credentials off the async workers, a bounded number at a time.
+    async fn check_basic(&self, creds: &Arc<Credentials>, user: String, password: String) -> bool {
+        let mut hasher = Blake2s256::new();
+        hasher.update(user.as_bytes());
+        hasher.update([0]);
+        hasher.update(password.as_bytes());
+        let key: [u8; 32] = hasher.finalize().into();
+        if self.remembered(&key) {
+            return true;
+        }
+        let Ok(_permit) = self.checks.acquire().await else {
+            return false;
+        };
+        let creds = creds.clone();
+        let ok = tokio::task::spawn_blocking(move || creds.verify(&user, &password))
+            .await
+            .unwrap_or(false);
+        if ok {
+            self.remember(key);
+        }
+        ok
+    }
 }
 
 fn basic_credentials(req: &Request) -> Option<(String, String)> {
@@ -104,14 +163,47 @@ fn basic_credentials(req: &Request) -> Option<(String, String)> {
     Some((user.to_string(), password.to_string()))
 }
 
+/// True when the Host header names this machine's loopback interface (any port).
+fn loopback_host(req: &Request) -> bool {
+    let Some(host) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Middleware: lets a request through when the policy allows it, else 401 with a Basic challenge.
+///
+/// Without credentials (the loopback default) the request must also name a loopback host, so a web
+/// page that rebinds its own DNS name to 127.0.0.1 cannot drive the daemon from a browser.
 pub async fn require(State(policy): State<Arc<AuthPolicy>>, req: Request, next: Next) -> Response {
+    if policy.credentials.is_none() && !loopback_host(&req) {
+        tracing::warn!("refused a request whose Host header is not a loopback name");
+        return (
+            StatusCode::FORBIDDEN,
+            "address the daemon as 127.0.0.1, [::1] or localhost\n",
+        )
+            .into_response();
+    }
     let allowed = match &policy.credentials {
         None => true,
-        Some(creds) => {
-            req.extensions().get::<ClientCertificate>().is_some()
-                || basic_credentials(&req).is_some_and(|(u, p)| creds.verify(&u, &p))
-        }
+        Some(_) if req.extensions().get::<ClientCertificate>().is_some() => true,
+        Some(creds) => match basic_credentials(&req) {
+            Some((user, password)) => policy.check_basic(creds, user, password).await,
+            None => false,
+        },
     };
     if allowed {
         return next.run(req).await;

@@ -42,7 +42,38 @@ fn header_is(headers: &HeaderMap, name: &str, expected: &str) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
 }
 
+/// The media type of the request, without parameters, lower-case.
+fn media_type(headers: &HeaderMap) -> String {
+    let value = headers
+        .get("Content-Type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The 415 answer unless the body is declared as one of `allowed`. Browsers cannot send these types
+/// cross-origin without a CORS preflight, which this server never grants.
+fn wrong_media_type(headers: &HeaderMap, allowed: &[&str]) -> Option<Response> {
+    let found = media_type(headers);
+    if allowed.contains(&found.as_str()) {
+        return None;
+    }
+    let msg = format!(
+        "Content-Type must be {}, not '{found}'\n",
+        allowed.join(" or ")
+    );
+    Some((StatusCode::UNSUPPORTED_MEDIA_TYPE, msg).into_response())
+}
+
 async fn cimom(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(resp) = wrong_media_type(&headers, &["application/xml", "text/xml"]) {
+        return resp;
+    }
     if !header_is(&headers, "CIMOperation", "MethodCall") {
         let mut resp = (
             StatusCode::BAD_REQUEST,
@@ -73,7 +104,10 @@ async fn cimom(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Bytes)
     resp
 }
 
-async fn command(State(svc): State<Arc<Service>>, body: Bytes) -> Response {
+async fn command(State(svc): State<Arc<Service>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(resp) = wrong_media_type(&headers, &["application/json"]) {
+        return resp;
+    }
     let cmd: Command = match serde_json::from_slice(&body) {
         Ok(c) => c,
         Err(e) => {

@@ -77,7 +77,7 @@ fn auth_policy(args: &Args) -> anyhow::Result<auth::AuthPolicy> {
         None if args.client_ca.is_some() => Some(auth::Credentials::empty()),
         None => None,
     };
-    Ok(auth::AuthPolicy { credentials })
+    Ok(auth::AuthPolicy::new(credentials))
 }
 
 /// The error and its whole `source()` chain, as one line.
@@ -167,16 +167,32 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Most TLS connections served at once; further clients wait in the accept queue.
+const MAX_TLS_CONNECTIONS: usize = 256;
+/// Time a client gets to finish the TLS handshake, and then to send its request headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Accepts TLS connections until a shutdown signal; each connection is served by the same router.
+/// Slow or idle clients are cut off, and the number of connections is bounded, so clients that never
+/// authenticate cannot exhaust the daemon.
 async fn serve_tls(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     config: Arc<rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_CONNECTIONS));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = &mut shutdown => return,
+        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             () = &mut shutdown => return,
@@ -192,10 +208,15 @@ async fn serve_tls(
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let stream = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => {
+            let _permit = permit;
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
                     tracing::info!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
                     return;
                 }
             };
@@ -211,10 +232,12 @@ async fn serve_tls(
             };
             let service = hyper_util::service::TowerToHyperService::new(app);
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(io, service)
-                .await
-            {
+                .await;
+            if let Err(e) = served {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
         });

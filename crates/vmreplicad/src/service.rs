@@ -54,6 +54,15 @@ impl From<StoreError> for CommandError {
     }
 }
 
+/// Replica states in which losing the authorization entry stops replication (→ 8 Critical).
+const STOPPED_BY_LOST_AUTHORIZATION: [ReplicationState; 5] = [
+    ReplicationState::WaitingToCompleteInitialReplication,
+    ReplicationState::Replicating,
+    ReplicationState::Suspended,
+    ReplicationState::Resynchronizing,
+    ReplicationState::ResynchronizationSuspended,
+];
+
 fn invalid(message: impl Into<String>) -> CommandError {
     CommandError::new(ReturnCode::InvalidParameter, message)
 }
@@ -93,6 +102,16 @@ impl Service {
                 self.modify_relationship(&vm, settings)
             }
             Command::RemoveReplicationRelationship { vm } => self.remove_relationship(&vm),
+            Command::GetReplicationSettings { vm } => {
+                let vm = self.resolve_vm(&vm)?;
+                match self.store.get_relationship(vm.id)? {
+                    Some(rel) => Ok(CommandOutput::ReplicationSettings(rel.settings)),
+                    None => Err(CommandError::new(
+                        ReturnCode::InvalidState,
+                        format!("replication is not enabled for '{}'", vm.name),
+                    )),
+                }
+            }
             Command::Replication {
                 vm,
                 operation,
@@ -164,6 +183,11 @@ impl Service {
         if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
             return Err(invalid("the VM name must be 1 to 100 printable characters"));
         }
+        if Uuid::parse_str(name.trim_matches(['{', '}'])).is_ok() {
+            return Err(invalid(format!(
+                "the VM name '{name}' is a GUID; a name must not look like a VM's id"
+            )));
+        }
         if def.disks.is_empty() {
             return Err(invalid("a VM needs at least one disk (--disk PATH)"));
         }
@@ -209,7 +233,7 @@ impl Service {
             }
         }
         self.store
-            .find_vm_by_name(vm)?
+            .find_vm_by_name(vm.trim())?
             .ok_or_else(|| invalid(format!("no virtual machine '{vm}' on this host")))
     }
 
@@ -270,31 +294,47 @@ impl Service {
         Ok(CommandOutput::Completed)
     }
 
-    /// Deletes the entry; replication stops (state Critical) for every replica VM bound to it.
+    /// Deletes the entry; replication stops (state Critical) for every replica VM bound to it whose
+    /// replication is running (2, 3, 7, 10, 11); failed-over replicas keep their state. The bound VMs
+    /// are claimed first (32774 if one is busy, nothing changed) and everything is one transaction.
     fn remove_authorization_entry(&self, host: &str) -> CommandResult {
-        if !self.store.remove_authorization_entry(host)? {
+        let mut bound = Vec::new();
+        let mut claims = Vec::new();
+        for vm in self.store.list_vms()? {
+            let rel = self.store.get_relationship(vm.id)?;
+            let entry = rel.as_ref().and_then(|r| r.authorization_entry.as_deref());
+            if vm.mode == ReplicationMode::Replica.as_u16()
+                && entry.is_some_and(|h| h.eq_ignore_ascii_case(host))
+            {
+                claims.push(self.claim(&vm)?);
+                bound.push(vm.id);
+            }
+        }
+        let stopped = STOPPED_BY_LOST_AUTHORIZATION.map(ReplicationState::as_u16);
+        let critical = ReplicationState::Critical.as_u16();
+        if !self
+            .store
+            .remove_authorization_entry(host, &bound, &stopped, critical)?
+        {
             return Err(invalid(format!("no authorization entry for '{host}'")));
         }
-        for vm in self.store.list_vms()? {
-            let Some(rel) = self.store.get_relationship(vm.id)? else {
-                continue;
-            };
-            let bound = rel
-                .authorization_entry
-                .as_deref()
-                .is_some_and(|h| h.eq_ignore_ascii_case(host));
-            if bound && vm.mode == ReplicationMode::Replica.as_u16() {
-                self.store
-                    .set_relationship_state(vm.id, ReplicationState::Critical.as_u16())?;
-                tracing::warn!(vm = %vm.id, entry = host, "authorization entry removed: replication stopped");
-            }
+        for vm in &bound {
+            tracing::warn!(vm = %vm, entry = host, "authorization entry removed: replication stopped");
         }
         Ok(CommandOutput::Completed)
     }
 
     fn set_authorization_entry(&self, vm: &VmRef, entry: AuthorizationEntry) -> CommandResult {
-        let vm = self.resolve_vm(vm)?;
-        let _claim = self.claim(&vm)?; // held while the row is rewritten
+        let (vm, _claim) = self.claimed_vm(vm)?; // the claim is held while the row is rewritten
+        if vm.mode != ReplicationMode::Replica.as_u16() {
+            return Err(CommandError::new(
+                ReturnCode::InvalidState,
+                format!(
+                    "'{}' is not a replica; only a replica VM is bound to an authorization entry",
+                    vm.name
+                ),
+            ));
+        }
         let known = self.store.authorization_entries()?;
         let Some(found) = known.iter().find(|k| {
             k.allowed_primary_host_system
@@ -389,10 +429,16 @@ impl Service {
         mut settings: ReplicationSettings,
         op: Operation,
     ) -> CommandResult {
-        let vm = self.resolve_vm(vm)?;
-        let claim = self.claim(&vm)?;
+        let (vm, claim) = self.claimed_vm(vm)?;
         let (rel, t) = self.decide(&vm, op)?;
         settings.validate().map_err(settings_error)?;
+        if let Some(provider) = &settings.replication_provider {
+            // The CIM layer maps the built-in provider to None; anything left is another provider.
+            return Err(CommandError::new(
+                ReturnCode::NotSupported,
+                format!("ReplicationProvider '{provider}': only the built-in host-to-host provider is supported"),
+            ));
+        }
         self.resolve_included_disks(&vm, &mut settings)?;
         self.refuse_engineless(&t, &op.name())?;
         let (mut rel, what) = match (op, rel) {
@@ -427,8 +473,7 @@ impl Service {
     }
 
     fn remove_relationship(&self, vm: &VmRef) -> CommandResult {
-        let vm = self.resolve_vm(vm)?;
-        let claim = self.claim(&vm)?;
+        let (vm, claim) = self.claimed_vm(vm)?;
         let (_, t) = self.decide(&vm, Operation::RemoveReplicationRelationship)?;
         self.refuse_engineless(&t, "RemoveReplicationRelationship")?;
         let store = self.store.clone();
@@ -449,8 +494,21 @@ impl Service {
     /// Operations that follow the state machine. Those needing a data-plane engine answer 32770
     /// after their parameters and state were checked; the others change state in a job.
     fn replication(&self, vm: &VmRef, op: Operation, args: OperationArgs) -> CommandResult {
-        let vm = self.resolve_vm(vm)?;
-        let claim = self.claim(&vm)?;
+        let own_command = match op {
+            Operation::CreateReplicationRelationship => Some("create_replication_relationship"),
+            Operation::ModifyReplicationSettings => Some("modify_replication_settings"),
+            Operation::RemoveReplicationRelationship => Some("remove_replication_relationship"),
+            Operation::GetReplicationStatistics => Some("get_replication_statistics"),
+            Operation::ResetReplicationStatistics => Some("reset_replication_statistics"),
+            _ => None,
+        };
+        if let Some(command) = own_command {
+            return Err(invalid(format!(
+                "{} has its own command: use '{command}'",
+                op.name()
+            )));
+        }
+        let (vm, claim) = self.claimed_vm(vm)?;
         check_args(op, &args)?;
         let (rel, t) = self.decide(&vm, op)?;
         if let Some(s) = &args.settings {
@@ -541,8 +599,7 @@ impl Service {
     }
 
     fn reset_statistics(&self, vm: &VmRef) -> CommandResult {
-        let vm = self.resolve_vm(vm)?;
-        let _claim = self.claim(&vm)?; // held while the row is rewritten
+        let (vm, _claim) = self.claimed_vm(vm)?; // the claim is held while the row is rewritten
         let (rel, _) = self.decide(&vm, Operation::ResetReplicationStatistics)?;
         if let Some(mut rel) = rel {
             rel.statistics_reset_time = now();
@@ -576,6 +633,18 @@ impl Service {
             });
         }
         Ok(CommandOutput::Status { rows })
+    }
+
+    /// Resolves and claims the VM, then reads it again: what an earlier job wrote before the claim
+    /// was taken is what the command sees.
+    fn claimed_vm(&self, vm: &VmRef) -> Result<(VmRow, VmClaim), CommandError> {
+        let found = self.resolve_vm(vm)?;
+        let claim = self.claim(&found)?;
+        let fresh = self
+            .store
+            .get_vm(found.id)?
+            .ok_or_else(|| invalid(format!("no virtual machine '{vm}' on this host")))?;
+        Ok((fresh, claim))
     }
 
     /// Claims the VM for one state-changing command (32774 while another holds it).

@@ -252,14 +252,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_relationship_state(&self, vm: Uuid, state: u16) -> StoreResult<()> {
-        self.conn().execute(
-            "UPDATE relationships SET state = ?2 WHERE vm = ?1",
-            params![vm.to_string(), state],
-        )?;
-        Ok(())
-    }
-
     // ---- recovery-server settings and authorization ----
 
     pub fn service_settings(&self) -> StoreResult<ServiceSettings> {
@@ -323,12 +315,30 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Deletes an entry; returns false when there was none.
-    pub fn remove_authorization_entry(&self, host: &str) -> StoreResult<bool> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM authorization_entries WHERE host = ?1", [host])?;
-        Ok(n == 1)
+    /// Deletes an entry and, in the same transaction, moves the relationships of `bound` VMs whose
+    /// state is one of `from` to `to`. Returns false (and changes nothing) when there was no entry.
+    pub fn remove_authorization_entry(
+        &self,
+        host: &str,
+        bound: &[Uuid],
+        from: &[u16],
+        to: u16,
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if tx.execute("DELETE FROM authorization_entries WHERE host = ?1", [host])? == 0 {
+            return Ok(false);
+        }
+        for vm in bound {
+            for state in from {
+                tx.execute(
+                    "UPDATE relationships SET state = ?3 WHERE vm = ?1 AND state = ?2",
+                    params![vm.to_string(), state, to],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(true)
     }
 
     // ---- jobs ----
@@ -589,10 +599,10 @@ mod tests {
         assert!(store.modify_authorization_entry(&changed).expect("modify"));
         assert_eq!(store.authorization_entries().expect("list"), vec![changed]);
         assert!(store
-            .remove_authorization_entry("*.EXAMPLE.org")
+            .remove_authorization_entry("*.EXAMPLE.org", &[], &[], 8)
             .expect("remove"));
         assert!(!store
-            .remove_authorization_entry("*.example.org")
+            .remove_authorization_entry("*.example.org", &[], &[], 8)
             .expect("remove again"));
     }
 
