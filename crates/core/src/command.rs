@@ -106,6 +106,11 @@ pub enum Command {
         certificate_thumbprint: Option<String>,
         bypass_proxy_server: bool,
     },
+    /// `Msvm_ComputerSystem.RequestStateChange`: 2 start, 3 turn off, 4 shut down.
+    SetPowerState {
+        vm: VmRef,
+        requested: u16,
+    },
     /// `Msvm_VirtualSystemManagementService.DestroySystem`: removes a test VM.
     DestroySystem {
         vm: VmRef,

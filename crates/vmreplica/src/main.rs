@@ -147,6 +147,14 @@ enum VmVerb {
     },
     /// List the VMs.
     List,
+    /// Start a VM (runs its start command; Msvm_ComputerSystem.RequestStateChange(2)).
+    Start { vm: String },
+    /// Turn a VM off (QMP quit or its stop command), or with --shutdown ask the guest to shut down.
+    Stop {
+        vm: String,
+        #[arg(long)]
+        shutdown: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -384,6 +392,11 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             })
         }
         Verb::Vm(VmVerb::List) => Command::ListVms,
+        Verb::Vm(VmVerb::Start { vm }) => Command::SetPowerState { vm, requested: 2 },
+        Verb::Vm(VmVerb::Stop { vm, shutdown }) => Command::SetPowerState {
+            vm,
+            requested: if shutdown { 4 } else { 3 },
+        },
         Verb::Server(ServerVerb::Show) => Command::GetServiceSettings,
         Verb::Server(ServerVerb::Set {
             enable,

@@ -5,14 +5,122 @@
 //! `connect`: QEMU's QMP socket has a backlog of one and accepts nobody while libvirt holds it, so a
 //! blocking connect could stall the daemon; "would block" means a listener exists, so the VM runs.
 //! Without a socket the daemon has no way to see the VM run and reports it off.
+//!
+//! Changing the power state (`Msvm_ComputerSystem.RequestStateChange`): start runs the definition's
+//! start command and waits for the QMP socket to listen; turn off sends QMP `quit` (or runs the stop
+//! command); shut down asks the guest with `system_powerdown`, falling back to `quit` for a peer
+//! without a guest (qemu-storage-daemon). Every step is bounded by [`POWER_TIMEOUT`].
 
 use std::io::ErrorKind;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
+use disk::qmp::{QmpClient, QmpError};
 use socket2::{Domain, SockAddr, Socket, Type};
 use vmreplica_core::command::PowerControl;
 
 pub const ENABLED: u16 = 2;
 pub const DISABLED: u16 = 3;
+/// `RequestStateChange` value for a graceful shut down.
+pub const SHUT_DOWN: u16 = 4;
+/// How long a start or stop may take.
+pub const POWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PowerError {
+    #[error("the VM definition has no {0}; give it with `vmreplica vm add --{0}`")]
+    NotConfigured(&'static str),
+    #[error("the {what} command failed ({status}): {stderr}")]
+    CommandFailed {
+        what: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error("the {0} command could not be run")]
+    Spawn(&'static str, #[source] std::io::Error),
+    #[error("the VM did not {0} within {POWER_TIMEOUT:?}")]
+    Timeout(&'static str),
+    #[error("QMP")]
+    Qmp(#[from] QmpError),
+}
+
+/// Runs the start command and waits until the VM is seen running (its QMP socket listens).
+pub async fn start(power: &PowerControl) -> Result<(), PowerError> {
+    let cmd = power
+        .start_command
+        .as_deref()
+        .ok_or(PowerError::NotConfigured("start-command"))?;
+    run_shell("start", cmd).await?;
+    if power.qmp_socket.is_some() {
+        wait_for(power, ENABLED, "start").await?;
+    }
+    Ok(())
+}
+
+/// Turns the VM off (`graceful`: asks the guest to shut down first) and waits until it is off.
+pub async fn stop(power: &PowerControl, graceful: bool) -> Result<(), PowerError> {
+    match (&power.qmp_socket, &power.stop_command) {
+        (Some(sock), _) if listening(sock) => {
+            let mut qmp = QmpClient::connect(Path::new(sock), Duration::from_secs(10)).await?;
+            let asked = graceful && qmp.execute("system_powerdown", None).await.is_ok();
+            if !asked {
+                qmp.quit().await?;
+            }
+            wait_for(power, DISABLED, "stop").await
+        }
+        (_, Some(cmd)) => {
+            run_shell("stop", cmd).await?;
+            if power.qmp_socket.is_some() {
+                wait_for(power, DISABLED, "stop").await?;
+            }
+            Ok(())
+        }
+        (Some(_), None) => Ok(()), // nothing listens: already off
+        (None, None) => Err(PowerError::NotConfigured("stop-command")),
+    }
+}
+
+async fn run_shell(what: &'static str, cmd: &str) -> Result<(), PowerError> {
+    let child = tokio::process::Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(POWER_TIMEOUT, child)
+        .await
+        .map_err(|_| PowerError::Timeout(what))?
+        .map_err(|e| PowerError::Spawn(what, e))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(500)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(PowerError::CommandFailed {
+            what,
+            status: out.status.to_string(),
+            stderr: tail.trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+async fn wait_for(power: &PowerControl, state: u16, what: &'static str) -> Result<(), PowerError> {
+    let deadline = Instant::now() + POWER_TIMEOUT;
+    while enabled_state(power) != state {
+        if Instant::now() > deadline {
+            return Err(PowerError::Timeout(what));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
 
 pub fn enabled_state(power: &PowerControl) -> u16 {
     match &power.qmp_socket {

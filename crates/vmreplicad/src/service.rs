@@ -145,6 +145,7 @@ impl Service {
                     "TestReplicationConnection: the host-to-host protocol is not implemented yet",
                 ))
             }
+            Command::SetPowerState { vm, requested } => self.set_power_state(&vm, requested).await,
             Command::DestroySystem { vm } => {
                 let vm = self.resolve_vm(&vm)?;
                 if vm.mode != ReplicationMode::TestReplica.as_u16() {
@@ -249,6 +250,53 @@ impl Service {
             replication_state: state,
             replication_health: self.health(vm, rel.as_ref()).0.as_u16(),
         })
+    }
+
+    /// Starts (2), turns off (3) or shuts down (4) the VM. A primary prepared for a planned
+    /// failover (state 4) is locked from starting.
+    async fn set_power_state(&self, vm: &VmRef, requested: u16) -> CommandResult {
+        let (vm, _claim) = self.claimed_vm(vm)?;
+        let current = power::enabled_state(&vm.power);
+        let result = match requested {
+            power::ENABLED if current == power::ENABLED => {
+                return Err(CommandError::new(ReturnCode::InvalidState, format!("'{}' is already running", vm.name)))
+            }
+            power::ENABLED => {
+                let rel = self.store.get_relationship(vm.id)?;
+                let prepared = ReplicationState::SyncedReplicationComplete.as_u16();
+                if vm.mode == ReplicationMode::Primary.as_u16() && rel.is_some_and(|r| r.state == prepared) {
+                    return Err(CommandError::new(
+                        ReturnCode::InvalidState,
+                        format!(
+                            "'{}' is prepared for a planned failover and locked from starting; cancel with RevertFailover",
+                            vm.name
+                        ),
+                    ));
+                }
+                power::start(&vm.power).await
+            }
+            power::DISABLED | power::SHUT_DOWN if current != power::ENABLED => {
+                return Err(CommandError::new(ReturnCode::InvalidState, format!("'{}' is already off", vm.name)))
+            }
+            power::DISABLED => power::stop(&vm.power, false).await,
+            power::SHUT_DOWN => power::stop(&vm.power, true).await,
+            other => {
+                return Err(CommandError::new(
+                    ReturnCode::NotSupported,
+                    format!("RequestedState {other} is not supported; use 2 (start), 3 (turn off) or 4 (shut down)"),
+                ))
+            }
+        };
+        result.map_err(|e| {
+            let code = match &e {
+                power::PowerError::NotConfigured(_) => ReturnCode::NotSupported,
+                power::PowerError::Timeout(_) => ReturnCode::Timeout,
+                _ => ReturnCode::Failed,
+            };
+            CommandError::new(code, crate::error_chain(&e))
+        })?;
+        tracing::info!(vm = %vm.id, requested, "power state changed");
+        Ok(CommandOutput::Completed)
     }
 
     // ---- recovery-server settings and authorization ----

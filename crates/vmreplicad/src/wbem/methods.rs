@@ -381,6 +381,13 @@ async fn dispatch(
 ) -> Result<CommandOutput, MethodError> {
     match class {
         "Msvm_ReplicationService" => replication_service(svc, args).await,
+        "Msvm_ComputerSystem" if args.method == "RequestStateChange" => {
+            let vm = vm_from_path(svc, target, "the target")?;
+            let requested = args
+                .u16("RequestedState")
+                .ok_or_else(|| args.missing("RequestedState"))?;
+            run(svc, Command::SetPowerState { vm, requested }).await
+        }
         "Msvm_ComputerSystem" => {
             let vm = vm_from_path(svc, target, "the target")?;
             let requested = args

@@ -380,6 +380,14 @@ fn computer_system() -> CimClass {
             ],
         )
         .method(
+            "RequestStateChange",
+            vec![
+                input("RequestedState", U16),
+                job(),
+                input("TimeoutPeriod", DT),
+            ],
+        )
+        .method(
             "RequestReplicationStateChange",
             vec![
                 input("RequestedState", U16),

@@ -1,0 +1,21 @@
+//! Bytes that cross hosts. Today: the replication log, the unit in which a primary ships one
+//! recovery point of one VM to its replica (docs/formats/replication-log.md has the byte tables;
+//! this crate follows them field by field).
+//!
+//! A log is written in one pass by [`LogWriter`] while the primary reads changed extents, and read in
+//! one pass by [`LogReader`], which yields extents one at a time. Memory is bounded by the frame
+//! limits whatever the size of the log. Nothing read from a log may be applied before the trailer
+//! matched, so the replica first calls [`verify`] and then reads the log again to apply it.
+//!
+//! Everything here is pure apart from the `std::io::Read` / `Write` it is handed: no files, no
+//! sockets, no clocks.
+
+mod log;
+
+pub use log::error::{LogDecodeError, LogEncodeError};
+pub use log::extent::{Content, Extent, ExtentError};
+pub use log::header::{DiskInfo, HeaderError, LogHeader, PointType};
+pub use log::limits;
+pub use log::reader::{verify, Expect, LogReader};
+pub use log::summary::{LogCounts, LogSummary};
+pub use log::writer::{Compression, LogWriter};

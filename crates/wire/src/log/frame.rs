@@ -1,0 +1,260 @@
+//! Frame records: a table of extent entries and the raw data of the data extents, stored or
+//! zstd-compressed. The writer encodes one frame at a time; the reader loads one frame at a time
+//! into a [`LoadedFrame`], which checks the whole frame before the first extent is handed out.
+
+use std::ops::Range;
+
+use super::bytes::{Cursor, PutLe};
+use super::error::LogDecodeError;
+use super::extent::{check_range, Content, Extent, ExtentError};
+use super::header::DiskInfo;
+use super::limits::{
+    EXTENT_ENTRY_LEN, FRAME_FIXED_LEN, MAX_FRAME_EXTENTS, MAX_FRAME_RAW, MAX_FRAME_STORED,
+};
+use super::summary::LogCounts;
+
+/// How a frame's data is stored. On the wire: 1, 2; 0 is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Stored = 1,
+    Zstd = 2,
+}
+
+/// What an extent entry describes. On the wire: 1, 2; 0 is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EntryKind {
+    Data = 1,
+    Zero = 2,
+}
+
+/// One entry of a frame's extent table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) kind: EntryKind,
+    pub(crate) disk: u32,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl Entry {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u8(self.kind as u8);
+        out.put_u32(self.disk);
+        out.put_u64(self.offset);
+        out.put_u64(self.len);
+    }
+
+    /// Decodes one entry from `EXTENT_ENTRY_LEN` bytes.
+    fn decode(bytes: &[u8]) -> Result<Self, ExtentError> {
+        let mut c = Cursor::new(bytes);
+        let (code, disk, offset, len) = (c.u8(), c.u32(), c.u64(), c.u64());
+        let kind = match code {
+            Some(1) => EntryKind::Data,
+            Some(2) => EntryKind::Zero,
+            other => return Err(ExtentError::InvalidKind(other.unwrap_or(0))),
+        };
+        match (disk, offset, len) {
+            (Some(disk), Some(offset), Some(len)) => Ok(Entry {
+                kind,
+                disk,
+                offset,
+                len,
+            }),
+            // Only reachable with a short slice, which no caller passes.
+            _ => Err(ExtentError::InvalidKind(0)),
+        }
+    }
+}
+
+/// Appends a frame body. `data` is the raw data (Stored) or its compression (Zstd); the writer
+/// keeps within the frame limits.
+pub(crate) fn encode(
+    out: &mut Vec<u8>,
+    encoding: Encoding,
+    entries: &[Entry],
+    raw_len: usize,
+    data: &[u8],
+) {
+    out.put_u8(encoding as u8);
+    out.put_u32(entries.len() as u32);
+    out.put_u32(raw_len as u32);
+    out.put_u32(data.len() as u32);
+    for entry in entries {
+        entry.encode(out);
+    }
+    out.extend_from_slice(data);
+}
+
+/// Where the parts of a frame body are, after the fixed fields were checked.
+#[derive(Debug, Clone)]
+struct Layout {
+    encoding: Encoding,
+    raw_len: usize,
+    table: Range<usize>,
+    data: Range<usize>,
+}
+
+fn layout(body: &[u8]) -> Result<Layout, &'static str> {
+    let mut c = Cursor::new(body);
+    let (Some(code), Some(count), Some(raw), Some(stored)) = (c.u8(), c.u32(), c.u32(), c.u32())
+    else {
+        return Err("shorter than its fixed fields");
+    };
+    let encoding = match code {
+        1 => Encoding::Stored,
+        2 => Encoding::Zstd,
+        _ => return Err("unknown encoding"),
+    };
+    let (count, raw_len, stored) = (count as usize, raw as usize, stored as usize);
+    if count == 0 || count > MAX_FRAME_EXTENTS {
+        return Err("extent count is 0 or above the limit");
+    }
+    if raw_len > MAX_FRAME_RAW || stored > MAX_FRAME_STORED {
+        return Err("data length above the limit");
+    }
+    if encoding == Encoding::Stored && stored != raw_len {
+        return Err("stored data length differs from raw length");
+    }
+    if encoding == Encoding::Zstd && raw_len == 0 {
+        return Err("compressed frame without data");
+    }
+    let table_end = FRAME_FIXED_LEN + count * EXTENT_ENTRY_LEN;
+    if body.len() != table_end + stored {
+        return Err("record length differs from the lengths it declares");
+    }
+    Ok(Layout {
+        encoding,
+        raw_len,
+        table: FRAME_FIXED_LEN..table_end,
+        data: table_end..body.len(),
+    })
+}
+
+/// The frame the reader is handing out extents from.
+pub(crate) struct LoadedFrame {
+    body: Vec<u8>,
+    raw: Vec<u8>,
+    layout: Option<Layout>,
+    next: usize,
+    data_pos: usize,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl LoadedFrame {
+    pub(crate) fn new() -> Self {
+        LoadedFrame {
+            body: Vec::new(),
+            raw: Vec::new(),
+            layout: None,
+            next: 0,
+            data_pos: 0,
+            decompressor: None,
+        }
+    }
+
+    /// The buffer the next record body is read into.
+    pub(crate) fn buffer(&mut self) -> &mut Vec<u8> {
+        self.layout = None;
+        &mut self.body
+    }
+
+    /// Checks the frame now in the buffer against the disk table, adds it to `counts`, and
+    /// decompresses its data. Nothing is handed out unless all of this succeeded.
+    pub(crate) fn load(
+        &mut self,
+        offset: u64,
+        disks: &[DiskInfo],
+        counts: &mut LogCounts,
+    ) -> Result<(), LogDecodeError> {
+        let layout =
+            layout(&self.body).map_err(|problem| LogDecodeError::BadFrame { offset, problem })?;
+        let mut frame = LogCounts {
+            frames: 1,
+            ..LogCounts::default()
+        };
+        for bytes in self.body[layout.table.clone()].chunks_exact(EXTENT_ENTRY_LEN) {
+            let entry = Entry::decode(bytes)
+                .and_then(|e| check_range(disks, e.disk, e.offset, e.len).map(|()| e))
+                .map_err(|source| LogDecodeError::BadExtent { offset, source })?;
+            frame.add(entry.kind, entry.len);
+        }
+        if frame.data_bytes != layout.raw_len as u64 {
+            return Err(LogDecodeError::BadFrame {
+                offset,
+                problem: "data extents do not add up to the raw length",
+            });
+        }
+        if layout.encoding == Encoding::Zstd {
+            self.decompress(&layout, offset)?;
+        }
+        counts.merge(&frame);
+        self.next = layout.table.start;
+        self.data_pos = 0;
+        self.layout = Some(layout);
+        Ok(())
+    }
+
+    fn decompress(&mut self, layout: &Layout, offset: u64) -> Result<(), LogDecodeError> {
+        let decompressor = match &mut self.decompressor {
+            Some(d) => d,
+            empty => empty.insert(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|source| LogDecodeError::Decompress { offset, source })?,
+            ),
+        };
+        self.raw.clear();
+        self.raw.reserve_exact(layout.raw_len);
+        let produced = decompressor
+            .decompress_to_buffer(&self.body[layout.data.clone()], &mut self.raw)
+            .map_err(|source| LogDecodeError::Decompress { offset, source })?;
+        if produced != layout.raw_len {
+            return Err(LogDecodeError::BadFrame {
+                offset,
+                problem: "data decompresses to a different length",
+            });
+        }
+        Ok(())
+    }
+
+    /// The body of the record last read into the buffer.
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Whether the loaded frame has extents left to hand out.
+    pub(crate) fn has_next(&self) -> bool {
+        self.layout
+            .as_ref()
+            .is_some_and(|l| self.next < l.table.end)
+    }
+
+    /// The next extent of the loaded frame, or `None` when it is used up.
+    pub(crate) fn next_extent(&mut self) -> Option<Extent<'_>> {
+        let layout = self.layout.as_ref()?;
+        if self.next >= layout.table.end {
+            return None;
+        }
+        let bytes = &self.body[self.next..self.next + EXTENT_ENTRY_LEN];
+        self.next += EXTENT_ENTRY_LEN;
+        // `load` decoded and checked every entry already.
+        let entry = Entry::decode(bytes).ok()?;
+        let content = match entry.kind {
+            EntryKind::Zero => Content::Zero(entry.len),
+            EntryKind::Data => {
+                let data = match layout.encoding {
+                    Encoding::Stored => &self.body[layout.data.clone()],
+                    Encoding::Zstd => &self.raw[..],
+                };
+                // `load` checked that the data lengths add up to the data's length.
+                let start = self.data_pos;
+                self.data_pos = start.checked_add(usize::try_from(entry.len).ok()?)?;
+                Content::Data(data.get(start..self.data_pos)?)
+            }
+        };
+        Some(Extent {
+            disk: entry.disk,
+            offset: entry.offset,
+            content,
+        })
+    }
+}

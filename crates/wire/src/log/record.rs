@@ -1,0 +1,247 @@
+//! Record framing: the preamble, then records of `kind u8 | length u32 | body | checksum u64`.
+//! Reading is two-phase: the head first, its length checked against the kind's limit, and only
+//! then the body. Both ends keep the running BLAKE3 hash of every byte before the trailer.
+
+use std::io::{self, Read, Write};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::error::{LogDecodeError, LogEncodeError};
+use super::limits::{
+    FORMAT_VERSION, MAGIC, MAX_FRAME_BODY, MAX_HEADER_BODY, PREAMBLE_LEN, RECORD_CHECKSUM_LEN,
+    RECORD_HEAD_LEN, TRAILER_BODY_LEN,
+};
+
+/// Record kinds. On the wire: 1, 2, 3; 0 is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecordKind {
+    Header = 1,
+    Frame = 2,
+    Trailer = 3,
+}
+
+impl RecordKind {
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(RecordKind::Header),
+            2 => Some(RecordKind::Frame),
+            3 => Some(RecordKind::Trailer),
+            _ => None,
+        }
+    }
+
+    /// Longest body a record of this kind may have.
+    fn limit(self) -> usize {
+        match self {
+            RecordKind::Header => MAX_HEADER_BODY,
+            RecordKind::Frame => MAX_FRAME_BODY,
+            RecordKind::Trailer => TRAILER_BODY_LEN,
+        }
+    }
+}
+
+fn checksum(head: &[u8], body: &[u8]) -> [u8; RECORD_CHECKSUM_LEN] {
+    let mut h = Xxh3::new();
+    h.update(head);
+    h.update(body);
+    h.digest().to_le_bytes()
+}
+
+/// Clears `buf` and reserves room for a record head; append the body after it, then hand it to
+/// [`Sink::finish`].
+pub(crate) fn begin(buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&[0; RECORD_HEAD_LEN]);
+}
+
+/// The writing end: counts and hashes what it writes.
+pub(crate) struct Sink<W> {
+    out: W,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> Sink<W> {
+    /// Writes the preamble.
+    pub(crate) fn new(out: W) -> Result<Self, LogEncodeError> {
+        let mut sink = Sink {
+            out,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        };
+        let mut preamble = MAGIC.to_vec();
+        preamble.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        sink.put(&preamble)?;
+        Ok(sink)
+    }
+
+    /// Fills in the head of the record in `buf` (begun with `begin`), appends its checksum and
+    /// writes it. Every record but the trailer is hashed.
+    pub(crate) fn finish(
+        &mut self,
+        kind: RecordKind,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), LogEncodeError> {
+        let body_len = buf.len() - RECORD_HEAD_LEN;
+        debug_assert!(
+            body_len <= kind.limit(),
+            "the writer respects the record limits"
+        );
+        buf[0] = kind as u8;
+        buf[1..RECORD_HEAD_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
+        let sum = checksum(&buf[..RECORD_HEAD_LEN], &buf[RECORD_HEAD_LEN..]);
+        buf.extend_from_slice(&sum);
+        if kind == RecordKind::Trailer {
+            self.out.write_all(buf).map_err(LogEncodeError::Io)?;
+            self.bytes += buf.len() as u64;
+            Ok(())
+        } else {
+            self.put(buf)
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), LogEncodeError> {
+        self.out.write_all(bytes).map_err(LogEncodeError::Io)?;
+        self.hasher.update(bytes);
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The hash of everything hashed so far.
+    pub(crate) fn hash(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
+    }
+
+    /// Flushes and hands back the output.
+    pub(crate) fn into_inner(mut self) -> Result<W, LogEncodeError> {
+        self.out.flush().map_err(LogEncodeError::Io)?;
+        Ok(self.out)
+    }
+}
+
+/// The reading end: counts and hashes what it reads.
+pub(crate) struct Source<R> {
+    input: R,
+    hasher: blake3::Hasher,
+    offset: u64,
+}
+
+/// Where a record started and what kind it is; its body is in the caller's buffer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordAt {
+    pub(crate) kind: RecordKind,
+    pub(crate) offset: u64,
+}
+
+impl<R: Read> Source<R> {
+    /// Reads and checks the preamble.
+    pub(crate) fn new(input: R) -> Result<Self, LogDecodeError> {
+        let mut src = Source {
+            input,
+            hasher: blake3::Hasher::new(),
+            offset: 0,
+        };
+        let mut preamble = [0; PREAMBLE_LEN];
+        src.fill(&mut preamble, 0)?;
+        if preamble[..8] != MAGIC {
+            return Err(LogDecodeError::BadMagic);
+        }
+        let found = u16::from_le_bytes([preamble[8], preamble[9]]);
+        if found != FORMAT_VERSION {
+            return Err(LogDecodeError::UnsupportedVersion {
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        src.hasher.update(&preamble);
+        src.offset = PREAMBLE_LEN as u64;
+        Ok(src)
+    }
+
+    /// Reads the next record into `body` (replacing its contents) and checks its checksum.
+    pub(crate) fn next(&mut self, body: &mut Vec<u8>) -> Result<RecordAt, LogDecodeError> {
+        let offset = self.offset;
+        let mut head = [0; RECORD_HEAD_LEN];
+        self.fill(&mut head, offset)?;
+        let kind = RecordKind::from_code(head[0]).ok_or(LogDecodeError::UnknownRecord {
+            kind: head[0],
+            offset,
+        })?;
+        let length = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+        let len = usize::try_from(length).unwrap_or(usize::MAX);
+        if len > kind.limit() {
+            return Err(LogDecodeError::RecordTooLong {
+                kind: head[0],
+                length,
+                limit: kind.limit(),
+                offset,
+            });
+        }
+        self.body(body, len, offset)?;
+        let mut sum = [0; RECORD_CHECKSUM_LEN];
+        self.fill(&mut sum, offset)?;
+        if sum != checksum(&head, body) {
+            return Err(LogDecodeError::ChecksumMismatch { offset });
+        }
+        if kind != RecordKind::Trailer {
+            self.hasher.update(&head);
+            self.hasher.update(body);
+            self.hasher.update(&sum);
+        }
+        self.offset += (RECORD_HEAD_LEN + len + RECORD_CHECKSUM_LEN) as u64;
+        Ok(RecordAt { kind, offset })
+    }
+
+    /// Succeeds only if the input has ended.
+    pub(crate) fn expect_end(&mut self) -> Result<(), LogDecodeError> {
+        let mut byte = [0; 1];
+        loop {
+            return match self.input.read(&mut byte) {
+                Ok(0) => Ok(()),
+                Ok(_) => Err(LogDecodeError::TrailingData {
+                    offset: self.offset,
+                }),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(LogDecodeError::Io(e)),
+            };
+        }
+    }
+
+    /// Bytes consumed by complete records so far (the preamble included).
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The hash of every byte before the current position, trailer excluded.
+    pub(crate) fn hash(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
+    }
+
+    /// Reads exactly `buf.len()` bytes; running out is `Truncated` at `record`.
+    fn fill(&mut self, buf: &mut [u8], record: u64) -> Result<(), LogDecodeError> {
+        self.input.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => LogDecodeError::Truncated { offset: record },
+            _ => LogDecodeError::Io(e),
+        })
+    }
+
+    /// Reads a body of `len` bytes, already checked against its limit, so the buffer never holds
+    /// more than the largest record body.
+    fn body(&mut self, body: &mut Vec<u8>, len: usize, record: u64) -> Result<(), LogDecodeError> {
+        body.clear();
+        body.reserve_exact(len);
+        let got = (&mut self.input)
+            .take(len as u64)
+            .read_to_end(body)
+            .map_err(LogDecodeError::Io)?;
+        if got < len {
+            return Err(LogDecodeError::Truncated { offset: record });
+        }
+        Ok(())
+    }
+}
