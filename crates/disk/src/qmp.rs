@@ -22,7 +22,10 @@ const MAX_EVENTS: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("cannot connect to the QMP socket {path}")]
-    Connect { path: String, source: std::io::Error },
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("QMP I/O failed")]
     Io(#[from] std::io::Error),
     #[error("QMP peer did not answer within {0:?}")]
@@ -34,7 +37,11 @@ pub enum QmpError {
     #[error("QMP peer sent something that is not a QMP message: {0}")]
     Protocol(String),
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Command { command: String, class: String, desc: String },
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
 }
 
 pub struct QmpClient {
@@ -52,17 +59,29 @@ impl QmpClient {
             .await
             .map_err(|_| QmpError::Timeout(timeout))??;
         let (read, writer) = stream.into_split();
-        let mut client = QmpClient { reader: BufReader::new(read), writer, timeout, next_id: 1, events: Vec::new() };
+        let mut client = QmpClient {
+            reader: BufReader::new(read),
+            writer,
+            timeout,
+            next_id: 1,
+            events: Vec::new(),
+        };
         let greeting = client.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("expected the QMP greeting, got {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "expected the QMP greeting, got {greeting}"
+            )));
         }
         client.execute("qmp_capabilities", None).await?;
         Ok(client)
     }
 
     /// Runs `command` and returns its `return` value.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut request = json!({ "execute": command, "id": id });
@@ -83,16 +102,24 @@ impl QmpClient {
                 continue;
             }
             if msg.get("id").and_then(Value::as_u64) != Some(id) {
-                return Err(QmpError::Protocol(format!("reply for another request: {msg}")));
+                return Err(QmpError::Protocol(format!(
+                    "reply for another request: {msg}"
+                )));
             }
             if let Some(ret) = msg.get("return") {
                 return Ok(ret.clone());
             }
             if let Some(err) = msg.get("error") {
                 let text = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                return Err(QmpError::Command { command: command.to_string(), class: text("class"), desc: text("desc") });
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: text("class"),
+                    desc: text("desc"),
+                });
             }
-            return Err(QmpError::Protocol(format!("reply without return or error: {msg}")));
+            return Err(QmpError::Protocol(format!(
+                "reply without return or error: {msg}"
+            )));
         }
     }
 
@@ -158,7 +185,12 @@ async fn connect_retrying(path: &Path) -> Result<UnixStream, QmpError> {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(200));
             }
-            Err(source) => return Err(QmpError::Connect { path: path.display().to_string(), source }),
+            Err(source) => {
+                return Err(QmpError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -173,9 +205,14 @@ mod tests {
         let (stream, _) = listener.accept().await.expect("accept");
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
-        write.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n").await.expect("greet");
+        write
+            .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+            .await
+            .expect("greet");
         for answer in answers {
-            let Ok(Some(_request)) = lines.next_line().await else { return };
+            let Ok(Some(_request)) = lines.next_line().await else {
+                return;
+            };
             write.write_all(answer.as_bytes()).await.expect("answer");
         }
     }
@@ -197,11 +234,22 @@ mod tests {
                 "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no such node\"}, \"id\": 3}\r\n".into(),
             ],
         ));
-        let mut qmp = QmpClient::connect(&path, Duration::from_secs(5)).await.expect("connect");
-        assert_eq!(qmp.execute("query-x", None).await.expect("ok"), json!([1, 2]));
+        let mut qmp = QmpClient::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        assert_eq!(
+            qmp.execute("query-x", None).await.expect("ok"),
+            json!([1, 2])
+        );
         assert_eq!(qmp.take_events().len(), 1);
-        match qmp.execute("block-dirty-bitmap-remove", Some(json!({"node": "n"}))).await {
-            Err(QmpError::Command { class, desc, .. }) => assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "no such node")),
+        match qmp
+            .execute("block-dirty-bitmap-remove", Some(json!({"node": "n"})))
+            .await
+        {
+            Err(QmpError::Command { class, desc, .. }) => assert_eq!(
+                (class.as_str(), desc.as_str()),
+                ("GenericError", "no such node")
+            ),
             other => panic!("expected a command error, got {other:?}"),
         }
         peer.await.expect("peer");
@@ -223,7 +271,11 @@ mod tests {
             }
         });
         let result = QmpClient::connect(&path, Duration::from_secs(5)).await;
-        assert!(matches!(result, Err(QmpError::TooLong)), "{:?}", result.err());
+        assert!(
+            matches!(result, Err(QmpError::TooLong)),
+            "{:?}",
+            result.err()
+        );
         peer.abort();
         let _ = std::fs::remove_file(&path);
     }

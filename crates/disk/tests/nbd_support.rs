@@ -18,23 +18,41 @@ pub const MIB: u64 = 1 << 20;
 pub struct ServerGuard {
     child: Option<Child>,
     pub sock: PathBuf,
+    log: PathBuf,
 }
 
 impl ServerGuard {
-    /// Starts `program` with `args` and waits until `sock` accepts connections.
+    /// Starts `program` with `args` and waits until `sock` accepts connections. Its output goes to a
+    /// log next to the socket, printed if the test fails.
     pub fn start(program: &str, args: &[&str], sock: &Path) -> ServerGuard {
+        let log = sock.with_extension("log");
+        let file = std::fs::File::create(&log).expect("server log");
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        let mut guard = ServerGuard { child: Some(child), sock: sock.to_path_buf() };
+        let mut guard = ServerGuard {
+            child: Some(child),
+            sock: sock.to_path_buf(),
+            log,
+        };
         let start = Instant::now();
         while UnixStream::connect(sock).is_err() {
-            if let Some(status) = guard.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = guard
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("{program} exited early with {status}");
             }
-            assert!(start.elapsed() < DEADLINE, "{program} did not open {}", sock.display());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{program} did not open {}",
+                sock.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         guard
@@ -47,7 +65,7 @@ impl ServerGuard {
         let mut args = vec!["-k", sock_s, "-x", "disk0", "-f", format];
         args.extend_from_slice(extra);
         args.push(image_s);
-        // qemu-nbd probes the socket itself: the guard's probe counts as a client, so always run
+        // The guard's readiness probe counts as a client (qemu-nbd logs that it hung up), so run
         // persistent servers and stop them explicitly with `stop`.
         args.push("--persistent");
         ServerGuard::start("qemu-nbd", &args, &sock)
@@ -69,6 +87,12 @@ impl Drop for ServerGuard {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if std::thread::panicking() {
+            eprintln!(
+                "server log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
     }
 }
 
@@ -88,7 +112,8 @@ fn wait_deadline(child: &mut Child, what: &str) -> std::process::ExitStatus {
 
 /// Runs a tool to completion under the deadline; returns (success, stdout+stderr).
 pub fn run(program: &str, args: &[&str]) -> (bool, String) {
-    let out = std::env::temp_dir().join(format!("nbd-test-{}-{}.out", std::process::id(), unique()));
+    let out =
+        std::env::temp_dir().join(format!("nbd-test-{}-{}.out", std::process::id(), unique()));
     let file = std::fs::File::create(&out).expect("output file");
     let mut child = Command::new(program)
         .args(args)
@@ -124,9 +149,14 @@ impl RawQmp {
     pub fn connect(path: &Path) -> RawQmp {
         let stream = UnixStream::connect(path).expect("connect QMP");
         stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        let mut qmp = RawQmp { reader: BufReader::new(stream) };
+        let mut qmp = RawQmp {
+            reader: BufReader::new(stream),
+        };
         let greeting = qmp.line();
-        assert!(greeting.contains("\"QMP\""), "not a QMP greeting: {greeting}");
+        assert!(
+            greeting.contains("\"QMP\""),
+            "not a QMP greeting: {greeting}"
+        );
         qmp.execute(r#"{"execute":"qmp_capabilities"}"#);
         qmp
     }
@@ -154,17 +184,30 @@ impl RawQmp {
 
 /// Deterministic, position-dependent test bytes.
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
 }
 
 /// Dirty extents expected after writing `ranges` (offset, len), at bitmap granularity, over `size`.
 pub fn expected_dirty(ranges: &[(u64, u64)], granularity: u64, size: u64) -> Vec<Extent> {
-    let dirty = |block: u64| ranges.iter().any(|&(o, l)| o / granularity <= block && block <= (o + l - 1) / granularity);
+    let dirty = |block: u64| {
+        ranges
+            .iter()
+            .any(|&(o, l)| o / granularity <= block && block <= (o + l - 1) / granularity)
+    };
     let mut out = Vec::new();
     for block in 0..size.div_ceil(granularity) {
         let offset = block * granularity;
         let length = granularity.min(size - offset);
-        push_merged(&mut out, Extent { offset, length, flags: u32::from(dirty(block)) });
+        push_merged(
+            &mut out,
+            Extent {
+                offset,
+                length,
+                flags: u32::from(dirty(block)),
+            },
+        );
     }
     out
 }
@@ -180,10 +223,19 @@ pub fn nbdinfo_map(context: &str, sock: &Path, export: &str) -> Option<Vec<Exten
     let mut extents = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let mut cols = line.split_whitespace().map(|c| c.parse::<u64>());
-        let (Some(Ok(offset)), Some(Ok(length)), Some(Ok(flags))) = (cols.next(), cols.next(), cols.next()) else {
+        let (Some(Ok(offset)), Some(Ok(length)), Some(Ok(flags))) =
+            (cols.next(), cols.next(), cols.next())
+        else {
             panic!("unexpected nbdinfo line {line:?}");
         };
-        push_merged(&mut extents, Extent { offset, length, flags: flags as u32 });
+        push_merged(
+            &mut extents,
+            Extent {
+                offset,
+                length,
+                flags: flags as u32,
+            },
+        );
     }
     Some(extents)
 }

@@ -35,10 +35,16 @@ fn start_qsd(name: &str) -> Qsd {
     let qmp = dir.join("qmp.sock");
     let child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
-        .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            image.display()
+        ))
         .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
         .arg("--chardev")
-        .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp.display()))
+        .arg(format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            qmp.display()
+        ))
         .args(["--monitor", "chardev=qmp0"])
         .spawn()
         .expect("qemu-storage-daemon");
@@ -54,7 +60,9 @@ fn qmp_path(q: &Qsd) -> PathBuf {
 }
 
 fn bitmaps(nodes: &serde_json::Value, node: &str) -> Vec<String> {
-    let Some(list) = nodes.as_array() else { return Vec::new() };
+    let Some(list) = nodes.as_array() else {
+        return Vec::new();
+    };
     list.iter()
         .filter(|n| n["node-name"] == node)
         .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
@@ -66,10 +74,17 @@ fn bitmaps(nodes: &serde_json::Value, node: &str) -> Vec<String> {
 async fn commands_errors_and_quit_against_qemu_storage_daemon() {
     let mut qsd = start_qsd("basic");
     let path: &Path = &qmp_path(&qsd);
-    let mut qmp = QmpClient::connect(path, Duration::from_secs(10)).await.expect("connect");
+    let mut qmp = QmpClient::connect(path, Duration::from_secs(10))
+        .await
+        .expect("connect");
     let args = json!({"node": "disk0", "name": "bm0", "persistent": true, "granularity": 65536});
-    qmp.execute("block-dirty-bitmap-add", Some(args)).await.expect("bitmap add");
-    let nodes = qmp.execute("query-named-block-nodes", None).await.expect("query");
+    qmp.execute("block-dirty-bitmap-add", Some(args))
+        .await
+        .expect("bitmap add");
+    let nodes = qmp
+        .execute("query-named-block-nodes", None)
+        .await
+        .expect("query");
     assert_eq!(bitmaps(&nodes, "disk0"), vec!["bm0".to_string()]);
 
     let again = json!({"node": "disk0", "name": "bm0"});
@@ -88,7 +103,10 @@ async fn commands_errors_and_quit_against_qemu_storage_daemon() {
             assert!(status.success(), "qemu-storage-daemon exited with {status}");
             break;
         }
-        assert!(Instant::now() < deadline, "qemu-storage-daemon did not quit");
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not quit"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The bitmap was persistent: it is in the image after a clean quit.

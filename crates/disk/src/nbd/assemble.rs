@@ -5,7 +5,9 @@
 use super::error::NbdProtocolError;
 use super::extent::{push_merged, Extent};
 use super::parse::{descriptors, ChunkBody, Reply};
-use super::wire::{REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE};
+use super::wire::{
+    REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
+};
 
 /// Largest number of chunks accepted in the reply to one request.
 pub const MAX_CHUNKS_PER_REPLY: usize = 1 << 20;
@@ -42,31 +44,53 @@ pub struct ReplyCollector<S> {
 
 impl<S: ReplySink> ReplyCollector<S> {
     pub fn new(cookie: u64, sink: S) -> Self {
-        ReplyCollector { cookie, sink, error: None, chunks: 0 }
+        ReplyCollector {
+            cookie,
+            sink,
+            error: None,
+            chunks: 0,
+        }
     }
 
     /// Feeds one frame; answers whether it was the last one of the reply.
     pub fn feed(&mut self, reply: &Reply<'_>) -> Result<bool, NbdProtocolError> {
         if reply.cookie() != self.cookie {
-            return Err(NbdProtocolError::CookieMismatch { expected: self.cookie, found: reply.cookie() });
+            return Err(NbdProtocolError::CookieMismatch {
+                expected: self.cookie,
+                found: reply.cookie(),
+            });
         }
         let chunk = match reply {
             Reply::Simple { error: 0, .. } if S::SIMPLE_OK => return Ok(true),
             Reply::Simple { error: 0, .. } => return Err(unexpected(S::COMMAND, REPLY_TYPE_NONE)),
             Reply::Simple { error, .. } => {
-                self.record(ServerError { code: *error, message: String::new(), offset: None });
+                self.record(ServerError {
+                    code: *error,
+                    message: String::new(),
+                    offset: None,
+                });
                 return Ok(true);
             }
             Reply::Chunk(chunk) => chunk,
         };
         self.chunks += 1;
         if self.chunks > MAX_CHUNKS_PER_REPLY {
-            return Err(NbdProtocolError::TooManyChunks { limit: MAX_CHUNKS_PER_REPLY });
+            return Err(NbdProtocolError::TooManyChunks {
+                limit: MAX_CHUNKS_PER_REPLY,
+            });
         }
         match &chunk.body {
-            ChunkBody::Error { code, message, offset } => {
+            ChunkBody::Error {
+                code,
+                message,
+                offset,
+            } => {
                 let message = String::from_utf8_lossy(message).into_owned();
-                self.record(ServerError { code: *code, message, offset: *offset });
+                self.record(ServerError {
+                    code: *code,
+                    message,
+                    offset: *offset,
+                });
             }
             body => self.sink.on_chunk(body)?,
         }
@@ -87,7 +111,10 @@ impl<S: ReplySink> ReplyCollector<S> {
 }
 
 fn unexpected(command: &'static str, chunk_type: u16) -> NbdProtocolError {
-    NbdProtocolError::UnexpectedChunk { command, chunk_type }
+    NbdProtocolError::UnexpectedChunk {
+        command,
+        chunk_type,
+    }
 }
 
 /// Reply of WRITE, WRITE_ZEROES, TRIM, FLUSH: no payload.
@@ -121,14 +148,25 @@ pub struct ReadSink<'a> {
 
 impl<'a> ReadSink<'a> {
     pub fn new(offset: u64, out: &'a mut [u8]) -> Self {
-        ReadSink { offset, out, covered: Vec::new() }
+        ReadSink {
+            offset,
+            out,
+            covered: Vec::new(),
+        }
     }
 
     /// Where `[offset, offset + len)` falls inside `out`.
     fn place(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, NbdProtocolError> {
         let req_len = self.out.len() as u64;
-        let start = offset.checked_sub(self.offset).filter(|s| s.checked_add(len).is_some_and(|e| e <= req_len));
-        let out_of_range = NbdProtocolError::ChunkOutOfRange { offset, length: len, req_offset: self.offset, req_length: req_len };
+        let start = offset
+            .checked_sub(self.offset)
+            .filter(|s| s.checked_add(len).is_some_and(|e| e <= req_len));
+        let out_of_range = NbdProtocolError::ChunkOutOfRange {
+            offset,
+            length: len,
+            req_offset: self.offset,
+            req_length: req_len,
+        };
         let start = start.ok_or(out_of_range)? as usize;
         Ok(start..start + len as usize)
     }
@@ -189,7 +227,14 @@ pub struct StatusSink {
 impl StatusSink {
     pub fn new(offset: u64, length: u32, negotiated: Vec<u32>, want: u32) -> Self {
         let end = offset.saturating_add(length.into());
-        StatusSink { offset, end, negotiated, want, seen: Vec::new(), extents: Vec::new() }
+        StatusSink {
+            offset,
+            end,
+            negotiated,
+            want,
+            seen: Vec::new(),
+            extents: Vec::new(),
+        }
     }
 
     fn decode(&self, raw: &[u8], keep: bool) -> Result<Vec<Extent>, NbdProtocolError> {
@@ -201,11 +246,23 @@ impl StatusSink {
             }
             if at >= self.end {
                 let (req_offset, req_length) = (self.offset, self.end - self.offset);
-                return Err(NbdProtocolError::ChunkOutOfRange { offset: at, length: length.into(), req_offset, req_length });
+                return Err(NbdProtocolError::ChunkOutOfRange {
+                    offset: at,
+                    length: length.into(),
+                    req_offset,
+                    req_length,
+                });
             }
             let length = u64::from(length).min(self.end - at);
             if keep {
-                push_merged(&mut out, Extent { offset: at, length, flags });
+                push_merged(
+                    &mut out,
+                    Extent {
+                        offset: at,
+                        length,
+                        flags,
+                    },
+                );
             }
             at += length;
         }
@@ -221,7 +278,10 @@ impl ReplySink for StatusSink {
     fn on_chunk(&mut self, body: &ChunkBody<'_>) -> Result<(), NbdProtocolError> {
         let (id, raw) = match body {
             ChunkBody::None => return Ok(()),
-            ChunkBody::BlockStatus { context_id, descriptors } => (*context_id, *descriptors),
+            ChunkBody::BlockStatus {
+                context_id,
+                descriptors,
+            } => (*context_id, *descriptors),
             other => return Err(unexpected(Self::COMMAND, chunk_type(other))),
         };
         if !self.negotiated.contains(&id) {

@@ -30,24 +30,49 @@ pub struct NbdClient {
 
 impl NbdClient {
     /// Connects to a server on a unix socket and negotiates `export` with the given meta contexts.
-    pub async fn connect_unix(path: &Path, export: &str, meta_contexts: &[&str]) -> Result<NbdClient, NbdError> {
-        let stream = with_timeout(DEFAULT_TIMEOUT, async { Ok(UnixStream::connect(path).await?) }).await?;
+    pub async fn connect_unix(
+        path: &Path,
+        export: &str,
+        meta_contexts: &[&str],
+    ) -> Result<NbdClient, NbdError> {
+        let stream = with_timeout(DEFAULT_TIMEOUT, async {
+            Ok(UnixStream::connect(path).await?)
+        })
+        .await?;
         Self::handshake(Box::new(stream), export, meta_contexts).await
     }
 
     /// Connects to a server over TCP (`host:port`).
-    pub async fn connect_tcp(addr: &str, export: &str, meta_contexts: &[&str]) -> Result<NbdClient, NbdError> {
-        let stream = with_timeout(DEFAULT_TIMEOUT, async { Ok(TcpStream::connect(addr).await?) }).await?;
+    pub async fn connect_tcp(
+        addr: &str,
+        export: &str,
+        meta_contexts: &[&str],
+    ) -> Result<NbdClient, NbdError> {
+        let stream = with_timeout(DEFAULT_TIMEOUT, async {
+            Ok(TcpStream::connect(addr).await?)
+        })
+        .await?;
         stream.set_nodelay(true)?;
         Self::handshake(Box::new(stream), export, meta_contexts).await
     }
 
     /// Runs the handshake over an already connected stream.
-    pub async fn handshake(stream: Box<dyn Transport>, export: &str, meta_contexts: &[&str]) -> Result<NbdClient, NbdError> {
+    pub async fn handshake(
+        stream: Box<dyn Transport>,
+        export: &str,
+        meta_contexts: &[&str],
+    ) -> Result<NbdClient, NbdError> {
         let mut conn = Conn::new(stream);
-        let info = with_timeout(DEFAULT_TIMEOUT, negotiate(&mut conn, export, meta_contexts)).await?;
+        let info =
+            with_timeout(DEFAULT_TIMEOUT, negotiate(&mut conn, export, meta_contexts)).await?;
         tracing::debug!(export, size = info.size, flags = info.transmission_flags, contexts = ?info.contexts, "NBD export opened");
-        Ok(NbdClient { conn, info, next_cookie: 1, timeout: Some(DEFAULT_TIMEOUT), broken: false })
+        Ok(NbdClient {
+            conn,
+            info,
+            next_cookie: 1,
+            timeout: Some(DEFAULT_TIMEOUT),
+            broken: false,
+        })
     }
 
     /// Sets the limit for each request (`None`: wait forever). A request that times out breaks the connection.
@@ -96,7 +121,11 @@ impl NbdClient {
 
     /// Id the server gave meta context `name`, if it granted it.
     pub fn context_id(&self, name: &str) -> Option<u32> {
-        self.info.contexts.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.info
+            .contexts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 
     fn has(&self, flag: u16) -> bool {
@@ -115,7 +144,16 @@ impl NbdClient {
         for (i, piece) in buf.chunks_mut(max).enumerate() {
             let at = offset + (i * max) as u64;
             let len = piece.len() as u32;
-            self.run("NBD_CMD_READ", CMD_READ, 0, at, len, &[], ReadSink::new(at, piece)).await?;
+            self.run(
+                "NBD_CMD_READ",
+                CMD_READ,
+                0,
+                at,
+                len,
+                &[],
+                ReadSink::new(at, piece),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -127,7 +165,16 @@ impl NbdClient {
         for (i, piece) in data.chunks(max).enumerate() {
             let at = offset + (i * max) as u64;
             let sink = AckSink("NBD_CMD_WRITE");
-            self.run("NBD_CMD_WRITE", CMD_WRITE, 0, at, piece.len() as u32, piece, sink).await?;
+            self.run(
+                "NBD_CMD_WRITE",
+                CMD_WRITE,
+                0,
+                at,
+                piece.len() as u32,
+                piece,
+                sink,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -153,7 +200,16 @@ impl NbdClient {
         self.check_writable(offset, len)?;
         for (at, n) in pieces(offset, len, MAX_NON_DATA_REQUEST) {
             let sink = AckSink("NBD_CMD_WRITE_ZEROES");
-            self.run("NBD_CMD_WRITE_ZEROES", CMD_WRITE_ZEROES, flags, at, n, &[], sink).await?;
+            self.run(
+                "NBD_CMD_WRITE_ZEROES",
+                CMD_WRITE_ZEROES,
+                flags,
+                at,
+                n,
+                &[],
+                sink,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -165,7 +221,16 @@ impl NbdClient {
         }
         self.check_writable(offset, len)?;
         for (at, n) in pieces(offset, len, MAX_NON_DATA_REQUEST) {
-            self.run("NBD_CMD_TRIM", CMD_TRIM, 0, at, n, &[], AckSink("NBD_CMD_TRIM")).await?;
+            self.run(
+                "NBD_CMD_TRIM",
+                CMD_TRIM,
+                0,
+                at,
+                n,
+                &[],
+                AckSink("NBD_CMD_TRIM"),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -175,13 +240,29 @@ impl NbdClient {
         if !self.can_flush() {
             return Ok(());
         }
-        self.run("NBD_CMD_FLUSH", CMD_FLUSH, 0, 0, 0, &[], AckSink("NBD_CMD_FLUSH")).await
+        self.run(
+            "NBD_CMD_FLUSH",
+            CMD_FLUSH,
+            0,
+            0,
+            0,
+            &[],
+            AckSink("NBD_CMD_FLUSH"),
+        )
+        .await
     }
 
     /// One BLOCK_STATUS request: extents of `context` from `offset`, covering at most `len` bytes
     /// (the server may answer short; see [`map`](Self::map)).
-    pub async fn block_status(&mut self, context: &str, offset: u64, len: u64) -> Result<Vec<Extent>, NbdError> {
-        let want = self.context_id(context).ok_or_else(|| NbdError::UnknownContext(context.to_string()))?;
+    pub async fn block_status(
+        &mut self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>, NbdError> {
+        let want = self
+            .context_id(context)
+            .ok_or_else(|| NbdError::UnknownContext(context.to_string()))?;
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -189,12 +270,26 @@ impl NbdClient {
         let n = len.min(MAX_NON_DATA_REQUEST.into()) as u32;
         let ids = self.info.contexts.iter().map(|(_, id)| *id).collect();
         let sink = StatusSink::new(offset, n, ids, want);
-        self.run("NBD_CMD_BLOCK_STATUS", CMD_BLOCK_STATUS, 0, offset, n, &[], sink).await
+        self.run(
+            "NBD_CMD_BLOCK_STATUS",
+            CMD_BLOCK_STATUS,
+            0,
+            offset,
+            n,
+            &[],
+            sink,
+        )
+        .await
     }
 
     /// Extents of `context` covering exactly `[offset, offset + len)`, merged where adjacent extents
     /// share flags. Loops BLOCK_STATUS until the range is covered.
-    pub async fn map(&mut self, context: &str, offset: u64, len: u64) -> Result<Vec<Extent>, NbdError> {
+    pub async fn map(
+        &mut self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>, NbdError> {
         self.check_range(offset, len)?;
         let end = offset + len;
         let mut out = Vec::new();
@@ -226,7 +321,11 @@ impl NbdClient {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), NbdError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.info.size => Ok(()),
-            _ => Err(NbdError::OutOfRange { offset, length: len, size: self.info.size }),
+            _ => Err(NbdError::OutOfRange {
+                offset,
+                length: len,
+                size: self.info.size,
+            }),
         }
     }
 
@@ -256,7 +355,12 @@ impl NbdClient {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let header = request_header(kind, flags, cookie, offset, len);
-        let exchange = exchange(&mut self.conn, &header, payload, ReplyCollector::new(cookie, sink));
+        let exchange = exchange(
+            &mut self.conn,
+            &header,
+            payload,
+            ReplyCollector::new(cookie, sink),
+        );
         let result = match self.timeout {
             Some(limit) => with_timeout(limit, exchange).await,
             None => exchange.await,
@@ -293,8 +397,13 @@ async fn exchange<S: ReplySink>(
     }
 }
 
-async fn with_timeout<T>(limit: Duration, fut: impl std::future::Future<Output = Result<T, NbdError>>) -> Result<T, NbdError> {
-    tokio::time::timeout(limit, fut).await.unwrap_or(Err(NbdError::Timeout(limit)))
+async fn with_timeout<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, NbdError>>,
+) -> Result<T, NbdError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(NbdError::Timeout(limit)))
 }
 
 fn command_failed(command: &'static str, offset: u64, length: u32, e: ServerError) -> NbdError {
@@ -303,7 +412,13 @@ fn command_failed(command: &'static str, offset: u64, length: u32, e: ServerErro
         Some(at) => format!("{} (at offset {at})", e.message),
         None => e.message,
     };
-    NbdError::CommandFailed { command, offset, length: length.into(), code: CommandErrorCode(e.code), message }
+    NbdError::CommandFailed {
+        command,
+        offset,
+        length: length.into(),
+        code: CommandErrorCode(e.code),
+        message,
+    }
 }
 
 fn request_header(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_LEN] {

@@ -18,7 +18,10 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(stream: Box<dyn Transport>) -> Self {
-        Conn { stream, buf: BytesMut::with_capacity(64 << 10) }
+        Conn {
+            stream,
+            buf: BytesMut::with_capacity(64 << 10),
+        }
     }
 
     /// Bytes received and not yet consumed.

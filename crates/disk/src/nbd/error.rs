@@ -12,11 +12,19 @@ pub enum NbdProtocolError {
     #[error("server does not offer fixed newstyle negotiation")]
     NotFixedNewstyle,
     #[error("{what} has magic {found:#x}, expected {expected:#x}")]
-    BadMagic { what: &'static str, found: u64, expected: u64 },
+    BadMagic {
+        what: &'static str,
+        found: u64,
+        expected: u64,
+    },
     #[error("server used extended headers, which were not negotiated")]
     ExtendedHeaders,
     #[error("{what} announces {len} bytes, limit is {limit}")]
-    TooLong { what: &'static str, len: u64, limit: u64 },
+    TooLong {
+        what: &'static str,
+        len: u64,
+        limit: u64,
+    },
     #[error("{what} has length {len}, which is malformed")]
     BadLength { what: &'static str, len: u64 },
     #[error("option reply answers option {found}, expected {expected}")]
@@ -34,9 +42,17 @@ pub enum NbdProtocolError {
     #[error("reply cookie {found} does not match request cookie {expected}")]
     CookieMismatch { expected: u64, found: u64 },
     #[error("unexpected chunk type {chunk_type:#x} in the reply to {command}")]
-    UnexpectedChunk { command: &'static str, chunk_type: u16 },
+    UnexpectedChunk {
+        command: &'static str,
+        chunk_type: u16,
+    },
     #[error("chunk covers {offset}+{length}, outside the request {req_offset}+{req_length}")]
-    ChunkOutOfRange { offset: u64, length: u64, req_offset: u64, req_length: u64 },
+    ChunkOutOfRange {
+        offset: u64,
+        length: u64,
+        req_offset: u64,
+        req_length: u64,
+    },
     #[error("read reply chunks overlap or leave a gap")]
     ReadCoverage,
     #[error("reply has more than {limit} chunks")]
@@ -109,9 +125,19 @@ pub enum NbdError {
     #[error("NBD server did not answer within {0:?}")]
     Timeout(std::time::Duration),
     #[error("NBD server refused {option} with {code}{}", fmt_message(.message))]
-    OptionRefused { option: &'static str, code: OptionErrorCode, message: String },
+    OptionRefused {
+        option: &'static str,
+        code: OptionErrorCode,
+        message: String,
+    },
     #[error("NBD {command} at {offset}+{length} failed with {code}{}", fmt_message(.message))]
-    CommandFailed { command: &'static str, offset: u64, length: u64, code: CommandErrorCode, message: String },
+    CommandFailed {
+        command: &'static str,
+        offset: u64,
+        length: u64,
+        code: CommandErrorCode,
+        message: String,
+    },
     #[error("NBD export does not support {0}")]
     Unsupported(&'static str),
     #[error("NBD export is read-only")]
@@ -135,6 +161,9 @@ fn fmt_message(message: &str) -> String {
 impl NbdError {
     /// Whether the connection must be abandoned after this error.
     pub fn breaks_connection(&self) -> bool {
-        matches!(self, NbdError::Io(_) | NbdError::Protocol(_) | NbdError::Timeout(_) | NbdError::Broken)
+        matches!(
+            self,
+            NbdError::Io(_) | NbdError::Protocol(_) | NbdError::Timeout(_) | NbdError::Broken
+        )
     }
 }

@@ -53,7 +53,9 @@ impl Extent {
 /// Appends `next`, merging it into the last extent when they touch and share flags.
 pub fn push_merged(list: &mut Vec<Extent>, next: Extent) {
     match list.last_mut() {
-        Some(last) if last.end() == next.offset && last.flags == next.flags => last.length += next.length,
+        Some(last) if last.end() == next.offset && last.flags == next.flags => {
+            last.length += next.length
+        }
         _ => list.push(next),
     }
 }
@@ -63,7 +65,11 @@ mod tests {
     use super::*;
 
     fn e(offset: u64, length: u64, flags: u32) -> Extent {
-        Extent { offset, length, flags }
+        Extent {
+            offset,
+            length,
+            flags,
+        }
     }
 
     #[test]

@@ -32,7 +32,11 @@ pub struct BlockSizes {
 }
 
 impl BlockSizes {
-    const DEFAULT: BlockSizes = BlockSizes { min: 1, preferred: 4096, max: MAX_PAYLOAD };
+    const DEFAULT: BlockSizes = BlockSizes {
+        min: 1,
+        preferred: 4096,
+        max: MAX_PAYLOAD,
+    };
 
     fn validated(min: u32, preferred: u32, max: u32) -> Result<BlockSizes, NbdProtocolError> {
         let ok = min.is_power_of_two()
@@ -41,9 +45,17 @@ impl BlockSizes {
             && preferred >= min
             && (max == u32::MAX || (max.is_multiple_of(min) && max >= preferred.min(MAX_PAYLOAD)));
         if !ok {
-            return Err(NbdProtocolError::BadBlockSizes { min, preferred, max });
+            return Err(NbdProtocolError::BadBlockSizes {
+                min,
+                preferred,
+                max,
+            });
         }
-        Ok(BlockSizes { min, preferred, max })
+        Ok(BlockSizes {
+            min,
+            preferred,
+            max,
+        })
     }
 }
 
@@ -56,7 +68,11 @@ pub(crate) struct Negotiated {
     pub contexts: Vec<(String, u32)>,
 }
 
-pub(crate) async fn negotiate(conn: &mut Conn, export: &str, contexts: &[&str]) -> Result<Negotiated, NbdError> {
+pub(crate) async fn negotiate(
+    conn: &mut Conn,
+    export: &str,
+    contexts: &[&str],
+) -> Result<Negotiated, NbdError> {
     let greeting = conn.next(parse_greeting).await?;
     let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
     if greeting.handshake_flags & FLAG_NO_ZEROES != 0 {
@@ -69,12 +85,25 @@ pub(crate) async fn negotiate(conn: &mut Conn, export: &str, contexts: &[&str]) 
         OptionReplyKind::Ack => {}
         other => return Err(unexpected(OPT_STRUCTURED_REPLY, &other).into()),
     }
-    let contexts = if contexts.is_empty() { Vec::new() } else { set_meta_contexts(conn, export, contexts).await? };
+    let contexts = if contexts.is_empty() {
+        Vec::new()
+    } else {
+        set_meta_contexts(conn, export, contexts).await?
+    };
     let (size, transmission_flags, block_sizes) = go(conn, export).await?;
-    Ok(Negotiated { size, transmission_flags, block_sizes, contexts })
+    Ok(Negotiated {
+        size,
+        transmission_flags,
+        block_sizes,
+        contexts,
+    })
 }
 
-async fn set_meta_contexts(conn: &mut Conn, export: &str, wanted: &[&str]) -> Result<Vec<(String, u32)>, NbdError> {
+async fn set_meta_contexts(
+    conn: &mut Conn,
+    export: &str,
+    wanted: &[&str],
+) -> Result<Vec<(String, u32)>, NbdError> {
     let mut data = length_prefixed(export.as_bytes());
     data.extend_from_slice(&(wanted.len() as u32).to_be_bytes());
     for name in wanted {
@@ -87,7 +116,10 @@ async fn set_meta_contexts(conn: &mut Conn, export: &str, wanted: &[&str]) -> Re
             OptionReplyKind::Ack => return Ok(granted),
             OptionReplyKind::MetaContext { id, name } => {
                 let Some(name) = wanted.iter().find(|w| w.as_bytes() == name.as_slice()) else {
-                    return Err(NbdProtocolError::UnrequestedContext { name: String::from_utf8_lossy(&name).into_owned() }.into());
+                    return Err(NbdProtocolError::UnrequestedContext {
+                        name: String::from_utf8_lossy(&name).into_owned(),
+                    }
+                    .into());
                 };
                 if granted.iter().any(|(_, g)| *g == id) {
                     return Err(NbdProtocolError::DuplicateContextId { id }.into());
@@ -109,8 +141,15 @@ async fn go(conn: &mut Conn, export: &str) -> Result<(u64, u16, BlockSizes), Nbd
     loop {
         match next_reply(conn, OPT_GO).await? {
             OptionReplyKind::Ack => break,
-            OptionReplyKind::Info(Info::Export { size, transmission_flags }) => export_info = Some((size, transmission_flags)),
-            OptionReplyKind::Info(Info::BlockSize { min, preferred, max }) => {
+            OptionReplyKind::Info(Info::Export {
+                size,
+                transmission_flags,
+            }) => export_info = Some((size, transmission_flags)),
+            OptionReplyKind::Info(Info::BlockSize {
+                min,
+                preferred,
+                max,
+            }) => {
                 block_sizes = BlockSizes::validated(min, preferred, max)?;
             }
             OptionReplyKind::Info(Info::Other(_)) => {}
@@ -133,12 +172,18 @@ async fn send_option(conn: &mut Conn, option: u32, data: &[u8]) -> Result<(), Nb
 async fn next_reply(conn: &mut Conn, option: u32) -> Result<OptionReplyKind, NbdError> {
     let reply = conn.next(parse_option_reply).await?;
     if reply.option != option {
-        return Err(NbdProtocolError::OptionMismatch { expected: option, found: reply.option }.into());
+        return Err(NbdProtocolError::OptionMismatch {
+            expected: option,
+            found: reply.option,
+        }
+        .into());
     }
     match reply.kind {
-        OptionReplyKind::Error { code, message } => {
-            Err(NbdError::OptionRefused { option: option_name(option), code: OptionErrorCode(code), message })
-        }
+        OptionReplyKind::Error { code, message } => Err(NbdError::OptionRefused {
+            option: option_name(option),
+            code: OptionErrorCode(code),
+            message,
+        }),
         kind => Ok(kind),
     }
 }

@@ -40,5 +40,10 @@ pub mod wire;
 pub use client::{NbdClient, DEFAULT_TIMEOUT, MAX_NON_DATA_REQUEST};
 pub use conn::Transport;
 pub use error::{CommandErrorCode, NbdError, NbdProtocolError, OptionErrorCode};
-pub use extent::{dirty_bitmap_context, push_merged, Extent, BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+pub use extent::{
+    dirty_bitmap_context, push_merged, Extent, BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO,
+};
 pub use handshake::{BlockSizes, MAX_PAYLOAD};
+
+#[cfg(test)]
+mod fake_server_tests;

@@ -39,8 +39,15 @@ pub struct Greeting {
 /// One `NBD_REP_INFO` payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Info {
-    Export { size: u64, transmission_flags: u16 },
-    BlockSize { min: u32, preferred: u32, max: u32 },
+    Export {
+        size: u64,
+        transmission_flags: u16,
+    },
+    BlockSize {
+        min: u32,
+        preferred: u32,
+        max: u32,
+    },
     /// Informational types this client does not use (name, description, future ones).
     Other(u16),
 }
@@ -90,11 +97,24 @@ pub struct Chunk<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkBody<'a> {
     None,
-    OffsetData { offset: u64, data: &'a [u8] },
-    OffsetHole { offset: u64, length: u32 },
+    OffsetData {
+        offset: u64,
+        data: &'a [u8],
+    },
+    OffsetHole {
+        offset: u64,
+        length: u32,
+    },
     /// `descriptors` holds whole (length u32, flags u32) pairs; see [`descriptors`].
-    BlockStatus { context_id: u32, descriptors: &'a [u8] },
-    Error { code: u32, message: &'a [u8], offset: Option<u64> },
+    BlockStatus {
+        context_id: u32,
+        descriptors: &'a [u8],
+    },
+    Error {
+        code: u32,
+        message: &'a [u8],
+        offset: Option<u64>,
+    },
 }
 
 /// Iterates over the (length, flags) pairs of a BLOCK_STATUS payload.
@@ -120,7 +140,10 @@ pub fn parse_greeting(buf: &[u8]) -> Result<Decoded<Greeting>, NbdProtocolError>
     if handshake_flags & FLAG_FIXED_NEWSTYLE == 0 {
         return Err(NbdProtocolError::NotFixedNewstyle);
     }
-    Ok(Decoded::Done { value: Greeting { handshake_flags }, consumed: GREETING_LEN })
+    Ok(Decoded::Done {
+        value: Greeting { handshake_flags },
+        consumed: GREETING_LEN,
+    })
 }
 
 /// Parses one option reply.
@@ -139,20 +162,36 @@ pub fn parse_option_reply(buf: &[u8]) -> Result<Decoded<OptionReply>, NbdProtoco
         return Ok(Decoded::Need(total));
     }
     let kind = option_reply_kind(option, reply_type, &buf[OPTION_REPLY_HEADER_LEN..total])?;
-    Ok(Decoded::Done { value: OptionReply { option, kind }, consumed: total })
+    Ok(Decoded::Done {
+        value: OptionReply { option, kind },
+        consumed: total,
+    })
 }
 
-fn option_reply_kind(option: u32, reply_type: u32, p: &[u8]) -> Result<OptionReplyKind, NbdProtocolError> {
-    let bad_len = || NbdProtocolError::BadLength { what: "option reply", len: p.len() as u64 };
+fn option_reply_kind(
+    option: u32,
+    reply_type: u32,
+    p: &[u8],
+) -> Result<OptionReplyKind, NbdProtocolError> {
+    let bad_len = || NbdProtocolError::BadLength {
+        what: "option reply",
+        len: p.len() as u64,
+    };
     if reply_type & REP_FLAG_ERROR != 0 {
         let message = String::from_utf8_lossy(p).into_owned();
-        return Ok(OptionReplyKind::Error { code: reply_type, message });
+        return Ok(OptionReplyKind::Error {
+            code: reply_type,
+            message,
+        });
     }
     match reply_type {
         REP_ACK if p.is_empty() => Ok(OptionReplyKind::Ack),
         REP_SERVER if p.len() >= 4 => Ok(OptionReplyKind::Server),
         REP_INFO if p.len() >= 2 => parse_info(p).map(OptionReplyKind::Info).ok_or_else(bad_len),
-        REP_META_CONTEXT if p.len() >= 4 => Ok(OptionReplyKind::MetaContext { id: be32(p, 0), name: p[4..].to_vec() }),
+        REP_META_CONTEXT if p.len() >= 4 => Ok(OptionReplyKind::MetaContext {
+            id: be32(p, 0),
+            name: p[4..].to_vec(),
+        }),
         REP_ACK | REP_SERVER | REP_INFO | REP_META_CONTEXT => Err(bad_len()),
         _ => Err(NbdProtocolError::UnexpectedOptionReply { option, reply_type }),
     }
@@ -160,10 +199,15 @@ fn option_reply_kind(option: u32, reply_type: u32, p: &[u8]) -> Result<OptionRep
 
 fn parse_info(p: &[u8]) -> Option<Info> {
     match be16(p, 0) {
-        INFO_EXPORT if p.len() == 12 => Some(Info::Export { size: be64(p, 2), transmission_flags: be16(p, 10) }),
-        INFO_BLOCK_SIZE if p.len() == 14 => {
-            Some(Info::BlockSize { min: be32(p, 2), preferred: be32(p, 6), max: be32(p, 10) })
-        }
+        INFO_EXPORT if p.len() == 12 => Some(Info::Export {
+            size: be64(p, 2),
+            transmission_flags: be16(p, 10),
+        }),
+        INFO_BLOCK_SIZE if p.len() == 14 => Some(Info::BlockSize {
+            min: be32(p, 2),
+            preferred: be32(p, 6),
+            max: be32(p, 10),
+        }),
         INFO_EXPORT | INFO_BLOCK_SIZE => None,
         other => Some(Info::Other(other)),
     }
@@ -180,12 +224,22 @@ pub fn parse_reply(buf: &[u8]) -> Result<Decoded<Reply<'_>>, NbdProtocolError> {
     match be32(buf, 0) {
         SIMPLE_REPLY_MAGIC if buf.len() < SIMPLE_REPLY_LEN => Ok(Decoded::Need(SIMPLE_REPLY_LEN)),
         SIMPLE_REPLY_MAGIC => {
-            let value = Reply::Simple { error: be32(buf, 4), cookie: be64(buf, 8) };
-            Ok(Decoded::Done { value, consumed: SIMPLE_REPLY_LEN })
+            let value = Reply::Simple {
+                error: be32(buf, 4),
+                cookie: be64(buf, 8),
+            };
+            Ok(Decoded::Done {
+                value,
+                consumed: SIMPLE_REPLY_LEN,
+            })
         }
         STRUCTURED_REPLY_MAGIC => parse_chunk(buf),
         EXTENDED_REPLY_MAGIC => Err(NbdProtocolError::ExtendedHeaders),
-        found => Err(bad_magic("reply", found.into(), STRUCTURED_REPLY_MAGIC.into())),
+        found => Err(bad_magic(
+            "reply",
+            found.into(),
+            STRUCTURED_REPLY_MAGIC.into(),
+        )),
     }
 }
 
@@ -193,7 +247,8 @@ fn parse_chunk(buf: &[u8]) -> Result<Decoded<Reply<'_>>, NbdProtocolError> {
     if buf.len() < CHUNK_HEADER_LEN {
         return Ok(Decoded::Need(CHUNK_HEADER_LEN));
     }
-    let (flags, chunk_type, cookie, len) = (be16(buf, 4), be16(buf, 6), be64(buf, 8), be32(buf, 16));
+    let (flags, chunk_type, cookie, len) =
+        (be16(buf, 4), be16(buf, 6), be64(buf, 8), be32(buf, 16));
     let limit = match chunk_type {
         REPLY_TYPE_BLOCK_STATUS => 4 + 8 * MAX_EXTENTS_PER_CHUNK,
         _ => MAX_CHUNK_PAYLOAD,
@@ -205,29 +260,52 @@ fn parse_chunk(buf: &[u8]) -> Result<Decoded<Reply<'_>>, NbdProtocolError> {
     }
     let done = flags & REPLY_FLAG_DONE != 0;
     let body = parse_chunk_body(chunk_type, done, &buf[CHUNK_HEADER_LEN..total])?;
-    Ok(Decoded::Done { value: Reply::Chunk(Chunk { cookie, done, body }), consumed: total })
+    Ok(Decoded::Done {
+        value: Reply::Chunk(Chunk { cookie, done, body }),
+        consumed: total,
+    })
 }
 
-fn parse_chunk_body(chunk_type: u16, done: bool, p: &[u8]) -> Result<ChunkBody<'_>, NbdProtocolError> {
-    let bad_len = || NbdProtocolError::BadLength { what: "reply chunk", len: p.len() as u64 };
+fn parse_chunk_body(
+    chunk_type: u16,
+    done: bool,
+    p: &[u8],
+) -> Result<ChunkBody<'_>, NbdProtocolError> {
+    let bad_len = || NbdProtocolError::BadLength {
+        what: "reply chunk",
+        len: p.len() as u64,
+    };
     match chunk_type {
         REPLY_TYPE_NONE if p.is_empty() && done => Ok(ChunkBody::None),
         REPLY_TYPE_NONE => Err(bad_len()),
-        REPLY_TYPE_OFFSET_DATA if p.len() > 8 => Ok(ChunkBody::OffsetData { offset: be64(p, 0), data: &p[8..] }),
-        REPLY_TYPE_OFFSET_HOLE if p.len() == 12 && be32(p, 8) != 0 => {
-            Ok(ChunkBody::OffsetHole { offset: be64(p, 0), length: be32(p, 8) })
-        }
+        REPLY_TYPE_OFFSET_DATA if p.len() > 8 => Ok(ChunkBody::OffsetData {
+            offset: be64(p, 0),
+            data: &p[8..],
+        }),
+        REPLY_TYPE_OFFSET_HOLE if p.len() == 12 && be32(p, 8) != 0 => Ok(ChunkBody::OffsetHole {
+            offset: be64(p, 0),
+            length: be32(p, 8),
+        }),
         REPLY_TYPE_BLOCK_STATUS if p.len() >= 12 && (p.len() - 4).is_multiple_of(8) => {
-            Ok(ChunkBody::BlockStatus { context_id: be32(p, 0), descriptors: &p[4..] })
+            Ok(ChunkBody::BlockStatus {
+                context_id: be32(p, 0),
+                descriptors: &p[4..],
+            })
         }
         REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE | REPLY_TYPE_BLOCK_STATUS => Err(bad_len()),
         t if t & REPLY_TYPE_FLAG_ERROR != 0 => parse_error_chunk(t, p),
-        t => Err(NbdProtocolError::UnexpectedChunk { command: "any command", chunk_type: t }),
+        t => Err(NbdProtocolError::UnexpectedChunk {
+            command: "any command",
+            chunk_type: t,
+        }),
     }
 }
 
 fn parse_error_chunk(chunk_type: u16, p: &[u8]) -> Result<ChunkBody<'_>, NbdProtocolError> {
-    let bad_len = || NbdProtocolError::BadLength { what: "error chunk", len: p.len() as u64 };
+    let bad_len = || NbdProtocolError::BadLength {
+        what: "error chunk",
+        len: p.len() as u64,
+    };
     if p.len() < 6 {
         return Err(bad_len());
     }
@@ -244,18 +322,30 @@ fn parse_error_chunk(chunk_type: u16, p: &[u8]) -> Result<ChunkBody<'_>, NbdProt
         // Unknown error types: only the code and message are meaningful.
         _ => None,
     };
-    Ok(ChunkBody::Error { code, message, offset })
+    Ok(ChunkBody::Error {
+        code,
+        message,
+        offset,
+    })
 }
 
 fn check_limit(what: &'static str, len: u32, limit: u32) -> Result<(), NbdProtocolError> {
     if len > limit {
-        return Err(NbdProtocolError::TooLong { what, len: len.into(), limit: limit.into() });
+        return Err(NbdProtocolError::TooLong {
+            what,
+            len: len.into(),
+            limit: limit.into(),
+        });
     }
     Ok(())
 }
 
 fn bad_magic(what: &'static str, found: u64, expected: u64) -> NbdProtocolError {
-    NbdProtocolError::BadMagic { what, found, expected }
+    NbdProtocolError::BadMagic {
+        what,
+        found,
+        expected,
+    }
 }
 
 // Callers check lengths first; the fixed-size copies cannot fail.
@@ -269,4 +359,195 @@ fn be32(b: &[u8], at: usize) -> u32 {
 
 fn be64(b: &[u8], at: usize) -> u64 {
     (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Frames below are written by hand from the NBD protocol document, not built with the constants.
+    fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x66, 0x8e, 0x33, 0xef];
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn greeting_needs_fixed_newstyle() {
+        let mut g = b"NBDMAGICIHAVEOPT\x00\x03".to_vec();
+        assert_eq!(parse_greeting(&g[..10]), Ok(Decoded::Need(18)));
+        assert_eq!(
+            parse_greeting(&g),
+            Ok(Decoded::Done {
+                value: Greeting { handshake_flags: 3 },
+                consumed: 18
+            })
+        );
+        g[17] = 2;
+        assert_eq!(parse_greeting(&g), Err(NbdProtocolError::NotFixedNewstyle));
+        let old = b"NBDMAGIC\x00\x00\x42\x02\x81\x86\x12\x53\x00\x00";
+        assert_eq!(parse_greeting(old), Err(NbdProtocolError::Oldstyle));
+    }
+
+    #[test]
+    fn option_replies_decode_and_refuse_oversized_payloads() {
+        let head = |kind: u32, len: u32| {
+            let mut v = vec![0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7];
+            v.extend_from_slice(&kind.to_be_bytes());
+            v.extend_from_slice(&len.to_be_bytes());
+            v
+        };
+        let mut info = head(3, 12);
+        info.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x03]);
+        let want = OptionReply {
+            option: 7,
+            kind: OptionReplyKind::Info(Info::Export {
+                size: 4096,
+                transmission_flags: 3,
+            }),
+        };
+        assert_eq!(
+            parse_option_reply(&info),
+            Ok(Decoded::Done {
+                value: want,
+                consumed: 32
+            })
+        );
+        let mut err = head(0x8000_0006, 4);
+        err.extend_from_slice(b"gone");
+        let kind = OptionReplyKind::Error {
+            code: 0x8000_0006,
+            message: "gone".into(),
+        };
+        assert_eq!(
+            parse_option_reply(&err),
+            Ok(Decoded::Done {
+                value: OptionReply { option: 7, kind },
+                consumed: 24
+            })
+        );
+        // The limit is checked on the header alone, before waiting for (or allocating) the payload.
+        assert!(matches!(
+            parse_option_reply(&head(1, 1 << 20)),
+            Err(NbdProtocolError::TooLong { .. })
+        ));
+        assert!(matches!(
+            parse_option_reply(&head(1, 3)),
+            Ok(Decoded::Need(23))
+        ));
+    }
+
+    #[test]
+    fn simple_and_structured_replies() {
+        let simple = [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 9];
+        let want = Decoded::Done {
+            value: Reply::Simple {
+                cookie: 9,
+                error: 5,
+            },
+            consumed: 16,
+        };
+        assert_eq!(parse_reply(&simple), Ok(want));
+        let data = chunk(1, 1, 4, &[0, 0, 0, 0, 0, 0, 2, 0, 0xab, 0xcd]);
+        let body = ChunkBody::OffsetData {
+            offset: 512,
+            data: &[0xab, 0xcd],
+        };
+        let want = Reply::Chunk(Chunk {
+            cookie: 4,
+            done: true,
+            body,
+        });
+        assert_eq!(
+            parse_reply(&data),
+            Ok(Decoded::Done {
+                value: want,
+                consumed: 30
+            })
+        );
+        assert_eq!(parse_reply(&data[..25]), Ok(Decoded::Need(30)));
+        let status = chunk(0, 5, 4, &[0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3]);
+        let Ok(Decoded::Done {
+            value:
+                Reply::Chunk(Chunk {
+                    body:
+                        ChunkBody::BlockStatus {
+                            context_id: 1,
+                            descriptors: d,
+                        },
+                    ..
+                }),
+            ..
+        }) = parse_reply(&status)
+        else {
+            panic!("not a block status chunk");
+        };
+        assert_eq!(descriptors(d).collect::<Vec<_>>(), vec![(4096, 3)]);
+    }
+
+    #[test]
+    fn malformed_chunks_are_protocol_errors() {
+        let over = chunk(0, 1, 1, &[]);
+        let mut over = over[..16].to_vec();
+        over.extend_from_slice(&(65u32 << 20).to_be_bytes());
+        assert!(matches!(
+            parse_reply(&over),
+            Err(NbdProtocolError::TooLong { .. })
+        ));
+        let zero_hole = chunk(1, 2, 1, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(
+            parse_reply(&zero_hole),
+            Err(NbdProtocolError::BadLength { .. })
+        ));
+        let none_not_done = chunk(0, 0, 1, &[]);
+        assert!(matches!(
+            parse_reply(&none_not_done),
+            Err(NbdProtocolError::BadLength { .. })
+        ));
+        let odd_status = chunk(1, 5, 1, &[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]);
+        assert!(matches!(
+            parse_reply(&odd_status),
+            Err(NbdProtocolError::BadLength { .. })
+        ));
+        let err_zero = chunk(1, 0x8001, 1, &[0, 0, 0, 0, 0, 0]);
+        assert_eq!(parse_reply(&err_zero), Err(NbdProtocolError::ZeroErrorCode));
+        let unknown = chunk(1, 77, 1, &[]);
+        assert!(matches!(
+            parse_reply(&unknown),
+            Err(NbdProtocolError::UnexpectedChunk { .. })
+        ));
+        assert_eq!(
+            parse_reply(&[0x6e, 0x8a, 0x27, 0x8c]),
+            Err(NbdProtocolError::ExtendedHeaders)
+        );
+        assert!(matches!(
+            parse_reply(b"HTTP"),
+            Err(NbdProtocolError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn error_offset_chunk_carries_message_and_offset() {
+        let payload = [0, 0, 0, 5, 0, 2, b'h', b'i', 0, 0, 0, 0, 0, 0, 0x10, 0];
+        let frame = chunk(1, 0x8002, 3, &payload);
+        let Ok(Decoded::Done {
+            value: Reply::Chunk(c),
+            ..
+        }) = parse_reply(&frame)
+        else {
+            panic!("not a chunk");
+        };
+        assert_eq!(
+            c.body,
+            ChunkBody::Error {
+                code: 5,
+                message: b"hi",
+                offset: Some(4096)
+            }
+        );
+    }
 }

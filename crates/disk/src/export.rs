@@ -1,0 +1,229 @@
+//! Supervised `qemu-nbd` exports: how the data plane opens an image of any format QEMU supports.
+//!
+//! [`NbdExport::start`] runs `qemu-nbd` in the foreground (never `--fork`) on a private unix socket
+//! in a directory of ours, waits until it accepts connections, and records its pid in a pid file
+//! next to the socket. Dropping the export kills the process and removes both files, and
+//! [`reap_stray_exports`] kills what a crashed daemon left behind, so no helper process outlives
+//! its owner. A process that dies is noticed by [`NbdExport::check_alive`].
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::nbd::{NbdClient, NbdError};
+
+/// Name under which every export is published.
+pub const EXPORT_NAME: &str = "disk";
+/// How long qemu-nbd may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot start qemu-nbd")]
+    Spawn(#[source] std::io::Error),
+    #[error("qemu-nbd for {image} exited before serving: {stderr}")]
+    Exited { image: String, stderr: String },
+    #[error("qemu-nbd for {image} did not start listening within {START_TIMEOUT:?}")]
+    Timeout { image: String },
+    #[error("qemu-nbd for {image} died ({status})")]
+    Died { image: String, status: String },
+    #[error("cannot prepare the export directory {path}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+}
+
+/// What to export and how.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    pub image: PathBuf,
+    /// QEMU format name: raw, qcow2, vhdx, vmdk, ...
+    pub format: String,
+    pub read_only: bool,
+    /// A persistent dirty bitmap of the image to publish as `qemu:dirty-bitmap:<name>`.
+    pub bitmap: Option<String>,
+    /// Publish `qemu:allocation-depth` too (useful on backing chains).
+    pub allocation_depth: bool,
+}
+
+impl ExportSpec {
+    pub fn new(image: impl Into<PathBuf>, format: &str) -> ExportSpec {
+        ExportSpec {
+            image: image.into(),
+            format: format.to_string(),
+            read_only: true,
+            bitmap: None,
+            allocation_depth: false,
+        }
+    }
+
+    pub fn writable(mut self) -> ExportSpec {
+        self.read_only = false;
+        self
+    }
+}
+
+/// A running qemu-nbd serving one image.
+pub struct NbdExport {
+    child: Child,
+    socket: PathBuf,
+    pid_file: PathBuf,
+    image: String,
+}
+
+impl NbdExport {
+    /// Starts qemu-nbd for `spec` with its socket and pid file in `dir` (named by `name`).
+    pub async fn start(
+        spec: &ExportSpec,
+        dir: &Path,
+        name: &str,
+    ) -> Result<NbdExport, ExportError> {
+        std::fs::create_dir_all(dir).map_err(|source| ExportError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let socket = dir.join(format!("{name}.nbd.sock"));
+        let pid_file = dir.join(format!("{name}.nbd.pid"));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--format")
+            .arg(&spec.format)
+            .arg("--export-name")
+            .arg(EXPORT_NAME)
+            .arg("--persistent")
+            .arg("--shared=4")
+            .arg("--cache=writeback")
+            .arg("--discard=unmap");
+        if spec.read_only {
+            cmd.arg("--read-only");
+        }
+        if let Some(bitmap) = &spec.bitmap {
+            cmd.arg("--bitmap").arg(bitmap);
+        }
+        if spec.allocation_depth {
+            cmd.arg("--allocation-depth");
+        }
+        cmd.arg(&spec.image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(ExportError::Spawn)?;
+        if let Some(pid) = child.id() {
+            let _ = std::fs::write(&pid_file, pid.to_string());
+        }
+        let image = spec.image.display().to_string();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().map_err(ExportError::Spawn)? {
+                let stderr = read_stderr(&mut child).await;
+                let _ = std::fs::remove_file(&pid_file);
+                let _ = status;
+                return Err(ExportError::Exited { image, stderr });
+            }
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill().await;
+                let _ = std::fs::remove_file(&pid_file);
+                return Err(ExportError::Timeout { image });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(NbdExport {
+            child,
+            socket,
+            pid_file,
+            image,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A new client connection with the given meta contexts.
+    pub async fn connect(&self, meta_contexts: &[&str]) -> Result<NbdClient, ExportError> {
+        Ok(NbdClient::connect_unix(&self.socket, EXPORT_NAME, meta_contexts).await?)
+    }
+
+    /// An error if the qemu-nbd process has died.
+    pub fn check_alive(&mut self) -> Result<(), ExportError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(ExportError::Died {
+                image: self.image.clone(),
+                status: status.to_string(),
+            }),
+            Err(e) => Err(ExportError::Spawn(e)),
+        }
+    }
+
+    /// Stops qemu-nbd (clients must have disconnected and flushed) and waits for it.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+        self.cleanup();
+    }
+
+    fn cleanup(&self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
+impl Drop for NbdExport {
+    fn drop(&mut self) {
+        // kill_on_drop ends the process; the files go with it.
+        let _ = self.child.start_kill();
+        self.cleanup();
+    }
+}
+
+async fn read_stderr(child: &mut Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut text = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), err.read_to_string(&mut text)).await;
+    }
+    text.trim().to_string()
+}
+
+/// Kills the qemu-nbd processes whose pid files are left in `dir` (after a crash of the owner) and
+/// removes the files. A pid is killed only if it still runs qemu-nbd. Returns how many were killed.
+pub fn reap_stray_exports(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !name.ends_with(".nbd.pid") {
+            continue;
+        }
+        let pid = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        if let Some(pid) = pid {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "qemu-nbd" {
+                let pid = i32::try_from(pid).unwrap_or(0);
+                // SAFETY: kill(2) with a pid read from our own pid file, checked to be qemu-nbd.
+                if pid > 0 && unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                    killed += 1;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(dir.join(name.replace(".nbd.pid", ".nbd.sock")));
+    }
+    killed
+}

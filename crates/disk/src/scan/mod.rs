@@ -1,0 +1,269 @@
+//! Change tracking by hash scan: for disks nobody tracks (the VM is off, a raw file, a lost bitmap).
+//!
+//! The disk is read through an NBD export; `base:allocation` tells which ranges are holes or zeros,
+//! and those are never read. Every other block (64 KiB by default) is hashed with BLAKE3 and
+//! compared with the map of the last shipped point ([`hashmap`]); blocks that differ go into the
+//! replication log, adjacent ones coalesced into one extent. The new map is written beside the old
+//! one and becomes the map of record only when the consumer confirms the point is durable
+//! ([`hashmap::commit`]). Memory stays bounded: one read run and one map entry at a time.
+//!
+//! Without a previous map the scan produces a full image: every non-zero block, and no zero extents
+//! (the replica starts from an empty, sparse image).
+
+pub mod hashmap;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use wire::{LogEncodeError, LogWriter};
+
+use crate::nbd::{Extent, NbdClient, NbdError};
+use hashmap::{block_count, block_hash, HashMapError, MapReader, MapWriter, ZERO};
+
+/// Default block size of the hash map.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+/// Bytes asked about in one BLOCK_STATUS request.
+const MAP_CHUNK: u64 = 64 << 20;
+/// Largest read of consecutive data blocks (and largest extent handed to the log at once).
+const READ_RUN: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("reading the disk failed")]
+    Nbd(#[from] NbdError),
+    #[error(transparent)]
+    HashMap(#[from] HashMapError),
+    #[error("writing the replication log failed")]
+    Log(#[from] LogEncodeError),
+    /// The previous map cannot describe this disk: the replica needs a resynchronization.
+    #[error("resynchronization required: {0}")]
+    ResyncRequired(String),
+}
+
+/// What a scan read and found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    pub blocks: u64,
+    pub changed_blocks: u64,
+    /// Bytes of changed data written to the log (before compression).
+    pub data_bytes: u64,
+    /// Bytes written to the log as zero extents.
+    pub zero_bytes: u64,
+    /// Bytes read from the disk.
+    pub read_bytes: u64,
+}
+
+/// Collects changed blocks into as few log extents as possible.
+struct Coalescer<'a, W: Write> {
+    log: &'a mut LogWriter<W>,
+    disk: u32,
+    data: Option<(u64, Vec<u8>)>,
+    zero: Option<(u64, u64)>,
+}
+
+impl<W: Write> Coalescer<'_, W> {
+    fn data(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogEncodeError> {
+        self.flush_zero()?;
+        match &mut self.data {
+            Some((start, buf))
+                if *start + buf.len() as u64 == offset && (buf.len() as u64) < READ_RUN =>
+            {
+                buf.extend_from_slice(bytes)
+            }
+            _ => {
+                self.flush_data()?;
+                self.data = Some((offset, bytes.to_vec()));
+            }
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<(), LogEncodeError> {
+        self.flush_data()?;
+        match &mut self.zero {
+            Some((start, n)) if *start + *n == offset => *n += len,
+            _ => {
+                self.flush_zero()?;
+                self.zero = Some((offset, len));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_data(&mut self) -> Result<(), LogEncodeError> {
+        if let Some((offset, buf)) = self.data.take() {
+            self.log.write_data(self.disk, offset, &buf)?;
+        }
+        Ok(())
+    }
+
+    fn flush_zero(&mut self) -> Result<(), LogEncodeError> {
+        if let Some((offset, len)) = self.zero.take() {
+            self.log.write_zero(self.disk, offset, len)?;
+        }
+        Ok(())
+    }
+}
+
+/// True when `[offset, offset+len)` lies entirely in extents that read as zeros.
+fn all_zero(extents: &[Extent], offset: u64, len: u64) -> bool {
+    let end = offset + len;
+    let mut pos = offset;
+    for e in extents
+        .iter()
+        .filter(|e| e.end() > offset && e.offset < end)
+    {
+        if e.offset > pos || !e.is_zero() {
+            return false;
+        }
+        pos = e.end();
+        if pos >= end {
+            return true;
+        }
+    }
+    pos >= end
+}
+
+/// Scans the disk behind `nbd` (connected with `base:allocation`) into `log` as disk `disk_index`,
+/// comparing with `previous` (the map of the last shipped point, None for a full image). Writes the
+/// new map to `<map_path>.tmp` and returns that path for [`hashmap::commit`].
+pub async fn scan_disk<W: Write>(
+    nbd: &mut NbdClient,
+    disk_index: u32,
+    previous: Option<&Path>,
+    map_path: &Path,
+    block_size: u32,
+    log: &mut LogWriter<W>,
+) -> Result<(PathBuf, ScanStats), ScanError> {
+    hashmap::check_block_size(block_size)?;
+    let size = nbd.size();
+    let mut old = match previous {
+        Some(p) => Some(MapReader::open(p)?),
+        None => None,
+    };
+    if let Some(o) = &old {
+        if o.disk_size != size {
+            return Err(ScanError::ResyncRequired(format!(
+                "the disk's size changed from {} to {size} bytes",
+                o.disk_size
+            )));
+        }
+        if o.block_size != block_size {
+            return Err(ScanError::ResyncRequired(format!(
+                "the map's block size is {}, not {block_size}",
+                o.block_size
+            )));
+        }
+    }
+    let mut map = MapWriter::create(map_path, block_size, size)?;
+    let mut out = Coalescer {
+        log,
+        disk: disk_index,
+        data: None,
+        zero: None,
+    };
+    let mut stats = ScanStats {
+        blocks: block_count(size, block_size),
+        ..ScanStats::default()
+    };
+    let bs = u64::from(block_size);
+    let mut chunk_start = 0;
+    let mut buf = Vec::new();
+    while chunk_start < size {
+        let chunk_len = MAP_CHUNK.min(size - chunk_start);
+        let extents = if nbd.context_id("base:allocation").is_some() {
+            nbd.map("base:allocation", chunk_start, chunk_len).await?
+        } else {
+            Vec::new()
+        };
+        let mut off = chunk_start;
+        let chunk_end = chunk_start + chunk_len;
+        while off < chunk_end {
+            // A run of blocks that may hold data, read at once.
+            let mut run_end = off;
+            while run_end < chunk_end
+                && run_end - off < READ_RUN
+                && !all_zero(&extents, run_end, bs.min(size - run_end))
+            {
+                run_end += bs.min(size - run_end);
+            }
+            if run_end > off {
+                let run_len = usize::try_from(run_end - off).unwrap_or(usize::MAX);
+                buf.resize(run_len, 0);
+                nbd.read(off, &mut buf).await?;
+                stats.read_bytes += run_end - off;
+                for block in buf.chunks(block_size as usize) {
+                    let hash = block_hash(block);
+                    let at = (off, block.len() as u64);
+                    compare(
+                        &mut old,
+                        &mut map,
+                        &mut out,
+                        &mut stats,
+                        at,
+                        Some(block),
+                        hash,
+                    )?;
+                    off += block.len() as u64;
+                }
+            } else {
+                // A hole or zero range: known without reading.
+                let len = bs.min(size - off);
+                compare(
+                    &mut old,
+                    &mut map,
+                    &mut out,
+                    &mut stats,
+                    (off, len),
+                    None,
+                    ZERO,
+                )?;
+                off += len;
+            }
+        }
+        chunk_start = chunk_end;
+    }
+    out.flush_data()?;
+    out.flush_zero()?;
+    if let Some(o) = &mut old {
+        o.next_hash()?; // verifies the trailer if the last block was already read
+    }
+    Ok((map.finish()?, stats))
+}
+
+/// Records the block's new hash and sends it to the log when it differs from the old one.
+/// `at` is the block's (offset, length); `data` its bytes when they were read.
+fn compare<W: Write>(
+    old: &mut Option<MapReader>,
+    map: &mut MapWriter,
+    out: &mut Coalescer<'_, W>,
+    stats: &mut ScanStats,
+    at: (u64, u64),
+    data: Option<&[u8]>,
+    hash: [u8; hashmap::HASH_LEN],
+) -> Result<(), ScanError> {
+    map.push(&hash)?;
+    let previous = match old {
+        Some(o) => o.next_hash()?,
+        None => None,
+    };
+    let changed = match previous {
+        Some(p) => p != hash,
+        None => hash != ZERO, // a full image ships data only
+    };
+    if !changed {
+        return Ok(());
+    }
+    stats.changed_blocks += 1;
+    match data {
+        Some(bytes) if hash != ZERO => {
+            stats.data_bytes += at.1;
+            out.data(at.0, bytes)?;
+        }
+        _ => {
+            stats.zero_bytes += at.1;
+            out.zero(at.0, at.1)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! Supervised qemu-nbd exports: start, use, stop, and no stray process afterwards.
+
+use std::process::Command;
+use std::time::Duration;
+
+use disk::export::{reap_stray_exports, ExportSpec, NbdExport};
+
+/// qemu-nbd runs as `pid` (a zombie waiting for its parent to reap it does not count).
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    stat.contains("(qemu-nbd)") && state.is_some_and(|s| s != 'Z')
+}
+
+fn image(dir: &std::path::Path, fmt: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("disk.{fmt}"));
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", fmt])
+        .arg(&path)
+        .arg("8M")
+        .status()
+        .expect("qemu-img");
+    assert!(ok.success());
+    path
+}
+
+#[tokio::test]
+async fn an_export_serves_the_image_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for fmt in ["qcow2", "raw", "vhdx"] {
+        let img = image(dir.path(), fmt);
+        let export = NbdExport::start(&ExportSpec::new(&img, fmt).writable(), dir.path(), fmt)
+            .await
+            .expect("start");
+        let pid: u32 = std::fs::read_to_string(dir.path().join(format!("{fmt}.nbd.pid")))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        assert!(alive(pid));
+        let mut nbd = export.connect(&["base:allocation"]).await.expect("connect");
+        assert_eq!(nbd.size(), 8 << 20);
+        nbd.write(1 << 20, &[0xA5; 4096]).await.expect("write");
+        nbd.flush().await.expect("flush");
+        let mut back = vec![0u8; 4096];
+        nbd.read(1 << 20, &mut back).await.expect("read");
+        assert!(back.iter().all(|&b| b == 0xA5));
+        nbd.disconnect().await.expect("disconnect");
+        export.stop().await;
+        assert!(!alive(pid), "{fmt}: qemu-nbd still runs after stop");
+        assert!(!dir.path().join(format!("{fmt}.nbd.sock")).exists());
+    }
+}
+
+#[tokio::test]
+async fn a_bad_image_is_a_clear_error_and_strays_are_reaped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.qcow2");
+    match NbdExport::start(&ExportSpec::new(&missing, "qcow2"), dir.path(), "m").await {
+        Err(disk::export::ExportError::Exited { stderr, .. }) => {
+            assert!(stderr.contains("missing.qcow2"), "{stderr}")
+        }
+        other => panic!("expected Exited, got {:?}", other.err()),
+    }
+
+    // A crashed owner leaves a running qemu-nbd and its pid file: reap_stray_exports ends it.
+    let img = image(dir.path(), "qcow2");
+    let export = NbdExport::start(&ExportSpec::new(&img, "qcow2"), dir.path(), "stray")
+        .await
+        .expect("start");
+    let pid: u32 = std::fs::read_to_string(dir.path().join("stray.nbd.pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    std::mem::forget(export); // as if the owner died without dropping it
+    assert!(alive(pid));
+    assert_eq!(reap_stray_exports(dir.path()), 1);
+    for _ in 0..100 {
+        if !alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!alive(pid));
+    assert!(!dir.path().join("stray.nbd.pid").exists());
+}
