@@ -9,7 +9,9 @@ use disk::nbd::NbdProtocolError;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     match mode % 4 {
         0 => {
             let _ = check(rest, parse_greeting(rest));
@@ -22,7 +24,10 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             let (len, rest) = take_u16(rest);
-            let _ = collect(rest, ReplyCollector::new(1, StatusSink::new(512, len.into(), vec![1, 2], 1)));
+            let _ = collect(
+                rest,
+                ReplyCollector::new(1, StatusSink::new(512, len.into(), vec![1, 2], 1)),
+            );
         }
     }
 });
@@ -37,7 +42,11 @@ fn take_u16(b: &[u8]) -> (u16, &[u8]) {
 fn check<T>(buf: &[u8], r: Result<Decoded<T>, NbdProtocolError>) -> Option<(T, usize)> {
     match r.ok()? {
         Decoded::Need(n) => {
-            assert!(n > buf.len(), "asked for {n} bytes with {} buffered", buf.len());
+            assert!(
+                n > buf.len(),
+                "asked for {n} bytes with {} buffered",
+                buf.len()
+            );
             None
         }
         Decoded::Done { value, consumed } => {

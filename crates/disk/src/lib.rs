@@ -2,10 +2,14 @@
 //!
 //! - [`qmp`]: a thin QMP client (QEMU Machine Protocol, JSON over a unix socket).
 //! - [`nbd`]: an async NBD client with structured replies and BLOCK_STATUS meta contexts.
+//! - [`bitmap`]: change tracking with QEMU persistent dirty bitmaps and image fleecing.
 //! - [`scan`]: change tracking by hash scan, into a replication log.
 //! - [`export`]: supervised qemu-nbd processes that export an image over a private unix socket.
+//! - [`points`]: the replica's recovery-point store (one qcow2 backing chain per disk).
 
+pub mod bitmap;
 pub mod export;
 pub mod nbd;
+pub mod points;
 pub mod qmp;
 pub mod scan;

@@ -1,0 +1,431 @@
+//! Change tracking with QEMU persistent dirty bitmaps, for disks held by a running QEMU process
+//! (a VM, or qemu-storage-daemon standing in for one). The QMP sequences are the verified ones of
+//! RECIPES.md ("checkpoint + image fleecing"), the way libvirt's pull-mode backup works.
+//!
+//! Every tracked disk (a block node) carries exactly one *enabled* bitmap named
+//! `vmreplica-<generation>`: it records every guest write since the last point. Taking point
+//! `g+1` is one QMP `transaction` across all disks of the VM — add bitmap `g+1`, disable bitmap
+//! `g`, start a `blockdev-backup sync=none` into a fleecing overlay — so the point is
+//! crash-consistent across disks, and the guest keeps writing (into bitmap `g+1`) while the frozen
+//! view is read over NBD through an export that publishes bitmap `g`. Then:
+//!
+//! | outcome | what happens to the bitmaps |
+//! |---|---|
+//! | the consumer confirmed the point durable ([`FrozenPoint::commit`]) | bitmap `g` is removed; `g+1` tracks on |
+//! | anything failed ([`FrozenPoint::abort`]) | `g` is merged into `g+1`, then removed: no write is ever forgotten |
+//! | QEMU was killed (bitmaps come back *inconsistent*) | [`BitmapTracker::status`] says so: that disk needs one hash scan, then tracking restarts |
+//!
+//! The fleecing overlay is a temporary qcow2 in our work directory, removed on commit and abort.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use wire::{LogEncodeError, LogWriter};
+
+use crate::nbd::{dirty_bitmap_context, NbdClient, NbdError};
+use crate::qmp::{QmpClient, QmpError};
+
+/// Granularity of the bitmaps: the unit in which changes are shipped.
+pub const GRANULARITY: u64 = 64 * 1024;
+const PREFIX: &str = "vmreplica-";
+/// Largest single read of dirty data.
+const READ_CHUNK: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BitmapError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("reading the frozen point failed")]
+    Nbd(#[from] NbdError),
+    #[error("writing the replication log failed")]
+    Log(#[from] LogEncodeError),
+    #[error("cannot create the fleecing image {path}: {why}")]
+    Fleece { path: String, why: String },
+    #[error("block node '{0}' does not exist in the QEMU process")]
+    NoSuchNode(String),
+    /// Tracking of this disk cannot be trusted: it needs a hash-scan resynchronization.
+    #[error("resynchronization required for '{node}': {why}")]
+    ResyncRequired { node: String, why: String },
+}
+
+/// The tracking state of one block node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapStatus {
+    /// Tracking with this generation's bitmap.
+    Tracking(u64),
+    /// No vmreplica bitmap on the node.
+    Missing,
+    /// The bitmap survived an unclean stop of QEMU and cannot be trusted.
+    Inconsistent(u64),
+}
+
+fn bitmap_name(generation: u64) -> String {
+    format!("{PREFIX}{generation}")
+}
+
+/// Talks to one QEMU process over QMP.
+pub struct BitmapTracker {
+    qmp: QmpClient,
+    work_dir: PathBuf,
+    nbd_socket: PathBuf,
+    nbd_started: bool,
+}
+
+/// One disk of a frozen point.
+#[derive(Debug, Clone)]
+pub struct FrozenDisk {
+    pub node: String,
+    pub size: u64,
+    /// Generation whose bitmap holds this point's changes.
+    pub generation: u64,
+    fleece_node: String,
+    fleece_file: PathBuf,
+    job_id: String,
+    export: String,
+}
+
+/// A crash-consistent point of all tracked disks, readable over NBD until committed or aborted.
+pub struct FrozenPoint {
+    pub disks: Vec<FrozenDisk>,
+    socket: PathBuf,
+}
+
+/// What reading a frozen disk found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    pub dirty_bytes: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+}
+
+impl BitmapTracker {
+    /// Connects to the QEMU process's QMP socket. `work_dir` holds fleecing images and the NBD socket.
+    pub async fn connect(qmp_socket: &Path, work_dir: &Path) -> Result<BitmapTracker, BitmapError> {
+        let qmp = QmpClient::connect(qmp_socket, Duration::from_secs(30)).await?;
+        std::fs::create_dir_all(work_dir).map_err(|e| BitmapError::Fleece {
+            path: work_dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+        Ok(BitmapTracker {
+            qmp,
+            work_dir: work_dir.to_path_buf(),
+            nbd_socket: work_dir.join("fleece.nbd.sock"),
+            nbd_started: false,
+        })
+    }
+
+    /// Uses the NBD server the QEMU process already runs on `socket` (a process can run only one)
+    /// instead of starting one.
+    pub fn with_nbd_server(mut self, socket: &Path) -> BitmapTracker {
+        self.nbd_socket = socket.to_path_buf();
+        self.nbd_started = true;
+        self
+    }
+
+    async fn node_info(&mut self, node: &str) -> Result<Value, BitmapError> {
+        let nodes = self
+            .qmp
+            .execute("query-named-block-nodes", Some(json!({"flat": true})))
+            .await?;
+        nodes
+            .as_array()
+            .and_then(|list| list.iter().find(|n| n["node-name"] == node).cloned())
+            .ok_or_else(|| BitmapError::NoSuchNode(node.to_string()))
+    }
+
+    /// The vmreplica bitmap state of `node`.
+    pub async fn status(&mut self, node: &str) -> Result<BitmapStatus, BitmapError> {
+        let info = self.node_info(node).await?;
+        let mut found = BitmapStatus::Missing;
+        for b in info["dirty-bitmaps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let Some(gen) = b["name"]
+                .as_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|g| g.parse().ok())
+            else {
+                continue;
+            };
+            if b["inconsistent"].as_bool() == Some(true) {
+                return Ok(BitmapStatus::Inconsistent(gen));
+            }
+            if b["recording"].as_bool() == Some(true) {
+                found = BitmapStatus::Tracking(gen);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Starts tracking `node` from now on with bitmap `generation`, removing any vmreplica bitmap
+    /// it had (an inconsistent one after a crash, or a stale one).
+    pub async fn start_tracking(&mut self, node: &str, generation: u64) -> Result<(), BitmapError> {
+        let info = self.node_info(node).await?;
+        for b in info["dirty-bitmaps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if let Some(name) = b["name"].as_str().filter(|n| n.starts_with(PREFIX)) {
+                self.qmp
+                    .execute(
+                        "block-dirty-bitmap-remove",
+                        Some(json!({"node": node, "name": name})),
+                    )
+                    .await?;
+            }
+        }
+        let args = json!({"node": node, "name": bitmap_name(generation), "persistent": true, "granularity": GRANULARITY});
+        self.qmp
+            .execute("block-dirty-bitmap-add", Some(args))
+            .await?;
+        Ok(())
+    }
+
+    async fn ensure_nbd_server(&mut self) -> Result<(), BitmapError> {
+        if self.nbd_started {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&self.nbd_socket);
+        let addr = json!({"addr": {"type": "unix", "data": {"path": self.nbd_socket.display().to_string()}}});
+        self.qmp.execute("nbd-server-start", Some(addr)).await?;
+        self.nbd_started = true;
+        Ok(())
+    }
+
+    /// Takes one crash-consistent point across `nodes` (all tracking generation `g`): afterwards the
+    /// guest writes go to bitmap `g+1` and the frozen view is exported for reading.
+    pub async fn freeze(&mut self, nodes: &[&str]) -> Result<FrozenPoint, BitmapError> {
+        self.ensure_nbd_server().await?;
+        let mut disks = Vec::new();
+        for node in nodes {
+            let generation = match self.status(node).await? {
+                BitmapStatus::Tracking(g) => g,
+                BitmapStatus::Missing => {
+                    return Err(BitmapError::ResyncRequired {
+                        node: node.to_string(),
+                        why: "no tracking bitmap".into(),
+                    })
+                }
+                BitmapStatus::Inconsistent(_) => {
+                    let why =
+                        "the bitmap is inconsistent after an unclean stop of QEMU".to_string();
+                    return Err(BitmapError::ResyncRequired {
+                        node: node.to_string(),
+                        why,
+                    });
+                }
+            };
+            let size = self.node_info(node).await?["image"]["virtual-size"]
+                .as_u64()
+                .unwrap_or(0);
+            let fleece_node = format!("vmr-fleece-{node}");
+            let fleece_file = self.work_dir.join(format!("{fleece_node}.qcow2"));
+            create_fleece_image(&fleece_file, size)?;
+            let add = json!({
+                "driver": "qcow2", "node-name": fleece_node,
+                "file": {"driver": "file", "filename": fleece_file.display().to_string()},
+                "backing": node,
+            });
+            self.qmp.execute("blockdev-add", Some(add)).await?;
+            disks.push(FrozenDisk {
+                node: node.to_string(),
+                size,
+                generation,
+                job_id: format!("vmr-fleece-job-{node}"),
+                export: format!("vmr-frozen-{node}"),
+                fleece_node,
+                fleece_file,
+            });
+        }
+        let mut actions = Vec::new();
+        for d in &disks {
+            let next = json!({"node": d.node, "name": bitmap_name(d.generation + 1), "persistent": true, "granularity": GRANULARITY});
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": next}));
+            actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": bitmap_name(d.generation)}}));
+            let backup = json!({"device": d.node, "target": d.fleece_node, "sync": "none", "job-id": d.job_id});
+            actions.push(json!({"type": "blockdev-backup", "data": backup}));
+        }
+        if let Err(e) = self
+            .qmp
+            .execute("transaction", Some(json!({"actions": actions})))
+            .await
+        {
+            for d in &disks {
+                let _ = self
+                    .qmp
+                    .execute("blockdev-del", Some(json!({"node-name": d.fleece_node})))
+                    .await;
+                let _ = std::fs::remove_file(&d.fleece_file);
+            }
+            return Err(e.into());
+        }
+        let point = FrozenPoint {
+            disks,
+            socket: self.nbd_socket.clone(),
+        };
+        for d in &point.disks {
+            let export = json!({
+                "type": "nbd", "id": d.export, "node-name": d.fleece_node, "name": d.export, "writable": false,
+                "bitmaps": [{"node": d.node, "name": bitmap_name(d.generation)}],
+            });
+            if let Err(e) = self.qmp.execute("block-export-add", Some(export)).await {
+                let _ = point.abort(self).await;
+                return Err(e.into());
+            }
+        }
+        Ok(point)
+    }
+
+    async fn teardown(&mut self, d: &FrozenDisk) -> Result<(), BitmapError> {
+        let _ = self
+            .qmp
+            .execute("block-export-del", Some(json!({"id": d.export})))
+            .await;
+        // The export goes away asynchronously; wait until the node is free.
+        for _ in 0..200 {
+            let exports = self.qmp.execute("query-block-exports", None).await?;
+            let still = exports
+                .as_array()
+                .is_some_and(|l| l.iter().any(|e| e["id"] == d.export.as_str()));
+            if !still {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self
+            .qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": d.job_id, "force": true})),
+            )
+            .await;
+        for _ in 0..200 {
+            let jobs = self.qmp.execute("query-block-jobs", None).await?;
+            let still = jobs
+                .as_array()
+                .is_some_and(|l| l.iter().any(|j| j["device"] == d.job_id.as_str()));
+            if !still {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.qmp
+            .execute("blockdev-del", Some(json!({"node-name": d.fleece_node})))
+            .await?;
+        let _ = std::fs::remove_file(&d.fleece_file);
+        Ok(())
+    }
+}
+
+fn create_fleece_image(path: &Path, size: u64) -> Result<(), BitmapError> {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .map_err(|e| BitmapError::Fleece {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(BitmapError::Fleece {
+            path: path.display().to_string(),
+            why,
+        });
+    }
+    Ok(())
+}
+
+impl FrozenPoint {
+    /// Reads the dirty extents of disk `index` of the point into `log` as log disk `log_disk`.
+    /// Dirty ranges that read as zeros are shipped as zero extents.
+    pub async fn read_changes<W: std::io::Write>(
+        &self,
+        index: usize,
+        log_disk: u32,
+        log: &mut LogWriter<W>,
+    ) -> Result<ReadStats, BitmapError> {
+        let d = &self.disks[index];
+        let context = dirty_bitmap_context(&bitmap_name(d.generation));
+        let mut nbd =
+            NbdClient::connect_unix(&self.socket, &d.export, &["base:allocation", &context])
+                .await?;
+        let dirty = nbd.map(&context, 0, d.size).await?;
+        let mut stats = ReadStats::default();
+        let mut buf = Vec::new();
+        for range in dirty.iter().filter(|e| e.is_dirty()) {
+            stats.dirty_bytes += range.length;
+            let alloc = nbd
+                .map("base:allocation", range.offset, range.length)
+                .await?;
+            for a in alloc {
+                let (start, end) = (a.offset.max(range.offset), a.end().min(range.end()));
+                if start >= end {
+                    continue;
+                }
+                if a.is_zero() {
+                    log.write_zero(log_disk, start, end - start)?;
+                    stats.zero_bytes += end - start;
+                    continue;
+                }
+                let mut off = start;
+                while off < end {
+                    let len = READ_CHUNK.min(end - off);
+                    buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+                    nbd.read(off, &mut buf).await?;
+                    log.write_data(log_disk, off, &buf)?;
+                    stats.data_bytes += len;
+                    off += len;
+                }
+            }
+        }
+        nbd.disconnect().await?;
+        Ok(stats)
+    }
+
+    /// The point is durable at the consumer: drop the frozen view and the old bitmaps.
+    pub async fn commit(self, tracker: &mut BitmapTracker) -> Result<(), BitmapError> {
+        for d in &self.disks {
+            tracker.teardown(d).await?;
+            let old = json!({"node": d.node, "name": bitmap_name(d.generation)});
+            tracker
+                .qmp
+                .execute("block-dirty-bitmap-remove", Some(old))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The point could not be stored: fold the old bitmaps into the new ones so the next point
+    /// ships these changes too, then drop the frozen view.
+    pub async fn abort(self, tracker: &mut BitmapTracker) -> Result<(), BitmapError> {
+        let mut first_error = None;
+        for d in &self.disks {
+            let merge = json!({"node": d.node, "target": bitmap_name(d.generation + 1), "bitmaps": [bitmap_name(d.generation)]});
+            let steps = async {
+                // The export publishes the old bitmap; it must be gone before the merge.
+                tracker.teardown(d).await?;
+                tracker
+                    .qmp
+                    .execute("block-dirty-bitmap-merge", Some(merge))
+                    .await?;
+                let old = json!({"node": d.node, "name": bitmap_name(d.generation)});
+                tracker
+                    .qmp
+                    .execute("block-dirty-bitmap-remove", Some(old))
+                    .await?;
+                Ok::<(), BitmapError>(())
+            };
+            if let Err(e) = steps.await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,192 @@
+//! The replica's recovery-point store: per VM and disk, a qcow2 backing chain whose immutable
+//! layers are the retained recovery points.
+//!
+//! # Layout
+//!
+//! ```text
+//! <root>/<vm-guid>/
+//!   .lock                           flock(2) taken by every change (see "Locking")
+//!   p<seq:020>.json                 point metadata (PointInfo); the point is committed iff it exists
+//!   disk<i>/p<seq:020>.qcow2        the layer of point <seq> for disk <i> of the log's disk table
+//!   overlays/<name>/overlay.json    the overlay exists iff this exists (OverlayInfo: base point)
+//!   overlays/<name>/disk<i>.qcow2   writable layer over disk<i>/p<base>.qcow2
+//!   run/                            sockets and pid files of the qemu-nbd helpers of an apply
+//! ```
+//!
+//! The first point (a full-image log) is a standalone qcow2 of each disk's virtual size. Every later
+//! point is a qcow2 whose backing file is the previous retained point's layer, named relative to
+//! its own directory (`-b p<prev>.qcow2 -F qcow2`), so the store can be moved as a whole. A point
+//! is read by opening its layer as qcow2: QEMU follows the chain. A full-image log arriving on a
+//! non-empty store (a resynchronization) starts a new standalone chain; older points stay.
+//!
+//! The store is self-describing and crash-consistent on its own: the set of committed points is
+//! the set of `p<seq>.json` files. The daemon mirrors [`PointStore::list_points`] into its
+//! catalog (the rows `Msvm_VirtualSystemSettingData` recovery snapshots show) and can rebuild that
+//! mirror from the files at any time; the files, not the mirror, are the truth.
+//!
+//! # Invariants
+//!
+//! 1. A committed point's layers exist, pass `qemu-img check`, and show the disk as the primary
+//!    saw it at that point; they are never written in place again. Pruning replaces a layer only by
+//!    rename, with a file that shows the same bytes.
+//! 2. Only committed layers are named as backing files: a new point's backing is the latest
+//!    committed point; an overlay's base is a committed point; prune rebases a child onto the
+//!    backing of the point being merged, which its own commit made valid.
+//! 3. Hence a layer without its `.json` is referenced by nothing, and recovery may delete it. It
+//!    is either a layer of an apply that died before committing (its sequence is above every
+//!    committed one, and no apply builds on an uncommitted point), or a layer of a merged point
+//!    whose child was already rebased away from it.
+//!
+//! # Crash safety
+//!
+//! Every durable step is "write a temporary file, fsync, rename, fsync the directory" (or unlink,
+//! fsync the directory). The table lists, for each step, what a crash (SIGKILL or power loss)
+//! right after it leaves behind, and what recovery — run under the lock by [`PointStore::open`]
+//! and before every change — does with it.
+//!
+//! | operation | step | a crash right after it leaves | recovery |
+//! |---|---|---|---|
+//! | apply N | verify the whole log (read only) | nothing changed | — |
+//! | apply N | `qemu-img create disk<i>/p<N>.qcow2.tmp` (over p<N-1>) | `*.tmp` files | delete `*.tmp` |
+//! | apply N | write the extents through qemu-nbd, NBD flush | `*.tmp` files; maybe a qemu-nbd still running | kill the qemu-nbd (pid file in `run/`), delete `*.tmp` |
+//! | apply N | fsync each tmp, rename it to `p<N>.qcow2`, fsync dir | layers without `p<N>.json` | delete layers without `.json` (invariant 3) |
+//! | apply N | write `p<N>.json` atomically | **point N committed** | — (re-applying the log returns point N) |
+//! | prune j (child c) | copy c to `c.tmp`, `qemu-img rebase` it (safe mode) onto j's backing | `c.tmp` | delete `*.tmp` |
+//! | prune j | fsync `c.tmp`, rename it over c, fsync dir | c over j's backing, same content; j still committed, intact, unreferenced by c | — (the next prune sees c no longer backed by j and only deletes j) |
+//! | prune j | delete `p<j>.json` | j's layers without `.json` | delete layers without `.json` |
+//! | prune j | delete j's layers | **j merged** | — |
+//! | create overlay | mkdir, `qemu-img create` its disks | an overlay dir without `overlay.json` | delete the dir |
+//! | create overlay | write `overlay.json` atomically | **overlay exists**, base pinned | — |
+//! | remove overlay | delete `overlay.json` | an overlay dir without `overlay.json` | delete the dir |
+//! | commit overlay | `qemu-img convert` to `dest/disk<i>.qcow2.tmp`, fsync, rename | the flattened images; the overlay still exists | — (commit again; it overwrites) |
+//!
+//! So at any instant every committed point is intact and the log of an uncommitted point can be
+//! applied again from scratch. A log read for applying is checked to hash as it did when verified.
+//!
+//! Why prune copies the child instead of rebasing it in place: `qemu-img rebase` writes clusters
+//! into the child and then its header; in place, a power cut could tear the header, and a VM
+//! running on an overlay above the child would see its backing file change under it (QEMU also
+//! refuses, holding the image locked). On a copy, the rename switches the path atomically and a
+//! process that has the old child open keeps reading the old inode and the old backing, which
+//! stays alive until closed. So pruning never needs to wait for overlays; it only keeps their base.
+//! The cost is one copy of the child layer (a reflink on XFS or Btrfs). The store never lets QEMU
+//! write into a layer (no live `block-commit` into the chain): committing an overlay flattens it
+//! into a new standalone image instead, which leaves every retained point as it was.
+//!
+//! # Locking
+//!
+//! | operation | lock | why |
+//! |---|---|---|
+//! | [`PointStore::open`] (recovery) | exclusive | recovery deletes files an unfinished change would still be writing |
+//! | [`PointStore::apply`] | exclusive, after verifying the log | recovery, then the new point is built on the latest one |
+//! | [`PointStore::prune`] | exclusive | it replaces child layers and reads the overlay pins |
+//! | [`PointStore::create_overlay`], [`PointStore::remove_overlay`] | exclusive | pins must not change while a prune decides |
+//! | [`PointStore::commit_overlay`] | none while converting, exclusive to remove the overlay | the overlay pins its base; ancestors change only by rename |
+//! | [`PointStore::list_points`], [`PointStore::point_path`], [`PointStore::overlays`] | none | metadata changes only by rename, so a reader sees whole files; a point may be pruned right after it was listed, so a user of a point takes an overlay on it |
+//!
+//! The lock is `flock(2)`, released by the kernel when its holder dies: a killed apply never leaves
+//! the store locked. It orders the processes and tasks of one host; one store has one daemon.
+//!
+//! # Pruning
+//!
+//! [`points_to_keep`] (pure) keeps the latest point, the newest point of each of the last
+//! `recovery_history` hours, every application-consistent point inside that window, and the base
+//! of every overlay. Every other point is merged into its child, oldest first.
+//!
+//! # Limits
+//!
+//! The disk table must not change between points (a resized disk needs a full image). Overlays and
+//! layers use backing names relative to their own directory.
+
+mod apply;
+mod catalog;
+mod durable;
+mod error;
+mod layout;
+mod lock;
+mod meta;
+mod overlay;
+mod policy;
+mod prune;
+mod qemu_img;
+mod recover;
+mod stream;
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+pub use error::{ApplyError, OverlayError, PointCheckError, PruneError, StoreError};
+pub use meta::{OverlayInfo, PointDisk, PointInfo, PointKind};
+pub use policy::{points_to_keep, RetentionPolicy};
+pub use prune::PruneReport;
+pub use qemu_img::QemuImgError;
+
+use layout::Layout;
+use lock::StoreLock;
+
+/// The recovery points of one VM.
+#[derive(Debug, Clone)]
+pub struct PointStore {
+    layout: Layout,
+    vm: Uuid,
+}
+
+impl PointStore {
+    /// Opens (creating if needed) the store of `vm` under `root` and recovers from any interrupted
+    /// change.
+    pub async fn open(root: &Path, vm: Uuid) -> Result<PointStore, StoreError> {
+        let vm_dir = root.join(vm.hyphenated().to_string());
+        std::fs::create_dir_all(&vm_dir).map_err(StoreError::io("create", &vm_dir))?;
+        let store = PointStore { layout: Layout { vm_dir }, vm };
+        let _lock = store.lock().await?;
+        recover::run(&store.layout)?;
+        Ok(store)
+    }
+
+    pub fn vm(&self) -> Uuid {
+        self.vm
+    }
+
+    /// The VM's directory in the store.
+    pub fn dir(&self) -> &Path {
+        &self.layout.vm_dir
+    }
+
+    /// Every committed point, oldest first.
+    pub fn list_points(&self) -> Result<Vec<PointInfo>, StoreError> {
+        catalog::points(&self.layout)
+    }
+
+    /// The newest committed point, if any.
+    pub fn latest_point(&self) -> Result<Option<PointInfo>, StoreError> {
+        Ok(catalog::points(&self.layout)?.pop())
+    }
+
+    /// The layer of point `sequence` for disk `disk` (an index into the point's disk table): open
+    /// it as qcow2 to read the disk as it was at that point.
+    pub fn point_path(&self, sequence: u64, disk: usize) -> Result<PathBuf, StoreError> {
+        let point = catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
+        if disk >= point.disks.len() {
+            return Err(StoreError::UnknownDisk { sequence, disk });
+        }
+        Ok(self.layout.layer(sequence, disk))
+    }
+
+    /// Runs `qemu-img check` on every layer of point `sequence` (a scrub; the store never needs it).
+    pub async fn check_point(&self, sequence: u64) -> Result<(), PointCheckError> {
+        let point = catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
+        for disk in 0..point.disks.len() {
+            let layer = self.layout.layer(sequence, disk);
+            qemu_img::check(&layer)
+                .await
+                .map_err(|source| PointCheckError::Check { sequence, disk, source })?;
+        }
+        Ok(())
+    }
+
+    async fn lock(&self) -> Result<StoreLock, StoreError> {
+        let path = self.layout.lock_file();
+        StoreLock::acquire(&path).await.map_err(StoreError::io("lock", &path))
+    }
+}

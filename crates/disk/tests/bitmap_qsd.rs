@@ -1,0 +1,303 @@
+//! Dirty-bitmap change tracking against a real qemu-storage-daemon: the frozen point is exactly the
+//! disk at the instant of the freeze while the "guest" keeps writing, commit and abort keep every
+//! write, and an unclean stop of QEMU makes tracking report a resynchronization.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use disk::bitmap::{BitmapStatus, BitmapTracker};
+use disk::nbd::NbdClient;
+use uuid::Uuid;
+use wire::{Compression, Content, DiskInfo, Expect, LogHeader, LogReader, LogWriter, PointType};
+
+const SIZE: u64 = 32 << 20;
+
+struct Qsd {
+    child: Child,
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_qsd(dir: &Path, image: &Path) -> Qsd {
+    let (qmp, guest) = (dir.join("qmp.sock"), dir.join("guest.sock"));
+    let _ = std::fs::remove_file(&qmp);
+    let _ = std::fs::remove_file(&guest);
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},cache.direct=off",
+            image.display()
+        ))
+        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", guest.display()))
+        .args([
+            "--export",
+            "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+        ])
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            qmp.display()
+        ))
+        .args(["--monitor", "chardev=qmp0"])
+        .spawn()
+        .expect("qemu-storage-daemon");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(qmp.exists() && guest.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Qsd { child }
+}
+
+/// The "guest": writes through the writable export and into a raw mirror of what the disk holds.
+struct Guest {
+    nbd: NbdClient,
+    mirror: std::fs::File,
+}
+
+impl Guest {
+    async fn write(&mut self, offset: u64, len: usize, seed: u8) {
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
+        self.nbd.write(offset, &data).await.expect("guest write");
+        self.mirror.write_all_at(&data, offset).expect("mirror");
+    }
+}
+
+fn header(seq: u64) -> LogHeader {
+    LogHeader {
+        vm: Uuid::from_u128(9),
+        relationship: 0,
+        sequence: seq,
+        parent: seq - 1,
+        point_time_micros: seq as i64,
+        point_type: PointType::Standard,
+        full_image: false,
+        disks: vec![DiskInfo {
+            id: "disk0".into(),
+            virtual_size: SIZE,
+        }],
+    }
+}
+
+/// Reads the frozen point into a log and applies it onto the replica file.
+async fn ship(
+    point: &disk::bitmap::FrozenPoint,
+    seq: u64,
+    dir: &Path,
+    replica: &Path,
+) -> disk::bitmap::ReadStats {
+    let log_path = dir.join(format!("{seq}.vrlog"));
+    let mut log = LogWriter::new(
+        std::fs::File::create(&log_path).expect("log"),
+        header(seq),
+        Compression::default(),
+    )
+    .expect("writer");
+    let stats = point
+        .read_changes(0, 0, &mut log)
+        .await
+        .expect("read changes");
+    log.finish().expect("finish");
+    let expect = Expect {
+        vm: Uuid::from_u128(9),
+        relationship: 0,
+        sequence: seq,
+        parent: seq - 1,
+    };
+    wire::verify(std::fs::File::open(&log_path).expect("open"), &expect).expect("verify");
+    let mut reader =
+        LogReader::open(std::fs::File::open(&log_path).expect("open"), &expect).expect("reader");
+    let out = OpenOptions::new()
+        .write(true)
+        .open(replica)
+        .expect("replica");
+    while let Some(e) = reader.next_extent().expect("extent") {
+        match e.content {
+            Content::Data(b) => out.write_all_at(b, e.offset).expect("write"),
+            Content::Zero(n) => out
+                .write_all_at(&vec![0; n as usize], e.offset)
+                .expect("zero"),
+        }
+    }
+    stats
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("compare")
+        .success()
+}
+
+fn zero_file(path: &PathBuf) {
+    std::fs::File::create(path)
+        .expect("create")
+        .set_len(SIZE)
+        .expect("size");
+}
+
+#[tokio::test]
+async fn frozen_points_are_exact_while_the_guest_writes_and_no_write_is_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = d.join("disk.qcow2");
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(SIZE.to_string())
+        .status()
+        .expect("img")
+        .success());
+    let (mirror, replica) = (d.join("mirror.raw"), d.join("replica.raw"));
+    zero_file(&mirror);
+    zero_file(&replica);
+    let _qsd = start_qsd(d, &image);
+
+    let mut tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work"))
+        .await
+        .expect("tracker")
+        .with_nbd_server(&d.join("guest.sock"));
+    assert_eq!(
+        tracker.status("disk0").await.expect("status"),
+        BitmapStatus::Missing
+    );
+    tracker.start_tracking("disk0", 1).await.expect("start");
+    assert_eq!(
+        tracker.status("disk0").await.expect("status"),
+        BitmapStatus::Tracking(1)
+    );
+    let nbd = NbdClient::connect_unix(&d.join("guest.sock"), "guest", &[])
+        .await
+        .expect("guest");
+    let mut guest = Guest {
+        nbd,
+        mirror: OpenOptions::new()
+            .write(true)
+            .open(&mirror)
+            .expect("mirror"),
+    };
+
+    // Cycle 1: writes A, freeze, more writes while the frozen view is read.
+    guest.write(0, 70_000, 1).await;
+    guest.write(5 << 20, 200_000, 2).await;
+    guest.write(20 << 20, 4096, 3).await;
+    let frozen_copy = d.join("at-freeze-1.raw");
+    std::fs::copy(&mirror, &frozen_copy).expect("copy");
+    let point = tracker.freeze(&["disk0"]).await.expect("freeze");
+    guest.write(5 << 20, 65536, 4).await; // overwrites frozen data: the point must not see it
+    guest.write(30 << 20, 8192, 5).await;
+    let stats = ship(&point, 2, d, &replica).await;
+    assert!(
+        same(&replica, &frozen_copy),
+        "the shipped point is not the disk at the freeze"
+    );
+    assert!(
+        stats.data_bytes <= 4 * 65536 + 200_000 + 70_000,
+        "shipped far more than the dirty blocks: {stats:?}"
+    );
+    point.commit(&mut tracker).await.expect("commit");
+    assert_eq!(
+        tracker.status("disk0").await.expect("status"),
+        BitmapStatus::Tracking(2)
+    );
+
+    // Cycle 2 fails: its changes fold into the next bitmap and arrive with cycle 3.
+    let point = tracker.freeze(&["disk0"]).await.expect("freeze 2");
+    guest.write(12 << 20, 100_000, 6).await;
+    point.abort(&mut tracker).await.expect("abort");
+    assert_eq!(
+        tracker.status("disk0").await.expect("status"),
+        BitmapStatus::Tracking(3)
+    );
+    guest.write(0, 4096, 7).await;
+    let at_freeze = d.join("at-freeze-3.raw");
+    std::fs::copy(&mirror, &at_freeze).expect("copy");
+    let point = tracker.freeze(&["disk0"]).await.expect("freeze 3");
+    let _ = ship(&point, 3, d, &replica).await;
+    point.commit(&mut tracker).await.expect("commit 3");
+    assert!(
+        same(&replica, &at_freeze),
+        "writes of the aborted cycle were lost"
+    );
+    guest.nbd.disconnect().await.expect("disconnect");
+}
+
+fn kill(mut qsd: Qsd) {
+    qsd.child.kill().expect("SIGKILL");
+    let _ = qsd.child.wait();
+}
+
+#[tokio::test]
+async fn an_unclean_stop_of_qemu_makes_tracking_untrustworthy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = d.join("disk.qcow2");
+    let created = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg(SIZE.to_string()).status();
+    assert!(created.expect("img").success());
+
+    // A bitmap that never reached the image (QEMU killed before any clean close) is gone.
+    let qsd = start_qsd(d, &image);
+    let mut tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
+    tracker.start_tracking("disk0", 1).await.expect("start");
+    drop(tracker);
+    kill(qsd);
+    let qsd = start_qsd(d, &image);
+    let tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
+    let mut tracker = tracker.with_nbd_server(&d.join("guest.sock"));
+    assert_eq!(tracker.status("disk0").await.expect("status"), BitmapStatus::Missing);
+    match tracker.freeze(&["disk0"]).await {
+        Err(disk::bitmap::BitmapError::ResyncRequired { why, .. }) => assert!(why.contains("no tracking bitmap"), "{why}"),
+        Ok(_) => panic!("a disk without a bitmap must not be frozen"),
+        Err(e) => panic!("expected ResyncRequired, got {e}"),
+    }
+
+    // A bitmap stored by a clean quit, loaded again, then QEMU killed: it comes back inconsistent.
+    tracker.start_tracking("disk0", 1).await.expect("start");
+    drop(tracker);
+    {
+        let qmp = disk::qmp::QmpClient::connect(&d.join("qmp.sock"), Duration::from_secs(10)).await.expect("qmp");
+        qmp.quit().await.expect("quit");
+    }
+    let mut qsd = qsd;
+    let _ = qsd.child.wait();
+    drop(qsd);
+    let qsd = start_qsd(d, &image);
+    let mut tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
+    assert_eq!(tracker.status("disk0").await.expect("status"), BitmapStatus::Tracking(1));
+    let mut guest = NbdClient::connect_unix(&d.join("guest.sock"), "guest", &[]).await.expect("guest");
+    guest.write(0, &[1; 4096]).await.expect("write");
+    guest.flush().await.expect("flush");
+    drop(tracker);
+    kill(qsd);
+    let _qsd = start_qsd(d, &image);
+    let tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
+    let mut tracker = tracker.with_nbd_server(&d.join("guest.sock"));
+    assert_eq!(tracker.status("disk0").await.expect("status"), BitmapStatus::Inconsistent(1));
+    match tracker.freeze(&["disk0"]).await {
+        Err(disk::bitmap::BitmapError::ResyncRequired { node, why }) => {
+            assert_eq!(node, "disk0");
+            assert!(why.contains("inconsistent"), "{why}");
+        }
+        Ok(_) => panic!("an inconsistent bitmap must not be frozen"),
+        Err(e) => panic!("expected ResyncRequired, got {e}"),
+    }
+    // Tracking restarts: the inconsistent bitmap is replaced.
+    tracker.start_tracking("disk0", 5).await.expect("restart tracking");
+    assert_eq!(tracker.status("disk0").await.expect("status"), BitmapStatus::Tracking(5));
+}
