@@ -5,7 +5,7 @@
 mod support;
 
 use disk::points::{PointStore, RetentionPolicy};
-use support::{check, same, Source, HOUR, T0};
+use support::{check, same, Source, T0};
 use wire::PointType;
 
 #[tokio::test]
@@ -43,7 +43,6 @@ async fn pruning_merges_dropped_points_and_keeps_every_retained_one_intact() {
     let backing = support::run("qemu-img", &["info", "--output=json", store.point_path(7, 0).expect("path").to_str().expect("utf-8")]);
     assert!(!String::from_utf8_lossy(&backing.stdout).contains("backing-filename"), "the last point is standalone now");
     eprintln!("prune: {:?}", t.elapsed());
-    let _ = HOUR;
 }
 
 async fn assert_retained(store: &PointStore, src: &Source, expected: &[u64]) {
