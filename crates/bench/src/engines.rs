@@ -49,7 +49,10 @@ fn header(size: u64, seq: u64) -> LogHeader {
         point_time_micros: 0,
         point_type: PointType::Standard,
         full_image: seq == 1,
-        disks: vec![DiskInfo { id: "disk0".into(), virtual_size: size }],
+        disks: vec![DiskInfo {
+            id: "disk0".into(),
+            virtual_size: size,
+        }],
     }
 }
 
@@ -67,29 +70,66 @@ pub async fn run_engine(name: &str, dir: &Path) -> anyhow::Result<()> {
     match name {
         "scan-initial" | "scan" => {
             let export_dir = dir.join("run");
-            let export = NbdExport::start(&ExportSpec::new(dir.join("source.qcow2"), "qcow2"), &export_dir, name).await?;
+            let export = NbdExport::start(
+                &ExportSpec::new(dir.join("source.qcow2"), "qcow2"),
+                &export_dir,
+                name,
+            )
+            .await?;
             let mut nbd = export.connect(&["base:allocation"]).await?;
-            let (seq, previous) = if name == "scan" { (2, Some(dir.join("map0.hashes"))) } else { (1, None) };
+            let (seq, previous) = if name == "scan" {
+                (2, Some(dir.join("map0.hashes")))
+            } else {
+                (1, None)
+            };
             let log_path = dir.join(format!("{name}.vrlog"));
-            let mut log = LogWriter::new(std::io::BufWriter::new(File::create(&log_path)?), header(size, seq), Compression::default())?;
+            let mut log = LogWriter::new(
+                std::io::BufWriter::new(File::create(&log_path)?),
+                header(size, seq),
+                Compression::default(),
+            )?;
             let map = dir.join(format!("{name}.hashes"));
-            let (tmp, stats) = scan_disk(&mut nbd, 0, previous.as_deref(), &map, DEFAULT_BLOCK_SIZE, &mut log).await?;
+            let (tmp, stats) = scan_disk(
+                &mut nbd,
+                0,
+                previous.as_deref(),
+                &map,
+                DEFAULT_BLOCK_SIZE,
+                &mut log,
+            )
+            .await?;
             log.finish()?;
             hashmap::commit(&tmp, &map)?;
             nbd.disconnect().await?;
             export.stop().await;
-            std::fs::write(dir.join(format!("{name}.result")), format!("{} {} {}", stats.data_bytes, stats.zero_bytes, stats.read_bytes))?;
+            std::fs::write(
+                dir.join(format!("{name}.result")),
+                format!(
+                    "{} {} {}",
+                    stats.data_bytes, stats.zero_bytes, stats.read_bytes
+                ),
+            )?;
         }
         "bitmap" => {
             let tracker = BitmapTracker::connect(&dir.join("qmp.sock"), &dir.join("run")).await?;
             let mut tracker = tracker.with_nbd_server(&dir.join("guest.sock"));
             let point = tracker.freeze(&["disk0"]).await?;
             let log_path = dir.join("bitmap.vrlog");
-            let mut log = LogWriter::new(std::io::BufWriter::new(File::create(&log_path)?), header(size, 2), Compression::default())?;
+            let mut log = LogWriter::new(
+                std::io::BufWriter::new(File::create(&log_path)?),
+                header(size, 2),
+                Compression::default(),
+            )?;
             let stats = point.read_changes(0, 0, &mut log).await?;
             log.finish()?;
             point.commit(&mut tracker).await?;
-            std::fs::write(dir.join("bitmap.result"), format!("{} {} {}", stats.data_bytes, stats.zero_bytes, stats.dirty_bytes))?;
+            std::fs::write(
+                dir.join("bitmap.result"),
+                format!(
+                    "{} {} {}",
+                    stats.data_bytes, stats.zero_bytes, stats.dirty_bytes
+                ),
+            )?;
         }
         other => bail!("unknown engine {other}"),
     }
@@ -108,13 +148,25 @@ impl Drop for Qsd {
 fn start_qsd(dir: &Path) -> anyhow::Result<Qsd> {
     let child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
-        .arg(format!("driver=file,node-name=file0,filename={},cache.direct=off", dir.join("source.qcow2").display()))
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},cache.direct=off",
+            dir.join("source.qcow2").display()
+        ))
         .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
         .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", dir.join("guest.sock").display()))
-        .args(["--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on"])
+        .arg(format!(
+            "addr.type=unix,addr.path={}",
+            dir.join("guest.sock").display()
+        ))
+        .args([
+            "--export",
+            "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+        ])
         .arg("--chardev")
-        .arg(format!("socket,id=qmp0,path={},server=on,wait=off", dir.join("qmp.sock").display()))
+        .arg(format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            dir.join("qmp.sock").display()
+        ))
         .args(["--monitor", "chardev=qmp0"])
         .spawn()
         .context("qemu-storage-daemon")?;
@@ -135,7 +187,10 @@ fn engine(dir: &Path, name: &str) -> anyhow::Result<Measured> {
 
 fn result(dir: &Path, name: &str) -> anyhow::Result<Vec<u64>> {
     let text = std::fs::read_to_string(dir.join(format!("{name}.result")))?;
-    Ok(text.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+    Ok(text
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect())
 }
 
 fn len(path: &Path) -> u64 {
@@ -152,10 +207,14 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
     let dir: PathBuf = std::fs::canonicalize(dir)?;
     let dir = dir.as_path();
 
-    say(&format!("writing a {} MiB image of random data", size >> 20));
+    say(&format!(
+        "writing a {} MiB image of random data",
+        size >> 20
+    ));
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     {
-        let mut out = std::io::BufWriter::with_capacity(8 << 20, File::create(dir.join("source.raw"))?);
+        let mut out =
+            std::io::BufWriter::with_capacity(8 << 20, File::create(dir.join("source.raw"))?);
         let mut buf = vec![0u8; 4 << 20];
         let mut left = size;
         while left > 0 {
@@ -166,7 +225,10 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
         }
         out.flush()?;
     }
-    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(dir.join("source.raw")).arg(dir.join("source.qcow2")))?;
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(dir.join("source.raw"))
+        .arg(dir.join("source.qcow2")))?;
     std::fs::copy(dir.join("source.raw"), dir.join("replica.raw"))?;
     say("hash map of the unchanged image (the previous point)");
     let initial = engine(dir, "scan-initial")?;
@@ -185,7 +247,9 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
         chosen.insert(rng.below(blocks));
     }
     let mut guest = NbdClient::connect_unix(&dir.join("guest.sock"), "guest", &[]).await?;
-    let mirror = OpenOptions::new().write(true).open(dir.join("source.raw"))?;
+    let mirror = OpenOptions::new()
+        .write(true)
+        .open(dir.join("source.raw"))?;
     let mut data = vec![0u8; BLOCK as usize];
     for b in &chosen {
         rng.fill(&mut data);
@@ -209,28 +273,65 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
         .arg(dir.join("replica.raw"))
         .stdout(Stdio::null()))?;
     say("qemu-img convert (full copy)");
-    let convert = run(Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(dir.join("source.qcow2")).arg(dir.join("full-copy.qcow2")))?;
+    let convert = run(Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(dir.join("source.qcow2"))
+        .arg(dir.join("full-copy.qcow2")))?;
 
     let b = result(dir, "bitmap")?;
     let s = result(dir, "scan")?;
     let secs = |m: &Measured| m.wall.as_secs_f64();
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!();
-    println!("data plane: {} MiB image, {} blocks of 64 KiB rewritten ({} MiB, {change_percent}%)", size >> 20, chosen.len(), changed >> 20);
+    println!(
+        "data plane: {} MiB image, {} blocks of 64 KiB rewritten ({} MiB, {change_percent}%)",
+        size >> 20,
+        chosen.len(),
+        changed >> 20
+    );
     println!();
     println!("| step | seconds | speed vs rsync | log bytes / changed bytes | peak memory (MiB) |");
     println!("|---|---|---|---|---|");
     let row = |name: &str, m: &Measured, log: Option<(u64, u64)>| {
         let ratio = secs(&rsync) / secs(m).max(1e-9);
-        let bytes = log.map_or("—".to_string(), |(raw, file)| format!("{:.3} raw, {:.3} on disk", raw as f64 / changed as f64, file as f64 / changed as f64));
-        println!("| {name} | {:.2} | {ratio:.2}x | {bytes} | {:.0} |", secs(m), mib(m.max_rss_kib));
+        let bytes = log.map_or("—".to_string(), |(raw, file)| {
+            format!(
+                "{:.3} raw, {:.3} on disk",
+                raw as f64 / changed as f64,
+                file as f64 / changed as f64
+            )
+        });
+        println!(
+            "| {name} | {:.2} | {ratio:.2}x | {bytes} | {:.0} |",
+            secs(m),
+            mib(m.max_rss_kib)
+        );
     };
-    row("bitmap engine: freeze, read dirty extents, write log", &bitmap, Some((b[0] + b[1], len(&dir.join("bitmap.vrlog")))));
-    row("hash-scan engine: read, hash, compare, write log", &scan, Some((s[0] + s[1], len(&dir.join("scan.vrlog")))));
+    row(
+        "bitmap engine: freeze, read dirty extents, write log",
+        &bitmap,
+        Some((b[0] + b[1], len(&dir.join("bitmap.vrlog")))),
+    );
+    row(
+        "hash-scan engine: read, hash, compare, write log",
+        &scan,
+        Some((s[0] + s[1], len(&dir.join("scan.vrlog")))),
+    );
     row("rsync --no-whole-file --inplace", &rsync, None);
     row("qemu-img convert (full copy)", &convert, None);
-    row("hash-scan engine, initial full image", &initial, Some((result(dir, "scan-initial")?[0], len(&dir.join("scan-initial.vrlog")))));
+    row(
+        "hash-scan engine, initial full image",
+        &initial,
+        Some((
+            result(dir, "scan-initial")?[0],
+            len(&dir.join("scan-initial.vrlog")),
+        )),
+    );
     println!();
-    println!("hash scan read {} MiB of the {} MiB image.", s[2] >> 20, size >> 20);
+    println!(
+        "hash scan read {} MiB of the {} MiB image.",
+        s[2] >> 20,
+        size >> 20
+    );
     Ok(())
 }

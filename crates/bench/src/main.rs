@@ -40,10 +40,7 @@ enum What {
     },
     /// (internal) one engine, run in a child process so its memory is measured alone.
     #[command(hide = true)]
-    Engine {
-        name: String,
-        dir: PathBuf,
-    },
+    Engine { name: String, dir: PathBuf },
 }
 
 fn parse_size(text: &str) -> anyhow::Result<u64> {
@@ -54,15 +51,23 @@ fn parse_size(text: &str) -> anyhow::Result<u64> {
         Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    let n: u64 = num.parse().with_context(|| format!("'{text}' is not a size"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("'{text}' is not a size"))?;
     Ok(n * mult)
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.what {
-        What::DataPlane { size, change_percent, dir } => {
+        What::DataPlane {
+            size,
+            change_percent,
+            dir,
+        } => {
             let size = parse_size(&size)?;
             rt.block_on(engines::data_plane(size, change_percent, &dir))
         }

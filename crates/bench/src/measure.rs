@@ -15,7 +15,9 @@ pub struct Measured {
 /// Runs `cmd` to completion; fails if it exits non-zero.
 pub fn run(cmd: &mut Command) -> anyhow::Result<Measured> {
     let started = Instant::now();
-    let child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     let pid = i32::try_from(child.id()).context("pid")?;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
@@ -30,5 +32,8 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<Measured> {
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         bail!("{cmd:?} failed (status {status})");
     }
-    Ok(Measured { wall, max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0) })
+    Ok(Measured {
+        wall,
+        max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+    })
 }

@@ -248,21 +248,34 @@ async fn an_unclean_stop_of_qemu_makes_tracking_untrustworthy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let image = d.join("disk.qcow2");
-    let created = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg(SIZE.to_string()).status();
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(SIZE.to_string())
+        .status();
     assert!(created.expect("img").success());
 
     // A bitmap that never reached the image (QEMU killed before any clean close) is gone.
     let qsd = start_qsd(d, &image);
-    let mut tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
+    let mut tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work"))
+        .await
+        .expect("tracker");
     tracker.start_tracking("disk0", 1).await.expect("start");
     drop(tracker);
     kill(qsd);
     let qsd = start_qsd(d, &image);
-    let tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
+    let tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work"))
+        .await
+        .expect("tracker");
     let mut tracker = tracker.with_nbd_server(&d.join("guest.sock"));
-    assert_eq!(tracker.status("disk0").await.expect("status"), BitmapStatus::Missing);
+    assert_eq!(
+        tracker.status("disk0").await.expect("status"),
+        BitmapStatus::Missing
+    );
     match tracker.freeze(&["disk0"]).await {
-        Err(disk::bitmap::BitmapError::ResyncRequired { why, .. }) => assert!(why.contains("no tracking bitmap"), "{why}"),
+        Err(disk::bitmap::BitmapError::ResyncRequired { why, .. }) => {
+            assert!(why.contains("no tracking bitmap"), "{why}")
+        }
         Ok(_) => panic!("a disk without a bitmap must not be frozen"),
         Err(e) => panic!("expected ResyncRequired, got {e}"),
     }
@@ -271,24 +284,38 @@ async fn an_unclean_stop_of_qemu_makes_tracking_untrustworthy() {
     tracker.start_tracking("disk0", 1).await.expect("start");
     drop(tracker);
     {
-        let qmp = disk::qmp::QmpClient::connect(&d.join("qmp.sock"), Duration::from_secs(10)).await.expect("qmp");
+        let qmp = disk::qmp::QmpClient::connect(&d.join("qmp.sock"), Duration::from_secs(10))
+            .await
+            .expect("qmp");
         qmp.quit().await.expect("quit");
     }
     let mut qsd = qsd;
     let _ = qsd.child.wait();
     drop(qsd);
     let qsd = start_qsd(d, &image);
-    let mut tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
-    assert_eq!(tracker.status("disk0").await.expect("status"), BitmapStatus::Tracking(1));
-    let mut guest = NbdClient::connect_unix(&d.join("guest.sock"), "guest", &[]).await.expect("guest");
+    let mut tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work"))
+        .await
+        .expect("tracker");
+    assert_eq!(
+        tracker.status("disk0").await.expect("status"),
+        BitmapStatus::Tracking(1)
+    );
+    let mut guest = NbdClient::connect_unix(&d.join("guest.sock"), "guest", &[])
+        .await
+        .expect("guest");
     guest.write(0, &[1; 4096]).await.expect("write");
     guest.flush().await.expect("flush");
     drop(tracker);
     kill(qsd);
     let _qsd = start_qsd(d, &image);
-    let tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
+    let tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work"))
+        .await
+        .expect("tracker");
     let mut tracker = tracker.with_nbd_server(&d.join("guest.sock"));
-    assert_eq!(tracker.status("disk0").await.expect("status"), BitmapStatus::Inconsistent(1));
+    assert_eq!(
+        tracker.status("disk0").await.expect("status"),
+        BitmapStatus::Inconsistent(1)
+    );
     match tracker.freeze(&["disk0"]).await {
         Err(disk::bitmap::BitmapError::ResyncRequired { node, why }) => {
             assert_eq!(node, "disk0");
@@ -298,6 +325,12 @@ async fn an_unclean_stop_of_qemu_makes_tracking_untrustworthy() {
         Err(e) => panic!("expected ResyncRequired, got {e}"),
     }
     // Tracking restarts: the inconsistent bitmap is replaced.
-    tracker.start_tracking("disk0", 5).await.expect("restart tracking");
-    assert_eq!(tracker.status("disk0").await.expect("status"), BitmapStatus::Tracking(5));
+    tracker
+        .start_tracking("disk0", 5)
+        .await
+        .expect("restart tracking");
+    assert_eq!(
+        tracker.status("disk0").await.expect("status"),
+        BitmapStatus::Tracking(5)
+    );
 }

@@ -20,17 +20,29 @@ const KILLS: usize = 24;
 /// log in order, as the daemon would after a restart.
 #[tokio::test]
 async fn helper_applies_every_log() {
-    let Ok(dir) = std::env::var(HELPER_ENV) else { return };
+    let Ok(dir) = std::env::var(HELPER_ENV) else {
+        return;
+    };
     let dir = PathBuf::from(dir);
-    let store = PointStore::open(&dir.join("store"), support::vm()).await.expect("open");
+    let store = PointStore::open(&dir.join("store"), support::vm())
+        .await
+        .expect("open");
     for n in 1..=VERSIONS {
-        store.apply(&dir.join(format!("{n}.log")), &Source::expect(n)).await.expect("apply");
+        store
+            .apply(&dir.join(format!("{n}.log")), &Source::expect(n))
+            .await
+            .expect("apply");
     }
 }
 
 fn spawn_helper(dir: &Path) -> Child {
     Command::new(std::env::current_exe().expect("test executable"))
-        .args(["--exact", "helper_applies_every_log", "--test-threads=1", "--quiet"])
+        .args([
+            "--exact",
+            "helper_applies_every_log",
+            "--test-threads=1",
+            "--quiet",
+        ])
         .env(HELPER_ENV, dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -50,7 +62,10 @@ fn verify_committed(vm_dir: &Path, src: &Source) -> usize {
         committed = n;
         let layer = vm_dir.join("disk0").join(format!("p{n:020}.qcow2"));
         check(&layer);
-        assert!(same(&layer, &src.raw(n)), "committed point {n} differs from its version");
+        assert!(
+            same(&layer, &src.raw(n)),
+            "committed point {n} differs from its version"
+        );
     }
     committed
 }
@@ -80,14 +95,24 @@ fn killing_the_applier_at_random_instants_never_damages_a_point() {
 
     // How long an uninterrupted run takes: kills land uniformly inside it.
     let start = Instant::now();
-    assert!(spawn_helper(dir.path()).wait().expect("wait").success(), "helper run");
+    assert!(
+        spawn_helper(dir.path()).wait().expect("wait").success(),
+        "helper run"
+    );
     let full = start.elapsed();
     assert_eq!(verify_committed(&vm_dir, &src), VERSIONS);
     std::fs::remove_dir_all(&store_root).expect("reset");
 
-    let seed = std::env::var("POINTS_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64 | 1
-    });
+    let seed = std::env::var("POINTS_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos() as u64
+                | 1
+        });
     eprintln!("kill test: seed {seed}, uninterrupted run {full:?}");
     let mut rng = Rng(seed);
     let (mut kills, mut reached) = (0, [0usize; VERSIONS + 1]);
@@ -110,20 +135,34 @@ fn killing_the_applier_at_random_instants_never_damages_a_point() {
     eprintln!("kill test: {kills} kills; committed points when killed: {reached:?}");
 
     // After the last kill: the interrupted logs re-apply, and every point equals its version.
-    assert!(spawn_helper(dir.path()).wait().expect("wait").success(), "re-apply after kills");
+    assert!(
+        spawn_helper(dir.path()).wait().expect("wait").success(),
+        "re-apply after kills"
+    );
     assert_eq!(verify_committed(&vm_dir, &src), VERSIONS);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let store = PointStore::open(&store_root, support::vm()).await.expect("open");
+        let store = PointStore::open(&store_root, support::vm())
+            .await
+            .expect("open");
         let before = tree(store.dir());
         for n in 1..=VERSIONS {
-            let again = store.apply(&dir.path().join(format!("{n}.log")), &Source::expect(n)).await.expect("re-apply");
+            let again = store
+                .apply(&dir.path().join(format!("{n}.log")), &Source::expect(n))
+                .await
+                .expect("re-apply");
             assert_eq!(again.sequence, n as u64);
         }
-        assert_eq!(tree(store.dir()), before, "re-applying committed logs changes nothing");
+        assert_eq!(
+            tree(store.dir()),
+            before,
+            "re-applying committed logs changes nothing"
+        );
         let leftovers: Vec<_> = tree(store.dir())
             .into_iter()
-            .filter(|(p, _, _)| p.to_string_lossy().ends_with(".tmp") || p.starts_with(store.dir().join("run")))
+            .filter(|(p, _, _)| {
+                p.to_string_lossy().ends_with(".tmp") || p.starts_with(store.dir().join("run"))
+            })
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     });

@@ -15,41 +15,96 @@ async fn pruning_merges_dropped_points_and_keeps_every_retained_one_intact() {
     let src = Source::new(dir.path(), 7);
     // Seven points 40 minutes apart: ages at "now" (version 7 + 10 min) are
     // v1 250, v2 210, v3 170, v4 130, v5 90, v6 50, v7 10 minutes. v2 is application-consistent.
-    let store = PointStore::open(&dir.path().join("store"), support::vm()).await.expect("open");
+    let store = PointStore::open(&dir.path().join("store"), support::vm())
+        .await
+        .expect("open");
     for n in 1..=7 {
         let log = dir.path().join(format!("{n}.log"));
-        let kind = if n == 2 { PointType::ApplicationConsistent } else { PointType::Standard };
+        let kind = if n == 2 {
+            PointType::ApplicationConsistent
+        } else {
+            PointType::Standard
+        };
         src.log(n, T0 + (n as i64 - 1) * 40 * 60_000_000, kind, &log);
         store.apply(&log, &Source::expect(n)).await.expect("apply");
     }
     let now = T0 + 6 * 40 * 60_000_000 + 10 * 60_000_000;
-    let overlay = store.create_overlay(3, "test-failover").await.expect("overlay on 3");
+    let overlay = store
+        .create_overlay(3, "test-failover")
+        .await
+        .expect("overlay on 3");
 
     // History of 3 hours: hour 0 holds v7, v6 (keep 7); hour 1 v5 (keep); hour 2 v4, v3 (keep 4).
     // v3 stays as the overlay's base, v2 is app-consistent but outside the window, v1 goes.
-    let policy = RetentionPolicy { recovery_history: 3, keep_app_consistent: true };
+    let policy = RetentionPolicy {
+        recovery_history: 3,
+        keep_app_consistent: true,
+    };
     let report = store.prune(&policy, now).await.expect("prune");
     assert_eq!(report.merged, vec![1, 2, 6]);
     assert_eq!(report.kept, vec![3, 4, 5, 7]);
     assert_retained(&store, &src, &[3, 4, 5, 7]).await;
-    assert!(same(&overlay[0], &src.raw(3)), "the overlay still shows its base point");
+    assert!(
+        same(&overlay[0], &src.raw(3)),
+        "the overlay still shows its base point"
+    );
 
     // Pruning again changes nothing; without the overlay, a 1-hour history keeps only the latest.
-    assert_eq!(store.prune(&policy, now).await.expect("prune again").merged, Vec::<u64>::new());
-    store.remove_overlay("test-failover").await.expect("remove overlay");
-    let report = store.prune(&RetentionPolicy { recovery_history: 1, keep_app_consistent: true }, now).await.expect("prune");
+    assert_eq!(
+        store.prune(&policy, now).await.expect("prune again").merged,
+        Vec::<u64>::new()
+    );
+    store
+        .remove_overlay("test-failover")
+        .await
+        .expect("remove overlay");
+    let report = store
+        .prune(
+            &RetentionPolicy {
+                recovery_history: 1,
+                keep_app_consistent: true,
+            },
+            now,
+        )
+        .await
+        .expect("prune");
     assert_eq!((report.merged, report.kept), (vec![3, 4, 5], vec![7]));
     assert_retained(&store, &src, &[7]).await;
-    let backing = support::run("qemu-img", &["info", "--output=json", store.point_path(7, 0).expect("path").to_str().expect("utf-8")]);
-    assert!(!String::from_utf8_lossy(&backing.stdout).contains("backing-filename"), "the last point is standalone now");
+    let backing = support::run(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            store
+                .point_path(7, 0)
+                .expect("path")
+                .to_str()
+                .expect("utf-8"),
+        ],
+    );
+    assert!(
+        !String::from_utf8_lossy(&backing.stdout).contains("backing-filename"),
+        "the last point is standalone now"
+    );
     eprintln!("prune: {:?}", t.elapsed());
 }
 
 async fn assert_retained(store: &PointStore, src: &Source, expected: &[u64]) {
-    let points: Vec<u64> = store.list_points().expect("list").iter().map(|p| p.sequence).collect();
+    let points: Vec<u64> = store
+        .list_points()
+        .expect("list")
+        .iter()
+        .map(|p| p.sequence)
+        .collect();
     assert_eq!(points, expected);
-    let files = std::fs::read_dir(store.dir().join("disk0")).expect("disk dir").count();
-    assert_eq!(files, expected.len(), "one layer per retained point, nothing else");
+    let files = std::fs::read_dir(store.dir().join("disk0"))
+        .expect("disk dir")
+        .count();
+    assert_eq!(
+        files,
+        expected.len(),
+        "one layer per retained point, nothing else"
+    );
     for &seq in expected {
         let layer = store.point_path(seq, 0).expect("path");
         check(&layer);

@@ -19,8 +19,15 @@ pub fn vm() -> uuid::Uuid {
 }
 
 pub fn run(program: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -51,17 +58,23 @@ impl Source {
     /// Version 1: a fresh ext4 with one file; every later version writes or removes files.
     pub fn new(dir: &Path, versions: usize) -> Source {
         let v1 = dir.join("v1.raw");
-        std::fs::File::create(&v1).and_then(|f| f.set_len(DISK_SIZE)).expect("raw");
-        run("mkfs.ext4", &["-F", "-q", "-E", "lazy_itable_init=0", p(&v1)]);
-        let src = Source { dir: dir.to_path_buf(), versions: 1 };
-        src.put(1, "a", 1 << 20);
-        let mut src = src;
+        std::fs::File::create(&v1)
+            .and_then(|f| f.set_len(DISK_SIZE))
+            .expect("raw");
+        run(
+            "mkfs.ext4",
+            &["-F", "-q", "-E", "lazy_itable_init=0", p(&v1)],
+        );
+        let mut src = Source {
+            dir: dir.to_path_buf(),
+            versions: 1,
+        };
+        src.put(1, "f1", 1 << 20);
         for n in 2..=versions {
             std::fs::copy(src.raw(n - 1), src.raw(n)).expect("copy version");
             src.versions = n;
-            match n % 3 {
-                0 => src.rm(n, &format!("f{}", n - 2)),
-                _ => {}
+            if n % 3 == 0 {
+                src.rm(n, &format!("f{}", n - 2));
             }
             src.put(n, &format!("f{n}"), (n % 4 + 1) << 20);
         }
@@ -80,12 +93,20 @@ impl Source {
     }
 
     fn rm(&self, version: usize, name: &str) {
-        run("debugfs", &["-w", "-R", &format!("rm {name}"), p(&self.raw(version))]);
+        run(
+            "debugfs",
+            &["-w", "-R", &format!("rm {name}"), p(&self.raw(version))],
+        );
     }
 
     /// The expectation for the log of `version` (sequence = version, parent = version - 1).
     pub fn expect(version: usize) -> Expect {
-        Expect { vm: vm(), relationship: 0, sequence: version as u64, parent: version as u64 - 1 }
+        Expect {
+            vm: vm(),
+            relationship: 0,
+            sequence: version as u64,
+            parent: version as u64 - 1,
+        }
     }
 
     /// Writes the log of `version` to `out`: the whole disk for version 1, otherwise the 64 KiB
@@ -100,19 +121,27 @@ impl Source {
             point_time_micros: time,
             point_type: kind,
             full_image: version == 1,
-            disks: vec![DiskInfo { id: "scsi0".into(), virtual_size: DISK_SIZE }],
+            disks: vec![DiskInfo {
+                id: "scsi0".into(),
+                virtual_size: DISK_SIZE,
+            }],
         };
         let cur = std::fs::read(self.raw(version)).expect("read version");
-        let prev = (version > 1).then(|| std::fs::read(self.raw(version - 1)).expect("read previous"));
+        let prev =
+            (version > 1).then(|| std::fs::read(self.raw(version - 1)).expect("read previous"));
         let file = std::io::BufWriter::new(std::fs::File::create(out).expect("log file"));
         let mut w = LogWriter::new(file, header, Compression::default()).expect("writer");
         for (i, block) in cur.chunks(BLOCK).enumerate() {
             let at = i * BLOCK;
-            if prev.as_ref().is_some_and(|prev| &prev[at..at + block.len()] == block) {
+            if prev
+                .as_ref()
+                .is_some_and(|prev| &prev[at..at + block.len()] == block)
+            {
                 continue;
             }
             if block.iter().all(|&b| b == 0) {
-                w.write_zero(0, at as u64, block.len() as u64).expect("zero");
+                w.write_zero(0, at as u64, block.len() as u64)
+                    .expect("zero");
             } else {
                 w.write_data(0, at as u64, block).expect("data");
             }
@@ -126,7 +155,12 @@ impl Source {
         (1..=self.versions)
             .map(|n| {
                 let path = dir.join(format!("{n}.log"));
-                self.log(n, T0 + (n as i64 - 1) * minutes * 60_000_000, PointType::Standard, &path);
+                self.log(
+                    n,
+                    T0 + (n as i64 - 1) * minutes * 60_000_000,
+                    PointType::Standard,
+                    &path,
+                );
                 path
             })
             .collect()
@@ -136,13 +170,25 @@ impl Source {
 /// `qemu-img compare` of a qcow2 chain against a raw file: true when the guest sees the same bytes.
 pub fn same(qcow2: &Path, raw: &Path) -> bool {
     let out = Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "qcow2", "-F", "raw", p(qcow2), p(raw)])
+        .args([
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(qcow2),
+            p(raw),
+        ])
         .output()
         .expect("qemu-img compare");
     match out.status.code() {
         Some(0) => true,
         Some(1) => false,
-        _ => panic!("qemu-img compare failed: {}", String::from_utf8_lossy(&out.stderr)),
+        _ => panic!(
+            "qemu-img compare failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }
 

@@ -23,7 +23,10 @@ impl PointStore {
     /// instant leaves every committed point intact and the log re-appliable.
     pub async fn apply(&self, log: &Path, expect: &Expect) -> Result<PointInfo, ApplyError> {
         if expect.vm != self.vm {
-            return Err(ApplyError::WrongVm { store: self.vm, log: expect.vm });
+            return Err(ApplyError::WrongVm {
+                store: self.vm,
+                log: expect.vm,
+            });
         }
         let (file, summary) = verify(log, *expect).await?;
         let _lock = self.lock().await?;
@@ -48,7 +51,11 @@ impl PointStore {
 
     /// Creates the point's layers under temporary names: a standalone qcow2 for a full image,
     /// otherwise a layer over the latest point's layer.
-    async fn create_layers(&self, info: &PointInfo, backing: Option<u64>) -> Result<Vec<PathBuf>, ApplyError> {
+    async fn create_layers(
+        &self,
+        info: &PointInfo,
+        backing: Option<u64>,
+    ) -> Result<Vec<PathBuf>, ApplyError> {
         let mut tmps = Vec::with_capacity(info.disks.len());
         for (i, disk) in info.disks.iter().enumerate() {
             let dir = self.layout.disk_dir(i);
@@ -56,7 +63,8 @@ impl PointStore {
             let tmp = tmp_name(&self.layout.layer(info.sequence, i));
             let backing_name = backing.map(layer_name);
             tmps.push(tmp.clone());
-            if let Err(e) = qemu_img::create(&tmp, backing_name.as_deref(), disk.virtual_size).await {
+            if let Err(e) = qemu_img::create(&tmp, backing_name.as_deref(), disk.virtual_size).await
+            {
                 remove_all(&tmps);
                 return Err(e.into());
             }
@@ -86,8 +94,13 @@ async fn verify(log: &Path, expect: Expect) -> Result<(File, LogSummary), ApplyE
     let shown = log.display().to_string();
     let task = tokio::task::spawn_blocking(move || -> Result<(File, LogSummary), ApplyError> {
         let mut file = File::open(&path).map_err(StoreError::io("open", &path))?;
-        let summary = wire::verify(BufReader::with_capacity(1 << 20, &file), &expect)
-            .map_err(|source| ApplyError::Rejected { path: shown, source })?;
+        let summary =
+            wire::verify(BufReader::with_capacity(1 << 20, &file), &expect).map_err(|source| {
+                ApplyError::Rejected {
+                    path: shown,
+                    source,
+                }
+            })?;
         file.rewind().map_err(StoreError::io("rewind", &path))?;
         Ok((file, summary))
     });
@@ -95,7 +108,10 @@ async fn verify(log: &Path, expect: Expect) -> Result<(File, LogSummary), ApplyE
 }
 
 /// The committed point this log already produced, if any; an error if a different log did.
-fn already_applied(points: &[PointInfo], info: &PointInfo) -> Result<Option<PointInfo>, ApplyError> {
+fn already_applied(
+    points: &[PointInfo],
+    info: &PointInfo,
+) -> Result<Option<PointInfo>, ApplyError> {
     let Some(found) = points.iter().find(|p| p.sequence == info.sequence) else {
         return Ok(None);
     };
@@ -114,11 +130,16 @@ fn backing_for(points: &[PointInfo], info: &PointInfo) -> Result<Option<u64>, Ap
     let Some(latest) = points.last() else {
         return match info.full_image {
             true => Ok(None),
-            false => Err(ApplyError::FirstMustBeFull { sequence: info.sequence }),
+            false => Err(ApplyError::FirstMustBeFull {
+                sequence: info.sequence,
+            }),
         };
     };
     if info.sequence <= latest.sequence {
-        return Err(ApplyError::Superseded { sequence: info.sequence, latest: latest.sequence });
+        return Err(ApplyError::Superseded {
+            sequence: info.sequence,
+            latest: latest.sequence,
+        });
     }
     if info.full_image {
         // A resynchronization: a new standalone chain; older points stay as they are.
@@ -132,7 +153,10 @@ fn backing_for(points: &[PointInfo], info: &PointInfo) -> Result<Option<u64>, Ap
         });
     }
     if info.disks != latest.disks {
-        return Err(ApplyError::DiskTableChanged { sequence: info.sequence, parent: latest.sequence });
+        return Err(ApplyError::DiskTableChanged {
+            sequence: info.sequence,
+            parent: latest.sequence,
+        });
     }
     Ok(Some(latest.sequence))
 }
@@ -156,7 +180,10 @@ mod tests {
             time_micros: 0,
             kind: PointKind::Standard,
             full_image: log_parent == 0,
-            disks: vec![PointDisk { id: "d0".into(), virtual_size: size }],
+            disks: vec![PointDisk {
+                id: "d0".into(),
+                virtual_size: size,
+            }],
             log_hash: format!("h{sequence}"),
             log_bytes: 1,
         }
@@ -166,21 +193,43 @@ mod tests {
     fn a_log_fits_only_on_top_of_the_latest_point() {
         let chain = [point(1, 0, 8), point(2, 1, 8)];
         assert_eq!(backing_for(&[], &point(1, 0, 8)).ok(), Some(None));
-        assert!(matches!(backing_for(&[], &point(2, 1, 8)), Err(ApplyError::FirstMustBeFull { sequence: 2 })));
+        assert!(matches!(
+            backing_for(&[], &point(2, 1, 8)),
+            Err(ApplyError::FirstMustBeFull { sequence: 2 })
+        ));
         assert_eq!(backing_for(&chain, &point(3, 2, 8)).ok(), Some(Some(2)));
-        assert_eq!(backing_for(&chain, &point(3, 0, 8)).ok(), Some(None), "resync");
-        assert!(matches!(backing_for(&chain, &point(4, 1, 8)), Err(ApplyError::NotNext { latest: 2, .. })));
-        assert!(matches!(backing_for(&chain, &point(2, 1, 8)), Err(ApplyError::Superseded { .. })));
-        assert!(matches!(backing_for(&chain, &point(3, 2, 16)), Err(ApplyError::DiskTableChanged { .. })));
+        assert_eq!(
+            backing_for(&chain, &point(3, 0, 8)).ok(),
+            Some(None),
+            "resync"
+        );
+        assert!(matches!(
+            backing_for(&chain, &point(4, 1, 8)),
+            Err(ApplyError::NotNext { latest: 2, .. })
+        ));
+        assert!(matches!(
+            backing_for(&chain, &point(2, 1, 8)),
+            Err(ApplyError::Superseded { .. })
+        ));
+        assert!(matches!(
+            backing_for(&chain, &point(3, 2, 16)),
+            Err(ApplyError::DiskTableChanged { .. })
+        ));
     }
 
     #[test]
     fn the_same_sequence_from_another_log_is_refused() {
         let chain = [point(1, 0, 8)];
-        assert_eq!(already_applied(&chain, &point(1, 0, 8)).ok(), Some(Some(point(1, 0, 8))));
+        assert_eq!(
+            already_applied(&chain, &point(1, 0, 8)).ok(),
+            Some(Some(point(1, 0, 8)))
+        );
         let mut other = point(1, 0, 8);
         other.log_hash = "x".into();
-        assert!(matches!(already_applied(&chain, &other), Err(ApplyError::SequenceTaken { .. })));
+        assert!(matches!(
+            already_applied(&chain, &other),
+            Err(ApplyError::SequenceTaken { .. })
+        ));
         assert_eq!(already_applied(&chain, &point(2, 1, 8)).ok(), Some(None));
     }
 }

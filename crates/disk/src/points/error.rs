@@ -38,7 +38,11 @@ pub enum StoreError {
 impl StoreError {
     pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
         let path = path.display().to_string();
-        move |source| StoreError::Io { action, path, source }
+        move |source| StoreError::Io {
+            action,
+            path,
+            source,
+        }
     }
 }
 
@@ -56,8 +60,14 @@ pub enum ApplyError {
     #[error("the store holds no point yet, so the first log must be a full image (sequence {sequence} is a delta)")]
     FirstMustBeFull { sequence: u64 },
     #[error("log {sequence} applies on top of point {parent}, but the latest point is {latest}")]
-    NotNext { sequence: u64, parent: u64, latest: u64 },
-    #[error("log {sequence} is older than the latest point {latest} and its point is not retained")]
+    NotNext {
+        sequence: u64,
+        parent: u64,
+        latest: u64,
+    },
+    #[error(
+        "log {sequence} is older than the latest point {latest} and its point is not retained"
+    )]
     Superseded { sequence: u64, latest: u64 },
     #[error("point {sequence} was already applied from a different log (hash {stored}, this log {offered})")]
     SequenceTaken {
@@ -65,7 +75,9 @@ pub enum ApplyError {
         stored: String,
         offered: String,
     },
-    #[error("log {sequence} changes the disk table of point {parent} (disks added, removed or resized)")]
+    #[error(
+        "log {sequence} changes the disk table of point {parent} (disks added, removed or resized)"
+    )]
     DiskTableChanged { sequence: u64, parent: u64 },
     #[error("the log {path} changed between its verification and its application")]
     LogChanged {

@@ -64,7 +64,10 @@ pub(crate) fn layer_name(seq: u64) -> String {
 
 /// The sequence of a committed-name file `p<seq:020>.<ext>`, or None for anything else.
 pub(crate) fn parse_seq(name: &str, ext: &str) -> Option<u64> {
-    let digits = name.strip_prefix('p')?.strip_suffix(ext)?.strip_suffix('.')?;
+    let digits = name
+        .strip_prefix('p')?
+        .strip_suffix(ext)?
+        .strip_suffix('.')?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

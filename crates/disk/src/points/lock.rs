@@ -28,7 +28,9 @@ impl StoreLock {
                 return Ok(StoreLock { _file: file });
             }
             let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) && err.kind() != io::ErrorKind::Interrupted {
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK)
+                && err.kind() != io::ErrorKind::Interrupted
+            {
                 return Err(err);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -45,7 +47,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(".lock");
         let first = StoreLock::acquire(&path).await.expect("first");
-        let waiting = tokio::time::timeout(Duration::from_millis(100), StoreLock::acquire(&path)).await;
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(100), StoreLock::acquire(&path)).await;
         assert!(waiting.is_err(), "the lock is exclusive");
         drop(first);
         let second = tokio::time::timeout(Duration::from_secs(2), StoreLock::acquire(&path)).await;

@@ -138,7 +138,10 @@ impl PointStore {
     pub async fn open(root: &Path, vm: Uuid) -> Result<PointStore, StoreError> {
         let vm_dir = root.join(vm.hyphenated().to_string());
         std::fs::create_dir_all(&vm_dir).map_err(StoreError::io("create", &vm_dir))?;
-        let store = PointStore { layout: Layout { vm_dir }, vm };
+        let store = PointStore {
+            layout: Layout { vm_dir },
+            vm,
+        };
         let _lock = store.lock().await?;
         recover::run(&store.layout)?;
         Ok(store)
@@ -166,7 +169,8 @@ impl PointStore {
     /// The layer of point `sequence` for disk `disk` (an index into the point's disk table): open
     /// it as qcow2 to read the disk as it was at that point.
     pub fn point_path(&self, sequence: u64, disk: usize) -> Result<PathBuf, StoreError> {
-        let point = catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
+        let point =
+            catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
         if disk >= point.disks.len() {
             return Err(StoreError::UnknownDisk { sequence, disk });
         }
@@ -175,18 +179,25 @@ impl PointStore {
 
     /// Runs `qemu-img check` on every layer of point `sequence` (a scrub; the store never needs it).
     pub async fn check_point(&self, sequence: u64) -> Result<(), PointCheckError> {
-        let point = catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
+        let point =
+            catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
         for disk in 0..point.disks.len() {
             let layer = self.layout.layer(sequence, disk);
             qemu_img::check(&layer)
                 .await
-                .map_err(|source| PointCheckError::Check { sequence, disk, source })?;
+                .map_err(|source| PointCheckError::Check {
+                    sequence,
+                    disk,
+                    source,
+                })?;
         }
         Ok(())
     }
 
     async fn lock(&self) -> Result<StoreLock, StoreError> {
         let path = self.layout.lock_file();
-        StoreLock::acquire(&path).await.map_err(StoreError::io("lock", &path))
+        StoreLock::acquire(&path)
+            .await
+            .map_err(StoreError::io("lock", &path))
     }
 }

@@ -13,13 +13,18 @@ use super::{catalog, qemu_img, recover, PointStore};
 impl PointStore {
     /// Creates overlay `name` on point `sequence` and returns its disk images (disk-table order).
     /// The point is kept by pruning until the overlay is removed or committed.
-    pub async fn create_overlay(&self, sequence: u64, name: &str) -> Result<Vec<PathBuf>, OverlayError> {
+    pub async fn create_overlay(
+        &self,
+        sequence: u64,
+        name: &str,
+    ) -> Result<Vec<PathBuf>, OverlayError> {
         if !valid_overlay_name(name) {
             return Err(OverlayError::BadName(name.to_string()));
         }
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
-        let point = catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
+        let point =
+            catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
         let dir = self.layout.overlay_dir(name);
         if dir.exists() {
             return Err(OverlayError::Exists(name.to_string()));
@@ -33,7 +38,11 @@ impl PointStore {
             durable::sync_file(&path).map_err(StoreError::io("sync", &path))?;
             paths.push(path);
         }
-        let info = OverlayInfo { name: name.to_string(), base: sequence, disks: paths.len() };
+        let info = OverlayInfo {
+            name: name.to_string(),
+            base: sequence,
+            disks: paths.len(),
+        };
         write_meta(&self.layout.overlay_meta(name), &info)?;
         durable::sync_parent(&dir).map_err(StoreError::io("sync", &dir))?;
         Ok(paths)
@@ -53,8 +62,13 @@ impl PointStore {
 
     /// Flattens overlay `name` (its writes over its base point) into standalone qcow2 images
     /// `dest/disk<i>.qcow2`, then removes the overlay. The VM using it must have stopped.
-    pub async fn commit_overlay(&self, name: &str, dest: &Path) -> Result<Vec<PathBuf>, OverlayError> {
-        let info = catalog::overlay(&self.layout, name)?.ok_or_else(|| OverlayError::Unknown(name.to_string()))?;
+    pub async fn commit_overlay(
+        &self,
+        name: &str,
+        dest: &Path,
+    ) -> Result<Vec<PathBuf>, OverlayError> {
+        let info = catalog::overlay(&self.layout, name)?
+            .ok_or_else(|| OverlayError::Unknown(name.to_string()))?;
         std::fs::create_dir_all(dest).map_err(StoreError::io("create", dest))?;
         // No lock while converting: the base point is pinned by the overlay, and a concurrent prune
         // only replaces ancestor layers by rename, which the running convert does not see.

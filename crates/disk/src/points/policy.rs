@@ -74,29 +74,63 @@ mod tests {
             time_micros: NOW - minutes_ago * MIN,
             kind,
             full_image: sequence == 1,
-            disks: vec![PointDisk { id: "d0".into(), virtual_size: 1 }],
+            disks: vec![PointDisk {
+                id: "d0".into(),
+                virtual_size: 1,
+            }],
             log_hash: String::new(),
             log_bytes: 0,
         }
     }
 
     fn keep(points: &[PointInfo], hours: u32, app: bool, pinned: &[u64]) -> Vec<u64> {
-        let policy = RetentionPolicy { recovery_history: hours, keep_app_consistent: app };
-        points_to_keep(points, &policy, NOW, &pinned.iter().copied().collect()).into_iter().collect()
+        let policy = RetentionPolicy {
+            recovery_history: hours,
+            keep_app_consistent: app,
+        };
+        points_to_keep(points, &policy, NOW, &pinned.iter().copied().collect())
+            .into_iter()
+            .collect()
     }
 
     #[test]
     fn hand_written_cases() {
         use PointKind::{ApplicationConsistent as A, Standard as S};
         // Points every 25 minutes for five hours, newest first in time: seq 13 is 0 min old.
-        let points: Vec<_> = (1..=13).map(|s| p(s, (13 - s as i64) * 25, if s % 4 == 0 { A } else { S })).collect();
+        let points: Vec<_> = (1..=13)
+            .map(|s| p(s, (13 - s as i64) * 25, if s % 4 == 0 { A } else { S }))
+            .collect();
         // Ages: 13:0 12:25 11:50 10:75 9:100 8:125 7:150 6:175 5:200 4:225 3:250 2:275 1:300 minutes.
-        assert_eq!(keep(&points, 0, true, &[]), vec![13], "no history: only the latest");
-        assert_eq!(keep(&points, 1, false, &[]), vec![13], "hour 0 holds 13, 12, 11; 13 is newest");
-        assert_eq!(keep(&points, 2, false, &[]), vec![10, 13], "hour 1 (60..120 min) holds 10, 9");
-        assert_eq!(keep(&points, 3, false, &[]), vec![8, 10, 13], "hour 2 (120..180) holds 8, 7, 6");
-        assert_eq!(keep(&points, 3, true, &[]), vec![8, 10, 12, 13], "app-consistent 12 is in the window; 4 is not");
-        assert_eq!(keep(&points, 1, false, &[2, 99]), vec![2, 13], "overlay bases stay; unknown pins are ignored");
+        assert_eq!(
+            keep(&points, 0, true, &[]),
+            vec![13],
+            "no history: only the latest"
+        );
+        assert_eq!(
+            keep(&points, 1, false, &[]),
+            vec![13],
+            "hour 0 holds 13, 12, 11; 13 is newest"
+        );
+        assert_eq!(
+            keep(&points, 2, false, &[]),
+            vec![10, 13],
+            "hour 1 (60..120 min) holds 10, 9"
+        );
+        assert_eq!(
+            keep(&points, 3, false, &[]),
+            vec![8, 10, 13],
+            "hour 2 (120..180) holds 8, 7, 6"
+        );
+        assert_eq!(
+            keep(&points, 3, true, &[]),
+            vec![8, 10, 12, 13],
+            "app-consistent 12 is in the window; 4 is not"
+        );
+        assert_eq!(
+            keep(&points, 1, false, &[2, 99]),
+            vec![2, 13],
+            "overlay bases stay; unknown pins are ignored"
+        );
         assert_eq!(
             keep(&points, 24, true, &[]),
             vec![1, 3, 4, 5, 8, 10, 12, 13],
@@ -106,7 +140,10 @@ mod tests {
 
     #[test]
     fn the_latest_always_stays_and_future_points_count_as_now() {
-        let points = [p(1, 600, PointKind::Standard), p(2, -30, PointKind::Standard)];
+        let points = [
+            p(1, 600, PointKind::Standard),
+            p(2, -30, PointKind::Standard),
+        ];
         assert_eq!(keep(&points, 0, true, &[]), vec![2]);
         assert_eq!(keep(&points[..1], 0, true, &[]), vec![1]);
         assert!(keep(&[], 5, true, &[]).is_empty());

@@ -25,11 +25,18 @@ pub struct PruneReport {
 impl PointStore {
     /// Drops every point the policy does not keep at `now_micros` (see
     /// [`points_to_keep`]); the base of every overlay is kept.
-    pub async fn prune(&self, policy: &RetentionPolicy, now_micros: i64) -> Result<PruneReport, PruneError> {
+    pub async fn prune(
+        &self,
+        policy: &RetentionPolicy,
+        now_micros: i64,
+    ) -> Result<PruneReport, PruneError> {
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
         let mut points = catalog::points(&self.layout)?;
-        let pinned: BTreeSet<u64> = catalog::overlays(&self.layout)?.iter().map(|o| o.base).collect();
+        let pinned: BTreeSet<u64> = catalog::overlays(&self.layout)?
+            .iter()
+            .map(|o| o.base)
+            .collect();
         let keep = points_to_keep(&points, policy, now_micros, &pinned);
         let mut report = PruneReport::default();
         let mut i = 0;
@@ -50,14 +57,20 @@ impl PointStore {
 
     /// Merges point `j` into `child` (the next retained point) and deletes `j`.
     async fn merge(&self, j: &PointInfo, child: &PointInfo) -> Result<(), PruneError> {
-        let fail = |source| PruneError::Merge { sequence: j.sequence, child: child.sequence, source };
+        let fail = |source| PruneError::Merge {
+            sequence: j.sequence,
+            child: child.sequence,
+            source,
+        };
         for disk in 0..child.disks.len() {
             let layer = self.layout.layer(child.sequence, disk);
             let backing = qemu_img::backing_of(&layer).await.map_err(fail)?;
             if backing.as_deref() != Some(layer_name(j.sequence).as_str()) {
                 continue; // standalone (a resynchronization) or already merged before a crash
             }
-            let below = qemu_img::backing_of(&self.layout.layer(j.sequence, disk)).await.map_err(fail)?;
+            let below = qemu_img::backing_of(&self.layout.layer(j.sequence, disk))
+                .await
+                .map_err(fail)?;
             rebase_by_copy(&layer, below.as_deref(), fail).await?;
         }
         // Uncommit first: from here on the layers are garbage that recovery would delete too.
@@ -67,7 +80,11 @@ impl PointStore {
             let layer = self.layout.layer(j.sequence, disk);
             durable::remove_durable(&layer).map_err(StoreError::io("remove", &layer))?;
         }
-        tracing::debug!(sequence = j.sequence, child = child.sequence, "merged a recovery point");
+        tracing::debug!(
+            sequence = j.sequence,
+            child = child.sequence,
+            "merged a recovery point"
+        );
         Ok(())
     }
 }

@@ -56,7 +56,11 @@ async fn run(verb: &'static str, image: &Path, args: &[&OsStr]) -> Result<Vec<u8
 
 /// Creates a qcow2 of `size` bytes at `path`: a standalone image, or a layer over `backing`
 /// (a file name relative to `path`'s directory, qcow2).
-pub(crate) async fn create(path: &Path, backing: Option<&str>, size: u64) -> Result<(), QemuImgError> {
+pub(crate) async fn create(
+    path: &Path,
+    backing: Option<&str>,
+    size: u64,
+) -> Result<(), QemuImgError> {
     let size = size.to_string();
     let mut args: Vec<&OsStr> = vec![os("-q"), os("-f"), os("qcow2")];
     if let Some(b) = backing {
@@ -69,12 +73,19 @@ pub(crate) async fn create(path: &Path, backing: Option<&str>, size: u64) -> Res
 /// The backing file name recorded in `path`'s header, exactly as written (None: standalone).
 /// `-U` reads the header even while QEMU holds the image open.
 pub(crate) async fn backing_of(path: &Path) -> Result<Option<String>, QemuImgError> {
-    let args = [os("-U"), os("--output=json"), os("-f"), os("qcow2"), path.as_os_str()];
+    let args = [
+        os("-U"),
+        os("--output=json"),
+        os("-f"),
+        os("qcow2"),
+        path.as_os_str(),
+    ];
     let out = run("info", path, &args).await?;
-    let info: serde_json::Value = serde_json::from_slice(&out).map_err(|source| QemuImgError::BadInfo {
-        image: path.display().to_string(),
-        source,
-    })?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&out).map_err(|source| QemuImgError::BadInfo {
+            image: path.display().to_string(),
+            source,
+        })?;
     Ok(info
         .get("backing-filename")
         .and_then(|v| v.as_str())

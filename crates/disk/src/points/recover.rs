@@ -23,7 +23,10 @@ use crate::export::reap_stray_exports;
 pub(crate) fn run(layout: &Layout) -> Result<(), StoreError> {
     let reaped = reap_stray_exports(&layout.run_dir());
     if reaped > 0 {
-        tracing::info!(reaped, "killed qemu-nbd helpers left by an interrupted apply");
+        tracing::info!(
+            reaped,
+            "killed qemu-nbd helpers left by an interrupted apply"
+        );
     }
     remove_tmp_files(&layout.vm_dir)?;
     let committed: BTreeSet<u64> = catalog::points(layout)?

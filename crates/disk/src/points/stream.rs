@@ -21,8 +21,16 @@ const BATCH_BYTES: usize = 4 << 20;
 const BATCHES_IN_FLIGHT: usize = 4;
 
 enum Piece {
-    Data { disk: usize, offset: u64, bytes: Vec<u8> },
-    Zero { disk: usize, offset: u64, len: u64 },
+    Data {
+        disk: usize,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    Zero {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// Writes every extent of the (already verified) log in `file` into the layers `tmps` (one per
@@ -43,11 +51,19 @@ pub(crate) async fn write_log(
         let spec = ExportSpec::new(tmp, "qcow2").writable();
         let export = NbdExport::start(&spec, &layout.run_dir(), &format!("apply-disk{disk}"))
             .await
-            .map_err(|source| ApplyError::Export { sequence, disk, source })?;
+            .map_err(|source| ApplyError::Export {
+                sequence,
+                disk,
+                source,
+            })?;
         let client = export
             .connect(&[])
             .await
-            .map_err(|source| ApplyError::Export { sequence, disk, source })?;
+            .map_err(|source| ApplyError::Export {
+                sequence,
+                disk,
+                source,
+            })?;
         exports.push(export);
         clients.push(client);
     }
@@ -68,7 +84,11 @@ pub(crate) async fn write_log(
     }
     check_same_log(read, log, verified)?;
     for (disk, client) in clients.into_iter().enumerate() {
-        finish(client).await.map_err(|source| ApplyError::Write { sequence, disk, source })?;
+        finish(client).await.map_err(|source| ApplyError::Write {
+            sequence,
+            disk,
+            source,
+        })?;
     }
     for export in exports {
         export.stop().await;
@@ -86,17 +106,34 @@ fn check_same_log(
     match read {
         Ok(Some(summary)) if summary.hash == verified.hash => Ok(()),
         Ok(_) => Err(ApplyError::LogChanged { path, source: None }),
-        Err(e) => Err(ApplyError::LogChanged { path, source: Some(e) }),
+        Err(e) => Err(ApplyError::LogChanged {
+            path,
+            source: Some(e),
+        }),
     }
 }
 
-async fn write_batch(clients: &mut [NbdClient], batch: Vec<Piece>, sequence: u64) -> Result<(), ApplyError> {
+async fn write_batch(
+    clients: &mut [NbdClient],
+    batch: Vec<Piece>,
+    sequence: u64,
+) -> Result<(), ApplyError> {
     for piece in batch {
         let (disk, result) = match piece {
-            Piece::Data { disk, offset, bytes } => (disk, clients[disk].write(offset, &bytes).await),
-            Piece::Zero { disk, offset, len } => (disk, clients[disk].write_zeroes(offset, len).await),
+            Piece::Data {
+                disk,
+                offset,
+                bytes,
+            } => (disk, clients[disk].write(offset, &bytes).await),
+            Piece::Zero { disk, offset, len } => {
+                (disk, clients[disk].write_zeroes(offset, len).await)
+            }
         };
-        result.map_err(|source| ApplyError::Write { sequence, disk, source })?;
+        result.map_err(|source| ApplyError::Write {
+            sequence,
+            disk,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -121,7 +158,11 @@ fn read_log(
         batch.push(match extent.content {
             Content::Data(data) => {
                 bytes += data.len();
-                Piece::Data { disk, offset, bytes: data.to_vec() }
+                Piece::Data {
+                    disk,
+                    offset,
+                    bytes: data.to_vec(),
+                }
             }
             Content::Zero(len) => Piece::Zero { disk, offset, len },
         });
