@@ -18,6 +18,7 @@ command -v wbemcli >/dev/null || missing+=(sblim-wbemcli)
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
+command -v nbdinfo >/dev/null || missing+=(libnbd-bin)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
     SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
