@@ -1,8 +1,11 @@
 //! The benchmark's steps and the engines it times.
+//!
+//! The disk is a raw image with a qcow2 metadata overlay (`disk::raw`): qemu-storage-daemon opens
+//! the overlay, so a persistent dirty bitmap tracks the guest's writes, which land in the raw file
+//! itself; rsync and the hash scan read that raw file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,19 +71,11 @@ fn image_size(dir: &Path) -> anyhow::Result<u64> {
 pub async fn run_engine(name: &str, dir: &Path) -> anyhow::Result<()> {
     let size = image_size(dir)?;
     match name {
-        "scan-initial" | "scan" => {
-            let export_dir = dir.join("run");
-            let export = NbdExport::start(
-                &ExportSpec::new(dir.join("source.qcow2"), "qcow2"),
-                &export_dir,
-                name,
-            )
-            .await?;
-            let mut nbd = export.connect(&["base:allocation"]).await?;
-            let (seq, previous) = if name == "scan" {
-                (2, Some(dir.join("map0.hashes")))
-            } else {
-                (1, None)
+        "scan-initial" | "scan" | "scan-nbd" => {
+            // scan-initial / scan read the raw disk directly; scan-nbd reads it through qemu-nbd.
+            let (seq, previous) = match name {
+                "scan-initial" => (1, None),
+                _ => (2, Some(dir.join("map0.hashes"))),
             };
             let log_path = dir.join(format!("{name}.vrlog"));
             let mut log = LogWriter::new(
@@ -89,8 +84,28 @@ pub async fn run_engine(name: &str, dir: &Path) -> anyhow::Result<()> {
                 Compression::default(),
             )?;
             let map = dir.join(format!("{name}.hashes"));
+            let raw = File::open(dir.join("source.raw"))?;
+            let export = match name {
+                "scan-nbd" => Some(
+                    NbdExport::start(
+                        &ExportSpec::new(dir.join("source.meta.qcow2"), "qcow2"),
+                        &dir.join("run"),
+                        name,
+                    )
+                    .await?,
+                ),
+                _ => None,
+            };
+            let mut nbd = match &export {
+                Some(e) => Some(e.connect(&["base:allocation"]).await?),
+                None => None,
+            };
+            let mut source = match nbd.as_mut() {
+                Some(n) => disk::scan::Source::Nbd(n),
+                None => disk::scan::Source::RawFile(&raw),
+            };
             let (tmp, stats) = scan_disk(
-                &mut nbd,
+                &mut source,
                 0,
                 previous.as_deref(),
                 &map,
@@ -100,8 +115,12 @@ pub async fn run_engine(name: &str, dir: &Path) -> anyhow::Result<()> {
             .await?;
             log.finish()?;
             hashmap::commit(&tmp, &map)?;
-            nbd.disconnect().await?;
-            export.stop().await;
+            if let Some(n) = nbd {
+                n.disconnect().await?;
+            }
+            if let Some(e) = export {
+                e.stop().await;
+            }
             std::fs::write(
                 dir.join(format!("{name}.result")),
                 format!(
@@ -132,9 +151,18 @@ pub async fn run_engine(name: &str, dir: &Path) -> anyhow::Result<()> {
             )?;
         }
         "apply" => {
-            let store = disk::points::PointStore::open(&dir.join("replica-store"), Uuid::from_u128(1)).await?;
-            let expect = wire::Expect { vm: Uuid::from_u128(1), relationship: 0, sequence: 1, parent: 0 };
-            store.apply(&dir.join("scan-initial.vrlog"), &expect).await?;
+            let store =
+                disk::points::PointStore::open(&dir.join("replica-store"), Uuid::from_u128(1))
+                    .await?;
+            let expect = wire::Expect {
+                vm: Uuid::from_u128(1),
+                relationship: 0,
+                sequence: 1,
+                parent: 0,
+            };
+            store
+                .apply(&dir.join("scan-initial.vrlog"), &expect)
+                .await?;
         }
         other => bail!("unknown engine {other}"),
     }
@@ -155,7 +183,7 @@ fn start_qsd(dir: &Path) -> anyhow::Result<Qsd> {
         .arg("--blockdev")
         .arg(format!(
             "driver=file,node-name=file0,filename={},cache.direct=off",
-            dir.join("source.qcow2").display()
+            dir.join("source.meta.qcow2").display()
         ))
         .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
         .arg("--nbd-server")
@@ -230,10 +258,8 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
         }
         out.flush()?;
     }
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(dir.join("source.raw"))
-        .arg(dir.join("source.qcow2")))?;
+    // A raw disk, tracked through a qcow2 metadata overlay (the raw file stays plain raw).
+    disk::raw::create_metadata_overlay(&dir.join("source.raw"), &dir.join("source.meta.qcow2"))?;
     std::fs::copy(dir.join("source.raw"), dir.join("replica.raw"))?;
     say("hash map of the unchanged image (the previous point)");
     let initial = engine(dir, "scan-initial")?;
@@ -251,26 +277,24 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
     while (chosen.len() as u64) < target.min(blocks) {
         chosen.insert(rng.below(blocks));
     }
+    // The guest's writes land in source.raw itself (data_file_raw), which rsync then reads.
     let mut guest = NbdClient::connect_unix(&dir.join("guest.sock"), "guest", &[]).await?;
-    let mirror = OpenOptions::new()
-        .write(true)
-        .open(dir.join("source.raw"))?;
     let mut data = vec![0u8; BLOCK as usize];
     for b in &chosen {
         rng.fill(&mut data);
         guest.write(b * BLOCK, &data).await?;
-        mirror.write_all_at(&data, b * BLOCK)?;
     }
     guest.flush().await?;
     guest.disconnect().await?;
-    mirror.sync_all()?;
     let changed = chosen.len() as u64 * BLOCK;
 
     say("bitmap engine");
     let bitmap = engine(dir, "bitmap")?;
     drop(qsd);
-    say("hash-scan engine");
+    say("hash-scan engine, raw file read directly");
     let scan = engine(dir, "scan")?;
+    say("hash-scan engine, through qemu-nbd");
+    let scan_nbd = engine(dir, "scan-nbd")?;
     say("rsync --no-whole-file --inplace");
     let rsync = run(Command::new("rsync")
         .args(["--no-whole-file", "--inplace"])
@@ -279,14 +303,15 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
         .stdout(Stdio::null()))?;
     say("qemu-img convert (full copy)");
     let convert = run(Command::new("qemu-img")
-        .args(["convert", "-O", "qcow2"])
-        .arg(dir.join("source.qcow2"))
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(dir.join("source.raw"))
         .arg(dir.join("full-copy.qcow2")))?;
     say("apply the initial full-image log on the replica");
     let apply = engine(dir, "apply")?;
 
     let b = result(dir, "bitmap")?;
     let s = result(dir, "scan")?;
+    let sn = result(dir, "scan-nbd")?;
     let secs = |m: &Measured| m.wall.as_secs_f64();
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!();
@@ -320,9 +345,14 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
         Some((b[0] + b[1], len(&dir.join("bitmap.vrlog")))),
     );
     row(
-        "hash-scan engine: read, hash, compare, write log",
+        "hash-scan engine, raw file read directly: read, hash, compare, write log",
         &scan,
         Some((s[0] + s[1], len(&dir.join("scan.vrlog")))),
+    );
+    row(
+        "hash-scan engine, through qemu-nbd",
+        &scan_nbd,
+        Some((sn[0] + sn[1], len(&dir.join("scan-nbd.vrlog")))),
     );
     row("rsync --no-whole-file --inplace", &rsync, None);
     row("qemu-img convert (full copy)", &convert, None);
@@ -334,7 +364,11 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
             len(&dir.join("scan-initial.vrlog")),
         )),
     );
-    row("apply of the initial full-image log (replica)", &apply, None);
+    row(
+        "apply of the initial full-image log (replica)",
+        &apply,
+        None,
+    );
     println!();
     println!(
         "hash scan read {} MiB of the {} MiB image.",

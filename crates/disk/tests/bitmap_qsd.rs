@@ -339,34 +339,55 @@ async fn an_unclean_stop_of_qemu_makes_tracking_untrustworthy() {
 async fn a_raw_disk_is_tracked_through_a_qcow2_metadata_overlay_and_stays_raw() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
+    // A raw disk that already holds data: the overlay must keep it.
     let raw = d.join("disk.raw");
-    zero_file(&raw);
+    let data: Vec<u8> = (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(&raw, &data).expect("raw");
     let meta = d.join("disk.meta.qcow2");
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o"])
-        .arg(format!("data_file={},data_file_raw=on", raw.display()))
-        .arg(&meta)
-        .arg(SIZE.to_string())
-        .status();
-    assert!(created.expect("img").success());
+    disk::raw::create_metadata_overlay(&raw, &meta).expect("metadata overlay");
+    assert!(
+        std::fs::read(&raw).expect("read") == data,
+        "creating the overlay changed the raw disk"
+    );
     let (mirror, replica) = (d.join("mirror.raw"), d.join("replica.raw"));
-    zero_file(&mirror);
-    zero_file(&replica);
+    std::fs::copy(&raw, &mirror).expect("mirror");
+    std::fs::copy(&raw, &replica).expect("replica");
     let _qsd = start_qsd(d, &meta);
-    let tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work")).await.expect("tracker");
+    let tracker = BitmapTracker::connect(&d.join("qmp.sock"), &d.join("work"))
+        .await
+        .expect("tracker");
     let mut tracker = tracker.with_nbd_server(&d.join("guest.sock"));
     tracker.start_tracking("disk0", 1).await.expect("start");
-    let nbd = NbdClient::connect_unix(&d.join("guest.sock"), "guest", &[]).await.expect("guest");
-    let mut guest = Guest { nbd, mirror: OpenOptions::new().write(true).open(&mirror).expect("mirror") };
+    let nbd = NbdClient::connect_unix(&d.join("guest.sock"), "guest", &[])
+        .await
+        .expect("guest");
+    let mut guest = Guest {
+        nbd,
+        mirror: OpenOptions::new()
+            .write(true)
+            .open(&mirror)
+            .expect("mirror"),
+    };
     guest.write(3 << 20, 100_000, 11).await;
     guest.write(17 << 20, 4096, 12).await;
     guest.nbd.flush().await.expect("flush");
     let point = tracker.freeze(&["disk0"]).await.expect("freeze");
     let stats = ship(&point, 2, d, &replica).await;
     point.commit(&mut tracker).await.expect("commit");
-    assert!(same(&replica, &mirror), "the shipped point is not what the guest wrote");
-    assert!(stats.data_bytes <= 3 * 65536 + 65536, "only the dirty blocks are shipped: {stats:?}");
+    assert!(
+        same(&replica, &mirror),
+        "the shipped point is not what the guest wrote"
+    );
+    assert!(
+        stats.data_bytes <= 3 * 65536 + 65536,
+        "only the dirty blocks are shipped: {stats:?}"
+    );
     // The raw file itself holds the guest's bytes: it stays a plain raw image.
-    assert!(same(&raw, &mirror), "the raw data file is not byte-identical to what the guest wrote");
+    assert!(
+        same(&raw, &mirror),
+        "the raw data file is not byte-identical to what the guest wrote"
+    );
     guest.nbd.disconnect().await.expect("disconnect");
 }

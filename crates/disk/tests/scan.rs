@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use disk::export::{ExportSpec, NbdExport};
-use disk::scan::{hashmap, scan_disk, ScanError, DEFAULT_BLOCK_SIZE};
+use disk::scan::{hashmap, scan_disk, ScanError, Source, DEFAULT_BLOCK_SIZE};
 use uuid::Uuid;
 use wire::{Compression, Content, DiskInfo, Expect, LogHeader, LogReader, LogWriter, PointType};
 
@@ -93,7 +93,7 @@ async fn scan(
     )
     .expect("writer");
     let result = scan_disk(
-        &mut nbd,
+        &mut Source::Nbd(&mut nbd),
         0,
         previous,
         &dir.join("disk0.hashes"),
@@ -251,4 +251,69 @@ async fn a_size_change_requires_resynchronization() {
         Err(ScanError::ResyncRequired(why)) => assert!(why.contains("size"), "{why}"),
         other => panic!("expected ResyncRequired, got {:?}", other.map(|r| r.1)),
     }
+}
+
+#[tokio::test]
+async fn reading_a_raw_file_directly_finds_the_same_blocks_as_reading_through_qemu_nbd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let v1 = make_fs(d);
+    let src = d.join("src.qcow2");
+    to_qcow2(&v1, &src);
+    let (_, via_nbd, nbd_map) = scan(&src, d, 1, None).await.expect("scan via NBD");
+
+    let file = std::fs::File::open(&v1).expect("open raw");
+    let log_path = d.join("direct.vrlog");
+    let mut log = LogWriter::new(
+        std::fs::File::create(&log_path).expect("log"),
+        header(1, 0),
+        Compression::default(),
+    )
+    .expect("writer");
+    let (direct_map, direct) = scan_disk(
+        &mut Source::RawFile(&file),
+        0,
+        None,
+        &d.join("direct.hashes"),
+        DEFAULT_BLOCK_SIZE,
+        &mut log,
+    )
+    .await
+    .expect("direct scan");
+    log.finish().expect("finish");
+    assert_eq!(direct.changed_blocks, via_nbd.changed_blocks);
+    assert_eq!(direct.data_bytes, via_nbd.data_bytes);
+    assert!(
+        direct.read_bytes < SIZE,
+        "holes of the raw file must not be read"
+    );
+    assert_eq!(
+        std::fs::read(direct_map).expect("map"),
+        std::fs::read(nbd_map).expect("map"),
+        "the two maps differ"
+    );
+    let replica = d.join("replica.raw");
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(SIZE.to_string())
+        .arg(&replica));
+    let expect = Expect {
+        vm: Uuid::from_u128(7),
+        relationship: 0,
+        sequence: 1,
+        parent: 0,
+    };
+    wire::verify(std::fs::File::open(&log_path).expect("open"), &expect).expect("verify");
+    let mut reader =
+        LogReader::open(std::fs::File::open(&log_path).expect("open"), &expect).expect("reader");
+    let out = OpenOptions::new()
+        .write(true)
+        .open(&replica)
+        .expect("replica");
+    while let Some(extent) = reader.next_extent().expect("extent") {
+        if let Content::Data(bytes) = extent.content {
+            out.write_all_at(bytes, extent.offset).expect("write");
+        }
+    }
+    assert!(identical(&replica, &v1));
 }

@@ -11,13 +11,16 @@
 //! (the replica starts from an empty, sparse image).
 
 pub mod hashmap;
+mod source;
+
+pub use source::Source;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use wire::{LogEncodeError, LogWriter};
 
-use crate::nbd::{Extent, NbdClient, NbdError};
+use crate::nbd::{Extent, NbdError};
 use hashmap::{block_count, block_hash, HashMapError, MapReader, MapWriter, ZERO};
 
 /// Default block size of the hash map.
@@ -124,11 +127,11 @@ fn all_zero(extents: &[Extent], offset: u64, len: u64) -> bool {
     pos >= end
 }
 
-/// Scans the disk behind `nbd` (connected with `base:allocation`) into `log` as disk `disk_index`,
+/// Scans the disk `source` into `log` as disk `disk_index`,
 /// comparing with `previous` (the map of the last shipped point, None for a full image). Writes the
 /// new map to `<map_path>.tmp` and returns that path for [`hashmap::commit`].
 pub async fn scan_disk<W: Write>(
-    nbd: &mut NbdClient,
+    source: &mut Source<'_>,
     disk_index: u32,
     previous: Option<&Path>,
     map_path: &Path,
@@ -136,7 +139,7 @@ pub async fn scan_disk<W: Write>(
     log: &mut LogWriter<W>,
 ) -> Result<(PathBuf, ScanStats), ScanError> {
     hashmap::check_block_size(block_size)?;
-    let size = nbd.size();
+    let size = source.size()?;
     let mut old = match previous {
         Some(p) => Some(MapReader::open(p)?),
         None => None,
@@ -171,11 +174,7 @@ pub async fn scan_disk<W: Write>(
     let mut buf = Vec::new();
     while chunk_start < size {
         let chunk_len = MAP_CHUNK.min(size - chunk_start);
-        let extents = if nbd.context_id("base:allocation").is_some() {
-            nbd.map("base:allocation", chunk_start, chunk_len).await?
-        } else {
-            Vec::new()
-        };
+        let extents = source.allocation(chunk_start, chunk_len).await?;
         let mut off = chunk_start;
         let chunk_end = chunk_start + chunk_len;
         while off < chunk_end {
@@ -190,7 +189,7 @@ pub async fn scan_disk<W: Write>(
             if run_end > off {
                 let run_len = usize::try_from(run_end - off).unwrap_or(usize::MAX);
                 buf.resize(run_len, 0);
-                nbd.read(off, &mut buf).await?;
+                source.read(off, &mut buf).await?;
                 stats.read_bytes += run_end - off;
                 for block in buf.chunks(block_size as usize) {
                     let hash = block_hash(block);
