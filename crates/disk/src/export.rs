@@ -1,8 +1,9 @@
 //! Supervised `qemu-nbd` exports: how the data plane opens an image of any format QEMU supports.
 //!
-//! [`NbdExport::start`] runs `qemu-nbd` in the foreground (never `--fork`) on a private unix socket
-//! in a directory of ours, waits until it accepts connections, and records its pid in a pid file
-//! next to the socket. Dropping the export kills the process and removes both files, and
+//! [`NbdExport::start`] runs `qemu-nbd` in the foreground (never `--fork`) on a private unix socket,
+//! waits until it accepts connections, and records its pid (and socket) in a pid file in a
+//! directory of ours. A unix socket path must stay under 108 bytes, so when the directory is deep
+//! the socket goes into a private (0700) directory under the system's temporary directory. Dropping the export kills the process and removes both files, and
 //! [`reap_stray_exports`] kills what a crashed daemon left behind, so no helper process outlives
 //! its owner. A process that dies is noticed by [`NbdExport::check_alive`].
 
@@ -87,8 +88,8 @@ impl NbdExport {
             path: dir.display().to_string(),
             source,
         })?;
-        let socket = dir.join(format!("{name}.nbd.sock"));
         let pid_file = dir.join(format!("{name}.nbd.pid"));
+        let socket = socket_path(dir, name)?;
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new("qemu-nbd");
         cmd.arg("--socket")
@@ -117,7 +118,7 @@ impl NbdExport {
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(ExportError::Spawn)?;
         if let Some(pid) = child.id() {
-            let _ = std::fs::write(&pid_file, pid.to_string());
+            let _ = std::fs::write(&pid_file, format!("{pid}\n{}\n", socket.display()));
         }
         let image = spec.image.display().to_string();
         let deadline = Instant::now() + START_TIMEOUT;
@@ -174,7 +175,7 @@ impl NbdExport {
     }
 
     fn cleanup(&self) {
-        let _ = std::fs::remove_file(&self.socket);
+        remove_socket(&self.socket);
         let _ = std::fs::remove_file(&self.pid_file);
     }
 }
@@ -184,6 +185,53 @@ impl Drop for NbdExport {
         // kill_on_drop ends the process; the files go with it.
         let _ = self.child.start_kill();
         self.cleanup();
+    }
+}
+
+/// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Prefix of the private socket directories made under the temporary directory.
+const SHORT_DIR_PREFIX: &str = "vmr-nbd-";
+
+/// `<dir>/<name>.nbd.sock`, or a socket in a fresh private directory when that path is too long.
+fn socket_path(dir: &Path, name: &str) -> Result<PathBuf, ExportError> {
+    let natural = dir.join(format!("{name}.nbd.sock"));
+    if natural.as_os_str().len() <= MAX_SOCKET_PATH {
+        return Ok(natural);
+    }
+    let short = std::env::temp_dir().join(format!("{SHORT_DIR_PREFIX}{:016x}", random_u64()));
+    std::fs::create_dir(&short).map_err(|source| ExportError::Dir {
+        path: short.display().to_string(),
+        source,
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o700));
+    Ok(short.join("s"))
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Removes a socket, and its private directory if it has one.
+fn remove_socket(socket: &Path) {
+    let _ = std::fs::remove_file(socket);
+    if let Some(parent) = socket.parent() {
+        let private = parent
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(SHORT_DIR_PREFIX));
+        if private {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
@@ -209,9 +257,13 @@ pub fn reap_stray_exports(dir: &Path) -> usize {
         if !name.ends_with(".nbd.pid") {
             continue;
         }
-        let pid = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok());
+        // Line 1: the pid; line 2: the socket (which may live in a private directory).
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut lines = text.lines();
+        let pid = lines.next().and_then(|t| t.trim().parse::<u32>().ok());
+        if let Some(socket) = lines.next().filter(|s| !s.is_empty()) {
+            remove_socket(Path::new(socket));
+        }
         if let Some(pid) = pid {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if comm.trim() == "qemu-nbd" {

@@ -5,6 +5,15 @@ use std::time::Duration;
 
 use disk::export::{reap_stray_exports, ExportSpec, NbdExport};
 
+/// The pid recorded on the first line of a pid file.
+fn pid_of(path: &std::path::Path) -> u32 {
+    let text = std::fs::read_to_string(path).expect("pid file");
+    text.lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("pid")
+}
+
 /// qemu-nbd runs as `pid` (a zombie waiting for its parent to reap it does not count).
 fn alive(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -34,11 +43,7 @@ async fn an_export_serves_the_image_and_leaves_nothing_behind() {
         let export = NbdExport::start(&ExportSpec::new(&img, fmt).writable(), dir.path(), fmt)
             .await
             .expect("start");
-        let pid: u32 = std::fs::read_to_string(dir.path().join(format!("{fmt}.nbd.pid")))
-            .expect("pid file")
-            .trim()
-            .parse()
-            .expect("pid");
+        let pid = pid_of(&dir.path().join(format!("{fmt}.nbd.pid")));
         assert!(alive(pid));
         let mut nbd = export.connect(&["base:allocation"]).await.expect("connect");
         assert_eq!(nbd.size(), 8 << 20);
@@ -70,11 +75,7 @@ async fn a_bad_image_is_a_clear_error_and_strays_are_reaped() {
     let export = NbdExport::start(&ExportSpec::new(&img, "qcow2"), dir.path(), "stray")
         .await
         .expect("start");
-    let pid: u32 = std::fs::read_to_string(dir.path().join("stray.nbd.pid"))
-        .expect("pid")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = pid_of(&dir.path().join("stray.nbd.pid"));
     std::mem::forget(export); // as if the owner died without dropping it
     assert!(alive(pid));
     assert_eq!(reap_stray_exports(dir.path()), 1);
@@ -86,4 +87,24 @@ async fn a_bad_image_is_a_clear_error_and_strays_are_reaped() {
     }
     assert!(!alive(pid));
     assert!(!dir.path().join("stray.nbd.pid").exists());
+}
+
+#[tokio::test]
+async fn a_deep_directory_gets_a_short_private_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deep = dir.path().join("a".repeat(60)).join("b".repeat(60));
+    std::fs::create_dir_all(&deep).expect("mkdir");
+    let img = image(dir.path(), "qcow2");
+    let export = NbdExport::start(&ExportSpec::new(&img, "qcow2"), &deep, "deep")
+        .await
+        .expect("start");
+    let socket = export.socket().to_path_buf();
+    assert!(socket.as_os_str().len() < 108, "{}", socket.display());
+    let nbd = export.connect(&[]).await.expect("connect");
+    nbd.disconnect().await.expect("disconnect");
+    export.stop().await;
+    assert!(
+        !socket.exists() && !socket.parent().expect("dir").exists(),
+        "the private socket directory was left"
+    );
 }

@@ -92,6 +92,13 @@ enum Verb {
         #[arg(long)]
         path: Option<String>,
     },
+    /// Import an initial replica exported to offline media (Import-VMInitialReplication).
+    Import {
+        vm: String,
+        /// The folder StartReplication --type export wrote (or the folder above it).
+        #[arg(long)]
+        path: String,
+    },
     /// Suspend replication (Suspend-VMReplication).
     Suspend { vm: String },
     /// Resume replication (Resume-VMReplication).
@@ -467,6 +474,13 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
                 ..OperationArgs::default()
             };
             replication(vm, Operation::StartReplication(kind), args)
+        }
+        Verb::Import { vm, path } => {
+            let args = OperationArgs {
+                location: Some(absolute(&path)?),
+                ..OperationArgs::default()
+            };
+            replication(vm, Operation::ImportInitialReplica, args)
         }
         Verb::Suspend { vm } => replication(
             vm,

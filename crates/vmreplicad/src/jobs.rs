@@ -61,10 +61,22 @@ impl From<StoreError> for JobFailure {
 /// What the work of a job sees: progress reporting and cancellation.
 #[derive(Clone)]
 pub struct JobContext {
+    id: String,
+    store: Arc<Store>,
     cancel: Arc<AtomicBool>,
 }
 
 impl JobContext {
+    /// Records progress (0-100) as the job's PercentComplete.
+    pub fn progress(&self, percent: u16) -> StoreResult<()> {
+        if let Some(mut job) = self.store.get_job(&self.id)? {
+            job.percent = percent.min(100);
+            job.last_change = now();
+            self.store.put_job(&job)?;
+        }
+        Ok(())
+    }
+
     /// Ends the work early when a cancel was requested.
     pub fn check_cancelled(&self) -> Result<(), JobFailure> {
         if self.cancel.load(Ordering::SeqCst) {
@@ -154,7 +166,11 @@ impl JobEngine {
         self.store.put_job(&job)?;
         let cancel = Arc::new(AtomicBool::new(false));
         self.lock_running().insert(job.id.clone(), cancel.clone());
-        let ctx = JobContext { cancel };
+        let ctx = JobContext {
+            id: job.id.clone(),
+            store: self.store.clone(),
+            cancel,
+        };
         let engine = self.clone();
         let id = job.id.clone();
         tokio::spawn(async move {

@@ -133,12 +133,21 @@ async fn main() -> anyhow::Result<()> {
             "jobs that were running when the daemon stopped are marked failed"
         );
     }
+    let engine = engine::LocalEngine {
+        store: store.clone(),
+        jobs: jobs.clone(),
+        data_dir: args.data_dir.clone(),
+    };
+    let reaped = disk::export::reap_stray_exports(&args.data_dir.join("run"));
+    if reaped > 0 {
+        tracing::warn!(reaped, "killed qemu-nbd processes left by an earlier run");
+    }
     let service = Arc::new(service::Service {
         store,
         jobs: jobs.clone(),
         host: args.host_name.clone().unwrap_or_else(system_host_name),
         cert_dir: args.data_dir.join("certs"),
-        engine: Arc::new(engine::NoEngine),
+        engine: Arc::new(engine),
         claims: claims::VmClaims::default(),
     });
     tokio::spawn(async move {

@@ -73,6 +73,19 @@ impl RelationshipRow {
     }
 }
 
+/// One retained recovery point of a replica VM: the catalog row that `Msvm_VirtualSystemSettingData`
+/// recovery snapshots show. The point store's files are the truth; this mirrors them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointRow {
+    pub vm: Uuid,
+    pub sequence: u64,
+    pub time_micros: i64,
+    /// Standard, ApplicationConsistent or PlannedFailover.
+    pub kind: String,
+    pub full_image: bool,
+    pub log_hash: String,
+}
+
 /// One `Msvm_Error` recorded on a failed job.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobErrorInfo {
@@ -114,6 +127,10 @@ CREATE TABLE IF NOT EXISTS relationships (
 CREATE TABLE IF NOT EXISTS service_settings (id INTEGER PRIMARY KEY CHECK (id = 1), settings TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS authorization_entries (
     host TEXT PRIMARY KEY COLLATE NOCASE, trust_group TEXT NOT NULL, storage_location TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS recovery_points (
+    vm TEXT NOT NULL REFERENCES vms(id), sequence INTEGER NOT NULL, time_micros INTEGER NOT NULL,
+    kind TEXT NOT NULL, full_image INTEGER NOT NULL, log_hash TEXT NOT NULL,
+    PRIMARY KEY (vm, sequence));
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, job_type INTEGER NOT NULL, state INTEGER NOT NULL, percent INTEGER NOT NULL,
     error_code INTEGER NOT NULL, error_description TEXT, errors TEXT NOT NULL, vm TEXT,
@@ -339,6 +356,61 @@ impl Store {
         }
         tx.commit()?;
         Ok(true)
+    }
+
+    // ---- recovery points ----
+
+    /// Replaces the catalog rows of `vm` with `points` (the store's current list).
+    pub fn put_recovery_points(&self, vm: Uuid, points: &[PointRow]) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM recovery_points WHERE vm = ?1",
+            [vm.to_string()],
+        )?;
+        for p in points {
+            let seq = i64::try_from(p.sequence)
+                .map_err(|_| StoreError::Corrupt(format!("sequence {}", p.sequence)))?;
+            tx.execute(
+                "INSERT INTO recovery_points (vm, sequence, time_micros, kind, full_image, log_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![vm.to_string(), seq, p.time_micros, p.kind, p.full_image, p.log_hash],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn recovery_points(&self, vm: Uuid) -> StoreResult<Vec<PointRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT sequence, time_micros, kind, full_image, log_hash FROM recovery_points
+             WHERE vm = ?1 ORDER BY sequence",
+        )?;
+        let rows = stmt.query_map([vm.to_string()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, time_micros, kind, full_image, log_hash) = row?;
+            let sequence =
+                u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("sequence {seq}")))?;
+            out.push(PointRow {
+                vm,
+                sequence,
+                time_micros,
+                kind,
+                full_image,
+                log_hash,
+            });
+        }
+        Ok(out)
     }
 
     // ---- jobs ----

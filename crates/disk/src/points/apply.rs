@@ -1,26 +1,29 @@
-//! Applying one replication log: verify it, write every disk's new layer under a temporary name,
-//! rename the layers into place, then commit the point by writing its metadata file.
+//! Applying one replication log in one pass: read and check its header, write every disk's new
+//! layer under a temporary name while the rest of the log is read and verified, and only once
+//! the trailer matched rename the layers into place and commit the point by writing its metadata
+//! file.
 
-use std::fs::File;
-use std::io::{BufReader, Seek};
 use std::path::{Path, PathBuf};
 
-use wire::{Expect, LogSummary};
+use wire::Expect;
 
 use super::durable::{self, tmp_name};
 use super::error::{ApplyError, StoreError};
 use super::layout::layer_name;
 use super::meta::PointInfo;
-use super::stream::write_log;
+use super::stream::{self, write_log};
 use super::{catalog, qemu_img, recover, PointStore};
 
 impl PointStore {
     /// Applies the log at `log` as the next recovery point and returns it.
     ///
-    /// The whole log is verified first (checksums, trailer hash, and `expect`: VM, relationship,
-    /// sequence, parent); a rejected log changes nothing. Applying a log whose point is already
-    /// committed returns that point (a re-sent log, or a re-run after a crash). A crash at any
-    /// instant leaves every committed point intact and the log re-appliable.
+    /// The header is read and checked first (`expect`: VM, relationship, sequence, parent; then,
+    /// under the lock, whether the log fits the chain), before any layer exists. The rest of the
+    /// log is verified (checksums, trailer hash) while its extents are written into temporary
+    /// layers that nothing references; a log rejected on the way loses those layers and changes
+    /// nothing. Applying a log whose point is already committed verifies it and returns that point
+    /// (a re-sent log, or a re-run after a crash). A crash at any instant leaves every committed
+    /// point intact and the log re-appliable.
     pub async fn apply(&self, log: &Path, expect: &Expect) -> Result<PointInfo, ApplyError> {
         if expect.vm != self.vm {
             return Err(ApplyError::WrongVm {
@@ -28,22 +31,29 @@ impl PointStore {
                 log: expect.vm,
             });
         }
-        let (file, summary) = verify(log, *expect).await?;
+        let reader = stream::open(log, expect).await?;
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
         let points = catalog::points(&self.layout)?;
-        let info = PointInfo::from_summary(&summary);
-        if let Some(done) = already_applied(&points, &info)? {
-            tracing::info!(sequence = info.sequence, "log already applied");
+        // The point as the header describes it; its hash and length are known at the trailer.
+        let planned = PointInfo::from_header(reader.header());
+        if let Some(found) = points.iter().find(|p| p.sequence == planned.sequence) {
+            // Rare (a re-sent log): verify the whole log, then compare it with the committed one.
+            let summary = stream::verify_rest(reader, log).await?;
+            let done = already_applied(found, &PointInfo::from_summary(&summary))?;
+            tracing::info!(sequence = done.sequence, "log already applied");
             return Ok(done);
         }
-        let backing = backing_for(&points, &info)?;
-        let tmps = self.create_layers(&info, backing).await?;
-        let written = write_log(&self.layout, file, log, expect, &tmps, &summary).await;
-        if let Err(e) = written {
-            remove_all(&tmps);
-            return Err(e);
-        }
+        let backing = backing_for(&points, &planned)?;
+        let tmps = self.create_layers(&planned, backing).await?;
+        let summary = match write_log(&self.layout, reader, log, &tmps).await {
+            Ok(summary) => summary,
+            Err(e) => {
+                remove_all(&tmps);
+                return Err(e);
+            }
+        };
+        let info = PointInfo::from_summary(&summary);
         self.commit(&info, &tmps)?;
         tracing::info!(sequence = info.sequence, "recovery point committed");
         Ok(info)
@@ -88,41 +98,17 @@ impl PointStore {
     }
 }
 
-/// Verifies the whole log in a blocking task; returns the open file (rewound) and its summary.
-async fn verify(log: &Path, expect: Expect) -> Result<(File, LogSummary), ApplyError> {
-    let path = log.to_path_buf();
-    let shown = log.display().to_string();
-    let task = tokio::task::spawn_blocking(move || -> Result<(File, LogSummary), ApplyError> {
-        let mut file = File::open(&path).map_err(StoreError::io("open", &path))?;
-        let summary =
-            wire::verify(BufReader::with_capacity(1 << 20, &file), &expect).map_err(|source| {
-                ApplyError::Rejected {
-                    path: shown,
-                    source,
-                }
-            })?;
-        file.rewind().map_err(StoreError::io("rewind", &path))?;
-        Ok((file, summary))
-    });
-    task.await.map_err(ApplyError::ReaderTask)?
-}
-
-/// The committed point this log already produced, if any; an error if a different log did.
-fn already_applied(
-    points: &[PointInfo],
-    info: &PointInfo,
-) -> Result<Option<PointInfo>, ApplyError> {
-    let Some(found) = points.iter().find(|p| p.sequence == info.sequence) else {
-        return Ok(None);
-    };
-    if found.log_hash != info.log_hash {
+/// The committed point `found` if the verified log `offered` (same sequence) is the one that
+/// produced it; an error if a different log did.
+fn already_applied(found: &PointInfo, offered: &PointInfo) -> Result<PointInfo, ApplyError> {
+    if found.log_hash != offered.log_hash {
         return Err(ApplyError::SequenceTaken {
-            sequence: info.sequence,
+            sequence: offered.sequence,
             stored: found.log_hash.clone(),
-            offered: info.log_hash.clone(),
+            offered: offered.log_hash.clone(),
         });
     }
-    Ok(Some(found.clone()))
+    Ok(found.clone())
 }
 
 /// Which committed point the new layers go on (None: standalone), or why the log does not fit.
@@ -219,17 +205,16 @@ mod tests {
 
     #[test]
     fn the_same_sequence_from_another_log_is_refused() {
-        let chain = [point(1, 0, 8)];
+        let committed = point(1, 0, 8);
         assert_eq!(
-            already_applied(&chain, &point(1, 0, 8)).ok(),
-            Some(Some(point(1, 0, 8)))
+            already_applied(&committed, &point(1, 0, 8)).ok(),
+            Some(point(1, 0, 8))
         );
         let mut other = point(1, 0, 8);
         other.log_hash = "x".into();
         assert!(matches!(
-            already_applied(&chain, &other),
+            already_applied(&committed, &other),
             Err(ApplyError::SequenceTaken { .. })
         ));
-        assert_eq!(already_applied(&chain, &point(2, 1, 8)).ok(), Some(None));
     }
 }

@@ -79,11 +79,6 @@ pub enum ApplyError {
         "log {sequence} changes the disk table of point {parent} (disks added, removed or resized)"
     )]
     DiskTableChanged { sequence: u64, parent: u64 },
-    #[error("the log {path} changed between its verification and its application")]
-    LogChanged {
-        path: String,
-        source: Option<LogDecodeError>,
-    },
     #[error("writing disk {disk} of point {sequence} failed")]
     Write {
         sequence: u64,
@@ -96,7 +91,7 @@ pub enum ApplyError {
         disk: usize,
         source: ExportError,
     },
-    #[error("the log reading task failed")]
+    #[error("a task reading the log or writing a layer failed")]
     ReaderTask(#[source] tokio::task::JoinError),
     #[error(transparent)]
     QemuImg(#[from] QemuImgError),

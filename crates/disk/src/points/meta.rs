@@ -3,7 +3,7 @@
 //! recovery snapshots show).
 
 use serde::{Deserialize, Serialize};
-use wire::{LogSummary, PointType};
+use wire::{LogHeader, LogSummary, PointType};
 
 /// How a point was taken (the log header's point type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,8 +52,9 @@ pub struct PointInfo {
 }
 
 impl PointInfo {
-    pub(crate) fn from_summary(summary: &LogSummary) -> PointInfo {
-        let h = &summary.header;
+    /// The point a log will be once applied, from its header alone: `log_hash` and `log_bytes`
+    /// are only known at the trailer (see [`PointInfo::from_summary`]) and are left empty.
+    pub(crate) fn from_header(h: &LogHeader) -> PointInfo {
         PointInfo {
             sequence: h.sequence,
             log_parent: h.parent,
@@ -68,8 +69,17 @@ impl PointInfo {
                     virtual_size: d.virtual_size,
                 })
                 .collect(),
+            log_hash: String::new(),
+            log_bytes: 0,
+        }
+    }
+
+    /// The point of a verified log.
+    pub(crate) fn from_summary(summary: &LogSummary) -> PointInfo {
+        PointInfo {
             log_hash: hex(&summary.hash),
             log_bytes: summary.bytes,
+            ..PointInfo::from_header(&summary.header)
         }
     }
 }

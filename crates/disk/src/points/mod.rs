@@ -46,9 +46,11 @@
 //!
 //! | operation | step | a crash right after it leaves | recovery |
 //! |---|---|---|---|
-//! | apply N | verify the whole log (read only) | nothing changed | — |
+//! | apply N | read and check the log's header (`Expect`), then, under the lock, its fit on the chain | nothing changed | — |
 //! | apply N | `qemu-img create disk<i>/p<N>.qcow2.tmp` (over p<N-1>) | `*.tmp` files | delete `*.tmp` |
-//! | apply N | write the extents through qemu-nbd, NBD flush | `*.tmp` files; maybe a qemu-nbd still running | kill the qemu-nbd (pid file in `run/`), delete `*.tmp` |
+//! | apply N | read and verify the rest of the log while writing its extents through qemu-nbd (several connections per disk) | `*.tmp` files; maybe a qemu-nbd still running | kill the qemu-nbd (pid file in `run/`), delete `*.tmp` |
+//! | apply N | the trailer does not match, or a frame is bad: stop the exports, delete the `*.tmp` files, return `Rejected` | nothing changed (or `*.tmp` files if killed while deleting) | delete `*.tmp` |
+//! | apply N | the trailer matched: NBD flush on every connection, stop the exports | `*.tmp` files | delete `*.tmp` |
 //! | apply N | fsync each tmp, rename it to `p<N>.qcow2`, fsync dir | layers without `p<N>.json` | delete layers without `.json` (invariant 3) |
 //! | apply N | write `p<N>.json` atomically | **point N committed** | — (re-applying the log returns point N) |
 //! | prune j (child c) | copy c to `c.tmp`, `qemu-img rebase` it (safe mode) onto j's backing | `c.tmp` | delete `*.tmp` |
@@ -61,7 +63,11 @@
 //! | commit overlay | `qemu-img convert` to `dest/disk<i>.qcow2.tmp`, fsync, rename | the flattened images; the overlay still exists | — (commit again; it overwrites) |
 //!
 //! So at any instant every committed point is intact and the log of an uncommitted point can be
-//! applied again from scratch. A log read for applying is checked to hash as it did when verified.
+//! applied again from scratch. A log is read once: its extents go into the temporary layers as
+//! their frames check out, but nothing is renamed or committed before the trailer matched, so a
+//! log rejected halfway (or a crash halfway) leaves only `*.tmp` files, which nothing references.
+//! A log whose point is already committed is verified in full (no layer is created) and compared
+//! with the committed point by its hash.
 //!
 //! Why prune copies the child instead of rebasing it in place: `qemu-img rebase` writes clusters
 //! into the child and then its header; in place, a power cut could tear the header, and a VM
@@ -78,7 +84,7 @@
 //! | operation | lock | why |
 //! |---|---|---|
 //! | [`PointStore::open`] (recovery) | exclusive | recovery deletes files an unfinished change would still be writing |
-//! | [`PointStore::apply`] | exclusive, after verifying the log | recovery, then the new point is built on the latest one |
+//! | [`PointStore::apply`] | exclusive, after reading and checking the log's header; held while the rest is verified and written | recovery, then the new point is built on the latest one |
 //! | [`PointStore::prune`] | exclusive | it replaces child layers and reads the overlay pins |
 //! | [`PointStore::create_overlay`], [`PointStore::remove_overlay`] | exclusive | pins must not change while a prune decides |
 //! | [`PointStore::commit_overlay`] | none while converting, exclusive to remove the overlay | the overlay pins its base; ancestors change only by rename |

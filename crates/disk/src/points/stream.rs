@@ -1,182 +1,380 @@
-//! Streaming a verified log into the new layers: one blocking task reads the log and hands owned
-//! batches of extents over a bounded channel to the writer, which sends them to one writable
-//! qemu-nbd export per disk. Data extents become NBD writes; zero extents become NBD
-//! WRITE_ZEROES without NO_HOLE, which qcow2 records as zero clusters (no data is allocated).
+//! Reading a log once, verifying it while its extents go into the new (uncommitted) layers.
+//!
+//! One blocking task runs the [`LogReader`] (CPU-bound: checksums, BLAKE3, zstd). It routes every
+//! extent to one of [`CONNECTIONS`] NBD connections per disk, all to the same writable qemu-nbd
+//! export of that disk's temporary layer. The route is the stripe of the bytes:
+//! `offset / STRIPE % CONNECTIONS`, and an extent that crosses a stripe boundary is split there.
+//! So extents touching the same bytes always travel on the same connection, in log order, and a
+//! later extent overwrites an earlier one as the format says (overlaps are allowed, later wins).
+//! Each connection is driven by its own task fed by a bounded channel of batches; a batch owns
+//! one data buffer that goes back to the reader once written, so memory stays bounded by
+//! `(BATCHES_IN_FLIGHT + 2) * BATCH_BYTES` per connection and buffers are reused, not reallocated.
+//! Data extents become NBD writes (adjacent ones merged); zero extents become NBD WRITE_ZEROES
+//! without NO_HOLE, which qcow2 records as zero clusters (no data is allocated).
+//!
+//! Nothing read here is trusted before the trailer matched: the layers written are temporary and
+//! referenced by nothing, and the caller deletes them when this returns an error.
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use wire::{Content, Expect, LogDecodeError, LogReader, LogSummary};
 
-use super::error::ApplyError;
+use super::error::{ApplyError, StoreError};
 use super::layout::Layout;
 use crate::export::{ExportSpec, NbdExport};
-use crate::nbd::NbdClient;
+use crate::nbd::{NbdClient, NbdError};
 
-/// Bytes of data per batch handed from the reader to the writer.
-const BATCH_BYTES: usize = 4 << 20;
-/// Batches in flight between reader and writer.
-const BATCHES_IN_FLIGHT: usize = 4;
+/// NBD connections per disk (qemu-nbd runs with `--shared=4`).
+const CONNECTIONS: usize = 3;
+/// Bytes of a disk that always go over the same connection. Small enough that a sequential log
+/// keeps every connection busy (several stripes fit in the batches in flight), large enough that
+/// a write rarely splits, and a multiple of the qcow2 cluster size.
+const STRIPE: u64 = 1 << 20;
+/// Most data bytes in one batch.
+const BATCH_BYTES: usize = 1 << 20;
+/// Most operations in one batch (bounds the memory of logs made of tiny extents).
+const BATCH_OPS: usize = 4096;
+/// Batches queued per connection.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// Read buffer of the log file.
+const READ_BUFFER: usize = 1 << 20;
 
-enum Piece {
-    Data {
-        disk: usize,
-        offset: u64,
-        bytes: Vec<u8>,
-    },
-    Zero {
-        disk: usize,
-        offset: u64,
-        len: u64,
-    },
+/// A log whose header was read and checked.
+pub(crate) type OpenLog = LogReader<BufReader<File>>;
+
+/// Opens the log and reads and checks its header against `expect` (in a blocking task).
+pub(crate) async fn open(log: &Path, expect: &Expect) -> Result<OpenLog, ApplyError> {
+    let path = log.to_path_buf();
+    let expect = *expect;
+    let task = tokio::task::spawn_blocking(move || -> Result<OpenLog, ApplyError> {
+        let file = File::open(&path).map_err(StoreError::io("open", &path))?;
+        LogReader::open(BufReader::with_capacity(READ_BUFFER, file), &expect)
+            .map_err(|source| rejected(&path, source))
+    });
+    task.await.map_err(ApplyError::ReaderTask)?
 }
 
-/// Writes every extent of the (already verified) log in `file` into the layers `tmps` (one per
-/// disk, in disk-table order), flushes them and stops their exports. Fails if the log read now
-/// differs from the verified one.
+/// Reads the rest of the log without applying it and returns its summary if it checks out.
+pub(crate) async fn verify_rest(mut reader: OpenLog, log: &Path) -> Result<LogSummary, ApplyError> {
+    let path = log.to_path_buf();
+    let task = tokio::task::spawn_blocking(move || -> Result<LogSummary, ApplyError> {
+        let read = (|| {
+            while reader.next_extent()?.is_some() {}
+            reader.summary().cloned().ok_or(LogDecodeError::ReaderFailed)
+        })();
+        read.map_err(|source| rejected(&path, source))
+    });
+    task.await.map_err(ApplyError::ReaderTask)?
+}
+
+fn rejected(path: &Path, source: LogDecodeError) -> ApplyError {
+    ApplyError::Rejected {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Where a run of bytes goes.
+enum Op {
+    /// The next `len` bytes of the batch's data go to `offset`.
+    Data { offset: u64, len: usize },
+    Zero { offset: u64, len: u64 },
+}
+
+/// What the reader hands one connection at a time; `data` is reused once written.
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    fn push_data(&mut self, offset: u64, bytes: &[u8]) {
+        if self.data.capacity() == 0 {
+            self.data.reserve_exact(BATCH_BYTES);
+        }
+        self.data.extend_from_slice(bytes);
+        if let Some(Op::Data { offset: at, len }) = self.ops.last_mut() {
+            if *at + *len as u64 == offset {
+                *len += bytes.len();
+                return;
+            }
+        }
+        self.ops.push(Op::Data {
+            offset,
+            len: bytes.len(),
+        });
+    }
+
+    fn is_full(&self) -> bool {
+        self.data.len() >= BATCH_BYTES || self.ops.len() >= BATCH_OPS
+    }
+}
+
+/// How reading ended when it did not reach a matching trailer.
+enum ReadEnd {
+    /// The log is invalid: nothing of it may be committed.
+    Rejected(LogDecodeError),
+    /// A writer stopped (its error says why).
+    WriterGone,
+}
+
+/// Reads the rest of `reader` and writes every extent into the layers `tmps` (one per disk, in
+/// disk-table order), flushes every connection and stops the exports. Returns the log's summary
+/// once the trailer matched; on any error the caller must delete the layers.
 pub(crate) async fn write_log(
     layout: &Layout,
-    file: File,
+    reader: OpenLog,
     log: &Path,
-    expect: &Expect,
     tmps: &[PathBuf],
-    verified: &LogSummary,
-) -> Result<(), ApplyError> {
-    let sequence = verified.header.sequence;
+) -> Result<LogSummary, ApplyError> {
+    let sequence = reader.header().sequence;
     let mut exports = Vec::with_capacity(tmps.len());
-    let mut clients = Vec::with_capacity(tmps.len());
+    let mut clients = Vec::with_capacity(tmps.len() * CONNECTIONS);
     for (disk, tmp) in tmps.iter().enumerate() {
+        let export_error = |source| ApplyError::Export {
+            sequence,
+            disk,
+            source,
+        };
         let spec = ExportSpec::new(tmp, "qcow2").writable();
         let export = NbdExport::start(&spec, &layout.run_dir(), &format!("apply-disk{disk}"))
             .await
-            .map_err(|source| ApplyError::Export {
-                sequence,
-                disk,
-                source,
-            })?;
-        let client = export
-            .connect(&[])
-            .await
-            .map_err(|source| ApplyError::Export {
-                sequence,
-                disk,
-                source,
-            })?;
+            .map_err(export_error)?;
+        for _ in 0..CONNECTIONS {
+            clients.push(export.connect(&[]).await.map_err(export_error)?);
+        }
         exports.push(export);
-        clients.push(client);
     }
-    let (tx, mut rx) = mpsc::channel(BATCHES_IN_FLIGHT);
-    let expect = *expect;
-    let reader = tokio::task::spawn_blocking(move || read_log(file, &expect, &tx));
+
+    let (recycle_tx, recycle_rx) = std_mpsc::channel();
+    let mut senders = Vec::with_capacity(clients.len());
+    let mut writers: Vec<JoinHandle<Result<NbdClient, NbdError>>> =
+        Vec::with_capacity(clients.len());
+    for client in clients {
+        let (tx, rx) = mpsc::channel(BATCHES_IN_FLIGHT);
+        senders.push(tx);
+        writers.push(tokio::spawn(write_batches(client, rx, recycle_tx.clone())));
+    }
+    drop(recycle_tx);
+    let read = tokio::task::spawn_blocking(move || read_log(reader, senders, recycle_rx)).await;
+
+    let summary = match read {
+        Ok(Ok(summary)) => summary,
+        Ok(Err(ReadEnd::Rejected(source))) => {
+            abort(writers).await;
+            stop(exports).await;
+            return Err(rejected(log, source));
+        }
+        Ok(Err(ReadEnd::WriterGone)) => {
+            let failed = join(writers, sequence).await.err();
+            stop(exports).await;
+            // A writer that stopped without an error is not possible; report it as the reader.
+            return Err(failed.unwrap_or(ApplyError::Rejected {
+                path: log.display().to_string(),
+                source: LogDecodeError::ReaderFailed,
+            }));
+        }
+        Err(e) => {
+            abort(writers).await;
+            stop(exports).await;
+            return Err(ApplyError::ReaderTask(e));
+        }
+    };
+    let finished = async {
+        let clients = join(writers, sequence).await?;
+        // Every write completed; now make them durable on every connection.
+        for (i, client) in clients.into_iter().enumerate() {
+            finish(client)
+                .await
+                .map_err(|source| write_error(sequence, i / CONNECTIONS, source))?;
+        }
+        Ok(())
+    }
+    .await;
+    stop(exports).await;
+    finished.map(|()| summary)
+}
+
+fn write_error(sequence: u64, disk: usize, source: NbdError) -> ApplyError {
+    ApplyError::Write {
+        sequence,
+        disk,
+        source,
+    }
+}
+
+/// Waits for every writer; returns their connections in order, or the first error.
+async fn join(
+    writers: Vec<JoinHandle<Result<NbdClient, NbdError>>>,
+    sequence: u64,
+) -> Result<Vec<NbdClient>, ApplyError> {
+    let mut clients = Vec::with_capacity(writers.len());
     let mut failed = None;
-    while let Some(batch) = rx.recv().await {
-        if let Err(e) = write_batch(&mut clients, batch, sequence).await {
-            failed = Some(e);
-            break;
+    for (i, writer) in writers.into_iter().enumerate() {
+        match writer.await {
+            Ok(Ok(client)) => clients.push(client),
+            Ok(Err(source)) => {
+                failed.get_or_insert(write_error(sequence, i / CONNECTIONS, source));
+            }
+            Err(e) => {
+                failed.get_or_insert(ApplyError::ReaderTask(e));
+            }
         }
     }
-    drop(rx);
-    let read = reader.await.map_err(ApplyError::ReaderTask)?;
-    if let Some(e) = failed {
-        return Err(e);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(clients),
     }
-    check_same_log(read, log, verified)?;
-    for (disk, client) in clients.into_iter().enumerate() {
-        finish(client).await.map_err(|source| ApplyError::Write {
-            sequence,
-            disk,
-            source,
-        })?;
+}
+
+async fn abort(writers: Vec<JoinHandle<Result<NbdClient, NbdError>>>) {
+    for writer in &writers {
+        writer.abort();
     }
+    for writer in writers {
+        let _ = writer.await;
+    }
+}
+
+async fn stop(exports: Vec<NbdExport>) {
     for export in exports {
         export.stop().await;
     }
-    Ok(())
 }
 
-/// The log read for applying must be the one verified: same trailer hash.
-fn check_same_log(
-    read: Result<Option<LogSummary>, LogDecodeError>,
-    log: &Path,
-    verified: &LogSummary,
-) -> Result<(), ApplyError> {
-    let path = log.display().to_string();
-    match read {
-        Ok(Some(summary)) if summary.hash == verified.hash => Ok(()),
-        Ok(_) => Err(ApplyError::LogChanged { path, source: None }),
-        Err(e) => Err(ApplyError::LogChanged {
-            path,
-            source: Some(e),
-        }),
-    }
-}
-
-async fn write_batch(
-    clients: &mut [NbdClient],
-    batch: Vec<Piece>,
-    sequence: u64,
-) -> Result<(), ApplyError> {
-    for piece in batch {
-        let (disk, result) = match piece {
-            Piece::Data {
-                disk,
-                offset,
-                bytes,
-            } => (disk, clients[disk].write(offset, &bytes).await),
-            Piece::Zero { disk, offset, len } => {
-                (disk, clients[disk].write_zeroes(offset, len).await)
+/// One connection's task: writes the batches in the order received and hands their buffers back.
+async fn write_batches(
+    mut client: NbdClient,
+    mut rx: mpsc::Receiver<Batch>,
+    recycle: std_mpsc::Sender<Batch>,
+) -> Result<NbdClient, NbdError> {
+    while let Some(mut batch) = rx.recv().await {
+        let mut at = 0;
+        for op in batch.ops.drain(..) {
+            match op {
+                Op::Data { offset, len } => {
+                    client.write(offset, &batch.data[at..at + len]).await?;
+                    at += len;
+                }
+                Op::Zero { offset, len } => client.write_zeroes(offset, len).await?,
             }
-        };
-        result.map_err(|source| ApplyError::Write {
-            sequence,
-            disk,
-            source,
-        })?;
+        }
+        batch.data.clear();
+        // The reader may be gone already; the buffer is then simply freed.
+        let _ = recycle.send(batch);
     }
-    Ok(())
+    Ok(client)
 }
 
-async fn finish(mut client: NbdClient) -> Result<(), crate::nbd::NbdError> {
+async fn finish(mut client: NbdClient) -> Result<(), NbdError> {
     client.flush().await?;
     client.disconnect().await
 }
 
-/// Reads the log and sends its extents in batches. Ok(None): the writer stopped listening.
-fn read_log(
-    file: File,
-    expect: &Expect,
-    tx: &mpsc::Sender<Vec<Piece>>,
-) -> Result<Option<LogSummary>, LogDecodeError> {
-    let mut reader = LogReader::open(BufReader::with_capacity(1 << 20, file), expect)?;
-    let mut batch = Vec::new();
-    let mut bytes = 0;
-    while let Some(extent) = reader.next_extent()? {
-        let disk = extent.disk as usize;
-        let offset = extent.offset;
-        batch.push(match extent.content {
-            Content::Data(data) => {
-                bytes += data.len();
-                Piece::Data {
-                    disk,
-                    offset,
-                    bytes: data.to_vec(),
-                }
-            }
-            Content::Zero(len) => Piece::Zero { disk, offset, len },
-        });
-        if (bytes >= BATCH_BYTES || batch.len() >= 4096) && !send(tx, &mut batch, &mut bytes) {
-            return Ok(None);
-        }
-    }
-    if !batch.is_empty() && !send(tx, &mut batch, &mut bytes) {
-        return Ok(None);
-    }
-    Ok(reader.summary().cloned())
+/// The reader's side: routes every extent to the batch of its connection and sends full batches.
+struct Router {
+    senders: Vec<mpsc::Sender<Batch>>,
+    batches: Vec<Batch>,
+    recycle: std_mpsc::Receiver<Batch>,
 }
 
-fn send(tx: &mpsc::Sender<Vec<Piece>>, batch: &mut Vec<Piece>, bytes: &mut usize) -> bool {
-    *bytes = 0;
-    tx.blocking_send(std::mem::take(batch)).is_ok()
+impl Router {
+    /// The connection index of the bytes at `offset` of `disk`, and where its stripe ends.
+    fn route(disk: usize, offset: u64) -> (usize, u64) {
+        let stripe = offset / STRIPE;
+        let conn = disk * CONNECTIONS + (stripe % CONNECTIONS as u64) as usize;
+        (conn, (stripe + 1).saturating_mul(STRIPE))
+    }
+
+    fn data(&mut self, disk: usize, mut offset: u64, mut bytes: &[u8]) -> Result<(), ReadEnd> {
+        while !bytes.is_empty() {
+            let (conn, stripe_end) = Self::route(disk, offset);
+            let room = BATCH_BYTES.saturating_sub(self.batches[conn].data.len());
+            let n = bytes
+                .len()
+                .min(usize::try_from(stripe_end - offset).unwrap_or(usize::MAX))
+                .min(room.max(1));
+            let (now, rest) = bytes.split_at(n);
+            self.batches[conn].push_data(offset, now);
+            self.sent_if_full(conn)?;
+            offset += n as u64;
+            bytes = rest;
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, disk: usize, mut offset: u64, len: u64) -> Result<(), ReadEnd> {
+        let end = offset + len;
+        while offset < end {
+            let (conn, stripe_end) = Self::route(disk, offset);
+            let n = stripe_end.min(end) - offset;
+            self.batches[conn].ops.push(Op::Zero { offset, len: n });
+            self.sent_if_full(conn)?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    fn sent_if_full(&mut self, conn: usize) -> Result<(), ReadEnd> {
+        if self.batches[conn].is_full() {
+            self.send(conn)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, conn: usize) -> Result<(), ReadEnd> {
+        let fresh = self.recycle.try_recv().unwrap_or_default();
+        let batch = std::mem::replace(&mut self.batches[conn], fresh);
+        self.senders[conn]
+            .blocking_send(batch)
+            .map_err(|_| ReadEnd::WriterGone)
+    }
+
+    /// Sends what is left; dropping the senders then ends the writers.
+    fn finish(mut self) -> Result<(), ReadEnd> {
+        for conn in 0..self.batches.len() {
+            if !self.batches[conn].ops.is_empty() {
+                self.send(conn)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the log to its end, routing extents to the writers. Extents of a frame are released
+/// only once the frame checked out; the log is valid only once the trailer matched.
+fn read_log(
+    mut reader: OpenLog,
+    senders: Vec<mpsc::Sender<Batch>>,
+    recycle: std_mpsc::Receiver<Batch>,
+) -> Result<LogSummary, ReadEnd> {
+    let mut router = Router {
+        batches: senders.iter().map(|_| Batch::default()).collect(),
+        senders,
+        recycle,
+    };
+    loop {
+        let extent = match reader.next_extent() {
+            Ok(Some(extent)) => extent,
+            Ok(None) => break,
+            Err(e) => return Err(ReadEnd::Rejected(e)),
+        };
+        let disk = extent.disk as usize;
+        match extent.content {
+            Content::Data(data) => router.data(disk, extent.offset, data)?,
+            Content::Zero(len) => router.zero(disk, extent.offset, len)?,
+        }
+    }
+    let summary = reader
+        .summary()
+        .cloned()
+        .ok_or(ReadEnd::Rejected(LogDecodeError::ReaderFailed))?;
+    router.finish()?;
+    Ok(summary)
 }

@@ -14,7 +14,7 @@ use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings, ServiceS
 use crate::jobs::JOB_RETENTION_SECS;
 use crate::power;
 use crate::service::Service;
-use crate::store::{JobErrorInfo, JobRow, RelationshipRow, StoreError, VmRow};
+use crate::store::{JobErrorInfo, JobRow, PointRow, RelationshipRow, StoreError, VmRow};
 
 pub const PROVIDER_GUID: &str = "22391CDC-272C-4DDF-BA88-9BEFB1A0975C";
 const CS: &str = "Msvm_ComputerSystem";
@@ -26,13 +26,17 @@ pub struct Snapshot {
     pub service_settings: ServiceSettings,
     pub authorization: Vec<AuthorizationEntry>,
     pub jobs: Vec<JobRow>,
+    /// The recovery-point catalog of every replica VM.
+    pub points: Vec<PointRow>,
 }
 
 impl Snapshot {
     pub fn read(service: &Service) -> Result<Snapshot, StoreError> {
         let mut vms = Vec::new();
+        let mut points = Vec::new();
         for vm in service.store.list_vms()? {
             let rel = service.store.get_relationship(vm.id)?;
+            points.extend(service.store.recovery_points(vm.id)?);
             vms.push((vm, rel));
         }
         Ok(Snapshot {
@@ -41,6 +45,7 @@ impl Snapshot {
             service_settings: service.store.service_settings()?,
             authorization: service.store.authorization_entries()?,
             jobs: service.store.list_jobs()?,
+            points,
         })
     }
 }
@@ -106,6 +111,17 @@ pub fn sasd_path(vm: Uuid, index: usize) -> ObjectPath {
     instance_id_path(
         "Msvm_StorageAllocationSettingData",
         &sasd_instance_id(vm, index),
+    )
+}
+
+pub fn recovery_point_id(vm: Uuid, sequence: u64) -> String {
+    format!("Microsoft:{}\\RecoveryPoint\\{sequence}", vm_name(vm))
+}
+
+pub fn recovery_point_path(vm: Uuid, sequence: u64) -> ObjectPath {
+    instance_id_path(
+        "Msvm_VirtualSystemSettingData",
+        &recovery_point_id(vm, sequence),
     )
 }
 
@@ -501,6 +517,46 @@ fn provider(snap: &Snapshot) -> Object {
     (path, inst)
 }
 
+/// A recovery point as the recovery snapshot Hyper-V shows (`Get-VMSnapshot -SnapshotType Replica`).
+fn recovery_point(vm: &VmRow, p: &PointRow) -> Object {
+    let path = recovery_point_path(vm.id, p.sequence);
+    let secs = p.time_micros.div_euclid(1_000_000);
+    let when = match CimDateTime::from_unix(secs, 0) {
+        CimDateTime::Timestamp {
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            second,
+            ..
+        } => {
+            format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02} UTC")
+        }
+        CimDateTime::Interval { .. } => String::new(),
+    };
+    let inst = keyed(&path)
+        .with(
+            "ElementName",
+            s(&format!("{} - {} Replica - ({when})", vm.name, p.kind)),
+        )
+        .with("Caption", s("Recovery Point"))
+        .with(
+            "Description",
+            s(&format!("Recovery point {} of {}", p.sequence, vm.name)),
+        )
+        .with(
+            "VirtualSystemType",
+            s(&format!("Microsoft:Hyper-V:Snapshot:Replica:{}", p.kind)),
+        )
+        .with("VirtualSystemIdentifier", s(&vm_name(vm.id)))
+        .with(
+            "CreationTime",
+            CimValue::Datetime(CimDateTime::from_unix(secs, 0)),
+        );
+    (path, inst)
+}
+
 pub fn concrete_job(job: &JobRow) -> Object {
     let path = job_path(&job.id);
     let job_type = JobType::from_u16(job.job_type);
@@ -647,6 +703,16 @@ pub fn associations(snap: &Snapshot) -> Vec<Object> {
                 &rp,
             ));
         }
+        for p in snap.points.iter().filter(|p| p.vm == vm.id) {
+            let pp = recovery_point_path(vm.id, p.sequence);
+            out.push(association(
+                "Msvm_SnapshotOfVirtualSystem",
+                "Antecedent",
+                &vp,
+                "Dependent",
+                &pp,
+            ));
+        }
     }
     out
 }
@@ -709,13 +775,25 @@ pub fn instances_of(
     if is("Msvm_ConcreteJob") {
         return snap.jobs.iter().map(concrete_job).collect();
     }
+    if is("Msvm_VirtualSystemSettingData") {
+        return snap
+            .vms
+            .iter()
+            .flat_map(|(vm, _)| {
+                snap.points
+                    .iter()
+                    .filter(move |p| p.vm == vm.id)
+                    .map(move |p| recovery_point(vm, p))
+            })
+            .collect();
+    }
     if super::schema::association_roles(class).is_some() {
         return associations(snap)
             .into_iter()
             .filter(|(p, _)| p.class_name.eq_ignore_ascii_case(class))
             .collect();
     }
-    // Msvm_VirtualSystemSettingData (recovery points), Msvm_ReplicaSystemDependency (test VMs),
+    // Msvm_ReplicaSystemDependency (test VMs),
     // Msvm_FailoverNetworkAdapterSettingData: no instances until their engines exist.
     // Msvm_Error and Msvm_ReplicationStatistics are only returned embedded.
     Vec::new()

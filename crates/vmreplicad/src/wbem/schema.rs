@@ -723,6 +723,14 @@ const ASSOCIATIONS: &[(&str, &str, &str, &str, &str, &str)] = &[
         "Dependent",
         "CIM_Service",
     ),
+    (
+        "Msvm_SnapshotOfVirtualSystem",
+        "CIM_SnapshotOfVirtualSystem",
+        "Antecedent",
+        "CIM_ComputerSystem",
+        "Dependent",
+        "CIM_VirtualSystemSettingData",
+    ),
 ];
 
 /// Role names of an association class, if `name` is one.

@@ -1,0 +1,356 @@
+//! Initial replication on offline media: `StartReplication` type 2 (export) on the primary and
+//! `ImportInitialReplica` on the replica.
+//!
+//! Export reads every disk of the (turned-off) VM — raw images directly, other formats through a
+//! read-only qemu-nbd — and writes one full-image replication log,
+//! `<location>/<VMName>_<VMID>/initial-replica.vrlog` (written under a temporary name, fsynced,
+//! renamed), plus the block-hash map of each disk under `<data-dir>/tracking/<VMID>/`, the baseline
+//! of the next delta. The relationship stays in 2 (waiting for the import).
+//!
+//! Import verifies that log and applies it as recovery point 1 of the replica's point store
+//! (`<ReplicaStorageLocation of the bound authorization entry, or <data-dir>/replicas>/<VMID>/`),
+//! mirrors the store's points into the catalog, and moves the relationship to 3 with
+//! LastReplicationTime (the point's time) and LastApplyTime (now).
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use disk::export::{ExportSpec, NbdExport};
+use disk::points::{PointInfo, PointKind, PointStore};
+use disk::scan::{hashmap, scan_disk, Source, DEFAULT_BLOCK_SIZE};
+use uuid::Uuid;
+use vmreplica_core::machine::Transition;
+use wire::{Compression, DiskInfo, Expect, LogHeader, LogWriter, PointType};
+
+use crate::claims::VmClaim;
+use crate::clock::now;
+use crate::jobs::{JobContext, JobFailure};
+use crate::power;
+use crate::store::{PointRow, RelationshipRow, Store, VmRow};
+
+/// File name of the initial replica inside the VM's export folder.
+pub const INITIAL_LOG: &str = "initial-replica.vrlog";
+
+/// The folder an export writes for `vm` below `location` (`<VMName>_<VMID>`).
+pub fn export_folder(location: &Path, vm: &VmRow) -> PathBuf {
+    location.join(format!("{}_{}", vm.name, vm.id.to_string().to_uppercase()))
+}
+
+/// Where the replica's recovery points of `vm` live.
+pub fn replica_root(store: &Store, data_dir: &Path, rel: &RelationshipRow) -> PathBuf {
+    let bound = rel.authorization_entry.as_deref().and_then(|host| {
+        store
+            .authorization_entries()
+            .ok()?
+            .into_iter()
+            .find(|e| e.allowed_primary_host_system.eq_ignore_ascii_case(host))
+    });
+    match bound {
+        Some(entry) => PathBuf::from(entry.replica_storage_location),
+        None => data_dir.join("replicas"),
+    }
+}
+
+fn fail(message: impl Into<String>, action: &str) -> JobFailure {
+    JobFailure::failed(message, action)
+}
+
+/// The format and virtual size of an image, from `qemu-img info`.
+fn image_info(path: &str) -> Result<(String, u64), JobFailure> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U", path])
+        .output()
+        .map_err(|e| {
+            fail(
+                format!("cannot run qemu-img info on {path}: {e}"),
+                "Install qemu-utils.",
+            )
+        })?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(fail(
+            format!("cannot read the disk image {path}: {why}"),
+            "Check the VM's disk paths.",
+        ));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        fail(
+            format!("qemu-img info of {path} is not JSON: {e}"),
+            "Check qemu-utils.",
+        )
+    })?;
+    let format = info["format"].as_str().unwrap_or("raw").to_string();
+    let size = info["virtual-size"].as_u64().unwrap_or(0);
+    Ok((format, size))
+}
+
+/// The export job's work.
+pub async fn export(
+    ctx: JobContext,
+    vm: VmRow,
+    location: PathBuf,
+    compression: bool,
+    data_dir: PathBuf,
+    _claim: VmClaim,
+) -> Result<(), JobFailure> {
+    if power::enabled_state(&vm.power) == power::ENABLED {
+        return Err(fail(
+            format!(
+                "'{}' is running; an export reads its disks while they do not change",
+                vm.name
+            ),
+            "Turn the VM off and start the export again, or replicate over the network.",
+        ));
+    }
+    let folder = export_folder(&location, &vm);
+    std::fs::create_dir_all(&folder).map_err(|e| {
+        fail(
+            format!("cannot create {}: {e}", folder.display()),
+            "Check the export location.",
+        )
+    })?;
+    let mut disks = Vec::new();
+    for path in &vm.disks {
+        disks.push(image_info(path)?);
+    }
+    let header = LogHeader {
+        vm: vm.id,
+        relationship: 0,
+        sequence: 1,
+        parent: 0,
+        point_time_micros: now() * 1_000_000,
+        point_type: PointType::Standard,
+        full_image: true,
+        disks: disks
+            .iter()
+            .enumerate()
+            .map(|(i, (_, size))| DiskInfo {
+                id: format!("disk{i}"),
+                virtual_size: *size,
+            })
+            .collect(),
+    };
+    let tmp_log = folder.join(format!("{INITIAL_LOG}.tmp"));
+    let out = File::create(&tmp_log).map_err(|e| {
+        fail(
+            format!("cannot write {}: {e}", tmp_log.display()),
+            "Check the export location.",
+        )
+    })?;
+    let mode = if compression {
+        Compression::default()
+    } else {
+        Compression::Off
+    };
+    let mut log =
+        LogWriter::new(BufWriter::with_capacity(1 << 20, out), header, mode).map_err(|e| {
+            fail(
+                format!("cannot start the log: {e}"),
+                "Report this as a bug.",
+            )
+        })?;
+    let tracking = data_dir
+        .join("tracking")
+        .join(vm.id.to_string().to_uppercase());
+    std::fs::create_dir_all(&tracking).map_err(|e| {
+        fail(
+            format!("cannot create {}: {e}", tracking.display()),
+            "Check the data directory.",
+        )
+    })?;
+    let mut maps = Vec::new();
+    for (i, (format, _)) in disks.iter().enumerate() {
+        ctx.check_cancelled()?;
+        let map = tracking.join(format!("disk{i}.hashes"));
+        let tmp = scan_one(&vm.disks[i], format, i, &map, &data_dir, &mut log).await?;
+        maps.push((tmp, map));
+        let done = ((i + 1) * 100 / disks.len().max(1)).min(99) as u16;
+        ctx.progress(done)?;
+    }
+    let (writer, summary) = log
+        .finish()
+        .map_err(|e| fail(format!("cannot finish the log: {e}"), "Check free space."))?;
+    let file = writer.into_inner().map_err(|e| {
+        fail(
+            format!("cannot write the log: {e}"),
+            "Check free space at the export location.",
+        )
+    })?;
+    file.sync_all().map_err(|e| {
+        fail(
+            format!("cannot sync the log: {e}"),
+            "Check the export location.",
+        )
+    })?;
+    let final_log = folder.join(INITIAL_LOG);
+    std::fs::rename(&tmp_log, &final_log).map_err(|e| {
+        fail(
+            format!("cannot rename the log: {e}"),
+            "Check the export location.",
+        )
+    })?;
+    for (tmp, map) in maps {
+        hashmap::commit(&tmp, &map)
+            .map_err(|e| fail(e.to_string(), "Check the data directory."))?;
+    }
+    tracing::info!(vm = %vm.id, bytes = summary.bytes, log = %final_log.display(), "initial replica exported");
+    Ok(())
+}
+
+async fn scan_one<W: Write>(
+    image: &str,
+    format: &str,
+    index: usize,
+    map: &Path,
+    data_dir: &Path,
+    log: &mut LogWriter<W>,
+) -> Result<PathBuf, JobFailure> {
+    let scan_err = |e: disk::scan::ScanError| {
+        fail(
+            format!("reading {image} failed: {}", crate::error_chain(&e)),
+            "Check the disk image.",
+        )
+    };
+    let disk_index = u32::try_from(index).unwrap_or(u32::MAX);
+    if format == "raw" {
+        let file = File::open(image)
+            .map_err(|e| fail(format!("cannot open {image}: {e}"), "Check the disk path."))?;
+        let (tmp, _) = scan_disk(
+            &mut Source::RawFile(&file),
+            disk_index,
+            None,
+            map,
+            DEFAULT_BLOCK_SIZE,
+            log,
+        )
+        .await
+        .map_err(scan_err)?;
+        return Ok(tmp);
+    }
+    let spec = ExportSpec::new(image, format);
+    let export = NbdExport::start(
+        &spec,
+        &data_dir.join("run"),
+        &format!("export-{}", Uuid::new_v4()),
+    )
+    .await
+    .map_err(|e| {
+        fail(
+            format!("cannot open {image}: {}", crate::error_chain(&e)),
+            "Check the disk image and that no other process holds it.",
+        )
+    })?;
+    let mut nbd = export.connect(&["base:allocation"]).await.map_err(|e| {
+        fail(
+            format!("cannot read {image}: {}", crate::error_chain(&e)),
+            "Check qemu-nbd.",
+        )
+    })?;
+    let result = scan_disk(
+        &mut Source::Nbd(&mut nbd),
+        disk_index,
+        None,
+        map,
+        DEFAULT_BLOCK_SIZE,
+        log,
+    )
+    .await;
+    let _ = nbd.disconnect().await;
+    export.stop().await;
+    Ok(result.map_err(scan_err)?.0)
+}
+
+fn point_row(vm: Uuid, p: &PointInfo) -> PointRow {
+    let kind = match p.kind {
+        PointKind::Standard => "Standard",
+        PointKind::ApplicationConsistent => "ApplicationConsistent",
+        PointKind::PlannedFailover => "PlannedFailover",
+    };
+    PointRow {
+        vm,
+        sequence: p.sequence,
+        time_micros: p.time_micros,
+        kind: kind.into(),
+        full_image: p.full_image,
+        log_hash: p.log_hash.clone(),
+    }
+}
+
+/// What an import job needs.
+pub struct Import {
+    pub store: Arc<Store>,
+    pub vm: VmRow,
+    pub rel: RelationshipRow,
+    pub location: PathBuf,
+    pub data_dir: PathBuf,
+    pub transition: Transition,
+    /// Held until the job ends.
+    pub claim: VmClaim,
+}
+
+/// The import job's work.
+pub async fn import(ctx: JobContext, job: Import) -> Result<(), JobFailure> {
+    let Import {
+        store,
+        vm,
+        mut rel,
+        location,
+        data_dir,
+        transition,
+        claim: _claim,
+    } = job;
+    let candidates = [
+        export_folder(&location, &vm).join(INITIAL_LOG),
+        location.join(INITIAL_LOG),
+    ];
+    let Some(log) = candidates.iter().find(|p| p.is_file()) else {
+        return Err(fail(
+            format!("no initial replica of '{}' in {} (looked for {})", vm.name, location.display(), candidates[0].display()),
+            "Give the folder that StartReplication exported (it holds <VMName>_<VMID>/initial-replica.vrlog).",
+        ));
+    };
+    let root = replica_root(&store, &data_dir, &rel);
+    let points = PointStore::open(&root, vm.id).await.map_err(|e| {
+        fail(
+            format!(
+                "cannot open the replica store in {}: {}",
+                root.display(),
+                crate::error_chain(&e)
+            ),
+            "Check the replica storage location.",
+        )
+    })?;
+    ctx.progress(5)?;
+    let expect = Expect {
+        vm: vm.id,
+        relationship: 0,
+        sequence: 1,
+        parent: 0,
+    };
+    let point = points.apply(log, &expect).await.map_err(|e| {
+        fail(
+            format!(
+                "the initial replica could not be imported: {}",
+                crate::error_chain(&e)
+            ),
+            "Export the initial replica again on the primary.",
+        )
+    })?;
+    let all = points.list_points().map_err(|e| {
+        fail(
+            crate::error_chain(&e),
+            "Check the replica storage location.",
+        )
+    })?;
+    let rows: Vec<PointRow> = all.iter().map(|p| point_row(vm.id, p)).collect();
+    store.put_recovery_points(vm.id, &rows)?;
+    rel.state = transition.after.as_u16();
+    rel.last_replication_time = Some(point.time_micros / 1_000_000);
+    rel.last_apply_time = Some(now());
+    rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
+    store.put_relationship(&rel, transition.mode_after.as_u16())?;
+    tracing::info!(vm = %vm.id, sequence = point.sequence, "initial replica imported");
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! The seam where data-plane engines plug in.
+//!
+//! The service checks an operation's parameters and asks the core's state machine first; an allowed
+//! operation whose [`Transition::moves_data`] is set (initial replication, failover, resync,
+//! failback, test replica, connection test, ...) is then handed to a [`DataPlane`], which starts the
+//! job that does the work. Until an engine exists, [`NoEngine`] answers 32770 (Not supported), so no
+//! method claims a success it did not earn.
+
+pub mod initial;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vmreplica_core::codes::ReturnCode;
+use vmreplica_core::command::{CommandError, OperationArgs};
+use vmreplica_core::machine::{Operation, Transition};
+use vmreplica_core::state::InitialReplicationType;
+
+use crate::claims::VmClaim;
+use crate::jobs::{JobEngine, JobFailure};
+use crate::store::{JobRow, RelationshipRow, Store, VmRow};
+
+/// An allowed operation, ready for an engine.
+pub struct EngineRequest {
+    pub vm: VmRow,
+    pub relationship: Option<RelationshipRow>,
+    pub operation: Operation,
+    pub args: OperationArgs,
+    pub transition: Transition,
+    /// The VM's claim: the engine holds it until its job has written the result.
+    pub claim: VmClaim,
+}
+
+pub trait DataPlane: Send + Sync {
+    /// Starts the job that carries out `request`; the job moves the relationship to
+    /// `transition.after` when its work is durable.
+    fn start(&self, request: EngineRequest) -> Result<JobRow, CommandError>;
+}
+
+/// The engine of a build without a data plane.
+pub struct NoEngine;
+
+impl DataPlane for NoEngine {
+    fn start(&self, request: EngineRequest) -> Result<JobRow, CommandError> {
+        let from = request.relationship.as_ref().map_or(0, |r| r.state);
+        Err(CommandError::new(
+            ReturnCode::NotSupported,
+            format!(
+                "{} on '{}' (state {from} -> {}): the data-plane engine for this operation is not implemented yet",
+                request.operation.name(),
+                request.vm.name,
+                request.transition.after.as_u16()
+            ),
+        ))
+    }
+}
+
+/// The engine of this host: initial replication on offline media (export on the primary, import
+/// on the replica). Every other data-moving operation is still answered by [`NoEngine`].
+pub struct LocalEngine {
+    pub store: Arc<Store>,
+    pub jobs: Arc<JobEngine>,
+    pub data_dir: PathBuf,
+}
+
+impl DataPlane for LocalEngine {
+    fn start(&self, request: EngineRequest) -> Result<JobRow, CommandError> {
+        match request.operation {
+            Operation::StartReplication(InitialReplicationType::Export) => self.export(request),
+            Operation::ImportInitialReplica => self.import(request),
+            _ => NoEngine.start(request),
+        }
+    }
+}
+
+fn missing(what: &str) -> CommandError {
+    CommandError::new(ReturnCode::InvalidParameter, format!("{what} is required"))
+}
+
+impl LocalEngine {
+    /// Shows `transition.during` now; the job then writes its outcome, or puts the state back.
+    fn show_during(
+        &self,
+        vm: &VmRow,
+        rel: &mut RelationshipRow,
+        t: &Transition,
+    ) -> Result<u16, CommandError> {
+        let before = rel.state;
+        if let Some(during) = t.during {
+            rel.state = during.as_u16();
+            self.store.put_relationship(rel, vm.mode)?;
+        }
+        Ok(before)
+    }
+
+    fn export(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let EngineRequest {
+            vm,
+            relationship,
+            args,
+            transition,
+            claim,
+            ..
+        } = req;
+        let mut rel = relationship.ok_or_else(|| missing("a replication relationship"))?;
+        let location = PathBuf::from(
+            args.location
+                .ok_or_else(|| missing("InitialReplicationExportLocation"))?,
+        );
+        if !location.is_absolute() {
+            return Err(CommandError::new(
+                ReturnCode::InvalidParameter,
+                "InitialReplicationExportLocation must be an absolute path",
+            ));
+        }
+        let before = self.show_during(&vm, &mut rel, &transition)?;
+        let (store, data_dir) = (self.store.clone(), self.data_dir.clone());
+        let compression = rel.settings.compression_enabled;
+        let description = format!(
+            "Export the initial replica of '{}' to {}",
+            vm.name,
+            location.display()
+        );
+        let mode = vm.mode;
+        let job = self.jobs.spawn(
+            transition.job_type,
+            Some(vm.id),
+            description,
+            true,
+            move |ctx| async move {
+                let result = initial::export(ctx, vm, location, compression, data_dir, claim).await;
+                rel.state = if result.is_ok() {
+                    transition.after.as_u16()
+                } else {
+                    before
+                };
+                let mode_after = if result.is_ok() {
+                    transition.mode_after.as_u16()
+                } else {
+                    mode
+                };
+                store
+                    .put_relationship(&rel, mode_after)
+                    .map_err(JobFailure::from)?;
+                result
+            },
+        )?;
+        Ok(job)
+    }
+
+    fn import(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let EngineRequest {
+            vm,
+            relationship,
+            args,
+            transition,
+            claim,
+            ..
+        } = req;
+        let mut rel = relationship.ok_or_else(|| missing("a replication relationship"))?;
+        let location = PathBuf::from(
+            args.location
+                .ok_or_else(|| missing("InitialReplicationImportLocation"))?,
+        );
+        let before = self.show_during(&vm, &mut rel, &transition)?;
+        let (store, data_dir) = (self.store.clone(), self.data_dir.clone());
+        let description = format!(
+            "Import the initial replica of '{}' from {}",
+            vm.name,
+            location.display()
+        );
+        let job = self.jobs.spawn(
+            transition.job_type,
+            Some(vm.id),
+            description,
+            false,
+            move |ctx| async move {
+                let (vm_mode, mut restore) = (vm.mode, rel.clone());
+                let job = initial::Import {
+                    store: store.clone(),
+                    vm,
+                    rel,
+                    location,
+                    data_dir,
+                    transition,
+                    claim,
+                };
+                let result = initial::import(ctx, job).await;
+                if result.is_err() {
+                    restore.state = before;
+                    store
+                        .put_relationship(&restore, vm_mode)
+                        .map_err(JobFailure::from)?;
+                }
+                result
+            },
+        )?;
+        Ok(job)
+    }
+}
