@@ -264,15 +264,15 @@ async fn overlapping_extents_are_applied_in_log_order() {
     let store = PointStore::open(&dir.path().join("store"), support::vm())
         .await
         .expect("open");
-    store
-        .apply(&log, &Source::expect(1))
-        .await
-        .expect("apply");
+    store.apply(&log, &Source::expect(1)).await.expect("apply");
     for (disk, want) in expected.iter().enumerate() {
         let raw = dir.path().join(format!("want{disk}.raw"));
         std::fs::write(&raw, want).expect("raw");
         let layer = store.point_path(1, disk).expect("path");
         check(&layer);
-        assert!(same(&layer, &raw), "disk {disk} differs from the log's last writes");
+        assert!(
+            same(&layer, &raw),
+            "disk {disk} differs from the log's last writes"
+        );
     }
 }

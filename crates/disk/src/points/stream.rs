@@ -65,7 +65,10 @@ pub(crate) async fn verify_rest(mut reader: OpenLog, log: &Path) -> Result<LogSu
     let task = tokio::task::spawn_blocking(move || -> Result<LogSummary, ApplyError> {
         let read = (|| {
             while reader.next_extent()?.is_some() {}
-            reader.summary().cloned().ok_or(LogDecodeError::ReaderFailed)
+            reader
+                .summary()
+                .cloned()
+                .ok_or(LogDecodeError::ReaderFailed)
         })();
         read.map_err(|source| rejected(&path, source))
     });
@@ -82,8 +85,14 @@ fn rejected(path: &Path, source: LogDecodeError) -> ApplyError {
 /// Where a run of bytes goes.
 enum Op {
     /// The next `len` bytes of the batch's data go to `offset`.
-    Data { offset: u64, len: usize },
-    Zero { offset: u64, len: u64 },
+    Data {
+        offset: u64,
+        len: usize,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// What the reader hands one connection at a time; `data` is reused once written.
