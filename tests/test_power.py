@@ -3,6 +3,8 @@
 import subprocess
 import time
 
+import pytest
+
 import pywbem
 from pywbem import Uint16
 
@@ -20,7 +22,20 @@ def qsd_vm(tmp_path, name):
     return image, qmp, start
 
 
-def test_start_and_turn_off_through_cim_and_the_cli(daemon, tmp_path):
+@pytest.fixture
+def reap(tmp_path):
+    """Kills a qemu-storage-daemon a failed test left running (its pid file is in tmp_path)."""
+    yield
+    import os
+    import signal
+    for pidfile in tmp_path.glob("*.pid"):
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_start_and_turn_off_through_cim_and_the_cli(daemon, tmp_path, reap):
     image, qmp, start = qsd_vm(tmp_path, "pw01")
     daemon.cli("vm", "add", "--name", "pw01", "--disk", str(image), "--qmp-socket", str(qmp),
                "--start-command", start)
