@@ -4,8 +4,10 @@
 //!
 //! A log is written in one pass by [`LogWriter`] while the primary reads changed extents, and read in
 //! one pass by [`LogReader`], which yields extents one at a time. Memory is bounded by the frame
-//! limits whatever the size of the log. Nothing read from a log may be applied before the trailer
-//! matched, so the replica first calls [`verify`] and then reads the log again to apply it.
+//! limits whatever the size of the log. Nothing read from a log may take effect before the trailer
+//! matched: a consumer either calls [`verify`] first and reads the log again, or (as the replica's
+//! point store does) writes what [`LogReader`] yields into uncommitted space and commits only when
+//! the reader reported the end of a verified log.
 //!
 //! Everything here is pure apart from the `std::io::Read` / `Write` it is handed: no files, no
 //! sockets, no clocks.

@@ -39,7 +39,14 @@ pub struct LogWriter<W: Write> {
     record: Vec<u8>,
     counts: LogCounts,
     failed: bool,
+    /// Frames left to store without trying to compress (see [`LogWriter::compress`]).
+    skip_compression: u32,
 }
+
+/// After a frame that zstd could not shrink, this many frames are stored without trying: data that
+/// does not compress (encrypted, already compressed, random) usually comes in long runs, and
+/// trying costs more than the copy. Then compression is tried again.
+const INCOMPRESSIBLE_SKIP: u32 = 8;
 
 impl<W: Write> LogWriter<W> {
     /// Validates the header and writes the preamble and the header record.
@@ -65,6 +72,7 @@ impl<W: Write> LogWriter<W> {
             record: Vec::new(),
             counts: LogCounts::default(),
             failed: false,
+            skip_compression: 0,
         };
         record::begin(&mut writer.record);
         writer.header.encode(&mut writer.record);
@@ -186,7 +194,8 @@ impl<W: Write> LogWriter<W> {
     }
 
     /// Compresses the raw data into `packed`; true when that made it smaller. Any zstd failure,
-    /// "output larger than the input" among them, means the data is stored as is.
+    /// "output larger than the input" among them, means the data is stored as is. Data that did
+    /// not shrink makes the next [`INCOMPRESSIBLE_SKIP`] frames skip the attempt.
     fn compress(&mut self) -> bool {
         let Some(compressor) = &mut self.compressor else {
             return false;
@@ -194,8 +203,18 @@ impl<W: Write> LogWriter<W> {
         if self.raw.is_empty() {
             return false;
         }
+        if self.skip_compression > 0 {
+            self.skip_compression -= 1;
+            return false;
+        }
         self.packed.clear();
         self.packed.reserve(self.raw.len());
-        matches!(compressor.compress_to_buffer(&self.raw, &mut self.packed), Ok(n) if n < self.raw.len())
+        // Worth it only when it saves at least 1/32 of the frame.
+        let worth = self.raw.len() - self.raw.len() / 32;
+        let shrank = matches!(compressor.compress_to_buffer(&self.raw, &mut self.packed), Ok(n) if n < worth);
+        if !shrank {
+            self.skip_compression = INCOMPRESSIBLE_SKIP;
+        }
+        shrank
     }
 }
