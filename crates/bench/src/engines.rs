@@ -308,6 +308,12 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
         .arg(dir.join("full-copy.qcow2")))?;
     say("apply the initial full-image log on the replica");
     let apply = engine(dir, "apply")?;
+    let store_dir = dir.join("replica-store").join(Uuid::from_u128(1).to_string()).join("disk0");
+    let layer = store_dir.join("p00000000000000000001.qcow2");
+    let check = Command::new("qemu-img").arg("check").arg(&layer).output()?;
+    if !check.status.success() {
+        bail!("qemu-img check of {} failed: {}", layer.display(), String::from_utf8_lossy(&check.stdout));
+    }
 
     let b = result(dir, "bitmap")?;
     let s = result(dir, "scan")?;

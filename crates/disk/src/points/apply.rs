@@ -46,7 +46,13 @@ impl PointStore {
         }
         let backing = backing_for(&points, &planned)?;
         let tmps = self.create_layers(&planned, backing).await?;
-        let summary = match write_log(&self.layout, reader, log, &tmps).await {
+        // A full image becomes standalone layers written directly; a delta goes through qemu-nbd
+        // onto the backing chain.
+        let written = match backing {
+            None => stream::write_full_image(reader, log, &tmps).await,
+            Some(_) => write_log(&self.layout, reader, log, &tmps).await,
+        };
+        let summary = match written {
             Ok(summary) => summary,
             Err(e) => {
                 remove_all(&tmps);

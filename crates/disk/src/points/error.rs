@@ -85,6 +85,12 @@ pub enum ApplyError {
         disk: usize,
         source: NbdError,
     },
+    #[error("cannot write the standalone layer of disk {disk} of point {sequence}")]
+    WriteLayer {
+        sequence: u64,
+        disk: usize,
+        source: crate::qcow2::Qcow2WriteError,
+    },
     #[error("cannot export disk {disk} of point {sequence}")]
     Export {
         sequence: u64,

@@ -27,6 +27,7 @@ use wire::{Content, Expect, LogDecodeError, LogReader, LogSummary};
 use super::error::{ApplyError, StoreError};
 use super::layout::Layout;
 use crate::export::{ExportSpec, NbdExport};
+use crate::qcow2::Qcow2Writer;
 use crate::nbd::{NbdClient, NbdError};
 
 /// NBD connections per disk (qemu-nbd runs with `--shared=4`).
@@ -80,6 +81,49 @@ fn rejected(path: &Path, source: LogDecodeError) -> ApplyError {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// Reads the rest of `reader` and writes every extent straight into new standalone qcow2 layers
+/// (`tmps`, one per disk; see [`crate::qcow2`]), in a blocking task. Returns the log's summary once
+/// the trailer matched; on any error the caller must delete the layers.
+pub(crate) async fn write_full_image(
+    mut reader: OpenLog,
+    log: &Path,
+    tmps: &[PathBuf],
+) -> Result<LogSummary, ApplyError> {
+    let path = log.to_path_buf();
+    let tmps = tmps.to_vec();
+    let task = tokio::task::spawn_blocking(move || -> Result<LogSummary, ApplyError> {
+        let sequence = reader.header().sequence;
+        let sizes: Vec<u64> = reader.header().disks.iter().map(|d| d.virtual_size).collect();
+        let layer_error = |disk: usize| move |source| ApplyError::WriteLayer { sequence, disk, source };
+        let mut writers = Vec::with_capacity(tmps.len());
+        for (disk, (tmp, size)) in tmps.iter().zip(&sizes).enumerate() {
+            writers.push(Qcow2Writer::create(tmp, *size).map_err(layer_error(disk))?);
+        }
+        loop {
+            let extent = match reader.next_extent() {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(source) => return Err(rejected(&path, source)),
+            };
+            let disk = extent.disk as usize;
+            let Some(writer) = writers.get_mut(disk) else {
+                return Err(rejected(&path, LogDecodeError::ReaderFailed));
+            };
+            let written = match extent.content {
+                Content::Data(bytes) => writer.write(extent.offset, bytes),
+                Content::Zero(len) => writer.write_zeroes(extent.offset, len),
+            };
+            written.map_err(layer_error(disk))?;
+        }
+        let summary = reader.summary().cloned().ok_or_else(|| rejected(&path, LogDecodeError::ReaderFailed))?;
+        for (disk, writer) in writers.into_iter().enumerate() {
+            writer.finish().map_err(layer_error(disk))?;
+        }
+        Ok(summary)
+    });
+    task.await.map_err(ApplyError::ReaderTask)?
 }
 
 /// Where a run of bytes goes.
