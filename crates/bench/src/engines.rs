@@ -213,7 +213,13 @@ fn start_qsd(dir: &Path) -> anyhow::Result<Qsd> {
     Ok(Qsd(child))
 }
 
+/// Writes dirty pages out before a timed step, so no step pays for the writeback of the one before.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 fn engine(dir: &Path, name: &str) -> anyhow::Result<Measured> {
+    settle();
     let me = std::env::current_exe()?;
     run(Command::new(me).arg("engine").arg(name).arg(dir))
 }
@@ -296,23 +302,32 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
     say("hash-scan engine, through qemu-nbd");
     let scan_nbd = engine(dir, "scan-nbd")?;
     say("rsync --no-whole-file --inplace");
+    settle();
     let rsync = run(Command::new("rsync")
         .args(["--no-whole-file", "--inplace"])
         .arg(dir.join("source.raw"))
         .arg(dir.join("replica.raw"))
         .stdout(Stdio::null()))?;
     say("qemu-img convert (full copy)");
+    settle();
     let convert = run(Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(dir.join("source.raw"))
         .arg(dir.join("full-copy.qcow2")))?;
     say("apply the initial full-image log on the replica");
     let apply = engine(dir, "apply")?;
-    let store_dir = dir.join("replica-store").join(Uuid::from_u128(1).to_string()).join("disk0");
+    let store_dir = dir
+        .join("replica-store")
+        .join(Uuid::from_u128(1).to_string())
+        .join("disk0");
     let layer = store_dir.join("p00000000000000000001.qcow2");
     let check = Command::new("qemu-img").arg("check").arg(&layer).output()?;
     if !check.status.success() {
-        bail!("qemu-img check of {} failed: {}", layer.display(), String::from_utf8_lossy(&check.stdout));
+        bail!(
+            "qemu-img check of {} failed: {}",
+            layer.display(),
+            String::from_utf8_lossy(&check.stdout)
+        );
     }
 
     let b = result(dir, "bitmap")?;

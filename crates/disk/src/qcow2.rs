@@ -78,7 +78,11 @@ impl Qcow2Writer {
     fn check(&self, offset: u64, len: u64) -> Result<(), Qcow2WriteError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Qcow2WriteError::OutOfRange { offset, len, size: self.size }),
+            _ => Err(Qcow2WriteError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
         }
     }
 
@@ -92,7 +96,8 @@ impl Qcow2Writer {
         let host = self.end;
         self.end += CLUSTER;
         let slot = (cluster / L2_ENTRIES) as usize;
-        let table = self.l2[slot].get_or_insert_with(|| vec![0u64; L2_ENTRIES as usize].into_boxed_slice());
+        let table =
+            self.l2[slot].get_or_insert_with(|| vec![0u64; L2_ENTRIES as usize].into_boxed_slice());
         table[(cluster % L2_ENTRIES) as usize] = host;
         host
     }
@@ -136,7 +141,8 @@ impl Qcow2Writer {
             let within = at % CLUSTER;
             let n = (CLUSTER - within).min(end - at);
             if let Some(host) = self.lookup(cluster) {
-                self.file.write_all_at(&self.zeros[..n as usize], host + within)?;
+                self.file
+                    .write_all_at(&self.zeros[..n as usize], host + within)?;
             }
             at += n;
         }
@@ -147,8 +153,12 @@ impl Qcow2Writer {
     pub fn finish(mut self) -> Result<File, Qcow2WriteError> {
         // The image's data must be a whole number of clusters long before metadata follows.
         let mut l1 = vec![0u64; self.l2.len()];
-        let tables: Vec<(usize, Box<[u64]>)> =
-            self.l2.iter_mut().enumerate().filter_map(|(i, t)| t.take().map(|t| (i, t))).collect();
+        let tables: Vec<(usize, Box<[u64]>)> = self
+            .l2
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, t)| t.take().map(|t| (i, t)))
+            .collect();
         for (i, table) in tables {
             let host = self.end;
             self.end += CLUSTER;
@@ -190,7 +200,8 @@ impl Qcow2Writer {
                 let refcount: u16 = u16::from(c < total);
                 block.extend_from_slice(&refcount.to_be_bytes());
             }
-            self.file.write_all_at(&block, blocks_offset + b * CLUSTER)?;
+            self.file
+                .write_all_at(&block, blocks_offset + b * CLUSTER)?;
             table.extend_from_slice(&(blocks_offset + b * CLUSTER).to_be_bytes());
         }
         table.resize((table_clusters * CLUSTER) as usize, 0);
@@ -207,7 +218,11 @@ impl Qcow2Writer {
         header.extend_from_slice(&u32::try_from(l1.len()).unwrap_or(u32::MAX).to_be_bytes());
         header.extend_from_slice(&l1_offset.to_be_bytes());
         header.extend_from_slice(&table_offset.to_be_bytes());
-        header.extend_from_slice(&u32::try_from(table_clusters).unwrap_or(u32::MAX).to_be_bytes());
+        header.extend_from_slice(
+            &u32::try_from(table_clusters)
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
         header.extend_from_slice(&0u32.to_be_bytes()); // no snapshots
         header.extend_from_slice(&0u64.to_be_bytes()); // snapshots offset
         header.extend_from_slice(&0u64.to_be_bytes()); // incompatible features
@@ -229,12 +244,24 @@ mod tests {
     use std::process::Command;
 
     fn qemu_img(args: &[&str]) -> (bool, String) {
-        let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        let out = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
     }
 
     /// Writes the same operations into our qcow2 and into a raw file; qemu-img must call the qcow2
@@ -253,14 +280,23 @@ mod tests {
                 }
                 None => {
                     w.write_zeroes(*offset, *len).expect("zero");
-                    r.write_all_at(&vec![0; *len as usize], *offset).expect("raw zero");
+                    r.write_all_at(&vec![0; *len as usize], *offset)
+                        .expect("raw zero");
                 }
             }
         }
         w.finish().expect("finish").sync_all().expect("sync");
         let (ok, text) = qemu_img(&["check", &img.display().to_string()]);
         assert!(ok && text.contains("No errors"), "qemu-img check: {text}");
-        let (same, text) = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", &img.display().to_string(), &raw.display().to_string()]);
+        let (same, text) = qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            &img.display().to_string(),
+            &raw.display().to_string(),
+        ]);
         assert!(same, "qemu-img compare: {text}");
     }
 
@@ -299,8 +335,17 @@ mod tests {
         check_against_raw(1 << 20, &[]);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut w = Qcow2Writer::create(&dir.path().join("b.qcow2"), 1 << 20).expect("create");
-        assert!(matches!(w.write((1 << 20) - 1, &[1, 2]), Err(Qcow2WriteError::OutOfRange { .. })));
-        assert!(matches!(w.write_zeroes(u64::MAX, 2), Err(Qcow2WriteError::OutOfRange { .. })));
-        assert!(matches!(Qcow2Writer::create(&dir.path().join("c.qcow2"), 0), Err(Qcow2WriteError::Size(0))));
+        assert!(matches!(
+            w.write((1 << 20) - 1, &[1, 2]),
+            Err(Qcow2WriteError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            w.write_zeroes(u64::MAX, 2),
+            Err(Qcow2WriteError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            Qcow2Writer::create(&dir.path().join("c.qcow2"), 0),
+            Err(Qcow2WriteError::Size(0))
+        ));
     }
 }

@@ -48,9 +48,9 @@
 //! |---|---|---|---|
 //! | apply N | read and check the log's header (`Expect`), then, under the lock, its fit on the chain | nothing changed | — |
 //! | apply N | `qemu-img create disk<i>/p<N>.qcow2.tmp` (over p<N-1>) | `*.tmp` files | delete `*.tmp` |
-//! | apply N | read and verify the rest of the log while writing its extents through qemu-nbd (several connections per disk) | `*.tmp` files; maybe a qemu-nbd still running | kill the qemu-nbd (pid file in `run/`), delete `*.tmp` |
+//! | apply N | read and verify the rest of the log while writing its extents: a full image straight into standalone qcow2 files (`crate::qcow2`, header written last), a delta through qemu-nbd (several connections per disk) | `*.tmp` files; maybe a qemu-nbd still running | kill the qemu-nbd (pid file in `run/`), delete `*.tmp` |
 //! | apply N | the trailer does not match, or a frame is bad: stop the exports, delete the `*.tmp` files, return `Rejected` | nothing changed (or `*.tmp` files if killed while deleting) | delete `*.tmp` |
-//! | apply N | the trailer matched: NBD flush on every connection, stop the exports | `*.tmp` files | delete `*.tmp` |
+//! | apply N | the trailer matched: finish the qcow2 metadata (full image), or NBD flush on every connection and stop the exports (delta) | `*.tmp` files | delete `*.tmp` |
 //! | apply N | fsync each tmp, rename it to `p<N>.qcow2`, fsync dir | layers without `p<N>.json` | delete layers without `.json` (invariant 3) |
 //! | apply N | write `p<N>.json` atomically | **point N committed** | — (re-applying the log returns point N) |
 //! | prune j (child c) | copy c to `c.tmp`, `qemu-img rebase` it (safe mode) onto j's backing | `c.tmp` | delete `*.tmp` |

@@ -27,8 +27,8 @@ use wire::{Content, Expect, LogDecodeError, LogReader, LogSummary};
 use super::error::{ApplyError, StoreError};
 use super::layout::Layout;
 use crate::export::{ExportSpec, NbdExport};
-use crate::qcow2::Qcow2Writer;
 use crate::nbd::{NbdClient, NbdError};
+use crate::qcow2::Qcow2Writer;
 
 /// NBD connections per disk (qemu-nbd runs with `--shared=4`).
 const CONNECTIONS: usize = 3;
@@ -84,46 +84,130 @@ fn rejected(path: &Path, source: LogDecodeError) -> ApplyError {
 }
 
 /// Reads the rest of `reader` and writes every extent straight into new standalone qcow2 layers
-/// (`tmps`, one per disk; see [`crate::qcow2`]), in a blocking task. Returns the log's summary once
-/// the trailer matched; on any error the caller must delete the layers.
+/// (`tmps`, one per disk; see [`crate::qcow2`]). Reading and verifying (checksums, BLAKE3, zstd)
+/// run on one thread and writing on another, joined by a bounded channel of batches whose buffers
+/// are reused. Returns the log's summary once the trailer matched; on any error the caller must
+/// delete the layers.
 pub(crate) async fn write_full_image(
-    mut reader: OpenLog,
+    reader: OpenLog,
     log: &Path,
     tmps: &[PathBuf],
 ) -> Result<LogSummary, ApplyError> {
     let path = log.to_path_buf();
     let tmps = tmps.to_vec();
-    let task = tokio::task::spawn_blocking(move || -> Result<LogSummary, ApplyError> {
-        let sequence = reader.header().sequence;
-        let sizes: Vec<u64> = reader.header().disks.iter().map(|d| d.virtual_size).collect();
-        let layer_error = |disk: usize| move |source| ApplyError::WriteLayer { sequence, disk, source };
-        let mut writers = Vec::with_capacity(tmps.len());
-        for (disk, (tmp, size)) in tmps.iter().zip(&sizes).enumerate() {
-            writers.push(Qcow2Writer::create(tmp, *size).map_err(layer_error(disk))?);
+    let task = tokio::task::spawn_blocking(move || full_image_threads(reader, &path, &tmps));
+    task.await.map_err(ApplyError::ReaderTask)?
+}
+
+fn full_image_threads(
+    mut reader: OpenLog,
+    path: &Path,
+    tmps: &[PathBuf],
+) -> Result<LogSummary, ApplyError> {
+    let sequence = reader.header().sequence;
+    let sizes: Vec<u64> = reader
+        .header()
+        .disks
+        .iter()
+        .map(|d| d.virtual_size)
+        .collect();
+    let layer_error = move |disk: usize| {
+        move |source| ApplyError::WriteLayer {
+            sequence,
+            disk,
+            source,
         }
-        loop {
+    };
+    let mut writers = Vec::with_capacity(tmps.len());
+    for (disk, (tmp, size)) in tmps.iter().zip(&sizes).enumerate() {
+        writers.push(Qcow2Writer::create(tmp, *size).map_err(layer_error(disk))?);
+    }
+    let (batch_tx, batch_rx) = std_mpsc::sync_channel::<(usize, Batch)>(BATCHES_IN_FLIGHT * 2);
+    let (recycle_tx, recycle_rx) = std_mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<Vec<Qcow2Writer>, ApplyError> {
+            for (disk, batch) in batch_rx {
+                let w = &mut writers[disk];
+                let mut at = 0usize;
+                for op in &batch.ops {
+                    match *op {
+                        Op::Data { offset, len } => {
+                            w.write(offset, &batch.data[at..at + len])
+                                .map_err(layer_error(disk))?;
+                            at += len;
+                        }
+                        Op::Zero { offset, len } => {
+                            w.write_zeroes(offset, len).map_err(layer_error(disk))?
+                        }
+                    }
+                }
+                let mut data = batch.data;
+                data.clear();
+                let _ = recycle_tx.send(data);
+            }
+            Ok(writers)
+        });
+        // Reader: fill batches for one disk at a time.
+        let mut current: Option<(usize, Batch)> = None;
+        let send = |item: (usize, Batch)| batch_tx.send(item).is_ok();
+        let read = loop {
             let extent = match reader.next_extent() {
                 Ok(Some(e)) => e,
-                Ok(None) => break,
-                Err(source) => return Err(rejected(&path, source)),
+                Ok(None) => break Ok(()),
+                Err(source) => break Err(rejected(path, source)),
             };
             let disk = extent.disk as usize;
-            let Some(writer) = writers.get_mut(disk) else {
-                return Err(rejected(&path, LogDecodeError::ReaderFailed));
-            };
-            let written = match extent.content {
-                Content::Data(bytes) => writer.write(extent.offset, bytes),
-                Content::Zero(len) => writer.write_zeroes(extent.offset, len),
-            };
-            written.map_err(layer_error(disk))?;
+            if disk >= sizes.len() {
+                break Err(rejected(path, LogDecodeError::ReaderFailed));
+            }
+            if current
+                .as_ref()
+                .is_some_and(|(d, b)| *d != disk || b.is_full())
+            {
+                if let Some(full) = current.take() {
+                    if !send(full) {
+                        break Ok(()); // the writer stopped: its error is reported below
+                    }
+                }
+            }
+            let (_, batch) = current.get_or_insert_with(|| {
+                let data = recycle_rx.try_recv().unwrap_or_default();
+                (
+                    disk,
+                    Batch {
+                        data,
+                        ops: Vec::new(),
+                    },
+                )
+            });
+            match extent.content {
+                Content::Data(bytes) => batch.push_data(extent.offset, bytes),
+                Content::Zero(len) => batch.ops.push(Op::Zero {
+                    offset: extent.offset,
+                    len,
+                }),
+            }
+        };
+        if read.is_ok() {
+            if let Some(last) = current.take() {
+                send(last);
+            }
         }
-        let summary = reader.summary().cloned().ok_or_else(|| rejected(&path, LogDecodeError::ReaderFailed))?;
-        for (disk, writer) in writers.into_iter().enumerate() {
-            writer.finish().map_err(layer_error(disk))?;
+        drop(batch_tx);
+        let written = writer
+            .join()
+            .map_err(|_| rejected(path, LogDecodeError::ReaderFailed))?;
+        read?;
+        let writers = written?;
+        let summary = reader
+            .summary()
+            .cloned()
+            .ok_or_else(|| rejected(path, LogDecodeError::ReaderFailed))?;
+        for (disk, w) in writers.into_iter().enumerate() {
+            w.finish().map_err(layer_error(disk))?;
         }
         Ok(summary)
-    });
-    task.await.map_err(ApplyError::ReaderTask)?
+    })
 }
 
 /// Where a run of bytes goes.
