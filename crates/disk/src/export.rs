@@ -129,8 +129,13 @@ impl NbdExport {
                 let _ = status;
                 return Err(ExportError::Exited { image, stderr });
             }
+            // qemu-nbd listens before it has opened the image, so only a completed NBD handshake
+            // proves the export is served; a failed one is retried until the process exits.
             if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                break;
+                if let Ok(probe) = NbdClient::connect_unix(&socket, EXPORT_NAME, &[]).await {
+                    let _ = probe.disconnect().await;
+                    break;
+                }
             }
             if Instant::now() > deadline {
                 let _ = child.kill().await;
