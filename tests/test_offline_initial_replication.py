@@ -70,6 +70,9 @@ def test_export_then_import_gives_a_recovery_point_equal_to_the_primary_disk(two
     assert job["JobType"] == 118 and job["PercentComplete"] == 100
     log = export_dir / f"web01_{vm_id}" / "initial-replica.vrlog"
     assert log.is_file()
+    tracking = primary.data_dir / "tracking" / vm_id
+    assert sorted(p.name for p in tracking.iterdir()) == [
+        "disk0.fingerprint.json", "disk0.hashes", "disk1.fingerprint.json", "disk1.hashes"]
     rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     assert rel["ReplicationState"] == 2  # waiting for the import
 

@@ -4,8 +4,8 @@
 //! Export reads every disk of the (turned-off) VM — raw images directly, other formats through a
 //! read-only qemu-nbd — and writes one full-image replication log,
 //! `<location>/<VMName>_<VMID>/initial-replica.vrlog` (written under a temporary name, fsynced,
-//! renamed), plus the block-hash map of each disk under `<data-dir>/tracking/<VMID>/`, the baseline
-//! of the next delta. The relationship stays in 2 (waiting for the import).
+//! renamed), plus the block-hash map and the file fingerprint of each disk under
+//! `<data-dir>/tracking/<VMID>/`, the baseline of the next delta. The relationship stays in 2 (waiting for the import).
 //!
 //! Import verifies that log and applies it as recovery point 1 of the replica's point store
 //! (`<ReplicaStorageLocation of the bound authorization entry, or <data-dir>/replicas>/<VMID>/`),
@@ -194,6 +194,21 @@ pub async fn export(
     for (tmp, map) in maps {
         hashmap::commit(&tmp, &map)
             .map_err(|e| fail(e.to_string(), "Check the data directory."))?;
+    }
+    // The baseline a resumed tracker checks: a disk changed after this while nothing tracked it
+    // needs a hash scan (disk::fingerprint).
+    for (i, path) in vm.disks.iter().enumerate() {
+        let fp = disk::fingerprint::Fingerprint::of(Path::new(path))
+            .map_err(|e| fail(format!("cannot stat {path}: {e}"), "Check the disk path."))?;
+        let json =
+            serde_json::to_vec(&fp).map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+        let file = tracking.join(format!("disk{i}.fingerprint.json"));
+        std::fs::write(&file, json).map_err(|e| {
+            fail(
+                format!("cannot write {}: {e}", file.display()),
+                "Check the data directory.",
+            )
+        })?;
     }
     tracing::info!(vm = %vm.id, bytes = summary.bytes, log = %final_log.display(), "initial replica exported");
     Ok(())
