@@ -1,0 +1,242 @@
+//! Replication relationships: the state machine's verdict, settings, and the operations it allows.
+
+use super::*;
+
+impl Service {
+    pub(super) fn facts(&self, vm: &VmRow, rel: Option<&RelationshipRow>) -> Facts {
+        Facts {
+            vm_running: power::enabled_state(&vm.power) == 2,
+            has_received_replication: rel.is_some_and(|r| r.last_replication_time.is_some()),
+            test_system_exists: false,
+            relationship_exists: rel.is_some(),
+            failed_over_planned: rel
+                .is_some_and(|r| r.failed_over_type == ReplicationType::Planned.as_u16()),
+        }
+    }
+
+    /// The state machine's verdict on `op` for this VM now.
+    pub(super) fn decide(
+        &self,
+        vm: &VmRow,
+        op: Operation,
+    ) -> Result<(Option<RelationshipRow>, Transition), CommandError> {
+        let rel = self.store.get_relationship(vm.id)?;
+        let mode = ReplicationMode::from_u16(vm.mode).unwrap_or(ReplicationMode::None);
+        let state = rel
+            .as_ref()
+            .and_then(|r| ReplicationState::from_u16(r.state))
+            .unwrap_or(ReplicationState::Disabled);
+        let facts = self.facts(vm, rel.as_ref());
+        let t = decide(mode, state, op, &facts).map_err(|r| CommandError::new(r.code, r.reason))?;
+        Ok((rel, t))
+    }
+
+    /// Checks the included disks name this VM's disks (by SASD path, InstanceID or image path);
+    /// an empty list means all disks, as Enable-VMReplication does.
+    pub(super) fn resolve_included_disks(
+        &self,
+        vm: &VmRow,
+        settings: &mut ReplicationSettings,
+    ) -> Result<(), CommandError> {
+        if settings.included_disks.is_empty() {
+            settings.included_disks = (0..vm.disks.len())
+                .map(|i| crate::wbem::objects::sasd_instance_id(vm.id, i))
+                .collect();
+            return Ok(());
+        }
+        let mut resolved = Vec::new();
+        for d in &settings.included_disks {
+            let index = crate::wbem::objects::disk_index(vm, d).ok_or_else(|| {
+                invalid(format!(
+                    "IncludedDisks: '{d}' is not a disk of VM '{}'",
+                    vm.name
+                ))
+            })?;
+            resolved.push(crate::wbem::objects::sasd_instance_id(vm.id, index));
+        }
+        settings.included_disks = resolved;
+        Ok(())
+    }
+
+    pub(super) fn create_relationship(
+        &self,
+        vm: &VmRef,
+        settings: ReplicationSettings,
+    ) -> CommandResult {
+        self.write_settings(vm, settings, Operation::CreateReplicationRelationship)
+    }
+
+    pub(super) fn modify_relationship(
+        &self,
+        vm: &VmRef,
+        settings: ReplicationSettings,
+    ) -> CommandResult {
+        self.write_settings(vm, settings, Operation::ModifyReplicationSettings)
+    }
+
+    /// CreateReplicationRelationship (a new relationship, primary side) or ModifyReplicationSettings
+    /// (the existing one): validated settings written by a job.
+    pub(super) fn write_settings(
+        &self,
+        vm: &VmRef,
+        mut settings: ReplicationSettings,
+        op: Operation,
+    ) -> CommandResult {
+        let (vm, claim) = self.claimed_vm(vm)?;
+        let (rel, t) = self.decide(&vm, op)?;
+        settings.validate().map_err(settings_error)?;
+        if let Some(provider) = &settings.replication_provider {
+            // The CIM layer maps the built-in provider to None; anything left is another provider.
+            return Err(CommandError::new(
+                ReturnCode::NotSupported,
+                format!("ReplicationProvider '{provider}': only the built-in host-to-host provider is supported"),
+            ));
+        }
+        self.resolve_included_disks(&vm, &mut settings)?;
+        self.refuse_engineless(&t, &op.name())?;
+        let (mut rel, what) = match (op, rel) {
+            (Operation::ModifyReplicationSettings, Some(r)) => (r, "Modify replication of"),
+            (Operation::ModifyReplicationSettings, None) => {
+                return Err(CommandError::new(
+                    ReturnCode::InvalidState,
+                    "the VM has no relationship",
+                ))
+            }
+            _ => {
+                let mut fresh = RelationshipRow::new(vm.id, now());
+                fresh.primary_connection_point = Some(self.host.clone());
+                (fresh, "Enable replication of")
+            }
+        };
+        rel.settings = settings;
+        rel.state = t.after.as_u16();
+        let store = self.store.clone();
+        let mode = t.mode_after.as_u16();
+        self.job(
+            t.job_type,
+            Some(claim),
+            &format!("{what} '{}'", vm.name),
+            move |ctx| async move {
+                ctx.check_cancelled()?;
+                store.put_relationship(&rel, mode)?;
+                tracing::info!(vm = %rel.vm, "replication settings written");
+                Ok(())
+            },
+        )
+    }
+
+    pub(super) fn remove_relationship(&self, vm: &VmRef) -> CommandResult {
+        let (vm, claim) = self.claimed_vm(vm)?;
+        let (_, t) = self.decide(&vm, Operation::RemoveReplicationRelationship)?;
+        self.refuse_engineless(&t, "RemoveReplicationRelationship")?;
+        let store = self.store.clone();
+        let id = vm.id;
+        self.job(
+            t.job_type,
+            Some(claim),
+            &format!("Remove replication of '{}'", vm.name),
+            move |ctx| async move {
+                ctx.check_cancelled()?;
+                store.remove_relationship(id)?;
+                tracing::info!(vm = %id, "replication relationship removed");
+                Ok(())
+            },
+        )
+    }
+
+    /// Operations that follow the state machine. Those needing a data-plane engine answer 32770
+    /// after their parameters and state were checked; the others change state in a job.
+    pub(super) fn replication(
+        &self,
+        vm: &VmRef,
+        op: Operation,
+        args: OperationArgs,
+    ) -> CommandResult {
+        let own_command = match op {
+            Operation::CreateReplicationRelationship => Some("create_replication_relationship"),
+            Operation::ModifyReplicationSettings => Some("modify_replication_settings"),
+            Operation::RemoveReplicationRelationship => Some("remove_replication_relationship"),
+            Operation::GetReplicationStatistics => Some("get_replication_statistics"),
+            Operation::ResetReplicationStatistics => Some("reset_replication_statistics"),
+            _ => None,
+        };
+        if let Some(command) = own_command {
+            return Err(invalid(format!(
+                "{} has its own command: use '{command}'",
+                op.name()
+            )));
+        }
+        let (vm, claim) = self.claimed_vm(vm)?;
+        check_args(op, &args)?;
+        let (rel, t) = self.decide(&vm, op)?;
+        if let Some(s) = &args.settings {
+            s.validate().map_err(settings_error)?;
+        }
+        // Failover network settings are applied by the failover engine, which also keeps them.
+        if t.moves_data || op == Operation::SetFailoverNetworkAdapterSettings {
+            let request = EngineRequest {
+                vm,
+                relationship: rel,
+                operation: op,
+                args,
+                transition: t,
+                claim,
+            };
+            return Ok(CommandOutput::Job(job_view(&self.engine.start(request)?)));
+        }
+        let mut rel = match rel {
+            Some(r) => r,
+            // RequestReplicationStateChange(2) on a VM with no relationship makes it a replica that
+            // waits for initial replication (Enable-VMReplication -AsReplica).
+            None => RelationshipRow::new(vm.id, now()),
+        };
+        let mode = t.mode_after.as_u16();
+        if let Some(during) = t.during {
+            // While the change is in progress, ReplicationState already reads as the requested value.
+            rel.state = during.as_u16();
+            self.store.put_relationship(&rel, mode)?;
+        }
+        rel.state = t.after.as_u16();
+        let store = self.store.clone();
+        let what = format!("{} on '{}'", op.name(), vm.name);
+        self.job(t.job_type, Some(claim), &what, move |ctx| async move {
+            ctx.check_cancelled()?;
+            store.put_relationship(&rel, mode)?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn refuse_engineless(&self, t: &Transition, what: &str) -> Result<(), CommandError> {
+        if t.moves_data {
+            return Err(CommandError::new(
+                ReturnCode::NotSupported,
+                format!("{what}: the data-plane engine for this operation is not implemented yet"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parameters an operation cannot do without, checked before the state.
+fn check_args(op: Operation, args: &OperationArgs) -> Result<(), CommandError> {
+    let missing = |what: &str| Err(invalid(format!("{}: {what} is required", op.name())));
+    match op {
+        Operation::StartReplication(vmreplica_core::state::InitialReplicationType::Export)
+            if args.location.as_deref().is_none_or(str::is_empty) =>
+        {
+            missing("InitialReplicationExportLocation")
+        }
+        Operation::ImportInitialReplica if args.location.as_deref().is_none_or(str::is_empty) => {
+            missing("InitialReplicationImportLocation")
+        }
+        Operation::ReverseReplicationRelationship | Operation::InitiateFailback
+            if args.settings.is_none() =>
+        {
+            missing("ReplicationSettingData")
+        }
+        Operation::RequestReplicationStateChange(RequestedState::SyncedReplicationComplete) => {
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
