@@ -71,6 +71,35 @@ fn image_size(dir: &Path) -> anyhow::Result<u64> {
 pub async fn run_engine(name: &str, dir: &Path) -> anyhow::Result<()> {
     let size = image_size(dir)?;
     match name {
+        "scan-qcow2" => {
+            // The same disk as a qcow2 image, read where `qemu-img map` says the data is.
+            let mapped = disk::scan::mapped::MappedImage::open(&dir.join("source.qcow2"), "qcow2")?;
+            let log_path = dir.join("scan-qcow2.vrlog");
+            let mut log = LogWriter::new(
+                std::io::BufWriter::new(File::create(&log_path)?),
+                header(size, 2),
+                Compression::default(),
+            )?;
+            let map = dir.join("scan-qcow2.hashes");
+            let previous = dir.join("map0.hashes");
+            let (_, stats) = scan_disk(
+                &mut disk::scan::Source::Mapped(&mapped),
+                0,
+                Some(&previous),
+                &map,
+                DEFAULT_BLOCK_SIZE,
+                &mut log,
+            )
+            .await?;
+            log.finish()?;
+            std::fs::write(
+                dir.join("scan-qcow2.result"),
+                format!(
+                    "{} {} {}",
+                    stats.data_bytes, stats.zero_bytes, stats.read_bytes
+                ),
+            )?;
+        }
         "scan-initial" | "scan" | "scan-nbd" => {
             // scan-initial / scan read the raw disk directly; scan-nbd reads it through qemu-nbd.
             let (seq, previous) = match name {
@@ -301,6 +330,12 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
     let scan = engine(dir, "scan")?;
     say("hash-scan engine, through qemu-nbd");
     let scan_nbd = engine(dir, "scan-nbd")?;
+    say("hash-scan engine, the disk as qcow2 read through qemu-img map");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(dir.join("source.raw"))
+        .arg(dir.join("source.qcow2")))?;
+    let scan_qcow2 = engine(dir, "scan-qcow2")?;
     say("rsync --no-whole-file --inplace");
     settle();
     let rsync = run(Command::new("rsync")
@@ -333,6 +368,7 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
     let b = result(dir, "bitmap")?;
     let s = result(dir, "scan")?;
     let sn = result(dir, "scan-nbd")?;
+    let sq = result(dir, "scan-qcow2")?;
     let secs = |m: &Measured| m.wall.as_secs_f64();
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!();
@@ -374,6 +410,11 @@ pub async fn data_plane(size: u64, change_percent: f64, dir: &Path) -> anyhow::R
         "hash-scan engine, through qemu-nbd",
         &scan_nbd,
         Some((sn[0] + sn[1], len(&dir.join("scan-nbd.vrlog")))),
+    );
+    row(
+        "hash-scan engine, qcow2 read through its qemu-img map",
+        &scan_qcow2,
+        Some((sq[0] + sq[1], len(&dir.join("scan-qcow2.vrlog")))),
     );
     row("rsync --no-whole-file --inplace", &rsync, None);
     row("qemu-img convert (full copy)", &convert, None);

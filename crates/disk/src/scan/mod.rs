@@ -11,6 +11,7 @@
 //! (the replica starts from an empty, sparse image).
 
 pub mod hashmap;
+pub mod mapped;
 mod source;
 
 pub use source::Source;

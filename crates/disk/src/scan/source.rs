@@ -1,5 +1,6 @@
-//! Where a scan reads a disk from: an NBD export (any image format, through qemu-nbd) or, as an
-//! optimisation for raw images, the file itself (`pread`, holes found with SEEK_DATA/SEEK_HOLE).
+//! Where a scan reads a disk from: an NBD export (any image format, through qemu-nbd) or, as
+//! optimisations, the file itself for raw images (`pread`, holes found with SEEK_DATA/SEEK_HOLE)
+//! and the files of a qcow2 chain located by `qemu-img map` ([`super::mapped`]).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -13,6 +14,8 @@ pub enum Source<'a> {
     Nbd(&'a mut NbdClient),
     /// A raw image file.
     RawFile(&'a File),
+    /// An image of another format read through its `qemu-img map`.
+    Mapped(&'a super::mapped::MappedImage),
 }
 
 impl Source<'_> {
@@ -20,6 +23,7 @@ impl Source<'_> {
         match self {
             Source::Nbd(nbd) => Ok(nbd.size()),
             Source::RawFile(f) => Ok(f.metadata()?.len()),
+            Source::Mapped(m) => Ok(m.size()),
         }
     }
 
@@ -31,6 +35,7 @@ impl Source<'_> {
             }
             Source::Nbd(_) => Ok(Vec::new()),
             Source::RawFile(f) => Ok(file_extents(f, offset, len)),
+            Source::Mapped(m) => Ok(m.allocation(offset, len)),
         }
     }
 
@@ -38,6 +43,7 @@ impl Source<'_> {
         match self {
             Source::Nbd(nbd) => nbd.read(offset, buf).await,
             Source::RawFile(f) => Ok(f.read_exact_at(buf, offset)?),
+            Source::Mapped(m) => Ok(m.read(offset, buf)?),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Initial replication on offline media: `StartReplication` type 2 (export) on the primary and
 //! `ImportInitialReplica` on the replica.
 //!
-//! Export reads every disk of the (turned-off) VM — raw images directly, other formats through a
-//! read-only qemu-nbd — and writes one full-image replication log,
+//! Export reads every disk of the (turned-off) VM — raw images directly, other formats from the
+//! files `qemu-img map` points at, or through a read-only qemu-nbd when that cannot be done — and
+//! writes one full-image replication log,
 //! `<location>/<VMName>_<VMID>/initial-replica.vrlog` (written under a temporary name, fsynced,
 //! renamed), plus the block-hash map and the file fingerprint of each disk under
 //! `<data-dir>/tracking/<VMID>/`, the baseline of the next delta. The relationship stays in 2 (waiting for the import).
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use disk::export::{ExportSpec, NbdExport};
 use disk::points::{PointInfo, PointKind, PointStore};
+use disk::scan::mapped::MappedImage;
 use disk::scan::{hashmap, scan_disk, Source, DEFAULT_BLOCK_SIZE};
 use uuid::Uuid;
 use vmreplica_core::machine::Transition;
@@ -243,6 +245,28 @@ async fn scan_one<W: Write>(
         .await
         .map_err(scan_err)?;
         return Ok(tmp);
+    }
+    // Other formats: read the files of the chain where `qemu-img map` says the data is; images
+    // that cannot be read that way (compressed, encrypted, external data file) go through qemu-nbd.
+    match MappedImage::open(Path::new(image), format) {
+        Ok(mapped) => {
+            let (tmp, _) = scan_disk(
+                &mut Source::Mapped(&mapped),
+                disk_index,
+                None,
+                map,
+                DEFAULT_BLOCK_SIZE,
+                log,
+            )
+            .await
+            .map_err(scan_err)?;
+            return Ok(tmp);
+        }
+        Err(e) => tracing::info!(
+            image,
+            "reading through qemu-nbd: {}",
+            crate::error_chain(&e)
+        ),
     }
     let spec = ExportSpec::new(image, format);
     let export = NbdExport::start(
