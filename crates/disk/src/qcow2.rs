@@ -313,6 +313,11 @@ mod tests {
                 (64 * mib - 4096, Some(pattern(4096, 4)), 0),
                 (20 * mib, None, 5 * mib),
                 (0, Some(pattern(7, 5)), 0),
+                // A run of whole clusters written with one call, then changed inside and across it.
+                (10 * mib, Some(pattern(mib as usize, 6)), 0),
+                (10 * mib + 70_000, Some(pattern(100_000, 7)), 0),
+                (11 * mib - 1000, Some(pattern(3 * CLUSTER as usize, 8)), 0),
+                (10 * mib + 65_536, None, 65_536),
             ],
         );
     }
