@@ -231,42 +231,38 @@ async fn scan_one<W: Write>(
         )
     };
     let disk_index = u32::try_from(index).unwrap_or(u32::MAX);
-    if format == "raw" {
-        let file = File::open(image)
-            .map_err(|e| fail(format!("cannot open {image}: {e}"), "Check the disk path."))?;
-        let (tmp, _) = scan_disk(
-            &mut Source::RawFile(&file),
-            disk_index,
-            None,
-            map,
-            DEFAULT_BLOCK_SIZE,
-            log,
-        )
-        .await
-        .map_err(scan_err)?;
-        return Ok(tmp);
-    }
-    // Other formats: read the files of the chain where `qemu-img map` says the data is; images
-    // that cannot be read that way (compressed, encrypted, external data file) go through qemu-nbd.
-    match MappedImage::open(Path::new(image), format) {
-        Ok(mapped) => {
-            let (tmp, _) = scan_disk(
-                &mut Source::Mapped(&mapped),
-                disk_index,
-                None,
-                map,
-                DEFAULT_BLOCK_SIZE,
-                log,
-            )
+    // Raw images are read directly; other formats from the files of the chain where `qemu-img map`
+    // says the data is; images that cannot be read that way (compressed, encrypted, external data
+    // file) go through qemu-nbd.
+    let raw = match format {
+        "raw" => Some(
+            File::open(image)
+                .map_err(|e| fail(format!("cannot open {image}: {e}"), "Check the disk path."))?,
+        ),
+        _ => None,
+    };
+    let mapped = match raw {
+        Some(_) => None,
+        None => MappedImage::open(Path::new(image), format)
+            .map_err(|e| {
+                tracing::info!(
+                    image,
+                    "reading through qemu-nbd: {}",
+                    crate::error_chain(&e)
+                )
+            })
+            .ok(),
+    };
+    let direct = match (&raw, &mapped) {
+        (Some(file), _) => Some(Source::RawFile(file)),
+        (None, Some(m)) => Some(Source::Mapped(m)),
+        (None, None) => None,
+    };
+    if let Some(mut source) = direct {
+        let (tmp, _) = scan_disk(&mut source, disk_index, None, map, DEFAULT_BLOCK_SIZE, log)
             .await
             .map_err(scan_err)?;
-            return Ok(tmp);
-        }
-        Err(e) => tracing::info!(
-            image,
-            "reading through qemu-nbd: {}",
-            crate::error_chain(&e)
-        ),
+        return Ok(tmp);
     }
     let spec = ExportSpec::new(image, format);
     let export = NbdExport::start(

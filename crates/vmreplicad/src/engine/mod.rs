@@ -73,6 +73,21 @@ impl DataPlane for LocalEngine {
     }
 }
 
+/// The relationship and the folder (`param`) an offline-media operation needs.
+fn relationship_and_location(
+    relationship: Option<RelationshipRow>,
+    location: Option<String>,
+    param: &str,
+) -> Result<(RelationshipRow, PathBuf), CommandError> {
+    let rel = relationship.ok_or_else(|| missing("a replication relationship"))?;
+    let location = PathBuf::from(location.ok_or_else(|| missing(param))?);
+    if !location.is_absolute() {
+        let msg = format!("{param} must be an absolute path");
+        return Err(CommandError::new(ReturnCode::InvalidParameter, msg));
+    }
+    Ok((rel, location))
+}
+
 fn missing(what: &str) -> CommandError {
     CommandError::new(ReturnCode::InvalidParameter, format!("{what} is required"))
 }
@@ -102,17 +117,11 @@ impl LocalEngine {
             claim,
             ..
         } = req;
-        let mut rel = relationship.ok_or_else(|| missing("a replication relationship"))?;
-        let location = PathBuf::from(
-            args.location
-                .ok_or_else(|| missing("InitialReplicationExportLocation"))?,
-        );
-        if !location.is_absolute() {
-            return Err(CommandError::new(
-                ReturnCode::InvalidParameter,
-                "InitialReplicationExportLocation must be an absolute path",
-            ));
-        }
+        let (mut rel, location) = relationship_and_location(
+            relationship,
+            args.location,
+            "InitialReplicationExportLocation",
+        )?;
         let before = self.show_during(&vm, &mut rel, &transition)?;
         let (store, data_dir) = (self.store.clone(), self.data_dir.clone());
         let compression = rel.settings.compression_enabled;
@@ -157,11 +166,11 @@ impl LocalEngine {
             claim,
             ..
         } = req;
-        let mut rel = relationship.ok_or_else(|| missing("a replication relationship"))?;
-        let location = PathBuf::from(
-            args.location
-                .ok_or_else(|| missing("InitialReplicationImportLocation"))?,
-        );
+        let (mut rel, location) = relationship_and_location(
+            relationship,
+            args.location,
+            "InitialReplicationImportLocation",
+        )?;
         let before = self.show_during(&vm, &mut rel, &transition)?;
         let (store, data_dir) = (self.store.clone(), self.data_dir.clone());
         let description = format!(
