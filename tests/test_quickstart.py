@@ -1,0 +1,18 @@
+"""The README's first command keeps working: the quickstart tour runs to the end and its initial
+replication by export/import yields a recovery point identical to the sample disk."""
+
+import os
+import subprocess
+
+from conftest import ROOT, free_port
+
+
+def test_the_quickstart_tour_runs_and_its_replica_equals_the_sample_disk():
+    env = dict(os.environ, VMREPLICA_PORT=str(free_port()))
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "Images are identical." in out
+    assert "Replicating" in out and "InitialReplicationInProgress" in out
+    assert "return code 32773" in out  # the tour's bad-input step
