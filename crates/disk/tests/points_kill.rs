@@ -129,6 +129,9 @@ fn killing_the_applier_at_random_instants_never_damages_a_point() {
         let committed = verify_committed(&vm_dir, &src);
         reached[committed] += 1;
         if finished || committed == VERSIONS {
+            // A killed applier leaves its qemu-nbd behind (the store's recovery would end it);
+            // end it here before its pid file goes with the directory.
+            disk::export::reap_stray_exports(&vm_dir.join("run"));
             std::fs::remove_dir_all(&store_root).expect("start over");
         }
     }
@@ -166,5 +169,10 @@ fn killing_the_applier_at_random_instants_never_damages_a_point() {
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     });
+    assert_eq!(
+        disk::export::reap_stray_exports(&vm_dir.join("run")),
+        0,
+        "the last apply ran recovery: no qemu-nbd may be left"
+    );
     eprintln!("kill test: {:?}", t.elapsed());
 }
