@@ -23,7 +23,6 @@ use disk::points::{PointInfo, PointKind, PointStore};
 use disk::scan::mapped::MappedImage;
 use disk::scan::{hashmap, scan_disk, Source, DEFAULT_BLOCK_SIZE};
 use uuid::Uuid;
-use vmreplica_core::machine::Transition;
 use wire::{Compression, DiskInfo, Expect, LogHeader, LogWriter, PointType};
 
 use crate::claims::VmClaim;
@@ -317,23 +316,24 @@ fn point_row(vm: Uuid, p: &PointInfo) -> PointRow {
 pub struct Import {
     pub store: Arc<Store>,
     pub vm: VmRow,
-    pub rel: RelationshipRow,
     pub location: PathBuf,
     pub data_dir: PathBuf,
-    pub transition: Transition,
     /// Held until the job ends.
     pub claim: VmClaim,
 }
 
-/// The import job's work.
-pub async fn import(ctx: JobContext, job: Import) -> Result<(), JobFailure> {
+/// The import job's work: applies the log and returns the relationship with its replication and
+/// apply times set (the caller writes the state).
+pub async fn import(
+    ctx: JobContext,
+    job: Import,
+    mut rel: RelationshipRow,
+) -> Result<RelationshipRow, JobFailure> {
     let Import {
         store,
         vm,
-        mut rel,
         location,
         data_dir,
-        transition,
         claim: _claim,
     } = job;
     let candidates = [
@@ -342,7 +342,12 @@ pub async fn import(ctx: JobContext, job: Import) -> Result<(), JobFailure> {
     ];
     let Some(log) = candidates.iter().find(|p| p.is_file()) else {
         return Err(fail(
-            format!("no initial replica of '{}' in {} (looked for {})", vm.name, location.display(), candidates[0].display()),
+            format!(
+                "no initial replica of '{}' in {} (looked for {})",
+                vm.name,
+                location.display(),
+                candidates[0].display()
+            ),
             "Give the folder that StartReplication exported (it holds <VMName>_<VMID>/initial-replica.vrlog).",
         ));
     };
@@ -381,11 +386,9 @@ pub async fn import(ctx: JobContext, job: Import) -> Result<(), JobFailure> {
     })?;
     let rows: Vec<PointRow> = all.iter().map(|p| point_row(vm.id, p)).collect();
     store.put_recovery_points(vm.id, &rows)?;
-    rel.state = transition.after.as_u16();
     rel.last_replication_time = Some(point.time_micros / 1_000_000);
     rel.last_apply_time = Some(now());
     rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
-    store.put_relationship(&rel, transition.mode_after.as_u16())?;
     tracing::info!(vm = %vm.id, sequence = point.sequence, "initial replica imported");
-    Ok(())
+    Ok(rel)
 }

@@ -17,7 +17,7 @@ use vmreplica_core::machine::{Operation, Transition};
 use vmreplica_core::state::InitialReplicationType;
 
 use crate::claims::VmClaim;
-use crate::jobs::{JobEngine, JobFailure};
+use crate::jobs::{JobContext, JobEngine, JobFailure};
 use crate::store::{JobRow, RelationshipRow, Store, VmRow};
 
 /// An allowed operation, ready for an engine.
@@ -108,7 +108,21 @@ impl LocalEngine {
         Ok(before)
     }
 
-    fn export(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+    /// Runs `work` as a job that owns the relationship: the state shows `transition.during` now;
+    /// on success the job writes what `work` returned with `transition.after` and the new mode, on
+    /// failure it puts the state back.
+    fn spawn_with_outcome<F, Fut>(
+        &self,
+        req: EngineRequest,
+        location_param: &str,
+        what: &str,
+        cancellable: bool,
+        work: F,
+    ) -> Result<JobRow, CommandError>
+    where
+        F: FnOnce(JobContext, VmRow, RelationshipRow, PathBuf, VmClaim) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<RelationshipRow, JobFailure>> + Send + 'static,
+    {
         let EngineRequest {
             vm,
             relationship,
@@ -117,93 +131,72 @@ impl LocalEngine {
             claim,
             ..
         } = req;
-        let (mut rel, location) = relationship_and_location(
-            relationship,
-            args.location,
-            "InitialReplicationExportLocation",
-        )?;
+        let (mut rel, location) =
+            relationship_and_location(relationship, args.location, location_param)?;
         let before = self.show_during(&vm, &mut rel, &transition)?;
-        let (store, data_dir) = (self.store.clone(), self.data_dir.clone());
-        let compression = rel.settings.compression_enabled;
-        let description = format!(
-            "Export the initial replica of '{}' to {}",
-            vm.name,
-            location.display()
-        );
-        let mode = vm.mode;
+        let store = self.store.clone();
+        let description = format!("{what} of '{}' ({})", vm.name, location.display());
+        let (vm_id, mode) = (vm.id, vm.mode);
         let job = self.jobs.spawn(
             transition.job_type,
-            Some(vm.id),
+            Some(vm_id),
             description,
-            true,
+            cancellable,
             move |ctx| async move {
-                let result = initial::export(ctx, vm, location, compression, data_dir, claim).await;
-                rel.state = if result.is_ok() {
-                    transition.after.as_u16()
-                } else {
-                    before
-                };
-                let mode_after = if result.is_ok() {
-                    transition.mode_after.as_u16()
-                } else {
-                    mode
-                };
-                store
-                    .put_relationship(&rel, mode_after)
-                    .map_err(JobFailure::from)?;
-                result
+                let mut restore = rel.clone();
+                match work(ctx, vm, rel, location, claim).await {
+                    Ok(mut done) => {
+                        done.state = transition.after.as_u16();
+                        store
+                            .put_relationship(&done, transition.mode_after.as_u16())
+                            .map_err(JobFailure::from)?;
+                        Ok(())
+                    }
+                    Err(failure) => {
+                        restore.state = before;
+                        store
+                            .put_relationship(&restore, mode)
+                            .map_err(JobFailure::from)?;
+                        Err(failure)
+                    }
+                }
             },
         )?;
         Ok(job)
     }
 
+    fn export(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let data_dir = self.data_dir.clone();
+        self.spawn_with_outcome(
+            req,
+            "InitialReplicationExportLocation",
+            "Export the initial replica",
+            true,
+            move |ctx, vm, rel, location, claim| async move {
+                let compression = rel.settings.compression_enabled;
+                initial::export(ctx, vm, location, compression, data_dir, claim).await?;
+                Ok(rel)
+            },
+        )
+    }
+
     fn import(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
-        let EngineRequest {
-            vm,
-            relationship,
-            args,
-            transition,
-            claim,
-            ..
-        } = req;
-        let (mut rel, location) = relationship_and_location(
-            relationship,
-            args.location,
-            "InitialReplicationImportLocation",
-        )?;
-        let before = self.show_during(&vm, &mut rel, &transition)?;
         let (store, data_dir) = (self.store.clone(), self.data_dir.clone());
-        let description = format!(
-            "Import the initial replica of '{}' from {}",
-            vm.name,
-            location.display()
-        );
-        let job = self.jobs.spawn(
-            transition.job_type,
-            Some(vm.id),
-            description,
+        self.spawn_with_outcome(
+            req,
+            "InitialReplicationImportLocation",
+            "Import the initial replica",
             false,
-            move |ctx| async move {
-                let (vm_mode, mut restore) = (vm.mode, rel.clone());
+            move |ctx, vm, rel, location, claim| async move {
                 let job = initial::Import {
-                    store: store.clone(),
+                    store,
                     vm,
-                    rel,
                     location,
                     data_dir,
-                    transition,
                     claim,
                 };
-                let result = initial::import(ctx, job).await;
-                if result.is_err() {
-                    restore.state = before;
-                    store
-                        .put_relationship(&restore, vm_mode)
-                        .map_err(JobFailure::from)?;
-                }
-                result
+                initial::import(ctx, job, rel).await
             },
-        )?;
-        Ok(job)
+        )
     }
 }
