@@ -1,4 +1,4 @@
-//! Bytes that cross hosts. Today: the replication log, the unit in which a primary ships one
+//! Bytes that cross hosts: the host-to-host protocol's messages ([`protocol`]) and the replication log, the unit in which a primary ships one
 //! recovery point of one VM to its replica (docs/formats/replication-log.md has the byte tables;
 //! this crate follows them field by field).
 //!
@@ -13,6 +13,7 @@
 //! sockets, no clocks.
 
 mod log;
+pub mod protocol;
 
 pub use log::error::{LogDecodeError, LogEncodeError};
 pub use log::extent::{Content, Extent, ExtentError};

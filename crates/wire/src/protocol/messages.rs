@@ -1,0 +1,723 @@
+//! The JSON bodies of docs/protocol.md §3-§5, with the rules a decoded value must meet. Every
+//! struct denies unknown fields; [`decode`] also bounds the size and nesting of the text first.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The protocol versions this build speaks.
+pub const PROTOCOL_VERSIONS: &[u16] = &[1];
+/// Largest JSON body in either direction (`max_json_bytes`).
+pub const MAX_JSON_BYTES: usize = 64 * 1024;
+/// Deepest nesting of arrays and objects accepted.
+pub const MAX_JSON_DEPTH: usize = 16;
+/// Content type of a replication log body.
+pub const LOG_CONTENT_TYPE: &str = "application/vnd.vmreplica.log";
+
+/// Why a JSON body was refused (400 `BadRequest` or 413 `TooLarge`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("the body has {0} bytes; at most {MAX_JSON_BYTES} are accepted")]
+    TooLarge(usize),
+    #[error("the body nests deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
+    #[error("the body is not a valid message: {0}")]
+    Json(String),
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> MessageError {
+    MessageError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A message with rules beyond its shape.
+pub trait Validate {
+    fn validate(&self) -> Result<(), MessageError>;
+}
+
+/// Decodes and validates a JSON body of type `T`.
+pub fn decode<T: DeserializeOwned + Validate>(body: &[u8]) -> Result<T, MessageError> {
+    if body.len() > MAX_JSON_BYTES {
+        return Err(MessageError::TooLarge(body.len()));
+    }
+    check_depth(body)?;
+    let value: T = serde_json::from_slice(body).map_err(|e| MessageError::Json(e.to_string()))?;
+    value.validate()?;
+    Ok(value)
+}
+
+/// Refuses nesting deeper than [`MAX_JSON_DEPTH`] before serde sees the text.
+fn check_depth(body: &[u8]) -> Result<(), MessageError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(MessageError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_text(field: &'static str, s: &str, min: usize, max: usize) -> Result<(), MessageError> {
+    let n = s.chars().count();
+    if n < min || n > max {
+        return Err(invalid(
+            field,
+            format!("must have {min} to {max} characters, has {n}"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_versions(field: &'static str, v: &[u16]) -> Result<(), MessageError> {
+    if v.is_empty() || v.len() > 16 || v.contains(&0) {
+        return Err(invalid(
+            field,
+            "must list 1 to 16 versions, each at least 1",
+        ));
+    }
+    Ok(())
+}
+
+fn check_capabilities(caps: &[String]) -> Result<(), MessageError> {
+    if caps.len() > 32 {
+        return Err(invalid("capabilities", "at most 32 names"));
+    }
+    for c in caps {
+        let ok = (1..=32).contains(&c.len())
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(invalid(
+                "capabilities",
+                format!("{c:?} is not [a-z0-9-]{{1,32}}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /vmreplica/hello` request (§3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol_versions: Vec<u16>,
+    pub log_format_versions: Vec<u16>,
+    pub capabilities: Vec<String>,
+    pub product: String,
+    pub host: String,
+}
+
+impl Validate for Hello {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_versions("protocol_versions", &self.protocol_versions)?;
+        check_versions("log_format_versions", &self.log_format_versions)?;
+        check_capabilities(&self.capabilities)?;
+        check_text("product", &self.product, 0, 256)?;
+        check_text("host", &self.host, 0, 256)
+    }
+}
+
+/// The replica's limits, announced in the hello answer (§8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_json_bytes: u64,
+    pub max_log_bytes: u64,
+    pub max_parallel_uploads: u32,
+    pub max_pending_apply: u32,
+    pub compare_block_sizes: Vec<u32>,
+    pub max_compare_blocks: u32,
+    pub idle_timeout_secs: u32,
+}
+
+/// `POST /vmreplica/hello` answer (§3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloResponse {
+    pub protocol_version: u16,
+    pub log_format_version: u16,
+    pub capabilities: Vec<String>,
+    pub product: String,
+    pub host: String,
+    pub authorized_as: String,
+    pub trust_group: String,
+    pub limits: Limits,
+}
+
+impl Validate for HelloResponse {
+    fn validate(&self) -> Result<(), MessageError> {
+        if self.protocol_version == 0 || self.log_format_version == 0 {
+            return Err(invalid("protocol_version", "must be at least 1"));
+        }
+        check_capabilities(&self.capabilities)?;
+        check_text("product", &self.product, 0, 256)?;
+        check_text("host", &self.host, 0, 256)?;
+        check_text("authorized_as", &self.authorized_as, 0, 256)?;
+        check_text("trust_group", &self.trust_group, 0, 256)
+    }
+}
+
+/// The highest value both lists hold.
+pub fn highest_common(ours: &[u16], theirs: &[u16]) -> Option<u16> {
+    ours.iter().filter(|v| theirs.contains(v)).max().copied()
+}
+
+/// An empty request body (`{}`), as `POST /vmreplica/v1/test` sends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+impl Validate for Empty {
+    fn validate(&self) -> Result<(), MessageError> {
+        Ok(())
+    }
+}
+
+/// `POST /vmreplica/v1/test` answer (§5.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestResponse {
+    pub storage_free_bytes: u64,
+    pub authorized_as: String,
+    pub trust_group: String,
+}
+
+impl Validate for TestResponse {
+    fn validate(&self) -> Result<(), MessageError> {
+        Ok(())
+    }
+}
+
+/// One disk of the placeholder: the log's disk table entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub id: String,
+    pub virtual_size: u64,
+}
+
+/// The replication settings the replica keeps (and prunes by).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSettings {
+    pub replication_interval: u16,
+    pub recovery_history: u8,
+    pub application_consistent_snapshot_interval: u8,
+    pub compression_enabled: bool,
+}
+
+/// `PUT /vmreplica/v1/vms/{vm}` body (§5.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutVm {
+    pub name: String,
+    pub primary_connection_point: String,
+    pub initial_replication_type: u16,
+    pub disks: Vec<DiskSpec>,
+    pub settings: VmSettings,
+}
+
+impl Validate for PutVm {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_text("name", &self.name, 1, 256)?;
+        check_text(
+            "primary_connection_point",
+            &self.primary_connection_point,
+            0,
+            256,
+        )?;
+        if !(1..=3).contains(&self.initial_replication_type) {
+            return Err(invalid(
+                "initial_replication_type",
+                "must be 1 (Network), 2 (Export) or 3 (Seeded)",
+            ));
+        }
+        if self.disks.is_empty() || self.disks.len() > 64 {
+            return Err(invalid("disks", "must list 1 to 64 disks"));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if d.id.is_empty() || d.id.len() > 255 {
+                return Err(invalid("disks", "an id must have 1 to 255 bytes"));
+            }
+            if d.virtual_size == 0 {
+                return Err(invalid("disks", "a virtual size must be at least 1"));
+            }
+            if self.disks[..i].iter().any(|o| o.id == d.id) {
+                return Err(invalid("disks", format!("id {:?} appears twice", d.id)));
+            }
+        }
+        let s = &self.settings;
+        if ![30, 300, 900].contains(&s.replication_interval) {
+            return Err(invalid(
+                "settings.replication_interval",
+                "must be 30, 300 or 900",
+            ));
+        }
+        if s.recovery_history > 24 {
+            return Err(invalid("settings.recovery_history", "must be 0 to 24"));
+        }
+        if s.application_consistent_snapshot_interval > 12 {
+            return Err(invalid(
+                "settings.application_consistent_snapshot_interval",
+                "must be 0 to 12",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The last committed log of a replica (sequence 0 = none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastCommitted {
+    pub sequence: u64,
+    pub log_hash: String,
+    pub point_time: i64,
+}
+
+/// The placeholder replica as the replica describes it (§5.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaVm {
+    pub vm: Uuid,
+    pub name: String,
+    pub mode: u16,
+    pub state: u16,
+    pub health: u16,
+    pub disks: Vec<DiskSpec>,
+    pub last_committed: LastCommitted,
+    pub last_applied_sequence: u64,
+    pub pending_apply: u32,
+    pub resync_required: bool,
+    pub upload: Option<LogStatus>,
+}
+
+impl Validate for ReplicaVm {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_text("name", &self.name, 1, 256)?;
+        if self.disks.len() > 64 {
+            return Err(invalid("disks", "at most 64 disks"));
+        }
+        Ok(())
+    }
+}
+
+/// The state of one log on the replica (§5.3), a number on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferState {
+    Uploading = 1,
+    Uploaded = 2,
+    Committed = 3,
+    Applied = 4,
+}
+
+impl TransferState {
+    pub fn from_u16(v: u16) -> Option<TransferState> {
+        Some(match v {
+            1 => TransferState::Uploading,
+            2 => TransferState::Uploaded,
+            3 => TransferState::Committed,
+            4 => TransferState::Applied,
+            _ => return None,
+        })
+    }
+}
+
+/// `GET …/logs/{seq}` answer, and the answer to a PATCH or commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogStatus {
+    pub sequence: u64,
+    pub upload_id: Option<Uuid>,
+    pub state: u16,
+    pub offset: u64,
+    pub prefix_hash: Option<String>,
+    pub log_hash: Option<String>,
+    pub log_bytes: Option<u64>,
+    pub point_time: Option<i64>,
+}
+
+impl Validate for LogStatus {
+    fn validate(&self) -> Result<(), MessageError> {
+        if TransferState::from_u16(self.state).is_none() {
+            return Err(invalid(
+                "state",
+                format!("{} is not a transfer state", self.state),
+            ));
+        }
+        for h in [&self.prefix_hash, &self.log_hash].into_iter().flatten() {
+            check_hash("log_hash", h)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_hash(field: &'static str, h: &str) -> Result<(), MessageError> {
+    if h.len() != 64
+        || !h
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(invalid(field, "must be 64 lowercase hex digits"));
+    }
+    Ok(())
+}
+
+/// `POST …/logs/{seq}/commit` body (§5.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Commit {
+    pub upload_id: Uuid,
+    pub log_hash: String,
+    pub log_bytes: u64,
+    pub wait_applied: bool,
+}
+
+impl Validate for Commit {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_hash("log_hash", &self.log_hash)
+    }
+}
+
+/// The error codes of §4. Every one is a number on the wire; 0 is never valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    AccessDenied = 1,
+    UnsupportedVersion = 2,
+    BadRequest = 3,
+    TooLarge = 4,
+    UnknownVm = 5,
+    UnknownResource = 6,
+    VmExists = 7,
+    InvalidState = 8,
+    Suspended = 9,
+    OutOfSequence = 10,
+    SequenceConflict = 11,
+    OffsetMismatch = 12,
+    Incomplete = 13,
+    UnknownLog = 14,
+    ChecksumMismatch = 15,
+    LogRejected = 16,
+    DiskTableMismatch = 17,
+    ResyncRequired = 18,
+    StorageFull = 19,
+    StorageUnavailable = 20,
+    Busy = 21,
+    Timeout = 22,
+    UnknownCompare = 23,
+    Internal = 24,
+}
+
+const ALL_CODES: [ErrorCode; 24] = [
+    ErrorCode::AccessDenied,
+    ErrorCode::UnsupportedVersion,
+    ErrorCode::BadRequest,
+    ErrorCode::TooLarge,
+    ErrorCode::UnknownVm,
+    ErrorCode::UnknownResource,
+    ErrorCode::VmExists,
+    ErrorCode::InvalidState,
+    ErrorCode::Suspended,
+    ErrorCode::OutOfSequence,
+    ErrorCode::SequenceConflict,
+    ErrorCode::OffsetMismatch,
+    ErrorCode::Incomplete,
+    ErrorCode::UnknownLog,
+    ErrorCode::ChecksumMismatch,
+    ErrorCode::LogRejected,
+    ErrorCode::DiskTableMismatch,
+    ErrorCode::ResyncRequired,
+    ErrorCode::StorageFull,
+    ErrorCode::StorageUnavailable,
+    ErrorCode::Busy,
+    ErrorCode::Timeout,
+    ErrorCode::UnknownCompare,
+    ErrorCode::Internal,
+];
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        ALL_CODES.iter().copied().find(|c| *c as u16 == v)
+    }
+
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// The name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::AccessDenied => "AccessDenied",
+            ErrorCode::UnsupportedVersion => "UnsupportedVersion",
+            ErrorCode::BadRequest => "BadRequest",
+            ErrorCode::TooLarge => "TooLarge",
+            ErrorCode::UnknownVm => "UnknownVm",
+            ErrorCode::UnknownResource => "UnknownResource",
+            ErrorCode::VmExists => "VmExists",
+            ErrorCode::InvalidState => "InvalidState",
+            ErrorCode::Suspended => "Suspended",
+            ErrorCode::OutOfSequence => "OutOfSequence",
+            ErrorCode::SequenceConflict => "SequenceConflict",
+            ErrorCode::OffsetMismatch => "OffsetMismatch",
+            ErrorCode::Incomplete => "Incomplete",
+            ErrorCode::UnknownLog => "UnknownLog",
+            ErrorCode::ChecksumMismatch => "ChecksumMismatch",
+            ErrorCode::LogRejected => "LogRejected",
+            ErrorCode::DiskTableMismatch => "DiskTableMismatch",
+            ErrorCode::ResyncRequired => "ResyncRequired",
+            ErrorCode::StorageFull => "StorageFull",
+            ErrorCode::StorageUnavailable => "StorageUnavailable",
+            ErrorCode::Busy => "Busy",
+            ErrorCode::Timeout => "Timeout",
+            ErrorCode::UnknownCompare => "UnknownCompare",
+            ErrorCode::Internal => "Internal",
+        }
+    }
+
+    /// The HTTP status of the code (§4).
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::AccessDenied => 403,
+            ErrorCode::UnsupportedVersion | ErrorCode::BadRequest => 400,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::UnknownVm
+            | ErrorCode::UnknownResource
+            | ErrorCode::UnknownLog
+            | ErrorCode::UnknownCompare => 404,
+            ErrorCode::ChecksumMismatch | ErrorCode::LogRejected => 422,
+            ErrorCode::StorageFull => 507,
+            ErrorCode::StorageUnavailable | ErrorCode::Busy => 503,
+            ErrorCode::Timeout => 408,
+            ErrorCode::Internal => 500,
+            _ => 409,
+        }
+    }
+}
+
+/// Why the replica refused a peer (§2.3), the `reason` detail of `AccessDenied`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    NoMatchingEntry = 1,
+    EntryRemoved = 2,
+    NotAuthorizedForVm = 3,
+    StorageEscape = 4,
+    NoCertificateName = 5,
+}
+
+impl RefusalReason {
+    pub fn from_u16(v: u16) -> Option<RefusalReason> {
+        Some(match v {
+            1 => RefusalReason::NoMatchingEntry,
+            2 => RefusalReason::EntryRemoved,
+            3 => RefusalReason::NotAuthorizedForVm,
+            4 => RefusalReason::StorageEscape,
+            5 => RefusalReason::NoCertificateName,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RefusalReason::NoMatchingEntry => "NoMatchingEntry",
+            RefusalReason::EntryRemoved => "EntryRemoved",
+            RefusalReason::NotAuthorizedForVm => "NotAuthorizedForVm",
+            RefusalReason::StorageEscape => "StorageEscape",
+            RefusalReason::NoCertificateName => "NoCertificateName",
+        }
+    }
+}
+
+/// The `error` object of every 4xx/5xx answer: code, name, a sentence, and details by code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    pub code: u16,
+    pub name: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Vec<u16>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format_versions: Option<Vec<u16>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_state: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_sequence: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_parent: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<Vec<DiskSpec>>,
+}
+
+impl ErrorDetail {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorDetail {
+        ErrorDetail {
+            code: code.as_u16(),
+            name: code.name().to_string(),
+            message: message.into(),
+            reason: None,
+            field: None,
+            limit: None,
+            versions: None,
+            log_format_versions: None,
+            replica_state: None,
+            expected_sequence: None,
+            expected_parent: None,
+            stored_hash: None,
+            upload_id: None,
+            offset: None,
+            decode_error: None,
+            expected: None,
+        }
+    }
+
+    /// The code, when it is one this build knows.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u16(self.code)
+    }
+}
+
+/// `{"error": {…}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+impl Validate for ErrorBody {
+    fn validate(&self) -> Result<(), MessageError> {
+        if self.error.error_code().is_none() {
+            return Err(invalid(
+                "error.code",
+                format!("{} is not an error code", self.error.code),
+            ));
+        }
+        if let Some(r) = self.error.reason {
+            if RefusalReason::from_u16(r).is_none() {
+                return Err(invalid(
+                    "error.reason",
+                    format!("{r} is not a refusal reason"),
+                ));
+            }
+        }
+        check_text("error.message", &self.error.message, 0, 4096)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put() -> PutVm {
+        PutVm {
+            name: "web01".into(),
+            primary_connection_point: "p1.lab.example".into(),
+            initial_replication_type: 1,
+            disks: vec![DiskSpec {
+                id: "disk0".into(),
+                virtual_size: 1 << 30,
+            }],
+            settings: VmSettings {
+                replication_interval: 300,
+                recovery_history: 4,
+                application_consistent_snapshot_interval: 0,
+                compression_enabled: true,
+            },
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let p = put();
+        let text = serde_json::to_vec(&p).unwrap();
+        assert_eq!(decode::<PutVm>(&text).unwrap(), p);
+        let e = ErrorBody {
+            error: ErrorDetail {
+                reason: Some(1),
+                ..ErrorDetail::new(ErrorCode::AccessDenied, "no entry")
+            },
+        };
+        let text = serde_json::to_vec(&e).unwrap();
+        assert_eq!(decode::<ErrorBody>(&text).unwrap(), e);
+    }
+
+    #[test]
+    fn bad_bodies_are_refused() {
+        let mut p = put();
+        p.disks.push(p.disks[0].clone());
+        assert!(matches!(
+            decode::<PutVm>(&serde_json::to_vec(&p).unwrap()),
+            Err(MessageError::Invalid { field: "disks", .. })
+        ));
+        let mut p = put();
+        p.settings.replication_interval = 60;
+        assert!(decode::<PutVm>(&serde_json::to_vec(&p).unwrap()).is_err());
+        let mut v = serde_json::to_value(put()).unwrap();
+        v["extra"] = 1.into();
+        assert!(matches!(
+            decode::<PutVm>(&serde_json::to_vec(&v).unwrap()),
+            Err(MessageError::Json(_))
+        ));
+        let deep = "[".repeat(17) + &"]".repeat(17);
+        assert_eq!(decode::<Empty>(deep.as_bytes()), Err(MessageError::TooDeep));
+        let nested_in_string = format!(
+            "{{\"error\":{{\"code\":3,\"name\":\"x\",\"message\":\"{}\"}}}}",
+            "[".repeat(40)
+        );
+        assert!(decode::<ErrorBody>(nested_in_string.as_bytes()).is_ok());
+        assert!(matches!(
+            decode::<Empty>(&vec![b' '; MAX_JSON_BYTES + 1]),
+            Err(MessageError::TooLarge(_))
+        ));
+        let zero = r#"{"error":{"code":0,"name":"Invalid","message":""}}"#;
+        assert!(decode::<ErrorBody>(zero.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn codes_are_stable() {
+        for (i, c) in ALL_CODES.iter().enumerate() {
+            assert_eq!(c.as_u16() as usize, i + 1);
+            assert_eq!(ErrorCode::from_u16(c.as_u16()), Some(*c));
+        }
+        assert_eq!(ErrorCode::from_u16(0), None);
+        assert_eq!(highest_common(&[1, 2, 3], &[3, 2, 9]), Some(3));
+        assert_eq!(highest_common(&[1], &[2]), None);
+    }
+}
