@@ -6,6 +6,7 @@
 
 mod client;
 mod credentials;
+mod labca;
 mod render;
 
 use std::time::Duration;
@@ -111,6 +112,9 @@ enum Verb {
     ResetStatistics { vm: String },
     /// Certificates in this host's certificate store (base64 DER).
     Certs,
+    /// Lab certificates for host-to-host replication (local; no daemon needed).
+    #[command(subcommand)]
+    Cert(CertVerb),
     /// Jobs of the daemon.
     #[command(subcommand)]
     Job(JobVerb),
@@ -119,6 +123,20 @@ enum Verb {
     /// The daemon's credentials file (local; vmreplicad --credentials FILE).
     #[command(subcommand)]
     Credentials(CredentialsVerb),
+}
+
+#[derive(Subcommand)]
+enum CertVerb {
+    /// Create (or reuse) a lab CA in --out and a certificate for each --host; prints each
+    /// thumbprint. Copy <out>/<host>/certs/ to that host's <data-dir>/certs/.
+    New {
+        /// A host's fully qualified name (repeat for each host).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Directory of the lab CA and the issued certificates.
+        #[arg(long = "out", alias = "ca")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -304,6 +322,34 @@ enum JobVerb {
     },
 }
 
+fn cert_new(out: &std::path::Path, hosts: &[String], fmt: OutputFormat) -> Result<(), Failure> {
+    let (ca, created, issued) = labca::new_certificates(out, hosts).map_err(Failure::Transport)?;
+    if fmt == OutputFormat::Json {
+        let list: Vec<_> = issued
+            .iter()
+            .map(|i| {
+                serde_json::json!({"host": i.host, "thumbprint": i.thumbprint,
+                    "certs_dir": i.certs_dir.display().to_string()})
+            })
+            .collect();
+        let doc = serde_json::json!({"ca": ca.display().to_string(), "ca_created": created, "hosts": list});
+        println!("{doc}");
+        return Ok(());
+    }
+    let verb = if created { "created" } else { "reused" };
+    println!("lab CA {verb}: {}", ca.display());
+    println!("{:<32} {:<40} CERTIFICATE STORE", "HOST", "THUMBPRINT");
+    for i in &issued {
+        println!(
+            "{:<32} {:<40} {}",
+            i.host,
+            i.thumbprint,
+            i.certs_dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     // Die quietly on a closed pipe (`vmreplica status | head`) instead of panicking in println!.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
@@ -315,6 +361,7 @@ fn main() {
         Verb::Credentials(CredentialsVerb::Add { file, name }) => {
             credentials::add(&file, &name).map_err(Failure::Transport)
         }
+        Verb::Cert(CertVerb::New { hosts, out }) => cert_new(&out, &hosts, cli.output),
         Verb::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "vmreplica", &mut std::io::stdout());
@@ -504,7 +551,7 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             return client::job_outcome(&job);
         }
         Verb::Job(JobVerb::Cancel { id }) => Command::CancelJob { id },
-        Verb::Credentials(_) | Verb::Completions { .. } => {
+        Verb::Credentials(_) | Verb::Completions { .. } | Verb::Cert(_) => {
             unreachable!("handled before connecting")
         }
     };
