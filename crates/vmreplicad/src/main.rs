@@ -11,6 +11,7 @@ mod engine;
 mod http;
 mod jobs;
 mod power;
+mod replication;
 mod service;
 mod store;
 mod tls;
@@ -53,6 +54,24 @@ struct Args {
     /// every request needs HTTP Basic credentials from it (or a client certificate).
     #[arg(long)]
     credentials: Option<PathBuf>,
+    /// Address the recovery server's replication listener binds (its port is HttpsPort of the
+    /// recovery-server settings; it runs while certificate authentication is enabled).
+    #[arg(long, default_value = "0.0.0.0", env = "VMREPLICA_REPLICATION_ADDRESS")]
+    replication_address: std::net::IpAddr,
+    /// Resolve a recovery server's name to this address instead of asking DNS (NAME=ADDR;
+    /// repeatable), for labs without DNS. The certificate must still carry NAME.
+    #[arg(long = "resolve", value_parser = parse_resolve)]
+    resolve: Vec<(String, std::net::IpAddr)>,
+}
+
+fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=ADDR"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not an IP address: {e}"))?;
+    Ok((name.trim_end_matches('.').to_ascii_lowercase(), addr))
 }
 
 /// Checks the listener's security before anything is served (see `auth`'s table).
@@ -133,11 +152,31 @@ async fn main() -> anyhow::Result<()> {
             "jobs that were running when the daemon stopped are marked failed"
         );
     }
+    let host = args.host_name.clone().unwrap_or_else(system_host_name);
+    let cert_dir = args.data_dir.join("certs");
+    let peers = Arc::new(replication::client::Peers {
+        cert_dir: cert_dir.clone(),
+        resolve: args.resolve.iter().cloned().collect(),
+        host: host.clone(),
+    });
     let engine = engine::LocalEngine {
         store: store.clone(),
         jobs: jobs.clone(),
         data_dir: args.data_dir.clone(),
+        peers: peers.clone(),
     };
+    let replica = Arc::new(replication::replica::ReplicaSide::new(
+        store.clone(),
+        host.clone(),
+        cert_dir.clone(),
+    ));
+    replication::replica::spawn_apply_task(replica.clone());
+    let listener_control = replication::server::ListenerControl::default();
+    replication::server::spawn_supervisor(
+        replica,
+        args.replication_address,
+        listener_control.clone(),
+    );
     let reaped = disk::export::reap_stray_exports(&args.data_dir.join("run"));
     if reaped > 0 {
         tracing::warn!(reaped, "killed qemu-nbd processes left by an earlier run");
@@ -145,10 +184,12 @@ async fn main() -> anyhow::Result<()> {
     let service = Arc::new(service::Service {
         store,
         jobs: jobs.clone(),
-        host: args.host_name.clone().unwrap_or_else(system_host_name),
-        cert_dir: args.data_dir.join("certs"),
+        host,
+        cert_dir,
         engine: Arc::new(engine),
         claims: claims::VmClaims::default(),
+        peers,
+        listener: listener_control,
     });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));

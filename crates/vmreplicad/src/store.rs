@@ -131,6 +131,16 @@ CREATE TABLE IF NOT EXISTS recovery_points (
     vm TEXT NOT NULL REFERENCES vms(id), sequence INTEGER NOT NULL, time_micros INTEGER NOT NULL,
     kind TEXT NOT NULL, full_image INTEGER NOT NULL, log_hash TEXT NOT NULL,
     PRIMARY KEY (vm, sequence));
+CREATE TABLE IF NOT EXISTS replica_vms (
+    vm TEXT PRIMARY KEY REFERENCES vms(id), disks TEXT NOT NULL, store_root TEXT NOT NULL,
+    resync_required INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS uploads (
+    vm TEXT NOT NULL, sequence INTEGER NOT NULL, upload_id TEXT NOT NULL, log_hash TEXT NOT NULL,
+    log_bytes INTEGER NOT NULL, point_time INTEGER NOT NULL, point_type INTEGER NOT NULL,
+    PRIMARY KEY (vm, sequence));
+CREATE TABLE IF NOT EXISTS received_logs (
+    vm TEXT NOT NULL, sequence INTEGER NOT NULL, log_hash TEXT NOT NULL, log_bytes INTEGER NOT NULL,
+    point_time INTEGER NOT NULL, applied INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (vm, sequence));
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, job_type INTEGER NOT NULL, state INTEGER NOT NULL, percent INTEGER NOT NULL,
     error_code INTEGER NOT NULL, error_description TEXT, errors TEXT NOT NULL, vm TEXT,
@@ -155,7 +165,7 @@ impl Store {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (statements are atomic),
         // so a poisoned lock is still safe to use.
         self.conn

@@ -87,35 +87,46 @@ fn image_info(path: &str) -> Result<(String, u64), JobFailure> {
     Ok((format, size))
 }
 
-/// The export job's work.
-pub async fn export(
-    ctx: JobContext,
-    vm: VmRow,
-    location: PathBuf,
-    compression: bool,
-    data_dir: PathBuf,
-    _claim: VmClaim,
-) -> Result<(), JobFailure> {
+/// A full-image log written to a file, and the baseline it leaves once the replica has it.
+pub struct FullLog {
+    pub path: PathBuf,
+    pub summary: wire::LogSummary,
+    /// (temporary, final) block-hash map of each disk.
+    maps: Vec<(PathBuf, PathBuf)>,
+    tracking: PathBuf,
+}
+
+/// Refuses a running VM: a full image is read from disks that do not change.
+pub fn require_off(vm: &VmRow, alternative: &str) -> Result<(), JobFailure> {
     if power::enabled_state(&vm.power) == power::ENABLED {
         return Err(fail(
             format!(
-                "'{}' is running; an export reads its disks while they do not change",
+                "'{}' is running; initial replication reads its disks while they do not change",
                 vm.name
             ),
-            "Turn the VM off and start the export again, or replicate over the network.",
+            &format!("Turn the VM off and start again{alternative}."),
         ));
     }
-    let folder = export_folder(&location, &vm);
-    std::fs::create_dir_all(&folder).map_err(|e| {
-        fail(
-            format!("cannot create {}: {e}", folder.display()),
-            "Check the export location.",
-        )
-    })?;
-    let mut disks = Vec::new();
-    for path in &vm.disks {
-        disks.push(image_info(path)?);
-    }
+    Ok(())
+}
+
+/// The disk table of `vm` (format and virtual size of each image).
+pub fn disk_table(vm: &VmRow) -> Result<Vec<(String, u64)>, JobFailure> {
+    vm.disks.iter().map(|p| image_info(p)).collect()
+}
+
+/// Writes log `sequence` 1 of `vm`, a full image of every disk, to `path` (under a temporary name,
+/// fsynced, renamed), reporting progress from 0 to `progress_to` percent. The block-hash maps
+/// become the baseline only with [`commit_baseline`].
+pub async fn write_full_log(
+    ctx: &JobContext,
+    vm: &VmRow,
+    path: &Path,
+    compression: bool,
+    data_dir: &Path,
+    progress_to: u16,
+) -> Result<FullLog, JobFailure> {
+    let disks = disk_table(vm)?;
     let header = LogHeader {
         vm: vm.id,
         relationship: 0,
@@ -133,11 +144,11 @@ pub async fn export(
             })
             .collect(),
     };
-    let tmp_log = folder.join(format!("{INITIAL_LOG}.tmp"));
+    let tmp_log = path.with_extension("vrlog.tmp");
     let out = File::create(&tmp_log).map_err(|e| {
         fail(
             format!("cannot write {}: {e}", tmp_log.display()),
-            "Check the export location.",
+            "Check free space and permissions.",
         )
     })?;
     let mode = if compression {
@@ -165,45 +176,50 @@ pub async fn export(
     for (i, (format, _)) in disks.iter().enumerate() {
         ctx.check_cancelled()?;
         let map = tracking.join(format!("disk{i}.hashes"));
-        let tmp = scan_one(&vm.disks[i], format, i, &map, &data_dir, &mut log).await?;
+        let tmp = scan_one(&vm.disks[i], format, i, &map, data_dir, &mut log).await?;
         maps.push((tmp, map));
-        let done = ((i + 1) * 100 / disks.len().max(1)).min(99) as u16;
-        ctx.progress(done)?;
+        let done = ((i + 1) * usize::from(progress_to) / disks.len().max(1)) as u16;
+        ctx.progress(done.min(progress_to))?;
     }
     let (writer, summary) = log
         .finish()
         .map_err(|e| fail(format!("cannot finish the log: {e}"), "Check free space."))?;
-    let file = writer.into_inner().map_err(|e| {
-        fail(
-            format!("cannot write the log: {e}"),
-            "Check free space at the export location.",
-        )
-    })?;
+    let file = writer
+        .into_inner()
+        .map_err(|e| fail(format!("cannot write the log: {e}"), "Check free space."))?;
     file.sync_all().map_err(|e| {
         fail(
             format!("cannot sync the log: {e}"),
-            "Check the export location.",
+            "Check the disk holding the log.",
         )
     })?;
-    let final_log = folder.join(INITIAL_LOG);
-    std::fs::rename(&tmp_log, &final_log).map_err(|e| {
+    std::fs::rename(&tmp_log, path).map_err(|e| {
         fail(
             format!("cannot rename the log: {e}"),
-            "Check the export location.",
+            "Check the disk holding the log.",
         )
     })?;
-    for (tmp, map) in maps {
-        hashmap::commit(&tmp, &map)
-            .map_err(|e| fail(e.to_string(), "Check the data directory."))?;
+    Ok(FullLog {
+        path: path.to_path_buf(),
+        summary,
+        maps,
+        tracking,
+    })
+}
+
+/// Makes the block-hash maps of `log` the baseline of the next delta, with each disk's file
+/// fingerprint: a disk changed after this while nothing tracked it needs a hash scan
+/// (disk::fingerprint).
+pub fn commit_baseline(vm: &VmRow, log: &FullLog) -> Result<(), JobFailure> {
+    for (tmp, map) in &log.maps {
+        hashmap::commit(tmp, map).map_err(|e| fail(e.to_string(), "Check the data directory."))?;
     }
-    // The baseline a resumed tracker checks: a disk changed after this while nothing tracked it
-    // needs a hash scan (disk::fingerprint).
     for (i, path) in vm.disks.iter().enumerate() {
         let fp = disk::fingerprint::Fingerprint::of(Path::new(path))
             .map_err(|e| fail(format!("cannot stat {path}: {e}"), "Check the disk path."))?;
         let json =
             serde_json::to_vec(&fp).map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
-        let file = tracking.join(format!("disk{i}.fingerprint.json"));
+        let file = log.tracking.join(format!("disk{i}.fingerprint.json"));
         std::fs::write(&file, json).map_err(|e| {
             fail(
                 format!("cannot write {}: {e}", file.display()),
@@ -211,7 +227,30 @@ pub async fn export(
             )
         })?;
     }
-    tracing::info!(vm = %vm.id, bytes = summary.bytes, log = %final_log.display(), "initial replica exported");
+    Ok(())
+}
+
+/// The export job's work.
+pub async fn export(
+    ctx: JobContext,
+    vm: VmRow,
+    location: PathBuf,
+    compression: bool,
+    data_dir: PathBuf,
+    _claim: VmClaim,
+) -> Result<(), JobFailure> {
+    require_off(&vm, ", or replicate over the network")?;
+    let folder = export_folder(&location, &vm);
+    std::fs::create_dir_all(&folder).map_err(|e| {
+        fail(
+            format!("cannot create {}: {e}", folder.display()),
+            "Check the export location.",
+        )
+    })?;
+    let final_log = folder.join(INITIAL_LOG);
+    let log = write_full_log(&ctx, &vm, &final_log, compression, &data_dir, 99).await?;
+    commit_baseline(&vm, &log)?;
+    tracing::info!(vm = %vm.id, bytes = log.summary.bytes, log = %final_log.display(), "initial replica exported");
     Ok(())
 }
 
@@ -296,7 +335,7 @@ async fn scan_one<W: Write>(
     Ok(result.map_err(scan_err)?.0)
 }
 
-fn point_row(vm: Uuid, p: &PointInfo) -> PointRow {
+pub(crate) fn point_row(vm: Uuid, p: &PointInfo) -> PointRow {
     let kind = match p.kind {
         PointKind::Standard => "Standard",
         PointKind::ApplicationConsistent => "ApplicationConsistent",

@@ -7,6 +7,7 @@
 //! method claims a success it did not earn.
 
 pub mod initial;
+pub mod network;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,18 +56,22 @@ impl DataPlane for NoEngine {
     }
 }
 
-/// The engine of this host: initial replication on offline media (export on the primary, import
-/// on the replica). Every other data-moving operation is still answered by [`NoEngine`].
+/// The engine of this host: initial replication over the network and on offline media (export on
+/// the primary, import on the replica). Every other data-moving operation is still answered by
+/// [`NoEngine`].
 pub struct LocalEngine {
     pub store: Arc<Store>,
     pub jobs: Arc<JobEngine>,
     pub data_dir: PathBuf,
+    /// How this host reaches recovery servers.
+    pub peers: Arc<crate::replication::client::Peers>,
 }
 
 impl DataPlane for LocalEngine {
     fn start(&self, request: EngineRequest) -> Result<JobRow, CommandError> {
         match request.operation {
             Operation::StartReplication(InitialReplicationType::Export) => self.export(request),
+            Operation::StartReplication(InitialReplicationType::Network) => self.network(request),
             Operation::ImportInitialReplica => self.import(request),
             _ => NoEngine.start(request),
         }
@@ -114,7 +119,7 @@ impl LocalEngine {
     fn spawn_with_outcome<F, Fut>(
         &self,
         req: EngineRequest,
-        location_param: &str,
+        location_param: Option<&str>,
         what: &str,
         cancellable: bool,
         work: F,
@@ -131,11 +136,19 @@ impl LocalEngine {
             claim,
             ..
         } = req;
-        let (mut rel, location) =
-            relationship_and_location(relationship, args.location, location_param)?;
+        let (mut rel, location) = match location_param {
+            Some(param) => relationship_and_location(relationship, args.location, param)?,
+            None => (
+                relationship.ok_or_else(|| missing("a replication relationship"))?,
+                PathBuf::new(),
+            ),
+        };
         let before = self.show_during(&vm, &mut rel, &transition)?;
         let store = self.store.clone();
-        let description = format!("{what} of '{}' ({})", vm.name, location.display());
+        let description = match location_param {
+            Some(_) => format!("{what} of '{}' ({})", vm.name, location.display()),
+            None => format!("{what} of '{}'", vm.name),
+        };
         let (vm_id, mode) = (vm.id, vm.mode);
         let job = self.jobs.spawn(
             transition.job_type,
@@ -169,7 +182,7 @@ impl LocalEngine {
         let data_dir = self.data_dir.clone();
         self.spawn_with_outcome(
             req,
-            "InitialReplicationExportLocation",
+            Some("InitialReplicationExportLocation"),
             "Export the initial replica",
             true,
             move |ctx, vm, rel, location, claim| async move {
@@ -180,11 +193,38 @@ impl LocalEngine {
         )
     }
 
+    fn network(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let rel = req
+            .relationship
+            .as_ref()
+            .ok_or_else(|| missing("a replication relationship"))?;
+        if rel.settings.authentication_type != 2 {
+            return Err(CommandError::new(
+                ReturnCode::NotSupported,
+                "initial replication over the network needs certificate authentication (AuthenticationType 2); Kerberos is not supported",
+            ));
+        }
+        let job = network::NetworkIr {
+            peers: self.peers.clone(),
+            data_dir: self.data_dir.clone(),
+        };
+        self.spawn_with_outcome(
+            req,
+            None,
+            "Send the initial replica over the network",
+            true,
+            move |ctx, vm, rel, _, claim| async move {
+                let _claim = claim; // held until the job ends
+                network::run(ctx, job, vm, rel).await
+            },
+        )
+    }
+
     fn import(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
         let (store, data_dir) = (self.store.clone(), self.data_dir.clone());
         self.spawn_with_outcome(
             req,
-            "InitialReplicationImportLocation",
+            Some("InitialReplicationImportLocation"),
             "Import the initial replica",
             false,
             move |ctx, vm, rel, location, claim| async move {

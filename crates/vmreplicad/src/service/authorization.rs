@@ -14,7 +14,23 @@ const STOPPED_BY_LOST_AUTHORIZATION: [ReplicationState; 5] = [
 impl Service {
     pub(super) fn modify_service_settings(&self, s: ServiceSettings) -> CommandResult {
         s.validate().map_err(settings_error)?;
+        let certificate = matches!(s.allowed_authentication_type, 2 | 3);
+        if s.recovery_server_enabled && certificate {
+            let Some(thumb) = s
+                .certificate_thumbprint
+                .as_deref()
+                .filter(|t| !t.is_empty())
+            else {
+                return Err(invalid(
+                    "CertificateThumbPrint is required for certificate authentication (AllowedAuthenticationType 2 or 3)",
+                ));
+            };
+            crate::replication::peer_certs::find_identity(&self.cert_dir, thumb).map_err(|e| {
+                invalid(format!("CertificateThumbPrint: {}", crate::error_chain(&e)))
+            })?;
+        }
         let store = self.store.clone();
+        let listener = self.listener.clone();
         self.job(
             JobType::ModifyReplicationServerSettings,
             None,
@@ -22,6 +38,7 @@ impl Service {
             move |ctx| async move {
                 ctx.check_cancelled()?;
                 store.put_service_settings(&s)?;
+                listener.settings_changed();
                 tracing::info!(
                     enabled = s.recovery_server_enabled,
                     "recovery server settings changed"
@@ -117,5 +134,55 @@ impl Service {
         rel.authorization_entry = Some(found.allowed_primary_host_system.clone());
         self.store.put_relationship(&rel, vm.mode)?;
         Ok(CommandOutput::Completed)
+    }
+}
+
+impl Service {
+    /// TestReplicationConnection (JobType 115): connect to the recovery server with this host's
+    /// certificate, say hello, and have it write and delete a file in the storage location the
+    /// matching authorization entry names (docs/protocol.md §5.1).
+    pub(super) fn test_connection(&self, settings: ReplicationSettings) -> CommandResult {
+        if settings.authentication_type != 2 {
+            return Err(CommandError::new(
+                ReturnCode::NotSupported,
+                "only certificate authentication (AuthenticationType 2) is supported; Kerberos is not",
+            ));
+        }
+        let target = crate::replication::client::Target {
+            host: settings.recovery_connection_point.clone(),
+            port: settings.recovery_server_port_number,
+            thumbprint: settings.certificate_thumbprint.clone().unwrap_or_default(),
+        };
+        let peers = self.peers.clone();
+        let description = format!(
+            "Test the replication connection to {}:{}",
+            target.host, target.port
+        );
+        self.job(
+            JobType::TestReplicationConnection,
+            None,
+            &description,
+            move |ctx| async move {
+                let mut session = peers
+                    .connect(&target)
+                    .await
+                    .map_err(|e| e.into_failure("connecting to the recovery server"))?;
+                ctx.progress(50)?;
+                let (_, answer) = session
+                    .json::<_, wire::protocol::TestResponse>(
+                        wire::protocol::Route::Test,
+                        Some(&wire::protocol::Empty {}),
+                    )
+                    .await
+                    .map_err(|e| e.into_failure("testing the replica storage"))?;
+                tracing::info!(
+                    server = %target.host,
+                    authorized_as = %answer.authorized_as,
+                    free_bytes = answer.storage_free_bytes,
+                    "replication connection test passed"
+                );
+                Ok(())
+            },
+        )
     }
 }

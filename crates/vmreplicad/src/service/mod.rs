@@ -48,6 +48,10 @@ pub struct Service {
     pub engine: Arc<dyn DataPlane>,
     /// One state-changing command or job per VM at a time.
     pub claims: VmClaims,
+    /// How this host reaches recovery servers.
+    pub peers: Arc<crate::replication::client::Peers>,
+    /// Tells the replication listener the recovery-server settings changed.
+    pub listener: crate::replication::server::ListenerControl,
 }
 
 impl From<StoreError> for CommandError {
@@ -136,10 +140,7 @@ impl Service {
                     ..ReplicationSettings::default()
                 };
                 settings.validate().map_err(settings_error)?;
-                Err(CommandError::new(
-                    ReturnCode::NotSupported,
-                    "TestReplicationConnection: the host-to-host protocol is not implemented yet",
-                ))
+                self.test_connection(settings)
             }
             Command::SetPowerState { vm, requested } => self.set_power_state(&vm, requested).await,
             Command::DestroySystem { vm } => {

@@ -1,0 +1,166 @@
+//! Initial replication over the network: `StartReplication` type 1 on the primary
+//! (docs/protocol.md §7, first diagram).
+//!
+//! The job connects to the recovery server with the relationship's certificate, creates or updates
+//! the placeholder replica (`PUT vms/{vm}`), writes a full-image log of the turned-off VM to
+//! `<data-dir>/outgoing/<VMID>/<seq:020>.vrlog`, streams it (`PATCH logs/1`), and commits it. Only
+//! the commit's 200 makes the block-hash maps the baseline of the next delta; the relationship then
+//! goes to 3 while the replica applies the point on its own.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use wire::protocol::{DiskSpec, PutVm, ReplicaVm, Route, TransferState, VmSettings};
+
+use super::initial::{commit_baseline, disk_table, require_off, write_full_log};
+use crate::clock::now;
+use crate::jobs::{JobContext, JobFailure};
+use crate::replication::client::{Peers, Target};
+use crate::store::{RelationshipRow, VmRow};
+
+/// What the job needs besides the VM and its relationship.
+pub struct NetworkIr {
+    pub peers: Arc<Peers>,
+    pub data_dir: PathBuf,
+}
+
+fn fail(message: impl Into<String>, action: &str) -> JobFailure {
+    JobFailure::failed(message, action)
+}
+
+/// The target of `rel`'s recovery server.
+pub fn target(rel: &RelationshipRow) -> Target {
+    Target {
+        host: rel.settings.recovery_connection_point.clone(),
+        port: rel.settings.recovery_server_port_number,
+        thumbprint: rel
+            .settings
+            .certificate_thumbprint
+            .clone()
+            .unwrap_or_default(),
+    }
+}
+
+/// The placeholder's description of `vm` (§5.2).
+pub fn put_vm(
+    vm: &VmRow,
+    rel: &RelationshipRow,
+    host: &str,
+    kind: u16,
+) -> Result<PutVm, JobFailure> {
+    let disks = disk_table(vm)?
+        .iter()
+        .enumerate()
+        .map(|(i, (_, size))| DiskSpec {
+            id: format!("disk{i}"),
+            virtual_size: *size,
+        })
+        .collect();
+    let s = &rel.settings;
+    Ok(PutVm {
+        name: vm.name.clone(),
+        primary_connection_point: host.to_string(),
+        initial_replication_type: kind,
+        disks,
+        settings: VmSettings {
+            replication_interval: s.replication_interval,
+            recovery_history: u8::try_from(s.recovery_history).unwrap_or(24),
+            application_consistent_snapshot_interval: u8::try_from(
+                s.application_consistent_snapshot_interval,
+            )
+            .unwrap_or(12),
+            compression_enabled: s.compression_enabled,
+        },
+    })
+}
+
+/// The network IR job's work; returns the relationship with its replication time set.
+pub async fn run(
+    ctx: JobContext,
+    job: NetworkIr,
+    vm: VmRow,
+    mut rel: RelationshipRow,
+) -> Result<RelationshipRow, JobFailure> {
+    require_off(
+        &vm,
+        " (tracking a running VM's writes during initial replication is not implemented yet)",
+    )?;
+    let target = target(&rel);
+    let mut session = job
+        .peers
+        .connect(&target)
+        .await
+        .map_err(|e| e.into_failure("connecting to the recovery server"))?;
+    let put = put_vm(&vm, &rel, &job.peers.host, 1)?;
+    let (_, replica) = session
+        .json::<_, ReplicaVm>(Route::PutVm(vm.id), Some(&put))
+        .await
+        .map_err(|e| e.into_failure("creating the replica VM"))?;
+    if replica.last_committed.sequence != 0 {
+        return Err(fail(
+            format!(
+                "the replica of '{}' on {} already holds log {}; initial replication would start a second chain",
+                vm.name, target.host, replica.last_committed.sequence
+            ),
+            "Remove the replica VM on the recovery server, or resynchronize.",
+        ));
+    }
+    ctx.progress(2)?;
+    let outgoing = job
+        .data_dir
+        .join("outgoing")
+        .join(vm.id.to_string().to_uppercase());
+    std::fs::create_dir_all(&outgoing).map_err(|e| {
+        fail(
+            format!("cannot create {}: {e}", outgoing.display()),
+            "Check the data directory.",
+        )
+    })?;
+    let spool = outgoing.join(format!("{:020}.vrlog", 1));
+    let compression = rel.settings.compression_enabled;
+    let log = write_full_log(&ctx, &vm, &spool, compression, &job.data_dir, 45).await?;
+    let hash = hex::encode(log.summary.hash);
+    let progress_ctx = ctx.clone();
+    let status = session
+        .upload_log(vm.id, 1, &log.path, &hash, move |sent, total| {
+            let pct = 45 + (sent * 50 / total.max(1)) as u16;
+            let _ = progress_ctx.progress(pct.min(95));
+        })
+        .await
+        .map_err(|e| e.into_failure("sending the initial replica"))?;
+    let (Some(upload_id), true) = (
+        status.upload_id,
+        status.state == TransferState::Uploaded as u16
+            && status.log_hash.as_deref() == Some(hash.as_str()),
+    ) else {
+        return Err(fail(
+            format!(
+                "the recovery server did not confirm the upload of log 1 (state {})",
+                status.state
+            ),
+            "Check the recovery server's log and start again.",
+        ));
+    };
+    let commit = wire::protocol::Commit {
+        upload_id,
+        log_hash: hash.clone(),
+        log_bytes: log.summary.bytes,
+        wait_applied: false,
+    };
+    let (_, done) = session
+        .json::<_, wire::protocol::LogStatus>(Route::CommitLog(vm.id, 1), Some(&commit))
+        .await
+        .map_err(|e| e.into_failure("committing the initial replica"))?;
+    if done.log_hash.as_deref() != Some(hash.as_str()) {
+        return Err(fail(
+            "the recovery server committed log 1 with another hash",
+            "Resynchronize the VM.",
+        ));
+    }
+    commit_baseline(&vm, &log)?;
+    let _ = std::fs::remove_file(&log.path);
+    rel.last_replication_time = Some(log.summary.header.point_time_micros / 1_000_000);
+    rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
+    tracing::info!(vm = %vm.id, bytes = log.summary.bytes, server = %target.host, at = now(), "initial replica sent and committed");
+    Ok(rel)
+}

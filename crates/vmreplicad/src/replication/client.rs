@@ -1,0 +1,391 @@
+//! The primary's side of the protocol (docs/protocol.md): one HTTP/2 connection over TLS 1.3 to a
+//! recovery server, authenticated with the certificate the relationship names, opened with the
+//! hello handshake; JSON requests and streamed log uploads on it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use uuid::Uuid;
+use vmreplica_core::codes::ReturnCode;
+use wire::protocol::{
+    self, decode, headers, ErrorBody, ErrorCode, ErrorDetail, Hello, HelloResponse, LogStatus,
+    Route, Validate, PROTOCOL_VERSIONS,
+};
+
+use super::tls::client_config;
+use crate::jobs::JobFailure;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Size of the pieces a log is sent in.
+const CHUNK: usize = 1 << 20;
+/// Longest answer body read.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    /// This host's certificate (`Msvm_ReplicationSettingData.CertificateThumbPrint`).
+    pub thumbprint: String,
+}
+
+/// What failed, by the step of §5.1 that failed; each maps to a CIM return code.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("this host's certificate cannot be used: {0}")]
+    Certificate(String),
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("cannot connect to {addr}: {why}")]
+    Connect { addr: String, why: String },
+    #[error("{0} did not answer in time")]
+    Timeout(String),
+    #[error("the TLS handshake with {host} failed: {why}")]
+    Tls { host: String, why: String },
+    #[error("the connection to the recovery server failed: {0}")]
+    Http(String),
+    #[error("the recovery server refused: {} ({})", .0.message, .0.name)]
+    Refused(Box<ErrorDetail>),
+    #[error("the recovery server answered nonsense: {0}")]
+    Protocol(String),
+    #[error("reading the log failed: {0}")]
+    Local(String),
+}
+
+impl PeerError {
+    /// The job's error code (docs/protocol.md §4 "CIM" column, §5.1).
+    pub fn return_code(&self) -> u16 {
+        match self {
+            PeerError::Certificate(_) => ReturnCode::InvalidParameter as u16,
+            PeerError::Resolve(_) | PeerError::Connect { .. } => {
+                ReturnCode::SystemNotAvailable as u16
+            }
+            PeerError::Timeout(_) => ReturnCode::Timeout as u16,
+            PeerError::Tls { .. } => ReturnCode::AccessDenied as u16,
+            PeerError::Refused(d) => match d.error_code() {
+                Some(ErrorCode::AccessDenied) => ReturnCode::AccessDenied as u16,
+                Some(ErrorCode::UnsupportedVersion | ErrorCode::UnknownResource) => {
+                    ReturnCode::NotSupported as u16
+                }
+                Some(ErrorCode::BadRequest | ErrorCode::TooLarge) => {
+                    ReturnCode::InvalidParameter as u16
+                }
+                Some(ErrorCode::UnknownVm) => ReturnCode::SystemNotAvailable as u16,
+                Some(
+                    ErrorCode::VmExists
+                    | ErrorCode::InvalidState
+                    | ErrorCode::OutOfSequence
+                    | ErrorCode::SequenceConflict
+                    | ErrorCode::DiskTableMismatch
+                    | ErrorCode::ResyncRequired,
+                ) => ReturnCode::InvalidState as u16,
+                _ => ReturnCode::Failed as u16,
+            },
+            _ => ReturnCode::Failed as u16,
+        }
+    }
+
+    /// A failed job's error, with what to do about it.
+    pub fn into_failure(self, step: &str) -> JobFailure {
+        let action = match &self {
+            PeerError::Certificate(_) => "Check CertificateThumbPrint and the files in <data-dir>/certs/.",
+            PeerError::Resolve(_) | PeerError::Connect { .. } | PeerError::Timeout(_) => {
+                "Check RecoveryConnectionPoint and RecoveryServerPortNumber, that the recovery server is enabled for certificate authentication on that port, and the network between the hosts."
+            }
+            PeerError::Tls { .. } => {
+                "Check that both hosts' certificates chain to a CA in each other's <data-dir>/certs/trusted/, that they are valid now, and that the recovery server's certificate names RecoveryConnectionPoint."
+            }
+            PeerError::Refused(d) if d.error_code() == Some(ErrorCode::AccessDenied) => {
+                "Add an authorization entry for this host on the recovery server (vmreplica auth add)."
+            }
+            _ => "Check the recovery server's log.",
+        };
+        let code = self.return_code();
+        let mut f = JobFailure::failed(format!("{step}: {self}"), action);
+        f.error_code = code;
+        f
+    }
+}
+
+/// Connection settings of this host as a primary.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    pub cert_dir: PathBuf,
+    /// Name → address overrides (`vmreplicad --resolve NAME=ADDR`), for labs without DNS.
+    pub resolve: HashMap<String, IpAddr>,
+    /// This host's name, sent in the hello.
+    pub host: String,
+}
+
+/// A request body: bytes in memory, or a log streamed from a file.
+pub enum ReqBody {
+    Full(Full<Bytes>),
+    Stream(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            ReqBody::Full(f) => Pin::new(f)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(|never| match never {}))),
+            ReqBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+        }
+    }
+}
+
+/// An open, authenticated connection to one recovery server.
+pub struct Session {
+    send: hyper::client::conn::http2::SendRequest<ReqBody>,
+    authority: String,
+    pub hello: HelloResponse,
+}
+
+impl Peers {
+    async fn address(&self, t: &Target) -> Result<SocketAddr, PeerError> {
+        if let Some(ip) = self.resolve.get(&t.host.to_ascii_lowercase()) {
+            return Ok(SocketAddr::new(*ip, t.port));
+        }
+        let mut addrs = tokio::net::lookup_host((t.host.as_str(), t.port))
+            .await
+            .map_err(|e| PeerError::Resolve(format!("{}: {e}", t.host)))?;
+        addrs
+            .next()
+            .ok_or_else(|| PeerError::Resolve(t.host.clone()))
+    }
+
+    /// Connects, authenticates both ways and says hello.
+    pub async fn connect(&self, t: &Target) -> Result<Session, PeerError> {
+        let config = client_config(&self.cert_dir, &t.thumbprint)
+            .map_err(|e| PeerError::Certificate(crate::error_chain(&e)))?;
+        let addr = self.address(t).await?;
+        let shown = format!("{}:{} ({addr})", t.host, t.port);
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| PeerError::Timeout(shown.clone()))?
+            .map_err(|e| PeerError::Connect {
+                addr: shown.clone(),
+                why: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls_pki_types::ServerName::try_from(t.host.clone())
+            .map_err(|e| PeerError::Resolve(format!("{}: {e}", t.host)))?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| PeerError::Timeout(shown.clone()))?
+            .map_err(|e| PeerError::Tls {
+                host: t.host.clone(),
+                why: e.to_string(),
+            })?;
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .initial_stream_window_size(8 << 20)
+                .initial_connection_window_size(32 << 20)
+                .max_frame_size(1 << 20)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| PeerError::Tls {
+                    host: t.host.clone(),
+                    why: crate::error_chain(&e),
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("replication connection closed: {e}");
+            }
+        });
+        let mut session = Session {
+            send,
+            authority: format!("{}:{}", t.host, t.port),
+            hello: placeholder_hello(),
+        };
+        let hello = Hello {
+            protocol_versions: PROTOCOL_VERSIONS.to_vec(),
+            log_format_versions: vec![wire::limits::FORMAT_VERSION],
+            capabilities: protocol::CAPABILITIES
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            product: format!("vmreplica {}", env!("CARGO_PKG_VERSION")),
+            host: self.host.clone(),
+        };
+        let (_, answer) = session
+            .json::<_, HelloResponse>(Route::Hello, Some(&hello))
+            .await?;
+        if !PROTOCOL_VERSIONS.contains(&answer.protocol_version) {
+            return Err(PeerError::Protocol(format!(
+                "the recovery server chose protocol version {}",
+                answer.protocol_version
+            )));
+        }
+        session.hello = answer;
+        Ok(session)
+    }
+}
+
+fn placeholder_hello() -> HelloResponse {
+    HelloResponse {
+        protocol_version: 1,
+        log_format_version: 1,
+        capabilities: Vec::new(),
+        product: String::new(),
+        host: String::new(),
+        authorized_as: String::new(),
+        trust_group: String::new(),
+        limits: protocol::Limits {
+            max_json_bytes: 0,
+            max_log_bytes: 0,
+            max_parallel_uploads: 0,
+            max_pending_apply: 0,
+            compare_block_sizes: Vec::new(),
+            max_compare_blocks: 0,
+            idle_timeout_secs: 0,
+        },
+    }
+}
+
+impl Session {
+    fn request(&self, route: Route) -> hyper::http::request::Builder {
+        hyper::Request::builder()
+            .method(route.method())
+            .uri(format!("https://{}{}", self.authority, route.path()))
+    }
+
+    async fn send(
+        &mut self,
+        req: hyper::Request<ReqBody>,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, Bytes), PeerError> {
+        let authority = self.authority.clone();
+        let exchange = async {
+            self.send
+                .ready()
+                .await
+                .map_err(|e| PeerError::Http(crate::error_chain(&e)))?;
+            let resp = self
+                .send
+                .send_request(req)
+                .await
+                .map_err(|e| PeerError::Http(crate::error_chain(&e)))?;
+            let status = resp.status().as_u16();
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| PeerError::Http(e.to_string()))?
+                .to_bytes();
+            Ok::<_, PeerError>((status, body))
+        };
+        let (status, body) = match timeout {
+            Some(t) => tokio::time::timeout(t, exchange)
+                .await
+                .map_err(|_| PeerError::Timeout(authority))??,
+            None => exchange.await?,
+        };
+        if status >= 400 {
+            let err = decode::<ErrorBody>(&body).map_err(|e| {
+                PeerError::Protocol(format!("HTTP {status} with an unreadable error: {e}"))
+            })?;
+            return Err(PeerError::Refused(Box::new(err.error)));
+        }
+        Ok((status, body))
+    }
+
+    /// A JSON request; the answer's status and decoded body.
+    pub async fn json<B: Serialize, R: DeserializeOwned + Validate>(
+        &mut self,
+        route: Route,
+        body: Option<&B>,
+    ) -> Result<(u16, R), PeerError> {
+        let bytes = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| PeerError::Protocol(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let req = self
+            .request(route)
+            .header("content-type", "application/json")
+            .body(ReqBody::Full(Full::new(Bytes::from(bytes))))
+            .map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let (status, answer) = self.send(req, Some(REQUEST_TIMEOUT)).await?;
+        let value = decode::<R>(&answer).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        Ok((status, value))
+    }
+
+    /// A request whose answer has no body of interest beyond its status (the body is checked to be
+    /// the expected message).
+    pub async fn upload_log(
+        &mut self,
+        vm: Uuid,
+        sequence: u64,
+        file: &Path,
+        log_hash: &str,
+        progress: impl Fn(u64, u64) + Send + 'static,
+    ) -> Result<LogStatus, PeerError> {
+        let len = std::fs::metadata(file)
+            .map_err(|e| PeerError::Local(format!("{}: {e}", file.display())))?
+            .len();
+        let upload_id = Uuid::new_v4();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let path = file.to_path_buf();
+        let reader = tokio::spawn(async move {
+            let mut f = match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let mut sent = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                match f.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        sent += n as u64;
+                        if tx.send(Ok(Bytes::from(buf))).await.is_err() {
+                            return;
+                        }
+                        progress(sent, len);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let req = self
+            .request(Route::UploadLog(vm, sequence))
+            .header("content-type", protocol::LOG_CONTENT_TYPE)
+            .header(headers::UPLOAD_ID, upload_id.to_string())
+            .header(headers::UPLOAD_OFFSET, "0")
+            .header(headers::LOG_LENGTH, len.to_string())
+            .header(headers::LOG_HASH, log_hash)
+            .body(ReqBody::Stream(rx))
+            .map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let result = self.send(req, None).await;
+        reader.abort();
+        let (_, answer) = result?;
+        decode::<LogStatus>(&answer).map_err(|e| PeerError::Protocol(e.to_string()))
+    }
+}

@@ -1,0 +1,9 @@
+//! Host-to-host replication (docs/protocol.md): the recovery server's listener, handlers and
+//! apply task, the primary's client, and the certificates both use.
+
+pub mod client;
+pub mod peer_certs;
+pub mod records;
+pub mod replica;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,1082 @@
+//! The recovery server's handlers (docs/protocol.md §3, §5.1-§5.4) and its apply task.
+//!
+//! Files live only below the authorized entry's storage location, named from GUIDs and numbers
+//! (§2.4): `<loc>/<vm-guid>/` is the VM's point store and `<loc>/<vm-guid>/incoming/` holds
+//! uploads (`<seq:020>-<upload>.partial`, `.uploaded`) and committed logs (`<seq:020>.vrlog`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use disk::points::{PointStore, RetentionPolicy};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::sync::Notify;
+use uuid::Uuid;
+use vmreplica_core::command::PowerControl;
+use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings};
+use vmreplica_core::state::{ReplicationMode, ReplicationState, ReplicationType};
+use wire::protocol::{
+    self, decode, headers, highest_common, Commit, DiskSpec, Empty, ErrorCode, ErrorDetail, Hello,
+    HelloResponse, LastCommitted, Limits, LogStatus, PutVm, RefusalReason, ReplicaVm, TestResponse,
+    TransferState, Validate, MAX_JSON_BYTES, PROTOCOL_VERSIONS,
+};
+use wire::{Expect, LogDecodeError, PointType};
+
+use super::records::{ReceivedLog, ReplicaVmRow, UploadRow};
+use super::server::refusal;
+use crate::clock::now;
+use crate::store::{RelationshipRow, Store, VmRow};
+
+/// Largest log accepted (`max_log_bytes`, §8).
+pub const MAX_LOG_BYTES: u64 = 1 << 40;
+/// Free space kept below the storage location: max(1 GiB, 2 %).
+const MIN_RESERVE: u64 = 1 << 30;
+/// A request body that stalls this long is cut off (408).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait of a commit with `wait_applied`.
+const WAIT_APPLIED: Duration = Duration::from_secs(600);
+
+/// An error answer: `{"error": …}` with the code's HTTP status.
+#[derive(Debug)]
+pub struct ApiError(pub Box<ErrorDetail>);
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError(Box::new(ErrorDetail::new(code, message)))
+    }
+
+    pub fn internal(e: impl std::error::Error) -> ApiError {
+        ApiError::new(ErrorCode::Internal, crate::error_chain(&e))
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let status = self.0.error_code().map_or(500, ErrorCode::http_status);
+        json(status, &protocol::ErrorBody { error: *self.0 })
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+fn json<T: Serialize>(status: u16, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
+
+/// The recovery server: shared by the listener's connections and the apply task.
+pub struct ReplicaSide {
+    pub store: Arc<Store>,
+    pub host: String,
+    pub cert_dir: PathBuf,
+    /// Wakes the apply task after a commit.
+    pub apply_wake: Notify,
+    /// Bumped after every apply, for commits that wait for it.
+    pub applied: tokio::sync::watch::Sender<u64>,
+    /// One upload or commit per VM at a time.
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn incoming_dir(root: &Path, vm: Uuid) -> PathBuf {
+    root.join(vm.hyphenated().to_string()).join("incoming")
+}
+
+fn committed_log(root: &Path, vm: Uuid, seq: u64) -> PathBuf {
+    incoming_dir(root, vm).join(format!("{seq:020}.vrlog"))
+}
+
+fn upload_file(root: &Path, vm: Uuid, seq: u64, upload: Uuid, ext: &str) -> PathBuf {
+    incoming_dir(root, vm).join(format!("{seq:020}-{upload}.{ext}"))
+}
+
+/// Free bytes of the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path holds a NUL byte"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid C string and `st` a writable statvfs the call fills in.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialized `st`.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn reserve(free: u64) -> u64 {
+    MIN_RESERVE.max(free / 50)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn point_type_code(p: PointType) -> u16 {
+    match p {
+        PointType::Standard => 1,
+        PointType::ApplicationConsistent => 2,
+        PointType::PlannedFailover => 3,
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned + Validate>(
+    body: Incoming,
+) -> Result<T, ApiError> {
+    let limited = http_body_util::Limited::new(body, MAX_JSON_BYTES);
+    let bytes = match tokio::time::timeout(IDLE_TIMEOUT, limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            let mut d = ErrorDetail::new(
+                ErrorCode::TooLarge,
+                format!("a JSON body may have at most {MAX_JSON_BYTES} bytes"),
+            );
+            d.limit = Some(MAX_JSON_BYTES as u64);
+            return Err(ApiError(Box::new(d)));
+        }
+        Ok(Err(e)) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("the request body could not be read: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(ApiError::new(
+                ErrorCode::Timeout,
+                "the request body stalled",
+            ))
+        }
+    };
+    decode::<T>(&bytes).map_err(|e| {
+        let mut d = ErrorDetail::new(ErrorCode::BadRequest, e.to_string());
+        if let protocol::MessageError::Invalid { field, .. } = &e {
+            d.field = Some((*field).to_string());
+        }
+        ApiError(Box::new(d))
+    })
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn bad_header(name: &str, why: &str) -> ApiError {
+    let mut d = ErrorDetail::new(ErrorCode::BadRequest, format!("header {name}: {why}"));
+    d.field = Some(name.to_string());
+    ApiError(Box::new(d))
+}
+
+impl ReplicaSide {
+    pub fn new(store: Arc<Store>, host: String, cert_dir: PathBuf) -> ReplicaSide {
+        ReplicaSide {
+            store,
+            host,
+            cert_dir,
+            apply_wake: Notify::new(),
+            applied: tokio::sync::watch::Sender::new(0),
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_for(&self, vm: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(vm).or_default().clone()
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_json_bytes: MAX_JSON_BYTES as u64,
+            max_log_bytes: MAX_LOG_BYTES,
+            max_parallel_uploads: 4,
+            max_pending_apply: 8,
+            compare_block_sizes: vec![disk::scan::DEFAULT_BLOCK_SIZE],
+            max_compare_blocks: 65_536,
+            idle_timeout_secs: IDLE_TIMEOUT.as_secs() as u32,
+        }
+    }
+
+    pub fn unsupported_version(&self, message: &str) -> ApiError {
+        let mut d = ErrorDetail::new(ErrorCode::UnsupportedVersion, message);
+        d.versions = Some(PROTOCOL_VERSIONS.to_vec());
+        d.log_format_versions = Some(vec![wire::limits::FORMAT_VERSION]);
+        ApiError(Box::new(d))
+    }
+
+    pub async fn dispatch(
+        &self,
+        route: protocol::Route,
+        entry: AuthorizationEntry,
+        name: String,
+        req: Request<Incoming>,
+    ) -> ApiResult {
+        use protocol::Route as R;
+        match route {
+            R::Hello => {
+                let hello: Hello = read_json(req.into_body()).await?;
+                self.hello(&entry, name, hello)
+            }
+            R::Test => {
+                let _: Empty = read_json(req.into_body()).await?;
+                self.test(&entry, name)
+            }
+            R::PutVm(vm) => {
+                let put: PutVm = read_json(req.into_body()).await?;
+                self.put_vm(&entry, vm, put).await
+            }
+            R::GetVm(vm) => {
+                let (vm_row, rel) = self.bound_vm(&entry, vm)?;
+                Ok(json(200, &self.describe(&vm_row, &rel)?))
+            }
+            R::UploadLog(vm, seq) => self.upload(&entry, vm, seq, req).await,
+            R::LogStatus(vm, seq) => {
+                self.bound_vm(&entry, vm)?;
+                Ok(json(200, &self.log_status(vm, seq)?))
+            }
+            R::CommitLog(vm, seq) => {
+                let commit: Commit = read_json(req.into_body()).await?;
+                self.commit(&entry, vm, seq, commit).await
+            }
+        }
+    }
+
+    fn hello(&self, entry: &AuthorizationEntry, name: String, h: Hello) -> ApiResult {
+        let formats = [wire::limits::FORMAT_VERSION];
+        let (Some(pv), Some(lv)) = (
+            highest_common(PROTOCOL_VERSIONS, &h.protocol_versions),
+            highest_common(&formats, &h.log_format_versions),
+        ) else {
+            return Err(self.unsupported_version(&format!(
+                "no common version: this recovery server speaks protocol {PROTOCOL_VERSIONS:?} and log format {formats:?}, the primary offered {:?} and {:?}",
+                h.protocol_versions, h.log_format_versions
+            )));
+        };
+        let capabilities = protocol::CAPABILITIES
+            .iter()
+            .filter(|c| h.capabilities.iter().any(|o| o == *c))
+            .map(|c| c.to_string())
+            .collect();
+        Ok(json(
+            200,
+            &HelloResponse {
+                protocol_version: pv,
+                log_format_version: lv,
+                capabilities,
+                product: format!("vmreplica {}", env!("CARGO_PKG_VERSION")),
+                host: self.host.clone(),
+                authorized_as: name,
+                trust_group: entry.trust_group.clone(),
+                limits: Self::limits(),
+            },
+        ))
+    }
+
+    /// The entry's storage location, canonical, or 503 `StorageUnavailable`.
+    fn location(entry: &AuthorizationEntry) -> Result<PathBuf, ApiError> {
+        std::fs::canonicalize(&entry.replica_storage_location).map_err(|e| {
+            ApiError::new(
+                ErrorCode::StorageUnavailable,
+                format!(
+                    "the replica storage location {} is not usable: {e}",
+                    entry.replica_storage_location
+                ),
+            )
+        })
+    }
+
+    fn test(&self, entry: &AuthorizationEntry, name: String) -> ApiResult {
+        let loc = Self::location(entry)?;
+        let probe = loc.join(format!(".vmreplica-test-{}", Uuid::new_v4()));
+        let unavailable = |e: std::io::Error| {
+            ApiError::new(
+                ErrorCode::StorageUnavailable,
+                format!("cannot write below {}: {e}", loc.display()),
+            )
+        };
+        std::fs::File::create(&probe)
+            .and_then(|mut f| f.write_all(b"vmreplica"))
+            .map_err(unavailable)?;
+        std::fs::remove_file(&probe).map_err(unavailable)?;
+        let free = free_bytes(&loc).map_err(unavailable)?;
+        Ok(json(
+            200,
+            &TestResponse {
+                storage_free_bytes: free,
+                authorized_as: name,
+                trust_group: entry.trust_group.clone(),
+            },
+        ))
+    }
+
+    /// §2.3 step 3: the VM must be a replica bound to this entry or its trust group.
+    fn check_binding(
+        &self,
+        entry: &AuthorizationEntry,
+        rel: &RelationshipRow,
+    ) -> Result<(), ApiError> {
+        let Some(bound) = rel.authorization_entry.as_deref() else {
+            return Ok(());
+        };
+        if bound.eq_ignore_ascii_case(&entry.allowed_primary_host_system) {
+            return Ok(());
+        }
+        let entries = self.store.authorization_entries()?;
+        match entries
+            .iter()
+            .find(|e| e.allowed_primary_host_system.eq_ignore_ascii_case(bound))
+        {
+            None => Err(refusal(
+                RefusalReason::EntryRemoved,
+                format!("the authorization entry '{bound}' this replica was bound to was removed"),
+            )),
+            Some(b)
+                if !b.trust_group.is_empty()
+                    && b.trust_group.eq_ignore_ascii_case(&entry.trust_group) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(refusal(
+                RefusalReason::NotAuthorizedForVm,
+                "this VM replicates from a primary of another trust group",
+            )),
+        }
+    }
+
+    /// The replica VM `vm`, bound to `entry` (404 `UnknownVm`, 403 otherwise).
+    fn bound_vm(
+        &self,
+        entry: &AuthorizationEntry,
+        vm: Uuid,
+    ) -> Result<(VmRow, RelationshipRow), ApiError> {
+        let unknown = || {
+            ApiError::new(
+                ErrorCode::UnknownVm,
+                format!("no replica VM {vm} on this server"),
+            )
+        };
+        let vm_row = self.store.get_vm(vm)?.ok_or_else(unknown)?;
+        let rel = self.store.get_relationship(vm)?.ok_or_else(unknown)?;
+        if vm_row.mode != ReplicationMode::Replica.as_u16() {
+            return Err(unknown());
+        }
+        self.check_binding(entry, &rel)?;
+        Ok((vm_row, rel))
+    }
+
+    fn describe(&self, vm: &VmRow, rel: &RelationshipRow) -> Result<ReplicaVm, ApiError> {
+        let replica = self.store.replica_vm(vm.id)?;
+        let last = self.store.last_received_log(vm.id)?;
+        let applied = self.store.last_applied(vm.id)?;
+        let pending = self
+            .store
+            .pending_apply()?
+            .iter()
+            .filter(|l| l.vm == vm.id)
+            .count();
+        let upload = match &last {
+            Some(l) => self.store.upload(vm.id, l.sequence + 1)?,
+            None => self.store.upload(vm.id, 1)?,
+        };
+        Ok(ReplicaVm {
+            vm: vm.id,
+            name: vm.name.clone(),
+            mode: vm.mode,
+            state: rel.state,
+            health: 1,
+            disks: replica
+                .as_ref()
+                .map(|r| r.disks.clone())
+                .unwrap_or_default(),
+            last_committed: match &last {
+                Some(l) => LastCommitted {
+                    sequence: l.sequence,
+                    log_hash: l.log_hash.clone(),
+                    point_time: l.point_time,
+                },
+                None => LastCommitted {
+                    sequence: 0,
+                    log_hash: String::new(),
+                    point_time: 0,
+                },
+            },
+            last_applied_sequence: applied,
+            pending_apply: u32::try_from(pending).unwrap_or(u32::MAX),
+            resync_required: replica.is_some_and(|r| r.resync_required),
+            upload: upload.map(|u| uploaded_status(&u)),
+        })
+    }
+
+    async fn put_vm(&self, entry: &AuthorizationEntry, vm: Uuid, put: PutVm) -> ApiResult {
+        let lock = self.lock_for(vm);
+        let _guard = lock.lock().await;
+        let settings = |mut s: ReplicationSettings| {
+            s.replication_interval = put.settings.replication_interval;
+            s.recovery_history = u16::from(put.settings.recovery_history);
+            s.application_consistent_snapshot_interval =
+                u16::from(put.settings.application_consistent_snapshot_interval);
+            s.compression_enabled = put.settings.compression_enabled;
+            s
+        };
+        match self.store.get_vm(vm)? {
+            Some(existing) if existing.mode != ReplicationMode::Replica.as_u16() => {
+                Err(ApiError::new(
+                    ErrorCode::VmExists,
+                    format!(
+                        "a VM with id {vm} ('{}') exists on this server and is not a replica",
+                        existing.name
+                    ),
+                ))
+            }
+            Some(existing) => {
+                let mut rel = self.store.get_relationship(vm)?.ok_or_else(|| {
+                    ApiError::new(ErrorCode::UnknownVm, "the replica has no relationship")
+                })?;
+                self.check_binding(entry, &rel)?;
+                let replica = match self.store.replica_vm(vm)? {
+                    Some(r) => {
+                        let committed = self.store.last_received_log(vm)?.is_some();
+                        if committed && r.disks != put.disks {
+                            let mut d = ErrorDetail::new(
+                                ErrorCode::DiskTableMismatch,
+                                "the disks differ from the replica's; a resynchronization or a new relationship is needed",
+                            );
+                            d.expected = Some(r.disks.clone());
+                            return Err(ApiError(Box::new(d)));
+                        }
+                        ReplicaVmRow {
+                            disks: put.disks.clone(),
+                            ..r
+                        }
+                    }
+                    None => self.new_store_root(entry, vm, &put.disks)?,
+                };
+                if rel.authorization_entry.is_none() {
+                    rel.authorization_entry = Some(entry.allowed_primary_host_system.clone());
+                }
+                rel.primary_connection_point = Some(put.primary_connection_point.clone());
+                rel.settings = settings(rel.settings.clone());
+                self.store.put_replica_vm(&replica)?;
+                self.store.put_relationship(&rel, existing.mode)?;
+                Ok(json(200, &self.describe(&existing, &rel)?))
+            }
+            None => {
+                let replica = self.new_store_root(entry, vm, &put.disks)?;
+                let vm_row = VmRow {
+                    id: vm,
+                    name: put.name.clone(),
+                    disks: Vec::new(),
+                    power: PowerControl::default(),
+                    mode: ReplicationMode::Replica.as_u16(),
+                };
+                self.store.insert_vm(&vm_row).map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::VmExists,
+                        format!(
+                            "the replica VM '{}' cannot be created: {}",
+                            put.name,
+                            crate::error_chain(&e)
+                        ),
+                    )
+                })?;
+                let mut rel = RelationshipRow::new(vm, now());
+                rel.state = ReplicationState::WaitingToCompleteInitialReplication.as_u16();
+                rel.settings = settings(ReplicationSettings::default());
+                rel.primary_connection_point = Some(put.primary_connection_point.clone());
+                rel.authorization_entry = Some(entry.allowed_primary_host_system.clone());
+                self.store.put_replica_vm(&replica)?;
+                self.store.put_relationship(&rel, vm_row.mode)?;
+                tracing::info!(%vm, name = %put.name, primary = %put.primary_connection_point, "replica VM created");
+                Ok(json(201, &self.describe(&vm_row, &rel)?))
+            }
+        }
+    }
+
+    /// Fixes the VM's store root below the entry's location (§2.3 step 4).
+    fn new_store_root(
+        &self,
+        entry: &AuthorizationEntry,
+        vm: Uuid,
+        disks: &[DiskSpec],
+    ) -> Result<ReplicaVmRow, ApiError> {
+        let loc = Self::location(entry)?;
+        let dir = loc.join(vm.hyphenated().to_string());
+        std::fs::create_dir_all(dir.join("incoming")).map_err(|e| {
+            ApiError::new(
+                ErrorCode::StorageUnavailable,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        let real = std::fs::canonicalize(&dir).map_err(|e| {
+            ApiError::new(
+                ErrorCode::StorageUnavailable,
+                format!("{}: {e}", dir.display()),
+            )
+        })?;
+        if !real.starts_with(&loc) {
+            return Err(refusal(
+                RefusalReason::StorageEscape,
+                format!("{} leads outside the storage location", dir.display()),
+            ));
+        }
+        Ok(ReplicaVmRow {
+            vm,
+            disks: disks.to_vec(),
+            store_root: loc.display().to_string(),
+            resync_required: false,
+        })
+    }
+
+    fn log_status(&self, vm: Uuid, seq: u64) -> Result<LogStatus, ApiError> {
+        if let Some(l) = self.store.received_log(vm, seq)? {
+            return Ok(received_status(&l));
+        }
+        if let Some(u) = self.store.upload(vm, seq)? {
+            return Ok(uploaded_status(&u));
+        }
+        Err(ApiError::new(
+            ErrorCode::UnknownLog,
+            format!("no upload or committed log {seq} of {vm}"),
+        ))
+    }
+
+    /// Checks the relationship accepts logs now.
+    fn accepting(&self, rel: &RelationshipRow, replica: &ReplicaVmRow) -> Result<(), ApiError> {
+        if replica.resync_required {
+            return Err(ApiError::new(
+                ErrorCode::ResyncRequired,
+                "the replica cannot continue its chain; resynchronize the primary",
+            ));
+        }
+        let s = rel.state;
+        if s == ReplicationState::Suspended.as_u16()
+            || s == ReplicationState::ResynchronizationSuspended.as_u16()
+        {
+            return Err(ApiError::new(
+                ErrorCode::Suspended,
+                "replication is paused on the replica",
+            ));
+        }
+        let ok = [
+            ReplicationState::WaitingToCompleteInitialReplication.as_u16(),
+            ReplicationState::Replicating.as_u16(),
+        ];
+        if !ok.contains(&s) {
+            let mut d = ErrorDetail::new(
+                ErrorCode::InvalidState,
+                format!("the replica is in state {s} and accepts no logs"),
+            );
+            d.replica_state = Some(s);
+            return Err(ApiError(Box::new(d)));
+        }
+        Ok(())
+    }
+
+    /// Answer for a log at or below the last committed one (§5.4).
+    fn already_committed(&self, l: &ReceivedLog, claimed_hash: Option<&str>) -> ApiResult {
+        match claimed_hash {
+            Some(h) if !h.eq_ignore_ascii_case(&l.log_hash) => {
+                let mut d = ErrorDetail::new(
+                    ErrorCode::SequenceConflict,
+                    format!("log {} was committed with another hash", l.sequence),
+                );
+                d.stored_hash = Some(l.log_hash.clone());
+                Err(ApiError(Box::new(d)))
+            }
+            _ => Ok(json(200, &received_status(l))),
+        }
+    }
+
+    async fn upload(
+        &self,
+        entry: &AuthorizationEntry,
+        vm: Uuid,
+        seq: u64,
+        req: Request<Incoming>,
+    ) -> ApiResult {
+        let (_vm_row, rel) = self.bound_vm(entry, vm)?;
+        let lock = self.lock_for(vm);
+        let _guard = lock.lock().await;
+        let replica = self
+            .store
+            .replica_vm(vm)?
+            .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, "no placeholder for this VM"))?;
+        let claimed_hash = header(&req, headers::LOG_HASH).map(str::to_string);
+        let last = self.store.last_received_log(vm)?;
+        let c = last.as_ref().map_or(0, |l| l.sequence);
+        if seq <= c {
+            let l = self.store.received_log(vm, seq)?.ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::UnknownLog,
+                    format!("log {seq} is no longer known"),
+                )
+            })?;
+            return self.already_committed(&l, claimed_hash.as_deref());
+        }
+        self.accepting(&rel, &replica)?;
+        if seq > c + 1 {
+            let mut d = ErrorDetail::new(
+                ErrorCode::OutOfSequence,
+                format!("the replica expects log {} next", c + 1),
+            );
+            d.expected_sequence = Some(c + 1);
+            d.expected_parent = Some(c);
+            return Err(ApiError(Box::new(d)));
+        }
+        let upload_id = header(&req, headers::UPLOAD_ID)
+            .and_then(protocol::parse_guid)
+            .ok_or_else(|| bad_header(headers::UPLOAD_ID, "a GUID is required"))?;
+        let offset = header(&req, headers::UPLOAD_OFFSET)
+            .ok_or_else(|| bad_header(headers::UPLOAD_OFFSET, "required"))?;
+        if offset != "0" {
+            // Resuming at an offset is not offered (no `resume` capability): start again at 0.
+            let mut d = ErrorDetail::new(
+                ErrorCode::OffsetMismatch,
+                "this recovery server does not resume uploads; send the log from offset 0",
+            );
+            d.offset = Some(0);
+            return Err(ApiError(Box::new(d)));
+        }
+        let root = PathBuf::from(&replica.store_root);
+        let dir = incoming_dir(&root, vm);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            ApiError::new(
+                ErrorCode::StorageUnavailable,
+                format!("{}: {e}", dir.display()),
+            )
+        })?;
+        let free = free_bytes(&dir).map_err(|e| {
+            ApiError::new(
+                ErrorCode::StorageUnavailable,
+                format!("{}: {e}", dir.display()),
+            )
+        })?;
+        let room = free.saturating_sub(reserve(free)).min(MAX_LOG_BYTES);
+        if let Some(len) = header(&req, headers::LOG_LENGTH) {
+            let len: u64 = len
+                .parse()
+                .map_err(|_| bad_header(headers::LOG_LENGTH, "not a number"))?;
+            if len > MAX_LOG_BYTES {
+                let mut d =
+                    ErrorDetail::new(ErrorCode::TooLarge, "the log is larger than max_log_bytes");
+                d.limit = Some(MAX_LOG_BYTES);
+                return Err(ApiError(Box::new(d)));
+            }
+            if len > room {
+                return Err(ApiError::new(
+                    ErrorCode::StorageFull,
+                    format!(
+                        "the log needs {len} bytes; {room} are free below the storage location"
+                    ),
+                ));
+            }
+        }
+        // Offset 0 discards any other attempt at this sequence.
+        remove_uploads_of(&dir, seq);
+        self.store.remove_uploads(vm)?;
+        let partial = upload_file(&root, vm, seq, upload_id, "partial");
+        let received = receive(req.into_body(), &partial, room).await;
+        let bytes = match received {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        let expect = Expect {
+            vm,
+            relationship: 0,
+            sequence: seq,
+            parent: c,
+        };
+        let check = partial.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&check)?;
+            Ok::<_, std::io::Error>(wire::verify(
+                std::io::BufReader::with_capacity(1 << 20, file),
+                &expect,
+            ))
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(ApiError::internal)?;
+        let summary = match verified {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(decode_error(e, bytes));
+            }
+        };
+        let table: Vec<DiskSpec> = summary
+            .header
+            .disks
+            .iter()
+            .map(|d| DiskSpec {
+                id: d.id.clone(),
+                virtual_size: d.virtual_size,
+            })
+            .collect();
+        if table != replica.disks {
+            let _ = std::fs::remove_file(&partial);
+            let mut d = ErrorDetail::new(
+                ErrorCode::DiskTableMismatch,
+                "the log's disk table differs from the replica's",
+            );
+            d.expected = Some(replica.disks.clone());
+            return Err(ApiError(Box::new(d)));
+        }
+        let uploaded = upload_file(&root, vm, seq, upload_id, "uploaded");
+        std::fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&partial, &uploaded))
+            .and_then(|()| sync_dir(&dir))
+            .map_err(ApiError::internal)?;
+        let row = UploadRow {
+            vm,
+            sequence: seq,
+            upload_id,
+            log_hash: hex::encode(summary.hash),
+            log_bytes: summary.bytes,
+            point_time: summary.header.point_time_micros,
+            point_type: point_type_code(summary.header.point_type),
+        };
+        self.store.put_upload(&row)?;
+        tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded and verified");
+        Ok(json(200, &uploaded_status(&row)))
+    }
+
+    async fn commit(
+        &self,
+        entry: &AuthorizationEntry,
+        vm: Uuid,
+        seq: u64,
+        commit: Commit,
+    ) -> ApiResult {
+        let (vm_row, mut rel) = self.bound_vm(entry, vm)?;
+        {
+            let lock = self.lock_for(vm);
+            let _guard = lock.lock().await;
+            if let Some(l) = self.store.received_log(vm, seq)? {
+                return self.already_committed(&l, Some(&commit.log_hash));
+            }
+            let replica = self
+                .store
+                .replica_vm(vm)?
+                .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, "no placeholder for this VM"))?;
+            self.accepting(&rel, &replica)?;
+            let Some(up) = self.store.upload(vm, seq)? else {
+                return Err(ApiError::new(
+                    ErrorCode::UnknownLog,
+                    format!("no verified upload of log {seq}"),
+                ));
+            };
+            if up.upload_id != commit.upload_id
+                || !up.log_hash.eq_ignore_ascii_case(&commit.log_hash)
+                || up.log_bytes != commit.log_bytes
+            {
+                let mut d = ErrorDetail::new(
+                    ErrorCode::SequenceConflict,
+                    "the commit names another upload, hash or length than the one verified",
+                );
+                d.stored_hash = Some(up.log_hash.clone());
+                d.upload_id = Some(up.upload_id);
+                return Err(ApiError(Box::new(d)));
+            }
+            let root = PathBuf::from(&replica.store_root);
+            let uploaded = upload_file(&root, vm, seq, up.upload_id, "uploaded");
+            let committed = committed_log(&root, vm, seq);
+            std::fs::rename(&uploaded, &committed)
+                .and_then(|()| sync_dir(&incoming_dir(&root, vm)))
+                .map_err(ApiError::internal)?;
+            self.store.commit_upload(&up)?;
+            rel.last_replication_time = Some(up.point_time / 1_000_000);
+            rel.last_replication_type = ReplicationType::Regular.as_u16();
+            if up.point_type == 2 {
+                rel.last_app_consistent_time = Some(up.point_time / 1_000_000);
+            }
+            self.store.put_relationship(&rel, vm_row.mode)?;
+            tracing::info!(%vm, sequence = seq, "log committed");
+        }
+        self.apply_wake.notify_one();
+        if commit.wait_applied {
+            let mut rx = self.applied.subscribe();
+            let deadline = tokio::time::Instant::now() + WAIT_APPLIED;
+            while self.store.last_applied(vm)? < seq {
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        let l = self
+            .store
+            .received_log(vm, seq)?
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "the committed log vanished"))?;
+        let status = if l.applied {
+            200
+        } else if commit.wait_applied {
+            202
+        } else {
+            200
+        };
+        Ok(json(status, &received_status(&l)))
+    }
+}
+
+fn remove_uploads_of(dir: &Path, seq: u64) {
+    let prefix = format!("{seq:020}-");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Streams a request body into `path`, refusing more than `room` bytes and a stalled body.
+async fn receive(mut body: Incoming, path: &Path, room: u64) -> Result<u64, ApiError> {
+    let mut file = std::fs::File::create(path).map_err(|e| {
+        ApiError::new(
+            ErrorCode::StorageUnavailable,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    let mut total = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await {
+            Err(_) => {
+                let mut d = ErrorDetail::new(ErrorCode::Timeout, "the log upload stalled");
+                d.offset = Some(0);
+                return Err(ApiError(Box::new(d)));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("the upload broke off after {total} bytes: {e}"),
+                ))
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        if total > room {
+            return Err(ApiError::new(
+                ErrorCode::StorageFull,
+                format!("the log exceeds the {room} bytes free below the storage location"),
+            ));
+        }
+        // Writes go to the page cache; the file is synced once, after the trailer verified.
+        file.write_all(&data).map_err(ApiError::internal)?;
+    }
+    Ok(total)
+}
+
+fn decode_error(e: LogDecodeError, bytes: u64) -> ApiError {
+    use LogDecodeError as E;
+    let (code, offset) = match &e {
+        E::ChecksumMismatch { offset } => (ErrorCode::ChecksumMismatch, Some(*offset)),
+        E::HashMismatch | E::TrailerMismatch { .. } => (ErrorCode::ChecksumMismatch, None),
+        E::WrongVm { .. }
+        | E::WrongRelationship { .. }
+        | E::OutOfOrder { .. }
+        | E::ParentMismatch { .. } => (ErrorCode::OutOfSequence, None),
+        E::Truncated { offset } => (ErrorCode::Incomplete, Some(*offset)),
+        _ => (ErrorCode::LogRejected, None),
+    };
+    let mut d = ErrorDetail::new(
+        code,
+        format!(
+            "the log ({bytes} bytes) was rejected and deleted: {}",
+            crate::error_chain(&e)
+        ),
+    );
+    d.offset = offset;
+    d.decode_error = Some(e.to_string());
+    ApiError(Box::new(d))
+}
+
+fn uploaded_status(u: &UploadRow) -> LogStatus {
+    LogStatus {
+        sequence: u.sequence,
+        upload_id: Some(u.upload_id),
+        state: TransferState::Uploaded as u16,
+        offset: u.log_bytes,
+        prefix_hash: None,
+        log_hash: Some(u.log_hash.clone()),
+        log_bytes: Some(u.log_bytes),
+        point_time: Some(u.point_time),
+    }
+}
+
+fn received_status(l: &ReceivedLog) -> LogStatus {
+    let state = if l.applied {
+        TransferState::Applied
+    } else {
+        TransferState::Committed
+    };
+    LogStatus {
+        sequence: l.sequence,
+        upload_id: None,
+        state: state as u16,
+        offset: l.log_bytes,
+        prefix_hash: None,
+        log_hash: Some(l.log_hash.clone()),
+        log_bytes: Some(l.log_bytes),
+        point_time: Some(l.point_time),
+    }
+}
+
+/// Applies committed logs in order, one VM after the other, until the process ends.
+pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
+    tokio::spawn(async move {
+        let mut failures: HashMap<(Uuid, u64), u32> = HashMap::new();
+        loop {
+            let pending = match replica.store.pending_apply() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!("cannot list logs to apply: {}", crate::error_chain(&e));
+                    Vec::new()
+                }
+            };
+            let mut blocked = std::collections::HashSet::new();
+            let mut retry_soon = false;
+            for log in pending {
+                if blocked.contains(&log.vm) {
+                    continue;
+                }
+                match apply_one(&replica, &log).await {
+                    Ok(()) => {
+                        failures.remove(&(log.vm, log.sequence));
+                        replica.applied.send_modify(|n| *n += 1);
+                    }
+                    Err(ApplyOutcome::Retry(msg)) => {
+                        blocked.insert(log.vm);
+                        let n = failures.entry((log.vm, log.sequence)).or_default();
+                        *n += 1;
+                        tracing::warn!(vm = %log.vm, sequence = log.sequence, attempt = *n, "applying the log failed: {msg}");
+                        if *n >= 3 {
+                            mark_state(&replica.store, log.vm, ReplicationState::Critical);
+                        } else {
+                            retry_soon = true;
+                        }
+                    }
+                    Err(ApplyOutcome::Resync(msg)) => {
+                        blocked.insert(log.vm);
+                        tracing::error!(vm = %log.vm, sequence = log.sequence, "the log cannot be applied; resynchronization required: {msg}");
+                        if let Ok(Some(mut r)) = replica.store.replica_vm(log.vm) {
+                            r.resync_required = true;
+                            let _ = replica.store.put_replica_vm(&r);
+                        }
+                    }
+                }
+            }
+            let wait = if retry_soon { 5 } else { 30 };
+            let _ = tokio::time::timeout(Duration::from_secs(wait), replica.apply_wake.notified())
+                .await;
+        }
+    });
+}
+
+enum ApplyOutcome {
+    Retry(String),
+    Resync(String),
+}
+
+fn mark_state(store: &Store, vm: Uuid, state: ReplicationState) {
+    if let (Ok(Some(v)), Ok(Some(mut rel))) = (store.get_vm(vm), store.get_relationship(vm)) {
+        rel.state = state.as_u16();
+        let _ = store.put_relationship(&rel, v.mode);
+    }
+}
+
+async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), ApplyOutcome> {
+    use disk::points::ApplyError as A;
+    let store = &replica.store;
+    let retry = |e: &dyn std::error::Error| ApplyOutcome::Retry(crate::error_chain(e));
+    let r = store
+        .replica_vm(log.vm)
+        .map_err(|e| retry(&e))?
+        .ok_or_else(|| ApplyOutcome::Resync("the placeholder record is missing".into()))?;
+    let root = PathBuf::from(&r.store_root);
+    let points = PointStore::open(&root, log.vm)
+        .await
+        .map_err(|e| retry(&e))?;
+    let path = committed_log(&root, log.vm, log.sequence);
+    let expect = Expect {
+        vm: log.vm,
+        relationship: 0,
+        sequence: log.sequence,
+        parent: log.sequence - 1,
+    };
+    match points.apply(&path, &expect).await {
+        Ok(point) => {
+            tracing::info!(vm = %log.vm, sequence = point.sequence, "recovery point applied");
+        }
+        Err(
+            e @ (A::Write { .. }
+            | A::WriteLayer { .. }
+            | A::Export { .. }
+            | A::ReaderTask(_)
+            | A::QemuImg(_)
+            | A::Store(_)),
+        ) => {
+            return Err(retry(&e));
+        }
+        Err(e) => return Err(ApplyOutcome::Resync(crate::error_chain(&e))),
+    }
+    let settings = store
+        .get_relationship(log.vm)
+        .map_err(|e| retry(&e))?
+        .map(|r| r.settings)
+        .unwrap_or_default();
+    let policy = RetentionPolicy {
+        recovery_history: u32::from(settings.recovery_history),
+        keep_app_consistent: settings.application_consistent_snapshot_interval > 0,
+    };
+    if let Err(e) = points.prune(&policy, now() * 1_000_000).await {
+        tracing::warn!(vm = %log.vm, "pruning recovery points failed: {}", crate::error_chain(&e));
+    }
+    let rows: Vec<_> = points
+        .list_points()
+        .map_err(|e| retry(&e))?
+        .iter()
+        .map(|p| crate::engine::initial::point_row(log.vm, p))
+        .collect();
+    store
+        .put_recovery_points(log.vm, &rows)
+        .map_err(|e| retry(&e))?;
+    store
+        .mark_applied(log.vm, log.sequence)
+        .map_err(|e| retry(&e))?;
+    let _ = std::fs::remove_file(&path);
+    if let (Ok(Some(v)), Ok(Some(mut rel))) = (store.get_vm(log.vm), store.get_relationship(log.vm))
+    {
+        rel.last_apply_time = Some(now());
+        if rel.state == ReplicationState::WaitingToCompleteInitialReplication.as_u16() {
+            rel.state = ReplicationState::Replicating.as_u16();
+        }
+        let _ = store.put_relationship(&rel, v.mode);
+    }
+    Ok(())
+}

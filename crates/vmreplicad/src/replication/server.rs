@@ -1,0 +1,325 @@
+//! The recovery server's listener (docs/protocol.md §2): HTTP/2 over TLS 1.3 with a mandatory client
+//! certificate, on `HttpsPort`, running while `RecoveryServerEnabled` and certificate
+//! authentication are set. A supervisor task (re)binds it whenever `ModifyServiceSettings` changes
+//! what it should be; every request is authorized (§2.3) before its handler runs.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use tokio::sync::Notify;
+use vmreplica_core::settings::{AuthorizationEntry, ServiceSettings};
+use wire::protocol::{ErrorCode, ErrorDetail, RefusalReason, Route, RouteError};
+
+use super::peer_certs::{dns_names, sha1_thumbprint};
+use super::replica::{ApiError, ReplicaSide};
+use super::tls::server_config;
+
+/// What the listener should be: bound to this port with this certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wanted {
+    port: u16,
+    thumbprint: String,
+}
+
+fn wanted(s: &ServiceSettings) -> Option<Wanted> {
+    let certificate = matches!(s.allowed_authentication_type, 2 | 3);
+    match (
+        &s.certificate_thumbprint,
+        s.recovery_server_enabled && certificate,
+    ) {
+        (Some(t), true) if !t.is_empty() => Some(Wanted {
+            port: s.https_port,
+            thumbprint: t.clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// Handle used to tell the supervisor the service settings changed.
+#[derive(Clone, Default)]
+pub struct ListenerControl {
+    changed: Arc<Notify>,
+}
+
+impl ListenerControl {
+    pub fn settings_changed(&self) {
+        self.changed.notify_one();
+    }
+}
+
+/// Runs the listener supervisor until the process ends.
+pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: ListenerControl) {
+    tokio::spawn(async move {
+        let mut current: Option<(Wanted, tokio::task::JoinHandle<()>)> = None;
+        loop {
+            let want = match replica.store.service_settings() {
+                Ok(s) => wanted(&s),
+                Err(e) => {
+                    tracing::error!(
+                        "cannot read the service settings: {}",
+                        crate::error_chain(&e)
+                    );
+                    current.as_ref().map(|c| c.0.clone())
+                }
+            };
+            let same = match (&current, &want) {
+                (Some((have, task)), Some(w)) => have == w && !task.is_finished(),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                if let Some((have, task)) = current.take() {
+                    task.abort();
+                    tracing::info!(port = have.port, "replication listener stopped");
+                }
+                if let Some(w) = want {
+                    match start(replica.clone(), bind, &w).await {
+                        Ok(task) => current = Some((w, task)),
+                        Err(e) => tracing::error!(
+                            port = w.port,
+                            "the replication listener cannot start: {e:#}"
+                        ),
+                    }
+                }
+            }
+            // Settings changes wake us at once; the periodic check retries a listener that could
+            // not start (a certificate copied in later, a port freed).
+            let _ = tokio::time::timeout(Duration::from_secs(10), control.changed.notified()).await;
+        }
+    });
+}
+
+const MAX_CONNECTIONS: usize = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn start(
+    replica: Arc<ReplicaSide>,
+    bind: IpAddr,
+    w: &Wanted,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let config = server_config(&replica.cert_dir, &w.thumbprint)?;
+    let addr = SocketAddr::new(bind, w.port);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, thumbprint = %w.thumbprint, "replication listener serving HTTP/2 over TLS 1.3");
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (tcp, addr) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (acceptor, replica) = (acceptor.clone(), replica.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                serve_connection(replica, acceptor, tcp, addr).await;
+            });
+        }
+    }))
+}
+
+/// Who is on the other end of one connection, from its verified certificate.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub names: Vec<String>,
+    pub thumbprint: String,
+}
+
+async fn serve_connection(
+    replica: Arc<ReplicaSide>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %addr, "replication peer refused at the TLS handshake: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %addr, "TLS handshake timed out");
+            return;
+        }
+    };
+    let Some(leaf) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    else {
+        return; // the verifier requires one; nothing to serve otherwise
+    };
+    let peer = Arc::new(Peer {
+        addr,
+        names: dns_names(leaf),
+        thumbprint: sha1_thumbprint(leaf),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let (replica, peer) = (replica.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(handle(&replica, &peer, req).await) }
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(32)
+        .max_header_list_size(16 * 1024)
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .max_frame_size(1 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .serve_connection(io, service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(peer = %addr, "replication connection ended: {e}");
+    }
+}
+
+/// The best authorization entry for the peer's names (§2.3 step 2): exact FQDN over `*.domain` over
+/// `*`, ties to the earlier name. Returns the entry and the name that matched.
+pub fn best_entry<'a>(
+    entries: &'a [AuthorizationEntry],
+    names: &[String],
+) -> Option<(&'a AuthorizationEntry, String)> {
+    let rank = |e: &AuthorizationEntry| match e.allowed_primary_host_system.as_str() {
+        "*" => 0,
+        p if p.starts_with("*.") => 1,
+        _ => 2,
+    };
+    let mut best: Option<(&AuthorizationEntry, String, u8)> = None;
+    for name in names {
+        for e in entries.iter().filter(|e| e.matches_host(name)) {
+            let r = rank(e);
+            if best.as_ref().is_none_or(|b| r > b.2) {
+                best = Some((e, name.trim_end_matches('.').to_ascii_lowercase(), r));
+            }
+        }
+    }
+    best.map(|(e, n, _)| (e, n))
+}
+
+pub fn refusal(reason: RefusalReason, message: impl Into<String>) -> ApiError {
+    let mut detail = ErrorDetail::new(ErrorCode::AccessDenied, message);
+    detail.reason = Some(reason as u16);
+    ApiError(Box::new(detail))
+}
+
+async fn handle(
+    replica: &ReplicaSide,
+    peer: &Peer,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (method, path) = (
+        req.method().as_str().to_string(),
+        req.uri().path().to_string(),
+    );
+    let result = async {
+        let route = Route::parse(&method, &path).map_err(|e| match e {
+            RouteError::BadSegment { .. } => {
+                ApiError::new(ErrorCode::BadRequest, format!("{method} {path}: {e}"))
+            }
+            RouteError::UnsupportedVersion(_) => replica.unsupported_version(&e.to_string()),
+            RouteError::Unknown => ApiError::new(
+                ErrorCode::UnknownResource,
+                format!("{method} {path}: no such resource"),
+            ),
+        })?;
+        let entries = replica
+            .store
+            .authorization_entries()
+            .map_err(ApiError::internal)?;
+        if peer.names.is_empty() {
+            return Err(refusal(
+                RefusalReason::NoCertificateName,
+                "the client certificate carries no DNS name (subject alternative name)",
+            ));
+        }
+        let Some((entry, name)) = best_entry(&entries, &peer.names) else {
+            return Err(refusal(
+                RefusalReason::NoMatchingEntry,
+                format!(
+                    "no authorization entry of this recovery server allows {}",
+                    peer.names.join(", ")
+                ),
+            ));
+        };
+        replica.dispatch(route, entry.clone(), name, req).await
+    }
+    .await;
+    match result {
+        Ok(resp) => resp,
+        Err(err) => {
+            let d = &err.0;
+            if d.code == ErrorCode::AccessDenied as u16 {
+                let reason = d
+                    .reason
+                    .and_then(RefusalReason::from_u16)
+                    .map_or("?", RefusalReason::name);
+                tracing::warn!(peer = %peer.addr, thumbprint = %peer.thumbprint, names = ?peer.names, reason, %method, %path, "replication request refused: {}", d.message);
+            } else if d.code == ErrorCode::Internal as u16 {
+                tracing::error!(peer = %peer.addr, %method, %path, "{}", d.message);
+            } else {
+                tracing::info!(peer = %peer.addr, %method, %path, code = d.name, "{}", d.message);
+            }
+            err.into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(host: &str, group: &str) -> AuthorizationEntry {
+        AuthorizationEntry {
+            allowed_primary_host_system: host.into(),
+            trust_group: group.into(),
+            replica_storage_location: "/srv".into(),
+        }
+    }
+
+    #[test]
+    fn most_specific_entry_wins() {
+        let entries = vec![
+            entry("*", "any"),
+            entry("*.lab.example", "lab"),
+            entry("p1.lab.example", "p1"),
+        ];
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let pick =
+            |n: &[&str]| best_entry(&entries, &names(n)).map(|(e, m)| (e.trust_group.clone(), m));
+        assert_eq!(
+            pick(&["P1.lab.example"]),
+            Some(("p1".into(), "p1.lab.example".into()))
+        );
+        assert_eq!(
+            pick(&["p2.lab.example"]),
+            Some(("lab".into(), "p2.lab.example".into()))
+        );
+        assert_eq!(
+            pick(&["x.other.org", "p1.lab.example"]),
+            Some(("p1".into(), "p1.lab.example".into()))
+        );
+        assert_eq!(
+            pick(&["x.other.org"]),
+            Some(("any".into(), "x.other.org".into()))
+        );
+        let strict = vec![entry("p1.lab.example", "p1")];
+        assert!(best_entry(&strict, &names(&["p2.lab.example"])).is_none());
+    }
+}
