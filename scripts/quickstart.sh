@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A one-machine tour of vmreplica on an embedded default: builds the tools, starts two vmreplicad
 # hosts with data directories and SQLite databases they create themselves, makes a sample VM disk
-# holding a real ext4 filesystem, and walks through what works today: defining the VM, the
-# recovery-server settings and authorization table, enabling replication (a job), the
-# Get-VMReplication-style status and statistics, initial replication on offline media (export on
-# the primary, import on the replica, proved with qemu-img compare), and the CIM-XML endpoint a
-# WBEM client talks to.
+# holding a real ext4 filesystem, and walks through what works today: a lab CA and host
+# certificates (`vmreplica cert new`), defining the VM, the recovery-server settings and
+# authorization table, a connection test over the host-to-host protocol (HTTP/2, TLS 1.3, both
+# hosts authenticated by certificate), enabling replication (a job), initial replication over the
+# network proved with qemu-img compare, the Get-VMReplication-style status and statistics, and the
+# CIM-XML endpoint a WBEM client talks to.
 #
 #   scripts/quickstart.sh [--keep]     --keep leaves the daemon running afterwards.
 set -euo pipefail
@@ -35,13 +36,23 @@ run qemu-img convert -O qcow2 "$DATA/disks/sample01.raw" "$DISK"
 rm "$DATA/disks/sample01.raw" "$DATA/hello.txt"
 qemu-img info "$DISK" | sed -n '1,4p'
 
-say "Starting two hosts: hv1 (primary, $VMREPLICA_URL) and hv2 (replica, port $((PORT + 1)))"
+say "A lab CA and a certificate for each host (vmreplica cert new), copied into each host's store"
+run vmreplica cert new --host hv1.lab.example --host hv2.lab.example --out "$DATA/lab-ca"
+T1=$(basename "$(ls "$DATA"/lab-ca/hv1.lab.example/certs/*.pem)" .pem)
+T2=$(basename "$(ls "$DATA"/lab-ca/hv2.lab.example/certs/*.pem)" .pem)
+mkdir -p "$DATA/host1" "$DATA/host2"
+cp -r "$DATA/lab-ca/hv1.lab.example/certs" "$DATA/host1/"
+cp -r "$DATA/lab-ca/hv2.lab.example/certs" "$DATA/host2/"
+
 REPLICA_URL=http://127.0.0.1:$((PORT + 1))
-vmreplicad --data-dir "$DATA/host1" --cim-listen "127.0.0.1:$PORT" --host-name hv1.example.org \
-    2>"$DATA/vmreplicad-hv1.log" &
+RPORT=$((PORT + 2))
+say "Starting two hosts: hv1 (primary, $VMREPLICA_URL) and hv2 (replica, $REPLICA_URL; replication on $RPORT)"
+# No DNS in this lab: hv1 resolves hv2's name to loopback (the certificate must still name it).
+vmreplicad --data-dir "$DATA/host1" --cim-listen "127.0.0.1:$PORT" --host-name hv1.lab.example \
+    --resolve hv2.lab.example=127.0.0.1 2>"$DATA/vmreplicad-hv1.log" &
 PID=$!
-vmreplicad --data-dir "$DATA/host2" --cim-listen "127.0.0.1:$((PORT + 1))" --host-name hv2.example.org \
-    2>"$DATA/vmreplicad-hv2.log" &
+vmreplicad --data-dir "$DATA/host2" --cim-listen "127.0.0.1:$((PORT + 1))" --host-name hv2.lab.example \
+    --replication-address 127.0.0.1 2>"$DATA/vmreplicad-hv2.log" &
 PID2=$!
 if [ "$KEEP" != "--keep" ]; then
     trap 'kill $PID $PID2 2>/dev/null; wait $PID $PID2 2>/dev/null' EXIT
@@ -56,38 +67,40 @@ VMID=$(vmreplica vm add --name sample01 --disk "$DISK")
 echo "$VMID"
 run vmreplica vm list
 
-say "hv2 as a recovery server: enable it, allow primaries of *.example.org"
-THUMB=$(printf '%s' sample | sha1sum | cut -c1-40)
-run vmreplica --url "$REPLICA_URL" server set --enable --thumbprint "$THUMB"
-run vmreplica --url "$REPLICA_URL" auth add --primary '*.example.org' --storage "$DATA/host2/replicas"
+say "hv2 as a recovery server: certificate authentication on port $RPORT, allow primaries of *.lab.example"
+run vmreplica --url "$REPLICA_URL" server set --enable --thumbprint "$T2" --https-port "$RPORT"
+run vmreplica --url "$REPLICA_URL" auth add --primary '*.lab.example' --storage "$DATA/host2/replicas"
+mkdir -p "$DATA/host2/replicas"
 run vmreplica --url "$REPLICA_URL" auth list
 
+say "hv1 tests the connection (TestReplicationConnection: TLS both ways, authorization, a write on hv2)"
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$RPORT") 2>/dev/null && break; sleep 0.1; done
+run vmreplica test-connection --replica-server hv2.lab.example --replica-port "$RPORT" --thumbprint "$T1"
+
 say "Enable replication of sample01 every 30 s (CreateReplicationRelationship, a job)"
-run vmreplica enable sample01 --replica-server hv2.example.org --thumbprint "$THUMB" --frequency 30 \
-    --recovery-history 4 --vss-frequency 1
+run vmreplica enable sample01 --replica-server hv2.lab.example --replica-port "$RPORT" --thumbprint "$T1" \
+    --frequency 30 --recovery-history 4 --vss-frequency 1
 run vmreplica status
-run vmreplica measure sample01
 
 say "Bad input gets the documented return code: a 60 s interval is not 30/300/900"
 run vmreplica set sample01 --frequency 60 || true
 
-say "Initial replication on offline media: export on hv1 (StartReplication type 2)"
-run vmreplica start sample01 --type export --path "$DATA/usb-drive"
-ls -l "$DATA/usb-drive/sample01_$VMID"
+say "Initial replication over the network (StartReplication type 1): hv2 creates the replica VM"
+START=$(date +%s.%N)
+run vmreplica start sample01
+printf 'initial replication took %.2f s\n' "$(echo "$(date +%s.%N) - $START" | bc)"
 run vmreplica status
-
-say "Import on hv2: the same VM (same GUID) made a replica, then ImportInitialReplica"
-qemu-img create -q -f qcow2 "$DATA/disks/placeholder.qcow2" 1M
-run vmreplica --url "$REPLICA_URL" vm add --name sample01 --id "$VMID" --disk "$DATA/disks/placeholder.qcow2"
-run vmreplica --url "$REPLICA_URL" enable-as-replica sample01
-run vmreplica --url "$REPLICA_URL" auth bind sample01 --primary '*.example.org'
-run vmreplica --url "$REPLICA_URL" import sample01 --path "$DATA/usb-drive"
+for _ in $(seq 100); do
+    vmreplica --url "$REPLICA_URL" status | grep -q Replicating && break; sleep 0.1
+done
 run vmreplica --url "$REPLICA_URL" status
+run vmreplica measure sample01
 POINT=$(ls "$DATA"/host2/replicas/*/disk0/p*.qcow2)
 say "The replica's recovery point equals the primary's disk"
+run du -h --apparent-size "$DISK" "$POINT"
 run qemu-img compare "$POINT" "$DISK"
 run qemu-img check -q "$POINT"
-echo "(network replication between the hosts comes with the host-to-host protocol: docs/protocol.md)"
+echo "(delta cycles every ReplicationInterval come next: docs/protocol.md)"
 
 say "The same objects over CIM-XML (what pywbem and wbemcli send): EnumerateInstances of the service"
 curl -s "$VMREPLICA_URL/cimom" -H 'CIMOperation: MethodCall' -H 'CIMMethod: EnumerateInstances' \

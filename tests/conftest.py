@@ -27,8 +27,9 @@ def free_port():
 class Daemon:
     """One vmreplicad process with its own data directory."""
 
-    def __init__(self, data_dir, host_name="hv1.example.org"):
+    def __init__(self, data_dir, host_name="hv1.example.org", extra_args=()):
         self.data_dir = Path(data_dir)
+        self.extra_args = list(extra_args)
         self.host_name = host_name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -39,7 +40,7 @@ class Daemon:
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [str(DAEMON), "--data-dir", str(self.data_dir), "--cim-listen", f"127.0.0.1:{self.port}",
-             "--host-name", self.host_name],
+             "--host-name", self.host_name, *self.extra_args],
             stdout=log, stderr=log,
         )
         deadline = time.time() + 20

@@ -4,12 +4,13 @@ Each test starts a real vmreplicad on a loopback port with its own data director
 """
 
 import json
+import shutil
 import xml.etree.ElementTree as ET
 
 import pywbem
 from pywbem import Uint16
 
-from conftest import NAMESPACE, wait_job
+from conftest import NAMESPACE, free_port, wait_job
 
 THUMBPRINT = "ab" * 20
 
@@ -111,10 +112,14 @@ def test_enable_replication_the_way_microsofts_sample_does_and_everything_surviv
                               ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
     assert rv == 32775
 
-    # Data moves only once the data plane exists: an honest 32770, not a pretended success.
+    # Initial replication needs this host's certificate: the job fails and says so, and the
+    # relationship is back in 1 (no recovery server was reached, nothing pretended).
     rv, out = conn.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
                                 InitialReplicationType=Uint16(1))
-    assert rv == 32770 and "Job" not in out  # no job was started
+    assert rv == 4096
+    ir_job = wait_job(conn, out["Job"])
+    assert ir_job["JobState"] == 10 and ir_job["ErrorCode"] == 32773
+    assert "certificate" in ir_job["ErrorDescription"]
     assert relationship_of(conn, vm)["ReplicationState"] == 1
 
     daemon.restart()
@@ -233,6 +238,13 @@ def test_recovery_server_settings_statistics_and_certificates(daemon, disk, tmp_
     s["RecoveryServerEnabled"] = True
     s["AllowedAuthenticationType"] = Uint16(2)
     s["CertificateThumbPrint"] = THUMBPRINT
+    s["HttpsPort"] = Uint16(free_port())
+    rv, out = conn.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
+    assert rv == 32773  # no such certificate in the host's store
+    issued = json.loads(daemon.cli("--output", "json", "cert", "new", "--host", "hv1.lab.example",
+                                   "--out", str(tmp_path / "ca")).stdout)["hosts"][0]
+    shutil.copytree(issued["certs_dir"], daemon.data_dir / "certs", dirs_exist_ok=True)
+    s["CertificateThumbPrint"] = issued["thumbprint"]
     s["HttpsPort"] = Uint16(8443)
     rv, out = conn.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
     assert rv == 4096
@@ -264,14 +276,15 @@ def test_recovery_server_settings_statistics_and_certificates(daemon, disk, tmp_
                               ReplicationRelationship=rel.tocimxmlstr())
     assert rv == 0
 
-    # GetSystemCertificates reads the host's certificate store directory.
+    # GetSystemCertificates reads the host's certificate store directory: the issued PEM holds the
+    # host's certificate and its CA; keys and the trusted/ folder are not listed.
     rv, out = conn.InvokeMethod("GetSystemCertificates", svc.path)
-    assert rv == 0 and out["EncodedCertificates"] == []
+    assert rv == 0 and len(out["EncodedCertificates"]) == 2
+    before = list(out["EncodedCertificates"])
     certs = daemon.data_dir / "certs"
-    certs.mkdir()
-    (certs / "host.pem").write_text("-----BEGIN CERTIFICATE-----\nQUJD\nREVG\n-----END CERTIFICATE-----\n")
+    (certs / "aaa-host.pem").write_text("-----BEGIN CERTIFICATE-----\nQUJD\nREVG\n-----END CERTIFICATE-----\n")
     rv, out = conn.InvokeMethod("GetSystemCertificates", svc.path)
-    assert rv == 0 and out["EncodedCertificates"] == ["QUJDREVG"]
+    assert rv == 0 and sorted(out["EncodedCertificates"]) == sorted(["QUJDREVG"] + before)
 
 
 def test_job_errors_and_cancel_of_a_finished_job(daemon, disk):
@@ -318,11 +331,11 @@ def test_cli_defines_enables_and_reports(daemon, disk):
     assert shown["application_consistent_snapshot_interval"] == 2
     assert shown["recovery_connection_point"] == "replica.example.org"
 
-    not_yet = daemon.cli("start", "cli01", check=False)
-    assert not_yet.returncode == 3 and "32770" in not_yet.stderr
+    no_cert = daemon.cli("start", "cli01", check=False)
+    assert no_cert.returncode == 4 and "certificate" in no_cert.stderr, no_cert.stderr
 
     jobs = json.loads(daemon.cli("--output", "json", "job", "list").stdout)["jobs"]
-    assert [j["job_type"] for j in jobs] == [91, 92, 92]
+    assert [j["job_type"] for j in jobs] == [91, 92, 92, 94]
     shown = json.loads(daemon.cli("--output", "json", "job", "wait", jobs[0]["id"]).stdout)
     assert shown["job_state"] == 7
 

@@ -100,6 +100,17 @@ enum Verb {
         #[arg(long)]
         path: String,
     },
+    /// Check that this host can replicate to a recovery server (Test-VMReplicationConnection →
+    /// TestReplicationConnection): TLS both ways, authorization, and a write in its storage.
+    TestConnection {
+        #[arg(long)]
+        replica_server: String,
+        #[arg(long, default_value_t = 443)]
+        replica_port: u16,
+        /// This host's certificate (thumbprint in <data-dir>/certs/).
+        #[arg(long)]
+        thumbprint: String,
+    },
     /// Suspend replication (Suspend-VMReplication).
     Suspend { vm: String },
     /// Resume replication (Resume-VMReplication).
@@ -543,6 +554,17 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
         Verb::Measure { vm } => Command::GetReplicationStatistics { vm },
         Verb::ResetStatistics { vm } => Command::ResetReplicationStatistics { vm },
         Verb::Certs => Command::GetSystemCertificates,
+        Verb::TestConnection {
+            replica_server,
+            replica_port,
+            thumbprint,
+        } => Command::TestReplicationConnection {
+            recovery_connection_point: replica_server,
+            recovery_server_port_number: replica_port,
+            authentication_type: 2,
+            certificate_thumbprint: Some(thumbprint),
+            bypass_proxy_server: false,
+        },
         Verb::Job(JobVerb::List) => Command::ListJobs,
         Verb::Job(JobVerb::Show { id }) => Command::GetJob { id },
         Verb::Job(JobVerb::Wait { id }) => {

@@ -152,6 +152,49 @@ impl Body for ReqBody {
     }
 }
 
+/// The TLS stream with bytes already read from it put back in front.
+///
+/// In TLS 1.3 the server judges the client's certificate after the client's handshake finished,
+/// so a refusal arrives as an alert on the first read. The client therefore reads the server's
+/// first bytes itself (its HTTP/2 SETTINGS frame, sent at once) before HTTP/2 starts, to report a
+/// refused certificate as such, and hands them on here.
+struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// An open, authenticated connection to one recovery server.
 pub struct Session {
     send: hyper::client::conn::http2::SendRequest<ReqBody>,
@@ -196,6 +239,23 @@ impl Peers {
                 host: t.host.clone(),
                 why: e.to_string(),
             })?;
+        let mut tls = tls;
+        let mut first = vec![0u8; 256];
+        let refused = |why: String| PeerError::Tls {
+            host: t.host.clone(),
+            why: format!("the recovery server refused this host's certificate: {why}"),
+        };
+        let n = match tokio::time::timeout(CONNECT_TIMEOUT, tls.read(&mut first)).await {
+            Err(_) => return Err(PeerError::Timeout(shown)),
+            Ok(Err(e)) => return Err(refused(e.to_string())),
+            Ok(Ok(0)) => return Err(refused("it closed the connection".into())),
+            Ok(Ok(n)) => n,
+        };
+        first.truncate(n);
+        let tls = Prefixed {
+            prefix: Bytes::from(first),
+            inner: tls,
+        };
         let (send, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -60,6 +60,15 @@ fn uuid_col(s: String) -> rusqlite::Result<Uuid> {
 }
 
 impl Store {
+    /// Renames a VM (the primary renamed its VM; the replica follows).
+    pub fn rename_vm(&self, vm: Uuid, name: &str) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE vms SET name = ?2 WHERE id = ?1",
+            params![vm.to_string(), name],
+        )?;
+        Ok(())
+    }
+
     pub fn put_replica_vm(&self, r: &ReplicaVmRow) -> StoreResult<()> {
         let disks =
             serde_json::to_string(&r.disks).map_err(|e| StoreError::Corrupt(e.to_string()))?;

@@ -470,6 +470,20 @@ impl ReplicaSide {
                 }
                 rel.primary_connection_point = Some(put.primary_connection_point.clone());
                 rel.settings = settings(rel.settings.clone());
+                let mut existing = existing;
+                if existing.name != put.name {
+                    self.store.rename_vm(vm, &put.name).map_err(|e| {
+                        ApiError::new(
+                            ErrorCode::VmExists,
+                            format!(
+                                "the replica cannot be renamed to '{}': {}",
+                                put.name,
+                                crate::error_chain(&e)
+                            ),
+                        )
+                    })?;
+                    existing.name = put.name.clone();
+                }
                 self.store.put_replica_vm(&replica)?;
                 self.store.put_relationship(&rel, existing.mode)?;
                 Ok(json(200, &self.describe(&existing, &rel)?))

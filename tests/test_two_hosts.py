@@ -1,0 +1,354 @@
+"""Two real daemons replicating over the host-to-host protocol (docs/protocol.md): HTTP/2 over TLS 1.3
+with certificates from `vmreplica cert new` on both sides, the recovery server's authorization table,
+TestReplicationConnection and initial replication over the network driven by pywbem, and a raw peer
+(httpx over HTTP/2 with a client certificate) that sends what a broken or hostile primary would."""
+
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import uuid
+
+import httpx
+import pytest
+from pywbem import Uint16
+
+from conftest import CLI, Daemon, free_port, wait_job
+
+PRIMARY, REPLICA = "hv1.lab.example", "hv2.lab.example"
+
+
+def run(*cmd):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True)
+
+
+def cert_new(out, *hosts):
+    """`vmreplica cert new`; returns {host: thumbprint}."""
+    args = [CLI, "--output", "json", "cert", "new", "--out", out]
+    for h in hosts:
+        args += ["--host", h]
+    doc = json.loads(run(*args).stdout)
+    return {h["host"]: h["thumbprint"] for h in doc["hosts"]}
+
+
+def install_cert(ca_dir, host, thumbprint, data_dir):
+    """Copies one issued certificate and key into a daemon's certificate store."""
+    src = ca_dir / host / "certs"
+    dst = data_dir / "certs"
+    dst.mkdir(parents=True, exist_ok=True)
+    for ext in ("pem", "key"):
+        shutil.copy2(src / f"{thumbprint.lower()}.{ext}", dst / f"{thumbprint.lower()}.{ext}")
+
+
+def ext4_disk(path, payload_bytes=2_000_000):
+    raw = path.with_suffix(".raw")
+    run("truncate", "-s", "64M", raw)
+    run("mkfs.ext4", "-q", "-F", raw)
+    src = path.parent / f"{path.stem}-payload.bin"
+    src.write_bytes(bytes((j * 13) % 251 for j in range(payload_bytes)))
+    run("debugfs", "-w", "-R", f"write {src} payload", raw)
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path)
+    raw.unlink()
+    return path
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+class Lab:
+    pass
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab()
+    lab.ca = tmp_path / "lab-ca"
+    thumbs = cert_new(lab.ca, PRIMARY, REPLICA)
+    lab.t1, lab.t2 = thumbs[PRIMARY], thumbs[REPLICA]
+    lab.port = free_port()
+    lab.primary = Daemon(tmp_path / "hv1", PRIMARY, ["--resolve", f"{REPLICA}=127.0.0.1"])
+    lab.replica = Daemon(tmp_path / "hv2", REPLICA, ["--replication-address", "127.0.0.1"])
+    shutil.copytree(lab.ca / PRIMARY / "certs", lab.primary.data_dir / "certs")
+    shutil.copytree(lab.ca / REPLICA / "certs", lab.replica.data_dir / "certs")
+    lab.primary.start()
+    lab.replica.start()
+    lab.storage = tmp_path / "replica-storage"
+    lab.storage.mkdir()
+
+    r = lab.replica.conn()
+    svc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    s = r.EnumerateInstances("Msvm_ReplicationServiceSettingData")[0]
+    s["RecoveryServerEnabled"] = True
+    s["AllowedAuthenticationType"] = Uint16(2)
+    s["CertificateThumbPrint"] = lab.t2
+    s["HttpsPort"] = Uint16(lab.port)
+    rv, out = r.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
+    assert rv == 4096 and wait_job(r, out["Job"])["JobState"] == 7
+    lab.replica.cli("auth", "add", "--primary", "*.lab.example", "--storage", str(lab.storage))
+    wait_port(lab.port)
+    yield lab
+    lab.primary.stop()
+    lab.replica.stop()
+
+
+def connection_test(conn, port, thumbprint):
+    svc = conn.EnumerateInstances("Msvm_ReplicationService")[0]
+    rv, out = conn.InvokeMethod("TestReplicationConnection", svc.path, RecoveryConnectionPoint=REPLICA,
+                                RecoveryServerPortNumber=Uint16(port), AuthenticationType=Uint16(2),
+                                CertificateThumbPrint=thumbprint, BypassProxyServer=False)
+    assert rv == 4096
+    return wait_job(conn, out["Job"])
+
+
+def vm_by_name(conn, name):
+    found = conn.ExecQuery("WQL", f"SELECT * FROM Msvm_ComputerSystem WHERE ElementName = '{name}'")
+    return found[0] if found else None
+
+
+def wait_for(predicate, timeout=30, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_certificate_for_a_thumbprint_not_in_the_store_is_refused(lab):
+    r = lab.replica.conn()
+    svc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    s = r.EnumerateInstances("Msvm_ReplicationServiceSettingData")[0]
+    s["CertificateThumbPrint"] = "ab" * 20
+    rv, _ = r.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
+    assert rv == 32773
+
+
+def test_network_initial_replication_of_a_real_filesystem(lab, tmp_path):
+    p = lab.primary.conn()
+    job = connection_test(p, lab.port, lab.t1)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert job["JobType"] == 115
+    assert list(lab.storage.iterdir()) == []  # the probe file is gone again
+
+    vm_id = str(uuid.uuid4()).upper()
+    disk = ext4_disk(tmp_path / "web01.qcow2")
+    lab.primary.cli("vm", "add", "--name", "web01", "--id", vm_id, "--disk", str(disk))
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    vm = vm_by_name(p, "web01")
+    rsd = p.Associators(vm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+    rsd["RecoveryConnectionPoint"] = REPLICA
+    rsd["RecoveryServerPortNumber"] = Uint16(lab.port)
+    rsd["AuthenticationType"] = Uint16(2)
+    rsd["CertificateThumbPrint"] = lab.t1
+    rv, out = p.InvokeMethod("CreateReplicationRelationship", svc.path, ComputerSystem=vm.path,
+                             ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096 and wait_job(p, out["Job"])["JobState"] == 7
+
+    rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
+                             InitialReplicationType=Uint16(1))
+    assert rv == 4096
+    job = wait_job(p, out["Job"], timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert job["JobType"] == 94 and job["PercentComplete"] == 100
+    rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    assert rel["ReplicationState"] == 3 and rel["LastReplicationTime"] is not None
+
+    # The placeholder replica: same GUID, mode Replica, applied asynchronously to state 3.
+    r = lab.replica.conn()
+    rvm = wait_for(lambda: vm_by_name(r, "web01"), what="the replica VM")
+    assert rvm["Name"] == vm_id and rvm["ReplicationMode"] == 2
+
+    def applied():
+        rrel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+        return rrel if rrel["ReplicationState"] == 3 and rrel["LastApplyTime"] is not None else None
+    rrel = wait_for(applied, what="the initial replica to be applied")
+    assert rrel["LastReplicationTime"] is not None
+    points = r.Associators(rvm.path, ResultClass="Msvm_VirtualSystemSettingData")
+    assert len(points) == 1 and points[0]["VirtualSystemIdentifier"] == vm_id
+
+    layer = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
+    res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(layer), str(disk)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert subprocess.run(["qemu-img", "check", str(layer)], capture_output=True).returncode == 0
+    assert list((lab.storage / vm_id.lower() / "incoming").iterdir()) == []
+    assert not any((lab.primary.data_dir / "outgoing" / vm_id).iterdir())
+
+    # The state machine refuses a second initial replication; the CLI's connection test passes.
+    rv, _ = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path, InitialReplicationType=Uint16(1))
+    assert rv == 32775
+    res = lab.primary.cli("test-connection", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                          "--thumbprint", lab.t1)
+    assert "Completed" in res.stdout
+
+
+def test_unknown_ca_and_disallowed_names_are_refused_and_nothing_is_written(lab, tmp_path):
+    p = lab.primary.conn()
+    # Same host name, but issued by a CA the recovery server does not trust: refused at TLS.
+    rogue_ca = tmp_path / "rogue-ca"
+    rogue = cert_new(rogue_ca, PRIMARY)[PRIMARY]
+    install_cert(rogue_ca, PRIMARY, rogue, lab.primary.data_dir)
+    job = connection_test(p, lab.port, rogue)
+    assert job["JobState"] == 10 and job["ErrorCode"] == 32769, job["ErrorDescription"]
+
+    # A trusted CA, but a name no authorization entry allows: refused by the table.
+    other_ca = tmp_path / "other-ca"
+    other = cert_new(other_ca, "x.other.org")["x.other.org"]
+    install_cert(other_ca, "x.other.org", other, lab.primary.data_dir)
+    shutil.copy2(other_ca / "ca" / "ca.pem", lab.replica.data_dir / "certs" / "trusted" / "other-ca.pem")
+    lab.replica.restart()
+    wait_port(lab.port)
+    job = connection_test(p, lab.port, other)
+    assert job["JobState"] == 10 and job["ErrorCode"] == 32769, job["ErrorDescription"]
+    assert "authorization entry" in job["ErrorDescription"]
+
+    # The right certificate still works, so the refusals above were about the certificates.
+    job = connection_test(p, lab.port, lab.t1)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert list(lab.storage.iterdir()) == []
+    log = lab.replica.log.read_text()
+    assert "NoMatchingEntry" in log and "TLS handshake" in log
+
+
+def raw_peer(lab):
+    """An HTTP/2 client presenting the primary's certificate, as a hostile primary would."""
+    ctx = ssl.create_default_context(cafile=str(lab.ca / "ca" / "ca.pem"))
+    ctx.check_hostname = False  # it dials 127.0.0.1; the server is not what is under test here
+    certs = lab.primary.data_dir / "certs"
+    ctx.load_cert_chain(certs / f"{lab.t1.lower()}.pem", certs / f"{lab.t1.lower()}.key")
+    return httpx.Client(http2=True, verify=ctx, base_url=f"https://127.0.0.1:{lab.port}", timeout=30)
+
+
+def put_body(name, disks):
+    return {"name": name, "primary_connection_point": PRIMARY, "initial_replication_type": 1,
+            "disks": [{"id": i, "virtual_size": s} for i, s in disks],
+            "settings": {"replication_interval": 30, "recovery_history": 0,
+                         "application_consistent_snapshot_interval": 0, "compression_enabled": True}}
+
+
+def test_a_hostile_peer_gets_clear_errors_and_writes_nothing_outside_the_store(lab, tmp_path):
+    with raw_peer(lab) as c:
+        hello = c.post("/vmreplica/hello", json={"protocol_versions": [1], "log_format_versions": [1],
+                                                 "capabilities": ["zstd", "future-thing"], "product": "test",
+                                                 "host": PRIMARY})
+        assert hello.http_version == "HTTP/2" and hello.status_code == 200, hello.text
+        assert hello.json()["authorized_as"] == PRIMARY and hello.json()["capabilities"] == ["zstd"]
+        nothing_common = c.post("/vmreplica/hello", json={"protocol_versions": [9], "log_format_versions": [1],
+                                                          "capabilities": [], "product": "", "host": ""})
+        assert nothing_common.status_code == 400
+        assert nothing_common.json()["error"]["name"] == "UnsupportedVersion"
+        assert nothing_common.json()["error"]["versions"] == [1]
+
+        for path in ["/vmreplica/v1/vms/..%2F..%2Fetc", "/vmreplica/v1/vms/not-a-guid",
+                     "/vmreplica/v1/vms/{5c3e4e2a-9f1b-4d5e-8a7b-1c2d3e4f5a6b}"]:
+            res = c.put(path, json=put_body("x", [("disk0", 1 << 20)]))
+            assert res.status_code == 400 and res.json()["error"]["name"] == "BadRequest", path
+        assert c.post("/vmreplica/v2/test", json={}).json()["error"]["name"] == "UnsupportedVersion"
+        assert c.post(f"/vmreplica/v1/vms/{uuid.uuid4()}/reverse").status_code == 404
+
+        # Names from the peer stay text: files appear only below <storage>/<vm-guid>/.
+        vm = uuid.uuid4()
+        res = c.put(f"/vmreplica/v1/vms/{vm}", json=put_body("../../etc/x", [("../../root/k", 1 << 20)]))
+        assert res.status_code == 201, res.text
+        assert res.json()["mode"] == 2 and res.json()["state"] == 2
+        assert sorted(p.name for p in lab.storage.iterdir()) == [str(vm)]
+        assert not (tmp_path / "etc").exists()
+        again = c.put(f"/vmreplica/v1/vms/{vm}", json=put_body("renamed", [("../../root/k", 1 << 20)]))
+        assert again.status_code == 200 and again.json()["name"] == "renamed"
+
+        bad = c.put(f"/vmreplica/v1/vms/{uuid.uuid4()}", json={**put_body("y", [("d", 1)]), "extra": 1})
+        assert bad.status_code == 400
+        dup = c.put(f"/vmreplica/v1/vms/{uuid.uuid4()}", json=put_body("y", [("d", 1), ("d", 2)]))
+        assert dup.status_code == 400 and dup.json()["error"]["field"] == "disks"
+        huge = c.put(f"/vmreplica/v1/vms/{uuid.uuid4()}", content=b" " * (65 * 1024),
+                     headers={"content-type": "application/json"})
+        assert huge.status_code == 413
+
+        # Logs: garbage is rejected and deleted, a jump in sequence is refused before any byte is kept.
+        headers = {"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"}
+        res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=b"not a log" * 100, headers=headers)
+        assert res.status_code == 422 and res.json()["error"]["name"] == "LogRejected", res.text
+        res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/5", content=b"x", headers=headers)
+        assert res.status_code == 409 and res.json()["error"]["expected_sequence"] == 1
+        res = c.get(f"/vmreplica/v1/vms/{vm}/logs/1")
+        assert res.status_code == 404 and res.json()["error"]["name"] == "UnknownLog"
+        assert list((lab.storage / str(vm) / "incoming").iterdir()) == []
+
+        unknown = c.get(f"/vmreplica/v1/vms/{uuid.uuid4()}")
+        assert unknown.status_code == 404 and unknown.json()["error"]["name"] == "UnknownVm"
+
+    # The daemon kept serving through all of it.
+    assert lab.replica.cli("status").returncode == 0
+
+
+def export_log(lab, tmp_path, name):
+    """A real full-image log of a VM holding ext4, made by the primary's export (StartReplication 2)."""
+    vm_id = str(uuid.uuid4()).upper()
+    disk = ext4_disk(tmp_path / f"{name}.qcow2")
+    lab.primary.cli("vm", "add", "--name", name, "--id", vm_id, "--disk", str(disk))
+    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1)
+    out = tmp_path / "export"
+    lab.primary.cli("start", name, "--type", "export", "--path", str(out))
+    size = int(json.loads(run("qemu-img", "info", "--output=json", disk).stdout)["virtual-size"])
+    return uuid.UUID(vm_id), disk, size, (out / f"{name}_{vm_id}" / "initial-replica.vrlog").read_bytes()
+
+
+def test_uploads_are_verified_committed_once_and_applied(lab, tmp_path):
+    vm, disk, size, log = export_log(lab, tmp_path, "db01")
+    with raw_peer(lab) as c:
+        assert c.put(f"/vmreplica/v1/vms/{vm}", json=put_body("db01", [("disk0", size)])).status_code == 201
+
+        def patch(body, upload=None, seq=1):
+            upload = upload or str(uuid.uuid4())
+            return upload, c.patch(f"/vmreplica/v1/vms/{vm}/logs/{seq}", content=body,
+                                   headers={"vmreplica-upload-id": upload, "vmreplica-upload-offset": "0"})
+
+        flipped = bytearray(log)
+        flipped[len(log) // 2] ^= 0x40
+        _, res = patch(bytes(flipped))
+        assert res.status_code == 422 and res.json()["error"]["name"] == "ChecksumMismatch", res.text
+        _, res = patch(log[: len(log) - 100])
+        assert res.status_code in (409, 422), res.text
+        assert list((lab.storage / str(vm).lower() / "incoming").iterdir()) == []
+
+        upload, res = patch(log)
+        assert res.status_code == 200, res.text
+        status = res.json()
+        assert status["state"] == 2 and status["log_bytes"] == len(log)
+        log_hash = status["log_hash"]
+        bad = c.post(f"/vmreplica/v1/vms/{vm}/logs/1/commit",
+                     json={"upload_id": upload, "log_hash": "0" * 64, "log_bytes": len(log), "wait_applied": False})
+        assert bad.status_code == 409 and bad.json()["error"]["name"] == "SequenceConflict"
+        done = c.post(f"/vmreplica/v1/vms/{vm}/logs/1/commit",
+                      json={"upload_id": upload, "log_hash": log_hash, "log_bytes": len(log), "wait_applied": True})
+        assert done.status_code == 200 and done.json()["state"] == 4, done.text
+
+        # A re-sent committed log is acknowledged, never applied twice; another log under that
+        # sequence is a conflict.
+        _, res = patch(log)
+        assert res.status_code == 200 and res.json()["state"] == 4 and res.json()["log_hash"] == log_hash
+        res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log,
+                      headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0",
+                               "vmreplica-log-hash": "1" * 64})
+        assert res.status_code == 409 and res.json()["error"]["name"] == "SequenceConflict"
+        described = c.get(f"/vmreplica/v1/vms/{vm}").json()
+        assert described["last_committed"]["sequence"] == 1 and described["last_applied_sequence"] == 1
+        assert described["state"] == 3
+
+    layers = sorted((lab.storage / str(vm).lower() / "disk0").glob("p*.qcow2"))
+    assert len(layers) == 1
+    res = subprocess.run(["qemu-img", "compare", "-F", "qcow2", str(layers[0]), str(disk)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
