@@ -18,6 +18,7 @@ from pywbem import Uint16
 from conftest import CLI, Daemon, free_port, wait_job
 
 PRIMARY, REPLICA = "hv1.lab.example", "hv2.lab.example"
+CYCLE = 1  # seconds between delta cycles in these tests (ReplicationInterval's 30 s is too slow)
 
 
 def run(*cmd):
@@ -76,7 +77,8 @@ def lab(tmp_path):
     thumbs = cert_new(lab.ca, PRIMARY, REPLICA)
     lab.t1, lab.t2 = thumbs[PRIMARY], thumbs[REPLICA]
     lab.port = free_port()
-    lab.primary = Daemon(tmp_path / "hv1", PRIMARY, ["--resolve", f"{REPLICA}=127.0.0.1"])
+    lab.primary = Daemon(tmp_path / "hv1", PRIMARY, ["--resolve", f"{REPLICA}=127.0.0.1",
+                                                     "--cycle-interval-override", str(CYCLE)])
     lab.replica = Daemon(tmp_path / "hv2", REPLICA, ["--replication-address", "127.0.0.1"])
     shutil.copytree(lab.ca / PRIMARY / "certs", lab.primary.data_dir / "certs")
     shutil.copytree(lab.ca / REPLICA / "certs", lab.replica.data_dir / "certs")
@@ -352,3 +354,80 @@ def test_uploads_are_verified_committed_once_and_applied(lab, tmp_path):
     res = subprocess.run(["qemu-img", "compare", "-F", "qcow2", str(layers[0]), str(disk)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def rrsc(conn, vm, state):
+    rv, out = conn.InvokeMethod("RequestReplicationStateChange", vm.path, RequestedState=Uint16(state))
+    assert rv == 4096, rv
+    job = wait_job(conn, out["Job"], timeout=60)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+
+
+def replicate_network(lab, tmp_path, name, disks, *enable_args):
+    """Defines `name` on the primary with `disks`, enables it and runs network IR; returns its id."""
+    vm_id = str(uuid.uuid4()).upper()
+    lab.primary.cli("vm", "add", "--name", name, "--id", vm_id, *sum((["--disk", str(d)] for d in disks), []))
+    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--frequency", "30", *enable_args)
+    lab.primary.cli("start", name)
+    return vm_id
+
+
+def applied_sequence(lab, vm_id):
+    with raw_peer(lab) as c:
+        return c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()["last_applied_sequence"]
+
+
+def latest_layers(lab, vm_id, seq):
+    store = lab.storage / vm_id.lower()
+    return [store / f"disk{i}" / f"p{seq:020}.qcow2" for i in range(2)]
+
+
+def test_delta_cycles_suspend_and_resume_ship_exactly_the_primary_state(lab, tmp_path):
+    os_disk = ext4_disk(tmp_path / "app01-os.qcow2")
+    data_disk = tmp_path / "app01-data.raw"
+    run("truncate", "-s", "32M", data_disk)
+    vm_id = replicate_network(lab, tmp_path, "app01", [os_disk, data_disk], "--no-compression")
+    p = lab.primary.conn()
+    vm = vm_by_name(p, "app01")
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="the first delta cycle")
+
+    for k in range(1, 6):
+        # Suspend: nothing is sent, and once the job is done no cycle is in flight.
+        rrsc(p, vm, 7)
+        assert vm_by_name(p, "app01")["ReplicationState"] == 7
+        before = applied_sequence(lab, vm_id)
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x30 + k} {k}M 300k", "-c", f"write -z {20 + k}M 64k", os_disk)
+        run("qemu-io", "-f", "raw", "-c", f"write -P {0x60 + k} {k * 3}M 1M", "-c", f"write -z {(k - 1) * 3}M 64k", data_disk)
+        expected = [tmp_path / f"expected{k}-{i}.raw" for i in range(2)]
+        run("qemu-img", "convert", "-O", "raw", os_disk, expected[0])
+        shutil.copy(data_disk, expected[1])
+        time.sleep(3 * CYCLE)  # three intervals while suspended: nothing arrives
+        assert applied_sequence(lab, vm_id) == before
+        rrsc(p, vm, 3)  # resume: the accumulated changes go with the next cycle
+        seq = wait_for(lambda: applied_sequence(lab, vm_id) > before and applied_sequence(lab, vm_id),
+                       what=f"the cycle after resume {k}")
+        # Suspend again before comparing, so the point compared is the one just shipped and the
+        # disks do not change meanwhile.
+        rrsc(p, vm, 7)
+        seq = applied_sequence(lab, vm_id)
+        for layer, want in zip(latest_layers(lab, vm_id, seq), expected):
+            res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(want)],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, f"cycle {k}, point {seq}: {res.stdout}{res.stderr}"
+        rrsc(p, vm, 3)
+
+    rv, out = p.InvokeMethod("GetReplicationStatisticsEx", svc.path, ComputerSystem=vm.path,
+                             ReplicationRelationship=p.Associators(
+                                 vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0].tocimxmlstr())
+    assert rv == 0
+    stats = {k: (None if v is None else str(v)) for k, v in out["ReplicationStatistics"][0].items()}
+    assert int(stats["ReplicationSuccessCount"]) >= 5
+    # Only what changed travelled: the 5 x 1.3 MiB written (uncompressed, in 64 KiB blocks), plus
+    # record overhead, not the disks.
+    written = 5 * (300 * 1024 + (1 << 20))
+    assert written <= int(stats["ReplicationSize"]) < written + 5 * (256 << 10), stats
+    assert stats["ReplicationHealth"] == "1", stats
+    rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    assert rel["ReplicationState"] == 3 and rel["ReplicationHealth"] == 1

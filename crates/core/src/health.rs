@@ -19,7 +19,7 @@ pub const MAX_AVERAGE_LATENCY_SECS: u64 = 300;
 pub const MAX_MISSED_PERCENT: u64 = 20;
 
 /// What the health rules look at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthInputs {
     pub mode: ReplicationMode,
     pub state: ReplicationState,
@@ -31,6 +31,9 @@ pub struct HealthInputs {
     pub seconds_since_last_replication: Option<u64>,
     /// `ReplicationLatency / ReplicationSuccessCount`; `None` without successes.
     pub average_latency_secs: Option<u64>,
+    /// Why the primary's last attempt to send failed, while it keeps retrying (spec §10: Critical
+    /// when the primary cannot send); `None` after a success.
+    pub send_error: Option<String>,
 }
 
 /// One reason the health is not Normal; becomes an `Msvm_Error` in `ReplicationHealthIssues`.
@@ -51,6 +54,7 @@ pub fn evaluate_health(inputs: &HealthInputs) -> (ReplicationHealth, Vec<HealthI
     }
     let issues: Vec<HealthIssue> = [
         state_issue(inputs),
+        send_issue(inputs),
         missed_issue(inputs),
         lag_issue(inputs),
         latency_issue(inputs),
@@ -72,6 +76,18 @@ fn issue(health: ReplicationHealth, message: String, action: &str) -> Option<Hea
         message,
         recommended_action: action.to_string(),
     })
+}
+
+fn send_issue(inputs: &HealthInputs) -> Option<HealthIssue> {
+    let why = inputs.send_error.as_ref()?;
+    if inputs.mode != ReplicationMode::Primary || inputs.state != ReplicationState::Replicating {
+        return None;
+    }
+    issue(
+        ReplicationHealth::Critical,
+        format!("Replication to the recovery server is failing and being retried: {why}"),
+        "Check the network to the recovery server and its log; replication resumes by itself once the cause is fixed.",
+    )
 }
 
 fn state_issue(inputs: &HealthInputs) -> Option<HealthIssue> {
@@ -192,7 +208,24 @@ mod tests {
             miss_count: 0,
             seconds_since_last_replication: Some(60),
             average_latency_secs: Some(10),
+            send_error: None,
         }
+    }
+
+    #[test]
+    fn a_primary_that_cannot_send_is_critical() {
+        let failing = HealthInputs {
+            send_error: Some("connection refused".into()),
+            ..inputs(Primary, S::Replicating)
+        };
+        let (h, issues) = evaluate_health(&failing);
+        assert_eq!(h, Critical);
+        assert!(issues[0].message.contains("connection refused"));
+        let replica = HealthInputs {
+            send_error: Some("x".into()),
+            ..inputs(Replica, S::Replicating)
+        };
+        assert_eq!(health(replica), Ok);
     }
 
     fn health(i: HealthInputs) -> ReplicationHealth {

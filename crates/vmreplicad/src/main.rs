@@ -62,6 +62,10 @@ struct Args {
     /// repeatable), for labs without DNS. The certificate must still carry NAME.
     #[arg(long = "resolve", value_parser = parse_resolve)]
     resolve: Vec<(String, std::net::IpAddr)>,
+    /// Run replication cycles every SECS seconds instead of each VM's ReplicationInterval
+    /// (30/300/900): for tests and demos only.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    cycle_interval_override: Option<u64>,
 }
 
 fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
@@ -181,14 +185,26 @@ async fn main() -> anyhow::Result<()> {
     if reaped > 0 {
         tracing::warn!(reaped, "killed qemu-nbd processes left by an earlier run");
     }
+    let claims = claims::VmClaims::default();
+    let in_flight = Arc::new(replication::primary::InFlight::default());
+    let primary = Arc::new(replication::primary::PrimarySide::new(
+        store.clone(),
+        args.data_dir.clone(),
+        peers.clone(),
+        claims.clone(),
+        args.cycle_interval_override,
+        in_flight.clone(),
+    ));
+    replication::primary::spawn_scheduler(primary);
     let service = Arc::new(service::Service {
         store,
         jobs: jobs.clone(),
         host,
         cert_dir,
         engine: Arc::new(engine),
-        claims: claims::VmClaims::default(),
+        claims,
         peers,
+        in_flight,
         listener: listener_control,
     });
     tokio::spawn(async move {

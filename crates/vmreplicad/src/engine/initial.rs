@@ -238,7 +238,7 @@ pub async fn export(
     compression: bool,
     data_dir: PathBuf,
     _claim: VmClaim,
-) -> Result<(), JobFailure> {
+) -> Result<String, JobFailure> {
     require_off(&vm, ", or replicate over the network")?;
     let folder = export_folder(&location, &vm);
     std::fs::create_dir_all(&folder).map_err(|e| {
@@ -251,7 +251,29 @@ pub async fn export(
     let log = write_full_log(&ctx, &vm, &final_log, compression, &data_dir, 99).await?;
     commit_baseline(&vm, &log)?;
     tracing::info!(vm = %vm.id, bytes = log.summary.bytes, log = %final_log.display(), "initial replica exported");
-    Ok(())
+    Ok(hex::encode(log.summary.hash))
+}
+
+/// A disk that could not be scanned: `resync` when its tracking data cannot be trusted (size or
+/// block size changed, baseline map unreadable) rather than an I/O problem.
+pub struct ScanFailure {
+    pub failure: JobFailure,
+    pub resync: bool,
+}
+
+impl From<JobFailure> for ScanFailure {
+    fn from(failure: JobFailure) -> Self {
+        ScanFailure {
+            failure,
+            resync: false,
+        }
+    }
+}
+
+impl From<ScanFailure> for JobFailure {
+    fn from(f: ScanFailure) -> Self {
+        f.failure
+    }
 }
 
 async fn scan_one<W: Write>(
@@ -262,11 +284,27 @@ async fn scan_one<W: Write>(
     data_dir: &Path,
     log: &mut LogWriter<W>,
 ) -> Result<PathBuf, JobFailure> {
-    let scan_err = |e: disk::scan::ScanError| {
-        fail(
+    Ok(scan_image(image, format, index, None, map, data_dir, log).await?)
+}
+
+/// Hash-scans disk image `image` into `log` as disk `index`: every block when `previous` is None
+/// (a full image), else only the blocks whose hash differs from the map `previous`. Writes the new
+/// map to `<map>.tmp` and returns that path for [`hashmap::commit`].
+pub async fn scan_image<W: Write>(
+    image: &str,
+    format: &str,
+    index: usize,
+    previous: Option<&Path>,
+    map: &Path,
+    data_dir: &Path,
+    log: &mut LogWriter<W>,
+) -> Result<PathBuf, ScanFailure> {
+    let scan_err = |e: disk::scan::ScanError| ScanFailure {
+        resync: matches!(e, disk::scan::ScanError::ResyncRequired(_)),
+        failure: fail(
             format!("reading {image} failed: {}", crate::error_chain(&e)),
             "Check the disk image.",
-        )
+        ),
     };
     let disk_index = u32::try_from(index).unwrap_or(u32::MAX);
     // Raw images are read directly; other formats from the files of the chain where `qemu-img map`
@@ -297,9 +335,16 @@ async fn scan_one<W: Write>(
         (None, None) => None,
     };
     if let Some(mut source) = direct {
-        let (tmp, _) = scan_disk(&mut source, disk_index, None, map, DEFAULT_BLOCK_SIZE, log)
-            .await
-            .map_err(scan_err)?;
+        let (tmp, _) = scan_disk(
+            &mut source,
+            disk_index,
+            previous,
+            map,
+            DEFAULT_BLOCK_SIZE,
+            log,
+        )
+        .await
+        .map_err(scan_err)?;
         return Ok(tmp);
     }
     let spec = ExportSpec::new(image, format);
@@ -324,7 +369,7 @@ async fn scan_one<W: Write>(
     let result = scan_disk(
         &mut Source::Nbd(&mut nbd),
         disk_index,
-        None,
+        previous,
         map,
         DEFAULT_BLOCK_SIZE,
         log,

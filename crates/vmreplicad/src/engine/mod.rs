@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use vmreplica_core::codes::ReturnCode;
 use vmreplica_core::command::{CommandError, OperationArgs};
-use vmreplica_core::machine::{Operation, Transition};
+use vmreplica_core::machine::{Operation, RequestedState, Transition};
 use vmreplica_core::state::InitialReplicationType;
+use vmreplica_core::state::{ReplicationMode, ReplicationState};
 
 use crate::claims::VmClaim;
 use crate::jobs::{JobContext, JobEngine, JobFailure};
@@ -73,6 +74,13 @@ impl DataPlane for LocalEngine {
             Operation::StartReplication(InitialReplicationType::Export) => self.export(request),
             Operation::StartReplication(InitialReplicationType::Network) => self.network(request),
             Operation::ImportInitialReplica => self.import(request),
+            Operation::RequestReplicationStateChange(RequestedState::Replicating)
+                if request.vm.mode == ReplicationMode::Primary.as_u16()
+                    && request.relationship.as_ref().map(|r| r.state)
+                        == Some(ReplicationState::Suspended.as_u16()) =>
+            {
+                self.resume(request)
+            }
             _ => NoEngine.start(request),
         }
     }
@@ -179,7 +187,7 @@ impl LocalEngine {
     }
 
     fn export(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
-        let data_dir = self.data_dir.clone();
+        let (store, data_dir) = (self.store.clone(), self.data_dir.clone());
         self.spawn_with_outcome(
             req,
             Some("InitialReplicationExportLocation"),
@@ -187,7 +195,23 @@ impl LocalEngine {
             true,
             move |ctx, vm, rel, location, claim| async move {
                 let compression = rel.settings.compression_enabled;
-                initial::export(ctx, vm, location, compression, data_dir, claim).await?;
+                let interval = i64::from(rel.settings.replication_interval);
+                let (id, hash) = (
+                    vm.id,
+                    initial::export(ctx, vm, location, compression, data_dir, claim).await?,
+                );
+                // The primary asks the replica each interval whether it imported this log.
+                store
+                    .put_chain(&crate::replication::chain::ChainRow {
+                        vm: id,
+                        last_sequence: 1,
+                        last_log_hash: hash,
+                        next_due: crate::clock::now() + interval,
+                        retries: 0,
+                        retry_at: 0,
+                        last_error: None,
+                    })
+                    .map_err(JobFailure::from)?;
                 Ok(rel)
             },
         )
@@ -205,6 +229,7 @@ impl LocalEngine {
             ));
         }
         let job = network::NetworkIr {
+            store: self.store.clone(),
             peers: self.peers.clone(),
             data_dir: self.data_dir.clone(),
         };
@@ -216,6 +241,27 @@ impl LocalEngine {
             move |ctx, vm, rel, _, claim| async move {
                 let _claim = claim; // held until the job ends
                 network::run(ctx, job, vm, rel).await
+            },
+        )
+    }
+
+    /// Resume-VMReplication on a suspended primary: tracking went on while it was suspended, so
+    /// resuming is making the next cycle due now; it ships everything that accumulated.
+    fn resume(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let store = self.store.clone();
+        self.spawn_with_outcome(
+            req,
+            None,
+            "Resume replication",
+            false,
+            move |_ctx, vm, rel, _, claim| async move {
+                let _claim = claim;
+                if let Some(mut chain) = store.chain(vm.id).map_err(JobFailure::from)? {
+                    chain.next_due = crate::clock::now();
+                    chain.retry_at = 0;
+                    store.put_chain(&chain).map_err(JobFailure::from)?;
+                }
+                Ok(rel)
             },
         )
     }

@@ -15,11 +15,13 @@ use wire::protocol::{DiskSpec, PutVm, ReplicaVm, Route, TransferState, VmSetting
 use super::initial::{commit_baseline, disk_table, require_off, write_full_log};
 use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
+use crate::replication::chain::ChainRow;
 use crate::replication::client::{Peers, Target};
-use crate::store::{RelationshipRow, VmRow};
+use crate::store::{RelationshipRow, Store, VmRow};
 
 /// What the job needs besides the VM and its relationship.
 pub struct NetworkIr {
+    pub store: Arc<Store>,
     pub peers: Arc<Peers>,
     pub data_dir: PathBuf,
 }
@@ -159,6 +161,15 @@ pub async fn run(
     }
     commit_baseline(&vm, &log)?;
     let _ = std::fs::remove_file(&log.path);
+    job.store.put_chain(&ChainRow {
+        vm: vm.id,
+        last_sequence: 1,
+        last_log_hash: hash,
+        next_due: now() + i64::from(rel.settings.replication_interval),
+        retries: 0,
+        retry_at: 0,
+        last_error: None,
+    })?;
     rel.last_replication_time = Some(log.summary.header.point_time_micros / 1_000_000);
     rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
     tracing::info!(vm = %vm.id, bytes = log.summary.bytes, server = %target.host, at = now(), "initial replica sent and committed");

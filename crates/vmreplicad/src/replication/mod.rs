@@ -1,8 +1,10 @@
 //! Host-to-host replication (docs/protocol.md): the recovery server's listener, handlers and
 //! apply task, the primary's client, and the certificates both use.
 
+pub mod chain;
 pub mod client;
 pub mod peer_certs;
+pub mod primary;
 pub mod records;
 pub mod replica;
 pub mod server;

@@ -50,6 +50,8 @@ pub struct Service {
     pub claims: VmClaims,
     /// How this host reaches recovery servers.
     pub peers: Arc<crate::replication::client::Peers>,
+    /// The VMs whose replication cycle is in flight.
+    pub in_flight: Arc<crate::replication::primary::InFlight>,
     /// Tells the replication listener the recovery-server settings changed.
     pub listener: crate::replication::server::ListenerControl,
 }

@@ -138,6 +138,7 @@ impl Service {
             move |ctx| async move {
                 ctx.check_cancelled()?;
                 store.remove_relationship(id)?;
+                store.remove_chain(id)?;
                 tracing::info!(vm = %id, "replication relationship removed");
                 Ok(())
             },
@@ -199,9 +200,21 @@ impl Service {
         rel.state = t.after.as_u16();
         let store = self.store.clone();
         let what = format!("{} on '{}'", op.name(), vm.name);
+        // A suspended primary sends nothing: the job ends once the log in flight (if any) did.
+        let in_flight = (t.after == ReplicationState::Suspended
+            && vm.mode == ReplicationMode::Primary.as_u16())
+        .then(|| self.in_flight.clone());
         self.job(t.job_type, Some(claim), &what, move |ctx| async move {
             ctx.check_cancelled()?;
             store.put_relationship(&rel, mode)?;
+            if let Some(f) = in_flight {
+                if !f
+                    .wait_idle(rel.vm, std::time::Duration::from_secs(600))
+                    .await
+                {
+                    tracing::warn!(vm = %rel.vm, "suspended while a log is still in flight");
+                }
+            }
             Ok(())
         })
     }

@@ -12,15 +12,23 @@ impl Service {
         let state = rel
             .and_then(|r| ReplicationState::from_u16(r.state))
             .unwrap_or(ReplicationState::Disabled);
+        let stats = self.store.stats(vm.id).unwrap_or_default();
         let inputs = HealthInputs {
             mode,
             state,
-            success_count: 0,
-            miss_count: 0,
+            success_count: stats.success,
+            miss_count: stats.misses,
             seconds_since_last_replication: rel
                 .and_then(|r| r.last_replication_time)
                 .map(|t| (now() - t).max(0) as u64),
-            average_latency_secs: None,
+            average_latency_secs: (stats.success > 0)
+                .then(|| u64::from(stats.latency / stats.success)),
+            send_error: self
+                .store
+                .chain(vm.id)
+                .ok()
+                .flatten()
+                .and_then(|c| c.last_error),
         };
         let (health, issues) = evaluate_health(&inputs);
         (health, issues.into_iter().map(|i| i.message).collect())
@@ -32,9 +40,19 @@ impl Service {
         let (health, messages) = self.health(&vm, rel.as_ref());
         let start = rel.as_ref().map_or_else(now, |r| r.statistics_reset_time);
         let window = i64::from(self.store.service_settings()?.monitoring_interval);
+        let s = self.store.stats(vm.id)?;
         Ok(CommandOutput::Statistics(StatisticsView {
             start_statistic_time: start,
             end_statistic_time: start + window,
+            replication_success_count: s.success,
+            replication_size: s.size,
+            max_replication_size: s.max_size,
+            replication_latency: s.latency,
+            max_replication_latency: s.max_latency,
+            replication_miss_count: s.misses,
+            network_failure_count: s.network_failures,
+            replication_failure_count: s.failures,
+            pending_replication_size: s.pending_size,
             replication_health: health.as_u16(),
             health_messages: messages,
             ..StatisticsView::default()
@@ -47,6 +65,7 @@ impl Service {
         if let Some(mut rel) = rel {
             rel.statistics_reset_time = now();
             self.store.put_relationship(&rel, vm.mode)?;
+            self.store.reset_stats(vm.id)?;
         }
         Ok(CommandOutput::Completed)
     }

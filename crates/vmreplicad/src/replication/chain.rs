@@ -1,0 +1,170 @@
+//! What a primary remembers of each VM's chain of shipped logs (the last sequence the recovery
+//! server committed, when the next cycle is due, its retries) and the statistics counters of
+//! spec §10 that the protocol feeds (docs/protocol.md §9).
+
+use rusqlite::{params, OptionalExtension};
+use uuid::Uuid;
+
+use crate::store::{Store, StoreError, StoreResult};
+
+/// The primary's chain of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainRow {
+    pub vm: Uuid,
+    /// The last sequence the recovery server committed (1 after initial replication).
+    pub last_sequence: u64,
+    pub last_log_hash: String,
+    /// Unix seconds when the next cycle is due.
+    pub next_due: i64,
+    /// Failed cycles in a row (back-off step).
+    pub retries: u32,
+    /// Unix seconds before which no retry starts.
+    pub retry_at: i64,
+    pub last_error: Option<String>,
+}
+
+/// Counters of the monitoring window (reset by ResetReplicationStatistics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsRow {
+    pub success: u32,
+    pub size: u64,
+    pub max_size: u64,
+    pub latency: u32,
+    pub max_latency: u32,
+    pub misses: u32,
+    pub network_failures: u32,
+    pub failures: u32,
+    pub pending_size: u64,
+}
+
+/// One change to the counters.
+#[derive(Debug, Clone, Copy)]
+pub enum StatEvent {
+    Success { bytes: u64, latency_secs: u32 },
+    Miss,
+    NetworkFailure,
+    Failure,
+}
+
+fn to_i64(v: u64) -> StoreResult<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("value {v}")))
+}
+
+impl Store {
+    pub fn put_chain(&self, c: &ChainRow) -> StoreResult<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO primary_chains (vm, last_sequence, last_log_hash, next_due, retries, retry_at, last_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                c.vm.to_string(),
+                to_i64(c.last_sequence)?,
+                c.last_log_hash,
+                c.next_due,
+                c.retries,
+                c.retry_at,
+                c.last_error
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn chain(&self, vm: Uuid) -> StoreResult<Option<ChainRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT last_sequence, last_log_hash, next_due, retries, retry_at, last_error
+                 FROM primary_chains WHERE vm = ?1",
+                [vm.to_string()],
+                |r| {
+                    Ok(ChainRow {
+                        vm,
+                        last_sequence: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        last_log_hash: r.get(1)?,
+                        next_due: r.get(2)?,
+                        retries: r.get(3)?,
+                        retry_at: r.get(4)?,
+                        last_error: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn remove_chain(&self, vm: Uuid) -> StoreResult<()> {
+        let conn = self.conn();
+        conn.execute("DELETE FROM primary_chains WHERE vm = ?1", [vm.to_string()])?;
+        conn.execute(
+            "DELETE FROM replication_stats WHERE vm = ?1",
+            [vm.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn stats(&self, vm: Uuid) -> StoreResult<StatsRow> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT success, size, max_size, latency, max_latency, misses, network_failures,
+                        failures, pending_size FROM replication_stats WHERE vm = ?1",
+                [vm.to_string()],
+                |r| {
+                    Ok(StatsRow {
+                        success: r.get(0)?,
+                        size: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                        max_size: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                        latency: r.get(3)?,
+                        max_latency: r.get(4)?,
+                        misses: r.get(5)?,
+                        network_failures: r.get(6)?,
+                        failures: r.get(7)?,
+                        pending_size: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
+                    })
+                },
+            )
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    pub fn record_stat(&self, vm: Uuid, e: StatEvent) -> StoreResult<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO replication_stats (vm) VALUES (?1)",
+            [vm.to_string()],
+        )?;
+        let id = vm.to_string();
+        match e {
+            StatEvent::Success {
+                bytes,
+                latency_secs,
+            } => conn.execute(
+                "UPDATE replication_stats SET success = success + 1, size = size + ?2,
+                 max_size = MAX(max_size, ?2), latency = latency + ?3,
+                 max_latency = MAX(max_latency, ?3), pending_size = 0 WHERE vm = ?1",
+                params![id, to_i64(bytes)?, latency_secs],
+            )?,
+            StatEvent::Miss => conn.execute(
+                "UPDATE replication_stats SET misses = misses + 1 WHERE vm = ?1",
+                [id],
+            )?,
+            StatEvent::NetworkFailure => conn.execute(
+                "UPDATE replication_stats SET network_failures = network_failures + 1 WHERE vm = ?1",
+                [id],
+            )?,
+            StatEvent::Failure => conn.execute(
+                "UPDATE replication_stats SET failures = failures + 1 WHERE vm = ?1",
+                [id],
+            )?,
+        };
+        Ok(())
+    }
+
+    /// Zeroes the counters (ResetReplicationStatistics); the pending size is a state, not a count.
+    pub fn reset_stats(&self, vm: Uuid) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE replication_stats SET success = 0, size = 0, max_size = 0, latency = 0,
+             max_latency = 0, misses = 0, network_failures = 0, failures = 0 WHERE vm = ?1",
+            [vm.to_string()],
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,594 @@
+//! The primary's delta cycles (docs/protocol.md §6, first diagram; §8 back-off; §9 statistics).
+//!
+//! A scheduler task looks at every primary VM once a second. A VM in state 3 whose cycle is due and
+//! which has no cycle in flight gets one; a due tick that finds a cycle in flight or in back-off is
+//! a miss. At most `MAX_PARALLEL_TRANSFERS` cycles of this host run at once.
+//!
+//! One cycle: connect and say hello; ask the replica what it committed last (`c`); write log `c+1`
+//! (parent `c`) with the changes since the baseline; upload; commit. Only the commit's 200 makes
+//! the new block-hash maps the baseline. If the commit answer was lost, the replica is ahead of the
+//! primary's record: the next log is then `c+1` built against the older baseline, a superset of the
+//! changes, so applying it on top of `c` still gives the primary's disks.
+//!
+//! Change tracking: a turned-off VM is hash-scanned (BLAKE3 per block against the last shipped map).
+//! A running VM needs QEMU's dirty bitmaps with fleecing for a consistent point; that engine is not
+//! wired in yet, and such a cycle fails with a message saying so.
+//!
+//! A VM whose initial replication went out on offline media waits in state 2 until the replica
+//! reports log 1 committed with the exported hash; then it goes to 3.
+
+use std::collections::HashSet;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+use vmreplica_core::state::{ReplicationMode, ReplicationState};
+use wire::protocol::{Commit, ErrorCode, LogStatus, ReplicaVm, Route, TransferState};
+use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
+
+use super::chain::{ChainRow, StatEvent};
+use super::client::{PeerError, Peers};
+use crate::claims::VmClaims;
+use crate::clock::now;
+use crate::engine::initial::{disk_table, scan_image};
+use crate::engine::network::target;
+use crate::power;
+use crate::store::{RelationshipRow, Store, VmRow};
+
+/// Cycles of this host in flight at once (Hyper-V's `MaximumActiveTransfers` default).
+const MAX_PARALLEL_TRANSFERS: usize = 3;
+/// Back-off of failed cycle `k` (1-based), at least the interval; then 30 minutes each time.
+const BACKOFF_SECS: [i64; 5] = [60, 120, 240, 480, 600];
+const BACKOFF_LAST: i64 = 1800;
+
+/// The VMs with a cycle in flight; a suspend waits here until the VM's cycle ended.
+#[derive(Default)]
+pub struct InFlight {
+    vms: Mutex<HashSet<Uuid>>,
+    ended: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn contains(&self, vm: Uuid) -> bool {
+        self.set().contains(&vm)
+    }
+
+    fn begin(&self, vm: Uuid) {
+        self.set().insert(vm);
+    }
+
+    fn end(&self, vm: Uuid) {
+        self.set().remove(&vm);
+        self.ended.notify_waiters();
+    }
+
+    /// Waits until no cycle of `vm` is in flight (at most `limit`); false on timeout.
+    pub async fn wait_idle(&self, vm: Uuid, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let ended = self.ended.notified();
+            if !self.contains(vm) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return !self.contains(vm);
+            }
+        }
+    }
+}
+
+pub struct PrimarySide {
+    pub store: Arc<Store>,
+    pub data_dir: PathBuf,
+    pub peers: Arc<Peers>,
+    pub claims: VmClaims,
+    /// Run cycles this often instead of each relationship's ReplicationInterval (tests, demos).
+    pub interval_override: Option<u64>,
+    transfers: Arc<Semaphore>,
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Why a cycle failed, and what that means for the relationship (§10).
+#[derive(Debug)]
+enum CycleError {
+    /// Network trouble: back off and retry, health Critical meanwhile.
+    Network(String),
+    /// Any other failed attempt: back off and retry.
+    Failed(String),
+    /// Nothing to do now, not a failure (replica suspended, the VM busy with an operation).
+    Skipped(String),
+    /// The chain cannot continue: relationship → 9 (resynchronization required).
+    Resync(String),
+    /// An operator must act: relationship → 8.
+    Critical(String),
+}
+
+impl From<PeerError> for CycleError {
+    fn from(e: PeerError) -> Self {
+        let text = crate::error_chain(&e);
+        match &e {
+            PeerError::Resolve(_)
+            | PeerError::Connect { .. }
+            | PeerError::Timeout(_)
+            | PeerError::Http(_) => CycleError::Network(text),
+            PeerError::Refused(d) => match d.error_code() {
+                Some(ErrorCode::Suspended | ErrorCode::Busy) => CycleError::Skipped(text),
+                Some(
+                    ErrorCode::ResyncRequired
+                    | ErrorCode::SequenceConflict
+                    | ErrorCode::OutOfSequence
+                    | ErrorCode::DiskTableMismatch,
+                ) => CycleError::Resync(text),
+                Some(ErrorCode::Timeout) => CycleError::Network(text),
+                Some(
+                    ErrorCode::ChecksumMismatch
+                    | ErrorCode::StorageFull
+                    | ErrorCode::StorageUnavailable
+                    | ErrorCode::Internal
+                    | ErrorCode::Incomplete
+                    | ErrorCode::OffsetMismatch
+                    | ErrorCode::UnknownLog,
+                ) => CycleError::Failed(text),
+                _ => CycleError::Critical(text),
+            },
+            PeerError::Tls { .. } | PeerError::Certificate(_) => CycleError::Critical(text),
+            PeerError::Protocol(_) | PeerError::Local(_) => CycleError::Failed(text),
+        }
+    }
+}
+
+impl PrimarySide {
+    pub fn new(
+        store: Arc<Store>,
+        data_dir: PathBuf,
+        peers: Arc<Peers>,
+        claims: VmClaims,
+        interval_override: Option<u64>,
+        in_flight: Arc<InFlight>,
+    ) -> PrimarySide {
+        PrimarySide {
+            store,
+            data_dir,
+            peers,
+            claims,
+            interval_override,
+            transfers: Arc::new(Semaphore::new(MAX_PARALLEL_TRANSFERS)),
+            in_flight,
+        }
+    }
+
+    fn interval(&self, rel: &RelationshipRow) -> i64 {
+        self.interval_override
+            .map_or(i64::from(rel.settings.replication_interval), |s| s as i64)
+            .max(1)
+    }
+
+    /// Called once a second: starts the cycles that are due.
+    fn tick(self: &Arc<Self>) -> Result<(), crate::store::StoreError> {
+        let now = now();
+        for vm in self.store.list_vms()? {
+            if vm.mode != ReplicationMode::Primary.as_u16() {
+                continue;
+            }
+            let (Some(rel), Some(mut chain)) = (
+                self.store.get_relationship(vm.id)?,
+                self.store.chain(vm.id)?,
+            ) else {
+                continue;
+            };
+            let waiting_for_import =
+                rel.state == ReplicationState::WaitingToCompleteInitialReplication.as_u16();
+            if rel.state != ReplicationState::Replicating.as_u16() && !waiting_for_import {
+                continue;
+            }
+            let interval = self.interval(&rel);
+            if now < chain.next_due {
+                // A due time set under a longer interval (settings changed, the override) moves in.
+                if chain.next_due > now + interval {
+                    chain.next_due = now + interval;
+                    self.store.put_chain(&chain)?;
+                }
+                continue;
+            }
+            if self.in_flight.contains(vm.id) || now < chain.retry_at {
+                // A tick while the last log is still in flight or backing off: a miss; its
+                // changes stay tracked and go with the next log.
+                if !waiting_for_import {
+                    self.store.record_stat(vm.id, StatEvent::Miss)?;
+                }
+                chain.next_due = now + interval;
+                self.store.put_chain(&chain)?;
+                continue;
+            }
+            chain.next_due = now + interval;
+            self.store.put_chain(&chain)?;
+            self.in_flight.begin(vm.id);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _permit = me.transfers.clone().acquire_owned().await;
+                let id = vm.id;
+                if waiting_for_import {
+                    me.check_import(vm, rel).await;
+                } else {
+                    me.cycle(vm, rel, chain).await;
+                }
+                me.in_flight.end(id);
+            });
+        }
+        Ok(())
+    }
+
+    /// Export IR: the primary goes 2 → 3 once the replica committed log 1 with the exported hash.
+    async fn check_import(&self, vm: VmRow, rel: RelationshipRow) {
+        let Ok(Some(chain)) = self.store.chain(vm.id) else {
+            return;
+        };
+        let result = async {
+            let mut session = self.peers.connect(&target(&rel)).await?;
+            let (_, replica) = session
+                .json::<(), ReplicaVm>(Route::GetVm(vm.id), None)
+                .await?;
+            Ok::<_, PeerError>(replica)
+        }
+        .await;
+        match result {
+            Ok(r) if r.last_committed.sequence >= 1 => {
+                if r.last_committed.sequence == 1
+                    && r.last_committed.log_hash != chain.last_log_hash
+                {
+                    tracing::warn!(vm = %vm.id, "the replica imported another initial replica than this host exported");
+                    self.set_state(
+                        vm.id,
+                        ReplicationState::WaitingToStartResynchronization,
+                        None,
+                    )
+                    .await;
+                    return;
+                }
+                let time = r.last_committed.point_time / 1_000_000;
+                self.set_state(vm.id, ReplicationState::Replicating, Some(time))
+                    .await;
+                tracing::info!(vm = %vm.id, "the replica imported the initial replica; replicating");
+            }
+            Ok(_) => tracing::debug!(vm = %vm.id, "the initial replica is not imported yet"),
+            Err(e) => {
+                tracing::debug!(vm = %vm.id, "cannot ask the replica about the import: {}", crate::error_chain(&e))
+            }
+        }
+    }
+
+    /// Writes a new state (and replication time) if the relationship is still in 2 or 3, under the
+    /// VM's claim so that no command's write is lost.
+    async fn set_state(
+        &self,
+        vm: Uuid,
+        state: ReplicationState,
+        replicated_at: Option<i64>,
+    ) -> bool {
+        let live = [
+            ReplicationState::WaitingToCompleteInitialReplication.as_u16(),
+            ReplicationState::Replicating.as_u16(),
+        ];
+        // A command changed the state meanwhile (suspend, remove, ...): it wins, and may be
+        // holding the claim while it waits for this cycle to end.
+        match self.store.get_relationship(vm) {
+            Ok(Some(rel)) if live.contains(&rel.state) => {}
+            _ => return false,
+        }
+        let Some(_claim) = self.claim(vm).await else {
+            return false;
+        };
+        let (Ok(Some(v)), Ok(Some(mut rel))) =
+            (self.store.get_vm(vm), self.store.get_relationship(vm))
+        else {
+            return false;
+        };
+        if !live.contains(&rel.state) {
+            return false;
+        }
+        rel.state = state.as_u16();
+        if let Some(t) = replicated_at {
+            rel.last_replication_time = Some(t);
+            rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
+        }
+        self.store.put_relationship(&rel, v.mode).is_ok()
+    }
+
+    /// The VM's claim, waiting briefly for a command that holds it.
+    async fn claim(&self, vm: Uuid) -> Option<crate::claims::VmClaim> {
+        for _ in 0..250 {
+            if let Some(c) = self.claims.claim(vm) {
+                return Some(c);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(%vm, "the VM stayed busy; the replication result is recorded at the next cycle");
+        None
+    }
+
+    async fn cycle(&self, vm: VmRow, rel: RelationshipRow, mut chain: ChainRow) {
+        let started = std::time::Instant::now();
+        match self.ship(&vm, &rel, &chain).await {
+            Ok((seq, hash, bytes, point_time)) => {
+                chain.last_sequence = seq;
+                chain.last_log_hash = hash;
+                chain.retries = 0;
+                chain.retry_at = 0;
+                chain.last_error = None;
+                let latency = (now() - point_time / 1_000_000).max(0);
+                let _ = self.store.record_stat(
+                    vm.id,
+                    StatEvent::Success {
+                        bytes,
+                        latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
+                    },
+                );
+                let _ = self.store.put_chain(&chain);
+                self.set_state(
+                    vm.id,
+                    ReplicationState::Replicating,
+                    Some(point_time / 1_000_000),
+                )
+                .await;
+                tracing::info!(vm = %vm.id, sequence = seq, bytes, ms = started.elapsed().as_millis() as u64, "delta replicated");
+            }
+            Err(CycleError::Skipped(why)) => {
+                tracing::info!(vm = %vm.id, "cycle skipped: {why}");
+            }
+            Err(e) => {
+                let (event, message) = match &e {
+                    CycleError::Network(m) => (StatEvent::NetworkFailure, m.clone()),
+                    CycleError::Failed(m) | CycleError::Resync(m) | CycleError::Critical(m) => {
+                        (StatEvent::Failure, m.clone())
+                    }
+                    CycleError::Skipped(_) => unreachable!("handled above"),
+                };
+                let _ = self.store.record_stat(vm.id, event);
+                chain.retries += 1;
+                let k = chain.retries as usize;
+                let wait = match self.interval_override {
+                    Some(s) => s as i64,
+                    None => BACKOFF_SECS
+                        .get(k - 1)
+                        .copied()
+                        .unwrap_or(BACKOFF_LAST)
+                        .max(self.interval(&rel)),
+                };
+                chain.retry_at = now() + wait;
+                chain.last_error = Some(message.clone());
+                let _ = self.store.put_chain(&chain);
+                match e {
+                    CycleError::Resync(_) => {
+                        tracing::error!(vm = %vm.id, "replication needs a resynchronization: {message}");
+                        self.set_state(
+                            vm.id,
+                            ReplicationState::WaitingToStartResynchronization,
+                            None,
+                        )
+                        .await;
+                    }
+                    CycleError::Critical(_) => {
+                        tracing::error!(vm = %vm.id, "replication stopped: {message}");
+                        self.set_state(vm.id, ReplicationState::Critical, None)
+                            .await;
+                    }
+                    _ => {
+                        tracing::warn!(vm = %vm.id, retry_in_secs = wait, "replication cycle failed: {message}")
+                    }
+                }
+            }
+        }
+    }
+
+    /// One log from building to commit; returns (sequence, hash, bytes, point time in µs).
+    async fn ship(
+        &self,
+        vm: &VmRow,
+        rel: &RelationshipRow,
+        chain: &ChainRow,
+    ) -> Result<(u64, String, u64, i64), CycleError> {
+        if power::enabled_state(&vm.power) == power::ENABLED {
+            return Err(CycleError::Failed(format!(
+                "'{}' is running: a consistent point of a running VM needs QEMU's dirty bitmaps with fleecing, which this build does not drive yet; turn the VM off to replicate by hash scan",
+                vm.name
+            )));
+        }
+        let mut session = self.peers.connect(&target(rel)).await?;
+        let (_, replica) = session
+            .json::<(), ReplicaVm>(Route::GetVm(vm.id), None)
+            .await?;
+        if replica.resync_required {
+            return Err(CycleError::Resync(
+                "the replica cannot continue its chain".into(),
+            ));
+        }
+        if replica.state == ReplicationState::Suspended.as_u16() {
+            return Err(CycleError::Skipped(
+                "replication is paused on the replica".into(),
+            ));
+        }
+        let c = replica.last_committed.sequence;
+        if c < chain.last_sequence {
+            return Err(CycleError::Resync(format!(
+                "the replica holds log {c}, but log {} was committed there",
+                chain.last_sequence
+            )));
+        }
+        let seq = c + 1;
+        let (path, hash, bytes, point_time, maps) = self.build_delta(vm, rel, seq, c).await?;
+        let status = session
+            .upload_log(vm.id, seq, &path, &hash, |_, _| {})
+            .await;
+        let result = async {
+            let status = status?;
+            let upload_id = status.upload_id.filter(|_| {
+                status.state == TransferState::Uploaded as u16
+                    && status.log_hash.as_deref() == Some(hash.as_str())
+            });
+            let Some(upload_id) = upload_id else {
+                return Err(CycleError::Failed(format!(
+                    "the replica did not confirm log {seq} (state {})",
+                    status.state
+                )));
+            };
+            let commit = Commit {
+                upload_id,
+                log_hash: hash.clone(),
+                log_bytes: bytes,
+                wait_applied: false,
+            };
+            let (_, done) = session
+                .json::<_, LogStatus>(Route::CommitLog(vm.id, seq), Some(&commit))
+                .await?;
+            if done.log_hash.as_deref() != Some(hash.as_str()) {
+                return Err(CycleError::Resync(format!(
+                    "the replica committed log {seq} with another hash"
+                )));
+            }
+            Ok(())
+        }
+        .await;
+        let _ = std::fs::remove_file(&path);
+        match result {
+            Ok(()) => {
+                for (tmp, map) in &maps {
+                    disk::scan::hashmap::commit(tmp, map)
+                        .map_err(|e| CycleError::Failed(crate::error_chain(&e)))?;
+                }
+                Ok((seq, hash, bytes, point_time))
+            }
+            Err(e) => {
+                for (tmp, _) in &maps {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Hash-scans every disk of the turned-off VM against its baseline map into log `seq`.
+    #[allow(clippy::type_complexity)]
+    async fn build_delta(
+        &self,
+        vm: &VmRow,
+        rel: &RelationshipRow,
+        seq: u64,
+        parent: u64,
+    ) -> Result<(PathBuf, String, u64, i64, Vec<(PathBuf, PathBuf)>), CycleError> {
+        let local = |e: crate::jobs::JobFailure| CycleError::Failed(e.message);
+        let disks = disk_table(vm).map_err(local)?;
+        let tracking = self
+            .data_dir
+            .join("tracking")
+            .join(vm.id.to_string().to_uppercase());
+        let outgoing = self
+            .data_dir
+            .join("outgoing")
+            .join(vm.id.to_string().to_uppercase());
+        std::fs::create_dir_all(&outgoing)
+            .map_err(|e| CycleError::Failed(format!("{}: {e}", outgoing.display())))?;
+        let path = outgoing.join(format!("{seq:020}.vrlog"));
+        let point_time = now() * 1_000_000;
+        let header = LogHeader {
+            vm: vm.id,
+            relationship: 0,
+            sequence: seq,
+            parent,
+            point_time_micros: point_time,
+            point_type: PointType::Standard,
+            full_image: false,
+            disks: disks
+                .iter()
+                .enumerate()
+                .map(|(i, (_, size))| DiskInfo {
+                    id: format!("disk{i}"),
+                    virtual_size: *size,
+                })
+                .collect(),
+        };
+        let file = std::fs::File::create(&path)
+            .map_err(|e| CycleError::Failed(format!("{}: {e}", path.display())))?;
+        let mode = if rel.settings.compression_enabled {
+            Compression::default()
+        } else {
+            Compression::Off
+        };
+        let mut log = LogWriter::new(BufWriter::with_capacity(1 << 20, file), header, mode)
+            .map_err(|e| CycleError::Failed(e.to_string()))?;
+        let mut maps = Vec::new();
+        for (i, (format, _)) in disks.iter().enumerate() {
+            let map = tracking.join(format!("disk{i}.hashes"));
+            if !map.is_file() {
+                cleanup(&maps, &path);
+                return Err(CycleError::Resync(format!(
+                    "the block-hash map of disk {i} ({}) is missing",
+                    map.display()
+                )));
+            }
+            match scan_image(
+                &vm.disks[i],
+                format,
+                i,
+                Some(&map),
+                &map,
+                &self.data_dir,
+                &mut log,
+            )
+            .await
+            {
+                Ok(tmp) => maps.push((tmp, map)),
+                Err(f) => {
+                    cleanup(&maps, &path);
+                    return Err(if f.resync {
+                        CycleError::Resync(f.failure.message)
+                    } else {
+                        CycleError::Failed(f.failure.message)
+                    });
+                }
+            }
+        }
+        let (writer, summary) = log
+            .finish()
+            .map_err(|e| CycleError::Failed(e.to_string()))?;
+        writer
+            .into_inner()
+            .map_err(|e| CycleError::Failed(e.to_string()))?
+            .sync_all()
+            .map_err(|e| CycleError::Failed(e.to_string()))?;
+        Ok((
+            path,
+            hex::encode(summary.hash),
+            summary.bytes,
+            point_time,
+            maps,
+        ))
+    }
+}
+
+fn cleanup(maps: &[(PathBuf, PathBuf)], log: &Path) {
+    for (tmp, _) in maps {
+        let _ = std::fs::remove_file(tmp);
+    }
+    let _ = std::fs::remove_file(log);
+}
+
+/// Runs the scheduler until the process ends.
+pub fn spawn_scheduler(primary: Arc<PrimarySide>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = primary.tick() {
+                tracing::error!("replication scheduler: {}", crate::error_chain(&e));
+            }
+        }
+    });
+}
