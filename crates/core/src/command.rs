@@ -25,6 +25,10 @@ pub struct PowerControl {
     pub start_command: Option<String>,
     /// Shell command that stops the VM.
     pub stop_command: Option<String>,
+    /// Unix socket of an NBD server the QEMU process already runs (a process runs at most one);
+    /// without it, replication starts its own server in the process.
+    #[serde(default)]
+    pub nbd_socket: Option<String>,
 }
 
 /// A VM as defined to the daemon.

@@ -190,10 +190,134 @@ impl BitmapTracker {
         if self.nbd_started {
             return Ok(());
         }
-        let _ = std::fs::remove_file(&self.nbd_socket);
-        let addr = json!({"addr": {"type": "unix", "data": {"path": self.nbd_socket.display().to_string()}}});
-        self.qmp.execute("nbd-server-start", Some(addr)).await?;
+        if self.nbd_socket.exists() {
+            // An earlier session of ours started the server at this (per-VM) path; the process
+            // keeps it running after that QMP session ended.
+            let running = self
+                .qmp
+                .execute("nbd-server-start", Some(self.nbd_address()))
+                .await;
+            if let Err(QmpError::Command { desc, .. }) = &running {
+                if desc.contains("already running") {
+                    self.nbd_started = true;
+                    return Ok(());
+                }
+            }
+            let _ = std::fs::remove_file(&self.nbd_socket);
+            running?;
+            self.nbd_started = true;
+            return Ok(());
+        }
+        self.qmp
+            .execute("nbd-server-start", Some(self.nbd_address()))
+            .await?;
         self.nbd_started = true;
+        Ok(())
+    }
+
+    fn nbd_address(&self) -> Value {
+        json!({"addr": {"type": "unix", "data": {"path": self.nbd_socket.display().to_string()}}})
+    }
+
+    /// Uses `socket` for the NBD server this tracker starts in the QEMU process (a stable per-VM
+    /// path lets a later session reuse the server an earlier one started).
+    pub fn with_nbd_socket(mut self, socket: &Path) -> BitmapTracker {
+        self.nbd_socket = socket.to_path_buf();
+        self
+    }
+
+    /// The format node (not the protocol node) whose image is the file `path`.
+    pub async fn node_for_image(&mut self, path: &Path) -> Result<String, BitmapError> {
+        let nodes = self
+            .qmp
+            .execute("query-named-block-nodes", Some(json!({"flat": true})))
+            .await?;
+        let wanted = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let same = |f: &str| {
+            let p = Path::new(f);
+            p == path || std::fs::canonicalize(p).is_ok_and(|c| c == wanted)
+        };
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| {
+                n["drv"]
+                    .as_str()
+                    .is_some_and(|d| d != "file" && d != "host_device")
+            })
+            .filter(|n| {
+                n["node-name"]
+                    .as_str()
+                    .is_some_and(|n| !n.starts_with("vmr-"))
+            })
+            .find(|n| n["file"].as_str().is_some_and(same))
+            .and_then(|n| n["node-name"].as_str().map(str::to_string))
+            .ok_or_else(|| BitmapError::NoSuchNode(path.display().to_string()))
+    }
+
+    /// Undoes what an interrupted cycle left on `node`: its fleecing export, job and node, and
+    /// disabled bitmaps of older generations, which are merged into the recording one (their
+    /// changes may never have been shipped; shipping them again is harmless).
+    pub async fn recover(&mut self, node: &str) -> Result<(), BitmapError> {
+        let fleece_node = format!("vmr-fleece-{node}");
+        let _ = self
+            .qmp
+            .execute(
+                "block-export-del",
+                Some(json!({"id": format!("vmr-frozen-{node}"), "mode": "hard"})),
+            )
+            .await;
+        let _ = self
+            .qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": format!("vmr-fleece-job-{node}"), "force": true})),
+            )
+            .await;
+        for _ in 0..200 {
+            match self.node_info(&fleece_node).await {
+                Err(BitmapError::NoSuchNode(_)) => break,
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+            let _ = self
+                .qmp
+                .execute("blockdev-del", Some(json!({"node-name": fleece_node})))
+                .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = std::fs::remove_file(self.work_dir.join(format!("{fleece_node}.qcow2")));
+        let BitmapStatus::Tracking(current) = self.status(node).await? else {
+            return Ok(());
+        };
+        let info = self.node_info(node).await?;
+        for b in info["dirty-bitmaps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let Some(gen) = b["name"]
+                .as_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|g| g.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if gen == current {
+                continue;
+            }
+            let merge = json!({"node": node, "target": bitmap_name(current), "bitmaps": [bitmap_name(gen)]});
+            self.qmp
+                .execute("block-dirty-bitmap-merge", Some(merge))
+                .await?;
+            self.qmp
+                .execute(
+                    "block-dirty-bitmap-remove",
+                    Some(json!({"node": node, "name": bitmap_name(gen)})),
+                )
+                .await?;
+        }
         Ok(())
     }
 
@@ -343,6 +467,21 @@ fn create_fleece_image(path: &Path, size: u64) -> Result<(), BitmapError> {
 }
 
 impl FrozenPoint {
+    /// The NBD meta context of disk `index`'s changes.
+    pub fn dirty_context(&self, index: usize) -> String {
+        dirty_bitmap_context(&bitmap_name(self.disks[index].generation))
+    }
+
+    /// A client of disk `index`'s frozen view with `base:allocation` and its dirty context.
+    pub async fn connect(&self, index: usize) -> Result<NbdClient, BitmapError> {
+        let d = &self.disks[index];
+        let context = self.dirty_context(index);
+        Ok(
+            NbdClient::connect_unix(&self.socket, &d.export, &["base:allocation", &context])
+                .await?,
+        )
+    }
+
     /// Reads the dirty extents of disk `index` of the point into `log` as log disk `log_disk`.
     /// Dirty ranges that read as zeros are shipped as zero extents.
     pub async fn read_changes<W: std::io::Write>(

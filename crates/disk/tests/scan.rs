@@ -317,3 +317,83 @@ async fn reading_a_raw_file_directly_finds_the_same_blocks_as_reading_through_qe
     }
     assert!(identical(&replica, &v1));
 }
+
+/// Scans a raw file directly into a log, limited to `candidates`.
+async fn scan_raw(
+    image: &Path,
+    dir: &Path,
+    seq: u64,
+    previous: Option<&Path>,
+    candidates: Option<&[(u64, u64)]>,
+) -> (PathBuf, disk::scan::ScanStats, PathBuf) {
+    let file = std::fs::File::open(image).expect("image");
+    let log_path = dir.join(format!("r{seq}.vrlog"));
+    let mut log = LogWriter::new(
+        std::fs::File::create(&log_path).expect("log"),
+        header(seq, if seq == 1 { 0 } else { seq - 1 }),
+        Compression::default(),
+    )
+    .expect("writer");
+    let (map, stats) = disk::scan::scan_disk_ranges(
+        &mut Source::RawFile(&file),
+        0,
+        previous,
+        &dir.join("raw.hashes"),
+        DEFAULT_BLOCK_SIZE,
+        &mut log,
+        candidates,
+    )
+    .await
+    .expect("scan");
+    log.finish().expect("finish");
+    (log_path, stats, map)
+}
+
+#[tokio::test]
+async fn a_scan_limited_to_changed_ranges_ships_only_real_changes_and_keeps_the_map_exact() {
+    let tmp_dir = tempfile::tempdir().expect("tempdir");
+    let dir = tmp_dir.path().to_path_buf();
+    let raw = make_fs(&dir);
+    let map_path = dir.join("raw.hashes");
+    let (log1, _, tmp) = scan_raw(&raw, &dir, 1, None, None).await;
+    hashmap::commit(&tmp, &map_path).expect("commit");
+    let replica = dir.join("replica.raw");
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(SIZE.to_string())
+        .arg(&replica));
+    apply(&log1, &replica, 1);
+
+    // Three writes: block 100 gets new bytes, block 200 is rewritten with what it held (a bitmap
+    // calls it dirty, its content did not change), block 300 changes but is not a candidate.
+    let bs = u64::from(DEFAULT_BLOCK_SIZE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&raw)
+        .expect("raw");
+    f.write_all_at(&vec![0xA5; 4096], 100 * bs + 512)
+        .expect("write");
+    let mut same = vec![0u8; bs as usize];
+    f.read_exact_at(&mut same, 200 * bs).expect("read");
+    f.write_all_at(&same, 200 * bs).expect("rewrite");
+    f.write_all_at(&vec![0x5A; 4096], 300 * bs).expect("write");
+    let candidates = [(100 * bs, bs), (200 * bs, 2 * bs)];
+    let (log2, stats, tmp) = scan_raw(&raw, &dir, 2, Some(&map_path), Some(&candidates)).await;
+    assert_eq!(stats.changed_blocks, 1, "{stats:?}");
+    // Only candidate blocks are read (block 201 may be a hole and not read at all).
+    assert!((2 * bs..=3 * bs).contains(&stats.read_bytes), "{stats:?}");
+    hashmap::commit(&tmp, &map_path).expect("commit");
+    apply(&log2, &replica, 2);
+    assert_eq!(
+        differing_blocks(&raw, &replica),
+        1,
+        "only block 300 still differs"
+    );
+
+    // The new map kept block 300's old hash, so a full scan against it finds that change.
+    let (log3, stats, _) = scan_raw(&raw, &dir, 3, Some(&map_path), None).await;
+    assert_eq!(stats.changed_blocks, 1);
+    apply(&log3, &replica, 3);
+    assert!(identical(&raw, &replica));
+}

@@ -180,6 +180,10 @@ enum VmVerb {
         start_command: Option<String>,
         #[arg(long)]
         stop_command: Option<String>,
+        /// Unix socket of an NBD server the VM's QEMU process already runs (replication starts its
+        /// own otherwise; a QEMU process can run only one).
+        #[arg(long, requires = "qmp_socket")]
+        nbd_socket: Option<String>,
     },
     /// List the VMs.
     List,
@@ -439,6 +443,7 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             qmp_socket,
             start_command,
             stop_command,
+            nbd_socket,
         }) => {
             let disks = disks
                 .iter()
@@ -448,6 +453,7 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
                 qmp_socket,
                 start_command,
                 stop_command,
+                nbd_socket,
             };
             Command::AddVm(VmDefinition {
                 name,

@@ -158,6 +158,7 @@ mod tests {
         let sock = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&sock);
         let mut power = PowerControl {
+            nbd_socket: None,
             qmp_socket: Some(sock.display().to_string()),
             ..Default::default()
         };

@@ -139,7 +139,32 @@ pub async fn scan_disk<W: Write>(
     block_size: u32,
     log: &mut LogWriter<W>,
 ) -> Result<(PathBuf, ScanStats), ScanError> {
+    scan_disk_ranges(
+        source, disk_index, previous, map_path, block_size, log, None,
+    )
+    .await
+}
+
+/// [`scan_disk`] limited to `candidates`, sorted byte ranges (offset, length) outside which nothing
+/// changed since `previous` (what a dirty bitmap reports): blocks touching a candidate are read,
+/// hashed and compared as usual, every other block keeps its old hash without being read. So a
+/// block a bitmap calls dirty but whose content is what the replica has is not shipped, and the
+/// new map stays exact. Candidates need a previous map.
+pub async fn scan_disk_ranges<W: Write>(
+    source: &mut Source<'_>,
+    disk_index: u32,
+    previous: Option<&Path>,
+    map_path: &Path,
+    block_size: u32,
+    log: &mut LogWriter<W>,
+    candidates: Option<&[(u64, u64)]>,
+) -> Result<(PathBuf, ScanStats), ScanError> {
     hashmap::check_block_size(block_size)?;
+    if candidates.is_some() && previous.is_none() {
+        return Err(ScanError::ResyncRequired(
+            "changed ranges without the map of the last shipped point".into(),
+        ));
+    }
     let size = source.size()?;
     let mut old = match previous {
         Some(p) => Some(MapReader::open(p)?),
@@ -173,16 +198,35 @@ pub async fn scan_disk<W: Write>(
     let bs = u64::from(block_size);
     let mut chunk_start = 0;
     let mut buf = Vec::new();
+    let mut wanted = Candidates {
+        ranges: candidates,
+        next: 0,
+    };
     while chunk_start < size {
         let chunk_len = MAP_CHUNK.min(size - chunk_start);
-        let extents = source.allocation(chunk_start, chunk_len).await?;
-        let mut off = chunk_start;
         let chunk_end = chunk_start + chunk_len;
+        let mut off = chunk_start;
+        if !wanted.any(chunk_start, chunk_len) {
+            // Nothing in this chunk changed: the old hashes stand, nothing is read.
+            while off < chunk_end {
+                keep_old(&mut old, &mut map)?;
+                off += bs.min(size - off);
+            }
+            chunk_start = chunk_end;
+            continue;
+        }
+        let extents = source.allocation(chunk_start, chunk_len).await?;
         while off < chunk_end {
+            if !wanted.any(off, bs.min(size - off)) {
+                keep_old(&mut old, &mut map)?;
+                off += bs.min(size - off);
+                continue;
+            }
             // A run of blocks that may hold data, read at once.
             let mut run_end = off;
             while run_end < chunk_end
                 && run_end - off < READ_RUN
+                && wanted.any(run_end, bs.min(size - run_end))
                 && !all_zero(&extents, run_end, bs.min(size - run_end))
             {
                 run_end += bs.min(size - run_end);
@@ -229,6 +273,44 @@ pub async fn scan_disk<W: Write>(
         o.next_hash()?; // verifies the trailer if the last block was already read
     }
     Ok((map.finish()?, stats))
+}
+
+/// The candidate ranges, consulted in increasing offset order.
+struct Candidates<'a> {
+    ranges: Option<&'a [(u64, u64)]>,
+    next: usize,
+}
+
+impl Candidates<'_> {
+    /// True when `[offset, offset+len)` touches a candidate (always, without candidates). Calls
+    /// must come with non-decreasing offsets.
+    fn any(&mut self, offset: u64, len: u64) -> bool {
+        let Some(ranges) = self.ranges else {
+            return true;
+        };
+        while self
+            .ranges
+            .and_then(|r| r.get(self.next))
+            .is_some_and(|(o, l)| o + l <= offset)
+        {
+            self.next += 1;
+        }
+        ranges
+            .get(self.next)
+            .is_some_and(|(o, _)| *o < offset + len)
+    }
+}
+
+/// Carries an unchanged block's old hash into the new map.
+fn keep_old(old: &mut Option<MapReader>, map: &mut MapWriter) -> Result<(), ScanError> {
+    let hash = match old {
+        Some(o) => o
+            .next_hash()?
+            .ok_or_else(|| ScanError::ResyncRequired("the previous map ended early".into()))?,
+        None => ZERO,
+    };
+    map.push(&hash)?;
+    Ok(())
 }
 
 /// Records the block's new hash and sends it to the log when it differs from the old one.

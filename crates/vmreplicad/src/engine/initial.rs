@@ -125,6 +125,7 @@ pub async fn write_full_log(
     compression: bool,
     data_dir: &Path,
     progress_to: u16,
+    running: Option<&super::running::RunningPoint>,
 ) -> Result<FullLog, JobFailure> {
     let disks = disk_table(vm)?;
     let header = LogHeader {
@@ -176,7 +177,15 @@ pub async fn write_full_log(
     for (i, (format, _)) in disks.iter().enumerate() {
         ctx.check_cancelled()?;
         let map = tracking.join(format!("disk{i}.hashes"));
-        let tmp = scan_one(&vm.disks[i], format, i, &map, data_dir, &mut log).await?;
+        let tmp = match running {
+            Some(r) => r.read_disk(i, None, &map, &mut log).await.map_err(|e| {
+                fail(
+                    format!("reading {} failed: {}", vm.disks[i], e.message()),
+                    "Check the VM's QEMU process and its QMP socket.",
+                )
+            })?,
+            None => scan_one(&vm.disks[i], format, i, &map, data_dir, &mut log).await?,
+        };
         maps.push((tmp, map));
         let done = ((i + 1) * usize::from(progress_to) / disks.len().max(1)) as u16;
         ctx.progress(done.min(progress_to))?;
@@ -248,7 +257,7 @@ pub async fn export(
         )
     })?;
     let final_log = folder.join(INITIAL_LOG);
-    let log = write_full_log(&ctx, &vm, &final_log, compression, &data_dir, 99).await?;
+    let log = write_full_log(&ctx, &vm, &final_log, compression, &data_dir, 99, None).await?;
     commit_baseline(&vm, &log)?;
     tracing::info!(vm = %vm.id, bytes = log.summary.bytes, log = %final_log.display(), "initial replica exported");
     Ok(hex::encode(log.summary.hash))

@@ -8,6 +8,7 @@
 
 pub mod initial;
 pub mod network;
+pub mod running;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 use wire::protocol::{DiskSpec, PutVm, ReplicaVm, Route, TransferState, VmSettings};
 
-use super::initial::{commit_baseline, disk_table, require_off, write_full_log};
+use super::initial::{commit_baseline, disk_table, write_full_log};
+use super::running::RunningPoint;
 use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
+use crate::power;
 use crate::replication::chain::ChainRow;
 use crate::replication::client::{Peers, Target};
 use crate::store::{RelationshipRow, Store, VmRow};
@@ -83,10 +85,6 @@ pub async fn run(
     vm: VmRow,
     mut rel: RelationshipRow,
 ) -> Result<RelationshipRow, JobFailure> {
-    require_off(
-        &vm,
-        " (tracking a running VM's writes during initial replication is not implemented yet)",
-    )?;
     let target = target(&rel);
     let mut session = job
         .peers
@@ -120,7 +118,72 @@ pub async fn run(
     })?;
     let spool = outgoing.join(format!("{:020}.vrlog", 1));
     let compression = rel.settings.compression_enabled;
-    let log = write_full_log(&ctx, &vm, &spool, compression, &job.data_dir, 45).await?;
+    // A running VM is read from one frozen point of its QEMU process, where tracking starts.
+    let running = if power::enabled_state(&vm.power) == power::ENABLED {
+        Some(
+            RunningPoint::freeze(&vm, &job.data_dir, true)
+                .await
+                .map_err(|e| {
+                    fail(
+                        format!(
+                            "cannot take a point of the running VM '{}': {}",
+                            vm.name,
+                            e.message()
+                        ),
+                        "Check the VM's QMP socket, or turn the VM off.",
+                    )
+                })?,
+        )
+    } else {
+        None
+    };
+    let sent = send_full(
+        &ctx,
+        &job,
+        &vm,
+        &rel,
+        &mut session,
+        &spool,
+        compression,
+        running.as_ref(),
+    )
+    .await;
+    if let Some(r) = running {
+        if let Err(e) = r.finish(sent.is_ok()).await {
+            tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
+        }
+    }
+    let (log, hash) = sent?;
+    commit_baseline(&vm, &log)?;
+    let _ = std::fs::remove_file(&log.path);
+    job.store.put_chain(&ChainRow {
+        vm: vm.id,
+        last_sequence: 1,
+        last_log_hash: hash,
+        next_due: now() + i64::from(rel.settings.replication_interval),
+        retries: 0,
+        retry_at: 0,
+        last_error: None,
+    })?;
+    rel.last_replication_time = Some(log.summary.header.point_time_micros / 1_000_000);
+    rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
+    tracing::info!(vm = %vm.id, bytes = log.summary.bytes, server = %target.host, at = now(), "initial replica sent and committed");
+    Ok(rel)
+}
+
+/// Writes, uploads and commits log 1; returns it and its hash.
+#[allow(clippy::too_many_arguments)]
+async fn send_full(
+    ctx: &JobContext,
+    job: &NetworkIr,
+    vm: &VmRow,
+    _rel: &RelationshipRow,
+    session: &mut crate::replication::client::Session,
+    spool: &std::path::Path,
+    compression: bool,
+    running: Option<&RunningPoint>,
+) -> Result<(super::initial::FullLog, String), JobFailure> {
+    let log = write_full_log(ctx, vm, spool, compression, &job.data_dir, 45, running).await?;
     let hash = hex::encode(log.summary.hash);
     let progress_ctx = ctx.clone();
     let status = session
@@ -159,19 +222,5 @@ pub async fn run(
             "Resynchronize the VM.",
         ));
     }
-    commit_baseline(&vm, &log)?;
-    let _ = std::fs::remove_file(&log.path);
-    job.store.put_chain(&ChainRow {
-        vm: vm.id,
-        last_sequence: 1,
-        last_log_hash: hash,
-        next_due: now() + i64::from(rel.settings.replication_interval),
-        retries: 0,
-        retry_at: 0,
-        last_error: None,
-    })?;
-    rel.last_replication_time = Some(log.summary.header.point_time_micros / 1_000_000);
-    rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
-    tracing::info!(vm = %vm.id, bytes = log.summary.bytes, server = %target.host, at = now(), "initial replica sent and committed");
-    Ok(rel)
+    Ok((log, hash))
 }

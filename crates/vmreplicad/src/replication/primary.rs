@@ -10,9 +10,9 @@
 //! primary's record: the next log is then `c+1` built against the older baseline, a superset of the
 //! changes, so applying it on top of `c` still gives the primary's disks.
 //!
-//! Change tracking: a turned-off VM is hash-scanned (BLAKE3 per block against the last shipped map).
-//! A running VM needs QEMU's dirty bitmaps with fleecing for a consistent point; that engine is not
-//! wired in yet, and such a cycle fails with a message saying so.
+//! Change tracking: a running VM's point is frozen in its QEMU process and read through its dirty
+//! bitmaps (`engine::running`); a turned-off VM's disk files are hash-scanned (BLAKE3 per block)
+//! against the last shipped map. Both leave an exact map, so either may follow the other.
 //!
 //! A VM whose initial replication went out on offline media waits in state 2 until the replica
 //! reports log 1 committed with the exported hash; then it goes to 3.
@@ -35,6 +35,7 @@ use crate::claims::VmClaims;
 use crate::clock::now;
 use crate::engine::initial::{disk_table, scan_image};
 use crate::engine::network::target;
+use crate::engine::running::RunningPoint;
 use crate::power;
 use crate::store::{RelationshipRow, Store, VmRow};
 
@@ -394,12 +395,6 @@ impl PrimarySide {
         rel: &RelationshipRow,
         chain: &ChainRow,
     ) -> Result<(u64, String, u64, i64), CycleError> {
-        if power::enabled_state(&vm.power) == power::ENABLED {
-            return Err(CycleError::Failed(format!(
-                "'{}' is running: a consistent point of a running VM needs QEMU's dirty bitmaps with fleecing, which this build does not drive yet; turn the VM off to replicate by hash scan",
-                vm.name
-            )));
-        }
         let mut session = self.peers.connect(&target(rel)).await?;
         let (_, replica) = session
             .json::<(), ReplicaVm>(Route::GetVm(vm.id), None)
@@ -422,7 +417,25 @@ impl PrimarySide {
             )));
         }
         let seq = c + 1;
-        let (path, hash, bytes, point_time, maps) = self.build_delta(vm, rel, seq, c).await?;
+        let running = if power::enabled_state(&vm.power) == power::ENABLED {
+            Some(
+                RunningPoint::freeze(vm, &self.data_dir, false)
+                    .await
+                    .map_err(running_error)?,
+            )
+        } else {
+            None
+        };
+        let built = self.build_delta(vm, rel, seq, c, running.as_ref()).await;
+        let (path, hash, bytes, point_time, maps) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(r) = running {
+                    let _ = r.finish(false).await;
+                }
+                return Err(e);
+            }
+        };
         let status = session
             .upload_log(vm.id, seq, &path, &hash, |_, _| {})
             .await;
@@ -456,6 +469,12 @@ impl PrimarySide {
         }
         .await;
         let _ = std::fs::remove_file(&path);
+        if let Some(r) = running {
+            // Old bitmaps go only once the replica committed; else they are merged into the new.
+            if let Err(e) = r.finish(result.is_ok()).await {
+                tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
+            }
+        }
         match result {
             Ok(()) => {
                 for (tmp, map) in &maps {
@@ -473,7 +492,8 @@ impl PrimarySide {
         }
     }
 
-    /// Hash-scans every disk of the turned-off VM against its baseline map into log `seq`.
+    /// Writes log `seq` with the changes of every disk since its last shipped map: read from the
+    /// frozen point of a running VM, or hash-scanned from the files of a turned-off one.
     #[allow(clippy::type_complexity)]
     async fn build_delta(
         &self,
@@ -481,6 +501,7 @@ impl PrimarySide {
         rel: &RelationshipRow,
         seq: u64,
         parent: u64,
+        running: Option<&RunningPoint>,
     ) -> Result<(PathBuf, String, u64, i64, Vec<(PathBuf, PathBuf)>), CycleError> {
         let local = |e: crate::jobs::JobFailure| CycleError::Failed(e.message);
         let disks = disk_table(vm).map_err(local)?;
@@ -532,25 +553,34 @@ impl PrimarySide {
                     map.display()
                 )));
             }
-            match scan_image(
-                &vm.disks[i],
-                format,
-                i,
-                Some(&map),
-                &map,
-                &self.data_dir,
-                &mut log,
-            )
-            .await
-            {
-                Ok(tmp) => maps.push((tmp, map)),
-                Err(f) => {
-                    cleanup(&maps, &path);
-                    return Err(if f.resync {
+            let read = match running {
+                Some(r) => r
+                    .read_disk(i, Some(&map), &map, &mut log)
+                    .await
+                    .map_err(running_error),
+                None => scan_image(
+                    &vm.disks[i],
+                    format,
+                    i,
+                    Some(&map),
+                    &map,
+                    &self.data_dir,
+                    &mut log,
+                )
+                .await
+                .map_err(|f| {
+                    if f.resync {
                         CycleError::Resync(f.failure.message)
                     } else {
                         CycleError::Failed(f.failure.message)
-                    });
+                    }
+                }),
+            };
+            match read {
+                Ok(tmp) => maps.push((tmp, map)),
+                Err(e) => {
+                    cleanup(&maps, &path);
+                    return Err(e);
                 }
             }
         }
@@ -569,6 +599,13 @@ impl PrimarySide {
             point_time,
             maps,
         ))
+    }
+}
+
+fn running_error(e: crate::engine::running::RunningError) -> CycleError {
+    match e {
+        crate::engine::running::RunningError::Resync(m) => CycleError::Resync(m),
+        crate::engine::running::RunningError::Failed(m) => CycleError::Failed(m),
     }
 }
 

@@ -1,0 +1,183 @@
+//! Points of a running VM: one crash-consistent frozen view of all its disks, taken in the QEMU
+//! process that holds them (the VM's QMP socket) with dirty bitmaps and image fleecing
+//! (`disk::bitmap`), read over NBD while the guest keeps writing.
+//!
+//! Each disk is read in one of two ways:
+//! - **bitmap**: the disk has been tracked since the last shipped point: only the blocks its bitmap
+//!   marks dirty are read, hashed and compared with the last shipped map (`scan_disk_ranges`), so a
+//!   block rewritten with the same bytes is not shipped and the map stays exact;
+//! - **scan**: tracking is missing or cannot be trusted (QEMU was killed, the VM was started after
+//!   the last point, initial replication): tracking restarts just before the freeze and the whole
+//!   frozen view is hash-scanned against the last shipped map (or, for initial replication, in
+//!   full). Writes between the restart and the freeze are in the frozen view, so nothing is lost.
+//!
+//! Because every cycle leaves an exact block-hash map, a VM may be replicated running or turned off
+//! from one cycle to the next. Only the consumer's confirmation ([`RunningPoint::finish`] with
+//! `durable`) drops the old bitmaps; otherwise they are merged into the new ones.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use disk::bitmap::{BitmapStatus, BitmapTracker, FrozenPoint};
+use disk::scan::{scan_disk_ranges, Source, DEFAULT_BLOCK_SIZE};
+use wire::LogWriter;
+
+use crate::store::VmRow;
+
+/// Why a running VM's point could not be read.
+#[derive(Debug)]
+pub enum RunningError {
+    /// The chain cannot continue from what this host knows: a resynchronization is needed.
+    Resync(String),
+    /// Anything else (QMP, NBD, the log): the cycle failed and is retried.
+    Failed(String),
+}
+
+impl RunningError {
+    pub fn message(&self) -> &str {
+        match self {
+            RunningError::Resync(m) | RunningError::Failed(m) => m,
+        }
+    }
+}
+
+fn failed(e: impl std::error::Error) -> RunningError {
+    RunningError::Failed(crate::error_chain(&e))
+}
+
+/// A frozen point of a running VM, until [`RunningPoint::finish`].
+pub struct RunningPoint {
+    tracker: BitmapTracker,
+    point: FrozenPoint,
+    /// Per disk: read through its bitmap (true) or hash-scanned whole (false).
+    by_bitmap: Vec<bool>,
+}
+
+/// The per-VM working directory (fleecing images) and NBD socket in the VM's QEMU process.
+fn work_paths(data_dir: &Path, vm: &VmRow) -> (PathBuf, PathBuf) {
+    let id = vm.id.simple().to_string();
+    let work = data_dir.join("run").join(format!("vm-{id}"));
+    let natural = work.join("fleece.sock");
+    // A unix socket path must stay under 108 bytes.
+    let socket = if natural.as_os_str().len() <= 107 {
+        natural
+    } else {
+        std::env::temp_dir().join(format!("vmreplica-{id}.sock"))
+    };
+    (work, socket)
+}
+
+impl RunningPoint {
+    /// Freezes every disk of `vm`. `full`: initial replication (tracking restarts on every disk and
+    /// every disk is read whole).
+    pub async fn freeze(
+        vm: &VmRow,
+        data_dir: &Path,
+        full: bool,
+    ) -> Result<RunningPoint, RunningError> {
+        let Some(qmp) = vm.power.qmp_socket.as_deref() else {
+            return Err(RunningError::Failed(format!(
+                "'{}' has no QMP socket in its definition",
+                vm.name
+            )));
+        };
+        let (work, socket) = work_paths(data_dir, vm);
+        let tracker = BitmapTracker::connect(Path::new(qmp), &work)
+            .await
+            .map_err(failed)?;
+        let mut tracker = match vm.power.nbd_socket.as_deref() {
+            Some(existing) => tracker.with_nbd_server(Path::new(existing)),
+            None => tracker.with_nbd_socket(&socket),
+        };
+        let mut nodes = Vec::new();
+        let mut by_bitmap = Vec::new();
+        for path in &vm.disks {
+            let node = tracker.node_for_image(Path::new(path)).await.map_err(|e| {
+                RunningError::Failed(format!(
+                    "the QEMU process of '{}' does not hold {path} as a block node: {}",
+                    vm.name,
+                    crate::error_chain(&e)
+                ))
+            })?;
+            tracker.recover(&node).await.map_err(failed)?;
+            let status = tracker.status(&node).await.map_err(failed)?;
+            let tracked = matches!(status, BitmapStatus::Tracking(_));
+            if !tracked && !full {
+                tracing::info!(vm = %vm.id, disk = %path, ?status, "changes of this disk were not tracked since the last point: hash-scanning it once, tracking restarts");
+            }
+            if full || !tracked {
+                tracker.start_tracking(&node, 1).await.map_err(failed)?;
+            }
+            by_bitmap.push(tracked && !full);
+            nodes.push(node);
+        }
+        let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        let point = tracker.freeze(&names).await.map_err(|e| match e {
+            disk::bitmap::BitmapError::ResyncRequired { .. } => {
+                RunningError::Resync(crate::error_chain(&e))
+            }
+            other => failed(other),
+        })?;
+        Ok(RunningPoint {
+            tracker,
+            point,
+            by_bitmap,
+        })
+    }
+
+    /// Reads disk `index` of the point into `log`: the changes since `previous` (the last shipped
+    /// map), or everything when `previous` is None. Writes the new map to `<map>.tmp`.
+    pub async fn read_disk<W: Write>(
+        &self,
+        index: usize,
+        previous: Option<&Path>,
+        map: &Path,
+        log: &mut LogWriter<W>,
+    ) -> Result<PathBuf, RunningError> {
+        let mut nbd = self.point.connect(index).await.map_err(failed)?;
+        let size = self.point.disks[index].size;
+        let candidates = if self.by_bitmap[index] && previous.is_some() {
+            let context = self.point.dirty_context(index);
+            let dirty = nbd.map(&context, 0, size).await.map_err(failed)?;
+            Some(
+                dirty
+                    .iter()
+                    .filter(|e| e.is_dirty())
+                    .map(|e| (e.offset, e.length))
+                    .collect::<Vec<_>>(),
+            )
+        } else {
+            None
+        };
+        let disk = u32::try_from(index).unwrap_or(u32::MAX);
+        let result = scan_disk_ranges(
+            &mut Source::Nbd(&mut nbd),
+            disk,
+            previous,
+            map,
+            DEFAULT_BLOCK_SIZE,
+            log,
+            candidates.as_deref(),
+        )
+        .await;
+        let _ = nbd.disconnect().await;
+        match result {
+            Ok((tmp, _)) => Ok(tmp),
+            Err(disk::scan::ScanError::ResyncRequired(why)) => Err(RunningError::Resync(why)),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// Ends the point: `durable` drops the old bitmaps (the replica committed the log), otherwise
+    /// they are merged into the new ones so that the next point ships these changes again.
+    pub async fn finish(self, durable: bool) -> Result<(), RunningError> {
+        let RunningPoint {
+            mut tracker, point, ..
+        } = self;
+        if durable {
+            point.commit(&mut tracker).await.map_err(failed)
+        } else {
+            point.abort(&mut tracker).await.map_err(failed)
+        }
+    }
+}
