@@ -540,3 +540,34 @@ def test_a_running_vm_replicates_through_dirty_bitmaps_while_it_keeps_writing(la
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         qsd.stop()
+
+
+def test_offline_initial_replication_then_deltas_continue_over_the_network(lab, tmp_path):
+    vm_id = str(uuid.uuid4()).upper()
+    disk = ext4_disk(tmp_path / "off01.qcow2")
+    lab.primary.cli("vm", "add", "--name", "off01", "--id", vm_id, "--disk", str(disk))
+    lab.primary.cli("enable", "off01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1)
+    media = tmp_path / "usb"
+    lab.primary.cli("start", "off01", "--type", "export", "--path", str(media))
+    p = lab.primary.conn()
+    vm = vm_by_name(p, "off01")
+    assert vm["ReplicationState"] == 2
+
+    # On the recovery server: the same VM made a replica, bound to the primary's entry, imported.
+    placeholder = tmp_path / "placeholder.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", placeholder, "1M")
+    lab.replica.cli("vm", "add", "--name", "off01", "--id", vm_id, "--disk", str(placeholder))
+    lab.replica.cli("enable-as-replica", "off01")
+    lab.replica.cli("auth", "bind", "off01", "--primary", "*.lab.example")
+    lab.replica.cli("import", "off01", "--path", str(media))
+
+    # The primary notices the import and replicates from there.
+    wait_for(lambda: vm_by_name(p, "off01")["ReplicationState"] == 3, what="the primary to see the import")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 3M 256k", disk)
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta after the import")
+    rrsc(p, vm_by_name(p, "off01"), 7)
+    seq = applied_sequence(lab, vm_id)
+    layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
+    res = subprocess.run(["qemu-img", "compare", "-F", "qcow2", str(layer), str(disk)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

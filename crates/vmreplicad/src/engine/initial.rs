@@ -479,6 +479,30 @@ pub async fn import(
     })?;
     let rows: Vec<PointRow> = all.iter().map(|p| point_row(vm.id, p)).collect();
     store.put_recovery_points(vm.id, &rows)?;
+    // The primary learns of the import by asking for this VM (docs/protocol.md §10), and its
+    // deltas continue the chain from log 1: the replica records both like a network IR's.
+    let store_root = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
+    store.put_replica_vm(&crate::replication::records::ReplicaVmRow {
+        vm: vm.id,
+        disks: point
+            .disks
+            .iter()
+            .map(|d| wire::protocol::DiskSpec {
+                id: d.id.clone(),
+                virtual_size: d.virtual_size,
+            })
+            .collect(),
+        store_root: store_root.display().to_string(),
+        resync_required: false,
+    })?;
+    store.record_applied_log(&crate::replication::records::ReceivedLog {
+        vm: vm.id,
+        sequence: point.sequence,
+        log_hash: point.log_hash.clone(),
+        log_bytes: point.log_bytes,
+        point_time: point.time_micros,
+        applied: true,
+    })?;
     rel.last_replication_time = Some(point.time_micros / 1_000_000);
     rel.last_apply_time = Some(now());
     rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();

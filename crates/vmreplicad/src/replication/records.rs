@@ -170,6 +170,22 @@ impl Store {
         Ok(())
     }
 
+    /// Records a log applied without an upload (offline initial replication's import).
+    pub fn record_applied_log(&self, l: &ReceivedLog) -> StoreResult<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO received_logs (vm, sequence, log_hash, log_bytes, point_time, applied)
+             VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+            params![
+                l.vm.to_string(),
+                seq_sql(l.sequence)?,
+                l.log_hash,
+                seq_sql(l.log_bytes)?,
+                l.point_time
+            ],
+        )?;
+        Ok(())
+    }
+
     pub fn received_log(&self, vm: Uuid, sequence: u64) -> StoreResult<Option<ReceivedLog>> {
         Ok(self
             .conn()
