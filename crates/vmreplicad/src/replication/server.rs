@@ -148,6 +148,10 @@ async fn serve_connection(
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::info!(peer = %addr, "connection closed before the TLS handshake ended");
+            return;
+        }
         Ok(Err(e)) => {
             tracing::warn!(peer = %addr, "replication peer refused at the TLS handshake: {e}");
             return;
