@@ -378,6 +378,16 @@ def applied_sequence(lab, vm_id):
         return c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()["last_applied_sequence"]
 
 
+def settled(lab, vm_id):
+    """After a suspend: waits until every committed log is applied; returns the last sequence."""
+    def done():
+        with raw_peer(lab) as c:
+            d = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()
+        seq = d["last_committed"]["sequence"]
+        return seq if d["pending_apply"] == 0 and d["last_applied_sequence"] == seq else None
+    return wait_for(done, what="the replica to apply what it committed")
+
+
 def latest_layers(lab, vm_id, seq):
     store = lab.storage / vm_id.lower()
     return [store / f"disk{i}" / f"p{seq:020}.qcow2" for i in range(2)]
@@ -411,7 +421,7 @@ def test_delta_cycles_suspend_and_resume_ship_exactly_the_primary_state(lab, tmp
         # Suspend again before comparing, so the point compared is the one just shipped and the
         # disks do not change meanwhile.
         rrsc(p, vm, 7)
-        seq = applied_sequence(lab, vm_id)
+        seq = settled(lab, vm_id)
         for layer, want in zip(latest_layers(lab, vm_id, seq), expected):
             res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(want)],
                                  capture_output=True, text=True)
@@ -506,7 +516,7 @@ def test_a_running_vm_replicates_through_dirty_bitmaps_while_it_keeps_writing(la
         last = applied_sequence(lab, vm_id)
         wait_for(lambda: applied_sequence(lab, vm_id) >= last + 2, timeout=30, what="two quiet cycles")
         rrsc(p, vm, 7)  # nothing in flight from here on
-        seq = applied_sequence(lab, vm_id)
+        seq = settled(lab, vm_id)
         layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
         res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
                              capture_output=True, text=True)
@@ -533,7 +543,7 @@ def test_a_running_vm_replicates_through_dirty_bitmaps_while_it_keeps_writing(la
         before = applied_sequence(lab, vm_id)
         wait_for(lambda: applied_sequence(lab, vm_id) >= before + 2, timeout=30, what="cycles after the crash")
         rrsc(p, vm, 7)
-        seq = applied_sequence(lab, vm_id)
+        seq = settled(lab, vm_id)
         layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
         res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
                              capture_output=True, text=True)
@@ -567,7 +577,7 @@ def test_offline_initial_replication_then_deltas_continue_over_the_network(lab, 
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 3M 256k", disk)
     wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta after the import")
     rrsc(p, vm_by_name(p, "off01"), 7)
-    seq = applied_sequence(lab, vm_id)
+    seq = settled(lab, vm_id)
     layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
     res = subprocess.run(["qemu-img", "compare", "-F", "qcow2", str(layer), str(disk)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -602,7 +612,7 @@ def test_sigkill_of_either_daemon_mid_cycle_loses_nothing(lab, tmp_path):
     wait_for(lambda: applied_sequence(lab, vm_id) >= last + 2, timeout=60, what="cycles after the kills")
     p = lab.primary.conn()
     rrsc(p, vm_by_name(p, "kill01"), 7)
-    seq = applied_sequence(lab, vm_id)
+    seq = settled(lab, vm_id)
     store = lab.storage / vm_id.lower()
     layer = store / "disk0" / f"p{seq:020}.qcow2"
     res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)], capture_output=True, text=True)
@@ -614,3 +624,96 @@ def test_sigkill_of_either_daemon_mid_cycle_loses_nothing(lab, tmp_path):
         described = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()
     assert described["pending_apply"] == 0
     assert described["last_applied_sequence"] == described["last_committed"]["sequence"] == seq
+
+
+class Proxy:
+    """A TCP proxy in front of the replica's listener that, once, cuts a connection or flips one byte
+    of what the primary sends after `after` bytes (inside TLS records: TLS must notice)."""
+
+    def __init__(self, target_port, mode, after):
+        import threading
+        self.target, self.mode, self.after = target_port, mode, after
+        self.fired = threading.Event()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        import threading
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self.pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self.pump, args=(server, client, False), daemon=True).start()
+
+    def pump(self, src, dst, upstream):
+        seen = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if upstream and not self.fired.is_set() and seen + len(data) > self.after:
+                    self.fired.set()
+                    if self.mode == "cut":
+                        dst.sendall(data[: self.after - seen])
+                        break
+                    i = self.after - seen
+                    data = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["cut", "flip"])
+def test_a_connection_cut_or_corrupted_mid_log_is_retried_and_applied_once(lab, tmp_path, mode):
+    import os
+
+    disk = tmp_path / "net01.raw"
+    run("truncate", "-s", "64M", disk)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(8 << 20))
+    proxy = Proxy(lab.port, mode, after=3 << 20)  # inside the initial replica's log
+    try:
+        vm_id = str(uuid.uuid4()).upper()
+        lab.primary.cli("vm", "add", "--name", "net01", "--id", vm_id, "--disk", str(disk))
+        lab.primary.cli("enable", "net01", "--replica-server", REPLICA, "--replica-port", str(proxy.port),
+                        "--thumbprint", lab.t1, "--no-compression")
+        # The broken upload is sent again on a new connection a second later: the job completes.
+        lab.primary.cli("start", "net01")
+        assert proxy.fired.is_set()
+        assert "sending again" in lab.primary.log.read_text()
+        p = lab.primary.conn()
+        with open(disk, "r+b") as f:
+            f.seek(20 << 20)
+            f.write(os.urandom(4 << 20))
+        wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+        rrsc(p, vm_by_name(p, "net01"), 7)
+        seq = settled(lab, vm_id)
+        layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
+        res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        with raw_peer(lab) as c:
+            described = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()
+        assert described["last_applied_sequence"] == described["last_committed"]["sequence"] == seq
+        if mode == "flip":
+            assert "decrypt" in lab.replica.log.read_text().lower() or "bad record" in lab.replica.log.read_text().lower()
+    finally:
+        proxy.close()

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use wire::protocol::{DiskSpec, PutVm, ReplicaVm, Route, TransferState, VmSettings};
+use wire::protocol::{DiskSpec, PutVm, ReplicaVm, Route, VmSettings};
 
 use super::initial::{commit_baseline, disk_table, write_full_log};
 use super::running::RunningPoint;
@@ -177,7 +177,7 @@ async fn send_full(
     ctx: &JobContext,
     job: &NetworkIr,
     vm: &VmRow,
-    _rel: &RelationshipRow,
+    rel: &RelationshipRow,
     session: &mut crate::replication::client::Session,
     spool: &std::path::Path,
     compression: bool,
@@ -186,36 +186,32 @@ async fn send_full(
     let log = write_full_log(ctx, vm, spool, compression, &job.data_dir, 45, running).await?;
     let hash = hex::encode(log.summary.hash);
     let progress_ctx = ctx.clone();
-    let status = session
-        .upload_log(vm.id, 1, &log.path, &hash, move |sent, total| {
+    let progress: crate::replication::client::Progress =
+        std::sync::Arc::new(move |sent: u64, total: u64| {
             let pct = 45 + (sent * 50 / total.max(1)) as u16;
             let _ = progress_ctx.progress(pct.min(95));
-        })
-        .await
-        .map_err(|e| e.into_failure("sending the initial replica"))?;
-    let (Some(upload_id), true) = (
-        status.upload_id,
-        status.state == TransferState::Uploaded as u16
-            && status.log_hash.as_deref() == Some(hash.as_str()),
-    ) else {
-        return Err(fail(
-            format!(
-                "the recovery server did not confirm the upload of log 1 (state {})",
-                status.state
-            ),
-            "Check the recovery server's log and start again.",
-        ));
+        });
+    let target = target(rel);
+    let delivered = job
+        .peers
+        .deliver(
+            &target,
+            session,
+            vm.id,
+            1,
+            &log.path,
+            &hash,
+            log.summary.bytes,
+            progress,
+        )
+        .await;
+    let done = match delivered {
+        Ok(d) => d.status,
+        Err(e) => {
+            let _ = std::fs::remove_file(&log.path);
+            return Err(e.into_failure("sending the initial replica"));
+        }
     };
-    let commit = wire::protocol::Commit {
-        upload_id,
-        log_hash: hash.clone(),
-        log_bytes: log.summary.bytes,
-        wait_applied: false,
-    };
-    let (_, done) = session
-        .json::<_, wire::protocol::LogStatus>(Route::CommitLog(vm.id, 1), Some(&commit))
-        .await
-        .map_err(|e| e.into_failure("committing the initial replica"))?;
     if done.log_hash.as_deref() != Some(hash.as_str()) {
         return Err(fail(
             "the recovery server committed log 1 with another hash",

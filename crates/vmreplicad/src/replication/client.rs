@@ -19,7 +19,7 @@ use uuid::Uuid;
 use vmreplica_core::codes::ReturnCode;
 use wire::protocol::{
     self, decode, headers, ErrorBody, ErrorCode, ErrorDetail, Hello, HelloResponse, LogStatus,
-    Route, Validate, PROTOCOL_VERSIONS,
+    Route, TransferState, Validate, PROTOCOL_VERSIONS,
 };
 
 use super::tls::client_config;
@@ -119,6 +119,33 @@ impl PeerError {
     }
 }
 
+/// Called with (bytes sent, log length) as a log goes out.
+pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Waits before the quick re-sends of a log after a broken connection (docs/protocol.md §8).
+const QUICK_RETRIES: [u64; 3] = [1, 2, 4];
+
+impl PeerError {
+    /// A broken or failed connection, worth a quick retry on a new one.
+    pub fn is_network(&self) -> bool {
+        match self {
+            PeerError::Resolve(_)
+            | PeerError::Connect { .. }
+            | PeerError::Timeout(_)
+            | PeerError::Http(_) => true,
+            PeerError::Refused(d) => d.error_code() == Some(ErrorCode::Timeout),
+            _ => false,
+        }
+    }
+}
+
+/// What a delivered log became on the replica.
+pub struct Delivered {
+    pub status: LogStatus,
+    /// Connections that broke on the way (each one a `NetworkFailureCount`).
+    pub broken_connections: u32,
+}
+
 /// Connection settings of this host as a primary.
 #[derive(Debug, Clone)]
 pub struct Peers {
@@ -203,6 +230,91 @@ pub struct Session {
 }
 
 impl Peers {
+    /// Uploads log `sequence` of `vm` from `file` and commits it, on `session` and then, after a
+    /// broken connection, on new ones after 1, 2 and 4 s. The upload restarts at offset 0 (the
+    /// `resume` capability is not offered yet); before each new attempt the log's status is asked,
+    /// so a log whose commit answer was lost is recognised, not sent twice.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn deliver(
+        &self,
+        target: &Target,
+        session: &mut Session,
+        vm: Uuid,
+        sequence: u64,
+        file: &Path,
+        log_hash: &str,
+        log_bytes: u64,
+        progress: Progress,
+    ) -> Result<Delivered, PeerError> {
+        let mut broken = 0;
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                if attempt > 0 {
+                    if let Ok((_, s)) = session
+                        .json::<(), LogStatus>(Route::LogStatus(vm, sequence), None)
+                        .await
+                    {
+                        if s.state >= TransferState::Committed as u16 {
+                            if s.log_hash.as_deref() == Some(log_hash) {
+                                return Ok(s);
+                            }
+                            return Err(PeerError::Refused(Box::new(ErrorDetail::new(
+                                ErrorCode::SequenceConflict,
+                                format!("log {sequence} was committed with another hash"),
+                            ))));
+                        }
+                    }
+                }
+                let status = session
+                    .upload_log(vm, sequence, file, log_hash, progress.clone())
+                    .await?;
+                let confirmed = status.state == TransferState::Uploaded as u16
+                    && status.log_hash.as_deref() == Some(log_hash);
+                let Some(upload_id) = status.upload_id.filter(|_| confirmed) else {
+                    return Err(PeerError::Protocol(format!(
+                        "the recovery server did not confirm log {sequence} (state {})",
+                        status.state
+                    )));
+                };
+                let commit = protocol::Commit {
+                    upload_id,
+                    log_hash: log_hash.to_string(),
+                    log_bytes,
+                    wait_applied: false,
+                };
+                let (_, done) = session
+                    .json::<_, LogStatus>(Route::CommitLog(vm, sequence), Some(&commit))
+                    .await?;
+                Ok(done)
+            }
+            .await;
+            match result {
+                Ok(status) => {
+                    return Ok(Delivered {
+                        status,
+                        broken_connections: broken,
+                    })
+                }
+                Err(e) if e.is_network() && attempt < QUICK_RETRIES.len() => {
+                    broken += 1;
+                    tracing::info!(%vm, sequence, "the connection broke ({}); sending again", crate::error_chain(&e));
+                    tokio::time::sleep(Duration::from_secs(QUICK_RETRIES[attempt])).await;
+                    attempt += 1;
+                    match self.connect(target).await {
+                        Ok(s) => *session = s,
+                        Err(e) if e.is_network() && attempt < QUICK_RETRIES.len() => {
+                            broken += 1;
+                            // The next round tries again on the old (broken) session and reconnects.
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn address(&self, t: &Target) -> Result<SocketAddr, PeerError> {
         if let Some(ip) = self.resolve.get(&t.host.to_ascii_lowercase()) {
             return Ok(SocketAddr::new(*ip, t.port));
@@ -398,7 +510,7 @@ impl Session {
         sequence: u64,
         file: &Path,
         log_hash: &str,
-        progress: impl Fn(u64, u64) + Send + 'static,
+        progress: Progress,
     ) -> Result<LogStatus, PeerError> {
         let len = std::fs::metadata(file)
             .map_err(|e| PeerError::Local(format!("{}: {e}", file.display())))?

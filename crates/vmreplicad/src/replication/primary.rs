@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 use vmreplica_core::state::{ReplicationMode, ReplicationState};
-use wire::protocol::{Commit, ErrorCode, LogStatus, ReplicaVm, Route, TransferState};
+use wire::protocol::{ErrorCode, ReplicaVm, Route};
 use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
 
 use super::chain::{ChainRow, StatEvent};
@@ -436,38 +436,35 @@ impl PrimarySide {
                 return Err(e);
             }
         };
-        let status = session
-            .upload_log(vm.id, seq, &path, &hash, |_, _| {})
-            .await;
-        let result = async {
-            let status = status?;
-            let upload_id = status.upload_id.filter(|_| {
-                status.state == TransferState::Uploaded as u16
-                    && status.log_hash.as_deref() == Some(hash.as_str())
-            });
-            let Some(upload_id) = upload_id else {
-                return Err(CycleError::Failed(format!(
-                    "the replica did not confirm log {seq} (state {})",
-                    status.state
-                )));
-            };
-            let commit = Commit {
-                upload_id,
-                log_hash: hash.clone(),
-                log_bytes: bytes,
-                wait_applied: false,
-            };
-            let (_, done) = session
-                .json::<_, LogStatus>(Route::CommitLog(vm.id, seq), Some(&commit))
-                .await?;
-            if done.log_hash.as_deref() != Some(hash.as_str()) {
-                return Err(CycleError::Resync(format!(
-                    "the replica committed log {seq} with another hash"
-                )));
+        let progress: super::client::Progress = Arc::new(|_, _| {});
+        let result = match self
+            .peers
+            .deliver(
+                &target(rel),
+                &mut session,
+                vm.id,
+                seq,
+                &path,
+                &hash,
+                bytes,
+                progress,
+            )
+            .await
+        {
+            Ok(d) => {
+                for _ in 0..d.broken_connections {
+                    let _ = self.store.record_stat(vm.id, StatEvent::NetworkFailure);
+                }
+                if d.status.log_hash.as_deref() == Some(hash.as_str()) {
+                    Ok(())
+                } else {
+                    Err(CycleError::Resync(format!(
+                        "the replica committed log {seq} with another hash"
+                    )))
+                }
             }
-            Ok(())
-        }
-        .await;
+            Err(e) => Err(CycleError::from(e)),
+        };
         let _ = std::fs::remove_file(&path);
         if let Some(r) = running {
             // Old bitmaps go only once the replica committed; else they are merged into the new.

@@ -885,7 +885,10 @@ async fn receive(mut body: Incoming, path: &Path, room: u64) -> Result<u64, ApiE
             Ok(Some(Err(e))) => {
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,
-                    format!("the upload broke off after {total} bytes: {e}"),
+                    format!(
+                        "the upload broke off after {total} bytes: {}",
+                        crate::error_chain(&e)
+                    ),
                 ))
             }
             Ok(Some(Ok(f))) => f,
