@@ -717,3 +717,22 @@ def test_a_connection_cut_or_corrupted_mid_log_is_retried_and_applied_once(lab, 
             assert "decrypt" in lab.replica.log.read_text().lower() or "bad record" in lab.replica.log.read_text().lower()
     finally:
         proxy.close()
+
+
+def test_removing_the_authorization_entry_stops_replication_of_its_vms(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "auth01.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "auth01", [disk])
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    # Another entry still lets the primary in, but not to this VM, bound to the removed entry.
+    other = tmp_path / "other-storage"
+    other.mkdir()
+    lab.replica.cli("auth", "add", "--primary", "*", "--storage", str(other), "--trust-group", "OTHER")
+    lab.replica.cli("auth", "remove", "*.lab.example")
+    r = lab.replica.conn()
+    assert vm_by_name(r, "auth01")["ReplicationState"] == 8
+    p = lab.primary.conn()
+    wait_for(lambda: vm_by_name(p, "auth01")["ReplicationState"] == 8, what="the primary to stop")
+    assert "EntryRemoved" in lab.replica.log.read_text()
+    assert list(other.iterdir()) == []
+    rel = p.Associators(vm_by_name(p, "auth01").path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    assert rel["ReplicationHealth"] == 3  # Critical
