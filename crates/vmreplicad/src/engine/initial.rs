@@ -96,6 +96,42 @@ pub struct FullLog {
     tracking: PathBuf,
 }
 
+/// A log file, reporting its progress to a growing log when it is sent while written.
+pub enum GrowingOrFile {
+    File(File),
+    Growing(crate::replication::client::GrowingFile),
+}
+
+impl GrowingOrFile {
+    pub fn new(
+        file: File,
+        growing: Option<std::sync::Arc<crate::replication::client::GrowingLog>>,
+    ) -> GrowingOrFile {
+        match growing {
+            Some(log) => {
+                GrowingOrFile::Growing(crate::replication::client::GrowingFile { file, log })
+            }
+            None => GrowingOrFile::File(file),
+        }
+    }
+}
+
+impl Write for GrowingOrFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            GrowingOrFile::File(f) => f.write(buf),
+            GrowingOrFile::Growing(g) => g.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            GrowingOrFile::File(f) => f.flush(),
+            GrowingOrFile::Growing(g) => g.flush(),
+        }
+    }
+}
+
 /// Refuses a running VM: a full image is read from disks that do not change.
 pub fn require_off(vm: &VmRow, alternative: &str) -> Result<(), JobFailure> {
     if power::enabled_state(&vm.power) == power::ENABLED {
@@ -118,6 +154,7 @@ pub fn disk_table(vm: &VmRow) -> Result<Vec<(String, u64)>, JobFailure> {
 /// Writes log `sequence` 1 of `vm`, a full image of every disk, to `path` (under a temporary name,
 /// fsynced, renamed), reporting progress from 0 to `progress_to` percent. The block-hash maps
 /// become the baseline only with [`commit_baseline`].
+#[allow(clippy::too_many_arguments)]
 pub async fn write_full_log(
     ctx: &JobContext,
     vm: &VmRow,
@@ -126,6 +163,38 @@ pub async fn write_full_log(
     data_dir: &Path,
     progress_to: u16,
     running: Option<&super::running::RunningPoint>,
+    growing: Option<std::sync::Arc<crate::replication::client::GrowingLog>>,
+) -> Result<FullLog, JobFailure> {
+    let result = write_full_log_inner(
+        ctx,
+        vm,
+        path,
+        compression,
+        data_dir,
+        progress_to,
+        running,
+        growing.clone(),
+    )
+    .await;
+    if let Some(g) = growing {
+        match &result {
+            Ok(log) => g.finish(hex::encode(log.summary.hash), log.summary.bytes),
+            Err(f) => g.fail(f.message.clone()),
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_full_log_inner(
+    ctx: &JobContext,
+    vm: &VmRow,
+    path: &Path,
+    compression: bool,
+    data_dir: &Path,
+    progress_to: u16,
+    running: Option<&super::running::RunningPoint>,
+    growing: Option<std::sync::Arc<crate::replication::client::GrowingLog>>,
 ) -> Result<FullLog, JobFailure> {
     let disks = disk_table(vm)?;
     let header = LogHeader {
@@ -145,13 +214,19 @@ pub async fn write_full_log(
             })
             .collect(),
     };
-    let tmp_log = path.with_extension("vrlog.tmp");
-    let out = File::create(&tmp_log).map_err(|e| {
+    // A log sent while it is written goes straight to its spool path; an export is written under a
+    // temporary name and renamed when complete.
+    let tmp_log = match growing {
+        Some(_) => path.to_path_buf(),
+        None => path.with_extension("vrlog.tmp"),
+    };
+    let file = File::create(&tmp_log).map_err(|e| {
         fail(
             format!("cannot write {}: {e}", tmp_log.display()),
             "Check free space and permissions.",
         )
     })?;
+    let out = GrowingOrFile::new(file, growing);
     let mode = if compression {
         Compression::default()
     } else {
@@ -193,21 +268,26 @@ pub async fn write_full_log(
     let (writer, summary) = log
         .finish()
         .map_err(|e| fail(format!("cannot finish the log: {e}"), "Check free space."))?;
-    let file = writer
+    let out = writer
         .into_inner()
         .map_err(|e| fail(format!("cannot write the log: {e}"), "Check free space."))?;
-    file.sync_all().map_err(|e| {
-        fail(
-            format!("cannot sync the log: {e}"),
-            "Check the disk holding the log.",
-        )
-    })?;
-    std::fs::rename(&tmp_log, path).map_err(|e| {
-        fail(
-            format!("cannot rename the log: {e}"),
-            "Check the disk holding the log.",
-        )
-    })?;
+    // A spool being sent needs no fsync (after a crash it is written again); an export does.
+    if let GrowingOrFile::File(file) = out {
+        file.sync_all().map_err(|e| {
+            fail(
+                format!("cannot sync the log: {e}"),
+                "Check the disk holding the log.",
+            )
+        })?;
+    }
+    if tmp_log != path {
+        std::fs::rename(&tmp_log, path).map_err(|e| {
+            fail(
+                format!("cannot rename the log: {e}"),
+                "Check the disk holding the log.",
+            )
+        })?;
+    }
     Ok(FullLog {
         path: path.to_path_buf(),
         summary,
@@ -257,7 +337,17 @@ pub async fn export(
         )
     })?;
     let final_log = folder.join(INITIAL_LOG);
-    let log = write_full_log(&ctx, &vm, &final_log, compression, &data_dir, 99, None).await?;
+    let log = write_full_log(
+        &ctx,
+        &vm,
+        &final_log,
+        compression,
+        &data_dir,
+        99,
+        None,
+        None,
+    )
+    .await?;
     commit_baseline(&vm, &log)?;
     tracing::info!(vm = %vm.id, bytes = log.summary.bytes, log = %final_log.display(), "initial replica exported");
     Ok(hex::encode(log.summary.hash))

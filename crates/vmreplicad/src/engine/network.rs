@@ -183,28 +183,38 @@ async fn send_full(
     compression: bool,
     running: Option<&RunningPoint>,
 ) -> Result<(super::initial::FullLog, String), JobFailure> {
-    let log = write_full_log(ctx, vm, spool, compression, &job.data_dir, 45, running).await?;
-    let hash = hex::encode(log.summary.hash);
+    // The log is sent while it is written: the scan and the transfer overlap.
+    let growing = std::sync::Arc::new(crate::replication::client::GrowingLog::default());
     let progress_ctx = ctx.clone();
     let progress: crate::replication::client::Progress =
         std::sync::Arc::new(move |sent: u64, total: u64| {
-            let pct = 45 + (sent * 50 / total.max(1)) as u16;
-            let _ = progress_ctx.progress(pct.min(95));
+            if let Some(share) = (sent * 50).checked_div(total) {
+                let _ = progress_ctx.progress((45 + share as u16).min(95));
+            }
         });
     let target = target(rel);
-    let delivered = job
+    let build = write_full_log(
+        ctx,
+        vm,
+        spool,
+        compression,
+        &job.data_dir,
+        45,
+        running,
+        Some(growing.clone()),
+    );
+    let send = job
         .peers
-        .deliver(
-            &target,
-            session,
-            vm.id,
-            1,
-            &log.path,
-            &hash,
-            log.summary.bytes,
-            progress,
-        )
-        .await;
+        .deliver(&target, session, vm.id, 1, spool, growing, progress);
+    let (built, delivered) = tokio::join!(build, send);
+    let log = match built {
+        Ok(log) => log,
+        Err(f) => {
+            let _ = std::fs::remove_file(spool);
+            return Err(f);
+        }
+    };
+    let hash = hex::encode(log.summary.hash);
     let done = match delivered {
         Ok(d) => d.status,
         Err(e) => {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -116,6 +117,75 @@ impl PeerError {
         let mut f = JobFailure::failed(format!("{step}: {self}"), action);
         f.error_code = code;
         f
+    }
+}
+
+/// A log file that may still be being written while it is sent: how much of it is written, and
+/// once complete its hash and length. The build and the upload overlap; a retry re-reads the
+/// complete file.
+#[derive(Default)]
+pub struct GrowingLog {
+    written: std::sync::atomic::AtomicU64,
+    end: std::sync::Mutex<Option<Result<(String, u64), String>>>,
+    changed: tokio::sync::Notify,
+}
+
+impl GrowingLog {
+    fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn end(&self) -> Option<Result<(String, u64), String>> {
+        self.end.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The writer finished the log: its trailer hash and length.
+    pub fn finish(&self, hash: String, bytes: u64) {
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok((hash, bytes)));
+        self.changed.notify_waiters();
+    }
+
+    /// The writer gave up: the upload stops with `why`.
+    pub fn fail(&self, why: String) {
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(why));
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until more is written or the log ended (at most a few milliseconds).
+    async fn wait(&self) {
+        let _ = tokio::time::timeout(Duration::from_millis(5), self.changed.notified()).await;
+    }
+}
+
+/// Waits for the log to be complete: its hash and length, or why it could not be written.
+async fn ended(log: &GrowingLog) -> Result<(String, u64), PeerError> {
+    loop {
+        match log.end() {
+            Some(Ok(done)) => return Ok(done),
+            Some(Err(why)) => return Err(PeerError::Local(why)),
+            None => log.wait().await,
+        }
+    }
+}
+
+/// The file a growing log is written to; every write is reported to the [`GrowingLog`].
+pub struct GrowingFile {
+    pub file: std::fs::File,
+    pub log: Arc<GrowingLog>,
+}
+
+impl std::io::Write for GrowingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.log
+            .written
+            .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
+        self.log.changed.notify_waiters();
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -242,8 +312,7 @@ impl Peers {
         vm: Uuid,
         sequence: u64,
         file: &Path,
-        log_hash: &str,
-        log_bytes: u64,
+        log: Arc<GrowingLog>,
         progress: Progress,
     ) -> Result<Delivered, PeerError> {
         let mut broken = 0;
@@ -251,12 +320,13 @@ impl Peers {
         loop {
             let result = async {
                 if attempt > 0 {
+                    let (log_hash, _) = ended(&log).await?;
                     if let Ok((_, s)) = session
                         .json::<(), LogStatus>(Route::LogStatus(vm, sequence), None)
                         .await
                     {
                         if s.state >= TransferState::Committed as u16 {
-                            if s.log_hash.as_deref() == Some(log_hash) {
+                            if s.log_hash.as_deref() == Some(log_hash.as_str()) {
                                 return Ok(s);
                             }
                             return Err(PeerError::Refused(Box::new(ErrorDetail::new(
@@ -267,10 +337,12 @@ impl Peers {
                     }
                 }
                 let status = session
-                    .upload_log(vm, sequence, file, log_hash, progress.clone())
-                    .await?;
+                    .upload_log(vm, sequence, file, log.clone(), progress.clone())
+                    .await;
+                let (log_hash, log_bytes) = ended(&log).await?;
+                let status = status?;
                 let confirmed = status.state == TransferState::Uploaded as u16
-                    && status.log_hash.as_deref() == Some(log_hash);
+                    && status.log_hash.as_deref() == Some(log_hash.as_str());
                 let Some(upload_id) = status.upload_id.filter(|_| confirmed) else {
                     return Err(PeerError::Protocol(format!(
                         "the recovery server did not confirm log {sequence} (state {})",
@@ -279,7 +351,7 @@ impl Peers {
                 };
                 let commit = protocol::Commit {
                     upload_id,
-                    log_hash: log_hash.to_string(),
+                    log_hash,
                     log_bytes,
                     wait_applied: false,
                 };
@@ -373,6 +445,7 @@ impl Peers {
                 .timer(hyper_util::rt::TokioTimer::new())
                 .initial_stream_window_size(8 << 20)
                 .initial_connection_window_size(32 << 20)
+                .max_send_buf_size(4 << 20)
                 .max_frame_size(1 << 20)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .handshake(hyper_util::rt::TokioIo::new(tls))
@@ -509,17 +582,28 @@ impl Session {
         vm: Uuid,
         sequence: u64,
         file: &Path,
-        log_hash: &str,
+        log: Arc<GrowingLog>,
         progress: Progress,
     ) -> Result<LogStatus, PeerError> {
-        let len = std::fs::metadata(file)
-            .map_err(|e| PeerError::Local(format!("{}: {e}", file.display())))?
-            .len();
         let upload_id = Uuid::new_v4();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let path = file.to_path_buf();
+        let growing = log.clone();
         let reader = tokio::spawn(async move {
-            let mut f = match tokio::fs::File::open(&path).await {
+            // The writer may not have created the file yet.
+            let mut opened = tokio::fs::File::open(&path).await;
+            for _ in 0..2000 {
+                match &opened {
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound && growing.end().is_none() =>
+                    {
+                        growing.wait().await;
+                        opened = tokio::fs::File::open(&path).await;
+                    }
+                    _ => break,
+                }
+            }
+            let mut f = match opened {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
@@ -528,16 +612,32 @@ impl Session {
             };
             let mut sent = 0u64;
             loop {
-                let mut buf = vec![0u8; CHUNK];
+                let written = growing.written();
+                if sent >= written {
+                    match growing.end() {
+                        Some(Ok((_, len))) if sent >= len => return,
+                        Some(Err(why)) => {
+                            let _ = tx.send(Err(std::io::Error::other(why))).await;
+                            return;
+                        }
+                        _ => {
+                            growing.wait().await;
+                            continue;
+                        }
+                    }
+                }
+                let want = usize::try_from(written - sent).unwrap_or(CHUNK).min(CHUNK);
+                let mut buf = vec![0u8; want];
                 match f.read(&mut buf).await {
-                    Ok(0) => return,
+                    Ok(0) => growing.wait().await,
                     Ok(n) => {
                         buf.truncate(n);
                         sent += n as u64;
                         if tx.send(Ok(Bytes::from(buf))).await.is_err() {
                             return;
                         }
-                        progress(sent, len);
+                        let total = growing.end().and_then(Result::ok).map_or(0, |(_, l)| l);
+                        progress(sent, total);
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -546,13 +646,18 @@ impl Session {
                 }
             }
         });
-        let req = self
+        let known = log.end().and_then(Result::ok);
+        let mut req = self
             .request(Route::UploadLog(vm, sequence))
             .header("content-type", protocol::LOG_CONTENT_TYPE)
             .header(headers::UPLOAD_ID, upload_id.to_string())
-            .header(headers::UPLOAD_OFFSET, "0")
-            .header(headers::LOG_LENGTH, len.to_string())
-            .header(headers::LOG_HASH, log_hash)
+            .header(headers::UPLOAD_OFFSET, "0");
+        if let Some((hash, len)) = &known {
+            req = req
+                .header(headers::LOG_LENGTH, len.to_string())
+                .header(headers::LOG_HASH, hash.as_str());
+        }
+        let req = req
             .body(ReqBody::Stream(rx))
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
         let result = self.send(req, None).await;

@@ -30,9 +30,10 @@ use wire::protocol::{ErrorCode, ReplicaVm, Route};
 use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
 
 use super::chain::{ChainRow, StatEvent};
-use super::client::{PeerError, Peers};
+use super::client::{GrowingLog, PeerError, Peers};
 use crate::claims::VmClaims;
 use crate::clock::now;
+use crate::engine::initial::GrowingOrFile;
 use crate::engine::initial::{disk_table, scan_image};
 use crate::engine::network::target;
 use crate::engine::running::RunningPoint;
@@ -426,31 +427,33 @@ impl PrimarySide {
         } else {
             None
         };
-        let built = self.build_delta(vm, rel, seq, c, running.as_ref()).await;
-        let (path, hash, bytes, point_time, maps) = match built {
+        let outgoing = self
+            .data_dir
+            .join("outgoing")
+            .join(vm.id.to_string().to_uppercase());
+        std::fs::create_dir_all(&outgoing)
+            .map_err(|e| CycleError::Failed(format!("{}: {e}", outgoing.display())))?;
+        let path = outgoing.join(format!("{seq:020}.vrlog"));
+        // The log is sent while it is written: reading the changes and the transfer overlap.
+        let growing = Arc::new(GrowingLog::default());
+        let progress: super::client::Progress = Arc::new(|_, _| {});
+        let target = target(rel);
+        let build = self.build_delta(vm, rel, seq, c, running.as_ref(), &path, growing.clone());
+        let send = self
+            .peers
+            .deliver(&target, &mut session, vm.id, seq, &path, growing, progress);
+        let (built, delivered) = tokio::join!(build, send);
+        let (hash, bytes, point_time, maps) = match built {
             Ok(b) => b,
             Err(e) => {
+                let _ = std::fs::remove_file(&path);
                 if let Some(r) = running {
                     let _ = r.finish(false).await;
                 }
                 return Err(e);
             }
         };
-        let progress: super::client::Progress = Arc::new(|_, _| {});
-        let result = match self
-            .peers
-            .deliver(
-                &target(rel),
-                &mut session,
-                vm.id,
-                seq,
-                &path,
-                &hash,
-                bytes,
-                progress,
-            )
-            .await
-        {
+        let result = match delivered {
             Ok(d) => {
                 for _ in 0..d.broken_connections {
                     let _ = self.store.record_stat(vm.id, StatEvent::NetworkFailure);
@@ -492,6 +495,7 @@ impl PrimarySide {
     /// Writes log `seq` with the changes of every disk since its last shipped map: read from the
     /// frozen point of a running VM, or hash-scanned from the files of a turned-off one.
     #[allow(clippy::type_complexity)]
+    #[allow(clippy::too_many_arguments)]
     async fn build_delta(
         &self,
         vm: &VmRow,
@@ -499,20 +503,37 @@ impl PrimarySide {
         seq: u64,
         parent: u64,
         running: Option<&RunningPoint>,
-    ) -> Result<(PathBuf, String, u64, i64, Vec<(PathBuf, PathBuf)>), CycleError> {
+        path: &Path,
+        growing: Arc<GrowingLog>,
+    ) -> Result<(String, u64, i64, Vec<(PathBuf, PathBuf)>), CycleError> {
+        let result = self
+            .build_delta_inner(vm, rel, seq, parent, running, path, growing.clone())
+            .await;
+        match &result {
+            Ok((hash, bytes, _, _)) => growing.finish(hash.clone(), *bytes),
+            Err(e) => growing.fail(format!("the log could not be written: {e:?}")),
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    async fn build_delta_inner(
+        &self,
+        vm: &VmRow,
+        rel: &RelationshipRow,
+        seq: u64,
+        parent: u64,
+        running: Option<&RunningPoint>,
+        path: &Path,
+        growing: Arc<GrowingLog>,
+    ) -> Result<(String, u64, i64, Vec<(PathBuf, PathBuf)>), CycleError> {
         let local = |e: crate::jobs::JobFailure| CycleError::Failed(e.message);
         let disks = disk_table(vm).map_err(local)?;
         let tracking = self
             .data_dir
             .join("tracking")
             .join(vm.id.to_string().to_uppercase());
-        let outgoing = self
-            .data_dir
-            .join("outgoing")
-            .join(vm.id.to_string().to_uppercase());
-        std::fs::create_dir_all(&outgoing)
-            .map_err(|e| CycleError::Failed(format!("{}: {e}", outgoing.display())))?;
-        let path = outgoing.join(format!("{seq:020}.vrlog"));
+        let path = path.to_path_buf();
         let point_time = now() * 1_000_000;
         let header = LogHeader {
             vm: vm.id,
@@ -533,6 +554,7 @@ impl PrimarySide {
         };
         let file = std::fs::File::create(&path)
             .map_err(|e| CycleError::Failed(format!("{}: {e}", path.display())))?;
+        let file = GrowingOrFile::new(file, Some(growing));
         let mode = if rel.settings.compression_enabled {
             Compression::default()
         } else {
@@ -584,18 +606,11 @@ impl PrimarySide {
         let (writer, summary) = log
             .finish()
             .map_err(|e| CycleError::Failed(e.to_string()))?;
+        // The spool is sent while written and needs no fsync: after a crash it is written again.
         writer
             .into_inner()
-            .map_err(|e| CycleError::Failed(e.to_string()))?
-            .sync_all()
             .map_err(|e| CycleError::Failed(e.to_string()))?;
-        Ok((
-            path,
-            hex::encode(summary.hash),
-            summary.bytes,
-            point_time,
-            maps,
-        ))
+        Ok((hex::encode(summary.hash), summary.bytes, point_time, maps))
     }
 }
 

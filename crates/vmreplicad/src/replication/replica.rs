@@ -703,31 +703,45 @@ impl ReplicaSide {
         remove_uploads_of(&dir, seq);
         self.store.remove_uploads(vm)?;
         let partial = upload_file(&root, vm, seq, upload_id, "partial");
-        let received = receive(req.into_body(), &partial, room).await;
-        let bytes = match received {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = std::fs::remove_file(&partial);
-                return Err(e);
-            }
-        };
         let expect = Expect {
             vm,
             relationship: 0,
             sequence: seq,
             parent: c,
         };
-        let check = partial.clone();
-        let verified = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&check)?;
-            Ok::<_, std::io::Error>(wire::verify(
-                std::io::BufReader::with_capacity(1 << 20, file),
+        // The log is verified while it arrives (a reader thread fed by the receiving task), so the
+        // answer follows the last byte instead of a second pass over the file.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let verifier = tokio::task::spawn_blocking(move || {
+            wire::verify(
+                ChannelReader {
+                    rx,
+                    current: Bytes::new(),
+                },
                 &expect,
-            ))
-        })
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(ApiError::internal)?;
+            )
+        });
+        let received = receive(req.into_body(), &partial, room, tx).await;
+        let verified = verifier
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()));
+        let bytes = match received {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                // A log that failed verification explains the break better than the break.
+                if let Ok(Err(bad)) = verified {
+                    if !matches!(
+                        bad,
+                        LogDecodeError::Io(_) | LogDecodeError::Truncated { .. }
+                    ) {
+                        return Err(decode_error(bad, 0));
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let verified = verified?;
         let summary = match verified {
             Ok(s) => s,
             Err(e) => {
@@ -865,8 +879,35 @@ fn remove_uploads_of(dir: &Path, seq: u64) {
     }
 }
 
-/// Streams a request body into `path`, refusing more than `room` bytes and a stalled body.
-async fn receive(mut body: Incoming, path: &Path, room: u64) -> Result<u64, ApiError> {
+/// Feeds the verifying thread: a `Read` over the chunks the receiving task sends; the end of the
+/// channel is the end of the log.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.current = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Streams a request body into `path` and to the verifier, refusing more than `room` bytes and a
+/// stalled body. Stops early when the verifier has already rejected the log.
+async fn receive(
+    mut body: Incoming,
+    path: &Path,
+    room: u64,
+    verifier: tokio::sync::mpsc::Sender<Bytes>,
+) -> Result<u64, ApiError> {
     let mut file = std::fs::File::create(path).map_err(|e| {
         ApiError::new(
             ErrorCode::StorageUnavailable,
@@ -905,6 +946,13 @@ async fn receive(mut body: Incoming, path: &Path, room: u64) -> Result<u64, ApiE
         }
         // Writes go to the page cache; the file is synced once, after the trailer verified.
         file.write_all(&data).map_err(ApiError::internal)?;
+        if verifier.send(data).await.is_err() {
+            // The verifier stopped: the log is already known to be bad.
+            return Err(ApiError::new(
+                ErrorCode::LogRejected,
+                format!("the log was rejected after {total} bytes"),
+            ));
+        }
     }
     Ok(total)
 }

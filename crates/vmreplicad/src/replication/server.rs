@@ -185,12 +185,13 @@ async fn serve_connection(
         .max_header_list_size(16 * 1024)
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
+        .max_send_buf_size(4 << 20)
         .max_frame_size(1 << 20)
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .serve_connection(io, service)
         .await;
     if let Err(e) = served {
-        tracing::debug!(peer = %addr, "replication connection ended: {e}");
+        tracing::info!(peer = %addr, "replication connection ended: {}", crate::error_chain(&e));
     }
 }
 
