@@ -16,7 +16,7 @@ import pytest
 import pywbem
 from pywbem import Uint16, Uint32
 
-from conftest import NAMESPACE, Daemon, wait_job
+from conftest import NAMESPACE, Daemon, thumbprint, wait_job
 
 MIB = 1024 * 1024
 MISSING_GUID = "00000000-0000-4000-8000-0000000000AA"
@@ -32,7 +32,7 @@ JOB_STARTED = 4096
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("badinput")
-    d = Daemon(base / "data").start()
+    d = Daemon(base / "data", replica=True).start()
     d.disks = {}
     for name in ("web01", "ctl01"):
         disk = base / f"{name}.qcow2"
@@ -437,7 +437,7 @@ def test_create_and_delete_instance_are_not_supported(server, conn):
 def settings(conn, server, name="web01", **changes):
     """The VM's RSD with a valid base, then `changes` (None sets a property to NULL)."""
     rsd = conn.Associators(vm_path(server, name), ResultClass="Msvm_ReplicationSettingData")[0]
-    values = dict(RecoveryConnectionPoint="replica.example.org", CertificateThumbPrint="ab" * 20,
+    values = dict(RecoveryConnectionPoint="replica.example.org", CertificateThumbPrint=thumbprint(),
                   AuthenticationType=Uint16(2), RecoveryServerPortNumber=Uint16(443))
     values.update(changes)
     for prop, value in values.items():
@@ -527,7 +527,7 @@ def test_valid_settings_are_accepted(server, conn):
     assert conn.GetInstance(vm)["ReplicationState"] == 1
     rsd = conn.Associators(vm, ResultClass="Msvm_ReplicationSettingData")[0]
     assert rsd["RecoveryConnectionPoint"] == "replica.example.org"
-    assert rsd["CertificateThumbPrint"].lower() == "ab" * 20
+    assert rsd["CertificateThumbPrint"].lower() == thumbprint().lower()
     assert rsd["RecoveryServerPortNumber"] == 443
 
     # Now Ready (1): a bad InitialReplicationType is still refused as a bad value and leaves the VM at 1.

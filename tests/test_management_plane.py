@@ -10,9 +10,9 @@ import xml.etree.ElementTree as ET
 import pywbem
 from pywbem import Uint16
 
-from conftest import NAMESPACE, free_port, wait_job
+from conftest import NAMESPACE, free_port, thumbprint, wait_job
 
-THUMBPRINT = "ab" * 20
+THUMBPRINT = thumbprint("hv1.example.org")
 
 
 def service(conn):
@@ -112,15 +112,12 @@ def test_enable_replication_the_way_microsofts_sample_does_and_everything_surviv
                               ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
     assert rv == 32775
 
-    # Initial replication needs this host's certificate: the job fails and says so, and the
-    # relationship is back in 1 (no recovery server was reached, nothing pretended).
-    rv, out = conn.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
-                                InitialReplicationType=Uint16(1))
-    assert rv == 4096
-    ir_job = wait_job(conn, out["Job"])
-    assert ir_job["JobState"] == 10 and ir_job["ErrorCode"] == 32773
-    assert "certificate" in ir_job["ErrorDescription"]
-    assert relationship_of(conn, vm)["ReplicationState"] == 1
+    # As with Hyper-V, enabling created the replica VM on the recovery server: same GUID, mode
+    # Replica, waiting for initial replication (2).
+    r = daemon.replica.conn()
+    placeholder = vm_by_name(r, "web01")
+    assert placeholder["Name"] == vm["Name"]
+    assert placeholder["ReplicationMode"] == 2 and placeholder["ReplicationState"] == 2
 
     daemon.restart()
     conn = daemon.conn()
@@ -237,7 +234,7 @@ def test_recovery_server_settings_statistics_and_certificates(daemon, disk, tmp_
 
     s["RecoveryServerEnabled"] = True
     s["AllowedAuthenticationType"] = Uint16(2)
-    s["CertificateThumbPrint"] = THUMBPRINT
+    s["CertificateThumbPrint"] = "ab" * 20
     s["HttpsPort"] = Uint16(free_port())
     rv, out = conn.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
     assert rv == 32773  # no such certificate in the host's store
@@ -276,10 +273,10 @@ def test_recovery_server_settings_statistics_and_certificates(daemon, disk, tmp_
                               ReplicationRelationship=rel.tocimxmlstr())
     assert rv == 0
 
-    # GetSystemCertificates reads the host's certificate store directory: the issued PEM holds the
-    # host's certificate and its CA; keys and the trusted/ folder are not listed.
+    # GetSystemCertificates reads the host's certificate store directory: each issued PEM holds a
+    # host certificate and its CA (the lab's and the one issued above); keys and trusted/ are not listed.
     rv, out = conn.InvokeMethod("GetSystemCertificates", svc.path)
-    assert rv == 0 and len(out["EncodedCertificates"]) == 2
+    assert rv == 0 and len(out["EncodedCertificates"]) == 4
     before = list(out["EncodedCertificates"])
     certs = daemon.data_dir / "certs"
     (certs / "aaa-host.pem").write_text("-----BEGIN CERTIFICATE-----\nQUJD\nREVG\n-----END CERTIFICATE-----\n")
@@ -331,8 +328,9 @@ def test_cli_defines_enables_and_reports(daemon, disk):
     assert shown["application_consistent_snapshot_interval"] == 2
     assert shown["recovery_connection_point"] == "replica.example.org"
 
-    no_cert = daemon.cli("start", "cli01", check=False)
-    assert no_cert.returncode == 4 and "certificate" in no_cert.stderr, no_cert.stderr
+    # Initial replication over the network to the companion recovery server, from the CLI.
+    started = daemon.cli("start", "cli01")
+    assert "Start Inband Initial Replication" in started.stdout and "Completed" in started.stdout
 
     jobs = json.loads(daemon.cli("--output", "json", "job", "list").stdout)["jobs"]
     assert [j["job_type"] for j in jobs] == [91, 92, 92, 94]
@@ -341,7 +339,7 @@ def test_cli_defines_enables_and_reports(daemon, disk):
 
     # The same VM seen through CIM.
     conn = daemon.conn()
-    assert vm_by_name(conn, "cli01")["ReplicationState"] == 1
+    assert vm_by_name(conn, "cli01")["ReplicationState"] == 3
     missing = daemon.cli("vm", "add", "--name", "ghost", "--disk", "/nonexistent.qcow2", check=False)
     assert missing.returncode == 3 and "does not exist" in missing.stderr
     guid_name = daemon.cli("vm", "add", "--name", vm_id, "--disk", "/nonexistent.qcow2", check=False)

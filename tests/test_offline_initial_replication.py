@@ -9,9 +9,9 @@ import uuid
 import pytest
 from pywbem import Uint16
 
-from conftest import Daemon, wait_job
+from conftest import Daemon, free_port, thumbprint, wait_job
 
-THUMBPRINT = "cd" * 20
+THUMBPRINT = thumbprint("hv1.example.org")
 
 
 def run(*cmd):
@@ -33,8 +33,13 @@ def ext4_disk(path, files):
 
 @pytest.fixture
 def two_hosts(tmp_path):
-    primary = Daemon(tmp_path / "primary", host_name="hv1.example.org").start()
-    replica = Daemon(tmp_path / "replica", host_name="hv2.example.org").start()
+    """hv2 is a recovery server for *.example.org storing below <replica data dir>/replicas; hv1
+    reaches it by name (enabling replication creates the replica VM there, as with Hyper-V)."""
+    replica = Daemon(tmp_path / "replica", host_name="hv2.example.org",
+                     extra_args=["--replication-address", "127.0.0.1"]).start()
+    port = replica.serve_replication(replica.data_dir / "replicas", primary="*.example.org")
+    primary = Daemon(tmp_path / "primary", host_name="hv1.example.org",
+                     extra_args=["--resolve", f"hv2.example.org=127.0.0.1:{port}"]).start()
     yield primary, replica
     primary.stop()
     replica.stop()
@@ -76,11 +81,7 @@ def test_export_then_import_gives_a_recovery_point_equal_to_the_primary_disk(two
     rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     assert rel["ReplicationState"] == 2  # waiting for the import
 
-    # The replica host: the same VM (same GUID) made a replica waiting for initial replication.
-    placeholder = tmp_path / "placeholder.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(placeholder), "1M")
-    replica.cli("vm", "add", "--name", "web01", "--id", vm_id, "--disk", str(placeholder))
-    replica.cli("enable-as-replica", "web01")
+    # The replica host: enabling created the replica VM (same GUID), waiting for initial replication.
     r = replica.conn()
     rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
     rvm = r.ExecQuery("WQL", "SELECT * FROM Msvm_ComputerSystem WHERE ElementName = 'web01'")[0]
@@ -141,8 +142,6 @@ def test_a_damaged_export_is_refused_and_nothing_is_applied(two_hosts, tmp_path)
     data[len(data) // 2] ^= 0x40
     log.write_bytes(bytes(data))
 
-    replica.cli("vm", "add", "--name", "db01", "--id", vm_id, "--disk", str(disk))
-    replica.cli("enable-as-replica", "db01")
     res = replica.cli("import", "db01", "--path", str(export_dir), check=False)
     assert res.returncode == 4, res.stderr
     assert "rejected" in res.stderr or "checksum" in res.stderr.lower(), res.stderr

@@ -310,7 +310,8 @@ def export_log(lab, tmp_path, name):
 def test_uploads_are_verified_committed_once_and_applied(lab, tmp_path):
     vm, disk, size, log = export_log(lab, tmp_path, "db01")
     with raw_peer(lab) as c:
-        assert c.put(f"/vmreplica/v1/vms/{vm}", json=put_body("db01", [("disk0", size)])).status_code == 201
+        # Enabling on the primary created the placeholder; a PUT of the same description updates it.
+        assert c.put(f"/vmreplica/v1/vms/{vm}", json=put_body("db01", [("disk0", size)])).status_code == 200
 
         def patch(body, upload=None, seq=1):
             upload = upload or str(uuid.uuid4())
@@ -564,12 +565,7 @@ def test_offline_initial_replication_then_deltas_continue_over_the_network(lab, 
     vm = vm_by_name(p, "off01")
     assert vm["ReplicationState"] == 2
 
-    # On the recovery server: the same VM made a replica, bound to the primary's entry, imported.
-    placeholder = tmp_path / "placeholder.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", placeholder, "1M")
-    lab.replica.cli("vm", "add", "--name", "off01", "--id", vm_id, "--disk", str(placeholder))
-    lab.replica.cli("enable-as-replica", "off01")
-    lab.replica.cli("auth", "bind", "off01", "--primary", "*.lab.example")
+    # On the recovery server: enabling created the replica VM (same GUID); the media is imported.
     lab.replica.cli("import", "off01", "--path", str(media))
 
     # The primary notices the import and replicates from there.

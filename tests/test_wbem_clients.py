@@ -43,7 +43,7 @@ def _pywbemcli():
 def server(tmp_path_factory):
     """One daemon for the module with a VM named web01; the tests only read or get refusals."""
     base = tmp_path_factory.mktemp("clients")
-    d = Daemon(base / "data").start()
+    d = Daemon(base / "data", replica=True).start()
     disk = base / "web01.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     d.vm_guid = d.add_vm("web01", [disk]).upper()

@@ -5,7 +5,7 @@
 //! - `ca/ca.pem`, `ca/ca.key` (0600), `ca/ca.json` (the domains the CA is constrained to): created
 //!   on first use, reused afterwards;
 //! - per host `<host>/certs/<sha1>.pem` (leaf + CA), `<host>/certs/<sha1>.key` (0600) and
-//!   `<host>/certs/trusted/vmreplica-lab-ca.pem`: copy `<host>/certs/` to that host's
+//!   `<host>/certs/trusted/vmreplica-lab-ca-<id>.pem`: copy `<host>/certs/` to that host's
 //!   `<data-dir>/certs/`.
 //!
 //! Leaves carry the FQDN as DNS SAN and CN, EKU serverAuth + clientAuth (one certificate serves a
@@ -222,8 +222,10 @@ pub fn new_certificates(
             chain.as_bytes(),
             false,
         )?;
+        // Named after the CA, so certificates of several lab CAs can share one trusted/ folder.
+        let ca_id = hex::encode(Sha1::digest(ca.pem.as_bytes()));
         write_file(
-            &trusted.join("vmreplica-lab-ca.pem"),
+            &trusted.join(format!("vmreplica-lab-ca-{}.pem", &ca_id[..12])),
             ca.pem.as_bytes(),
             false,
         )?;

@@ -58,24 +58,34 @@ struct Args {
     /// recovery-server settings; it runs while certificate authentication is enabled).
     #[arg(long, default_value = "0.0.0.0", env = "VMREPLICA_REPLICATION_ADDRESS")]
     replication_address: std::net::IpAddr,
-    /// Resolve a recovery server's name to this address instead of asking DNS (NAME=ADDR;
-    /// repeatable), for labs without DNS. The certificate must still carry NAME.
+    /// Resolve a recovery server's name to this address instead of asking DNS (NAME=ADDR, or
+    /// NAME=ADDR:PORT to also connect to another port than the relationship names; repeatable),
+    /// for labs without DNS. The certificate must still carry NAME.
     #[arg(long = "resolve", value_parser = parse_resolve)]
-    resolve: Vec<(String, std::net::IpAddr)>,
+    resolve: Vec<(String, replication::client::Resolved)>,
     /// Run replication cycles every SECS seconds instead of each VM's ReplicationInterval
     /// (30/300/900): for tests and demos only.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     cycle_interval_override: Option<u64>,
 }
 
-fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
+fn parse_resolve(s: &str) -> Result<(String, replication::client::Resolved), String> {
     let (name, addr) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not NAME=ADDR"))?;
-    let addr = addr
-        .parse()
-        .map_err(|e| format!("{addr:?} is not an IP address: {e}"))?;
-    Ok((name.trim_end_matches('.').to_ascii_lowercase(), addr))
+        .ok_or_else(|| format!("{s:?} is not NAME=ADDR or NAME=ADDR:PORT"))?;
+    let to = match addr.parse::<SocketAddr>() {
+        Ok(sa) => replication::client::Resolved {
+            ip: sa.ip(),
+            port: Some(sa.port()),
+        },
+        Err(_) => replication::client::Resolved {
+            ip: addr
+                .parse()
+                .map_err(|e| format!("{addr:?} is not an IP address or IP:PORT: {e}"))?,
+            port: None,
+        },
+    };
+    Ok((name.trim_end_matches('.').to_ascii_lowercase(), to))
 }
 
 /// Checks the listener's security before anything is served (see `auth`'s table).

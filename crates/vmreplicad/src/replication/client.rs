@@ -216,12 +216,19 @@ pub struct Delivered {
     pub broken_connections: u32,
 }
 
+/// Where `--resolve` sends a name: an address, and optionally another port.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
 /// Connection settings of this host as a primary.
 #[derive(Debug, Clone)]
 pub struct Peers {
     pub cert_dir: PathBuf,
-    /// Name → address overrides (`vmreplicad --resolve NAME=ADDR`), for labs without DNS.
-    pub resolve: HashMap<String, IpAddr>,
+    /// Name → address overrides (`vmreplicad --resolve NAME=ADDR[:PORT]`), for labs without DNS.
+    pub resolve: HashMap<String, Resolved>,
     /// This host's name, sent in the hello.
     pub host: String,
 }
@@ -388,8 +395,8 @@ impl Peers {
     }
 
     async fn address(&self, t: &Target) -> Result<SocketAddr, PeerError> {
-        if let Some(ip) = self.resolve.get(&t.host.to_ascii_lowercase()) {
-            return Ok(SocketAddr::new(*ip, t.port));
+        if let Some(r) = self.resolve.get(&t.host.to_ascii_lowercase()) {
+            return Ok(SocketAddr::new(r.ip, r.port.unwrap_or(t.port)));
         }
         let mut addrs = tokio::net::lookup_host((t.host.as_str(), t.port))
             .await

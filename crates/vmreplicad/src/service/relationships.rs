@@ -108,16 +108,48 @@ impl Service {
                 (fresh, "Enable replication of")
             }
         };
+        // A primary's relationship lives on both hosts: the job creates (Create) or updates (Modify)
+        // the placeholder replica on the recovery server (docs/protocol.md §5.2) before it writes
+        // its own row, with this host's certificate, which must therefore be in the store now.
+        let primary = t.mode_after == ReplicationMode::Primary;
+        if primary {
+            let thumb = settings
+                .certificate_thumbprint
+                .as_deref()
+                .unwrap_or_default();
+            crate::replication::peer_certs::find_identity(&self.cert_dir, thumb).map_err(|e| {
+                invalid(format!("CertificateThumbPrint: {}", crate::error_chain(&e)))
+            })?;
+        }
         rel.settings = settings;
         rel.state = t.after.as_u16();
         let store = self.store.clone();
         let mode = t.mode_after.as_u16();
+        let (peers, host) = (self.peers.clone(), self.host.clone());
         self.job(
             t.job_type,
             Some(claim),
             &format!("{what} '{}'", vm.name),
             move |ctx| async move {
                 ctx.check_cancelled()?;
+                if primary {
+                    let target = crate::engine::network::target(&rel);
+                    let put = crate::engine::network::put_vm(&vm, &rel, &host, 1)?;
+                    let mut session = peers
+                        .connect(&target)
+                        .await
+                        .map_err(|e| e.into_failure("connecting to the recovery server"))?;
+                    ctx.progress(50)?;
+                    session
+                        .json::<_, wire::protocol::ReplicaVm>(
+                            wire::protocol::Route::PutVm(vm.id),
+                            Some(&put),
+                        )
+                        .await
+                        .map_err(|e| {
+                            e.into_failure("creating the replica VM on the recovery server")
+                        })?;
+                }
                 store.put_relationship(&rel, mode)?;
                 tracing::info!(vm = %rel.vm, "replication settings written");
                 Ok(())
