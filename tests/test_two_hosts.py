@@ -685,7 +685,7 @@ def test_a_connection_cut_or_corrupted_mid_log_is_retried_and_applied_once(lab, 
     run("truncate", "-s", "64M", disk)
     with open(disk, "r+b") as f:
         f.write(os.urandom(8 << 20))
-    proxy = Proxy(lab.port, mode, after=3 << 20)  # inside the initial replica's log
+    proxy = Proxy(lab.port, mode, after=6 << 20)  # inside the initial replica's log (8 MiB of data)
     try:
         vm_id = str(uuid.uuid4()).upper()
         lab.primary.cli("vm", "add", "--name", "net01", "--id", vm_id, "--disk", str(disk))
@@ -694,7 +694,12 @@ def test_a_connection_cut_or_corrupted_mid_log_is_retried_and_applied_once(lab, 
         # The broken upload is sent again on a new connection a second later: the job completes.
         lab.primary.cli("start", "net01")
         assert proxy.fired.is_set()
-        assert "sending again" in lab.primary.log.read_text()
+        # The new connection continues where the replica's whole verified records end.
+        assert "resuming the upload" in lab.primary.log.read_text()
+        import re
+        resumed = re.search(r"resuming an upload .*offset=(\d+)", re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text()))
+        assert resumed and int(resumed.group(1)) > 1 << 20, "at least one whole data record was kept"
+
         p = lab.primary.conn()
         with open(disk, "r+b") as f:
             f.seek(20 << 20)

@@ -403,3 +403,24 @@ fn the_writer_refuses_what_the_reader_would_reject() {
         summary
     );
 }
+
+#[test]
+fn an_interrupted_log_is_cut_back_to_its_whole_records() {
+    let log = small_log(Compression::Off);
+    let full = wire::whole_records_prefix(&log[..]);
+    assert_eq!(
+        full,
+        log.len() as u64,
+        "a complete log is all whole records"
+    );
+    for cut in [0usize, 5, 16, log.len() / 3, log.len() / 2, log.len() - 1] {
+        let prefix = wire::whole_records_prefix(&log[..cut]);
+        assert!(prefix <= cut as u64, "cut {cut}: {prefix}");
+        // The prefix is itself made of whole records: cutting there keeps all of it.
+        assert_eq!(wire::whole_records_prefix(&log[..prefix as usize]), prefix);
+    }
+    let mut damaged = log.clone();
+    let at = log.len() / 2;
+    damaged[at] ^= 0x10;
+    assert!(wire::whole_records_prefix(&damaged[..]) <= at as u64);
+}

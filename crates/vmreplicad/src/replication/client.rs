@@ -157,6 +157,22 @@ impl GrowingLog {
     }
 }
 
+/// BLAKE3 of the first `len` bytes of the spool, lowercase hex; None if it has fewer.
+async fn own_prefix_hash(path: PathBuf, len: u64) -> Option<String> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path).ok()?;
+        if file.metadata().ok()?.len() < len {
+            return None;
+        }
+        let mut hasher = blake3::Hasher::new();
+        let copied = std::io::copy(&mut std::io::Read::take(file, len), &mut hasher).ok()?;
+        (copied == len).then(|| hasher.finalize().to_hex().to_string())
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// Waits for the log to be complete: its hash and length, or why it could not be written.
 async fn ended(log: &GrowingLog) -> Result<(String, u64), PeerError> {
     loop {
@@ -326,12 +342,25 @@ impl Peers {
         let mut attempt = 0;
         loop {
             let result = async {
+                let mut resume = None;
                 if attempt > 0 {
-                    let (log_hash, _) = ended(&log).await?;
                     if let Ok((_, s)) = session
                         .json::<(), LogStatus>(Route::LogStatus(vm, sequence), None)
                         .await
                     {
+                        if let (1, Some(id), Some(theirs)) = (s.state, s.upload_id, &s.prefix_hash) {
+                            // Continue where the replica's whole records end, if its bytes are ours.
+                            let ours = own_prefix_hash(file.to_path_buf(), s.offset).await;
+                            if s.offset > 0 && ours.as_deref() == Some(theirs.as_str()) {
+                                tracing::info!(%vm, sequence, offset = s.offset, "resuming the upload");
+                                resume = Some((id, s.offset));
+                            }
+                        }
+                        let (log_hash, _) = if s.state >= TransferState::Committed as u16 {
+                            ended(&log).await?
+                        } else {
+                            (String::new(), 0)
+                        };
                         if s.state >= TransferState::Committed as u16 {
                             if s.log_hash.as_deref() == Some(log_hash.as_str()) {
                                 return Ok(s);
@@ -344,7 +373,7 @@ impl Peers {
                     }
                 }
                 let status = session
-                    .upload_log(vm, sequence, file, log.clone(), progress.clone())
+                    .upload_log(vm, sequence, file, log.clone(), progress.clone(), resume)
                     .await;
                 let (log_hash, log_bytes) = ended(&log).await?;
                 let status = status?;
@@ -591,8 +620,9 @@ impl Session {
         file: &Path,
         log: Arc<GrowingLog>,
         progress: Progress,
+        resume: Option<(Uuid, u64)>,
     ) -> Result<LogStatus, PeerError> {
-        let upload_id = Uuid::new_v4();
+        let (upload_id, start) = resume.unwrap_or_else(|| (Uuid::new_v4(), 0));
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let path = file.to_path_buf();
         let growing = log.clone();
@@ -617,7 +647,14 @@ impl Session {
                     return;
                 }
             };
-            let mut sent = 0u64;
+            if start > 0 {
+                use tokio::io::AsyncSeekExt;
+                if let Err(e) = f.seek(std::io::SeekFrom::Start(start)).await {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+            let mut sent = start;
             loop {
                 let written = growing.written();
                 if sent >= written {
@@ -658,7 +695,7 @@ impl Session {
             .request(Route::UploadLog(vm, sequence))
             .header("content-type", protocol::LOG_CONTENT_TYPE)
             .header(headers::UPLOAD_ID, upload_id.to_string())
-            .header(headers::UPLOAD_OFFSET, "0");
+            .header(headers::UPLOAD_OFFSET, start.to_string());
         if let Some((hash, len)) = &known {
             req = req
                 .header(headers::LOG_LENGTH, len.to_string())

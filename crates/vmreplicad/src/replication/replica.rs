@@ -5,7 +5,7 @@
 //! uploads (`<seq:020>-<upload>.partial`, `.uploaded`) and committed logs (`<seq:020>.vrlog`).
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -246,7 +246,7 @@ impl ReplicaSide {
             R::UploadLog(vm, seq) => self.upload(&entry, vm, seq, req).await,
             R::LogStatus(vm, seq) => {
                 self.bound_vm(&entry, vm)?;
-                Ok(json(200, &self.log_status(vm, seq)?))
+                Ok(json(200, &self.log_status(vm, seq).await?))
             }
             R::CommitLog(vm, seq) => {
                 let commit: Commit = read_json(req.into_body()).await?;
@@ -555,12 +555,29 @@ impl ReplicaSide {
         })
     }
 
-    fn log_status(&self, vm: Uuid, seq: u64) -> Result<LogStatus, ApiError> {
+    async fn log_status(&self, vm: Uuid, seq: u64) -> Result<LogStatus, ApiError> {
         if let Some(l) = self.store.received_log(vm, seq)? {
             return Ok(received_status(&l));
         }
         if let Some(u) = self.store.upload(vm, seq)? {
             return Ok(uploaded_status(&u));
+        }
+        if let Some(replica) = self.store.replica_vm(vm)? {
+            let dir = incoming_dir(Path::new(&replica.store_root), vm);
+            if let Some((id, path)) = find_partial(&dir, seq) {
+                let k = cut_back(path.clone()).await?;
+                let prefix = prefix_hash(path, k).await?;
+                return Ok(LogStatus {
+                    sequence: seq,
+                    upload_id: Some(id),
+                    state: TransferState::Uploading as u16,
+                    offset: k,
+                    prefix_hash: Some(prefix),
+                    log_hash: None,
+                    log_bytes: None,
+                    point_time: None,
+                });
+            }
         }
         Err(ApiError::new(
             ErrorCode::UnknownLog,
@@ -654,17 +671,10 @@ impl ReplicaSide {
         let upload_id = header(&req, headers::UPLOAD_ID)
             .and_then(protocol::parse_guid)
             .ok_or_else(|| bad_header(headers::UPLOAD_ID, "a GUID is required"))?;
-        let offset = header(&req, headers::UPLOAD_OFFSET)
-            .ok_or_else(|| bad_header(headers::UPLOAD_OFFSET, "required"))?;
-        if offset != "0" {
-            // Resuming at an offset is not offered (no `resume` capability): start again at 0.
-            let mut d = ErrorDetail::new(
-                ErrorCode::OffsetMismatch,
-                "this recovery server does not resume uploads; send the log from offset 0",
-            );
-            d.offset = Some(0);
-            return Err(ApiError(Box::new(d)));
-        }
+        let offset: u64 = header(&req, headers::UPLOAD_OFFSET)
+            .ok_or_else(|| bad_header(headers::UPLOAD_OFFSET, "required"))?
+            .parse()
+            .map_err(|_| bad_header(headers::UPLOAD_OFFSET, "not a number"))?;
         let root = PathBuf::from(&replica.store_root);
         let dir = incoming_dir(&root, vm);
         std::fs::create_dir_all(&dir).map_err(|e| {
@@ -699,10 +709,32 @@ impl ReplicaSide {
                 ));
             }
         }
-        // Offset 0 discards any other attempt at this sequence.
-        remove_uploads_of(&dir, seq);
-        self.store.remove_uploads(vm)?;
-        let partial = upload_file(&root, vm, seq, upload_id, "partial");
+        let (partial, resume_at) = if offset == 0 {
+            // Offset 0 discards any other attempt at this sequence.
+            remove_uploads_of(&dir, seq);
+            self.store.remove_uploads(vm)?;
+            (upload_file(&root, vm, seq, upload_id, "partial"), 0)
+        } else {
+            // A resume: the partial of this upload, cut back to its whole verified records, must
+            // end exactly where the primary continues.
+            let found = find_partial(&dir, seq);
+            let here = match &found {
+                Some((id, path)) => Some((*id, cut_back(path.clone()).await?)),
+                None => None,
+            };
+            match (found, here) {
+                (Some((id, path)), Some((_, k))) if id == upload_id && k == offset => (path, k),
+                (_, here) => {
+                    let mut d = ErrorDetail::new(
+                        ErrorCode::OffsetMismatch,
+                        "the upload to resume is not at that offset here; continue where this server says, or start again at 0",
+                    );
+                    d.upload_id = here.map(|(id, _)| id);
+                    d.offset = Some(here.map_or(0, |(_, k)| k));
+                    return Err(ApiError(Box::new(d)));
+                }
+            }
+        };
         let expect = Expect {
             vm,
             relationship: 0,
@@ -712,21 +744,53 @@ impl ReplicaSide {
         // The log is verified while it arrives (a reader thread fed by the receiving task), so the
         // answer follows the last byte instead of a second pass over the file.
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let earlier = match resume_at {
+            0 => None,
+            k => Some(
+                std::fs::File::open(&partial)
+                    .map_err(ApiError::internal)?
+                    .take(k),
+            ),
+        };
         let verifier = tokio::task::spawn_blocking(move || {
-            wire::verify(
-                ChannelReader {
-                    rx,
-                    current: Bytes::new(),
-                },
-                &expect,
-            )
+            let arriving = ChannelReader {
+                rx,
+                current: Bytes::new(),
+            };
+            match earlier {
+                // A resumed log is verified from its first byte: what was kept, then what arrives.
+                Some(kept) => wire::verify(
+                    std::io::BufReader::with_capacity(1 << 20, kept).chain(arriving),
+                    &expect,
+                ),
+                None => wire::verify(arriving, &expect),
+            }
         });
-        let received = receive(req.into_body(), &partial, room, tx).await;
+        if resume_at > 0 {
+            tracing::info!(%vm, sequence = seq, offset = resume_at, "resuming an upload");
+        }
+        let received = receive(
+            req.into_body(),
+            &partial,
+            room.saturating_sub(resume_at),
+            tx,
+            resume_at > 0,
+        )
+        .await;
         let verified = verifier
             .await
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()));
         let bytes = match received {
-            Ok(n) => n,
+            Ok(n) => n + resume_at,
+            Err(e)
+                if e.0.code == ErrorCode::BadRequest as u16
+                    || e.0.code == ErrorCode::Timeout as u16 =>
+            {
+                // The connection broke or stalled: the partial stays for a resume (its torn last
+                // record is cut off when the primary asks where to continue).
+                tracing::info!(%vm, sequence = seq, "upload interrupted; kept for a resume");
+                return Err(e);
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(&partial);
                 // A log that failed verification explains the break better than the break.
@@ -867,6 +931,45 @@ impl ReplicaSide {
     }
 }
 
+/// The partial upload of `seq` in `dir`, if any: its upload id and path.
+fn find_partial(dir: &Path, seq: u64) -> Option<(Uuid, PathBuf)> {
+    let prefix = format!("{seq:020}-");
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let id = name.strip_prefix(&prefix)?.strip_suffix(".partial")?;
+        Some((protocol::parse_guid(id)?, e.path()))
+    })
+}
+
+/// Cuts a partial upload back to its whole verified records; returns the new length.
+async fn cut_back(path: PathBuf) -> Result<u64, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let k = wire::whole_records_prefix(std::io::BufReader::with_capacity(1 << 20, &file));
+        file.set_len(k)?;
+        Ok::<_, std::io::Error>(k)
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+    .map_err(ApiError::internal)
+}
+
+/// BLAKE3 of the first `len` bytes of `path`, lowercase hex.
+async fn prefix_hash(path: PathBuf, len: u64) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)?;
+        let mut hasher = blake3::Hasher::new();
+        std::io::copy(&mut std::io::Read::take(file, len), &mut hasher)?;
+        Ok::<_, std::io::Error>(hasher.finalize().to_hex().to_string())
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+    .map_err(ApiError::internal)
+}
+
 fn remove_uploads_of(dir: &Path, seq: u64) {
     let prefix = format!("{seq:020}-");
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -907,8 +1010,14 @@ async fn receive(
     path: &Path,
     room: u64,
     verifier: tokio::sync::mpsc::Sender<Bytes>,
+    append: bool,
 ) -> Result<u64, ApiError> {
-    let mut file = std::fs::File::create(path).map_err(|e| {
+    let opened = if append {
+        std::fs::OpenOptions::new().append(true).open(path)
+    } else {
+        std::fs::File::create(path)
+    };
+    let mut file = opened.map_err(|e| {
         ApiError::new(
             ErrorCode::StorageUnavailable,
             format!("{}: {e}", path.display()),

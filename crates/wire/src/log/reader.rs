@@ -177,3 +177,23 @@ pub fn verify<R: Read>(input: R, expect: &Expect) -> Result<LogSummary, LogDecod
         .cloned()
         .ok_or(LogDecodeError::ReaderFailed)
 }
+
+/// The length of the longest prefix of `input` made of the preamble and whole records whose
+/// checksums verify (0 when not even the preamble does). An interrupted upload is cut back to this
+/// length and resumed there: at most one record is sent again, and no byte after a damaged or torn
+/// record is kept. It says nothing about what the records mean; [`verify`] still reads the whole
+/// log before anything is accepted.
+pub fn whole_records_prefix<R: Read>(input: R) -> u64 {
+    let Ok(mut src) = crate::log::record::Source::new(input) else {
+        return 0;
+    };
+    let mut body = Vec::new();
+    loop {
+        let good = src.offset();
+        match src.next(&mut body) {
+            Ok(at) if at.kind == crate::log::record::RecordKind::Trailer => return src.offset(),
+            Ok(_) => {}
+            Err(_) => return good,
+        }
+    }
+}

@@ -8,9 +8,9 @@ mod route;
 pub use messages::*;
 pub use route::{parse_guid, parse_sequence, Route, RouteError};
 
-/// Capabilities this build offers (§3). `resume`, `seeded-compare` and `planned-failover` are not
-/// offered until their handlers exist.
-pub const CAPABILITIES: &[&str] = &["zstd"];
+/// Capabilities this build offers (§3). `seeded-compare` and `planned-failover` are not offered
+/// until their handlers exist.
+pub const CAPABILITIES: &[&str] = &["zstd", "resume"];
 
 /// Request headers of a log upload (§5.3).
 pub mod headers {
