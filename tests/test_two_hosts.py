@@ -737,3 +737,24 @@ def test_removing_the_authorization_entry_stops_replication_of_its_vms(lab, tmp_
     assert list(other.iterdir()) == []
     rel = p.Associators(vm_by_name(p, "auth01").path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     assert rel["ReplicationHealth"] == 3  # Critical
+
+
+def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path):
+    import os
+
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "4M"]
+    lab.primary.start()
+    disk = tmp_path / "bw01.raw"
+    run("truncate", "-s", "64M", disk)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(16 << 20))
+    started = time.monotonic()
+    vm_id = replicate_network(lab, tmp_path, "bw01", [disk], "--no-compression")
+    elapsed = time.monotonic() - started
+    # 16 MiB at 4 MiB/s after a 4 MiB burst: at least 3 s; uncapped this takes well under one.
+    assert 2.8 <= elapsed < 30, elapsed
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication applied")
+    layer = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
+    res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

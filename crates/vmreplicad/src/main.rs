@@ -67,6 +67,25 @@ struct Args {
     /// (30/300/900): for tests and demos only.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     cycle_interval_override: Option<u64>,
+    /// Cap on what this host uploads to recovery servers, bytes per second (K/M/G suffixes are
+    /// powers of 1024; 0 = none). Shared by every transfer; a log that cannot leave within its
+    /// interval turns the next ticks into misses.
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value = "0", value_parser = parse_rate)]
+    bandwidth_limit: u64,
+}
+
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{text:?} is not a rate in bytes per second (like 500K or 20M)"))
 }
 
 fn parse_resolve(s: &str) -> Result<(String, replication::client::Resolved), String> {
@@ -172,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
         cert_dir: cert_dir.clone(),
         resolve: args.resolve.iter().cloned().collect(),
         host: host.clone(),
+        bandwidth: replication::client::Bandwidth::new(args.bandwidth_limit),
     });
     let engine = engine::LocalEngine {
         store: store.clone(),

@@ -232,6 +232,52 @@ pub struct Delivered {
     pub broken_connections: u32,
 }
 
+/// The host's bandwidth cap for everything it uploads (docs/protocol.md §8): a token bucket of
+/// `rate` bytes/s with a burst of max(1 s of tokens, 4 MiB), shared by every upload to every
+/// recovery server. Uploads take it in slices of at most [`SLICE`] bytes, in turn (the lock is
+/// fair), so parallel transfers share it evenly. TLS and HTTP/2 framing are not counted.
+#[derive(Debug)]
+pub struct Bandwidth {
+    rate: u64,
+    burst: f64,
+    bucket: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+/// Largest piece an upload takes from the bandwidth cap at once.
+pub const SLICE: usize = 256 << 10;
+
+impl Bandwidth {
+    /// A cap of `rate` bytes/s; None for 0 (no cap).
+    pub fn new(rate: u64) -> Option<Arc<Bandwidth>> {
+        (rate > 0).then(|| {
+            let burst = (rate as f64).max(4.0 * 1024.0 * 1024.0);
+            Arc::new(Bandwidth {
+                rate,
+                burst,
+                bucket: tokio::sync::Mutex::new((burst, tokio::time::Instant::now())),
+            })
+        })
+    }
+
+    /// Waits until `n` bytes may be sent.
+    pub async fn take(&self, n: usize) {
+        let mut b = self.bucket.lock().await;
+        loop {
+            let now = tokio::time::Instant::now();
+            let refill = now.duration_since(b.1).as_secs_f64() * self.rate as f64;
+            b.0 = (b.0 + refill).min(self.burst);
+            b.1 = now;
+            if b.0 >= n as f64 {
+                b.0 -= n as f64;
+                return;
+            }
+            let wait = (n as f64 - b.0) / self.rate as f64;
+            // The lock is held while waiting: the next upload's slice comes after this one.
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
 /// Where `--resolve` sends a name: an address, and optionally another port.
 #[derive(Debug, Clone, Copy)]
 pub struct Resolved {
@@ -247,6 +293,8 @@ pub struct Peers {
     pub resolve: HashMap<String, Resolved>,
     /// This host's name, sent in the hello.
     pub host: String,
+    /// The upload bandwidth cap (`vmreplicad --bandwidth-limit`), if any.
+    pub bandwidth: Option<Arc<Bandwidth>>,
 }
 
 /// A request body: bytes in memory, or a log streamed from a file.
@@ -319,6 +367,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
 pub struct Session {
     send: hyper::client::conn::http2::SendRequest<ReqBody>,
     authority: String,
+    bandwidth: Option<Arc<Bandwidth>>,
     pub hello: HelloResponse,
 }
 
@@ -498,6 +547,7 @@ impl Peers {
         let mut session = Session {
             send,
             authority: format!("{}:{}", t.host, t.port),
+            bandwidth: self.bandwidth.clone(),
             hello: placeholder_hello(),
         };
         let hello = Hello {
@@ -611,8 +661,8 @@ impl Session {
         Ok((status, value))
     }
 
-    /// A request whose answer has no body of interest beyond its status (the body is checked to be
-    /// the expected message).
+    /// Streams log `sequence` from `file` as the writer fills it (`log`), from its start or, to
+    /// resume, from the replica's offset under the interrupted upload's id; returns the answer.
     pub async fn upload_log(
         &mut self,
         vm: Uuid,
@@ -626,6 +676,7 @@ impl Session {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let path = file.to_path_buf();
         let growing = log.clone();
+        let bandwidth = self.bandwidth.clone();
         let reader = tokio::spawn(async move {
             // The writer may not have created the file yet.
             let mut opened = tokio::fs::File::open(&path).await;
@@ -670,13 +721,17 @@ impl Session {
                         }
                     }
                 }
-                let want = usize::try_from(written - sent).unwrap_or(CHUNK).min(CHUNK);
+                let chunk = if bandwidth.is_some() { SLICE } else { CHUNK };
+                let want = usize::try_from(written - sent).unwrap_or(chunk).min(chunk);
                 let mut buf = vec![0u8; want];
                 match f.read(&mut buf).await {
                     Ok(0) => growing.wait().await,
                     Ok(n) => {
                         buf.truncate(n);
                         sent += n as u64;
+                        if let Some(b) = &bandwidth {
+                            b.take(n).await;
+                        }
                         if tx.send(Ok(Bytes::from(buf))).await.is_err() {
                             return;
                         }
