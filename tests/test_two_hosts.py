@@ -758,3 +758,38 @@ def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path):
     layer = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
     res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
+    import threading
+
+    vm, disk, size, log = export_log(lab, tmp_path, "busy01")
+    started = threading.Event()
+
+    def slow_body():
+        yield log[:200]
+        started.set()
+        time.sleep(3)
+
+    def upload():
+        with raw_peer(lab) as c:
+            c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=slow_body(),
+                    headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
+
+    threads = [threading.Thread(target=upload) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(10)
+    time.sleep(0.5)
+    with raw_peer(lab) as c:
+        res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log,
+                      headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
+    assert res.status_code == 503 and res.json()["error"]["name"] == "Busy", res.text
+    assert res.headers["retry-after"] == "5"
+    for t in threads:
+        t.join()
+    # Once they are gone, the same upload is taken.
+    with raw_peer(lab) as c:
+        res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log,
+                      headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
+    assert res.status_code == 200 and res.json()["state"] == 2, res.text

@@ -39,6 +39,15 @@ pub const MAX_LOG_BYTES: u64 = 1 << 40;
 const MIN_RESERVE: u64 = 1 << 30;
 /// A request body that stalls this long is cut off (408).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Uploads in progress at once from one primary host, and in all (`max_parallel_uploads`).
+const MAX_UPLOADS_PER_PRIMARY: usize = 4;
+const MAX_UPLOADS: usize = 32;
+/// Committed logs of one VM waiting for their apply before new uploads wait (`max_pending_apply`).
+const MAX_PENDING_APPLY: usize = 8;
+/// What a `Busy` answer tells the primary to wait, seconds.
+const RETRY_AFTER_SECS: &str = "5";
+/// A partial upload untouched this long is deleted.
+const ABANDONED_AFTER: Duration = Duration::from_secs(7 * 86_400);
 /// Longest wait of a commit with `wait_applied`.
 const WAIT_APPLIED: Duration = Duration::from_secs(600);
 
@@ -57,7 +66,15 @@ impl ApiError {
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.0.error_code().map_or(500, ErrorCode::http_status);
-        json(status, &protocol::ErrorBody { error: *self.0 })
+        let busy = self.0.error_code() == Some(ErrorCode::Busy);
+        let mut resp = json(status, &protocol::ErrorBody { error: *self.0 });
+        if busy {
+            resp.headers_mut().insert(
+                "retry-after",
+                hyper::header::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        resp
     }
 }
 
@@ -89,6 +106,34 @@ pub struct ReplicaSide {
     pub applied: tokio::sync::watch::Sender<u64>,
     /// One upload or commit per VM at a time.
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Uploads in progress by authorized primary name.
+    uploading: Mutex<HashMap<String, usize>>,
+}
+
+/// A place among the uploads in progress; dropping it frees the place.
+struct UploadSlot<'a> {
+    side: &'a ReplicaSide,
+    primary: String,
+}
+
+impl Drop for UploadSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .side
+            .uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.primary) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.primary);
+            }
+        }
+    }
+}
+
+fn busy(message: String) -> ApiError {
+    ApiError::new(ErrorCode::Busy, message)
 }
 
 fn incoming_dir(root: &Path, vm: Uuid) -> PathBuf {
@@ -191,7 +236,30 @@ impl ReplicaSide {
             apply_wake: Notify::new(),
             applied: tokio::sync::watch::Sender::new(0),
             locks: Mutex::new(HashMap::new()),
+            uploading: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A place for one more upload from `primary`, or 503 `Busy`.
+    fn upload_slot(&self, primary: &str) -> Result<UploadSlot<'_>, ApiError> {
+        let mut map = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = map.values().sum();
+        let mine = map.get(primary).copied().unwrap_or(0);
+        if mine >= MAX_UPLOADS_PER_PRIMARY {
+            return Err(busy(format!(
+                "{primary} already has {mine} uploads in progress; at most {MAX_UPLOADS_PER_PRIMARY}"
+            )));
+        }
+        if total >= MAX_UPLOADS {
+            return Err(busy(format!(
+                "{total} uploads are in progress on this recovery server; at most {MAX_UPLOADS}"
+            )));
+        }
+        *map.entry(primary.to_string()).or_default() += 1;
+        Ok(UploadSlot {
+            side: self,
+            primary: primary.to_string(),
+        })
     }
 
     fn lock_for(&self, vm: Uuid) -> Arc<tokio::sync::Mutex<()>> {
@@ -243,7 +311,10 @@ impl ReplicaSide {
                 let (vm_row, rel) = self.bound_vm(&entry, vm)?;
                 Ok(json(200, &self.describe(&vm_row, &rel)?))
             }
-            R::UploadLog(vm, seq) => self.upload(&entry, vm, seq, req).await,
+            R::UploadLog(vm, seq) => {
+                let _slot = self.upload_slot(&name)?;
+                self.upload(&entry, vm, seq, req).await
+            }
             R::LogStatus(vm, seq) => {
                 self.bound_vm(&entry, vm)?;
                 Ok(json(200, &self.log_status(vm, seq).await?))
@@ -659,6 +730,17 @@ impl ReplicaSide {
             return self.already_committed(&l, claimed_hash.as_deref());
         }
         self.accepting(&rel, &replica)?;
+        let waiting = self
+            .store
+            .pending_apply()?
+            .iter()
+            .filter(|l| l.vm == vm)
+            .count();
+        if waiting >= MAX_PENDING_APPLY && seq == c + 1 {
+            return Err(busy(format!(
+                "{waiting} committed logs of this VM wait for their apply; at most {MAX_PENDING_APPLY}"
+            )));
+        }
         if seq > c + 1 {
             let mut d = ErrorDetail::new(
                 ErrorCode::OutOfSequence,
@@ -1121,11 +1203,62 @@ fn received_status(l: &ReceivedLog) -> LogStatus {
     }
 }
 
-/// Applies committed logs in order, one VM after the other, until the process ends.
+/// Tidies every replica VM's `incoming/`: partial uploads are cut back to their whole verified
+/// records (a crash may have left a torn one) or deleted after 7 days untouched, and verified
+/// uploads nobody can commit any more (no `uploads` row) are deleted. Committed logs stay.
+async fn tidy_incoming(replica: &ReplicaSide) {
+    let Ok(vms) = replica.store.list_vms() else {
+        return;
+    };
+    for vm in vms {
+        let Ok(Some(r)) = replica.store.replica_vm(vm.id) else {
+            continue;
+        };
+        let dir = incoming_dir(Path::new(&r.store_root), vm.id);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let age = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if name.ends_with(".partial") {
+                if age > ABANDONED_AFTER {
+                    tracing::info!(vm = %vm.id, file = %name, "deleting an upload abandoned for 7 days");
+                    let _ = std::fs::remove_file(&path);
+                } else if let Err(e) = cut_back(path).await {
+                    tracing::warn!(vm = %vm.id, file = %name, "cannot cut back a partial upload: {}", e.0.message);
+                }
+            } else if let Some(stem) = name.strip_suffix(".uploaded") {
+                let seq = stem.split('-').next().and_then(|s| s.parse::<u64>().ok());
+                let known = match seq {
+                    Some(seq) => replica.store.upload(vm.id, seq).ok().flatten().is_some(),
+                    None => false,
+                };
+                if !known {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+}
+
+/// Applies committed logs in order, one VM after the other, until the process ends; tidies the
+/// uploads at start and then hourly.
 pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
     tokio::spawn(async move {
         let mut failures: HashMap<(Uuid, u64), u32> = HashMap::new();
+        let mut tidied: Option<tokio::time::Instant> = None;
         loop {
+            if tidied.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+                tidy_incoming(&replica).await;
+                tidied = Some(tokio::time::Instant::now());
+            }
             let pending = match replica.store.pending_apply() {
                 Ok(p) => p,
                 Err(e) => {
