@@ -5,8 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use wire::protocol::{
-    decode, Commit, ErrorBody, Hello, HelloResponse, LogStatus, PutVm, ReplicaVm, Route,
-    TestResponse, Validate,
+    decode, BeginCompare, Commit, CompareSession, ErrorBody, HashRange, Hello, HelloResponse,
+    LogStatus, PutVm, RangeAnswer, ReplicaVm, Route, TestResponse, Validate,
 };
 
 fn round_trip<T>(data: &[u8])
@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
         return;
     };
-    match selector % 9 {
+    match selector % 13 {
         0 => round_trip::<Hello>(body),
         1 => round_trip::<HelloResponse>(body),
         2 => round_trip::<PutVm>(body),
@@ -32,6 +32,18 @@ fuzz_target!(|data: &[u8]| {
         5 => round_trip::<Commit>(body),
         6 => round_trip::<ErrorBody>(body),
         7 => round_trip::<TestResponse>(body),
+        8 => round_trip::<BeginCompare>(body),
+        9 => round_trip::<CompareSession>(body),
+        10 => {
+            if let Ok(r) = HashRange::parse(body) {
+                assert_eq!(HashRange::parse(&r.encode()).expect("re-parses"), r);
+            }
+        }
+        11 => {
+            if let Ok(a) = RangeAnswer::parse(body) {
+                assert_eq!(RangeAnswer::parse(&a.encode()).expect("re-parses"), a);
+            }
+        }
         _ => {
             let text = String::from_utf8_lossy(body);
             let (method, path) = text.split_once(' ').unwrap_or(("GET", &text));

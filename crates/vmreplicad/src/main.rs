@@ -203,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
         store.clone(),
         host.clone(),
         cert_dir.clone(),
+        args.data_dir.clone(),
     ));
     replication::replica::spawn_apply_task(replica.clone());
     let listener_control = replication::server::ListenerControl::default();

@@ -398,6 +398,21 @@ pub async fn scan_image<W: Write>(
     data_dir: &Path,
     log: &mut LogWriter<W>,
 ) -> Result<PathBuf, ScanFailure> {
+    scan_image_ranges(image, format, index, previous, map, data_dir, log, None).await
+}
+
+/// [`scan_image`] limited to `candidates` (sorted byte ranges): see `scan_disk_ranges`.
+#[allow(clippy::too_many_arguments)]
+pub async fn scan_image_ranges<W: Write>(
+    image: &str,
+    format: &str,
+    index: usize,
+    previous: Option<&Path>,
+    map: &Path,
+    data_dir: &Path,
+    log: &mut LogWriter<W>,
+    candidates: Option<&[(u64, u64)]>,
+) -> Result<PathBuf, ScanFailure> {
     let scan_err = |e: disk::scan::ScanError| ScanFailure {
         resync: matches!(e, disk::scan::ScanError::ResyncRequired(_)),
         failure: fail(
@@ -465,13 +480,14 @@ pub async fn scan_image<W: Write>(
             "Check qemu-nbd.",
         )
     })?;
-    let result = scan_disk(
+    let result = disk::scan::scan_disk_ranges(
         &mut Source::Nbd(&mut nbd),
         disk_index,
         previous,
         map,
         DEFAULT_BLOCK_SIZE,
         log,
+        candidates,
     )
     .await;
     let _ = nbd.disconnect().await;

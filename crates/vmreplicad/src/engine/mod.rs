@@ -9,6 +9,7 @@
 pub mod initial;
 pub mod network;
 pub mod running;
+pub mod seeded;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +75,7 @@ impl DataPlane for LocalEngine {
         match request.operation {
             Operation::StartReplication(InitialReplicationType::Export) => self.export(request),
             Operation::StartReplication(InitialReplicationType::Network) => self.network(request),
+            Operation::StartReplication(InitialReplicationType::Seeded) => self.seeded(request),
             Operation::ImportInitialReplica => self.import(request),
             Operation::RequestReplicationStateChange(RequestedState::Replicating)
                 if request.vm.mode == ReplicationMode::Primary.as_u16()
@@ -263,6 +265,24 @@ impl LocalEngine {
                     store.put_chain(&chain).map_err(JobFailure::from)?;
                 }
                 Ok(rel)
+            },
+        )
+    }
+
+    fn seeded(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let job = network::NetworkIr {
+            store: self.store.clone(),
+            peers: self.peers.clone(),
+            data_dir: self.data_dir.clone(),
+        };
+        self.spawn_with_outcome(
+            req,
+            None,
+            "Seeded initial replication",
+            true,
+            move |ctx, vm, rel, _, claim| async move {
+                let _claim = claim; // held until the job ends
+                seeded::run(ctx, job, vm, rel).await
             },
         )
     }

@@ -131,6 +131,12 @@ pub struct GrowingLog {
 }
 
 impl GrowingLog {
+    /// Marks `bytes` as written (a log written before its upload started).
+    pub fn advance_to(&self, bytes: u64) {
+        self.written
+            .store(bytes, std::sync::atomic::Ordering::Release);
+    }
+
     fn written(&self) -> u64 {
         self.written.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -659,6 +665,21 @@ impl Session {
         let (status, answer) = self.send(req, Some(REQUEST_TIMEOUT)).await?;
         let value = decode::<R>(&answer).map_err(|e| PeerError::Protocol(e.to_string()))?;
         Ok((status, value))
+    }
+
+    /// A binary request (a compare range); the answer's body.
+    pub async fn binary(
+        &mut self,
+        route: Route,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<Bytes, PeerError> {
+        let req = self
+            .request(route)
+            .header("content-type", content_type)
+            .body(ReqBody::Full(Full::new(Bytes::from(body))))
+            .map_err(|e| PeerError::Protocol(e.to_string()))?;
+        Ok(self.send(req, Some(REQUEST_TIMEOUT)).await?.1)
     }
 
     /// Streams log `sequence` from `file` as the writer fills it (`log`), from its start or, to

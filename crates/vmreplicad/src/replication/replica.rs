@@ -108,6 +108,45 @@ pub struct ReplicaSide {
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// Uploads in progress by authorized primary name.
     uploading: Mutex<HashMap<String, usize>>,
+    /// The open compare session of each VM (§5.5), kept in memory: after a restart the primary
+    /// begins again.
+    compares: Mutex<HashMap<Uuid, Arc<Compare>>>,
+    /// Where qemu-nbd helpers keep their sockets.
+    pub data_dir: PathBuf,
+}
+
+/// A block-hash comparison against the replica's copy (seeded initial replication).
+pub struct Compare {
+    id: Uuid,
+    /// 1 Preparing (the seed is being imported), 2 Ready, 3 Closed.
+    state: std::sync::atomic::AtomicU16,
+    failed: Mutex<Option<String>>,
+    baseline: u64,
+    next: u64,
+    block_size: u32,
+    /// The seed's images: path, format, virtual size.
+    images: Vec<(String, String, u64)>,
+}
+
+impl Compare {
+    fn session(&self) -> protocol::CompareSession {
+        protocol::CompareSession {
+            id: self.id,
+            state: self.state.load(std::sync::atomic::Ordering::Acquire),
+            baseline_sequence: self.baseline,
+            next_sequence: self.next,
+            block_size: self.block_size,
+            disks: self
+                .images
+                .iter()
+                .enumerate()
+                .map(|(i, (_, _, size))| protocol::CompareDisk {
+                    index: i as u32,
+                    blocks: disk::scan::hashmap::block_count(*size, self.block_size),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A place among the uploads in progress; dropping it frees the place.
@@ -228,7 +267,12 @@ fn bad_header(name: &str, why: &str) -> ApiError {
 }
 
 impl ReplicaSide {
-    pub fn new(store: Arc<Store>, host: String, cert_dir: PathBuf) -> ReplicaSide {
+    pub fn new(
+        store: Arc<Store>,
+        host: String,
+        cert_dir: PathBuf,
+        data_dir: PathBuf,
+    ) -> ReplicaSide {
         ReplicaSide {
             store,
             host,
@@ -237,7 +281,287 @@ impl ReplicaSide {
             applied: tokio::sync::watch::Sender::new(0),
             locks: Mutex::new(HashMap::new()),
             uploading: Mutex::new(HashMap::new()),
+            compares: Mutex::new(HashMap::new()),
+            data_dir,
         }
+    }
+
+    fn compare_of(&self, vm: Uuid, id: Uuid) -> Result<Arc<Compare>, ApiError> {
+        let map = self.compares.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&vm).filter(|c| c.id == id).cloned().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnknownCompare,
+                format!("no compare session {id} for {vm}"),
+            )
+        })
+    }
+
+    /// `POST …/compare` (§5.5). Kind 1, Seeded: the replica VM's own disks (a copy restored on this
+    /// host, made a replica with RequestReplicationStateChange(2)) become point 1 here, then the
+    /// primary compares block hashes with them and sends only what differs as log 2.
+    async fn begin_compare(
+        self: &Arc<Self>,
+        entry: &AuthorizationEntry,
+        vm: Uuid,
+        begin: protocol::BeginCompare,
+    ) -> ApiResult {
+        let (vm_row, rel) = self.bound_vm(entry, vm)?;
+        if begin.kind != 1 {
+            return Err(ApiError::new(
+                ErrorCode::UnknownResource,
+                format!(
+                    "compare kind {} is not served by this version (only 1, Seeded)",
+                    begin.kind
+                ),
+            ));
+        }
+        if begin.block_size != disk::scan::DEFAULT_BLOCK_SIZE {
+            let mut d = ErrorDetail::new(
+                ErrorCode::BadRequest,
+                "block_size must be one of compare_block_sizes",
+            );
+            d.field = Some("block_size".into());
+            return Err(ApiError(Box::new(d)));
+        }
+        let waiting = ReplicationState::WaitingToCompleteInitialReplication.as_u16();
+        if rel.state != waiting || self.store.last_received_log(vm)?.is_some() {
+            let mut d = ErrorDetail::new(
+                ErrorCode::InvalidState,
+                "a seeded initial replication needs a replica waiting for initial replication, holding no log",
+            );
+            d.replica_state = Some(rel.state);
+            return Err(ApiError(Box::new(d)));
+        }
+        let mismatch = |why: String| {
+            let mut d = ErrorDetail::new(ErrorCode::DiskTableMismatch, why);
+            d.expected = None;
+            ApiError(Box::new(d))
+        };
+        if vm_row.disks.len() != begin.disks.len() {
+            return Err(mismatch(format!(
+                "the replica VM has {} disks, the primary {}",
+                vm_row.disks.len(),
+                begin.disks.len()
+            )));
+        }
+        let mut images = Vec::new();
+        for (path, d) in vm_row.disks.iter().zip(&begin.disks) {
+            let (format, size) = crate::engine::initial::disk_table(&VmRow {
+                disks: vec![path.clone()],
+                ..vm_row.clone()
+            })
+            .map_err(|f| ApiError::new(ErrorCode::StorageUnavailable, f.message))?
+            .remove(0);
+            if size != d.virtual_size {
+                return Err(mismatch(format!(
+                    "the replica's disk {path} has {size} bytes, the primary's {} {}",
+                    d.id, d.virtual_size
+                )));
+            }
+            images.push((path.clone(), format, size));
+        }
+        let compare = Arc::new(Compare {
+            id: Uuid::new_v4(),
+            state: std::sync::atomic::AtomicU16::new(1),
+            failed: Mutex::new(None),
+            baseline: 1,
+            next: 2,
+            block_size: begin.block_size,
+            images,
+        });
+        self.compares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm, compare.clone());
+        let (me, c, disks) = (self.clone(), compare.clone(), begin.disks.clone());
+        tokio::spawn(async move {
+            let result = me.import_seed(vm, &c, disks).await;
+            match result {
+                Ok(()) => c.state.store(2, std::sync::atomic::Ordering::Release),
+                Err(why) => {
+                    tracing::error!(%vm, "importing the seed failed: {why}");
+                    *c.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    c.state.store(3, std::sync::atomic::Ordering::Release);
+                }
+            }
+        });
+        tracing::info!(%vm, compare = %compare.id, "seeded comparison begun; importing the seed as point 1");
+        Ok(json(201, &compare.session()))
+    }
+
+    /// Writes the seed disks as a full-image log 1 and applies it (not through the upload path).
+    async fn import_seed(&self, vm: Uuid, c: &Compare, disks: Vec<DiskSpec>) -> Result<(), String> {
+        let replica = self
+            .store
+            .replica_vm(vm)
+            .map_err(|e| crate::error_chain(&e))?
+            .ok_or("no placeholder record")?;
+        let root = PathBuf::from(&replica.store_root);
+        let dir = incoming_dir(&root, vm);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let path = dir.join("seed.vrlog");
+        let header = wire::LogHeader {
+            vm,
+            relationship: 0,
+            sequence: 1,
+            parent: 0,
+            point_time_micros: now() * 1_000_000,
+            point_type: PointType::Standard,
+            full_image: true,
+            disks: disks
+                .iter()
+                .map(|d| wire::DiskInfo {
+                    id: d.id.clone(),
+                    virtual_size: d.virtual_size,
+                })
+                .collect(),
+        };
+        let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+        let mut log = wire::LogWriter::new(
+            std::io::BufWriter::with_capacity(1 << 20, file),
+            header,
+            wire::Compression::Off,
+        )
+        .map_err(|e| e.to_string())?;
+        for (i, (image, format, _)) in c.images.iter().enumerate() {
+            let map = dir.join(format!("seed-disk{i}.hashes"));
+            let tmp = crate::engine::initial::scan_image(
+                image,
+                format,
+                i,
+                None,
+                &map,
+                &self.data_dir,
+                &mut log,
+            )
+            .await
+            .map_err(|f| f.failure.message)?;
+            let _ = std::fs::remove_file(tmp);
+        }
+        let (w, summary) = log.finish().map_err(|e| e.to_string())?;
+        drop(w.into_inner().map_err(|e| e.to_string())?);
+        let points = PointStore::open(&root, vm)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        let expect = Expect {
+            vm,
+            relationship: 0,
+            sequence: 1,
+            parent: 0,
+        };
+        let point = points
+            .apply(&path, &expect)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        let _ = std::fs::remove_file(&path);
+        self.store
+            .record_applied_log(&ReceivedLog {
+                vm,
+                sequence: 1,
+                log_hash: hex::encode(summary.hash),
+                log_bytes: summary.bytes,
+                point_time: point.time_micros,
+                applied: true,
+            })
+            .map_err(|e| crate::error_chain(&e))?;
+        let rows: Vec<_> = points
+            .list_points()
+            .map_err(|e| crate::error_chain(&e))?
+            .iter()
+            .map(|p| crate::engine::initial::point_row(vm, p))
+            .collect();
+        self.store
+            .put_recovery_points(vm, &rows)
+            .map_err(|e| crate::error_chain(&e))?;
+        tracing::info!(%vm, bytes = summary.bytes, "seed imported as point 1");
+        Ok(())
+    }
+
+    /// `POST …/compare/{id}/ranges`: which of the primary's block hashes differ from the seed's.
+    async fn compare_range(&self, c: &Compare, body: Incoming) -> ApiResult {
+        match c.state.load(std::sync::atomic::Ordering::Acquire) {
+            1 => return Err(busy("the seed is still being imported".into())),
+            3 => {
+                let why = c.failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "the compare session is closed{}",
+                        why.map(|w| format!(": {w}")).unwrap_or_default()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let limit = 16 + protocol::MAX_COMPARE_BLOCKS as usize * protocol::BLOCK_HASH_LEN;
+        let bytes = http_body_util::Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::TooLarge, format!("the range body: {e}")))?
+            .to_bytes();
+        let range = protocol::HashRange::parse(&bytes)
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let Some((image, format, size)) = c.images.get(range.disk as usize).cloned() else {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("no disk {}", range.disk),
+            ));
+        };
+        let bs = u64::from(c.block_size);
+        let blocks = disk::scan::hashmap::block_count(size, c.block_size);
+        let count = range.hashes.len() as u64;
+        if range.first_block + count > blocks {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "the range goes past the end of the disk",
+            ));
+        }
+        let first = range.first_block;
+        let bits = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+            let mut bits = vec![0u8; (count as usize).div_ceil(8)];
+            let raw = (format == "raw")
+                .then(|| std::fs::File::open(&image))
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            let mapped = match &raw {
+                Some(_) => None,
+                None => Some(
+                    disk::scan::mapped::MappedImage::open(Path::new(&image), &format)
+                        .map_err(|e| crate::error_chain(&e))?,
+                ),
+            };
+            let mut source = match (&raw, &mapped) {
+                (Some(f), _) => disk::scan::Source::RawFile(f),
+                (None, Some(m)) => disk::scan::Source::Mapped(m),
+                _ => return Err("no source".into()),
+            };
+            let rt = tokio::runtime::Handle::current();
+            let mut buf = vec![0u8; bs as usize];
+            for (i, want) in range.hashes.iter().enumerate() {
+                let off = (first + i as u64) * bs;
+                let len = bs.min(size - off) as usize;
+                rt.block_on(source.read(off, &mut buf[..len]))
+                    .map_err(|e| crate::error_chain(&e))?;
+                if disk::scan::hashmap::block_hash(&buf[..len]) != *want {
+                    bits[i / 8] |= 1 << (i % 8);
+                }
+            }
+            Ok(bits)
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e))?;
+        let answer = protocol::RangeAnswer {
+            disk: range.disk,
+            first_block: first,
+            count: count as u32,
+            bits,
+        };
+        Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/vnd.vmreplica.block-bitmap")
+            .body(Full::new(Bytes::from(answer.encode())))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
     }
 
     /// A place for one more upload from `primary`, or 503 `Busy`.
@@ -287,7 +611,7 @@ impl ReplicaSide {
     }
 
     pub async fn dispatch(
-        &self,
+        self: &Arc<Self>,
         route: protocol::Route,
         entry: AuthorizationEntry,
         name: String,
@@ -321,7 +645,38 @@ impl ReplicaSide {
             }
             R::CommitLog(vm, seq) => {
                 let commit: Commit = read_json(req.into_body()).await?;
-                self.commit(&entry, vm, seq, commit).await
+                let answer = self.commit(&entry, vm, seq, commit).await;
+                if answer.is_ok() {
+                    // The log the compare asked for is committed: the session is done.
+                    let mut map = self.compares.lock().unwrap_or_else(|p| p.into_inner());
+                    if map.get(&vm).is_some_and(|c| c.next == seq) {
+                        map.remove(&vm);
+                    }
+                }
+                answer
+            }
+            R::BeginCompare(vm) => {
+                let begin: protocol::BeginCompare = read_json(req.into_body()).await?;
+                self.clone().begin_compare(&entry, vm, begin).await
+            }
+            R::CompareStatus(vm, id) => {
+                self.bound_vm(&entry, vm)?;
+                Ok(json(200, &self.compare_of(vm, id)?.session()))
+            }
+            R::CancelCompare(vm, id) => {
+                self.bound_vm(&entry, vm)?;
+                let c = self.compare_of(vm, id)?;
+                self.compares
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&vm);
+                c.state.store(3, std::sync::atomic::Ordering::Release);
+                Ok(json(200, &c.session()))
+            }
+            R::CompareRange(vm, id) => {
+                self.bound_vm(&entry, vm)?;
+                let c = self.compare_of(vm, id)?;
+                self.compare_range(&c, req.into_body()).await
             }
         }
     }

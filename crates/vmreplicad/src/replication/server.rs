@@ -225,7 +225,7 @@ pub fn refusal(reason: RefusalReason, message: impl Into<String>) -> ApiError {
 }
 
 async fn handle(
-    replica: &ReplicaSide,
+    replica: &Arc<ReplicaSide>,
     peer: &Peer,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {

@@ -403,6 +403,196 @@ impl Validate for Commit {
     }
 }
 
+/// `POST …/compare` body (§5.5): 1 Seeded, 2 Resync, 3 Failback (reserved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeginCompare {
+    pub kind: u16,
+    pub block_size: u32,
+    pub disks: Vec<DiskSpec>,
+}
+
+impl Validate for BeginCompare {
+    fn validate(&self) -> Result<(), MessageError> {
+        if !(1..=3).contains(&self.kind) {
+            return Err(invalid(
+                "kind",
+                "must be 1 (Seeded), 2 (Resync) or 3 (Failback)",
+            ));
+        }
+        if self.block_size == 0 || !self.block_size.is_power_of_two() {
+            return Err(invalid("block_size", "must be a power of two"));
+        }
+        if self.disks.is_empty() || self.disks.len() > 64 {
+            return Err(invalid("disks", "must list 1 to 64 disks"));
+        }
+        Ok(())
+    }
+}
+
+/// One disk of a compare session: how many blocks it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareDisk {
+    pub index: u32,
+    pub blocks: u64,
+}
+
+/// A compare session (§5.5): state 1 Preparing, 2 Ready, 3 Closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareSession {
+    pub id: Uuid,
+    pub state: u16,
+    pub baseline_sequence: u64,
+    pub next_sequence: u64,
+    pub block_size: u32,
+    pub disks: Vec<CompareDisk>,
+}
+
+impl Validate for CompareSession {
+    fn validate(&self) -> Result<(), MessageError> {
+        if !(1..=3).contains(&self.state) {
+            return Err(invalid("state", "must be 1, 2 or 3"));
+        }
+        if self.block_size == 0 || self.disks.len() > 64 {
+            return Err(invalid(
+                "block_size",
+                "must be at least 1, with at most 64 disks",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Most blocks one range request may carry (`max_compare_blocks`).
+pub const MAX_COMPARE_BLOCKS: u32 = 65_536;
+/// Bytes of one block hash in a range request.
+pub const BLOCK_HASH_LEN: usize = 16;
+
+/// A range of block hashes (`application/vnd.vmreplica.block-hashes`, little-endian):
+/// `disk u32 | first_block u64 | count u32 | count × 16-byte hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashRange {
+    pub disk: u32,
+    pub first_block: u64,
+    pub hashes: Vec<[u8; BLOCK_HASH_LEN]>,
+}
+
+impl HashRange {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.hashes.len() * BLOCK_HASH_LEN);
+        out.extend_from_slice(&self.disk.to_le_bytes());
+        out.extend_from_slice(&self.first_block.to_le_bytes());
+        out.extend_from_slice(&(self.hashes.len() as u32).to_le_bytes());
+        for h in &self.hashes {
+            out.extend_from_slice(h);
+        }
+        out
+    }
+
+    /// Parses a request body; the length must be exactly 16 + 16·count, count 1..=max.
+    pub fn parse(body: &[u8]) -> Result<HashRange, MessageError> {
+        if body.len() < 16 {
+            return Err(invalid("body", "shorter than the 16-byte range head"));
+        }
+        let disk = u32::from_le_bytes(body[0..4].try_into().unwrap_or_default());
+        let first_block = u64::from_le_bytes(body[4..12].try_into().unwrap_or_default());
+        let count = u32::from_le_bytes(body[12..16].try_into().unwrap_or_default());
+        if count == 0 || count > MAX_COMPARE_BLOCKS {
+            return Err(invalid(
+                "count",
+                format!("must be 1 to {MAX_COMPARE_BLOCKS}"),
+            ));
+        }
+        let want = 16 + count as usize * BLOCK_HASH_LEN;
+        if body.len() != want {
+            return Err(invalid(
+                "body",
+                format!("{} bytes; {want} expected for {count} hashes", body.len()),
+            ));
+        }
+        first_block
+            .checked_add(u64::from(count))
+            .ok_or_else(|| invalid("first_block", "the range overflows"))?;
+        let hashes = body[16..]
+            .chunks_exact(BLOCK_HASH_LEN)
+            .map(|c| {
+                let mut h = [0u8; BLOCK_HASH_LEN];
+                h.copy_from_slice(c);
+                h
+            })
+            .collect();
+        Ok(HashRange {
+            disk,
+            first_block,
+            hashes,
+        })
+    }
+}
+
+/// The answer to a range (`application/vnd.vmreplica.block-bitmap`): `disk u32 | first_block u64 |
+/// count u32 | differing u32 | ⌈count/8⌉ bytes`, bit `i % 8` of byte `i / 8` set when block
+/// `first_block + i` differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeAnswer {
+    pub disk: u32,
+    pub first_block: u64,
+    pub count: u32,
+    pub bits: Vec<u8>,
+}
+
+impl RangeAnswer {
+    pub fn differs(&self, i: u32) -> bool {
+        i < self.count && self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+
+    pub fn differing(&self) -> u32 {
+        self.bits.iter().map(|b| b.count_ones()).sum()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20 + self.bits.len());
+        out.extend_from_slice(&self.disk.to_le_bytes());
+        out.extend_from_slice(&self.first_block.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&self.differing().to_le_bytes());
+        out.extend_from_slice(&self.bits);
+        out
+    }
+
+    pub fn parse(body: &[u8]) -> Result<RangeAnswer, MessageError> {
+        if body.len() < 20 {
+            return Err(invalid("body", "shorter than the 20-byte answer head"));
+        }
+        let disk = u32::from_le_bytes(body[0..4].try_into().unwrap_or_default());
+        let first_block = u64::from_le_bytes(body[4..12].try_into().unwrap_or_default());
+        let count = u32::from_le_bytes(body[12..16].try_into().unwrap_or_default());
+        let differing = u32::from_le_bytes(body[16..20].try_into().unwrap_or_default());
+        if count == 0 || count > MAX_COMPARE_BLOCKS || body.len() != 20 + count.div_ceil(8) as usize
+        {
+            return Err(invalid("count", "does not match the answer's length"));
+        }
+        let mut bits = body[20..].to_vec();
+        // Bits past `count` are ignored.
+        if count % 8 != 0 {
+            if let Some(last) = bits.last_mut() {
+                *last &= (1u8 << (count % 8)) - 1;
+            }
+        }
+        let answer = RangeAnswer {
+            disk,
+            first_block,
+            count,
+            bits,
+        };
+        if answer.differing() != differing {
+            return Err(invalid("differing", "does not match the bitmap"));
+        }
+        Ok(answer)
+    }
+}
+
 /// The error codes of §4. Every one is a number on the wire; 0 is never valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -708,6 +898,31 @@ mod tests {
         ));
         let zero = r#"{"error":{"code":0,"name":"Invalid","message":""}}"#;
         assert!(decode::<ErrorBody>(zero.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn ranges_round_trip_and_bad_lengths_are_refused() {
+        let r = HashRange {
+            disk: 1,
+            first_block: 7,
+            hashes: vec![[1; 16], [2; 16], [3; 16]],
+        };
+        assert_eq!(HashRange::parse(&r.encode()).unwrap(), r);
+        let mut short = r.encode();
+        short.pop();
+        assert!(HashRange::parse(&short).is_err());
+        let a = RangeAnswer {
+            disk: 1,
+            first_block: 7,
+            count: 10,
+            bits: vec![0b1000_0001, 0b10],
+        };
+        let parsed = RangeAnswer::parse(&a.encode()).unwrap();
+        assert_eq!(parsed, a);
+        assert!(parsed.differs(0) && parsed.differs(7) && parsed.differs(9) && !parsed.differs(1));
+        let mut lying = a.encode();
+        lying[16] = 9;
+        assert!(RangeAnswer::parse(&lying).is_err());
     }
 
     #[test]

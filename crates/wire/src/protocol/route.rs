@@ -20,6 +20,14 @@ pub enum Route {
     LogStatus(Uuid, u64),
     /// `POST /vmreplica/v1/vms/{vm}/logs/{seq}/commit`.
     CommitLog(Uuid, u64),
+    /// `POST /vmreplica/v1/vms/{vm}/compare`.
+    BeginCompare(Uuid),
+    /// `GET /vmreplica/v1/vms/{vm}/compare/{id}`.
+    CompareStatus(Uuid, Uuid),
+    /// `DELETE /vmreplica/v1/vms/{vm}/compare/{id}`.
+    CancelCompare(Uuid, Uuid),
+    /// `POST /vmreplica/v1/vms/{vm}/compare/{id}/ranges`.
+    CompareRange(Uuid, Uuid),
 }
 
 /// Why a path is not a [`Route`].
@@ -126,6 +134,18 @@ impl Route {
                 }
             }
             ("POST", ["vms", id, "logs", s, "commit"]) => Ok(Route::CommitLog(vm(id)?, seq(s)?)),
+            ("POST", ["vms", id, "compare"]) => Ok(Route::BeginCompare(vm(id)?)),
+            (_, ["vms", id, "compare", c]) => {
+                let (id, c) = (vm(id)?, vm(c)?);
+                match method {
+                    "GET" => Ok(Route::CompareStatus(id, c)),
+                    "DELETE" => Ok(Route::CancelCompare(id, c)),
+                    _ => Err(RouteError::Unknown),
+                }
+            }
+            ("POST", ["vms", id, "compare", c, "ranges"]) => {
+                Ok(Route::CompareRange(vm(id)?, vm(c)?))
+            }
             (_, ["vms", id, ..]) => {
                 vm(id)?;
                 Err(RouteError::Unknown)
@@ -144,15 +164,25 @@ impl Route {
                 format!("/vmreplica/v1/vms/{vm}/logs/{s}")
             }
             Route::CommitLog(vm, s) => format!("/vmreplica/v1/vms/{vm}/logs/{s}/commit"),
+            Route::BeginCompare(vm) => format!("/vmreplica/v1/vms/{vm}/compare"),
+            Route::CompareStatus(vm, c) | Route::CancelCompare(vm, c) => {
+                format!("/vmreplica/v1/vms/{vm}/compare/{c}")
+            }
+            Route::CompareRange(vm, c) => format!("/vmreplica/v1/vms/{vm}/compare/{c}/ranges"),
         }
     }
 
     /// The HTTP method of this route.
     pub fn method(&self) -> &'static str {
         match self {
-            Route::Hello | Route::Test | Route::CommitLog(..) => "POST",
+            Route::Hello
+            | Route::Test
+            | Route::CommitLog(..)
+            | Route::BeginCompare(_)
+            | Route::CompareRange(..) => "POST",
             Route::PutVm(_) => "PUT",
-            Route::GetVm(_) | Route::LogStatus(..) => "GET",
+            Route::GetVm(_) | Route::LogStatus(..) | Route::CompareStatus(..) => "GET",
+            Route::CancelCompare(..) => "DELETE",
             Route::UploadLog(..) => "PATCH",
         }
     }
@@ -165,7 +195,11 @@ impl Route {
             | Route::GetVm(vm)
             | Route::UploadLog(vm, _)
             | Route::LogStatus(vm, _)
-            | Route::CommitLog(vm, _) => Some(*vm),
+            | Route::CommitLog(vm, _)
+            | Route::BeginCompare(vm)
+            | Route::CompareStatus(vm, _)
+            | Route::CancelCompare(vm, _)
+            | Route::CompareRange(vm, _) => Some(*vm),
         }
     }
 }
@@ -187,6 +221,10 @@ mod tests {
             Route::UploadLog(vm, 42),
             Route::LogStatus(vm, 1),
             Route::CommitLog(vm, u64::MAX),
+            Route::BeginCompare(vm),
+            Route::CompareStatus(vm, vm),
+            Route::CancelCompare(vm, vm),
+            Route::CompareRange(vm, vm),
         ] {
             assert_eq!(Route::parse(r.method(), &r.path()), Ok(r));
         }

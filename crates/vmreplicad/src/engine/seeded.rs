@@ -1,0 +1,298 @@
+//! Seeded initial replication: `StartReplication` type 3 on the primary (docs/protocol.md §5.5).
+//!
+//! The recovery server already holds a copy of the VM's disks (restored from a backup, say) as the
+//! disks of a replica VM with the same GUID (RequestReplicationStateChange(2) there). The job hashes
+//! every block of the turned-off VM (the block-hash maps of the next delta), asks the replica to
+//! import its copy as point 1 and to compare its blocks with these hashes range by range, and sends
+//! only the blocks that differ, as an ordinary delta log 2 (parent 1). A copy that is identical
+//! costs the hashes and an empty log; nothing of the disks travels twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use disk::scan::hashmap::{MapReader, MapWriter};
+use disk::scan::DEFAULT_BLOCK_SIZE;
+use wire::protocol::{
+    BeginCompare, CompareSession, HashRange, RangeAnswer, ReplicaVm, Route, MAX_COMPARE_BLOCKS,
+};
+use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
+
+use super::initial::{disk_table, require_off, scan_image, scan_image_ranges};
+use super::network::{put_vm, target, NetworkIr};
+use crate::clock::now;
+use crate::jobs::{JobContext, JobFailure};
+use crate::replication::chain::ChainRow;
+use crate::replication::client::GrowingLog;
+use crate::store::{RelationshipRow, VmRow};
+
+fn fail(message: impl Into<String>, action: &str) -> JobFailure {
+    JobFailure::failed(message, action)
+}
+
+fn local(e: impl std::error::Error) -> JobFailure {
+    fail(
+        crate::error_chain(&e),
+        "Check the data directory and the VM's disks.",
+    )
+}
+
+/// The seeded IR job's work; returns the relationship with its replication time set.
+pub async fn run(
+    ctx: JobContext,
+    job: NetworkIr,
+    vm: VmRow,
+    mut rel: RelationshipRow,
+) -> Result<RelationshipRow, JobFailure> {
+    require_off(
+        &vm,
+        " (seeded initial replication hashes the turned-off VM's disks)",
+    )?;
+    let target = target(&rel);
+    let mut session = job
+        .peers
+        .connect(&target)
+        .await
+        .map_err(|e| e.into_failure("connecting to the recovery server"))?;
+    let put = put_vm(&vm, &rel, &job.peers.host, 3)?;
+    let (_, replica) = session
+        .json::<_, ReplicaVm>(Route::PutVm(vm.id), Some(&put))
+        .await
+        .map_err(|e| e.into_failure("finding the replica VM"))?;
+    if replica.last_committed.sequence != 0 {
+        return Err(fail(
+            format!(
+                "the replica of '{}' already holds log {}",
+                vm.name, replica.last_committed.sequence
+            ),
+            "Remove the replica VM on the recovery server, or resynchronize.",
+        ));
+    }
+
+    // 1. This side's block hashes (the maps of the next delta); no data is kept.
+    let disks = disk_table(&vm)?;
+    let tracking = job
+        .data_dir
+        .join("tracking")
+        .join(vm.id.to_string().to_uppercase());
+    std::fs::create_dir_all(&tracking).map_err(local)?;
+    let header = |sequence, parent, full_image| LogHeader {
+        vm: vm.id,
+        relationship: 0,
+        sequence,
+        parent,
+        point_time_micros: now() * 1_000_000,
+        point_type: PointType::Standard,
+        full_image,
+        disks: disks
+            .iter()
+            .enumerate()
+            .map(|(i, (_, size))| DiskInfo {
+                id: format!("disk{i}"),
+                virtual_size: *size,
+            })
+            .collect(),
+    };
+    let mut hashes_only = LogWriter::new(std::io::sink(), header(1, 0, true), Compression::Off)
+        .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+    let mut own = Vec::new();
+    for (i, (format, _)) in disks.iter().enumerate() {
+        ctx.check_cancelled()?;
+        let map = tracking.join(format!("disk{i}.seed-hashes"));
+        own.push(
+            scan_image(
+                &vm.disks[i],
+                format,
+                i,
+                None,
+                &map,
+                &job.data_dir,
+                &mut hashes_only,
+            )
+            .await?,
+        );
+    }
+    ctx.progress(30)?;
+
+    // 2. The replica imports its copy as point 1 and compares.
+    let begin = BeginCompare {
+        kind: 1,
+        block_size: DEFAULT_BLOCK_SIZE,
+        disks: put.disks.clone(),
+    };
+    let (_, mut cs) = session
+        .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(&begin))
+        .await
+        .map_err(|e| e.into_failure("beginning the comparison"))?;
+    while cs.state == 1 {
+        ctx.check_cancelled()?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cs = session
+            .json::<(), CompareSession>(Route::CompareStatus(vm.id, cs.id), None)
+            .await
+            .map_err(|e| e.into_failure("waiting for the replica to import its copy"))?
+            .1;
+    }
+    if cs.state != 2 {
+        return Err(fail(
+            "the recovery server could not import the replica VM's disks",
+            "Check the replica VM's disks and the recovery server's log.",
+        ));
+    }
+    let bs = u64::from(DEFAULT_BLOCK_SIZE);
+    let mut differing: Vec<Vec<(u64, u64)>> = Vec::new();
+    let mut total = 0u64;
+    for (i, map) in own.iter().enumerate() {
+        let mut reader = MapReader::open(map).map_err(local)?;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut first = 0u64;
+        loop {
+            let mut hashes = Vec::new();
+            while hashes.len() < MAX_COMPARE_BLOCKS as usize {
+                match reader.next_hash().map_err(local)? {
+                    Some(h) => hashes.push(h),
+                    None => break,
+                }
+            }
+            if hashes.is_empty() {
+                break;
+            }
+            let count = hashes.len() as u64;
+            let range = HashRange {
+                disk: i as u32,
+                first_block: first,
+                hashes,
+            };
+            let body = session
+                .binary(
+                    Route::CompareRange(vm.id, cs.id),
+                    range.encode(),
+                    "application/vnd.vmreplica.block-hashes",
+                )
+                .await
+                .map_err(|e| e.into_failure("comparing block hashes"))?;
+            let answer = RangeAnswer::parse(&body).map_err(|e| {
+                fail(
+                    format!("the recovery server answered nonsense: {e}"),
+                    "Check the recovery server.",
+                )
+            })?;
+            for b in 0..answer.count {
+                if answer.differs(b) {
+                    let off = (first + u64::from(b)) * bs;
+                    match ranges.last_mut() {
+                        Some((o, l)) if *o + *l == off => *l += bs,
+                        _ => ranges.push((off, bs)),
+                    }
+                    total += 1;
+                }
+            }
+            first += count;
+        }
+        differing.push(ranges);
+    }
+    ctx.progress(60)?;
+    tracing::info!(vm = %vm.id, differing_blocks = total, "seeded comparison done");
+
+    // 3. Log `next` (parent `baseline`) with exactly the differing blocks: a copy of this side's map
+    // where those blocks' hashes are made to differ drives the ranged scan.
+    let outgoing = job
+        .data_dir
+        .join("outgoing")
+        .join(vm.id.to_string().to_uppercase());
+    std::fs::create_dir_all(&outgoing).map_err(local)?;
+    let spool = outgoing.join(format!("{:020}.vrlog", cs.next_sequence));
+    let file = std::fs::File::create(&spool).map_err(local)?;
+    let mut log = LogWriter::new(
+        std::io::BufWriter::with_capacity(1 << 20, file),
+        header(cs.next_sequence, cs.baseline_sequence, false),
+        if rel.settings.compression_enabled {
+            Compression::default()
+        } else {
+            Compression::Off
+        },
+    )
+    .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+    let mut maps = Vec::new();
+    for (i, (format, size)) in disks.iter().enumerate() {
+        let forced = tracking.join(format!("disk{i}.seed-forced"));
+        let mut reader = MapReader::open(&own[i]).map_err(local)?;
+        let mut writer = MapWriter::create(&forced, DEFAULT_BLOCK_SIZE, *size).map_err(local)?;
+        let mut block = 0u64;
+        let mut next_range = 0;
+        while let Some(mut h) = reader.next_hash().map_err(local)? {
+            let off = block * bs;
+            while differing[i]
+                .get(next_range)
+                .is_some_and(|(o, l)| o + l <= off)
+            {
+                next_range += 1;
+            }
+            if differing[i].get(next_range).is_some_and(|(o, _)| *o <= off) {
+                h[0] ^= 0xff;
+            }
+            writer.push(&h).map_err(local)?;
+            block += 1;
+        }
+        let forced_tmp = writer.finish().map_err(local)?;
+        let map = tracking.join(format!("disk{i}.hashes"));
+        let tmp = scan_image_ranges(
+            &vm.disks[i],
+            format,
+            i,
+            Some(&forced_tmp),
+            &map,
+            &job.data_dir,
+            &mut log,
+            Some(&differing[i]),
+        )
+        .await?;
+        let _ = std::fs::remove_file(&forced_tmp);
+        let _ = std::fs::remove_file(&own[i]);
+        maps.push((tmp, map));
+    }
+    let (w, summary) = log
+        .finish()
+        .map_err(|e| fail(e.to_string(), "Check free space."))?;
+    w.into_inner()
+        .map_err(|e| fail(e.to_string(), "Check free space."))?;
+    let hash = hex::encode(summary.hash);
+    let growing = Arc::new(GrowingLog::default());
+    growing.advance_to(summary.bytes);
+    growing.finish(hash.clone(), summary.bytes);
+    let delivered = job
+        .peers
+        .deliver(
+            &target,
+            &mut session,
+            vm.id,
+            cs.next_sequence,
+            &spool,
+            growing,
+            Arc::new(|_, _| {}),
+        )
+        .await;
+    let _ = std::fs::remove_file(&spool);
+    let done = delivered.map_err(|e| e.into_failure("sending the differing blocks"))?;
+    if done.status.log_hash.as_deref() != Some(hash.as_str()) {
+        return Err(fail(
+            "the recovery server committed another log",
+            "Resynchronize the VM.",
+        ));
+    }
+    for (tmp, map) in &maps {
+        disk::scan::hashmap::commit(tmp, map).map_err(local)?;
+    }
+    job.store.put_chain(&ChainRow {
+        vm: vm.id,
+        last_sequence: cs.next_sequence,
+        last_log_hash: hash,
+        next_due: now() + i64::from(rel.settings.replication_interval),
+        retries: 0,
+        retry_at: 0,
+        last_error: None,
+    })?;
+    rel.last_replication_time = Some(summary.header.point_time_micros / 1_000_000);
+    rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
+    tracing::info!(vm = %vm.id, differing_blocks = total, bytes = summary.bytes, "seeded initial replication committed");
+    Ok(rel)
+}
