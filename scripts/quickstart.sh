@@ -5,8 +5,8 @@
 # certificates (`vmreplica cert new`), defining the VM, the recovery-server settings and
 # authorization table, a connection test over the host-to-host protocol (HTTP/2, TLS 1.3, both
 # hosts authenticated by certificate), enabling replication (a job), initial replication over the
-# network proved with qemu-img compare, the Get-VMReplication-style status and statistics, and the
-# CIM-XML endpoint a WBEM client talks to.
+# network and a delta cycle proved with qemu-img compare, the Get-VMReplication-style status and
+# statistics, suspend/resume, and the CIM-XML endpoint a WBEM client talks to.
 #
 #   scripts/quickstart.sh [--keep]     --keep leaves the daemon running afterwards.
 set -euo pipefail
@@ -44,15 +44,16 @@ mkdir -p "$DATA/host1" "$DATA/host2"
 cp -r "$DATA/lab-ca/hv1.lab.example/certs" "$DATA/host1/"
 cp -r "$DATA/lab-ca/hv2.lab.example/certs" "$DATA/host2/"
 
-REPLICA_URL=http://127.0.0.1:$((PORT + 1))
-RPORT=$((PORT + 2))
+PORT2=${VMREPLICA_REPLICA_PORT:-$((PORT + 1))}
+RPORT=${VMREPLICA_REPLICATION_PORT:-$((PORT + 2))}
+REPLICA_URL=http://127.0.0.1:$PORT2
 say "Starting two hosts: hv1 (primary, $VMREPLICA_URL) and hv2 (replica, $REPLICA_URL; replication on $RPORT)"
 # No DNS in this lab: hv1 resolves hv2's name to loopback (the certificate must still name it).
 # --cycle-interval-override 3: this tour ships a delta every 3 s instead of waiting the 30 s interval.
 vmreplicad --data-dir "$DATA/host1" --cim-listen "127.0.0.1:$PORT" --host-name hv1.lab.example \
     --resolve hv2.lab.example=127.0.0.1 --cycle-interval-override 3 2>"$DATA/vmreplicad-hv1.log" &
 PID=$!
-vmreplicad --data-dir "$DATA/host2" --cim-listen "127.0.0.1:$((PORT + 1))" --host-name hv2.lab.example \
+vmreplicad --data-dir "$DATA/host2" --cim-listen "127.0.0.1:$PORT2" --host-name hv2.lab.example \
     --replication-address 127.0.0.1 2>"$DATA/vmreplicad-hv2.log" &
 PID2=$!
 if [ "$KEEP" != "--keep" ]; then

@@ -8,7 +8,12 @@ from conftest import ROOT, free_port
 
 
 def test_the_quickstart_tour_runs_and_its_replica_equals_the_sample_disk():
-    env = dict(os.environ, VMREPLICA_PORT=str(free_port()))
+    ports = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    main, replica, replication = sorted(ports)
+    env = dict(os.environ, VMREPLICA_PORT=str(main), VMREPLICA_REPLICA_PORT=str(replica),
+               VMREPLICA_REPLICATION_PORT=str(replication))
     res = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
