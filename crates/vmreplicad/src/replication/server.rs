@@ -174,6 +174,14 @@ async fn serve_connection(
         names: dns_names(leaf),
         thumbprint: sha1_thumbprint(leaf),
     });
+    let key = peer
+        .names
+        .first()
+        .map_or_else(|| peer.thumbprint.clone(), |n| n.to_ascii_lowercase());
+    let Some(_place) = PerPrimary::take(&key) else {
+        tracing::warn!(peer = %addr, host = %key, "refused: more than {MAX_CONNECTIONS_PER_PRIMARY} connections from one primary host");
+        return;
+    };
     let service = hyper::service::service_fn(move |req| {
         let (replica, peer) = (replica.clone(), peer.clone());
         async move { Ok::<_, Infallible>(handle(&replica, &peer, req).await) }
@@ -192,6 +200,78 @@ async fn serve_connection(
         .await;
     if let Err(e) = served {
         tracing::info!(peer = %addr, "replication connection ended: {}", crate::error_chain(&e));
+    }
+}
+
+/// Refusals logged per (peer IP, reason): at most one line a minute, with the count of those not
+/// logged since (docs/protocol.md §2.3), so a peer retrying in a loop cannot flood the log.
+fn refusal_log_due(ip: IpAddr, reason: &'static str) -> Option<u64> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    /// (peer IP, reason) → (last line logged, refusals not logged since).
+    type Seen = HashMap<(IpAddr, &'static str), (std::time::Instant, u64)>;
+    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
+    let mut guard = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let map = guard.get_or_insert_with(HashMap::new);
+    let now = std::time::Instant::now();
+    if map.len() > 4096 {
+        map.retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(60));
+    }
+    match map.get_mut(&(ip, reason)) {
+        Some((last, suppressed)) if now.duration_since(*last) < Duration::from_secs(60) => {
+            *suppressed += 1;
+            None
+        }
+        Some((last, suppressed)) => {
+            let n = *suppressed;
+            *last = now;
+            *suppressed = 0;
+            Some(n)
+        }
+        None => {
+            map.insert((ip, reason), (now, 0));
+            Some(0)
+        }
+    }
+}
+
+/// Connections per authenticated primary host (its certificate's names), docs/protocol.md §8.
+const MAX_CONNECTIONS_PER_PRIMARY: usize = 8;
+
+/// Open connections by the certificate's first DNS name; a guard frees its place.
+struct PerPrimary {
+    key: String,
+}
+
+static OPEN_BY_PRIMARY: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>> =
+    std::sync::Mutex::new(None);
+
+impl PerPrimary {
+    fn take(key: &str) -> Option<PerPrimary> {
+        let mut guard = OPEN_BY_PRIMARY.lock().unwrap_or_else(|p| p.into_inner());
+        let map = guard.get_or_insert_with(std::collections::HashMap::new);
+        let n = map.entry(key.to_string()).or_default();
+        if *n >= MAX_CONNECTIONS_PER_PRIMARY {
+            return None;
+        }
+        *n += 1;
+        Some(PerPrimary {
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for PerPrimary {
+    fn drop(&mut self) {
+        let mut guard = OPEN_BY_PRIMARY.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(map) = guard.as_mut() {
+            if let Some(n) = map.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&self.key);
+                }
+            }
+        }
     }
 }
 
@@ -275,7 +355,9 @@ async fn handle(
                     .reason
                     .and_then(RefusalReason::from_u16)
                     .map_or("?", RefusalReason::name);
-                tracing::warn!(peer = %peer.addr, thumbprint = %peer.thumbprint, names = ?peer.names, reason, %method, %path, "replication request refused: {}", d.message);
+                if let Some(suppressed) = refusal_log_due(peer.addr.ip(), reason) {
+                    tracing::warn!(peer = %peer.addr, thumbprint = %peer.thumbprint, names = ?peer.names, reason, %method, %path, suppressed, "replication request refused: {}", d.message);
+                }
             } else if d.code == ErrorCode::Internal as u16 {
                 tracing::error!(peer = %peer.addr, %method, %path, "{}", d.message);
             } else {
@@ -296,6 +378,33 @@ mod tests {
             trust_group: group.into(),
             replica_storage_location: "/srv".into(),
         }
+    }
+
+    #[test]
+    fn refusals_of_one_peer_and_reason_are_logged_once_a_minute() {
+        let ip: IpAddr = "192.0.2.77".parse().unwrap();
+        assert_eq!(refusal_log_due(ip, "NoMatchingEntry"), Some(0));
+        assert_eq!(refusal_log_due(ip, "NoMatchingEntry"), None);
+        assert_eq!(refusal_log_due(ip, "NoMatchingEntry"), None);
+        assert_eq!(
+            refusal_log_due(ip, "EntryRemoved"),
+            Some(0),
+            "another reason is its own line"
+        );
+    }
+
+    #[test]
+    fn a_primary_host_gets_at_most_eight_connections() {
+        let places: Vec<_> = (0..MAX_CONNECTIONS_PER_PRIMARY)
+            .map(|_| PerPrimary::take("p9.lab.example").expect("a place"))
+            .collect();
+        assert!(PerPrimary::take("p9.lab.example").is_none());
+        assert!(
+            PerPrimary::take("p10.lab.example").is_some(),
+            "another host is not affected"
+        );
+        drop(places);
+        assert!(PerPrimary::take("p9.lab.example").is_some());
     }
 
     #[test]
