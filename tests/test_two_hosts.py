@@ -766,11 +766,11 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
     import threading
 
     vm, disk, size, log = export_log(lab, tmp_path, "busy01")
-    started = threading.Event()
+    started = threading.Semaphore(0)
 
     def slow_body():
         yield log[:200]
-        started.set()
+        started.release()
         time.sleep(3)
 
     def upload():
@@ -781,7 +781,8 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
     threads = [threading.Thread(target=upload) for _ in range(4)]
     for t in threads:
         t.start()
-    started.wait(10)
+    for _ in range(4):
+        assert started.acquire(timeout=10), "four uploads in progress"
     time.sleep(0.5)
     with raw_peer(lab) as c:
         res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log,
