@@ -408,7 +408,7 @@ def test_delta_cycles_suspend_and_resume_ship_exactly_the_primary_state(lab, tmp
         # Suspend: nothing is sent, and once the job is done no cycle is in flight.
         rrsc(p, vm, 7)
         assert vm_by_name(p, "app01")["ReplicationState"] == 7
-        before = applied_sequence(lab, vm_id)
+        before = settled(lab, vm_id)  # what was committed before the suspend is applied
         run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x30 + k} {k}M 300k", "-c", f"write -z {20 + k}M 64k", os_disk)
         run("qemu-io", "-f", "raw", "-c", f"write -P {0x60 + k} {k * 3}M 1M", "-c", f"write -z {(k - 1) * 3}M 64k", data_disk)
         expected = [tmp_path / f"expected{k}-{i}.raw" for i in range(2)]
