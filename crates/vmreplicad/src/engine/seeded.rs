@@ -170,12 +170,17 @@ pub async fn run(
                 )
                 .await
                 .map_err(|e| e.into_failure("comparing block hashes"))?;
-            let answer = RangeAnswer::parse(&body).map_err(|e| {
-                fail(
-                    format!("the recovery server answered nonsense: {e}"),
-                    "Check the recovery server.",
-                )
-            })?;
+            let answer = RangeAnswer::parse(&body)
+                .ok()
+                .filter(|a| {
+                    a.disk == i as u32 && a.first_block == first && u64::from(a.count) == count
+                })
+                .ok_or_else(|| {
+                    fail(
+                        "the recovery server answered a range with another range",
+                        "Check the recovery server.",
+                    )
+                })?;
             for b in 0..answer.count {
                 if answer.differs(b) {
                     let off = (first + u64::from(b)) * bs;
