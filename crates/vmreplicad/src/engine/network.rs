@@ -78,24 +78,25 @@ pub fn put_vm(
     })
 }
 
-/// The network IR job's work; returns the relationship with its replication time set.
-pub async fn run(
-    ctx: JobContext,
-    job: NetworkIr,
-    vm: VmRow,
-    mut rel: RelationshipRow,
-) -> Result<RelationshipRow, JobFailure> {
-    let target = target(&rel);
+/// Connects to the recovery server and creates or updates the placeholder for an initial
+/// replication of `kind` (1 network, 3 seeded); the replica must hold no log yet.
+pub async fn open_empty_replica(
+    job: &NetworkIr,
+    vm: &VmRow,
+    rel: &RelationshipRow,
+    kind: u16,
+) -> Result<(crate::replication::client::Session, PutVm), JobFailure> {
+    let target = target(rel);
     let mut session = job
         .peers
         .connect(&target)
         .await
         .map_err(|e| e.into_failure("connecting to the recovery server"))?;
-    let put = put_vm(&vm, &rel, &job.peers.host, 1)?;
+    let put = put_vm(vm, rel, &job.peers.host, kind)?;
     let (_, replica) = session
         .json::<_, ReplicaVm>(Route::PutVm(vm.id), Some(&put))
         .await
-        .map_err(|e| e.into_failure("creating the replica VM"))?;
+        .map_err(|e| e.into_failure("creating or finding the replica VM"))?;
     if replica.last_committed.sequence != 0 {
         return Err(fail(
             format!(
@@ -105,6 +106,18 @@ pub async fn run(
             "Remove the replica VM on the recovery server, or resynchronize.",
         ));
     }
+    Ok((session, put))
+}
+
+/// The network IR job's work; returns the relationship with its replication time set.
+pub async fn run(
+    ctx: JobContext,
+    job: NetworkIr,
+    vm: VmRow,
+    mut rel: RelationshipRow,
+) -> Result<RelationshipRow, JobFailure> {
+    let target = target(&rel);
+    let (mut session, _) = open_empty_replica(&job, &vm, &rel, 1).await?;
     ctx.progress(2)?;
     let outgoing = job
         .data_dir

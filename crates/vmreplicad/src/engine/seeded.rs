@@ -13,12 +13,12 @@ use std::time::Duration;
 use disk::scan::hashmap::{MapReader, MapWriter};
 use disk::scan::DEFAULT_BLOCK_SIZE;
 use wire::protocol::{
-    BeginCompare, CompareSession, HashRange, RangeAnswer, ReplicaVm, Route, MAX_COMPARE_BLOCKS,
+    BeginCompare, CompareSession, HashRange, RangeAnswer, Route, MAX_COMPARE_BLOCKS,
 };
 use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
 
 use super::initial::{disk_table, require_off, scan_image, scan_image_ranges};
-use super::network::{put_vm, target, NetworkIr};
+use super::network::{open_empty_replica, target, NetworkIr};
 use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
 use crate::replication::chain::ChainRow;
@@ -48,25 +48,7 @@ pub async fn run(
         " (seeded initial replication hashes the turned-off VM's disks)",
     )?;
     let target = target(&rel);
-    let mut session = job
-        .peers
-        .connect(&target)
-        .await
-        .map_err(|e| e.into_failure("connecting to the recovery server"))?;
-    let put = put_vm(&vm, &rel, &job.peers.host, 3)?;
-    let (_, replica) = session
-        .json::<_, ReplicaVm>(Route::PutVm(vm.id), Some(&put))
-        .await
-        .map_err(|e| e.into_failure("finding the replica VM"))?;
-    if replica.last_committed.sequence != 0 {
-        return Err(fail(
-            format!(
-                "the replica of '{}' already holds log {}",
-                vm.name, replica.last_committed.sequence
-            ),
-            "Remove the replica VM on the recovery server, or resynchronize.",
-        ));
-    }
+    let (mut session, put) = open_empty_replica(&job, &vm, &rel, 3).await?;
 
     // 1. This side's block hashes (the maps of the next delta); no data is kept.
     let disks = disk_table(&vm)?;
