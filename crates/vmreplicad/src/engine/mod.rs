@@ -74,8 +74,12 @@ impl DataPlane for LocalEngine {
     fn start(&self, request: EngineRequest) -> Result<JobRow, CommandError> {
         match request.operation {
             Operation::StartReplication(InitialReplicationType::Export) => self.export(request),
-            Operation::StartReplication(InitialReplicationType::Network) => self.network(request),
-            Operation::StartReplication(InitialReplicationType::Seeded) => self.seeded(request),
+            Operation::StartReplication(InitialReplicationType::Network) => {
+                self.network(request, false)
+            }
+            Operation::StartReplication(InitialReplicationType::Seeded) => {
+                self.network(request, true)
+            }
             Operation::ImportInitialReplica => self.import(request),
             Operation::RequestReplicationStateChange(RequestedState::Replicating)
                 if request.vm.mode == ReplicationMode::Primary.as_u16()
@@ -220,7 +224,9 @@ impl LocalEngine {
         )
     }
 
-    fn network(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+    /// Initial replication over the network: full (type 1) or seeded from the replica's copy
+    /// (type 3). Both need certificate authentication.
+    fn network(&self, req: EngineRequest, seeded: bool) -> Result<JobRow, CommandError> {
         let rel = req
             .relationship
             .as_ref()
@@ -236,14 +242,23 @@ impl LocalEngine {
             peers: self.peers.clone(),
             data_dir: self.data_dir.clone(),
         };
+        let what = if seeded {
+            "Seeded initial replication"
+        } else {
+            "Send the initial replica over the network"
+        };
         self.spawn_with_outcome(
             req,
             None,
-            "Send the initial replica over the network",
+            what,
             true,
             move |ctx, vm, rel, _, claim| async move {
                 let _claim = claim; // held until the job ends
-                network::run(ctx, job, vm, rel).await
+                if seeded {
+                    seeded::run(ctx, job, vm, rel).await
+                } else {
+                    network::run(ctx, job, vm, rel).await
+                }
             },
         )
     }
@@ -265,24 +280,6 @@ impl LocalEngine {
                     store.put_chain(&chain).map_err(JobFailure::from)?;
                 }
                 Ok(rel)
-            },
-        )
-    }
-
-    fn seeded(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
-        let job = network::NetworkIr {
-            store: self.store.clone(),
-            peers: self.peers.clone(),
-            data_dir: self.data_dir.clone(),
-        };
-        self.spawn_with_outcome(
-            req,
-            None,
-            "Seeded initial replication",
-            true,
-            move |ctx, vm, rel, _, claim| async move {
-                let _claim = claim; // held until the job ends
-                seeded::run(ctx, job, vm, rel).await
             },
         )
     }
