@@ -37,6 +37,10 @@ enum What {
         /// Working directory (needs about 4x the image size free).
         #[arg(long, default_value = "bench-data")]
         dir: PathBuf,
+        /// Drop the page cache before every timed step (needs root), so every tool reads its
+        /// input from the disk.
+        #[arg(long)]
+        cold: bool,
     },
     /// (internal) one engine, run in a child process so its memory is measured alone.
     #[command(hide = true)]
@@ -67,9 +71,10 @@ fn main() -> anyhow::Result<()> {
             size,
             change_percent,
             dir,
+            cold,
         } => {
             let size = parse_size(&size)?;
-            rt.block_on(engines::data_plane(size, change_percent, &dir))
+            rt.block_on(engines::data_plane(size, change_percent, &dir, cold))
         }
         What::Engine { name, dir } => rt.block_on(engines::run_engine(&name, &dir)),
     }

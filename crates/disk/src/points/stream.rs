@@ -28,7 +28,7 @@ use super::error::{ApplyError, StoreError};
 use super::layout::Layout;
 use crate::export::{ExportSpec, NbdExport};
 use crate::nbd::{NbdClient, NbdError};
-use crate::qcow2::Qcow2Writer;
+use crate::qcow2::{Qcow2Writer, DIRECT_ALIGN};
 
 /// NBD connections per disk (qemu-nbd runs with `--shared=4`).
 const CONNECTIONS: usize = 3;
@@ -123,16 +123,16 @@ fn full_image_threads(
         writers.push(Qcow2Writer::create(tmp, *size).map_err(layer_error(disk))?);
     }
     let (batch_tx, batch_rx) = std_mpsc::sync_channel::<(usize, Batch)>(BATCHES_IN_FLIGHT * 2);
-    let (recycle_tx, recycle_rx) = std_mpsc::channel::<Vec<u8>>();
+    let (recycle_tx, recycle_rx) = std_mpsc::channel::<Batch>();
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<Vec<Qcow2Writer>, ApplyError> {
-            for (disk, batch) in batch_rx {
+            for (disk, mut batch) in batch_rx {
                 let w = &mut writers[disk];
                 let mut at = 0usize;
-                for op in &batch.ops {
-                    match *op {
+                for op in batch.ops.drain(..) {
+                    match op {
                         Op::Data { offset, len } => {
-                            w.write(offset, &batch.data[at..at + len])
+                            w.write(offset, &batch.data.bytes()[at..at + len])
                                 .map_err(layer_error(disk))?;
                             at += len;
                         }
@@ -141,9 +141,8 @@ fn full_image_threads(
                         }
                     }
                 }
-                let mut data = batch.data;
-                data.clear();
-                let _ = recycle_tx.send(data);
+                batch.data.clear();
+                let _ = recycle_tx.send(batch);
             }
             Ok(writers)
         });
@@ -170,16 +169,8 @@ fn full_image_threads(
                     }
                 }
             }
-            let (_, batch) = current.get_or_insert_with(|| {
-                let data = recycle_rx.try_recv().unwrap_or_default();
-                (
-                    disk,
-                    Batch {
-                        data,
-                        ops: Vec::new(),
-                    },
-                )
-            });
+            let (_, batch) =
+                current.get_or_insert_with(|| (disk, recycle_rx.try_recv().unwrap_or_default()));
             match extent.content {
                 Content::Data(bytes) => batch.push_data(extent.offset, bytes),
                 Content::Zero(len) => batch.ops.push(Op::Zero {
@@ -223,19 +214,16 @@ enum Op {
     },
 }
 
-/// What the reader hands one connection at a time; `data` is reused once written.
+/// What the reader hands one writer at a time; reused once written.
 #[derive(Default)]
 struct Batch {
-    data: Vec<u8>,
+    data: AlignedBuf,
     ops: Vec<Op>,
 }
 
 impl Batch {
     fn push_data(&mut self, offset: u64, bytes: &[u8]) {
-        if self.data.capacity() == 0 {
-            self.data.reserve_exact(BATCH_BYTES);
-        }
-        self.data.extend_from_slice(bytes);
+        self.data.push(bytes);
         if let Some(Op::Data { offset: at, len }) = self.ops.last_mut() {
             if *at + *len as u64 == offset {
                 *len += bytes.len();
@@ -250,6 +238,43 @@ impl Batch {
 
     fn is_full(&self) -> bool {
         self.data.len() >= BATCH_BYTES || self.ops.len() >= BATCH_OPS
+    }
+}
+
+/// A byte buffer whose contents start at an address aligned to [`DIRECT_ALIGN`], so a run of
+/// whole clusters in it can be written with `O_DIRECT` (see [`crate::qcow2`]). Made of a plain
+/// `Vec` with padding in front; it grows like one when a push does not fit.
+#[derive(Default)]
+struct AlignedBuf {
+    buf: Vec<u8>,
+    pad: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.pad..self.pad + self.len]
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let need = self.len + bytes.len();
+        if self.buf.len() < self.pad + need {
+            let mut buf = vec![0u8; need.max(BATCH_BYTES).max(2 * self.len) + DIRECT_ALIGN];
+            let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            buf[pad..pad + self.len].copy_from_slice(self.bytes());
+            (self.buf, self.pad) = (buf, pad);
+        }
+        let at = self.pad + self.len;
+        self.buf[at..at + bytes.len()].copy_from_slice(bytes);
+        self.len = need;
     }
 }
 
@@ -396,7 +421,9 @@ async fn write_batches(
         for op in batch.ops.drain(..) {
             match op {
                 Op::Data { offset, len } => {
-                    client.write(offset, &batch.data[at..at + len]).await?;
+                    client
+                        .write(offset, &batch.data.bytes()[at..at + len])
+                        .await?;
                     at += len;
                 }
                 Op::Zero { offset, len } => client.write_zeroes(offset, len).await?,
