@@ -740,6 +740,21 @@ def test_removing_the_authorization_entry_stops_replication_of_its_vms(lab, tmp_
     rel = p.Associators(vm_by_name(p, "auth01").path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     assert rel["ReplicationHealth"] == 3  # Critical
 
+    # The operator puts the entry back and resumes both sides (RRSC 3 from 8): what the VM wrote
+    # meanwhile arrives.
+    lab.replica.cli("auth", "add", "--primary", "*.lab.example", "--storage", str(lab.storage))
+    rrsc(r, vm_by_name(r, "auth01"), 3)
+    before = applied_sequence(lab, vm_id)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 3M 1M", disk)
+    rrsc(p, vm_by_name(p, "auth01"), 3)
+    wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta after the resume")
+    assert vm_by_name(p, "auth01")["ReplicationState"] == 3
+    seq = applied_sequence(lab, vm_id)
+    layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
+    res = subprocess.run(["qemu-img", "compare", "-F", "qcow2", str(layer), str(disk)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
 
 def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path):
     import os

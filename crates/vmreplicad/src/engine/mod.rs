@@ -81,10 +81,14 @@ impl DataPlane for LocalEngine {
                 self.network(request, true)
             }
             Operation::ImportInitialReplica => self.import(request),
+            // Resume from Suspended, or from Critical once the operator fixed the cause: the
+            // next cycle is due now and ships everything tracked meanwhile.
             Operation::RequestReplicationStateChange(RequestedState::Replicating)
                 if request.vm.mode == ReplicationMode::Primary.as_u16()
-                    && request.relationship.as_ref().map(|r| r.state)
-                        == Some(ReplicationState::Suspended.as_u16()) =>
+                    && request.relationship.as_ref().is_some_and(|r| {
+                        r.state == ReplicationState::Suspended.as_u16()
+                            || r.state == ReplicationState::Critical.as_u16()
+                    }) =>
             {
                 self.resume(request)
             }

@@ -1638,6 +1638,8 @@ pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
                         *n += 1;
                         tracing::warn!(vm = %log.vm, sequence = log.sequence, attempt = *n, "applying the log failed: {msg}");
                         if *n >= 3 {
+                            // An operator resumes it (RRSC 3); it then gets three more attempts.
+                            failures.remove(&(log.vm, log.sequence));
                             mark_state(&replica.store, log.vm, ReplicationState::Critical);
                         } else {
                             retry_soon = true;
