@@ -756,11 +756,14 @@ def test_removing_the_authorization_entry_stops_replication_of_its_vms(lab, tmp_
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path):
+@pytest.mark.parametrize("cap", [["--bandwidth-limit", "4M"],
+                                 # A weekly window in local time that holds all week.
+                                 ["--bandwidth-window", "Mon-Sun 00:00-24:00=4M"]])
+def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
     import os
 
     lab.primary.stop()
-    lab.primary.extra_args += ["--bandwidth-limit", "4M"]
+    lab.primary.extra_args += cap
     lab.primary.start()
     disk = tmp_path / "bw01.raw"
     run("truncate", "-s", "64M", disk)

@@ -72,6 +72,16 @@ struct Args {
     /// interval turns the next ticks into misses.
     #[arg(long, value_name = "BYTES_PER_SEC", default_value = "0", value_parser = parse_rate)]
     bandwidth_limit: u64,
+    /// A weekly window, in this host's local time, with its own cap that replaces
+    /// --bandwidth-limit while it holds: "[DAYS ]HH:MM-HH:MM=RATE", for example
+    /// "Mon-Fri 08:00-18:00=10M" or "Sat,Sun 00:00-24:00=0" (0 = no cap). A window ending before
+    /// it starts runs past midnight. Repeatable; the first window that holds wins.
+    #[arg(long = "bandwidth-window", value_name = "WINDOW", value_parser = parse_window)]
+    bandwidth_windows: Vec<replication::bandwidth::Window>,
+}
+
+fn parse_window(text: &str) -> Result<replication::bandwidth::Window, String> {
+    replication::bandwidth::Window::parse(text, parse_rate)
 }
 
 fn parse_rate(text: &str) -> Result<u64, String> {
@@ -191,7 +201,10 @@ async fn main() -> anyhow::Result<()> {
         cert_dir: cert_dir.clone(),
         resolve: args.resolve.iter().cloned().collect(),
         host: host.clone(),
-        bandwidth: replication::client::Bandwidth::new(args.bandwidth_limit),
+        bandwidth: replication::client::Bandwidth::new(
+            args.bandwidth_limit,
+            args.bandwidth_windows.clone(),
+        ),
     });
     let engine = engine::LocalEngine {
         store: store.clone(),

@@ -238,51 +238,7 @@ pub struct Delivered {
     pub broken_connections: u32,
 }
 
-/// The host's bandwidth cap for everything it uploads (docs/protocol.md §8): a token bucket of
-/// `rate` bytes/s with a burst of max(1 s of tokens, 4 MiB), shared by every upload to every
-/// recovery server. Uploads take it in slices of at most [`SLICE`] bytes, in turn (the lock is
-/// fair), so parallel transfers share it evenly. TLS and HTTP/2 framing are not counted.
-#[derive(Debug)]
-pub struct Bandwidth {
-    rate: u64,
-    burst: f64,
-    bucket: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
-}
-
-/// Largest piece an upload takes from the bandwidth cap at once.
-pub const SLICE: usize = 256 << 10;
-
-impl Bandwidth {
-    /// A cap of `rate` bytes/s; None for 0 (no cap).
-    pub fn new(rate: u64) -> Option<Arc<Bandwidth>> {
-        (rate > 0).then(|| {
-            let burst = (rate as f64).max(4.0 * 1024.0 * 1024.0);
-            Arc::new(Bandwidth {
-                rate,
-                burst,
-                bucket: tokio::sync::Mutex::new((burst, tokio::time::Instant::now())),
-            })
-        })
-    }
-
-    /// Waits until `n` bytes may be sent.
-    pub async fn take(&self, n: usize) {
-        let mut b = self.bucket.lock().await;
-        loop {
-            let now = tokio::time::Instant::now();
-            let refill = now.duration_since(b.1).as_secs_f64() * self.rate as f64;
-            b.0 = (b.0 + refill).min(self.burst);
-            b.1 = now;
-            if b.0 >= n as f64 {
-                b.0 -= n as f64;
-                return;
-            }
-            let wait = (n as f64 - b.0) / self.rate as f64;
-            // The lock is held while waiting: the next upload's slice comes after this one.
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-        }
-    }
-}
+pub use super::bandwidth::{Bandwidth, SLICE};
 
 /// Where `--resolve` sends a name: an address, and optionally another port.
 #[derive(Debug, Clone, Copy)]

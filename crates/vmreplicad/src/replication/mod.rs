@@ -1,6 +1,7 @@
 //! Host-to-host replication (docs/protocol.md): the recovery server's listener, handlers and
 //! apply task, the primary's client, and the certificates both use.
 
+pub mod bandwidth;
 pub mod chain;
 pub mod client;
 pub mod peer_certs;
