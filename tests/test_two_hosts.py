@@ -533,9 +533,22 @@ def test_a_running_vm_replicates_through_dirty_bitmaps_while_it_keeps_writing(la
         log = lab.primary.log.read_text()
         assert "delta replicated" in log and "cycle failed" not in log
 
-        # QEMU is killed: its persistent bitmaps come back inconsistent. The next cycle hash-scans
-        # the frozen view once, tracking restarts, and nothing written is lost.
+        # PendingReplicationSize: what the dirty bitmaps hold while suspended (sampled from QEMU
+        # between cycles), back to nothing once a cycle shipped it.
+        def pending():
+            rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+            rv, out = p.InvokeMethod("GetReplicationStatisticsEx", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                                     ComputerSystem=vm.path, ReplicationRelationship=rel.tocimxmlstr())
+            return int(out["ReplicationStatistics"][0]["PendingReplicationSize"])
+
+        qsd.write("write -P 0x42 40M 2M")
+        wait_for(lambda: pending() >= 2 << 20, timeout=30, what="the 2 MiB written while suspended to show as pending")
+        assert pending() < 3 << 20
         rrsc(p, vm, 3)
+        wait_for(lambda: pending() == 0, timeout=30, what="the pending size to drop once shipped")
+
+        # QEMU is killed: its persistent bitmaps come back inconsistent. The next cycle hash-scans
+        # the frozen view once, tracking restarts, and nothing written is lost. (Resumed above.)
         qsd.write("write -P 0xee 5M 64k")
         qsd.proc.kill()
         qsd.proc.wait()
@@ -761,6 +774,7 @@ def test_removing_the_authorization_entry_stops_replication_of_its_vms(lab, tmp_
                                  ["--bandwidth-window", "Mon-Sun 00:00-24:00=4M"]])
 def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
     import os
+    import threading
 
     lab.primary.stop()
     lab.primary.extra_args += cap
@@ -769,11 +783,34 @@ def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
     run("truncate", "-s", "64M", disk)
     with open(disk, "r+b") as f:
         f.write(os.urandom(16 << 20))
+    # While the initial replication runs, PendingReplicationSize is the disk file's size scaled by
+    # what the job has still to do.
+    seen, done = [], threading.Event()
+
+    def watch():
+        p = lab.primary.conn()
+        svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+        while not done.is_set():
+            vm = vm_by_name(p, "bw01")
+            rels = vm and p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")
+            if rels and rels[0]["ReplicationState"] == 2:
+                rv, out = p.InvokeMethod("GetReplicationStatisticsEx", svc.path, ComputerSystem=vm.path,
+                                         ReplicationRelationship=rels[0].tocimxmlstr())
+                seen.append(int(out["ReplicationStatistics"][0]["PendingReplicationSize"]))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     started = time.monotonic()
-    vm_id = replicate_network(lab, tmp_path, "bw01", [disk], "--no-compression")
+    try:
+        vm_id = replicate_network(lab, tmp_path, "bw01", [disk], "--no-compression")
+    finally:
+        done.set()
+        watcher.join()
     elapsed = time.monotonic() - started
     # 16 MiB at 4 MiB/s after a 4 MiB burst: at least 3 s; uncapped this takes well under one.
     assert 2.8 <= elapsed < 30, elapsed
+    assert any(0 < n <= 64 << 20 for n in seen), seen
     wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication applied")
     layer = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
     res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)], capture_output=True, text=True)

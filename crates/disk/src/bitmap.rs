@@ -161,6 +161,30 @@ impl BitmapTracker {
         Ok(found)
     }
 
+    /// Bytes that `node`'s vmreplica bitmaps mark dirty: changes tracked since the last shipped
+    /// point (a disabled bitmap of an interrupted or running cycle counts too, so this is an upper
+    /// bound). None when the node is not tracked, or its bitmap cannot be trusted.
+    pub async fn tracked_bytes(&mut self, node: &str) -> Result<Option<u64>, BitmapError> {
+        let info = self.node_info(node).await?;
+        let mut total = 0u64;
+        let mut recording = false;
+        for b in info["dirty-bitmaps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if !b["name"].as_str().is_some_and(|n| n.starts_with(PREFIX)) {
+                continue;
+            }
+            if b["inconsistent"].as_bool() == Some(true) {
+                return Ok(None);
+            }
+            recording |= b["recording"].as_bool() == Some(true);
+            total = total.saturating_add(b["count"].as_u64().unwrap_or(0));
+        }
+        Ok(recording.then_some(total))
+    }
+
     /// Starts tracking `node` from now on with bitmap `generation`, removing any vmreplica bitmap
     /// it had (an inconsistent one after a crash, or a stale one).
     pub async fn start_tracking(&mut self, node: &str, generation: u64) -> Result<(), BitmapError> {

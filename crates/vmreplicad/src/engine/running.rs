@@ -67,6 +67,21 @@ fn work_paths(data_dir: &Path, vm: &VmRow) -> (PathBuf, PathBuf) {
     (work, socket)
 }
 
+/// What the QEMU process of `vm` tracked on its disks since the last shipped point, in bytes
+/// (`PendingReplicationSize`); None when any disk is not tracked (its changes are unknown until the
+/// next cycle scans it) or the process cannot be asked.
+pub async fn pending_bytes(vm: &VmRow, data_dir: &Path) -> Option<u64> {
+    let qmp = vm.power.qmp_socket.as_deref()?;
+    let (work, _) = work_paths(data_dir, vm);
+    let mut tracker = BitmapTracker::connect(Path::new(qmp), &work).await.ok()?;
+    let mut total = 0u64;
+    for path in &vm.disks {
+        let node = tracker.node_for_image(Path::new(path)).await.ok()?;
+        total = total.saturating_add(tracker.tracked_bytes(&node).await.ok()??);
+    }
+    Some(total)
+}
+
 impl RunningPoint {
     /// Freezes every disk of `vm`. `full`: initial replication (tracking restarts on every disk and
     /// every disk is read whole).

@@ -158,6 +158,20 @@ impl Store {
         Ok(())
     }
 
+    /// Sets what is tracked but not yet sent (`PendingReplicationSize`).
+    pub fn set_pending(&self, vm: Uuid, bytes: u64) -> StoreResult<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO replication_stats (vm) VALUES (?1)",
+            [vm.to_string()],
+        )?;
+        conn.execute(
+            "UPDATE replication_stats SET pending_size = ?2 WHERE vm = ?1",
+            params![vm.to_string(), to_i64(bytes)?],
+        )?;
+        Ok(())
+    }
+
     /// Zeroes the counters (ResetReplicationStatistics); the pending size is a state, not a count.
     pub fn reset_stats(&self, vm: Uuid) -> StoreResult<()> {
         self.conn().execute(

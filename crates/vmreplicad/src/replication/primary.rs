@@ -17,7 +17,7 @@
 //! A VM whose initial replication went out on offline media waits in state 2 until the replica
 //! reports log 1 committed with the exported hash; then it goes to 3.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,8 @@ const MAX_PARALLEL_TRANSFERS: usize = 3;
 /// Back-off of failed cycle `k` (1-based), at least the interval; then 30 minutes each time.
 const BACKOFF_SECS: [i64; 5] = [60, 120, 240, 480, 600];
 const BACKOFF_LAST: i64 = 1800;
+/// How often the tracked size of a running VM is asked from its QEMU process between cycles.
+const PENDING_SAMPLE_SECS: i64 = 10;
 
 /// The VMs with a cycle in flight; a suspend waits here until the VM's cycle ended.
 #[derive(Default)]
@@ -95,6 +97,8 @@ pub struct PrimarySide {
     pub interval_override: Option<u64>,
     transfers: Arc<Semaphore>,
     pub in_flight: Arc<InFlight>,
+    /// When each running VM's tracked size was last asked for (a sample in progress counts).
+    sampled: Mutex<HashMap<Uuid, i64>>,
 }
 
 /// Why a cycle failed, and what that means for the relationship (§10).
@@ -163,6 +167,7 @@ impl PrimarySide {
             interval_override,
             transfers: Arc::new(Semaphore::new(MAX_PARALLEL_TRANSFERS)),
             in_flight,
+            sampled: Mutex::default(),
         }
     }
 
@@ -187,6 +192,16 @@ impl PrimarySide {
             };
             let waiting_for_import =
                 rel.state == ReplicationState::WaitingToCompleteInitialReplication.as_u16();
+            let tracking = [
+                ReplicationState::Replicating,
+                ReplicationState::Suspended,
+                ReplicationState::Critical,
+            ]
+            .map(ReplicationState::as_u16)
+            .contains(&rel.state);
+            if tracking && !self.in_flight.contains(vm.id) {
+                self.sample_pending(&vm, now);
+            }
             if rel.state != ReplicationState::Replicating.as_u16() && !waiting_for_import {
                 continue;
             }
@@ -225,6 +240,40 @@ impl PrimarySide {
             });
         }
         Ok(())
+    }
+
+    /// Every [`PENDING_SAMPLE_SECS`], asks the QEMU process of a running VM how much its bitmaps
+    /// hold and records it as `PendingReplicationSize`. A turned-off VM's changes are known only
+    /// when a cycle scans it; its pending size stays what the last cycle left (0 after a success).
+    fn sample_pending(self: &Arc<Self>, vm: &VmRow, now: i64) {
+        if vm.power.qmp_socket.is_none() {
+            return;
+        }
+        {
+            let mut sampled = self.sampled.lock().unwrap_or_else(|p| p.into_inner());
+            let last = sampled.entry(vm.id).or_insert(0);
+            if now < *last + PENDING_SAMPLE_SECS {
+                return;
+            }
+            *last = i64::MAX; // in progress
+        }
+        let (me, vm) = (self.clone(), vm.clone());
+        tokio::spawn(async move {
+            let quick = Duration::from_secs(5);
+            let bytes = tokio::time::timeout(
+                quick,
+                crate::engine::running::pending_bytes(&vm, &me.data_dir),
+            )
+            .await
+            .ok()
+            .flatten();
+            // A cycle that started meanwhile owns the number (it sets 0 when it succeeds).
+            if let (Some(bytes), false) = (bytes, me.in_flight.contains(vm.id)) {
+                let _ = me.store.set_pending(vm.id, bytes);
+            }
+            let mut sampled = me.sampled.lock().unwrap_or_else(|p| p.into_inner());
+            sampled.insert(vm.id, now);
+        });
     }
 
     /// Export IR: the primary goes 2 → 3 once the replica committed log 1 with the exported hash.

@@ -1,6 +1,8 @@
 //! Health, statistics and the Get-VMReplication status.
 
 use super::*;
+use crate::store::StoreResult;
+use vmreplica_core::JobState;
 
 impl Service {
     pub fn health(
@@ -41,6 +43,9 @@ impl Service {
         let start = rel.as_ref().map_or_else(now, |r| r.statistics_reset_time);
         let window = i64::from(self.store.service_settings()?.monitoring_interval);
         let s = self.store.stats(vm.id)?;
+        let pending = s
+            .pending_size
+            .saturating_add(self.initial_pending(&vm, rel.as_ref())?);
         Ok(CommandOutput::Statistics(StatisticsView {
             start_statistic_time: start,
             end_statistic_time: start + window,
@@ -52,11 +57,42 @@ impl Service {
             replication_miss_count: s.misses,
             network_failure_count: s.network_failures,
             replication_failure_count: s.failures,
-            pending_replication_size: s.pending_size,
+            pending_replication_size: pending,
             replication_health: health.as_u16(),
             health_messages: messages,
             ..StatisticsView::default()
         }))
+    }
+
+    /// While a network initial replication runs on this primary: the size of the VM's disk files
+    /// scaled by the share its job has still to do (how Measure-VMReplication counts it, spec §10).
+    fn initial_pending(&self, vm: &VmRow, rel: Option<&RelationshipRow>) -> StoreResult<u64> {
+        let in_ir = vm.mode == ReplicationMode::Primary.as_u16()
+            && rel.is_some_and(|r| {
+                r.state == ReplicationState::WaitingToCompleteInitialReplication.as_u16()
+            });
+        if !in_ir {
+            return Ok(0);
+        }
+        let network_ir = [
+            JobType::StartInbandInitialReplication,
+            JobType::StartResyncInitialReplication,
+        ]
+        .map(JobType::as_u16);
+        let Some(job) = self.store.list_jobs()?.into_iter().find(|j| {
+            j.vm == Some(vm.id)
+                && network_ir.contains(&j.job_type)
+                && j.state == JobState::Running.as_u16()
+        }) else {
+            return Ok(0);
+        };
+        let files: u64 = vm
+            .disks
+            .iter()
+            .filter_map(|d| std::fs::metadata(d).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(files / 100 * u64::from(100 - job.percent.min(100)))
     }
 
     pub(super) fn reset_statistics(&self, vm: &VmRef) -> CommandResult {
