@@ -448,14 +448,14 @@ class Qsd:
     """qemu-storage-daemon holding a disk the way a running VM's QEMU does: QMP socket, and an NBD
     export through which the test "guest" writes."""
 
-    def __init__(self, image, dir):
+    def __init__(self, image, dir, fmt="qcow2"):
         self.qmp, self.guest = dir / "qmp.sock", dir / "guest.sock"
         for sock in (self.qmp, self.guest):
             sock.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             ["qemu-storage-daemon",
              "--blockdev", f"driver=file,node-name=file0,filename={image}",
-             "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
+             "--blockdev", f"driver={fmt},node-name=disk0,file=file0",
              "--nbd-server", f"addr.type=unix,addr.path={self.guest}",
              "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
              "--chardev", f"socket,id=qmp0,path={self.qmp},server=on,wait=off",
@@ -562,6 +562,51 @@ def test_a_running_vm_replicates_through_dirty_bitmaps_while_it_keeps_writing(la
         res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
                              capture_output=True, text=True)
         assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        qsd.stop()
+
+
+def test_a_running_vm_with_a_raw_disk_is_tracked_while_its_qemu_runs(lab, tmp_path):
+    # A raw image cannot store bitmaps: they live in the QEMU process, and after it stopped the
+    # disk is hash-scanned once.
+    disk = tmp_path / "raw01.raw"
+    run("truncate", "-s", "32M", disk)
+    qsd = Qsd(disk, tmp_path, fmt="raw")
+    try:
+        vm_id = str(uuid.uuid4()).upper()
+        lab.primary.cli("vm", "add", "--name", "raw01", "--id", vm_id, "--disk", str(disk),
+                        "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
+        lab.primary.cli("enable", "raw01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                        "--thumbprint", lab.t1, "--no-compression")
+        lab.primary.cli("start", "raw01")
+        p = lab.primary.conn()
+        vm = vm_by_name(p, "raw01")
+
+        def shipped_equal():
+            rrsc(p, vm, 7)
+            seq = settled(lab, vm_id)
+            layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
+            res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, res.stdout + res.stderr
+            rrsc(p, vm, 3)
+            return seq
+
+        for k in range(3):
+            before = applied_sequence(lab, vm_id)
+            qsd.write(f"write -P {0x21 + k} {k * 5}M 192k")
+            wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta")
+        seq = shipped_equal()
+        log = lab.primary.log.read_text()
+        assert "replication cycle failed" not in log, log[-2000:]
+        assert "hash-scanning it once" not in log  # every delta came from the bitmap
+
+        qsd.stop()
+        qsd = Qsd(disk, tmp_path, fmt="raw")
+        qsd.write("write -P 0x7e 9M 64k")
+        wait_for(lambda: applied_sequence(lab, vm_id) > seq, what="a cycle after QEMU restarted")
+        shipped_equal()
+        assert "hash-scanning it once" in lab.primary.log.read_text()
     finally:
         qsd.stop()
 

@@ -61,6 +61,14 @@ pub enum BitmapStatus {
     Inconsistent(u64),
 }
 
+/// Only qcow2 images store bitmaps. Any other node (a raw disk the VM's QEMU opened as raw) gets
+/// bitmaps that live as long as the QEMU process: after it stops they are missing, and that disk
+/// is hash-scanned once, as after a crash. (A raw disk opened through a qcow2 metadata overlay,
+/// `crate::raw`, is a qcow2 node and keeps them.)
+fn can_persist(node_info: &Value) -> bool {
+    node_info["drv"].as_str() == Some("qcow2")
+}
+
 fn bitmap_name(generation: u64) -> String {
     format!("{PREFIX}{generation}")
 }
@@ -80,6 +88,8 @@ pub struct FrozenDisk {
     pub size: u64,
     /// Generation whose bitmap holds this point's changes.
     pub generation: u64,
+    /// Whether the node's bitmaps are stored in the image (see [`can_persist`]).
+    persistent: bool,
     fleece_node: String,
     fleece_file: PathBuf,
     job_id: String,
@@ -203,7 +213,8 @@ impl BitmapTracker {
                     .await?;
             }
         }
-        let args = json!({"node": node, "name": bitmap_name(generation), "persistent": true, "granularity": GRANULARITY});
+        let persistent = can_persist(&info);
+        let args = json!({"node": node, "name": bitmap_name(generation), "persistent": persistent, "granularity": GRANULARITY});
         self.qmp
             .execute("block-dirty-bitmap-add", Some(args))
             .await?;
@@ -368,9 +379,8 @@ impl BitmapTracker {
                     });
                 }
             };
-            let size = self.node_info(node).await?["image"]["virtual-size"]
-                .as_u64()
-                .unwrap_or(0);
+            let info = self.node_info(node).await?;
+            let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
             let fleece_node = format!("vmr-fleece-{node}");
             let fleece_file = self.work_dir.join(format!("{fleece_node}.qcow2"));
             create_fleece_image(&fleece_file, size)?;
@@ -384,6 +394,7 @@ impl BitmapTracker {
                 node: node.to_string(),
                 size,
                 generation,
+                persistent: can_persist(&info),
                 job_id: format!("vmr-fleece-job-{node}"),
                 export: format!("vmr-frozen-{node}"),
                 fleece_node,
@@ -392,7 +403,7 @@ impl BitmapTracker {
         }
         let mut actions = Vec::new();
         for d in &disks {
-            let next = json!({"node": d.node, "name": bitmap_name(d.generation + 1), "persistent": true, "granularity": GRANULARITY});
+            let next = json!({"node": d.node, "name": bitmap_name(d.generation + 1), "persistent": d.persistent, "granularity": GRANULARITY});
             actions.push(json!({"type": "block-dirty-bitmap-add", "data": next}));
             actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": bitmap_name(d.generation)}}));
             let backup = json!({"device": d.node, "target": d.fleece_node, "sync": "none", "job-id": d.job_id});
