@@ -898,7 +898,8 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
     assert res.status_code == 200 and res.json()["state"] == 2, res.text
 
 
-def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_path):
+@pytest.mark.parametrize("running", [False, True], ids=["off", "running"])
+def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_path, running):
     disk = ext4_disk(tmp_path / "seed01.qcow2", payload_bytes=6_000_000)
     # The recovery server got a copy earlier (a restored backup); the VM changed a little since.
     copy = tmp_path / "seed01-copy.qcow2"
@@ -907,26 +908,51 @@ def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_p
     vm_id = str(uuid.uuid4()).upper()
     lab.replica.cli("vm", "add", "--name", "seed01", "--id", vm_id, "--disk", str(copy))
     lab.replica.cli("enable-as-replica", "seed01")
-    lab.primary.cli("vm", "add", "--name", "seed01", "--id", vm_id, "--disk", str(disk))
-    lab.primary.cli("enable", "seed01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                    "--thumbprint", lab.t1, "--no-compression")
-    p = lab.primary.conn()
-    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
-    vm = vm_by_name(p, "seed01")
-    rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path, InitialReplicationType=Uint16(3))
-    assert rv == 4096
-    job = wait_job(p, out["Job"], timeout=120)
-    assert job["JobState"] == 7, job["ErrorDescription"]
-    assert job["JobType"] == 117
-    assert vm_by_name(p, "seed01")["ReplicationState"] == 3
-    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="the differences to be applied")
-    with raw_peer(lab) as c:
-        sent = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/2").json()
-    # Three changed blocks and one zeroed travel (about 256 KiB), not the 6 MB the disk holds.
-    assert sent["log_bytes"] < 400_000, sent
-    layer = lab.storage / vm_id.lower() / "disk0" / f"p{2:020}.qcow2"
-    res = subprocess.run(["qemu-img", "compare", "-F", "qcow2", str(layer), str(disk)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-    # Deltas continue from there.
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 50M 64k", disk)
-    wait_for(lambda: applied_sequence(lab, vm_id) >= 3, what="a delta after the seeded replication")
+    # A running VM is hashed and read from a frozen point of its QEMU process.
+    qsd = Qsd(disk, tmp_path) if running else None
+    held = ["--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest)] if running else []
+    current = qsd.url if running else str(disk)
+
+    def write(command):
+        if running:
+            qsd.write(command)
+        else:
+            run("qemu-io", "-f", "qcow2", "-c", command, disk)
+
+    def equal(seq):
+        layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
+        res = subprocess.run(["qemu-img", "compare", "-F", "raw" if running else "qcow2", str(layer), current],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    try:
+        lab.primary.cli("vm", "add", "--name", "seed01", "--id", vm_id, "--disk", str(disk), *held)
+        lab.primary.cli("enable", "seed01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                        "--thumbprint", lab.t1, "--no-compression")
+        p = lab.primary.conn()
+        svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+        vm = vm_by_name(p, "seed01")
+        assert vm["EnabledState"] == (2 if running else 3)
+        rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path, InitialReplicationType=Uint16(3))
+        assert rv == 4096
+        job = wait_job(p, out["Job"], timeout=120)
+        assert job["JobState"] == 7, job["ErrorDescription"]
+        assert job["JobType"] == 117
+        assert vm_by_name(p, "seed01")["ReplicationState"] == 3
+        wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="the differences to be applied")
+        with raw_peer(lab) as c:
+            sent = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/2").json()
+        # Three changed blocks and one zeroed travel (about 256 KiB), not the 6 MB the disk holds.
+        assert sent["log_bytes"] < 400_000, sent
+        if not running:
+            equal(2)
+        # Deltas continue from there (for a running VM, from its dirty bitmap).
+        write("write -P 0x6b 50M 64k")
+        wait_for(lambda: applied_sequence(lab, vm_id) >= 3, what="a delta after the seeded replication")
+        rrsc(p, vm, 7)
+        equal(settled(lab, vm_id))
+        if running:
+            assert "hash-scanning it once" not in lab.primary.log.read_text()
+    finally:
+        if qsd:
+            qsd.stop()

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use wire::protocol::{DiskSpec, PutVm, ReplicaVm, Route, VmSettings};
 
 use super::initial::{commit_baseline, disk_table, write_full_log};
-use super::running::RunningPoint;
+use super::running::{RunningError, RunningPoint};
 use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
 use crate::power;
@@ -131,25 +131,7 @@ pub async fn run(
     })?;
     let spool = outgoing.join(format!("{:020}.vrlog", 1));
     let compression = rel.settings.compression_enabled;
-    // A running VM is read from one frozen point of its QEMU process, where tracking starts.
-    let running = if power::enabled_state(&vm.power) == power::ENABLED {
-        Some(
-            RunningPoint::freeze(&vm, &job.data_dir, true)
-                .await
-                .map_err(|e| {
-                    fail(
-                        format!(
-                            "cannot take a point of the running VM '{}': {}",
-                            vm.name,
-                            e.message()
-                        ),
-                        "Check the VM's QMP socket, or turn the VM off.",
-                    )
-                })?,
-        )
-    } else {
-        None
-    };
+    let running = freeze_if_running(&vm, &job.data_dir).await?;
     let sent = send_full(
         &ctx,
         &job,
@@ -242,4 +224,31 @@ async fn send_full(
         ));
     }
     Ok((log, hash))
+}
+
+/// A running VM is read from one frozen point of its QEMU process, where tracking starts; None for
+/// a turned-off VM, whose files are read.
+pub async fn freeze_if_running(
+    vm: &VmRow,
+    data_dir: &std::path::Path,
+) -> Result<Option<RunningPoint>, JobFailure> {
+    if power::enabled_state(&vm.power) != power::ENABLED {
+        return Ok(None);
+    }
+    RunningPoint::freeze(vm, data_dir, true)
+        .await
+        .map(Some)
+        .map_err(|e| running_failed(vm, &e))
+}
+
+/// The job failure of a running VM's point that could not be taken or read.
+pub fn running_failed(vm: &VmRow, e: &RunningError) -> JobFailure {
+    fail(
+        format!(
+            "cannot take or read a point of the running VM '{}': {}",
+            vm.name,
+            e.message()
+        ),
+        "Check the VM's QMP socket, or turn the VM off.",
+    )
 }

@@ -149,9 +149,24 @@ impl RunningPoint {
         map: &Path,
         log: &mut LogWriter<W>,
     ) -> Result<PathBuf, RunningError> {
+        self.read_disk_ranges(index, previous, map, log, None).await
+    }
+
+    /// [`RunningPoint::read_disk`], looking only at `ranges` (byte ranges) when given instead of
+    /// what the disk's bitmap or a full scan would choose.
+    pub async fn read_disk_ranges<W: Write>(
+        &self,
+        index: usize,
+        previous: Option<&Path>,
+        map: &Path,
+        log: &mut LogWriter<W>,
+        ranges: Option<&[(u64, u64)]>,
+    ) -> Result<PathBuf, RunningError> {
         let mut nbd = self.point.connect(index).await.map_err(failed)?;
         let size = self.point.disks[index].size;
-        let candidates = if self.by_bitmap[index] && previous.is_some() {
+        let candidates = if let Some(ranges) = ranges {
+            Some(ranges.to_vec())
+        } else if self.by_bitmap[index] && previous.is_some() {
             let context = self.point.dirty_context(index);
             let dirty = nbd.map(&context, 0, size).await.map_err(failed)?;
             Some(

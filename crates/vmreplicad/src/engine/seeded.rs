@@ -6,6 +6,10 @@
 //! import its copy as point 1 and to compare its blocks with these hashes range by range, and sends
 //! only the blocks that differ, as an ordinary delta log 2 (parent 1). A copy that is identical
 //! costs the hashes and an empty log; nothing of the disks travels twice.
+//!
+//! A running VM is hashed and read from one frozen point of its QEMU process
+//! ([`RunningPoint`]), taken once the replica is ready; tracking starts at that point, and it is
+//! kept until the replica committed the log (or merged back if anything failed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +17,13 @@ use std::time::Duration;
 use disk::scan::hashmap::{MapReader, MapWriter};
 use disk::scan::DEFAULT_BLOCK_SIZE;
 use wire::protocol::{
-    BeginCompare, CompareSession, HashRange, RangeAnswer, Route, MAX_COMPARE_BLOCKS,
+    BeginCompare, CompareSession, HashRange, PutVm, RangeAnswer, Route, MAX_COMPARE_BLOCKS,
 };
 use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
 
-use super::initial::{disk_table, require_off, scan_image, scan_image_ranges};
-use super::network::{open_empty_replica, target, NetworkIr};
+use super::initial::{disk_table, scan_image, scan_image_ranges};
+use super::network::{freeze_if_running, open_empty_replica, running_failed, target, NetworkIr};
+use super::running::RunningPoint;
 use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
 use crate::replication::chain::ChainRow;
@@ -43,15 +48,31 @@ pub async fn run(
     vm: VmRow,
     mut rel: RelationshipRow,
 ) -> Result<RelationshipRow, JobFailure> {
-    require_off(
-        &vm,
-        " (seeded initial replication hashes the turned-off VM's disks)",
-    )?;
-    let target = target(&rel);
-    let (mut session, put) = open_empty_replica(&job, &vm, &rel, 3).await?;
+    let (session, put) = open_empty_replica(&job, &vm, &rel, 3).await?;
+    let running = freeze_if_running(&vm, &job.data_dir).await?;
+    let result = compare_and_send(&ctx, &job, &vm, &mut rel, session, put, running.as_ref()).await;
+    if let Some(r) = running {
+        if let Err(e) = r.finish(result.is_ok()).await {
+            tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
+        }
+    }
+    result.map(|()| rel)
+}
+
+/// Hashes, compares and sends; `running` is the frozen point of a running VM.
+async fn compare_and_send(
+    ctx: &JobContext,
+    job: &NetworkIr,
+    vm: &VmRow,
+    rel: &mut RelationshipRow,
+    mut session: crate::replication::client::Session,
+    put: PutVm,
+    running: Option<&RunningPoint>,
+) -> Result<(), JobFailure> {
+    let target = target(rel);
 
     // 1. This side's block hashes (the maps of the next delta); no data is kept.
-    let disks = disk_table(&vm)?;
+    let disks = disk_table(vm)?;
     let tracking = job
         .data_dir
         .join("tracking")
@@ -80,18 +101,24 @@ pub async fn run(
     for (i, (format, _)) in disks.iter().enumerate() {
         ctx.check_cancelled()?;
         let map = tracking.join(format!("disk{i}.seed-hashes"));
-        own.push(
-            scan_image(
-                &vm.disks[i],
-                format,
-                i,
-                None,
-                &map,
-                &job.data_dir,
-                &mut hashes_only,
-            )
-            .await?,
-        );
+        own.push(match running {
+            Some(r) => r
+                .read_disk(i, None, &map, &mut hashes_only)
+                .await
+                .map_err(|e| running_failed(vm, &e))?,
+            None => {
+                scan_image(
+                    &vm.disks[i],
+                    format,
+                    i,
+                    None,
+                    &map,
+                    &job.data_dir,
+                    &mut hashes_only,
+                )
+                .await?
+            }
+        });
     }
     ctx.progress(30)?;
 
@@ -222,17 +249,25 @@ pub async fn run(
         }
         let forced_tmp = writer.finish().map_err(local)?;
         let map = tracking.join(format!("disk{i}.hashes"));
-        let tmp = scan_image_ranges(
-            &vm.disks[i],
-            format,
-            i,
-            Some(&forced_tmp),
-            &map,
-            &job.data_dir,
-            &mut log,
-            Some(&differing[i]),
-        )
-        .await?;
+        let tmp = match running {
+            Some(r) => r
+                .read_disk_ranges(i, Some(&forced_tmp), &map, &mut log, Some(&differing[i]))
+                .await
+                .map_err(|e| running_failed(vm, &e))?,
+            None => {
+                scan_image_ranges(
+                    &vm.disks[i],
+                    format,
+                    i,
+                    Some(&forced_tmp),
+                    &map,
+                    &job.data_dir,
+                    &mut log,
+                    Some(&differing[i]),
+                )
+                .await?
+            }
+        };
         let _ = std::fs::remove_file(&forced_tmp);
         let _ = std::fs::remove_file(&own[i]);
         maps.push((tmp, map));
@@ -281,5 +316,5 @@ pub async fn run(
     rel.last_replication_time = Some(summary.header.point_time_micros / 1_000_000);
     rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
     tracing::info!(vm = %vm.id, differing_blocks = total, bytes = summary.bytes, "seeded initial replication committed");
-    Ok(rel)
+    Ok(())
 }
