@@ -199,6 +199,12 @@ pub enum CommandOutput {
     Completed,
     /// Started asynchronously (return code 4096).
     Job(JobView),
+    /// Started asynchronously, and the system it makes already exists (TestReplicaSystem's
+    /// `ResultingSystem`).
+    JobWithSystem {
+        job: JobView,
+        system: Uuid,
+    },
     Vm(VmView),
     Vms {
         vms: Vec<VmView>,

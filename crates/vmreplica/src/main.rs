@@ -115,6 +115,20 @@ enum Verb {
     Suspend { vm: String },
     /// Resume replication (Resume-VMReplication).
     Resume { vm: String },
+    /// Fail a replica VM over to a recovery point (Start-VMFailover). With --test, make a test VM
+    /// "<VM> - Test" on an overlay of the point while replication goes on (Start-VMFailover -AsTest).
+    Failover {
+        vm: String,
+        /// A test failover: the replica is not disturbed.
+        #[arg(long)]
+        test: bool,
+        /// The recovery point (its sequence number, or the InstanceID of its
+        /// Msvm_VirtualSystemSettingData); the latest when left out.
+        #[arg(long)]
+        point: Option<String>,
+    },
+    /// Remove the test VM of a replica VM and everything written into it (Stop-VMFailover).
+    StopFailover { vm: String },
     /// Replication state of every VM (Get-VMReplication).
     Status,
     /// Replication statistics of a VM (Measure-VMReplication).
@@ -556,6 +570,39 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             Operation::RequestReplicationStateChange(RequestedState::Replicating),
             OperationArgs::default(),
         ),
+        Verb::Failover { vm, test, point } => {
+            let args = OperationArgs {
+                recovery_point: point,
+                ..OperationArgs::default()
+            };
+            let op = if test {
+                Operation::TestReplicaSystem
+            } else {
+                Operation::InitiateFailover
+            };
+            replication(vm, op, args)
+        }
+        Verb::StopFailover { vm } => {
+            let CommandOutput::Vms { vms } = client.execute(&Command::ListVms)? else {
+                return Err(Failure::Transport(anyhow::anyhow!(
+                    "the daemon did not list its VMs"
+                )));
+            };
+            let replica = vms
+                .iter()
+                .find(|v| {
+                    v.name.eq_ignore_ascii_case(&vm)
+                        || v.id
+                            .to_string()
+                            .eq_ignore_ascii_case(vm.trim_matches(['{', '}']))
+                })
+                .ok_or_else(|| {
+                    Failure::Transport(anyhow::anyhow!("no virtual machine '{vm}' on this host"))
+                })?;
+            Command::DestroySystem {
+                vm: format!("{} - Test", replica.name),
+            }
+        }
         Verb::Status => Command::Status,
         Verb::Measure { vm } => Command::GetReplicationStatistics { vm },
         Verb::ResetStatistics { vm } => Command::ResetReplicationStatistics { vm },
@@ -585,6 +632,13 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
     };
     let out = client.execute(&cmd)?;
     // A started job is waited for, as the PowerShell cmdlets do.
+    if let CommandOutput::JobWithSystem { job, system } = &out {
+        let done = client.wait_job(&job.id, Duration::from_millis(200))?;
+        render::print(fmt, &CommandOutput::Job(done.clone()));
+        client::job_outcome(&done)?;
+        println!("Test VM: {}", system.to_string().to_uppercase());
+        return Ok(());
+    }
     if let CommandOutput::Job(job) = &out {
         let done = client.wait_job(&job.id, Duration::from_millis(200))?;
         render::print(fmt, &CommandOutput::Job(done.clone()));

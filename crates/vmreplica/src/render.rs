@@ -60,6 +60,10 @@ pub fn print(fmt: OutputFormat, out: &CommandOutput) {
             );
         }
         CommandOutput::Job(job) => table(JOB_HEADER, vec![job_row(job)]),
+        CommandOutput::JobWithSystem { job, system } => {
+            table(JOB_HEADER, vec![job_row(job)]);
+            println!("ResultingSystem: {}", system.to_string().to_uppercase());
+        }
         CommandOutput::Jobs { jobs } => table(JOB_HEADER, jobs.iter().map(job_row).collect()),
         CommandOutput::ServiceSettings(s) => {
             let rows = vec![

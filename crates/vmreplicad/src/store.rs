@@ -151,6 +151,10 @@ CREATE TABLE IF NOT EXISTS replication_stats (
     max_latency INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
     network_failures INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
     pending_size INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS test_systems (
+    test_vm TEXT PRIMARY KEY REFERENCES vms(id), replica_vm TEXT NOT NULL UNIQUE REFERENCES vms(id),
+    overlay TEXT NOT NULL, point INTEGER NOT NULL, created INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS test_failover_times (vm TEXT PRIMARY KEY, time INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, job_type INTEGER NOT NULL, state INTEGER NOT NULL, percent INTEGER NOT NULL,
     error_code INTEGER NOT NULL, error_description TEXT, errors TEXT NOT NULL, vm TEXT,
@@ -601,7 +605,7 @@ impl RawJob {
     }
 }
 
-fn parse_uuid(text: &str) -> StoreResult<Uuid> {
+pub(crate) fn parse_uuid(text: &str) -> StoreResult<Uuid> {
     Uuid::parse_str(text).map_err(|_| StoreError::Corrupt(format!("'{text}' is not a GUID")))
 }
 

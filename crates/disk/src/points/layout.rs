@@ -20,6 +20,13 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
+    /// The store of `vm` under `root`.
+    pub(crate) fn of(root: &Path, vm: uuid::Uuid) -> Layout {
+        Layout {
+            vm_dir: root.join(vm.hyphenated().to_string()),
+        }
+    }
+
     pub(crate) fn lock_file(&self) -> PathBuf {
         self.vm_dir.join(".lock")
     }

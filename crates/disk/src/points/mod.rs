@@ -142,12 +142,10 @@ impl PointStore {
     /// Opens (creating if needed) the store of `vm` under `root` and recovers from any interrupted
     /// change.
     pub async fn open(root: &Path, vm: Uuid) -> Result<PointStore, StoreError> {
-        let vm_dir = root.join(vm.hyphenated().to_string());
-        std::fs::create_dir_all(&vm_dir).map_err(StoreError::io("create", &vm_dir))?;
-        let store = PointStore {
-            layout: Layout { vm_dir },
-            vm,
-        };
+        let layout = Layout::of(root, vm);
+        std::fs::create_dir_all(&layout.vm_dir)
+            .map_err(StoreError::io("create", &layout.vm_dir))?;
+        let store = PointStore { layout, vm };
         let _lock = store.lock().await?;
         recover::run(&store.layout)?;
         Ok(store)
@@ -155,6 +153,13 @@ impl PointStore {
 
     pub fn vm(&self) -> Uuid {
         self.vm
+    }
+
+    /// Where overlay `name` of `vm`'s store under `root` keeps its disk images, in disk-table order
+    /// (they exist once [`PointStore::create_overlay`] made them).
+    pub fn overlay_disk_paths(root: &Path, vm: Uuid, name: &str, disks: usize) -> Vec<PathBuf> {
+        let layout = Layout::of(root, vm);
+        (0..disks).map(|i| layout.overlay_disk(name, i)).collect()
     }
 
     /// The VM's directory in the store.

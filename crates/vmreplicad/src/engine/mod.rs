@@ -10,6 +10,7 @@ pub mod initial;
 pub mod network;
 pub mod running;
 pub mod seeded;
+pub mod test_failover;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,6 +82,7 @@ impl DataPlane for LocalEngine {
                 self.network(request, true)
             }
             Operation::ImportInitialReplica => self.import(request),
+            Operation::TestReplicaSystem => self.test_failover(request),
             // Resume from Suspended, or from Critical once the operator fixed the cause: the
             // next cycle is due now and ships everything tracked meanwhile.
             Operation::RequestReplicationStateChange(RequestedState::Replicating)

@@ -147,16 +147,13 @@ impl Service {
             Command::SetPowerState { vm, requested } => self.set_power_state(&vm, requested).await,
             Command::DestroySystem { vm } => {
                 let vm = self.resolve_vm(&vm)?;
-                if vm.mode != ReplicationMode::TestReplica.as_u16() {
-                    return Err(CommandError::new(
-                        ReturnCode::InvalidState,
-                        format!("'{}' is not a test VM; DestroySystem removes only VMs made by TestReplicaSystem", vm.name),
-                    ));
-                }
-                Err(CommandError::new(
-                    ReturnCode::NotSupported,
-                    "removing test VMs is not implemented yet",
-                ))
+                // The replica's claim: not while its test failover job is still making the disks.
+                let _claim = match self.store.test_system(vm.id)? {
+                    Some(t) => Some(self.claimed_vm(&t.replica_vm.to_string())?.1),
+                    None => None,
+                };
+                crate::engine::test_failover::destroy(&self.store, &vm).await?;
+                Ok(CommandOutput::Completed)
             }
             Command::Status => self.status(),
             Command::ListJobs => {

@@ -7,7 +7,7 @@ impl Service {
         Facts {
             vm_running: power::enabled_state(&vm.power) == 2,
             has_received_replication: rel.is_some_and(|r| r.last_replication_time.is_some()),
-            test_system_exists: false,
+            test_system_exists: self.store.test_system_of(vm.id).ok().flatten().is_some(),
             relationship_exists: rel.is_some(),
             failed_over_planned: rel
                 .is_some_and(|r| r.failed_over_type == ReplicationType::Planned.as_u16()),
@@ -215,7 +215,17 @@ impl Service {
                 transition: t,
                 claim,
             };
-            return Ok(CommandOutput::Job(job_view(&self.engine.start(request)?)));
+            let (vm_id, test) = (request.vm.id, op == Operation::TestReplicaSystem);
+            let job = job_view(&self.engine.start(request)?);
+            if test {
+                if let Some(t) = self.store.test_system_of(vm_id)? {
+                    return Ok(CommandOutput::JobWithSystem {
+                        job,
+                        system: t.test_vm,
+                    });
+                }
+            }
+            return Ok(CommandOutput::Job(job));
         }
         let mut rel = match rel {
             Some(r) => r,

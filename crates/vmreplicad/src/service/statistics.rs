@@ -60,6 +60,7 @@ impl Service {
             pending_replication_size: pending,
             replication_health: health.as_u16(),
             health_messages: messages,
+            last_test_failover_time: self.store.last_test_failover(vm.id)?,
             ..StatisticsView::default()
         }))
     }

@@ -319,6 +319,21 @@ fn render(decl: &MethodDecl, out: CommandOutput) -> MethodResult {
             );
             ReturnCode::JobStarted
         }
+        CommandOutput::JobWithSystem { job, system } => {
+            set_out(
+                &mut outs,
+                decl,
+                "Job",
+                CimValue::Reference(objects::job_path(&job.id)),
+            );
+            set_out(
+                &mut outs,
+                decl,
+                "ResultingSystem",
+                CimValue::Reference(objects::vm_path(system)),
+            );
+            ReturnCode::JobStarted
+        }
         CommandOutput::Vm(vm) => {
             set_out(
                 &mut outs,

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use vmreplica_core::job::{JobState, JobType};
 use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
 
+use crate::engine::test_failover::TestSystemRow;
 use crate::jobs::JOB_RETENTION_SECS;
 use crate::power;
 use crate::service::Service;
@@ -28,6 +29,8 @@ pub struct Snapshot {
     pub jobs: Vec<JobRow>,
     /// The recovery-point catalog of every replica VM.
     pub points: Vec<PointRow>,
+    /// Test VMs and the replica VMs they were made from.
+    pub test_systems: Vec<TestSystemRow>,
 }
 
 impl Snapshot {
@@ -46,6 +49,7 @@ impl Snapshot {
             authorization: service.store.authorization_entries()?,
             jobs: service.store.list_jobs()?,
             points,
+            test_systems: service.store.test_systems()?,
         })
     }
 }
@@ -703,6 +707,15 @@ pub fn associations(snap: &Snapshot) -> Vec<Object> {
                 &rp,
             ));
         }
+        if let Some(t) = snap.test_systems.iter().find(|t| t.replica_vm == vm.id) {
+            out.push(association(
+                "Msvm_ReplicaSystemDependency",
+                "Antecedent",
+                &vp,
+                "Dependent",
+                &vm_path(t.test_vm),
+            ));
+        }
         for p in snap.points.iter().filter(|p| p.vm == vm.id) {
             let pp = recovery_point_path(vm.id, p.sequence);
             out.push(association(
@@ -793,8 +806,7 @@ pub fn instances_of(
             .filter(|(p, _)| p.class_name.eq_ignore_ascii_case(class))
             .collect();
     }
-    // Msvm_ReplicaSystemDependency (test VMs),
-    // Msvm_FailoverNetworkAdapterSettingData: no instances until their engines exist.
+    // Msvm_FailoverNetworkAdapterSettingData: no instances until its engine exists.
     // Msvm_Error and Msvm_ReplicationStatistics are only returned embedded.
     Vec::new()
 }

@@ -1,0 +1,119 @@
+"""Issue 5: failover on the recovery server, driven by pywbem the way an outside tool would.
+
+So far: test failover (TestReplicaSystem), which must never disturb replication underneath.
+"""
+
+import subprocess
+
+from pywbem import CIMInstanceName
+
+from conftest import wait_job
+from test_two_hosts import (  # noqa: F401  (lab is a fixture)
+    applied_sequence,
+    ext4_disk,
+    lab,
+    replicate_network,
+    rrsc,
+    run,
+    settled,
+    vm_by_name,
+    wait_for,
+)
+
+
+def compare(a, b, fmt_b="raw"):
+    res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt_b, str(a), str(b)],
+                         capture_output=True, text=True)
+    return res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_test_failover_sees_one_point_while_three_cycles_run_underneath(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "tfo01.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "tfo01", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "tfo01")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    rrsc(p, pvm, 7)
+    point = settled(lab, vm_id)
+    expected = tmp_path / "at-point.raw"
+    run("qemu-img", "convert", "-O", "raw", disk, expected)
+
+    r = lab.replica.conn()
+    rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    rvm = vm_by_name(r, "tfo01")
+    rv, out = r.InvokeMethod("TestReplicaSystem", rsvc.path, ComputerSystem=rvm.path)
+    assert rv == 4096, rv
+    test_path = out["ResultingSystem"]
+    job = wait_job(r, out["Job"])
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert job["JobType"] == 102
+    test_vm = r.GetInstance(test_path)
+    assert test_vm["ElementName"] == "tfo01 - Test"
+    assert test_vm["ReplicationMode"] == 3
+    assert test_vm["EnabledState"] == 3  # off: the administrator boots it on an isolated network
+    linked = r.Associators(rvm.path, AssocClass="Msvm_ReplicaSystemDependency")
+    assert [v["Name"] for v in linked] == [test_vm["Name"]]
+    assert vm_by_name(r, "tfo01")["ReplicationState"] == 3  # the replica is not disturbed
+
+    overlays = list((lab.storage / vm_id.lower() / "overlays").iterdir())
+    assert len(overlays) == 1
+    overlay = overlays[0] / "disk0.qcow2"
+    same, text = compare(overlay, expected)
+    assert same, text
+    assert "No errors" in run("qemu-img", "check", overlay).stdout
+
+    # One test VM at a time.
+    rv, _ = r.InvokeMethod("TestReplicaSystem", rsvc.path, ComputerSystem=rvm.path)
+    assert rv == 32774
+
+    # The test VM writes into its overlay; replication goes on for three cycles underneath.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 2M 64k", overlay)
+    run("qemu-img", "convert", "-O", "raw", overlay, tmp_path / "test-vm-view.raw")
+    rrsc(p, pvm, 3)
+    for k in range(3):
+        before = applied_sequence(lab, vm_id)
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x50 + k} {8 + k}M 128k", disk)
+        wait_for(lambda: applied_sequence(lab, vm_id) > before, what=f"cycle {k + 1} under the test VM")
+    rrsc(p, pvm, 7)
+    latest = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{latest:020}.qcow2", disk, "qcow2")
+    assert same, text
+    # What the test VM sees did not move: its point plus its own write.
+    same, text = compare(overlay, tmp_path / "test-vm-view.raw")
+    assert same, text
+    # RecoveryHistory 0 keeps only the latest point, and the one the test VM stands on.
+    kept = sorted(int(f.stem[1:]) for f in (lab.storage / vm_id.lower()).glob("p*.json"))
+    assert kept == [point, latest], kept
+
+    rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    rv, out = r.InvokeMethod("GetReplicationStatisticsEx", rsvc.path, ComputerSystem=rvm.path,
+                             ReplicationRelationship=rel.tocimxmlstr())
+    assert out["ReplicationStatistics"][0]["LastTestFailoverTime"] is not None
+
+    # DestroySystem removes the test VM and what it wrote; the replica carries on.
+    vsms = r.EnumerateInstanceNames("Msvm_VirtualSystemManagementService")[0]
+    rv, _ = r.InvokeMethod("DestroySystem", vsms, AffectedSystem=rvm.path)
+    assert rv == 32775  # not a test VM
+    rv, _ = r.InvokeMethod("DestroySystem", vsms, AffectedSystem=test_path)
+    assert rv == 0
+    assert vm_by_name(r, "tfo01 - Test") is None
+    assert r.Associators(rvm.path, AssocClass="Msvm_ReplicaSystemDependency") == []
+    assert list((lab.storage / vm_id.lower() / "overlays").iterdir()) == []
+
+    # Another one, from the CLI, at a point named by its snapshot: the latest.
+    snaps = r.Associators(rvm.path, AssocClass="Msvm_SnapshotOfVirtualSystem")
+    assert f"RecoveryPoint\\{latest}" in [s["InstanceID"].split("\\", 1)[1] for s in snaps]
+    lab.replica.cli("failover", "tfo01", "--test", "--point", str(latest))
+    overlays = list((lab.storage / vm_id.lower() / "overlays").iterdir())
+    same, text = compare(overlays[0] / "disk0.qcow2", disk, "qcow2")
+    assert same, text
+    bad = lab.replica.cli("failover", "tfo01", "--test", check=False)
+    assert bad.returncode != 0 and "32774" in bad.stdout + bad.stderr
+    lab.replica.cli("stop-failover", "tfo01")
+    assert vm_by_name(r, "tfo01 - Test") is None
+    # A point that is not this VM's is refused.
+    other = CIMInstanceName("Msvm_VirtualSystemSettingData", namespace=snaps[0].path.namespace, keybindings={
+        "InstanceID": "Microsoft:00000000-0000-0000-0000-000000000000\\RecoveryPoint\\1"})
+    rv, _ = r.InvokeMethod("TestReplicaSystem", rsvc.path, ComputerSystem=rvm.path, SnapshotSettingData=other)
+    assert rv == 32773
+    assert vm_by_name(r, "tfo01")["ReplicationState"] == 3
