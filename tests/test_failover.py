@@ -3,7 +3,9 @@
 So far: test failover (TestReplicaSystem), which must never disturb replication underneath.
 """
 
+import json
 import subprocess
+import time
 
 from pywbem import CIMInstanceName
 
@@ -117,3 +119,80 @@ def test_a_test_failover_sees_one_point_while_three_cycles_run_underneath(lab, t
     rv, _ = r.InvokeMethod("TestReplicaSystem", rsvc.path, ComputerSystem=rvm.path, SnapshotSettingData=other)
     assert rv == 32773
     assert vm_by_name(r, "tfo01")["ReplicationState"] == 3
+
+
+def vm_disks(daemon, name):
+    listed = json.loads(daemon.cli("--output", "json", "vm", "list").stdout)
+    return next(v["disks"] for v in listed["vms"] if v["name"] == name)
+
+
+def test_unplanned_failover_to_an_earlier_point_then_revert_and_commit(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "ufo01.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "ufo01", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "ufo01")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    rrsc(p, pvm, 7)
+    early = settled(lab, vm_id)
+    run("qemu-img", "convert", "-O", "raw", disk, tmp_path / "early.raw")
+    # A test VM keeps the early point while replication moves on (RecoveryHistory 0 keeps only the
+    # latest otherwise).
+    lab.replica.cli("failover", "ufo01", "--test", "--point", str(early))
+    rrsc(p, pvm, 3)
+    for k in range(2):
+        before = applied_sequence(lab, vm_id)
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x60 + k} {12 + k}M 256k", disk)
+        wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta")
+    rrsc(p, pvm, 7)
+    latest = settled(lab, vm_id)
+    assert latest > early
+    lab.primary.stop()  # the primary is lost
+
+    r = lab.replica.conn()
+    rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    rvm = vm_by_name(r, "ufo01")
+    snaps = {s["InstanceID"].rsplit("\\", 1)[1]: s for s in
+             r.Associators(rvm.path, AssocClass="Msvm_SnapshotOfVirtualSystem")}
+    assert {str(early), str(latest)} <= set(snaps)
+    started = time.monotonic()
+    rv, out = r.InvokeMethod("InitiateFailover", rsvc.path, ComputerSystem=rvm.path,
+                             SnapshotSettingData=snaps[str(early)].path)
+    assert rv == 4096, rv
+    job = wait_job(r, out["Job"])
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert job["JobType"] == 97
+    assert time.monotonic() - started < 10  # an overlay, not a copy
+    assert vm_by_name(r, "ufo01")["ReplicationState"] == 5
+    rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    assert rel["FailedOverReplicationType"] == 1
+    (disk_now,) = vm_disks(lab.replica, "ufo01")
+    same, text = compare(disk_now, tmp_path / "early.raw")
+    assert same, text
+    lab.replica.cli("stop-failover", "ufo01")  # the failover itself keeps the early point
+    # The failed-over VM writes; a bad choice is reverted and the queued state comes back.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x7a 1M 64k", disk_now)
+    rv, out = r.InvokeMethod("RevertFailover", rsvc.path, ComputerSystem=rvm.path)
+    assert rv == 4096 and wait_job(r, out["Job"])["JobState"] == 7
+    assert vm_by_name(r, "ufo01")["ReplicationState"] == 3
+    assert vm_disks(lab.replica, "ufo01") == []
+    assert not (lab.storage / vm_id.lower() / "overlays" / "failover").exists()
+
+    # Fail over again, to the latest point, from the CLI; then commit.
+    lab.replica.cli("failover", "ufo01")
+    assert vm_by_name(r, "ufo01")["ReplicationState"] == 5
+    (disk_now,) = vm_disks(lab.replica, "ufo01")
+    same, text = compare(disk_now, disk, "qcow2")
+    assert same, text
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x7b 2M 64k", disk_now)
+    run("qemu-img", "convert", "-O", "raw", disk_now, tmp_path / "failed-over.raw")
+    lab.replica.cli("complete", "ufo01")
+    assert vm_by_name(r, "ufo01")["ReplicationState"] == 6
+    (committed,) = vm_disks(lab.replica, "ufo01")
+    same, text = compare(committed, tmp_path / "failed-over.raw")
+    assert same, text
+    assert "No errors" in run("qemu-img", "check", committed).stdout
+    assert "backing file" not in run("qemu-img", "info", committed).stdout  # standalone
+    assert r.Associators(rvm.path, AssocClass="Msvm_SnapshotOfVirtualSystem") == []
+    assert not (lab.storage / vm_id.lower()).exists()
+    rv, _ = r.InvokeMethod("RevertFailover", rsvc.path, ComputerSystem=rvm.path)
+    assert rv == 32775  # committed: no going back

@@ -129,6 +129,10 @@ enum Verb {
     },
     /// Remove the test VM of a replica VM and everything written into it (Stop-VMFailover).
     StopFailover { vm: String },
+    /// Make a failover permanent: the other recovery points are deleted (Complete-VMFailover).
+    Complete { vm: String },
+    /// Undo a failover that is not committed; the queued logs are applied (RevertFailover).
+    Revert { vm: String },
     /// Replication state of every VM (Get-VMReplication).
     Status,
     /// Replication statistics of a VM (Measure-VMReplication).
@@ -603,6 +607,10 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
                 vm: format!("{} - Test", replica.name),
             }
         }
+        Verb::Complete { vm } => {
+            replication(vm, Operation::CommitFailover, OperationArgs::default())
+        }
+        Verb::Revert { vm } => replication(vm, Operation::RevertFailover, OperationArgs::default()),
         Verb::Status => Command::Status,
         Verb::Measure { vm } => Command::GetReplicationStatistics { vm },
         Verb::ResetStatistics { vm } => Command::ResetReplicationStatistics { vm },

@@ -206,17 +206,20 @@ async fn main() -> anyhow::Result<()> {
             args.bandwidth_windows.clone(),
         ),
     });
+    let apply_wake = Arc::new(tokio::sync::Notify::new());
     let engine = engine::LocalEngine {
         store: store.clone(),
         jobs: jobs.clone(),
         data_dir: args.data_dir.clone(),
         peers: peers.clone(),
+        apply_wake: apply_wake.clone(),
     };
     let replica = Arc::new(replication::replica::ReplicaSide::new(
         store.clone(),
         host.clone(),
         cert_dir.clone(),
         args.data_dir.clone(),
+        apply_wake,
     ));
     replication::replica::spawn_apply_task(replica.clone());
     let listener_control = replication::server::ListenerControl::default();

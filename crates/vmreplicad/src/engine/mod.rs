@@ -6,6 +6,7 @@
 //! job that does the work. Until an engine exists, [`NoEngine`] answers 32770 (Not supported), so no
 //! method claims a success it did not earn.
 
+pub mod failover;
 pub mod initial;
 pub mod network;
 pub mod running;
@@ -69,6 +70,8 @@ pub struct LocalEngine {
     pub data_dir: PathBuf,
     /// How this host reaches recovery servers.
     pub peers: Arc<crate::replication::client::Peers>,
+    /// Wakes the replica's apply task (after a reverted failover).
+    pub apply_wake: Arc<tokio::sync::Notify>,
 }
 
 impl DataPlane for LocalEngine {
@@ -83,6 +86,11 @@ impl DataPlane for LocalEngine {
             }
             Operation::ImportInitialReplica => self.import(request),
             Operation::TestReplicaSystem => self.test_failover(request),
+            Operation::InitiateFailover => self.failover(request),
+            Operation::RevertFailover if request.vm.mode == ReplicationMode::Replica.as_u16() => {
+                self.revert_failover(request)
+            }
+            Operation::CommitFailover => self.commit_failover(request),
             // Resume from Suspended, or from Critical once the operator fixed the cause: the
             // next cycle is due now and ships everything tracked meanwhile.
             Operation::RequestReplicationStateChange(RequestedState::Replicating)

@@ -149,7 +149,7 @@ impl Store {
     }
 }
 
-fn refused(code: ReturnCode, message: impl Into<String>) -> CommandError {
+pub(super) fn refused(code: ReturnCode, message: impl Into<String>) -> CommandError {
     CommandError::new(code, message)
 }
 
@@ -171,6 +171,29 @@ fn point_of(vm: Uuid, instance_id: &str, known: &[u64]) -> Result<u64, CommandEr
         })
 }
 
+/// The recovery point a failover or test failover uses: the one `wanted` names (its InstanceID or
+/// sequence number), else the latest.
+pub(super) fn choose_point(
+    store: &Store,
+    vm: &VmRow,
+    wanted: Option<&str>,
+) -> Result<u64, CommandError> {
+    let known: Vec<u64> = store
+        .recovery_points(vm.id)?
+        .iter()
+        .map(|p| p.sequence)
+        .collect();
+    match wanted {
+        Some(id) => point_of(vm.id, id, &known),
+        None => known.last().copied().ok_or_else(|| {
+            refused(
+                ReturnCode::InvalidState,
+                format!("'{}' has no recovery point yet", vm.name),
+            )
+        }),
+    }
+}
+
 impl LocalEngine {
     /// TestReplicaSystem on a replica VM.
     pub(super) fn test_failover(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
@@ -187,21 +210,7 @@ impl LocalEngine {
                 format!("'{}' holds no replicated disks on this host", vm.name),
             )
         })?;
-        let known: Vec<u64> = self
-            .store
-            .recovery_points(vm.id)?
-            .iter()
-            .map(|p| p.sequence)
-            .collect();
-        let point = match args.recovery_point.as_deref() {
-            Some(id) => point_of(vm.id, id, &known)?,
-            None => *known.last().ok_or_else(|| {
-                refused(
-                    ReturnCode::InvalidState,
-                    format!("'{}' has no recovery point yet", vm.name),
-                )
-            })?,
-        };
+        let point = choose_point(&self.store, &vm, args.recovery_point.as_deref())?;
         let name = format!("{} - Test", vm.name);
         if self.store.find_vm_by_name(&name)?.is_some() {
             return Err(refused(

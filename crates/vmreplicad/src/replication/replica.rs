@@ -101,7 +101,8 @@ pub struct ReplicaSide {
     pub host: String,
     pub cert_dir: PathBuf,
     /// Wakes the apply task after a commit.
-    pub apply_wake: Notify,
+    /// Wakes the apply task (a commit, a reverted failover).
+    pub apply_wake: Arc<Notify>,
     /// Bumped after every apply, for commits that wait for it.
     pub applied: tokio::sync::watch::Sender<u64>,
     /// One upload or commit per VM at a time.
@@ -272,12 +273,13 @@ impl ReplicaSide {
         host: String,
         cert_dir: PathBuf,
         data_dir: PathBuf,
+        apply_wake: Arc<Notify>,
     ) -> ReplicaSide {
         ReplicaSide {
             store,
             host,
             cert_dir,
-            apply_wake: Notify::new(),
+            apply_wake,
             applied: tokio::sync::watch::Sender::new(0),
             locks: Mutex::new(HashMap::new()),
             uploading: Mutex::new(HashMap::new()),
@@ -1624,7 +1626,10 @@ pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
             let mut blocked = std::collections::HashSet::new();
             let mut retry_soon = false;
             for log in pending {
-                if blocked.contains(&log.vm) {
+                // A failed-over replica keeps its queued logs for a RevertFailover.
+                if blocked.contains(&log.vm)
+                    || replica.store.failover(log.vm).ok().flatten().is_some()
+                {
                     continue;
                 }
                 match apply_one(&replica, &log).await {

@@ -1,0 +1,276 @@
+//! Failover of a replica VM (spec §3.2, §13.3; DESIGN §4 "Failover family"):
+//!
+//! - `InitiateFailover` (3/7/10/15 → 12 → 5): the VM's disks become a writable overlay
+//!   (`failover`) of the chosen retained point, made in O(1) whatever the disk size; the apply task
+//!   leaves the VM's queued logs alone while the `failovers` row exists; `FailedOverReplicationType`
+//!   says which kind of point it was.
+//! - `RevertFailover` (5 → 3): the overlay and everything written into it are dropped, the VM's
+//!   disks are what they were, and the queued logs are applied (DESIGN §6).
+//! - `CommitFailover` (5 → 6): the overlay is flattened into standalone images beside the point
+//!   store (`<store root>/<vm-guid>.failed-over/disk<i>.qcow2`), which become the VM's disks; then
+//!   every recovery point and every received log is deleted, as Hyper-V does.
+
+use std::path::{Path, PathBuf};
+
+use disk::points::{OverlayError, PointStore};
+use rusqlite::{params, OptionalExtension};
+use uuid::Uuid;
+use vmreplica_core::codes::ReturnCode;
+use vmreplica_core::command::CommandError;
+use vmreplica_core::state::ReplicationType;
+
+use super::test_failover::{choose_point, refused};
+use super::{EngineRequest, LocalEngine};
+use crate::jobs::JobFailure;
+use crate::store::{JobRow, Store, StoreResult, VmRow};
+
+/// The overlay a failed-over VM runs on.
+const OVERLAY: &str = "failover";
+
+/// A failed-over replica VM: its point and the disks it had before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverRow {
+    pub vm: Uuid,
+    pub point: u64,
+    pub disks_before: Vec<String>,
+}
+
+impl Store {
+    pub fn failover(&self, vm: Uuid) -> StoreResult<Option<FailoverRow>> {
+        let raw: Option<(i64, String)> = self
+            .conn()
+            .query_row(
+                "SELECT point, disks_before FROM failovers WHERE vm = ?1",
+                [vm.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        raw.map(|(point, disks)| {
+            Ok(FailoverRow {
+                vm,
+                point: u64::try_from(point).unwrap_or(0),
+                disks_before: serde_json::from_str(&disks)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn put_failover(&self, f: &FailoverRow) -> StoreResult<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO failovers (vm, point, disks_before) VALUES (?1, ?2, ?3)",
+            params![
+                f.vm.to_string(),
+                i64::try_from(f.point).unwrap_or(i64::MAX),
+                serde_json::to_string(&f.disks_before)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn remove_failover(&self, vm: Uuid) -> StoreResult<()> {
+        self.conn()
+            .execute("DELETE FROM failovers WHERE vm = ?1", [vm.to_string()])?;
+        Ok(())
+    }
+
+    pub fn set_vm_disks(&self, vm: Uuid, disks: &[String]) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE vms SET disks = ?2 WHERE id = ?1",
+            params![vm.to_string(), serde_json::to_string(disks)?],
+        )?;
+        Ok(())
+    }
+
+    /// After a committed failover: the VM keeps no recovery point and no received log.
+    fn forget_replica_data(&self, vm: Uuid) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in ["recovery_points", "received_logs", "uploads", "failovers"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE vm = ?1"),
+                [vm.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn failed(what: &str, e: &dyn std::error::Error, action: &str) -> JobFailure {
+    JobFailure::failed(format!("{what}: {}", crate::error_chain(e)), action)
+}
+
+/// The replica VM's point store root.
+fn store_root(store: &Store, vm: &VmRow) -> Result<PathBuf, CommandError> {
+    let replica = store.replica_vm(vm.id)?.ok_or_else(|| {
+        refused(
+            ReturnCode::InvalidState,
+            format!("'{}' holds no replicated disks on this host", vm.name),
+        )
+    })?;
+    Ok(PathBuf::from(replica.store_root))
+}
+
+fn paths(list: &[PathBuf]) -> Vec<String> {
+    list.iter().map(|p| p.display().to_string()).collect()
+}
+
+impl LocalEngine {
+    /// InitiateFailover on a replica VM.
+    pub(super) fn failover(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let root = store_root(&self.store, &req.vm)?;
+        let point = choose_point(&self.store, &req.vm, req.args.recovery_point.as_deref())?;
+        let kind = self
+            .store
+            .recovery_points(req.vm.id)?
+            .into_iter()
+            .find(|p| p.sequence == point)
+            .map(|p| p.kind)
+            .unwrap_or_default();
+        let failed_over_type = match kind.as_str() {
+            "ApplicationConsistent" => ReplicationType::ApplicationConsistent,
+            "PlannedFailover" => ReplicationType::Planned,
+            _ => ReplicationType::Regular,
+        };
+        // Written first, so the apply task leaves the queued logs alone from now on.
+        let vm_id = req.vm.id;
+        self.store.put_failover(&FailoverRow {
+            vm: req.vm.id,
+            point,
+            disks_before: req.vm.disks.clone(),
+        })?;
+        let store = self.store.clone();
+        let what = format!("Fail over to recovery point {point}");
+        let started = self.spawn_with_outcome(
+            req,
+            None,
+            &what,
+            false,
+            move |_ctx, vm, mut rel, _, claim| async move {
+                let _claim = claim;
+                let made = async {
+                    let points = PointStore::open(&root, vm.id).await?;
+                    points.create_overlay(point, OVERLAY).await
+                }
+                .await;
+                match made {
+                    Ok(disks) => {
+                        store.set_vm_disks(vm.id, &paths(&disks))?;
+                        rel.failed_over_type = failed_over_type.as_u16();
+                        tracing::info!(vm = %vm.id, point, "failed over");
+                        Ok(rel)
+                    }
+                    Err(e) => {
+                        store.remove_failover(vm.id)?;
+                        Err(failed(
+                            &format!("cannot create the disks of recovery point {point}"),
+                            &e,
+                            "Check the replica's storage location; pick another recovery point.",
+                        ))
+                    }
+                }
+            },
+        );
+        if started.is_err() {
+            // Nothing runs: the apply task may go on.
+            let _ = self.store.remove_failover(vm_id);
+        }
+        started
+    }
+
+    /// RevertFailover on a failed-over replica VM.
+    pub(super) fn revert_failover(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let root = store_root(&self.store, &req.vm)?;
+        let store = self.store.clone();
+        let wake = self.apply_wake.clone();
+        self.spawn_with_outcome(
+            req,
+            None,
+            "Revert the failover",
+            false,
+            move |_ctx, vm, mut rel, _, claim| async move {
+                let _claim = claim;
+                let before = store
+                    .failover(vm.id)?
+                    .map(|f| f.disks_before)
+                    .unwrap_or_default();
+                let points = PointStore::open(&root, vm.id).await.map_err(|e| {
+                    failed(
+                        "cannot open the recovery points",
+                        &e,
+                        "Check the replica's storage location.",
+                    )
+                })?;
+                match points.remove_overlay(OVERLAY).await {
+                    Ok(()) | Err(OverlayError::Unknown(_)) => {}
+                    Err(e) => {
+                        return Err(failed(
+                            "cannot delete the failover disks",
+                            &e,
+                            "Check the replica's storage location.",
+                        ))
+                    }
+                }
+                store.set_vm_disks(vm.id, &before)?;
+                store.remove_failover(vm.id)?;
+                rel.failed_over_type = ReplicationType::None.as_u16();
+                wake.notify_one();
+                tracing::info!(vm = %vm.id, "failover reverted");
+                Ok(rel)
+            },
+        )
+    }
+
+    /// CommitFailover on a failed-over replica VM.
+    pub(super) fn commit_failover(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let root = store_root(&self.store, &req.vm)?;
+        if self.store.test_system_of(req.vm.id)?.is_some() {
+            return Err(refused(
+                ReturnCode::SystemInUse,
+                format!(
+                    "'{}' has a test VM; remove it (DestroySystem) before committing the failover",
+                    req.vm.name
+                ),
+            ));
+        }
+        let store = self.store.clone();
+        self.spawn_with_outcome(
+            req,
+            None,
+            "Commit the failover",
+            false,
+            move |ctx, vm, rel, _, claim| async move {
+                let _claim = claim;
+                let dest = root.join(format!("{}.failed-over", vm.id.hyphenated()));
+                let points = PointStore::open(&root, vm.id).await.map_err(|e| {
+                    failed(
+                        "cannot open the recovery points",
+                        &e,
+                        "Check the replica's storage location.",
+                    )
+                })?;
+                let disks = points.commit_overlay(OVERLAY, &dest).await.map_err(|e| {
+                    failed(
+                        "cannot flatten the failover disks",
+                        &e,
+                        "Check free space in the replica's storage location.",
+                    )
+                })?;
+                ctx.progress(90)?;
+                // From here the flattened images are the VM's disks; the recovery points go.
+                store.set_vm_disks(vm.id, &paths(&disks))?;
+                store.forget_replica_data(vm.id)?;
+                remove_point_store(points.dir());
+                tracing::info!(vm = %vm.id, "failover committed; recovery points deleted");
+                Ok(rel)
+            },
+        )
+    }
+}
+
+/// Deletes the point store's directory (points, layers, queued logs) after a commit.
+fn remove_point_store(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), "cannot delete the recovery points: {e}");
+    }
+}
