@@ -7,7 +7,7 @@ import json
 import subprocess
 import time
 
-from pywbem import CIMInstanceName
+from pywbem import CIMInstanceName, Uint16
 
 from conftest import wait_job
 from test_two_hosts import (  # noqa: F401  (lab is a fixture)
@@ -196,3 +196,56 @@ def test_unplanned_failover_to_an_earlier_point_then_revert_and_commit(lab, tmp_
     assert not (lab.storage / vm_id.lower()).exists()
     rv, _ = r.InvokeMethod("RevertFailover", rsvc.path, ComputerSystem=rvm.path)
     assert rv == 32775  # committed: no going back
+
+
+def test_planned_failover_loses_nothing_and_can_be_cancelled(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "pfo01.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "pfo01", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "pfo01")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    # The last writes before the VM stopped; prepare at once, before any cycle could ship them.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x44 6M 320k", "-c", "write -z 7M 64k", disk)
+    rv, out = p.InvokeMethod("RequestReplicationStateChange", pvm.path, RequestedState=Uint16(4))
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=60)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert vm_by_name(p, "pfo01")["ReplicationState"] == 4
+    prel = p.Associators(pvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    assert prel["LastReplicationType"] == 3  # planned
+    # Locked from starting.
+    rv, _ = p.InvokeMethod("RequestStateChange", pvm.path, RequestedState=Uint16(2))
+    assert rv == 32775
+    # The final point is applied and equals the disk: nothing is lost.
+    seq = applied_sequence(lab, vm_id)
+    meta = json.loads((lab.storage / vm_id.lower() / f"p{seq:020}.json").read_text())
+    assert "PlannedFailover" in json.dumps(meta), meta
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text
+
+    # The replica fails over to it: a planned failover.
+    r = lab.replica.conn()
+    rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    rvm = vm_by_name(r, "pfo01")
+    lab.replica.cli("failover", "pfo01")
+    rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    assert rel["ReplicationState"] == 5 and rel["FailedOverReplicationType"] == 3
+    (disk_now,) = vm_disks(lab.replica, "pfo01")
+    same, text = compare(disk_now, disk, "qcow2")
+    assert same, text
+
+    # Changed minds: revert on both sides; replication goes on from the primary.
+    lab.replica.cli("revert", "pfo01")
+    rv, out = p.InvokeMethod("RevertFailover", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=pvm.path)
+    assert rv in (0, 4096), rv
+    if rv == 4096:
+        assert wait_job(p, out["Job"])["JobState"] == 7
+    assert vm_by_name(p, "pfo01")["ReplicationState"] == 3
+    before = applied_sequence(lab, vm_id)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x45 9M 64k", disk)
+    wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta after the cancelled failover")
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text

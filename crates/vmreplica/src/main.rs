@@ -129,6 +129,9 @@ enum Verb {
     },
     /// Remove the test VM of a replica VM and everything written into it (Stop-VMFailover).
     StopFailover { vm: String },
+    /// On the primary, with the VM off: send the last changes and lock the VM from starting, ready
+    /// for a planned failover without data loss (Start-VMFailover -Prepare).
+    PrepareFailover { vm: String },
     /// Make a failover permanent: the other recovery points are deleted (Complete-VMFailover).
     Complete { vm: String },
     /// Undo a failover that is not committed; the queued logs are applied (RevertFailover).
@@ -607,6 +610,11 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
                 vm: format!("{} - Test", replica.name),
             }
         }
+        Verb::PrepareFailover { vm } => replication(
+            vm,
+            Operation::RequestReplicationStateChange(RequestedState::SyncedReplicationComplete),
+            OperationArgs::default(),
+        ),
         Verb::Complete { vm } => {
             replication(vm, Operation::CommitFailover, OperationArgs::default())
         }

@@ -206,6 +206,16 @@ async fn main() -> anyhow::Result<()> {
             args.bandwidth_windows.clone(),
         ),
     });
+    let claims = claims::VmClaims::default();
+    let in_flight = Arc::new(replication::primary::InFlight::default());
+    let primary = Arc::new(replication::primary::PrimarySide::new(
+        store.clone(),
+        args.data_dir.clone(),
+        peers.clone(),
+        claims.clone(),
+        args.cycle_interval_override,
+        in_flight.clone(),
+    ));
     let apply_wake = Arc::new(tokio::sync::Notify::new());
     let engine = engine::LocalEngine {
         store: store.clone(),
@@ -213,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         peers: peers.clone(),
         apply_wake: apply_wake.clone(),
+        primary: primary.clone(),
     };
     let replica = Arc::new(replication::replica::ReplicaSide::new(
         store.clone(),
@@ -232,16 +243,6 @@ async fn main() -> anyhow::Result<()> {
     if reaped > 0 {
         tracing::warn!(reaped, "killed qemu-nbd processes left by an earlier run");
     }
-    let claims = claims::VmClaims::default();
-    let in_flight = Arc::new(replication::primary::InFlight::default());
-    let primary = Arc::new(replication::primary::PrimarySide::new(
-        store.clone(),
-        args.data_dir.clone(),
-        peers.clone(),
-        claims.clone(),
-        args.cycle_interval_override,
-        in_flight.clone(),
-    ));
     replication::primary::spawn_scheduler(primary);
     let service = Arc::new(service::Service {
         store,

@@ -72,6 +72,8 @@ pub struct LocalEngine {
     pub peers: Arc<crate::replication::client::Peers>,
     /// Wakes the replica's apply task (after a reverted failover).
     pub apply_wake: Arc<tokio::sync::Notify>,
+    /// This host's replication cycles as a primary (the final log of a planned failover).
+    pub primary: Arc<crate::replication::primary::PrimarySide>,
 }
 
 impl DataPlane for LocalEngine {
@@ -101,6 +103,11 @@ impl DataPlane for LocalEngine {
                     }) =>
             {
                 self.resume(request)
+            }
+            Operation::RequestReplicationStateChange(RequestedState::SyncedReplicationComplete)
+                if request.vm.mode == ReplicationMode::Primary.as_u16() =>
+            {
+                self.prepare_failover(request)
             }
             _ => NoEngine.start(request),
         }
@@ -293,6 +300,30 @@ impl LocalEngine {
                     chain.retry_at = 0;
                     store.put_chain(&chain).map_err(JobFailure::from)?;
                 }
+                Ok(rel)
+            },
+        )
+    }
+
+    /// RRSC(4) on a primary (Start-VMFailover -Prepare): the final log, then state 4 with the VM
+    /// locked from starting (`service::vms`). Any failure puts the state back to 3.
+    fn prepare_failover(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let primary = self.primary.clone();
+        self.spawn_with_outcome(
+            req,
+            None,
+            "Prepare the planned failover",
+            false,
+            move |_ctx, vm, mut rel, _, claim| async move {
+                let _claim = claim;
+                let (_, point_time) = primary.final_log(&vm).await.map_err(|why| {
+                    JobFailure::failed(
+                        format!("the final log was not applied on the recovery server: {why}"),
+                        "Check the connection to the recovery server and try again; the VM stays protected.",
+                    )
+                })?;
+                rel.last_replication_time = Some(point_time);
+                rel.last_replication_type = vmreplica_core::state::ReplicationType::Planned.as_u16();
                 Ok(rel)
             },
         )

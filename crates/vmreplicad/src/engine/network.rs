@@ -200,7 +200,7 @@ async fn send_full(
     );
     let send = job
         .peers
-        .deliver(&target, session, vm.id, 1, spool, growing, progress);
+        .deliver(&target, session, vm.id, 1, spool, growing, progress, false);
     let (built, delivered) = tokio::join!(build, send);
     let log = match built {
         Ok(log) => log,

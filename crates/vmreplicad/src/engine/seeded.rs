@@ -291,6 +291,7 @@ async fn compare_and_send(
             &spool,
             growing,
             Arc::new(|_, _| {}),
+            false,
         )
         .await;
     let _ = std::fs::remove_file(&spool);

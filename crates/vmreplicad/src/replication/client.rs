@@ -348,6 +348,7 @@ impl Peers {
         file: &Path,
         log: Arc<GrowingLog>,
         progress: Progress,
+        wait_applied: bool,
     ) -> Result<Delivered, PeerError> {
         let mut broken = 0;
         let mut attempt = 0;
@@ -400,10 +401,16 @@ impl Peers {
                     upload_id,
                     log_hash,
                     log_bytes,
-                    wait_applied: false,
+                    wait_applied,
+                };
+                // The replica answers a commit that waits for the apply within 600 s.
+                let limit = if wait_applied {
+                    Duration::from_secs(620)
+                } else {
+                    REQUEST_TIMEOUT
                 };
                 let (_, done) = session
-                    .json::<_, LogStatus>(Route::CommitLog(vm, sequence), Some(&commit))
+                    .json_within::<_, LogStatus>(Route::CommitLog(vm, sequence), Some(&commit), limit)
                     .await?;
                 Ok(done)
             }
@@ -609,6 +616,16 @@ impl Session {
         route: Route,
         body: Option<&B>,
     ) -> Result<(u16, R), PeerError> {
+        self.json_within(route, body, REQUEST_TIMEOUT).await
+    }
+
+    /// [`Session::json`] with another end-to-end limit (a commit that waits for the apply).
+    pub async fn json_within<B: Serialize, R: DeserializeOwned + Validate>(
+        &mut self,
+        route: Route,
+        body: Option<&B>,
+        limit: Duration,
+    ) -> Result<(u16, R), PeerError> {
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| PeerError::Protocol(e.to_string()))?,
             None => Vec::new(),
@@ -618,7 +635,7 @@ impl Session {
             .header("content-type", "application/json")
             .body(ReqBody::Full(Full::new(Bytes::from(bytes))))
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
-        let (status, answer) = self.send(req, Some(REQUEST_TIMEOUT)).await?;
+        let (status, answer) = self.send(req, Some(limit)).await?;
         let value = decode::<R>(&answer).map_err(|e| PeerError::Protocol(e.to_string()))?;
         Ok((status, value))
     }

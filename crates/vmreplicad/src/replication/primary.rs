@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 use vmreplica_core::state::{ReplicationMode, ReplicationState};
+use wire::protocol::TransferState;
 use wire::protocol::{ErrorCode, ReplicaVm, Route};
 use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
 
@@ -276,6 +277,55 @@ impl PrimarySide {
         });
     }
 
+    /// The final log of a planned failover (docs/protocol.md §5.6), for RRSC(4) on a primary whose
+    /// VM is off and whose state already shows 4 (so the scheduler starts no cycle): waits for the
+    /// cycle in flight, ships every change since the last point as a `PlannedFailover` point and
+    /// returns (sequence, point time in s) once the replica applied it. On failure nothing of the
+    /// tracking is lost: the next log is built against the same baseline.
+    pub async fn final_log(&self, vm: &VmRow) -> Result<(u64, i64), String> {
+        if !self
+            .in_flight
+            .wait_idle(vm.id, Duration::from_secs(600))
+            .await
+        {
+            return Err("the VM's replication cycle did not end within 600 s".into());
+        }
+        let describe = |e: crate::store::StoreError| crate::error_chain(&e);
+        let (Some(rel), Some(mut chain)) = (
+            self.store.get_relationship(vm.id).map_err(describe)?,
+            self.store.chain(vm.id).map_err(describe)?,
+        ) else {
+            return Err("the VM has no replication chain yet".into());
+        };
+        let started = std::time::Instant::now();
+        let (seq, hash, bytes, point_time) = self
+            .ship(vm, &rel, &chain, PointType::PlannedFailover)
+            .await
+            .map_err(|e| match e {
+                CycleError::Network(m)
+                | CycleError::Failed(m)
+                | CycleError::Skipped(m)
+                | CycleError::Resync(m)
+                | CycleError::Critical(m) => m,
+            })?;
+        chain.last_sequence = seq;
+        chain.last_log_hash = hash;
+        chain.retries = 0;
+        chain.retry_at = 0;
+        chain.last_error = None;
+        self.store.put_chain(&chain).map_err(describe)?;
+        let latency = (now() - point_time / 1_000_000).max(0);
+        let _ = self.store.record_stat(
+            vm.id,
+            StatEvent::Success {
+                bytes,
+                latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
+            },
+        );
+        tracing::info!(vm = %vm.id, sequence = seq, bytes, ms = started.elapsed().as_millis() as u64, "final log of the planned failover applied");
+        Ok((seq, point_time / 1_000_000))
+    }
+
     /// Export IR: the primary goes 2 → 3 once the replica committed log 1 with the exported hash.
     async fn check_import(&self, vm: VmRow, rel: RelationshipRow) {
         let Ok(Some(chain)) = self.store.chain(vm.id) else {
@@ -366,7 +416,7 @@ impl PrimarySide {
 
     async fn cycle(&self, vm: VmRow, rel: RelationshipRow, mut chain: ChainRow) {
         let started = std::time::Instant::now();
-        match self.ship(&vm, &rel, &chain).await {
+        match self.ship(&vm, &rel, &chain, PointType::Standard).await {
             Ok((seq, hash, bytes, point_time)) => {
                 chain.last_sequence = seq;
                 chain.last_log_hash = hash;
@@ -444,7 +494,10 @@ impl PrimarySide {
         vm: &VmRow,
         rel: &RelationshipRow,
         chain: &ChainRow,
+        point_type: PointType,
     ) -> Result<(u64, String, u64, i64), CycleError> {
+        // The final log of a planned failover is confirmed only once the replica applied it.
+        let planned = point_type == PointType::PlannedFailover;
         let mut session = self.peers.connect(&target(rel)).await?;
         let (_, replica) = session
             .json::<(), ReplicaVm>(Route::GetVm(vm.id), None)
@@ -487,10 +540,24 @@ impl PrimarySide {
         let growing = Arc::new(GrowingLog::default());
         let progress: super::client::Progress = Arc::new(|_, _| {});
         let target = target(rel);
-        let build = self.build_delta(vm, rel, seq, c, running.as_ref(), &path, growing.clone());
-        let send = self
-            .peers
-            .deliver(&target, &mut session, vm.id, seq, &path, growing, progress);
+        let build = self.build_delta(
+            vm,
+            rel,
+            (seq, c, point_type),
+            running.as_ref(),
+            &path,
+            growing.clone(),
+        );
+        let send = self.peers.deliver(
+            &target,
+            &mut session,
+            vm.id,
+            seq,
+            &path,
+            growing,
+            progress,
+            planned,
+        );
         let (built, delivered) = tokio::join!(build, send);
         let (hash, bytes, point_time, maps) = match built {
             Ok(b) => b,
@@ -507,12 +574,16 @@ impl PrimarySide {
                 for _ in 0..d.broken_connections {
                     let _ = self.store.record_stat(vm.id, StatEvent::NetworkFailure);
                 }
-                if d.status.log_hash.as_deref() == Some(hash.as_str()) {
-                    Ok(())
-                } else {
+                if d.status.log_hash.as_deref() != Some(hash.as_str()) {
                     Err(CycleError::Resync(format!(
                         "the replica committed log {seq} with another hash"
                     )))
+                } else if planned && d.status.state != TransferState::Applied as u16 {
+                    Err(CycleError::Failed(format!(
+                        "the replica committed the final log {seq} but did not apply it within 600 s"
+                    )))
+                } else {
+                    Ok(())
                 }
             }
             Err(e) => Err(CycleError::from(e)),
@@ -549,14 +620,13 @@ impl PrimarySide {
         &self,
         vm: &VmRow,
         rel: &RelationshipRow,
-        seq: u64,
-        parent: u64,
+        point: (u64, u64, PointType),
         running: Option<&RunningPoint>,
         path: &Path,
         growing: Arc<GrowingLog>,
     ) -> Result<(String, u64, i64, Vec<(PathBuf, PathBuf)>), CycleError> {
         let result = self
-            .build_delta_inner(vm, rel, seq, parent, running, path, growing.clone())
+            .build_delta_inner(vm, rel, point, running, path, growing.clone())
             .await;
         match &result {
             Ok((hash, bytes, _, _)) => growing.finish(hash.clone(), *bytes),
@@ -570,8 +640,7 @@ impl PrimarySide {
         &self,
         vm: &VmRow,
         rel: &RelationshipRow,
-        seq: u64,
-        parent: u64,
+        (seq, parent, point_type): (u64, u64, PointType),
         running: Option<&RunningPoint>,
         path: &Path,
         growing: Arc<GrowingLog>,
@@ -590,7 +659,7 @@ impl PrimarySide {
             sequence: seq,
             parent,
             point_time_micros: point_time,
-            point_type: PointType::Standard,
+            point_type,
             full_image: false,
             disks: disks
                 .iter()
