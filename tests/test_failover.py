@@ -9,8 +9,10 @@ import time
 
 from pywbem import CIMInstanceName, Uint16
 
-from conftest import wait_job
+from conftest import free_port, wait_job
 from test_two_hosts import (  # noqa: F401  (lab is a fixture)
+    PRIMARY,
+    REPLICA,
     applied_sequence,
     ext4_disk,
     lab,
@@ -20,6 +22,7 @@ from test_two_hosts import (  # noqa: F401  (lab is a fixture)
     settled,
     vm_by_name,
     wait_for,
+    wait_port,
 )
 
 
@@ -249,3 +252,125 @@ def test_planned_failover_loses_nothing_and_can_be_cancelled(lab, tmp_path):
     seq = settled(lab, vm_id)
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
     assert same, text
+
+
+def serve(daemon, thumbprint, allowed, storage):
+    """Makes `daemon` a recovery server for `allowed` on a free port; returns the port."""
+    port = free_port()
+    storage.mkdir(exist_ok=True)
+    daemon.cli("server", "set", "--enable", "--thumbprint", thumbprint, "--https-port", str(port))
+    daemon.cli("auth", "add", "--primary", allowed, "--storage", str(storage))
+    wait_port(port)
+    return port
+
+
+def test_planned_failover_and_reverse_continue_without_resynchronization(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "rev01.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "rev01", [disk], "--no-compression")
+    p, r = lab.primary.conn(), lab.replica.conn()
+    pvm = vm_by_name(p, "rev01")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    # The old primary must accept replication from the replica once the roles swap.
+    hv1_storage = tmp_path / "hv1-storage"
+    port1 = serve(lab.primary, lab.t1, REPLICA, hv1_storage)
+
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x4c 5M 128k", disk)
+    lab.primary.cli("prepare-failover", "rev01")
+    point = applied_sequence(lab, vm_id)
+    lab.replica.cli("failover", "rev01")
+    (new_disk,) = vm_disks(lab.replica, "rev01")
+
+    rvm = vm_by_name(r, "rev01")
+    rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    rsd = r.Associators(rvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+    rsd["RecoveryConnectionPoint"] = PRIMARY
+    rsd["RecoveryServerPortNumber"] = Uint16(port1)
+    rsd["AuthenticationType"] = Uint16(2)
+    rsd["CertificateThumbPrint"] = lab.t2
+    rv, out = r.InvokeMethod("ReverseReplicationRelationship", rsvc.path, ComputerSystem=rvm.path,
+                             ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096, rv
+    job = wait_job(r, out["Job"], timeout=60)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert job["JobType"] == 104
+    rvm, pvm = vm_by_name(r, "rev01"), vm_by_name(p, "rev01")
+    assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (1, 3)  # the new primary
+    assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 3)  # the new replica
+    store1 = hv1_storage / vm_id.lower()
+    assert (store1 / f"p{point:020}.json").exists()  # its own disks, taken as the common point
+    assert vm_disks(lab.primary, "rev01") == []  # a replica's data is its recovery points
+
+    # Delta replication goes on in the new direction: only what the new primary wrote travels.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5d 11M 192k", new_disk)
+    nxt = store1 / f"p{point + 1:020}.json"
+    wait_for(nxt.exists, timeout=30, what="the first log in the new direction")
+    rrsc(r, rvm, 7)
+    last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+    same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")
+    assert same, text
+    rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    rv, out = r.InvokeMethod("GetReplicationStatisticsEx", rsvc.path, ComputerSystem=rvm.path,
+                             ReplicationRelationship=rel.tocimxmlstr())
+    stats = out["ReplicationStatistics"][0]
+    # No resynchronization: the deltas carry the 192 KiB written, not the disk.
+    assert 0 < int(stats["ReplicationSize"]) < 2 << 20, stats["ReplicationSize"]
+
+    # And back: a planned failover to the old primary and a second reverse; replication continues
+    # in the original direction.
+    rrsc(r, rvm, 3)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x6e 13M 64k", new_disk)
+    lab.replica.cli("prepare-failover", "rev01")
+    back = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+    lab.primary.cli("failover", "rev01")
+    (home_disk,) = vm_disks(lab.primary, "rev01")
+    same, text = compare(home_disk, new_disk, "qcow2")
+    assert same, text
+    pvm = vm_by_name(p, "rev01")
+    psvc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    prsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+    prsd["RecoveryConnectionPoint"] = REPLICA
+    prsd["RecoveryServerPortNumber"] = Uint16(lab.port)
+    prsd["AuthenticationType"] = Uint16(2)
+    prsd["CertificateThumbPrint"] = lab.t1
+    rv, out = p.InvokeMethod("ReverseReplicationRelationship", psvc.path, ComputerSystem=pvm.path,
+                             ReplicationSettingData=prsd.tocimxmlstr())
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=60)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    pvm, rvm = vm_by_name(p, "rev01"), vm_by_name(r, "rev01")
+    assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (1, 3)
+    assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (2, 3)
+    # The overlay hv2 ran on was taken in as the common point and is gone.
+    assert list((lab.storage / vm_id.lower() / "overlays").iterdir()) == []
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x7f 15M 64k", home_disk)
+    wait_for(lambda: applied_sequence(lab, vm_id) > back, timeout=30, what="a log in the original direction")
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", home_disk, "qcow2")
+    assert same, text
+
+
+def test_a_reverse_onto_disks_changed_behind_the_lock_is_refused(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "rev02.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "rev02", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    port1 = serve(lab.primary, lab.t1, REPLICA, tmp_path / "hv1-storage")
+    lab.primary.cli("prepare-failover", "rev02")
+    lab.replica.cli("failover", "rev02")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x13 3M 64k", disk)  # behind the lock
+    r = lab.replica.conn()
+    rvm = vm_by_name(r, "rev02")
+    rsd = r.Associators(rvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+    rsd["RecoveryConnectionPoint"] = PRIMARY
+    rsd["RecoveryServerPortNumber"] = Uint16(port1)
+    rsd["CertificateThumbPrint"] = lab.t2
+    rv, out = r.InvokeMethod("ReverseReplicationRelationship", r.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=rvm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096
+    job = wait_job(r, out["Job"], timeout=60)
+    assert job["JobState"] != 7
+    assert "changed after its final log" in job["ErrorDescription"], job["ErrorDescription"]
+    # Nothing moved: both sides are where they were, and nothing is left on the old primary.
+    assert vm_by_name(r, "rev02")["ReplicationState"] == 5
+    assert vm_by_name(lab.primary.conn(), "rev02")["ReplicationState"] == 4
+    assert not (tmp_path / "hv1-storage" / vm_id.lower()).exists()

@@ -77,9 +77,13 @@ def lab(tmp_path):
     thumbs = cert_new(lab.ca, PRIMARY, REPLICA)
     lab.t1, lab.t2 = thumbs[PRIMARY], thumbs[REPLICA]
     lab.port = free_port()
+    # Symmetric, so that a reverse (issue 5) can make either host the primary.
     lab.primary = Daemon(tmp_path / "hv1", PRIMARY, ["--resolve", f"{REPLICA}=127.0.0.1",
+                                                     "--cycle-interval-override", str(CYCLE),
+                                                     "--replication-address", "127.0.0.1"])
+    lab.replica = Daemon(tmp_path / "hv2", REPLICA, ["--replication-address", "127.0.0.1",
+                                                     "--resolve", f"{PRIMARY}=127.0.0.1",
                                                      "--cycle-interval-override", str(CYCLE)])
-    lab.replica = Daemon(tmp_path / "hv2", REPLICA, ["--replication-address", "127.0.0.1"])
     shutil.copytree(lab.ca / PRIMARY / "certs", lab.primary.data_dir / "certs")
     shutil.copytree(lab.ca / REPLICA / "certs", lab.replica.data_dir / "certs")
     lab.primary.start()

@@ -8,7 +8,8 @@
 //!   disks are what they were, and the queued logs are applied (DESIGN §6).
 //! - `CommitFailover` (5 → 6): the overlay is flattened into standalone images beside the point
 //!   store (`<store root>/<vm-guid>.failed-over/disk<i>.qcow2`), which become the VM's disks; then
-//!   every recovery point and every received log is deleted, as Hyper-V does.
+//!   every recovery point and every received log is deleted, as Hyper-V does. The `failovers` row
+//!   stays: its point is where a reverse after a planned failover continues the chain.
 
 use std::path::{Path, PathBuf};
 
@@ -25,30 +26,33 @@ use crate::jobs::JobFailure;
 use crate::store::{JobRow, Store, StoreResult, VmRow};
 
 /// The overlay a failed-over VM runs on.
-const OVERLAY: &str = "failover";
+pub const OVERLAY: &str = "failover";
 
-/// A failed-over replica VM: its point and the disks it had before.
+/// A failed-over replica VM: its point (sequence and the hash of that log, the common point of a
+/// later reverse) and the disks it had before.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailoverRow {
     pub vm: Uuid,
     pub point: u64,
+    pub log_hash: String,
     pub disks_before: Vec<String>,
 }
 
 impl Store {
     pub fn failover(&self, vm: Uuid) -> StoreResult<Option<FailoverRow>> {
-        let raw: Option<(i64, String)> = self
+        let raw: Option<(i64, String, String)> = self
             .conn()
             .query_row(
-                "SELECT point, disks_before FROM failovers WHERE vm = ?1",
+                "SELECT point, log_hash, disks_before FROM failovers WHERE vm = ?1",
                 [vm.to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        raw.map(|(point, disks)| {
+        raw.map(|(point, log_hash, disks)| {
             Ok(FailoverRow {
                 vm,
                 point: u64::try_from(point).unwrap_or(0),
+                log_hash,
                 disks_before: serde_json::from_str(&disks)?,
             })
         })
@@ -57,17 +61,19 @@ impl Store {
 
     fn put_failover(&self, f: &FailoverRow) -> StoreResult<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO failovers (vm, point, disks_before) VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO failovers (vm, point, log_hash, disks_before)
+             VALUES (?1, ?2, ?3, ?4)",
             params![
                 f.vm.to_string(),
                 i64::try_from(f.point).unwrap_or(i64::MAX),
+                f.log_hash,
                 serde_json::to_string(&f.disks_before)?
             ],
         )?;
         Ok(())
     }
 
-    fn remove_failover(&self, vm: Uuid) -> StoreResult<()> {
+    pub(super) fn remove_failover(&self, vm: Uuid) -> StoreResult<()> {
         self.conn()
             .execute("DELETE FROM failovers WHERE vm = ?1", [vm.to_string()])?;
         Ok(())
@@ -81,11 +87,12 @@ impl Store {
         Ok(())
     }
 
-    /// After a committed failover: the VM keeps no recovery point and no received log.
+    /// After a committed failover: the VM keeps no recovery point and no received log (its
+    /// `failovers` row stays: the common point of a reverse).
     fn forget_replica_data(&self, vm: Uuid) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        for table in ["recovery_points", "received_logs", "uploads", "failovers"] {
+        for table in ["recovery_points", "received_logs", "uploads"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE vm = ?1"),
                 [vm.to_string()],
@@ -134,9 +141,15 @@ impl LocalEngine {
         };
         // Written first, so the apply task leaves the queued logs alone from now on.
         let vm_id = req.vm.id;
+        let log_hash = self
+            .store
+            .received_log(vm_id, point)?
+            .map(|l| l.log_hash)
+            .unwrap_or_default();
         self.store.put_failover(&FailoverRow {
             vm: req.vm.id,
             point,
+            log_hash,
             disks_before: req.vm.disks.clone(),
         })?;
         let store = self.store.clone();

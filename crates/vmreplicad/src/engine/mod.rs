@@ -9,6 +9,7 @@
 pub mod failover;
 pub mod initial;
 pub mod network;
+pub mod reverse;
 pub mod running;
 pub mod seeded;
 pub mod test_failover;
@@ -93,6 +94,7 @@ impl DataPlane for LocalEngine {
                 self.revert_failover(request)
             }
             Operation::CommitFailover => self.commit_failover(request),
+            Operation::ReverseReplicationRelationship => self.reverse(request),
             // Resume from Suspended, or from Critical once the operator fixed the cause: the
             // next cycle is due now and ships everything tracked meanwhile.
             Operation::RequestReplicationStateChange(RequestedState::Replicating)

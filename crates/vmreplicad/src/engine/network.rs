@@ -75,6 +75,7 @@ pub fn put_vm(
             .unwrap_or(12),
             compression_enabled: s.compression_enabled,
         },
+        reverse: None,
     })
 }
 

@@ -8,5 +8,6 @@ pub mod peer_certs;
 pub mod primary;
 pub mod records;
 pub mod replica;
+pub mod reverse;
 pub mod server;
 pub mod tls;

@@ -84,7 +84,7 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-fn json<T: Serialize>(status: u16, body: &T) -> Response<Full<Bytes>> {
+pub(super) fn json<T: Serialize>(status: u16, body: &T) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
@@ -93,7 +93,7 @@ fn json<T: Serialize>(status: u16, body: &T) -> Response<Full<Bytes>> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
-type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
+pub(super) type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
 
 /// The recovery server: shared by the listener's connections and the apply task.
 pub struct ReplicaSide {
@@ -114,6 +114,14 @@ pub struct ReplicaSide {
     compares: Mutex<HashMap<Uuid, Arc<Compare>>>,
     /// Where qemu-nbd helpers keep their sockets.
     pub data_dir: PathBuf,
+}
+
+/// What [`ReplicaSide::import_point`] made.
+pub(super) struct Imported {
+    /// The images' block-hash maps (temporary files).
+    pub maps: Vec<PathBuf>,
+    /// Bytes of the full-image log that was applied.
+    pub bytes: u64,
 }
 
 /// A block-hash comparison against the replica's copy (seeded initial replication).
@@ -393,6 +401,26 @@ impl ReplicaSide {
 
     /// Writes the seed disks as a full-image log 1 and applies it (not through the upload path).
     async fn import_seed(&self, vm: Uuid, c: &Compare, disks: Vec<DiskSpec>) -> Result<(), String> {
+        let imported = self.import_point(vm, 1, &c.images, &disks, None).await?;
+        for map in imported.maps {
+            let _ = std::fs::remove_file(map);
+        }
+        tracing::info!(%vm, bytes = imported.bytes, "seed imported as point 1");
+        Ok(())
+    }
+
+    /// Makes the images (path, format, virtual size) point `sequence` of `vm`'s store: written as a
+    /// full-image log and applied (not through the upload path), recorded as received and applied
+    /// with `recorded_hash` (or the written log's hash), mirrored into `recovery_points`. Returns
+    /// the images' block-hash maps (temporary files the caller deletes) and the log's size.
+    pub(super) async fn import_point(
+        &self,
+        vm: Uuid,
+        sequence: u64,
+        images: &[(String, String, u64)],
+        disks: &[DiskSpec],
+        recorded_hash: Option<&str>,
+    ) -> Result<Imported, String> {
         let replica = self
             .store
             .replica_vm(vm)
@@ -401,12 +429,13 @@ impl ReplicaSide {
         let root = PathBuf::from(&replica.store_root);
         let dir = incoming_dir(&root, vm);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let path = dir.join("seed.vrlog");
+        let path = dir.join(format!("import-{sequence}.vrlog"));
+        let parent = 0; // a full image has no parent
         let header = wire::LogHeader {
             vm,
             relationship: 0,
-            sequence: 1,
-            parent: 0,
+            sequence,
+            parent,
             point_time_micros: now() * 1_000_000,
             point_type: PointType::Standard,
             full_image: true,
@@ -425,9 +454,10 @@ impl ReplicaSide {
             wire::Compression::Off,
         )
         .map_err(|e| e.to_string())?;
-        for (i, (image, format, _)) in c.images.iter().enumerate() {
-            let map = dir.join(format!("seed-disk{i}.hashes"));
-            let tmp = crate::engine::initial::scan_image(
+        let mut maps = Vec::new();
+        for (i, (image, format, _)) in images.iter().enumerate() {
+            let map = dir.join(format!("import-disk{i}.hashes"));
+            let scanned = crate::engine::initial::scan_image(
                 image,
                 format,
                 i,
@@ -436,9 +466,17 @@ impl ReplicaSide {
                 &self.data_dir,
                 &mut log,
             )
-            .await
-            .map_err(|f| f.failure.message)?;
-            let _ = std::fs::remove_file(tmp);
+            .await;
+            match scanned {
+                Ok(tmp) => maps.push(tmp),
+                Err(f) => {
+                    for m in &maps {
+                        let _ = std::fs::remove_file(m);
+                    }
+                    let _ = std::fs::remove_file(&path);
+                    return Err(f.failure.message);
+                }
+            }
         }
         let (w, summary) = log.finish().map_err(|e| e.to_string())?;
         drop(w.into_inner().map_err(|e| e.to_string())?);
@@ -448,19 +486,17 @@ impl ReplicaSide {
         let expect = Expect {
             vm,
             relationship: 0,
-            sequence: 1,
-            parent: 0,
+            sequence,
+            parent,
         };
-        let point = points
-            .apply(&path, &expect)
-            .await
-            .map_err(|e| crate::error_chain(&e))?;
+        let point = points.apply(&path, &expect).await;
         let _ = std::fs::remove_file(&path);
+        let point = point.map_err(|e| crate::error_chain(&e))?;
         self.store
             .record_applied_log(&ReceivedLog {
                 vm,
-                sequence: 1,
-                log_hash: hex::encode(summary.hash),
+                sequence,
+                log_hash: recorded_hash.map_or_else(|| hex::encode(summary.hash), str::to_string),
                 log_bytes: summary.bytes,
                 point_time: point.time_micros,
                 applied: true,
@@ -475,8 +511,10 @@ impl ReplicaSide {
         self.store
             .put_recovery_points(vm, &rows)
             .map_err(|e| crate::error_chain(&e))?;
-        tracing::info!(%vm, bytes = summary.bytes, "seed imported as point 1");
-        Ok(())
+        Ok(Imported {
+            maps,
+            bytes: summary.bytes,
+        })
     }
 
     /// `POST …/compare/{id}/ranges`: which of the primary's block hashes differ from the seed's.
@@ -806,7 +844,11 @@ impl ReplicaSide {
         Ok((vm_row, rel))
     }
 
-    fn describe(&self, vm: &VmRow, rel: &RelationshipRow) -> Result<ReplicaVm, ApiError> {
+    pub(super) fn describe(
+        &self,
+        vm: &VmRow,
+        rel: &RelationshipRow,
+    ) -> Result<ReplicaVm, ApiError> {
         let replica = self.store.replica_vm(vm.id)?;
         let last = self.store.last_received_log(vm.id)?;
         let applied = self.store.last_applied(vm.id)?;
@@ -861,6 +903,15 @@ impl ReplicaSide {
             s
         };
         match self.store.get_vm(vm)? {
+            Some(existing)
+                if existing.mode == ReplicationMode::Primary.as_u16() && put.reverse.is_some() =>
+            {
+                let from = put
+                    .reverse
+                    .clone()
+                    .unwrap_or_else(|| unreachable!("checked"));
+                self.accept_reverse(entry, existing, &put, &from).await
+            }
             Some(existing) if existing.mode != ReplicationMode::Replica.as_u16() => {
                 Err(ApiError::new(
                     ErrorCode::VmExists,
@@ -949,7 +1000,7 @@ impl ReplicaSide {
     }
 
     /// Fixes the VM's store root below the entry's location (§2.3 step 4).
-    fn new_store_root(
+    pub(super) fn new_store_root(
         &self,
         entry: &AuthorizationEntry,
         vm: Uuid,

@@ -206,7 +206,13 @@ impl Service {
             s.validate().map_err(settings_error)?;
         }
         // Failover network settings are applied by the failover engine, which also keeps them.
-        if t.moves_data || op == Operation::SetFailoverNetworkAdapterSettings {
+        // A reverse after a planned failover changes the other host too (engine/reverse.rs); after
+        // an unplanned one this host alone goes to 9 until a Resynchronize.
+        let planned_reverse = op == Operation::ReverseReplicationRelationship
+            && rel
+                .as_ref()
+                .is_some_and(|r| r.failed_over_type == ReplicationType::Planned.as_u16());
+        if t.moves_data || op == Operation::SetFailoverNetworkAdapterSettings || planned_reverse {
             let request = EngineRequest {
                 vm,
                 relationship: rel,

@@ -239,6 +239,20 @@ pub struct PutVm {
     pub initial_replication_type: u16,
     pub disks: Vec<DiskSpec>,
     pub settings: VmSettings,
+    /// Reverse replication after a planned failover (§5.7): the sender failed over to this point
+    /// of the chain; the receiver, the prepared old primary whose last committed log it is, becomes
+    /// the replica with its own disks as that point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<ReverseFrom>,
+}
+
+/// The common point of a reverse (`PutVm::reverse`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseFrom {
+    pub sequence: u64,
+    /// BLAKE3 of that log, lowercase hex.
+    pub log_hash: String,
 }
 
 impl Validate for PutVm {
@@ -285,6 +299,12 @@ impl Validate for PutVm {
                 "settings.application_consistent_snapshot_interval",
                 "must be 0 to 12",
             ));
+        }
+        if let Some(r) = &self.reverse {
+            if r.sequence == 0 {
+                return Err(invalid("reverse.sequence", "must be at least 1"));
+            }
+            check_hash("reverse.log_hash", &r.log_hash)?;
         }
         Ok(())
     }
@@ -850,6 +870,7 @@ mod tests {
                 application_consistent_snapshot_interval: 0,
                 compression_enabled: true,
             },
+            reverse: None,
         }
     }
 
@@ -857,7 +878,26 @@ mod tests {
     fn messages_round_trip() {
         let p = put();
         let text = serde_json::to_vec(&p).unwrap();
+        assert!(!String::from_utf8_lossy(&text).contains("reverse"));
         assert_eq!(decode::<PutVm>(&text).unwrap(), p);
+        let mut r = put();
+        r.reverse = Some(ReverseFrom {
+            sequence: 7,
+            log_hash: "ab".repeat(32),
+        });
+        let text = serde_json::to_vec(&r).unwrap();
+        assert_eq!(decode::<PutVm>(&text).unwrap(), r);
+        r.reverse = Some(ReverseFrom {
+            sequence: 0,
+            log_hash: "ab".repeat(32),
+        });
+        assert!(matches!(
+            decode::<PutVm>(&serde_json::to_vec(&r).unwrap()),
+            Err(MessageError::Invalid {
+                field: "reverse.sequence",
+                ..
+            })
+        ));
         let e = ErrorBody {
             error: ErrorDetail {
                 reason: Some(1),

@@ -1,0 +1,215 @@
+//! The old primary's side of a reverse after a planned failover (docs/protocol.md §5.7).
+//!
+//! The new primary (the replica that failed over to the planned point N) sends `PUT vms/{vm}` with
+//! `reverse: {sequence: N, log_hash}`. This host still holds the VM as a primary prepared for
+//! failover (state 4, locked from starting since its final log N was applied over there). It
+//! accepts only if the peer is the host it replicated to and log N with that hash is the last one
+//! it committed; then its own disks become point N of a new point store (read once, locally:
+//! nothing crosses the network) and are checked block by block against the hash maps its final
+//! log left, so a disk changed behind the lock is refused (`ResyncRequired`) instead of being
+//! taken for the common point. The VM becomes a replica (mode 2, state 3) of the new primary,
+//! whose next log is N+1.
+
+use std::path::Path;
+
+use disk::points::{OverlayError, PointStore};
+use disk::scan::hashmap::MapReader;
+use uuid::Uuid;
+use vmreplica_core::settings::AuthorizationEntry;
+use vmreplica_core::state::{ReplicationMode, ReplicationState};
+use wire::protocol::{DiskSpec, ErrorCode, PutVm, ReverseFrom};
+
+use super::replica::{json, ApiError, ApiResult, ReplicaSide};
+use crate::engine::failover::OVERLAY as FAILOVER_OVERLAY;
+use crate::store::{Store, StoreResult, VmRow};
+
+fn refused(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError::new(code, message)
+}
+
+/// Whether two block-hash maps hold the same hashes.
+fn same_map(a: &Path, b: &Path) -> Result<bool, String> {
+    let mut a = MapReader::open(a).map_err(|e| e.to_string())?;
+    let mut b = MapReader::open(b).map_err(|e| e.to_string())?;
+    if a.block_size != b.block_size || a.disk_size != b.disk_size {
+        return Ok(false);
+    }
+    loop {
+        match (
+            a.next_hash().map_err(|e| e.to_string())?,
+            b.next_hash().map_err(|e| e.to_string())?,
+        ) {
+            (None, None) => return Ok(true),
+            (Some(x), Some(y)) if x == y => {}
+            _ => return Ok(false),
+        }
+    }
+}
+
+impl ReplicaSide {
+    /// `PUT vms/{vm}` with `reverse` on the prepared old primary `existing`.
+    pub(super) async fn accept_reverse(
+        &self,
+        entry: &AuthorizationEntry,
+        existing: VmRow,
+        put: &PutVm,
+        from: &ReverseFrom,
+    ) -> ApiResult {
+        let vm = existing.id;
+        let mut rel = self
+            .store
+            .get_relationship(vm)?
+            .ok_or_else(|| refused(ErrorCode::UnknownVm, "the VM has no relationship here"))?;
+        if rel.state != ReplicationState::SyncedReplicationComplete.as_u16() {
+            return Err(refused(
+                ErrorCode::InvalidState,
+                format!(
+                    "'{}' is in state {} here, not prepared for a planned failover (4)",
+                    existing.name, rel.state
+                ),
+            ));
+        }
+        if !rel
+            .settings
+            .recovery_connection_point
+            .eq_ignore_ascii_case(&put.primary_connection_point)
+        {
+            return Err(refused(
+                ErrorCode::AccessDenied,
+                format!(
+                    "'{}' replicates to {}, not to {}",
+                    existing.name,
+                    rel.settings.recovery_connection_point,
+                    put.primary_connection_point
+                ),
+            ));
+        }
+        let chain = self.store.chain(vm)?;
+        if chain
+            .as_ref()
+            .map(|c| (c.last_sequence, c.last_log_hash.as_str()))
+            != Some((from.sequence, from.log_hash.as_str()))
+        {
+            return Err(refused(
+                ErrorCode::ResyncRequired,
+                format!(
+                    "log {} with that hash is not the last log this host sent; a resynchronization is needed",
+                    from.sequence
+                ),
+            ));
+        }
+        let table = crate::engine::initial::disk_table(&existing)
+            .map_err(|f| refused(ErrorCode::StorageUnavailable, f.message))?;
+        let ours: Vec<DiskSpec> = table
+            .iter()
+            .enumerate()
+            .map(|(i, (_, size))| DiskSpec {
+                id: format!("disk{i}"),
+                virtual_size: *size,
+            })
+            .collect();
+        if ours != put.disks {
+            return Err(refused(
+                ErrorCode::DiskTableMismatch,
+                "the disks differ from this host's; a resynchronization is needed",
+            ));
+        }
+
+        // The VM's own disks become point N.
+        let replica = self.new_store_root(entry, vm, &put.disks)?;
+        self.store.put_replica_vm(&replica)?;
+        let images: Vec<(String, String, u64)> = existing
+            .disks
+            .iter()
+            .zip(&table)
+            .map(|(path, (format, size))| (path.clone(), format.clone(), *size))
+            .collect();
+        let undo = |why: String| {
+            let _ = self.store.forget_replica_vm(vm);
+            let _ = std::fs::remove_dir_all(
+                Path::new(&replica.store_root).join(vm.hyphenated().to_string()),
+            );
+            why
+        };
+        let imported = self
+            .import_point(vm, from.sequence, &images, &put.disks, Some(&from.log_hash))
+            .await
+            .map_err(|why| {
+                refused(
+                    ErrorCode::Internal,
+                    undo(format!("cannot import the disks: {why}")),
+                )
+            })?;
+        let tracking = self
+            .data_dir
+            .join("tracking")
+            .join(vm.to_string().to_uppercase());
+        let mut unchanged = true;
+        for (i, map) in imported.maps.iter().enumerate() {
+            let last = tracking.join(format!("disk{i}.hashes"));
+            unchanged &= same_map(map, &last).unwrap_or(false);
+            let _ = std::fs::remove_file(map);
+        }
+        if !unchanged {
+            return Err(refused(
+                ErrorCode::ResyncRequired,
+                undo(format!(
+                    "the disks of '{}' changed after its final log {}; a resynchronization is needed",
+                    existing.name, from.sequence
+                )),
+            ));
+        }
+
+        // From now on a replica of the new primary: its data is the point store's. The disk files
+        // it ran on are not used any more: the overlay of an earlier failover (taken in as point
+        // N) is deleted; original image files are left where they are.
+        if let Ok(points) = PointStore::open(Path::new(&replica.store_root), vm).await {
+            match points.remove_overlay(FAILOVER_OVERLAY).await {
+                Ok(()) | Err(OverlayError::Unknown(_)) => {}
+                Err(e) => {
+                    tracing::warn!(%vm, "cannot delete the old failover disks: {}", crate::error_chain(&e))
+                }
+            }
+        }
+        if !existing.disks.is_empty() {
+            tracing::info!(%vm, disks = ?existing.disks, "the VM's former disks are no longer used (image files are kept)");
+        }
+        self.store.set_vm_disks(vm, &[])?;
+        let mode = ReplicationMode::Replica.as_u16();
+        rel.state = ReplicationState::Replicating.as_u16();
+        rel.primary_connection_point = Some(put.primary_connection_point.clone());
+        rel.authorization_entry = Some(entry.allowed_primary_host_system.clone());
+        rel.settings.replication_interval = put.settings.replication_interval;
+        rel.settings.recovery_history = u16::from(put.settings.recovery_history);
+        rel.settings.application_consistent_snapshot_interval =
+            u16::from(put.settings.application_consistent_snapshot_interval);
+        rel.settings.compression_enabled = put.settings.compression_enabled;
+        rel.failed_over_type = 0;
+        self.store.put_relationship(&rel, mode)?;
+        self.store.remove_chain(vm)?;
+        let now_replica = VmRow {
+            mode,
+            disks: Vec::new(),
+            ..existing
+        };
+        tracing::info!(%vm, point = from.sequence, primary = %put.primary_connection_point, "reversed: this VM is now the replica");
+        Ok(json(200, &self.describe(&now_replica, &rel)?))
+    }
+}
+
+impl Store {
+    /// Undoes a replica record of `vm` that a failed reverse began: the placeholder row, its
+    /// received logs and recovery points.
+    fn forget_replica_vm(&self, vm: Uuid) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in ["replica_vms", "received_logs", "recovery_points"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE vm = ?1"),
+                [vm.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
