@@ -4,6 +4,7 @@ So far: test failover (TestReplicaSystem), which must never disturb replication 
 """
 
 import json
+import shutil
 import subprocess
 import time
 
@@ -16,6 +17,7 @@ from test_two_hosts import (  # noqa: F401  (lab is a fixture)
     applied_sequence,
     ext4_disk,
     lab,
+    raw_peer,
     replicate_network,
     rrsc,
     run,
@@ -374,3 +376,49 @@ def test_a_reverse_onto_disks_changed_behind_the_lock_is_refused(lab, tmp_path):
     assert vm_by_name(r, "rev02")["ReplicationState"] == 5
     assert vm_by_name(lab.primary.conn(), "rev02")["ReplicationState"] == 4
     assert not (tmp_path / "hv1-storage" / vm_id.lower()).exists()
+
+
+def test_a_resync_after_the_tracking_data_was_deleted_sends_only_the_differing_blocks(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "rsy01.qcow2", payload_bytes=6_000_000)
+    vm_id = replicate_network(lab, tmp_path, "rsy01", [disk], "--no-compression", "--recovery-history", "2")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "rsy01")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    rrsc(p, pvm, 7)
+    settled(lab, vm_id)
+    # The tracking data is lost; the VM writes meanwhile.
+    shutil.rmtree(lab.primary.data_dir / "tracking" / vm_id.upper())
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x21 30M 192k", "-c", "write -z 31M 64k", disk)
+    rrsc(p, pvm, 3)
+    wait_for(lambda: vm_by_name(p, "rsy01")["ReplicationState"] == 9, what="resynchronization required")
+    before = applied_sequence(lab, vm_id)
+
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    rv, out = p.InvokeMethod("Resynchronize", svc.path, ComputerSystem=pvm.path)
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=60)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert job["JobType"] == 107
+    assert vm_by_name(p, "rsy01")["ReplicationState"] == 3
+    wait_for(lambda: applied_sequence(lab, vm_id) > before, what="the resync applied")
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    with raw_peer(lab) as c:
+        sent = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/{before + 1}").json()
+    # Three changed blocks and one zeroed travel, not the 6 MB the disk holds.
+    assert sent["log_bytes"] < 400_000, sent
+    store = lab.storage / vm_id.lower()
+    same, text = compare(store / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text
+    # The older recovery points are gone, as after a Hyper-V resync (whatever RecoveryHistory says).
+    assert sorted(int(f.stem[1:]) for f in store.glob("p*.json")) == [before + 1]
+    assert "resynchronization applied; the older recovery points go" in lab.replica.log.read_text()
+
+    # Deltas continue from the resynchronized point.
+    rrsc(p, pvm, 3)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 33M 64k", disk)
+    wait_for(lambda: applied_sequence(lab, vm_id) > before + 1, what="a delta after the resync")
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(store / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text

@@ -95,6 +95,18 @@ impl DataPlane for LocalEngine {
             }
             Operation::CommitFailover => self.commit_failover(request),
             Operation::ReverseReplicationRelationship => self.reverse(request),
+            Operation::Resynchronize if request.vm.mode == ReplicationMode::Primary.as_u16() => {
+                self.resynchronize(request)
+            }
+            Operation::RequestReplicationStateChange(RequestedState::Replicating)
+                if request.vm.mode == ReplicationMode::Primary.as_u16()
+                    && request.relationship.as_ref().is_some_and(|r| {
+                        r.state == ReplicationState::WaitingToStartResynchronization.as_u16()
+                            || r.state == ReplicationState::ResynchronizationSuspended.as_u16()
+                    }) =>
+            {
+                self.resynchronize(request)
+            }
             // Resume from Suspended, or from Critical once the operator fixed the cause: the
             // next cycle is due now and ships everything tracked meanwhile.
             Operation::RequestReplicationStateChange(RequestedState::Replicating)
@@ -114,6 +126,17 @@ impl DataPlane for LocalEngine {
             _ => NoEngine.start(request),
         }
     }
+}
+
+/// What a network transfer job sends.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Initial replication, every block.
+    Full,
+    /// Initial replication against the replica's copy: only the blocks that differ.
+    Seeded,
+    /// Against the replica's latest point: only the blocks that differ.
+    Resync,
 }
 
 /// The relationship and the folder (`param`) an offline-media operation needs.
@@ -250,6 +273,15 @@ impl LocalEngine {
     /// Initial replication over the network: full (type 1) or seeded from the replica's copy
     /// (type 3). Both need certificate authentication.
     fn network(&self, req: EngineRequest, seeded: bool) -> Result<JobRow, CommandError> {
+        self.compare_job(req, if seeded { Kind::Seeded } else { Kind::Full })
+    }
+
+    /// Resynchronize (or RRSC(3) from 9/11) on a primary: 10 while it runs, then 3.
+    fn resynchronize(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        self.compare_job(req, Kind::Resync)
+    }
+
+    fn compare_job(&self, req: EngineRequest, kind: Kind) -> Result<JobRow, CommandError> {
         let rel = req
             .relationship
             .as_ref()
@@ -265,10 +297,10 @@ impl LocalEngine {
             peers: self.peers.clone(),
             data_dir: self.data_dir.clone(),
         };
-        let what = if seeded {
-            "Seeded initial replication"
-        } else {
-            "Send the initial replica over the network"
+        let what = match kind {
+            Kind::Seeded => "Seeded initial replication",
+            Kind::Full => "Send the initial replica over the network",
+            Kind::Resync => "Resynchronize",
         };
         self.spawn_with_outcome(
             req,
@@ -277,10 +309,10 @@ impl LocalEngine {
             true,
             move |ctx, vm, rel, _, claim| async move {
                 let _claim = claim; // held until the job ends
-                if seeded {
-                    seeded::run(ctx, job, vm, rel).await
-                } else {
-                    network::run(ctx, job, vm, rel).await
+                match kind {
+                    Kind::Seeded => seeded::run(ctx, job, vm, rel).await,
+                    Kind::Full => network::run(ctx, job, vm, rel).await,
+                    Kind::Resync => seeded::resync(ctx, job, vm, rel).await,
                 }
             },
         )

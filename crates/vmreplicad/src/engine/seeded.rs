@@ -50,7 +50,8 @@ pub async fn run(
 ) -> Result<RelationshipRow, JobFailure> {
     let (session, put) = open_empty_replica(&job, &vm, &rel, 3).await?;
     let running = freeze_if_running(&vm, &job.data_dir).await?;
-    let result = compare_and_send(&ctx, &job, &vm, &mut rel, session, put, running.as_ref()).await;
+    let result =
+        compare_and_send(&ctx, &job, &vm, &mut rel, session, put, running.as_ref(), 1).await;
     if let Some(r) = running {
         if let Err(e) = r.finish(result.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
@@ -59,7 +60,37 @@ pub async fn run(
     result.map(|()| rel)
 }
 
-/// Hashes, compares and sends; `running` is the frozen point of a running VM.
+/// Resynchronize (docs/protocol.md §5.5 kind 2): the same comparison, against the replica's
+/// latest recovery point instead of a seed; tracking (maps, and a running VM's bitmaps) restarts
+/// from the point compared. Cancellable; a resync cut off before its commit changes nothing on the
+/// replica, and the relationship goes back to 9.
+pub async fn resync(
+    ctx: JobContext,
+    job: NetworkIr,
+    vm: VmRow,
+    mut rel: RelationshipRow,
+) -> Result<RelationshipRow, JobFailure> {
+    let target = target(&rel);
+    let session = job
+        .peers
+        .connect(&target)
+        .await
+        .map_err(|e| e.into_failure("connecting to the recovery server"))?;
+    let put = super::network::put_vm(&vm, &rel, &job.peers.host, 1)?;
+    let running = freeze_if_running(&vm, &job.data_dir).await?;
+    let result =
+        compare_and_send(&ctx, &job, &vm, &mut rel, session, put, running.as_ref(), 2).await;
+    if let Some(r) = running {
+        if let Err(e) = r.finish(result.is_ok()).await {
+            tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
+        }
+    }
+    result.map(|()| rel)
+}
+
+/// Hashes, compares (`kind` 1 against a seed, 2 against the latest point) and sends; `running` is
+/// the frozen point of a running VM.
+#[allow(clippy::too_many_arguments)]
 async fn compare_and_send(
     ctx: &JobContext,
     job: &NetworkIr,
@@ -68,6 +99,7 @@ async fn compare_and_send(
     mut session: crate::replication::client::Session,
     put: PutVm,
     running: Option<&RunningPoint>,
+    kind: u16,
 ) -> Result<(), JobFailure> {
     let target = target(rel);
 
@@ -124,7 +156,7 @@ async fn compare_and_send(
 
     // 2. The replica imports its copy as point 1 and compares.
     let begin = BeginCompare {
-        kind: 1,
+        kind,
         block_size: DEFAULT_BLOCK_SIZE,
         disks: put.disks.clone(),
     };

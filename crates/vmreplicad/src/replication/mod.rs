@@ -8,6 +8,7 @@ pub mod peer_certs;
 pub mod primary;
 pub mod records;
 pub mod replica;
+pub mod resync;
 pub mod reverse;
 pub mod server;
 pub mod tls;

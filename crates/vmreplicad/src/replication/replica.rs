@@ -133,12 +133,37 @@ pub struct Compare {
     baseline: u64,
     next: u64,
     block_size: u32,
-    /// The seed's images: path, format, virtual size.
+    /// The images compared: path, format, virtual size (the seed's, or the latest point's layers).
     images: Vec<(String, String, u64)>,
+    /// Kind 2: the log it leads to is a resynchronization.
+    resync: bool,
 }
 
 impl Compare {
-    fn session(&self) -> protocol::CompareSession {
+    /// A session that is ready at once (kind 2), comparing with `images` of point `baseline`.
+    pub(super) fn ready(
+        baseline: u64,
+        block_size: u32,
+        images: Vec<(String, String, u64)>,
+        resync: bool,
+    ) -> Compare {
+        Compare {
+            id: Uuid::new_v4(),
+            state: std::sync::atomic::AtomicU16::new(2),
+            failed: Mutex::new(None),
+            baseline,
+            next: baseline + 1,
+            block_size,
+            images,
+            resync,
+        }
+    }
+
+    pub(super) fn id(&self) -> Uuid {
+        self.id
+    }
+
+    pub(super) fn session(&self) -> protocol::CompareSession {
         protocol::CompareSession {
             id: self.id,
             state: self.state.load(std::sync::atomic::Ordering::Acquire),
@@ -306,6 +331,13 @@ impl ReplicaSide {
         })
     }
 
+    pub(super) fn remember_compare(&self, vm: Uuid, c: Arc<Compare>) {
+        self.compares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm, c);
+    }
+
     /// `POST …/compare` (§5.5). Kind 1, Seeded: the replica VM's own disks (a copy restored on this
     /// host, made a replica with RequestReplicationStateChange(2)) become point 1 here, then the
     /// primary compares block hashes with them and sends only what differs as log 2.
@@ -316,11 +348,14 @@ impl ReplicaSide {
         begin: protocol::BeginCompare,
     ) -> ApiResult {
         let (vm_row, rel) = self.bound_vm(entry, vm)?;
+        if begin.kind == 2 && begin.block_size == disk::scan::DEFAULT_BLOCK_SIZE {
+            return self.begin_resync(entry, vm, &begin, rel.state).await;
+        }
         if begin.kind != 1 {
             return Err(ApiError::new(
                 ErrorCode::UnknownResource,
                 format!(
-                    "compare kind {} is not served by this version (only 1, Seeded)",
+                    "compare kind {} is not served by this version (only 1 Seeded and 2 Resync)",
                     begin.kind
                 ),
             ));
@@ -378,6 +413,7 @@ impl ReplicaSide {
             next: 2,
             block_size: begin.block_size,
             images,
+            resync: false,
         });
         self.compares
             .lock()
@@ -689,7 +725,10 @@ impl ReplicaSide {
                 if answer.is_ok() {
                     // The log the compare asked for is committed: the session is done.
                     let mut map = self.compares.lock().unwrap_or_else(|p| p.into_inner());
-                    if map.get(&vm).is_some_and(|c| c.next == seq) {
+                    if let Some(c) = map.get(&vm).filter(|c| c.next == seq) {
+                        if c.resync {
+                            self.store.mark_resync_point(vm, seq)?;
+                        }
                         map.remove(&vm);
                     }
                 }
@@ -1770,9 +1809,17 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         .map_err(|e| retry(&e))?
         .map(|r| r.settings)
         .unwrap_or_default();
-    let policy = RetentionPolicy {
-        recovery_history: u32::from(settings.recovery_history),
-        keep_app_consistent: settings.application_consistent_snapshot_interval > 0,
+    let resynced = store
+        .take_resync_point(log.vm, log.sequence)
+        .map_err(|e| retry(&e))?;
+    let policy = if resynced {
+        tracing::info!(vm = %log.vm, sequence = log.sequence, "resynchronization applied; the older recovery points go");
+        super::resync::AFTER_RESYNC
+    } else {
+        RetentionPolicy {
+            recovery_history: u32::from(settings.recovery_history),
+            keep_app_consistent: settings.application_consistent_snapshot_interval > 0,
+        }
     };
     if let Err(e) = points.prune(&policy, now() * 1_000_000).await {
         tracing::warn!(vm = %log.vm, "pruning recovery points failed: {}", crate::error_chain(&e));

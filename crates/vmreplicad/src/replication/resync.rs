@@ -1,0 +1,138 @@
+//! The replica's side of a resynchronization (docs/protocol.md §5.5 kind 2).
+//!
+//! The primary lost track of what changed (its maps or bitmaps are gone, or an unplanned failover
+//! was reversed): it compares the block hashes of its disks with this host's latest recovery point
+//! and sends only the blocks that differ, as the next log of the chain. That log is applied like
+//! any delta, as a new layer over the latest point, so a resync cut off before its commit changes
+//! nothing here. Once it is applied, every other recovery point is deleted (as Hyper-V does, spec
+//! §13.6 step 6): the older points may not agree with what the primary now calls its past.
+
+use std::sync::Arc;
+
+use disk::points::{PointStore, RetentionPolicy};
+use rusqlite::{params, OptionalExtension};
+use uuid::Uuid;
+use vmreplica_core::settings::AuthorizationEntry;
+use vmreplica_core::state::ReplicationState;
+use wire::protocol::{self, ErrorCode, ErrorDetail};
+
+use super::replica::{json, ApiError, ApiResult, Compare, ReplicaSide};
+use crate::clock::now;
+use crate::store::{Store, StoreResult};
+
+impl Store {
+    /// Marks log `sequence` of `vm` as the result of a resynchronization.
+    pub(super) fn mark_resync_point(&self, vm: Uuid, sequence: u64) -> StoreResult<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO resync_points (vm, sequence) VALUES (?1, ?2)",
+            params![vm.to_string(), i64::try_from(sequence).unwrap_or(i64::MAX)],
+        )?;
+        Ok(())
+    }
+
+    /// Whether log `sequence` of `vm` is a resynchronization's; forgets the mark.
+    pub(super) fn take_resync_point(&self, vm: Uuid, sequence: u64) -> StoreResult<bool> {
+        let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
+        let found: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT sequence FROM resync_points WHERE vm = ?1 AND sequence = ?2",
+                params![vm.to_string(), seq],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if found.is_some() {
+            self.conn().execute(
+                "DELETE FROM resync_points WHERE vm = ?1 AND sequence = ?2",
+                params![vm.to_string(), seq],
+            )?;
+        }
+        Ok(found.is_some())
+    }
+}
+
+/// The retention after a resynchronization: only the new latest point (and pinned ones).
+pub(super) const AFTER_RESYNC: RetentionPolicy = RetentionPolicy {
+    recovery_history: 0,
+    keep_app_consistent: false,
+};
+
+impl ReplicaSide {
+    /// `POST …/compare` kind 2: the primary's hashes are compared with the latest point here.
+    pub(super) async fn begin_resync(
+        self: &Arc<Self>,
+        _entry: &AuthorizationEntry,
+        vm: Uuid,
+        begin: &protocol::BeginCompare,
+        state: u16,
+    ) -> ApiResult {
+        let usable = [
+            ReplicationState::Replicating,
+            ReplicationState::Suspended,
+            ReplicationState::Critical,
+            ReplicationState::WaitingToStartResynchronization,
+        ]
+        .map(ReplicationState::as_u16);
+        if !usable.contains(&state) {
+            let mut d = ErrorDetail::new(
+                ErrorCode::InvalidState,
+                format!("the replica is in state {state} and cannot be resynchronized"),
+            );
+            d.replica_state = Some(state);
+            return Err(ApiError(Box::new(d)));
+        }
+        let replica = self
+            .store
+            .replica_vm(vm)?
+            .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, "no placeholder record"))?;
+        let last = self.store.last_received_log(vm)?.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidState,
+                "the replica holds no recovery point yet; start an initial replication",
+            )
+        })?;
+        if self.store.pending_apply()?.iter().any(|l| l.vm == vm) {
+            return Err(ApiError::new(
+                ErrorCode::Busy,
+                "the replica is still applying logs; ask again shortly",
+            ));
+        }
+        if replica.disks != begin.disks {
+            let mut d = ErrorDetail::new(
+                ErrorCode::DiskTableMismatch,
+                "the disks differ from the replica's; a new relationship is needed",
+            );
+            d.expected = Some(replica.disks.clone());
+            return Err(ApiError(Box::new(d)));
+        }
+        let points = PointStore::open(std::path::Path::new(&replica.store_root), vm)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, crate::error_chain(&e)))?;
+        let mut images = Vec::new();
+        for (i, d) in begin.disks.iter().enumerate() {
+            let layer = points.point_path(last.sequence, i).map_err(|e| {
+                ApiError::new(ErrorCode::StorageUnavailable, crate::error_chain(&e))
+            })?;
+            images.push((
+                layer.display().to_string(),
+                "qcow2".to_string(),
+                d.virtual_size,
+            ));
+        }
+        // The resync itself is what a "resynchronization required" mark asked for.
+        if replica.resync_required {
+            let mut r = replica.clone();
+            r.resync_required = false;
+            self.store.put_replica_vm(&r)?;
+        }
+        let compare = Arc::new(Compare::ready(
+            last.sequence,
+            begin.block_size,
+            images,
+            true,
+        ));
+        self.remember_compare(vm, compare.clone());
+        tracing::info!(%vm, compare = %compare.id(), baseline = last.sequence, at = now(), "resynchronization comparison begun");
+        Ok(json(201, &compare.session()))
+    }
+}
