@@ -327,18 +327,9 @@ def test_planned_failover_and_reverse_continue_without_resynchronization(lab, tm
     (home_disk,) = vm_disks(lab.primary, "rev01")
     same, text = compare(home_disk, new_disk, "qcow2")
     assert same, text
-    pvm = vm_by_name(p, "rev01")
-    psvc = p.EnumerateInstances("Msvm_ReplicationService")[0]
-    prsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
-    prsd["RecoveryConnectionPoint"] = REPLICA
-    prsd["RecoveryServerPortNumber"] = Uint16(lab.port)
-    prsd["AuthenticationType"] = Uint16(2)
-    prsd["CertificateThumbPrint"] = lab.t1
-    rv, out = p.InvokeMethod("ReverseReplicationRelationship", psvc.path, ComputerSystem=pvm.path,
-                             ReplicationSettingData=prsd.tocimxmlstr())
-    assert rv == 4096, rv
-    job = wait_job(p, out["Job"], timeout=60)
-    assert job["JobState"] == 7, job["ErrorDescription"]
+    # This time from the CLI (Set-VMReplication -Reverse).
+    lab.primary.cli("reverse", "rev01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1)
     pvm, rvm = vm_by_name(p, "rev01"), vm_by_name(r, "rev01")
     assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (1, 3)
     assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (2, 3)

@@ -132,6 +132,12 @@ enum Verb {
     /// On the primary, with the VM off: send the last changes and lock the VM from starting, ready
     /// for a planned failover without data loss (Start-VMFailover -Prepare).
     PrepareFailover { vm: String },
+    /// On a failed-over replica: become the primary and replicate to the old primary, named by
+    /// --replica-server (Set-VMReplication -Reverse); settings not given keep their value.
+    Reverse(SetArgs),
+    /// Compare block hashes with the replica and send only what differs (Resume-VMReplication
+    /// -Resynchronize).
+    Resync { vm: String },
     /// Make a failover permanent: the other recovery points are deleted (Complete-VMFailover).
     Complete { vm: String },
     /// Undo a failover that is not committed; the queued logs are applied (RevertFailover).
@@ -539,6 +545,19 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             };
             Command::ModifyReplicationSettings { vm, settings }
         }
+        Verb::Reverse(a) => {
+            let current = Command::GetReplicationSettings { vm: a.vm.clone() };
+            let (vm, settings) = match client.execute(&current)? {
+                CommandOutput::ReplicationSettings(s) => a.apply(s),
+                other => return Err(Failure::unexpected(&other)),
+            };
+            let args = OperationArgs {
+                settings: Some(settings),
+                ..OperationArgs::default()
+            };
+            replication(vm, Operation::ReverseReplicationRelationship, args)
+        }
+        Verb::Resync { vm } => replication(vm, Operation::Resynchronize, OperationArgs::default()),
         Verb::Settings { vm } => Command::GetReplicationSettings { vm },
         Verb::Disable { vm } => Command::RemoveReplicationRelationship { vm },
         Verb::EnableAsReplica { vm } => replication(
