@@ -413,3 +413,56 @@ def test_a_resync_after_the_tracking_data_was_deleted_sends_only_the_differing_b
     seq = settled(lab, vm_id)
     same, text = compare(store / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
     assert same, text
+
+
+def test_unplanned_failover_reverse_and_resync_send_only_what_diverged(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "ufo02.qcow2", payload_bytes=6_000_000)
+    vm_id = replicate_network(lab, tmp_path, "ufo02", [disk], "--no-compression")
+    p, r = lab.primary.conn(), lab.replica.conn()
+    pvm = vm_by_name(p, "ufo02")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    rrsc(p, pvm, 7)  # from here the old primary's writes never replicate
+    settled(lab, vm_id)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)
+    hv1_storage = tmp_path / "hv1-storage"
+    port1 = serve(lab.primary, lab.t1, REPLICA, hv1_storage)
+    lab.primary.stop()  # the old primary is lost
+
+    lab.replica.cli("failover", "ufo02")
+    lab.replica.cli("complete", "ufo02")
+    lab.replica.cli("reverse", "ufo02", "--replica-server", PRIMARY, "--replica-port", str(port1),
+                    "--thumbprint", lab.t2)
+    rvm = vm_by_name(r, "ufo02")
+    assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (1, 9)  # waits for a resync
+    (new_disk,) = vm_disks(lab.replica, "ufo02")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x32 40M 128k", new_disk)  # the new primary writes
+
+    lab.primary.start()  # the old primary is back, holding writes that never replicated
+    lab.replica.cli("resync", "ufo02")
+    rvm, pvm = vm_by_name(r, "ufo02"), vm_by_name(p := lab.primary.conn(), "ufo02")
+    assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (1, 3)
+    assert pvm["ReplicationMode"] == 2
+    store1 = hv1_storage / vm_id.lower()
+
+    def points():
+        return sorted(int(f.stem[1:]) for f in store1.glob("p*.json"))
+
+    imported = points()[0]  # the old primary's own disks, as they were
+    # The resync log is applied on top, then only it stays.
+    wait_for(lambda: points() == [imported + 1], what="the resync applied on the old primary")
+    same, text = compare(store1 / "disk0" / f"p{imported + 1:020}.qcow2", new_disk, "qcow2")
+    assert same, text
+    # Only what diverged travelled: 256 KiB on one side, 128 KiB on the other, not the disk.
+    rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    rv, out = r.InvokeMethod("GetReplicationStatisticsEx", r.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=rvm.path, ReplicationRelationship=rel.tocimxmlstr())
+    divergent = (256 + 128) << 10
+    assert int(out["ReplicationStatistics"][0]["ReplicationSize"]) <= 1.1 * divergent + (64 << 10)
+    # The old primary's own image file is kept as it was.
+    assert disk.exists()
+    # Deltas flow in the new direction.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 44M 64k", new_disk)
+    wait_for(lambda: points()[-1] > imported + 1, what="a delta to the old primary")
+    rrsc(r, rvm, 7)
+    wait_for(lambda: compare(store1 / "disk0" / f"p{points()[-1]:020}.qcow2", new_disk, "qcow2")[0],
+             what="the old primary's latest point to equal the new primary's disk")

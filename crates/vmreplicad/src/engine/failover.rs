@@ -73,7 +73,7 @@ impl Store {
         Ok(())
     }
 
-    pub(super) fn remove_failover(&self, vm: Uuid) -> StoreResult<()> {
+    pub fn remove_failover(&self, vm: Uuid) -> StoreResult<()> {
         self.conn()
             .execute("DELETE FROM failovers WHERE vm = ?1", [vm.to_string()])?;
         Ok(())

@@ -114,6 +114,7 @@ impl LocalEngine {
                 put.reverse = Some(ReverseFrom {
                     sequence: common.point,
                     log_hash: common.log_hash.clone(),
+                    resync: false,
                 });
                 let answer = async {
                     let mut session = peers.connect(&target).await?;

@@ -71,12 +71,30 @@ pub async fn resync(
     mut rel: RelationshipRow,
 ) -> Result<RelationshipRow, JobFailure> {
     let target = target(&rel);
-    let session = job
+    let mut session = job
         .peers
         .connect(&target)
         .await
         .map_err(|e| e.into_failure("connecting to the recovery server"))?;
-    let put = super::network::put_vm(&vm, &rel, &job.peers.host, 1)?;
+    let mut put = super::network::put_vm(&vm, &rel, &job.peers.host, 1)?;
+    // After a reversed unplanned failover, the old primary first becomes the replica, its own
+    // disks the point to compare with (docs/protocol.md §5.7).
+    if let Some(f) = job.store.failover(vm.id)? {
+        put.reverse = Some(wire::protocol::ReverseFrom {
+            sequence: f.point.max(1),
+            log_hash: if f.log_hash.is_empty() {
+                "0".repeat(64)
+            } else {
+                f.log_hash.clone()
+            },
+            resync: true,
+        });
+        session
+            .json::<_, wire::protocol::ReplicaVm>(Route::PutVm(vm.id), Some(&put))
+            .await
+            .map_err(|e| e.into_failure("making the old primary the replica"))?;
+        put.reverse = None;
+    }
     let running = freeze_if_running(&vm, &job.data_dir).await?;
     let result =
         compare_and_send(&ctx, &job, &vm, &mut rel, session, put, running.as_ref(), 2).await;
@@ -84,6 +102,10 @@ pub async fn resync(
         if let Err(e) = r.finish(result.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
         }
+    }
+    if result.is_ok() {
+        // The new direction is established: no failover left to reverse from.
+        job.store.remove_failover(vm.id)?;
     }
     result.map(|()| rel)
 }

@@ -9,6 +9,11 @@
 //! log left, so a disk changed behind the lock is refused (`ResyncRequired`) instead of being
 //! taken for the common point. The VM becomes a replica (mode 2, state 3) of the new primary,
 //! whose next log is N+1.
+//!
+//! After an unplanned failover (`reverse.resync`) the two sides may differ anywhere: the VM must be
+//! off, its disks are taken as they are (as the point after the last log it sent) without the
+//! common-point checks, and the new primary resynchronizes right after (compare kind 2), sending
+//! only the blocks that differ.
 
 use std::path::Path;
 
@@ -60,7 +65,14 @@ impl ReplicaSide {
             .store
             .get_relationship(vm)?
             .ok_or_else(|| refused(ErrorCode::UnknownVm, "the VM has no relationship here"))?;
-        if rel.state != ReplicationState::SyncedReplicationComplete.as_u16() {
+        if from.resync {
+            if crate::power::enabled_state(&existing.power) == crate::power::ENABLED {
+                return Err(refused(
+                    ErrorCode::InvalidState,
+                    format!("'{}' is running here; turn it off first", existing.name),
+                ));
+            }
+        } else if rel.state != ReplicationState::SyncedReplicationComplete.as_u16() {
             return Err(refused(
                 ErrorCode::InvalidState,
                 format!(
@@ -85,10 +97,11 @@ impl ReplicaSide {
             ));
         }
         let chain = self.store.chain(vm)?;
-        if chain
-            .as_ref()
-            .map(|c| (c.last_sequence, c.last_log_hash.as_str()))
-            != Some((from.sequence, from.log_hash.as_str()))
+        if !from.resync
+            && chain
+                .as_ref()
+                .map(|c| (c.last_sequence, c.last_log_hash.as_str()))
+                != Some((from.sequence, from.log_hash.as_str()))
         {
             return Err(refused(
                 ErrorCode::ResyncRequired,
@@ -131,8 +144,15 @@ impl ReplicaSide {
             );
             why
         };
+        // After an unplanned failover the disks are taken as they are, as the point after the
+        // last log this host sent; the resync that follows sends what differs.
+        let (sequence, recorded) = match (from.resync, &chain) {
+            (false, _) => (from.sequence, Some(from.log_hash.as_str())),
+            (true, Some(c)) => (c.last_sequence.max(1), None),
+            (true, None) => (from.sequence, None),
+        };
         let imported = self
-            .import_point(vm, from.sequence, &images, &put.disks, Some(&from.log_hash))
+            .import_point(vm, sequence, &images, &put.disks, recorded)
             .await
             .map_err(|why| {
                 refused(
@@ -147,7 +167,7 @@ impl ReplicaSide {
         let mut unchanged = true;
         for (i, map) in imported.maps.iter().enumerate() {
             let last = tracking.join(format!("disk{i}.hashes"));
-            unchanged &= same_map(map, &last).unwrap_or(false);
+            unchanged &= from.resync || same_map(map, &last).unwrap_or(false);
             let _ = std::fs::remove_file(map);
         }
         if !unchanged {
@@ -192,7 +212,7 @@ impl ReplicaSide {
             disks: Vec::new(),
             ..existing
         };
-        tracing::info!(%vm, point = from.sequence, primary = %put.primary_connection_point, "reversed: this VM is now the replica");
+        tracing::info!(%vm, point = sequence, resync = from.resync, primary = %put.primary_connection_point, "reversed: this VM is now the replica");
         Ok(json(200, &self.describe(&now_replica, &rel)?))
     }
 }

@@ -246,6 +246,14 @@ impl Service {
             self.store.put_relationship(&rel, mode)?;
         }
         rel.state = t.after.as_u16();
+        if op == Operation::ReverseReplicationRelationship {
+            // The settings of the new direction: the old primary is now the recovery server.
+            if let Some(s) = args.settings.clone() {
+                rel.settings = s;
+                rel.primary_connection_point = Some(self.host.clone());
+                rel.authorization_entry = None;
+            }
+        }
         let store = self.store.clone();
         let what = format!("{} on '{}'", op.name(), vm.name);
         // A suspended primary sends nothing: the job ends once the log in flight (if any) did.

@@ -253,6 +253,10 @@ pub struct ReverseFrom {
     pub sequence: u64,
     /// BLAKE3 of that log, lowercase hex.
     pub log_hash: String,
+    /// After an unplanned failover: the two sides may differ anywhere, and the sender resynchronizes
+    /// (compare kind 2) right after; the receiver's disks are taken as they are.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync: bool,
 }
 
 impl Validate for PutVm {
@@ -884,12 +888,14 @@ mod tests {
         r.reverse = Some(ReverseFrom {
             sequence: 7,
             log_hash: "ab".repeat(32),
+            resync: true,
         });
         let text = serde_json::to_vec(&r).unwrap();
         assert_eq!(decode::<PutVm>(&text).unwrap(), r);
         r.reverse = Some(ReverseFrom {
             sequence: 0,
             log_hash: "ab".repeat(32),
+            resync: false,
         });
         assert!(matches!(
             decode::<PutVm>(&serde_json::to_vec(&r).unwrap()),
