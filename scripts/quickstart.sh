@@ -6,7 +6,9 @@
 # authorization table, a connection test over the host-to-host protocol (HTTP/2, TLS 1.3, both
 # hosts authenticated by certificate), enabling replication (a job), initial replication over the
 # network and a delta cycle proved with qemu-img compare, the Get-VMReplication-style status and
-# statistics, suspend/resume, and the CIM-XML endpoint a WBEM client talks to.
+# statistics, suspend/resume, a test failover, a planned failover with reverse replication, an
+# unplanned failover back with a resynchronization that sends only what diverged, and the CIM-XML
+# endpoint a WBEM client talks to.
 #
 #   scripts/quickstart.sh [--keep]     --keep leaves the daemon running afterwards.
 set -euo pipefail
@@ -51,11 +53,16 @@ say "Starting two hosts: hv1 (primary, $VMREPLICA_URL) and hv2 (replica, $REPLIC
 # No DNS in this lab: hv1 resolves hv2's name to loopback (the certificate must still name it).
 # --cycle-interval-override 3: this tour ships a delta every 3 s instead of waiting the 30 s interval.
 vmreplicad --data-dir "$DATA/host1" --cim-listen "127.0.0.1:$PORT" --host-name hv1.lab.example \
-    --resolve hv2.lab.example=127.0.0.1 --cycle-interval-override 3 2>"$DATA/vmreplicad-hv1.log" &
+    --resolve hv2.lab.example=127.0.0.1 --cycle-interval-override 3 --replication-address 127.0.0.1 \
+    2>"$DATA/vmreplicad-hv1.log" &
 PID=$!
-vmreplicad --data-dir "$DATA/host2" --cim-listen "127.0.0.1:$PORT2" --host-name hv2.lab.example \
-    --replication-address 127.0.0.1 2>"$DATA/vmreplicad-hv2.log" &
-PID2=$!
+start_hv2() {
+    vmreplicad --data-dir "$DATA/host2" --cim-listen "127.0.0.1:$PORT2" --host-name hv2.lab.example \
+        --replication-address 127.0.0.1 --resolve hv1.lab.example=127.0.0.1 --cycle-interval-override 3 \
+        2>>"$DATA/vmreplicad-hv2.log" &
+    PID2=$!
+}
+start_hv2
 if [ "$KEEP" != "--keep" ]; then
     trap 'kill $PID $PID2 2>/dev/null; wait $PID $PID2 2>/dev/null' EXIT
 fi
@@ -118,6 +125,66 @@ run vmreplica suspend sample01      # nothing in flight from here on, so the new
 NEWEST=$(ls "$DATA"/host2/replicas/*/disk0/p*.qcow2 | tail -1)
 run qemu-img compare "$NEWEST" "$DISK"
 run vmreplica resume sample01
+
+R="vmreplica --url $REPLICA_URL"
+elapsed() { printf '   (%.2f s)\n' "$(echo "$(date +%s.%N) - $1" | bc)"; }
+disk_of() { vmreplica --url "$1" --output json vm list |
+    python3 -c 'import json,sys; print([v["disks"][0] for v in json.load(sys.stdin)["vms"] if v["name"]=="sample01"][0])'; }
+newest() { ls "$1"/*/disk0/p*.qcow2 2>/dev/null | sort | tail -1; }
+wait_equal() {  # until the newest point under $1 equals image $2
+    for _ in $(seq 150); do P=$(newest "$1"); [ -n "$P" ] && qemu-img compare -q "$P" "$2" 2>/dev/null && return 0; sleep 0.2; done
+    echo "the newest point under $1 never equalled $2"; return 1
+}
+
+say "Test failover on hv2 (TestReplicaSystem): a test VM on an overlay of the latest point, made in O(1)"
+T=$(date +%s.%N); run $R failover sample01 --test; elapsed "$T"
+run $R vm list
+TESTDISK=$(ls "$DATA"/host2/replicas/*/overlays/*/disk0.qcow2)
+run qemu-img compare "$TESTDISK" "$DISK"
+echo "Replication goes on underneath; the test VM is removed with DestroySystem (Stop-VMFailover):"
+run $R stop-failover sample01
+
+say "Planned failover to hv2 and reverse: no data lost, no resynchronization"
+echo "hv1 becomes a recovery server too, so that hv2 can replicate back to it:"
+RPORT1=${VMREPLICA_REPLICATION_PORT1:-$((PORT + 3))}
+run vmreplica server set --enable --thumbprint "$T1" --https-port "$RPORT1"
+mkdir -p "$DATA/host1/replicas"
+run vmreplica auth add --primary '*.lab.example' --storage "$DATA/host1/replicas"
+run qemu-io -f qcow2 -c "write -P 0x5a 120M 512k" "$DISK"      # the last writes before the VM stops
+T=$(date +%s.%N); run vmreplica prepare-failover sample01; elapsed "$T"
+run $R failover sample01
+T=$(date +%s.%N)
+run $R reverse sample01 --replica-server hv1.lab.example --replica-port "$RPORT1" --thumbprint "$T2"
+elapsed "$T"
+run $R status
+run vmreplica status
+DISK2=$(disk_of "$REPLICA_URL")
+echo "hv2 runs the VM now ($DISK2); its writes replicate to hv1:"
+run qemu-io -f qcow2 -c "write -P 0x6b 130M 256k" "$DISK2"
+wait_equal "$DATA/host1/replicas" "$DISK2"
+run qemu-img compare "$(newest "$DATA/host1/replicas")" "$DISK2"
+run $R measure sample01
+
+say "Unplanned failover back to hv1: hv2 is lost holding writes that never replicated"
+run $R suspend sample01
+run qemu-io -f qcow2 -c "write -P 0x7c 140M 256k" "$DISK2"     # never replicated
+kill "$PID2"; wait "$PID2" 2>/dev/null || true
+echo "hv2 is down."
+T=$(date +%s.%N); run vmreplica failover sample01; elapsed "$T"
+run vmreplica complete sample01
+run vmreplica reverse sample01 --replica-server hv2.lab.example --replica-port "$RPORT" --thumbprint "$T1"
+run vmreplica status                                           # waits for a resynchronization (9)
+DISK1=$(disk_of "$VMREPLICA_URL")
+run qemu-io -f qcow2 -c "write -P 0x8d 150M 128k" "$DISK1"     # hv1 runs the VM and writes
+echo "hv2 comes back; the resync makes it the replica and sends only what either side wrote since the failover:"
+start_hv2
+for _ in $(seq 50); do curl -sf "$REPLICA_URL/healthz" >/dev/null && break; sleep 0.1; done
+T=$(date +%s.%N); run vmreplica resync sample01; elapsed "$T"
+sed 's/\x1b\[[0-9;]*m//g' "$DATA/vmreplicad-hv1.log" | grep -o 'block comparison done.*' | tail -1
+run vmreplica measure sample01
+wait_equal "$DATA/host2/replicas" "$DISK1"
+run qemu-img compare "$(newest "$DATA/host2/replicas")" "$DISK1"
+run $R status
 
 say "The same objects over CIM-XML (what pywbem and wbemcli send): EnumerateInstances of the service"
 curl -s "$VMREPLICA_URL/cimom" -H 'CIMOperation: MethodCall' -H 'CIMMethod: EnumerateInstances' \

@@ -26,7 +26,7 @@ use super::network::{freeze_if_running, open_empty_replica, running_failed, targ
 use super::running::RunningPoint;
 use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
-use crate::replication::chain::ChainRow;
+use crate::replication::chain::{ChainRow, StatEvent};
 use crate::replication::client::GrowingLog;
 use crate::store::{RelationshipRow, VmRow};
 
@@ -259,7 +259,7 @@ async fn compare_and_send(
         differing.push(ranges);
     }
     ctx.progress(60)?;
-    tracing::info!(vm = %vm.id, differing_blocks = total, "seeded comparison done");
+    tracing::info!(vm = %vm.id, kind, differing_blocks = total, "block comparison done");
 
     // 3. Log `next` (parent `baseline`) with exactly the differing blocks: a copy of this side's map
     // where those blocks' hashes are made to differ drives the ranged scan.
@@ -370,6 +370,17 @@ async fn compare_and_send(
     })?;
     rel.last_replication_time = Some(summary.header.point_time_micros / 1_000_000);
     rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
-    tracing::info!(vm = %vm.id, differing_blocks = total, bytes = summary.bytes, "seeded initial replication committed");
+    if kind == 2 {
+        // A resync is a replication like any cycle: its bytes count (Measure-VMReplication).
+        let latency = (now() - summary.header.point_time_micros / 1_000_000).max(0);
+        job.store.record_stat(
+            vm.id,
+            StatEvent::Success {
+                bytes: summary.bytes,
+                latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
+            },
+        )?;
+    }
+    tracing::info!(vm = %vm.id, kind, differing_blocks = total, bytes = summary.bytes, "compared blocks sent and committed");
     Ok(())
 }

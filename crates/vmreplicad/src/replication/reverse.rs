@@ -205,6 +205,7 @@ impl ReplicaSide {
             u16::from(put.settings.application_consistent_snapshot_interval);
         rel.settings.compression_enabled = put.settings.compression_enabled;
         rel.failed_over_type = 0;
+        rel.settings.recovery_connection_point = self.host.clone();
         self.store.put_relationship(&rel, mode)?;
         self.store.remove_chain(vm)?;
         let now_replica = VmRow {
