@@ -281,6 +281,8 @@ def test_planned_failover_and_reverse_continue_without_resynchronization(lab, tm
     point = applied_sequence(lab, vm_id)
     lab.replica.cli("failover", "rev01")
     (new_disk,) = vm_disks(lab.replica, "rev01")
+    # The failed-over VM writes before the reverse: that goes with the first log the other way.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x4d 17M 64k", new_disk)
 
     rvm = vm_by_name(r, "rev01")
     rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]

@@ -170,7 +170,15 @@ impl Qcow2Writer {
             return Ok(0);
         }
         let len = (run * CLUSTER) as usize;
-        direct.write_all_at(&data[..len], self.end)?;
+        if let Err(e) = direct.write_all_at(&data[..len], self.end) {
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                // The file system opened the file with O_DIRECT but refuses this write: from now
+                // on everything goes through the page cache (the clusters are written there).
+                self.direct = None;
+                return Ok(0);
+            }
+            return Err(e.into());
+        }
         self.direct_bytes += len as u64;
         for i in 0..run {
             self.allocate(first + i);

@@ -246,7 +246,17 @@ impl LocalEngine {
                 ),
             ));
         }
+        if crate::power::enabled_state(&req.vm.power) == crate::power::ENABLED {
+            return Err(refused(
+                ReturnCode::InvalidState,
+                format!(
+                    "'{}' is running; turn it off before committing the failover",
+                    req.vm.name
+                ),
+            ));
+        }
         let store = self.store.clone();
+        let data_dir = self.data_dir.clone();
         self.spawn_with_outcome(
             req,
             None,
@@ -262,13 +272,63 @@ impl LocalEngine {
                         "Check the replica's storage location.",
                     )
                 })?;
-                let disks = points.commit_overlay(OVERLAY, &dest).await.map_err(|e| {
-                    failed(
-                        "cannot flatten the failover disks",
-                        &e,
-                        "Check free space in the replica's storage location.",
+                // After a planned failover, the point's maps are kept for a reverse, which must
+                // send everything the VM wrote since (docs/protocol.md §5.7).
+                let common = store.failover(vm.id)?;
+                if let (Some(f), true) = (
+                    &common,
+                    rel.failed_over_type == ReplicationType::Planned.as_u16(),
+                ) {
+                    let table = super::initial::disk_table(&vm)?;
+                    let layers = (0..table.len())
+                        .map(|i| points.point_path(f.point, i))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| {
+                            failed(
+                                "cannot find the failover point",
+                                &e,
+                                "Check the replica's storage location.",
+                            )
+                        })?;
+                    let tracking = super::reverse::tracking_dir(&data_dir, vm.id);
+                    let name = super::reverse::COMMITTED_BASELINE;
+                    let tmps = super::reverse::hash_point(
+                        &ctx, &vm, &layers, &table, &tracking, name, &data_dir,
                     )
-                })?;
+                    .await?;
+                    for (i, tmp) in tmps.iter().enumerate() {
+                        disk::scan::hashmap::commit(tmp, &tracking.join(format!("disk{i}.{name}")))
+                            .map_err(|e| {
+                                failed(
+                                    "cannot keep the point's block-hash map",
+                                    &e,
+                                    "Check the data directory.",
+                                )
+                            })?;
+                    }
+                }
+                let disks = match points.commit_overlay(OVERLAY, &dest).await {
+                    Ok(disks) => disks,
+                    // A commit cut off after the images were made and the overlay removed.
+                    Err(OverlayError::Unknown(_))
+                        if vm
+                            .disks
+                            .iter()
+                            .enumerate()
+                            .all(|(i, _)| dest.join(format!("disk{i}.qcow2")).is_file()) =>
+                    {
+                        (0..vm.disks.len())
+                            .map(|i| dest.join(format!("disk{i}.qcow2")))
+                            .collect()
+                    }
+                    Err(e) => {
+                        return Err(failed(
+                            "cannot flatten the failover disks",
+                            &e,
+                            "Check free space in the replica's storage location.",
+                        ))
+                    }
+                };
                 ctx.progress(90)?;
                 // From here the flattened images are the VM's disks; the recovery points go.
                 store.set_vm_disks(vm.id, &paths(&disks))?;

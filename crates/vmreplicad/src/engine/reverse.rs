@@ -9,7 +9,9 @@
 //! one interval later. The relationship's new settings are the `ReplicationSettingData` given,
 //! whose `RecoveryConnectionPoint` names the old primary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use disk::points::PointStore;
 
 use disk::scan::hashmap;
 use vmreplica_core::codes::ReturnCode;
@@ -30,6 +32,74 @@ use crate::store::JobRow;
 
 fn failed(message: impl Into<String>, action: &str) -> JobFailure {
     JobFailure::failed(message, action)
+}
+
+/// How long the old primary may take to answer a reverse: it reads its whole disks meanwhile.
+pub const REVERSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The maps of a committed planned failover's point, kept for a later reverse
+/// (`tracking/<VMID>/disk<i>.<this>`).
+pub const COMMITTED_BASELINE: &str = "failover-hashes";
+
+/// `tracking/<VMID>/` of `vm`: its block-hash maps.
+pub fn tracking_dir(data_dir: &Path, vm: uuid::Uuid) -> PathBuf {
+    data_dir
+        .join("tracking")
+        .join(vm.to_string().to_uppercase())
+}
+
+/// Hashes the layers of a recovery point (qcow2 chains, in disk-table order) into block-hash maps
+/// `tracking/disk<i>.<name>.tmp`; returns their paths for `hashmap::commit`.
+pub async fn hash_point(
+    ctx: &crate::jobs::JobContext,
+    vm: &crate::store::VmRow,
+    layers: &[PathBuf],
+    disks: &[(String, u64)],
+    tracking: &Path,
+    name: &str,
+    data_dir: &Path,
+) -> Result<Vec<PathBuf>, JobFailure> {
+    std::fs::create_dir_all(tracking).map_err(|e| {
+        failed(
+            format!("{}: {e}", tracking.display()),
+            "Check the data directory.",
+        )
+    })?;
+    let header = LogHeader {
+        vm: vm.id,
+        relationship: 0,
+        sequence: 1,
+        parent: 0,
+        point_time_micros: now() * 1_000_000,
+        point_type: PointType::Standard,
+        full_image: true,
+        disks: disks
+            .iter()
+            .enumerate()
+            .map(|(i, (_, size))| DiskInfo {
+                id: format!("disk{i}"),
+                virtual_size: *size,
+            })
+            .collect(),
+    };
+    let mut sink = LogWriter::new(std::io::sink(), header, Compression::Off)
+        .map_err(|e| failed(e.to_string(), "Report this as a bug."))?;
+    let mut tmps = Vec::new();
+    for (i, layer) in layers.iter().enumerate() {
+        ctx.check_cancelled()?;
+        let map = tracking.join(format!("disk{i}.{name}"));
+        let layer = layer.display().to_string();
+        match scan_image(&layer, "qcow2", i, None, &map, data_dir, &mut sink).await {
+            Ok(tmp) => tmps.push(tmp),
+            Err(f) => {
+                for t in &tmps {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(f.into());
+            }
+        }
+    }
+    Ok(tmps)
 }
 
 impl LocalEngine {
@@ -73,40 +143,55 @@ impl LocalEngine {
                 reversed.primary_connection_point = Some(peers.host.clone());
                 reversed.authorization_entry = None;
 
-                // 1. The baseline of the next delta: this host's disks, hashed once.
+                // 1. The baseline of the next delta: point N itself (not the disks, which the
+                // VM may have changed since the failover: those changes go with the next delta).
                 let disks = disk_table(&vm)?;
-                let tracking = data_dir
-                    .join("tracking")
-                    .join(vm.id.to_string().to_uppercase());
-                std::fs::create_dir_all(&tracking)
-                    .map_err(|e| failed(format!("{}: {e}", tracking.display()), "Check the data directory."))?;
-                let header = LogHeader {
-                    vm: vm.id,
-                    relationship: 0,
-                    sequence: common.point,
-                    parent: 0,
-                    point_time_micros: now() * 1_000_000,
-                    point_type: PointType::Standard,
-                    full_image: true,
-                    disks: disks
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (_, size))| DiskInfo {
-                            id: format!("disk{i}"),
-                            virtual_size: *size,
-                        })
-                        .collect(),
-                };
-                let mut sink = LogWriter::new(std::io::sink(), header, Compression::Off)
-                    .map_err(|e| failed(e.to_string(), "Report this as a bug."))?;
+                let tracking = tracking_dir(&data_dir, vm.id);
+                let root = PathBuf::from(
+                    store
+                        .replica_vm(vm.id)?
+                        .map(|r| r.store_root)
+                        .unwrap_or_default(),
+                );
                 let mut maps: Vec<(PathBuf, PathBuf)> = Vec::new();
-                for (i, (format, _)) in disks.iter().enumerate() {
-                    ctx.check_cancelled()?;
-                    let map = tracking.join(format!("disk{i}.hashes"));
-                    let tmp = scan_image(&vm.disks[i], format, i, None, &map, &data_dir, &mut sink).await?;
-                    maps.push((tmp, map));
+                let in_store = match PointStore::open(&root, vm.id).await {
+                    Ok(points) => points.point_path(common.point, 0).ok().filter(|p| p.exists()).map(|_| points),
+                    Err(_) => None,
+                };
+                match in_store {
+                    // Failed over, not committed: the point is still in the store.
+                    Some(points) => {
+                        let layers = (0..disks.len())
+                            .map(|i| points.point_path(common.point, i))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| failed(crate::error_chain(&e), "Check the replica's storage location."))?;
+                        let tmps = hash_point(&ctx, &vm, &layers, &disks, &tracking, "hashes", &data_dir).await?;
+                        for (i, tmp) in tmps.into_iter().enumerate() {
+                            maps.push((tmp, tracking.join(format!("disk{i}.hashes"))));
+                        }
+                    }
+                    // Committed: the commit kept the point's maps.
+                    None => {
+                        for i in 0..disks.len() {
+                            let kept = tracking.join(format!("disk{i}.{COMMITTED_BASELINE}"));
+                            if !kept.is_file() {
+                                return Err(failed(
+                                    format!("the block-hash map of recovery point {} is missing", common.point),
+                                    "Remove replication and enable it again in the new direction.",
+                                ));
+                            }
+                            maps.push((kept, tracking.join(format!("disk{i}.hashes"))));
+                        }
+                    }
                 }
                 ctx.progress(60)?;
+                let drop_maps = |maps: &[(PathBuf, PathBuf)]| {
+                    for (tmp, _) in maps {
+                        if tmp.extension().is_some_and(|e| e == "tmp") {
+                            let _ = std::fs::remove_file(tmp);
+                        }
+                    }
+                };
 
                 // 2. The old primary takes its own disks as point N and becomes the replica.
                 let target = target(&reversed);
@@ -118,8 +203,9 @@ impl LocalEngine {
                 });
                 let answer = async {
                     let mut session = peers.connect(&target).await?;
+                    // The old primary reads its disks while it answers.
                     session
-                        .json::<_, ReplicaVm>(Route::PutVm(vm.id), Some(&put))
+                        .json_within::<_, ReplicaVm>(Route::PutVm(vm.id), Some(&put), REVERSE_LIMIT)
                         .await
                         .map(|(_, r)| r)
                 }
@@ -127,15 +213,14 @@ impl LocalEngine {
                 let replica = match answer {
                     Ok(r) => r,
                     Err(e) => {
-                        for (tmp, _) in &maps {
-                            let _ = std::fs::remove_file(tmp);
-                        }
+                        drop_maps(&maps);
                         return Err(e.into_failure("making the old primary the replica"));
                     }
                 };
                 if replica.last_committed.sequence != common.point
                     || replica.last_committed.log_hash != common.log_hash
                 {
+                    drop_maps(&maps);
                     return Err(failed(
                         format!(
                             "{} answered with log {} as its last, not {}",

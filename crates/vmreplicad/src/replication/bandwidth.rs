@@ -102,7 +102,7 @@ fn parse_days(text: &str) -> Option<u8> {
 fn parse_minute(text: &str) -> Option<u16> {
     let (h, m) = text.trim().split_once(':')?;
     let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
-    (m < 60 && h * 60 + m <= MINUTES_PER_DAY && (h < 24 || m == 0)).then_some(h * 60 + m)
+    (h <= 24 && m < 60 && (h < 24 || m == 0)).then(|| h * 60 + m)
 }
 
 /// The local weekday (0 = Monday) and minute of the day now.
@@ -234,6 +234,7 @@ mod tests {
             "Mon 08:60-09:00=1",
             "Mon 25:00-26:00=1",
             "Mon 24:30-01:00=1",
+            "Mon 1093:04-01:00=1",
         ] {
             let e = Window::parse(bad, rate).expect_err(bad);
             assert!(e.contains("bandwidth window"), "{bad}: {e}");

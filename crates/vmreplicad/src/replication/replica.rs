@@ -213,7 +213,7 @@ fn incoming_dir(root: &Path, vm: Uuid) -> PathBuf {
     root.join(vm.hyphenated().to_string()).join("incoming")
 }
 
-fn committed_log(root: &Path, vm: Uuid, seq: u64) -> PathBuf {
+pub(super) fn committed_log(root: &Path, vm: Uuid, seq: u64) -> PathBuf {
     incoming_dir(root, vm).join(format!("{seq:020}.vrlog"))
 }
 
@@ -721,14 +721,21 @@ impl ReplicaSide {
             }
             R::CommitLog(vm, seq) => {
                 let commit: Commit = read_json(req.into_body()).await?;
+                // Marked before the commit wakes the apply task, which prunes after a resync.
+                let resync = self
+                    .compares
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&vm)
+                    .is_some_and(|c| c.next == seq && c.resync);
+                if resync {
+                    self.store.mark_resync_point(vm, seq)?;
+                }
                 let answer = self.commit(&entry, vm, seq, commit).await;
                 if answer.is_ok() {
                     // The log the compare asked for is committed: the session is done.
                     let mut map = self.compares.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(c) = map.get(&vm).filter(|c| c.next == seq) {
-                        if c.resync {
-                            self.store.mark_resync_point(vm, seq)?;
-                        }
+                    if map.get(&vm).is_some_and(|c| c.next == seq) {
                         map.remove(&vm);
                     }
                 }
@@ -1716,10 +1723,7 @@ pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
             let mut blocked = std::collections::HashSet::new();
             let mut retry_soon = false;
             for log in pending {
-                // A failed-over replica keeps its queued logs for a RevertFailover.
-                if blocked.contains(&log.vm)
-                    || replica.store.failover(log.vm).ok().flatten().is_some()
-                {
+                if blocked.contains(&log.vm) || !applies_now(&replica.store, log.vm) {
                     continue;
                 }
                 match apply_one(&replica, &log).await {
@@ -1760,6 +1764,23 @@ pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
 enum ApplyOutcome {
     Retry(String),
     Resync(String),
+}
+
+/// Whether the apply task applies `vm`'s queued logs now: not once the VM is no longer a replica
+/// (reversed), not while it is failed over (a RevertFailover applies them), and not in Critical
+/// until an operator resumes it (RRSC 3).
+fn applies_now(store: &Store, vm: Uuid) -> bool {
+    let replica = store
+        .get_vm(vm)
+        .ok()
+        .flatten()
+        .is_some_and(|v| v.mode == ReplicationMode::Replica.as_u16());
+    let critical = store
+        .get_relationship(vm)
+        .ok()
+        .flatten()
+        .is_some_and(|r| r.state == ReplicationState::Critical.as_u16());
+    replica && !critical && store.failover(vm).ok().flatten().is_none()
 }
 
 fn mark_state(store: &Store, vm: Uuid, state: ReplicationState) {

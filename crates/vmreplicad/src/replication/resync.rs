@@ -30,6 +30,27 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets the committed logs of `vm` that were never applied; returns their sequences.
+    fn drop_unapplied(&self, vm: Uuid) -> StoreResult<Vec<u64>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT sequence FROM received_logs WHERE vm = ?1 AND applied = 0 ORDER BY sequence",
+        )?;
+        let seqs = stmt
+            .query_map([vm.to_string()], |r| r.get::<_, i64>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        conn.execute(
+            "DELETE FROM received_logs WHERE vm = ?1 AND applied = 0",
+            [vm.to_string()],
+        )?;
+        // Uploads past them would collide with the resync's log.
+        conn.execute("DELETE FROM uploads WHERE vm = ?1", [vm.to_string()])?;
+        Ok(seqs
+            .into_iter()
+            .filter_map(|s| u64::try_from(s).ok())
+            .collect())
+    }
+
     /// Whether log `sequence` of `vm` is a resynchronization's; forgets the mark.
     pub(super) fn take_resync_point(&self, vm: Uuid, sequence: u64) -> StoreResult<bool> {
         let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
@@ -85,16 +106,28 @@ impl ReplicaSide {
             .store
             .replica_vm(vm)?
             .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, "no placeholder record"))?;
-        let last = self.store.last_received_log(vm)?.ok_or_else(|| {
-            ApiError::new(
+        if self.store.pending_apply()?.iter().any(|l| l.vm == vm) {
+            if !replica.resync_required {
+                return Err(ApiError::new(
+                    ErrorCode::Busy,
+                    "the replica is still applying logs; ask again shortly",
+                ));
+            }
+            // Logs that cannot be applied (why a resync is needed): the resync replaces them.
+            for seq in self.store.drop_unapplied(vm)? {
+                let _ = std::fs::remove_file(super::replica::committed_log(
+                    std::path::Path::new(&replica.store_root),
+                    vm,
+                    seq,
+                ));
+                tracing::info!(%vm, sequence = seq, "a log that was never applied is dropped for the resynchronization");
+            }
+        }
+        let baseline = self.store.last_applied(vm)?;
+        if baseline == 0 {
+            return Err(ApiError::new(
                 ErrorCode::InvalidState,
                 "the replica holds no recovery point yet; start an initial replication",
-            )
-        })?;
-        if self.store.pending_apply()?.iter().any(|l| l.vm == vm) {
-            return Err(ApiError::new(
-                ErrorCode::Busy,
-                "the replica is still applying logs; ask again shortly",
             ));
         }
         if replica.disks != begin.disks {
@@ -110,7 +143,7 @@ impl ReplicaSide {
             .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, crate::error_chain(&e)))?;
         let mut images = Vec::new();
         for (i, d) in begin.disks.iter().enumerate() {
-            let layer = points.point_path(last.sequence, i).map_err(|e| {
+            let layer = points.point_path(baseline, i).map_err(|e| {
                 ApiError::new(ErrorCode::StorageUnavailable, crate::error_chain(&e))
             })?;
             images.push((
@@ -125,14 +158,9 @@ impl ReplicaSide {
             r.resync_required = false;
             self.store.put_replica_vm(&r)?;
         }
-        let compare = Arc::new(Compare::ready(
-            last.sequence,
-            begin.block_size,
-            images,
-            true,
-        ));
+        let compare = Arc::new(Compare::ready(baseline, begin.block_size, images, true));
         self.remember_compare(vm, compare.clone());
-        tracing::info!(%vm, compare = %compare.id(), baseline = last.sequence, at = now(), "resynchronization comparison begun");
+        tracing::info!(%vm, compare = %compare.id(), baseline, at = now(), "resynchronization comparison begun");
         Ok(json(201, &compare.session()))
     }
 }

@@ -3,11 +3,11 @@
 //! The new primary (the replica that failed over to the planned point N) sends `PUT vms/{vm}` with
 //! `reverse: {sequence: N, log_hash}`. This host still holds the VM as a primary prepared for
 //! failover (state 4, locked from starting since its final log N was applied over there). It
-//! accepts only if the peer is the host it replicated to and log N with that hash is the last one
-//! it committed; then its own disks become point N of a new point store (read once, locally:
-//! nothing crosses the network) and are checked block by block against the hash maps its final
-//! log left, so a disk changed behind the lock is refused (`ResyncRequired`) instead of being
-//! taken for the common point. The VM becomes a replica (mode 2, state 3) of the new primary,
+//! accepts only if the peer is the host it replicated to, log N with that hash is the last one it
+//! committed, and its disks, read once, still match block by block the hash maps its final log left
+//! (a disk changed behind the lock is refused with `ResyncRequired` before anything is created).
+//! Then its own disks become point N of its point store (read again and written locally: nothing
+//! crosses the network). The VM becomes a replica (mode 2, state 3) of the new primary,
 //! whose next log is N+1.
 //!
 //! After an unplanned failover (`reverse.resync`) the two sides may differ anywhere: the VM must be
@@ -52,6 +52,55 @@ fn same_map(a: &Path, b: &Path) -> Result<bool, String> {
 }
 
 impl ReplicaSide {
+    /// Whether `images` hold, block for block, what the maps of the last log this host sent say
+    /// (`tracking/disk<i>.hashes`).
+    async fn disks_match_maps(
+        &self,
+        vm: Uuid,
+        images: &[(String, String, u64)],
+        disks: &[DiskSpec],
+        tracking: &Path,
+    ) -> Result<bool, ApiError> {
+        let header = wire::LogHeader {
+            vm,
+            relationship: 0,
+            sequence: 1,
+            parent: 0,
+            point_time_micros: 0,
+            point_type: wire::PointType::Standard,
+            full_image: true,
+            disks: disks
+                .iter()
+                .map(|d| wire::DiskInfo {
+                    id: d.id.clone(),
+                    virtual_size: d.virtual_size,
+                })
+                .collect(),
+        };
+        let mut sink = wire::LogWriter::new(std::io::sink(), header, wire::Compression::Off)
+            .map_err(|e| refused(ErrorCode::Internal, e.to_string()))?;
+        for (i, (image, format, _)) in images.iter().enumerate() {
+            let check = tracking.join(format!("disk{i}.reverse-check"));
+            let tmp = crate::engine::initial::scan_image(
+                image,
+                format,
+                i,
+                None,
+                &check,
+                &self.data_dir,
+                &mut sink,
+            )
+            .await
+            .map_err(|f| refused(ErrorCode::StorageUnavailable, f.failure.message))?;
+            let same = same_map(&tmp, &tracking.join(format!("disk{i}.hashes"))).unwrap_or(false);
+            let _ = std::fs::remove_file(&tmp);
+            if !same {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// `PUT vms/{vm}` with `reverse` on the prepared old primary `existing`.
     pub(super) async fn accept_reverse(
         &self,
@@ -128,20 +177,40 @@ impl ReplicaSide {
             ));
         }
 
-        // The VM's own disks become point N.
-        let replica = self.new_store_root(entry, vm, &put.disks)?;
-        self.store.put_replica_vm(&replica)?;
         let images: Vec<(String, String, u64)> = existing
             .disks
             .iter()
             .zip(&table)
             .map(|(path, (format, size))| (path.clone(), format.clone(), *size))
             .collect();
+        let tracking = crate::engine::reverse::tracking_dir(&self.data_dir, vm);
+        // A planned reverse: the disks must still be point N, block for block, before anything
+        // is created (a refusal leaves this host as it was).
+        if !from.resync
+            && !self
+                .disks_match_maps(vm, &images, &put.disks, &tracking)
+                .await?
+        {
+            return Err(refused(
+                ErrorCode::ResyncRequired,
+                format!(
+                    "the disks of '{}' changed after its final log {}; a resynchronization is needed",
+                    existing.name, from.sequence
+                ),
+            ));
+        }
+
+        // The VM's own disks become point N.
+        let replica = self.new_store_root(entry, vm, &put.disks)?;
+        let store_dir = Path::new(&replica.store_root).join(vm.hyphenated().to_string());
+        let fresh = !store_dir.join("disk0").exists();
+        self.store.put_replica_vm(&replica)?;
         let undo = |why: String| {
             let _ = self.store.forget_replica_vm(vm);
-            let _ = std::fs::remove_dir_all(
-                Path::new(&replica.store_root).join(vm.hyphenated().to_string()),
-            );
+            // Only what this call made: an older store there may hold the disks the VM runs on.
+            if fresh {
+                let _ = std::fs::remove_dir_all(&store_dir);
+            }
             why
         };
         // After an unplanned failover the disks are taken as they are, as the point after the
@@ -160,24 +229,8 @@ impl ReplicaSide {
                     undo(format!("cannot import the disks: {why}")),
                 )
             })?;
-        let tracking = self
-            .data_dir
-            .join("tracking")
-            .join(vm.to_string().to_uppercase());
-        let mut unchanged = true;
-        for (i, map) in imported.maps.iter().enumerate() {
-            let last = tracking.join(format!("disk{i}.hashes"));
-            unchanged &= from.resync || same_map(map, &last).unwrap_or(false);
+        for map in imported.maps {
             let _ = std::fs::remove_file(map);
-        }
-        if !unchanged {
-            return Err(refused(
-                ErrorCode::ResyncRequired,
-                undo(format!(
-                    "the disks of '{}' changed after its final log {}; a resynchronization is needed",
-                    existing.name, from.sequence
-                )),
-            ));
         }
 
         // From now on a replica of the new primary: its data is the point store's. The disk files
