@@ -195,16 +195,20 @@ impl Store {
     // ---- VMs ----
 
     pub fn insert_vm(&self, vm: &VmRow) -> StoreResult<()> {
-        self.conn().execute(
-            "INSERT INTO vms (id, name, disks, power, mode) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                vm.id.to_string(),
-                vm.name,
-                serde_json::to_string(&vm.disks)?,
-                serde_json::to_string(&vm.power)?,
-                vm.mode
-            ],
-        )?;
+        insert_vm_in(&self.conn(), vm)
+    }
+
+    /// Deletes every row of `vm` in `tables` (each with a `vm` column), in one transaction.
+    pub(crate) fn delete_vm_rows(&self, vm: Uuid, tables: &[&str]) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in tables {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE vm = ?1"),
+                [vm.to_string()],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -608,6 +612,21 @@ impl RawJob {
         job.vm = vm.as_deref().map(parse_uuid).transpose()?;
         Ok(job)
     }
+}
+
+/// Inserts `vm` through `conn` (a connection or a transaction).
+pub(crate) fn insert_vm_in(conn: &Connection, vm: &VmRow) -> StoreResult<()> {
+    conn.execute(
+        "INSERT INTO vms (id, name, disks, power, mode) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            vm.id.to_string(),
+            vm.name,
+            serde_json::to_string(&vm.disks)?,
+            serde_json::to_string(&vm.power)?,
+            vm.mode
+        ],
+    )?;
+    Ok(())
 }
 
 pub(crate) fn parse_uuid(text: &str) -> StoreResult<Uuid> {

@@ -90,16 +90,7 @@ impl Store {
     /// After a committed failover: the VM keeps no recovery point and no received log (its
     /// `failovers` row stays: the common point of a reverse).
     fn forget_replica_data(&self, vm: Uuid) -> StoreResult<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        for table in ["recovery_points", "received_logs", "uploads"] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE vm = ?1"),
-                [vm.to_string()],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.delete_vm_rows(vm, &["recovery_points", "received_logs", "uploads"])
     }
 }
 

@@ -151,6 +151,18 @@ pub fn disk_table(vm: &VmRow) -> Result<Vec<(String, u64)>, JobFailure> {
     vm.disks.iter().map(|p| image_info(p)).collect()
 }
 
+/// A log header's disk table for a [`disk_table`]: `disk<i>` and the virtual sizes.
+pub fn log_disks(table: &[(String, u64)]) -> Vec<DiskInfo> {
+    table
+        .iter()
+        .enumerate()
+        .map(|(i, (_, size))| DiskInfo {
+            id: format!("disk{i}"),
+            virtual_size: *size,
+        })
+        .collect()
+}
+
 /// Writes log `sequence` 1 of `vm`, a full image of every disk, to `path` (under a temporary name,
 /// fsynced, renamed), reporting progress from 0 to `progress_to` percent. The block-hash maps
 /// become the baseline only with [`commit_baseline`].
@@ -205,14 +217,7 @@ async fn write_full_log_inner(
         point_time_micros: now() * 1_000_000,
         point_type: PointType::Standard,
         full_image: true,
-        disks: disks
-            .iter()
-            .enumerate()
-            .map(|(i, (_, size))| DiskInfo {
-                id: format!("disk{i}"),
-                virtual_size: *size,
-            })
-            .collect(),
+        disks: log_disks(&disks),
     };
     // A log sent while it is written goes straight to its spool path; an export is written under a
     // temporary name and renamed when complete.

@@ -18,7 +18,7 @@ use vmreplica_core::codes::ReturnCode;
 use vmreplica_core::command::CommandError;
 use vmreplica_core::state::ReplicationType;
 use wire::protocol::{ReplicaVm, ReverseFrom, Route};
-use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
+use wire::{Compression, LogHeader, LogWriter, PointType};
 
 use super::failover::FailoverRow;
 use super::initial::{disk_table, scan_image};
@@ -73,14 +73,7 @@ pub async fn hash_point(
         point_time_micros: now() * 1_000_000,
         point_type: PointType::Standard,
         full_image: true,
-        disks: disks
-            .iter()
-            .enumerate()
-            .map(|(i, (_, size))| DiskInfo {
-                id: format!("disk{i}"),
-                virtual_size: *size,
-            })
-            .collect(),
+        disks: super::initial::log_disks(disks),
     };
     let mut sink = LogWriter::new(std::io::sink(), header, Compression::Off)
         .map_err(|e| failed(e.to_string(), "Report this as a bug."))?;

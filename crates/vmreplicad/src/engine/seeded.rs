@@ -19,7 +19,7 @@ use disk::scan::DEFAULT_BLOCK_SIZE;
 use wire::protocol::{
     BeginCompare, CompareSession, HashRange, PutVm, RangeAnswer, Route, MAX_COMPARE_BLOCKS,
 };
-use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
+use wire::{Compression, LogHeader, LogWriter, PointType};
 
 use super::initial::{disk_table, scan_image, scan_image_ranges};
 use super::network::{freeze_if_running, open_empty_replica, running_failed, target, NetworkIr};
@@ -140,14 +140,7 @@ async fn compare_and_send(
         point_time_micros: now() * 1_000_000,
         point_type: PointType::Standard,
         full_image,
-        disks: disks
-            .iter()
-            .enumerate()
-            .map(|(i, (_, size))| DiskInfo {
-                id: format!("disk{i}"),
-                virtual_size: *size,
-            })
-            .collect(),
+        disks: super::initial::log_disks(&disks),
     };
     let mut hashes_only = LogWriter::new(std::io::sink(), header(1, 0, true), Compression::Off)
         .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;

@@ -58,16 +58,7 @@ impl Store {
     pub fn create_test_system(&self, vm: &VmRow, t: &TestSystemRow) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO vms (id, name, disks, power, mode) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                vm.id.to_string(),
-                vm.name,
-                serde_json::to_string(&vm.disks)?,
-                serde_json::to_string(&vm.power)?,
-                vm.mode
-            ],
-        )?;
+        crate::store::insert_vm_in(&tx, vm)?;
         tx.execute(
             &format!("INSERT INTO test_systems ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
             params![

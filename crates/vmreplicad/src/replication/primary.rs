@@ -28,7 +28,7 @@ use uuid::Uuid;
 use vmreplica_core::state::{ReplicationMode, ReplicationState};
 use wire::protocol::TransferState;
 use wire::protocol::{ErrorCode, ReplicaVm, Route};
-use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
+use wire::{Compression, LogHeader, LogWriter, PointType};
 
 use super::chain::{ChainRow, StatEvent};
 use super::client::{GrowingLog, PeerError, Peers};
@@ -661,14 +661,7 @@ impl PrimarySide {
             point_time_micros: point_time,
             point_type,
             full_image: false,
-            disks: disks
-                .iter()
-                .enumerate()
-                .map(|(i, (_, size))| DiskInfo {
-                    id: format!("disk{i}"),
-                    virtual_size: *size,
-                })
-                .collect(),
+            disks: crate::engine::initial::log_disks(&disks),
         };
         let file = std::fs::File::create(&path)
             .map_err(|e| CycleError::Failed(format!("{}: {e}", path.display())))?;

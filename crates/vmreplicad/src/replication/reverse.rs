@@ -275,15 +275,6 @@ impl Store {
     /// Undoes a replica record of `vm` that a failed reverse began: the placeholder row, its
     /// received logs and recovery points.
     fn forget_replica_vm(&self, vm: Uuid) -> StoreResult<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        for table in ["replica_vms", "received_logs", "recovery_points"] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE vm = ?1"),
-                [vm.to_string()],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.delete_vm_rows(vm, &["replica_vms", "received_logs", "recovery_points"])
     }
 }
