@@ -960,3 +960,40 @@ def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_p
     finally:
         if qsd:
             qsd.stop()
+
+
+def test_an_initial_replication_cut_off_by_sigkill_goes_back_to_ready_and_runs_again(lab, tmp_path):
+    import os
+    import signal
+
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "2M"]  # slow enough to be cut off mid-way
+    lab.primary.start()
+    disk = tmp_path / "cut01.raw"
+    run("truncate", "-s", "64M", disk)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(24 << 20))
+    vm_id = str(uuid.uuid4()).upper()
+    lab.primary.cli("vm", "add", "--name", "cut01", "--id", vm_id, "--disk", str(disk))
+    lab.primary.cli("enable", "cut01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    p = lab.primary.conn()
+    vm = vm_by_name(p, "cut01")
+    rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=vm.path, InitialReplicationType=Uint16(1))
+    assert rv == 4096
+    wait_for(lambda: vm_by_name(p, "cut01")["ReplicationState"] == 2, what="initial replication running")
+    time.sleep(2)
+    lab.primary.proc.send_signal(signal.SIGKILL)
+    lab.primary.proc.wait()
+    lab.primary.start()
+    p = lab.primary.conn()
+    assert vm_by_name(p, "cut01")["ReplicationState"] == 1  # back to Ready, not stuck in 2
+    job = p.GetInstance(out["Job"])
+    assert job["JobState"] == 10  # Exception: the stop cut it off
+    assert "back in their state before it" in lab.primary.log.read_text()
+    lab.primary.cli("start", "cut01")  # runs again to the end
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="point 1 after the rerun")
+    layer = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
+    res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -67,6 +67,11 @@ pub struct JobContext {
 }
 
 impl JobContext {
+    /// The job's InstanceID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Records progress (0-100) as the job's PercentComplete.
     pub fn progress(&self, percent: u16) -> StoreResult<()> {
         if let Some(mut job) = self.store.get_job(&self.id)? {

@@ -186,6 +186,12 @@ async fn main() -> anyhow::Result<()> {
     let store =
         Arc::new(store::Store::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
     let jobs = jobs::JobEngine::new(store.clone());
+    let restored = store
+        .restore_interrupted_states()
+        .context("cannot restore the states of interrupted jobs")?;
+    if !restored.is_empty() {
+        tracing::warn!(vms = ?restored, "relationships whose job the last stop cut off are back in their state before it");
+    }
     let failed = jobs
         .recover_after_restart()
         .context("cannot recover jobs")?;

@@ -159,6 +159,8 @@ CREATE TABLE IF NOT EXISTS failovers (
     disks_before TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS resync_points (
     vm TEXT NOT NULL, sequence INTEGER NOT NULL, PRIMARY KEY (vm, sequence));
+CREATE TABLE IF NOT EXISTS job_restores (
+    job TEXT PRIMARY KEY, vm TEXT NOT NULL, state INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS test_failover_times (vm TEXT PRIMARY KEY, time INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, job_type INTEGER NOT NULL, state INTEGER NOT NULL, percent INTEGER NOT NULL,
@@ -447,6 +449,51 @@ impl Store {
     }
 
     // ---- jobs ----
+
+    /// Records the state a relationship returns to if job `job` is cut off by a stop of the daemon.
+    pub fn put_job_restore(&self, job: &str, vm: Uuid, state: u16) -> StoreResult<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO job_restores (job, vm, state) VALUES (?1, ?2, ?3)",
+            params![job, vm.to_string(), state],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the restore record of job `job` (it ended).
+    pub fn forget_job_restore(&self, job: &str) -> StoreResult<()> {
+        self.conn()
+            .execute("DELETE FROM job_restores WHERE job = ?1", [job])?;
+        Ok(())
+    }
+
+    /// At start: puts back the state of every relationship whose job the last stop cut off (its
+    /// job is not finished), and forgets every record. Returns the VMs restored.
+    pub fn restore_interrupted_states(&self) -> StoreResult<Vec<Uuid>> {
+        let rows: Vec<(String, String, u16)> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT job, vm, state FROM job_restores")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows
+        };
+        let mut restored = Vec::new();
+        for (job, vm, state) in rows {
+            let unfinished = self.get_job(&job)?.is_some_and(|j| {
+                !vmreplica_core::job::JobState::from_u16(j.state).is_some_and(|s| s.is_terminal())
+            });
+            let vm = parse_uuid(&vm)?;
+            if unfinished {
+                if let (Some(v), Some(mut rel)) = (self.get_vm(vm)?, self.get_relationship(vm)?) {
+                    rel.state = state;
+                    self.put_relationship(&rel, v.mode)?;
+                    restored.push(vm);
+                }
+            }
+        }
+        self.conn().execute("DELETE FROM job_restores", [])?;
+        Ok(restored)
+    }
 
     pub fn put_job(&self, job: &JobRow) -> StoreResult<()> {
         self.conn().execute(

@@ -211,14 +211,21 @@ impl LocalEngine {
             None => format!("{what} of '{}'", vm.name),
         };
         let (vm_id, mode) = (vm.id, vm.mode);
+        // A failover cut off stays in 12, where RevertFailover cleans up what it made; any other
+        // job cut off by a stop of the daemon puts the state back (Store::restore_interrupted_states).
+        let restore = transition.job_type != vmreplica_core::job::JobType::InitiateFailover
+            && transition.during.is_some();
         let job = self.jobs.spawn(
             transition.job_type,
             Some(vm_id),
             description,
             cancellable,
             move |ctx| async move {
+                let job_id = ctx.id().to_string();
                 let mut restore = rel.clone();
-                match work(ctx, vm, rel, location, claim).await {
+                let outcome = work(ctx, vm, rel, location, claim).await;
+                let _ = store.forget_job_restore(&job_id);
+                match outcome {
                     Ok(mut done) => {
                         done.state = transition.after.as_u16();
                         store
@@ -236,6 +243,9 @@ impl LocalEngine {
                 }
             },
         )?;
+        if restore {
+            self.store.put_job_restore(&job.id, vm_id, before)?;
+        }
         Ok(job)
     }
 
