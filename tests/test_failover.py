@@ -174,6 +174,21 @@ def test_unplanned_failover_to_an_earlier_point_then_revert_and_commit(lab, tmp_
     same, text = compare(disk_now, tmp_path / "early.raw")
     assert same, text
     lab.replica.cli("stop-failover", "ufo01")  # the failover itself keeps the early point
+    # The failed-over VM can be started from its definition: the start command finds its current
+    # disk in $VMREPLICA_DISK0 (qemu-storage-daemon stands in for QEMU).
+    qmp = tmp_path / "ufo01.qmp"
+    start = ("qemu-storage-daemon --blockdev driver=file,node-name=f0,filename=$VMREPLICA_DISK0 "
+             "--blockdev driver=qcow2,node-name=d0,file=f0 "
+             f"--chardev socket,id=m0,path={qmp},server=on,wait=off --monitor chardev=m0 "
+             f"--daemonize --pidfile {tmp_path / 'ufo01.pid'}")
+    lab.replica.cli("vm", "power", "ufo01", "--qmp-socket", str(qmp), "--start-command", start)
+    rv, _ = r.InvokeMethod("RequestStateChange", rvm.path, RequestedState=Uint16(2))
+    assert rv == 0
+    assert vm_by_name(r, "ufo01")["EnabledState"] == 2
+    rv, _ = r.InvokeMethod("CommitFailover", rsvc.path, ComputerSystem=rvm.path)
+    assert rv == 32775  # not while it runs
+    rv, _ = r.InvokeMethod("RequestStateChange", rvm.path, RequestedState=Uint16(3))
+    assert rv == 0 and vm_by_name(r, "ufo01")["EnabledState"] == 3
     # The failed-over VM writes; a bad choice is reverted and the queued state comes back.
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x7a 1M 64k", disk_now)
     rv, out = r.InvokeMethod("RevertFailover", rsvc.path, ComputerSystem=rvm.path)

@@ -62,6 +62,12 @@ pub struct OperationArgs {
 pub enum Command {
     AddVm(VmDefinition),
     ListVms,
+    /// Replaces how the daemon starts, stops and sees a VM run (for a replica VM that failed over,
+    /// whose start command finds its current disks in `VMREPLICA_DISK<i>`).
+    SetPowerControl {
+        vm: VmRef,
+        power: PowerControl,
+    },
     GetServiceSettings,
     ModifyServiceSettings(ServiceSettings),
     ListAuthorizationEntries,

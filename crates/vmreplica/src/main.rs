@@ -214,6 +214,19 @@ enum VmVerb {
     },
     /// List the VMs.
     List,
+    /// Set how the daemon starts, stops and sees a VM run, replacing what it had (a failed-over
+    /// replica VM gets one here; its start command finds the current disks in $VMREPLICA_DISK0…).
+    Power {
+        vm: String,
+        #[arg(long)]
+        qmp_socket: Option<String>,
+        #[arg(long)]
+        start_command: Option<String>,
+        #[arg(long)]
+        stop_command: Option<String>,
+        #[arg(long, requires = "qmp_socket")]
+        nbd_socket: Option<String>,
+    },
     /// Start a VM (runs its start command; Msvm_ComputerSystem.RequestStateChange(2)).
     Start { vm: String },
     /// Turn a VM off (QMP quit or its stop command), or with --shutdown ask the guest to shut down.
@@ -489,6 +502,21 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
                 power,
             })
         }
+        Verb::Vm(VmVerb::Power {
+            vm,
+            qmp_socket,
+            start_command,
+            stop_command,
+            nbd_socket,
+        }) => Command::SetPowerControl {
+            vm,
+            power: PowerControl {
+                qmp_socket,
+                start_command,
+                stop_command,
+                nbd_socket,
+            },
+        },
         Verb::Vm(VmVerb::List) => Command::ListVms,
         Verb::Vm(VmVerb::Start { vm }) => Command::SetPowerState { vm, requested: 2 },
         Verb::Vm(VmVerb::Stop { vm, shutdown }) => Command::SetPowerState {

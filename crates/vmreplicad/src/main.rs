@@ -237,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
         cert_dir.clone(),
         args.data_dir.clone(),
         apply_wake,
+        claims.clone(),
     ));
     replication::replica::spawn_apply_task(replica.clone());
     let listener_control = replication::server::ListenerControl::default();

@@ -44,13 +44,20 @@ pub enum PowerError {
     Qmp(#[from] QmpError),
 }
 
-/// Runs the start command and waits until the VM is seen running (its QMP socket listens).
-pub async fn start(power: &PowerControl) -> Result<(), PowerError> {
+/// Runs the start command and waits until the VM is seen running (its QMP socket listens). The
+/// command finds the VM's current disk images in `VMREPLICA_DISK0`, `VMREPLICA_DISK1`, … (a
+/// failed-over replica runs on an overlay whose path the command cannot know in advance).
+pub async fn start(power: &PowerControl, disks: &[String]) -> Result<(), PowerError> {
     let cmd = power
         .start_command
         .as_deref()
         .ok_or(PowerError::NotConfigured("start-command"))?;
-    run_shell("start", cmd).await?;
+    let env: Vec<(String, String)> = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (format!("VMREPLICA_DISK{i}"), d.clone()))
+        .collect();
+    run_shell("start", cmd, &env).await?;
     if power.qmp_socket.is_some() {
         wait_for(power, ENABLED, "start").await?;
     }
@@ -69,7 +76,7 @@ pub async fn stop(power: &PowerControl, graceful: bool) -> Result<(), PowerError
             wait_for(power, DISABLED, "stop").await
         }
         (_, Some(cmd)) => {
-            run_shell("stop", cmd).await?;
+            run_shell("stop", cmd, &[]).await?;
             if power.qmp_socket.is_some() {
                 wait_for(power, DISABLED, "stop").await?;
             }
@@ -80,9 +87,14 @@ pub async fn stop(power: &PowerControl, graceful: bool) -> Result<(), PowerError
     }
 }
 
-async fn run_shell(what: &'static str, cmd: &str) -> Result<(), PowerError> {
+async fn run_shell(
+    what: &'static str,
+    cmd: &str,
+    env: &[(String, String)],
+) -> Result<(), PowerError> {
     let child = tokio::process::Command::new("sh")
         .args(["-c", cmd])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

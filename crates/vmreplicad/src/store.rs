@@ -200,6 +200,14 @@ impl Store {
         insert_vm_in(&self.conn(), vm)
     }
 
+    pub fn set_vm_power(&self, vm: Uuid, power: &PowerControl) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE vms SET power = ?2 WHERE id = ?1",
+            params![vm.to_string(), serde_json::to_string(power)?],
+        )?;
+        Ok(())
+    }
+
     /// Deletes every row of `vm` in `tables` (each with a `vm` column), in one transaction.
     pub(crate) fn delete_vm_rows(&self, vm: Uuid, tables: &[&str]) -> StoreResult<()> {
         let mut conn = self.conn();

@@ -103,6 +103,9 @@ pub struct ReplicaSide {
     /// Wakes the apply task after a commit.
     /// Wakes the apply task (a commit, a reverted failover).
     pub apply_wake: Arc<Notify>,
+    /// The management plane's claims on VMs: a reverse turning a local primary into a replica
+    /// holds the VM's claim, so no command races it.
+    pub claims: crate::claims::VmClaims,
     /// Bumped after every apply, for commits that wait for it.
     pub applied: tokio::sync::watch::Sender<u64>,
     /// One upload or commit per VM at a time.
@@ -307,8 +310,10 @@ impl ReplicaSide {
         cert_dir: PathBuf,
         data_dir: PathBuf,
         apply_wake: Arc<Notify>,
+        claims: crate::claims::VmClaims,
     ) -> ReplicaSide {
         ReplicaSide {
+            claims,
             store,
             host,
             cert_dir,

@@ -110,6 +110,15 @@ impl ReplicaSide {
         from: &ReverseFrom,
     ) -> ApiResult {
         let vm = existing.id;
+        let _claim = self.claims.claim(vm).ok_or_else(|| {
+            refused(
+                ErrorCode::Busy,
+                format!(
+                    "'{}' is busy with an operation here; ask again shortly",
+                    existing.name
+                ),
+            )
+        })?;
         let mut rel = self
             .store
             .get_relationship(vm)?

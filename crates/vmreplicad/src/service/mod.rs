@@ -73,6 +73,12 @@ impl Service {
     pub async fn execute(&self, cmd: Command) -> CommandResult {
         match cmd {
             Command::AddVm(def) => self.add_vm(def),
+            Command::SetPowerControl { vm, power } => {
+                let (vm, _claim) = self.claimed_vm(&vm)?;
+                self.store.set_vm_power(vm.id, &power)?;
+                tracing::info!(vm = %vm.id, "power control changed");
+                Ok(CommandOutput::Completed)
+            }
             Command::ListVms => {
                 let vms = self
                     .store

@@ -97,7 +97,7 @@ impl Service {
                         ),
                     ));
                 }
-                power::start(&vm.power).await
+                power::start(&vm.power, &vm.disks).await
             }
             power::DISABLED | power::SHUT_DOWN if current != power::ENABLED => {
                 return Err(CommandError::new(ReturnCode::InvalidState, format!("'{}' is already off", vm.name)))
