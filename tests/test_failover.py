@@ -486,3 +486,26 @@ def test_unplanned_failover_reverse_and_resync_send_only_what_diverged(lab, tmp_
     rrsc(r, rvm, 7)
     wait_for(lambda: compare(store1 / "disk0" / f"p{points()[-1]:020}.qcow2", new_disk, "qcow2")[0],
              what="the old primary's latest point to equal the new primary's disk")
+
+
+def test_a_removed_relationship_and_vm_definition_let_replication_start_over(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "again01.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "again01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="point 1")
+    bad = lab.replica.cli("vm", "remove", "again01", check=False)
+    assert bad.returncode != 0 and "relationship" in bad.stderr  # disable first
+    lab.primary.cli("disable", "again01")
+    lab.replica.cli("disable", "again01")
+    lab.replica.cli("vm", "remove", "again01")
+    assert vm_by_name(lab.replica.conn(), "again01") is None
+    # Replication starts over: the recovery server makes a new replica VM with the same GUID.
+    lab.primary.cli("enable", "again01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--frequency", "30", "--no-compression")
+    lab.primary.cli("start", "again01")
+    assert vm_by_name(lab.replica.conn(), "again01")["ReplicationMode"] == 2
+    wait_for(lambda: vm_by_name(lab.replica.conn(), "again01")["ReplicationState"] == 3,
+             what="the new replica applying its first point")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x2a 4M 64k", disk)
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta of the new relationship")
+    # The old recovery points were moved aside, not deleted.
+    assert list(lab.storage.glob(f"{vm_id.lower()}.removed-*"))

@@ -62,6 +62,11 @@ pub struct OperationArgs {
 pub enum Command {
     AddVm(VmDefinition),
     ListVms,
+    /// Forgets a VM definition that no relationship uses any more (its image files and any
+    /// recovery points stay on disk).
+    RemoveVm {
+        vm: VmRef,
+    },
     /// Replaces how the daemon starts, stops and sees a VM run (for a replica VM that failed over,
     /// whose start command finds its current disks in `VMREPLICA_DISK<i>`).
     SetPowerControl {

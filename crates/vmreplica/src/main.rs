@@ -214,6 +214,8 @@ enum VmVerb {
     },
     /// List the VMs.
     List,
+    /// Forget a VM that no relationship uses (disable replication first); its files stay.
+    Remove { vm: String },
     /// Set how the daemon starts, stops and sees a VM run, replacing what it had (a failed-over
     /// replica VM gets one here; its start command finds the current disks in $VMREPLICA_DISK0…).
     Power {
@@ -518,6 +520,7 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             },
         },
         Verb::Vm(VmVerb::List) => Command::ListVms,
+        Verb::Vm(VmVerb::Remove { vm }) => Command::RemoveVm { vm },
         Verb::Vm(VmVerb::Start { vm }) => Command::SetPowerState { vm, requested: 2 },
         Verb::Vm(VmVerb::Stop { vm, shutdown }) => Command::SetPowerState {
             vm,

@@ -200,6 +200,12 @@ impl Store {
         insert_vm_in(&self.conn(), vm)
     }
 
+    pub fn delete_vm(&self, vm: Uuid) -> StoreResult<()> {
+        self.conn()
+            .execute("DELETE FROM vms WHERE id = ?1", [vm.to_string()])?;
+        Ok(())
+    }
+
     pub fn set_vm_power(&self, vm: Uuid, power: &PowerControl) -> StoreResult<()> {
         self.conn().execute(
             "UPDATE vms SET power = ?2 WHERE id = ?1",

@@ -73,6 +73,7 @@ impl Service {
     pub async fn execute(&self, cmd: Command) -> CommandResult {
         match cmd {
             Command::AddVm(def) => self.add_vm(def),
+            Command::RemoveVm { vm } => self.remove_vm(&vm),
             Command::SetPowerControl { vm, power } => {
                 let (vm, _claim) = self.claimed_vm(&vm)?;
                 self.store.set_vm_power(vm.id, &power)?;

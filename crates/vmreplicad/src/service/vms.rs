@@ -3,6 +3,61 @@
 use super::*;
 
 impl Service {
+    /// `vm remove`: only a VM without a relationship (disable replication first), test VM or
+    /// failover in progress; its rows go, its files stay.
+    pub(super) fn remove_vm(&self, vm: &VmRef) -> CommandResult {
+        let (vm, _claim) = self.claimed_vm(vm)?;
+        let refuse = |why: String| Err(CommandError::new(ReturnCode::InvalidState, why));
+        if self.store.get_relationship(vm.id)?.is_some() {
+            return refuse(format!(
+                "'{}' has a replication relationship; remove it first (vmreplica disable)",
+                vm.name
+            ));
+        }
+        if self.store.test_system_of(vm.id)?.is_some() || self.store.test_system(vm.id)?.is_some() {
+            return refuse(format!(
+                "'{}' has a test VM or is one; remove it with stop-failover first",
+                vm.name
+            ));
+        }
+        if power::enabled_state(&vm.power) == power::ENABLED {
+            return refuse(format!("'{}' is running; turn it off first", vm.name));
+        }
+        // A replica's recovery points are kept, moved aside: a new replica of the same VM starts a
+        // store of its own there.
+        if let Some(r) = self.store.replica_vm(vm.id)? {
+            let dir = std::path::Path::new(&r.store_root).join(vm.id.hyphenated().to_string());
+            if dir.exists() {
+                let aside = dir.with_extension(format!("removed-{}", now()));
+                std::fs::rename(&dir, &aside).map_err(|e| {
+                    CommandError::new(
+                        ReturnCode::Failed,
+                        format!("cannot move {} aside: {e}", dir.display()),
+                    )
+                })?;
+                tracing::info!(vm = %vm.id, kept = %aside.display(), "the removed replica's recovery points are kept");
+            }
+        }
+        self.store.delete_vm_rows(
+            vm.id,
+            &[
+                "replica_vms",
+                "recovery_points",
+                "received_logs",
+                "uploads",
+                "failovers",
+                "test_failover_times",
+                "replication_stats",
+                "primary_chains",
+                "resync_points",
+                "job_restores",
+            ],
+        )?;
+        self.store.delete_vm(vm.id)?;
+        tracing::info!(vm = %vm.id, name = %vm.name, "VM definition removed (its files are kept)");
+        Ok(CommandOutput::Completed)
+    }
+
     pub(super) fn add_vm(&self, def: VmDefinition) -> CommandResult {
         let name = def.name.trim();
         if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
