@@ -283,8 +283,18 @@ impl LocalEngine {
                         })?;
                     let tracking = super::reverse::tracking_dir(&data_dir, vm.id);
                     let name = super::reverse::COMMITTED_BASELINE;
-                    let tmps = super::reverse::hash_point(
-                        &ctx, &vm, &layers, &table, &tracking, name, &data_dir,
+                    let layers: Vec<(String, String)> = layers
+                        .iter()
+                        .map(|l| (l.display().to_string(), "qcow2".to_string()))
+                        .collect();
+                    let tmps = super::initial::hash_images(
+                        Some(&ctx),
+                        vm.id,
+                        &layers,
+                        super::initial::log_disks(&table),
+                        &tracking,
+                        name,
+                        &data_dir,
                     )
                     .await?;
                     for (i, tmp) in tmps.iter().enumerate() {

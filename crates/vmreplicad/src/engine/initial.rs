@@ -163,6 +163,60 @@ pub fn log_disks(table: &[(String, u64)]) -> Vec<DiskInfo> {
         .collect()
 }
 
+/// Hashes `images` (path, format; in disk-table order, `disks` their table) into block-hash maps
+/// `tracking/disk<i>.<name>` and returns the temporary files for `hashmap::commit`; nothing else is
+/// kept. Checks `ctx` for a cancel between disks.
+pub async fn hash_images(
+    ctx: Option<&JobContext>,
+    vm: Uuid,
+    images: &[(String, String)],
+    disks: Vec<DiskInfo>,
+    tracking: &Path,
+    name: &str,
+    data_dir: &Path,
+) -> Result<Vec<PathBuf>, JobFailure> {
+    std::fs::create_dir_all(tracking).map_err(|e| {
+        fail(
+            format!("cannot create {}: {e}", tracking.display()),
+            "Check the data directory.",
+        )
+    })?;
+    let header = LogHeader {
+        vm,
+        relationship: 0,
+        sequence: 1,
+        parent: 0,
+        point_time_micros: now() * 1_000_000,
+        point_type: PointType::Standard,
+        full_image: true,
+        disks,
+    };
+    let mut sink = LogWriter::new(std::io::sink(), header, Compression::Off)
+        .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+    let mut tmps = Vec::new();
+    for (i, (image, format)) in images.iter().enumerate() {
+        let scanned = match ctx.map(JobContext::check_cancelled).transpose() {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let map = tracking.join(format!("disk{i}.{name}"));
+                scan_image(image, format, i, None, &map, data_dir, &mut sink)
+                    .await
+                    .map_err(JobFailure::from)
+            }
+        };
+        match scanned {
+            Ok(tmp) => tmps.push(tmp),
+            Err(e) => {
+                for t in &tmps {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(tmps)
+}
+
 /// Writes log `sequence` 1 of `vm`, a full image of every disk, to `path` (under a temporary name,
 /// fsynced, renamed), reporting progress from 0 to `progress_to` percent. The block-hash maps
 /// become the baseline only with [`commit_baseline`].

@@ -18,10 +18,9 @@ use vmreplica_core::codes::ReturnCode;
 use vmreplica_core::command::CommandError;
 use vmreplica_core::state::ReplicationType;
 use wire::protocol::{ReplicaVm, ReverseFrom, Route};
-use wire::{Compression, LogHeader, LogWriter, PointType};
 
 use super::failover::FailoverRow;
-use super::initial::{disk_table, scan_image};
+use super::initial::{disk_table, hash_images, log_disks};
 use super::network::{put_vm, target};
 use super::test_failover::refused;
 use super::{EngineRequest, LocalEngine};
@@ -46,53 +45,6 @@ pub fn tracking_dir(data_dir: &Path, vm: uuid::Uuid) -> PathBuf {
     data_dir
         .join("tracking")
         .join(vm.to_string().to_uppercase())
-}
-
-/// Hashes the layers of a recovery point (qcow2 chains, in disk-table order) into block-hash maps
-/// `tracking/disk<i>.<name>.tmp`; returns their paths for `hashmap::commit`.
-pub async fn hash_point(
-    ctx: &crate::jobs::JobContext,
-    vm: &crate::store::VmRow,
-    layers: &[PathBuf],
-    disks: &[(String, u64)],
-    tracking: &Path,
-    name: &str,
-    data_dir: &Path,
-) -> Result<Vec<PathBuf>, JobFailure> {
-    std::fs::create_dir_all(tracking).map_err(|e| {
-        failed(
-            format!("{}: {e}", tracking.display()),
-            "Check the data directory.",
-        )
-    })?;
-    let header = LogHeader {
-        vm: vm.id,
-        relationship: 0,
-        sequence: 1,
-        parent: 0,
-        point_time_micros: now() * 1_000_000,
-        point_type: PointType::Standard,
-        full_image: true,
-        disks: super::initial::log_disks(disks),
-    };
-    let mut sink = LogWriter::new(std::io::sink(), header, Compression::Off)
-        .map_err(|e| failed(e.to_string(), "Report this as a bug."))?;
-    let mut tmps = Vec::new();
-    for (i, layer) in layers.iter().enumerate() {
-        ctx.check_cancelled()?;
-        let map = tracking.join(format!("disk{i}.{name}"));
-        let layer = layer.display().to_string();
-        match scan_image(&layer, "qcow2", i, None, &map, data_dir, &mut sink).await {
-            Ok(tmp) => tmps.push(tmp),
-            Err(f) => {
-                for t in &tmps {
-                    let _ = std::fs::remove_file(t);
-                }
-                return Err(f.into());
-            }
-        }
-    }
-    Ok(tmps)
 }
 
 impl LocalEngine {
@@ -158,7 +110,11 @@ impl LocalEngine {
                             .map(|i| points.point_path(common.point, i))
                             .collect::<Result<Vec<_>, _>>()
                             .map_err(|e| failed(crate::error_chain(&e), "Check the replica's storage location."))?;
-                        let tmps = hash_point(&ctx, &vm, &layers, &disks, &tracking, "hashes", &data_dir).await?;
+                        let layers: Vec<(String, String)> = layers
+                            .iter()
+                            .map(|l| (l.display().to_string(), "qcow2".to_string()))
+                            .collect();
+                        let tmps = hash_images(Some(&ctx), vm.id, &layers, log_disks(&disks), &tracking, "hashes", &data_dir).await?;
                         for (i, tmp) in tmps.into_iter().enumerate() {
                             maps.push((tmp, tracking.join(format!("disk{i}.hashes"))));
                         }

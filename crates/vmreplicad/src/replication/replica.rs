@@ -480,13 +480,7 @@ impl ReplicaSide {
             point_time_micros: now() * 1_000_000,
             point_type: PointType::Standard,
             full_image: true,
-            disks: disks
-                .iter()
-                .map(|d| wire::DiskInfo {
-                    id: d.id.clone(),
-                    virtual_size: d.virtual_size,
-                })
-                .collect(),
+            disks: super::reverse::spec_disks(disks),
         };
         let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
         let mut log = wire::LogWriter::new(

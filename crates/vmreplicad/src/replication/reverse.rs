@@ -32,6 +32,17 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> ApiError {
     ApiError::new(code, message)
 }
 
+/// A log header's disk table for a placeholder's disks.
+pub(super) fn spec_disks(disks: &[DiskSpec]) -> Vec<wire::DiskInfo> {
+    disks
+        .iter()
+        .map(|d| wire::DiskInfo {
+            id: d.id.clone(),
+            virtual_size: d.virtual_size,
+        })
+        .collect()
+}
+
 /// Whether two block-hash maps hold the same hashes.
 fn same_map(a: &Path, b: &Path) -> Result<bool, String> {
     let mut a = MapReader::open(a).map_err(|e| e.to_string())?;
@@ -61,44 +72,27 @@ impl ReplicaSide {
         disks: &[DiskSpec],
         tracking: &Path,
     ) -> Result<bool, ApiError> {
-        let header = wire::LogHeader {
+        let listed: Vec<(String, String)> = images
+            .iter()
+            .map(|(image, format, _)| (image.clone(), format.clone()))
+            .collect();
+        let tmps = crate::engine::initial::hash_images(
+            None,
             vm,
-            relationship: 0,
-            sequence: 1,
-            parent: 0,
-            point_time_micros: 0,
-            point_type: wire::PointType::Standard,
-            full_image: true,
-            disks: disks
-                .iter()
-                .map(|d| wire::DiskInfo {
-                    id: d.id.clone(),
-                    virtual_size: d.virtual_size,
-                })
-                .collect(),
-        };
-        let mut sink = wire::LogWriter::new(std::io::sink(), header, wire::Compression::Off)
-            .map_err(|e| refused(ErrorCode::Internal, e.to_string()))?;
-        for (i, (image, format, _)) in images.iter().enumerate() {
-            let check = tracking.join(format!("disk{i}.reverse-check"));
-            let tmp = crate::engine::initial::scan_image(
-                image,
-                format,
-                i,
-                None,
-                &check,
-                &self.data_dir,
-                &mut sink,
-            )
-            .await
-            .map_err(|f| refused(ErrorCode::StorageUnavailable, f.failure.message))?;
-            let same = same_map(&tmp, &tracking.join(format!("disk{i}.hashes"))).unwrap_or(false);
-            let _ = std::fs::remove_file(&tmp);
-            if !same {
-                return Ok(false);
-            }
+            &listed,
+            spec_disks(disks),
+            tracking,
+            "reverse-check",
+            &self.data_dir,
+        )
+        .await
+        .map_err(|f| refused(ErrorCode::StorageUnavailable, f.message))?;
+        let mut same = true;
+        for (i, tmp) in tmps.iter().enumerate() {
+            same &= same_map(tmp, &tracking.join(format!("disk{i}.hashes"))).unwrap_or(false);
+            let _ = std::fs::remove_file(tmp);
         }
-        Ok(true)
+        Ok(same)
     }
 
     /// `PUT vms/{vm}` with `reverse` on the prepared old primary `existing`.
