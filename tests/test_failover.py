@@ -509,3 +509,95 @@ def test_a_removed_relationship_and_vm_definition_let_replication_start_over(lab
     wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta of the new relationship")
     # The old recovery points were moved aside, not deleted.
     assert list(lab.storage.glob(f"{vm_id.lower()}.removed-*"))
+
+
+def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_vm_goes_home(lab, tmp_path):
+    """The whole life of issue 5: replication, an unplanned failover to an earlier point, writes on
+    both sides, InitiateFailback on the old primary, then a planned failover and a reverse home."""
+    disk = ext4_disk(tmp_path / "fb01.qcow2", payload_bytes=6_000_000)
+    vm_id = replicate_network(lab, tmp_path, "fb01", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "fb01")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    rrsc(p, pvm, 7)
+    early = settled(lab, vm_id)
+    lab.replica.cli("failover", "fb01", "--test", "--point", str(early))  # keeps the early point
+    rrsc(p, pvm, 3)
+    # Two logs the replica will never apply as the VM's state: the failover goes to `early`.
+    for k in range(2):
+        before = applied_sequence(lab, vm_id)
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x21 + k} {20 + k}M 256k", disk)
+        wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta")
+    rrsc(p, pvm, 7)
+    settled(lab, vm_id)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x23 30M 256k", disk)  # never replicated
+    hv1_storage = tmp_path / "hv1-storage"
+    port1 = serve(lab.primary, lab.t1, REPLICA, hv1_storage)
+    lab.primary.stop()  # the primary is lost
+
+    lab.replica.cli("failover", "fb01", "--point", str(early))
+    lab.replica.cli("stop-failover", "fb01")
+    (overlay,) = vm_disks(lab.replica, "fb01")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x24 40M 128k", overlay)  # before the commit
+    lab.replica.cli("complete", "fb01")
+    (new_disk,) = vm_disks(lab.replica, "fb01")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x25 44M 64k", new_disk)  # after it
+    divergent = (256 * 3 + 128 + 64) << 10
+
+    lab.primary.start()  # back, holding writes that never replicated
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "fb01")
+    psvc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+    assert rsd["RecoveryConnectionPoint"] == REPLICA  # names the new primary
+    rv, out = p.InvokeMethod("InitiateFailback", psvc.path, ComputerSystem=pvm.path,
+                             ReplicationSettingData=rsd.tocimxmlstr(), RecoveryPointIdentifier="")
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert job["JobType"] == 124
+    assert "Only the blocks either side wrote" in job["Description"], job["Description"]
+    print("failback job:", job["Description"])
+    pvm = vm_by_name(p, "fb01")
+    assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 14)
+    r = lab.replica.conn()
+    rvm = vm_by_name(r, "fb01")
+    assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (1, 3)
+    store1 = hv1_storage / vm_id.lower()
+    last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+    same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")
+    assert same, text
+    # The old primary's image file was taken in without a copy.
+    assert not disk.exists()
+    # Only what diverged travelled.
+    rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    rv, out = r.InvokeMethod("GetReplicationStatisticsEx", rsvc.path, ComputerSystem=rvm.path,
+                             ReplicationRelationship=rel.tocimxmlstr())
+    sent = int(out["ReplicationStatistics"][0]["ReplicationSize"])
+    print(f"failback log: {sent} bytes for {divergent} divergent bytes")
+    assert (192 << 10) < sent <= 1.1 * divergent + (64 << 10), sent
+
+    # Deltas flow from the new primary; then a planned failover and a reverse bring the VM home.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x26 48M 64k", new_disk)
+    wait_for(lambda: max(int(f.stem[1:]) for f in store1.glob("p*.json")) > last,
+             timeout=30, what="a delta to the old primary")
+    wait_for(lambda: vm_by_name(p, "fb01")["ReplicationState"] == 3, what="an ordinary replica again")
+    lab.replica.cli("prepare-failover", "fb01")
+    lab.primary.cli("failover", "fb01")
+    (home_disk,) = vm_disks(lab.primary, "fb01")
+    same, text = compare(home_disk, new_disk, "qcow2")
+    assert same, text
+    lab.primary.cli("reverse", "fb01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1)
+    pvm, rvm = vm_by_name(p, "fb01"), vm_by_name(r, "fb01")
+    assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (1, 3)  # no resynchronization
+    assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (2, 3)
+    back = applied_sequence(lab, vm_id)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x27 52M 64k", home_disk)
+    wait_for(lambda: applied_sequence(lab, vm_id) > back, timeout=30, what="a log in the original direction")
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", home_disk, "qcow2")
+    assert same, text
+    assert port1

@@ -5,8 +5,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use wire::protocol::{
-    decode, BeginCompare, Commit, CompareSession, ErrorBody, HashRange, Hello, HelloResponse,
-    LogStatus, PutVm, RangeAnswer, ReplicaVm, Route, TestResponse, Validate,
+    decode, BeginCompare, Commit, CompareSession, ErrorBody, FailbackBase, FailbackStatus, HashRange,
+    Hello, HelloResponse, LogStatus, PutVm, RangeAnswer, ReplicaVm, Route, StartFailback,
+    TestResponse, Validate,
 };
 
 fn round_trip<T>(data: &[u8])
@@ -23,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
         return;
     };
-    match selector % 13 {
+    match selector % 16 {
         0 => round_trip::<Hello>(body),
         1 => round_trip::<HelloResponse>(body),
         2 => round_trip::<PutVm>(body),
@@ -42,6 +43,13 @@ fuzz_target!(|data: &[u8]| {
         11 => {
             if let Ok(a) = RangeAnswer::parse(body) {
                 assert_eq!(RangeAnswer::parse(&a.encode()).expect("re-parses"), a);
+            }
+        }
+        12 => round_trip::<StartFailback>(body),
+        13 => round_trip::<FailbackStatus>(body),
+        14 => {
+            if let Ok(b) = FailbackBase::parse(body) {
+                assert_eq!(FailbackBase::parse(&b.encode()).expect("re-parses"), b);
             }
         }
         _ => {

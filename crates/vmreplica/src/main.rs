@@ -138,6 +138,18 @@ enum Verb {
     /// Compare block hashes with the replica and send only what differs (Resume-VMReplication
     /// -Resynchronize).
     Resync { vm: String },
+    /// On the old primary, VM off, after an unplanned failover was committed on the replica:
+    /// bring this host's disks to the replica's current disks, sending only the blocks either side
+    /// wrote since the failover, and become its replica (InitiateFailback). This host must be a
+    /// recovery server for it. Settings given apply to the new direction.
+    Failback {
+        #[command(flatten)]
+        settings: SetArgs,
+        /// A recovery point of the new primary (RecoveryPointIdentifier); its current disks when
+        /// left out.
+        #[arg(long)]
+        point: Option<String>,
+    },
     /// Make a failover permanent: the other recovery points are deleted (Complete-VMFailover).
     Complete { vm: String },
     /// Undo a failover that is not committed; the queued logs are applied (RevertFailover).
@@ -589,6 +601,19 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             replication(vm, Operation::ReverseReplicationRelationship, args)
         }
         Verb::Resync { vm } => replication(vm, Operation::Resynchronize, OperationArgs::default()),
+        Verb::Failback { settings: a, point } => {
+            let current = Command::GetReplicationSettings { vm: a.vm.clone() };
+            let (vm, settings) = match client.execute(&current)? {
+                CommandOutput::ReplicationSettings(s) => a.apply(s),
+                other => return Err(Failure::unexpected(&other)),
+            };
+            let args = OperationArgs {
+                settings: Some(settings),
+                recovery_point: point,
+                ..OperationArgs::default()
+            };
+            replication(vm, Operation::InitiateFailback, args)
+        }
         Verb::Settings { vm } => Command::GetReplicationSettings { vm },
         Verb::Disable { vm } => Command::RemoveReplicationRelationship { vm },
         Verb::EnableAsReplica { vm } => replication(

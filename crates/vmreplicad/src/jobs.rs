@@ -82,6 +82,18 @@ impl JobContext {
         Ok(())
     }
 
+    /// Adds `text` to the job's log: the daemon's log, and the end of the job's `Description`
+    /// (what `Msvm_ConcreteJob` and the CLI show).
+    pub fn note(&self, text: &str) -> StoreResult<()> {
+        tracing::info!(job = %self.id, "{text}");
+        if let Some(mut job) = self.store.get_job(&self.id)? {
+            job.description = format!("{}. {text}", job.description.trim_end_matches('.'));
+            job.last_change = now();
+            self.store.put_job(&job)?;
+        }
+        Ok(())
+    }
+
     /// Ends the work early when a cancel was requested.
     pub fn check_cancelled(&self) -> Result<(), JobFailure> {
         if self.cancel.load(Ordering::SeqCst) {

@@ -239,6 +239,15 @@ async fn main() -> anyhow::Result<()> {
         apply_wake,
         claims.clone(),
     ));
+    let _ = replica
+        .failback
+        .set(Arc::new(engine::failback::NewPrimary::new(
+            store.clone(),
+            jobs.clone(),
+            peers.clone(),
+            args.data_dir.clone(),
+            claims.clone(),
+        )));
     replication::replica::spawn_apply_task(replica.clone());
     let listener_control = replication::server::ListenerControl::default();
     replication::server::spawn_supervisor(

@@ -159,6 +159,9 @@ CREATE TABLE IF NOT EXISTS failovers (
     disks_before TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS resync_points (
     vm TEXT NOT NULL, sequence INTEGER NOT NULL, PRIMARY KEY (vm, sequence));
+CREATE TABLE IF NOT EXISTS sent_blocks (
+    vm TEXT NOT NULL, sequence INTEGER NOT NULL, disk INTEGER NOT NULL, runs BLOB NOT NULL,
+    time INTEGER NOT NULL, PRIMARY KEY (vm, sequence, disk));
 CREATE TABLE IF NOT EXISTS job_restores (
     job TEXT PRIMARY KEY, vm TEXT NOT NULL, state INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS test_failover_times (vm TEXT PRIMARY KEY, time INTEGER NOT NULL);
@@ -473,6 +476,16 @@ impl Store {
         Ok(())
     }
 
+    /// Changes the state `vm`'s interrupted job would restore (its relationship changed mode
+    /// meanwhile).
+    pub fn set_job_restore_state(&self, vm: Uuid, state: u16) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE job_restores SET state = ?2 WHERE vm = ?1",
+            params![vm.to_string(), state],
+        )?;
+        Ok(())
+    }
+
     /// Forgets the restore record of job `job` (it ended).
     pub fn forget_job_restore(&self, job: &str) -> StoreResult<()> {
         self.conn()
@@ -695,16 +708,16 @@ pub(crate) fn parse_uuid(text: &str) -> StoreResult<Uuid> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn temp_store() -> (tempdir::Dir, Store) {
+    pub(crate) fn temp_store() -> (tempdir::Dir, Store) {
         let dir = tempdir::Dir::new();
         let store = Store::open(&dir.path.join("test.db")).expect("open");
         (dir, store)
     }
 
-    mod tempdir {
+    pub(crate) mod tempdir {
         pub struct Dir {
             pub path: std::path::PathBuf,
         }

@@ -104,6 +104,7 @@
 //! The disk table must not change between points (a resized disk needs a full image). Overlays and
 //! layers use backing names relative to their own directory.
 
+mod adopt;
 mod apply;
 mod catalog;
 mod durable;
@@ -122,6 +123,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+pub use adopt::AdoptError;
 pub use error::{ApplyError, OverlayError, PointCheckError, PruneError, StoreError};
 pub use meta::{OverlayInfo, PointDisk, PointInfo, PointKind};
 pub use policy::{points_to_keep, RetentionPolicy};

@@ -308,6 +308,16 @@ impl LocalEngine {
                             })?;
                     }
                 }
+                // What the VM wrote since the failover point, for a failback (engine::failback).
+                let overlays =
+                    PointStore::overlay_disk_paths(&root, vm.id, OVERLAY, vm.disks.len());
+                if overlays.iter().all(|o| o.is_file()) {
+                    if let Err(why) =
+                        super::failback::record_overlay_writes(&data_dir, vm.id, &overlays).await
+                    {
+                        tracing::warn!(vm = %vm.id, "a failback will compare every block: {why}");
+                    }
+                }
                 let disks = match points.commit_overlay(OVERLAY, &dest).await {
                     Ok(disks) => disks,
                     // A commit cut off after the images were made and the overlay removed.
@@ -330,6 +340,12 @@ impl LocalEngine {
                         ))
                     }
                 };
+                // And what it writes from now on.
+                if let Err(why) =
+                    super::failback::track_after_commit(&data_dir, vm.id, &disks).await
+                {
+                    tracing::warn!(vm = %vm.id, "a failback will compare every block: {why}");
+                }
                 ctx.progress(90)?;
                 // From here the flattened images are the VM's disks; the recovery points go.
                 store.set_vm_disks(vm.id, &paths(&disks))?;

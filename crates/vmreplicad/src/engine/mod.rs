@@ -6,6 +6,7 @@
 //! job that does the work. Until an engine exists, [`NoEngine`] answers 32770 (Not supported), so no
 //! method claims a success it did not earn.
 
+pub mod failback;
 pub mod failover;
 pub mod initial;
 pub mod network;
@@ -94,6 +95,7 @@ impl DataPlane for LocalEngine {
                 self.revert_failover(request)
             }
             Operation::CommitFailover => self.commit_failover(request),
+            Operation::InitiateFailback => self.failback(request),
             Operation::ReverseReplicationRelationship => self.reverse(request),
             Operation::Resynchronize if request.vm.mode == ReplicationMode::Primary.as_u16() => {
                 self.resynchronize(request)

@@ -146,6 +146,7 @@ impl LocalEngine {
                 let target = target(&reversed);
                 let mut put = put_vm(&vm, &reversed, &peers.host, 1)?;
                 put.reverse = Some(ReverseFrom {
+                    failback: false,
                     sequence: common.point,
                     log_hash: common.log_hash.clone(),
                     resync: false,

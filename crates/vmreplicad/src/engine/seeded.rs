@@ -88,6 +88,7 @@ pub async fn resync(
                 f.log_hash.clone()
             },
             resync: true,
+            failback: false,
         });
         session
             .json::<_, wire::protocol::ReplicaVm>(Route::PutVm(vm.id), Some(&put))
@@ -123,8 +124,6 @@ async fn compare_and_send(
     running: Option<&RunningPoint>,
     kind: u16,
 ) -> Result<(), JobFailure> {
-    let target = target(rel);
-
     // 1. This side's block hashes (the maps of the next delta); no data is kept.
     let disks = disk_table(vm)?;
     let tracking = job
@@ -319,6 +318,48 @@ async fn compare_and_send(
         let _ = std::fs::remove_file(&own[i]);
         maps.push((tmp, map));
     }
+    let changed: Vec<_> = differing
+        .iter()
+        .map(|ranges| {
+            let mut runs = Vec::new();
+            for (off, len) in ranges {
+                for b in off / bs..(off + len).div_ceil(bs) {
+                    crate::replication::journal::push_block(&mut runs, b);
+                }
+            }
+            runs
+        })
+        .collect();
+    let summary = send_compared(
+        job,
+        vm,
+        rel,
+        &mut session,
+        (log, &spool),
+        &maps,
+        &changed,
+        kind == 2,
+    )
+    .await?;
+    tracing::info!(vm = %vm.id, kind, differing_blocks = total, bytes = summary.bytes, "compared blocks sent and committed");
+    Ok(())
+}
+
+/// Finishes `log` (spooled at `spool`), sends and commits it as the next log of `vm`'s chain, then
+/// makes `maps` (new map, map) the baseline, records `changed` (per disk, the blocks it carries)
+/// for a later failback, and moves the chain to it. With `count`, its bytes count as a
+/// replication (Measure-VMReplication).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn send_compared<W: std::io::Write>(
+    job: &NetworkIr,
+    vm: &VmRow,
+    rel: &mut RelationshipRow,
+    session: &mut crate::replication::client::Session,
+    (log, spool): (LogWriter<std::io::BufWriter<W>>, &std::path::Path),
+    maps: &[(std::path::PathBuf, std::path::PathBuf)],
+    changed: &[crate::replication::journal::Runs],
+    count: bool,
+) -> Result<wire::LogSummary, JobFailure> {
     let (w, summary) = log
         .finish()
         .map_err(|e| fail(e.to_string(), "Check free space."))?;
@@ -328,20 +369,21 @@ async fn compare_and_send(
     let growing = Arc::new(GrowingLog::default());
     growing.advance_to(summary.bytes);
     growing.finish(hash.clone(), summary.bytes);
+    let sequence = summary.header.sequence;
     let delivered = job
         .peers
         .deliver(
-            &target,
-            &mut session,
+            &target(rel),
+            session,
             vm.id,
-            cs.next_sequence,
-            &spool,
+            sequence,
+            spool,
             growing,
             Arc::new(|_, _| {}),
             false,
         )
         .await;
-    let _ = std::fs::remove_file(&spool);
+    let _ = std::fs::remove_file(spool);
     let done = delivered.map_err(|e| e.into_failure("sending the differing blocks"))?;
     if done.status.log_hash.as_deref() != Some(hash.as_str()) {
         return Err(fail(
@@ -349,12 +391,13 @@ async fn compare_and_send(
             "Resynchronize the VM.",
         ));
     }
-    for (tmp, map) in &maps {
+    job.store.record_sent_blocks(vm.id, sequence, changed)?;
+    for (tmp, map) in maps {
         disk::scan::hashmap::commit(tmp, map).map_err(local)?;
     }
     job.store.put_chain(&ChainRow {
         vm: vm.id,
-        last_sequence: cs.next_sequence,
+        last_sequence: sequence,
         last_log_hash: hash,
         next_due: now() + i64::from(rel.settings.replication_interval),
         retries: 0,
@@ -363,8 +406,7 @@ async fn compare_and_send(
     })?;
     rel.last_replication_time = Some(summary.header.point_time_micros / 1_000_000);
     rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
-    if kind == 2 {
-        // A resync is a replication like any cycle: its bytes count (Measure-VMReplication).
+    if count {
         let latency = (now() - summary.header.point_time_micros / 1_000_000).max(0);
         job.store.record_stat(
             vm.id,
@@ -374,6 +416,5 @@ async fn compare_and_send(
             },
         )?;
     }
-    tracing::info!(vm = %vm.id, kind, differing_blocks = total, bytes = summary.bytes, "compared blocks sent and committed");
-    Ok(())
+    Ok(summary)
 }

@@ -576,6 +576,24 @@ impl Session {
         req: hyper::Request<ReqBody>,
         timeout: Option<Duration>,
     ) -> Result<(u16, Bytes), PeerError> {
+        self.send_limited(req, timeout, MAX_ANSWER).await
+    }
+
+    /// A GET of a binary resource whose answer may be up to `max` bytes.
+    pub async fn fetch(&mut self, route: Route, max: usize) -> Result<Bytes, PeerError> {
+        let req = self
+            .request(route)
+            .body(ReqBody::Full(Full::new(Bytes::new())))
+            .map_err(|e| PeerError::Protocol(e.to_string()))?;
+        Ok(self.send_limited(req, Some(REQUEST_TIMEOUT), max).await?.1)
+    }
+
+    async fn send_limited(
+        &mut self,
+        req: hyper::Request<ReqBody>,
+        timeout: Option<Duration>,
+        max: usize,
+    ) -> Result<(u16, Bytes), PeerError> {
         let authority = self.authority.clone();
         let exchange = async {
             self.send
@@ -588,7 +606,7 @@ impl Session {
                 .await
                 .map_err(|e| PeerError::Http(crate::error_chain(&e)))?;
             let status = resp.status().as_u16();
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+            let body = http_body_util::Limited::new(resp.into_body(), max)
                 .collect()
                 .await
                 .map_err(|e| PeerError::Http(e.to_string()))?

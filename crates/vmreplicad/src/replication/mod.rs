@@ -4,6 +4,8 @@
 pub mod bandwidth;
 pub mod chain;
 pub mod client;
+pub mod failback;
+pub mod journal;
 pub mod peer_certs;
 pub mod primary;
 pub mod records;

@@ -559,7 +559,7 @@ impl PrimarySide {
             planned,
         );
         let (built, delivered) = tokio::join!(build, send);
-        let (hash, bytes, point_time, maps) = match built {
+        let (hash, bytes, point_time, maps, prints) = match built {
             Ok(b) => b,
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
@@ -597,9 +597,23 @@ impl PrimarySide {
         }
         match result {
             Ok(()) => {
+                // What this log changed, for a failback after an unplanned failover
+                // (replication::journal); a disk whose record cannot be made is simply unknown.
+                let changed: Result<Vec<_>, String> = maps
+                    .iter()
+                    .map(|(tmp, map)| super::journal::map_diff(map, tmp))
+                    .collect();
+                if let Ok(changed) = changed {
+                    if let Err(e) = self.store.record_sent_blocks(vm.id, seq, &changed) {
+                        tracing::warn!(vm = %vm.id, "cannot record the blocks of log {seq}: {e}");
+                    }
+                }
                 for (tmp, map) in &maps {
                     disk::scan::hashmap::commit(tmp, map)
                         .map_err(|e| CycleError::Failed(crate::error_chain(&e)))?;
+                }
+                if let Some(dir) = maps.first().and_then(|(_, m)| m.parent()) {
+                    super::journal::record_fingerprints(dir, prints.as_deref(), maps.len());
                 }
                 Ok((seq, hash, bytes, point_time))
             }
@@ -624,12 +638,12 @@ impl PrimarySide {
         running: Option<&RunningPoint>,
         path: &Path,
         growing: Arc<GrowingLog>,
-    ) -> Result<(String, u64, i64, Vec<(PathBuf, PathBuf)>), CycleError> {
+    ) -> Result<BuiltDelta, CycleError> {
         let result = self
             .build_delta_inner(vm, rel, point, running, path, growing.clone())
             .await;
         match &result {
-            Ok((hash, bytes, _, _)) => growing.finish(hash.clone(), *bytes),
+            Ok((hash, bytes, _, _, _)) => growing.finish(hash.clone(), *bytes),
             Err(e) => growing.fail(format!("the log could not be written: {e:?}")),
         }
         result
@@ -644,7 +658,7 @@ impl PrimarySide {
         running: Option<&RunningPoint>,
         path: &Path,
         growing: Arc<GrowingLog>,
-    ) -> Result<(String, u64, i64, Vec<(PathBuf, PathBuf)>), CycleError> {
+    ) -> Result<BuiltDelta, CycleError> {
         let local = |e: crate::jobs::JobFailure| CycleError::Failed(e.message);
         let disks = disk_table(vm).map_err(local)?;
         let tracking = self
@@ -674,7 +688,15 @@ impl PrimarySide {
         let mut log = LogWriter::new(BufWriter::with_capacity(1 << 20, file), header, mode)
             .map_err(|e| CycleError::Failed(e.to_string()))?;
         let mut maps = Vec::new();
+        // A turned-off VM's files, as they were before they were read (replication::journal).
+        let mut prints = running.is_none().then(Vec::new);
         for (i, (format, _)) in disks.iter().enumerate() {
+            if let Some(p) = prints.as_mut() {
+                match disk::fingerprint::Fingerprint::of(Path::new(&vm.disks[i])) {
+                    Ok(fp) => p.push(fp),
+                    Err(_) => prints = None,
+                }
+            }
             let map = tracking.join(format!("disk{i}.hashes"));
             if !map.is_file() {
                 cleanup(&maps, &path);
@@ -721,9 +743,25 @@ impl PrimarySide {
         writer
             .into_inner()
             .map_err(|e| CycleError::Failed(e.to_string()))?;
-        Ok((hex::encode(summary.hash), summary.bytes, point_time, maps))
+        Ok((
+            hex::encode(summary.hash),
+            summary.bytes,
+            point_time,
+            maps,
+            prints,
+        ))
     }
 }
+
+/// A written delta: its hash, bytes, point time, (new map, map) per disk, and the fingerprints of a
+/// turned-off VM's files taken before they were read.
+type BuiltDelta = (
+    String,
+    u64,
+    i64,
+    Vec<(PathBuf, PathBuf)>,
+    Option<Vec<disk::fingerprint::Fingerprint>>,
+);
 
 fn running_error(e: crate::engine::running::RunningError) -> CycleError {
     match e {

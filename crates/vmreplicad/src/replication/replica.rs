@@ -117,6 +117,8 @@ pub struct ReplicaSide {
     compares: Mutex<HashMap<Uuid, Arc<Compare>>>,
     /// Where qemu-nbd helpers keep their sockets.
     pub data_dir: PathBuf,
+    /// The failbacks this host runs as a new primary (`POST vms/{vm}/failback`), once wired.
+    pub failback: std::sync::OnceLock<Arc<crate::engine::failback::NewPrimary>>,
 }
 
 /// What [`ReplicaSide::import_point`] made.
@@ -140,6 +142,8 @@ pub struct Compare {
     images: Vec<(String, String, u64)>,
     /// Kind 2: the log it leads to is a resynchronization.
     resync: bool,
+    /// Kind 3: a failback's (the old primary offers its base, `replication::failback`).
+    failback: bool,
 }
 
 impl Compare {
@@ -159,7 +163,18 @@ impl Compare {
             block_size,
             images,
             resync,
+            failback: false,
         }
+    }
+
+    /// The session of a failback (kind 3).
+    pub(super) fn for_failback(mut self) -> Compare {
+        self.failback = true;
+        self
+    }
+
+    pub(super) fn failback(&self) -> bool {
+        self.failback
     }
 
     pub(super) fn id(&self) -> Uuid {
@@ -323,6 +338,7 @@ impl ReplicaSide {
             uploading: Mutex::new(HashMap::new()),
             compares: Mutex::new(HashMap::new()),
             data_dir,
+            failback: std::sync::OnceLock::new(),
         }
     }
 
@@ -353,17 +369,10 @@ impl ReplicaSide {
         begin: protocol::BeginCompare,
     ) -> ApiResult {
         let (vm_row, rel) = self.bound_vm(entry, vm)?;
-        if begin.kind == 2 && begin.block_size == disk::scan::DEFAULT_BLOCK_SIZE {
+        if (begin.kind == 2 || begin.kind == 3)
+            && begin.block_size == disk::scan::DEFAULT_BLOCK_SIZE
+        {
             return self.begin_resync(entry, vm, &begin, rel.state).await;
-        }
-        if begin.kind != 1 {
-            return Err(ApiError::new(
-                ErrorCode::UnknownResource,
-                format!(
-                    "compare kind {} is not served by this version (only 1 Seeded and 2 Resync)",
-                    begin.kind
-                ),
-            ));
         }
         if begin.block_size != disk::scan::DEFAULT_BLOCK_SIZE {
             let mut d = ErrorDetail::new(
@@ -419,6 +428,7 @@ impl ReplicaSide {
             block_size: begin.block_size,
             images,
             resync: false,
+            failback: false,
         });
         self.compares
             .lock()
@@ -763,6 +773,17 @@ impl ReplicaSide {
                 let c = self.compare_of(vm, id)?;
                 self.compare_range(&c, req.into_body()).await
             }
+            R::CompareBase(vm, id, disk) => {
+                self.bound_vm(&entry, vm)?;
+                let c = self.compare_of(vm, id)?;
+                self.compare_base(vm, &c, disk)
+            }
+            R::StartFailback(vm) => {
+                let start: protocol::StartFailback = read_json(req.into_body()).await?;
+                self.start_failback(&entry, &name, vm, start).await
+            }
+            R::FailbackStatus(vm) => self.failback_status(&name, vm, false),
+            R::CancelFailback(vm) => self.failback_status(&name, vm, true),
         }
     }
 
@@ -1129,6 +1150,9 @@ impl ReplicaSide {
         let ok = [
             ReplicationState::WaitingToCompleteInitialReplication.as_u16(),
             ReplicationState::Replicating.as_u16(),
+            // A failback's log, and the deltas right after it.
+            ReplicationState::FailbackInProgress.as_u16(),
+            ReplicationState::FailbackComplete.as_u16(),
         ];
         if !ok.contains(&s) {
             let mut d = ErrorDetail::new(
@@ -1841,18 +1865,20 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
             keep_app_consistent: settings.application_consistent_snapshot_interval > 0,
         }
     };
-    if let Err(e) = points.prune(&policy, now() * 1_000_000).await {
-        tracing::warn!(vm = %log.vm, "pruning recovery points failed: {}", crate::error_chain(&e));
-    }
-    let rows: Vec<_> = points
-        .list_points()
-        .map_err(|e| retry(&e))?
-        .iter()
-        .map(|p| crate::engine::initial::point_row(log.vm, p))
-        .collect();
-    store
-        .put_recovery_points(log.vm, &rows)
-        .map_err(|e| retry(&e))?;
+    let list_points = |points: &PointStore| -> Result<(), ApplyOutcome> {
+        let rows: Vec<_> = points
+            .list_points()
+            .map_err(|e| retry(&e))?
+            .iter()
+            .map(|p| crate::engine::initial::point_row(log.vm, p))
+            .collect();
+        store
+            .put_recovery_points(log.vm, &rows)
+            .map_err(|e| retry(&e))
+    };
+    // The point counts as applied before pruning, which may merge a whole base image (after a
+    // resync or failback) and take a while; an interrupted prune is done at the next apply.
+    list_points(&points)?;
     store
         .mark_applied(log.vm, log.sequence)
         .map_err(|e| retry(&e))?;
@@ -1863,7 +1889,19 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         if rel.state == ReplicationState::WaitingToCompleteInitialReplication.as_u16() {
             rel.state = ReplicationState::Replicating.as_u16();
         }
+        // The failback's log: the old primary's disks are the new primary's point now.
+        if resynced && rel.state == ReplicationState::FailbackInProgress.as_u16() {
+            rel.state = ReplicationState::FailbackComplete.as_u16();
+            tracing::info!(vm = %log.vm, sequence = log.sequence, "failback complete: the disks equal the new primary's point");
+        } else if !resynced && rel.state == ReplicationState::FailbackComplete.as_u16() {
+            // The next delta after a failback: an ordinary replica again.
+            rel.state = ReplicationState::Replicating.as_u16();
+        }
         let _ = store.put_relationship(&rel, v.mode);
     }
+    if let Err(e) = points.prune(&policy, now() * 1_000_000).await {
+        tracing::warn!(vm = %log.vm, "pruning recovery points failed: {}", crate::error_chain(&e));
+    }
+    list_points(&points)?;
     Ok(())
 }

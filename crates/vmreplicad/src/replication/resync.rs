@@ -94,7 +94,24 @@ impl ReplicaSide {
             ReplicationState::WaitingToStartResynchronization,
         ]
         .map(ReplicationState::as_u16);
-        if !usable.contains(&state) {
+        let failback = begin.kind == 3;
+        // A failback compares with the base its PUT prepared (replication::failback).
+        let failback_ok = failback
+            && state == ReplicationState::FailbackInProgress.as_u16()
+            && super::failback::base_dir(&self.data_dir, vm)
+                .join("base.json")
+                .is_file();
+        if failback && !failback_ok {
+            let mut d = ErrorDetail::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "a failback compare needs a failback in progress here (13), not state {state}"
+                ),
+            );
+            d.replica_state = Some(state);
+            return Err(ApiError(Box::new(d)));
+        }
+        if !usable.contains(&state) && !failback_ok {
             let mut d = ErrorDetail::new(
                 ErrorCode::InvalidState,
                 format!("the replica is in state {state} and cannot be resynchronized"),
@@ -158,7 +175,11 @@ impl ReplicaSide {
             r.resync_required = false;
             self.store.put_replica_vm(&r)?;
         }
-        let compare = Arc::new(Compare::ready(baseline, begin.block_size, images, true));
+        let mut compare = Compare::ready(baseline, begin.block_size, images, true);
+        if failback {
+            compare = compare.for_failback();
+        }
+        let compare = Arc::new(compare);
         self.remember_compare(vm, compare.clone());
         tracing::info!(%vm, compare = %compare.id(), baseline, at = now(), "resynchronization comparison begun");
         Ok(json(201, &compare.session()))

@@ -104,15 +104,24 @@ impl ReplicaSide {
         from: &ReverseFrom,
     ) -> ApiResult {
         let vm = existing.id;
-        let _claim = self.claims.claim(vm).ok_or_else(|| {
-            refused(
+        // InitiateFailback's job on this host holds the VM's claim and waits for exactly this
+        // request (state 13 is only ever its own).
+        let failback_here = from.failback
+            && self
+                .store
+                .get_relationship(vm)?
+                .is_some_and(|r| r.state == ReplicationState::FailbackInProgress.as_u16());
+        let claim = self.claims.claim(vm);
+        if claim.is_none() && !failback_here {
+            return Err(refused(
                 ErrorCode::Busy,
                 format!(
                     "'{}' is busy with an operation here; ask again shortly",
                     existing.name
                 ),
-            )
-        })?;
+            ));
+        }
+        let _claim = claim;
         let mut rel = self
             .store
             .get_relationship(vm)?
@@ -223,17 +232,61 @@ impl ReplicaSide {
             (true, Some(c)) => (c.last_sequence.max(1), None),
             (true, None) => (from.sequence, None),
         };
-        let imported = self
-            .import_point(vm, sequence, &images, &put.disks, recorded)
-            .await
-            .map_err(|why| {
-                refused(
-                    ErrorCode::Internal,
-                    undo(format!("cannot import the disks: {why}")),
+        if from.failback {
+            // Which blocks may differ from the failover point, before the disks are taken in
+            // (replication::failback).
+            let mut record = self
+                .failback_base(
+                    vm,
+                    &images,
+                    from.sequence,
+                    chain.as_ref().map(|c| c.last_sequence),
                 )
-            })?;
-        for map in imported.maps {
-            let _ = std::fs::remove_file(map);
+                .await
+                .inspect_err(|_| {
+                    undo(String::new());
+                })?;
+            record.sequence = sequence;
+            let adopted = self
+                .take_disks(
+                    vm,
+                    Path::new(&replica.store_root),
+                    sequence,
+                    &images,
+                    &put.disks,
+                    &mut record.notes,
+                )
+                .await;
+            match adopted {
+                Ok(adopted) => {
+                    if adopted {
+                        record
+                            .notes
+                            .push("the disks were taken in as they are, without a copy".into());
+                    }
+                    super::failback::save_base(&self.data_dir, vm, &record)?;
+                    tracing::info!(%vm, point = sequence, adopted, notes = ?record.notes, "failback base prepared");
+                }
+                Err(why) => {
+                    return Err(refused(
+                        ErrorCode::Internal,
+                        undo(format!("cannot take in the disks: {why}")),
+                    ))
+                }
+            }
+        } else {
+            let imported = self
+                .import_point(vm, sequence, &images, &put.disks, recorded)
+                .await
+                .map_err(|why| {
+                    refused(
+                        ErrorCode::Internal,
+                        undo(format!("cannot import the disks: {why}")),
+                    )
+                })?;
+            for map in imported.maps {
+                let _ = std::fs::remove_file(map);
+            }
         }
 
         // From now on a replica of the new primary: its data is the point store's. The disk files
@@ -252,7 +305,17 @@ impl ReplicaSide {
         }
         self.store.set_vm_disks(vm, &[])?;
         let mode = ReplicationMode::Replica.as_u16();
-        rel.state = ReplicationState::Replicating.as_u16();
+        rel.state = if from.failback {
+            // InitiateFailback's job here waits for the failback's log (13 → 14 at its apply);
+            // cut off, it leaves a replica that can run the failback again (9).
+            self.store.set_job_restore_state(
+                vm,
+                ReplicationState::WaitingToStartResynchronization.as_u16(),
+            )?;
+            ReplicationState::FailbackInProgress.as_u16()
+        } else {
+            ReplicationState::Replicating.as_u16()
+        };
         rel.primary_connection_point = Some(put.primary_connection_point.clone());
         rel.authorization_entry = Some(entry.allowed_primary_host_system.clone());
         rel.settings.replication_interval = put.settings.replication_interval;

@@ -257,6 +257,11 @@ pub struct ReverseFrom {
     /// (compare kind 2) right after; the receiver's disks are taken as they are.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resync: bool,
+    /// `InitiateFailback` (§5.8, with `resync`): the receiver also works out which of its blocks
+    /// may differ from point `sequence` (its logs after it, its writes since its last log) and
+    /// offers them, with its block-hash maps, to the failback compare (kind 3) that follows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub failback: bool,
 }
 
 impl Validate for PutVm {
@@ -309,8 +314,155 @@ impl Validate for PutVm {
                 return Err(invalid("reverse.sequence", "must be at least 1"));
             }
             check_hash("reverse.log_hash", &r.log_hash)?;
+            if r.failback && !r.resync {
+                return Err(invalid("reverse.failback", "needs resync"));
+            }
         }
         Ok(())
+    }
+}
+
+/// `POST /vmreplica/v1/vms/{vm}/failback` body (§5.8): the old primary asks the new primary to
+/// bring its disks to a point of the new primary and to replicate to it from then on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartFailback {
+    /// The old primary's name, as the new primary will reach its recovery server.
+    pub host: String,
+    /// The old primary's recovery-server port.
+    pub port: u16,
+    /// The settings of the new direction.
+    pub settings: VmSettings,
+    /// The `RecoveryPointIdentifier`: empty for a fresh point of the new primary's disks.
+    #[serde(default)]
+    pub point: String,
+}
+
+impl Validate for StartFailback {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_text("host", &self.host, 1, 256)?;
+        if self.port == 0 {
+            return Err(invalid("port", "must be 1 to 65535"));
+        }
+        check_text("point", &self.point, 0, 256)?;
+        if ![30, 300, 900].contains(&self.settings.replication_interval) {
+            return Err(invalid(
+                "settings.replication_interval",
+                "must be 30, 300 or 900",
+            ));
+        }
+        if self.settings.recovery_history > 24 {
+            return Err(invalid("settings.recovery_history", "must be 0 to 24"));
+        }
+        if self.settings.application_consistent_snapshot_interval > 12 {
+            return Err(invalid(
+                "settings.application_consistent_snapshot_interval",
+                "must be 0 to 12",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A failback on the new primary as it answers `…/failback` (§5.8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailbackStatus {
+    /// 1 Running, 2 Completed, 3 Failed.
+    pub state: u16,
+    pub percent: u16,
+    /// The new primary's job (an `Msvm_ConcreteJob` InstanceID there).
+    pub job: String,
+    /// What the job says: the error of a failed one, or how the blocks were found.
+    #[serde(default)]
+    pub message: String,
+    /// The log that brought the old primary to the point (state 2).
+    #[serde(default)]
+    pub sequence: u64,
+    /// Bytes of that log.
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+impl Validate for FailbackStatus {
+    fn validate(&self) -> Result<(), MessageError> {
+        if !(1..=3).contains(&self.state) {
+            return Err(invalid("state", "must be 1, 2 or 3"));
+        }
+        if self.percent > 100 {
+            return Err(invalid("percent", "must be 0 to 100"));
+        }
+        check_text("job", &self.job, 0, 256)?;
+        check_text("message", &self.message, 0, 4096)
+    }
+}
+
+/// Most candidate runs one disk's failback base may list.
+pub const MAX_CANDIDATE_RUNS: u64 = 1 << 24;
+
+/// One disk's failback base (`application/vnd.vmreplica.failback-base`, little-endian, §5.8):
+/// `disk u32 | known u32 (0 or 1) | runs u64 | runs × (first_block u64, count u64) | map`. The
+/// runs are the blocks that may differ from the failover point on the old primary, sorted and
+/// apart (`known` 0: unknown, no runs); `map` is the rest of the body, the block-hash map of the
+/// old primary's disk as imported (a `VMRHASH1` file, checked by whoever reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailbackBase {
+    pub disk: u32,
+    /// None when this side cannot tell which blocks it changed.
+    pub candidates: Option<Vec<(u64, u64)>>,
+    pub map: Vec<u8>,
+}
+
+impl FailbackBase {
+    pub fn encode(&self) -> Vec<u8> {
+        let runs = self.candidates.as_deref().unwrap_or_default();
+        let mut out = Vec::with_capacity(16 + runs.len() * 16 + self.map.len());
+        out.extend_from_slice(&self.disk.to_le_bytes());
+        out.extend_from_slice(&u32::from(self.candidates.is_some()).to_le_bytes());
+        out.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+        for (first, count) in runs {
+            out.extend_from_slice(&first.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+        }
+        out.extend_from_slice(&self.map);
+        out
+    }
+
+    pub fn parse(body: &[u8]) -> Result<FailbackBase, MessageError> {
+        let u64_at = |at: usize| {
+            body.get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        if body.len() < 16 {
+            return Err(invalid("body", "shorter than the 16-byte head"));
+        }
+        let disk = u32::from_le_bytes(body[0..4].try_into().unwrap_or_default());
+        let known = u32::from_le_bytes(body[4..8].try_into().unwrap_or_default());
+        let runs = u64_at(8).unwrap_or_default();
+        if known > 1 || (known == 0 && runs != 0) {
+            return Err(invalid("known", "must be 1, or 0 with no runs"));
+        }
+        if runs > MAX_CANDIDATE_RUNS || runs * 16 > (body.len() - 16) as u64 {
+            return Err(invalid("runs", "more runs than the body holds"));
+        }
+        let mut list = Vec::with_capacity(runs as usize);
+        let mut end = 0u64;
+        for i in 0..runs as usize {
+            let first = u64_at(16 + i * 16).unwrap_or_default();
+            let count = u64_at(24 + i * 16).unwrap_or_default();
+            let stop = first
+                .checked_add(count)
+                .filter(|_| count > 0 && (i == 0 || first > end))
+                .ok_or_else(|| invalid("runs", "must be sorted, apart and not empty"))?;
+            list.push((first, count));
+            end = stop;
+        }
+        Ok(FailbackBase {
+            disk,
+            candidates: (known == 1).then_some(list),
+            map: body[16 + runs as usize * 16..].to_vec(),
+        })
     }
 }
 
@@ -859,6 +1011,61 @@ impl Validate for ErrorBody {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_failback_base_round_trips_and_bad_runs_are_refused() {
+        let base = FailbackBase {
+            disk: 2,
+            candidates: Some(vec![(0, 3), (10, 1), (u64::MAX - 5, 5)]),
+            map: b"VMRHASH1 and the rest".to_vec(),
+        };
+        assert_eq!(FailbackBase::parse(&base.encode()), Ok(base));
+        let unknown = FailbackBase {
+            disk: 0,
+            candidates: None,
+            map: Vec::new(),
+        };
+        assert_eq!(FailbackBase::parse(&unknown.encode()), Ok(unknown));
+        for runs in [
+            vec![(5u64, 1u64), (5, 1)], // overlapping
+            vec![(5, 2), (7, 1)],       // adjacent: one run
+            vec![(9, 1), (2, 1)],       // not sorted
+            vec![(1, 0)],               // empty
+            vec![(u64::MAX, 2)],        // overflows
+        ] {
+            let body = FailbackBase {
+                disk: 0,
+                candidates: Some(runs.clone()),
+                map: Vec::new(),
+            }
+            .encode();
+            assert!(FailbackBase::parse(&body).is_err(), "{runs:?}");
+        }
+        let mut body = unknown_with_runs();
+        assert!(FailbackBase::parse(&body).is_err());
+        body.truncate(10);
+        assert!(FailbackBase::parse(&body).is_err());
+        // More runs announced than the body holds.
+        let mut short = FailbackBase {
+            disk: 0,
+            candidates: Some(vec![(1, 1)]),
+            map: Vec::new(),
+        }
+        .encode();
+        short[8] = 200;
+        assert!(FailbackBase::parse(&short).is_err());
+    }
+
+    fn unknown_with_runs() -> Vec<u8> {
+        let mut body = FailbackBase {
+            disk: 0,
+            candidates: Some(vec![(1, 1)]),
+            map: Vec::new(),
+        }
+        .encode();
+        body[4] = 0;
+        body
+    }
+
     fn put() -> PutVm {
         PutVm {
             name: "web01".into(),
@@ -889,6 +1096,7 @@ mod tests {
             sequence: 7,
             log_hash: "ab".repeat(32),
             resync: true,
+            failback: true,
         });
         let text = serde_json::to_vec(&r).unwrap();
         assert_eq!(decode::<PutVm>(&text).unwrap(), r);
@@ -896,6 +1104,7 @@ mod tests {
             sequence: 0,
             log_hash: "ab".repeat(32),
             resync: false,
+            failback: false,
         });
         assert!(matches!(
             decode::<PutVm>(&serde_json::to_vec(&r).unwrap()),

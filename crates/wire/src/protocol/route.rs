@@ -28,6 +28,16 @@ pub enum Route {
     CancelCompare(Uuid, Uuid),
     /// `POST /vmreplica/v1/vms/{vm}/compare/{id}/ranges`.
     CompareRange(Uuid, Uuid),
+    /// `GET /vmreplica/v1/vms/{vm}/compare/{id}/base/{disk}`: a failback compare's candidate
+    /// blocks and block-hash map of one disk (§5.8).
+    CompareBase(Uuid, Uuid, u32),
+    /// `POST /vmreplica/v1/vms/{vm}/failback`: the old primary asks this host (the new primary)
+    /// to bring it back (§5.8).
+    StartFailback(Uuid),
+    /// `GET /vmreplica/v1/vms/{vm}/failback`.
+    FailbackStatus(Uuid),
+    /// `DELETE /vmreplica/v1/vms/{vm}/failback`: cancels it.
+    CancelFailback(Uuid),
 }
 
 /// Why a path is not a [`Route`].
@@ -65,6 +75,21 @@ pub fn parse_guid(segment: &str) -> Option<Uuid> {
         }
     }
     Uuid::parse_str(segment).ok()
+}
+
+/// Most disks a VM may have (the disk index of a route is below it).
+pub const MAX_DISKS: u32 = 64;
+
+/// A disk index: decimal `0 ..= 63` without sign or leading zeros.
+pub fn parse_disk_index(segment: &str) -> Option<u32> {
+    let b = segment.as_bytes();
+    if b.is_empty() || b.len() > 2 || (b.len() > 1 && b[0] == b'0') {
+        return None;
+    }
+    if !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    segment.parse().ok().filter(|d| *d < MAX_DISKS)
 }
 
 /// A sequence number: decimal `u64` ≥ 1 without sign or leading zeros.
@@ -146,6 +171,23 @@ impl Route {
             ("POST", ["vms", id, "compare", c, "ranges"]) => {
                 Ok(Route::CompareRange(vm(id)?, vm(c)?))
             }
+            ("GET", ["vms", id, "compare", c, "base", d]) => {
+                let (id, c) = (vm(id)?, vm(c)?);
+                let d = parse_disk_index(d).ok_or_else(|| RouteError::BadSegment {
+                    segment: d.chars().take(64).collect(),
+                    expected: "a disk index",
+                })?;
+                Ok(Route::CompareBase(id, c, d))
+            }
+            (_, ["vms", id, "failback"]) => {
+                let id = vm(id)?;
+                match method {
+                    "POST" => Ok(Route::StartFailback(id)),
+                    "GET" => Ok(Route::FailbackStatus(id)),
+                    "DELETE" => Ok(Route::CancelFailback(id)),
+                    _ => Err(RouteError::Unknown),
+                }
+            }
             (_, ["vms", id, ..]) => {
                 vm(id)?;
                 Err(RouteError::Unknown)
@@ -169,6 +211,10 @@ impl Route {
                 format!("/vmreplica/v1/vms/{vm}/compare/{c}")
             }
             Route::CompareRange(vm, c) => format!("/vmreplica/v1/vms/{vm}/compare/{c}/ranges"),
+            Route::CompareBase(vm, c, d) => format!("/vmreplica/v1/vms/{vm}/compare/{c}/base/{d}"),
+            Route::StartFailback(vm) | Route::FailbackStatus(vm) | Route::CancelFailback(vm) => {
+                format!("/vmreplica/v1/vms/{vm}/failback")
+            }
         }
     }
 
@@ -179,10 +225,15 @@ impl Route {
             | Route::Test
             | Route::CommitLog(..)
             | Route::BeginCompare(_)
-            | Route::CompareRange(..) => "POST",
+            | Route::CompareRange(..)
+            | Route::StartFailback(_) => "POST",
             Route::PutVm(_) => "PUT",
-            Route::GetVm(_) | Route::LogStatus(..) | Route::CompareStatus(..) => "GET",
-            Route::CancelCompare(..) => "DELETE",
+            Route::GetVm(_)
+            | Route::LogStatus(..)
+            | Route::CompareStatus(..)
+            | Route::CompareBase(..)
+            | Route::FailbackStatus(_) => "GET",
+            Route::CancelCompare(..) | Route::CancelFailback(_) => "DELETE",
             Route::UploadLog(..) => "PATCH",
         }
     }
@@ -199,7 +250,11 @@ impl Route {
             | Route::BeginCompare(vm)
             | Route::CompareStatus(vm, _)
             | Route::CancelCompare(vm, _)
-            | Route::CompareRange(vm, _) => Some(*vm),
+            | Route::CompareRange(vm, _)
+            | Route::CompareBase(vm, _, _)
+            | Route::StartFailback(vm)
+            | Route::FailbackStatus(vm)
+            | Route::CancelFailback(vm) => Some(*vm),
         }
     }
 }
@@ -225,6 +280,11 @@ mod tests {
             Route::CompareStatus(vm, vm),
             Route::CancelCompare(vm, vm),
             Route::CompareRange(vm, vm),
+            Route::CompareBase(vm, vm, 0),
+            Route::CompareBase(vm, vm, 63),
+            Route::StartFailback(vm),
+            Route::FailbackStatus(vm),
+            Route::CancelFailback(vm),
         ] {
             assert_eq!(Route::parse(r.method(), &r.path()), Ok(r));
         }
@@ -256,6 +316,16 @@ mod tests {
                 "{seq}"
             );
         }
+        for d in ["64", "00", "01", "-1", "x", ""] {
+            let path = format!("/vmreplica/v1/vms/{VM}/compare/{VM}/base/{d}");
+            assert!(
+                matches!(
+                    Route::parse("GET", &path),
+                    Err(RouteError::BadSegment { .. })
+                ),
+                "{d}"
+            );
+        }
         assert_eq!(
             Route::parse("GET", &format!("/vmreplica/v1/vms/{}", VM.to_uppercase())),
             Ok(Route::GetVm(Uuid::parse_str(VM).unwrap()))
@@ -272,7 +342,7 @@ mod tests {
             ("GET", "/vmreplica/hello"),
             ("DELETE", &format!("/vmreplica/v1/vms/{VM}") as &str),
             ("POST", &format!("/vmreplica/v1/vms/{VM}/reverse")),
-            ("POST", &format!("/vmreplica/v1/vms/{VM}/failback")),
+            ("PUT", &format!("/vmreplica/v1/vms/{VM}/failback")),
             ("GET", "/"),
             ("GET", "/vmreplica/v1"),
         ] {

@@ -1,0 +1,919 @@
+//! `InitiateFailback` (DESIGN §6; docs/protocol.md §5.8): after an unplanned failover from A to
+//! B, bring A's disks to a point of B by reading and sending only the blocks that may differ.
+//!
+//! **On A** (the old primary, where the method is called; [`LocalEngine::failback`]): the VM shows
+//! 13; A asks B (`POST vms/{vm}/failback`, A being B's primary so far) to fail back to it and
+//! follows B's job (`GET`, percent mirrored; a cancel here sends `DELETE`). When B's job completed
+//! and A applied its log, A shows 14 and is B's replica; the relationship B → A then replicates
+//! deltas, so a planned failover and a reverse complete the return.
+//!
+//! **On B** (the new primary; [`NewPrimary`]): the job makes B the primary of A if it is not yet
+//! (CommitFailover must have run), then, as a Resynchronize would, asks A to take its own disks as
+//! the base point (`PUT` with `reverse.failback`; A also works out which of its blocks may differ
+//! from the failover point F and the exact block-hash map of its disks, `replication::failback`),
+//! and compares in kind 3:
+//! - the candidate blocks are A's (its logs after F, its writes since its last log) united with
+//!   B's (what the failover overlay held when CommitFailover flattened it, and what was written to
+//!   the flattened images since: nothing if the files are unchanged, else their persistent dirty
+//!   bitmap `vmreplica-failback`);
+//! - B fetches A's map and reads, hashes and compares only its candidate blocks against it; the
+//!   blocks that differ are the log (A applies it as a layer over its base, so a cut leaves A's
+//!   disks as they were and a rerun starts over); B's next maps are A's map with B's hashes there.
+//!
+//! When either side cannot tell what it wrote (a journal gap, a missing record, a running VM on B,
+//! an inconsistent bitmap), B compares every block against A's map instead — A still reads
+//! nothing more — and the job's log says so.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use disk::scan::hashmap::MapReader;
+use disk::scan::DEFAULT_BLOCK_SIZE;
+use uuid::Uuid;
+use vmreplica_core::codes::ReturnCode;
+use vmreplica_core::command::CommandError;
+use vmreplica_core::job::{JobState, JobType};
+use vmreplica_core::settings::AuthorizationEntry;
+use vmreplica_core::state::{ReplicationMode, ReplicationState};
+use wire::protocol::{
+    BeginCompare, CompareSession, ErrorCode, FailbackBase, FailbackStatus, ReverseFrom, Route,
+    StartFailback,
+};
+use wire::{Compression, LogHeader, LogWriter, PointType};
+
+use super::initial::{disk_table, log_disks, scan_image_ranges};
+use super::network::{freeze_if_running, put_vm, running_failed, target, NetworkIr};
+use super::reverse::{tracking_dir, REVERSE_LIMIT};
+use super::test_failover::refused;
+use super::{EngineRequest, LocalEngine};
+use crate::clock::now;
+use crate::jobs::{JobContext, JobEngine, JobFailure};
+use crate::replication::journal::{self, Runs};
+use crate::replication::replica::ApiError;
+use crate::store::{JobRow, RelationshipRow, Store, VmRow};
+
+/// The persistent dirty bitmap CommitFailover adds to the flattened images: what B writes after.
+pub const FAILBACK_BITMAP: &str = "vmreplica-failback";
+
+fn fail(message: impl Into<String>, action: &str) -> JobFailure {
+    JobFailure::failed(message, action)
+}
+
+fn local(e: impl std::error::Error) -> JobFailure {
+    fail(
+        crate::error_chain(&e),
+        "Check the data directory and the VM's disks.",
+    )
+}
+
+/// `tracking/<VMID>/disk<i>.failover-writes`: blocks the failover overlay held at commit.
+fn writes_file(data_dir: &Path, vm: Uuid, disk: usize) -> PathBuf {
+    tracking_dir(data_dir, vm).join(format!("disk{disk}.failover-writes"))
+}
+
+/// `tracking/<VMID>/disk<i>.failover-print.json`: the flattened image's fingerprint at commit.
+fn print_file(data_dir: &Path, vm: Uuid, disk: usize) -> PathBuf {
+    tracking_dir(data_dir, vm).join(format!("disk{disk}.failover-print.json"))
+}
+
+fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
+    FailbackBase {
+        disk: 0,
+        candidates: Some(runs.to_vec()),
+        map: Vec::new(),
+    }
+    .encode()
+}
+
+/// Block runs (of [`DEFAULT_BLOCK_SIZE`]) covering byte ranges `(offset, length)`.
+fn block_runs(ranges: impl IntoIterator<Item = (u64, u64)>) -> Runs {
+    let bs = u64::from(DEFAULT_BLOCK_SIZE);
+    let mut runs: Runs = Vec::new();
+    for (off, len) in ranges {
+        if len == 0 {
+            continue;
+        }
+        let (first, end) = (off / bs, (off + len).div_ceil(bs));
+        runs = journal::union(&runs, &[(first, end - first)]);
+    }
+    runs
+}
+
+/// Byte ranges of block runs, clipped to `size`.
+fn byte_ranges(runs: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
+    let bs = u64::from(DEFAULT_BLOCK_SIZE);
+    runs.iter()
+        .filter_map(|(f, c)| {
+            let start = f.saturating_mul(bs);
+            let end = (f.saturating_add(*c)).saturating_mul(bs).min(size);
+            (start < end).then_some((start, end - start))
+        })
+        .collect()
+}
+
+/// At CommitFailover, before the overlay is flattened: the blocks it holds (everything the VM
+/// wrote since the failover point), kept for a failback.
+pub async fn record_overlay_writes(
+    data_dir: &Path,
+    vm: Uuid,
+    overlays: &[PathBuf],
+) -> Result<(), String> {
+    std::fs::create_dir_all(tracking_dir(data_dir, vm)).map_err(|e| e.to_string())?;
+    for (i, overlay) in overlays.iter().enumerate() {
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "qcow2"])
+            .arg(overlay)
+            .output()
+            .await
+            .map_err(|e| format!("qemu-img map: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img map {}: {}",
+                overlay.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let entries: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("qemu-img map: {e}"))?;
+        let top = entries
+            .iter()
+            .filter(|e| e["depth"].as_u64() == Some(0))
+            .filter_map(|e| Some((e["start"].as_u64()?, e["length"].as_u64()?)));
+        let runs = block_runs(top);
+        std::fs::write(writes_file(data_dir, vm, i), encode_runs(&runs))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// At CommitFailover, once the images are flattened: a persistent dirty bitmap in each (QEMU and
+/// its tools record every later write in it), and each file's fingerprint.
+pub async fn track_after_commit(
+    data_dir: &Path,
+    vm: Uuid,
+    images: &[PathBuf],
+) -> Result<(), String> {
+    for (i, image) in images.iter().enumerate() {
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["bitmap", "--add", "--enable", "-f", "qcow2"])
+            .arg(image)
+            .arg(FAILBACK_BITMAP)
+            .output()
+            .await
+            .map_err(|e| format!("qemu-img bitmap: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img bitmap --add {}: {}",
+                image.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let fp = disk::fingerprint::Fingerprint::of(image).map_err(|e| e.to_string())?;
+        std::fs::write(
+            print_file(data_dir, vm, i),
+            serde_json::to_vec(&fp).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The blocks B wrote since the failover point on disk `i` (image `image`, VM off), or why that
+/// is not known.
+async fn own_writes(
+    data_dir: &Path,
+    vm: Uuid,
+    i: usize,
+    image: &str,
+    size: u64,
+) -> Result<Runs, String> {
+    let recorded = std::fs::read(writes_file(data_dir, vm, i))
+        .map_err(|_| "the failover's writes were not recorded when it was committed".to_string())?;
+    let at_commit = FailbackBase::parse(&recorded)
+        .ok()
+        .and_then(|b| b.candidates)
+        .ok_or("the record of the failover's writes is unreadable")?;
+    let print: disk::fingerprint::Fingerprint = std::fs::read(print_file(data_dir, vm, i))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or("the image's fingerprint at commit is missing")?;
+    if disk::fingerprint::check(Path::new(image), &print).is_ok() {
+        return Ok(at_commit);
+    }
+    // Written since the commit: its bitmap says where, if QEMU closed it cleanly.
+    let info = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U", "-f", "qcow2", image])
+        .output()
+        .await
+        .map_err(|e| format!("qemu-img info: {e}"))?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&info.stdout).map_err(|e| format!("qemu-img info: {e}"))?;
+    let bitmap = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["name"] == FAILBACK_BITMAP))
+        .ok_or_else(|| {
+            format!("{image} changed since the commit and has no {FAILBACK_BITMAP} bitmap")
+        })?;
+    let flags: Vec<&str> = bitmap["flags"]
+        .as_array()
+        .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    if flags.contains(&"in-use") || !flags.contains(&"auto") {
+        return Err(format!(
+            "the {FAILBACK_BITMAP} bitmap of {image} cannot be trusted (flags {flags:?}: QEMU did not close it cleanly)"
+        ));
+    }
+    let spec = disk::export::ExportSpec {
+        bitmap: Some(FAILBACK_BITMAP.to_string()),
+        ..disk::export::ExportSpec::new(image, "qcow2")
+    };
+    let run = data_dir.join("run");
+    let export =
+        disk::export::NbdExport::start(&spec, &run, &format!("failback-{}-{i}", vm.simple()))
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+    let context = format!("qemu:dirty-bitmap:{FAILBACK_BITMAP}");
+    let dirty = async {
+        let mut nbd = export.connect(&[context.as_str()]).await?;
+        let map = nbd.map(&context, 0, size).await?;
+        nbd.disconnect().await?;
+        Ok::<_, disk::export::ExportError>(map)
+    }
+    .await;
+    export.stop().await;
+    let dirty = dirty.map_err(|e| crate::error_chain(&e))?;
+    let since = block_runs(
+        dirty
+            .iter()
+            .filter(|e| e.is_dirty())
+            .map(|e| (e.offset, e.length)),
+    );
+    Ok(journal::union(&at_commit, &since))
+}
+
+/// Drops the failback records of `vm` (its bitmaps stay in the images, harmless).
+fn forget_records(data_dir: &Path, vm: Uuid, disks: usize) {
+    for i in 0..disks {
+        let _ = std::fs::remove_file(writes_file(data_dir, vm, i));
+        let _ = std::fs::remove_file(print_file(data_dir, vm, i));
+    }
+}
+
+/// What B's failback job did, for A's `GET`.
+#[derive(Clone)]
+struct Run {
+    peer: String,
+    job: String,
+    sequence: u64,
+    bytes: u64,
+}
+
+/// The failbacks this host runs as a new primary, started by old primaries.
+pub struct NewPrimary {
+    pub store: Arc<Store>,
+    pub jobs: Arc<JobEngine>,
+    pub peers: Arc<crate::replication::client::Peers>,
+    pub data_dir: PathBuf,
+    pub claims: crate::claims::VmClaims,
+    runs: Mutex<HashMap<Uuid, Run>>,
+}
+
+fn api(code: ErrorCode, why: impl Into<String>) -> ApiError {
+    ApiError::new(code, why)
+}
+
+impl NewPrimary {
+    pub fn new(
+        store: Arc<Store>,
+        jobs: Arc<JobEngine>,
+        peers: Arc<crate::replication::client::Peers>,
+        data_dir: PathBuf,
+        claims: crate::claims::VmClaims,
+    ) -> NewPrimary {
+        NewPrimary {
+            store,
+            jobs,
+            peers,
+            data_dir,
+            claims,
+            runs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Run>> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The status of `vm`'s failback as `peer` may see it; `cancel` also cancels a running one.
+    pub fn status(&self, peer: &str, vm: Uuid, cancel: bool) -> Result<FailbackStatus, ApiError> {
+        let run = self
+            .runs()
+            .get(&vm)
+            .filter(|r| r.peer.eq_ignore_ascii_case(peer))
+            .cloned()
+            .ok_or_else(|| {
+                api(
+                    ErrorCode::UnknownResource,
+                    format!("no failback of {vm} for {peer} here"),
+                )
+            })?;
+        if cancel {
+            let _ = self.jobs.cancel(&run.job);
+        }
+        let job = self
+            .store
+            .get_job(&run.job)?
+            .ok_or_else(|| api(ErrorCode::UnknownResource, "the failback's job is gone"))?;
+        let state = match JobState::from_u16(job.state) {
+            Some(JobState::Completed) => 2,
+            Some(s) if s.is_terminal() => 3,
+            _ => 1,
+        };
+        let message = match state {
+            3 => job
+                .error_description
+                .clone()
+                .unwrap_or_else(|| "failed".into()),
+            _ => job.description.clone(),
+        };
+        Ok(FailbackStatus {
+            state,
+            percent: job.percent,
+            job: job.id,
+            message: message.chars().take(4000).collect(),
+            sequence: run.sequence,
+            bytes: run.bytes,
+        })
+    }
+
+    /// `POST vms/{vm}/failback` from old primary `peer` (authorized by `entry`).
+    pub async fn start(
+        self: &Arc<Self>,
+        _entry: &AuthorizationEntry,
+        peer: &str,
+        vm: Uuid,
+        req: StartFailback,
+    ) -> Result<(FailbackStatus, u16), ApiError> {
+        if !peer.eq_ignore_ascii_case(&req.host) {
+            return Err(api(
+                ErrorCode::AccessDenied,
+                format!("the certificate names {peer}, not {}", req.host),
+            ));
+        }
+        let running = self.runs().get(&vm).cloned();
+        if let Some(r) = running {
+            let st = self.status(peer, vm, false)?;
+            if st.state == 1 || (st.state == 2 && !req.point.is_empty()) {
+                return Ok((st, 200));
+            }
+            let _ = r;
+        }
+        let unknown = || api(ErrorCode::UnknownVm, format!("no VM {vm} here"));
+        let vm_row = self.store.get_vm(vm)?.ok_or_else(unknown)?;
+        let rel = self.store.get_relationship(vm)?.ok_or_else(unknown)?;
+        let failover = self.store.failover(vm)?;
+        let replica = vm_row.mode == ReplicationMode::Replica.as_u16();
+        let primary = vm_row.mode == ReplicationMode::Primary.as_u16();
+        // The VM must have failed over from `peer`, been committed, and not be replicating yet.
+        let from_peer = if replica {
+            rel.primary_connection_point
+                .as_deref()
+                .is_some_and(|p| p.eq_ignore_ascii_case(peer))
+        } else {
+            rel.settings
+                .recovery_connection_point
+                .eq_ignore_ascii_case(peer)
+        };
+        if !from_peer {
+            return Err(api(
+                ErrorCode::AccessDenied,
+                format!("'{}' does not replicate with {peer}", vm_row.name),
+            ));
+        }
+        if primary && rel.state == ReplicationState::Replicating.as_u16() && failover.is_none() {
+            // Done already (A asks again after a restart): report the last run if known.
+            if let Ok(st) = self.status(peer, vm, false) {
+                return Ok((st, 200));
+            }
+        }
+        let committed = replica && rel.state == ReplicationState::Committed.as_u16();
+        let waiting = primary
+            && failover.is_some()
+            && [
+                ReplicationState::WaitingToStartResynchronization.as_u16(),
+                ReplicationState::ResynchronizationSuspended.as_u16(),
+            ]
+            .contains(&rel.state);
+        if !committed && !waiting {
+            let why = if replica && rel.state == ReplicationState::Recovered.as_u16() {
+                format!(
+                    "'{}' is failed over but not committed here; run CommitFailover first",
+                    vm_row.name
+                )
+            } else {
+                format!(
+                    "'{}' is in state {} (mode {}) here; a failback needs a committed unplanned failover",
+                    vm_row.name, rel.state, vm_row.mode
+                )
+            };
+            let mut d = wire::protocol::ErrorDetail::new(ErrorCode::InvalidState, why);
+            d.replica_state = Some(rel.state);
+            return Err(ApiError(Box::new(d)));
+        }
+        if !req.point.is_empty() {
+            return Err(api(
+                ErrorCode::BadRequest,
+                format!(
+                    "no recovery point '{}' here: a committed failover keeps only the VM's current disks; leave RecoveryPointIdentifier empty",
+                    req.point
+                ),
+            ));
+        }
+        let claim = self.claims.claim(vm).ok_or_else(|| {
+            api(
+                ErrorCode::Busy,
+                format!(
+                    "'{}' is busy with an operation here; ask again shortly",
+                    vm_row.name
+                ),
+            )
+        })?;
+        let this = self.clone();
+        let description = format!("Failback of '{}' to {}", vm_row.name, req.host);
+        let job = self.jobs.spawn(
+            JobType::InitiateFailback,
+            Some(vm),
+            description,
+            true,
+            move |ctx| async move {
+                let _claim = claim;
+                this.work(ctx, vm_row, rel, req).await
+            },
+        )?;
+        self.runs().insert(
+            vm,
+            Run {
+                peer: peer.to_string(),
+                job: job.id.clone(),
+                sequence: 0,
+                bytes: 0,
+            },
+        );
+        tracing::info!(%vm, job = %job.id, %peer, "failback started for the old primary");
+        Ok((self.status(peer, vm, false)?, 202))
+    }
+
+    /// B's failback job.
+    async fn work(
+        self: Arc<Self>,
+        ctx: JobContext,
+        vm: VmRow,
+        mut rel: RelationshipRow,
+        req: StartFailback,
+    ) -> Result<(), JobFailure> {
+        let primary = ReplicationMode::Primary.as_u16();
+        if vm.mode == ReplicationMode::Replica.as_u16() {
+            // The reverse of the unplanned failover (what ReverseReplicationRelationship does):
+            // this host is the primary of the old one from now on.
+            let service = self.store.service_settings()?;
+            rel.settings.recovery_connection_point = req.host.clone();
+            rel.settings.recovery_server_port_number = req.port;
+            rel.settings.authentication_type = 2;
+            rel.settings.certificate_thumbprint = service.certificate_thumbprint.clone();
+            rel.primary_connection_point = Some(self.peers.host.clone());
+            rel.authorization_entry = None;
+            rel.state = ReplicationState::WaitingToStartResynchronization.as_u16();
+        }
+        rel.settings.replication_interval = req.settings.replication_interval;
+        rel.settings.recovery_history = u16::from(req.settings.recovery_history);
+        rel.settings.application_consistent_snapshot_interval =
+            u16::from(req.settings.application_consistent_snapshot_interval);
+        rel.settings.compression_enabled = req.settings.compression_enabled;
+        let mut during = rel.clone();
+        during.state = ReplicationState::Resynchronizing.as_u16();
+        self.store.put_relationship(&during, primary)?;
+        self.store.put_job_restore(
+            ctx.id(),
+            vm.id,
+            ReplicationState::WaitingToStartResynchronization.as_u16(),
+        )?;
+        let vm = VmRow {
+            mode: primary,
+            ..vm
+        };
+        let job = NetworkIr {
+            store: self.store.clone(),
+            peers: self.peers.clone(),
+            data_dir: self.data_dir.clone(),
+        };
+        let result = send(&ctx, &job, &vm, &mut rel).await;
+        let _ = self.store.forget_job_restore(ctx.id());
+        match result {
+            Ok((sequence, bytes)) => {
+                rel.state = ReplicationState::Replicating.as_u16();
+                self.store.put_relationship(&rel, primary)?;
+                self.store.remove_failover(vm.id)?;
+                forget_records(&self.data_dir, vm.id, vm.disks.len());
+                if let Some(r) = self.runs().get_mut(&vm.id) {
+                    r.sequence = sequence;
+                    r.bytes = bytes;
+                }
+                Ok(())
+            }
+            Err(f) => {
+                rel.state = ReplicationState::WaitingToStartResynchronization.as_u16();
+                self.store.put_relationship(&rel, primary)?;
+                Err(f)
+            }
+        }
+    }
+}
+
+/// The data of B's failback: A takes its disks in, candidates, comparison, the log.
+async fn send(
+    ctx: &JobContext,
+    job: &NetworkIr,
+    vm: &VmRow,
+    rel: &mut RelationshipRow,
+) -> Result<(u64, u64), JobFailure> {
+    let f = job.store.failover(vm.id)?.ok_or_else(|| {
+        fail(
+            format!("'{}' has no failover to fail back from", vm.name),
+            "Fail over first.",
+        )
+    })?;
+    let mut session = job
+        .peers
+        .connect(&target(rel))
+        .await
+        .map_err(|e| e.into_failure("connecting to the old primary"))?;
+    // 1. The old primary takes its disks in as they are and prepares its base.
+    let mut put = put_vm(vm, rel, &job.peers.host, 1)?;
+    put.reverse = Some(ReverseFrom {
+        sequence: f.point.max(1),
+        log_hash: if f.log_hash.is_empty() {
+            "0".repeat(64)
+        } else {
+            f.log_hash.clone()
+        },
+        resync: true,
+        failback: true,
+    });
+    session
+        .json_within::<_, wire::protocol::ReplicaVm>(Route::PutVm(vm.id), Some(&put), REVERSE_LIMIT)
+        .await
+        .map_err(|e| e.into_failure("making the old primary the replica"))?;
+    put.reverse = None;
+    ctx.progress(20)?;
+    ctx.check_cancelled()?;
+
+    // 2. Its base: candidates and the exact map of its disks, disk by disk.
+    let begin = BeginCompare {
+        kind: 3,
+        block_size: DEFAULT_BLOCK_SIZE,
+        disks: put.disks.clone(),
+    };
+    let (_, cs) = session
+        .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(&begin))
+        .await
+        .map_err(|e| e.into_failure("beginning the failback comparison"))?;
+    let disks = disk_table(vm)?;
+    let tracking = tracking_dir(&job.data_dir, vm.id);
+    std::fs::create_dir_all(&tracking).map_err(local)?;
+    let running = freeze_if_running(vm, &job.data_dir).await?;
+    let result = async {
+        let mut notes = Vec::new();
+        let mut bases = Vec::new();
+        let mut candidates: Vec<Option<Runs>> = Vec::new();
+        for (i, (_, size)) in disks.iter().enumerate() {
+            ctx.check_cancelled()?;
+            let blocks = disk::scan::hashmap::block_count(*size, DEFAULT_BLOCK_SIZE);
+            let limit = usize::try_from(64 + blocks.saturating_mul(48)).unwrap_or(usize::MAX);
+            let body = session
+                .fetch(Route::CompareBase(vm.id, cs.id, i as u32), limit)
+                .await
+                .map_err(|e| e.into_failure("reading the old primary's base"))?;
+            let base = FailbackBase::parse(&body)
+                .ok()
+                .filter(|b| b.disk == i as u32)
+                .ok_or_else(|| fail("the old primary sent an unreadable base", "Check the old primary."))?;
+            let file = tracking.join(format!("disk{i}.failback-base"));
+            std::fs::write(&file, &base.map).map_err(local)?;
+            let reader = MapReader::open(&file).map_err(|e| {
+                fail(format!("the old primary's map of disk {i}: {e}"), "Check the old primary.")
+            })?;
+            if reader.block_size != DEFAULT_BLOCK_SIZE || reader.disk_size != *size {
+                return Err(fail(
+                    format!("the old primary's map of disk {i} describes another disk"),
+                    "Check the old primary.",
+                ));
+            }
+            let theirs = match base.candidates {
+                Some(c) => Some(c),
+                None => {
+                    notes.push(format!("disk {i}: the old primary cannot tell which blocks it changed"));
+                    None
+                }
+            };
+            let ours = if running.is_some() {
+                notes.push(format!(
+                    "disk {i}: the VM runs here, so its writes since the failover are not read from its bitmap"
+                ));
+                None
+            } else {
+                match own_writes(&job.data_dir, vm.id, i, &vm.disks[i], *size).await {
+                    Ok(r) => Some(r),
+                    Err(why) => {
+                        notes.push(format!("disk {i}: {why}"));
+                        None
+                    }
+                }
+            };
+            candidates.push(match (theirs, ours) {
+                (Some(a), Some(b)) => Some(journal::union(&a, &b)),
+                _ => None,
+            });
+            bases.push(file);
+        }
+        let total: u64 = disks.iter().map(|(_, s)| disk::scan::hashmap::block_count(*s, DEFAULT_BLOCK_SIZE)).sum();
+        let asked: u64 = candidates
+            .iter()
+            .zip(&disks)
+            .map(|(c, (_, s))| c.as_deref().map_or(disk::scan::hashmap::block_count(*s, DEFAULT_BLOCK_SIZE), journal::blocks))
+            .sum();
+        if candidates.iter().all(Option::is_some) {
+            ctx.note(&format!(
+                "Only the blocks either side wrote since the failover point {} were read and compared: {asked} of {total} blocks of 64 KiB",
+                f.point
+            ))?;
+        } else {
+            ctx.note(&format!(
+                "Full hash compare of {asked} of {total} blocks against the old primary's map: {}",
+                notes.join("; ")
+            ))?;
+        }
+        for n in notes.iter().filter(|n| n.contains("hash-scanned") || n.contains("copied")) {
+            ctx.note(n)?;
+        }
+        ctx.progress(40)?;
+
+        // 3. The blocks that differ, as the next log.
+        let outgoing = job.data_dir.join("outgoing").join(vm.id.to_string().to_uppercase());
+        std::fs::create_dir_all(&outgoing).map_err(local)?;
+        let spool = outgoing.join(format!("{:020}.vrlog", cs.next_sequence));
+        let file = std::fs::File::create(&spool).map_err(local)?;
+        let header = LogHeader {
+            vm: vm.id,
+            relationship: 0,
+            sequence: cs.next_sequence,
+            parent: cs.baseline_sequence,
+            point_time_micros: now() * 1_000_000,
+            point_type: PointType::Standard,
+            full_image: false,
+            disks: log_disks(&disks),
+        };
+        let mut log = LogWriter::new(
+            std::io::BufWriter::with_capacity(1 << 20, file),
+            header,
+            if rel.settings.compression_enabled { Compression::default() } else { Compression::Off },
+        )
+        .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+        let mut maps = Vec::new();
+        let mut changed = Vec::new();
+        for (i, (format, size)) in disks.iter().enumerate() {
+            ctx.check_cancelled()?;
+            let map = tracking.join(format!("disk{i}.hashes"));
+            let ranges = candidates[i].as_deref().map(|c| byte_ranges(c, *size));
+            let tmp = match running.as_ref() {
+                Some(r) => r
+                    .read_disk_ranges(i, Some(&bases[i]), &map, &mut log, ranges.as_deref())
+                    .await
+                    .map_err(|e| running_failed(vm, &e))?,
+                None => scan_image_ranges(
+                    &vm.disks[i],
+                    format,
+                    i,
+                    Some(&bases[i]),
+                    &map,
+                    &job.data_dir,
+                    &mut log,
+                    ranges.as_deref(),
+                )
+                .await
+                .map_err(|f| f.failure)?,
+            };
+            changed.push(journal::map_diff(&bases[i], &tmp).map_err(|e| fail(e, "Check the data directory."))?);
+            maps.push((tmp, map));
+            ctx.progress(40 + u16::try_from(50 * (i + 1) / disks.len()).unwrap_or(50))?;
+        }
+        let summary = super::seeded::send_compared(
+            job,
+            vm,
+            rel,
+            &mut session,
+            (log, &spool),
+            &maps,
+            &changed,
+            true,
+        )
+        .await;
+        for base in &bases {
+            let _ = std::fs::remove_file(base);
+        }
+        let summary = summary?;
+        let differing: u64 = changed.iter().map(|c| journal::blocks(c)).sum();
+        ctx.note(&format!(
+            "{differing} blocks differed; log {} of {} bytes sent",
+            cs.next_sequence, summary.bytes
+        ))?;
+        Ok((cs.next_sequence, summary.bytes))
+    }
+    .await;
+    if let Some(r) = running {
+        if let Err(e) = r.finish(result.is_ok()).await {
+            tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
+        }
+    }
+    result
+}
+
+/// How long the old primary waits for its own apply of the failback's log.
+const APPLY_LIMIT: Duration = Duration::from_secs(3600);
+
+impl LocalEngine {
+    /// InitiateFailback on the old primary.
+    pub(super) fn failback(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let settings = req.args.settings.clone().ok_or_else(|| {
+            CommandError::new(
+                ReturnCode::InvalidParameter,
+                "ReplicationSettingData is required",
+            )
+        })?;
+        let rel = req.relationship.clone().ok_or_else(|| {
+            refused(
+                ReturnCode::InvalidState,
+                "the VM has no replication relationship",
+            )
+        })?;
+        let new_primary = rel.settings.recovery_connection_point.clone();
+        if !settings.recovery_connection_point.is_empty()
+            && !settings
+                .recovery_connection_point
+                .eq_ignore_ascii_case(&new_primary)
+        {
+            return Err(CommandError::new(
+                ReturnCode::InvalidParameter,
+                format!(
+                    "RecoveryConnectionPoint must name the host '{}' failed over to ({new_primary}), not {}",
+                    req.vm.name, settings.recovery_connection_point
+                ),
+            ));
+        }
+        let service = self.store.service_settings()?;
+        if !service.recovery_server_enabled || service.certificate_thumbprint.is_none() {
+            return Err(refused(
+                ReturnCode::InvalidState,
+                format!(
+                    "this host must be a recovery server (certificate authentication, with an authorization entry for {new_primary}) so that '{}' can replicate back to it",
+                    req.vm.name
+                ),
+            ));
+        }
+        let start = StartFailback {
+            host: self.peers.host.clone(),
+            port: service.https_port,
+            settings: wire::protocol::VmSettings {
+                replication_interval: settings.replication_interval,
+                recovery_history: u8::try_from(settings.recovery_history).unwrap_or(24),
+                application_consistent_snapshot_interval: u8::try_from(
+                    settings.application_consistent_snapshot_interval,
+                )
+                .unwrap_or(12),
+                compression_enabled: settings.compression_enabled,
+            },
+            point: req.args.recovery_point.clone().unwrap_or_default(),
+        };
+        let (store, peers, data_dir) = (
+            self.store.clone(),
+            self.peers.clone(),
+            self.data_dir.clone(),
+        );
+        let EngineRequest {
+            vm,
+            relationship,
+            transition,
+            claim,
+            ..
+        } = req;
+        let mut rel = relationship.unwrap_or(rel);
+        let before = rel.state;
+        if let Some(during) = transition.during {
+            rel.state = during.as_u16();
+            self.store.put_relationship(&rel, vm.mode)?;
+        }
+        let description = format!("Failback of '{}' from {new_primary}", vm.name);
+        let (vm_id, mode) = (vm.id, vm.mode);
+        let job = self.jobs.spawn(
+            transition.job_type,
+            Some(vm_id),
+            description,
+            true,
+            move |ctx| async move {
+                let _claim = claim;
+                let outcome = follow(&ctx, &store, &peers, &vm, &rel, &start, &data_dir).await;
+                let _ = store.forget_job_restore(ctx.id());
+                let now_row = store.get_relationship(vm.id)?.unwrap_or(rel.clone());
+                let now_mode = store.get_vm(vm.id)?.map_or(mode, |v| v.mode);
+                match outcome {
+                    Ok(()) => Ok(()),
+                    Err(failure) => {
+                        let mut back = now_row;
+                        // Already the new primary's replica: it may run the failback again.
+                        back.state = if now_mode == ReplicationMode::Replica.as_u16() {
+                            ReplicationState::WaitingToStartResynchronization.as_u16()
+                        } else {
+                            before
+                        };
+                        store.put_relationship(&back, now_mode)?;
+                        Err(failure)
+                    }
+                }
+            },
+        )?;
+        self.store.put_job_restore(&job.id, vm_id, before)?;
+        Ok(job)
+    }
+}
+
+/// A's job: asks B and follows its job, then waits for its own apply of the log.
+async fn follow(
+    ctx: &JobContext,
+    store: &Store,
+    peers: &crate::replication::client::Peers,
+    vm: &VmRow,
+    rel: &RelationshipRow,
+    start: &StartFailback,
+    data_dir: &Path,
+) -> Result<(), JobFailure> {
+    let t = std::time::Instant::now();
+    let mut session = peers
+        .connect(&target(rel))
+        .await
+        .map_err(|e| e.into_failure("connecting to the new primary"))?;
+    let (_, mut status) = session
+        .json::<_, FailbackStatus>(Route::StartFailback(vm.id), Some(start))
+        .await
+        .map_err(|e| e.into_failure("asking the new primary to fail back"))?;
+    while status.state == 1 {
+        if ctx.check_cancelled().is_err() {
+            let _ = session
+                .json::<(), FailbackStatus>(Route::CancelFailback(vm.id), None)
+                .await;
+            ctx.check_cancelled()?;
+        }
+        ctx.progress(status.percent.min(95))?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        status = session
+            .json::<(), FailbackStatus>(Route::FailbackStatus(vm.id), None)
+            .await
+            .map_err(|e| e.into_failure("following the new primary's failback job"))?
+            .1;
+    }
+    if status.state != 2 {
+        return Err(fail(
+            format!("the new primary's failback job failed: {}", status.message),
+            "Fix the cause on the new primary and run InitiateFailback again; the VM's disks here are unchanged until it completes.",
+        ));
+    }
+    // The log is committed here; the apply task makes it the disks (13 → 14).
+    let deadline = std::time::Instant::now() + APPLY_LIMIT;
+    loop {
+        let state = store.get_relationship(vm.id)?.map(|r| r.state);
+        if state == Some(ReplicationState::FailbackComplete.as_u16()) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(fail(
+                "the failback's log was not applied here within an hour",
+                "Check this host's replica storage and log.",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // What this host found about its own blocks (replication::failback).
+    let base = crate::replication::failback::base_dir(data_dir, vm.id).join("base.json");
+    let notes = std::fs::read(&base)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::replication::failback::BaseRecord>(&b).ok())
+        .map(|r| r.notes)
+        .unwrap_or_default();
+    ctx.note(&format!(
+        "Here: {}. The new primary's job: {}. Failback done in {:.1} s",
+        notes.join("; "),
+        status.message,
+        t.elapsed().as_secs_f64()
+    ))?;
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! Failback as the recovery servers see it (docs/protocol.md §5.8).
+//!
+//! On the **old primary** A (which runs `InitiateFailback`): when the new primary B sends
+//! `PUT vms/{vm}` with `reverse: {F, resync, failback}`, A works out, disk by disk, which blocks may
+//! differ from the failover point F — the blocks of its logs F+1…L that B never applied
+//! (`replication::journal`) and what it wrote since log L (nothing if the file is unchanged since
+//! that point was read, else a local hash scan against L's map) — and keeps them with the
+//! block-hash map of its disks as they are under `<data>/failback/<VMID>/`. Its disks then become
+//! the base point (adopted without a copy when they are standalone qcow2 files on the store's file
+//! system, else copied), and B's failback compare (kind 3) reads that base with
+//! `GET …/compare/{id}/base/{disk}`.
+//!
+//! On the **new primary** B: `POST vms/{vm}/failback` from A starts B's failback job
+//! (`engine::failback`), and `GET` reports it.
+
+use std::path::{Path, PathBuf};
+
+use disk::points::{AdoptError, PointDisk, PointInfo, PointKind, PointStore};
+use hyper::{Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vmreplica_core::settings::AuthorizationEntry;
+use wire::protocol::{DiskSpec, ErrorCode, FailbackBase, StartFailback};
+
+use super::journal::{self, Runs};
+use super::records::ReceivedLog;
+use super::replica::{json, ApiError, ApiResult, Compare, ReplicaSide};
+use crate::clock::now;
+
+/// `<data>/failback/<VMID>/`: what the old primary offers a failback compare.
+pub fn base_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
+    data_dir
+        .join("failback")
+        .join(vm.to_string().to_uppercase())
+}
+
+/// `base.json` in [`base_dir`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BaseRecord {
+    /// The point the disks were taken in as.
+    pub sequence: u64,
+    /// Per disk: the blocks that may differ from the failover point, or None when unknown.
+    pub candidates: Vec<Option<Runs>>,
+    /// What the job log should say about how they were found.
+    pub notes: Vec<String>,
+}
+
+fn internal(why: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::Internal, why)
+}
+
+impl ReplicaSide {
+    /// The old primary's candidate blocks and maps for a failback from point `f`, its disks
+    /// `images` (path, format, size) as they are, its last sent log `last`.
+    pub(super) async fn failback_base(
+        &self,
+        vm: Uuid,
+        images: &[(String, String, u64)],
+        f: u64,
+        last: Option<u64>,
+    ) -> Result<BaseRecord, ApiError> {
+        let dir = base_dir(&self.data_dir, vm);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+        let tracking = crate::engine::reverse::tracking_dir(&self.data_dir, vm);
+        let mut record = BaseRecord::default();
+        for (i, (image, format, size)) in images.iter().enumerate() {
+            let last_map = tracking.join(format!("disk{i}.hashes"));
+            let out = dir.join(format!("disk{i}.hashes"));
+            // (a) the logs after F.
+            let sent = match last {
+                Some(l) if last_map.is_file() => self.store.sent_blocks_since(vm, f, l, i)?,
+                _ => None,
+            };
+            if sent.is_none() {
+                record.notes.push(format!(
+                    "disk {i}: which blocks the logs after point {f} changed is not known here"
+                ));
+            }
+            // (b) since the last log: nothing when the file is as it was read then.
+            let print = tracking.join(format!("disk{i}.fingerprint.json"));
+            let unchanged = std::fs::read(&print)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<disk::fingerprint::Fingerprint>(&b).ok())
+                .map(|fp| disk::fingerprint::check(Path::new(image), &fp));
+            let since = match unchanged {
+                Some(Ok(())) if last_map.is_file() => {
+                    std::fs::copy(&last_map, &out)
+                        .map_err(|e| internal(format!("{}: {e}", out.display())))?;
+                    Some(Runs::new())
+                }
+                other => {
+                    let why = match other {
+                        Some(Err(why)) => why,
+                        _ => format!("{image}: no record of its file after the last log"),
+                    };
+                    let scanned = crate::engine::initial::hash_images(
+                        None,
+                        vm,
+                        &[(image.clone(), format.clone())],
+                        vec![wire::DiskInfo {
+                            id: format!("disk{i}"),
+                            virtual_size: *size,
+                        }],
+                        &dir,
+                        &format!("scan{i}"),
+                        &self.data_dir,
+                    )
+                    .await
+                    .map_err(|f| ApiError::new(ErrorCode::StorageUnavailable, f.message))?;
+                    let tmp = scanned
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| internal("no map"))?;
+                    std::fs::rename(&tmp, &out)
+                        .map_err(|e| internal(format!("{}: {e}", out.display())))?;
+                    record.notes.push(format!(
+                        "disk {i}: {why}; its {} GiB were hash-scanned here",
+                        size.div_ceil(1 << 30)
+                    ));
+                    last_map
+                        .is_file()
+                        .then(|| journal::map_diff(&last_map, &out).ok())
+                        .flatten()
+                }
+            };
+            record.candidates.push(match (sent, since) {
+                (Some(a), Some(b)) => Some(journal::union(&a, &b)),
+                _ => None,
+            });
+        }
+        Ok(record)
+    }
+
+    /// Takes the old primary's disks in as point `sequence` of its new point store: adopted
+    /// without a copy when possible, else copied (`import_point`). Returns whether they were
+    /// adopted; `notes` says why not.
+    pub(super) async fn take_disks(
+        &self,
+        vm: Uuid,
+        root: &Path,
+        sequence: u64,
+        images: &[(String, String, u64)],
+        disks: &[DiskSpec],
+        notes: &mut Vec<String>,
+    ) -> Result<bool, String> {
+        let points = PointStore::open(root, vm)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        let info = PointInfo {
+            sequence,
+            log_parent: 0,
+            time_micros: now() * 1_000_000,
+            kind: PointKind::Standard,
+            full_image: true,
+            disks: disks
+                .iter()
+                .map(|d| PointDisk {
+                    id: d.id.clone(),
+                    virtual_size: d.virtual_size,
+                })
+                .collect(),
+            // Not a log's: a hash of what names the disks taken in.
+            log_hash: blake3::hash(format!("adopted {vm} {sequence} {images:?}").as_bytes())
+                .to_hex()
+                .to_string(),
+            log_bytes: 0,
+        };
+        let paths: Vec<PathBuf> = images.iter().map(|(p, _, _)| PathBuf::from(p)).collect();
+        let qcow2 = images.iter().all(|(_, f, _)| f == "qcow2");
+        let adopted = if qcow2 {
+            match points.adopt(&info, &paths).await {
+                Ok(()) => true,
+                Err(AdoptError::NotAdoptable(why)) => {
+                    notes.push(format!("the disks were copied into the store: {why}"));
+                    false
+                }
+                Err(e) => return Err(crate::error_chain(&e)),
+            }
+        } else {
+            notes.push("the disks were copied into the store: they are not qcow2".into());
+            false
+        };
+        if !adopted {
+            let imported = self.import_point(vm, sequence, images, disks, None).await?;
+            for map in imported.maps {
+                let _ = std::fs::remove_file(map);
+            }
+            return Ok(false);
+        }
+        self.store
+            .record_applied_log(&ReceivedLog {
+                vm,
+                sequence,
+                log_hash: info.log_hash.clone(),
+                log_bytes: 0,
+                point_time: info.time_micros,
+                applied: true,
+            })
+            .map_err(|e| crate::error_chain(&e))?;
+        let rows: Vec<_> = points
+            .list_points()
+            .map_err(|e| crate::error_chain(&e))?
+            .iter()
+            .map(|p| crate::engine::initial::point_row(vm, p))
+            .collect();
+        self.store
+            .put_recovery_points(vm, &rows)
+            .map_err(|e| crate::error_chain(&e))?;
+        Ok(true)
+    }
+
+    /// `GET …/compare/{id}/base/{disk}` of a failback compare.
+    pub(super) fn compare_base(&self, vm: Uuid, c: &Compare, disk: u32) -> ApiResult {
+        if !c.failback() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                "only a failback compare (kind 3) has a base",
+            ));
+        }
+        let dir = base_dir(&self.data_dir, vm);
+        let record: BaseRecord = std::fs::read(dir.join("base.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidState,
+                    "no failback base was prepared here",
+                )
+            })?;
+        let Some(candidates) = record.candidates.get(disk as usize) else {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("no disk {disk}"),
+            ));
+        };
+        let map = std::fs::read(dir.join(format!("disk{disk}.hashes")))
+            .map_err(|e| internal(format!("the map of disk {disk}: {e}")))?;
+        let body = FailbackBase {
+            disk,
+            candidates: candidates.clone(),
+            map,
+        }
+        .encode();
+        Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/vnd.vmreplica.failback-base")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(http_body_util::Full::new(Default::default()))))
+    }
+
+    /// `POST vms/{vm}/failback` on the new primary.
+    pub(super) async fn start_failback(
+        &self,
+        entry: &AuthorizationEntry,
+        name: &str,
+        vm: Uuid,
+        req: StartFailback,
+    ) -> ApiResult {
+        let engine = self.failback.get().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnknownResource,
+                "this host does not run failbacks",
+            )
+        })?;
+        let (status, code) = engine.start(entry, name, vm, req).await?;
+        Ok(json(code, &status))
+    }
+
+    /// `GET vms/{vm}/failback` on the new primary; `DELETE` (`cancel`) also cancels it.
+    pub(super) fn failback_status(&self, name: &str, vm: Uuid, cancel: bool) -> ApiResult {
+        let engine = self.failback.get().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnknownResource,
+                "this host does not run failbacks",
+            )
+        })?;
+        Ok(json(200, &engine.status(name, vm, cancel)?))
+    }
+}
+
+/// Writes `record` as `base.json` of `vm`'s failback base.
+pub(super) fn save_base(data_dir: &Path, vm: Uuid, record: &BaseRecord) -> Result<(), ApiError> {
+    let file = base_dir(data_dir, vm).join("base.json");
+    let json = serde_json::to_vec(record).map_err(|e| internal(e.to_string()))?;
+    std::fs::write(&file, json).map_err(|e| internal(format!("{}: {e}", file.display())))
+}
