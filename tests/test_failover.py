@@ -601,3 +601,93 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", home_disk, "qcow2")
     assert same, text
     assert port1
+
+
+def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it_was_and_runs_again(lab, tmp_path):
+    import os
+    import signal
+
+    lab.replica.stop()
+    lab.replica.extra_args += ["--bandwidth-limit", "2M"]  # the failback log takes seconds
+    lab.replica.start()
+    disk = ext4_disk(tmp_path / "fb02.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "fb02", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "fb02")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, timeout=60, what="a delta")
+    rrsc(p, pvm, 7)
+    settled(lab, vm_id)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)  # never replicated
+    before = tmp_path / "old-primary-before.raw"
+    run("qemu-img", "convert", "-O", "raw", disk, before)
+    hv1_storage = tmp_path / "hv1-storage"
+    serve(lab.primary, lab.t1, REPLICA, hv1_storage)
+    lab.primary.stop()
+
+    lab.replica.cli("failover", "fb02")
+    lab.replica.cli("complete", "fb02")
+    (new_disk,) = vm_disks(lab.replica, "fb02")
+    noise = tmp_path / "noise"
+    noise.write_bytes(os.urandom(16 << 20))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -s {noise} 32M 16M", new_disk)
+    lab.primary.start()
+    p, r = lab.primary.conn(), lab.replica.conn()
+    store1 = hv1_storage / vm_id.lower()
+
+    def failback():
+        pvm = vm_by_name(p, "fb02")
+        rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+        rv, out = p.InvokeMethod("InitiateFailback", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                                 ComputerSystem=pvm.path, ReplicationSettingData=rsd.tocimxmlstr())
+        assert rv == 4096, rv
+        wait_for(lambda: vm_by_name(r, "fb02")["ReplicationState"] == 10, timeout=30,
+                 what="the new primary sending")
+        time.sleep(1.5)
+        return out["Job"]
+
+    def as_it_was():
+        pvm = vm_by_name(p, "fb02")
+        assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 9)  # may run the failback again
+        (base,) = sorted(store1.glob("p*.json"))
+        same, text = compare(store1 / "disk0" / f"{base.stem}.qcow2", before)
+        assert same, text  # its own disks, untouched
+
+    # 1. Cancelled on the old primary: the new primary's job is cancelled too.
+    job = failback()
+    rv, _ = p.InvokeMethod("RequestStateChange", job, RequestedState=Uint16(4))
+    assert rv in (0, 4096), rv
+    assert wait_job(p, job, timeout=60)["JobState"] == 8  # Terminated
+    wait_for(lambda: vm_by_name(r, "fb02")["ReplicationState"] == 9, timeout=30, what="the new primary back in 9")
+    as_it_was()
+
+    # 2. The new primary killed mid-way.
+    job = failback()
+    lab.replica.proc.send_signal(signal.SIGKILL)
+    lab.replica.proc.wait()
+    assert wait_job(p, job, timeout=60)["JobState"] == 10
+    as_it_was()
+    lab.replica.start()
+    r = lab.replica.conn()
+    assert vm_by_name(r, "fb02")["ReplicationState"] == 9  # not left in 10
+
+    # 3. The old primary killed mid-way.
+    failback()
+    lab.primary.proc.send_signal(signal.SIGKILL)
+    lab.primary.proc.wait()
+    wait_for(lambda: vm_by_name(r, "fb02")["ReplicationState"] == 9, timeout=120, what="the new primary's job to fail")
+    lab.primary.start()
+    p = lab.primary.conn()
+    as_it_was()
+
+    # 4. Run again: to the end, and the disks equal the new primary's.
+    pvm = vm_by_name(p, "fb02")
+    rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+    rv, out = p.InvokeMethod("InitiateFailback", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=pvm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert (vm_by_name(p, "fb02")["ReplicationState"], vm_by_name(r, "fb02")["ReplicationState"]) == (14, 3)
+    last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+    same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")
+    assert same, text

@@ -598,11 +598,19 @@ async fn send(
             let base = FailbackBase::parse(&body)
                 .ok()
                 .filter(|b| b.disk == i as u32)
-                .ok_or_else(|| fail("the old primary sent an unreadable base", "Check the old primary."))?;
+                .ok_or_else(|| {
+                    fail(
+                        "the old primary sent an unreadable base",
+                        "Check the old primary.",
+                    )
+                })?;
             let file = tracking.join(format!("disk{i}.failback-base"));
             std::fs::write(&file, &base.map).map_err(local)?;
             let reader = MapReader::open(&file).map_err(|e| {
-                fail(format!("the old primary's map of disk {i}: {e}"), "Check the old primary.")
+                fail(
+                    format!("the old primary's map of disk {i}: {e}"),
+                    "Check the old primary.",
+                )
             })?;
             if reader.block_size != DEFAULT_BLOCK_SIZE || reader.disk_size != *size {
                 return Err(fail(
@@ -613,7 +621,9 @@ async fn send(
             let theirs = match base.candidates {
                 Some(c) => Some(c),
                 None => {
-                    notes.push(format!("disk {i}: the old primary cannot tell which blocks it changed"));
+                    notes.push(format!(
+                        "disk {i}: the old primary cannot tell which blocks it changed"
+                    ));
                     None
                 }
             };
@@ -637,11 +647,19 @@ async fn send(
             });
             bases.push(file);
         }
-        let total: u64 = disks.iter().map(|(_, s)| disk::scan::hashmap::block_count(*s, DEFAULT_BLOCK_SIZE)).sum();
+        let total: u64 = disks
+            .iter()
+            .map(|(_, s)| disk::scan::hashmap::block_count(*s, DEFAULT_BLOCK_SIZE))
+            .sum();
         let asked: u64 = candidates
             .iter()
             .zip(&disks)
-            .map(|(c, (_, s))| c.as_deref().map_or(disk::scan::hashmap::block_count(*s, DEFAULT_BLOCK_SIZE), journal::blocks))
+            .map(|(c, (_, s))| {
+                c.as_deref().map_or(
+                    disk::scan::hashmap::block_count(*s, DEFAULT_BLOCK_SIZE),
+                    journal::blocks,
+                )
+            })
             .sum();
         if candidates.iter().all(Option::is_some) {
             ctx.note(&format!(
@@ -654,13 +672,19 @@ async fn send(
                 notes.join("; ")
             ))?;
         }
-        for n in notes.iter().filter(|n| n.contains("hash-scanned") || n.contains("copied")) {
+        for n in notes
+            .iter()
+            .filter(|n| n.contains("hash-scanned") || n.contains("copied"))
+        {
             ctx.note(n)?;
         }
         ctx.progress(40)?;
 
         // 3. The blocks that differ, as the next log.
-        let outgoing = job.data_dir.join("outgoing").join(vm.id.to_string().to_uppercase());
+        let outgoing = job
+            .data_dir
+            .join("outgoing")
+            .join(vm.id.to_string().to_uppercase());
         std::fs::create_dir_all(&outgoing).map_err(local)?;
         let spool = outgoing.join(format!("{:020}.vrlog", cs.next_sequence));
         let file = std::fs::File::create(&spool).map_err(local)?;
@@ -677,7 +701,11 @@ async fn send(
         let mut log = LogWriter::new(
             std::io::BufWriter::with_capacity(1 << 20, file),
             header,
-            if rel.settings.compression_enabled { Compression::default() } else { Compression::Off },
+            if rel.settings.compression_enabled {
+                Compression::default()
+            } else {
+                Compression::Off
+            },
         )
         .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
         let mut maps = Vec::new();
@@ -704,7 +732,10 @@ async fn send(
                 .await
                 .map_err(|f| f.failure)?,
             };
-            changed.push(journal::map_diff(&bases[i], &tmp).map_err(|e| fail(e, "Check the data directory."))?);
+            changed.push(
+                journal::map_diff(&bases[i], &tmp)
+                    .map_err(|e| fail(e, "Check the data directory."))?,
+            );
             maps.push((tmp, map));
             ctx.progress(40 + u16::try_from(50 * (i + 1) / disks.len()).unwrap_or(50))?;
         }
@@ -729,8 +760,17 @@ async fn send(
             cs.next_sequence, summary.bytes
         ))?;
         Ok((cs.next_sequence, summary.bytes))
-    }
-    .await;
+    };
+    // A cancel stops the transfer at once (the old primary keeps its base; a partial upload is
+    // dropped there), and a frozen point of a running VM is still released below.
+    let result = tokio::select! {
+        r = result => r,
+        () = async {
+            while ctx.check_cancelled().is_ok() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } => ctx.check_cancelled().map(|()| (0, 0)),
+    };
     if let Some(r) = running {
         if let Err(e) = r.finish(result.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
@@ -757,12 +797,29 @@ impl LocalEngine {
                 "the VM has no replication relationship",
             )
         })?;
-        let new_primary = rel.settings.recovery_connection_point.clone();
-        if !settings.recovery_connection_point.is_empty()
-            && !settings
-                .recovery_connection_point
-                .eq_ignore_ascii_case(&new_primary)
-        {
+        // A first run cut off after this host became the replica runs again from 9: the new
+        // primary is then its primary, reached on the port and with the certificate it had.
+        let again = req.vm.mode == ReplicationMode::Replica.as_u16();
+        let new_primary = if again {
+            rel.primary_connection_point.clone().unwrap_or_default()
+        } else {
+            rel.settings.recovery_connection_point.clone()
+        };
+        let to = crate::replication::client::Target {
+            host: new_primary.clone(),
+            port: rel.settings.recovery_server_port_number,
+            thumbprint: rel
+                .settings
+                .certificate_thumbprint
+                .clone()
+                .unwrap_or_default(),
+        };
+        // (A replica's own settings name this host: accepted for a run again.)
+        let named = &settings.recovery_connection_point;
+        let accepted = named.is_empty()
+            || named.eq_ignore_ascii_case(&new_primary)
+            || (again && named.eq_ignore_ascii_case(&self.peers.host));
+        if !accepted {
             return Err(CommandError::new(
                 ReturnCode::InvalidParameter,
                 format!(
@@ -822,7 +879,7 @@ impl LocalEngine {
             true,
             move |ctx| async move {
                 let _claim = claim;
-                let outcome = follow(&ctx, &store, &peers, &vm, &rel, &start, &data_dir).await;
+                let outcome = follow(&ctx, &store, &peers, &vm, &to, &start, &data_dir).await;
                 let _ = store.forget_job_restore(ctx.id());
                 let now_row = store.get_relationship(vm.id)?.unwrap_or(rel.clone());
                 let now_mode = store.get_vm(vm.id)?.map_or(mode, |v| v.mode);
@@ -853,13 +910,13 @@ async fn follow(
     store: &Store,
     peers: &crate::replication::client::Peers,
     vm: &VmRow,
-    rel: &RelationshipRow,
+    to: &crate::replication::client::Target,
     start: &StartFailback,
     data_dir: &Path,
 ) -> Result<(), JobFailure> {
     let t = std::time::Instant::now();
     let mut session = peers
-        .connect(&target(rel))
+        .connect(to)
         .await
         .map_err(|e| e.into_failure("connecting to the new primary"))?;
     let (_, mut status) = session

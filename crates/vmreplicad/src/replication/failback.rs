@@ -115,8 +115,8 @@ impl ReplicaSide {
                     std::fs::rename(&tmp, &out)
                         .map_err(|e| internal(format!("{}: {e}", out.display())))?;
                     record.notes.push(format!(
-                        "disk {i}: {why}; its {} GiB were hash-scanned here",
-                        size.div_ceil(1 << 30)
+                        "disk {i}: {why}; its {} MiB were hash-scanned here",
+                        size.div_ceil(1 << 20)
                     ));
                     last_map
                         .is_file()

@@ -1890,7 +1890,13 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
             rel.state = ReplicationState::Replicating.as_u16();
         }
         // The failback's log: the old primary's disks are the new primary's point now.
-        if resynced && rel.state == ReplicationState::FailbackInProgress.as_u16() {
+        // (9: a failback job here was cut off after the log was committed.)
+        let failback = rel.state == ReplicationState::FailbackInProgress.as_u16()
+            || (rel.state == ReplicationState::WaitingToStartResynchronization.as_u16()
+                && super::failback::base_dir(&replica.data_dir, log.vm)
+                    .join("base.json")
+                    .is_file());
+        if resynced && failback {
             rel.state = ReplicationState::FailbackComplete.as_u16();
             tracing::info!(vm = %log.vm, sequence = log.sequence, "failback complete: the disks equal the new primary's point");
         } else if !resynced && rel.state == ReplicationState::FailbackComplete.as_u16() {
