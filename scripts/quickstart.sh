@@ -7,8 +7,8 @@
 # hosts authenticated by certificate), enabling replication (a job), initial replication over the
 # network and a delta cycle proved with qemu-img compare, the Get-VMReplication-style status and
 # statistics, suspend/resume, a test failover, a planned failover with reverse replication, an
-# unplanned failover back with a resynchronization that sends only what diverged, and the CIM-XML
-# endpoint a WBEM client talks to.
+# unplanned failover back and a failback (InitiateFailback) that sends only what diverged, and the
+# CIM-XML endpoint a WBEM client talks to.
 #
 #   scripts/quickstart.sh [--keep]     --keep leaves the daemon running afterwards.
 set -euo pipefail
@@ -172,17 +172,14 @@ kill "$PID2"; wait "$PID2" 2>/dev/null || true
 echo "hv2 is down."
 T=$(date +%s.%N); run vmreplica failover sample01; elapsed "$T"
 run vmreplica complete sample01
-run vmreplica reverse sample01 --replica-server hv2.lab.example --replica-port "$RPORT" --thumbprint "$T1"
-run vmreplica status                                           # waits for a resynchronization (9)
 DISK1=$(disk_of "$VMREPLICA_URL")
 run qemu-io -f qcow2 -c "write -P 0x8d 150M 128k" "$DISK1"     # hv1 runs the VM and writes
-echo "hv2 comes back; the resync makes it the replica and sends only what either side wrote since the failover:"
+echo "hv2 comes back. InitiateFailback on hv2 brings its disk to hv1's, reading and sending only the"
+echo "blocks either side wrote since the failover, and makes hv2 hv1's replica:"
 start_hv2
 for _ in $(seq 50); do curl -sf "$REPLICA_URL/healthz" >/dev/null && break; sleep 0.1; done
-T=$(date +%s.%N); run vmreplica resync sample01; elapsed "$T"
-sed 's/\x1b\[[0-9;]*m//g' "$DATA/vmreplicad-hv1.log" | grep -o 'block comparison done.*' | tail -1
+T=$(date +%s.%N); run $R failback sample01; elapsed "$T"
 run vmreplica measure sample01
-wait_equal "$DATA/host2/replicas" "$DISK1"
 run qemu-img compare "$(newest "$DATA/host2/replicas")" "$DISK1"
 run $R status
 

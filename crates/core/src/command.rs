@@ -172,6 +172,9 @@ pub struct JobView {
     pub id: String,
     pub job_type: u16,
     pub caption: String,
+    /// What the job is, and what it found on the way (its log).
+    #[serde(default)]
+    pub description: String,
     pub job_state: u16,
     pub percent_complete: u16,
     pub error_code: u16,

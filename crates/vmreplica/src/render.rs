@@ -59,7 +59,13 @@ pub fn print(fmt: OutputFormat, out: &CommandOutput) {
                 rows,
             );
         }
-        CommandOutput::Job(job) => table(JOB_HEADER, vec![job_row(job)]),
+        CommandOutput::Job(job) => {
+            table(JOB_HEADER, vec![job_row(job)]);
+            // A job's log (what a failback read and sent, say) follows its name.
+            if let Some((_, log)) = job.description.split_once(". ") {
+                println!("{log}");
+            }
+        }
         CommandOutput::JobWithSystem { job, system } => {
             table(JOB_HEADER, vec![job_row(job)]);
             println!("ResultingSystem: {}", system.to_string().to_uppercase());

@@ -55,7 +55,12 @@ use crate::replication::replica::ApiError;
 use crate::store::{JobRow, RelationshipRow, Store, VmRow};
 
 /// The persistent dirty bitmap CommitFailover adds to the flattened images: what B writes after.
-pub const FAILBACK_BITMAP: &str = "vmreplica-failback";
+/// (Not `vmreplica-*`: those are the running-VM tracker's, `disk::bitmap`.)
+pub const FAILBACK_BITMAP: &str = "vmr-failback-writes";
+
+/// The persistent dirty bitmap a primary keeps in a turned-off VM's qcow2 disks, cleared at each
+/// point read from the files: what was written to them since (QEMU, qemu-io, qemu-nbd record it).
+pub const OFFLINE_BITMAP: &str = "vmr-offline-writes";
 
 fn fail(message: impl Into<String>, action: &str) -> JobFailure {
     JobFailure::failed(message, action)
@@ -203,6 +208,20 @@ async fn own_writes(
         return Ok(at_commit);
     }
     // Written since the commit: its bitmap says where, if QEMU closed it cleanly.
+    let since = read_bitmap(data_dir, vm, i, image, size, FAILBACK_BITMAP).await?;
+    Ok(journal::union(&at_commit, &since))
+}
+
+/// The blocks persistent dirty bitmap `name` of qcow2 `image` (not open elsewhere) marks, or why
+/// it cannot be trusted.
+pub async fn read_bitmap(
+    data_dir: &Path,
+    vm: Uuid,
+    i: usize,
+    image: &str,
+    size: u64,
+    name: &str,
+) -> Result<Runs, String> {
     let info = tokio::process::Command::new("qemu-img")
         .args(["info", "--output=json", "-U", "-f", "qcow2", image])
         .output()
@@ -212,29 +231,27 @@ async fn own_writes(
         serde_json::from_slice(&info.stdout).map_err(|e| format!("qemu-img info: {e}"))?;
     let bitmap = info["format-specific"]["data"]["bitmaps"]
         .as_array()
-        .and_then(|l| l.iter().find(|b| b["name"] == FAILBACK_BITMAP))
-        .ok_or_else(|| {
-            format!("{image} changed since the commit and has no {FAILBACK_BITMAP} bitmap")
-        })?;
+        .and_then(|l| l.iter().find(|b| b["name"] == name))
+        .ok_or_else(|| format!("{image} changed and has no {name} bitmap"))?;
     let flags: Vec<&str> = bitmap["flags"]
         .as_array()
         .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default();
     if flags.contains(&"in-use") || !flags.contains(&"auto") {
         return Err(format!(
-            "the {FAILBACK_BITMAP} bitmap of {image} cannot be trusted (flags {flags:?}: QEMU did not close it cleanly)"
+            "the {name} bitmap of {image} cannot be trusted (flags {flags:?}: QEMU did not close it cleanly)"
         ));
     }
     let spec = disk::export::ExportSpec {
-        bitmap: Some(FAILBACK_BITMAP.to_string()),
+        bitmap: Some(name.to_string()),
         ..disk::export::ExportSpec::new(image, "qcow2")
     };
     let run = data_dir.join("run");
     let export =
-        disk::export::NbdExport::start(&spec, &run, &format!("failback-{}-{i}", vm.simple()))
+        disk::export::NbdExport::start(&spec, &run, &format!("bitmap-{}-{i}", vm.simple()))
             .await
             .map_err(|e| crate::error_chain(&e))?;
-    let context = format!("qemu:dirty-bitmap:{FAILBACK_BITMAP}");
+    let context = format!("qemu:dirty-bitmap:{name}");
     let dirty = async {
         let mut nbd = export.connect(&[context.as_str()]).await?;
         let map = nbd.map(&context, 0, size).await?;
@@ -244,13 +261,54 @@ async fn own_writes(
     .await;
     export.stop().await;
     let dirty = dirty.map_err(|e| crate::error_chain(&e))?;
-    let since = block_runs(
+    Ok(block_runs(
         dirty
             .iter()
             .filter(|e| e.is_dirty())
             .map(|e| (e.offset, e.length)),
-    );
-    Ok(journal::union(&at_commit, &since))
+    ))
+}
+
+/// After a turned-off VM's point `prints` (the files' fingerprints before they were read) was
+/// committed: if no file changed meanwhile, its [`OFFLINE_BITMAP`] starts over (created where
+/// missing), and the fingerprints are taken again; else the old ones stay, so the change shows.
+/// Returns the fingerprints to record.
+pub async fn restart_offline_bitmaps(
+    images: &[String],
+    prints: &[disk::fingerprint::Fingerprint],
+) -> Vec<disk::fingerprint::Fingerprint> {
+    let mut out = prints.to_vec();
+    for (i, image) in images.iter().enumerate() {
+        let path = Path::new(image);
+        let Some(before) = prints.get(i) else { break };
+        if disk::fingerprint::Fingerprint::of(path).ok().as_ref() != Some(before) {
+            continue;
+        }
+        let qemu_img = |args: &[&str]| {
+            let mut c = tokio::process::Command::new("qemu-img");
+            c.args(["bitmap"])
+                .args(args)
+                .args(["-f", "qcow2"])
+                .arg(path)
+                .arg(OFFLINE_BITMAP);
+            c
+        };
+        let cleared = qemu_img(&["--clear"])
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success());
+        let ok = cleared
+            || qemu_img(&["--add", "--enable"])
+                .output()
+                .await
+                .is_ok_and(|o| o.status.success());
+        if ok {
+            if let Ok(fp) = disk::fingerprint::Fingerprint::of(path) {
+                out[i] = fp;
+            }
+        }
+    }
+    out
 }
 
 /// Drops the failback records of `vm` (its bitmaps stay in the images, harmless).
@@ -516,6 +574,15 @@ impl NewPrimary {
                 self.store.put_relationship(&rel, primary)?;
                 self.store.remove_failover(vm.id)?;
                 forget_records(&self.data_dir, vm.id, vm.disks.len());
+                // Its failback bitmap is not needed any more (a running VM's QEMU keeps it, harmless).
+                if crate::power::enabled_state(&vm.power) != crate::power::ENABLED {
+                    for image in &vm.disks {
+                        let _ = tokio::process::Command::new("qemu-img")
+                            .args(["bitmap", "--remove", "-f", "qcow2", image, FAILBACK_BITMAP])
+                            .output()
+                            .await;
+                    }
+                }
                 if let Some(r) = self.runs().get_mut(&vm.id) {
                     r.sequence = sequence;
                     r.bytes = bytes;

@@ -94,6 +94,40 @@ impl ReplicaSide {
                         Some(Err(why)) => why,
                         _ => format!("{image}: no record of its file after the last log"),
                     };
+                    // What QEMU's tools wrote to the turned-off VM's qcow2 since: its bitmap.
+                    let tracked = if last_map.is_file() && format == "qcow2" {
+                        match crate::engine::failback::read_bitmap(
+                            &self.data_dir,
+                            vm,
+                            i,
+                            image,
+                            *size,
+                            crate::engine::failback::OFFLINE_BITMAP,
+                        )
+                        .await
+                        {
+                            Ok(runs) => Some(runs),
+                            Err(not) => {
+                                record.notes.push(format!("disk {i}: {not}"));
+                                None
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    if let Some(runs) = tracked {
+                        // Those blocks only are read again, for an exact map.
+                        self.rehash(image, format, i, *size, &last_map, &out, &runs)
+                            .await?;
+                        record.notes.push(format!(
+                            "disk {i}: written since its last log; {} blocks of 64 KiB read again, as its bitmap says",
+                            journal::blocks(&runs)
+                        ));
+                        record
+                            .candidates
+                            .push(sent.map(|a| journal::union(&a, &runs)));
+                        continue;
+                    }
                     let scanned = crate::engine::initial::hash_images(
                         None,
                         vm,
@@ -130,6 +164,58 @@ impl ReplicaSide {
             });
         }
         Ok(record)
+    }
+
+    /// Writes to `out` the map `previous` with blocks `runs` of `image` hashed again.
+    #[allow(clippy::too_many_arguments)]
+    async fn rehash(
+        &self,
+        image: &str,
+        format: &str,
+        i: usize,
+        size: u64,
+        previous: &Path,
+        out: &Path,
+        runs: &[(u64, u64)],
+    ) -> Result<(), ApiError> {
+        let bs = u64::from(disk::scan::DEFAULT_BLOCK_SIZE);
+        let ranges: Vec<(u64, u64)> = runs
+            .iter()
+            .filter_map(|(f, c)| {
+                let (start, end) = (f * bs, ((f + c) * bs).min(size));
+                (start < end).then_some((start, end - start))
+            })
+            .collect();
+        let header = wire::LogHeader {
+            vm: Uuid::nil(),
+            relationship: 0,
+            sequence: 2,
+            parent: 1,
+            point_time_micros: 0,
+            point_type: wire::PointType::Standard,
+            full_image: false,
+            disks: (0..=i)
+                .map(|d| wire::DiskInfo {
+                    id: format!("disk{d}"),
+                    virtual_size: size,
+                })
+                .collect(),
+        };
+        let mut sink = wire::LogWriter::new(std::io::sink(), header, wire::Compression::Off)
+            .map_err(|e| internal(e.to_string()))?;
+        let tmp = crate::engine::initial::scan_image_ranges(
+            image,
+            format,
+            i,
+            Some(previous),
+            out,
+            &self.data_dir,
+            &mut sink,
+            Some(&ranges),
+        )
+        .await
+        .map_err(|f| ApiError::new(ErrorCode::StorageUnavailable, f.failure.message))?;
+        std::fs::rename(&tmp, out).map_err(|e| internal(format!("{}: {e}", out.display())))
     }
 
     /// Takes the old primary's disks in as point `sequence` of its new point store: adopted

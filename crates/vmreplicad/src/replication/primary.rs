@@ -612,6 +612,13 @@ impl PrimarySide {
                     disk::scan::hashmap::commit(tmp, map)
                         .map_err(|e| CycleError::Failed(crate::error_chain(&e)))?;
                 }
+                // A turned-off VM's qcow2 disks record what is written to them from now on.
+                let prints = match prints {
+                    Some(p) => {
+                        Some(crate::engine::failback::restart_offline_bitmaps(&vm.disks, &p).await)
+                    }
+                    None => None,
+                };
                 if let Some(dir) = maps.first().and_then(|(_, m)| m.parent()) {
                     super::journal::record_fingerprints(dir, prints.as_deref(), maps.len());
                 }

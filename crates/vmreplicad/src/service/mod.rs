@@ -240,6 +240,7 @@ pub fn job_view(job: &JobRow) -> JobView {
         caption: JobType::from_u16(job.job_type)
             .map_or("Job", |t| t.caption())
             .to_string(),
+        description: job.description.clone(),
         job_state: job.state,
         percent_complete: job.percent,
         error_code: job.error_code,
