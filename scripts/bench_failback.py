@@ -9,7 +9,7 @@ protocol) and rsync of hv2's disk onto hv1's over loopback (raw images, --inplac
 delta algorithm). Reported: time and bytes sent, and the ratios the issue sets (failback bytes at
 most 1.1x the divergent bytes, time at most 10 % of a full re-seed).
 
-    python3 scripts/bench_failback.py [--size 8G] [--divergence 0.01] [--dir bench-data/failback]
+    python3 scripts/bench_failback.py [--size 8G] [--divergence 0.01] [--dir bench-data/failback] [--keep]
 
 Not part of CI. Needs about 4x --size of free space. Release binaries are built first.
 """
@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--size", default="8G")
     ap.add_argument("--divergence", type=float, default=0.01, help="share of the disk each side writes")
     ap.add_argument("--dir", default="bench-data/failback")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (daemon logs) afterwards")
     args = ap.parse_args()
     size = size_arg(args.size)
     work = (ROOT / args.dir).resolve()
@@ -197,7 +198,8 @@ def main():
     print(f"|{'-' * 50}|{'-' * 9}|{'-' * 15}|{'-' * 19}|{'-' * 16}|")
     for name, secs, sent in rows:
         print(f"| {name:48} | {secs:7.2f} | {sent:13} | {sent / divergent:16.2f}x | {secs / reseed_secs:13.3f}x |")
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

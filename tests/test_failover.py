@@ -14,6 +14,7 @@ from conftest import free_port, wait_job
 from test_two_hosts import (  # noqa: F401  (lab is a fixture)
     PRIMARY,
     REPLICA,
+    Qsd,
     applied_sequence,
     ext4_disk,
     lab,
@@ -696,3 +697,51 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
     same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")
     assert same, text
+
+
+def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_process(lab, tmp_path):
+    disk = ext4_disk(tmp_path / "fb03.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "fb03", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "fb03")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    rrsc(p, pvm, 7)
+    settled(lab, vm_id)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x41 20M 256k", disk)  # never replicated
+    hv1_storage = tmp_path / "hv1-storage"
+    serve(lab.primary, lab.t1, REPLICA, hv1_storage)
+    lab.primary.stop()
+    lab.replica.cli("failover", "fb03")
+    lab.replica.cli("complete", "fb03")
+    (new_disk,) = vm_disks(lab.replica, "fb03")
+    qsd_dir = tmp_path / "qsd"
+    qsd_dir.mkdir()
+    qsd = Qsd(new_disk, qsd_dir)  # the new primary runs the VM
+    try:
+        lab.replica.cli("vm", "power", "fb03", "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
+        r = lab.replica.conn()
+        assert vm_by_name(r, "fb03")["EnabledState"] == 2
+        qsd.write("write -P 0x42 40M 128k")  # recorded by the bitmap in its QEMU process
+        lab.primary.start()
+        p = lab.primary.conn()
+        pvm = vm_by_name(p, "fb03")
+        rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+        rv, out = p.InvokeMethod("InitiateFailback", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                                 ComputerSystem=pvm.path, ReplicationSettingData=rsd.tocimxmlstr())
+        assert rv == 4096, rv
+        job = wait_job(p, out["Job"], timeout=120)
+        assert job["JobState"] == 7, job["ErrorDescription"]
+        assert "Only the blocks either side wrote" in job["Description"], job["Description"]
+        assert vm_by_name(p, "fb03")["ReplicationState"] == 14
+        store1 = hv1_storage / vm_id.lower()
+        last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+        res = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2",
+                              str(store1 / "disk0" / f"p{last:020}.qcow2"), str(new_disk)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        # The running VM's next writes replicate from its dirty bitmap.
+        qsd.write("write -P 0x43 44M 64k")
+        wait_for(lambda: max(int(f.stem[1:]) for f in store1.glob("p*.json")) > last, timeout=30,
+                 what="a delta from the running new primary")
+    finally:
+        qsd.stop()

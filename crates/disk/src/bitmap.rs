@@ -94,7 +94,13 @@ pub struct FrozenDisk {
     fleece_file: PathBuf,
     job_id: String,
     export: String,
+    /// Other consistent dirty bitmaps of the node, named `vmr-*` (not this tracker's), exported
+    /// with the point (see [`FrozenPoint::other_bitmap`]); they go on recording after the freeze.
+    others: Vec<String>,
 }
+
+/// Prefix of bitmaps other parts of vmreplica keep on a node, which a frozen point exports too.
+pub const OTHER_PREFIX: &str = "vmr-";
 
 /// A crash-consistent point of all tracked disks, readable over NBD until committed or aborted.
 pub struct FrozenPoint {
@@ -381,6 +387,17 @@ impl BitmapTracker {
             };
             let info = self.node_info(node).await?;
             let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
+            let others = info["dirty-bitmaps"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .filter(|b| b["inconsistent"].as_bool() != Some(true))
+                        .filter_map(|b| b["name"].as_str())
+                        .filter(|n| n.starts_with(OTHER_PREFIX))
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
             let fleece_node = format!("vmr-fleece-{node}");
             let fleece_file = self.work_dir.join(format!("{fleece_node}.qcow2"));
             create_fleece_image(&fleece_file, size)?;
@@ -399,6 +416,7 @@ impl BitmapTracker {
                 export: format!("vmr-frozen-{node}"),
                 fleece_node,
                 fleece_file,
+                others,
             });
         }
         let mut actions = Vec::new();
@@ -428,9 +446,11 @@ impl BitmapTracker {
             socket: self.nbd_socket.clone(),
         };
         for d in &point.disks {
+            let mut bitmaps = vec![json!({"node": d.node, "name": bitmap_name(d.generation)})];
+            bitmaps.extend(d.others.iter().map(|n| json!({"node": d.node, "name": n})));
             let export = json!({
                 "type": "nbd", "id": d.export, "node-name": d.fleece_node, "name": d.export, "writable": false,
-                "bitmaps": [{"node": d.node, "name": bitmap_name(d.generation)}],
+                "bitmaps": bitmaps,
             });
             if let Err(e) = self.qmp.execute("block-export-add", Some(export)).await {
                 let _ = point.abort(self).await;
@@ -505,6 +525,31 @@ impl FrozenPoint {
     /// The NBD meta context of disk `index`'s changes.
     pub fn dirty_context(&self, index: usize) -> String {
         dirty_bitmap_context(&bitmap_name(self.disks[index].generation))
+    }
+
+    /// The byte ranges another bitmap `name` of disk `index` (one of [`OTHER_PREFIX`], consistent
+    /// at the freeze) marks dirty — including writes after the freeze, since it goes on recording;
+    /// None when the disk has no such bitmap.
+    pub async fn other_bitmap(
+        &self,
+        index: usize,
+        name: &str,
+    ) -> Result<Option<Vec<(u64, u64)>>, BitmapError> {
+        let d = &self.disks[index];
+        if !d.others.iter().any(|n| n == name) {
+            return Ok(None);
+        }
+        let context = dirty_bitmap_context(name);
+        let mut nbd = NbdClient::connect_unix(&self.socket, &d.export, &[&context]).await?;
+        let dirty = nbd.map(&context, 0, d.size).await?;
+        nbd.disconnect().await?;
+        Ok(Some(
+            dirty
+                .iter()
+                .filter(|e| e.is_dirty())
+                .map(|e| (e.offset, e.length))
+                .collect(),
+        ))
     }
 
     /// A client of disk `index`'s frozen view with `base:allocation` and its dirty context.

@@ -194,12 +194,7 @@ async fn own_writes(
     image: &str,
     size: u64,
 ) -> Result<Runs, String> {
-    let recorded = std::fs::read(writes_file(data_dir, vm, i))
-        .map_err(|_| "the failover's writes were not recorded when it was committed".to_string())?;
-    let at_commit = FailbackBase::parse(&recorded)
-        .ok()
-        .and_then(|b| b.candidates)
-        .ok_or("the record of the failover's writes is unreadable")?;
+    let at_commit = failover_writes(data_dir, vm, i)?;
     let print: disk::fingerprint::Fingerprint = std::fs::read(print_file(data_dir, vm, i))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -210,6 +205,16 @@ async fn own_writes(
     // Written since the commit: its bitmap says where, if QEMU closed it cleanly.
     let since = read_bitmap(data_dir, vm, i, image, size, FAILBACK_BITMAP).await?;
     Ok(journal::union(&at_commit, &since))
+}
+
+/// The blocks the failover overlay held when CommitFailover flattened it.
+fn failover_writes(data_dir: &Path, vm: Uuid, i: usize) -> Result<Runs, String> {
+    let recorded = std::fs::read(writes_file(data_dir, vm, i))
+        .map_err(|_| "the failover's writes were not recorded when it was committed".to_string())?;
+    FailbackBase::parse(&recorded)
+        .ok()
+        .and_then(|b| b.candidates)
+        .ok_or_else(|| "the record of the failover's writes is unreadable".to_string())
 }
 
 /// The blocks persistent dirty bitmap `name` of qcow2 `image` (not open elsewhere) marks, or why
@@ -694,11 +699,27 @@ async fn send(
                     None
                 }
             };
-            let ours = if running.is_some() {
-                notes.push(format!(
-                    "disk {i}: the VM runs here, so its writes since the failover are not read from its bitmap"
-                ));
-                None
+            let ours = if let Some(r) = running.as_ref() {
+                // The VM runs: its QEMU process holds the bitmap of what it wrote since the commit.
+                let live = r
+                    .other_bitmap(i, FAILBACK_BITMAP)
+                    .await
+                    .map_err(|e| running_failed(vm, &e))?;
+                match (failover_writes(&job.data_dir, vm.id, i), live) {
+                    (Ok(at_commit), Some(ranges)) => {
+                        Some(journal::union(&at_commit, &block_runs(ranges)))
+                    }
+                    (Err(why), _) => {
+                        notes.push(format!("disk {i}: {why}"));
+                        None
+                    }
+                    (Ok(_), None) => {
+                        notes.push(format!(
+                            "disk {i}: the running VM's QEMU process holds no consistent {FAILBACK_BITMAP} bitmap"
+                        ));
+                        None
+                    }
+                }
             } else {
                 match own_writes(&job.data_dir, vm.id, i, &vm.disks[i], *size).await {
                     Ok(r) => Some(r),
@@ -998,7 +1019,7 @@ async fn follow(
             ctx.check_cancelled()?;
         }
         ctx.progress(status.percent.min(95))?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
         status = session
             .json::<(), FailbackStatus>(Route::FailbackStatus(vm.id), None)
             .await
@@ -1024,7 +1045,7 @@ async fn follow(
                 "Check this host's replica storage and log.",
             ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // What this host found about its own blocks (replication::failback).
     let base = crate::replication::failback::base_dir(data_dir, vm.id).join("base.json");

@@ -152,6 +152,16 @@ impl RunningPoint {
         self.read_disk_ranges(index, previous, map, log, None).await
     }
 
+    /// The byte ranges bitmap `name` (`vmr-*`, kept in the image by vmreplica) of disk `index`
+    /// marks, read from the VM's QEMU process; None when that disk has no consistent such bitmap.
+    pub async fn other_bitmap(
+        &self,
+        index: usize,
+        name: &str,
+    ) -> Result<Option<Vec<(u64, u64)>>, RunningError> {
+        self.point.other_bitmap(index, name).await.map_err(failed)
+    }
+
     /// [`RunningPoint::read_disk`], looking only at `ranges` (byte ranges) when given instead of
     /// what the disk's bitmap or a full scan would choose.
     pub async fn read_disk_ranges<W: Write>(

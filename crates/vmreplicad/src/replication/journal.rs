@@ -74,6 +74,29 @@ pub fn map_diff(old: &Path, new: &Path) -> Result<Runs, String> {
     Ok(runs)
 }
 
+/// Copies map `src` to `dst` with the hashes of the blocks in `runs` made to match nothing (a
+/// byte flipped): a comparison against `dst` finds those blocks different, whatever they hold.
+pub fn force_map(src: &Path, dst: &Path, runs: &[(u64, u64)]) -> Result<(), String> {
+    let mut reader = MapReader::open(src).map_err(|e| e.to_string())?;
+    let mut writer =
+        disk::scan::hashmap::MapWriter::create(dst, reader.block_size, reader.disk_size)
+            .map_err(|e| e.to_string())?;
+    let mut block = 0u64;
+    let mut next = 0;
+    while let Some(mut h) = reader.next_hash().map_err(|e| e.to_string())? {
+        while runs.get(next).is_some_and(|(f, c)| f + c <= block) {
+            next += 1;
+        }
+        if runs.get(next).is_some_and(|(f, _)| *f <= block) {
+            h[0] ^= 0xff;
+        }
+        writer.push(&h).map_err(|e| e.to_string())?;
+        block += 1;
+    }
+    let tmp = writer.finish().map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, dst).map_err(|e| e.to_string())
+}
+
 fn encode(runs: &[(u64, u64)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(runs.len() * 16);
     for (f, c) in runs {
@@ -199,6 +222,22 @@ mod tests {
         assert_eq!(union(&[(0, 10)], &[(2, 3)]), vec![(0, 10)]);
         assert_eq!(blocks(&[(0, 10), (20, 2)]), 12);
         assert_eq!(decode(&encode(&r)), r);
+    }
+
+    #[test]
+    fn a_forced_map_differs_exactly_at_its_runs() {
+        let dir = std::env::temp_dir().join(format!("vmr-force-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("a.hashes");
+        let mut w = disk::scan::hashmap::MapWriter::create(&src, 65536, 10 * 65536).unwrap();
+        for b in 0..10u8 {
+            w.push(&[b; 16]).unwrap();
+        }
+        std::fs::rename(w.finish().unwrap(), &src).unwrap();
+        let dst = dir.join("b.hashes");
+        force_map(&src, &dst, &[(2, 3), (9, 1)]).unwrap();
+        assert_eq!(map_diff(&src, &dst).unwrap(), vec![(2, 3), (9, 1)]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
