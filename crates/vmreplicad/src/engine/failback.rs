@@ -43,13 +43,14 @@ use wire::protocol::{
 };
 use wire::{Compression, LogHeader, LogWriter, PointType};
 
-use super::initial::{disk_table, log_disks, scan_image_ranges};
+use super::initial::{disk_table, log_disks, scan_image_ranges, GrowingOrFile};
 use super::network::{freeze_if_running, put_vm, running_failed, target, NetworkIr};
 use super::reverse::{tracking_dir, REVERSE_LIMIT};
 use super::test_failover::refused;
 use super::{EngineRequest, LocalEngine};
 use crate::clock::now;
 use crate::jobs::{JobContext, JobEngine, JobFailure};
+use crate::replication::client::GrowingLog;
 use crate::replication::journal::{self, Runs};
 use crate::replication::replica::ApiError;
 use crate::store::{JobRow, RelationshipRow, Store, VmRow};
@@ -786,8 +787,13 @@ async fn send(
             full_image: false,
             disks: log_disks(&disks),
         };
+        // The log is sent while it is written, as a cycle's is.
+        let growing = Arc::new(GrowingLog::default());
         let mut log = LogWriter::new(
-            std::io::BufWriter::with_capacity(1 << 20, file),
+            std::io::BufWriter::with_capacity(
+                1 << 20,
+                GrowingOrFile::new(file, Some(growing.clone())),
+            ),
             header,
             if rel.settings.compression_enabled {
                 Compression::default()
@@ -796,52 +802,80 @@ async fn send(
             },
         )
         .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
-        let mut maps = Vec::new();
-        let mut changed = Vec::new();
-        for (i, (format, size)) in disks.iter().enumerate() {
-            ctx.check_cancelled()?;
-            let map = tracking.join(format!("disk{i}.hashes"));
-            let ranges = candidates[i].as_deref().map(|c| byte_ranges(c, *size));
-            let tmp = match running.as_ref() {
-                Some(r) => r
-                    .read_disk_ranges(i, Some(&bases[i]), &map, &mut log, ranges.as_deref())
+        let build = async {
+            let mut maps = Vec::new();
+            let mut changed = Vec::new();
+            for (i, (format, size)) in disks.iter().enumerate() {
+                ctx.check_cancelled()?;
+                let map = tracking.join(format!("disk{i}.hashes"));
+                let ranges = candidates[i].as_deref().map(|c| byte_ranges(c, *size));
+                let tmp = match running.as_ref() {
+                    Some(r) => r
+                        .read_disk_ranges(i, Some(&bases[i]), &map, &mut log, ranges.as_deref())
+                        .await
+                        .map_err(|e| running_failed(vm, &e))?,
+                    None => scan_image_ranges(
+                        &vm.disks[i],
+                        format,
+                        i,
+                        Some(&bases[i]),
+                        &map,
+                        &job.data_dir,
+                        &mut log,
+                        ranges.as_deref(),
+                    )
                     .await
-                    .map_err(|e| running_failed(vm, &e))?,
-                None => scan_image_ranges(
-                    &vm.disks[i],
-                    format,
-                    i,
-                    Some(&bases[i]),
-                    &map,
-                    &job.data_dir,
-                    &mut log,
-                    ranges.as_deref(),
-                )
-                .await
-                .map_err(|f| f.failure)?,
-            };
-            changed.push(
-                journal::map_diff(&bases[i], &tmp)
-                    .map_err(|e| fail(e, "Check the data directory."))?,
-            );
-            maps.push((tmp, map));
-            ctx.progress(40 + u16::try_from(50 * (i + 1) / disks.len()).unwrap_or(50))?;
-        }
-        let summary = super::seeded::send_compared(
-            job,
-            vm,
-            rel,
+                    .map_err(|f| f.failure)?,
+                };
+                changed.push(
+                    journal::map_diff(&bases[i], &tmp)
+                        .map_err(|e| fail(e, "Check the data directory."))?,
+                );
+                maps.push((tmp, map));
+                ctx.progress(40 + u16::try_from(50 * (i + 1) / disks.len()).unwrap_or(50))?;
+            }
+            let (w, summary) = log
+                .finish()
+                .map_err(|e| fail(e.to_string(), "Check free space."))?;
+            w.into_inner()
+                .map_err(|e| fail(e.to_string(), "Check free space."))?;
+            Ok::<_, JobFailure>((summary, maps, changed))
+        };
+        let build = async {
+            let built = build.await;
+            match &built {
+                Ok((summary, _, _)) => growing.finish(hex::encode(summary.hash), summary.bytes),
+                Err(f) => growing.fail(f.message.clone()),
+            }
+            built
+        };
+        let to = target(rel);
+        let send = job.peers.deliver(
+            &to,
             &mut session,
-            (log, &spool),
-            &maps,
-            &changed,
-            true,
-        )
-        .await;
+            vm.id,
+            cs.next_sequence,
+            &spool,
+            growing.clone(),
+            Arc::new(|_, _| {}),
+            false,
+        );
+        let (built, delivered) = tokio::join!(build, send);
+        let _ = std::fs::remove_file(&spool);
         for base in &bases {
             let _ = std::fs::remove_file(base);
         }
-        let summary = summary?;
+        let (summary, maps, changed) = built?;
+        let done = match delivered {
+            Ok(d) => d,
+            Err(e) => {
+                for (tmp, _) in &maps {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                return Err(e.into_failure("sending the differing blocks"));
+            }
+        };
+        super::seeded::commit_sent(job, vm, rel, &summary, &done, &maps, &changed, true)?;
         let differing: u64 = changed.iter().map(|c| journal::blocks(c)).sum();
         ctx.note(&format!(
             "{differing} blocks differed; log {} of {} bytes sent",

@@ -346,9 +346,7 @@ async fn compare_and_send(
 }
 
 /// Finishes `log` (spooled at `spool`), sends and commits it as the next log of `vm`'s chain, then
-/// makes `maps` (new map, map) the baseline, records `changed` (per disk, the blocks it carries)
-/// for a later failback, and moves the chain to it. With `count`, its bytes count as a
-/// replication (Measure-VMReplication).
+/// [`commit_sent`].
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn send_compared<W: std::io::Write>(
     job: &NetworkIr,
@@ -365,18 +363,16 @@ pub(super) async fn send_compared<W: std::io::Write>(
         .map_err(|e| fail(e.to_string(), "Check free space."))?;
     w.into_inner()
         .map_err(|e| fail(e.to_string(), "Check free space."))?;
-    let hash = hex::encode(summary.hash);
     let growing = Arc::new(GrowingLog::default());
     growing.advance_to(summary.bytes);
-    growing.finish(hash.clone(), summary.bytes);
-    let sequence = summary.header.sequence;
+    growing.finish(hex::encode(summary.hash), summary.bytes);
     let delivered = job
         .peers
         .deliver(
             &target(rel),
             session,
             vm.id,
-            sequence,
+            summary.header.sequence,
             spool,
             growing,
             Arc::new(|_, _| {}),
@@ -385,6 +381,26 @@ pub(super) async fn send_compared<W: std::io::Write>(
         .await;
     let _ = std::fs::remove_file(spool);
     let done = delivered.map_err(|e| e.into_failure("sending the differing blocks"))?;
+    commit_sent(job, vm, rel, &summary, &done, maps, changed, count)?;
+    Ok(summary)
+}
+
+/// After the replica committed the log `summary` (`done`): makes `maps` (new map, map) the
+/// baseline, records `changed` (per disk, the blocks it carries) for a later failback, and moves
+/// the chain to it. With `count`, its bytes count as a replication (Measure-VMReplication).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn commit_sent(
+    job: &NetworkIr,
+    vm: &VmRow,
+    rel: &mut RelationshipRow,
+    summary: &wire::LogSummary,
+    done: &crate::replication::client::Delivered,
+    maps: &[(std::path::PathBuf, std::path::PathBuf)],
+    changed: &[crate::replication::journal::Runs],
+    count: bool,
+) -> Result<(), JobFailure> {
+    let hash = hex::encode(summary.hash);
+    let sequence = summary.header.sequence;
     if done.status.log_hash.as_deref() != Some(hash.as_str()) {
         return Err(fail(
             "the recovery server committed another log",
@@ -416,5 +432,5 @@ pub(super) async fn send_compared<W: std::io::Write>(
             },
         )?;
     }
-    Ok(summary)
+    Ok(())
 }
