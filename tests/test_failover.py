@@ -1,14 +1,16 @@
-"""Issue 5: failover on the recovery server, driven by pywbem the way an outside tool would.
-
-So far: test failover (TestReplicaSystem), which must never disturb replication underneath.
+"""Issue 5: the failover family driven by pywbem the way an outside tool would: test failover
+(never disturbing replication underneath), failover, revert and commit, planned failover and
+reverse, resynchronization, and InitiateFailback after an unplanned failover.
 """
 
+import datetime
 import json
+import re
 import shutil
 import subprocess
 import time
 
-from pywbem import CIMInstanceName, Uint16
+from pywbem import CIMDateTime, CIMInstanceName, Uint16
 
 from conftest import free_port, wait_job
 from test_two_hosts import (  # noqa: F401  (lab is a fixture)
@@ -403,11 +405,16 @@ def test_a_resync_after_the_tracking_data_was_deleted_sends_only_the_differing_b
     before = applied_sequence(lab, vm_id)
 
     svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
-    rv, out = p.InvokeMethod("Resynchronize", svc.path, ComputerSystem=pvm.path)
+    # Scheduled 3 s ahead (StartTime): the job waits for it.
+    start = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+    t0 = time.monotonic()
+    rv, out = p.InvokeMethod("Resynchronize", svc.path, ComputerSystem=pvm.path, StartTime=CIMDateTime(start))
     assert rv == 4096, rv
     job = wait_job(p, out["Job"], timeout=60)
     assert job["JobState"] == 7, job["ErrorDescription"]
     assert job["JobType"] == 107
+    assert time.monotonic() - t0 >= 2, "it started before its StartTime"
+    assert "Scheduled: starts at" in job["Description"], job["Description"]
     assert vm_by_name(p, "rsy01")["ReplicationState"] == 3
     wait_for(lambda: applied_sequence(lab, vm_id) > before, what="the resync applied")
     rrsc(p, pvm, 7)
@@ -559,8 +566,12 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     assert job["JobType"] == 124
     assert "Only the blocks either side wrote" in job["Description"], job["Description"]
     print("failback job:", job["Description"])
-    # The old primary's own writes since its last log came from its disk's bitmap, not a scan.
+    # The old primary's own writes since its last log came from its disk's bitmap, not a scan,
+    # and the new primary read only its candidate blocks (its own 192 KiB; the old primary's
+    # blocks are holes there), not its 64 MiB disk.
     assert "as its bitmap says" in job["Description"], job["Description"]
+    read = float(re.search(r"([\d.]+) MiB of the disks read", job["Description"]).group(1))
+    assert read <= 0.3, job["Description"]
     pvm = vm_by_name(p, "fb01")
     assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 14)
     r = lab.replica.conn()
@@ -745,3 +756,58 @@ def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_pr
                  what="a delta from the running new primary")
     finally:
         qsd.stop()
+
+
+def test_a_running_resynchronization_can_be_paused_and_cancelled(lab, tmp_path):
+    import os
+
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "1M"]  # the resync log takes seconds
+    lab.primary.start()
+    disk = ext4_disk(tmp_path / "rsy02.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "rsy02", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "rsy02")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, timeout=60, what="a delta")
+    rrsc(p, pvm, 7)
+    settled(lab, vm_id)
+    shutil.rmtree(lab.primary.data_dir / "tracking" / vm_id.upper())  # tracking lost
+    noise = tmp_path / "noise"
+    noise.write_bytes(os.urandom(6 << 20))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -s {noise} 32M 6M", disk)
+    rrsc(p, pvm, 3)
+    wait_for(lambda: vm_by_name(p, "rsy02")["ReplicationState"] == 9, what="resynchronization required")
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+
+    def resync_running():
+        rv, out = p.InvokeMethod("Resynchronize", svc.path, ComputerSystem=pvm.path)
+        assert rv == 4096, rv
+        wait_for(lambda: vm_by_name(p, "rsy02")["ReplicationState"] == 10, what="resynchronizing")
+        time.sleep(1.5)
+        return out["Job"]
+
+    def change(state):
+        rv, out = p.InvokeMethod("RequestReplicationStateChange", pvm.path, RequestedState=Uint16(state))
+        assert rv == 4096, rv
+        return wait_job(p, out["Job"], timeout=60)
+
+    # Suspend-VMReplication while it runs: 11, the resync's job stopped.
+    job = resync_running()
+    assert change(7)["JobState"] == 7
+    assert vm_by_name(p, "rsy02")["ReplicationState"] == 11
+    assert p.GetInstance(job)["JobState"] == 8  # Terminated
+    # Stop-VMReplication while it runs again: back to 9.
+    job = resync_running()
+    assert change(9)["JobState"] == 7
+    assert vm_by_name(p, "rsy02")["ReplicationState"] == 9
+    assert p.GetInstance(job)["JobState"] == 8
+    # Then to the end.
+    before = applied_sequence(lab, vm_id)
+    rv, out = p.InvokeMethod("Resynchronize", svc.path, ComputerSystem=pvm.path)
+    assert rv == 4096 and wait_job(p, out["Job"], timeout=120)["JobState"] == 7
+    assert vm_by_name(p, "rsy02")["ReplicationState"] == 3
+    wait_for(lambda: applied_sequence(lab, vm_id) > before, what="the resync applied")
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use disk::export::{ExportSpec, NbdExport};
 use disk::points::{PointInfo, PointKind, PointStore};
 use disk::scan::mapped::MappedImage;
-use disk::scan::{hashmap, scan_disk, Source, DEFAULT_BLOCK_SIZE};
+use disk::scan::{hashmap, Source, DEFAULT_BLOCK_SIZE};
 use uuid::Uuid;
 use wire::{Compression, DiskInfo, Expect, LogHeader, LogWriter, PointType};
 
@@ -457,10 +457,13 @@ pub async fn scan_image<W: Write>(
     data_dir: &Path,
     log: &mut LogWriter<W>,
 ) -> Result<PathBuf, ScanFailure> {
-    scan_image_ranges(image, format, index, previous, map, data_dir, log, None).await
+    scan_image_ranges(image, format, index, previous, map, data_dir, log, None)
+        .await
+        .map(|(tmp, _)| tmp)
 }
 
-/// [`scan_image`] limited to `candidates` (sorted byte ranges): see `scan_disk_ranges`.
+/// [`scan_image`] limited to `candidates` (sorted byte ranges): see `scan_disk_ranges`. Also
+/// returns the bytes it read from the disk.
 #[allow(clippy::too_many_arguments)]
 pub async fn scan_image_ranges<W: Write>(
     image: &str,
@@ -471,7 +474,7 @@ pub async fn scan_image_ranges<W: Write>(
     data_dir: &Path,
     log: &mut LogWriter<W>,
     candidates: Option<&[(u64, u64)]>,
-) -> Result<PathBuf, ScanFailure> {
+) -> Result<(PathBuf, u64), ScanFailure> {
     let scan_err = |e: disk::scan::ScanError| ScanFailure {
         resync: matches!(e, disk::scan::ScanError::ResyncRequired(_)),
         failure: fail(
@@ -508,17 +511,18 @@ pub async fn scan_image_ranges<W: Write>(
         (None, None) => None,
     };
     if let Some(mut source) = direct {
-        let (tmp, _) = scan_disk(
+        let (tmp, stats) = disk::scan::scan_disk_ranges(
             &mut source,
             disk_index,
             previous,
             map,
             DEFAULT_BLOCK_SIZE,
             log,
+            candidates,
         )
         .await
         .map_err(scan_err)?;
-        return Ok(tmp);
+        return Ok((tmp, stats.read_bytes));
     }
     let spec = ExportSpec::new(image, format);
     let export = NbdExport::start(
@@ -551,7 +555,8 @@ pub async fn scan_image_ranges<W: Write>(
     .await;
     let _ = nbd.disconnect().await;
     export.stop().await;
-    Ok(result.map_err(scan_err)?.0)
+    let (tmp, stats) = result.map_err(scan_err)?;
+    Ok((tmp, stats.read_bytes))
 }
 
 pub(crate) fn point_row(vm: Uuid, p: &PointInfo) -> PointRow {

@@ -141,6 +141,22 @@ enum Kind {
     Resync,
 }
 
+/// A `StartTime` in the future: the job waits for it (cancellable), then does its work.
+async fn wait_until(ctx: &JobContext, start: Option<i64>) -> Result<(), JobFailure> {
+    let Some(start) = start else { return Ok(()) };
+    if start > crate::clock::now() {
+        ctx.note(&format!(
+            "Scheduled: starts at {} (StartTime)",
+            cim::CimDateTime::from_unix(start, 0)
+        ))?;
+    }
+    while crate::clock::now() < start {
+        ctx.check_cancelled()?;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
 /// The relationship and the folder (`param`) an offline-media operation needs.
 fn relationship_and_location(
     relationship: Option<RelationshipRow>,
@@ -314,6 +330,7 @@ impl LocalEngine {
             Kind::Full => "Send the initial replica over the network",
             Kind::Resync => "Resynchronize",
         };
+        let start = req.args.start_time;
         self.spawn_with_outcome(
             req,
             None,
@@ -321,6 +338,7 @@ impl LocalEngine {
             true,
             move |ctx, vm, rel, _, claim| async move {
                 let _claim = claim; // held until the job ends
+                wait_until(&ctx, start).await?;
                 match kind {
                     Kind::Seeded => seeded::run(ctx, job, vm, rel).await,
                     Kind::Full => network::run(ctx, job, vm, rel).await,

@@ -312,6 +312,7 @@ async fn compare_and_send(
                     Some(&differing[i]),
                 )
                 .await?
+                .0
             }
         };
         let _ = std::fs::remove_file(&forced_tmp);
@@ -331,6 +332,7 @@ async fn compare_and_send(
         })
         .collect();
     let summary = send_compared(
+        ctx,
         job,
         vm,
         rel,
@@ -349,6 +351,7 @@ async fn compare_and_send(
 /// [`commit_sent`].
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn send_compared<W: std::io::Write>(
+    ctx: &JobContext,
     job: &NetworkIr,
     vm: &VmRow,
     rel: &mut RelationshipRow,
@@ -366,20 +369,31 @@ pub(super) async fn send_compared<W: std::io::Write>(
     let growing = Arc::new(GrowingLog::default());
     growing.advance_to(summary.bytes);
     growing.finish(hex::encode(summary.hash), summary.bytes);
-    let delivered = job
-        .peers
-        .deliver(
-            &target(rel),
-            session,
-            vm.id,
-            summary.header.sequence,
-            spool,
-            growing,
-            Arc::new(|_, _| {}),
-            false,
-        )
-        .await;
+    let to = target(rel);
+    let deliver = job.peers.deliver(
+        &to,
+        session,
+        vm.id,
+        summary.header.sequence,
+        spool,
+        growing,
+        Arc::new(|_, _| {}),
+        false,
+    );
+    // A cancel (or RRSC 9/7) stops the upload at once; the replica keeps its point.
+    let delivered = tokio::select! {
+        d = deliver => Some(d),
+        () = async {
+            while ctx.check_cancelled().is_ok() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } => None,
+    };
     let _ = std::fs::remove_file(spool);
+    let Some(delivered) = delivered else {
+        ctx.check_cancelled()?;
+        return Err(fail("cancelled", "Start the operation again."));
+    };
     let done = delivered.map_err(|e| e.into_failure("sending the differing blocks"))?;
     commit_sent(job, vm, rel, &summary, &done, maps, changed, count)?;
     Ok(summary)

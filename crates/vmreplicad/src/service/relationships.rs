@@ -199,6 +199,11 @@ impl Service {
                 op.name()
             )));
         }
+        // Stop-VMReplication (9) or Suspend-VMReplication (7, → 11) while a resynchronization
+        // runs: its job holds the VM, so it is cancelled first, then the state is written.
+        if let Some(output) = self.stop_resync(vm, op)? {
+            return Ok(output);
+        }
         let (vm, claim) = self.claimed_vm(vm)?;
         check_args(op, &args)?;
         let (rel, t) = self.decide(&vm, op)?;
@@ -273,6 +278,94 @@ impl Service {
             }
             Ok(())
         })
+    }
+
+    /// RRSC 9 or 7 on a primary whose resynchronization job (107, or 96 for an RRSC 3) runs: a
+    /// job that cancels it, waits for it to end (its outcome puts the state back to 9), then writes
+    /// 9 or 11. The resync's progress is not kept: a later one compares again. None when no
+    /// resynchronization runs.
+    fn stop_resync(
+        &self,
+        vm: &VmRef,
+        op: Operation,
+    ) -> Result<Option<CommandOutput>, CommandError> {
+        let to = match op {
+            Operation::RequestReplicationStateChange(RequestedState::CancelResynchronize) => {
+                ReplicationState::WaitingToStartResynchronization
+            }
+            Operation::RequestReplicationStateChange(RequestedState::Suspend) => {
+                ReplicationState::ResynchronizationSuspended
+            }
+            _ => return Ok(None),
+        };
+        let found = self.resolve_vm(vm)?;
+        let resyncing = self.store.get_relationship(found.id)?.is_some_and(|r| {
+            r.state == ReplicationState::Resynchronizing.as_u16()
+                && found.mode == ReplicationMode::Primary.as_u16()
+        });
+        let running: Vec<String> = self
+            .store
+            .list_jobs()?
+            .into_iter()
+            .filter(|j| {
+                j.vm == Some(found.id)
+                    && [JobType::Resynchronizing, JobType::ReplicateStateChange]
+                        .map(JobType::as_u16)
+                        .contains(&j.job_type)
+                    && !vmreplica_core::job::JobState::from_u16(j.state)
+                        .is_some_and(|s| s.is_terminal())
+            })
+            .map(|j| j.id)
+            .collect();
+        if !resyncing || running.is_empty() {
+            return Ok(None);
+        }
+        for id in &running {
+            let _ = self.jobs.cancel(id);
+        }
+        let (store, claims, id) = (self.store.clone(), self.claims.clone(), found.id);
+        let what = format!(
+            "{} on '{}' (stops its resynchronization)",
+            op.name(),
+            found.name
+        );
+        let job = self.jobs.spawn(
+            op.job_type(),
+            Some(id),
+            what,
+            false,
+            move |_ctx| async move {
+                // The resync's job puts the state back to 9 when it ends and lets the VM go.
+                let deadline = crate::clock::now() + 120;
+                let claim = loop {
+                    let ended = running.iter().all(|j| {
+                        store.get_job(j).ok().flatten().is_none_or(|j| {
+                            vmreplica_core::job::JobState::from_u16(j.state)
+                                .is_some_and(|s| s.is_terminal())
+                        })
+                    });
+                    if ended {
+                        if let Some(c) = claims.claim(id) {
+                            break c;
+                        }
+                    }
+                    if crate::clock::now() > deadline {
+                        return Err(JobFailure::failed(
+                            "the resynchronization did not stop within 2 minutes",
+                            "Cancel its job and try again.",
+                        ));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                };
+                let _claim = claim;
+                if let (Some(v), Some(mut rel)) = (store.get_vm(id)?, store.get_relationship(id)?) {
+                    rel.state = to.as_u16();
+                    store.put_relationship(&rel, v.mode)?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(Some(CommandOutput::Job(job_view(&job))))
     }
 
     pub(super) fn refuse_engineless(&self, t: &Transition, what: &str) -> Result<(), CommandError> {
