@@ -108,7 +108,7 @@ fn block_runs(ranges: impl IntoIterator<Item = (u64, u64)>) -> Runs {
 }
 
 /// Byte ranges of block runs, clipped to `size`.
-fn byte_ranges(runs: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
+pub(crate) fn byte_ranges(runs: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
     let bs = u64::from(DEFAULT_BLOCK_SIZE);
     runs.iter()
         .filter_map(|(f, c)| {
@@ -275,18 +275,40 @@ pub async fn read_bitmap(
     ))
 }
 
+/// How often a turned-off VM's [`OFFLINE_BITMAP`] starts over. Each restart writes the image for
+/// a moment (`qemu-img bitmap`), which a tool writing it at that instant would find locked, so it
+/// is rare; between restarts the bitmap holds everything written since the last one, of which a
+/// failback reads only those blocks again.
+pub const OFFLINE_RESTART_SECS: i64 = 600;
+
+/// `tracking/<VMID>/disk<i>.offline-restart`: when its [`OFFLINE_BITMAP`] last started over.
+fn restart_file(tracking: &Path, disk: usize) -> PathBuf {
+    tracking.join(format!("disk{disk}.offline-restart"))
+}
+
 /// After a turned-off VM's point `prints` (the files' fingerprints before they were read) was
-/// committed: if no file changed meanwhile, its [`OFFLINE_BITMAP`] starts over (created where
-/// missing), and the fingerprints are taken again; else the old ones stay, so the change shows.
-/// Returns the fingerprints to record.
+/// committed: when no file changed meanwhile and its [`OFFLINE_BITMAP`] is missing, or older than
+/// [`OFFLINE_RESTART_SECS`] (`force`: always, as initial replication does), the bitmap starts over
+/// (created where missing) and the fingerprint is taken again. Returns the fingerprints to record
+/// (the ones given where nothing was done, so a change after them shows).
 pub async fn restart_offline_bitmaps(
     images: &[String],
     prints: &[disk::fingerprint::Fingerprint],
+    tracking: &Path,
+    force: bool,
 ) -> Vec<disk::fingerprint::Fingerprint> {
     let mut out = prints.to_vec();
+    let now = crate::clock::now();
     for (i, image) in images.iter().enumerate() {
         let path = Path::new(image);
         let Some(before) = prints.get(i) else { break };
+        let marker = restart_file(tracking, i);
+        let last = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok());
+        if !force && last.is_some_and(|t| now - t < OFFLINE_RESTART_SECS) {
+            continue;
+        }
         if disk::fingerprint::Fingerprint::of(path).ok().as_ref() != Some(before) {
             continue;
         }
@@ -311,7 +333,10 @@ pub async fn restart_offline_bitmaps(
         if ok {
             if let Ok(fp) = disk::fingerprint::Fingerprint::of(path) {
                 out[i] = fp;
+                let _ = std::fs::write(&marker, now.to_string());
             }
+        } else {
+            let _ = std::fs::remove_file(&marker);
         }
     }
     out
@@ -321,7 +346,7 @@ pub async fn restart_offline_bitmaps(
 /// (`posix_fadvise` WILLNEED on their places in the file, from `qemu-img map`), so the scan that
 /// reads them one after the other finds them there instead of waiting for each random read.
 /// Best effort: nothing fails if it cannot.
-async fn prefetch(image: &str, format: &str, ranges: &[(u64, u64)]) {
+pub(crate) async fn prefetch(image: &str, format: &str, ranges: &[(u64, u64)]) {
     let places: Vec<(u64, u64)> = if format == "raw" {
         ranges.to_vec()
     } else {

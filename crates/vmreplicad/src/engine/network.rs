@@ -133,6 +133,15 @@ pub async fn run(
     let spool = outgoing.join(format!("{:020}.vrlog", 1));
     let compression = rel.settings.compression_enabled;
     let running = freeze_if_running(&vm, &job.data_dir).await?;
+    // A turned-off VM's files as they were before they were read (replication::journal).
+    let prints: Option<Vec<_>> = if running.is_none() {
+        vm.disks
+            .iter()
+            .map(|d| disk::fingerprint::Fingerprint::of(std::path::Path::new(d)).ok())
+            .collect()
+    } else {
+        None
+    };
     let sent = send_full(
         &ctx,
         &job,
@@ -151,6 +160,12 @@ pub async fn run(
     }
     let (log, hash) = sent?;
     commit_baseline(&vm, &log)?;
+    if let Some(p) = prints {
+        // Its qcow2 disks record what is written to them from now on, for a failback.
+        let tracking = super::reverse::tracking_dir(&job.data_dir, vm.id);
+        let p = super::failback::restart_offline_bitmaps(&vm.disks, &p, &tracking, true).await;
+        crate::replication::journal::record_fingerprints(&tracking, Some(&p), vm.disks.len());
+    }
     let _ = std::fs::remove_file(&log.path);
     job.store.put_chain(&ChainRow {
         vm: vm.id,

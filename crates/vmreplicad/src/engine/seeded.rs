@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use disk::scan::hashmap::{MapReader, MapWriter};
+use disk::scan::hashmap::MapReader;
 use disk::scan::DEFAULT_BLOCK_SIZE;
 use wire::protocol::{
     BeginCompare, CompareSession, HashRange, PutVm, RangeAnswer, Route, MAX_COMPARE_BLOCKS,
@@ -272,28 +272,24 @@ async fn compare_and_send(
         },
     )
     .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+    // Per disk, the differing blocks: the log carries them, a later failback asks about them.
+    let changed: Vec<_> = differing
+        .iter()
+        .map(|ranges| {
+            let mut runs = Vec::new();
+            for (off, len) in ranges {
+                for b in off / bs..(off + len).div_ceil(bs) {
+                    crate::replication::journal::push_block(&mut runs, b);
+                }
+            }
+            runs
+        })
+        .collect();
     let mut maps = Vec::new();
-    for (i, (format, size)) in disks.iter().enumerate() {
-        let forced = tracking.join(format!("disk{i}.seed-forced"));
-        let mut reader = MapReader::open(&own[i]).map_err(local)?;
-        let mut writer = MapWriter::create(&forced, DEFAULT_BLOCK_SIZE, *size).map_err(local)?;
-        let mut block = 0u64;
-        let mut next_range = 0;
-        while let Some(mut h) = reader.next_hash().map_err(local)? {
-            let off = block * bs;
-            while differing[i]
-                .get(next_range)
-                .is_some_and(|(o, l)| o + l <= off)
-            {
-                next_range += 1;
-            }
-            if differing[i].get(next_range).is_some_and(|(o, _)| *o <= off) {
-                h[0] ^= 0xff;
-            }
-            writer.push(&h).map_err(local)?;
-            block += 1;
-        }
-        let forced_tmp = writer.finish().map_err(local)?;
+    for (i, (format, _)) in disks.iter().enumerate() {
+        let forced_tmp = tracking.join(format!("disk{i}.seed-forced"));
+        crate::replication::journal::force_map(&own[i], &forced_tmp, &changed[i])
+            .map_err(|e| fail(e, "Check the data directory."))?;
         let map = tracking.join(format!("disk{i}.hashes"));
         let tmp = match running {
             Some(r) => r
@@ -319,18 +315,6 @@ async fn compare_and_send(
         let _ = std::fs::remove_file(&own[i]);
         maps.push((tmp, map));
     }
-    let changed: Vec<_> = differing
-        .iter()
-        .map(|ranges| {
-            let mut runs = Vec::new();
-            for (off, len) in ranges {
-                for b in off / bs..(off + len).div_ceil(bs) {
-                    crate::replication::journal::push_block(&mut runs, b);
-                }
-            }
-            runs
-        })
-        .collect();
     let summary = send_compared(
         ctx,
         job,

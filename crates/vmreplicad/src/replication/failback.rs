@@ -116,12 +116,12 @@ impl ReplicaSide {
                         None
                     };
                     if let Some(runs) = tracked {
-                        // Nothing is read here: those blocks' hashes are marked unknown (they
-                        // match nothing), so the new primary sends its own blocks there.
-                        journal::force_map(&last_map, &out, &runs)
-                            .map_err(|e| internal(format!("{}: {e}", out.display())))?;
+                        // Only those blocks are read again, for an exact map (the bitmap may
+                        // also hold blocks written before the last log, which are equal there).
+                        self.rehash(image, format, i, *size, &last_map, &out, &runs)
+                            .await?;
                         record.notes.push(format!(
-                            "disk {i}: {} blocks of 64 KiB written since its last log, as its bitmap says",
+                            "disk {i}: {} blocks of 64 KiB written since its last log, as its bitmap says, read again",
                             journal::blocks(&runs)
                         ));
                         record
@@ -165,6 +165,52 @@ impl ReplicaSide {
             });
         }
         Ok(record)
+    }
+
+    /// Writes to `out` the map `previous` with blocks `runs` of `image` hashed again.
+    #[allow(clippy::too_many_arguments)]
+    async fn rehash(
+        &self,
+        image: &str,
+        format: &str,
+        i: usize,
+        size: u64,
+        previous: &Path,
+        out: &Path,
+        runs: &[(u64, u64)],
+    ) -> Result<(), ApiError> {
+        let ranges = crate::engine::failback::byte_ranges(runs, size);
+        crate::engine::failback::prefetch(image, format, &ranges).await;
+        let header = wire::LogHeader {
+            vm: Uuid::nil(),
+            relationship: 0,
+            sequence: 2,
+            parent: 1,
+            point_time_micros: 0,
+            point_type: wire::PointType::Standard,
+            full_image: false,
+            disks: (0..=i)
+                .map(|d| wire::DiskInfo {
+                    id: format!("disk{d}"),
+                    virtual_size: size,
+                })
+                .collect(),
+        };
+        let mut sink = wire::LogWriter::new(std::io::sink(), header, wire::Compression::Off)
+            .map_err(|e| internal(e.to_string()))?;
+        let (tmp, _) = crate::engine::initial::scan_image_ranges(
+            image,
+            format,
+            i,
+            Some(previous),
+            out,
+            &self.data_dir,
+            &mut sink,
+            Some(&ranges),
+        )
+        .await
+        .map_err(|f| ApiError::new(ErrorCode::StorageUnavailable, f.failure.message))?;
+        std::fs::rename(&tmp, out).map_err(|e| internal(format!("{}: {e}", out.display())))
     }
 
     /// Takes the old primary's disks in as point `sequence` of its new point store: adopted

@@ -613,13 +613,15 @@ impl PrimarySide {
                         .map_err(|e| CycleError::Failed(crate::error_chain(&e)))?;
                 }
                 // A turned-off VM's qcow2 disks record what is written to them from now on.
-                let prints = match prints {
-                    Some(p) => {
-                        Some(crate::engine::failback::restart_offline_bitmaps(&vm.disks, &p).await)
-                    }
-                    None => None,
+                let dir = maps.first().and_then(|(_, m)| m.parent());
+                let prints = match (prints, dir) {
+                    (Some(p), Some(dir)) => Some(
+                        crate::engine::failback::restart_offline_bitmaps(&vm.disks, &p, dir, false)
+                            .await,
+                    ),
+                    (p, _) => p,
                 };
-                if let Some(dir) = maps.first().and_then(|(_, m)| m.parent()) {
+                if let Some(dir) = dir {
                     super::journal::record_fingerprints(dir, prints.as_deref(), maps.len());
                 }
                 Ok((seq, hash, bytes, point_time))
