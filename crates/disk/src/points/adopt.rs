@@ -63,7 +63,10 @@ impl PointStore {
             .map_err(StoreError::io("stat", &self.layout.vm_dir))?
             .dev();
         for image in images {
-            let meta = std::fs::metadata(image).map_err(StoreError::io("stat", image))?;
+            let meta = std::fs::symlink_metadata(image).map_err(StoreError::io("stat", image))?;
+            if !meta.is_file() {
+                return no(format!("{} is not a plain file", image.display()));
+            }
             if meta.dev() != store_dev {
                 return no(format!(
                     "{} is on another file system than the store",

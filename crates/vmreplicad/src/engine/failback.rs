@@ -15,14 +15,14 @@
 //! - the candidate blocks are A's (its logs after F, its writes since its last log) united with
 //!   B's (what the failover overlay held when CommitFailover flattened it, and what was written to
 //!   the flattened images since: nothing if the files are unchanged, else their persistent dirty
-//!   bitmap `vmreplica-failback`);
+//!   bitmap `vmr-failback-writes`, read from the VM's QEMU process while it runs);
 //! - B fetches A's map and reads, hashes and compares only its candidate blocks against it; the
 //!   blocks that differ are the log (A applies it as a layer over its base, so a cut leaves A's
 //!   disks as they were and a rerun starts over); B's next maps are A's map with B's hashes there.
 //!
-//! When either side cannot tell what it wrote (a journal gap, a missing record, a running VM on B,
-//! an inconsistent bitmap), B compares every block against A's map instead — A still reads
-//! nothing more — and the job's log says so.
+//! When either side cannot tell what it wrote (a journal gap, a missing record, an inconsistent
+//! bitmap), B compares every block against A's map instead — A still reads nothing more — and the
+//! job's log says so.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -96,15 +96,16 @@ fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
 /// Block runs (of [`DEFAULT_BLOCK_SIZE`]) covering byte ranges `(offset, length)`.
 fn block_runs(ranges: impl IntoIterator<Item = (u64, u64)>) -> Runs {
     let bs = u64::from(DEFAULT_BLOCK_SIZE);
-    let mut runs: Runs = Vec::new();
-    for (off, len) in ranges {
-        if len == 0 {
-            continue;
-        }
-        let (first, end) = (off / bs, (off + len).div_ceil(bs));
-        runs = journal::union(&runs, &[(first, end - first)]);
-    }
-    runs
+    let blocks: Vec<(u64, u64)> = ranges
+        .into_iter()
+        .filter(|(_, len)| *len > 0)
+        .map(|(off, len)| {
+            let (first, end) = (off / bs, (off + len).div_ceil(bs));
+            (first, end - first)
+        })
+        .collect();
+    // One sort and merge, whatever the number of extents.
+    journal::union(&blocks, &[])
 }
 
 /// Byte ranges of block runs, clipped to `size`.
@@ -406,7 +407,7 @@ pub(crate) async fn prefetch(image: &str, format: &str, ranges: &[(u64, u64)]) {
 }
 
 /// Drops the failback records of `vm` (its bitmaps stay in the images, harmless).
-fn forget_records(data_dir: &Path, vm: Uuid, disks: usize) {
+pub(crate) fn forget_records(data_dir: &Path, vm: Uuid, disks: usize) {
     for i in 0..disks {
         let _ = std::fs::remove_file(writes_file(data_dir, vm, i));
         let _ = std::fs::remove_file(print_file(data_dir, vm, i));
@@ -483,13 +484,16 @@ impl NewPrimary {
             Some(s) if s.is_terminal() => 3,
             _ => 1,
         };
-        let message = match state {
+        let message: String = match state {
             3 => job
                 .error_description
                 .clone()
                 .unwrap_or_else(|| "failed".into()),
             _ => job.description.clone(),
-        };
+        }
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
         Ok(FailbackStatus {
             state,
             percent: job.percent,
@@ -1116,8 +1120,11 @@ impl LocalEngine {
                     Ok(()) => Ok(()),
                     Err(failure) => {
                         let mut back = now_row;
-                        // Already the new primary's replica: it may run the failback again.
-                        back.state = if now_mode == ReplicationMode::Replica.as_u16() {
+                        // Made the new primary's replica by this run: it may run the failback
+                        // again from 9; otherwise its state before.
+                        back.state = if now_mode == ReplicationMode::Replica.as_u16()
+                            && mode == ReplicationMode::Primary.as_u16()
+                        {
                             ReplicationState::WaitingToStartResynchronization.as_u16()
                         } else {
                             before
@@ -1176,8 +1183,8 @@ async fn follow(
     // The log is committed here; the apply task makes it the disks (13 → 14).
     let deadline = std::time::Instant::now() + APPLY_LIMIT;
     loop {
-        let state = store.get_relationship(vm.id)?.map(|r| r.state);
-        if state == Some(ReplicationState::FailbackComplete.as_u16()) {
+        // Applied (a delta right after it may already have moved 14 on to 3).
+        if store.last_applied(vm.id)? >= status.sequence {
             break;
         }
         if std::time::Instant::now() > deadline {

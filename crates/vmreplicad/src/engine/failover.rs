@@ -311,6 +311,8 @@ impl LocalEngine {
                 // What the VM wrote since the failover point, for a failback (engine::failback).
                 let overlays =
                     PointStore::overlay_disk_paths(&root, vm.id, OVERLAY, vm.disks.len());
+                // Never an earlier failover's records.
+                super::failback::forget_records(&data_dir, vm.id, vm.disks.len());
                 if overlays.iter().all(|o| o.is_file()) {
                     if let Err(why) =
                         super::failback::record_overlay_writes(&data_dir, vm.id, &overlays).await

@@ -249,7 +249,20 @@ impl ReplicaSide {
         };
         let paths: Vec<PathBuf> = images.iter().map(|(p, _, _)| PathBuf::from(p)).collect();
         let qcow2 = images.iter().all(|(_, f, _)| f == "qcow2");
+        // Recorded first: once adopted, the store holds the VM's only copy of its disks, and no
+        // failure after that may make the caller undo (delete) the store.
+        let record = ReceivedLog {
+            vm,
+            sequence,
+            log_hash: info.log_hash.clone(),
+            log_bytes: 0,
+            point_time: info.time_micros,
+            applied: true,
+        };
         let adopted = if qcow2 {
+            self.store
+                .record_applied_log(&record)
+                .map_err(|e| crate::error_chain(&e))?;
             match points.adopt(&info, &paths).await {
                 Ok(()) => true,
                 Err(AdoptError::NotAdoptable(why)) => {
@@ -269,25 +282,16 @@ impl ReplicaSide {
             }
             return Ok(false);
         }
-        self.store
-            .record_applied_log(&ReceivedLog {
-                vm,
-                sequence,
-                log_hash: info.log_hash.clone(),
-                log_bytes: 0,
-                point_time: info.time_micros,
-                applied: true,
-            })
-            .map_err(|e| crate::error_chain(&e))?;
+        // The catalog rows are refreshed by every apply; a failure here is only logged.
         let rows: Vec<_> = points
             .list_points()
-            .map_err(|e| crate::error_chain(&e))?
+            .unwrap_or_default()
             .iter()
             .map(|p| crate::engine::initial::point_row(vm, p))
             .collect();
-        self.store
-            .put_recovery_points(vm, &rows)
-            .map_err(|e| crate::error_chain(&e))?;
+        if let Err(e) = self.store.put_recovery_points(vm, &rows) {
+            tracing::warn!(%vm, "cannot list the adopted point: {}", crate::error_chain(&e));
+        }
         Ok(true)
     }
 
@@ -300,9 +304,8 @@ impl ReplicaSide {
             ));
         }
         let dir = base_dir(&self.data_dir, vm);
-        let record: BaseRecord = std::fs::read(dir.join("base.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+        let record = load_base(&self.data_dir, vm)
+            .filter(|b| self.store.last_applied(vm).ok() == Some(b.sequence))
             .ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::InvalidState,
@@ -357,6 +360,31 @@ impl ReplicaSide {
             )
         })?;
         Ok(json(200, &engine.status(name, vm, cancel)?))
+    }
+}
+
+/// `vm`'s failback base, if one was prepared.
+pub(super) fn load_base(data_dir: &Path, vm: Uuid) -> Option<BaseRecord> {
+    std::fs::read(base_dir(data_dir, vm).join("base.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// Once the failback's log is applied: the maps go, and the record keeps only its notes (for the
+/// job's log), describing no point.
+pub(super) fn retire_base(data_dir: &Path, vm: Uuid) {
+    let Some(mut record) = load_base(data_dir, vm) else {
+        return;
+    };
+    record.sequence = 0;
+    record.candidates.clear();
+    let _ = save_base(data_dir, vm, &record);
+    if let Ok(entries) = std::fs::read_dir(base_dir(data_dir, vm)) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".hashes") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 }
 

@@ -151,8 +151,12 @@ impl Store {
         last: u64,
         disk: usize,
     ) -> StoreResult<Option<Runs>> {
-        if last <= after {
+        if last == after {
             return Ok(Some(Runs::new()));
+        }
+        if last < after {
+            // The failover point is a log this host never recorded as sent.
+            return Ok(None);
         }
         let conn = self.conn();
         let mut stmt = conn.prepare(
@@ -260,5 +264,6 @@ mod tests {
         );
         assert_eq!(store.sent_blocks_since(vm, 4, 4, 0).unwrap(), Some(vec![]));
         assert_eq!(store.sent_blocks_since(vm, 1, 4, 0).unwrap(), None);
+        assert_eq!(store.sent_blocks_since(vm, 5, 4, 0).unwrap(), None);
     }
 }

@@ -1898,6 +1898,8 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
                     .is_file());
         if resynced && failback {
             rel.state = ReplicationState::FailbackComplete.as_u16();
+            // Its base describes a point that is no longer the latest: never offered again.
+            super::failback::retire_base(&replica.data_dir, log.vm);
             tracing::info!(vm = %log.vm, sequence = log.sequence, "failback complete: the disks equal the new primary's point");
         } else if !resynced && rel.state == ReplicationState::FailbackComplete.as_u16() {
             // The next delta after a failback: an ordinary replica again.

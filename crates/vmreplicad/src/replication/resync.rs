@@ -96,11 +96,11 @@ impl ReplicaSide {
         .map(ReplicationState::as_u16);
         let failback = begin.kind == 3;
         // A failback compares with the base its PUT prepared (replication::failback).
+        // ... and only on the point that base describes (the one its PUT took in).
         let failback_ok = failback
             && state == ReplicationState::FailbackInProgress.as_u16()
-            && super::failback::base_dir(&self.data_dir, vm)
-                .join("base.json")
-                .is_file();
+            && super::failback::load_base(&self.data_dir, vm)
+                .is_some_and(|b| self.store.last_applied(vm).ok() == Some(b.sequence));
         if failback && !failback_ok {
             let mut d = ErrorDetail::new(
                 ErrorCode::InvalidState,

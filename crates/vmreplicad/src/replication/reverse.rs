@@ -111,6 +111,15 @@ impl ReplicaSide {
                 .store
                 .get_relationship(vm)?
                 .is_some_and(|r| r.state == ReplicationState::FailbackInProgress.as_u16());
+        if from.failback && !failback_here {
+            return Err(refused(
+                ErrorCode::InvalidState,
+                format!(
+                    "no failback of '{}' runs here (InitiateFailback shows 13 while it does)",
+                    existing.name
+                ),
+            ));
+        }
         let claim = self.claims.claim(vm);
         if claim.is_none() && !failback_here {
             return Err(refused(
@@ -247,6 +256,9 @@ impl ReplicaSide {
                     undo(String::new());
                 })?;
             record.sequence = sequence;
+            super::failback::save_base(&self.data_dir, vm, &record).inspect_err(|_| {
+                undo(String::new());
+            })?;
             let adopted = self
                 .take_disks(
                     vm,
@@ -264,7 +276,10 @@ impl ReplicaSide {
                             .notes
                             .push("the disks were taken in as they are, without a copy".into());
                     }
-                    super::failback::save_base(&self.data_dir, vm, &record)?;
+                    // The notes only: the base itself was saved above.
+                    if super::failback::save_base(&self.data_dir, vm, &record).is_err() {
+                        tracing::warn!(%vm, "cannot save the failback notes");
+                    }
                     tracing::info!(%vm, point = sequence, adopted, notes = ?record.notes, "failback base prepared");
                 }
                 Err(why) => {

@@ -359,8 +359,17 @@ impl Service {
                 };
                 let _claim = claim;
                 if let (Some(v), Some(mut rel)) = (store.get_vm(id)?, store.get_relationship(id)?) {
-                    rel.state = to.as_u16();
-                    store.put_relationship(&rel, v.mode)?;
+                    // Not over a resync that completed meanwhile.
+                    let stopped = [
+                        ReplicationState::WaitingToStartResynchronization,
+                        ReplicationState::Resynchronizing,
+                        ReplicationState::ResynchronizationSuspended,
+                    ]
+                    .map(ReplicationState::as_u16);
+                    if stopped.contains(&rel.state) {
+                        rel.state = to.as_u16();
+                        store.put_relationship(&rel, v.mode)?;
+                    }
                 }
                 Ok(())
             },
