@@ -617,6 +617,18 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     assert port1
 
 
+def protected_and_suspended(lab, tmp_path, name):
+    """An off VM `name` replicated to hv2, a delta applied, then replication suspended and settled;
+    returns (disk, vm_id)."""
+    disk = ext4_disk(tmp_path / f"{name}.qcow2")
+    vm_id = replicate_network(lab, tmp_path, name, [disk], "--no-compression")
+    p = lab.primary.conn()
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, timeout=60, what="a delta")
+    rrsc(p, vm_by_name(p, name), 7)
+    settled(lab, vm_id)
+    return disk, vm_id
+
+
 def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it_was_and_runs_again(lab, tmp_path):
     import os
     import signal
@@ -624,13 +636,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     lab.replica.stop()
     lab.replica.extra_args += ["--bandwidth-limit", "2M"]  # the failback log takes seconds
     lab.replica.start()
-    disk = ext4_disk(tmp_path / "fb02.qcow2")
-    vm_id = replicate_network(lab, tmp_path, "fb02", [disk], "--no-compression")
-    p = lab.primary.conn()
-    pvm = vm_by_name(p, "fb02")
-    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, timeout=60, what="a delta")
-    rrsc(p, pvm, 7)
-    settled(lab, vm_id)
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb02")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)  # never replicated
     before = tmp_path / "old-primary-before.raw"
     run("qemu-img", "convert", "-O", "raw", disk, before)
@@ -711,13 +717,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
 
 
 def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_process(lab, tmp_path):
-    disk = ext4_disk(tmp_path / "fb03.qcow2")
-    vm_id = replicate_network(lab, tmp_path, "fb03", [disk], "--no-compression")
-    p = lab.primary.conn()
-    pvm = vm_by_name(p, "fb03")
-    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
-    rrsc(p, pvm, 7)
-    settled(lab, vm_id)
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb03")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x41 20M 256k", disk)  # never replicated
     hv1_storage = tmp_path / "hv1-storage"
     serve(lab.primary, lab.t1, REPLICA, hv1_storage)
@@ -764,13 +764,9 @@ def test_a_running_resynchronization_can_be_paused_and_cancelled(lab, tmp_path):
     lab.primary.stop()
     lab.primary.extra_args += ["--bandwidth-limit", "1M"]  # the resync log takes seconds
     lab.primary.start()
-    disk = ext4_disk(tmp_path / "rsy02.qcow2")
-    vm_id = replicate_network(lab, tmp_path, "rsy02", [disk], "--no-compression")
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "rsy02")
     p = lab.primary.conn()
     pvm = vm_by_name(p, "rsy02")
-    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, timeout=60, what="a delta")
-    rrsc(p, pvm, 7)
-    settled(lab, vm_id)
     shutil.rmtree(lab.primary.data_dir / "tracking" / vm_id.upper())  # tracking lost
     noise = tmp_path / "noise"
     noise.write_bytes(os.urandom(6 << 20))

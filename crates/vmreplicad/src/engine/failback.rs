@@ -46,6 +46,7 @@ use wire::{Compression, LogHeader, LogWriter, PointType};
 use super::initial::{disk_table, log_disks, scan_image_ranges, GrowingOrFile};
 use super::network::{freeze_if_running, put_vm, running_failed, target, NetworkIr};
 use super::reverse::{tracking_dir, REVERSE_LIMIT};
+use super::seeded::{fail, local};
 use super::test_failover::refused;
 use super::{EngineRequest, LocalEngine};
 use crate::clock::now;
@@ -62,17 +63,6 @@ pub const FAILBACK_BITMAP: &str = "vmr-failback-writes";
 /// The persistent dirty bitmap a primary keeps in a turned-off VM's qcow2 disks, cleared at each
 /// point read from the files: what was written to them since (QEMU, qemu-io, qemu-nbd record it).
 pub const OFFLINE_BITMAP: &str = "vmr-offline-writes";
-
-fn fail(message: impl Into<String>, action: &str) -> JobFailure {
-    JobFailure::failed(message, action)
-}
-
-fn local(e: impl std::error::Error) -> JobFailure {
-    fail(
-        crate::error_chain(&e),
-        "Check the data directory and the VM's disks.",
-    )
-}
 
 /// `tracking/<VMID>/disk<i>.failover-writes`: blocks the failover overlay held at commit.
 fn writes_file(data_dir: &Path, vm: Uuid, disk: usize) -> PathBuf {
@@ -518,13 +508,13 @@ impl NewPrimary {
                 format!("the certificate names {peer}, not {}", req.host),
             ));
         }
-        let running = self.runs().get(&vm).cloned();
-        if let Some(r) = running {
-            let st = self.status(peer, vm, false)?;
-            if st.state == 1 || (st.state == 2 && !req.point.is_empty()) {
-                return Ok((st, 200));
+        // One at a time: asked again while it runs, the answer is its status.
+        if self.runs().contains_key(&vm) {
+            if let Ok(st) = self.status(peer, vm, false) {
+                if st.state == 1 {
+                    return Ok((st, 200));
+                }
             }
-            let _ = r;
         }
         let unknown = || api(ErrorCode::UnknownVm, format!("no VM {vm} here"));
         let vm_row = self.store.get_vm(vm)?.ok_or_else(unknown)?;
@@ -1038,15 +1028,8 @@ impl LocalEngine {
         } else {
             rel.settings.recovery_connection_point.clone()
         };
-        let to = crate::replication::client::Target {
-            host: new_primary.clone(),
-            port: rel.settings.recovery_server_port_number,
-            thumbprint: rel
-                .settings
-                .certificate_thumbprint
-                .clone()
-                .unwrap_or_default(),
-        };
+        let mut to = target(&rel);
+        to.host = new_primary.clone();
         // (A replica's own settings name this host: accepted for a run again.)
         let named = &settings.recovery_connection_point;
         let accepted = named.is_empty()

@@ -30,11 +30,11 @@ use crate::replication::chain::{ChainRow, StatEvent};
 use crate::replication::client::GrowingLog;
 use crate::store::{RelationshipRow, VmRow};
 
-fn fail(message: impl Into<String>, action: &str) -> JobFailure {
+pub(super) fn fail(message: impl Into<String>, action: &str) -> JobFailure {
     JobFailure::failed(message, action)
 }
 
-fn local(e: impl std::error::Error) -> JobFailure {
+pub(super) fn local(e: impl std::error::Error) -> JobFailure {
     fail(
         crate::error_chain(&e),
         "Check the data directory and the VM's disks.",
