@@ -807,3 +807,37 @@ def test_a_running_resynchronization_can_be_paused_and_cancelled(lab, tmp_path):
     seq = settled(lab, vm_id)
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
     assert same, text
+
+
+def test_a_vm_that_lost_its_tracking_resynchronizes_by_itself_inside_its_window(lab, tmp_path):
+    lab.primary.stop()
+    lab.primary.extra_args += ["--auto-resync-delay", "2"]  # 300 s by default
+    lab.primary.start()
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "auto01")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "auto01")
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    # The whole day as the window (the default is 18:30-06:00, local time).
+    rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+    rsd["AutoResynchronizeEnabled"] = True
+    rsd["AutoResynchronizeIntervalStart"] = CIMDateTime("00000000000000.000000:000")
+    rsd["AutoResynchronizeIntervalEnd"] = CIMDateTime("00000000235959.000000:000")
+    rv, out = p.InvokeMethod("ModifyReplicationSettings", svc.path, ComputerSystem=pvm.path,
+                             ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096 and wait_job(p, out["Job"])["JobState"] == 7
+    shutil.rmtree(lab.primary.data_dir / "tracking" / vm_id.upper())  # tracking lost
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x51 30M 128k", disk)
+    before = applied_sequence(lab, vm_id)
+    rrsc(p, pvm, 3)
+    wait_for(lambda: vm_by_name(p, "auto01")["ReplicationState"] == 9, what="resynchronization required")
+    # Nobody calls Resynchronize: the daemon does, and replication goes on.
+    wait_for(lambda: vm_by_name(p, "auto01")["ReplicationState"] == 3, timeout=60,
+             what="the automatic resynchronization")
+    jobs = [j for j in p.EnumerateInstances("Msvm_ConcreteJob") if j["JobType"] == 107]
+    assert jobs and all(j["JobState"] == 7 for j in jobs), [(j["JobState"], j["ErrorDescription"]) for j in jobs]
+    wait_for(lambda: applied_sequence(lab, vm_id) > before, what="the resync applied")
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text
+    assert "automatic resynchronization" in lab.primary.log.read_text()

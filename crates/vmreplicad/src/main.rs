@@ -67,6 +67,10 @@ struct Args {
     /// (30/300/900): for tests and demos only.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     cycle_interval_override: Option<u64>,
+    /// How long a VM waits in "resynchronization required" (9) before an automatic
+    /// resynchronization inside its AutoResynchronize window, and between two attempts.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    auto_resync_delay: u64,
     /// Cap on what this host uploads to recovery servers, bytes per second (K/M/G suffixes are
     /// powers of 1024; 0 = none). Shared by every transfer; a log that cannot leave within its
     /// interval turns the next ticks into misses.
@@ -221,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
         claims.clone(),
         args.cycle_interval_override,
         in_flight.clone(),
+        i64::try_from(args.auto_resync_delay).unwrap_or(300),
     ));
     let apply_wake = Arc::new(tokio::sync::Notify::new());
     let engine = engine::LocalEngine {
@@ -259,6 +264,7 @@ async fn main() -> anyhow::Result<()> {
     if reaped > 0 {
         tracing::warn!(reaped, "killed qemu-nbd processes left by an earlier run");
     }
+    let scheduler = primary.clone();
     replication::primary::spawn_scheduler(primary);
     let service = Arc::new(service::Service {
         store,
@@ -271,6 +277,20 @@ async fn main() -> anyhow::Result<()> {
         in_flight,
         listener: listener_control,
     });
+    let resync_with = service.clone();
+    let _ = scheduler.auto_resync.set(Box::new(move |vm| {
+        let service = resync_with.clone();
+        tokio::spawn(async move {
+            let cmd = vmreplica_core::command::Command::Replication {
+                vm: vm.to_string(),
+                operation: vmreplica_core::machine::Operation::Resynchronize,
+                args: vmreplica_core::command::OperationArgs::default(),
+            };
+            if let Err(e) = service.execute(cmd).await {
+                tracing::info!(%vm, "the automatic resynchronization did not start: {e:?}");
+            }
+        });
+    }));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {

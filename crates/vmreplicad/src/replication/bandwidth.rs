@@ -106,7 +106,7 @@ fn parse_minute(text: &str) -> Option<u16> {
 }
 
 /// The local weekday (0 = Monday) and minute of the day now.
-fn local_now() -> (u8, u16) {
+pub(crate) fn local_now() -> (u8, u16) {
     let t: libc::time_t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as libc::time_t)

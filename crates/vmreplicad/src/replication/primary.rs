@@ -100,6 +100,25 @@ pub struct PrimarySide {
     pub in_flight: Arc<InFlight>,
     /// When each running VM's tracked size was last asked for (a sample in progress counts).
     sampled: Mutex<HashMap<Uuid, i64>>,
+    /// Starts a Resynchronize of a VM through the management plane (AutoResynchronize), once wired.
+    pub auto_resync: std::sync::OnceLock<AutoResync>,
+    /// How long a VM waits in 9 before an automatic resynchronization, and between two attempts.
+    pub auto_resync_delay: i64,
+    /// Since when (or since the last automatic attempt) each VM waits in 9.
+    waiting: Mutex<HashMap<Uuid, i64>>,
+}
+
+/// Starts a Resynchronize of a VM (the management plane's command, state machine and claims).
+pub type AutoResync = Box<dyn Fn(Uuid) + Send + Sync>;
+
+/// Whether `now` (seconds since local midnight) is inside the window `start`..`end`, which may
+/// pass midnight (AutoResynchronizeIntervalStart/End, 18:30–06:00 by default).
+pub fn in_window(now: u32, start: u32, end: u32) -> bool {
+    if start <= end {
+        start <= now && now < end
+    } else {
+        now >= start || now < end
+    }
 }
 
 /// Why a cycle failed, and what that means for the relationship (§10).
@@ -159,6 +178,7 @@ impl PrimarySide {
         claims: VmClaims,
         interval_override: Option<u64>,
         in_flight: Arc<InFlight>,
+        auto_resync_delay: i64,
     ) -> PrimarySide {
         PrimarySide {
             store,
@@ -169,6 +189,41 @@ impl PrimarySide {
             transfers: Arc::new(Semaphore::new(MAX_PARALLEL_TRANSFERS)),
             in_flight,
             sampled: Mutex::default(),
+            auto_resync: std::sync::OnceLock::new(),
+            auto_resync_delay,
+            waiting: Mutex::default(),
+        }
+    }
+
+    /// AutoResynchronize: a VM that lost track of its changes (9, not after a failover: that one
+    /// waits for Resynchronize or InitiateFailback by hand) and has waited `auto_resync_delay`
+    /// gets a Resynchronize when its relationship allows it and the local time is inside its
+    /// window; a failed one is tried again one delay later.
+    fn consider_auto_resync(&self, vm: &VmRow, rel: &RelationshipRow, now: i64) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if rel.state != ReplicationState::WaitingToStartResynchronization.as_u16() {
+            waiting.remove(&vm.id);
+            return;
+        }
+        let since = *waiting.entry(vm.id).or_insert(now);
+        let s = &rel.settings;
+        if !s.auto_resynchronize_enabled || now - since < self.auto_resync_delay {
+            return;
+        }
+        let local = u32::from(super::bandwidth::local_now().1) * 60;
+        let window = (
+            s.auto_resynchronize_interval_start,
+            s.auto_resynchronize_interval_end,
+        );
+        if !in_window(local, window.0, window.1)
+            || self.store.failover(vm.id).ok().flatten().is_some()
+        {
+            return;
+        }
+        waiting.insert(vm.id, now);
+        if let Some(start) = self.auto_resync.get() {
+            tracing::info!(vm = %vm.id, "automatic resynchronization (AutoResynchronizeEnabled, inside its window)");
+            start(vm.id);
         }
     }
 
@@ -191,6 +246,7 @@ impl PrimarySide {
             ) else {
                 continue;
             };
+            self.consider_auto_resync(&vm, &rel, now);
             let waiting_for_import =
                 rel.state == ReplicationState::WaitingToCompleteInitialReplication.as_u16();
             let tracking = [
@@ -798,4 +854,18 @@ pub fn spawn_scheduler(primary: Arc<PrimarySide>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod window_tests {
+    #[test]
+    fn windows_may_pass_midnight() {
+        use super::in_window;
+        let (start, end) = (18 * 3600 + 1800, 6 * 3600);
+        assert!(in_window(23 * 3600, start, end));
+        assert!(in_window(3600, start, end));
+        assert!(!in_window(12 * 3600, start, end));
+        assert!(in_window(12 * 3600, 0, 86_399));
+        assert!(!in_window(86_399, 0, 86_399));
+    }
 }
