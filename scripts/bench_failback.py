@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_two_hosts import (  # noqa: E402
-    BIN, PRIMARY, REPLICA, ROOT, Host, drop_caches, free_port, make_image, sh, size_arg, wait)
+    PRIMARY, REPLICA, ROOT, Host, lab_certs, drop_caches, free_port, make_image, sh, size_arg, wait)
 
 BLOCK = 64 << 10
 
@@ -81,12 +81,7 @@ def main():
     print(f"making a {args.size} qcow2, half allocated with random data ...", flush=True)
     make_image(image, size)
 
-    ca = work / "ca"
-    doc = json.loads(sh(BIN / "vmreplica", "--output", "json", "cert", "new", "--host", PRIMARY,
-                        "--host", REPLICA, "--out", ca).stdout)
-    thumbs = {h["host"]: h["thumbprint"] for h in doc["hosts"]}
-    for host, d in ((PRIMARY, "hv1"), (REPLICA, "hv2")):
-        shutil.copytree(ca / host / "certs", work / d / "certs")
+    thumbs = lab_certs(work)
     port1, port2 = free_port(), free_port()
     hv1_args = ["--resolve", f"{REPLICA}=127.0.0.1", "--replication-address", "127.0.0.1",
                 "--cycle-interval-override", "2"]

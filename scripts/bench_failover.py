@@ -11,7 +11,6 @@ The reused pieces (image maker, hosts, certificates) are those of bench_two_host
 """
 
 import argparse
-import json
 import shutil
 import socket
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_two_hosts import (  # noqa: E402
-    BIN, PRIMARY, REPLICA, ROOT, Host, drop_caches, free_port, make_image, sh, size_arg, wait)
+    PRIMARY, REPLICA, ROOT, Host, lab_certs, drop_caches, free_port, make_image, sh, size_arg, wait)
 
 
 def one_size(work, size_text):
@@ -34,12 +33,7 @@ def one_size(work, size_text):
     copy_secs = time.monotonic() - t
     (work / "copy.qcow2").unlink()
 
-    ca = work / "ca"
-    doc = json.loads(sh(BIN / "vmreplica", "--output", "json", "cert", "new", "--host", PRIMARY,
-                        "--host", REPLICA, "--out", ca).stdout)
-    thumbs = {h["host"]: h["thumbprint"] for h in doc["hosts"]}
-    for host, d in ((PRIMARY, "hv1"), (REPLICA, "hv2")):
-        shutil.copytree(ca / host / "certs", work / d / "certs")
+    thumbs = lab_certs(work)
     repl_port = free_port()
     hv1 = Host(work / "hv1", PRIMARY, ["--resolve", f"{REPLICA}=127.0.0.1", "--cycle-interval-override", "2"])
     hv2 = Host(work / "hv2", REPLICA, ["--replication-address", "127.0.0.1"])

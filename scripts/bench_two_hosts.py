@@ -108,6 +108,16 @@ def delta_lines(log):
             for m in re.finditer(r"delta replicated .*sequence=(\d+) bytes=(\d+) ms=(\d+)", text)]
 
 
+def lab_certs(work):
+    """A lab CA in work/ca, certificates for both hosts installed in work/hv1 and work/hv2;
+    returns the thumbprint of each host."""
+    doc = json.loads(sh(BIN / "vmreplica", "--output", "json", "cert", "new", "--host", PRIMARY,
+                        "--host", REPLICA, "--out", work / "ca").stdout)
+    for host, d in ((PRIMARY, "hv1"), (REPLICA, "hv2")):
+        shutil.copytree(work / "ca" / host / "certs", work / d / "certs")
+    return {h["host"]: h["thumbprint"] for h in doc["hosts"]}
+
+
 def wait(pred, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -157,12 +167,7 @@ def main():
         rsyncd.terminate()
         shutil.rmtree(rsync_dir)
 
-    ca = work / "ca"
-    doc = json.loads(sh(BIN / "vmreplica", "--output", "json", "cert", "new", "--host", PRIMARY,
-                        "--host", REPLICA, "--out", ca).stdout)
-    thumbs = {h["host"]: h["thumbprint"] for h in doc["hosts"]}
-    for host, d in ((PRIMARY, "hv1"), (REPLICA, "hv2")):
-        shutil.copytree(ca / host / "certs", work / d / "certs")
+    thumbs = lab_certs(work)
     repl_port = free_port()
     hv1 = Host(work / "hv1", PRIMARY, ["--resolve", f"{REPLICA}=127.0.0.1"])
     hv2 = Host(work / "hv2", REPLICA, ["--replication-address", "127.0.0.1"])

@@ -629,6 +629,18 @@ def protected_and_suspended(lab, tmp_path, name):
     return disk, vm_id
 
 
+def lost_and_failed_over(lab, tmp_path, name):
+    """hv1 becomes a recovery server for hv2 and is lost; hv2 fails over unplanned and commits.
+    Returns (hv1's replica storage, hv2's disk)."""
+    hv1_storage = tmp_path / "hv1-storage"
+    serve(lab.primary, lab.t1, REPLICA, hv1_storage)
+    lab.primary.stop()
+    lab.replica.cli("failover", name)
+    lab.replica.cli("complete", name)
+    (new_disk,) = vm_disks(lab.replica, name)
+    return hv1_storage, new_disk
+
+
 def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it_was_and_runs_again(lab, tmp_path):
     import os
     import signal
@@ -640,13 +652,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)  # never replicated
     before = tmp_path / "old-primary-before.raw"
     run("qemu-img", "convert", "-O", "raw", disk, before)
-    hv1_storage = tmp_path / "hv1-storage"
-    serve(lab.primary, lab.t1, REPLICA, hv1_storage)
-    lab.primary.stop()
-
-    lab.replica.cli("failover", "fb02")
-    lab.replica.cli("complete", "fb02")
-    (new_disk,) = vm_disks(lab.replica, "fb02")
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb02")
     noise = tmp_path / "noise"
     noise.write_bytes(os.urandom(16 << 20))
     run("qemu-io", "-f", "qcow2", "-c", f"write -s {noise} 32M 16M", new_disk)
@@ -719,12 +725,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
 def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_process(lab, tmp_path):
     disk, vm_id = protected_and_suspended(lab, tmp_path, "fb03")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x41 20M 256k", disk)  # never replicated
-    hv1_storage = tmp_path / "hv1-storage"
-    serve(lab.primary, lab.t1, REPLICA, hv1_storage)
-    lab.primary.stop()
-    lab.replica.cli("failover", "fb03")
-    lab.replica.cli("complete", "fb03")
-    (new_disk,) = vm_disks(lab.replica, "fb03")
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb03")
     qsd_dir = tmp_path / "qsd"
     qsd_dir.mkdir()
     qsd = Qsd(new_disk, qsd_dir)  # the new primary runs the VM

@@ -212,17 +212,8 @@ enum VmVerb {
         /// The VM's GUID (default: a new one).
         #[arg(long)]
         id: Option<uuid::Uuid>,
-        /// QMP socket of the QEMU process running the VM.
-        #[arg(long)]
-        qmp_socket: Option<String>,
-        #[arg(long)]
-        start_command: Option<String>,
-        #[arg(long)]
-        stop_command: Option<String>,
-        /// Unix socket of an NBD server the VM's QEMU process already runs (replication starts its
-        /// own otherwise; a QEMU process can run only one).
-        #[arg(long, requires = "qmp_socket")]
-        nbd_socket: Option<String>,
+        #[command(flatten)]
+        power: PowerArgs,
     },
     /// List the VMs.
     List,
@@ -232,14 +223,8 @@ enum VmVerb {
     /// replica VM gets one here; its start command finds the current disks in $VMREPLICA_DISK0…).
     Power {
         vm: String,
-        #[arg(long)]
-        qmp_socket: Option<String>,
-        #[arg(long)]
-        start_command: Option<String>,
-        #[arg(long)]
-        stop_command: Option<String>,
-        #[arg(long, requires = "qmp_socket")]
-        nbd_socket: Option<String>,
+        #[command(flatten)]
+        power: PowerArgs,
     },
     /// Start a VM (runs its start command; Msvm_ComputerSystem.RequestStateChange(2)).
     Start { vm: String },
@@ -325,6 +310,33 @@ struct EnableArgs {
     /// Disks to replicate (default: all).
     #[arg(long = "disk")]
     disks: Vec<String>,
+}
+
+/// How the daemon starts, stops and sees a VM run (a `PowerControl`).
+#[derive(Args)]
+struct PowerArgs {
+    /// QMP socket of the QEMU process running the VM.
+    #[arg(long)]
+    qmp_socket: Option<String>,
+    #[arg(long)]
+    start_command: Option<String>,
+    #[arg(long)]
+    stop_command: Option<String>,
+    /// Unix socket of an NBD server the VM's QEMU process already runs (replication starts its
+    /// own otherwise; a QEMU process can run only one).
+    #[arg(long, requires = "qmp_socket")]
+    nbd_socket: Option<String>,
+}
+
+impl From<PowerArgs> for PowerControl {
+    fn from(a: PowerArgs) -> PowerControl {
+        PowerControl {
+            qmp_socket: a.qmp_socket,
+            start_command: a.start_command,
+            stop_command: a.stop_command,
+            nbd_socket: a.nbd_socket,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -494,21 +506,13 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             name,
             disks,
             id,
-            qmp_socket,
-            start_command,
-            stop_command,
-            nbd_socket,
+            power,
         }) => {
             let disks = disks
                 .iter()
                 .map(|d| absolute(d))
                 .collect::<Result<_, _>>()?;
-            let power = PowerControl {
-                qmp_socket,
-                start_command,
-                stop_command,
-                nbd_socket,
-            };
+            let power = PowerControl::from(power);
             Command::AddVm(VmDefinition {
                 name,
                 disks,
@@ -516,20 +520,9 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
                 power,
             })
         }
-        Verb::Vm(VmVerb::Power {
+        Verb::Vm(VmVerb::Power { vm, power }) => Command::SetPowerControl {
             vm,
-            qmp_socket,
-            start_command,
-            stop_command,
-            nbd_socket,
-        }) => Command::SetPowerControl {
-            vm,
-            power: PowerControl {
-                qmp_socket,
-                start_command,
-                stop_command,
-                nbd_socket,
-            },
+            power: power.into(),
         },
         Verb::Vm(VmVerb::List) => Command::ListVms,
         Verb::Vm(VmVerb::Remove { vm }) => Command::RemoveVm { vm },

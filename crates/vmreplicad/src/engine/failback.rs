@@ -38,8 +38,7 @@ use vmreplica_core::job::{JobState, JobType};
 use vmreplica_core::settings::AuthorizationEntry;
 use vmreplica_core::state::{ReplicationMode, ReplicationState};
 use wire::protocol::{
-    BeginCompare, CompareSession, ErrorCode, FailbackBase, FailbackStatus, ReverseFrom, Route,
-    StartFailback,
+    BeginCompare, CompareSession, ErrorCode, FailbackBase, FailbackStatus, Route, StartFailback,
 };
 use wire::{Compression, LogHeader, LogWriter, PointType};
 
@@ -706,16 +705,7 @@ async fn send(
         .map_err(|e| e.into_failure("connecting to the old primary"))?;
     // 1. The old primary takes its disks in as they are and prepares its base.
     let mut put = put_vm(vm, rel, &job.peers.host, 1)?;
-    put.reverse = Some(ReverseFrom {
-        sequence: f.point.max(1),
-        log_hash: if f.log_hash.is_empty() {
-            "0".repeat(64)
-        } else {
-            f.log_hash.clone()
-        },
-        resync: true,
-        failback: true,
-    });
+    put.reverse = Some(f.resync_reverse(true));
     session
         .json_within::<_, wire::protocol::ReplicaVm>(Route::PutVm(vm.id), Some(&put), REVERSE_LIMIT)
         .await

@@ -38,6 +38,23 @@ pub struct FailoverRow {
     pub disks_before: Vec<String>,
 }
 
+impl FailoverRow {
+    /// The `PutVm::reverse` that makes the old primary take its disks as they are after this
+    /// unplanned failover (a resync follows; with `failback`, a failback's compare).
+    pub fn resync_reverse(&self, failback: bool) -> wire::protocol::ReverseFrom {
+        wire::protocol::ReverseFrom {
+            sequence: self.point.max(1),
+            log_hash: if self.log_hash.is_empty() {
+                "0".repeat(64)
+            } else {
+                self.log_hash.clone()
+            },
+            resync: true,
+            failback,
+        }
+    }
+}
+
 impl Store {
     pub fn failover(&self, vm: Uuid) -> StoreResult<Option<FailoverRow>> {
         let raw: Option<(i64, String, String)> = self

@@ -80,16 +80,7 @@ pub async fn resync(
     // After a reversed unplanned failover, the old primary first becomes the replica, its own
     // disks the point to compare with (docs/protocol.md §5.7).
     if let Some(f) = job.store.failover(vm.id)? {
-        put.reverse = Some(wire::protocol::ReverseFrom {
-            sequence: f.point.max(1),
-            log_hash: if f.log_hash.is_empty() {
-                "0".repeat(64)
-            } else {
-                f.log_hash.clone()
-            },
-            resync: true,
-            failback: false,
-        });
+        put.reverse = Some(f.resync_reverse(false));
         session
             .json::<_, wire::protocol::ReplicaVm>(Route::PutVm(vm.id), Some(&put))
             .await
