@@ -14,6 +14,7 @@ from pywbem import CIMDateTime, CIMInstanceName, Uint16
 
 from conftest import free_port, wait_job
 from test_two_hosts import (  # noqa: F401  (lab is a fixture)
+    shipped_since,
     PRIMARY,
     REPLICA,
     Qsd,
@@ -81,9 +82,8 @@ def test_a_test_failover_sees_one_point_while_three_cycles_run_underneath(lab, t
     run("qemu-img", "convert", "-O", "raw", overlay, tmp_path / "test-vm-view.raw")
     rrsc(p, pvm, 3)
     for k in range(3):
-        before = applied_sequence(lab, vm_id)
         run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x50 + k} {8 + k}M 128k", disk)
-        wait_for(lambda: applied_sequence(lab, vm_id) > before, what=f"cycle {k + 1} under the test VM")
+        shipped_since(lab, vm_id, time.time())
     rrsc(p, pvm, 7)
     latest = settled(lab, vm_id)
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{latest:020}.qcow2", disk, "qcow2")
@@ -148,9 +148,8 @@ def test_unplanned_failover_to_an_earlier_point_then_revert_and_commit(lab, tmp_
     lab.replica.cli("failover", "ufo01", "--test", "--point", str(early))
     rrsc(p, pvm, 3)
     for k in range(2):
-        before = applied_sequence(lab, vm_id)
         run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x60 + k} {12 + k}M 256k", disk)
-        wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta")
+        shipped_since(lab, vm_id, time.time())
     rrsc(p, pvm, 7)
     latest = settled(lab, vm_id)
     assert latest > early
@@ -265,9 +264,8 @@ def test_planned_failover_loses_nothing_and_can_be_cancelled(lab, tmp_path):
     if rv == 4096:
         assert wait_job(p, out["Job"])["JobState"] == 7
     assert vm_by_name(p, "pfo01")["ReplicationState"] == 3
-    before = applied_sequence(lab, vm_id)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x45 9M 64k", disk)
-    wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta after the cancelled failover")
+    shipped_since(lab, vm_id, time.time())
     rrsc(p, pvm, 7)
     seq = settled(lab, vm_id)
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
@@ -356,7 +354,7 @@ def test_planned_failover_and_reverse_continue_without_resynchronization(lab, tm
     # The overlay hv2 ran on was taken in as the common point and is gone.
     assert list((lab.storage / vm_id.lower() / "overlays").iterdir()) == []
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x7f 15M 64k", home_disk)
-    wait_for(lambda: applied_sequence(lab, vm_id) > back, timeout=30, what="a log in the original direction")
+    assert shipped_since(lab, vm_id, time.time()) > back  # a log in the original direction
     rrsc(p, pvm, 7)
     seq = settled(lab, vm_id)
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", home_disk, "qcow2")
@@ -433,7 +431,7 @@ def test_a_resync_after_the_tracking_data_was_deleted_sends_only_the_differing_b
     # Deltas continue from the resynchronized point.
     rrsc(p, pvm, 3)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 33M 64k", disk)
-    wait_for(lambda: applied_sequence(lab, vm_id) > before + 1, what="a delta after the resync")
+    shipped_since(lab, vm_id, time.time())
     rrsc(p, pvm, 7)
     seq = settled(lab, vm_id)
     same, text = compare(store / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
@@ -533,9 +531,8 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     rrsc(p, pvm, 3)
     # Two logs the replica will never apply as the VM's state: the failover goes to `early`.
     for k in range(2):
-        before = applied_sequence(lab, vm_id)
         run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x21 + k} {20 + k}M 256k", disk)
-        wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta")
+        shipped_since(lab, vm_id, time.time())
     rrsc(p, pvm, 7)
     settled(lab, vm_id)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x23 30M 256k", disk)  # never replicated
@@ -609,7 +606,7 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (2, 3)
     back = applied_sequence(lab, vm_id)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x27 52M 64k", home_disk)
-    wait_for(lambda: applied_sequence(lab, vm_id) > back, timeout=30, what="a log in the original direction")
+    assert shipped_since(lab, vm_id, time.time()) > back  # a log in the original direction
     rrsc(p, pvm, 7)
     seq = settled(lab, vm_id)
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", home_disk, "qcow2")

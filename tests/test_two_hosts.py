@@ -383,6 +383,18 @@ def applied_sequence(lab, vm_id):
         return c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()["last_applied_sequence"]
 
 
+def shipped_since(lab, vm_id, t):
+    """Waits until the replica applied a point taken after wall time `t` (a cycle that began after
+    a write ending at `t` holds it; one already running when it was written may not); returns it."""
+    def done():
+        with raw_peer(lab) as c:
+            d = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()
+        last = d["last_committed"]
+        fresh = last["point_time"] / 1e6 > t and d["last_applied_sequence"] >= last["sequence"]
+        return last["sequence"] if fresh else None
+    return wait_for(done, what="a point taken after the write")
+
+
 def settled(lab, vm_id):
     """After a suspend: waits until every committed log is applied; returns the last sequence."""
     def done():
@@ -597,9 +609,8 @@ def test_a_running_vm_with_a_raw_disk_is_tracked_while_its_qemu_runs(lab, tmp_pa
             return seq
 
         for k in range(3):
-            before = applied_sequence(lab, vm_id)
             qsd.write(f"write -P {0x21 + k} {k * 5}M 192k")
-            wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta")
+            shipped_since(lab, vm_id, time.time())
         seq = shipped_equal()
         log = lab.primary.log.read_text()
         assert "replication cycle failed" not in log, log[-2000:]
@@ -608,7 +619,7 @@ def test_a_running_vm_with_a_raw_disk_is_tracked_while_its_qemu_runs(lab, tmp_pa
         qsd.stop()
         qsd = Qsd(disk, tmp_path, fmt="raw")
         qsd.write("write -P 0x7e 9M 64k")
-        wait_for(lambda: applied_sequence(lab, vm_id) > seq, what="a cycle after QEMU restarted")
+        shipped_since(lab, vm_id, time.time())
         shipped_equal()
         assert "hash-scanning it once" in lab.primary.log.read_text()
     finally:
@@ -633,7 +644,7 @@ def test_offline_initial_replication_then_deltas_continue_over_the_network(lab, 
     # The primary notices the import and replicates from there.
     wait_for(lambda: vm_by_name(p, "off01")["ReplicationState"] == 3, what="the primary to see the import")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 3M 256k", disk)
-    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta after the import")
+    shipped_since(lab, vm_id, time.time())
     rrsc(p, vm_by_name(p, "off01"), 7)
     seq = settled(lab, vm_id)
     layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
@@ -952,7 +963,7 @@ def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_p
             equal(2)
         # Deltas continue from there (for a running VM, from its dirty bitmap).
         write("write -P 0x6b 50M 64k")
-        wait_for(lambda: applied_sequence(lab, vm_id) >= 3, what="a delta after the seeded replication")
+        shipped_since(lab, vm_id, time.time())
         rrsc(p, vm, 7)
         equal(settled(lab, vm_id))
         if running:
