@@ -10,6 +10,10 @@ delta algorithm). Reported: time and bytes sent, and the ratios the issue sets (
 most 1.1x the divergent bytes, time at most 10 % of a full re-seed).
 
     python3 scripts/bench_failback.py [--size 8G] [--divergence 0.01] [--dir bench-data/failback] [--keep]
+                                      [--resync]
+
+With --resync, hv2 instead reverses the relationship and runs Resynchronize (Hyper-V's way back
+without failback: both disks are hashed in full and compared, only the differing blocks travel).
 
 Not part of CI. Needs about 4x --size of free space. Release binaries are built first.
 """
@@ -70,6 +74,7 @@ def main():
     ap.add_argument("--divergence", type=float, default=0.01, help="share of the disk each side writes")
     ap.add_argument("--dir", default="bench-data/failback")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (daemon logs) afterwards")
+    ap.add_argument("--resync", action="store_true", help="reverse + Resynchronize instead of failback")
     args = ap.parse_args()
     size = size_arg(args.size)
     work = (ROOT / args.dir).resolve()
@@ -140,17 +145,25 @@ def main():
         b2 = scatter(Path(new_disk), blocks - blocks // 2, 3, work / "noise")
         divergent = len(set(a) | set(b1) | set(b2)) * BLOCK
 
+        if args.resync:
+            hv2.cli("reverse", "fb01", "--replica-server", PRIMARY, "--replica-port", str(port1),
+                    "--thumbprint", thumbs[REPLICA])
         hv1 = Host(work / "hv1", PRIMARY, hv1_args)
-        print("failback ...", flush=True)
+        print("resync ..." if args.resync else "failback ...", flush=True)
         drop_caches()
         t = time.monotonic()
-        hv1.cli("failback", "fb01")
+        if args.resync:
+            hv2.cli("resync", "fb01")
+            wait(lambda: "resynchronization applied" in hv1.log.read_text(), 600, "the resync applied")
+        else:
+            hv1.cli("failback", "fb01")
         failback_secs = time.monotonic() - t
         measured = json.loads(hv2.cli("--output", "json", "measure", "fb01"))
         failback_bytes = measured.get("replication_size", 0)
-        jobs = json.loads(hv1.cli("--output", "json", "job", "list"))["jobs"]
-        said = [j["description"] for j in jobs if j.get("job_type") == 124][-1:]
-        rows.append(("vmreplica failback (InitiateFailback)", failback_secs, failback_bytes))
+        jobs = json.loads((hv2 if args.resync else hv1).cli("--output", "json", "job", "list"))["jobs"]
+        said = [j["description"] for j in jobs if j.get("job_type") == (107 if args.resync else 124)][-1:]
+        rows.append(("vmreplica reverse + Resynchronize" if args.resync else "vmreplica failback (InitiateFailback)",
+                     failback_secs, failback_bytes))
         last = max(int(f.stem[1:]) for f in (storage1 / vm_id.lower()).glob("p*.json"))
         layer = storage1 / vm_id.lower() / "disk0" / f"p{last:020}.qcow2"
         same = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(layer), new_disk],
@@ -185,7 +198,7 @@ def main():
                 pass
 
     print()
-    print(f"Failback of a {args.size} disk, {blocks} random 64 KiB blocks written on each side "
+    print(f"{'Reverse + resync' if args.resync else 'Failback'} of a {args.size} disk, {blocks} random 64 KiB blocks written on each side "
           f"({divergent} divergent bytes); hv1's disk equals hv2's afterwards: {same}")
     if said:
         print(f"job: {said[0]}")

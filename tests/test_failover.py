@@ -427,6 +427,9 @@ def test_a_resync_after_the_tracking_data_was_deleted_sends_only_the_differing_b
     # The older recovery points are gone, as after a Hyper-V resync (whatever RecoveryHistory says).
     assert sorted(int(f.stem[1:]) for f in store.glob("p*.json")) == [before + 1]
     assert "resynchronization applied; the older recovery points go" in lab.replica.log.read_text()
+    # Both sides hashed at once: every range found the replica's hashes already made.
+    closed = re.findall(r"blocks_hashed_ahead=(\d+) blocks_read_by_ranges=(\d+)", plain_log(lab.replica))
+    assert closed and int(closed[-1][0]) > 0 and closed[-1][1] == "0", closed
 
     # Deltas continue from the resynchronized point.
     rrsc(p, pvm, 3)
@@ -486,6 +489,11 @@ def test_unplanned_failover_reverse_and_resync_send_only_what_diverged(lab, tmp_
     assert (128 << 10) < sent <= 1.1 * divergent + (64 << 10), sent
     # The old primary's own image file is kept as it was.
     assert disk.exists()
+    # The old primary hashed its disks while it copied them: the compare read nothing more.
+    log1 = plain_log(lab.primary)
+    assert "the replica's hashes of disk 0 come from the map its copy made" in log1
+    closed = re.findall(r"blocks_hashed_ahead=(\d+) blocks_read_by_ranges=(\d+)", log1)
+    assert closed and int(closed[-1][0]) > 0 and closed[-1][1] == "0", closed
     # Deltas flow in the new direction.
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 44M 64k", new_disk)
     wait_for(lambda: points()[-1] > imported + 1, what="a delta to the old primary")
@@ -612,6 +620,11 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", home_disk, "qcow2")
     assert same, text
     assert port1
+
+
+def plain_log(daemon):
+    """A daemon's log without its terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", daemon.log.read_text())
 
 
 def protected_and_suspended(lab, tmp_path, name):

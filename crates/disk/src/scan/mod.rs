@@ -275,6 +275,52 @@ pub async fn scan_disk_ranges<W: Write>(
     Ok((map.finish()?, stats))
 }
 
+/// The hashes of blocks `first..first + count` of `source` (as [`hashmap::block_hash`]; ZERO for a
+/// block its allocation calls zero, known without reading it), appended to `out`, in order. Reads
+/// consecutive data blocks at once, up to 4 MiB. Returns the bytes read.
+pub async fn hash_blocks(
+    source: &mut Source<'_>,
+    first: u64,
+    count: u64,
+    block_size: u32,
+    out: &mut Vec<[u8; hashmap::HASH_LEN]>,
+) -> Result<u64, ScanError> {
+    hashmap::check_block_size(block_size)?;
+    let size = source.size()?;
+    let bs = u64::from(block_size);
+    let start = first.saturating_mul(bs).min(size);
+    let end = first.saturating_add(count).saturating_mul(bs).min(size);
+    let mut read = 0;
+    let mut buf = Vec::new();
+    let mut chunk_start = start;
+    while chunk_start < end {
+        let chunk_end = (chunk_start + MAP_CHUNK).min(end);
+        let extents = source.allocation(chunk_start, chunk_end - chunk_start).await?;
+        let mut off = chunk_start;
+        while off < chunk_end {
+            let mut run_end = off;
+            while run_end < chunk_end
+                && run_end - off < READ_RUN
+                && !all_zero(&extents, run_end, bs.min(size - run_end))
+            {
+                run_end += bs.min(size - run_end);
+            }
+            if run_end > off {
+                buf.resize(usize::try_from(run_end - off).unwrap_or(usize::MAX), 0);
+                source.read(off, &mut buf).await?;
+                read += run_end - off;
+                out.extend(buf.chunks(block_size as usize).map(block_hash));
+                off = run_end;
+            } else {
+                out.push(ZERO);
+                off += bs.min(size - off);
+            }
+        }
+        chunk_start = chunk_end;
+    }
+    Ok(read)
+}
+
 /// The candidate ranges, consulted in increasing offset order.
 struct Candidates<'a> {
     ranges: Option<&'a [(u64, u64)]>,

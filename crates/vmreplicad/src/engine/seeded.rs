@@ -30,6 +30,11 @@ use crate::replication::chain::{ChainRow, StatEvent};
 use crate::replication::client::GrowingLog;
 use crate::store::{RelationshipRow, VmRow};
 
+/// Blocks per compared range (256 MiB at 64 KiB): a range answers within seconds, in step with
+/// the replica's own hashing (replication::prehash), far under the request timeout.
+const RANGE_BLOCKS: usize = 4096;
+const _: () = assert!(RANGE_BLOCKS <= MAX_COMPARE_BLOCKS as usize);
+
 pub(super) fn fail(message: impl Into<String>, action: &str) -> JobFailure {
     JobFailure::failed(message, action)
 }
@@ -51,7 +56,8 @@ pub async fn run(
     let (session, put) = open_empty_replica(&job, &vm, &rel, 3).await?;
     let running = freeze_if_running(&vm, &job.data_dir).await?;
     let result =
-        compare_and_send(&ctx, &job, &vm, &mut rel, session, put, running.as_ref(), 1).await;
+        compare_and_send(&ctx, &job, &vm, &mut rel, session, (put, None), running.as_ref(), 1)
+            .await;
     if let Some(r) = running {
         if let Err(e) = r.finish(result.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
@@ -71,25 +77,30 @@ pub async fn resync(
     mut rel: RelationshipRow,
 ) -> Result<RelationshipRow, JobFailure> {
     let target = target(&rel);
-    let mut session = job
+    let session = job
         .peers
         .connect(&target)
         .await
         .map_err(|e| e.into_failure("connecting to the recovery server"))?;
-    let mut put = super::network::put_vm(&vm, &rel, &job.peers.host, 1)?;
+    let put = super::network::put_vm(&vm, &rel, &job.peers.host, 1)?;
     // After a reversed unplanned failover, the old primary first becomes the replica, its own
     // disks the point to compare with (docs/protocol.md §5.7).
-    if let Some(f) = job.store.failover(vm.id)? {
-        put.reverse = Some(f.resync_reverse(false));
-        session
-            .json::<_, wire::protocol::ReplicaVm>(Route::PutVm(vm.id), Some(&put))
-            .await
-            .map_err(|e| e.into_failure("making the old primary the replica"))?;
-        put.reverse = None;
-    }
+    let reverse = job
+        .store
+        .failover(vm.id)?
+        .map(|f| f.resync_reverse(false));
     let running = freeze_if_running(&vm, &job.data_dir).await?;
-    let result =
-        compare_and_send(&ctx, &job, &vm, &mut rel, session, put, running.as_ref(), 2).await;
+    let result = compare_and_send(
+        &ctx,
+        &job,
+        &vm,
+        &mut rel,
+        session,
+        (put, reverse),
+        running.as_ref(),
+        2,
+    )
+    .await;
     if let Some(r) = running {
         if let Err(e) = r.finish(result.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
@@ -103,7 +114,8 @@ pub async fn resync(
 }
 
 /// Hashes, compares (`kind` 1 against a seed, 2 against the latest point) and sends; `running` is
-/// the frozen point of a running VM.
+/// the frozen point of a running VM. With `reverse`, the replica is first asked to take its own
+/// disks as the point compared with (a resync after a reversed unplanned failover).
 #[allow(clippy::too_many_arguments)]
 async fn compare_and_send(
     ctx: &JobContext,
@@ -111,18 +123,63 @@ async fn compare_and_send(
     vm: &VmRow,
     rel: &mut RelationshipRow,
     mut session: crate::replication::client::Session,
-    put: PutVm,
+    (put, reverse): (PutVm, Option<wire::protocol::ReverseFrom>),
     running: Option<&RunningPoint>,
     kind: u16,
 ) -> Result<(), JobFailure> {
-    // 1. This side's block hashes (the maps of the next delta); no data is kept.
+    // 1. Both sides hash at the same time: this side its disks, while the replica takes in its
+    //    copy (reverse: its own disks, hashed as they are copied; kind 1: the seed) and hashes it
+    //    in the background once the session begins (replication::prehash).
     let disks = disk_table(vm)?;
-    let tracking = job
-        .data_dir
-        .join("tracking")
-        .join(vm.id.to_string().to_uppercase());
-    std::fs::create_dir_all(&tracking).map_err(local)?;
-    let header = |sequence, parent, full_image| LogHeader {
+    let prepare = async {
+        if let Some(from) = reverse {
+            let mut put = put.clone();
+            put.reverse = Some(from);
+            session
+                .json_within::<_, wire::protocol::ReplicaVm>(
+                    Route::PutVm(vm.id),
+                    Some(&put),
+                    super::reverse::REVERSE_LIMIT,
+                )
+                .await
+                .map_err(|e| e.into_failure("making the old primary the replica"))?;
+        }
+        let begin = BeginCompare {
+            kind,
+            block_size: DEFAULT_BLOCK_SIZE,
+            disks: put.disks.clone(),
+        };
+        session
+            .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(&begin))
+            .await
+            .map(|(_, cs)| cs)
+            .map_err(|e| e.into_failure("beginning the comparison"))
+    };
+    let (own, cs) = tokio::join!(hash_own(ctx, job, vm, &disks, running), prepare);
+    let cs = cs?;
+    let id = cs.id;
+    let result = match own {
+        Ok(own) => compare_begun(ctx, job, vm, rel, &mut session, running, kind, cs, own).await,
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        // Best effort: the replica drops the session (and its pin) now rather than at the next.
+        let _ = session
+            .json::<(), CompareSession>(Route::CancelCompare(vm.id, id), None)
+            .await;
+    }
+    result
+}
+
+/// The header of a log of `vm` (disk table `disks`).
+fn log_header(
+    vm: &VmRow,
+    disks: &[(String, u64)],
+    sequence: u64,
+    parent: u64,
+    full_image: bool,
+) -> LogHeader {
+    LogHeader {
         vm: vm.id,
         relationship: 0,
         sequence,
@@ -130,10 +187,29 @@ async fn compare_and_send(
         point_time_micros: now() * 1_000_000,
         point_type: PointType::Standard,
         full_image,
-        disks: super::initial::log_disks(&disks),
-    };
-    let mut hashes_only = LogWriter::new(std::io::sink(), header(1, 0, true), Compression::Off)
-        .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+        disks: super::initial::log_disks(disks),
+    }
+}
+
+/// This side's block hashes, one map per disk (the maps of the next delta); no data is kept.
+async fn hash_own(
+    ctx: &JobContext,
+    job: &NetworkIr,
+    vm: &VmRow,
+    disks: &[(String, u64)],
+    running: Option<&RunningPoint>,
+) -> Result<Vec<std::path::PathBuf>, JobFailure> {
+    let tracking = job
+        .data_dir
+        .join("tracking")
+        .join(vm.id.to_string().to_uppercase());
+    std::fs::create_dir_all(&tracking).map_err(local)?;
+    let mut hashes_only = LogWriter::new(
+        std::io::sink(),
+        log_header(vm, disks, 1, 0, true),
+        Compression::Off,
+    )
+    .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
     let mut own = Vec::new();
     for (i, (format, _)) in disks.iter().enumerate() {
         ctx.check_cancelled()?;
@@ -157,18 +233,30 @@ async fn compare_and_send(
             }
         });
     }
+    Ok(own)
+}
+
+/// [`compare_and_send`] once the replica began the session `cs` and this side's maps are `own`.
+#[allow(clippy::too_many_arguments)]
+async fn compare_begun(
+    ctx: &JobContext,
+    job: &NetworkIr,
+    vm: &VmRow,
+    rel: &mut RelationshipRow,
+    session: &mut crate::replication::client::Session,
+    running: Option<&RunningPoint>,
+    kind: u16,
+    mut cs: CompareSession,
+    own: Vec<std::path::PathBuf>,
+) -> Result<(), JobFailure> {
+    let disks = disk_table(vm)?;
+    let tracking = job
+        .data_dir
+        .join("tracking")
+        .join(vm.id.to_string().to_uppercase());
     ctx.progress(30)?;
 
-    // 2. The replica imports its copy as point 1 and compares.
-    let begin = BeginCompare {
-        kind,
-        block_size: DEFAULT_BLOCK_SIZE,
-        disks: put.disks.clone(),
-    };
-    let (_, mut cs) = session
-        .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(&begin))
-        .await
-        .map_err(|e| e.into_failure("beginning the comparison"))?;
+    // 2. Once the replica is ready (kind 1: its copy imported as point 1), the ranges compare.
     while cs.state == 1 {
         ctx.check_cancelled()?;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -193,7 +281,7 @@ async fn compare_and_send(
         let mut first = 0u64;
         loop {
             let mut hashes = Vec::new();
-            while hashes.len() < MAX_COMPARE_BLOCKS as usize {
+            while hashes.len() < RANGE_BLOCKS {
                 match reader.next_hash().map_err(local)? {
                     Some(h) => hashes.push(h),
                     None => break,
@@ -255,7 +343,7 @@ async fn compare_and_send(
     let file = std::fs::File::create(&spool).map_err(local)?;
     let mut log = LogWriter::new(
         std::io::BufWriter::with_capacity(1 << 20, file),
-        header(cs.next_sequence, cs.baseline_sequence, false),
+        log_header(vm, &disks, cs.next_sequence, cs.baseline_sequence, false),
         if rel.settings.compression_enabled {
             Compression::default()
         } else {
@@ -311,7 +399,7 @@ async fn compare_and_send(
         job,
         vm,
         rel,
-        &mut session,
+        session,
         (log, &spool),
         &maps,
         &changed,

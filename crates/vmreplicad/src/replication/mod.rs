@@ -7,6 +7,7 @@ pub mod client;
 pub mod failback;
 pub mod journal;
 pub mod peer_certs;
+pub mod prehash;
 pub mod primary;
 pub mod records;
 pub mod replica;

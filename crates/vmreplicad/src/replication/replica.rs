@@ -144,6 +144,8 @@ pub struct Compare {
     resync: bool,
     /// Kind 3: a failback's (the old primary offers its base, `replication::failback`).
     failback: bool,
+    /// This side's hashes of `images`, made in the background once the session is ready.
+    prehash: super::prehash::Prehash,
 }
 
 impl Compare {
@@ -161,10 +163,17 @@ impl Compare {
             baseline,
             next: baseline + 1,
             block_size,
+            prehash: super::prehash::Prehash::idle(images.len()),
             images,
             resync,
             failback: false,
         }
+    }
+
+    /// Starts hashing this side's images in the background (kinds 1 and 2, once ready), so the
+    /// replica hashes while the primary does.
+    pub(super) fn start_prehash(&self, kept: Option<Vec<PathBuf>>) {
+        self.prehash.start(self.images.clone(), self.block_size, kept);
     }
 
     /// The session of a failback (kind 3).
@@ -426,6 +435,7 @@ impl ReplicaSide {
             baseline: 1,
             next: 2,
             block_size: begin.block_size,
+            prehash: super::prehash::Prehash::idle(images.len()),
             images,
             resync: false,
             failback: false,
@@ -438,7 +448,10 @@ impl ReplicaSide {
         tokio::spawn(async move {
             let result = me.import_seed(vm, &c, disks).await;
             match result {
-                Ok(()) => c.state.store(2, std::sync::atomic::Ordering::Release),
+                Ok(()) => {
+                    c.state.store(2, std::sync::atomic::Ordering::Release);
+                    c.start_prehash(None);
+                }
                 Err(why) => {
                     tracing::error!(%vm, "importing the seed failed: {why}");
                     *c.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
@@ -592,7 +605,6 @@ impl ReplicaSide {
                 format!("no disk {}", range.disk),
             ));
         };
-        let bs = u64::from(c.block_size);
         let blocks = disk::scan::hashmap::block_count(size, c.block_size);
         let count = range.hashes.len() as u64;
         if range.first_block + count > blocks {
@@ -602,32 +614,49 @@ impl ReplicaSide {
             ));
         }
         let first = range.first_block;
+        // The hashes this side made ahead (prehash), the rest read now.
+        let known = c.prehash.take(range.disk as usize, first, count).await;
+        let block_size = c.block_size;
+        c.prehash.count(known.len() as u64, count - known.len() as u64);
         let bits = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-            let mut bits = vec![0u8; (count as usize).div_ceil(8)];
-            let raw = (format == "raw")
-                .then(|| std::fs::File::open(&image))
-                .transpose()
-                .map_err(|e| e.to_string())?;
-            let mapped = match &raw {
-                Some(_) => None,
-                None => Some(
-                    disk::scan::mapped::MappedImage::open(Path::new(&image), &format)
-                        .map_err(|e| crate::error_chain(&e))?,
-                ),
-            };
-            let mut source = match (&raw, &mapped) {
-                (Some(f), _) => disk::scan::Source::RawFile(f),
-                (None, Some(m)) => disk::scan::Source::Mapped(m),
-                _ => return Err("no source".into()),
-            };
-            let rt = tokio::runtime::Handle::current();
-            let mut buf = vec![0u8; bs as usize];
-            for (i, want) in range.hashes.iter().enumerate() {
-                let off = (first + i as u64) * bs;
-                let len = bs.min(size - off) as usize;
-                rt.block_on(source.read(off, &mut buf[..len]))
+            let mut hashes = known;
+            let have = hashes.len() as u64;
+            if have < count {
+                let raw = (format == "raw")
+                    .then(|| std::fs::File::open(&image))
+                    .transpose()
+                    .map_err(|e| e.to_string())?;
+                let mapped = match &raw {
+                    Some(_) => None,
+                    None => Some(
+                        disk::scan::mapped::MappedImage::open(Path::new(&image), &format)
+                            .map_err(|e| crate::error_chain(&e))?,
+                    ),
+                };
+                let mut source = match (&raw, &mapped) {
+                    (Some(f), _) => disk::scan::Source::RawFile(f),
+                    (None, Some(m)) => disk::scan::Source::Mapped(m),
+                    _ => return Err("no source".into()),
+                };
+                tokio::runtime::Handle::current()
+                    .block_on(disk::scan::hash_blocks(
+                        &mut source,
+                        first + have,
+                        count - have,
+                        block_size,
+                        &mut hashes,
+                    ))
                     .map_err(|e| crate::error_chain(&e))?;
-                if disk::scan::hashmap::block_hash(&buf[..len]) != *want {
+            }
+            if hashes.len() != range.hashes.len() {
+                return Err(format!(
+                    "{} hashes made for a range of {count} blocks",
+                    hashes.len()
+                ));
+            }
+            let mut bits = vec![0u8; (count as usize).div_ceil(8)];
+            for (i, (mine, want)) in hashes.iter().zip(&range.hashes).enumerate() {
+                if mine != want {
                     bits[i / 8] |= 1 << (i % 8);
                 }
             }
@@ -744,8 +773,13 @@ impl ReplicaSide {
                 if answer.is_ok() {
                     // The log the compare asked for is committed: the session is done.
                     let mut map = self.compares.lock().unwrap_or_else(|p| p.into_inner());
-                    if map.get(&vm).is_some_and(|c| c.next == seq) {
-                        map.remove(&vm);
+                    if let Some(c) = map.remove(&vm) {
+                        if c.next == seq {
+                            let (ahead, read) = c.prehash.counts();
+                            tracing::info!(%vm, compare = %c.id, blocks_hashed_ahead = ahead, blocks_read_by_ranges = read, "compare session closed by its log");
+                        } else {
+                            map.insert(vm, c);
+                        }
                     }
                 }
                 answer
@@ -766,6 +800,7 @@ impl ReplicaSide {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&vm);
                 c.state.store(3, std::sync::atomic::Ordering::Release);
+                c.prehash.stop();
                 Ok(json(200, &c.session()))
             }
             R::CompareRange(vm, id) => {

@@ -178,6 +178,11 @@ impl ReplicaSide {
         let mut compare = Compare::ready(baseline, begin.block_size, images, true);
         if failback {
             compare = compare.for_failback();
+        } else {
+            // The replica hashes its point while the primary hashes its disks (§5.5), or takes
+            // the hashes its copy made when a reverse just took in its own disks as that point.
+            let kept = super::prehash::take_kept(&self.data_dir, vm, baseline, begin.disks.len());
+            compare.start_prehash(kept);
         }
         let compare = Arc::new(compare);
         self.remember_compare(vm, compare.clone());

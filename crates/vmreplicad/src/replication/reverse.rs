@@ -299,8 +299,14 @@ impl ReplicaSide {
                         undo(format!("cannot import the disks: {why}")),
                     )
                 })?;
-            for map in imported.maps {
-                let _ = std::fs::remove_file(map);
+            if from.resync {
+                // The resync that follows compares with these disks: their hashes, made while
+                // they were copied, spare it reading them again (replication::prehash).
+                super::prehash::keep_maps(&self.data_dir, vm, sequence, imported.maps);
+            } else {
+                for map in imported.maps {
+                    let _ = std::fs::remove_file(map);
+                }
             }
         }
 

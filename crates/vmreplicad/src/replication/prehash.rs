@@ -1,0 +1,393 @@
+//! The replica's half of a block-hash comparison (docs/protocol.md §5.5), hashed while the primary
+//! hashes its own: from the moment a compare session is ready, a background task hashes the images
+//! it compares, block after block, and publishes the hashes as it goes. A range the primary sends
+//! later takes the hashes already made (waiting for the task while it moves towards them) and
+//! reads only the blocks a stalled or stopped task did not reach. So the two disks are read at the same time
+//! instead of one after the other, and each replica block is read once.
+//!
+//! After a reversed unplanned failover, the old primary copies its own disks into its point store
+//! when the resync asks it to (replication::reverse), and hashes them while it copies: those maps
+//! are kept ([`keep_maps`]) and the session loads them instead of reading the point again.
+//!
+//! Memory is bounded: at most [`MAX_BLOCKS`] hashes per session (16 bytes each); the disks past
+//! that budget are hashed on demand, range by range.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use disk::scan::hashmap::{block_count, MapReader, HASH_LEN};
+use uuid::Uuid;
+
+/// Hashes kept per session: 128 MiB, the disks of 512 GiB at 64 KiB blocks.
+pub const MAX_BLOCKS: u64 = 8 << 20;
+/// Blocks hashed between two publications (64 MiB at 64 KiB blocks).
+const STEP: u64 = 1024;
+/// How long a range waits for a task that makes no progress before reading the rest itself.
+const WAIT: Duration = Duration::from_secs(10);
+
+type Hash = [u8; HASH_LEN];
+
+struct Inner {
+    /// Per image: the hashes of its first blocks, in order.
+    hashes: Vec<Mutex<Vec<Hash>>>,
+    /// Per image: the task will add no more (done, past the budget, failed or stopped).
+    ended: Vec<AtomicBool>,
+    stopped: AtomicBool,
+    /// Blocks whose hashes ranges took from here, and blocks they had to read themselves.
+    served: AtomicU64,
+    read: AtomicU64,
+}
+
+/// The replica's own block hashes of one compare session. Dropping it stops the task.
+pub struct Prehash {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Prehash {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Prehash {
+    /// Nothing hashed yet, nothing running: ranges read what they ask about.
+    pub fn idle(images: usize) -> Prehash {
+        Prehash {
+            inner: Arc::new(Inner {
+                hashes: (0..images).map(|_| Mutex::new(Vec::new())).collect(),
+                ended: (0..images).map(|_| AtomicBool::new(true)).collect(),
+                stopped: AtomicBool::new(false),
+                served: AtomicU64::new(0),
+                read: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Starts hashing `images` (path, format, virtual size) in the background, in order, as many
+    /// whole images as [`MAX_BLOCKS`] allows; an image whose map is in `maps` (one per image, as
+    /// [`take_kept`] gives) is read from it instead, when it describes that image.
+    pub fn start(
+        &self,
+        images: Vec<(String, String, u64)>,
+        block_size: u32,
+        maps: Option<Vec<PathBuf>>,
+    ) {
+        let mut budget = MAX_BLOCKS;
+        let mut planned = Vec::new();
+        for (i, (_, _, size)) in images.iter().enumerate() {
+            let blocks = block_count(*size, block_size);
+            if blocks > budget || i >= self.inner.ended.len() {
+                break;
+            }
+            budget -= blocks;
+            self.inner.ended[i].store(false, Ordering::Release);
+            planned.push((i, blocks));
+        }
+        if planned.is_empty() {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Handle::current();
+            for (i, blocks) in planned {
+                let (image, format, size) = &images[i];
+                let map = maps.as_ref().and_then(|m| m.get(i));
+                let loaded = map.is_some_and(|m| load_map(&inner, i, m, *size, block_size));
+                if loaded {
+                    tracing::info!(image = %image, "the replica's hashes of disk {i} come from the map its copy made");
+                }
+                let hashed = || hash_image(&rt, &inner, i, image, format, blocks, block_size);
+                if !loaded {
+                    if let Err(e) = hashed() {
+                        tracing::warn!(image = %image, "hashing the replica's copy ahead stopped: {e}; ranges read it themselves");
+                    }
+                }
+                inner.ended[i].store(true, Ordering::Release);
+            }
+            for m in maps.iter().flatten() {
+                let _ = std::fs::remove_file(m);
+            }
+            // Whatever was not reached (stopped): no range waits for it.
+            for e in &inner.ended {
+                e.store(true, Ordering::Release);
+            }
+        });
+    }
+
+    /// Counts a range's blocks: `served` from here, `read` by the range itself.
+    pub fn count(&self, served: u64, read: u64) {
+        self.inner.served.fetch_add(served, Ordering::Relaxed);
+        self.inner.read.fetch_add(read, Ordering::Relaxed);
+    }
+
+    /// (blocks served from here, blocks ranges read themselves) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.inner.served.load(Ordering::Relaxed),
+            self.inner.read.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The task stops at its next step; ranges no longer wait for it.
+    pub fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::Release);
+    }
+
+    /// The hashes of image `disk`'s blocks `first..first + count` made so far: all of them, or a
+    /// prefix (possibly empty) whose rest the caller hashes. Waits while the task is on its way to
+    /// them and moving (it gives up after [`WAIT`] without progress).
+    pub async fn take(&self, disk: usize, first: u64, count: u64) -> Vec<Hash> {
+        let (Some(hashes), Some(ended)) = (self.inner.hashes.get(disk), self.inner.ended.get(disk))
+        else {
+            return Vec::new();
+        };
+        let end = first.saturating_add(count);
+        let mut seen = 0;
+        let mut deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let done = ended.load(Ordering::Acquire) || self.inner.stopped.load(Ordering::Acquire);
+            {
+                let h = hashes.lock().unwrap_or_else(|p| p.into_inner());
+                let have = h.len() as u64;
+                let now = tokio::time::Instant::now();
+                if have >= end || done || now >= deadline {
+                    let from = usize::try_from(first).unwrap_or(usize::MAX).min(h.len());
+                    let to = usize::try_from(end).unwrap_or(usize::MAX).min(h.len());
+                    return h[from..to].to_vec();
+                }
+                if have > seen {
+                    seen = have;
+                    deadline = now + WAIT;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Loads image `i`'s hashes from `map` when it describes a disk of `size` bytes in blocks of
+/// `block_size` and reads back whole and verified; else nothing is published and false returned.
+fn load_map(inner: &Inner, i: usize, map: &Path, size: u64, block_size: u32) -> bool {
+    let read = || -> Result<Vec<Hash>, String> {
+        let mut reader = MapReader::open(map).map_err(|e| e.to_string())?;
+        if reader.disk_size != size || reader.block_size != block_size {
+            return Err("it describes another disk".into());
+        }
+        let mut out = Vec::new();
+        while let Some(h) = reader.next_hash().map_err(|e| e.to_string())? {
+            out.push(h);
+        }
+        Ok(out)
+    };
+    match read() {
+        Ok(hashes) => {
+            *inner.hashes[i].lock().unwrap_or_else(|p| p.into_inner()) = hashes;
+            true
+        }
+        Err(why) => {
+            tracing::warn!(map = %map.display(), "the map kept from the copy is not used: {why}");
+            false
+        }
+    }
+}
+
+/// `<data>/prehash/<VMID>/`: the maps of the point a reverse took in, kept for its resync.
+fn kept_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
+    data_dir
+        .join("prehash")
+        .join(vm.hyphenated().to_string().to_uppercase())
+}
+
+/// Keeps `maps` (temporary files, one per disk, moved) as the hashes of `vm`'s point `sequence`
+/// for the resync that follows. Best effort: without them, the resync reads the point again.
+pub fn keep_maps(data_dir: &Path, vm: Uuid, sequence: u64, maps: Vec<PathBuf>) {
+    let dir = kept_dir(data_dir, vm);
+    let _ = std::fs::remove_dir_all(&dir);
+    let kept = std::fs::create_dir_all(&dir).is_ok()
+        && maps
+            .iter()
+            .enumerate()
+            .all(|(i, m)| {
+                let to = dir.join(format!("disk{i}.hashes"));
+                // Another file system (the replica storage's): copied.
+                std::fs::rename(m, &to).is_ok() || std::fs::copy(m, &to).is_ok()
+            })
+        && std::fs::write(dir.join("point"), sequence.to_string()).is_ok();
+    for m in &maps {
+        let _ = std::fs::remove_file(m);
+    }
+    if !kept {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The maps [`keep_maps`] kept for `vm`'s point `sequence` (`disks` of them), handed over: the
+/// caller deletes them. Maps kept for another point are deleted, and None returned.
+pub fn take_kept(data_dir: &Path, vm: Uuid, sequence: u64, disks: usize) -> Option<Vec<PathBuf>> {
+    let dir = kept_dir(data_dir, vm);
+    let point = std::fs::read_to_string(dir.join("point")).ok()?;
+    let maps: Vec<PathBuf> = (0..disks)
+        .map(|i| dir.join(format!("disk{i}.hashes")))
+        .collect();
+    let usable = point.trim().parse::<u64>().ok() == Some(sequence) && maps.iter().all(|m| m.is_file());
+    let _ = std::fs::remove_file(dir.join("point"));
+    if !usable {
+        let _ = std::fs::remove_dir_all(&dir);
+        return None;
+    }
+    Some(maps)
+}
+
+/// Hashes `blocks` blocks of one image into `inner.hashes[i]`, [`STEP`] at a time.
+fn hash_image(
+    rt: &tokio::runtime::Handle,
+    inner: &Inner,
+    i: usize,
+    image: &str,
+    format: &str,
+    blocks: u64,
+    block_size: u32,
+) -> Result<(), String> {
+    let raw = (format == "raw")
+        .then(|| std::fs::File::open(image))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mapped = match &raw {
+        Some(_) => None,
+        None => Some(
+            disk::scan::mapped::MappedImage::open(std::path::Path::new(image), format)
+                .map_err(|e| crate::error_chain(&e))?,
+        ),
+    };
+    let mut source = match (&raw, &mapped) {
+        (Some(f), _) => disk::scan::Source::RawFile(f),
+        (None, Some(m)) => disk::scan::Source::Mapped(m),
+        _ => return Err("no source".into()),
+    };
+    let mut next = 0;
+    let mut step = Vec::with_capacity(STEP as usize);
+    while next < blocks {
+        if inner.stopped.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let n = STEP.min(blocks - next);
+        step.clear();
+        rt.block_on(disk::scan::hash_blocks(
+            &mut source,
+            next,
+            n,
+            block_size,
+            &mut step,
+        ))
+        .map_err(|e| crate::error_chain(&e))?;
+        if step.len() as u64 != n {
+            return Err(format!("{} hashes for {n} blocks", step.len()));
+        }
+        inner.hashes[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(&step);
+        next += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::scan::hashmap::{block_hash, MapWriter, ZERO};
+    use std::os::unix::fs::FileExt;
+
+    const BS: u32 = 64 << 10;
+
+    /// A fresh directory, removed when dropped.
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new() -> Dir {
+            let d = std::env::temp_dir().join(format!("vmr-prehash-{}", Uuid::new_v4()));
+            std::fs::create_dir_all(&d).expect("dir");
+            Dir(d)
+        }
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A sparse raw image of `blocks` blocks whose block k (k % 3 == 0) holds the byte k + 1.
+    fn image(dir: &Path, blocks: u64) -> (PathBuf, Vec<Hash>) {
+        let path = dir.join("disk.raw");
+        let f = std::fs::File::create(&path).expect("create");
+        f.set_len(blocks * u64::from(BS)).expect("size");
+        let mut want = Vec::new();
+        for k in 0..blocks {
+            if k % 3 == 0 {
+                let data = vec![(k + 1) as u8; BS as usize];
+                f.write_all_at(&data, k * u64::from(BS)).expect("write");
+                want.push(block_hash(&data));
+            } else {
+                want.push(ZERO);
+            }
+        }
+        (path, want)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_background_hashes_are_the_blocks_hashes_and_ranges_get_them() {
+        let dir = Dir::new();
+        let blocks = 2 * STEP + 5;
+        let (path, want) = image(dir.path(), blocks);
+        let p = Prehash::idle(1);
+        assert!(p.take(0, 0, 10).await.is_empty(), "idle: nothing to wait for");
+        let size = blocks * u64::from(BS);
+        p.start(vec![(path.display().to_string(), "raw".into(), size)], BS, None);
+        assert_eq!(p.take(0, STEP - 2, 9).await, want[(STEP - 2) as usize..(STEP + 7) as usize]);
+        assert_eq!(p.take(0, blocks - 3, 3).await, want[(blocks - 3) as usize..]);
+        // Past the end, or another disk: only what exists.
+        assert_eq!(p.take(0, blocks - 1, 10).await.len(), 1);
+        assert!(p.take(1, 0, 1).await.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kept_maps_are_loaded_for_their_point_only_and_a_wrong_one_is_not_used() {
+        let dir = Dir::new();
+        let data = dir.path().join("data");
+        let vm = Uuid::from_u128(9);
+        let (path, want) = image(dir.path(), 7);
+        let size = 7 * u64::from(BS);
+        // A map that lies (every block zero): used only when it is the kept one for the point.
+        let write_map = |name: &str, disk_size: u64| {
+            let target = dir.path().join(name);
+            let mut w = MapWriter::create(&target, BS, disk_size).expect("map");
+            for _ in 0..block_count(disk_size, BS) {
+                w.push(&ZERO).expect("push");
+            }
+            w.finish().expect("finish")
+        };
+        keep_maps(&data, vm, 5, vec![write_map("a.hashes", size)]);
+        assert!(take_kept(&data, vm, 6, 1).is_none(), "kept for point 5, not 6");
+        assert!(take_kept(&data, vm, 5, 1).is_none(), "a wrong point's maps are deleted");
+
+        keep_maps(&data, vm, 5, vec![write_map("b.hashes", size)]);
+        let kept = take_kept(&data, vm, 5, 1).expect("kept");
+        let p = Prehash::idle(1);
+        let images = vec![(path.display().to_string(), "raw".to_string(), size)];
+        p.start(images.clone(), BS, Some(kept.clone()));
+        assert_eq!(p.take(0, 0, 7).await, vec![ZERO; 7], "loaded from the map, not read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!kept[0].exists(), "a loaded map is deleted");
+
+        // A map of another disk size is not used: the image is read instead.
+        keep_maps(&data, vm, 5, vec![write_map("c.hashes", size * 2)]);
+        let kept = take_kept(&data, vm, 5, 1).expect("kept");
+        let p = Prehash::idle(1);
+        p.start(images, BS, Some(kept));
+        assert_eq!(p.take(0, 0, 7).await, want);
+    }
+}
