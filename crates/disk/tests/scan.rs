@@ -422,17 +422,16 @@ async fn hashing_blocks_in_pieces_gives_the_hashes_of_the_full_map_without_readi
         let mut read = 0;
         // Uneven pieces across read runs; the last asks past the disk's end.
         for (first, count) in [(0, 3), (3, 97), (100, 411), (511, 600)] {
-            read += disk::scan::hash_blocks(
-                &mut source,
-                first,
-                count,
-                DEFAULT_BLOCK_SIZE,
-                &mut got,
-            )
-            .await
-            .expect("hash blocks");
+            read +=
+                disk::scan::hash_blocks(&mut source, first, count, DEFAULT_BLOCK_SIZE, &mut got)
+                    .await
+                    .expect("hash blocks");
         }
-        assert_eq!(got.len(), want.len(), "one hash per block, none past the end");
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "one hash per block, none past the end"
+        );
         assert!(got == want, "the hashes differ from the map's");
         assert!(read < SIZE / 2, "holes must not be read: {read} bytes read");
     }

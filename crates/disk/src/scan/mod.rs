@@ -295,7 +295,9 @@ pub async fn hash_blocks(
     let mut chunk_start = start;
     while chunk_start < end {
         let chunk_end = (chunk_start + MAP_CHUNK).min(end);
-        let extents = source.allocation(chunk_start, chunk_end - chunk_start).await?;
+        let extents = source
+            .allocation(chunk_start, chunk_end - chunk_start)
+            .await?;
         let mut off = chunk_start;
         while off < chunk_end {
             let mut run_end = off;

@@ -703,6 +703,9 @@ async fn send(
         .connect(&target(rel))
         .await
         .map_err(|e| e.into_failure("connecting to the old primary"))?;
+    session
+        .require("failback")
+        .map_err(|e| e.into_failure("failing back to the old primary"))?;
     // 1. The old primary takes its disks in as they are and prepares its base.
     let mut put = put_vm(vm, rel, &job.peers.host, 1)?;
     put.reverse = Some(f.resync_reverse(true));
@@ -867,7 +870,7 @@ async fn send(
                 GrowingOrFile::new(file, Some(growing.clone())),
             ),
             header,
-            if rel.settings.compression_enabled {
+            if session.zstd(rel.settings.compression_enabled) {
                 Compression::default()
             } else {
                 Compression::Off
@@ -1128,6 +1131,9 @@ async fn follow(
         .connect(to)
         .await
         .map_err(|e| e.into_failure("connecting to the new primary"))?;
+    session
+        .require("failback")
+        .map_err(|e| e.into_failure("asking the new primary to fail back"))?;
     let (_, mut status) = session
         .json::<_, FailbackStatus>(Route::StartFailback(vm.id), Some(start))
         .await

@@ -131,7 +131,7 @@ pub async fn run(
         )
     })?;
     let spool = outgoing.join(format!("{:020}.vrlog", 1));
-    let compression = rel.settings.compression_enabled;
+    let compression = session.zstd(rel.settings.compression_enabled);
     let running = freeze_if_running(&vm, &job.data_dir).await?;
     // A turned-off VM's files as they were before they were read (replication::journal).
     let prints: Option<Vec<_>> = if running.is_none() {

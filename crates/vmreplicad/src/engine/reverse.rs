@@ -153,6 +153,7 @@ impl LocalEngine {
                 });
                 let answer = async {
                     let mut session = peers.connect(&target).await?;
+                    session.require("reverse")?;
                     // The old primary reads its disks while it answers.
                     session
                         .json_within::<_, ReplicaVm>(Route::PutVm(vm.id), Some(&put), REVERSE_LIMIT)

@@ -55,9 +55,17 @@ pub async fn run(
 ) -> Result<RelationshipRow, JobFailure> {
     let (session, put) = open_empty_replica(&job, &vm, &rel, 3).await?;
     let running = freeze_if_running(&vm, &job.data_dir).await?;
-    let result =
-        compare_and_send(&ctx, &job, &vm, &mut rel, session, (put, None), running.as_ref(), 1)
-            .await;
+    let result = compare_and_send(
+        &ctx,
+        &job,
+        &vm,
+        &mut rel,
+        session,
+        (put, None),
+        running.as_ref(),
+        1,
+    )
+    .await;
     if let Some(r) = running {
         if let Err(e) = r.finish(result.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
@@ -85,10 +93,7 @@ pub async fn resync(
     let put = super::network::put_vm(&vm, &rel, &job.peers.host, 1)?;
     // After a reversed unplanned failover, the old primary first becomes the replica, its own
     // disks the point to compare with (docs/protocol.md §5.7).
-    let reverse = job
-        .store
-        .failover(vm.id)?
-        .map(|f| f.resync_reverse(false));
+    let reverse = job.store.failover(vm.id)?.map(|f| f.resync_reverse(false));
     let running = freeze_if_running(&vm, &job.data_dir).await?;
     let result = compare_and_send(
         &ctx,
@@ -131,6 +136,14 @@ async fn compare_and_send(
     //    copy (reverse: its own disks, hashed as they are copied; kind 1: the seed) and hashes it
     //    in the background once the session begins (replication::prehash).
     let disks = disk_table(vm)?;
+    session
+        .require("seeded-compare")
+        .map_err(|e| e.into_failure("comparing block hashes"))?;
+    if reverse.is_some() {
+        session
+            .require("reverse")
+            .map_err(|e| e.into_failure("making the old primary the replica"))?;
+    }
     let prepare = async {
         if let Some(from) = reverse {
             let mut put = put.clone();
@@ -344,7 +357,7 @@ async fn compare_begun(
     let mut log = LogWriter::new(
         std::io::BufWriter::with_capacity(1 << 20, file),
         log_header(vm, &disks, cs.next_sequence, cs.baseline_sequence, false),
-        if rel.settings.compression_enabled {
+        if session.zstd(rel.settings.compression_enabled) {
             Compression::default()
         } else {
             Compression::Off

@@ -333,6 +333,31 @@ pub struct Session {
     pub hello: HelloResponse,
 }
 
+impl Session {
+    /// Whether logs sent on this connection may hold zstd frames: `CompressionEnabled` and the
+    /// `zstd` capability both (§3).
+    pub fn zstd(&self, enabled: bool) -> bool {
+        enabled && self.hello.capabilities.iter().any(|c| c == "zstd")
+    }
+
+    /// Ok when the hello agreed on capability `name` (docs/protocol.md §3); else the refusal a
+    /// peer without the feature would give (`UnsupportedVersion`: 32770, an upgrade is needed).
+    pub fn require(&self, name: &str) -> Result<(), PeerError> {
+        if self.hello.capabilities.iter().any(|c| c == name) {
+            return Ok(());
+        }
+        Err(PeerError::Refused(Box::new(ErrorDetail::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "{} ({}) does not offer the `{name}` capability (it offers: {}); upgrade it",
+                self.authority,
+                self.hello.product,
+                self.hello.capabilities.join(", ")
+            ),
+        ))))
+    }
+}
+
 impl Peers {
     /// Uploads log `sequence` of `vm` from `file` and commits it, on `session` and then, after a
     /// broken connection, on new ones after 1, 2 and 4 s. The upload restarts at offset 0 (the

@@ -206,14 +206,11 @@ pub fn keep_maps(data_dir: &Path, vm: Uuid, sequence: u64, maps: Vec<PathBuf>) {
     let dir = kept_dir(data_dir, vm);
     let _ = std::fs::remove_dir_all(&dir);
     let kept = std::fs::create_dir_all(&dir).is_ok()
-        && maps
-            .iter()
-            .enumerate()
-            .all(|(i, m)| {
-                let to = dir.join(format!("disk{i}.hashes"));
-                // Another file system (the replica storage's): copied.
-                std::fs::rename(m, &to).is_ok() || std::fs::copy(m, &to).is_ok()
-            })
+        && maps.iter().enumerate().all(|(i, m)| {
+            let to = dir.join(format!("disk{i}.hashes"));
+            // Another file system (the replica storage's): copied.
+            std::fs::rename(m, &to).is_ok() || std::fs::copy(m, &to).is_ok()
+        })
         && std::fs::write(dir.join("point"), sequence.to_string()).is_ok();
     for m in &maps {
         let _ = std::fs::remove_file(m);
@@ -231,7 +228,8 @@ pub fn take_kept(data_dir: &Path, vm: Uuid, sequence: u64, disks: usize) -> Opti
     let maps: Vec<PathBuf> = (0..disks)
         .map(|i| dir.join(format!("disk{i}.hashes")))
         .collect();
-    let usable = point.trim().parse::<u64>().ok() == Some(sequence) && maps.iter().all(|m| m.is_file());
+    let usable =
+        point.trim().parse::<u64>().ok() == Some(sequence) && maps.iter().all(|m| m.is_file());
     let _ = std::fs::remove_file(dir.join("point"));
     if !usable {
         let _ = std::fs::remove_dir_all(&dir);
@@ -344,11 +342,24 @@ mod tests {
         let blocks = 2 * STEP + 5;
         let (path, want) = image(dir.path(), blocks);
         let p = Prehash::idle(1);
-        assert!(p.take(0, 0, 10).await.is_empty(), "idle: nothing to wait for");
+        assert!(
+            p.take(0, 0, 10).await.is_empty(),
+            "idle: nothing to wait for"
+        );
         let size = blocks * u64::from(BS);
-        p.start(vec![(path.display().to_string(), "raw".into(), size)], BS, None);
-        assert_eq!(p.take(0, STEP - 2, 9).await, want[(STEP - 2) as usize..(STEP + 7) as usize]);
-        assert_eq!(p.take(0, blocks - 3, 3).await, want[(blocks - 3) as usize..]);
+        p.start(
+            vec![(path.display().to_string(), "raw".into(), size)],
+            BS,
+            None,
+        );
+        assert_eq!(
+            p.take(0, STEP - 2, 9).await,
+            want[(STEP - 2) as usize..(STEP + 7) as usize]
+        );
+        assert_eq!(
+            p.take(0, blocks - 3, 3).await,
+            want[(blocks - 3) as usize..]
+        );
         // Past the end, or another disk: only what exists.
         assert_eq!(p.take(0, blocks - 1, 10).await.len(), 1);
         assert!(p.take(1, 0, 1).await.is_empty());
@@ -371,15 +382,25 @@ mod tests {
             w.finish().expect("finish")
         };
         keep_maps(&data, vm, 5, vec![write_map("a.hashes", size)]);
-        assert!(take_kept(&data, vm, 6, 1).is_none(), "kept for point 5, not 6");
-        assert!(take_kept(&data, vm, 5, 1).is_none(), "a wrong point's maps are deleted");
+        assert!(
+            take_kept(&data, vm, 6, 1).is_none(),
+            "kept for point 5, not 6"
+        );
+        assert!(
+            take_kept(&data, vm, 5, 1).is_none(),
+            "a wrong point's maps are deleted"
+        );
 
         keep_maps(&data, vm, 5, vec![write_map("b.hashes", size)]);
         let kept = take_kept(&data, vm, 5, 1).expect("kept");
         let p = Prehash::idle(1);
         let images = vec![(path.display().to_string(), "raw".to_string(), size)];
         p.start(images.clone(), BS, Some(kept.clone()));
-        assert_eq!(p.take(0, 0, 7).await, vec![ZERO; 7], "loaded from the map, not read");
+        assert_eq!(
+            p.take(0, 0, 7).await,
+            vec![ZERO; 7],
+            "loaded from the map, not read"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!kept[0].exists(), "a loaded map is deleted");
 

@@ -555,6 +555,9 @@ impl PrimarySide {
         // The final log of a planned failover is confirmed only once the replica applied it.
         let planned = point_type == PointType::PlannedFailover;
         let mut session = self.peers.connect(&target(rel)).await?;
+        if planned {
+            session.require("planned-failover")?;
+        }
         let (_, replica) = session
             .json::<(), ReplicaVm>(Route::GetVm(vm.id), None)
             .await?;
@@ -596,9 +599,10 @@ impl PrimarySide {
         let growing = Arc::new(GrowingLog::default());
         let progress: super::client::Progress = Arc::new(|_, _| {});
         let target = target(rel);
+        let zstd = session.zstd(rel.settings.compression_enabled);
         let build = self.build_delta(
             vm,
-            rel,
+            zstd,
             (seq, c, point_type),
             running.as_ref(),
             &path,
@@ -698,14 +702,14 @@ impl PrimarySide {
     async fn build_delta(
         &self,
         vm: &VmRow,
-        rel: &RelationshipRow,
+        zstd: bool,
         point: (u64, u64, PointType),
         running: Option<&RunningPoint>,
         path: &Path,
         growing: Arc<GrowingLog>,
     ) -> Result<BuiltDelta, CycleError> {
         let result = self
-            .build_delta_inner(vm, rel, point, running, path, growing.clone())
+            .build_delta_inner(vm, zstd, point, running, path, growing.clone())
             .await;
         match &result {
             Ok((hash, bytes, _, _, _)) => growing.finish(hash.clone(), *bytes),
@@ -718,7 +722,7 @@ impl PrimarySide {
     async fn build_delta_inner(
         &self,
         vm: &VmRow,
-        rel: &RelationshipRow,
+        zstd: bool,
         (seq, parent, point_type): (u64, u64, PointType),
         running: Option<&RunningPoint>,
         path: &Path,
@@ -745,7 +749,7 @@ impl PrimarySide {
         let file = std::fs::File::create(&path)
             .map_err(|e| CycleError::Failed(format!("{}: {e}", path.display())))?;
         let file = GrowingOrFile::new(file, Some(growing));
-        let mode = if rel.settings.compression_enabled {
+        let mode = if zstd {
             Compression::default()
         } else {
             Compression::Off

@@ -173,7 +173,8 @@ impl Compare {
     /// Starts hashing this side's images in the background (kinds 1 and 2, once ready), so the
     /// replica hashes while the primary does.
     pub(super) fn start_prehash(&self, kept: Option<Vec<PathBuf>>) {
-        self.prehash.start(self.images.clone(), self.block_size, kept);
+        self.prehash
+            .start(self.images.clone(), self.block_size, kept);
     }
 
     /// The session of a failback (kind 3).
@@ -617,7 +618,8 @@ impl ReplicaSide {
         // The hashes this side made ahead (prehash), the rest read now.
         let known = c.prehash.take(range.disk as usize, first, count).await;
         let block_size = c.block_size;
-        c.prehash.count(known.len() as u64, count - known.len() as u64);
+        c.prehash
+            .count(known.len() as u64, count - known.len() as u64);
         let bits = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
             let mut hashes = known;
             let have = hashes.len() as u64;

@@ -8,9 +8,16 @@ mod route;
 pub use messages::*;
 pub use route::{parse_guid, parse_sequence, Route, RouteError};
 
-/// Capabilities this build offers (§3). `seeded-compare` and `planned-failover` are not offered
-/// until their handlers exist.
-pub const CAPABILITIES: &[&str] = &["zstd", "resume"];
+/// Capabilities this build offers (§3); a primary uses a feature only when the hello's intersection
+/// holds its name (`extended` stays reserved).
+pub const CAPABILITIES: &[&str] = &[
+    "zstd",
+    "resume",
+    "seeded-compare",
+    "planned-failover",
+    "reverse",
+    "failback",
+];
 
 /// Request headers of a log upload (§5.3).
 pub mod headers {
