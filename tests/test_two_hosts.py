@@ -140,6 +140,33 @@ def test_a_certificate_for_a_thumbprint_not_in_the_store_is_refused(lab):
     assert rv == 32773
 
 
+def test_stopping_the_listener_sends_goaway_to_open_connections_and_starting_it_again_serves(lab):
+    hello = {"protocol_versions": [1], "log_format_versions": [1], "capabilities": [], "product": "t",
+             "host": PRIMARY}
+    r = lab.replica.conn()
+    svc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+
+    def recovery_server(enabled):
+        s = r.EnumerateInstances("Msvm_ReplicationServiceSettingData")[0]
+        s["RecoveryServerEnabled"] = enabled
+        rv, out = r.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
+        assert rv == 4096 and wait_job(r, out["Job"])["JobState"] == 7
+
+    with raw_peer(lab) as c:
+        assert c.post("/vmreplica/hello", json=hello).status_code == 200
+        recovery_server(False)
+        wait_for(lambda: "replication listener stopped" in lab.replica.log.read_text(), what="the stop")
+        # The connection opened before got GOAWAY: nothing new is served on it, and no new
+        # connection is accepted.
+        time.sleep(0.5)
+        with pytest.raises(httpx.TransportError):
+            c.post("/vmreplica/hello", json=hello)
+    recovery_server(True)
+    wait_port(lab.port)
+    with raw_peer(lab) as c:
+        assert c.post("/vmreplica/hello", json=hello).status_code == 200
+
+
 def test_network_initial_replication_of_a_real_filesystem(lab, tmp_path):
     p = lab.primary.conn()
     job = connection_test(p, lab.port, lab.t1)

@@ -56,7 +56,7 @@ impl ListenerControl {
 /// Runs the listener supervisor until the process ends.
 pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: ListenerControl) {
     tokio::spawn(async move {
-        let mut current: Option<(Wanted, tokio::task::JoinHandle<()>)> = None;
+        let mut current: Option<(Wanted, Listening)> = None;
         loop {
             let want = match replica.store.service_settings() {
                 Ok(s) => wanted(&s),
@@ -69,14 +69,16 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                 }
             };
             let same = match (&current, &want) {
-                (Some((have, task)), Some(w)) => have == w && !task.is_finished(),
+                (Some((have, l)), Some(w)) => have == w && !l.task.is_finished(),
                 (None, None) => true,
                 _ => false,
             };
             if !same {
-                if let Some((have, task)) = current.take() {
-                    task.abort();
-                    tracing::info!(port = have.port, "replication listener stopped");
+                if let Some((have, l)) = current.take() {
+                    l.task.abort();
+                    // Open connections get GOAWAY: what they are doing ends, nothing new starts.
+                    let _ = l.stop.send(true);
+                    tracing::info!(port = have.port, "replication listener stopped; its connections drain for at most {} s", DRAIN.as_secs());
                 }
                 if let Some(w) = want {
                     match start(replica.clone(), bind, &w).await {
@@ -97,19 +99,24 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
 
 const MAX_CONNECTIONS: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopped listener's connections may finish what they do (docs/protocol.md §2.1).
+const DRAIN: Duration = Duration::from_secs(30);
 
-async fn start(
-    replica: Arc<ReplicaSide>,
-    bind: IpAddr,
-    w: &Wanted,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// A running listener: its accept loop, and the signal that makes its connections drain.
+struct Listening {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn start(replica: Arc<ReplicaSide>, bind: IpAddr, w: &Wanted) -> anyhow::Result<Listening> {
     let config = server_config(&replica.cert_dir, &w.thumbprint)?;
     let addr = SocketAddr::new(bind, w.port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, thumbprint = %w.thumbprint, "replication listener serving HTTP/2 over TLS 1.3");
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    Ok(tokio::spawn(async move {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
@@ -122,13 +129,14 @@ async fn start(
                     continue;
                 }
             };
-            let (acceptor, replica) = (acceptor.clone(), replica.clone());
+            let (acceptor, replica, stopped) = (acceptor.clone(), replica.clone(), stopped.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                serve_connection(replica, acceptor, tcp, addr).await;
+                serve_connection(replica, acceptor, tcp, addr, stopped).await;
             });
         }
-    }))
+    });
+    Ok(Listening { task, stop })
 }
 
 /// Who is on the other end of one connection, from its verified certificate.
@@ -144,6 +152,7 @@ async fn serve_connection(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -187,7 +196,7 @@ async fn serve_connection(
         async move { Ok::<_, Infallible>(handle(&replica, &peer, req).await) }
     });
     let io = hyper_util::rt::TokioIo::new(stream);
-    let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(32)
         .max_header_list_size(16 * 1024)
@@ -196,8 +205,22 @@ async fn serve_connection(
         .max_send_buf_size(4 << 20)
         .max_frame_size(1 << 20)
         .keep_alive_interval(Some(Duration::from_secs(60)))
-        .serve_connection(io, service)
-        .await;
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        r = conn.as_mut() => r,
+        // The listener stopped (or went away): GOAWAY, then at most DRAIN for the streams open.
+        () = async { drop(stopped.wait_for(|s| *s).await) } => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(DRAIN, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::info!(peer = %addr, "replication connection closed: still busy {} s after its listener stopped", DRAIN.as_secs());
+                    return;
+                }
+            }
+        }
+    };
     if let Err(e) = served {
         tracing::info!(peer = %addr, "replication connection ended: {}", crate::error_chain(&e));
     }
