@@ -78,7 +78,11 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                     l.task.abort();
                     // Open connections get GOAWAY: what they are doing ends, nothing new starts.
                     let _ = l.stop.send(true);
-                    tracing::info!(port = have.port, "replication listener stopped; its connections drain for at most {} s", DRAIN.as_secs());
+                    tracing::info!(
+                        port = have.port,
+                        "replication listener stopped; its connections drain for at most {} s",
+                        DRAIN.as_secs()
+                    );
                 }
                 if let Some(w) = want {
                     match start(replica.clone(), bind, &w).await {
