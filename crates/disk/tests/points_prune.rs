@@ -111,3 +111,73 @@ async fn assert_retained(store: &PointStore, src: &Source, expected: &[u64]) {
         assert!(same(&layer, &src.raw(seq as usize)), "point {seq} changed");
     }
 }
+
+/// Steady replication with RecoveryHistory 0: each new small point makes the previous one go. The
+/// merge writes the small child into the old point's layer, which becomes the child's (the same
+/// file: nothing of the base is copied); while a process holds the child open (a VM on an overlay
+/// of it), the merge copies instead, and either way every point shows what it should.
+#[tokio::test]
+async fn a_merge_into_a_small_child_reuses_the_base_and_a_held_child_is_merged_by_a_copy() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(dir.path(), 4);
+    let store = PointStore::open(&dir.path().join("store"), support::vm())
+        .await
+        .expect("open");
+    let latest_only = RetentionPolicy {
+        recovery_history: 0,
+        keep_app_consistent: false,
+    };
+    let inode = |seq: u64| {
+        std::fs::metadata(store.point_path(seq, 0).expect("path"))
+            .expect("layer")
+            .ino()
+    };
+    let mut base = 0;
+    for n in 1..=3u64 {
+        let log = dir.path().join(format!("{n}.log"));
+        src.log(n as usize, T0 + n as i64, PointType::Standard, &log);
+        store
+            .apply(&log, &Source::expect(n as usize))
+            .await
+            .expect("apply");
+        if n == 1 {
+            base = inode(1);
+            continue;
+        }
+        let report = store.prune(&latest_only, T0 + 10).await.expect("prune");
+        assert_eq!((report.merged, report.kept), (vec![n - 1], vec![n]));
+        assert_eq!(inode(n), base, "point {n} took over the base's file");
+        assert_retained(&store, &src, &[n]).await;
+    }
+
+    // A process holds point 4's chain open through an overlay: the merge cannot write into the
+    // base under it, so it copies, and the overlay's view does not move.
+    let log = dir.path().join("4.log");
+    src.log(4, T0 + 4, PointType::Standard, &log);
+    store.apply(&log, &Source::expect(4)).await.expect("apply");
+    let overlay = store.create_overlay(4, "held").await.expect("overlay");
+    let mut holder = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=f",
+            overlay[0].display()
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,file=f,node-name=q")
+        .spawn()
+        .expect("qemu-storage-daemon");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let report = store.prune(&latest_only, T0 + 10).await;
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let report = report.expect("prune by a copy");
+    assert_eq!((report.merged, report.kept), (vec![3], vec![4]));
+    assert_ne!(inode(4), base, "merged by a copy");
+    assert!(
+        same(&overlay[0], &src.raw(4)),
+        "the overlay still shows point 4"
+    );
+    store.remove_overlay("held").await.expect("remove overlay");
+    assert_retained(&store, &src, &[4]).await;
+}

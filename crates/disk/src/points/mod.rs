@@ -29,13 +29,15 @@
 //! 1. A committed point's layers exist, pass `qemu-img check`, and show the disk as the primary
 //!    saw it at that point; they are never written in place again. Pruning replaces a layer only by
 //!    rename, with a file that shows the same bytes.
-//! 2. Only committed layers are named as backing files: a new point's backing is the latest
-//!    committed point; an overlay's base is a committed point; prune rebases a child onto the
-//!    backing of the point being merged, which its own commit made valid.
-//! 3. Hence a layer without its `.json` is referenced by nothing, and recovery may delete it. It
-//!    is either a layer of an apply that died before committing (its sequence is above every
-//!    committed one, and no apply builds on an uncommitted point), or a layer of a merged point
-//!    whose child was already rebased away from it.
+//! 2. Only committed layers are named as backing files, but one: a new point's backing is the
+//!    latest committed point; an overlay's base is a committed point; a child a prune rebased
+//!    names the backing of the point merged, which its own commit made valid. The exception is
+//!    the point a prune is merging (`merge.json`): uncommitted first, its layers stay the child's
+//!    backing until they become the child's layers by rename.
+//! 3. Hence a layer without its `.json` is referenced by nothing, and recovery may delete it,
+//!    unless `merge.json` names its point. It is either a layer of an apply that died before
+//!    committing (its sequence is above every committed one, and no apply builds on an uncommitted
+//!    point), or a layer of a merged point whose child no longer reads it.
 //!
 //! # Crash safety
 //!
@@ -53,10 +55,12 @@
 //! | apply N | the trailer matched: finish the qcow2 metadata (full image), or NBD flush on every connection and stop the exports (delta) | `*.tmp` files | delete `*.tmp` |
 //! | apply N | fsync each tmp, rename it to `p<N>.qcow2`, fsync dir | layers without `p<N>.json` | delete layers without `.json` (invariant 3) |
 //! | apply N | write `p<N>.json` atomically | **point N committed** | — (re-applying the log returns point N) |
-//! | prune j (child c) | copy c to `c.tmp`, `qemu-img rebase` it (safe mode) onto j's backing | `c.tmp` | delete `*.tmp` |
-//! | prune j | fsync `c.tmp`, rename it over c, fsync dir | c over j's backing, same content; j still committed, intact, unreferenced by c | — (the next prune sees c no longer backed by j and only deletes j) |
-//! | prune j | delete `p<j>.json` | j's layers without `.json` | delete layers without `.json` |
-//! | prune j | delete j's layers | **j merged** | — |
+//! | prune j (child c) | write `merge.json` {j, c} atomically | j still committed, intact | — (the next prune finishes the merge) |
+//! | prune j | delete `p<j>.json` | j uncommitted; its layers still c's backing | keep j's layers (`merge.json`); the next prune finishes |
+//! | prune j, per disk | `qemu-img commit -d` c into j's layer (c unchanged) | j's layer holds some of c's clusters; c reads the same (each cluster written is one c holds) | — (the next prune commits again: idempotent) |
+//! | prune j, per disk | fsync j's layer, rename it over c's, fsync dir | c's name on j's old file: c's content, over j's backing | — (the next prune finds no j layer for that disk) |
+//! | prune j, per disk, when the commit cannot run (c held open) | copy c to `c.tmp`, safe `qemu-img rebase` onto j's backing, fsync, rename over c, then delete j's layer | `c.tmp`, or c over j's backing with j's layer unreferenced | delete `*.tmp`; the next prune copies again or only deletes j's layer |
+//! | prune j | delete `merge.json` | **j merged** | — |
 //! | create overlay | mkdir, `qemu-img create` its disks | an overlay dir without `overlay.json` | delete the dir |
 //! | create overlay | write `overlay.json` atomically | **overlay exists**, base pinned | — |
 //! | remove overlay | delete `overlay.json` | an overlay dir without `overlay.json` | delete the dir |
@@ -69,15 +73,25 @@
 //! A log whose point is already committed is verified in full (no layer is created) and compared
 //! with the committed point by its hash.
 //!
-//! Why prune copies the child instead of rebasing it in place: `qemu-img rebase` writes clusters
-//! into the child and then its header; in place, a power cut could tear the header, and a VM
-//! running on an overlay above the child would see its backing file change under it (QEMU also
-//! refuses, holding the image locked). On a copy, the rename switches the path atomically and a
-//! process that has the old child open keeps reading the old inode and the old backing, which
-//! stays alive until closed. So pruning never needs to wait for overlays; it only keeps their base.
-//! The cost is one copy of the child layer (a reflink on XFS or Btrfs). The store never lets QEMU
-//! write into a layer (no live `block-commit` into the chain): committing an overlay flattens it
-//! into a new standalone image instead, which leaves every retained point as it was.
+//! Why prune writes the child down into the dropped point's layer: in steady replication the child
+//! is one small delta and the dropped point the large base, and a safe rebase of the child onto
+//! nothing copies the whole base into it (every cycle, with RecoveryHistory 0: 20 s for 4 GiB on
+//! the test machine, where the commit takes well under a second). The commit writes only the
+//! child's clusters, into a layer that is no point any more and that the child's chain reads only
+//! where the child holds nothing, so the child's view never changes; qcow2's own ordering of
+//! metadata writes (as for QEMU's live block-commit) keeps that layer consistent across a power cut,
+//! leaking clusters at worst. The child itself is never written in place (the commit keeps it,
+//! `-d`); the rename gives its name to the merged file, and a process that has the old child open
+//! keeps reading the old inodes. When a process holds the child open (a VM on an overlay above it),
+//! QEMU refuses the commit, and prune copies the child instead (a safe rebase of a copy, renamed
+//! over it: the work of the dropped point's size, a reflink on XFS or Btrfs), so pruning never
+//! waits for overlays; it only keeps their base. The store never lets QEMU write into a committed
+//! layer (no live `block-commit` into the chain): committing an overlay flattens it into a new
+//! standalone image instead, which leaves every retained point as it was.
+//!
+//! A prune killed during its commit leaves that `qemu-img commit` running to its end on its own
+//! (it only writes into the dropped point's layer); until it ends it holds its image locks, so a
+//! prune right after falls back to the copy or fails and is tried again after the next apply.
 //!
 //! # Locking
 //!
@@ -85,7 +99,7 @@
 //! |---|---|---|
 //! | [`PointStore::open`] (recovery) | exclusive | recovery deletes files an unfinished change would still be writing |
 //! | [`PointStore::apply`] | exclusive, after reading and checking the log's header; held while the rest is verified and written | recovery, then the new point is built on the latest one |
-//! | [`PointStore::prune`] | exclusive | it replaces child layers and reads the overlay pins |
+//! | [`PointStore::prune`] | exclusive | it replaces child layers, writes dropped points' layers and reads the overlay pins |
 //! | [`PointStore::create_overlay`], [`PointStore::remove_overlay`] | exclusive | pins must not change while a prune decides |
 //! | [`PointStore::commit_overlay`] | none while converting, exclusive to remove the overlay | the overlay pins its base; ancestors change only by rename |
 //! | [`PointStore::list_points`], [`PointStore::point_path`], [`PointStore::overlays`] | none | metadata changes only by rename, so a reader sees whole files; a point may be pruned right after it was listed, so a user of a point takes an overlay on it |

@@ -1,13 +1,24 @@
-//! Pruning: dropping point `j` merges its layer into its child's, so the child no longer needs it,
-//! then deletes it. The child keeps showing exactly what it showed (qemu-img's safe-mode rebase),
-//! and it is replaced by rename, never rewritten in place.
+//! Pruning: dropping point `j` merges it with its child, so the child no longer needs it. The child
+//! keeps showing exactly what it showed.
+//!
+//! The merge writes the child's clusters down into `j`'s layer (`qemu-img commit -d`: as much work
+//! as the child holds, which in steady replication is one small delta over a large base) and then
+//! renames that layer to the child's name. Before it starts, `merge.json` records the merge and
+//! `j` stops being a point (its metadata goes), so no one opens `j` again, and recovery keeps `j`'s
+//! layers, which the child's chain still needs, until the next prune finishes the merge. During the
+//! commit the child still reads the same: every cluster written into `j`'s layer is one the child
+//! holds itself. Where the commit cannot run (another process holds the child's layer open: a VM
+//! on an overlay of it), a copy of the child is rebased onto what lies under `j` (safe mode,
+//! as much work as `j` holds) and renamed over the child instead.
+
+use std::path::PathBuf;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::durable::{self, tmp_name};
 use super::error::{PruneError, StoreError};
-use super::layout::{file_name, layer_name};
+use super::layout::{file_name, layer_name, Layout};
 use super::meta::PointInfo;
 use super::policy::{points_to_keep, RetentionPolicy};
 use super::qemu_img::{self, QemuImgError};
@@ -32,6 +43,10 @@ impl PointStore {
     ) -> Result<PruneReport, PruneError> {
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
+        // A merge a crash cut off is finished first.
+        if let Some(m) = merging(&self.layout) {
+            self.finish_merge(&m).await?;
+        }
         let mut points = catalog::points(&self.layout)?;
         let pinned: BTreeSet<u64> = catalog::overlays(&self.layout)?
             .iter()
@@ -57,29 +72,16 @@ impl PointStore {
 
     /// Merges point `j` into `child` (the next retained point) and deletes `j`.
     async fn merge(&self, j: &PointInfo, child: &PointInfo) -> Result<(), PruneError> {
-        let fail = |source| PruneError::Merge {
-            sequence: j.sequence,
+        let m = Merge {
+            point: j.sequence,
             child: child.sequence,
-            source,
+            disks: child.disks.len(),
         };
-        for disk in 0..child.disks.len() {
-            let layer = self.layout.layer(child.sequence, disk);
-            let backing = qemu_img::backing_of(&layer).await.map_err(fail)?;
-            if backing.as_deref() != Some(layer_name(j.sequence).as_str()) {
-                continue; // standalone (a resynchronization) or already merged before a crash
-            }
-            let below = qemu_img::backing_of(&self.layout.layer(j.sequence, disk))
-                .await
-                .map_err(fail)?;
-            rebase_by_copy(&layer, below.as_deref(), fail).await?;
-        }
-        // Uncommit first: from here on the layers are garbage that recovery would delete too.
-        let meta = self.layout.point_meta(j.sequence);
-        durable::remove_durable(&meta).map_err(StoreError::io("remove", &meta))?;
-        for disk in 0..j.disks.len() {
-            let layer = self.layout.layer(j.sequence, disk);
-            durable::remove_durable(&layer).map_err(StoreError::io("remove", &layer))?;
-        }
+        let path = merge_marker(&self.layout);
+        let bytes = serde_json::to_vec(&m)
+            .map_err(|e| StoreError::io("encode", &path)(std::io::Error::other(e.to_string())))?;
+        durable::write_atomic(&path, &bytes).map_err(StoreError::io("write", &path))?;
+        self.finish_merge(&m).await?;
         tracing::debug!(
             sequence = j.sequence,
             child = child.sequence,
@@ -87,6 +89,71 @@ impl PointStore {
         );
         Ok(())
     }
+
+    /// Carries out (or, after a crash, finishes) the merge `merge.json` records.
+    async fn finish_merge(&self, m: &Merge) -> Result<(), PruneError> {
+        let fail = |source| PruneError::Merge {
+            sequence: m.point,
+            child: m.child,
+            source,
+        };
+        // From here on `j` is no point: nothing opens it again.
+        let meta = self.layout.point_meta(m.point);
+        durable::remove_durable(&meta).map_err(StoreError::io("remove", &meta))?;
+        for disk in 0..m.disks {
+            let j = self.layout.layer(m.point, disk);
+            if !j.exists() {
+                continue; // this disk's merge is done
+            }
+            let layer = self.layout.layer(m.child, disk);
+            let backing = qemu_img::backing_of(&layer).await.map_err(fail)?;
+            if backing.as_deref() == Some(layer_name(m.point).as_str()) {
+                match qemu_img::commit_keep(&layer).await {
+                    Ok(()) => {
+                        // `j`'s layer now shows what the child shows: it becomes the child's.
+                        durable::sync_file(&j).map_err(StoreError::io("sync", &j))?;
+                        durable::rename_durable(&j, &layer)
+                            .map_err(StoreError::io("rename", &j))?;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::info!(layer = file_name(&layer), "merging by a copy instead: {e}");
+                        let below = qemu_img::backing_of(&j).await.map_err(fail)?;
+                        rebase_by_copy(&layer, below.as_deref(), fail).await?;
+                    }
+                }
+            }
+            // The child no longer reads `j` (a standalone child, a rebase just made or made
+            // before a crash).
+            durable::remove_durable(&j).map_err(StoreError::io("remove", &j))?;
+        }
+        let marker = merge_marker(&self.layout);
+        durable::remove_durable(&marker).map_err(StoreError::io("remove", &marker))?;
+        Ok(())
+    }
+}
+
+/// The merge in progress: point `point`'s layers going into those of `child` (`disks` of them).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Merge {
+    point: u64,
+    child: u64,
+    disks: usize,
+}
+
+fn merge_marker(layout: &Layout) -> PathBuf {
+    layout.vm_dir.join("merge.json")
+}
+
+/// The merge a crash cut off, if any (its point's layers are still needed).
+pub(crate) fn merging(layout: &Layout) -> Option<Merge> {
+    let bytes = std::fs::read(merge_marker(layout)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The point whose layers an unfinished merge still needs (recovery keeps them).
+pub(crate) fn merging_point(layout: &Layout) -> Option<u64> {
+    merging(layout).map(|m| m.point)
 }
 
 /// Rebases a copy of `layer` onto `below` (safe mode) and renames it over `layer`: the layer's

@@ -105,6 +105,13 @@ pub(crate) async fn rebase(path: &Path, backing: Option<&str>) -> Result<(), Qem
     run("rebase", path, &args).await.map(drop)
 }
 
+/// `qemu-img commit -d`: writes the clusters `path` holds into its backing file, leaving `path`
+/// as it is. Needs the write lock on both (a process holding `path` open makes it fail).
+pub(crate) async fn commit_keep(path: &Path) -> Result<(), QemuImgError> {
+    let args = [os("-q"), os("-d"), os("-f"), os("qcow2"), path.as_os_str()];
+    run("commit", path, &args).await.map(drop)
+}
+
 /// `qemu-img check`: the image's metadata is consistent (no leaks, no corruptions).
 pub(crate) async fn check(path: &Path) -> Result<(), QemuImgError> {
     let args = [os("-q"), os("-f"), os("qcow2"), path.as_os_str()];

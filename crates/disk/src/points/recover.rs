@@ -7,6 +7,9 @@
 //!    after renaming a layer but before committing, or a prune that died after uncommitting a
 //!    merged point but before deleting its layers — in both cases no file references the layer;
 //! 4. every overlay directory without `overlay.json` (an interrupted create or remove).
+//!
+//! The layers of the point an interrupted merge is dropping (`merge.json`, see `prune`) are not
+//! garbage: the child's chain still reads them until the next prune finishes the merge.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -29,10 +32,12 @@ pub(crate) fn run(layout: &Layout) -> Result<(), StoreError> {
         );
     }
     remove_tmp_files(&layout.vm_dir)?;
-    let committed: BTreeSet<u64> = catalog::points(layout)?
+    let mut committed: BTreeSet<u64> = catalog::points(layout)?
         .iter()
         .map(|p| p.sequence)
         .collect();
+    // A merge a crash cut off: its point's layers still serve the child (prune finishes it).
+    committed.extend(super::prune::merging_point(layout));
     for dir in disk_dirs(layout)? {
         remove_tmp_files(&dir)?;
         remove_uncommitted_layers(&dir, &committed)?;

@@ -744,6 +744,10 @@ impl Session {
             }
             let mut sent = start;
             loop {
+                // Registered before `written` is read, so a write right after is not missed.
+                let more = growing.changed.notified();
+                tokio::pin!(more);
+                more.as_mut().enable();
                 let written = growing.written();
                 if sent >= written {
                     match growing.end() {
@@ -753,7 +757,7 @@ impl Session {
                             return;
                         }
                         _ => {
-                            growing.wait().await;
+                            let _ = tokio::time::timeout(Duration::from_millis(5), more).await;
                             continue;
                         }
                     }
