@@ -236,6 +236,9 @@ pub async fn scan_disk_ranges<W: Write>(
                 buf.resize(run_len, 0);
                 source.read(off, &mut buf).await?;
                 stats.read_bytes += run_end - off;
+                // A file read never waits in the runtime: give a future joined with this one (the
+                // upload of the log being written) its turn after every run.
+                tokio::task::yield_now().await;
                 for block in buf.chunks(block_size as usize) {
                     let hash = block_hash(block);
                     let at = (off, block.len() as u64);
@@ -311,6 +314,7 @@ pub async fn hash_blocks(
                 buf.resize(usize::try_from(run_end - off).unwrap_or(usize::MAX), 0);
                 source.read(off, &mut buf).await?;
                 read += run_end - off;
+                tokio::task::yield_now().await;
                 out.extend(buf.chunks(block_size as usize).map(block_hash));
                 off = run_end;
             } else {
