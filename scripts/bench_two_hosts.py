@@ -133,6 +133,9 @@ def main():
     ap.add_argument("--size", default="8G")
     ap.add_argument("--churn", default="2G", help="random 64 KiB writes shipped by one cycle")
     ap.add_argument("--dir", default="bench-data/two-hosts")
+    ap.add_argument("--live-churn", default="",
+                    help="comma-separated MB/s rates: a guest writes random 64 KiB blocks at each rate for "
+                         "three 30 s intervals while replication runs; reports whether every cycle kept up")
     args = ap.parse_args()
     size, churn = size_arg(args.size), size_arg(args.churn)
     work = (ROOT / args.dir).resolve()
@@ -246,6 +249,43 @@ def main():
         print(f"A cycle ships such churn at {rate:.0f} MB/s, so every 30 s cycle completes within its interval up to "
               f"about {rate:.0f} MB/s of sustained random-write churn (unique blocks; less when the guest "
               f"rewrites the same blocks, which ship once).")
+
+        if args.live_churn:
+            hv1.cli("resume", "bench01")
+            pattern = work / "pattern.bin"
+            pattern.write_bytes(os.urandom(64 << 10))
+            blocks = size // (64 << 10)
+            rng = random.Random(7)
+            print()
+            print("Live churn: a guest writes at a steady rate for three 30 s intervals while replication runs")
+            print(f"| {'asked MB/s':>10} | {'written MB/s':>12} | {'cycles':>6} | {'longest cycle s':>15} | {'log MB/cycle':>12} | kept up |")
+            print(f"|{'-' * 12}|{'-' * 14}|{'-' * 8}|{'-' * 17}|{'-' * 14}|---------|")
+            for asked in (float(r) for r in args.live_churn.split(",")):
+                before = len(delta_lines(hv1.log))
+                writer = subprocess.Popen(["qemu-io", "-f", "raw", f"nbd+unix:///guest?socket={guest}"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, text=True)
+                per_second = asked * 1e6 / 65536
+                start, n = time.monotonic(), 0
+                while (elapsed := time.monotonic() - start) < 90:
+                    due = int(elapsed * per_second)
+                    if due > n:
+                        writer.stdin.write("".join(f"write -q -s {pattern} {rng.randrange(blocks) * 65536} 64k\n"
+                                                   for _ in range(due - n)))
+                        writer.stdin.flush()
+                        n = due
+                    time.sleep(0.005)
+                writer.stdin.close()
+                writer.wait()  # what qemu-io had not written yet, too
+                elapsed = time.monotonic() - start
+                # The cycle that ships the last writes.
+                wait(lambda: len(delta_lines(hv1.log)) > before + 3, 600, "the cycles of the trial")
+                cycles = delta_lines(hv1.log)[before:]
+                longest = max(ms for _, _, ms in cycles) / 1000
+                per_cycle = sum(b for _, b, _ in cycles) / len(cycles) / 1e6
+                written = n * 65536 / elapsed / 1e6
+                print(f"| {asked:10.0f} | {written:12.1f} | {len(cycles):6} | {longest:15.2f} | {per_cycle:12.1f} | "
+                      f"{'yes' if longest < 30 else 'NO':>7} |", flush=True)
     finally:
         if qsd:
             qsd.terminate()

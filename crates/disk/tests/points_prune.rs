@@ -167,7 +167,24 @@ async fn a_merge_into_a_small_child_reuses_the_base_and_a_held_child_is_merged_b
         .arg("driver=qcow2,file=f,node-name=q")
         .spawn()
         .expect("qemu-storage-daemon");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Until qemu-storage-daemon holds its locks, opening point 4's layer for writing (as the
+    // commit does; this one writes nothing) still succeeds.
+    let layer4 = store.point_path(4, 0).expect("path");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::process::Command::new("qemu-io")
+        .args(["-c", "quit", "-f", "qcow2"])
+        .arg(&layer4)
+        .output()
+        .expect("qemu-img info")
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-storage-daemon took no lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let report = store.prune(&latest_only, T0 + 10).await;
     let _ = holder.kill();
     let _ = holder.wait();
@@ -180,4 +197,37 @@ async fn a_merge_into_a_small_child_reuses_the_base_and_a_held_child_is_merged_b
     );
     store.remove_overlay("held").await.expect("remove overlay");
     assert_retained(&store, &src, &[4]).await;
+}
+
+/// A `merge.json` whose point is still committed (a prune cut off before it changed anything) is
+/// dropped at the next open, the point intact; one that cannot be read stops the store from
+/// opening rather than letting recovery delete layers a child may still read.
+#[tokio::test]
+async fn an_unstarted_merge_is_dropped_and_an_unreadable_one_stops_recovery() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(dir.path(), 2);
+    let root = dir.path().join("store");
+    let store = PointStore::open(&root, support::vm()).await.expect("open");
+    for n in 1..=2 {
+        let log = dir.path().join(format!("{n}.log"));
+        src.log(n, T0 + n as i64, PointType::Standard, &log);
+        store.apply(&log, &Source::expect(n)).await.expect("apply");
+    }
+    let marker = store.dir().join("merge.json");
+    std::fs::write(&marker, br#"{"point":1,"child":2,"disks":1}"#).expect("marker");
+    let store = PointStore::open(&root, support::vm())
+        .await
+        .expect("open again");
+    assert!(!marker.exists(), "the unstarted merge is dropped");
+    assert_retained(&store, &src, &[1, 2]).await;
+
+    std::fs::write(&marker, b"{not json").expect("marker");
+    assert!(
+        PointStore::open(&root, support::vm()).await.is_err(),
+        "an unreadable merge.json must stop recovery"
+    );
+    assert!(
+        store.point_path(1, 0).expect("path").exists(),
+        "nothing deleted"
+    );
 }

@@ -55,9 +55,9 @@
 //! | apply N | the trailer matched: finish the qcow2 metadata (full image), or NBD flush on every connection and stop the exports (delta) | `*.tmp` files | delete `*.tmp` |
 //! | apply N | fsync each tmp, rename it to `p<N>.qcow2`, fsync dir | layers without `p<N>.json` | delete layers without `.json` (invariant 3) |
 //! | apply N | write `p<N>.json` atomically | **point N committed** | — (re-applying the log returns point N) |
-//! | prune j (child c) | write `merge.json` {j, c} atomically | j still committed, intact | — (the next prune finishes the merge) |
+//! | prune j (child c) | write `merge.json` {j, c} atomically | j still committed, intact | delete `merge.json` (nothing changed; the next prune decides again, with the pins of then) |
 //! | prune j | delete `p<j>.json` | j uncommitted; its layers still c's backing | keep j's layers (`merge.json`); the next prune finishes |
-//! | prune j, per disk | `qemu-img commit -d` c into j's layer (c unchanged) | j's layer holds some of c's clusters; c reads the same (each cluster written is one c holds) | — (the next prune commits again: idempotent) |
+//! | prune j, per disk | `qemu-img commit -d` c into j's layer (c unchanged; its pid in `run/merge-commit.pid`) | j's layer holds some of c's clusters, maybe leaked ones; c reads the same (each cluster written is one c holds); the commit may still run | stop that commit (SIGKILL, wait for its exit); the next prune reclaims leaks (`qemu-img check -r leaks`) and commits again: idempotent |
 //! | prune j, per disk | fsync j's layer, rename it over c's, fsync dir | c's name on j's old file: c's content, over j's backing | — (the next prune finds no j layer for that disk) |
 //! | prune j, per disk, when the commit cannot run (c held open) | copy c to `c.tmp`, safe `qemu-img rebase` onto j's backing, fsync, rename over c, then delete j's layer | `c.tmp`, or c over j's backing with j's layer unreferenced | delete `*.tmp`; the next prune copies again or only deletes j's layer |
 //! | prune j | delete `merge.json` | **j merged** | — |
@@ -89,9 +89,11 @@
 //! layer (no live `block-commit` into the chain): committing an overlay flattens it into a new
 //! standalone image instead, which leaves every retained point as it was.
 //!
-//! A prune killed during its commit leaves that `qemu-img commit` running to its end on its own
-//! (it only writes into the dropped point's layer); until it ends it holds its image locks, so a
-//! prune right after falls back to the copy or fails and is tried again after the next apply.
+//! A prune killed during its commit may leave that `qemu-img commit` running on its own; recovery
+//! stops it (its pid is in `run/`) before anything else writes that layer. A `merge.json` that
+//! cannot be read stops recovery with an error rather than letting it delete layers a child still
+//! reads, and a build older than this one does not know the file: do not downgrade while a
+//! `merge.json` exists.
 //!
 //! # Locking
 //!

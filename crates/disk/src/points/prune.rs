@@ -44,8 +44,8 @@ impl PointStore {
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
         // A merge a crash cut off is finished first.
-        if let Some(m) = merging(&self.layout) {
-            self.finish_merge(&m).await?;
+        if let Some(m) = merging(&self.layout)? {
+            self.finish_merge(&m, true).await?;
         }
         let mut points = catalog::points(&self.layout)?;
         let pinned: BTreeSet<u64> = catalog::overlays(&self.layout)?
@@ -81,7 +81,10 @@ impl PointStore {
         let bytes = serde_json::to_vec(&m)
             .map_err(|e| StoreError::io("encode", &path)(std::io::Error::other(e.to_string())))?;
         durable::write_atomic(&path, &bytes).map_err(StoreError::io("write", &path))?;
-        self.finish_merge(&m).await?;
+        // From here on `j` is no point: nothing opens it again.
+        let meta = self.layout.point_meta(j.sequence);
+        durable::remove_durable(&meta).map_err(StoreError::io("remove", &meta))?;
+        self.finish_merge(&m, false).await?;
         tracing::debug!(
             sequence = j.sequence,
             child = child.sequence,
@@ -90,25 +93,29 @@ impl PointStore {
         Ok(())
     }
 
-    /// Carries out (or, after a crash, finishes) the merge `merge.json` records.
-    async fn finish_merge(&self, m: &Merge) -> Result<(), PruneError> {
+    /// Carries out the merge `merge.json` records, `j` already uncommitted; `resumed` after a
+    /// crash (its commit may have been killed halfway: the leaked clusters are reclaimed first).
+    async fn finish_merge(&self, m: &Merge, resumed: bool) -> Result<(), PruneError> {
         let fail = |source| PruneError::Merge {
             sequence: m.point,
             child: m.child,
             source,
         };
-        // From here on `j` is no point: nothing opens it again.
-        let meta = self.layout.point_meta(m.point);
-        durable::remove_durable(&meta).map_err(StoreError::io("remove", &meta))?;
         for disk in 0..m.disks {
             let j = self.layout.layer(m.point, disk);
-            if !j.exists() {
+            if !j.try_exists().map_err(StoreError::io("stat", &j))? {
                 continue; // this disk's merge is done
             }
             let layer = self.layout.layer(m.child, disk);
             let backing = qemu_img::backing_of(&layer).await.map_err(fail)?;
             if backing.as_deref() == Some(layer_name(m.point).as_str()) {
-                match qemu_img::commit_keep(&layer).await {
+                let committed = async {
+                    if resumed {
+                        qemu_img::repair_leaks(&j).await?;
+                    }
+                    qemu_img::commit_keep(&layer, &self.layout.run_dir()).await
+                };
+                match committed.await {
                     Ok(()) => {
                         // `j`'s layer now shows what the child shows: it becomes the child's.
                         durable::sync_file(&j).map_err(StoreError::io("sync", &j))?;
@@ -145,15 +152,36 @@ fn merge_marker(layout: &Layout) -> PathBuf {
     layout.vm_dir.join("merge.json")
 }
 
-/// The merge a crash cut off, if any (its point's layers are still needed).
-pub(crate) fn merging(layout: &Layout) -> Option<Merge> {
-    let bytes = std::fs::read(merge_marker(layout)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// The merge a crash cut off, if any. A marker that cannot be read is an error, never "none":
+/// the layers it names are still needed.
+fn merging(layout: &Layout) -> Result<Option<Merge>, StoreError> {
+    let path = merge_marker(layout);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io("read", &path)(e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| StoreError::io("read", &path)(std::io::Error::other(e.to_string())))
 }
 
-/// The point whose layers an unfinished merge still needs (recovery keeps them).
-pub(crate) fn merging_point(layout: &Layout) -> Option<u64> {
-    merging(layout).map(|m| m.point)
+/// Recovery's part (under the lock): a merge whose point is still committed had not changed
+/// anything yet and is dropped (the next prune decides again, with the pins of that time); else
+/// the point whose layers the unfinished merge still needs, which recovery must keep, after its
+/// `qemu-img commit` left running by a killed prune is stopped.
+pub(crate) fn recover_merge(layout: &Layout) -> Result<Option<u64>, StoreError> {
+    let Some(m) = merging(layout)? else {
+        return Ok(None);
+    };
+    let meta = layout.point_meta(m.point);
+    if meta.try_exists().map_err(StoreError::io("stat", &meta))? {
+        let marker = merge_marker(layout);
+        durable::remove_durable(&marker).map_err(StoreError::io("remove", &marker))?;
+        return Ok(None);
+    }
+    qemu_img::reap_commit(&layout.run_dir());
+    Ok(Some(m.point))
 }
 
 /// Rebases a copy of `layer` onto `below` (safe mode) and renames it over `layer`: the layer's

@@ -105,11 +105,98 @@ pub(crate) async fn rebase(path: &Path, backing: Option<&str>) -> Result<(), Qem
     run("rebase", path, &args).await.map(drop)
 }
 
+/// `run/merge-commit.pid`: the pid of a running [`commit_keep`], so that recovery can stop one a
+/// killed daemon left behind before anything else writes the same image.
+fn commit_pid_file(run_dir: &Path) -> std::path::PathBuf {
+    run_dir.join("merge-commit.pid")
+}
+
 /// `qemu-img commit -d`: writes the clusters `path` holds into its backing file, leaving `path`
-/// as it is. Needs the write lock on both (a process holding `path` open makes it fail).
-pub(crate) async fn commit_keep(path: &Path) -> Result<(), QemuImgError> {
-    let args = [os("-q"), os("-d"), os("-f"), os("qcow2"), path.as_os_str()];
-    run("commit", path, &args).await.map(drop)
+/// as it is. Needs the write lock on both (a process holding `path` open makes it fail). Its pid
+/// is kept in `run_dir` while it runs.
+pub(crate) async fn commit_keep(path: &Path, run_dir: &Path) -> Result<(), QemuImgError> {
+    let verb = "commit";
+    let child = Command::new("qemu-img")
+        .args([
+            os("commit"),
+            os("-q"),
+            os("-d"),
+            os("-f"),
+            os("qcow2"),
+            path.as_os_str(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| QemuImgError::Spawn { verb, source })?;
+    let pid_file = commit_pid_file(run_dir);
+    if let Some(pid) = child.id() {
+        let _ = std::fs::create_dir_all(run_dir);
+        let _ = std::fs::write(&pid_file, pid.to_string());
+    }
+    let out = child.wait_with_output().await;
+    let _ = std::fs::remove_file(&pid_file);
+    let out = out.map_err(|source| QemuImgError::Spawn { verb, source })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(QemuImgError::Failed {
+        verb,
+        image: path.display().to_string(),
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+/// Stops a [`commit_keep`] a killed daemon left running (SIGKILL, then waits up to 10 s for it to
+/// exit and release its image locks). The pid is trusted only while it is a `qemu-img`.
+pub(crate) fn reap_commit(run_dir: &Path) {
+    let pid_file = commit_pid_file(run_dir);
+    let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|p| *p > 0)
+    else {
+        let _ = std::fs::remove_file(&pid_file);
+        return;
+    };
+    let alive = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // A zombie has exited (its locks are gone); only a live qemu-img counts.
+        comm.trim() == "qemu-img"
+            && !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+    };
+    if alive() {
+        // SAFETY: kill(2) with a pid from our own pid file, checked to be a live qemu-img.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        tracing::info!(pid, "stopped the merge commit a killed prune left running");
+    }
+    let _ = std::fs::remove_file(&pid_file);
+}
+
+/// `qemu-img check -r leaks`: reclaims clusters a killed writer allocated but never used.
+pub(crate) async fn repair_leaks(path: &Path) -> Result<(), QemuImgError> {
+    let args = [
+        os("-q"),
+        os("-r"),
+        os("leaks"),
+        os("-f"),
+        os("qcow2"),
+        path.as_os_str(),
+    ];
+    run("check", path, &args).await.map(drop)
 }
 
 /// `qemu-img check`: the image's metadata is consistent (no leaks, no corruptions).

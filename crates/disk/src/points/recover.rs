@@ -37,7 +37,7 @@ pub(crate) fn run(layout: &Layout) -> Result<(), StoreError> {
         .map(|p| p.sequence)
         .collect();
     // A merge a crash cut off: its point's layers still serve the child (prune finishes it).
-    committed.extend(super::prune::merging_point(layout));
+    committed.extend(super::prune::recover_merge(layout)?);
     for dir in disk_dirs(layout)? {
         remove_tmp_files(&dir)?;
         remove_uncommitted_layers(&dir, &committed)?;
