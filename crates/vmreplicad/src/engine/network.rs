@@ -93,6 +93,11 @@ pub async fn open_empty_replica(
         .connect(&target)
         .await
         .map_err(|e| e.into_failure("connecting to the recovery server"))?;
+    if kind == 3 {
+        session
+            .require("seeded-compare")
+            .map_err(|e| e.into_failure("a seeded initial replication"))?;
+    }
     let put = put_vm(vm, rel, &job.peers.host, kind)?;
     let (_, replica) = session
         .json::<_, ReplicaVm>(Route::PutVm(vm.id), Some(&put))

@@ -133,8 +133,9 @@ async fn compare_and_send(
     kind: u16,
 ) -> Result<(), JobFailure> {
     // 1. Both sides hash at the same time: this side its disks, while the replica takes in its
-    //    copy (reverse: its own disks, hashed as they are copied; kind 1: the seed) and hashes it
-    //    in the background once the session begins (replication::prehash).
+    //    copy (reverse: its own disks, hashed as they are copied) and hashes it in the background
+    //    once the session begins (replication::prehash). Kind 1 begins (imports the seed) only
+    //    after this side hashed; the replica then hashes the seed while the ranges start.
     let disks = disk_table(vm)?;
     session
         .require("seeded-compare")
@@ -168,13 +169,17 @@ async fn compare_and_send(
             .map(|(_, cs)| cs)
             .map_err(|e| e.into_failure("beginning the comparison"))
     };
-    let (own, cs) = tokio::join!(hash_own(ctx, job, vm, &disks, running), prepare);
-    let cs = cs?;
-    let id = cs.id;
-    let result = match own {
-        Ok(own) => compare_begun(ctx, job, vm, rel, &mut session, running, kind, cs, own).await,
-        Err(e) => Err(e),
+    let (own, cs) = if kind == 1 {
+        // A seed is imported as point 1 at the begin, which a failure after it would leave
+        // behind (the replica then holds a log): this side hashes first.
+        let own = hash_own(ctx, job, vm, &disks, running).await?;
+        (own, prepare.await?)
+    } else {
+        // The first failure ends both (a refused begin stops the hashing at once).
+        tokio::try_join!(hash_own(ctx, job, vm, &disks, running), prepare)?
     };
+    let id = cs.id;
+    let result = compare_begun(ctx, job, vm, rel, &mut session, running, kind, cs, own).await;
     if result.is_err() {
         // Best effort: the replica drops the session (and its pin) now rather than at the next.
         let _ = session

@@ -86,6 +86,9 @@ impl Prehash {
             planned.push((i, blocks));
         }
         if planned.is_empty() {
+            for m in maps.iter().flatten() {
+                let _ = std::fs::remove_file(m);
+            }
             return;
         }
         let inner = self.inner.clone();
@@ -201,8 +204,9 @@ fn kept_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
 }
 
 /// Keeps `maps` (temporary files, one per disk, moved) as the hashes of `vm`'s point `sequence`
-/// for the resync that follows. Best effort: without them, the resync reads the point again.
-pub fn keep_maps(data_dir: &Path, vm: Uuid, sequence: u64, maps: Vec<PathBuf>) {
+/// whose log hash is `identity`, for the resync that follows. Best effort: without them, the
+/// resync reads the point again.
+pub fn keep_maps(data_dir: &Path, vm: Uuid, sequence: u64, identity: &str, maps: Vec<PathBuf>) {
     let dir = kept_dir(data_dir, vm);
     let _ = std::fs::remove_dir_all(&dir);
     let kept = std::fs::create_dir_all(&dir).is_ok()
@@ -211,7 +215,7 @@ pub fn keep_maps(data_dir: &Path, vm: Uuid, sequence: u64, maps: Vec<PathBuf>) {
             // Another file system (the replica storage's): copied.
             std::fs::rename(m, &to).is_ok() || std::fs::copy(m, &to).is_ok()
         })
-        && std::fs::write(dir.join("point"), sequence.to_string()).is_ok();
+        && std::fs::write(dir.join("point"), format!("{sequence} {identity}")).is_ok();
     for m in &maps {
         let _ = std::fs::remove_file(m);
     }
@@ -220,16 +224,24 @@ pub fn keep_maps(data_dir: &Path, vm: Uuid, sequence: u64, maps: Vec<PathBuf>) {
     }
 }
 
-/// The maps [`keep_maps`] kept for `vm`'s point `sequence` (`disks` of them), handed over: the
-/// caller deletes them. Maps kept for another point are deleted, and None returned.
-pub fn take_kept(data_dir: &Path, vm: Uuid, sequence: u64, disks: usize) -> Option<Vec<PathBuf>> {
+/// The maps [`keep_maps`] kept for `vm`'s point `sequence` with log hash `identity` (`disks` of
+/// them), handed over: the caller deletes them. Maps kept for any other point (another sequence,
+/// or the same sequence of another chain) are deleted, and None returned.
+pub fn take_kept(
+    data_dir: &Path,
+    vm: Uuid,
+    sequence: u64,
+    identity: &str,
+    disks: usize,
+) -> Option<Vec<PathBuf>> {
     let dir = kept_dir(data_dir, vm);
     let point = std::fs::read_to_string(dir.join("point")).ok()?;
     let maps: Vec<PathBuf> = (0..disks)
         .map(|i| dir.join(format!("disk{i}.hashes")))
         .collect();
-    let usable =
-        point.trim().parse::<u64>().ok() == Some(sequence) && maps.iter().all(|m| m.is_file());
+    let usable = !identity.is_empty()
+        && point.trim() == format!("{sequence} {identity}")
+        && maps.iter().all(|m| m.is_file());
     let _ = std::fs::remove_file(dir.join("point"));
     if !usable {
         let _ = std::fs::remove_dir_all(&dir);
@@ -264,6 +276,10 @@ fn hash_image(
         (None, Some(m)) => disk::scan::Source::Mapped(m),
         _ => return Err("no source".into()),
     };
+    inner.hashes[i]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .reserve_exact(usize::try_from(blocks).unwrap_or(0));
     let mut next = 0;
     let mut step = Vec::with_capacity(STEP as usize);
     while next < blocks {
@@ -381,18 +397,23 @@ mod tests {
             }
             w.finish().expect("finish")
         };
-        keep_maps(&data, vm, 5, vec![write_map("a.hashes", size)]);
+        keep_maps(&data, vm, 5, "h5", vec![write_map("a.hashes", size)]);
         assert!(
-            take_kept(&data, vm, 6, 1).is_none(),
+            take_kept(&data, vm, 6, "h5", 1).is_none(),
             "kept for point 5, not 6"
         );
         assert!(
-            take_kept(&data, vm, 5, 1).is_none(),
+            take_kept(&data, vm, 5, "h5", 1).is_none(),
             "a wrong point's maps are deleted"
         );
 
-        keep_maps(&data, vm, 5, vec![write_map("b.hashes", size)]);
-        let kept = take_kept(&data, vm, 5, 1).expect("kept");
+        keep_maps(&data, vm, 5, "h5", vec![write_map("a2.hashes", size)]);
+        assert!(
+            take_kept(&data, vm, 5, "other", 1).is_none(),
+            "point 5 of another chain"
+        );
+        keep_maps(&data, vm, 5, "h5", vec![write_map("b.hashes", size)]);
+        let kept = take_kept(&data, vm, 5, "h5", 1).expect("kept");
         let p = Prehash::idle(1);
         let images = vec![(path.display().to_string(), "raw".to_string(), size)];
         p.start(images.clone(), BS, Some(kept.clone()));
@@ -405,8 +426,8 @@ mod tests {
         assert!(!kept[0].exists(), "a loaded map is deleted");
 
         // A map of another disk size is not used: the image is read instead.
-        keep_maps(&data, vm, 5, vec![write_map("c.hashes", size * 2)]);
-        let kept = take_kept(&data, vm, 5, 1).expect("kept");
+        keep_maps(&data, vm, 5, "h5", vec![write_map("c.hashes", size * 2)]);
+        let kept = take_kept(&data, vm, 5, "h5", 1).expect("kept");
         let p = Prehash::idle(1);
         p.start(images, BS, Some(kept));
         assert_eq!(p.take(0, 0, 7).await, want);

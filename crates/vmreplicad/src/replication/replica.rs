@@ -450,8 +450,11 @@ impl ReplicaSide {
             let result = me.import_seed(vm, &c, disks).await;
             match result {
                 Ok(()) => {
-                    c.state.store(2, std::sync::atomic::Ordering::Release);
-                    c.start_prehash(None);
+                    // Not if it was cancelled meanwhile (3).
+                    use std::sync::atomic::Ordering::{AcqRel, Acquire};
+                    if c.state.compare_exchange(1, 2, AcqRel, Acquire).is_ok() {
+                        c.start_prehash(None);
+                    }
                 }
                 Err(why) => {
                     tracing::error!(%vm, "importing the seed failed: {why}");

@@ -181,7 +181,18 @@ impl ReplicaSide {
         } else {
             // The replica hashes its point while the primary hashes its disks (§5.5), or takes
             // the hashes its copy made when a reverse just took in its own disks as that point.
-            let kept = super::prehash::take_kept(&self.data_dir, vm, baseline, begin.disks.len());
+            let identity = self
+                .store
+                .received_log(vm, baseline)?
+                .map(|l| l.log_hash)
+                .unwrap_or_default();
+            let kept = super::prehash::take_kept(
+                &self.data_dir,
+                vm,
+                baseline,
+                &identity,
+                begin.disks.len(),
+            );
             compare.start_prehash(kept);
         }
         let compare = Arc::new(compare);

@@ -302,7 +302,14 @@ impl ReplicaSide {
             if from.resync {
                 // The resync that follows compares with these disks: their hashes, made while
                 // they were copied, spare it reading them again (replication::prehash).
-                super::prehash::keep_maps(&self.data_dir, vm, sequence, imported.maps);
+                let identity = self
+                    .store
+                    .received_log(vm, sequence)
+                    .ok()
+                    .flatten()
+                    .map(|l| l.log_hash)
+                    .unwrap_or_default();
+                super::prehash::keep_maps(&self.data_dir, vm, sequence, &identity, imported.maps);
             } else {
                 for map in imported.maps {
                     let _ = std::fs::remove_file(map);
