@@ -157,33 +157,44 @@ async fn a_merge_into_a_small_child_reuses_the_base_and_a_held_child_is_merged_b
     src.log(4, T0 + 4, PointType::Standard, &log);
     store.apply(&log, &Source::expect(4)).await.expect("apply");
     let overlay = store.create_overlay(4, "held").await.expect("overlay");
-    let mut holder = std::process::Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={},node-name=f",
-            overlay[0].display()
-        ))
-        .arg("--blockdev")
-        .arg("driver=qcow2,file=f,node-name=q")
-        .spawn()
-        .expect("qemu-storage-daemon");
-    // Until qemu-storage-daemon holds its locks, opening point 4's layer for writing (as the
-    // commit does; this one writes nothing) still succeeds.
+    let spawn_holder = || {
+        std::process::Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,filename={},node-name=f",
+                overlay[0].display()
+            ))
+            .arg("--blockdev")
+            .arg("driver=qcow2,file=f,node-name=q")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon")
+    };
+    // Held once opening point 4's layer for writing (as the commit does; this probe writes
+    // nothing) fails while qemu-storage-daemon runs. A probe that raced its start (it then could
+    // not open the chain and exited) starts it again.
     let layer4 = store.point_path(4, 0).expect("path");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::process::Command::new("qemu-io")
-        .args(["-c", "quit", "-f", "qcow2"])
-        .arg(&layer4)
-        .output()
-        .expect("qemu-img info")
-        .status
-        .success()
-    {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut holder = spawn_holder();
+    loop {
         assert!(
             std::time::Instant::now() < deadline,
-            "qemu-storage-daemon took no lock"
+            "qemu-storage-daemon never held point 4"
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if holder.try_wait().expect("try_wait").is_some() {
+            holder = spawn_holder();
+            continue;
+        }
+        let probe = std::process::Command::new("qemu-io")
+            .args(["-c", "quit", "-f", "qcow2"])
+            .arg(&layer4)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("qemu-io");
+        if !probe.success() && holder.try_wait().expect("try_wait").is_none() {
+            break;
+        }
     }
     let report = store.prune(&latest_only, T0 + 10).await;
     let _ = holder.kill();

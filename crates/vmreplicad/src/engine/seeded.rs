@@ -54,24 +54,29 @@ pub async fn run(
     mut rel: RelationshipRow,
 ) -> Result<RelationshipRow, JobFailure> {
     let (session, put) = open_empty_replica(&job, &vm, &rel, 3).await?;
-    let running = freeze_if_running(&vm, &job.data_dir).await?;
-    let result = compare_and_send(
-        &ctx,
-        &job,
-        &vm,
-        &mut rel,
-        session,
-        (put, None),
-        running.as_ref(),
-        1,
-    )
-    .await;
+    frozen_compare_and_send(&ctx, &job, &vm, &mut rel, session, (put, None), 1).await?;
+    Ok(rel)
+}
+
+/// [`compare_and_send`] from a frozen point of a running VM (released afterwards: its bitmaps
+/// restart there on success), or from the files of a turned-off one.
+async fn frozen_compare_and_send(
+    ctx: &JobContext,
+    job: &NetworkIr,
+    vm: &VmRow,
+    rel: &mut RelationshipRow,
+    session: crate::replication::client::Session,
+    put: (PutVm, Option<wire::protocol::ReverseFrom>),
+    kind: u16,
+) -> Result<(), JobFailure> {
+    let running = freeze_if_running(vm, &job.data_dir).await?;
+    let result = compare_and_send(ctx, job, vm, rel, session, put, running.as_ref(), kind).await;
     if let Some(r) = running {
         if let Err(e) = r.finish(result.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
         }
     }
-    result.map(|()| rel)
+    result
 }
 
 /// Resynchronize (docs/protocol.md §5.5 kind 2): the same comparison, against the replica's
@@ -94,23 +99,8 @@ pub async fn resync(
     // After a reversed unplanned failover, the old primary first becomes the replica, its own
     // disks the point to compare with (docs/protocol.md §5.7).
     let reverse = job.store.failover(vm.id)?.map(|f| f.resync_reverse(false));
-    let running = freeze_if_running(&vm, &job.data_dir).await?;
-    let result = compare_and_send(
-        &ctx,
-        &job,
-        &vm,
-        &mut rel,
-        session,
-        (put, reverse),
-        running.as_ref(),
-        2,
-    )
-    .await;
-    if let Some(r) = running {
-        if let Err(e) = r.finish(result.is_ok()).await {
-            tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
-        }
-    }
+    let result =
+        frozen_compare_and_send(&ctx, &job, &vm, &mut rel, session, (put, reverse), 2).await;
     if result.is_ok() {
         // The new direction is established: no failover left to reverse from.
         job.store.remove_failover(vm.id)?;

@@ -250,6 +250,33 @@ pub fn take_kept(
     Some(maps)
 }
 
+/// An image opened for reading without QEMU in between: the file of a raw image, or the files of
+/// another format's chain located by `qemu-img map`.
+pub(super) enum Opened {
+    Raw(std::fs::File),
+    Mapped(disk::scan::mapped::MappedImage),
+}
+
+impl Opened {
+    pub(super) fn open(image: &str, format: &str) -> Result<Opened, String> {
+        if format == "raw" {
+            return std::fs::File::open(image)
+                .map(Opened::Raw)
+                .map_err(|e| format!("{image}: {e}"));
+        }
+        disk::scan::mapped::MappedImage::open(Path::new(image), format)
+            .map(Opened::Mapped)
+            .map_err(|e| crate::error_chain(&e))
+    }
+
+    pub(super) fn source(&self) -> disk::scan::Source<'_> {
+        match self {
+            Opened::Raw(f) => disk::scan::Source::RawFile(f),
+            Opened::Mapped(m) => disk::scan::Source::Mapped(m),
+        }
+    }
+}
+
 /// Hashes `blocks` blocks of one image into `inner.hashes[i]`, [`STEP`] at a time.
 fn hash_image(
     rt: &tokio::runtime::Handle,
@@ -260,22 +287,8 @@ fn hash_image(
     blocks: u64,
     block_size: u32,
 ) -> Result<(), String> {
-    let raw = (format == "raw")
-        .then(|| std::fs::File::open(image))
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let mapped = match &raw {
-        Some(_) => None,
-        None => Some(
-            disk::scan::mapped::MappedImage::open(std::path::Path::new(image), format)
-                .map_err(|e| crate::error_chain(&e))?,
-        ),
-    };
-    let mut source = match (&raw, &mapped) {
-        (Some(f), _) => disk::scan::Source::RawFile(f),
-        (None, Some(m)) => disk::scan::Source::Mapped(m),
-        _ => return Err("no source".into()),
-    };
+    let opened = Opened::open(image, format)?;
+    let mut source = opened.source();
     inner.hashes[i]
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -627,22 +627,8 @@ impl ReplicaSide {
             let mut hashes = known;
             let have = hashes.len() as u64;
             if have < count {
-                let raw = (format == "raw")
-                    .then(|| std::fs::File::open(&image))
-                    .transpose()
-                    .map_err(|e| e.to_string())?;
-                let mapped = match &raw {
-                    Some(_) => None,
-                    None => Some(
-                        disk::scan::mapped::MappedImage::open(Path::new(&image), &format)
-                            .map_err(|e| crate::error_chain(&e))?,
-                    ),
-                };
-                let mut source = match (&raw, &mapped) {
-                    (Some(f), _) => disk::scan::Source::RawFile(f),
-                    (None, Some(m)) => disk::scan::Source::Mapped(m),
-                    _ => return Err("no source".into()),
-                };
+                let opened = super::prehash::Opened::open(&image, &format)?;
+                let mut source = opened.source();
                 tokio::runtime::Handle::current()
                     .block_on(disk::scan::hash_blocks(
                         &mut source,
