@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_two_hosts import (  # noqa: E402
-    PRIMARY, REPLICA, ROOT, Host, lab_certs, drop_caches, free_port, make_image, sh, size_arg, wait)
+    PRIMARY, REPLICA, Host, lab_certs, drop_caches, free_port, prepare, sh, size_arg, wait)
 
 BLOCK = 64 << 10
 
@@ -77,14 +77,7 @@ def main():
     ap.add_argument("--resync", action="store_true", help="reverse + Resynchronize instead of failback")
     args = ap.parse_args()
     size = size_arg(args.size)
-    work = (ROOT / args.dir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    print("building release binaries ...", flush=True)
-    sh("cargo", "build", "--release", "--locked", "-p", "vmreplicad", "-p", "vmreplica", cwd=ROOT)
-    image = work / "vm.qcow2"
-    print(f"making a {args.size} qcow2, half allocated with random data ...", flush=True)
-    make_image(image, size)
+    work, image = prepare(args.dir, args.size)
 
     thumbs = lab_certs(work)
     port1, port2 = free_port(), free_port()

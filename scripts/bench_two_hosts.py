@@ -132,6 +132,20 @@ def wait(pred, timeout, what):
     raise SystemExit(f"timed out waiting for {what}")
 
 
+def prepare(dir_arg, size_text):
+    """A fresh work directory, the release binaries built, and a `size_text` qcow2 half allocated
+    with random data in it; returns (work directory, image)."""
+    work = (ROOT / dir_arg).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    print("building release binaries ...", flush=True)
+    sh("cargo", "build", "--release", "--locked", "-p", "vmreplicad", "-p", "vmreplica", cwd=ROOT)
+    image = work / "vm.qcow2"
+    print(f"making a {size_text} qcow2, half allocated with random data ...", flush=True)
+    make_image(image, size_arg(size_text))
+    return work, image
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="8G")
@@ -142,15 +156,7 @@ def main():
                          "three 30 s intervals while replication runs; reports whether every cycle kept up")
     args = ap.parse_args()
     size, churn = size_arg(args.size), size_arg(args.churn)
-    work = (ROOT / args.dir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    print("building release binaries ...", flush=True)
-    sh("cargo", "build", "--release", "--locked", "-p", "vmreplicad", "-p", "vmreplica", cwd=ROOT)
-
-    image = work / "vm.qcow2"
-    print(f"making a {args.size} qcow2, half allocated with random data ...", flush=True)
-    make_image(image, size)
+    work, image = prepare(args.dir, args.size)
     allocated = int(json.loads(sh("qemu-img", "info", "--output=json", image).stdout)["actual-size"])
 
     rows = []

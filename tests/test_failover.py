@@ -622,6 +622,17 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     assert port1
 
 
+def initiate_failback(p, name):
+    """InitiateFailback of VM `name` on the old primary `p` with its own settings; returns the job's
+    reference (the call must answer 4096: a job started)."""
+    pvm = vm_by_name(p, name)
+    rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+    rv, out = p.InvokeMethod("InitiateFailback", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=pvm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096, rv
+    return out["Job"]
+
+
 def plain_log(daemon):
     """A daemon's log without its terminal colours."""
     return re.sub(r"\x1b\[[0-9;]*m", "", daemon.log.read_text())
@@ -671,15 +682,11 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     store1 = hv1_storage / vm_id.lower()
 
     def failback():
-        pvm = vm_by_name(p, "fb02")
-        rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
-        rv, out = p.InvokeMethod("InitiateFailback", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
-                                 ComputerSystem=pvm.path, ReplicationSettingData=rsd.tocimxmlstr())
-        assert rv == 4096, rv
+        job = initiate_failback(p, "fb02")
         wait_for(lambda: vm_by_name(r, "fb02")["ReplicationState"] == 10, timeout=30,
                  what="the new primary sending")
         time.sleep(1.5)
-        return out["Job"]
+        return job
 
     def as_it_was():
         pvm = vm_by_name(p, "fb02")
@@ -718,12 +725,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     # 4. Run again: to the end, and the disks equal the new primary's. The record of what the
     # failover overlay held is lost meanwhile: every block is compared, and the job says so.
     (lab.replica.data_dir / "tracking" / vm_id.upper() / "disk0.failover-writes").unlink()
-    pvm = vm_by_name(p, "fb02")
-    rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
-    rv, out = p.InvokeMethod("InitiateFailback", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
-                             ComputerSystem=pvm.path, ReplicationSettingData=rsd.tocimxmlstr())
-    assert rv == 4096, rv
-    job = wait_job(p, out["Job"], timeout=120)
+    job = wait_job(p, initiate_failback(p, "fb02"), timeout=120)
     assert job["JobState"] == 7, job["ErrorDescription"]
     assert "Full hash compare" in job["Description"] and "not recorded" in job["Description"], job["Description"]
     assert (vm_by_name(p, "fb02")["ReplicationState"], vm_by_name(r, "fb02")["ReplicationState"]) == (14, 3)
@@ -746,12 +748,7 @@ def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_pr
         qsd.write("write -P 0x42 40M 128k")  # recorded by the bitmap in its QEMU process
         lab.primary.start()
         p = lab.primary.conn()
-        pvm = vm_by_name(p, "fb03")
-        rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
-        rv, out = p.InvokeMethod("InitiateFailback", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
-                                 ComputerSystem=pvm.path, ReplicationSettingData=rsd.tocimxmlstr())
-        assert rv == 4096, rv
-        job = wait_job(p, out["Job"], timeout=120)
+        job = wait_job(p, initiate_failback(p, "fb03"), timeout=120)
         assert job["JobState"] == 7, job["ErrorDescription"]
         assert "Only the blocks either side wrote" in job["Description"], job["Description"]
         assert vm_by_name(p, "fb03")["ReplicationState"] == 14
