@@ -99,6 +99,15 @@ pub async fn resync(
     // After a reversed unplanned failover, the old primary first becomes the replica, its own
     // disks the point to compare with (docs/protocol.md §5.7).
     let reverse = job.store.failover(vm.id)?.map(|f| f.resync_reverse(false));
+    // Refused before anything is frozen or sent (a seeded IR asks in `open_empty_replica`).
+    session
+        .require("seeded-compare")
+        .map_err(|e| e.into_failure("comparing block hashes"))?;
+    if reverse.is_some() {
+        session
+            .require("reverse")
+            .map_err(|e| e.into_failure("making the old primary the replica"))?;
+    }
     let result =
         frozen_compare_and_send(&ctx, &job, &vm, &mut rel, session, (put, reverse), 2).await;
     if result.is_ok() {
@@ -127,14 +136,6 @@ async fn compare_and_send(
     //    once the session begins (replication::prehash). Kind 1 begins (imports the seed) only
     //    after this side hashed; the replica then hashes the seed while the ranges start.
     let disks = disk_table(vm)?;
-    session
-        .require("seeded-compare")
-        .map_err(|e| e.into_failure("comparing block hashes"))?;
-    if reverse.is_some() {
-        session
-            .require("reverse")
-            .map_err(|e| e.into_failure("making the old primary the replica"))?;
-    }
     let prepare = async {
         if let Some(from) = reverse {
             let mut put = put.clone();
