@@ -428,13 +428,27 @@ def shipped_since(lab, vm_id, t):
 
 
 def settled(lab, vm_id):
-    """After a suspend: waits until every committed log is applied; returns the last sequence."""
+    """After a suspend: waits until every committed log is applied and the prune that follows each
+    apply is over (no merge in progress, the points on disk unchanged for 0.5 s: a merge renames
+    layers, so a reader opening a point's files by name meanwhile may miss one); returns the last
+    sequence."""
     def done():
         with raw_peer(lab) as c:
             d = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()
         seq = d["last_committed"]["sequence"]
         return seq if d["pending_apply"] == 0 and d["last_applied_sequence"] == seq else None
-    return wait_for(done, what="the replica to apply what it committed")
+    seq = wait_for(done, what="the replica to apply what it committed")
+    store = lab.storage / vm_id.lower()
+
+    def points():
+        return None if (store / "merge.json").exists() else sorted(f.name for f in store.glob("p*.json"))
+
+    def quiet():
+        first = points()
+        time.sleep(0.5)
+        return first is not None and first == points()
+    wait_for(quiet, what="the replica's prune to end")
+    return seq
 
 
 def latest_layers(lab, vm_id, seq):
