@@ -622,6 +622,104 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     assert port1
 
 
+def test_a_failback_to_a_named_recovery_point_before_the_commit_brings_both_hosts_to_that_point(lab, tmp_path):
+    """InitiateFailback with a RecoveryPointIdentifier of the new primary while its failover is not
+    committed: both hosts end at exactly that point (the new primary's uncommitted writes are
+    dropped), and only the old primary's blocks written since that point are compared."""
+    disk = ext4_disk(tmp_path / "fb04.qcow2")
+    # Data there at the point, so the failback must send it back.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x50 20M 2M", "-c", "write -P 0x50 30M 1M", disk)
+    vm_id = replicate_network(lab, tmp_path, "fb04", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "fb04")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    rrsc(p, pvm, 7)
+    early = settled(lab, vm_id)
+    point_disk = tmp_path / "early.raw"
+    run("qemu-img", "convert", "-O", "raw", disk, point_disk)
+    lab.replica.cli("failover", "fb04", "--test", "--point", str(early))  # keeps the early point
+    rrsc(p, pvm, 3)
+    for k in range(2):  # logs after the early point, applied on the replica
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x51 + k} {20 + k}M 256k", disk)
+        shipped_since(lab, vm_id, time.time())
+    rrsc(p, pvm, 7)
+    settled(lab, vm_id)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x53 30M 256k", disk)  # never replicated
+    # A recovery server, but with no authorization entry for hv2 yet (see below).
+    serve(lab.primary, lab.t1, "nobody.lab.example", tmp_path / "hv1-storage")
+    lab.primary.stop()  # the primary is lost
+
+    r = lab.replica.conn()
+    lab.replica.cli("failover", "fb04")  # to the latest point, not committed
+    lab.replica.cli("stop-failover", "fb04")  # the test VM goes; the early point stays
+    (overlay,) = vm_disks(lab.replica, "fb04")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x54 40M 128k", overlay)  # dropped by the failback
+    rvm = vm_by_name(r, "fb04")
+    assert rvm["ReplicationState"] == 5
+    snaps = {s["InstanceID"].rsplit("\\", 1)[1]: s["InstanceID"] for s in
+             r.Associators(rvm.path, AssocClass="Msvm_SnapshotOfVirtualSystem")}
+    assert str(early) in snaps, snaps
+
+    lab.primary.start()  # back, holding writes that never replicated
+    p = lab.primary.conn()
+    psvc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+
+    def failback(point):
+        pvm = vm_by_name(p, "fb04")
+        rsd = p.Associators(pvm.path, ResultClass="Msvm_ReplicationSettingData")[0]
+        rv, out = p.InvokeMethod("InitiateFailback", psvc.path, ComputerSystem=pvm.path,
+                                 ReplicationSettingData=rsd.tocimxmlstr(), RecoveryPointIdentifier=point)
+        assert rv == 4096, rv
+        return wait_job(p, out["Job"], timeout=120)
+
+    # A point the new primary does not hold: refused there, nothing changes on either side.
+    job = failback(snaps[str(early)].replace(f"\\{early}", "\\999"))
+    assert job["JobState"] == 10 and "not a recovery point" in job["ErrorDescription"], job["ErrorDescription"]
+    assert vm_by_name(p, "fb04")["ReplicationMode"] == 1
+    assert vm_by_name(r, "fb04")["ReplicationState"] == 5
+    assert vm_disks(lab.replica, "fb04") == [overlay]
+
+    # Refused by the old primary once the new one has moved to the point, committed and reversed:
+    # the new primary waits in 9 at exactly that point, and the same call runs again from there.
+    job = failback(snaps[str(early)])
+    assert job["JobState"] == 10 and "AccessDenied" in job["ErrorDescription"], job["ErrorDescription"]
+    wait_for(lambda: vm_by_name(r, "fb04")["ReplicationState"] == 9, what="the new primary back in 9")
+    assert vm_by_name(r, "fb04")["ReplicationMode"] == 1
+    (new_disk,) = vm_disks(lab.replica, "fb04")
+    same, text = compare(new_disk, point_disk)
+    assert same, text
+    assert vm_by_name(p, "fb04")["ReplicationMode"] == 1
+    lab.primary.cli("auth", "add", "--primary", REPLICA, "--storage", str(tmp_path / "hv1-storage"))
+
+    res = lab.primary.cli("failback", "fb04", "--point", snaps[str(early)])  # the CLI, this time
+    job = {"Description": res.stdout + res.stderr}
+    print("failback job:", job["Description"])
+    assert f"since the failover point {early} are read" in job["Description"], job["Description"]
+    # The old primary's three writes since the point differ (12 blocks); the new primary's dropped
+    # write is not even a candidate.
+    assert re.search(r"\b12 blocks differed", job["Description"]), job["Description"]
+    sent = int(re.search(r"log \d+ of (\d+) bytes sent", job["Description"]).group(1))
+    divergent = 3 * (256 << 10)
+    assert divergent < sent <= 1.1 * divergent + (64 << 10), sent
+    pvm, rvm = vm_by_name(p, "fb04"), vm_by_name(r, "fb04")
+    assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 14)
+    assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (1, 3)
+    # Both hosts hold exactly the early point.
+    store1 = tmp_path / "hv1-storage" / vm_id.lower()
+    last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+    same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", point_disk)
+    assert same, text
+    (new_disk,) = vm_disks(lab.replica, "fb04")
+    assert "backing file" not in run("qemu-img", "info", new_disk).stdout  # committed, standalone
+    same, text = compare(new_disk, point_disk)
+    assert same, text
+    assert r.Associators(rvm.path, AssocClass="Msvm_SnapshotOfVirtualSystem") == []
+    # Deltas flow from the new primary.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x55 48M 64k", new_disk)
+    wait_for(lambda: max(int(f.stem[1:]) for f in store1.glob("p*.json")) > last,
+             timeout=30, what="a delta to the old primary")
+
+
 def initiate_failback(p, name):
     """InitiateFailback of VM `name` on the old primary `p` with its own settings; returns the job's
     reference (the call must answer 4096: a job started)."""

@@ -138,15 +138,18 @@ enum Verb {
     /// Compare block hashes with the replica and send only what differs (Resume-VMReplication
     /// -Resynchronize).
     Resync { vm: String },
-    /// On the old primary, VM off, after an unplanned failover was committed on the replica:
-    /// bring this host's disks to the replica's current disks, sending only the blocks either side
-    /// wrote since the failover, and become its replica (InitiateFailback). This host must be a
-    /// recovery server for it. Settings given apply to the new direction.
+    /// On the old primary, VM off, after an unplanned failover on the replica: bring this host's
+    /// disks to the replica's current disks (failover committed) or to one of its recovery points
+    /// (--point; failover committed or not), sending only the blocks either side wrote since, and
+    /// become its replica (InitiateFailback). This host must be a recovery server for it. Settings
+    /// given apply to the new direction.
     Failback {
         #[command(flatten)]
         settings: SetArgs,
-        /// A recovery point of the new primary (RecoveryPointIdentifier); its current disks when
-        /// left out.
+        /// A recovery point of the new primary (RecoveryPointIdentifier: its InstanceID or
+        /// sequence number); its current disks when left out. Not committed there: the failover
+        /// moves to that point (what its VM wrote is dropped) and is committed. Committed: only
+        /// the point it was committed to, while nothing was written since.
         #[arg(long)]
         point: Option<String>,
     },

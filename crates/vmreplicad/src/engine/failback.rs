@@ -8,7 +8,9 @@
 //! deltas, so a planned failover and a reverse complete the return.
 //!
 //! **On B** (the new primary; [`NewPrimary`]): the job makes B the primary of A if it is not yet
-//! (CommitFailover must have run), then, as a Resynchronize would, asks A to take its own disks as
+//! (CommitFailover must have run, or A named one of B's recovery points: then B's failover first
+//! moves to that point, dropping what was written on the failover's disks, and is committed, so
+//! that point becomes the failover point F and B wrote nothing since), then, as a Resynchronize would, asks A to take its own disks as
 //! the base point (`PUT` with `reverse.failback`; A also works out which of its blocks may differ
 //! from the failover point F and the exact block-hash map of its disks, `replication::failback`),
 //! and compares in kind 3:
@@ -551,15 +553,21 @@ impl NewPrimary {
                 ReplicationState::ResynchronizationSuspended.as_u16(),
             ]
             .contains(&rel.state);
-        if !committed && !waiting {
+        // Failed over, not committed: a failback to a named recovery point moves the failover
+        // there and commits it first.
+        let recovered = replica
+            && failover.is_some()
+            && rel.state == ReplicationState::Recovered.as_u16()
+            && !req.point.is_empty();
+        if !committed && !waiting && !recovered {
             let why = if replica && rel.state == ReplicationState::Recovered.as_u16() {
                 format!(
-                    "'{}' is failed over but not committed here; run CommitFailover first",
+                    "'{}' is failed over but not committed here; run CommitFailover first, or name one of its recovery points (RecoveryPointIdentifier)",
                     vm_row.name
                 )
             } else {
                 format!(
-                    "'{}' is in state {} (mode {}) here; a failback needs a committed unplanned failover",
+                    "'{}' is in state {} (mode {}) here; a failback needs an unplanned failover",
                     vm_row.name, rel.state, vm_row.mode
                 )
             };
@@ -567,15 +575,54 @@ impl NewPrimary {
             d.replica_state = Some(rel.state);
             return Err(ApiError(Box::new(d)));
         }
-        if !req.point.is_empty() {
-            return Err(api(
-                ErrorCode::BadRequest,
-                format!(
-                    "no recovery point '{}' here: a committed failover keeps only the VM's current disks; leave RecoveryPointIdentifier empty",
-                    req.point
-                ),
-            ));
-        }
+        // A named point: its sequence, and this host's VM must stay off while its disks are
+        // brought to exactly that point.
+        let exact = if req.point.is_empty() {
+            None
+        } else {
+            let f = failover.as_ref().map_or(0, |f| f.point);
+            let known: Vec<u64> = if recovered {
+                self.store
+                    .recovery_points(vm)?
+                    .iter()
+                    .map(|p| p.sequence)
+                    .collect()
+            } else {
+                vec![f]
+            };
+            let point = super::test_failover::point_of(vm, &req.point, &known).map_err(|_| {
+                api(
+                    ErrorCode::BadRequest,
+                    if recovered {
+                        format!("'{}' is not a recovery point of '{}' here", req.point, vm_row.name)
+                    } else {
+                        format!(
+                            "'{}' is not a recovery point of '{}' here: a committed failover keeps only the point it was committed to ({f}); leave RecoveryPointIdentifier empty to fail back to the VM's current disks",
+                            req.point, vm_row.name
+                        )
+                    },
+                )
+            })?;
+            if crate::power::enabled_state(&vm_row.power) == crate::power::ENABLED {
+                return Err(api(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "'{}' is running here; turn it off to fail back to recovery point {point}",
+                        vm_row.name
+                    ),
+                ));
+            }
+            if recovered && self.store.test_system_of(vm)?.is_some() {
+                return Err(api(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "'{}' has a test VM here; remove it (DestroySystem) first",
+                        vm_row.name
+                    ),
+                ));
+            }
+            Some(point)
+        };
         let claim = self.claims.claim(vm).ok_or_else(|| {
             api(
                 ErrorCode::Busy,
@@ -594,7 +641,7 @@ impl NewPrimary {
             true,
             move |ctx| async move {
                 let _claim = claim;
-                this.work(ctx, vm_row, rel, req).await
+                this.work(ctx, vm_row, rel, req, exact).await
             },
         )?;
         self.runs().insert(
@@ -610,16 +657,68 @@ impl NewPrimary {
         Ok((self.status(peer, vm, false)?, 202))
     }
 
-    /// B's failback job.
+    /// Before B's job makes its replica VM the primary: in 5 with a named recovery point, the
+    /// failover moves to that point (what was written on its disks is dropped, as RevertFailover
+    /// would) and is committed as CommitFailover does, so the VM's disks are exactly the point and
+    /// nothing was written since; in 6, points a commit cut off before dropping them are dropped.
+    async fn commit_for_failback(
+        &self,
+        ctx: &JobContext,
+        vm: &mut VmRow,
+        rel: &mut RelationshipRow,
+        exact: Option<u64>,
+    ) -> Result<(), JobFailure> {
+        let root = super::failover::store_root(&self.store, vm);
+        if rel.state == ReplicationState::Committed.as_u16() {
+            if let (Ok(root), false) = (&root, self.store.recovery_points(vm.id)?.is_empty()) {
+                if let Ok(points) = disk::points::PointStore::open(root, vm.id).await {
+                    super::failover::drop_points(&self.store, vm.id, points.dir())?;
+                }
+            }
+            return Ok(());
+        }
+        let root = root.map_err(|e| fail(e.message, "Check the replica's storage location."))?;
+        let point = exact.ok_or_else(|| {
+            fail(
+                format!("'{}' is failed over but not committed here", vm.name),
+                "Run CommitFailover first, or name one of its recovery points.",
+            )
+        })?;
+        let kind = super::failover::move_failover(&self.store, &root, vm, point).await?;
+        let reload = |vm: &mut VmRow| -> Result<(), JobFailure> {
+            if let Some(now) = self.store.get_vm(vm.id)? {
+                vm.disks = now.disks;
+            }
+            Ok(())
+        };
+        reload(vm)?;
+        ctx.note(&format!(
+            "Failed over to recovery point {point} here (whatever was written on the failover's disks dropped) and committed"
+        ))?;
+        let points =
+            super::failover::flatten(ctx, &self.store, &self.data_dir, &root, vm, false).await?;
+        reload(vm)?;
+        rel.state = ReplicationState::Committed.as_u16();
+        rel.failed_over_type = kind.as_u16();
+        self.store.put_relationship(rel, vm.mode)?;
+        super::failover::drop_points(&self.store, vm.id, points.dir())?;
+        tracing::info!(vm = %vm.id, point, "failover moved to the failback's point and committed");
+        Ok(())
+    }
+
+    /// B's failback job; `exact`: the recovery point named, which A's disks must equal.
     async fn work(
         self: Arc<Self>,
         ctx: JobContext,
-        vm: VmRow,
+        mut vm: VmRow,
         mut rel: RelationshipRow,
         req: StartFailback,
+        exact: Option<u64>,
     ) -> Result<(), JobFailure> {
         let primary = ReplicationMode::Primary.as_u16();
         if vm.mode == ReplicationMode::Replica.as_u16() {
+            self.commit_for_failback(&ctx, &mut vm, &mut rel, exact)
+                .await?;
             // The reverse of the unplanned failover (what ReverseReplicationRelationship does):
             // this host is the primary of the old one from now on.
             let service = self.store.service_settings()?;
@@ -653,7 +752,7 @@ impl NewPrimary {
             peers: self.peers.clone(),
             data_dir: self.data_dir.clone(),
         };
-        let result = send(&ctx, &job, &vm, &mut rel).await;
+        let result = send(&ctx, &job, &vm, &mut rel, exact).await;
         let _ = self.store.forget_job_restore(ctx.id());
         match result {
             Ok((sequence, bytes)) => {
@@ -691,6 +790,7 @@ async fn send(
     job: &NetworkIr,
     vm: &VmRow,
     rel: &mut RelationshipRow,
+    exact: Option<u64>,
 ) -> Result<(u64, u64), JobFailure> {
     let f = job.store.failover(vm.id)?.ok_or_else(|| {
         fail(
@@ -805,6 +905,23 @@ async fn send(
                     }
                 }
             };
+            if let Some(p) = exact {
+                // A named point: the disks here must still be exactly that point.
+                let wrote = ours.as_deref().map(journal::blocks);
+                if wrote != Some(0) {
+                    return Err(fail(
+                        match wrote {
+                            Some(n) => format!(
+                                "disk {i} here holds {n} blocks of 64 KiB written after recovery point {p}"
+                            ),
+                            None => format!(
+                                "whether disk {i} here was written after recovery point {p} is not known"
+                            ),
+                        },
+                        "Leave RecoveryPointIdentifier empty to fail back to the VM's current disks here.",
+                    ));
+                }
+            }
             candidates.push(match (theirs, ours) {
                 (Some(a), Some(b)) => Some(journal::union(&a, &b)),
                 _ => None,

@@ -22,7 +22,7 @@ use vmreplica_core::state::ReplicationType;
 
 use super::test_failover::{choose_point, refused};
 use super::{EngineRequest, LocalEngine};
-use crate::jobs::JobFailure;
+use crate::jobs::{JobContext, JobFailure};
 use crate::store::{JobRow, Store, StoreResult, VmRow};
 
 /// The overlay a failed-over VM runs on.
@@ -76,7 +76,7 @@ impl Store {
         .transpose()
     }
 
-    fn put_failover(&self, f: &FailoverRow) -> StoreResult<()> {
+    pub(super) fn put_failover(&self, f: &FailoverRow) -> StoreResult<()> {
         self.conn().execute(
             "INSERT OR REPLACE INTO failovers (vm, point, log_hash, disks_before)
              VALUES (?1, ?2, ?3, ?4)",
@@ -106,7 +106,7 @@ impl Store {
 
     /// After a committed failover: the VM keeps no recovery point and no received log (its
     /// `failovers` row stays: the common point of a reverse).
-    fn forget_replica_data(&self, vm: Uuid) -> StoreResult<()> {
+    pub(super) fn forget_replica_data(&self, vm: Uuid) -> StoreResult<()> {
         self.delete_vm_rows(vm, &["recovery_points", "received_logs", "uploads"])
     }
 }
@@ -116,7 +116,7 @@ fn failed(what: &str, e: &dyn std::error::Error, action: &str) -> JobFailure {
 }
 
 /// The replica VM's point store root.
-fn store_root(store: &Store, vm: &VmRow) -> Result<PathBuf, CommandError> {
+pub(super) fn store_root(store: &Store, vm: &VmRow) -> Result<PathBuf, CommandError> {
     let replica = store.replica_vm(vm.id)?.ok_or_else(|| {
         refused(
             ReturnCode::InvalidState,
@@ -135,18 +135,7 @@ impl LocalEngine {
     pub(super) fn failover(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
         let root = store_root(&self.store, &req.vm)?;
         let point = choose_point(&self.store, &req.vm, req.args.recovery_point.as_deref())?;
-        let kind = self
-            .store
-            .recovery_points(req.vm.id)?
-            .into_iter()
-            .find(|p| p.sequence == point)
-            .map(|p| p.kind)
-            .unwrap_or_default();
-        let failed_over_type = match kind.as_str() {
-            "ApplicationConsistent" => ReplicationType::ApplicationConsistent,
-            "PlannedFailover" => ReplicationType::Planned,
-            _ => ReplicationType::Regular,
-        };
+        let failed_over_type = point_kind(&self.store, req.vm.id, point)?;
         // Written first, so the apply task leaves the queued logs alone from now on.
         let vm_id = req.vm.id;
         let log_hash = self
@@ -272,109 +261,185 @@ impl LocalEngine {
             false,
             move |ctx, vm, rel, _, claim| async move {
                 let _claim = claim;
-                let dest = root.join(format!("{}.failed-over", vm.id.hyphenated()));
-                let points = PointStore::open(&root, vm.id).await.map_err(|e| {
-                    failed(
-                        "cannot open the recovery points",
-                        &e,
-                        "Check the replica's storage location.",
-                    )
-                })?;
-                // After a planned failover, the point's maps are kept for a reverse, which must
-                // send everything the VM wrote since (docs/protocol.md §5.7).
-                let common = store.failover(vm.id)?;
-                if let (Some(f), true) = (
-                    &common,
-                    rel.failed_over_type == ReplicationType::Planned.as_u16(),
-                ) {
-                    let table = super::initial::disk_table(&vm)?;
-                    let layers = (0..table.len())
-                        .map(|i| points.point_path(f.point, i))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| {
-                            failed(
-                                "cannot find the failover point",
-                                &e,
-                                "Check the replica's storage location.",
-                            )
-                        })?;
-                    let tracking = super::reverse::tracking_dir(&data_dir, vm.id);
-                    let name = super::reverse::COMMITTED_BASELINE;
-                    let layers: Vec<(String, String)> = layers
-                        .iter()
-                        .map(|l| (l.display().to_string(), "qcow2".to_string()))
-                        .collect();
-                    let tmps = super::initial::hash_images(
-                        Some(&ctx),
-                        vm.id,
-                        &layers,
-                        super::initial::log_disks(&table),
-                        &tracking,
-                        name,
-                        &data_dir,
-                    )
-                    .await?;
-                    for (i, tmp) in tmps.iter().enumerate() {
-                        disk::scan::hashmap::commit(tmp, &tracking.join(format!("disk{i}.{name}")))
-                            .map_err(|e| {
-                                failed(
-                                    "cannot keep the point's block-hash map",
-                                    &e,
-                                    "Check the data directory.",
-                                )
-                            })?;
-                    }
-                }
-                // What the VM wrote since the failover point, for a failback (engine::failback).
-                let overlays =
-                    PointStore::overlay_disk_paths(&root, vm.id, OVERLAY, vm.disks.len());
-                // Never an earlier failover's records.
-                super::failback::forget_records(&data_dir, vm.id, vm.disks.len());
-                if overlays.iter().all(|o| o.is_file()) {
-                    if let Err(why) =
-                        super::failback::record_overlay_writes(&data_dir, vm.id, &overlays).await
-                    {
-                        tracing::warn!(vm = %vm.id, "a failback will compare every block: {why}");
-                    }
-                }
-                let disks = match points.commit_overlay(OVERLAY, &dest).await {
-                    Ok(disks) => disks,
-                    // A commit cut off after the images were made and the overlay removed.
-                    Err(OverlayError::Unknown(_))
-                        if vm
-                            .disks
-                            .iter()
-                            .enumerate()
-                            .all(|(i, _)| dest.join(format!("disk{i}.qcow2")).is_file()) =>
-                    {
-                        (0..vm.disks.len())
-                            .map(|i| dest.join(format!("disk{i}.qcow2")))
-                            .collect()
-                    }
-                    Err(e) => {
-                        return Err(failed(
-                            "cannot flatten the failover disks",
-                            &e,
-                            "Check free space in the replica's storage location.",
-                        ))
-                    }
-                };
-                // And what it writes from now on.
-                if let Err(why) =
-                    super::failback::track_after_commit(&data_dir, vm.id, &disks).await
-                {
-                    tracing::warn!(vm = %vm.id, "a failback will compare every block: {why}");
-                }
+                let planned = rel.failed_over_type == ReplicationType::Planned.as_u16();
+                let points = flatten(&ctx, &store, &data_dir, &root, &vm, planned).await?;
                 ctx.progress(90)?;
                 // From here the flattened images are the VM's disks; the recovery points go.
-                store.set_vm_disks(vm.id, &paths(&disks))?;
-                store.forget_replica_data(vm.id)?;
-                remove_point_store(points.dir());
+                drop_points(&store, vm.id, points.dir())?;
                 tracing::info!(vm = %vm.id, "failover committed; recovery points deleted");
                 Ok(rel)
             },
         )
     }
+}
+
+/// CommitFailover's work, up to the flattened images becoming the VM's disks: the overlay is
+/// flattened into `<root>/<vm-guid>.failed-over/`, with the records a failback needs (what the
+/// overlay held, a bitmap of what is written after) and, after a `planned` failover, the point's
+/// maps for a reverse. Returns the point store, whose points the caller then drops
+/// ([`drop_points`]). Run again after a cut, it finishes (the images made, the overlay gone).
+pub(super) async fn flatten(
+    ctx: &JobContext,
+    store: &Store,
+    data_dir: &Path,
+    root: &Path,
+    vm: &VmRow,
+    planned: bool,
+) -> Result<PointStore, JobFailure> {
+    let dest = root.join(format!("{}.failed-over", vm.id.hyphenated()));
+    let points = PointStore::open(root, vm.id).await.map_err(|e| {
+        failed(
+            "cannot open the recovery points",
+            &e,
+            "Check the replica's storage location.",
+        )
+    })?;
+    // After a planned failover, the point's maps are kept for a reverse, which must send
+    // everything the VM wrote since (docs/protocol.md §5.7).
+    if let (Some(f), true) = (store.failover(vm.id)?, planned) {
+        let table = super::initial::disk_table(vm)?;
+        let layers = (0..table.len())
+            .map(|i| points.point_path(f.point, i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                failed(
+                    "cannot find the failover point",
+                    &e,
+                    "Check the replica's storage location.",
+                )
+            })?;
+        let tracking = super::reverse::tracking_dir(data_dir, vm.id);
+        let name = super::reverse::COMMITTED_BASELINE;
+        let layers: Vec<(String, String)> = layers
+            .iter()
+            .map(|l| (l.display().to_string(), "qcow2".to_string()))
+            .collect();
+        let tmps = super::initial::hash_images(
+            Some(ctx),
+            vm.id,
+            &layers,
+            super::initial::log_disks(&table),
+            &tracking,
+            name,
+            data_dir,
+        )
+        .await?;
+        for (i, tmp) in tmps.iter().enumerate() {
+            disk::scan::hashmap::commit(tmp, &tracking.join(format!("disk{i}.{name}"))).map_err(
+                |e| {
+                    failed(
+                        "cannot keep the point's block-hash map",
+                        &e,
+                        "Check the data directory.",
+                    )
+                },
+            )?;
+        }
+    }
+    // What the VM wrote since the failover point, for a failback (engine::failback).
+    let overlays = PointStore::overlay_disk_paths(root, vm.id, OVERLAY, vm.disks.len());
+    // Never an earlier failover's records.
+    super::failback::forget_records(data_dir, vm.id, vm.disks.len());
+    if overlays.iter().all(|o| o.is_file()) {
+        if let Err(why) = super::failback::record_overlay_writes(data_dir, vm.id, &overlays).await {
+            tracing::warn!(vm = %vm.id, "a failback will compare every block: {why}");
+        }
+    }
+    let disks = match points.commit_overlay(OVERLAY, &dest).await {
+        Ok(disks) => disks,
+        // A commit cut off after the images were made and the overlay removed.
+        Err(OverlayError::Unknown(_))
+            if vm
+                .disks
+                .iter()
+                .enumerate()
+                .all(|(i, _)| dest.join(format!("disk{i}.qcow2")).is_file()) =>
+        {
+            (0..vm.disks.len())
+                .map(|i| dest.join(format!("disk{i}.qcow2")))
+                .collect()
+        }
+        Err(e) => {
+            return Err(failed(
+                "cannot flatten the failover disks",
+                &e,
+                "Check free space in the replica's storage location.",
+            ))
+        }
+    };
+    // And what it writes from now on.
+    if let Err(why) = super::failback::track_after_commit(data_dir, vm.id, &disks).await {
+        tracing::warn!(vm = %vm.id, "a failback will compare every block: {why}");
+    }
+    store.set_vm_disks(vm.id, &paths(&disks))?;
+    Ok(points)
+}
+
+/// After [`flatten`]: the VM keeps no recovery point and no received log.
+pub(super) fn drop_points(store: &Store, vm: Uuid, dir: &Path) -> Result<(), JobFailure> {
+    store.forget_replica_data(vm)?;
+    remove_point_store(dir);
+    Ok(())
+}
+
+/// A failed-over VM moved to recovery point `point` of its replica store under `root`: the
+/// failover overlay and everything written into it are dropped, and a new, empty one on `point`
+/// becomes the VM's disks (what InitiateFailback to a named point does first on the new primary,
+/// engine::failback). Each step can run again after a cut. Returns the kind of the point.
+pub(super) async fn move_failover(
+    store: &Store,
+    root: &Path,
+    vm: &VmRow,
+    point: u64,
+) -> Result<ReplicationType, JobFailure> {
+    let before = store.failover(vm.id)?.ok_or_else(|| {
+        JobFailure::failed(
+            format!("'{}' is not failed over here", vm.name),
+            "Fail over first.",
+        )
+    })?;
+    let storage = |what: &str, e: &dyn std::error::Error| {
+        failed(what, e, "Check the replica's storage location.")
+    };
+    let points = PointStore::open(root, vm.id)
+        .await
+        .map_err(|e| storage("cannot open the recovery points", &e))?;
+    match points.remove_overlay(OVERLAY).await {
+        Ok(()) | Err(OverlayError::Unknown(_)) => {}
+        Err(e) => return Err(storage("cannot delete the failover disks", &e)),
+    }
+    let disks = points.create_overlay(point, OVERLAY).await.map_err(|e| {
+        storage(
+            &format!("cannot create the disks of recovery point {point}"),
+            &e,
+        )
+    })?;
+    let log_hash = store
+        .received_log(vm.id, point)?
+        .map(|l| l.log_hash)
+        .unwrap_or_default();
+    store.put_failover(&FailoverRow {
+        point,
+        log_hash,
+        ..before
+    })?;
+    store.set_vm_disks(vm.id, &paths(&disks))?;
+    Ok(point_kind(store, vm.id, point)?)
+}
+
+/// What kind of point `point` of `vm` is, as FailedOverReplicationType says it.
+fn point_kind(store: &Store, vm: Uuid, point: u64) -> StoreResult<ReplicationType> {
+    let kind = store
+        .recovery_points(vm)?
+        .into_iter()
+        .find(|p| p.sequence == point)
+        .map(|p| p.kind)
+        .unwrap_or_default();
+    Ok(match kind.as_str() {
+        "ApplicationConsistent" => ReplicationType::ApplicationConsistent,
+        "PlannedFailover" => ReplicationType::Planned,
+        _ => ReplicationType::Regular,
+    })
 }
 
 /// Deletes the point store's directory (points, layers, queued logs) after a commit.

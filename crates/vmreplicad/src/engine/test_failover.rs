@@ -146,7 +146,7 @@ pub(super) fn refused(code: ReturnCode, message: impl Into<String>) -> CommandEr
 
 /// The sequence of the point `InstanceID` names (or the sequence number itself, as the CLI
 /// sends it), which must be one of `vm`'s.
-fn point_of(vm: Uuid, instance_id: &str, known: &[u64]) -> Result<u64, CommandError> {
+pub(super) fn point_of(vm: Uuid, instance_id: &str, known: &[u64]) -> Result<u64, CommandError> {
     let number = instance_id.trim().parse::<u64>().ok();
     known
         .iter()
