@@ -61,10 +61,6 @@ use crate::store::{JobRow, RelationshipRow, Store, VmRow};
 /// (Not `vmreplica-*`: those are the running-VM tracker's, `disk::bitmap`.)
 pub const FAILBACK_BITMAP: &str = "vmr-failback-writes";
 
-/// The persistent dirty bitmap a primary keeps in a turned-off VM's qcow2 disks, cleared at each
-/// point read from the files: what was written to them since (QEMU, qemu-io, qemu-nbd record it).
-pub const OFFLINE_BITMAP: &str = "vmr-offline-writes";
-
 /// `tracking/<VMID>/disk<i>.failover-writes`: blocks the failover overlay held at commit.
 fn writes_file(data_dir: &Path, vm: Uuid, disk: usize) -> PathBuf {
     tracking_dir(data_dir, vm).join(format!("disk{disk}.failover-writes"))
@@ -161,7 +157,13 @@ pub async fn track_after_commit(
             .output()
             .await
             .map_err(|e| format!("qemu-img bitmap: {e}"))?;
-        if !out.status.success() {
+        // (Already there when this finishes a cut commit: added to these same images then.)
+        if !out.status.success()
+            && !super::offline::bitmap_names(image)
+                .await
+                .iter()
+                .any(|n| n == FAILBACK_BITMAP)
+        {
             return Err(format!(
                 "qemu-img bitmap --add {}: {}",
                 image.display(),
@@ -198,6 +200,42 @@ async fn own_writes(
     // Written since the commit: its bitmap says where, if QEMU closed it cleanly.
     let since = read_bitmap(data_dir, vm, i, image, size, FAILBACK_BITMAP).await?;
     Ok(journal::union(&at_commit, &since))
+}
+
+/// For a failback to the committed failover's point `p`: the VM (off) wrote nothing since, on
+/// any disk, as far as the records tell.
+async fn unchanged_since_commit(data_dir: &Path, vm: &VmRow, p: u64) -> Result<(), JobFailure> {
+    let later = "Leave RecoveryPointIdentifier empty to fail back to the VM's current disks here.";
+    if crate::power::enabled_state(&vm.power) == crate::power::ENABLED {
+        return Err(fail(
+            format!(
+                "'{}' is running here; a failback to recovery point {p} needs it off",
+                vm.name
+            ),
+            "Turn the VM off, or leave RecoveryPointIdentifier empty.",
+        ));
+    }
+    for (i, (_, size)) in disk_table(vm)?.iter().enumerate() {
+        match own_writes(data_dir, vm.id, i, &vm.disks[i], *size).await {
+            Ok(r) if r.is_empty() => {}
+            Ok(r) => {
+                return Err(fail(
+                    format!(
+                        "disk {i} here holds {} blocks of 64 KiB written after recovery point {p}",
+                        journal::blocks(&r)
+                    ),
+                    later,
+                ))
+            }
+            Err(why) => {
+                return Err(fail(
+                    format!("whether disk {i} here was written after recovery point {p} is not known: {why}"),
+                    later,
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The blocks the failover overlay held when CommitFailover flattened it.
@@ -265,73 +303,6 @@ pub async fn read_bitmap(
             .filter(|e| e.is_dirty())
             .map(|e| (e.offset, e.length)),
     ))
-}
-
-/// How often a turned-off VM's [`OFFLINE_BITMAP`] starts over. Each restart writes the image for
-/// a moment (`qemu-img bitmap`), which a tool writing it at that instant would find locked, so it
-/// is rare; between restarts the bitmap holds everything written since the last one, of which a
-/// failback reads only those blocks again.
-pub const OFFLINE_RESTART_SECS: i64 = 600;
-
-/// `tracking/<VMID>/disk<i>.offline-restart`: when its [`OFFLINE_BITMAP`] last started over.
-fn restart_file(tracking: &Path, disk: usize) -> PathBuf {
-    tracking.join(format!("disk{disk}.offline-restart"))
-}
-
-/// After a turned-off VM's point `prints` (the files' fingerprints before they were read) was
-/// committed: when no file changed meanwhile and its [`OFFLINE_BITMAP`] is missing, or older than
-/// [`OFFLINE_RESTART_SECS`] (`force`: always, as initial replication does), the bitmap starts over
-/// (created where missing) and the fingerprint is taken again. Returns the fingerprints to record
-/// (the ones given where nothing was done, so a change after them shows).
-pub async fn restart_offline_bitmaps(
-    images: &[String],
-    prints: &[disk::fingerprint::Fingerprint],
-    tracking: &Path,
-    force: bool,
-) -> Vec<disk::fingerprint::Fingerprint> {
-    let mut out = prints.to_vec();
-    let now = crate::clock::now();
-    for (i, image) in images.iter().enumerate() {
-        let path = Path::new(image);
-        let Some(before) = prints.get(i) else { break };
-        let marker = restart_file(tracking, i);
-        let last = std::fs::read_to_string(&marker)
-            .ok()
-            .and_then(|t| t.trim().parse::<i64>().ok());
-        if !force && last.is_some_and(|t| now - t < OFFLINE_RESTART_SECS) {
-            continue;
-        }
-        if disk::fingerprint::Fingerprint::of(path).ok().as_ref() != Some(before) {
-            continue;
-        }
-        let qemu_img = |args: &[&str]| {
-            let mut c = tokio::process::Command::new("qemu-img");
-            c.args(["bitmap"])
-                .args(args)
-                .args(["-f", "qcow2"])
-                .arg(path)
-                .arg(OFFLINE_BITMAP);
-            c
-        };
-        let cleared = qemu_img(&["--clear"])
-            .output()
-            .await
-            .is_ok_and(|o| o.status.success());
-        let ok = cleared
-            || qemu_img(&["--add", "--enable"])
-                .output()
-                .await
-                .is_ok_and(|o| o.status.success());
-        if ok {
-            if let Ok(fp) = disk::fingerprint::Fingerprint::of(path) {
-                out[i] = fp;
-                let _ = std::fs::write(&marker, now.to_string());
-            }
-        } else {
-            let _ = std::fs::remove_file(&marker);
-        }
-    }
-    out
 }
 
 /// Asks the kernel to read the candidate blocks of `image` into the page cache now, all at once
@@ -661,18 +632,24 @@ impl NewPrimary {
     /// failover moves to that point (what was written on its disks is dropped, as RevertFailover
     /// would) and is committed as CommitFailover does, so the VM's disks are exactly the point and
     /// nothing was written since; in 6, points a commit cut off before dropping them are dropped.
+    ///
+    /// Nothing is dropped before the old primary (`towards`: the relationship reversed) answered
+    /// as a peer that can fail back, and the VM is checked again under the job's claim.
     async fn commit_for_failback(
         &self,
         ctx: &JobContext,
         vm: &mut VmRow,
         rel: &mut RelationshipRow,
         exact: Option<u64>,
+        towards: &RelationshipRow,
     ) -> Result<(), JobFailure> {
         let root = super::failover::store_root(&self.store, vm);
         if rel.state == ReplicationState::Committed.as_u16() {
-            if let (Ok(root), false) = (&root, self.store.recovery_points(vm.id)?.is_empty()) {
-                if let Ok(points) = disk::points::PointStore::open(root, vm.id).await {
-                    super::failover::drop_points(&self.store, vm.id, points.dir())?;
+            // A commit cut off before its points were dropped.
+            if let Ok(root) = &root {
+                let dir = root.join(vm.id.hyphenated().to_string());
+                if dir.exists() || !self.store.recovery_points(vm.id)?.is_empty() {
+                    super::failover::drop_points(&self.store, vm.id, &dir)?;
                 }
             }
             return Ok(());
@@ -684,6 +661,41 @@ impl NewPrimary {
                 "Run CommitFailover first, or name one of its recovery points.",
             )
         })?;
+        // Under the claim now: what start() saw may have changed before it was taken.
+        let now = self.store.get_vm(vm.id)?;
+        let now_rel = self.store.get_relationship(vm.id)?;
+        let still = now.as_ref().is_some_and(|v| {
+            v.mode == ReplicationMode::Replica.as_u16()
+                && crate::power::enabled_state(&v.power) != crate::power::ENABLED
+        }) && now_rel
+            .as_ref()
+            .is_some_and(|r| r.state == ReplicationState::Recovered.as_u16())
+            && self.store.failover(vm.id)?.is_some()
+            && self.store.test_system_of(vm.id)?.is_none();
+        if !still {
+            return Err(fail(
+                format!(
+                    "'{}' changed here meanwhile (started, a test VM, or no longer failed over)",
+                    vm.name
+                ),
+                "Turn the VM off, remove its test VM, and run InitiateFailback again.",
+            ));
+        }
+        if let (Some(v), Some(r)) = (now, now_rel) {
+            *vm = v;
+            *rel = r;
+        }
+        // The old primary must be able to take part before anything is dropped here.
+        let session = self
+            .peers
+            .connect(&target(towards))
+            .await
+            .map_err(|e| e.into_failure("connecting to the old primary"))?;
+        session
+            .require("failback")
+            .map_err(|e| e.into_failure("failing back to the old primary"))?;
+        drop(session);
+        ctx.check_cancelled()?;
         let kind = super::failover::move_failover(&self.store, &root, vm, point).await?;
         let reload = |vm: &mut VmRow| -> Result<(), JobFailure> {
             if let Some(now) = self.store.get_vm(vm.id)? {
@@ -699,7 +711,14 @@ impl NewPrimary {
             super::failover::flatten(ctx, &self.store, &self.data_dir, &root, vm, false).await?;
         reload(vm)?;
         rel.state = ReplicationState::Committed.as_u16();
-        rel.failed_over_type = kind.as_u16();
+        // (A failover to a planned failover's point is still not a planned failover.)
+        rel.failed_over_type = match kind {
+            vmreplica_core::state::ReplicationType::Planned => {
+                vmreplica_core::state::ReplicationType::Regular
+            }
+            k => k,
+        }
+        .as_u16();
         self.store.put_relationship(rel, vm.mode)?;
         super::failover::drop_points(&self.store, vm.id, points.dir())?;
         tracing::info!(vm = %vm.id, point, "failover moved to the failback's point and committed");
@@ -717,17 +736,22 @@ impl NewPrimary {
     ) -> Result<(), JobFailure> {
         let primary = ReplicationMode::Primary.as_u16();
         if vm.mode == ReplicationMode::Replica.as_u16() {
-            self.commit_for_failback(&ctx, &mut vm, &mut rel, exact)
-                .await?;
             // The reverse of the unplanned failover (what ReverseReplicationRelationship does):
             // this host is the primary of the old one from now on.
             let service = self.store.service_settings()?;
-            rel.settings.recovery_connection_point = req.host.clone();
-            rel.settings.recovery_server_port_number = req.port;
-            rel.settings.authentication_type = 2;
-            rel.settings.certificate_thumbprint = service.certificate_thumbprint.clone();
-            rel.primary_connection_point = Some(self.peers.host.clone());
-            rel.authorization_entry = None;
+            let reverse = |rel: &mut RelationshipRow| {
+                rel.settings.recovery_connection_point = req.host.clone();
+                rel.settings.recovery_server_port_number = req.port;
+                rel.settings.authentication_type = 2;
+                rel.settings.certificate_thumbprint = service.certificate_thumbprint.clone();
+                rel.primary_connection_point = Some(self.peers.host.clone());
+                rel.authorization_entry = None;
+            };
+            let mut towards = rel.clone();
+            reverse(&mut towards);
+            self.commit_for_failback(&ctx, &mut vm, &mut rel, exact, &towards)
+                .await?;
+            reverse(&mut rel);
             rel.state = ReplicationState::WaitingToStartResynchronization.as_u16();
         }
         rel.settings.replication_interval = req.settings.replication_interval;
@@ -806,6 +830,12 @@ async fn send(
     session
         .require("failback")
         .map_err(|e| e.into_failure("failing back to the old primary"))?;
+    if let Some(p) = exact {
+        // A named point: the disks here must still be exactly that point (checked before the
+        // old primary changes anything).
+        unchanged_since_commit(&job.data_dir, vm, p).await?;
+    }
+    ctx.check_cancelled()?;
     // 1. The old primary takes its disks in as they are and prepares its base.
     let mut put = put_vm(vm, rel, &job.peers.host, 1)?;
     put.reverse = Some(f.resync_reverse(true));
@@ -905,23 +935,6 @@ async fn send(
                     }
                 }
             };
-            if let Some(p) = exact {
-                // A named point: the disks here must still be exactly that point.
-                let wrote = ours.as_deref().map(journal::blocks);
-                if wrote != Some(0) {
-                    return Err(fail(
-                        match wrote {
-                            Some(n) => format!(
-                                "disk {i} here holds {n} blocks of 64 KiB written after recovery point {p}"
-                            ),
-                            None => format!(
-                                "whether disk {i} here was written after recovery point {p} is not known"
-                            ),
-                        },
-                        "Leave RecoveryPointIdentifier empty to fail back to the VM's current disks here.",
-                    ));
-                }
-            }
             candidates.push(match (theirs, ours) {
                 (Some(a), Some(b)) => Some(journal::union(&a, &b)),
                 _ => None,

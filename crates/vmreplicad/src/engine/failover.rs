@@ -336,11 +336,12 @@ pub(super) async fn flatten(
             )?;
         }
     }
-    // What the VM wrote since the failover point, for a failback (engine::failback).
+    // What the VM wrote since the failover point, for a failback (engine::failback); when this
+    // finishes a cut commit (the overlay gone), the first run's records stay.
     let overlays = PointStore::overlay_disk_paths(root, vm.id, OVERLAY, vm.disks.len());
-    // Never an earlier failover's records.
-    super::failback::forget_records(data_dir, vm.id, vm.disks.len());
     if overlays.iter().all(|o| o.is_file()) {
+        // Never an earlier failover's records.
+        super::failback::forget_records(data_dir, vm.id, vm.disks.len());
         if let Err(why) = super::failback::record_overlay_writes(data_dir, vm.id, &overlays).await {
             tracing::warn!(vm = %vm.id, "a failback will compare every block: {why}");
         }
@@ -408,12 +409,8 @@ pub(super) async fn move_failover(
         Ok(()) | Err(OverlayError::Unknown(_)) => {}
         Err(e) => return Err(storage("cannot delete the failover disks", &e)),
     }
-    let disks = points.create_overlay(point, OVERLAY).await.map_err(|e| {
-        storage(
-            &format!("cannot create the disks of recovery point {point}"),
-            &e,
-        )
-    })?;
+    // The row first: a cut after this leaves no overlay (a commit or a start fails; this runs
+    // again), never an overlay of one point under a row naming another.
     let log_hash = store
         .received_log(vm.id, point)?
         .map(|l| l.log_hash)
@@ -422,6 +419,12 @@ pub(super) async fn move_failover(
         point,
         log_hash,
         ..before
+    })?;
+    let disks = points.create_overlay(point, OVERLAY).await.map_err(|e| {
+        storage(
+            &format!("cannot create the disks of recovery point {point}"),
+            &e,
+        )
     })?;
     store.set_vm_disks(vm.id, &paths(&disks))?;
     Ok(point_kind(store, vm.id, point)?)

@@ -10,6 +10,7 @@ pub mod failback;
 pub mod failover;
 pub mod initial;
 pub mod network;
+pub mod offline;
 pub mod reverse;
 pub mod running;
 pub mod seeded;

@@ -138,6 +138,13 @@ pub async fn run(
     let spool = outgoing.join(format!("{:020}.vrlog", 1));
     let compression = session.zstd(rel.settings.compression_enabled);
     let running = freeze_if_running(&vm, &job.data_dir).await?;
+    // A turned-off VM's qcow2 disks record what is written to them from before they are read
+    // (engine::offline), for a failback.
+    let tracking = super::reverse::tracking_dir(&job.data_dir, vm.id);
+    let rotation = match running {
+        None => super::offline::Rotation::before_read(&vm.disks, &tracking, true).await,
+        Some(_) => super::offline::Rotation::none(),
+    };
     // A turned-off VM's files as they were before they were read (replication::journal).
     let prints: Option<Vec<_>> = if running.is_none() {
         vm.disks
@@ -163,12 +170,16 @@ pub async fn run(
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
         }
     }
-    let (log, hash) = sent?;
+    let (log, hash) = match sent {
+        Ok(sent) => sent,
+        Err(f) => {
+            rotation.abandon(&vm.disks).await;
+            return Err(f);
+        }
+    };
     commit_baseline(&vm, &log)?;
+    rotation.after_commit(&vm.disks, &tracking).await;
     if let Some(p) = prints {
-        // Its qcow2 disks record what is written to them from now on, for a failback.
-        let tracking = super::reverse::tracking_dir(&job.data_dir, vm.id);
-        let p = super::failback::restart_offline_bitmaps(&vm.disks, &p, &tracking, true).await;
         crate::replication::journal::record_fingerprints(&tracking, Some(&p), vm.disks.len());
     }
     let _ = std::fs::remove_file(&log.path);

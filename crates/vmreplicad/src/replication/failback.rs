@@ -95,14 +95,16 @@ impl ReplicaSide {
                         _ => format!("{image}: no record of its file after the last log"),
                     };
                     // What QEMU's tools wrote to the turned-off VM's qcow2 since: its bitmap.
-                    let tracked = if last_map.is_file() && format == "qcow2" {
-                        match crate::engine::failback::read_bitmap(
+                    // (engine::offline: enabled since before a point at or before the last.)
+                    let bitmap = crate::engine::offline::recorded(&tracking, i);
+                    let tracked = match (bitmap, last_map.is_file() && format == "qcow2") {
+                        (Some(b), true) => match crate::engine::failback::read_bitmap(
                             &self.data_dir,
                             vm,
                             i,
                             image,
                             *size,
-                            crate::engine::failback::OFFLINE_BITMAP,
+                            &b.bitmap,
                         )
                         .await
                         {
@@ -111,9 +113,14 @@ impl ReplicaSide {
                                 record.notes.push(format!("disk {i}: {not}"));
                                 None
                             }
+                        },
+                        (None, true) => {
+                            record.notes.push(format!(
+                                "disk {i}: no bitmap of its writes since its last log is recorded"
+                            ));
+                            None
                         }
-                    } else {
-                        None
+                        (_, false) => None,
                     };
                     if let Some(runs) = tracked {
                         // Only those blocks are read again, for an exact map (the bitmap may
@@ -121,7 +128,7 @@ impl ReplicaSide {
                         self.rehash(image, format, i, *size, &last_map, &out, &runs)
                             .await?;
                         record.notes.push(format!(
-                            "disk {i}: {} blocks of 64 KiB written since its last log, as its bitmap says, read again",
+                            "disk {i}: {} blocks of 64 KiB read again, as its bitmap says (written since its last log, or up to 10 minutes before it)",
                             journal::blocks(&runs)
                         ));
                         record

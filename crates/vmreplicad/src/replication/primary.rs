@@ -588,12 +588,24 @@ impl PrimarySide {
         } else {
             None
         };
+        // A turned-off VM's qcow2 disks record what is written to them from before they are
+        // read (engine::offline), for a failback.
+        let tracking = crate::engine::reverse::tracking_dir(&self.data_dir, vm.id);
+        let rotation = match running {
+            None => {
+                crate::engine::offline::Rotation::before_read(&vm.disks, &tracking, false).await
+            }
+            Some(_) => crate::engine::offline::Rotation::none(),
+        };
         let outgoing = self
             .data_dir
             .join("outgoing")
             .join(vm.id.to_string().to_uppercase());
-        std::fs::create_dir_all(&outgoing)
-            .map_err(|e| CycleError::Failed(format!("{}: {e}", outgoing.display())))?;
+        let made = std::fs::create_dir_all(&outgoing);
+        if let Err(e) = made {
+            rotation.abandon(&vm.disks).await;
+            return Err(CycleError::Failed(format!("{}: {e}", outgoing.display())));
+        }
         let path = outgoing.join(format!("{seq:020}.vrlog"));
         // The log is sent while it is written: reading the changes and the transfer overlap.
         let growing = Arc::new(GrowingLog::default());
@@ -626,6 +638,7 @@ impl PrimarySide {
                 if let Some(r) = running {
                     let _ = r.finish(false).await;
                 }
+                rotation.abandon(&vm.disks).await;
                 return Err(e);
             }
         };
@@ -672,24 +685,15 @@ impl PrimarySide {
                     disk::scan::hashmap::commit(tmp, map)
                         .map_err(|e| CycleError::Failed(crate::error_chain(&e)))?;
                 }
-                // A turned-off VM's qcow2 disks record what is written to them from now on.
-                let dir = maps.first().and_then(|(_, m)| m.parent());
-                let prints = match (prints, dir) {
-                    (Some(p), Some(dir)) => Some(
-                        crate::engine::failback::restart_offline_bitmaps(&vm.disks, &p, dir, false)
-                            .await,
-                    ),
-                    (p, _) => p,
-                };
-                if let Some(dir) = dir {
-                    super::journal::record_fingerprints(dir, prints.as_deref(), maps.len());
-                }
+                rotation.after_commit(&vm.disks, &tracking).await;
+                super::journal::record_fingerprints(&tracking, prints.as_deref(), maps.len());
                 Ok((seq, hash, bytes, point_time))
             }
             Err(e) => {
                 for (tmp, _) in &maps {
                     let _ = std::fs::remove_file(tmp);
                 }
+                rotation.abandon(&vm.disks).await;
                 Err(e)
             }
         }

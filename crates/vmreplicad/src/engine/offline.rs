@@ -1,0 +1,292 @@
+//! What a turned-off VM's qcow2 disks record of the writes made to them after a point was read
+//! from their files, for a failback after an unplanned failover (`replication::failback`).
+//!
+//! A primary reads a turned-off VM's points straight from its files, so nothing of its own sees
+//! what QEMU, qemu-io or qemu-nbd write to them between points. A persistent dirty bitmap inside
+//! each qcow2 file does: QEMU and its tools load it, record every write in it while it is
+//! enabled, and flag it `in-use` while the file is open (so one a crash left behind is known to
+//! be untrustworthy, `failback::read_bitmap`).
+//!
+//! For a failback, the bitmap must have been recording since **before** the last point was read:
+//! then every write the point lacks is in it. So bitmaps are never cleared, they rotate:
+//! - before a point is read (at most every [`ROTATE_SECS`]; always for an initial replication),
+//!   a new bitmap `vmr-offline-writes-<nanoseconds>` is added, enabled ([`Rotation::before_read`]);
+//!   the fingerprint of the file taken for the point comes after that;
+//! - once the point is committed, it becomes the record (`tracking/<VMID>/disk<i>.offline-bitmap.json`)
+//!   and the older ones are removed ([`Rotation::after_commit`]); the file changed then, so a
+//!   failback reads the bitmap rather than trusting the fingerprint, until the next point;
+//! - between rotations the recorded bitmap, enabled since before an earlier point was read, holds
+//!   a superset (the failback reads those blocks again and compares their hashes);
+//! - a rotation that cannot add (a tool holds the file open) keeps the record as it was, still a
+//!   superset; a cycle that fails removes what it added ([`Rotation::abandon`]), and bitmaps a
+//!   crash left go at the next rotation.
+//!
+//! (Before, one bitmap was cleared after the point was committed, if the file's fingerprint had
+//! not changed: a write in the instant between that check and the clear was in neither the point
+//! nor the bitmap, and a failback would have missed it.)
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The names of these bitmaps start with this. (Not `vmreplica-*`: those are the running-VM
+/// tracker's, `disk::bitmap`; not `vmr-failback-writes`: CommitFailover's.)
+pub const PREFIX: &str = "vmr-offline-writes";
+
+/// How often a turned-off VM's bitmaps rotate. Each rotation writes the image for a moment
+/// (`qemu-img bitmap`), which a tool writing it at that instant would find locked, so it is
+/// rare; between rotations the recorded bitmap holds everything written since the rotation
+/// before the last point, of which a failback reads only those blocks again.
+pub const ROTATE_SECS: i64 = 600;
+
+/// The bitmap that records disk `i`'s writes since a point at or before its last one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub bitmap: String,
+    /// When it became the record (Unix seconds).
+    pub since: i64,
+}
+
+fn record_file(tracking: &Path, disk: usize) -> PathBuf {
+    tracking.join(format!("disk{disk}.offline-bitmap.json"))
+}
+
+/// The recorded bitmap of disk `disk`, if any.
+pub fn recorded(tracking: &Path, disk: usize) -> Option<Record> {
+    std::fs::read(record_file(tracking, disk))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+async fn qemu_img_bitmap(image: &str, op: &str, name: &str) -> bool {
+    let mut c = tokio::process::Command::new("qemu-img");
+    c.args(["bitmap", op]);
+    if op == "--add" {
+        c.arg("--enable");
+    }
+    c.args(["-f", "qcow2", image, name])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The names of the persistent bitmaps of qcow2 `image` (none for a file that is not qcow2).
+pub async fn bitmap_names(image: &Path) -> Vec<String> {
+    let Ok(out) = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U", "-f", "qcow2"])
+        .arg(image)
+        .output()
+        .await
+    else {
+        return Vec::new();
+    };
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|b| b["name"].as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The names of `image`'s bitmaps of this kind.
+async fn listed(image: &str) -> Vec<String> {
+    let mut names = bitmap_names(Path::new(image)).await;
+    names.retain(|n| n.starts_with(PREFIX));
+    names
+}
+
+/// The bitmaps one point's read added, per disk.
+#[derive(Debug, Default)]
+pub struct Rotation {
+    added: Vec<Option<String>>,
+}
+
+impl Rotation {
+    /// A point of a running VM: its QEMU process tracks the writes; nothing rotates.
+    pub fn none() -> Rotation {
+        Rotation::default()
+    }
+
+    /// Before a point is read from `images` (the turned-off VM's disk files): when due, or
+    /// `force`, each qcow2 disk gets a new enabled bitmap (stale ones of this kind go first).
+    pub async fn before_read(images: &[String], tracking: &Path, force: bool) -> Rotation {
+        let now = crate::clock::now();
+        let mut added = Vec::with_capacity(images.len());
+        for (i, image) in images.iter().enumerate() {
+            let record = recorded(tracking, i);
+            if !force && record.as_ref().is_some_and(|r| now - r.since < ROTATE_SECS) {
+                added.push(None);
+                continue;
+            }
+            let keep = record.map(|r| r.bitmap);
+            for stale in listed(image).await {
+                if keep.as_deref() != Some(stale.as_str()) {
+                    qemu_img_bitmap(image, "--remove", &stale).await;
+                }
+            }
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            let name = format!("{PREFIX}-{stamp}");
+            let ok = keep.as_deref() != Some(name.as_str())
+                && qemu_img_bitmap(image, "--add", &name).await;
+            added.push(ok.then_some(name));
+        }
+        Rotation { added }
+    }
+
+    /// After the point was committed: the bitmaps added before its read become the record, and
+    /// the ones they replace are removed.
+    pub async fn after_commit(self, images: &[String], tracking: &Path) {
+        let now = crate::clock::now();
+        for (i, added) in self.added.into_iter().enumerate() {
+            let (Some(name), Some(image)) = (added, images.get(i)) else {
+                continue;
+            };
+            let old = recorded(tracking, i);
+            let record = Record {
+                bitmap: name.clone(),
+                since: now,
+            };
+            let written = serde_json::to_vec(&record)
+                .ok()
+                .is_some_and(|json| write_durable(&record_file(tracking, i), &json).is_ok());
+            if !written {
+                // The old record still holds a superset; the new bitmap goes at the next rotation.
+                continue;
+            }
+            if let Some(old) = old.filter(|o| o.bitmap != name) {
+                qemu_img_bitmap(image, "--remove", &old.bitmap).await;
+            }
+        }
+    }
+
+    /// After the point failed: what was added is removed (the record stays).
+    pub async fn abandon(self, images: &[String]) {
+        for (added, image) in self.added.into_iter().zip(images) {
+            if let Some(name) = added {
+                qemu_img_bitmap(image, "--remove", &name).await;
+            }
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    const MIB: u64 = 1 << 20;
+
+    fn run(args: &[&str]) {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// qemu-io writes `len` bytes at `offset` of `image`, as a tool would behind the primary.
+    fn write(image: &str, offset: u64, len: u64) {
+        run(&[
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write {offset} {len}"),
+            image,
+        ]);
+    }
+
+    /// The blocks the recorded bitmap of disk 0 marks, as a failback reads them.
+    async fn marked(dir: &Path, image: &str) -> Vec<(u64, u64)> {
+        let name = recorded(dir, 0).expect("a record").bitmap;
+        crate::engine::failback::read_bitmap(dir, Uuid::new_v4(), 0, image, 16 * MIB, &name)
+            .await
+            .expect("a trusted bitmap")
+    }
+
+    #[tokio::test]
+    async fn a_write_at_any_moment_after_the_read_began_is_in_the_recorded_bitmap() {
+        let dir = std::env::temp_dir().join(format!("vmr-offline-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let image = dir.join("disk0.qcow2").display().to_string();
+        run(&["qemu-img", "create", "-q", "-f", "qcow2", &image, "16M"]);
+        let images = vec![image.clone()];
+        let block = |mib: u64| (mib * MIB / (64 << 10), 1);
+
+        // Point 1 (forced, as an initial replication): a write during its read, one after.
+        let r = Rotation::before_read(&images, &dir, true).await;
+        write(&image, MIB, 64 << 10);
+        r.after_commit(&images, &dir).await;
+        write(&image, 2 * MIB, 64 << 10);
+        assert_eq!(marked(&dir, &image).await, vec![block(1), block(2)]);
+        let first = recorded(&dir, 0).expect("record").bitmap;
+
+        // Not due: the same bitmap stays the record and keeps recording (a superset).
+        let r = Rotation::before_read(&images, &dir, false).await;
+        write(&image, 3 * MIB, 64 << 10);
+        r.after_commit(&images, &dir).await;
+        assert_eq!(recorded(&dir, 0).expect("record").bitmap, first);
+        assert_eq!(
+            marked(&dir, &image).await,
+            vec![block(1), block(2), block(3)]
+        );
+
+        // A rotation: writes from just before its read on are in the new bitmap, the old goes.
+        let r = Rotation::before_read(&images, &dir, true).await;
+        write(&image, 4 * MIB, 64 << 10);
+        r.after_commit(&images, &dir).await;
+        write(&image, 5 * MIB, 64 << 10);
+        assert_ne!(recorded(&dir, 0).expect("record").bitmap, first);
+        assert_eq!(marked(&dir, &image).await, vec![block(4), block(5)]);
+        assert_eq!(listed(&image).await.len(), 1);
+
+        // A failed point: what it added is removed, the record stays and records on.
+        let kept = recorded(&dir, 0).expect("record");
+        let r = Rotation::before_read(&images, &dir, true).await;
+        assert_eq!(listed(&image).await.len(), 2);
+        write(&image, 6 * MIB, 64 << 10);
+        r.abandon(&images).await;
+        assert_eq!(recorded(&dir, 0), Some(kept));
+        assert_eq!(listed(&image).await.len(), 1);
+        assert_eq!(
+            marked(&dir, &image).await,
+            vec![block(4), block(5), block(6)]
+        );
+
+        // A bitmap a crash left behind goes at the next rotation.
+        run(&[
+            "qemu-img",
+            "bitmap",
+            "--add",
+            "-f",
+            "qcow2",
+            &image,
+            &format!("{PREFIX}-0"),
+        ]);
+        let r = Rotation::before_read(&images, &dir, true).await;
+        r.after_commit(&images, &dir).await;
+        assert_eq!(listed(&image).await.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
