@@ -875,16 +875,31 @@ def test_removing_the_authorization_entry_stops_replication_of_its_vms(lab, tmp_
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def host_settings(daemon):
+    """`vmreplica host show` of `daemon`, as JSON."""
+    return json.loads(daemon.cli("host", "show", "--output", "json").stdout)
+
+
 @pytest.mark.parametrize("cap", [["--bandwidth-limit", "4M"],
                                  # A weekly window in local time that holds all week.
-                                 ["--bandwidth-window", "Mon-Sun 00:00-24:00=4M"]])
+                                 ["--bandwidth-window", "Mon-Sun 00:00-24:00=4M"],
+                                 # Set at run time with the CLI, over the daemon's flags.
+                                 None])
 def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
     import os
     import threading
 
     lab.primary.stop()
-    lab.primary.extra_args += cap
+    lab.primary.extra_args += cap or ["--bandwidth-limit", "64M"]
     lab.primary.start()
+    if cap is None:
+        bad = lab.primary.cli("host", "set", "--bandwidth-window", "Mon 8-18=1M", check=False)
+        assert bad.returncode != 0 and "bandwidth window" in bad.stderr, bad.stderr
+        assert host_settings(lab.primary)["source"] == "flags"
+        lab.primary.cli("host", "set", "--bandwidth-limit", "4M", "--max-parallel-transfers", "2")
+        shown = host_settings(lab.primary)
+        assert (shown["bandwidth_limit"], shown["max_parallel_transfers"], shown["source"]) == \
+            (4 << 20, 2, "stored"), shown
     disk = tmp_path / "bw01.raw"
     run("truncate", "-s", "64M", disk)
     with open(disk, "r+b") as f:
@@ -921,6 +936,15 @@ def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
     layer = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
     res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+    if cap is None:
+        # Kept over the flags after a restart, until reset.
+        lab.primary.stop()
+        lab.primary.start()
+        assert host_settings(lab.primary)["bandwidth_limit"] == 4 << 20
+        lab.primary.cli("host", "reset")
+        shown = host_settings(lab.primary)
+        assert (shown["bandwidth_limit"], shown["max_parallel_transfers"], shown["source"]) == \
+            (64 << 20, 3, "flags"), shown
 
 
 def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):

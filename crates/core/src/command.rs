@@ -130,6 +130,12 @@ pub enum Command {
     DestroySystem {
         vm: VmRef,
     },
+    /// This host's limits as a primary (not in Hyper-V's CIM API: `vmreplica host`).
+    GetHostSettings,
+    /// Stores new limits; they hold at once, and over the daemon's flags from then on.
+    SetHostSettings(HostSettings),
+    /// Forgets stored limits: the daemon's flags hold again.
+    ResetHostSettings,
     Status,
     ListJobs,
     GetJob {
@@ -138,6 +144,39 @@ pub enum Command {
     CancelJob {
         id: String,
     },
+}
+
+/// This host's limits on what it sends as a primary (docs/protocol.md §8). Hyper-V keeps the like
+/// outside its WMI API (registry, QoS policies), so they are not CIM properties here either.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSettings {
+    /// Upload cap in bytes per second, shared by every transfer (0 = none).
+    pub bandwidth_limit: u64,
+    /// Weekly windows of the host's local time with their own cap, replacing `bandwidth_limit`
+    /// while they hold (the first that holds wins): "[DAYS ]HH:MM-HH:MM=RATE".
+    #[serde(default)]
+    pub bandwidth_windows: Vec<String>,
+    /// Replication cycles that transfer at once, 1–64 (Hyper-V's MaximumActiveTransfers).
+    pub max_parallel_transfers: u16,
+    /// Where the values in force come from (output only): "stored" (`vmreplica host set`) or
+    /// "flags" (the daemon's command line).
+    #[serde(default)]
+    pub source: String,
+}
+
+/// Parses a rate in bytes per second: a number with an optional K, M or G suffix (powers of 1024).
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{text:?} is not a rate in bytes per second (like 500K or 20M)"))
 }
 
 /// A VM as shown to front ends.
@@ -238,6 +277,7 @@ pub enum CommandOutput {
         encoded: Vec<String>,
     },
     Statistics(StatisticsView),
+    HostSettings(HostSettings),
 }
 
 /// A refused or failed command: the CIM return code and a sentence saying what was wrong.

@@ -73,6 +73,10 @@ enum Verb {
     /// The recovery server's authorization table (*-VMReplicationAuthorizationEntry).
     #[command(subcommand)]
     Auth(AuthVerb),
+    /// This host's limits as a primary: upload bandwidth cap and parallel transfers, in force at
+    /// once and kept over the daemon's flags until `host reset`.
+    #[command(subcommand)]
+    Host(HostVerb),
     /// Enable replication of a VM (Enable-VMReplication → CreateReplicationRelationship).
     Enable(EnableArgs),
     /// Change a VM's replication settings (Set-VMReplication → ModifyReplicationSettings); settings
@@ -256,6 +260,30 @@ enum ServerVerb {
         #[arg(long)]
         monitoring_interval: Option<u32>,
     },
+}
+
+#[derive(Subcommand)]
+enum HostVerb {
+    Show,
+    /// Settings not given keep their value.
+    Set {
+        /// Upload cap, bytes per second, shared by every transfer (K/M/G suffixes; 0 = none).
+        #[arg(long, value_name = "BYTES_PER_SEC", value_parser = vmreplica_core::command::parse_rate)]
+        bandwidth_limit: Option<u64>,
+        /// A weekly window of this host's local time with its own cap, replacing the limit while
+        /// it holds: "[DAYS ]HH:MM-HH:MM=RATE", like "Mon-Fri 08:00-18:00=10M". Repeatable; the
+        /// windows given replace the ones in force (the first that holds wins).
+        #[arg(long = "bandwidth-window", value_name = "WINDOW")]
+        bandwidth_windows: Vec<String>,
+        /// Drop every bandwidth window.
+        #[arg(long, conflicts_with = "bandwidth_windows")]
+        no_bandwidth_windows: bool,
+        /// Replication cycles that transfer at once (1-64).
+        #[arg(long, value_name = "N")]
+        max_parallel_transfers: Option<u16>,
+    },
+    /// Forget what `host set` stored: the daemon's flags hold again.
+    Reset,
 }
 
 #[derive(Subcommand)]
@@ -557,6 +585,27 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             s.https_port = https_port.unwrap_or(s.https_port);
             s.monitoring_interval = monitoring_interval.unwrap_or(s.monitoring_interval);
             Command::ModifyServiceSettings(s)
+        }
+        Verb::Host(HostVerb::Show) => Command::GetHostSettings,
+        Verb::Host(HostVerb::Reset) => Command::ResetHostSettings,
+        Verb::Host(HostVerb::Set {
+            bandwidth_limit,
+            bandwidth_windows,
+            no_bandwidth_windows,
+            max_parallel_transfers,
+        }) => {
+            let mut s = match client.execute(&Command::GetHostSettings)? {
+                CommandOutput::HostSettings(s) => s,
+                other => return Err(Failure::unexpected(&other)),
+            };
+            s.bandwidth_limit = bandwidth_limit.unwrap_or(s.bandwidth_limit);
+            if no_bandwidth_windows {
+                s.bandwidth_windows.clear();
+            } else if !bandwidth_windows.is_empty() {
+                s.bandwidth_windows = bandwidth_windows;
+            }
+            s.max_parallel_transfers = max_parallel_transfers.unwrap_or(s.max_parallel_transfers);
+            Command::SetHostSettings(s)
         }
         Verb::Auth(AuthVerb::List) => Command::ListAuthorizationEntries,
         Verb::Auth(AuthVerb::Add(a)) => Command::AddAuthorizationEntry(entry(a)),

@@ -138,6 +138,25 @@ pub fn print(fmt: OutputFormat, out: &CommandOutput) {
             );
         }
         CommandOutput::Certificates { encoded } => encoded.iter().for_each(|c| println!("{c}")),
+        CommandOutput::HostSettings(s) => {
+            let rows = vec![
+                vec![
+                    "BandwidthLimit".into(),
+                    if s.bandwidth_limit == 0 {
+                        "none".into()
+                    } else {
+                        format!("{} bytes/s", s.bandwidth_limit)
+                    },
+                ],
+                vec!["BandwidthWindows".into(), s.bandwidth_windows.join("; ")],
+                vec![
+                    "MaxParallelTransfers".into(),
+                    s.max_parallel_transfers.to_string(),
+                ],
+                vec!["Source".into(), s.source.clone()],
+            ];
+            table(&["Setting", "Value"], rows);
+        }
         CommandOutput::Statistics(s) => {
             let avg = |total: u64| {
                 if s.replication_success_count == 0 {

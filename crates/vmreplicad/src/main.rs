@@ -81,25 +81,20 @@ struct Args {
     /// "Mon-Fri 08:00-18:00=10M" or "Sat,Sun 00:00-24:00=0" (0 = no cap). A window ending before
     /// it starts runs past midnight. Repeatable; the first window that holds wins.
     #[arg(long = "bandwidth-window", value_name = "WINDOW", value_parser = parse_window)]
-    bandwidth_windows: Vec<replication::bandwidth::Window>,
+    bandwidth_windows: Vec<String>,
+    /// How many replication cycles of this host transfer at once (Hyper-V's
+    /// MaximumActiveTransfers). `vmreplica host set` changes this and the bandwidth cap at run
+    /// time; what it stores holds over these flags until `vmreplica host reset`.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_parallel_transfers: u16,
 }
 
-fn parse_window(text: &str) -> Result<replication::bandwidth::Window, String> {
-    replication::bandwidth::Window::parse(text, parse_rate)
+fn parse_window(text: &str) -> Result<String, String> {
+    replication::bandwidth::Window::parse(text, parse_rate).map(|_| text.to_string())
 }
 
 fn parse_rate(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{text:?} is not a rate in bytes per second (like 500K or 20M)"))
+    replication::bandwidth::parse_rate(text)
 }
 
 fn parse_resolve(s: &str) -> Result<(String, replication::client::Resolved), String> {
@@ -206,15 +201,23 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let host = args.host_name.clone().unwrap_or_else(system_host_name);
+    let limits = Arc::new(replication::limits::HostLimits::new(
+        vmreplica_core::command::HostSettings {
+            bandwidth_limit: args.bandwidth_limit,
+            bandwidth_windows: args.bandwidth_windows.clone(),
+            max_parallel_transfers: args.max_parallel_transfers,
+            source: String::new(),
+        },
+        store
+            .host_settings()
+            .context("cannot read the host settings")?,
+    ));
     let cert_dir = args.data_dir.join("certs");
     let peers = Arc::new(replication::client::Peers {
         cert_dir: cert_dir.clone(),
         resolve: args.resolve.iter().cloned().collect(),
         host: host.clone(),
-        bandwidth: replication::client::Bandwidth::new(
-            args.bandwidth_limit,
-            args.bandwidth_windows.clone(),
-        ),
+        bandwidth: limits.bandwidth.clone(),
     });
     let claims = claims::VmClaims::default();
     let in_flight = Arc::new(replication::primary::InFlight::default());
@@ -226,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
         args.cycle_interval_override,
         in_flight.clone(),
         i64::try_from(args.auto_resync_delay).unwrap_or(300),
+        limits.transfers.clone(),
     ));
     let apply_wake = Arc::new(tokio::sync::Notify::new());
     let engine = engine::LocalEngine {
@@ -276,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
         peers,
         in_flight,
         listener: listener_control,
+        limits,
     });
     let resync_with = service.clone();
     let _ = scheduler.auto_resync.set(Box::new(move |vm| {

@@ -125,6 +125,7 @@ CREATE TABLE IF NOT EXISTS relationships (
     last_replication_type INTEGER NOT NULL DEFAULT 0, failed_over_type INTEGER NOT NULL DEFAULT 0,
     statistics_reset_time INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS service_settings (id INTEGER PRIMARY KEY CHECK (id = 1), settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS host_settings (id INTEGER PRIMARY KEY CHECK (id = 1), settings TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS authorization_entries (
     host TEXT PRIMARY KEY COLLATE NOCASE, trust_group TEXT NOT NULL, storage_location TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS recovery_points (
@@ -343,6 +344,34 @@ impl Store {
             "INSERT OR REPLACE INTO service_settings (id, settings) VALUES (1, ?1)",
             [serde_json::to_string(settings)?],
         )?;
+        Ok(())
+    }
+
+    /// The host limits `vmreplica host set` stored, if any.
+    pub fn host_settings(&self) -> StoreResult<Option<vmreplica_core::command::HostSettings>> {
+        let text: Option<String> = self
+            .conn()
+            .query_row("SELECT settings FROM host_settings WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+    }
+
+    /// Stores host limits (None: forgets them).
+    pub fn put_host_settings(
+        &self,
+        settings: Option<&vmreplica_core::command::HostSettings>,
+    ) -> StoreResult<()> {
+        match settings {
+            Some(s) => self.conn().execute(
+                "INSERT OR REPLACE INTO host_settings (id, settings) VALUES (1, ?1)",
+                [serde_json::to_string(s)?],
+            )?,
+            None => self
+                .conn()
+                .execute("DELETE FROM host_settings WHERE id = 1", [])?,
+        };
         Ok(())
     }
 

@@ -1211,6 +1211,7 @@ impl LocalEngine {
         }
         let description = format!("Failback of '{}' from {new_primary}", vm.name);
         let (vm_id, mode) = (vm.id, vm.mode);
+        let in_flight = self.primary.in_flight.clone();
         let job = self.jobs.spawn(
             transition.job_type,
             Some(vm_id),
@@ -1218,7 +1219,16 @@ impl LocalEngine {
             true,
             move |ctx| async move {
                 let _claim = claim;
-                let outcome = follow(&ctx, &store, &peers, &vm, &to, &start, &data_dir).await;
+                // A cycle of this host still running (it started before the failover) ends first:
+                // its files and bitmaps are this job's from now on.
+                let outcome = if in_flight.wait_idle(vm.id, Duration::from_secs(600)).await {
+                    follow(&ctx, &store, &peers, &vm, &to, &start, &data_dir).await
+                } else {
+                    Err(fail(
+                        "a replication cycle of this VM is still running here",
+                        "Run InitiateFailback again once it ended.",
+                    ))
+                };
                 let _ = store.forget_job_restore(ctx.id());
                 let now_row = store.get_relationship(vm.id)?.unwrap_or(rel.clone());
                 let now_mode = store.get_vm(vm.id)?.map_or(mode, |v| v.mode);

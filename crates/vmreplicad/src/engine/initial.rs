@@ -356,25 +356,17 @@ async fn write_full_log_inner(
 }
 
 /// Makes the block-hash maps of `log` the baseline of the next delta, with each disk's file
-/// fingerprint: a disk changed after this while nothing tracked it needs a hash scan
-/// (disk::fingerprint).
-pub fn commit_baseline(vm: &VmRow, log: &FullLog) -> Result<(), JobFailure> {
+/// fingerprint taken before it was read (`prints`: None for a running VM), which a failback
+/// compares (replication::journal::record_fingerprints).
+pub fn commit_baseline(
+    vm: &VmRow,
+    log: &FullLog,
+    prints: Option<&[Option<disk::fingerprint::Fingerprint>]>,
+) -> Result<(), JobFailure> {
     for (tmp, map) in &log.maps {
         hashmap::commit(tmp, map).map_err(|e| fail(e.to_string(), "Check the data directory."))?;
     }
-    for (i, path) in vm.disks.iter().enumerate() {
-        let fp = disk::fingerprint::Fingerprint::of(Path::new(path))
-            .map_err(|e| fail(format!("cannot stat {path}: {e}"), "Check the disk path."))?;
-        let json =
-            serde_json::to_vec(&fp).map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
-        let file = log.tracking.join(format!("disk{i}.fingerprint.json"));
-        std::fs::write(&file, json).map_err(|e| {
-            fail(
-                format!("cannot write {}: {e}", file.display()),
-                "Check the data directory.",
-            )
-        })?;
-    }
+    crate::replication::journal::record_fingerprints(&log.tracking, prints, vm.disks.len());
     Ok(())
 }
 
@@ -396,7 +388,11 @@ pub async fn export(
         )
     })?;
     let final_log = folder.join(INITIAL_LOG);
-    let log = write_full_log(
+    // Its qcow2 disks record what is written to them from before they are read (engine::offline).
+    let tracking = super::reverse::tracking_dir(&data_dir, vm.id);
+    let rotation = super::offline::Rotation::before_read(&vm.disks, &tracking, true).await;
+    let prints = crate::replication::journal::fingerprints_before_read(&vm.disks);
+    let written = write_full_log(
         &ctx,
         &vm,
         &final_log,
@@ -406,8 +402,16 @@ pub async fn export(
         None,
         None,
     )
-    .await?;
-    commit_baseline(&vm, &log)?;
+    .await;
+    let log = match written.and_then(|log| commit_baseline(&vm, &log, Some(&prints)).map(|()| log))
+    {
+        Ok(log) => log,
+        Err(f) => {
+            rotation.abandon(&vm.disks).await;
+            return Err(f);
+        }
+    };
+    rotation.after_commit(&vm.disks, &tracking).await;
     tracing::info!(vm = %vm.id, bytes = log.summary.bytes, log = %final_log.display(), "initial replica exported");
     Ok(hex::encode(log.summary.hash))
 }

@@ -146,14 +146,9 @@ pub async fn run(
         Some(_) => super::offline::Rotation::none(),
     };
     // A turned-off VM's files as they were before they were read (replication::journal).
-    let prints: Option<Vec<_>> = if running.is_none() {
-        vm.disks
-            .iter()
-            .map(|d| disk::fingerprint::Fingerprint::of(std::path::Path::new(d)).ok())
-            .collect()
-    } else {
-        None
-    };
+    let prints = running
+        .is_none()
+        .then(|| crate::replication::journal::fingerprints_before_read(&vm.disks));
     let sent = send_full(
         &ctx,
         &job,
@@ -170,18 +165,17 @@ pub async fn run(
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
         }
     }
-    let (log, hash) = match sent {
-        Ok(sent) => sent,
+    let committed = sent.and_then(|(log, hash)| {
+        commit_baseline(&vm, &log, prints.as_deref()).map(|()| (log, hash))
+    });
+    let (log, hash) = match committed {
+        Ok(c) => c,
         Err(f) => {
             rotation.abandon(&vm.disks).await;
             return Err(f);
         }
     };
-    commit_baseline(&vm, &log)?;
     rotation.after_commit(&vm.disks, &tracking).await;
-    if let Some(p) = prints {
-        crate::replication::journal::record_fingerprints(&tracking, Some(&p), vm.disks.len());
-    }
     let _ = std::fs::remove_file(&log.path);
     job.store.put_chain(&ChainRow {
         vm: vm.id,

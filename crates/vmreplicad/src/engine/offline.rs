@@ -99,6 +99,16 @@ async fn listed(image: &str) -> Vec<String> {
     names
 }
 
+/// Whether `image` is a qcow2 file (its magic), which alone can hold bitmaps.
+fn is_qcow2(image: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(image)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb"
+}
+
 /// The bitmaps one point's read added, per disk.
 #[derive(Debug, Default)]
 pub struct Rotation {
@@ -118,7 +128,9 @@ impl Rotation {
         let mut added = Vec::with_capacity(images.len());
         for (i, image) in images.iter().enumerate() {
             let record = recorded(tracking, i);
-            if !force && record.as_ref().is_some_and(|r| now - r.since < ROTATE_SECS) {
+            if !is_qcow2(Path::new(image))
+                || (!force && record.as_ref().is_some_and(|r| now - r.since < ROTATE_SECS))
+            {
                 added.push(None);
                 continue;
             }

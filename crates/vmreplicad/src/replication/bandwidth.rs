@@ -1,6 +1,7 @@
 //! The host's bandwidth cap for everything it uploads (docs/protocol.md §8): a token bucket shared
 //! by every upload to every recovery server, whose rate may follow a weekly schedule of the host's
-//! local time (`vmreplicad --bandwidth-limit` and `--bandwidth-window`).
+//! local time (`vmreplicad --bandwidth-limit` and `--bandwidth-window`, or `vmreplica host set` at
+//! run time: [`Bandwidth::set`]).
 //!
 //! Uploads take it in slices of at most [`SLICE`] bytes, in turn (the lock is fair), so parallel
 //! transfers share it evenly. TLS and HTTP/2 framing are not counted. The burst is
@@ -125,11 +126,12 @@ pub(crate) fn local_now() -> (u8, u16) {
     )
 }
 
+pub use vmreplica_core::command::parse_rate;
+
 /// The cap: a default rate and the windows that override it (the first that holds wins).
 #[derive(Debug)]
 pub struct Bandwidth {
-    default: u64,
-    windows: Vec<Window>,
+    schedule: std::sync::RwLock<(u64, Vec<Window>)>,
     /// Tokens and when they were last counted.
     bucket: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
 }
@@ -139,23 +141,31 @@ fn burst(rate: u64) -> f64 {
 }
 
 impl Bandwidth {
-    /// A cap of `default` bytes/s (0 = none) outside `windows`; None when nothing is ever capped.
-    pub fn new(default: u64, windows: Vec<Window>) -> Option<Arc<Bandwidth>> {
-        (default > 0 || windows.iter().any(|w| w.rate > 0)).then(|| {
-            Arc::new(Bandwidth {
-                default,
-                windows,
-                bucket: tokio::sync::Mutex::new((0.0, tokio::time::Instant::now())),
-            })
+    /// A cap of `default` bytes/s (0 = none) outside `windows`.
+    pub fn new(default: u64, windows: Vec<Window>) -> Arc<Bandwidth> {
+        Arc::new(Bandwidth {
+            schedule: std::sync::RwLock::new((default, windows)),
+            bucket: tokio::sync::Mutex::new((0.0, tokio::time::Instant::now())),
         })
+    }
+
+    /// Replaces the cap; uploads under way follow it within a second.
+    pub fn set(&self, default: u64, windows: Vec<Window>) {
+        *self.schedule.write().unwrap_or_else(|p| p.into_inner()) = (default, windows);
+    }
+
+    /// Whether anything is ever capped.
+    pub fn capped(&self) -> bool {
+        let s = self.schedule.read().unwrap_or_else(|p| p.into_inner());
+        s.0 > 0 || s.1.iter().any(|w| w.rate > 0)
     }
 
     /// The rate in force at weekday `day`, minute `minute` (0 = none).
     fn rate_at(&self, day: u8, minute: u16) -> u64 {
-        self.windows
-            .iter()
+        let s = self.schedule.read().unwrap_or_else(|p| p.into_inner());
+        s.1.iter()
             .find(|w| w.holds(day, minute))
-            .map_or(self.default, |w| w.rate)
+            .map_or(s.0, |w| w.rate)
     }
 
     /// Waits until `n` bytes may be sent.
@@ -246,13 +256,19 @@ mod tests {
         let b = Bandwidth::new(
             100,
             vec![w("Mon-Fri 08:00-18:00=10"), w("Mon 00:00-24:00=20")],
-        )
-        .expect("capped");
+        );
+        assert!(b.capped());
         assert_eq!(b.rate_at(0, 9 * 60), 10);
         assert_eq!(b.rate_at(0, 19 * 60), 20);
         assert_eq!(b.rate_at(2, 19 * 60), 100);
-        assert!(Bandwidth::new(0, vec![w("Mon 00:00-24:00=0")]).is_none());
-        let off_hours = Bandwidth::new(0, vec![w("Sat,Sun 00:00-24:00=10")]).expect("capped");
+        assert!(!Bandwidth::new(0, vec![w("Mon 00:00-24:00=0")]).capped());
+        let off_hours = Bandwidth::new(0, vec![w("Sat,Sun 00:00-24:00=10")]);
+        assert!(off_hours.capped());
         assert_eq!(off_hours.rate_at(0, 0), 0);
+        // Replaced at run time (vmreplica host set).
+        off_hours.set(0, Vec::new());
+        assert!(!off_hours.capped());
+        off_hours.set(7, Vec::new());
+        assert_eq!(off_hours.rate_at(5, 0), 7);
     }
 }

@@ -255,8 +255,8 @@ pub struct Peers {
     pub resolve: HashMap<String, Resolved>,
     /// This host's name, sent in the hello.
     pub host: String,
-    /// The upload bandwidth cap (`vmreplicad --bandwidth-limit`), if any.
-    pub bandwidth: Option<Arc<Bandwidth>>,
+    /// The upload bandwidth cap (`vmreplicad --bandwidth-limit`, `vmreplica host set`).
+    pub bandwidth: Arc<Bandwidth>,
 }
 
 /// A request body: bytes in memory, or a log streamed from a file.
@@ -329,7 +329,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
 pub struct Session {
     send: hyper::client::conn::http2::SendRequest<ReqBody>,
     authority: String,
-    bandwidth: Option<Arc<Bandwidth>>,
+    bandwidth: Arc<Bandwidth>,
     pub hello: HelloResponse,
 }
 
@@ -762,7 +762,8 @@ impl Session {
                         }
                     }
                 }
-                let chunk = if bandwidth.is_some() { SLICE } else { CHUNK };
+                let capped = bandwidth.capped();
+                let chunk = if capped { SLICE } else { CHUNK };
                 let want = usize::try_from(written - sent).unwrap_or(chunk).min(chunk);
                 let mut buf = vec![0u8; want];
                 match f.read(&mut buf).await {
@@ -770,8 +771,8 @@ impl Session {
                     Ok(n) => {
                         buf.truncate(n);
                         sent += n as u64;
-                        if let Some(b) = &bandwidth {
-                            b.take(n).await;
+                        if capped {
+                            bandwidth.take(n).await;
                         }
                         if tx.send(Ok(Bytes::from(buf))).await.is_err() {
                             return;

@@ -128,7 +128,7 @@ impl ReplicaSide {
                         self.rehash(image, format, i, *size, &last_map, &out, &runs)
                             .await?;
                         record.notes.push(format!(
-                            "disk {i}: {} blocks of 64 KiB read again, as its bitmap says (written since its last log, or up to 10 minutes before it)",
+                            "disk {i}: {} blocks of 64 KiB read again, as its bitmap says (written since its last log, or before it since the bitmap started)",
                             journal::blocks(&runs)
                         ));
                         record

@@ -185,17 +185,38 @@ impl Store {
     }
 }
 
-/// Records the fingerprints of a turned-off VM's disk files, taken before its point was read, as
-/// `tracking/disk<i>.fingerprint.json`; with `None` (a running VM's point) removes them, since
-/// those files change under the running VM.
+/// The fingerprints of a turned-off VM's disk files, to be taken just before its point is read:
+/// None for a file that cannot be read, or that changed less than [`SETTLE`] ago — its times may
+/// then not move for a write later in the same clock tick (coarse file-system timestamps), so a
+/// failback must not trust them to say "unchanged" (engine::offline's bitmap says instead).
+pub fn fingerprints_before_read(images: &[String]) -> Vec<Option<disk::fingerprint::Fingerprint>> {
+    images
+        .iter()
+        .map(|image| {
+            let fp = disk::fingerprint::Fingerprint::of(Path::new(image)).ok()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+                .ok()?;
+            (now - fp.mtime_ns.max(fp.ctime_ns) >= SETTLE.as_nanos() as i128).then_some(fp)
+        })
+        .collect()
+}
+
+/// How long a file must have been left alone for its fingerprint to be trusted.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Records the fingerprints of a turned-off VM's disk files, taken before its point was read
+/// ([`fingerprints_before_read`]), as `tracking/disk<i>.fingerprint.json`; a disk without one (and
+/// every disk with `None`: a running VM's point, whose files change under it) has its file removed.
 pub fn record_fingerprints(
     tracking: &Path,
-    prints: Option<&[disk::fingerprint::Fingerprint]>,
+    prints: Option<&[Option<disk::fingerprint::Fingerprint>]>,
     disks: usize,
 ) {
     for i in 0..disks {
         let file = tracking.join(format!("disk{i}.fingerprint.json"));
-        match prints.and_then(|p| p.get(i)) {
+        match prints.and_then(|p| p.get(i)).and_then(Option::as_ref) {
             Some(fp) => {
                 if let Ok(json) = serde_json::to_vec(fp) {
                     let _ = std::fs::write(&file, json);

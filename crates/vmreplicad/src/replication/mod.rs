@@ -6,6 +6,7 @@ pub mod chain;
 pub mod client;
 pub mod failback;
 pub mod journal;
+pub mod limits;
 pub mod peer_certs;
 pub mod prehash;
 pub mod primary;

@@ -2,7 +2,8 @@
 //!
 //! A scheduler task looks at every primary VM once a second. A VM in state 3 whose cycle is due and
 //! which has no cycle in flight gets one; a due tick that finds a cycle in flight or in back-off is
-//! a miss. At most `MAX_PARALLEL_TRANSFERS` cycles of this host run at once.
+//! a miss. At most `max_parallel_transfers` cycles of this host run at once (3 by default,
+//! `replication::limits`).
 //!
 //! One cycle: connect and say hello; ask the replica what it committed last (`c`); write log `c+1`
 //! (parent `c`) with the changes since the baseline; upload; commit. Only the commit's 200 makes
@@ -23,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use uuid::Uuid;
 use vmreplica_core::state::{ReplicationMode, ReplicationState};
 use wire::protocol::TransferState;
@@ -42,7 +42,6 @@ use crate::power;
 use crate::store::{RelationshipRow, Store, VmRow};
 
 /// Cycles of this host in flight at once (Hyper-V's `MaximumActiveTransfers` default).
-const MAX_PARALLEL_TRANSFERS: usize = 3;
 /// Back-off of failed cycle `k` (1-based), at least the interval; then 30 minutes each time.
 const BACKOFF_SECS: [i64; 5] = [60, 120, 240, 480, 600];
 const BACKOFF_LAST: i64 = 1800;
@@ -96,7 +95,7 @@ pub struct PrimarySide {
     pub claims: VmClaims,
     /// Run cycles this often instead of each relationship's ReplicationInterval (tests, demos).
     pub interval_override: Option<u64>,
-    transfers: Arc<Semaphore>,
+    transfers: Arc<super::limits::Transfers>,
     pub in_flight: Arc<InFlight>,
     /// When each running VM's tracked size was last asked for (a sample in progress counts).
     sampled: Mutex<HashMap<Uuid, i64>>,
@@ -171,6 +170,7 @@ impl From<PeerError> for CycleError {
 }
 
 impl PrimarySide {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<Store>,
         data_dir: PathBuf,
@@ -179,6 +179,7 @@ impl PrimarySide {
         interval_override: Option<u64>,
         in_flight: Arc<InFlight>,
         auto_resync_delay: i64,
+        transfers: Arc<super::limits::Transfers>,
     ) -> PrimarySide {
         PrimarySide {
             store,
@@ -186,7 +187,7 @@ impl PrimarySide {
             peers,
             claims,
             interval_override,
-            transfers: Arc::new(Semaphore::new(MAX_PARALLEL_TRANSFERS)),
+            transfers,
             in_flight,
             sampled: Mutex::default(),
             auto_resync: std::sync::OnceLock::new(),
@@ -286,7 +287,7 @@ impl PrimarySide {
             self.in_flight.begin(vm.id);
             let me = self.clone();
             tokio::spawn(async move {
-                let _permit = me.transfers.clone().acquire_owned().await;
+                let _permit = me.transfers.acquire().await;
                 let id = vm.id;
                 if waiting_for_import {
                     me.check_import(vm, rel).await;
@@ -682,8 +683,10 @@ impl PrimarySide {
                     }
                 }
                 for (tmp, map) in &maps {
-                    disk::scan::hashmap::commit(tmp, map)
-                        .map_err(|e| CycleError::Failed(crate::error_chain(&e)))?;
+                    if let Err(e) = disk::scan::hashmap::commit(tmp, map) {
+                        rotation.abandon(&vm.disks).await;
+                        return Err(CycleError::Failed(crate::error_chain(&e)));
+                    }
                 }
                 rotation.after_commit(&vm.disks, &tracking).await;
                 super::journal::record_fingerprints(&tracking, prints.as_deref(), maps.len());
@@ -762,14 +765,10 @@ impl PrimarySide {
             .map_err(|e| CycleError::Failed(e.to_string()))?;
         let mut maps = Vec::new();
         // A turned-off VM's files, as they were before they were read (replication::journal).
-        let mut prints = running.is_none().then(Vec::new);
+        let prints = running
+            .is_none()
+            .then(|| super::journal::fingerprints_before_read(&vm.disks));
         for (i, (format, _)) in disks.iter().enumerate() {
-            if let Some(p) = prints.as_mut() {
-                match disk::fingerprint::Fingerprint::of(Path::new(&vm.disks[i])) {
-                    Ok(fp) => p.push(fp),
-                    Err(_) => prints = None,
-                }
-            }
             let map = tracking.join(format!("disk{i}.hashes"));
             if !map.is_file() {
                 cleanup(&maps, &path);
@@ -833,7 +832,7 @@ type BuiltDelta = (
     u64,
     i64,
     Vec<(PathBuf, PathBuf)>,
-    Option<Vec<disk::fingerprint::Fingerprint>>,
+    Option<Vec<Option<disk::fingerprint::Fingerprint>>>,
 );
 
 fn running_error(e: crate::engine::running::RunningError) -> CycleError {

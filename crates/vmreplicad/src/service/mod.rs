@@ -54,6 +54,8 @@ pub struct Service {
     pub in_flight: Arc<crate::replication::primary::InFlight>,
     /// Tells the replication listener the recovery-server settings changed.
     pub listener: crate::replication::server::ListenerControl,
+    /// The bandwidth cap and parallel transfers of this host as a primary.
+    pub limits: Arc<crate::replication::limits::HostLimits>,
 }
 
 impl From<StoreError> for CommandError {
@@ -161,6 +163,24 @@ impl Service {
                 };
                 crate::engine::test_failover::destroy(&self.store, &vm).await?;
                 Ok(CommandOutput::Completed)
+            }
+            Command::GetHostSettings => Ok(CommandOutput::HostSettings(self.limits.current())),
+            Command::SetHostSettings(s) => {
+                crate::replication::limits::validate(&s).map_err(invalid)?;
+                let s = vmreplica_core::command::HostSettings {
+                    source: String::new(),
+                    ..s
+                };
+                self.store.put_host_settings(Some(&s))?;
+                self.limits.apply(s).map_err(invalid)?;
+                tracing::info!(settings = ?self.limits.current(), "host settings changed");
+                Ok(CommandOutput::HostSettings(self.limits.current()))
+            }
+            Command::ResetHostSettings => {
+                self.store.put_host_settings(None)?;
+                self.limits.reset();
+                tracing::info!(settings = ?self.limits.current(), "host settings back to the flags");
+                Ok(CommandOutput::HostSettings(self.limits.current()))
             }
             Command::Status => self.status(),
             Command::ListJobs => {
