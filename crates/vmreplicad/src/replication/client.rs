@@ -604,13 +604,15 @@ impl Session {
         self.send_limited(req, timeout, MAX_ANSWER).await
     }
 
-    /// A GET of a binary resource whose answer may be up to `max` bytes.
+    /// A GET of a binary resource whose answer may be up to `max` bytes, given the request limit
+    /// plus a second per MiB of `max` (a large answer over a slow link: 1 MiB/s, 8 Mbit/s).
     pub async fn fetch(&mut self, route: Route, max: usize) -> Result<Bytes, PeerError> {
         let req = self
             .request(route)
             .body(ReqBody::Full(Full::new(Bytes::new())))
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
-        Ok(self.send_limited(req, Some(REQUEST_TIMEOUT), max).await?.1)
+        let limit = REQUEST_TIMEOUT + Duration::from_secs((max >> 20) as u64);
+        Ok(self.send_limited(req, Some(limit), max).await?.1)
     }
 
     async fn send_limited(
