@@ -32,10 +32,23 @@ from test_two_hosts import (  # noqa: F401  (lab is a fixture)
 )
 
 
-def compare(a, b, fmt_b="raw"):
-    res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt_b, str(a), str(b)],
-                         capture_output=True, text=True)
+def compare(a, b, fmt_b="raw", shared=False):
+    res = subprocess.run(["qemu-img", "compare", *(["-U"] if shared else []), "-f", "qcow2", "-F", fmt_b,
+                          str(a), str(b)], capture_output=True, text=True)
     return res.returncode == 0, res.stdout + res.stderr
+
+
+def latest_point_equals(store, other, fmt="raw", shared=False):
+    """Waits until the latest point of the point store `store` compares equal with `other`; returns
+    its sequence. The next delta's apply and prune may hold or rename the latest layer for a moment
+    (the tests call this while the other side replicates nothing new): asked again then; any other
+    difference fails at once."""
+    def check():
+        last = max(int(f.stem[1:]) for f in store.glob("p*.json"))
+        same, text = compare(store / "disk0" / f"p{last:020}.qcow2", other, fmt, shared)
+        assert same or "lock" in text or "No such file" in text, text
+        return last if same else None
+    return wait_for(check, timeout=30, what="the latest point to compare")
 
 
 def test_a_test_failover_sees_one_point_while_three_cycles_run_underneath(lab, tmp_path):
@@ -583,9 +596,7 @@ def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_v
     rvm = vm_by_name(r, "fb01")
     assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (1, 3)
     store1 = hv1_storage / vm_id.lower()
-    last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
-    same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")
-    assert same, text
+    last = latest_point_equals(store1, new_disk, "qcow2")
     # The old primary's image file was taken in without a copy.
     assert not disk.exists()
     # Only what diverged travelled.
@@ -729,16 +740,9 @@ def test_a_failback_to_a_named_recovery_point_before_the_commit_brings_both_host
     pvm, rvm = vm_by_name(p, "fb04"), vm_by_name(r, "fb04")
     assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 14)
     assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (1, 3)
-    # Both hosts hold exactly the early point. (The new primary's next delta changes nothing, but
-    # its apply and prune may hold or rename the latest layer for a moment: asked again then.)
+    # Both hosts hold exactly the early point.
     store1 = storage1 / vm_id.lower()
-
-    def latest_is_the_point():
-        last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
-        same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", point_disk)
-        assert same or "lock" in text or "No such file" in text, text
-        return last if same else None
-    last = wait_for(latest_is_the_point, timeout=30, what="the old primary's latest point to compare")
+    last = latest_point_equals(store1, point_disk)
     same, text = compare(new_disk, point_disk)
     assert same, text
     # Deltas flow from the new primary.
@@ -854,9 +858,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     assert job["JobState"] == 7, job["ErrorDescription"]
     assert "Full hash compare" in job["Description"] and "not recorded" in job["Description"], job["Description"]
     assert (vm_by_name(p, "fb02")["ReplicationState"], vm_by_name(r, "fb02")["ReplicationState"]) == (14, 3)
-    last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
-    same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")
-    assert same, text
+    latest_point_equals(store1, new_disk, "qcow2")
 
 
 def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_process(lab, tmp_path):
@@ -878,11 +880,7 @@ def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_pr
         assert "Only the blocks either side wrote" in job["Description"], job["Description"]
         assert vm_by_name(p, "fb03")["ReplicationState"] == 14
         store1 = hv1_storage / vm_id.lower()
-        last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
-        res = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2",
-                              str(store1 / "disk0" / f"p{last:020}.qcow2"), str(new_disk)],
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout + res.stderr
+        last = latest_point_equals(store1, new_disk, "qcow2", shared=True)  # the VM runs on it
         # The running VM's next writes replicate from its dirty bitmap.
         qsd.write("write -P 0x43 44M 64k")
         wait_for(lambda: max(int(f.stem[1:]) for f in store1.glob("p*.json")) > last, timeout=30,

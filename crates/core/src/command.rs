@@ -149,6 +149,7 @@ pub enum Command {
 /// This host's limits on what it sends as a primary (docs/protocol.md §8). Hyper-V keeps the like
 /// outside its WMI API (registry, QoS policies), so they are not CIM properties here either.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HostSettings {
     /// Upload cap in bytes per second, shared by every transfer (0 = none).
     pub bandwidth_limit: u64,

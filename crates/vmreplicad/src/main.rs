@@ -201,17 +201,22 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let host = args.host_name.clone().unwrap_or_else(system_host_name);
-    let limits = Arc::new(replication::limits::HostLimits::new(
-        vmreplica_core::command::HostSettings {
-            bandwidth_limit: args.bandwidth_limit,
-            bandwidth_windows: args.bandwidth_windows.clone(),
-            max_parallel_transfers: args.max_parallel_transfers,
-            source: String::new(),
-        },
-        store
-            .host_settings()
-            .context("cannot read the host settings")?,
-    ));
+    let stored = store.host_settings().unwrap_or_else(|e| {
+        tracing::warn!("the stored host settings are not used: {e}");
+        None
+    });
+    let limits = Arc::new(
+        replication::limits::HostLimits::new(
+            vmreplica_core::command::HostSettings {
+                bandwidth_limit: args.bandwidth_limit,
+                bandwidth_windows: args.bandwidth_windows.clone(),
+                max_parallel_transfers: args.max_parallel_transfers,
+                source: String::new(),
+            },
+            stored,
+        )
+        .map_err(|why| anyhow::anyhow!("--bandwidth-limit / --bandwidth-window: {why}"))?,
+    );
     let cert_dir = args.data_dir.join("certs");
     let peers = Arc::new(replication::client::Peers {
         cert_dir: cert_dir.clone(),

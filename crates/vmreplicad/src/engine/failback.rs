@@ -16,8 +16,8 @@
 //! and compares in kind 3:
 //! - the candidate blocks are A's (its logs after F, its writes since its last log) united with
 //!   B's (what the failover overlay held when CommitFailover flattened it, and what was written to
-//!   the flattened images since: nothing if the files are unchanged, else their persistent dirty
-//!   bitmap `vmr-failback-writes`, read from the VM's QEMU process while it runs);
+//!   the flattened images since: their persistent dirty bitmap `vmr-failback-writes`, read from
+//!   the VM's QEMU process while it runs);
 //! - B fetches A's map and reads, hashes and compares only its candidate blocks against it; the
 //!   blocks that differ are the log (A applies it as a layer over its base, so a cut leaves A's
 //!   disks as they were and a rerun starts over); B's next maps are A's map with B's hashes there.
@@ -143,7 +143,7 @@ pub async fn record_overlay_writes(
 }
 
 /// At CommitFailover, once the images are flattened: a persistent dirty bitmap in each (QEMU and
-/// its tools record every later write in it), and each file's fingerprint.
+/// its tools record every later write in it), and which file each is (its fingerprint).
 pub async fn track_after_commit(
     data_dir: &Path,
     vm: Uuid,
@@ -170,6 +170,9 @@ pub async fn track_after_commit(
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
+        // Which file this is: its times, taken right after that write, could not say "unchanged"
+        // (a write later in the same clock tick may not move them), so `own_writes` always reads
+        // the bitmap, and this only tells it whether the file was replaced.
         let fp = disk::fingerprint::Fingerprint::of(image).map_err(|e| e.to_string())?;
         std::fs::write(
             print_file(data_dir, vm, i),
@@ -194,8 +197,12 @@ async fn own_writes(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or("the image's fingerprint at commit is missing")?;
-    if disk::fingerprint::check(Path::new(image), &print).is_ok() {
-        return Ok(at_commit);
+    let now = disk::fingerprint::Fingerprint::of(Path::new(image))
+        .map_err(|e| format!("{image} cannot be read: {e}"))?;
+    if (now.inode, now.device) != (print.inode, print.device) {
+        return Err(format!(
+            "{image}: the image file was replaced since the commit"
+        ));
     }
     // Written since the commit: its bitmap says where, if QEMU closed it cleanly.
     let since = read_bitmap(data_dir, vm, i, image, size, FAILBACK_BITMAP).await?;
@@ -1221,13 +1228,9 @@ impl LocalEngine {
                 let _claim = claim;
                 // A cycle of this host still running (it started before the failover) ends first:
                 // its files and bitmaps are this job's from now on.
-                let outcome = if in_flight.wait_idle(vm.id, Duration::from_secs(600)).await {
-                    follow(&ctx, &store, &peers, &vm, &to, &start, &data_dir).await
-                } else {
-                    Err(fail(
-                        "a replication cycle of this VM is still running here",
-                        "Run InitiateFailback again once it ended.",
-                    ))
+                let outcome = match idle(&ctx, &in_flight, vm.id).await {
+                    Ok(()) => follow(&ctx, &store, &peers, &vm, &to, &start, &data_dir).await,
+                    Err(f) => Err(f),
                 };
                 let _ = store.forget_job_restore(ctx.id());
                 let now_row = store.get_relationship(vm.id)?.unwrap_or(rel.clone());
@@ -1254,6 +1257,24 @@ impl LocalEngine {
         self.store.put_job_restore(&job.id, vm_id, before)?;
         Ok(job)
     }
+}
+
+/// Waits (at most 10 minutes, cancellable) until no replication cycle of `vm` runs here.
+async fn idle(
+    ctx: &JobContext,
+    in_flight: &crate::replication::primary::InFlight,
+    vm: Uuid,
+) -> Result<(), JobFailure> {
+    for _ in 0..600 {
+        ctx.check_cancelled()?;
+        if in_flight.wait_idle(vm, Duration::from_secs(1)).await {
+            return Ok(());
+        }
+    }
+    Err(fail(
+        "a replication cycle of this VM is still running here",
+        "Run InitiateFailback again once it ended.",
+    ))
 }
 
 /// A's job: asks B and follows its job, then waits for its own apply of the log.

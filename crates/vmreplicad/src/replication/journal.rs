@@ -192,19 +192,22 @@ impl Store {
 pub fn fingerprints_before_read(images: &[String]) -> Vec<Option<disk::fingerprint::Fingerprint>> {
     images
         .iter()
-        .map(|image| {
-            let fp = disk::fingerprint::Fingerprint::of(Path::new(image)).ok()?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
-                .ok()?;
-            (now - fp.mtime_ns.max(fp.ctime_ns) >= SETTLE.as_nanos() as i128).then_some(fp)
-        })
+        .map(|image| settled_fingerprint(Path::new(image)))
         .collect()
 }
 
+/// The fingerprint of `path` if it was left alone for [`SETTLE`] (see above).
+pub fn settled_fingerprint(path: &Path) -> Option<disk::fingerprint::Fingerprint> {
+    let fp = disk::fingerprint::Fingerprint::of(path).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+        .ok()?;
+    (now - fp.mtime_ns.max(fp.ctime_ns) >= SETTLE.as_nanos() as i128).then_some(fp)
+}
+
 /// How long a file must have been left alone for its fingerprint to be trusted.
-pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Records the fingerprints of a turned-off VM's disk files, taken before its point was read
 /// ([`fingerprints_before_read`]), as `tracking/disk<i>.fingerprint.json`; a disk without one (and

@@ -3,7 +3,8 @@
 //! JSON API's `SetHostSettings`) replaces them at run time and stores them, so they hold over the
 //! flags after a restart until `vmreplica host reset`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vmreplica_core::command::HostSettings;
@@ -13,11 +14,35 @@ use super::bandwidth::{parse_rate, Bandwidth, Window};
 /// Most cycles that may transfer at once.
 pub const MAX_PARALLEL_TRANSFERS: u16 = 64;
 
+/// The lowest cap (bytes/s, besides 0 = none): an upload takes the cap in slices of 256 KiB, and a
+/// slice must leave well within the replica's 60 s idle limit.
+pub const MIN_RATE: u64 = 64 << 10;
+
 /// How many replication cycles of this host transfer at once.
 #[derive(Debug)]
 pub struct Transfers {
     sem: Arc<Semaphore>,
     size: Mutex<usize>,
+    /// Turns to take away as running cycles end (a shrink below what runs now).
+    debt: Arc<AtomicUsize>,
+}
+
+/// One cycle's turn; given back when dropped, or forgotten while the limit shrinks.
+pub struct Turn {
+    permit: Option<OwnedSemaphorePermit>,
+    debt: Arc<AtomicUsize>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let owed = self
+            .debt
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
+            .is_ok();
+        if let (true, Some(p)) = (owed, self.permit.take()) {
+            p.forget();
+        }
+    }
 }
 
 impl Transfers {
@@ -25,34 +50,37 @@ impl Transfers {
         Transfers {
             sem: Arc::new(Semaphore::new(n)),
             size: Mutex::new(n),
+            debt: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// Waits for a turn.
-    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
-        self.sem.clone().acquire_owned().await.ok()
+    pub async fn acquire(&self) -> Option<Turn> {
+        let permit = self.sem.clone().acquire_owned().await.ok()?;
+        Some(Turn {
+            permit: Some(permit),
+            debt: self.debt.clone(),
+        })
     }
 
-    /// Changes how many at once: more start at once; with fewer, running ones finish first.
+    /// Changes how many at once: more start at once; with fewer, free turns go at once and the
+    /// rest as running cycles end (waiting ones do not start meanwhile).
     pub fn set(&self, n: usize) {
         let mut size = self.size.lock().unwrap_or_else(|p| p.into_inner());
         if n > *size {
-            self.sem.add_permits(n - *size);
+            let grow = n - *size;
+            let paid = self
+                .debt
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                    Some(d.saturating_sub(grow))
+                })
+                .unwrap_or(0)
+                .min(grow);
+            self.sem.add_permits(grow - paid);
         } else if n < *size {
             let fewer = *size - n;
-            let rest = fewer - self.sem.forget_permits(fewer);
-            if rest > 0 {
-                // Taken from cycles still running, as they end.
-                let sem = self.sem.clone();
-                tokio::spawn(async move {
-                    if let Ok(p) = sem
-                        .acquire_many_owned(u32::try_from(rest).unwrap_or(u32::MAX))
-                        .await
-                    {
-                        p.forget();
-                    }
-                });
-            }
+            let now = self.sem.forget_permits(fewer);
+            self.debt.fetch_add(fewer - now, Ordering::SeqCst);
         }
         *size = n;
     }
@@ -65,6 +93,8 @@ pub struct HostLimits {
     pub transfers: Arc<Transfers>,
     flags: HostSettings,
     current: Mutex<HostSettings>,
+    /// Held by a change from storing to applying, so two changes cannot interleave.
+    changing: Mutex<()>,
 }
 
 /// Checks `s` and parses its windows.
@@ -75,32 +105,52 @@ pub fn validate(s: &HostSettings) -> Result<Vec<Window>, String> {
             s.max_parallel_transfers
         ));
     }
+    let rate = |text: &str| {
+        parse_rate(text).and_then(|r| {
+            (r == 0 || r >= MIN_RATE)
+                .then_some(r)
+                .ok_or_else(|| format!("a cap is 0 (none) or at least 64K, not {text}"))
+        })
+    };
+    if s.bandwidth_limit != 0 && s.bandwidth_limit < MIN_RATE {
+        return Err(format!(
+            "bandwidth_limit is 0 (none) or at least 65536 bytes/s, not {}",
+            s.bandwidth_limit
+        ));
+    }
     s.bandwidth_windows
         .iter()
-        .map(|w| Window::parse(w, parse_rate))
+        .map(|w| Window::parse(w, rate))
         .collect()
 }
 
 impl HostLimits {
-    /// The limits the daemon's flags give (`flags`, already valid), then `stored` over them.
-    pub fn new(flags: HostSettings, stored: Option<HostSettings>) -> HostLimits {
+    /// The limits the daemon's flags give (`flags`: an error says what is wrong with them), then
+    /// `stored` over them.
+    pub fn new(flags: HostSettings, stored: Option<HostSettings>) -> Result<HostLimits, String> {
         let flags = HostSettings {
             source: "flags".into(),
             ..flags
         };
-        let windows = validate(&flags).unwrap_or_default();
+        let windows = validate(&flags)?;
         let limits = HostLimits {
             bandwidth: Bandwidth::new(flags.bandwidth_limit, windows),
             transfers: Arc::new(Transfers::new(usize::from(flags.max_parallel_transfers))),
             current: Mutex::new(flags.clone()),
             flags,
+            changing: Mutex::new(()),
         };
         if let Some(s) = stored {
             if let Err(why) = limits.apply(s) {
                 tracing::warn!("the stored host settings are not used: {why}");
             }
         }
-        limits
+        Ok(limits)
+    }
+
+    /// Held while a change is stored and applied.
+    pub fn changing(&self) -> MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The limits in force.
@@ -139,24 +189,29 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn fewer_transfers_take_effect_as_running_ones_end() {
-        let t = Transfers::new(3);
+    async fn fewer_transfers_take_effect_as_running_ones_end_and_waiting_ones_wait() {
+        let t = Arc::new(Transfers::new(3));
         let a = t.acquire().await;
         let b = t.acquire().await;
         t.set(1);
-        // Two run; none may start until both ended and one turn is free again.
-        assert!(t.sem.clone().try_acquire_owned().is_err());
+        // Two run, one waits; it may not start until both ended and one turn is free again.
+        let waiting = {
+            let t = t.clone();
+            tokio::spawn(async move { t.acquire().await.is_some() })
+        };
+        tokio::task::yield_now().await;
         drop(a);
         tokio::task::yield_now().await;
-        assert!(t.sem.clone().try_acquire_owned().is_err());
+        assert!(!waiting.is_finished());
         drop(b);
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        let c = t.sem.clone().try_acquire_owned();
-        assert!(c.is_ok());
-        assert!(t.sem.clone().try_acquire_owned().is_err());
+        assert!(waiting.await.unwrap_or(false));
+        assert_eq!(t.sem.available_permits(), 1);
+        // Shrunk and grown again before the running ones ended: exactly what was asked.
+        let c = t.acquire().await;
+        t.set(0);
+        t.set(2);
         drop(c);
+        assert_eq!(t.sem.available_permits(), 2);
         t.set(4);
         assert_eq!(t.sem.available_permits(), 4);
     }
@@ -177,8 +232,18 @@ mod tests {
         assert!(validate(&zero).unwrap_err().contains("1 to 64"));
         let window = HostSettings {
             bandwidth_windows: vec!["Mon 8-18=1".into()],
-            ..ok
+            ..ok.clone()
         };
         assert!(validate(&window).unwrap_err().contains("bandwidth window"));
+        let slow = HostSettings {
+            bandwidth_limit: 1000,
+            ..ok.clone()
+        };
+        assert!(validate(&slow).unwrap_err().contains("at least 65536"));
+        let slow_window = HostSettings {
+            bandwidth_windows: vec!["Mon 08:00-18:00=1K".into()],
+            ..ok
+        };
+        assert!(validate(&slow_window).unwrap_err().contains("at least 64K"));
     }
 }

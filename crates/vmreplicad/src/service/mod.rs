@@ -167,6 +167,7 @@ impl Service {
             Command::GetHostSettings => Ok(CommandOutput::HostSettings(self.limits.current())),
             Command::SetHostSettings(s) => {
                 crate::replication::limits::validate(&s).map_err(invalid)?;
+                let _changing = self.limits.changing();
                 let s = vmreplica_core::command::HostSettings {
                     source: String::new(),
                     ..s
@@ -177,6 +178,7 @@ impl Service {
                 Ok(CommandOutput::HostSettings(self.limits.current()))
             }
             Command::ResetHostSettings => {
+                let _changing = self.limits.changing();
                 self.store.put_host_settings(None)?;
                 self.limits.reset();
                 tracing::info!(settings = ?self.limits.current(), "host settings back to the flags");
