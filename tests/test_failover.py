@@ -861,6 +861,32 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     latest_point_equals(store1, new_disk, "qcow2")
 
 
+def test_a_failback_after_a_backup_was_restored_over_the_old_primarys_disk_compares_every_block(lab, tmp_path):
+    """The old primary's disk file is overwritten in place by an older copy of itself (a restore
+    from backup, same inode) before it comes back: its bitmap then looks consistent but misses
+    what the copy undid. The failback finds that the bitmap lost blocks it had marked and
+    compares every block, so the disks still end equal."""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb05")
+    p = lab.primary.conn()
+    backup = tmp_path / "fb05-backup.qcow2"
+    shutil.copyfile(disk, backup)
+    rrsc(p, vm_by_name(p, "fb05"), 3)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 24M 128k", disk)  # after the backup
+    shipped_since(lab, vm_id, time.time())  # in the failover point
+    rrsc(p, vm_by_name(p, "fb05"), 7)
+    settled(lab, vm_id)
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb05")
+    inode = disk.stat().st_ino
+    shutil.copyfile(backup, disk)  # restored in place: the write above is undone
+    assert disk.stat().st_ino == inode
+    lab.primary.start()
+    p = lab.primary.conn()
+    job = wait_job(p, initiate_failback(p, "fb05"), timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert "lost blocks it had marked" in job["Description"], job["Description"]
+    latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
+
+
 def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_process(lab, tmp_path):
     disk, vm_id = protected_and_suspended(lab, tmp_path, "fb03")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x41 20M 256k", disk)  # never replicated

@@ -24,10 +24,19 @@
 //! (Before, one bitmap was cleared after the point was committed, if the file's fingerprint had
 //! not changed: a write in the instant between that check and the clear was in neither the point
 //! nor the bitmap, and a failback would have missed it.)
+//!
+//! A bitmap only grows while QEMU and its tools write the file. Something else that rewrites it in
+//! place — an older copy restored over it, same inode — brings back an older bitmap that looks
+//! consistent but lacks the blocks the copy undid. So once a point is committed, what the recorded
+//! bitmap marks is remembered ([`remember_marked`], `disk<i>.offline-marked.json`), and a failback
+//! trusts the bitmap only if it still marks all of that ([`check_marked`]); else it hash-scans.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::replication::journal::{self, Runs};
 
 /// The names of these bitmaps start with this. (Not `vmreplica-*`: those are the running-VM
 /// tracker's, `disk::bitmap`; not `vmr-failback-writes`: CommitFailover's.)
@@ -186,6 +195,70 @@ impl Rotation {
             }
         }
     }
+}
+
+/// What disk `i`'s recorded bitmap marked once a point was committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Marked {
+    bitmap: String,
+    runs: Runs,
+}
+
+fn marked_file(tracking: &Path, disk: usize) -> PathBuf {
+    tracking.join(format!("disk{disk}.offline-marked.json"))
+}
+
+/// After a turned-off VM's point was committed (and its rotation finished): what each disk's
+/// recorded bitmap marks now. Where it cannot be read, nothing is remembered, and a failback
+/// hash-scans that disk.
+pub async fn remember_marked(data_dir: &Path, vm: Uuid, images: &[String], tracking: &Path) {
+    for (i, image) in images.iter().enumerate() {
+        let file = marked_file(tracking, i);
+        let _ = std::fs::remove_file(&file);
+        let (Some(record), Ok(map)) = (
+            recorded(tracking, i),
+            disk::scan::hashmap::MapReader::open(&tracking.join(format!("disk{i}.hashes"))),
+        ) else {
+            continue;
+        };
+        let read =
+            super::failback::read_bitmap(data_dir, vm, i, image, map.disk_size, &record.bitmap)
+                .await;
+        match read {
+            Ok(runs) => {
+                let marked = Marked {
+                    bitmap: record.bitmap,
+                    runs,
+                };
+                if let Ok(json) = serde_json::to_vec(&marked) {
+                    let _ = write_durable(&file, &json);
+                }
+            }
+            Err(why) => tracing::info!(%vm, disk = i, "a failback will hash-scan this disk: {why}"),
+        }
+    }
+}
+
+/// Whether bitmap `bitmap` of disk `disk`, marking `now`, still marks everything it marked when
+/// the last point was committed (else the file was rewritten by something other than QEMU).
+pub fn check_marked(
+    tracking: &Path,
+    disk: usize,
+    bitmap: &str,
+    now: &[(u64, u64)],
+) -> Result<(), String> {
+    let marked: Marked = std::fs::read(marked_file(tracking, disk))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|m: &Marked| m.bitmap == bitmap)
+        .ok_or("what its bitmap marked at its last point is not recorded")?;
+    if journal::union(now, &marked.runs) != journal::union(now, &[]) {
+        return Err(
+            "its bitmap lost blocks it had marked at its last point: something other than QEMU rewrote the file (a copy restored over it?)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).

@@ -107,7 +107,10 @@ impl ReplicaSide {
                             &b.bitmap,
                         )
                         .await
-                        {
+                        .and_then(|runs| {
+                            crate::engine::offline::check_marked(&tracking, i, &b.bitmap, &runs)
+                                .map(|()| runs)
+                        }) {
                             Ok(runs) => Some(runs),
                             Err(not) => {
                                 record.notes.push(format!("disk {i}: {not}"));

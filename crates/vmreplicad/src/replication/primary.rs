@@ -689,6 +689,15 @@ impl PrimarySide {
                     }
                 }
                 rotation.after_commit(&vm.disks, &tracking).await;
+                if prints.is_some() {
+                    crate::engine::offline::remember_marked(
+                        &self.data_dir,
+                        vm.id,
+                        &vm.disks,
+                        &tracking,
+                    )
+                    .await;
+                }
                 super::journal::record_fingerprints(&tracking, prints.as_deref(), maps.len());
                 Ok((seq, hash, bytes, point_time))
             }
