@@ -30,6 +30,9 @@
 //! consistent but lacks the blocks the copy undid. So once a point is committed, what the recorded
 //! bitmap marks is remembered ([`remember_marked`], `disk<i>.offline-marked.json`), and a failback
 //! trusts the bitmap only if it still marks all of that ([`check_marked`]); else it hash-scans.
+//! (The new primary's `vmr-failback-writes` needs no such check: its reference is the disk as
+//! CommitFailover left it, which that bitmap's every copy, taken after, describes exactly; a copy
+//! from before has no such bitmap at all.)
 
 use std::path::{Path, PathBuf};
 
