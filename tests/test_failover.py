@@ -489,8 +489,7 @@ def test_unplanned_failover_reverse_and_resync_send_only_what_diverged(lab, tmp_
     imported = points()[0]  # the old primary's own disks, as they were
     # The resync log is applied on top, then only it stays.
     wait_for(lambda: points() == [imported + 1], what="the resync applied on the old primary")
-    same, text = compare(store1 / "disk0" / f"p{imported + 1:020}.qcow2", new_disk, "qcow2")
-    assert same, text
+    latest_point_equals(store1, new_disk, "qcow2")  # (or a delta after it, which changes nothing)
     # Only what diverged travelled: 256 KiB on one side, 128 KiB on the other, not the disk.
     rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     rv, out = r.InvokeMethod("GetReplicationStatisticsEx", r.EnumerateInstances("Msvm_ReplicationService")[0].path,

@@ -77,10 +77,11 @@ def test_export_then_import_gives_a_recovery_point_equal_to_the_primary_disk(two
     assert log.is_file()
     tracking = primary.data_dir / "tracking" / vm_id
     # The maps, and what a failback checks later: the qcow2 disk's bitmap of writes from before its
-    # read on (added then, so its file changed too recently for a fingerprint to be trusted), and the
-    # raw disk's fingerprint once the file had been left alone for a second.
+    # read on (added then, so its file changed too recently for a fingerprint to be trusted) and
+    # what it marked once the point was made, and the raw disk's fingerprint once the file had been
+    # left alone for two seconds.
     names = {p.name for p in tracking.iterdir()}
-    required = {"disk0.hashes", "disk1.hashes", "disk0.offline-bitmap.json"}
+    required = {"disk0.hashes", "disk1.hashes", "disk0.offline-bitmap.json", "disk0.offline-marked.json"}
     assert required <= names <= required | {"disk1.fingerprint.json"}, names
     rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     assert rel["ReplicationState"] == 2  # waiting for the import

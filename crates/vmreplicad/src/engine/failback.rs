@@ -57,9 +57,26 @@ use crate::replication::journal::{self, Runs};
 use crate::replication::replica::ApiError;
 use crate::store::{JobRow, RelationshipRow, Store, VmRow};
 
-/// The persistent dirty bitmap CommitFailover adds to the flattened images: what B writes after.
+/// The persistent dirty bitmap CommitFailover adds to the flattened images: what B writes after,
+/// named `vmr-failback-writes-<nanoseconds>` per commit (so a copy of the image from an earlier
+/// failover, restored over it, does not bring back a bitmap that looks like this one).
 /// (Not `vmreplica-*`: those are the running-VM tracker's, `disk::bitmap`.)
 pub const FAILBACK_BITMAP: &str = "vmr-failback-writes";
+
+/// What CommitFailover recorded of each flattened image (`disk<i>.failover-print.json`): which
+/// file it is, and the name of its failback bitmap.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct CommitRecord {
+    print: disk::fingerprint::Fingerprint,
+    bitmap: String,
+}
+
+fn commit_record(data_dir: &Path, vm: Uuid, i: usize) -> Result<CommitRecord, String> {
+    std::fs::read(print_file(data_dir, vm, i))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| "the record of the image at commit is missing".to_string())
+}
 
 /// `tracking/<VMID>/disk<i>.failover-writes`: blocks the failover overlay held at commit.
 fn writes_file(data_dir: &Path, vm: Uuid, disk: usize) -> PathBuf {
@@ -150,20 +167,31 @@ pub async fn track_after_commit(
     images: &[PathBuf],
 ) -> Result<(), String> {
     for (i, image) in images.iter().enumerate() {
+        let _ = std::fs::remove_file(print_file(data_dir, vm, i));
+        // An earlier one (a cut commit run again, an earlier failover) goes first.
+        for old in super::offline::bitmap_names(image).await {
+            if old.starts_with(FAILBACK_BITMAP) {
+                let _ = tokio::process::Command::new("qemu-img")
+                    .args(["bitmap", "--remove", "-f", "qcow2"])
+                    .arg(image)
+                    .arg(&old)
+                    .output()
+                    .await;
+            }
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let bitmap = format!("{FAILBACK_BITMAP}-{stamp}");
         let out = tokio::process::Command::new("qemu-img")
             .args(["bitmap", "--add", "--enable", "-f", "qcow2"])
             .arg(image)
-            .arg(FAILBACK_BITMAP)
+            .arg(&bitmap)
             .output()
             .await
             .map_err(|e| format!("qemu-img bitmap: {e}"))?;
-        // (Already there when this finishes a cut commit: added to these same images then.)
-        if !out.status.success()
-            && !super::offline::bitmap_names(image)
-                .await
-                .iter()
-                .any(|n| n == FAILBACK_BITMAP)
-        {
+        if !out.status.success() {
             return Err(format!(
                 "qemu-img bitmap --add {}: {}",
                 image.display(),
@@ -173,10 +201,11 @@ pub async fn track_after_commit(
         // Which file this is: its times, taken right after that write, could not say "unchanged"
         // (a write later in the same clock tick may not move them), so `own_writes` always reads
         // the bitmap, and this only tells it whether the file was replaced.
-        let fp = disk::fingerprint::Fingerprint::of(image).map_err(|e| e.to_string())?;
+        let print = disk::fingerprint::Fingerprint::of(image).map_err(|e| e.to_string())?;
+        let record = CommitRecord { print, bitmap };
         std::fs::write(
             print_file(data_dir, vm, i),
-            serde_json::to_vec(&fp).map_err(|e| e.to_string())?,
+            serde_json::to_vec(&record).map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
     }
@@ -193,19 +222,16 @@ async fn own_writes(
     size: u64,
 ) -> Result<Runs, String> {
     let at_commit = failover_writes(data_dir, vm, i)?;
-    let print: disk::fingerprint::Fingerprint = std::fs::read(print_file(data_dir, vm, i))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or("the image's fingerprint at commit is missing")?;
+    let record = commit_record(data_dir, vm, i)?;
     let now = disk::fingerprint::Fingerprint::of(Path::new(image))
         .map_err(|e| format!("{image} cannot be read: {e}"))?;
-    if (now.inode, now.device) != (print.inode, print.device) {
+    if (now.inode, now.device) != (record.print.inode, record.print.device) {
         return Err(format!(
             "{image}: the image file was replaced since the commit"
         ));
     }
     // Written since the commit: its bitmap says where, if QEMU closed it cleanly.
-    let since = read_bitmap(data_dir, vm, i, image, size, FAILBACK_BITMAP).await?;
+    let since = read_bitmap(data_dir, vm, i, image, size, &record.bitmap).await?;
     Ok(journal::union(&at_commit, &since))
 }
 
@@ -790,16 +816,19 @@ impl NewPrimary {
                 rel.state = ReplicationState::Replicating.as_u16();
                 self.store.put_relationship(&rel, primary)?;
                 self.store.remove_failover(vm.id)?;
-                forget_records(&self.data_dir, vm.id, vm.disks.len());
-                // Its failback bitmap is not needed any more (a running VM's QEMU keeps it, harmless).
+                // Its failback bitmap is not needed any more (a running VM's QEMU keeps it,
+                // harmless: the next commit removes it).
                 if crate::power::enabled_state(&vm.power) != crate::power::ENABLED {
-                    for image in &vm.disks {
-                        let _ = tokio::process::Command::new("qemu-img")
-                            .args(["bitmap", "--remove", "-f", "qcow2", image, FAILBACK_BITMAP])
-                            .output()
-                            .await;
+                    for (i, image) in vm.disks.iter().enumerate() {
+                        if let Ok(r) = commit_record(&self.data_dir, vm.id, i) {
+                            let _ = tokio::process::Command::new("qemu-img")
+                                .args(["bitmap", "--remove", "-f", "qcow2", image, &r.bitmap])
+                                .output()
+                                .await;
+                        }
                     }
                 }
+                forget_records(&self.data_dir, vm.id, vm.disks.len());
                 if let Some(r) = self.runs().get_mut(&vm.id) {
                     r.sequence = sequence;
                     r.bytes = bytes;
@@ -914,11 +943,18 @@ async fn send(
             };
             let ours = if let Some(r) = running.as_ref() {
                 // The VM runs: its QEMU process holds the bitmap of what it wrote since the commit.
-                let live = r
-                    .other_bitmap(i, FAILBACK_BITMAP)
-                    .await
-                    .map_err(|e| running_failed(vm, &e))?;
-                match (failover_writes(&job.data_dir, vm.id, i), live) {
+                let record = commit_record(&job.data_dir, vm.id, i);
+                let live = match &record {
+                    Ok(c) => r
+                        .other_bitmap(i, &c.bitmap)
+                        .await
+                        .map_err(|e| running_failed(vm, &e))?,
+                    Err(_) => None,
+                };
+                match (
+                    failover_writes(&job.data_dir, vm.id, i).and_then(|w| record.map(|_| w)),
+                    live,
+                ) {
                     (Ok(at_commit), Some(ranges)) => {
                         Some(journal::union(&at_commit, &block_runs(ranges)))
                     }

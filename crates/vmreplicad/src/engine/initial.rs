@@ -412,7 +412,7 @@ pub async fn export(
         }
     };
     rotation.after_commit(&vm.disks, &tracking).await;
-    super::offline::remember_marked(&data_dir, vm.id, &vm.disks, &tracking).await;
+    super::offline::remember_marked(&data_dir, vm.id, &vm.disks, &tracking, 1).await;
     tracing::info!(vm = %vm.id, bytes = log.summary.bytes, log = %final_log.display(), "initial replica exported");
     Ok(hex::encode(log.summary.hash))
 }

@@ -177,7 +177,7 @@ pub async fn run(
     };
     rotation.after_commit(&vm.disks, &tracking).await;
     if prints.is_some() {
-        super::offline::remember_marked(&job.data_dir, vm.id, &vm.disks, &tracking).await;
+        super::offline::remember_marked(&job.data_dir, vm.id, &vm.disks, &tracking, 1).await;
     }
     let _ = std::fs::remove_file(&log.path);
     job.store.put_chain(&ChainRow {

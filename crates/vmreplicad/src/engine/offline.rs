@@ -30,9 +30,11 @@
 //! consistent but lacks the blocks the copy undid. So once a point is committed, what the recorded
 //! bitmap marks is remembered ([`remember_marked`], `disk<i>.offline-marked.json`), and a failback
 //! trusts the bitmap only if it still marks all of that ([`check_marked`]); else it hash-scans.
-//! (The new primary's `vmr-failback-writes` needs no such check: its reference is the disk as
-//! CommitFailover left it, which that bitmap's every copy, taken after, describes exactly; a copy
-//! from before has no such bitmap at all.)
+//! The marks are tied to the point they were read at: after a point nothing was remembered for
+//! (a running VM's, a resynchronization's) the failback hash-scans.
+//! (The new primary's `vmr-failback-writes-<n>` needs no such check: its reference is the disk as
+//! CommitFailover left it, which that bitmap's every later copy describes exactly; a copy from
+//! before, of an earlier failover too, has no bitmap of that name.)
 
 use std::path::{Path, PathBuf};
 
@@ -200,9 +202,10 @@ impl Rotation {
     }
 }
 
-/// What disk `i`'s recorded bitmap marked once a point was committed.
+/// What disk `i`'s recorded bitmap marked once point `sequence` was committed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Marked {
+    sequence: u64,
     bitmap: String,
     runs: Runs,
 }
@@ -211,10 +214,17 @@ fn marked_file(tracking: &Path, disk: usize) -> PathBuf {
     tracking.join(format!("disk{disk}.offline-marked.json"))
 }
 
-/// After a turned-off VM's point was committed (and its rotation finished): what each disk's
-/// recorded bitmap marks now. Where it cannot be read, nothing is remembered, and a failback
-/// hash-scans that disk.
-pub async fn remember_marked(data_dir: &Path, vm: Uuid, images: &[String], tracking: &Path) {
+/// After a turned-off VM's point `sequence` was committed (and its rotation finished): what each
+/// disk's recorded bitmap marks now. Where it cannot be read, nothing is remembered, and a failback
+/// hash-scans that disk; so does one after a point nothing was remembered for (a running VM's, a
+/// resynchronization's: the record names another point).
+pub async fn remember_marked(
+    data_dir: &Path,
+    vm: Uuid,
+    images: &[String],
+    tracking: &Path,
+    sequence: u64,
+) {
     for (i, image) in images.iter().enumerate() {
         let file = marked_file(tracking, i);
         let _ = std::fs::remove_file(&file);
@@ -230,6 +240,7 @@ pub async fn remember_marked(data_dir: &Path, vm: Uuid, images: &[String], track
         match read {
             Ok(runs) => {
                 let marked = Marked {
+                    sequence,
                     bitmap: record.bitmap,
                     runs,
                 };
@@ -237,23 +248,27 @@ pub async fn remember_marked(data_dir: &Path, vm: Uuid, images: &[String], track
                     let _ = write_durable(&file, &json);
                 }
             }
-            Err(why) => tracing::info!(%vm, disk = i, "a failback will hash-scan this disk: {why}"),
+            Err(why) => {
+                tracing::warn!(%vm, disk = i, "a failback would hash-scan this disk: {why}")
+            }
         }
     }
 }
 
 /// Whether bitmap `bitmap` of disk `disk`, marking `now`, still marks everything it marked when
-/// the last point was committed (else the file was rewritten by something other than QEMU).
+/// the last point, `last`, was committed (else the file was rewritten by something other than
+/// QEMU).
 pub fn check_marked(
     tracking: &Path,
     disk: usize,
     bitmap: &str,
     now: &[(u64, u64)],
+    last: u64,
 ) -> Result<(), String> {
     let marked: Marked = std::fs::read(marked_file(tracking, disk))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|m: &Marked| m.bitmap == bitmap)
+        .filter(|m: &Marked| m.bitmap == bitmap && m.sequence == last)
         .ok_or("what its bitmap marked at its last point is not recorded")?;
     if journal::union(now, &marked.runs) != journal::union(now, &[]) {
         return Err(

@@ -108,8 +108,14 @@ impl ReplicaSide {
                         )
                         .await
                         .and_then(|runs| {
-                            crate::engine::offline::check_marked(&tracking, i, &b.bitmap, &runs)
-                                .map(|()| runs)
+                            crate::engine::offline::check_marked(
+                                &tracking,
+                                i,
+                                &b.bitmap,
+                                &runs,
+                                last.unwrap_or(0),
+                            )
+                            .map(|()| runs)
                         }) {
                             Ok(runs) => Some(runs),
                             Err(not) => {

@@ -695,6 +695,7 @@ impl PrimarySide {
                         vm.id,
                         &vm.disks,
                         &tracking,
+                        seq,
                     )
                     .await;
                 }
