@@ -48,17 +48,7 @@ enum What {
 }
 
 fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("'{text}' is not a size"))?;
-    Ok(n * mult)
+    vmreplica_core::command::parse_bytes(text).with_context(|| format!("'{text}' is not a size"))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -165,8 +165,8 @@ pub struct HostSettings {
     pub source: String,
 }
 
-/// Parses a rate in bytes per second: a number with an optional K, M or G suffix (powers of 1024).
-pub fn parse_rate(text: &str) -> Result<u64, String> {
+/// Parses a number of bytes with an optional K, M or G suffix (powers of 1024).
+pub fn parse_bytes(text: &str) -> Option<u64> {
     let t = text.trim();
     let (num, mult) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
@@ -174,9 +174,12 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult))
+}
+
+/// Parses a rate in bytes per second ([`parse_bytes`]).
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    parse_bytes(text)
         .ok_or_else(|| format!("{text:?} is not a rate in bytes per second (like 500K or 20M)"))
 }
 

@@ -166,37 +166,19 @@ pub async fn track_after_commit(
     vm: Uuid,
     images: &[PathBuf],
 ) -> Result<(), String> {
+    use super::offline::qemu_img_bitmap;
     for (i, image) in images.iter().enumerate() {
         let _ = std::fs::remove_file(print_file(data_dir, vm, i));
+        let shown = image.display().to_string();
         // An earlier one (a cut commit run again, an earlier failover) goes first.
         for old in super::offline::bitmap_names(image).await {
             if old.starts_with(FAILBACK_BITMAP) {
-                let _ = tokio::process::Command::new("qemu-img")
-                    .args(["bitmap", "--remove", "-f", "qcow2"])
-                    .arg(image)
-                    .arg(&old)
-                    .output()
-                    .await;
+                qemu_img_bitmap(&shown, "--remove", &old).await;
             }
         }
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let bitmap = format!("{FAILBACK_BITMAP}-{stamp}");
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["bitmap", "--add", "--enable", "-f", "qcow2"])
-            .arg(image)
-            .arg(&bitmap)
-            .output()
-            .await
-            .map_err(|e| format!("qemu-img bitmap: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img bitmap --add {}: {}",
-                image.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+        let bitmap = super::offline::stamped(FAILBACK_BITMAP);
+        if !qemu_img_bitmap(&shown, "--add", &bitmap).await {
+            return Err(format!("qemu-img bitmap --add {bitmap} failed on {shown}"));
         }
         // Which file this is: its times, taken right after that write, could not say "unchanged"
         // (a write later in the same clock tick may not move them), so `own_writes` always reads
@@ -821,10 +803,7 @@ impl NewPrimary {
                 if crate::power::enabled_state(&vm.power) != crate::power::ENABLED {
                     for (i, image) in vm.disks.iter().enumerate() {
                         if let Ok(r) = commit_record(&self.data_dir, vm.id, i) {
-                            let _ = tokio::process::Command::new("qemu-img")
-                                .args(["bitmap", "--remove", "-f", "qcow2", image, &r.bitmap])
-                                .output()
-                                .await;
+                            super::offline::qemu_img_bitmap(image, "--remove", &r.bitmap).await;
                         }
                     }
                 }

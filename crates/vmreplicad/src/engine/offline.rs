@@ -72,7 +72,9 @@ pub fn recorded(tracking: &Path, disk: usize) -> Option<Record> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-async fn qemu_img_bitmap(image: &str, op: &str, name: &str) -> bool {
+/// `qemu-img bitmap OP` (`--add` enabled, `--remove`) of bitmap `name` in qcow2 `image`; whether
+/// it succeeded.
+pub(crate) async fn qemu_img_bitmap(image: &str, op: &str, name: &str) -> bool {
     let mut c = tokio::process::Command::new("qemu-img");
     c.args(["bitmap", op]);
     if op == "--add" {
@@ -111,6 +113,15 @@ async fn listed(image: &str) -> Vec<String> {
     let mut names = bitmap_names(Path::new(image)).await;
     names.retain(|n| n.starts_with(PREFIX));
     names
+}
+
+/// `prefix-<nanoseconds now>`: a bitmap name no earlier copy of the file holds.
+pub(crate) fn stamped(prefix: &str) -> String {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{prefix}-{stamp}")
 }
 
 /// Whether `image` is a qcow2 file (its magic), which alone can hold bitmaps.
@@ -154,11 +165,7 @@ impl Rotation {
                     qemu_img_bitmap(image, "--remove", &stale).await;
                 }
             }
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default();
-            let name = format!("{PREFIX}-{stamp}");
+            let name = stamped(PREFIX);
             let ok = keep.as_deref() != Some(name.as_str())
                 && qemu_img_bitmap(image, "--add", &name).await;
             added.push(ok.then_some(name));
