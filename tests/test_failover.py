@@ -886,6 +886,36 @@ def test_a_failback_after_a_backup_was_restored_over_the_old_primarys_disk_compa
     latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
 
 
+def test_a_failback_after_the_old_primary_ran_trusts_the_bitmap_its_qemu_kept(lab, tmp_path):
+    """The old primary's last point came from its running VM's QEMU process, which also kept the
+    offline bitmap: what that bitmap marked then was read from the process, so the failback after
+    the VM stopped reads only the marked blocks again instead of hash-scanning the disk."""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb06")
+    p = lab.primary.conn()
+    qsd_dir = tmp_path / "qsd"
+    qsd_dir.mkdir()
+    qsd = Qsd(disk, qsd_dir)  # the old primary runs the VM
+    try:
+        lab.primary.cli("vm", "power", "fb06", "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
+        assert vm_by_name(p, "fb06")["EnabledState"] == 2
+        rrsc(p, vm_by_name(p, "fb06"), 3)
+        qsd.write("write -P 0x71 24M 128k")
+        shipped_since(lab, vm_id, time.time())  # a point read through the running QEMU
+        rrsc(p, vm_by_name(p, "fb06"), 7)
+        settled(lab, vm_id)
+    finally:
+        qsd.stop()  # a clean stop: QEMU writes its bitmaps back
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x72 28M 64k", disk)  # never replicated
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb06")
+    lab.primary.start()
+    p = lab.primary.conn()
+    job = wait_job(p, initiate_failback(p, "fb06"), timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert "as its bitmap says" in job["Description"] and "hash-scanned" not in job["Description"], \
+        job["Description"]
+    latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
+
+
 def test_a_failback_while_the_new_primary_runs_reads_its_writes_from_its_qemu_process(lab, tmp_path):
     disk, vm_id = protected_and_suspended(lab, tmp_path, "fb03")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x41 20M 256k", disk)  # never replicated

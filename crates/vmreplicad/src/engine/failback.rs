@@ -98,7 +98,7 @@ fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
 }
 
 /// Block runs (of [`DEFAULT_BLOCK_SIZE`]) covering byte ranges `(offset, length)`.
-fn block_runs(ranges: impl IntoIterator<Item = (u64, u64)>) -> Runs {
+pub(crate) fn block_runs(ranges: impl IntoIterator<Item = (u64, u64)>) -> Runs {
     let bs = u64::from(DEFAULT_BLOCK_SIZE);
     let blocks: Vec<(u64, u64)> = ranges
         .into_iter()

@@ -30,8 +30,9 @@
 //! consistent but lacks the blocks the copy undid. So once a point is committed, what the recorded
 //! bitmap marks is remembered ([`remember_marked`], `disk<i>.offline-marked.json`), and a failback
 //! trusts the bitmap only if it still marks all of that ([`check_marked`]); else it hash-scans.
-//! The marks are tied to the point they were read at: after a point nothing was remembered for
-//! (a running VM's, a resynchronization's) the failback hash-scans.
+//! The marks are tied to the point they were read at: a running VM's are read from its QEMU
+//! process while its point is frozen ([`marked_live`]); after a point nothing was remembered for
+//! (a resynchronization's, a seeded one's) the failback hash-scans.
 //! (The new primary's `vmr-failback-writes-<n>` needs no such check: its reference is the disk as
 //! CommitFailover left it, which that bitmap's every later copy describes exactly; a copy from
 //! before, of an earlier failover too, has no bitmap of that name.)
@@ -223,7 +224,7 @@ fn marked_file(tracking: &Path, disk: usize) -> PathBuf {
 
 /// After a turned-off VM's point `sequence` was committed (and its rotation finished): what each
 /// disk's recorded bitmap marks now. Where it cannot be read, nothing is remembered, and a failback
-/// hash-scans that disk; so does one after a point nothing was remembered for (a running VM's, a
+/// hash-scans that disk; so does one after a point nothing was remembered for (a
 /// resynchronization's: the record names another point).
 pub async fn remember_marked(
     data_dir: &Path,
@@ -245,20 +246,57 @@ pub async fn remember_marked(
             super::failback::read_bitmap(data_dir, vm, i, image, map.disk_size, &record.bitmap)
                 .await;
         match read {
-            Ok(runs) => {
-                let marked = Marked {
-                    sequence,
-                    bitmap: record.bitmap,
-                    runs,
-                };
-                if let Ok(json) = serde_json::to_vec(&marked) {
-                    let _ = write_durable(&file, &json);
-                }
-            }
+            Ok(runs) => write_marked(tracking, i, sequence, record.bitmap, runs),
             Err(why) => {
                 tracing::warn!(%vm, disk = i, "a failback would hash-scan this disk: {why}")
             }
         }
+    }
+}
+
+/// The recorded bitmaps of a running VM, as its QEMU process holds them while point `sequence`
+/// is frozen (the QEMU loaded them from the files when it opened them, and records every write in
+/// them): per disk, the bitmap's name and the byte ranges it marks, when it has a consistent one.
+pub async fn marked_live(
+    point: &super::running::RunningPoint,
+    tracking: &Path,
+    disks: usize,
+) -> Vec<Option<(String, Runs)>> {
+    let mut out = Vec::with_capacity(disks);
+    for i in 0..disks {
+        let live = match recorded(tracking, i) {
+            Some(r) => match point.other_bitmap(i, &r.bitmap).await {
+                Ok(Some(ranges)) => Some((r.bitmap, super::failback::block_runs(ranges))),
+                _ => None,
+            },
+            None => None,
+        };
+        out.push(live);
+    }
+    out
+}
+
+/// Once a running VM's point `sequence` was committed: what [`marked_live`] found is remembered,
+/// as [`remember_marked`] does for a turned-off VM.
+pub fn remember_marked_live(tracking: &Path, sequence: u64, live: Vec<Option<(String, Runs)>>) {
+    for (i, l) in live.into_iter().enumerate() {
+        match l {
+            Some((bitmap, runs)) => write_marked(tracking, i, sequence, bitmap, runs),
+            None => {
+                let _ = std::fs::remove_file(marked_file(tracking, i));
+            }
+        }
+    }
+}
+
+fn write_marked(tracking: &Path, disk: usize, sequence: u64, bitmap: String, runs: Runs) {
+    let marked = Marked {
+        sequence,
+        bitmap,
+        runs,
+    };
+    if let Ok(json) = serde_json::to_vec(&marked) {
+        let _ = write_durable(&marked_file(tracking, disk), &json);
     }
 }
 

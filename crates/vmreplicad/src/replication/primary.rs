@@ -663,6 +663,14 @@ impl PrimarySide {
             Err(e) => Err(CycleError::from(e)),
         };
         let _ = std::fs::remove_file(&path);
+        // What a running VM's offline bitmaps mark, read while its point is still frozen and
+        // remembered once the point is committed here (engine::offline).
+        let live = match (&running, &result) {
+            (Some(r), Ok(())) => {
+                Some(crate::engine::offline::marked_live(r, &tracking, vm.disks.len()).await)
+            }
+            _ => None,
+        };
         if let Some(r) = running {
             // Old bitmaps go only once the replica committed; else they are merged into the new.
             if let Err(e) = r.finish(result.is_ok()).await {
@@ -689,15 +697,20 @@ impl PrimarySide {
                     }
                 }
                 rotation.after_commit(&vm.disks, &tracking).await;
-                if prints.is_some() {
-                    crate::engine::offline::remember_marked(
-                        &self.data_dir,
-                        vm.id,
-                        &vm.disks,
-                        &tracking,
-                        seq,
-                    )
-                    .await;
+                match live {
+                    Some(live) => {
+                        crate::engine::offline::remember_marked_live(&tracking, seq, live)
+                    }
+                    None => {
+                        crate::engine::offline::remember_marked(
+                            &self.data_dir,
+                            vm.id,
+                            &vm.disks,
+                            &tracking,
+                            seq,
+                        )
+                        .await
+                    }
                 }
                 super::journal::record_fingerprints(&tracking, prints.as_deref(), maps.len());
                 Ok((seq, hash, bytes, point_time))
