@@ -216,6 +216,11 @@ struct Marked {
     sequence: u64,
     bitmap: String,
     runs: Runs,
+    /// The file's fingerprint just before the bitmap was read, if it had been left alone long
+    /// enough to be trusted (replication::journal::settled_fingerprint): while the file still has
+    /// it, the bitmap inside is unchanged and the next point reuses these marks without reading.
+    #[serde(default)]
+    print: Option<disk::fingerprint::Fingerprint>,
 }
 
 fn marked_file(tracking: &Path, disk: usize) -> PathBuf {
@@ -235,6 +240,7 @@ pub async fn remember_marked(
 ) {
     for (i, image) in images.iter().enumerate() {
         let file = marked_file(tracking, i);
+        let before = read_marked(tracking, i);
         let _ = std::fs::remove_file(&file);
         let (Some(record), Ok(map)) = (
             recorded(tracking, i),
@@ -242,11 +248,20 @@ pub async fn remember_marked(
         ) else {
             continue;
         };
+        // An untouched file holds the bitmap it held: no read, no lock taken on it.
+        let now = disk::fingerprint::Fingerprint::of(Path::new(image)).ok();
+        if let Some(m) =
+            before.filter(|m| m.bitmap == record.bitmap && m.print.is_some() && m.print == now)
+        {
+            write_marked(tracking, i, sequence, m.bitmap, m.runs, m.print);
+            continue;
+        }
+        let print = crate::replication::journal::settled_fingerprint(Path::new(image));
         let read =
             super::failback::read_bitmap(data_dir, vm, i, image, map.disk_size, &record.bitmap)
                 .await;
         match read {
-            Ok(runs) => write_marked(tracking, i, sequence, record.bitmap, runs),
+            Ok(runs) => write_marked(tracking, i, sequence, record.bitmap, runs, print),
             Err(why) => {
                 tracing::warn!(%vm, disk = i, "a failback would hash-scan this disk: {why}")
             }
@@ -281,7 +296,7 @@ pub async fn marked_live(
 pub fn remember_marked_live(tracking: &Path, sequence: u64, live: Vec<Option<(String, Runs)>>) {
     for (i, l) in live.into_iter().enumerate() {
         match l {
-            Some((bitmap, runs)) => write_marked(tracking, i, sequence, bitmap, runs),
+            Some((bitmap, runs)) => write_marked(tracking, i, sequence, bitmap, runs, None),
             None => {
                 let _ = std::fs::remove_file(marked_file(tracking, i));
             }
@@ -289,11 +304,25 @@ pub fn remember_marked_live(tracking: &Path, sequence: u64, live: Vec<Option<(St
     }
 }
 
-fn write_marked(tracking: &Path, disk: usize, sequence: u64, bitmap: String, runs: Runs) {
+fn read_marked(tracking: &Path, disk: usize) -> Option<Marked> {
+    std::fs::read(marked_file(tracking, disk))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn write_marked(
+    tracking: &Path,
+    disk: usize,
+    sequence: u64,
+    bitmap: String,
+    runs: Runs,
+    print: Option<disk::fingerprint::Fingerprint>,
+) {
     let marked = Marked {
         sequence,
         bitmap,
         runs,
+        print,
     };
     if let Ok(json) = serde_json::to_vec(&marked) {
         let _ = write_durable(&marked_file(tracking, disk), &json);
@@ -310,10 +339,8 @@ pub fn check_marked(
     now: &[(u64, u64)],
     last: u64,
 ) -> Result<(), String> {
-    let marked: Marked = std::fs::read(marked_file(tracking, disk))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|m: &Marked| m.bitmap == bitmap && m.sequence == last)
+    let marked = read_marked(tracking, disk)
+        .filter(|m| m.bitmap == bitmap && m.sequence == last)
         .ok_or("what its bitmap marked at its last point is not recorded")?;
     if journal::union(now, &marked.runs) != journal::union(now, &[]) {
         return Err(
@@ -421,6 +448,44 @@ mod tests {
             marked(&dir, &image).await,
             vec![block(4), block(5), block(6)]
         );
+
+        // What the bitmap marks is remembered per point; read again only when the file changed.
+        // (Beside the point's block-hash map, which gives the disk's size.)
+        let map = dir.join("disk0.hashes");
+        let mut w = disk::scan::hashmap::MapWriter::create(&map, 64 << 10, 16 * MIB).expect("map");
+        for _ in 0..256 {
+            w.push(&disk::scan::hashmap::ZERO).expect("push");
+        }
+        disk::scan::hashmap::commit(&w.finish().expect("finish"), &map).expect("commit");
+        let vm = Uuid::new_v4();
+        tokio::time::sleep(crate::replication::journal::SETTLE).await;
+        remember_marked(&dir, vm, &images, &dir, 7).await;
+        let first = read_marked(&dir, 0).expect("marked");
+        assert!(
+            first.print.is_some(),
+            "a settled file's fingerprint is kept"
+        );
+        remember_marked(&dir, vm, &images, &dir, 8).await;
+        let again = read_marked(&dir, 0).expect("marked");
+        assert_eq!(
+            (again.sequence, &again.runs, again.print),
+            (8, &first.runs, first.print)
+        );
+        let bitmap = recorded(&dir, 0).expect("record").bitmap;
+        assert!(check_marked(&dir, 0, &bitmap, &first.runs, 8).is_ok());
+        assert!(
+            check_marked(&dir, 0, &bitmap, &first.runs, 7).is_err(),
+            "another point's"
+        );
+        assert!(
+            check_marked(&dir, 0, &bitmap, &[block(4)], 8).is_err(),
+            "lost marks"
+        );
+        write(&image, 7 * MIB, 64 << 10);
+        remember_marked(&dir, vm, &images, &dir, 9).await;
+        let changed = read_marked(&dir, 0).expect("marked");
+        assert_eq!(changed.runs, vec![block(4), block(5), block(6), block(7)]);
+        assert!(changed.print.is_none(), "just written: not trusted yet");
 
         // A bitmap a crash left behind goes at the next rotation.
         run(&[
