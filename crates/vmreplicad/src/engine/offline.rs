@@ -248,10 +248,13 @@ pub async fn remember_marked(
         ) else {
             continue;
         };
-        // An untouched file holds the bitmap it held: no read, no lock taken on it.
+        // An untouched file holds the bitmap it held: no read, no lock taken on it. (Only on a
+        // local file system: a network one may answer with cached attributes, and its times come
+        // from another clock.)
+        let local = local_fs(Path::new(image));
         let now = disk::fingerprint::Fingerprint::of(Path::new(image)).ok();
-        if let Some(m) =
-            before.filter(|m| m.bitmap == record.bitmap && m.print.is_some() && m.print == now)
+        if let Some(m) = before
+            .filter(|m| local && m.bitmap == record.bitmap && m.print.is_some() && m.print == now)
         {
             write_marked(tracking, i, sequence, m.bitmap, m.runs, m.print);
             continue;
@@ -302,6 +305,25 @@ pub fn remember_marked_live(tracking: &Path, sequence: u64, live: Vec<Option<(St
             }
         }
     }
+}
+
+/// Whether `path` lies on a local file system (not NFS, SMB/CIFS or FUSE), whose `stat` is never
+/// answered from a cache another host's write bypasses.
+fn local_fs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const NETWORK: [i64; 5] = [0x6969, 0x517B, 0xFF53_4D42, 0xFE53_4D42, 0x6573_5546];
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: a valid NUL-terminated path and a buffer of the right type, which statfs fills.
+    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statfs succeeded, so the buffer is initialised.
+    #[allow(clippy::unnecessary_cast)] // (its type differs between C libraries)
+    let kind = unsafe { st.assume_init() }.f_type as i64;
+    !NETWORK.contains(&kind)
 }
 
 fn read_marked(tracking: &Path, disk: usize) -> Option<Marked> {
