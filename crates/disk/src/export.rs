@@ -50,6 +50,9 @@ pub struct ExportSpec {
     pub bitmap: Option<String>,
     /// Publish `qemu:allocation-depth` too (useful on backing chains).
     pub allocation_depth: bool,
+    /// Read-only without taking the image's locks (QEMU's `force-share`), so a tool writing the
+    /// file meanwhile is not refused; what is read may then be older than its writes.
+    pub force_share: bool,
 }
 
 impl ExportSpec {
@@ -60,6 +63,7 @@ impl ExportSpec {
             read_only: true,
             bitmap: None,
             allocation_depth: false,
+            force_share: false,
         }
     }
 
@@ -92,11 +96,11 @@ impl NbdExport {
         let socket = socket_path(dir, name)?;
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new("qemu-nbd");
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("--format")
-            .arg(&spec.format)
-            .arg("--export-name")
+        cmd.arg("--socket").arg(&socket);
+        if !spec.force_share {
+            cmd.arg("--format").arg(&spec.format);
+        }
+        cmd.arg("--export-name")
             .arg(EXPORT_NAME)
             .arg("--persistent")
             .arg("--shared=4")
@@ -111,8 +115,17 @@ impl NbdExport {
         if spec.allocation_depth {
             cmd.arg("--allocation-depth");
         }
-        cmd.arg(&spec.image)
-            .stdin(Stdio::null())
+        if spec.force_share && spec.read_only {
+            // (In --image-opts a comma inside a value is written twice.)
+            let path = spec.image.display().to_string().replace(',', ",,");
+            let format = spec.format.replace(',', ",,");
+            cmd.arg("--image-opts").arg(format!(
+                "driver={format},file.driver=file,file.filename={path},force-share=on"
+            ));
+        } else {
+            cmd.arg(&spec.image);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);

@@ -293,8 +293,11 @@ pub async fn read_bitmap(
             "the {name} bitmap of {image} cannot be trusted (flags {flags:?}: QEMU did not close it cleanly)"
         ));
     }
+    // Without the image's locks: a tool writing the file meanwhile is not refused. A bitmap it
+    // holds open is flagged in use, and qemu-nbd then refuses to load it.
     let spec = disk::export::ExportSpec {
         bitmap: Some(name.to_string()),
+        force_share: true,
         ..disk::export::ExportSpec::new(image, "qcow2")
     };
     let run = data_dir.join("run");
