@@ -704,15 +704,7 @@ impl NewPrimary {
             *rel = r;
         }
         // The old primary must be able to take part before anything is dropped here.
-        let session = self
-            .peers
-            .connect(&target(towards))
-            .await
-            .map_err(|e| e.into_failure("connecting to the old primary"))?;
-        session
-            .require("failback")
-            .map_err(|e| e.into_failure("failing back to the old primary"))?;
-        drop(session);
+        drop(old_primary(&self.peers, towards).await?);
         ctx.check_cancelled()?;
         let kind = super::failover::move_failover(&self.store, &root, vm, point).await?;
         let reload = |vm: &mut VmRow| -> Result<(), JobFailure> {
@@ -826,6 +818,21 @@ impl NewPrimary {
     }
 }
 
+/// A session with the old primary `rel` (reversed) names, which must offer `failback`.
+async fn old_primary(
+    peers: &crate::replication::client::Peers,
+    rel: &RelationshipRow,
+) -> Result<crate::replication::client::Session, JobFailure> {
+    let session = peers
+        .connect(&target(rel))
+        .await
+        .map_err(|e| e.into_failure("connecting to the old primary"))?;
+    session
+        .require("failback")
+        .map_err(|e| e.into_failure("failing back to the old primary"))?;
+    Ok(session)
+}
+
 /// The data of B's failback: A takes its disks in, candidates, comparison, the log.
 async fn send(
     ctx: &JobContext,
@@ -840,14 +847,7 @@ async fn send(
             "Fail over first.",
         )
     })?;
-    let mut session = job
-        .peers
-        .connect(&target(rel))
-        .await
-        .map_err(|e| e.into_failure("connecting to the old primary"))?;
-    session
-        .require("failback")
-        .map_err(|e| e.into_failure("failing back to the old primary"))?;
+    let mut session = old_primary(&job.peers, rel).await?;
     if let Some(p) = exact {
         // A named point: the disks here must still be exactly that point (checked before the
         // old primary changes anything).
