@@ -51,6 +51,12 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(b) = FailbackBase::parse(body) {
                 assert_eq!(FailbackBase::parse(&b.encode()).expect("re-parses"), b);
             }
+            // A streamed base: its head as soon as it arrived, the same as the whole body's.
+            if let Ok(Some((head, len))) = FailbackBase::parse_head(body) {
+                let whole = FailbackBase::parse(body).expect("a whole head parses");
+                assert_eq!((head.disk, head.candidates), (whole.disk, whole.candidates));
+                assert_eq!(&body[len..], whole.map.as_slice());
+            }
         }
         _ => {
             let text = String::from_utf8_lossy(body);

@@ -886,22 +886,49 @@ async fn send(
         for (i, (_, size)) in disks.iter().enumerate() {
             ctx.check_cancelled()?;
             let blocks = disk::scan::hashmap::block_count(*size, DEFAULT_BLOCK_SIZE);
-            let limit = usize::try_from(64 + blocks.saturating_mul(48)).unwrap_or(usize::MAX);
-            let body = session
-                .fetch(Route::CompareBase(vm.id, cs.id, i as u32), limit)
+            // The base arrives as a stream: its head (the old primary's candidates), then its map,
+            // written to a file as it comes (never held: 256 MiB for a 1 TiB disk).
+            let file = tracking.join(format!("disk{i}.failback-base"));
+            let mut out = std::io::BufWriter::with_capacity(
+                1 << 20,
+                std::fs::File::create(&file).map_err(local)?,
+            );
+            use std::io::Write;
+            let mut head: Option<FailbackBase> = None;
+            let mut pending = Vec::new();
+            let written =
+                |r: std::io::Result<()>| r.map_err(|e| format!("writing {}: {e}", file.display()));
+            session
+                .fetch_into(
+                    Route::CompareBase(vm.id, cs.id, i as u32),
+                    64 + blocks.saturating_mul(48),
+                    |data| {
+                        if head.is_some() {
+                            return written(out.write_all(data));
+                        }
+                        pending.extend_from_slice(data);
+                        match FailbackBase::parse_head(&pending) {
+                            Ok(None) => Ok(()),
+                            Ok(Some((h, len))) => {
+                                head = Some(h);
+                                written(out.write_all(&pending[len..]))?;
+                                pending = Vec::new();
+                                Ok(())
+                            }
+                            Err(e) => Err(format!("the old primary sent an unreadable base: {e}")),
+                        }
+                    },
+                )
                 .await
                 .map_err(|e| e.into_failure("reading the old primary's base"))?;
-            let base = FailbackBase::parse(&body)
-                .ok()
-                .filter(|b| b.disk == i as u32)
-                .ok_or_else(|| {
-                    fail(
-                        "the old primary sent an unreadable base",
-                        "Check the old primary.",
-                    )
-                })?;
-            let file = tracking.join(format!("disk{i}.failback-base"));
-            std::fs::write(&file, &base.map).map_err(local)?;
+            written(out.flush()).map_err(|why| fail(why, "Check the data directory."))?;
+            drop(out);
+            let base = head.filter(|b| b.disk == i as u32).ok_or_else(|| {
+                fail(
+                    "the old primary sent an unreadable base",
+                    "Check the old primary.",
+                )
+            })?;
             let reader = MapReader::open(&file).map_err(|e| {
                 fail(
                     format!("the old primary's map of disk {i}: {e}"),

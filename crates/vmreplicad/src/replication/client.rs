@@ -11,8 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame};
+use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
@@ -23,6 +22,7 @@ use wire::protocol::{
     Route, TransferState, Validate, PROTOCOL_VERSIONS,
 };
 
+pub use super::body::WireBody;
 use super::tls::client_config;
 use crate::jobs::JobFailure;
 
@@ -61,7 +61,8 @@ pub enum PeerError {
     Refused(Box<ErrorDetail>),
     #[error("the recovery server answered nonsense: {0}")]
     Protocol(String),
-    #[error("reading the log failed: {0}")]
+    /// This host could not read what it sends or keep what it receives.
+    #[error("{0}")]
     Local(String),
 }
 
@@ -184,7 +185,9 @@ async fn ended(log: &GrowingLog) -> Result<(String, u64), PeerError> {
     loop {
         match log.end() {
             Some(Ok(done)) => return Ok(done),
-            Some(Err(why)) => return Err(PeerError::Local(why)),
+            Some(Err(why)) => {
+                return Err(PeerError::Local(format!("reading the log failed: {why}")))
+            }
             None => log.wait().await,
         }
     }
@@ -259,29 +262,6 @@ pub struct Peers {
     pub bandwidth: Arc<Bandwidth>,
 }
 
-/// A request body: bytes in memory, or a log streamed from a file.
-pub enum ReqBody {
-    Full(Full<Bytes>),
-    Stream(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>),
-}
-
-impl Body for ReqBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        match self.get_mut() {
-            ReqBody::Full(f) => Pin::new(f)
-                .poll_frame(cx)
-                .map(|o| o.map(|r| r.map_err(|never| match never {}))),
-            ReqBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
-        }
-    }
-}
-
 /// The TLS stream with bytes already read from it put back in front.
 ///
 /// In TLS 1.3 the server judges the client's certificate after the client's handshake finished,
@@ -327,7 +307,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
 
 /// An open, authenticated connection to one recovery server.
 pub struct Session {
-    send: hyper::client::conn::http2::SendRequest<ReqBody>,
+    send: hyper::client::conn::http2::SendRequest<WireBody>,
     authority: String,
     bandwidth: Arc<Bandwidth>,
     pub hello: HelloResponse,
@@ -589,6 +569,14 @@ fn placeholder_hello() -> HelloResponse {
     }
 }
 
+/// The error an answer with HTTP status `status` (400 or more) and body `body` stands for.
+fn refused(status: u16, body: &[u8]) -> PeerError {
+    match decode::<ErrorBody>(body) {
+        Ok(err) => PeerError::Refused(Box::new(err.error)),
+        Err(e) => PeerError::Protocol(format!("HTTP {status} with an unreadable error: {e}")),
+    }
+}
+
 impl Session {
     fn request(&self, route: Route) -> hyper::http::request::Builder {
         hyper::Request::builder()
@@ -598,26 +586,78 @@ impl Session {
 
     async fn send(
         &mut self,
-        req: hyper::Request<ReqBody>,
+        req: hyper::Request<WireBody>,
         timeout: Option<Duration>,
     ) -> Result<(u16, Bytes), PeerError> {
         self.send_limited(req, timeout, MAX_ANSWER).await
     }
 
-    /// A GET of a binary resource whose answer may be up to `max` bytes, given the request limit
-    /// plus a second per MiB of `max` (a large answer over a slow link: 1 MiB/s, 8 Mbit/s).
-    pub async fn fetch(&mut self, route: Route, max: usize) -> Result<Bytes, PeerError> {
+    /// A GET of a binary resource of up to `max` bytes, handed to `sink` piece by piece as it
+    /// arrives, so nothing of it is held here. There is no limit on the whole, which a large answer
+    /// over a slow link would need to grow with it: the answer must begin, and each piece follow
+    /// the one before, within the request limit. Returns the bytes received.
+    pub async fn fetch_into(
+        &mut self,
+        route: Route,
+        max: u64,
+        mut sink: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<u64, PeerError> {
         let req = self
             .request(route)
-            .body(ReqBody::Full(Full::new(Bytes::new())))
+            .body(WireBody::bytes(Bytes::new()))
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
-        let limit = REQUEST_TIMEOUT + Duration::from_secs((max >> 20) as u64);
-        Ok(self.send_limited(req, Some(limit), max).await?.1)
+        let authority = self.authority.clone();
+        let timeout = || PeerError::Timeout(authority.clone());
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            self.send
+                .ready()
+                .await
+                .map_err(|e| PeerError::Http(crate::error_chain(&e)))?;
+            self.send
+                .send_request(req)
+                .await
+                .map_err(|e| PeerError::Http(crate::error_chain(&e)))
+        })
+        .await
+        .map_err(|_| timeout())??;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        if status >= 400 {
+            let answer = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                http_body_util::Limited::new(body, MAX_ANSWER).collect(),
+            )
+            .await
+            .map_err(|_| timeout())?
+            .map_err(|e| PeerError::Http(e.to_string()))?
+            .to_bytes();
+            return Err(refused(status, &answer));
+        }
+        let mut received = 0u64;
+        loop {
+            let frame = tokio::time::timeout(REQUEST_TIMEOUT, body.frame())
+                .await
+                .map_err(|_| timeout())?;
+            let Some(frame) = frame else {
+                return Ok(received);
+            };
+            let frame = frame.map_err(|e| PeerError::Http(crate::error_chain(&e)))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            received += data.len() as u64;
+            if received > max {
+                return Err(PeerError::Protocol(format!(
+                    "an answer longer than the {max} bytes it may have"
+                )));
+            }
+            sink(&data).map_err(PeerError::Local)?;
+        }
     }
 
     async fn send_limited(
         &mut self,
-        req: hyper::Request<ReqBody>,
+        req: hyper::Request<WireBody>,
         timeout: Option<Duration>,
         max: usize,
     ) -> Result<(u16, Bytes), PeerError> {
@@ -647,10 +687,7 @@ impl Session {
             None => exchange.await?,
         };
         if status >= 400 {
-            let err = decode::<ErrorBody>(&body).map_err(|e| {
-                PeerError::Protocol(format!("HTTP {status} with an unreadable error: {e}"))
-            })?;
-            return Err(PeerError::Refused(Box::new(err.error)));
+            return Err(refused(status, &body));
         }
         Ok((status, body))
     }
@@ -678,7 +715,7 @@ impl Session {
         let req = self
             .request(route)
             .header("content-type", "application/json")
-            .body(ReqBody::Full(Full::new(Bytes::from(bytes))))
+            .body(WireBody::bytes(bytes))
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
         let (status, answer) = self.send(req, Some(limit)).await?;
         let value = decode::<R>(&answer).map_err(|e| PeerError::Protocol(e.to_string()))?;
@@ -695,7 +732,7 @@ impl Session {
         let req = self
             .request(route)
             .header("content-type", content_type)
-            .body(ReqBody::Full(Full::new(Bytes::from(body))))
+            .body(WireBody::bytes(body))
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
         Ok(self.send(req, Some(REQUEST_TIMEOUT)).await?.1)
     }
@@ -801,7 +838,7 @@ impl Session {
                 .header(headers::LOG_HASH, hash.as_str());
         }
         let req = req
-            .body(ReqBody::Stream(rx))
+            .body(WireBody::Stream(rx))
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
         let result = self.send(req, None).await;
         reader.abort();

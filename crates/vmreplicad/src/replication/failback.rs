@@ -22,6 +22,7 @@ use uuid::Uuid;
 use vmreplica_core::settings::AuthorizationEntry;
 use wire::protocol::{DiskSpec, ErrorCode, FailbackBase, StartFailback};
 
+use super::body::WireBody;
 use super::journal::{self, Runs};
 use super::records::ReceivedLog;
 use super::replica::{json, ApiError, ApiResult, Compare, ReplicaSide};
@@ -334,19 +335,48 @@ impl ReplicaSide {
                 format!("no disk {disk}"),
             ));
         };
-        let map = std::fs::read(dir.join(format!("disk{disk}.hashes")))
+        // The map (16 bytes per block: 256 MiB for 1 TiB) goes from its file to the connection as
+        // it is read, a MiB at a time; the receiver writes it to its own file the same way.
+        let path = dir.join(format!("disk{disk}.hashes"));
+        let file = std::fs::File::open(&path)
             .map_err(|e| internal(format!("the map of disk {disk}: {e}")))?;
-        let body = FailbackBase {
-            disk,
-            candidates: candidates.clone(),
-            map,
-        }
-        .encode();
+        let len = file
+            .metadata()
+            .map_err(|e| internal(format!("the map of disk {disk}: {e}")))?
+            .len();
+        let head = FailbackBase::encode_head(disk, candidates.as_deref());
+        let total = head.len() as u64 + len;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            if tx.send(Ok(head.into())).await.is_err() {
+                return;
+            }
+            let mut file = tokio::fs::File::from_std(file);
+            let mut sent = 0u64;
+            while sent < len {
+                let mut chunk = vec![0u8; (len - sent).min(1 << 20) as usize];
+                let read = match file.read_exact(&mut chunk).await {
+                    Ok(_) => Ok(chunk.into()),
+                    Err(e) => Err(std::io::Error::new(
+                        e.kind(),
+                        format!("reading {}: {e}", path.display()),
+                    )),
+                };
+                let failed = read.is_err();
+                sent += (len - sent).min(1 << 20);
+                // An error resets the stream: the receiver sees a cut, never a short map.
+                if tx.send(read).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
         Ok(Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/vnd.vmreplica.failback-base")
-            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-            .unwrap_or_else(|_| Response::new(http_body_util::Full::new(Default::default()))))
+            .header("content-length", total)
+            .body(WireBody::Stream(rx))
+            .unwrap_or_else(|_| Response::new(WireBody::bytes(Vec::new()))))
     }
 
     /// `POST vms/{vm}/failback` on the new primary.

@@ -2,6 +2,7 @@
 //! apply task, the primary's client, and the certificates both use.
 
 pub mod bandwidth;
+pub mod body;
 pub mod chain;
 pub mod client;
 pub mod failback;

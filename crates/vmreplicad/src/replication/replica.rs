@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use disk::points::{PointStore, RetentionPolicy};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
@@ -28,6 +28,7 @@ use wire::protocol::{
 };
 use wire::{Expect, LogDecodeError, PointType};
 
+use super::body::WireBody;
 use super::records::{ReceivedLog, ReplicaVmRow, UploadRow};
 use super::server::refusal;
 use crate::clock::now;
@@ -64,7 +65,7 @@ impl ApiError {
         ApiError::new(ErrorCode::Internal, crate::error_chain(&e))
     }
 
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(self) -> Response<WireBody> {
         let status = self.0.error_code().map_or(500, ErrorCode::http_status);
         let busy = self.0.error_code() == Some(ErrorCode::Busy);
         let mut resp = json(status, &protocol::ErrorBody { error: *self.0 });
@@ -84,16 +85,16 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-pub(super) fn json<T: Serialize>(status: u16, body: &T) -> Response<Full<Bytes>> {
+pub(super) fn json<T: Serialize>(status: u16, body: &T) -> Response<WireBody> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(bytes)))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        .body(WireBody::bytes(bytes))
+        .unwrap_or_else(|_| Response::new(WireBody::bytes(Bytes::new())))
 }
 
-pub(super) type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
+pub(super) type ApiResult = Result<Response<WireBody>, ApiError>;
 
 /// The recovery server: shared by the listener's connections and the apply task.
 pub struct ReplicaSide {
@@ -665,8 +666,8 @@ impl ReplicaSide {
         Ok(Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/vnd.vmreplica.block-bitmap")
-            .body(Full::new(Bytes::from(answer.encode())))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+            .body(WireBody::bytes(answer.encode()))
+            .unwrap_or_else(|_| Response::new(WireBody::bytes(Bytes::new()))))
     }
 
     /// A place for one more upload from `primary`, or 503 `Busy`.

@@ -8,8 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
+use super::body::WireBody;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::sync::Notify;
@@ -335,7 +334,7 @@ async fn handle(
     replica: &Arc<ReplicaSide>,
     peer: &Peer,
     req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<WireBody> {
     let (method, path) = (
         req.method().as_str().to_string(),
         req.uri().path().to_string(),

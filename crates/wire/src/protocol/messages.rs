@@ -414,28 +414,38 @@ pub struct FailbackBase {
 }
 
 impl FailbackBase {
-    pub fn encode(&self) -> Vec<u8> {
-        let runs = self.candidates.as_deref().unwrap_or_default();
-        let mut out = Vec::with_capacity(16 + runs.len() * 16 + self.map.len());
-        out.extend_from_slice(&self.disk.to_le_bytes());
-        out.extend_from_slice(&u32::from(self.candidates.is_some()).to_le_bytes());
+    /// The bytes before the map: `disk | known | runs | runs × (first_block, count)`. The map
+    /// follows them, so it can be sent from its file as it is read.
+    pub fn encode_head(disk: u32, candidates: Option<&[(u64, u64)]>) -> Vec<u8> {
+        let runs = candidates.unwrap_or_default();
+        let mut out = Vec::with_capacity(16 + runs.len() * 16);
+        out.extend_from_slice(&disk.to_le_bytes());
+        out.extend_from_slice(&u32::from(candidates.is_some()).to_le_bytes());
         out.extend_from_slice(&(runs.len() as u64).to_le_bytes());
         for (first, count) in runs {
             out.extend_from_slice(&first.to_le_bytes());
             out.extend_from_slice(&count.to_le_bytes());
         }
+        out
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = FailbackBase::encode_head(self.disk, self.candidates.as_deref());
         out.extend_from_slice(&self.map);
         out
     }
 
-    pub fn parse(body: &[u8]) -> Result<FailbackBase, MessageError> {
+    /// The head at the start of `body` (a base without its map) and its length in bytes, or None
+    /// while `body` is shorter than the head: a receiver parses the head of a streamed base as
+    /// soon as it arrived and writes the map that follows wherever it keeps it.
+    pub fn parse_head(body: &[u8]) -> Result<Option<(FailbackBase, usize)>, MessageError> {
         let u64_at = |at: usize| {
             body.get(at..at + 8)
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_le_bytes)
         };
         if body.len() < 16 {
-            return Err(invalid("body", "shorter than the 16-byte head"));
+            return Ok(None);
         }
         let disk = u32::from_le_bytes(body[0..4].try_into().unwrap_or_default());
         let known = u32::from_le_bytes(body[4..8].try_into().unwrap_or_default());
@@ -443,8 +453,12 @@ impl FailbackBase {
         if known > 1 || (known == 0 && runs != 0) {
             return Err(invalid("known", "must be 1, or 0 with no runs"));
         }
-        if runs > MAX_CANDIDATE_RUNS || runs * 16 > (body.len() - 16) as u64 {
-            return Err(invalid("runs", "more runs than the body holds"));
+        if runs > MAX_CANDIDATE_RUNS {
+            return Err(invalid("runs", "more than a base may list"));
+        }
+        let len = 16 + runs as usize * 16;
+        if body.len() < len {
+            return Ok(None);
         }
         let mut list = Vec::with_capacity(runs as usize);
         let mut end = 0u64;
@@ -458,11 +472,19 @@ impl FailbackBase {
             list.push((first, count));
             end = stop;
         }
-        Ok(FailbackBase {
+        let head = FailbackBase {
             disk,
             candidates: (known == 1).then_some(list),
-            map: body[16 + runs as usize * 16..].to_vec(),
-        })
+            map: Vec::new(),
+        };
+        Ok(Some((head, len)))
+    }
+
+    pub fn parse(body: &[u8]) -> Result<FailbackBase, MessageError> {
+        let (mut base, len) = FailbackBase::parse_head(body)?
+            .ok_or_else(|| invalid("body", "shorter than its head says"))?;
+        base.map = body[len..].to_vec();
+        Ok(base)
     }
 }
 
@@ -1053,6 +1075,34 @@ mod tests {
         .encode();
         short[8] = 200;
         assert!(FailbackBase::parse(&short).is_err());
+    }
+
+    #[test]
+    fn a_streamed_failback_base_head_is_known_once_it_arrived_whole() {
+        let base = FailbackBase {
+            disk: 1,
+            candidates: Some(vec![(4, 2), (100, 7)]),
+            map: b"VMRHASH1 map bytes".to_vec(),
+        };
+        let body = base.encode();
+        let head_len = FailbackBase::encode_head(1, base.candidates.as_deref()).len();
+        assert_eq!(head_len, 16 + 2 * 16);
+        for cut in 0..head_len {
+            assert_eq!(
+                FailbackBase::parse_head(&body[..cut]),
+                Ok(None),
+                "{cut} bytes"
+            );
+        }
+        let (head, len) = FailbackBase::parse_head(&body).unwrap().unwrap();
+        assert_eq!(len, head_len);
+        assert_eq!((head.disk, head.candidates), (1, base.candidates.clone()));
+        assert!(head.map.is_empty(), "the map is the caller's");
+        assert_eq!(&body[len..], base.map.as_slice());
+        // A bad head is refused as soon as its first 16 bytes show it.
+        let mut bad = body.clone();
+        bad[8..16].copy_from_slice(&(MAX_CANDIDATE_RUNS + 1).to_le_bytes());
+        assert!(FailbackBase::parse_head(&bad[..16]).is_err());
     }
 
     fn unknown_with_runs() -> Vec<u8> {

@@ -1,0 +1,38 @@
+//! The body of a request or an answer between hosts: bytes in memory, or bytes streamed as they
+//! are read (a log from the primary's spool, a failback base's map from the old primary's file),
+//! so neither side holds a large body whole.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Frame;
+
+pub enum WireBody {
+    Full(Full<Bytes>),
+    Stream(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+impl WireBody {
+    pub fn bytes(bytes: impl Into<Bytes>) -> WireBody {
+        WireBody::Full(Full::new(bytes.into()))
+    }
+}
+
+impl hyper::body::Body for WireBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            WireBody::Full(f) => Pin::new(f)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(|never| match never {}))),
+            WireBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+        }
+    }
+}
