@@ -1058,8 +1058,10 @@ def test_a_failback_of_a_1_tib_disk_streams_the_base_map_and_holds_it_in_neither
     job = wait_job(p, initiate_failback(p, "big01"), timeout=300)
     assert job["JobState"] == 7, job["ErrorDescription"]
     assert "Only the blocks either side wrote" in job["Description"], job["Description"]
-    print(f"failback of 1 TiB: {time.time() - started:.1f} s; peak RSS old primary "
-          f"{peak_rss_mib(lab.primary):.0f} MiB, new primary {peak_rss_mib(lab.replica):.0f} MiB")
+    # The old primary was restarted for the failback; the new primary's peak covers its whole
+    # life (the initial replication and failover of the 1 TiB disk too): an upper bound.
+    peaks = peak_rss_mib(lab.primary), peak_rss_mib(lab.replica)
+    print(f"failback of 1 TiB: {time.time() - started:.1f} s; peak RSS (MiB) old, new primary: {peaks}")
     # A held map would be 256 MiB at least, twice over while it is encoded or parsed.
-    assert peak_rss_mib(lab.primary) < 160 and peak_rss_mib(lab.replica) < 160
+    assert max(peaks) < 160, peaks
     latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")

@@ -52,7 +52,7 @@ use super::test_failover::refused;
 use super::{EngineRequest, LocalEngine};
 use crate::clock::now;
 use crate::jobs::{JobContext, JobEngine, JobFailure};
-use crate::replication::client::GrowingLog;
+use crate::replication::client::{GrowingLog, PeerError};
 use crate::replication::journal::{self, Runs};
 use crate::replication::replica::ApiError;
 use crate::store::{JobRow, RelationshipRow, Store, VmRow};
@@ -896,9 +896,10 @@ async fn send(
             use std::io::Write;
             let mut head: Option<FailbackBase> = None;
             let mut pending = Vec::new();
-            let written =
-                |r: std::io::Result<()>| r.map_err(|e| format!("writing {}: {e}", file.display()));
-            session
+            let written = |r: std::io::Result<()>| {
+                r.map_err(|e| PeerError::Local(format!("writing {}: {e}", file.display())))
+            };
+            let fetched = session
                 .fetch_into(
                     Route::CompareBase(vm.id, cs.id, i as u32),
                     64 + blocks.saturating_mul(48),
@@ -909,26 +910,29 @@ async fn send(
                         pending.extend_from_slice(data);
                         match FailbackBase::parse_head(&pending) {
                             Ok(None) => Ok(()),
+                            Ok(Some((h, _))) if h.disk != i as u32 => Err(PeerError::Protocol(
+                                format!("the base of disk {} for disk {i}", h.disk),
+                            )),
                             Ok(Some((h, len))) => {
                                 head = Some(h);
                                 written(out.write_all(&pending[len..]))?;
                                 pending = Vec::new();
                                 Ok(())
                             }
-                            Err(e) => Err(format!("the old primary sent an unreadable base: {e}")),
+                            Err(e) => Err(PeerError::Protocol(format!("an unreadable base: {e}"))),
                         }
                     },
                 )
                 .await
-                .map_err(|e| e.into_failure("reading the old primary's base"))?;
-            written(out.flush()).map_err(|why| fail(why, "Check the data directory."))?;
+                .and_then(|_| written(out.flush()));
             drop(out);
-            let base = head.filter(|b| b.disk == i as u32).ok_or_else(|| {
-                fail(
-                    "the old primary sent an unreadable base",
+            fetched.map_err(|e| e.into_failure("reading the old primary's base"))?;
+            let Some(base) = head else {
+                return Err(fail(
+                    "the old primary sent an empty base",
                     "Check the old primary.",
-                )
-            })?;
+                ));
+            };
             let reader = MapReader::open(&file).map_err(|e| {
                 fail(
                     format!("the old primary's map of disk {i}: {e}"),
@@ -1169,6 +1173,10 @@ async fn send(
             }
         } => ctx.check_cancelled().map(|()| (0, 0)),
     };
+    // The old primary's maps fetched (16 bytes per block), whatever the outcome.
+    for i in 0..disks.len() {
+        let _ = std::fs::remove_file(tracking.join(format!("disk{i}.failback-base")));
+    }
     if let Some(r) = running {
         if let Err(e) = r.finish(result.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());

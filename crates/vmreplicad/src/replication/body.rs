@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Frame;
+use hyper::body::{Body, Frame};
 
 pub enum WireBody {
     Full(Full<Bytes>),
@@ -20,7 +20,7 @@ impl WireBody {
     }
 }
 
-impl hyper::body::Body for WireBody {
+impl Body for WireBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
@@ -33,6 +33,22 @@ impl hyper::body::Body for WireBody {
                 .poll_frame(cx)
                 .map(|o| o.map(|r| r.map_err(|never| match never {}))),
             WireBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    // Passed on, so an answer in memory keeps its `content-length` and an empty one ends with
+    // its headers.
+    fn is_end_stream(&self) -> bool {
+        match self {
+            WireBody::Full(f) => f.is_end_stream(),
+            WireBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            WireBody::Full(f) => f.size_hint(),
+            WireBody::Stream(_) => hyper::body::SizeHint::default(),
         }
     }
 }

@@ -112,6 +112,7 @@ impl PeerError {
             PeerError::Refused(d) if d.error_code() == Some(ErrorCode::AccessDenied) => {
                 "Add an authorization entry for this host on the recovery server (vmreplica auth add)."
             }
+            PeerError::Local(_) => "Check this host's data directory and free space.",
             _ => "Check the recovery server's log.",
         };
         let code = self.return_code();
@@ -600,7 +601,7 @@ impl Session {
         &mut self,
         route: Route,
         max: u64,
-        mut sink: impl FnMut(&[u8]) -> Result<(), String>,
+        mut sink: impl FnMut(&[u8]) -> Result<(), PeerError>,
     ) -> Result<u64, PeerError> {
         let req = self
             .request(route)
@@ -651,7 +652,7 @@ impl Session {
                     "an answer longer than the {max} bytes it may have"
                 )));
             }
-            sink(&data).map_err(PeerError::Local)?;
+            sink(&data)?;
         }
     }
 
