@@ -1065,3 +1065,82 @@ def test_a_failback_of_a_1_tib_disk_streams_the_base_map_and_holds_it_in_neither
     # A held map would be 256 MiB at least, twice over while it is encoded or parsed.
     assert max(peaks) < 160, peaks
     latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
+
+
+def test_failover_network_settings_are_kept_shown_and_given_to_the_failed_over_vms_start_command(lab, tmp_path):
+    """SetFailoverNetworkAdapterSettings (Set-VMNetworkAdapterFailoverConfiguration) stores each
+    adapter's guest IP settings on the replica, shows them as Msvm_FailoverNetworkAdapterSettingData,
+    refuses bad ones with 32773, and hands them to the start command of the VM once it failed over."""
+    from pywbem import CIMInstance, CIMProperty
+
+    disk = ext4_disk(tmp_path / "net01.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "net01", [disk], "--no-compression")
+    r = lab.replica.conn()
+    rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    rvm = vm_by_name(r, "net01")
+
+    def setting(instance_id=None, **props):
+        inst = CIMInstance("Msvm_FailoverNetworkAdapterSettingData")
+        for name, value in props.items():
+            array = isinstance(value, list)
+            inst[name] = CIMProperty(name, value, type="string" if array else None, is_array=array)
+        if instance_id:
+            inst["InstanceID"] = instance_id
+        return inst.tocimxmlstr()
+
+    def put(*entries):
+        return r.InvokeMethod("SetFailoverNetworkAdapterSettings", rsvc.path, ComputerSystem=rvm.path,
+                              NetworkSettings=list(entries))
+
+    v4 = setting(DHCPEnabled=False, IPAddresses=["192.0.2.10"], Subnets=["255.255.255.0"],
+                 DefaultGateways=["192.0.2.1"], DNSServers=["192.0.2.53", "192.0.2.54"])
+    v6 = setting(f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\1", ProtocolIFType=Uint16(4097),
+                 DHCPEnabled=False, IPAddresses=["2001:db8::10"], Subnets=["64"], DefaultGateways=["2001:db8::1"])
+    rv, out = put(v4, v6)
+    assert rv == 4096, rv
+    assert wait_job(r, out["Job"])["JobState"] == 7
+    shown = {s["InstanceID"]: s for s in r.EnumerateInstances("Msvm_FailoverNetworkAdapterSettingData")}
+    first = shown[f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\0\\4096"]
+    assert (first["DHCPEnabled"], list(first["IPAddresses"]), list(first["Subnets"])) == (False, ["192.0.2.10"], ["24"])
+    assert list(first["DNSServers"]) == ["192.0.2.53", "192.0.2.54"]
+    second = shown[f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\1\\4097"]
+    assert list(second["DefaultGateways"]) == ["2001:db8::1"]
+    assert len(r.Associators(rvm.path, ResultClass="Msvm_FailoverNetworkAdapterSettingData")) == 2
+
+    # Bad settings: 32773 and nothing changes.
+    for bad in (
+        setting(DHCPEnabled=False, IPAddresses=["192.0.2.300"], Subnets=["24"]),
+        setting(DHCPEnabled=False, IPAddresses=["192.0.2.11"], Subnets=["255.0.255.0"]),
+        setting(DHCPEnabled=False, IPAddresses=["192.0.2.11"], Subnets=[]),
+        setting(DHCPEnabled=False, IPAddresses=[], Subnets=[]),
+        setting("Microsoft:00000000-0000-0000-0000-000000000000\\FailoverNetworkAdapter\\0",
+                DHCPEnabled=True, IPAddresses=[]),
+        setting(DHCPEnabled=False, Subnets=["24"]),  # no IPAddresses at all
+    ):
+        rv, _ = put(bad)
+        assert rv == 32773, rv
+    rv, _ = put(v4, v4)  # the same adapter and protocol twice
+    assert rv == 32773, rv
+    assert len(r.EnumerateInstances("Msvm_FailoverNetworkAdapterSettingData")) == 2
+
+    # The CLI: clear adapter 1, change adapter 0, show.
+    lab.replica.cli("failover-network", "clear", "net01", "--adapter", "1")
+    lab.replica.cli("failover-network", "set", "net01", "--ip", "198.51.100.7/25", "--gateway", "198.51.100.1",
+                    "--dns", "198.51.100.53")
+    shown = lab.replica.cli("failover-network", "show", "net01").stdout
+    assert "198.51.100.7/25" in shown and "2001:db8::10" not in shown, shown
+    bad = lab.replica.cli("failover-network", "set", "net01", "--ip", "198.51.100.7", check=False)
+    assert bad.returncode != 0 and "prefix length" in bad.stderr, bad.stderr
+
+    # The failed-over VM's start command gets them.
+    seen = tmp_path / "net01.env"
+    lab.replica.cli("vm", "power", "net01", "--start-command",
+                    f"printf '%s' \"${{VMREPLICA_FAILOVER_NETWORK-unset}}\" > {seen}")
+    lab.primary.stop()
+    lab.replica.cli("failover", "net01")
+    rv, _ = r.InvokeMethod("RequestStateChange", rvm.path, RequestedState=Uint16(2))
+    assert rv == 0, rv
+    given = json.loads(seen.read_text())
+    assert given == [{"adapter": 0, "protocol_if_type": 4096, "dhcp_enabled": False,
+                      "ip_addresses": ["198.51.100.7"], "subnets": ["25"],
+                      "default_gateways": ["198.51.100.1"], "dns_servers": ["198.51.100.53"]}], given

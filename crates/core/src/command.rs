@@ -10,7 +10,9 @@ use uuid::Uuid;
 
 use crate::codes::ReturnCode;
 use crate::machine::Operation;
-use crate::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
+use crate::settings::{
+    AuthorizationEntry, FailoverNetworkSettings, ReplicationSettings, ServiceSettings,
+};
 
 /// A VM named by its GUID or by its display name (`ElementName`).
 pub type VmRef = String;
@@ -54,6 +56,9 @@ pub struct OperationArgs {
     pub recovery_point: Option<String>,
     /// ReverseReplicationRelationship / InitiateFailback: the new settings.
     pub settings: Option<ReplicationSettings>,
+    /// SetFailoverNetworkAdapterSettings: the settings of each adapter and protocol given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover_network: Vec<FailoverNetworkSettings>,
 }
 
 /// Every request any front end can make.
@@ -98,6 +103,11 @@ pub enum Command {
     },
     /// The settings of the VM's relationship (the values of its `Msvm_ReplicationSettingData`).
     GetReplicationSettings {
+        vm: VmRef,
+    },
+    /// The failover IP settings of a VM (its `Msvm_FailoverNetworkAdapterSettingData`); they are
+    /// set with the `Replication` operation SetFailoverNetworkAdapterSettings.
+    GetFailoverNetwork {
         vm: VmRef,
     },
     /// The operations whose effect moves data or follows the state machine.
@@ -282,6 +292,9 @@ pub enum CommandOutput {
     },
     Statistics(StatisticsView),
     HostSettings(HostSettings),
+    FailoverNetwork {
+        settings: Vec<FailoverNetworkSettings>,
+    },
 }
 
 /// A refused or failed command: the CIM return code and a sentence saying what was wrong.

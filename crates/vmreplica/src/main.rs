@@ -15,7 +15,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmreplica_core::command::{Command, CommandOutput, OperationArgs, PowerControl, VmDefinition};
 use vmreplica_core::machine::{Operation, RequestedState};
-use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings};
+use vmreplica_core::settings::{
+    AuthorizationEntry, FailoverNetworkSettings, ReplicationSettings, PROTOCOL_IPV4,
+    PROTOCOL_IPV4_V6, PROTOCOL_IPV6,
+};
 use vmreplica_core::state::InitialReplicationType;
 
 use client::{Client, Failure};
@@ -77,6 +80,11 @@ enum Verb {
     /// once and kept over the daemon's flags until `host reset`.
     #[command(subcommand)]
     Host(HostVerb),
+    /// The guest IP settings a VM takes when it runs after a failover
+    /// (Set-VMNetworkAdapterFailoverConfiguration → SetFailoverNetworkAdapterSettings). A
+    /// failed-over replica's start command gets them in VMREPLICA_FAILOVER_NETWORK (JSON).
+    #[command(subcommand)]
+    FailoverNetwork(FailoverNetworkVerb),
     /// Enable replication of a VM (Enable-VMReplication → CreateReplicationRelationship).
     Enable(EnableArgs),
     /// Change a VM's replication settings (Set-VMReplication → ModifyReplicationSettings); settings
@@ -259,6 +267,39 @@ enum ServerVerb {
         /// Statistics window, seconds.
         #[arg(long)]
         monitoring_interval: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FailoverNetworkVerb {
+    Show {
+        vm: String,
+    },
+    /// Set one adapter's settings (static addresses, or --dhcp); they replace what the adapter had
+    /// for the same protocol (IPv4, IPv6, or both when the addresses mix them).
+    Set {
+        vm: String,
+        /// The adapter, in the order the VM's start command creates them (0 = the first).
+        #[arg(long, default_value_t = 0)]
+        adapter: u32,
+        /// The guest asks DHCP for its address (static addresses may still be given).
+        #[arg(long)]
+        dhcp: bool,
+        /// A static address with its prefix length or mask, like 10.0.0.5/24 (repeatable).
+        #[arg(long = "ip", value_name = "ADDRESS/PREFIX")]
+        ips: Vec<String>,
+        /// A default gateway (repeatable, at most 5).
+        #[arg(long = "gateway", value_name = "ADDRESS")]
+        gateways: Vec<String>,
+        /// A DNS server (repeatable).
+        #[arg(long = "dns", value_name = "ADDRESS")]
+        dns: Vec<String>,
+    },
+    /// Forget one adapter's settings (every protocol): the guest keeps what it has.
+    Clear {
+        vm: String,
+        #[arg(long, default_value_t = 0)]
+        adapter: u32,
     },
 }
 
@@ -586,6 +627,61 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             s.monitoring_interval = monitoring_interval.unwrap_or(s.monitoring_interval);
             Command::ModifyServiceSettings(s)
         }
+        Verb::FailoverNetwork(FailoverNetworkVerb::Show { vm }) => {
+            Command::GetFailoverNetwork { vm }
+        }
+        Verb::FailoverNetwork(FailoverNetworkVerb::Set {
+            vm,
+            adapter,
+            dhcp,
+            ips,
+            gateways,
+            dns,
+        }) => {
+            let mut s = FailoverNetworkSettings {
+                adapter,
+                dhcp_enabled: dhcp,
+                default_gateways: gateways,
+                dns_servers: dns,
+                ..FailoverNetworkSettings::default()
+            };
+            for ip in ips {
+                let (address, subnet) = ip.split_once('/').ok_or_else(|| {
+                    usage(format!(
+                        "--ip {ip}: give the prefix length or mask too, like 10.0.0.5/24"
+                    ))
+                })?;
+                s.ip_addresses.push(address.into());
+                s.subnets.push(subnet.into());
+            }
+            if s.is_clear() {
+                return Err(usage(
+                    "nothing to set: give --ip (and --gateway, --dns), or use `failover-network clear`",
+                ));
+            }
+            let args = OperationArgs {
+                failover_network: vec![s],
+                ..OperationArgs::default()
+            };
+            replication(vm, Operation::SetFailoverNetworkAdapterSettings, args)
+        }
+        Verb::FailoverNetwork(FailoverNetworkVerb::Clear { vm, adapter }) => {
+            let clear = |protocol_if_type| FailoverNetworkSettings {
+                adapter,
+                protocol_if_type,
+                dhcp_enabled: true,
+                ..FailoverNetworkSettings::default()
+            };
+            let args = OperationArgs {
+                failover_network: vec![
+                    clear(PROTOCOL_IPV4),
+                    clear(PROTOCOL_IPV6),
+                    clear(PROTOCOL_IPV4_V6),
+                ],
+                ..OperationArgs::default()
+            };
+            replication(vm, Operation::SetFailoverNetworkAdapterSettings, args)
+        }
         Verb::Host(HostVerb::Show) => Command::GetHostSettings,
         Verb::Host(HostVerb::Reset) => Command::ResetHostSettings,
         Verb::Host(HostVerb::Set {
@@ -790,6 +886,14 @@ fn entry(a: AuthEntryArgs) -> AuthorizationEntry {
         trust_group: a.trust_group,
         replica_storage_location: a.storage,
     }
+}
+
+/// A command line the daemon would refuse (32773), refused here before anything is sent.
+fn usage(message: impl Into<String>) -> Failure {
+    Failure::Refused(vmreplica_core::command::CommandError::new(
+        vmreplica_core::codes::ReturnCode::InvalidParameter,
+        message,
+    ))
 }
 
 fn absolute(path: &str) -> Result<String, Failure> {

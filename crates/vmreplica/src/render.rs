@@ -138,6 +138,43 @@ pub fn print(fmt: OutputFormat, out: &CommandOutput) {
             );
         }
         CommandOutput::Certificates { encoded } => encoded.iter().for_each(|c| println!("{c}")),
+        CommandOutput::FailoverNetwork { settings } => {
+            let rows = settings
+                .iter()
+                .map(|f| {
+                    let protocol = match f.protocol_if_type {
+                        4096 => "IPv4",
+                        4097 => "IPv6",
+                        _ => "IPv4/v6",
+                    };
+                    let addresses: Vec<String> = f
+                        .ip_addresses
+                        .iter()
+                        .zip(&f.subnets)
+                        .map(|(a, s)| format!("{a}/{s}"))
+                        .collect();
+                    vec![
+                        f.adapter.to_string(),
+                        protocol.into(),
+                        if f.dhcp_enabled { "yes" } else { "no" }.into(),
+                        addresses.join(", "),
+                        f.default_gateways.join(", "),
+                        f.dns_servers.join(", "),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "Adapter",
+                    "Protocol",
+                    "DHCP",
+                    "Addresses",
+                    "Gateways",
+                    "DNS",
+                ],
+                rows,
+            );
+        }
         CommandOutput::HostSettings(s) => {
             let rows = vec![
                 vec![

@@ -46,17 +46,30 @@ pub enum PowerError {
 
 /// Runs the start command and waits until the VM is seen running (its QMP socket listens). The
 /// command finds the VM's current disk images in `VMREPLICA_DISK0`, `VMREPLICA_DISK1`, … (a
-/// failed-over replica runs on an overlay whose path the command cannot know in advance).
-pub async fn start(power: &PowerControl, disks: &[String]) -> Result<(), PowerError> {
+/// failed-over replica runs on an overlay whose path the command cannot know in advance) and, for
+/// a failed-over replica with failover IP settings, those settings as a JSON array in
+/// `VMREPLICA_FAILOVER_NETWORK` (Hyper-V injects them into the guest through KVP; here the command
+/// hands them on: a cloud-init network-config, the guest agent, its own script).
+pub async fn start(
+    power: &PowerControl,
+    disks: &[String],
+    failover_network: Option<&[vmreplica_core::settings::FailoverNetworkSettings]>,
+) -> Result<(), PowerError> {
     let cmd = power
         .start_command
         .as_deref()
         .ok_or(PowerError::NotConfigured("start-command"))?;
-    let env: Vec<(String, String)> = disks
+    let mut env: Vec<(String, String)> = disks
         .iter()
         .enumerate()
         .map(|(i, d)| (format!("VMREPLICA_DISK{i}"), d.clone()))
         .collect();
+    if let Some(settings) = failover_network {
+        env.push((
+            "VMREPLICA_FAILOVER_NETWORK".into(),
+            serde_json::to_string(settings).unwrap_or_else(|_| "[]".into()),
+        ));
+    }
     run_shell("start", cmd, &env).await?;
     if power.qmp_socket.is_some() {
         wait_for(power, ENABLED, "start").await?;

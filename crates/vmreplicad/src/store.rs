@@ -166,6 +166,9 @@ CREATE TABLE IF NOT EXISTS sent_blocks (
 CREATE TABLE IF NOT EXISTS job_restores (
     job TEXT PRIMARY KEY, vm TEXT NOT NULL, state INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS test_failover_times (vm TEXT PRIMARY KEY, time INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS failover_network (
+    vm TEXT NOT NULL, adapter INTEGER NOT NULL, protocol INTEGER NOT NULL, settings TEXT NOT NULL,
+    PRIMARY KEY (vm, adapter, protocol));
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, job_type INTEGER NOT NULL, state INTEGER NOT NULL, percent INTEGER NOT NULL,
     error_code INTEGER NOT NULL, error_description TEXT, errors TEXT NOT NULL, vm TEXT,
@@ -372,6 +375,58 @@ impl Store {
                 .conn()
                 .execute("DELETE FROM host_settings WHERE id = 1", [])?,
         };
+        Ok(())
+    }
+
+    /// The failover IP settings of `vm` (SetFailoverNetworkAdapterSettings), by adapter and
+    /// protocol.
+    pub fn failover_network(
+        &self,
+        vm: Uuid,
+    ) -> StoreResult<Vec<vmreplica_core::settings::FailoverNetworkSettings>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT settings FROM failover_network WHERE vm = ?1 ORDER BY adapter, protocol",
+        )?;
+        let rows = stmt
+            .query_map([vm.to_string()], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .iter()
+            .map(|t| serde_json::from_str(t))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Stores each of `settings` for its adapter and protocol, in one transaction; settings that
+    /// ask for nothing (DHCP, no addresses) clear what was stored for them.
+    pub fn put_failover_network(
+        &self,
+        vm: Uuid,
+        settings: &[vmreplica_core::settings::FailoverNetworkSettings],
+    ) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for s in settings {
+            let key = params![vm.to_string(), s.adapter, s.protocol_if_type];
+            if s.is_clear() {
+                tx.execute(
+                    "DELETE FROM failover_network WHERE vm = ?1 AND adapter = ?2 AND protocol = ?3",
+                    key,
+                )?;
+            } else {
+                tx.execute(
+                    "INSERT OR REPLACE INTO failover_network (vm, adapter, protocol, settings) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        vm.to_string(),
+                        s.adapter,
+                        s.protocol_if_type,
+                        serde_json::to_string(s)?
+                    ],
+                )?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 //! problem as a [`SettingsError`] whose message names the CIM property and the allowed values.
 
 mod authorization;
+mod failover_network;
 mod names;
 mod replication;
 mod service;
@@ -11,6 +12,9 @@ mod service;
 use crate::codes::ReturnCode;
 
 pub use authorization::AuthorizationEntry;
+pub use failover_network::{
+    FailoverNetworkSettings, PROTOCOL_IPV4, PROTOCOL_IPV4_V6, PROTOCOL_IPV6,
+};
 pub use names::{is_dns_host_name, normalize_thumbprint};
 pub use replication::ReplicationSettings;
 pub use service::ServiceSettings;

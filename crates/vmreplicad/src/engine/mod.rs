@@ -96,6 +96,7 @@ impl DataPlane for LocalEngine {
                 self.revert_failover(request)
             }
             Operation::CommitFailover => self.commit_failover(request),
+            Operation::SetFailoverNetworkAdapterSettings => self.set_failover_network(request),
             Operation::InitiateFailback => self.failback(request),
             Operation::ReverseReplicationRelationship => self.reverse(request),
             Operation::Resynchronize if request.vm.mode == ReplicationMode::Primary.as_u16() => {
@@ -303,6 +304,27 @@ impl LocalEngine {
     /// (type 3). Both need certificate authentication.
     fn network(&self, req: EngineRequest, seeded: bool) -> Result<JobRow, CommandError> {
         self.compare_job(req, if seeded { Kind::Seeded } else { Kind::Full })
+    }
+
+    /// SetFailoverNetworkAdapterSettings on either side: stores the settings (by adapter and
+    /// protocol; DHCP without addresses clears them), which a failed-over replica's start command
+    /// gets in `VMREPLICA_FAILOVER_NETWORK` (power::start). The state does not change.
+    fn set_failover_network(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
+        let store = self.store.clone();
+        let (vm, settings, claim) = (req.vm, req.args.failover_network, req.claim);
+        let job = self.jobs.spawn(
+            req.transition.job_type,
+            Some(vm.id),
+            format!("Set the failover network settings of '{}'", vm.name),
+            false,
+            move |_ctx| async move {
+                let _claim = claim;
+                store.put_failover_network(vm.id, &settings)?;
+                tracing::info!(vm = %vm.id, entries = settings.len(), "failover network settings stored");
+                Ok(())
+            },
+        )?;
+        Ok(job)
     }
 
     /// Resynchronize (or RRSC(3) from 9/11) on a primary: 10 while it runs, then 3.

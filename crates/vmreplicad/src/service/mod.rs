@@ -164,6 +164,12 @@ impl Service {
                 crate::engine::test_failover::destroy(&self.store, &vm).await?;
                 Ok(CommandOutput::Completed)
             }
+            Command::GetFailoverNetwork { vm } => {
+                let vm = self.resolve_vm(&vm)?;
+                Ok(CommandOutput::FailoverNetwork {
+                    settings: self.store.failover_network(vm.id)?,
+                })
+            }
             Command::GetHostSettings => Ok(CommandOutput::HostSettings(self.limits.current())),
             Command::SetHostSettings(s) => {
                 crate::replication::limits::validate(&s).map_err(invalid)?;

@@ -183,8 +183,9 @@ impl Service {
         &self,
         vm: &VmRef,
         op: Operation,
-        args: OperationArgs,
+        mut args: OperationArgs,
     ) -> CommandResult {
+        args.failover_network = failover_network(op, &args.failover_network)?;
         let own_command = match op {
             Operation::CreateReplicationRelationship => Some("create_replication_relationship"),
             Operation::ModifyReplicationSettings => Some("modify_replication_settings"),
@@ -389,6 +390,40 @@ impl Service {
 }
 
 /// Parameters an operation cannot do without, checked before the state.
+/// The failover IP settings of SetFailoverNetworkAdapterSettings, checked and normalized (from
+/// every front end); one entry per adapter and protocol. Other operations take none.
+fn failover_network(
+    op: Operation,
+    given: &[vmreplica_core::settings::FailoverNetworkSettings],
+) -> Result<Vec<vmreplica_core::settings::FailoverNetworkSettings>, CommandError> {
+    if op != Operation::SetFailoverNetworkAdapterSettings {
+        return match given.is_empty() {
+            true => Ok(Vec::new()),
+            false => Err(invalid(format!(
+                "{} takes no failover network settings",
+                op.name()
+            ))),
+        };
+    }
+    let mut out: Vec<vmreplica_core::settings::FailoverNetworkSettings> = Vec::new();
+    for s in given {
+        let s = s
+            .normalized()
+            .map_err(|e| CommandError::new(e.return_code(), format!("NetworkSettings: {e}")))?;
+        if out
+            .iter()
+            .any(|o| (o.adapter, o.protocol_if_type) == (s.adapter, s.protocol_if_type))
+        {
+            return Err(invalid(format!(
+                "NetworkSettings: two entries for adapter {} and ProtocolIFType {}",
+                s.adapter, s.protocol_if_type
+            )));
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
 fn check_args(op: Operation, args: &OperationArgs) -> Result<(), CommandError> {
     let missing = |what: &str| Err(invalid(format!("{}: {what} is required", op.name())));
     match op {

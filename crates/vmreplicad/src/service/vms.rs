@@ -47,6 +47,7 @@ impl Service {
                 "uploads",
                 "failovers",
                 "test_failover_times",
+                "failover_network",
                 "replication_stats",
                 "primary_chains",
                 "resync_points",
@@ -143,7 +144,7 @@ impl Service {
             power::ENABLED => {
                 let rel = self.store.get_relationship(vm.id)?;
                 let prepared = ReplicationState::SyncedReplicationComplete.as_u16();
-                if vm.mode == ReplicationMode::Primary.as_u16() && rel.is_some_and(|r| r.state == prepared) {
+                if vm.mode == ReplicationMode::Primary.as_u16() && rel.as_ref().is_some_and(|r| r.state == prepared) {
                     return Err(CommandError::new(
                         ReturnCode::InvalidState,
                         format!(
@@ -152,7 +153,17 @@ impl Service {
                         ),
                     ));
                 }
-                power::start(&vm.power, &vm.disks).await
+                // A failed-over replica starts with its failover IP settings (spec §9).
+                let failed_over = vm.mode == ReplicationMode::Replica.as_u16()
+                    && rel.as_ref().is_some_and(|r| {
+                        r.state == ReplicationState::Recovered.as_u16()
+                            || r.state == ReplicationState::Committed.as_u16()
+                    });
+                let network = match failed_over {
+                    true => Some(self.store.failover_network(vm.id)?),
+                    false => None,
+                };
+                power::start(&vm.power, &vm.disks, network.as_deref().filter(|n| !n.is_empty())).await
             }
             power::DISABLED | power::SHUT_DOWN if current != power::ENABLED => {
                 return Err(CommandError::new(ReturnCode::InvalidState, format!("'{}' is already off", vm.name)))

@@ -16,7 +16,9 @@ use vmreplica_core::command::{
 };
 use vmreplica_core::job::JobStateRequest;
 use vmreplica_core::machine::{Operation, RequestedState};
-use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
+use vmreplica_core::settings::{
+    AuthorizationEntry, FailoverNetworkSettings, ReplicationSettings, ServiceSettings,
+};
 use vmreplica_core::state::InitialReplicationType;
 
 use super::objects::{self, vm_name};
@@ -659,10 +661,13 @@ async fn replication_service(svc: &Service, args: &Args) -> Result<CommandOutput
             },
         )?,
         "SetFailoverNetworkAdapterSettings" => {
-            check_network_settings(args)?;
+            let failover_network = network_settings(&args.vm(svc)?, args)?;
             op(
                 Operation::SetFailoverNetworkAdapterSettings,
-                OperationArgs::default(),
+                OperationArgs {
+                    failover_network,
+                    ..OperationArgs::default()
+                },
             )?
         }
         "GetReplicationStatistics" => Command::GetReplicationStatistics { vm: args.vm(svc)? },
@@ -769,10 +774,15 @@ fn point_args(args: &Args) -> OperationArgs {
     }
 }
 
-fn check_network_settings(args: &Args) -> Result<(), CommandError> {
+/// The `Msvm_FailoverNetworkAdapterSettingData` instances of SetFailoverNetworkAdapterSettings for
+/// VM `vm`. Each names its adapter by InstanceID
+/// (`Microsoft:<VMID>\FailoverNetworkAdapter\<n>`, as enumerated); one without an InstanceID is for
+/// adapter 0.
+fn network_settings(vm: &str, args: &Args) -> Result<Vec<FailoverNetworkSettings>, CommandError> {
     let Some(Arg::Instances(list)) = args.get("NetworkSettings") else {
         return Err(args.missing("NetworkSettings"));
     };
+    let mut out = Vec::new();
     for inst in list {
         if inst.value("IPAddresses").is_none() || inst.value("DHCPEnabled").is_none() {
             return Err(CommandError::new(
@@ -780,8 +790,30 @@ fn check_network_settings(args: &Args) -> Result<(), CommandError> {
                 "NetworkSettings: every entry needs IPAddresses and DHCPEnabled",
             ));
         }
+        let p = Props(inst);
+        let mut s = FailoverNetworkSettings::default();
+        let mut id = None;
+        p.opt_string("InstanceID", &mut id)?;
+        if let Some(id) = id.filter(|i| !i.trim().is_empty()) {
+            s.adapter = objects::failover_network_adapter(vm, &id).ok_or_else(|| {
+                CommandError::new(
+                    ReturnCode::InvalidParameter,
+                    format!(
+                        "NetworkSettings: InstanceID '{id}' names no network adapter of this VM \
+                         (Microsoft:{vm}\\FailoverNetworkAdapter\\<n>)"
+                    ),
+                )
+            })?;
+        }
+        p.u16("ProtocolIFType", &mut s.protocol_if_type)?;
+        p.bool("DHCPEnabled", &mut s.dhcp_enabled)?;
+        p.strings("IPAddresses", &mut s.ip_addresses)?;
+        p.strings("Subnets", &mut s.subnets)?;
+        p.strings("DefaultGateways", &mut s.default_gateways)?;
+        p.strings("DNSServers", &mut s.dns_servers)?;
+        out.push(s); // checked by the service, as the CLI's
     }
-    Ok(())
+    Ok(out)
 }
 
 // ---- embedded instance -> typed settings ----

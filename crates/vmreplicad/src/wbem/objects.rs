@@ -9,7 +9,9 @@
 use cim::{CimDateTime, CimInstance, CimType, CimValue, KeyValue, ObjectPath};
 use uuid::Uuid;
 use vmreplica_core::job::{JobState, JobType};
-use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
+use vmreplica_core::settings::{
+    AuthorizationEntry, FailoverNetworkSettings, ReplicationSettings, ServiceSettings,
+};
 
 use crate::engine::test_failover::TestSystemRow;
 use crate::jobs::JOB_RETENTION_SECS;
@@ -31,15 +33,25 @@ pub struct Snapshot {
     pub points: Vec<PointRow>,
     /// Test VMs and the replica VMs they were made from.
     pub test_systems: Vec<TestSystemRow>,
+    /// The failover IP settings of each VM (SetFailoverNetworkAdapterSettings).
+    pub failover_network: Vec<(Uuid, FailoverNetworkSettings)>,
 }
 
 impl Snapshot {
     pub fn read(service: &Service) -> Result<Snapshot, StoreError> {
         let mut vms = Vec::new();
         let mut points = Vec::new();
+        let mut failover_network = Vec::new();
         for vm in service.store.list_vms()? {
             let rel = service.store.get_relationship(vm.id)?;
             points.extend(service.store.recovery_points(vm.id)?);
+            failover_network.extend(
+                service
+                    .store
+                    .failover_network(vm.id)?
+                    .into_iter()
+                    .map(|f| (vm.id, f)),
+            );
             vms.push((vm, rel));
         }
         Ok(Snapshot {
@@ -50,6 +62,7 @@ impl Snapshot {
             jobs: service.store.list_jobs()?,
             points,
             test_systems: service.store.test_systems()?,
+            failover_network,
         })
     }
 }
@@ -94,6 +107,37 @@ fn instance_id_path(class: &str, id: &str) -> ObjectPath {
 
 pub fn relationship_instance_id(vm: Uuid) -> String {
     format!("Microsoft:{}\\HVR\\0", vm_name(vm))
+}
+
+/// `Msvm_FailoverNetworkAdapterSettingData.InstanceID` of adapter `adapter`'s settings for
+/// protocol `protocol` (4096 IPv4, 4097 IPv6, 4098 both).
+pub fn failover_network_instance_id(vm: Uuid, adapter: u32, protocol: u16) -> String {
+    format!(
+        "Microsoft:{}\\FailoverNetworkAdapter\\{adapter}\\{protocol}",
+        vm_name(vm)
+    )
+}
+
+/// The adapter an InstanceID of [`failover_network_instance_id`]'s form names for VM `vm` (its
+/// upper-case GUID), with or without the protocol part.
+pub fn failover_network_adapter(vm: &str, instance_id: &str) -> Option<u32> {
+    let rest = instance_id.trim().strip_prefix("Microsoft:")?;
+    let (id, rest) = rest.split_once('\\')?;
+    if !id.eq_ignore_ascii_case(vm) {
+        return None;
+    }
+    let (kind, rest) = rest.split_once('\\').unwrap_or((rest, ""));
+    if !kind.eq_ignore_ascii_case("FailoverNetworkAdapter") {
+        return None;
+    }
+    rest.split('\\').next()?.parse().ok()
+}
+
+pub fn failover_network_path(vm: Uuid, s: &FailoverNetworkSettings) -> ObjectPath {
+    instance_id_path(
+        "Msvm_FailoverNetworkAdapterSettingData",
+        &failover_network_instance_id(vm, s.adapter, s.protocol_if_type),
+    )
 }
 
 pub fn rsd_path(vm: Uuid) -> ObjectPath {
@@ -389,6 +433,23 @@ fn sasd_path_text(host: &str, instance_id: &str) -> String {
     p.host = Some(host.to_string());
     p.namespace = Some(super::schema::NAMESPACE.to_string());
     p.to_wmi()
+}
+
+/// One adapter's failover IP settings for one protocol.
+fn failover_network_setting_data(vm: Uuid, f: &FailoverNetworkSettings) -> Object {
+    let path = failover_network_path(vm, f);
+    let inst = keyed(&path)
+        .with(
+            "ElementName",
+            s(&format!("Failover network adapter {}", f.adapter)),
+        )
+        .with("ProtocolIFType", u16v(f.protocol_if_type))
+        .with("DHCPEnabled", CimValue::Boolean(f.dhcp_enabled))
+        .with("IPAddresses", strings(f.ip_addresses.clone()))
+        .with("Subnets", strings(f.subnets.clone()))
+        .with("DefaultGateways", strings(f.default_gateways.clone()))
+        .with("DNSServers", strings(f.dns_servers.clone()));
+    (path, inst)
 }
 
 fn relationship(vm: &VmRow, rel: &RelationshipRow, health: u16) -> Object {
@@ -716,6 +777,15 @@ pub fn associations(snap: &Snapshot) -> Vec<Object> {
                 &vm_path(t.test_vm),
             ));
         }
+        for (_, f) in snap.failover_network.iter().filter(|(v, _)| *v == vm.id) {
+            out.push(association(
+                esd,
+                "ManagedElement",
+                &vp,
+                "SettingData",
+                &failover_network_path(vm.id, f),
+            ));
+        }
         for p in snap.points.iter().filter(|p| p.vm == vm.id) {
             let pp = recovery_point_path(vm.id, p.sequence);
             out.push(association(
@@ -806,7 +876,13 @@ pub fn instances_of(
             .filter(|(p, _)| p.class_name.eq_ignore_ascii_case(class))
             .collect();
     }
-    // Msvm_FailoverNetworkAdapterSettingData: no instances until its engine exists.
+    if is("Msvm_FailoverNetworkAdapterSettingData") {
+        return snap
+            .failover_network
+            .iter()
+            .map(|(vm, f)| failover_network_setting_data(*vm, f))
+            .collect();
+    }
     // Msvm_Error and Msvm_ReplicationStatistics are only returned embedded.
     Vec::new()
 }
