@@ -1101,13 +1101,18 @@ def test_failover_network_settings_are_kept_shown_and_given_to_the_failed_over_v
     assert wait_job(r, out["Job"])["JobState"] == 7
     shown = {s["InstanceID"]: s for s in r.EnumerateInstances("Msvm_FailoverNetworkAdapterSettingData")}
     first = shown[f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\0\\4096"]
-    assert (first["DHCPEnabled"], list(first["IPAddresses"]), list(first["Subnets"])) == (False, ["192.0.2.10"], ["24"])
+    assert (first["DHCPEnabled"], list(first["IPAddresses"]), list(first["Subnets"])) == (
+        False, ["192.0.2.10"], ["255.255.255.0"])  # IPv4 subnets as masks, as Hyper-V shows them
     assert list(first["DNSServers"]) == ["192.0.2.53", "192.0.2.54"]
     second = shown[f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\1\\4097"]
     assert list(second["DefaultGateways"]) == ["2001:db8::1"]
     assert len(r.Associators(rvm.path, ResultClass="Msvm_FailoverNetworkAdapterSettingData")) == 2
 
     # Bad settings: 32773 and nothing changes.
+    def everything():
+        return sorted((i.path.to_wbem_uri(), sorted((k, str(v)) for k, v in i.items()))
+                      for i in r.EnumerateInstances("Msvm_FailoverNetworkAdapterSettingData"))
+    before = everything()
     for bad in (
         setting(DHCPEnabled=False, IPAddresses=["192.0.2.300"], Subnets=["24"]),
         setting(DHCPEnabled=False, IPAddresses=["192.0.2.11"], Subnets=["255.0.255.0"]),
@@ -1116,12 +1121,33 @@ def test_failover_network_settings_are_kept_shown_and_given_to_the_failed_over_v
         setting("Microsoft:00000000-0000-0000-0000-000000000000\\FailoverNetworkAdapter\\0",
                 DHCPEnabled=True, IPAddresses=[]),
         setting(DHCPEnabled=False, Subnets=["24"]),  # no IPAddresses at all
+        setting(f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\1\\4097", ProtocolIFType=Uint16(4096),
+                DHCPEnabled=False, IPAddresses=["192.0.2.11"], Subnets=["24"]),  # protocols disagree
+        setting(f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\1\\junk", DHCPEnabled=True, IPAddresses=[]),
     ):
         rv, _ = put(bad)
         assert rv == 32773, rv
     rv, _ = put(v4, v4)  # the same adapter and protocol twice
     assert rv == 32773, rv
-    assert len(r.EnumerateInstances("Msvm_FailoverNetworkAdapterSettingData")) == 2
+    assert everything() == before
+
+    # A mixed entry is split per protocol, each replacing that protocol's settings; an IPv6 entry
+    # with nothing in it clears IPv6 (DHCPEnabled is an IPv4 setting).
+    mixed = setting(f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\2", DHCPEnabled=False,
+                    IPAddresses=["192.0.2.20", "2001:db8::20"], Subnets=["255.255.255.128", "48"])
+    rv, out = put(mixed)
+    assert rv == 4096 and wait_job(r, out["Job"])["JobState"] == 7
+    ids = {s["InstanceID"]: s for s in r.EnumerateInstances("Msvm_FailoverNetworkAdapterSettingData")}
+    two4, two6 = (ids[f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\2\\{p}"] for p in (4096, 4097))
+    assert (list(two4["IPAddresses"]), list(two4["Subnets"])) == (["192.0.2.20"], ["255.255.255.128"])
+    assert (list(two6["IPAddresses"]), list(two6["Subnets"])) == (["2001:db8::20"], ["48"])
+    rv, out = put(setting(f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\2\\4097", DHCPEnabled=False,
+                          IPAddresses=[], Subnets=[]))
+    assert rv == 4096 and wait_job(r, out["Job"])["JobState"] == 7
+    ids = {s["InstanceID"] for s in r.EnumerateInstances("Msvm_FailoverNetworkAdapterSettingData")}
+    assert f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\2\\4097" not in ids
+    assert f"Microsoft:{vm_id.upper()}\\FailoverNetworkAdapter\\2\\4096" in ids
+    lab.replica.cli("failover-network", "clear", "net01", "--adapter", "2")
 
     # The CLI: clear adapter 1, change adapter 0, show.
     lab.replica.cli("failover-network", "clear", "net01", "--adapter", "1")

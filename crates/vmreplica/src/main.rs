@@ -16,8 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmreplica_core::command::{Command, CommandOutput, OperationArgs, PowerControl, VmDefinition};
 use vmreplica_core::machine::{Operation, RequestedState};
 use vmreplica_core::settings::{
-    AuthorizationEntry, FailoverNetworkSettings, ReplicationSettings, PROTOCOL_IPV4,
-    PROTOCOL_IPV4_V6, PROTOCOL_IPV6,
+    AuthorizationEntry, FailoverNetworkSettings, ReplicationSettings, PROTOCOL_IPV4, PROTOCOL_IPV6,
 };
 use vmreplica_core::state::InitialReplicationType;
 
@@ -275,14 +274,15 @@ enum FailoverNetworkVerb {
     Show {
         vm: String,
     },
-    /// Set one adapter's settings (static addresses, or --dhcp); they replace what the adapter had
-    /// for the same protocol (IPv4, IPv6, or both when the addresses mix them).
+    /// Set one adapter's static settings; they replace what the adapter had for each protocol
+    /// they name (IPv4, IPv6, or both when the addresses mix them).
     Set {
         vm: String,
         /// The adapter, in the order the VM's start command creates them (0 = the first).
         #[arg(long, default_value_t = 0)]
         adapter: u32,
-        /// The guest asks DHCP for its address (static addresses may still be given).
+        /// The guest asks DHCP for its IPv4 address (with --dns or --gateway, say; to drop
+        /// static settings use `clear`).
         #[arg(long)]
         dhcp: bool,
         /// A static address with its prefix length or mask, like 10.0.0.5/24 (repeatable).
@@ -673,11 +673,7 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
                 ..FailoverNetworkSettings::default()
             };
             let args = OperationArgs {
-                failover_network: vec![
-                    clear(PROTOCOL_IPV4),
-                    clear(PROTOCOL_IPV6),
-                    clear(PROTOCOL_IPV4_V6),
-                ],
+                failover_network: vec![clear(PROTOCOL_IPV4), clear(PROTOCOL_IPV6)],
                 ..OperationArgs::default()
             };
             replication(vm, Operation::SetFailoverNetworkAdapterSettings, args)

@@ -144,8 +144,7 @@ pub fn print(fmt: OutputFormat, out: &CommandOutput) {
                 .map(|f| {
                     let protocol = match f.protocol_if_type {
                         4096 => "IPv4",
-                        4097 => "IPv6",
-                        _ => "IPv4/v6",
+                        _ => "IPv6",
                     };
                     let addresses: Vec<String> = f
                         .ip_addresses

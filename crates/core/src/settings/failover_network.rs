@@ -74,21 +74,32 @@ fn prefix_length(subnet: &str, of: &IpAddr) -> Result<u8, SettingsError> {
     }
 }
 
+/// An IPv4 prefix length as the dotted mask Hyper-V shows (`24` → `255.255.255.0`).
+pub fn ipv4_mask(prefix: &str) -> Option<String> {
+    let n: u32 = prefix.parse().ok().filter(|n| *n <= 32)?;
+    let bits = u32::MAX.checked_shl(32 - n).unwrap_or(0);
+    Some(std::net::Ipv4Addr::from(bits).to_string())
+}
+
 impl FailoverNetworkSettings {
-    /// Whether these settings ask for nothing to be set (DHCP, no addresses, gateways or servers):
-    /// storing them clears the adapter's settings for that protocol, as
-    /// `Set-VMNetworkAdapterFailoverConfiguration -ClearFailoverIPv4Settings` does.
+    /// Whether these settings ask for nothing to be set: storing them clears the adapter's
+    /// settings for that protocol, as `Set-VMNetworkAdapterFailoverConfiguration
+    /// -ClearFailoverIPv4Settings` does. IPv4: DHCP and nothing else; IPv6 (where DHCPEnabled
+    /// means nothing, spec §9): nothing at all.
     pub fn is_clear(&self) -> bool {
-        self.dhcp_enabled
+        (self.dhcp_enabled || self.protocol_if_type == PROTOCOL_IPV6)
             && self.ip_addresses.is_empty()
             && self.subnets.is_empty()
             && self.default_gateways.is_empty()
             && self.dns_servers.is_empty()
     }
 
-    /// Checks every value and returns the settings with trimmed addresses, subnets as prefix
-    /// lengths, and the protocol resolved from the addresses when it was 0 or 1.
-    pub fn normalized(&self) -> Result<FailoverNetworkSettings, SettingsError> {
+    /// Checks every value and returns the settings as stored: one entry per protocol (a mixed
+    /// entry, 4098 or addresses of both families, is split into its IPv4 and IPv6 parts, as
+    /// Hyper-V keeps one instance per protocol), trimmed addresses, subnets as prefix lengths, and
+    /// the protocol resolved from the addresses when it was 0 or 1. A static IPv4 setting needs an
+    /// address; an IPv6 one may name only gateways or DNS servers (the guest configures itself).
+    pub fn normalized(&self) -> Result<Vec<FailoverNetworkSettings>, SettingsError> {
         if self.adapter >= MAX_ADAPTERS {
             return Err(SettingsError::invalid(
                 "InstanceID",
@@ -99,7 +110,6 @@ impl FailoverNetworkSettings {
                 ),
             ));
         }
-        let mut out = self.clone();
         let ips = self
             .ip_addresses
             .iter()
@@ -127,12 +137,6 @@ impl FailoverNetworkSettings {
                 format!("at most {MAX_GATEWAYS} default gateways."),
             ));
         }
-        if !self.dhcp_enabled && ips.is_empty() {
-            return Err(SettingsError::invalid(
-                "IPAddresses",
-                "without DHCP at least one static address is needed.",
-            ));
-        }
         if self.subnets.len() != ips.len() {
             return Err(SettingsError::invalid(
                 "Subnets",
@@ -143,22 +147,22 @@ impl FailoverNetworkSettings {
                 ),
             ));
         }
-        out.subnets = self
+        let prefixes = self
             .subnets
             .iter()
             .zip(&ips)
             .map(|(s, ip)| prefix_length(s, ip).map(|n| n.to_string()))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let all: Vec<&IpAddr> = ips.iter().chain(&gateways).chain(&dns).collect();
         let (v4, v6) = (
             all.iter().any(|a| a.is_ipv4()),
             all.iter().any(|a| a.is_ipv6()),
         );
-        out.protocol_if_type = match self.protocol_if_type {
+        let families: &[u16] = match self.protocol_if_type {
             0 | 1 => match (v4, v6) {
-                (true, true) => PROTOCOL_IPV4_V6,
-                (false, true) => PROTOCOL_IPV6,
-                _ => PROTOCOL_IPV4,
+                (true, true) => &[PROTOCOL_IPV4, PROTOCOL_IPV6],
+                (false, true) => &[PROTOCOL_IPV6],
+                _ => &[PROTOCOL_IPV4],
             },
             PROTOCOL_IPV4 if v6 => {
                 return Err(SettingsError::invalid(
@@ -172,7 +176,9 @@ impl FailoverNetworkSettings {
                     "4097 (IPv6) with an IPv4 address; use 4096 or 4098.",
                 ))
             }
-            p @ (PROTOCOL_IPV4 | PROTOCOL_IPV6 | PROTOCOL_IPV4_V6) => p,
+            PROTOCOL_IPV4 => &[PROTOCOL_IPV4],
+            PROTOCOL_IPV6 => &[PROTOCOL_IPV6],
+            PROTOCOL_IPV4_V6 => &[PROTOCOL_IPV4, PROTOCOL_IPV6],
             other => {
                 return Err(SettingsError::invalid(
                     "ProtocolIFType",
@@ -180,9 +186,33 @@ impl FailoverNetworkSettings {
                 ))
             }
         };
-        out.ip_addresses = ips.iter().map(ToString::to_string).collect();
-        out.default_gateways = gateways.iter().map(ToString::to_string).collect();
-        out.dns_servers = dns.iter().map(ToString::to_string).collect();
+        let mut out = Vec::new();
+        for &protocol in families {
+            let of = |a: &&IpAddr| a.is_ipv4() == (protocol == PROTOCOL_IPV4);
+            let texts = |list: &[IpAddr]| list.iter().filter(of).map(ToString::to_string).collect();
+            let part = FailoverNetworkSettings {
+                adapter: self.adapter,
+                protocol_if_type: protocol,
+                // DHCPEnabled is an IPv4 setting (spec §9).
+                dhcp_enabled: self.dhcp_enabled && protocol == PROTOCOL_IPV4,
+                ip_addresses: texts(&ips),
+                subnets: ips
+                    .iter()
+                    .zip(&prefixes)
+                    .filter(|(a, _)| of(a))
+                    .map(|(_, p)| p.clone())
+                    .collect(),
+                default_gateways: texts(&gateways),
+                dns_servers: texts(&dns),
+            };
+            if protocol == PROTOCOL_IPV4 && !part.dhcp_enabled && part.ip_addresses.is_empty() {
+                return Err(SettingsError::invalid(
+                    "IPAddresses",
+                    "without DHCP a static IPv4 setting needs at least one address.",
+                ));
+            }
+            out.push(part);
+        }
         Ok(out)
     }
 }
@@ -206,9 +236,16 @@ mod tests {
     #[test]
     fn good_settings_are_normalized() {
         let n = v4().normalized().unwrap();
-        assert_eq!(n.protocol_if_type, PROTOCOL_IPV4);
-        assert_eq!(n.ip_addresses, ["10.1.2.3"]);
-        assert_eq!(n.subnets, ["24"]);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].protocol_if_type, PROTOCOL_IPV4);
+        assert_eq!(n[0].ip_addresses, ["10.1.2.3"]);
+        assert_eq!(n[0].subnets, ["24"]);
+        assert_eq!(
+            ipv4_mask(&n[0].subnets[0]).as_deref(),
+            Some("255.255.255.0")
+        );
+        assert_eq!(ipv4_mask("0").as_deref(), Some("0.0.0.0"));
+        assert_eq!(ipv4_mask("32").as_deref(), Some("255.255.255.255"));
         let mut six = v4();
         six.ip_addresses = vec!["2001:db8::5".into()];
         six.subnets = vec!["/64".into()];
@@ -216,14 +253,34 @@ mod tests {
         six.dns_servers.clear();
         let n = six.normalized().unwrap();
         assert_eq!(
-            (n.protocol_if_type, n.subnets[0].as_str()),
+            (n[0].protocol_if_type, n[0].subnets[0].as_str()),
             (PROTOCOL_IPV6, "64")
         );
+        // IPv4 addresses with an IPv6 DNS server: two entries, one per protocol.
+        let mut mixed = v4();
+        mixed.dns_servers.push("2001:db8::53".into());
+        let n = mixed.normalized().unwrap();
+        assert_eq!(n.len(), 2);
+        assert_eq!(
+            (n[0].protocol_if_type, n[0].dns_servers.clone()),
+            (PROTOCOL_IPV4, vec!["10.1.2.53".to_string()])
+        );
+        assert_eq!(
+            (n[1].protocol_if_type, n[1].dns_servers.clone()),
+            (PROTOCOL_IPV6, vec!["2001:db8::53".to_string()])
+        );
+        assert!(n[1].ip_addresses.is_empty() && !n[1].is_clear());
         let dhcp = FailoverNetworkSettings {
             dhcp_enabled: true,
             ..FailoverNetworkSettings::default()
         };
-        assert!(dhcp.is_clear() && dhcp.normalized().is_ok());
+        assert!(dhcp.is_clear() && dhcp.normalized().unwrap()[0].is_clear());
+        // An IPv6 clear needs no DHCPEnabled (an IPv4 setting).
+        let six_clear = FailoverNetworkSettings {
+            protocol_if_type: PROTOCOL_IPV6,
+            ..FailoverNetworkSettings::default()
+        };
+        assert!(six_clear.normalized().unwrap()[0].is_clear());
     }
 
     #[test]

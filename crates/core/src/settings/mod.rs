@@ -13,7 +13,7 @@ use crate::codes::ReturnCode;
 
 pub use authorization::AuthorizationEntry;
 pub use failover_network::{
-    FailoverNetworkSettings, PROTOCOL_IPV4, PROTOCOL_IPV4_V6, PROTOCOL_IPV6,
+    ipv4_mask, FailoverNetworkSettings, PROTOCOL_IPV4, PROTOCOL_IPV4_V6, PROTOCOL_IPV6,
 };
 pub use names::{is_dns_host_name, normalize_thumbprint};
 pub use replication::ReplicationSettings;

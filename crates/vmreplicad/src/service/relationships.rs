@@ -389,9 +389,9 @@ impl Service {
     }
 }
 
-/// Parameters an operation cannot do without, checked before the state.
 /// The failover IP settings of SetFailoverNetworkAdapterSettings, checked and normalized (from
-/// every front end); one entry per adapter and protocol. Other operations take none.
+/// every front end; a mixed entry split per protocol); one entry per adapter and protocol. Other
+/// operations take none.
 fn failover_network(
     op: Operation,
     given: &[vmreplica_core::settings::FailoverNetworkSettings],
@@ -406,24 +406,27 @@ fn failover_network(
         };
     }
     let mut out: Vec<vmreplica_core::settings::FailoverNetworkSettings> = Vec::new();
-    for s in given {
-        let s = s
+    for given in given {
+        let parts = given
             .normalized()
             .map_err(|e| CommandError::new(e.return_code(), format!("NetworkSettings: {e}")))?;
-        if out
-            .iter()
-            .any(|o| (o.adapter, o.protocol_if_type) == (s.adapter, s.protocol_if_type))
-        {
-            return Err(invalid(format!(
-                "NetworkSettings: two entries for adapter {} and ProtocolIFType {}",
-                s.adapter, s.protocol_if_type
-            )));
+        for s in parts {
+            if out
+                .iter()
+                .any(|o| (o.adapter, o.protocol_if_type) == (s.adapter, s.protocol_if_type))
+            {
+                return Err(invalid(format!(
+                    "NetworkSettings: two entries for adapter {} and ProtocolIFType {}",
+                    s.adapter, s.protocol_if_type
+                )));
+            }
+            out.push(s);
         }
-        out.push(s);
     }
     Ok(out)
 }
 
+/// Parameters an operation cannot do without, checked before the state.
 fn check_args(op: Operation, args: &OperationArgs) -> Result<(), CommandError> {
     let missing = |what: &str| Err(invalid(format!("{}: {what} is required", op.name())));
     match op {

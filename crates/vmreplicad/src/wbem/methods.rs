@@ -794,18 +794,34 @@ fn network_settings(vm: &str, args: &Args) -> Result<Vec<FailoverNetworkSettings
         let mut s = FailoverNetworkSettings::default();
         let mut id = None;
         p.opt_string("InstanceID", &mut id)?;
+        let mut named = None;
         if let Some(id) = id.filter(|i| !i.trim().is_empty()) {
-            s.adapter = objects::failover_network_adapter(vm, &id).ok_or_else(|| {
-                CommandError::new(
-                    ReturnCode::InvalidParameter,
-                    format!(
-                        "NetworkSettings: InstanceID '{id}' names no network adapter of this VM \
-                         (Microsoft:{vm}\\FailoverNetworkAdapter\\<n>)"
-                    ),
-                )
-            })?;
+            let (adapter, protocol) =
+                objects::failover_network_adapter(vm, &id).ok_or_else(|| {
+                    CommandError::new(
+                        ReturnCode::InvalidParameter,
+                        format!(
+                            "NetworkSettings: InstanceID '{id}' names no network adapter of this \
+                             VM (Microsoft:{vm}\\FailoverNetworkAdapter\\<n>[\\<ProtocolIFType>])"
+                        ),
+                    )
+                })?;
+            s.adapter = adapter;
+            named = protocol;
         }
         p.u16("ProtocolIFType", &mut s.protocol_if_type)?;
+        match (named, s.protocol_if_type) {
+            (Some(p), 0 | 1) => s.protocol_if_type = p,
+            (Some(p), given) if p != given => {
+                return Err(CommandError::new(
+                    ReturnCode::InvalidParameter,
+                    format!(
+                        "NetworkSettings: ProtocolIFType {given} with an InstanceID of protocol {p}"
+                    ),
+                ))
+            }
+            _ => {}
+        }
         p.bool("DHCPEnabled", &mut s.dhcp_enabled)?;
         p.strings("IPAddresses", &mut s.ip_addresses)?;
         p.strings("Subnets", &mut s.subnets)?;

@@ -118,19 +118,24 @@ pub fn failover_network_instance_id(vm: Uuid, adapter: u32, protocol: u16) -> St
     )
 }
 
-/// The adapter an InstanceID of [`failover_network_instance_id`]'s form names for VM `vm` (its
-/// upper-case GUID), with or without the protocol part.
-pub fn failover_network_adapter(vm: &str, instance_id: &str) -> Option<u32> {
+/// The adapter, and the protocol if it names one (4096, 4097 or 4098), an InstanceID of
+/// [`failover_network_instance_id`]'s form names for VM `vm` (its upper-case GUID).
+pub fn failover_network_adapter(vm: &str, instance_id: &str) -> Option<(u32, Option<u16>)> {
     let rest = instance_id.trim().strip_prefix("Microsoft:")?;
     let (id, rest) = rest.split_once('\\')?;
     if !id.eq_ignore_ascii_case(vm) {
         return None;
     }
-    let (kind, rest) = rest.split_once('\\').unwrap_or((rest, ""));
-    if !kind.eq_ignore_ascii_case("FailoverNetworkAdapter") {
+    let mut parts = rest.split('\\');
+    if !parts.next()?.eq_ignore_ascii_case("FailoverNetworkAdapter") {
         return None;
     }
-    rest.split('\\').next()?.parse().ok()
+    let adapter = parts.next()?.parse().ok()?;
+    let protocol = match parts.next() {
+        None => None,
+        Some(p) => Some(p.parse().ok().filter(|p| (4096..=4098).contains(p))?),
+    };
+    parts.next().is_none().then_some((adapter, protocol))
 }
 
 pub fn failover_network_path(vm: Uuid, s: &FailoverNetworkSettings) -> ObjectPath {
@@ -446,7 +451,16 @@ fn failover_network_setting_data(vm: Uuid, f: &FailoverNetworkSettings) -> Objec
         .with("ProtocolIFType", u16v(f.protocol_if_type))
         .with("DHCPEnabled", CimValue::Boolean(f.dhcp_enabled))
         .with("IPAddresses", strings(f.ip_addresses.clone()))
-        .with("Subnets", strings(f.subnets.clone()))
+        // Kept as prefix lengths; IPv4 ones shown as the dotted masks Hyper-V shows.
+        .with(
+            "Subnets",
+            strings(f.subnets.iter().map(|p| match f.protocol_if_type {
+                vmreplica_core::settings::PROTOCOL_IPV4 => {
+                    vmreplica_core::settings::ipv4_mask(p).unwrap_or_else(|| p.clone())
+                }
+                _ => p.clone(),
+            })),
+        )
         .with("DefaultGateways", strings(f.default_gateways.clone()))
         .with("DNSServers", strings(f.dns_servers.clone()));
     (path, inst)
