@@ -1170,3 +1170,61 @@ def test_failover_network_settings_are_kept_shown_and_given_to_the_failed_over_v
     assert given == [{"adapter": 0, "protocol_if_type": 4096, "dhcp_enabled": False,
                       "ip_addresses": ["198.51.100.7"], "subnets": ["25"],
                       "default_gateways": ["198.51.100.1"], "dns_servers": ["198.51.100.53"]}], given
+
+
+def test_a_paused_resynchronization_keeps_its_progress_unless_the_disk_changed(lab, tmp_path):
+    """Suspend-VMReplication during a resynchronization (11) keeps what it hashed on both hosts;
+    Resume goes on from there (spec §13.6). A disk written during the pause is hashed again, so
+    the write still reaches the replica."""
+    disk = tmp_path / "rsy03.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", disk, "1G")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 768M", disk)
+    vm_id = replicate_network(lab, tmp_path, "rsy03", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "rsy03")
+    rrsc(p, pvm, 7)
+    settled(lab, vm_id)
+    tracking = lab.primary.data_dir / "tracking" / vm_id.upper()
+    shutil.rmtree(tracking)  # tracking lost: a resynchronization is needed
+    rrsc(p, pvm, 3)
+    wait_for(lambda: vm_by_name(p, "rsy03")["ReplicationState"] == 9, what="resynchronization required")
+    hashes = tracking / "disk0.resync-hashes"
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+
+    def change(state):
+        rv, out = p.InvokeMethod("RequestReplicationStateChange", pvm.path, RequestedState=Uint16(state))
+        assert rv == 4096, rv
+        return out["Job"]
+
+    def pause_while_hashing():
+        wait_for(lambda: hashes.exists() and hashes.stat().st_size >= 2048 * 16, timeout=60,
+                 what="the disk half hashed")
+        assert wait_job(p, change(7), timeout=60)["JobState"] == 7
+        assert vm_by_name(p, "rsy03")["ReplicationState"] == 11
+        kept = hashes.stat().st_size // 16
+        assert 0 < kept < 16384, kept  # stopped part way (1 GiB: 16384 blocks)
+        return kept
+
+    time.sleep(2.5)  # the file left alone: its hashes can be kept
+    rv, out = p.InvokeMethod("Resynchronize", svc.path, ComputerSystem=pvm.path)
+    assert rv == 4096, rv
+    pause_while_hashing()
+    # Written during the pause, in a block hashed before it.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 0 64k", disk)
+    time.sleep(2.5)
+    job = change(3)
+    wait_for(lambda: "hashed again" in p.GetInstance(job)["Description"], timeout=30,
+             what="the job to say the disk changed during the pause")
+    assert "not used" in p.GetInstance(job)["Description"]
+    kept = pause_while_hashing()
+    time.sleep(2.5)
+    job = wait_job(p, change(3), timeout=300)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert f"{kept} of 16384 blocks were hashed before the pause" in job["Description"], job["Description"]
+    assert "kept from an earlier comparison" in plain_log(lab.replica)
+    assert vm_by_name(p, "rsy03")["ReplicationState"] == 3
+    assert not hashes.exists()  # done: nothing kept
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text  # the write made during the pause is there

@@ -354,6 +354,8 @@ impl LocalEngine {
             Kind::Resync => "Resynchronize",
         };
         let start = req.args.start_time;
+        // From 11 a paused resynchronization goes on: what it hashed is kept (spec §13.6).
+        let resume = rel.state == ReplicationState::ResynchronizationSuspended.as_u16();
         self.spawn_with_outcome(
             req,
             None,
@@ -365,7 +367,7 @@ impl LocalEngine {
                 match kind {
                     Kind::Seeded => seeded::run(ctx, job, vm, rel).await,
                     Kind::Full => network::run(ctx, job, vm, rel).await,
-                    Kind::Resync => seeded::resync(ctx, job, vm, rel).await,
+                    Kind::Resync => seeded::resync(ctx, job, vm, rel, resume).await,
                 }
             },
         )

@@ -54,7 +54,8 @@ pub async fn run(
     mut rel: RelationshipRow,
 ) -> Result<RelationshipRow, JobFailure> {
     let (session, put) = open_empty_replica(&job, &vm, &rel, 3).await?;
-    frozen_compare_and_send(&ctx, &job, &vm, &mut rel, session, (put, None), 1).await?;
+    frozen_compare_and_send(&ctx, &job, &vm, &mut rel, session, (put, None), (1, false)).await?;
+    forget_hash_progress(&job.data_dir, vm.id, vm.disks.len());
     Ok(rel)
 }
 
@@ -67,7 +68,7 @@ async fn frozen_compare_and_send(
     rel: &mut RelationshipRow,
     session: crate::replication::client::Session,
     put: (PutVm, Option<wire::protocol::ReverseFrom>),
-    kind: u16,
+    kind: (u16, bool),
 ) -> Result<(), JobFailure> {
     let running = freeze_if_running(vm, &job.data_dir).await?;
     let result = compare_and_send(ctx, job, vm, rel, session, put, running.as_ref(), kind).await;
@@ -88,6 +89,7 @@ pub async fn resync(
     job: NetworkIr,
     vm: VmRow,
     mut rel: RelationshipRow,
+    resume: bool,
 ) -> Result<RelationshipRow, JobFailure> {
     let target = target(&rel);
     let session = job
@@ -108,18 +110,29 @@ pub async fn resync(
             .require("reverse")
             .map_err(|e| e.into_failure("making the old primary the replica"))?;
     }
-    let result =
-        frozen_compare_and_send(&ctx, &job, &vm, &mut rel, session, (put, reverse), 2).await;
+    let result = frozen_compare_and_send(
+        &ctx,
+        &job,
+        &vm,
+        &mut rel,
+        session,
+        (put, reverse),
+        (2, resume),
+    )
+    .await;
     if result.is_ok() {
         // The new direction is established: no failover left to reverse from.
         job.store.remove_failover(vm.id)?;
+        forget_hash_progress(&job.data_dir, vm.id, vm.disks.len());
     }
     result.map(|()| rel)
 }
 
 /// Hashes, compares (`kind` 1 against a seed, 2 against the latest point) and sends; `running` is
 /// the frozen point of a running VM. With `reverse`, the replica is first asked to take its own
-/// disks as the point compared with (a resync after a reversed unplanned failover).
+/// disks as the point compared with (a resync after a reversed unplanned failover). With
+/// `resume` (a paused resynchronization going on), the hashes of a turned-off VM's disks made
+/// before the pause are kept while the files did not change ([`hash_kept`]).
 #[allow(clippy::too_many_arguments)]
 async fn compare_and_send(
     ctx: &JobContext,
@@ -129,13 +142,15 @@ async fn compare_and_send(
     mut session: crate::replication::client::Session,
     (put, reverse): (PutVm, Option<wire::protocol::ReverseFrom>),
     running: Option<&RunningPoint>,
-    kind: u16,
+    (kind, resume): (u16, bool),
 ) -> Result<(), JobFailure> {
     // 1. Both sides hash at the same time: this side its disks, while the replica takes in its
     //    copy (reverse: its own disks, hashed as they are copied) and hashes it in the background
     //    once the session begins (replication::prehash). Kind 1 begins (imports the seed) only
     //    after this side hashed; the replica then hashes the seed while the ranges start.
     let disks = disk_table(vm)?;
+    // The session begun, if this side's hashing fails (or is cancelled) after it did.
+    let begun = std::sync::Mutex::new(None);
     let prepare = async {
         if let Some(from) = reverse {
             let mut put = put.clone();
@@ -154,20 +169,35 @@ async fn compare_and_send(
             block_size: DEFAULT_BLOCK_SIZE,
             disks: put.disks.clone(),
         };
-        session
+        let cs = session
             .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(&begin))
             .await
             .map(|(_, cs)| cs)
-            .map_err(|e| e.into_failure("beginning the comparison"))
+            .map_err(|e| e.into_failure("beginning the comparison"))?;
+        *begun.lock().unwrap_or_else(|p| p.into_inner()) = Some(cs.id);
+        Ok(cs)
     };
     let (own, cs) = if kind == 1 {
         // A seed is imported as point 1 at the begin, which a failure after it would leave
         // behind (the replica then holds a log): this side hashes first.
-        let own = hash_own(ctx, job, vm, &disks, running).await?;
+        let own = hash_own(ctx, job, vm, &disks, running, resume).await?;
         (own, prepare.await?)
     } else {
-        // The first failure ends both (a refused begin stops the hashing at once).
-        tokio::try_join!(hash_own(ctx, job, vm, &disks, running), prepare)?
+        // The first failure ends both (a refused begin stops the hashing at once). A session
+        // begun meanwhile is cancelled, so the replica keeps the hashes it made of its point for
+        // the next one (a pause, spec §13.6) and lets the point go.
+        match tokio::try_join!(hash_own(ctx, job, vm, &disks, running, resume), prepare) {
+            Ok(both) => both,
+            Err(failure) => {
+                let id = *begun.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(id) = id {
+                    let _ = session
+                        .json::<(), CompareSession>(Route::CancelCompare(vm.id, id), None)
+                        .await;
+                }
+                return Err(failure);
+            }
+        }
     };
     let id = cs.id;
     let result = compare_begun(ctx, job, vm, rel, &mut session, running, kind, cs, own).await;
@@ -207,6 +237,7 @@ async fn hash_own(
     vm: &VmRow,
     disks: &[(String, u64)],
     running: Option<&RunningPoint>,
+    resume: bool,
 ) -> Result<Vec<std::path::PathBuf>, JobFailure> {
     let tracking = job
         .data_dir
@@ -228,21 +259,163 @@ async fn hash_own(
                 .read_disk(i, None, &map, &mut hashes_only)
                 .await
                 .map_err(|e| running_failed(vm, &e))?,
-            None => {
-                scan_image(
-                    &vm.disks[i],
-                    format,
-                    i,
-                    None,
-                    &map,
-                    &job.data_dir,
-                    &mut hashes_only,
-                )
-                .await?
-            }
+            None => match hash_kept(ctx, &tracking, i, &vm.disks[i], format, resume, &map).await? {
+                Some(tmp) => tmp,
+                // Read through qemu-nbd (compressed, encrypted): in one go.
+                None => {
+                    scan_image(
+                        &vm.disks[i],
+                        format,
+                        i,
+                        None,
+                        &map,
+                        &job.data_dir,
+                        &mut hashes_only,
+                    )
+                    .await?
+                }
+            },
         });
     }
     Ok(own)
+}
+
+/// Blocks hashed between two looks at a cancel (64 MiB at 64 KiB), and between two appends to the
+/// kept hashes.
+const HASH_STEP: u64 = 1024;
+
+/// `tracking/<VMID>/disk<i>.resync-hashes`: the hashes of a turned-off VM's disk made so far by a
+/// seeded IR or a resynchronization (its first blocks, 16 bytes each, in order), and `….json`
+/// beside it: what they describe (disk size, block size, and the file's fingerprint when they
+/// began, taken only of a file left alone for a while: `journal::settled_fingerprint`).
+fn hash_progress_files(
+    tracking: &std::path::Path,
+    i: usize,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    (
+        tracking.join(format!("disk{i}.resync-hashes")),
+        tracking.join(format!("disk{i}.resync-hashes.json")),
+    )
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HashProgress {
+    size: u64,
+    block_size: u32,
+    print: disk::fingerprint::Fingerprint,
+}
+
+/// Drops what [`hash_kept`] kept for `vm`'s `disks` disks (the comparison they served is over).
+pub(super) fn forget_hash_progress(data_dir: &std::path::Path, vm: uuid::Uuid, disks: usize) {
+    let tracking = data_dir
+        .join("tracking")
+        .join(vm.to_string().to_uppercase());
+    for i in 0..disks {
+        let (hashes, record) = hash_progress_files(&tracking, i);
+        let _ = std::fs::remove_file(hashes);
+        let _ = std::fs::remove_file(record);
+    }
+}
+
+/// Hashes disk `i` (`image`, of `format`) of a turned-off VM into a map at `<map>.tmp` (returned),
+/// keeping the hashes as they are made, [`HASH_STEP`] blocks at a time, so that a cancel loses at
+/// most one step: with `resume` (a paused resynchronization going on, spec §13.6) the hashes
+/// kept before are the start, when the file has the fingerprint it had when they began; else (or
+/// when it changed) it starts over, and says why. None when the image cannot be read without
+/// QEMU (the caller reads it through qemu-nbd instead).
+async fn hash_kept(
+    ctx: &JobContext,
+    tracking: &std::path::Path,
+    i: usize,
+    image: &str,
+    format: &str,
+    resume: bool,
+    map: &std::path::Path,
+) -> Result<Option<std::path::PathBuf>, JobFailure> {
+    use disk::scan::hashmap::{block_count, MapWriter, HASH_LEN};
+    use std::io::{Read, Write};
+    let Ok(opened) = crate::replication::prehash::Opened::open(image, format) else {
+        return Ok(None);
+    };
+    let mut source = opened.source();
+    let size = source.size().map_err(local)?;
+    let blocks = block_count(size, DEFAULT_BLOCK_SIZE);
+    let (hashes, record) = hash_progress_files(tracking, i);
+    let recorded = std::fs::read(&record)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<HashProgress>(&b).ok());
+    let mut kept = 0;
+    if resume {
+        let had = std::fs::metadata(&hashes).map_or(0, |m| m.len() / HASH_LEN as u64);
+        match recorded.filter(|r| r.size == size && r.block_size == DEFAULT_BLOCK_SIZE) {
+            Some(r) => match disk::fingerprint::check(std::path::Path::new(image), &r.print) {
+                Ok(()) => kept = had.min(blocks),
+                Err(why) => ctx.note(&format!(
+                    "disk {i}: the hashes made before the pause are not used ({why}); it is hashed again"
+                ))?,
+            },
+            None if had > 0 => ctx.note(&format!(
+                "disk {i}: the hashes made before the pause describe another disk; it is hashed again"
+            ))?,
+            None => {}
+        }
+    }
+    if kept == 0 {
+        let _ = std::fs::remove_file(&record);
+        // Only hashes of a file left alone can be trusted later (its times may not move for a
+        // write in the same clock tick).
+        if let Some(print) =
+            crate::replication::journal::settled_fingerprint(std::path::Path::new(image))
+        {
+            let r = HashProgress {
+                size,
+                block_size: DEFAULT_BLOCK_SIZE,
+                print,
+            };
+            std::fs::write(&record, serde_json::to_vec(&r).map_err(local)?).map_err(local)?;
+        }
+    } else {
+        ctx.note(&format!(
+            "disk {i}: {kept} of {blocks} blocks were hashed before the pause; only the rest is read"
+        ))?;
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&hashes)
+        .map_err(local)?;
+    out.set_len(kept * HASH_LEN as u64).map_err(local)?;
+    std::io::Seek::seek(&mut out, std::io::SeekFrom::End(0)).map_err(local)?;
+    let mut next = kept;
+    let mut step = Vec::with_capacity(HASH_STEP as usize);
+    while next < blocks {
+        ctx.check_cancelled()?;
+        let n = HASH_STEP.min(blocks - next);
+        step.clear();
+        disk::scan::hash_blocks(&mut source, next, n, DEFAULT_BLOCK_SIZE, &mut step)
+            .await
+            .map_err(local)?;
+        if step.len() as u64 != n {
+            return Err(fail(
+                format!("{image}: {} hashes for {n} blocks", step.len()),
+                "Report this as a bug.",
+            ));
+        }
+        out.write_all(&step.concat()).map_err(local)?;
+        next += n;
+    }
+    drop(out);
+    // The map: those hashes, with its header and trailer.
+    let mut writer = MapWriter::create(map, DEFAULT_BLOCK_SIZE, size).map_err(local)?;
+    let mut input =
+        std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&hashes).map_err(local)?);
+    let mut h = [0u8; HASH_LEN];
+    for _ in 0..blocks {
+        input.read_exact(&mut h).map_err(local)?;
+        writer.push(&h).map_err(local)?;
+    }
+    Ok(Some(writer.finish().map_err(local)?))
 }
 
 /// [`compare_and_send`] once the replica began the session `cs` and this side's maps are `own`.
@@ -289,6 +462,7 @@ async fn compare_begun(
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut first = 0u64;
         loop {
+            ctx.check_cancelled()?;
             let mut hashes = Vec::new();
             while hashes.len() < RANGE_BLOCKS {
                 match reader.next_hash().map_err(local)? {

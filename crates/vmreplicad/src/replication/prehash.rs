@@ -67,12 +67,14 @@ impl Prehash {
 
     /// Starts hashing `images` (path, format, virtual size) in the background, in order, as many
     /// whole images as [`MAX_BLOCKS`] allows; an image whose map is in `maps` (one per image, as
-    /// [`take_kept`] gives) is read from it instead, when it describes that image.
+    /// [`take_kept`] gives) is read from it instead, when it describes that image, and one with
+    /// hashes of its first blocks in `prefixes` (as [`take_prefixes`] gives) goes on after them.
     pub fn start(
         &self,
         images: Vec<(String, String, u64)>,
         block_size: u32,
         maps: Option<Vec<PathBuf>>,
+        prefixes: Vec<Vec<Hash>>,
     ) {
         let mut budget = MAX_BLOCKS;
         let mut planned = Vec::new();
@@ -101,7 +103,16 @@ impl Prehash {
                 if loaded {
                     tracing::info!(image = %image, "the replica's hashes of disk {i} come from the map its copy made");
                 }
-                let hashed = || hash_image(&rt, &inner, i, image, format, blocks, block_size);
+                let mut from = 0;
+                if let Some(prefix) = prefixes.get(i).filter(|p| !loaded && !p.is_empty()) {
+                    if prefix.len() as u64 <= blocks {
+                        from = prefix.len() as u64;
+                        *inner.hashes[i].lock().unwrap_or_else(|p| p.into_inner()) = prefix.clone();
+                        tracing::info!(image = %image, blocks = from, "the replica's hashes of the first blocks of disk {i} were kept from an earlier comparison of this point");
+                    }
+                }
+                let hashed =
+                    || hash_image(&rt, &inner, i, image, format, (from, blocks), block_size);
                 if !loaded {
                     if let Err(e) = hashed() {
                         tracing::warn!(image = %image, "hashing the replica's copy ahead stopped: {e}; ranges read it themselves");
@@ -250,15 +261,86 @@ pub fn take_kept(
     Some(maps)
 }
 
+/// `<data>/prehash/<VMID>/prefix/`: the hashes a compare session made of its point before it was
+/// cancelled (a paused resynchronization, spec §13.6), for the next session on the same point.
+fn prefix_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
+    kept_dir(data_dir, vm).join("prefix")
+}
+
+impl Prehash {
+    /// Keeps the hashes made so far of each image (a prefix of its blocks, 16 bytes each) as those
+    /// of `vm`'s point `sequence` with log hash `identity`. A point never changes, so they stay
+    /// true for it; [`take_prefixes`] hands them to the next session on that point, which hashes
+    /// only the rest. Best effort: without them, that session reads the whole point again.
+    pub fn keep_prefixes(&self, data_dir: &Path, vm: Uuid, sequence: u64, identity: &str) {
+        let dir = prefix_dir(data_dir, vm);
+        let _ = std::fs::remove_dir_all(&dir);
+        if identity.is_empty() || std::fs::create_dir_all(&dir).is_err() {
+            return;
+        }
+        let mut kept = 0u64;
+        let mut ok = true;
+        for (i, hashes) in self.inner.hashes.iter().enumerate() {
+            let bytes: Vec<u8> = hashes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .flatten()
+                .copied()
+                .collect();
+            kept += (bytes.len() / HASH_LEN) as u64;
+            ok &= bytes.is_empty() || std::fs::write(dir.join(format!("disk{i}")), bytes).is_ok();
+        }
+        ok &=
+            kept > 0 && std::fs::write(dir.join("point"), format!("{sequence} {identity}")).is_ok();
+        if ok {
+            tracing::info!(%vm, sequence, blocks = kept, "the hashes made of the point are kept for the next comparison");
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// The hashes [`Prehash::keep_prefixes`] kept for `vm`'s point `sequence` with log hash
+/// `identity`, one (possibly empty) prefix per disk of `disks`, handed over and deleted. Hashes
+/// kept for any other point are deleted, and empty prefixes returned.
+pub fn take_prefixes(
+    data_dir: &Path,
+    vm: Uuid,
+    sequence: u64,
+    identity: &str,
+    disks: usize,
+) -> Vec<Vec<Hash>> {
+    let dir = prefix_dir(data_dir, vm);
+    let point = std::fs::read_to_string(dir.join("point")).unwrap_or_default();
+    let usable = !identity.is_empty() && point.trim() == format!("{sequence} {identity}");
+    let prefixes = (0..disks)
+        .map(|i| match usable {
+            true => std::fs::read(dir.join(format!("disk{i}")))
+                .unwrap_or_default()
+                .chunks_exact(HASH_LEN)
+                .map(|c| {
+                    let mut h = [0u8; HASH_LEN];
+                    h.copy_from_slice(c);
+                    h
+                })
+                .collect(),
+            false => Vec::new(),
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    prefixes
+}
+
 /// An image opened for reading without QEMU in between: the file of a raw image, or the files of
 /// another format's chain located by `qemu-img map`.
-pub(super) enum Opened {
+pub(crate) enum Opened {
     Raw(std::fs::File),
     Mapped(disk::scan::mapped::MappedImage),
 }
 
 impl Opened {
-    pub(super) fn open(image: &str, format: &str) -> Result<Opened, String> {
+    pub(crate) fn open(image: &str, format: &str) -> Result<Opened, String> {
         if format == "raw" {
             return std::fs::File::open(image)
                 .map(Opened::Raw)
@@ -269,7 +351,7 @@ impl Opened {
             .map_err(|e| crate::error_chain(&e))
     }
 
-    pub(super) fn source(&self) -> disk::scan::Source<'_> {
+    pub(crate) fn source(&self) -> disk::scan::Source<'_> {
         match self {
             Opened::Raw(f) => disk::scan::Source::RawFile(f),
             Opened::Mapped(m) => disk::scan::Source::Mapped(m),
@@ -277,14 +359,15 @@ impl Opened {
     }
 }
 
-/// Hashes `blocks` blocks of one image into `inner.hashes[i]`, [`STEP`] at a time.
+/// Hashes blocks `from..blocks` of one image into `inner.hashes[i]` (which holds the hashes of
+/// blocks `..from`), [`STEP`] at a time.
 fn hash_image(
     rt: &tokio::runtime::Handle,
     inner: &Inner,
     i: usize,
     image: &str,
     format: &str,
-    blocks: u64,
+    (from, blocks): (u64, u64),
     block_size: u32,
 ) -> Result<(), String> {
     let opened = Opened::open(image, format)?;
@@ -292,8 +375,8 @@ fn hash_image(
     inner.hashes[i]
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .reserve_exact(usize::try_from(blocks).unwrap_or(0));
-    let mut next = 0;
+        .reserve_exact(usize::try_from(blocks - from).unwrap_or(0));
+    let mut next = from;
     let mut step = Vec::with_capacity(STEP as usize);
     while next < blocks {
         if inner.stopped.load(Ordering::Acquire) {
@@ -380,6 +463,7 @@ mod tests {
             vec![(path.display().to_string(), "raw".into(), size)],
             BS,
             None,
+            Vec::new(),
         );
         assert_eq!(
             p.take(0, STEP - 2, 9).await,
@@ -429,7 +513,7 @@ mod tests {
         let kept = take_kept(&data, vm, 5, "h5", 1).expect("kept");
         let p = Prehash::idle(1);
         let images = vec![(path.display().to_string(), "raw".to_string(), size)];
-        p.start(images.clone(), BS, Some(kept.clone()));
+        p.start(images.clone(), BS, Some(kept.clone()), Vec::new());
         assert_eq!(
             p.take(0, 0, 7).await,
             vec![ZERO; 7],
@@ -442,7 +526,44 @@ mod tests {
         keep_maps(&data, vm, 5, "h5", vec![write_map("c.hashes", size * 2)]);
         let kept = take_kept(&data, vm, 5, "h5", 1).expect("kept");
         let p = Prehash::idle(1);
-        p.start(images, BS, Some(kept));
+        p.start(images, BS, Some(kept), Vec::new());
         assert_eq!(p.take(0, 0, 7).await, want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hashes_kept_from_a_cancelled_session_start_the_next_on_the_same_point_only() {
+        let dir = Dir::new();
+        let data = dir.path().join("data");
+        let vm = Uuid::from_u128(11);
+        let blocks = STEP + 7;
+        let (path, want) = image(dir.path(), blocks);
+        let size = blocks * u64::from(BS);
+        let images = vec![(path.display().to_string(), "raw".to_string(), size)];
+        // A session that hashed everything, kept for point 4 of chain "h4".
+        let p = Prehash::idle(1);
+        p.start(images.clone(), BS, None, Vec::new());
+        assert_eq!(p.take(0, 0, blocks).await, want);
+        p.keep_prefixes(&data, vm, 4, "h4");
+        assert!(
+            take_prefixes(&data, vm, 4, "other", 1)[0].is_empty(),
+            "point 4 of another chain: nothing"
+        );
+        assert!(
+            take_prefixes(&data, vm, 4, "h4", 1)[0].is_empty(),
+            "a wrong point's hashes are deleted"
+        );
+        p.keep_prefixes(&data, vm, 4, "h4");
+        let kept = take_prefixes(&data, vm, 4, "h4", 1);
+        assert_eq!(kept[0], want, "all of them, in order");
+        assert!(
+            take_prefixes(&data, vm, 4, "h4", 1)[0].is_empty(),
+            "handed over once"
+        );
+        // A prefix is taken as it is (here one that lies: zeros), and only the rest is read.
+        let p = Prehash::idle(1);
+        p.start(images, BS, None, vec![vec![ZERO; STEP as usize]]);
+        let got = p.take(0, 0, blocks).await;
+        assert_eq!(got[..STEP as usize], vec![ZERO; STEP as usize][..]);
+        assert_eq!(got[STEP as usize..], want[STEP as usize..]);
     }
 }

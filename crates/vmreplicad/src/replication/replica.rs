@@ -173,9 +173,13 @@ impl Compare {
 
     /// Starts hashing this side's images in the background (kinds 1 and 2, once ready), so the
     /// replica hashes while the primary does.
-    pub(super) fn start_prehash(&self, kept: Option<Vec<PathBuf>>) {
+    pub(super) fn start_prehash(
+        &self,
+        kept: Option<Vec<PathBuf>>,
+        prefixes: Vec<Vec<[u8; disk::scan::hashmap::HASH_LEN]>>,
+    ) {
         self.prehash
-            .start(self.images.clone(), self.block_size, kept);
+            .start(self.images.clone(), self.block_size, kept, prefixes);
     }
 
     /// The session of a failback (kind 3).
@@ -364,10 +368,32 @@ impl ReplicaSide {
     }
 
     pub(super) fn remember_compare(&self, vm: Uuid, c: Arc<Compare>) {
-        self.compares
+        let replaced = self
+            .compares
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(vm, c);
+        if let Some(old) = replaced {
+            old.state.store(3, std::sync::atomic::Ordering::Release);
+            old.prehash.stop();
+        }
+    }
+
+    /// A resynchronization's session ended unfinished (cancelled: paused or stopped on the
+    /// primary): the hashes it made of its point are kept for the next session on that point.
+    fn keep_compare_progress(&self, vm: Uuid, c: &Compare) {
+        if !c.resync || c.failback {
+            return;
+        }
+        let identity = self
+            .store
+            .received_log(vm, c.baseline)
+            .ok()
+            .flatten()
+            .map(|l| l.log_hash)
+            .unwrap_or_default();
+        c.prehash
+            .keep_prefixes(&self.data_dir, vm, c.baseline, &identity);
     }
 
     /// `POST …/compare` (§5.5). Kind 1, Seeded: the replica VM's own disks (a copy restored on this
@@ -454,7 +480,7 @@ impl ReplicaSide {
                     // Not if it was cancelled meanwhile (3).
                     use std::sync::atomic::Ordering::{AcqRel, Acquire};
                     if c.state.compare_exchange(1, 2, AcqRel, Acquire).is_ok() {
-                        c.start_prehash(None);
+                        c.start_prehash(None, Vec::new());
                     }
                 }
                 Err(why) => {
@@ -793,6 +819,10 @@ impl ReplicaSide {
                     .remove(&vm);
                 c.state.store(3, std::sync::atomic::Ordering::Release);
                 c.prehash.stop();
+                // Written before the answer: a resume right after finds them.
+                let (me, ended) = (self.clone(), c.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || me.keep_compare_progress(vm, &ended)).await;
                 Ok(json(200, &c.session()))
             }
             R::CompareRange(vm, id) => {

@@ -193,7 +193,16 @@ impl ReplicaSide {
                 &identity,
                 begin.disks.len(),
             );
-            compare.start_prehash(kept);
+            // And the hashes a session on this point made before it was cancelled (a paused
+            // resynchronization keeps its progress, spec §13.6).
+            let prefixes = super::prehash::take_prefixes(
+                &self.data_dir,
+                vm,
+                baseline,
+                &identity,
+                begin.disks.len(),
+            );
+            compare.start_prehash(kept, prefixes);
         }
         let compare = Arc::new(compare);
         self.remember_compare(vm, compare.clone());
