@@ -57,33 +57,21 @@ pub struct ScanStats {
     pub read_bytes: u64,
 }
 
-/// Collects changed blocks into as few log extents as possible.
+/// Hands changed blocks to the log: data spans as they are (each a run of adjacent changed blocks
+/// of one read, written from the read buffer without a copy), zero ranges merged while adjacent.
 struct Coalescer<'a, W: Write> {
     log: &'a mut LogWriter<W>,
     disk: u32,
-    data: Option<(u64, Vec<u8>)>,
     zero: Option<(u64, u64)>,
 }
 
 impl<W: Write> Coalescer<'_, W> {
     fn data(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogEncodeError> {
         self.flush_zero()?;
-        match &mut self.data {
-            Some((start, buf))
-                if *start + buf.len() as u64 == offset && (buf.len() as u64) < READ_RUN =>
-            {
-                buf.extend_from_slice(bytes)
-            }
-            _ => {
-                self.flush_data()?;
-                self.data = Some((offset, bytes.to_vec()));
-            }
-        }
-        Ok(())
+        self.log.write_data(self.disk, offset, bytes)
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<(), LogEncodeError> {
-        self.flush_data()?;
         match &mut self.zero {
             Some((start, n)) if *start + *n == offset => *n += len,
             _ => {
@@ -94,19 +82,20 @@ impl<W: Write> Coalescer<'_, W> {
         Ok(())
     }
 
-    fn flush_data(&mut self) -> Result<(), LogEncodeError> {
-        if let Some((offset, buf)) = self.data.take() {
-            self.log.write_data(self.disk, offset, &buf)?;
-        }
-        Ok(())
-    }
-
     fn flush_zero(&mut self) -> Result<(), LogEncodeError> {
         if let Some((offset, len)) = self.zero.take() {
             self.log.write_zero(self.disk, offset, len)?;
         }
         Ok(())
     }
+}
+
+/// What a block's new hash means for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Same,
+    Data,
+    Zero,
 }
 
 /// True when `[offset, offset+len)` lies entirely in extents that read as zeros.
@@ -188,7 +177,6 @@ pub async fn scan_disk_ranges<W: Write>(
     let mut out = Coalescer {
         log,
         disk: disk_index,
-        data: None,
         zero: None,
     };
     let mut stats = ScanStats {
@@ -239,38 +227,42 @@ pub async fn scan_disk_ranges<W: Write>(
                 // A file read never waits in the runtime: give a future joined with this one (the
                 // upload of the log being written) its turn after every run.
                 tokio::task::yield_now().await;
+                let run_start = off;
+                // The changed data blocks of this read in a row: [from, to) of `buf`.
+                let mut span: Option<(usize, usize)> = None;
+                let mut at = 0usize;
                 for block in buf.chunks(block_size as usize) {
                     let hash = block_hash(block);
-                    let at = (off, block.len() as u64);
-                    compare(
-                        &mut old,
-                        &mut map,
-                        &mut out,
-                        &mut stats,
-                        at,
-                        Some(block),
-                        hash,
-                    )?;
-                    off += block.len() as u64;
+                    let len = block.len();
+                    match compare(&mut old, &mut map, &mut stats, len as u64, true, hash)? {
+                        Change::Data => match &mut span {
+                            Some((_, to)) if *to == at => *to += len,
+                            _ => {
+                                flush_span(&mut out, run_start, &buf, span.take())?;
+                                span = Some((at, at + len));
+                            }
+                        },
+                        Change::Zero => {
+                            flush_span(&mut out, run_start, &buf, span.take())?;
+                            out.zero(off, len as u64)?;
+                        }
+                        Change::Same => flush_span(&mut out, run_start, &buf, span.take())?,
+                    }
+                    at += len;
+                    off += len as u64;
                 }
+                flush_span(&mut out, run_start, &buf, span)?;
             } else {
                 // A hole or zero range: known without reading.
                 let len = bs.min(size - off);
-                compare(
-                    &mut old,
-                    &mut map,
-                    &mut out,
-                    &mut stats,
-                    (off, len),
-                    None,
-                    ZERO,
-                )?;
+                if compare(&mut old, &mut map, &mut stats, len, false, ZERO)? == Change::Zero {
+                    out.zero(off, len)?;
+                }
                 off += len;
             }
         }
         chunk_start = chunk_end;
     }
-    out.flush_data()?;
     out.flush_zero()?;
     if let Some(o) = &mut old {
         o.next_hash()?; // verifies the trailer if the last block was already read
@@ -365,17 +357,29 @@ fn keep_old(old: &mut Option<MapReader>, map: &mut MapWriter) -> Result<(), Scan
     Ok(())
 }
 
-/// Records the block's new hash and sends it to the log when it differs from the old one.
-/// `at` is the block's (offset, length); `data` its bytes when they were read.
-fn compare<W: Write>(
+/// Writes the changed data blocks `span` ([from, to) of `buf`, read at `run_start`) to the log.
+fn flush_span<W: Write>(
+    out: &mut Coalescer<'_, W>,
+    run_start: u64,
+    buf: &[u8],
+    span: Option<(usize, usize)>,
+) -> Result<(), LogEncodeError> {
+    match span {
+        Some((from, to)) => out.data(run_start + from as u64, &buf[from..to]),
+        None => Ok(()),
+    }
+}
+
+/// Records a block's new hash (`len` bytes; `read`: its bytes were read, not known to be zeros)
+/// and says what the log needs: its data, a zero extent, or nothing when it did not change.
+fn compare(
     old: &mut Option<MapReader>,
     map: &mut MapWriter,
-    out: &mut Coalescer<'_, W>,
     stats: &mut ScanStats,
-    at: (u64, u64),
-    data: Option<&[u8]>,
+    len: u64,
+    read: bool,
     hash: [u8; hashmap::HASH_LEN],
-) -> Result<(), ScanError> {
+) -> Result<Change, ScanError> {
     map.push(&hash)?;
     let previous = match old {
         Some(o) => o.next_hash()?,
@@ -386,18 +390,14 @@ fn compare<W: Write>(
         None => hash != ZERO, // a full image ships data only
     };
     if !changed {
-        return Ok(());
+        return Ok(Change::Same);
     }
     stats.changed_blocks += 1;
-    match data {
-        Some(bytes) if hash != ZERO => {
-            stats.data_bytes += at.1;
-            out.data(at.0, bytes)?;
-        }
-        _ => {
-            stats.zero_bytes += at.1;
-            out.zero(at.0, at.1)?;
-        }
+    if read && hash != ZERO {
+        stats.data_bytes += len;
+        Ok(Change::Data)
+    } else {
+        stats.zero_bytes += len;
+        Ok(Change::Zero)
     }
-    Ok(())
 }

@@ -215,6 +215,20 @@ impl std::io::Write for GrowingFile {
     }
 }
 
+/// Reads `file` from byte `at` on with `pread`, leaving its offset alone.
+struct ReadAt<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+}
+
+impl std::io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
 /// Called with (bytes sent, log length) as a log goes out.
 pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 
@@ -768,20 +782,13 @@ impl Session {
                     _ => break,
                 }
             }
-            let mut f = match opened {
-                Ok(f) => f,
+            let f = match opened {
+                Ok(f) => Arc::new(f.into_std().await),
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
             };
-            if start > 0 {
-                use tokio::io::AsyncSeekExt;
-                if let Err(e) = f.seek(std::io::SeekFrom::Start(start)).await {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
             let mut sent = start;
             loop {
                 // Registered before `written` is read, so a write right after is not missed.
@@ -805,11 +812,20 @@ impl Session {
                 let capped = bandwidth.capped();
                 let chunk = if capped { SLICE } else { CHUNK };
                 let want = usize::try_from(written - sent).unwrap_or(chunk).min(chunk);
-                let mut buf = vec![0u8; want];
-                match f.read(&mut buf).await {
-                    Ok(0) => growing.wait().await,
-                    Ok(n) => {
-                        buf.truncate(n);
+                // Read on the blocking pool straight into the chunk sent (tokio's File would
+                // read into its own buffer and copy).
+                let (file, at) = (f.clone(), sent);
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::io::Read;
+                    let mut buf = Vec::with_capacity(want);
+                    let mut part = std::io::Read::take(ReadAt { file: &file, at }, want as u64);
+                    part.read_to_end(&mut buf).map(|_| buf)
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match read.map(|buf| (buf.len(), buf)) {
+                    Ok((0, _)) => growing.wait().await,
+                    Ok((n, buf)) => {
                         sent += n as u64;
                         if capped {
                             bandwidth.take(n).await;

@@ -66,23 +66,23 @@ impl Entry {
     }
 }
 
-/// Appends a frame body. `data` is the raw data (Stored) or its compression (Zstd); the writer
-/// keeps within the frame limits.
-pub(crate) fn encode(
+/// Appends a frame body without its data: the data (`stored_len` bytes: the raw data, Stored, or
+/// its compression, Zstd) follows it in the record, written by the caller from where it is. The
+/// writer keeps within the frame limits.
+pub(crate) fn encode_table(
     out: &mut Vec<u8>,
     encoding: Encoding,
     entries: &[Entry],
     raw_len: usize,
-    data: &[u8],
+    stored_len: usize,
 ) {
     out.put_u8(encoding as u8);
     out.put_u32(entries.len() as u32);
     out.put_u32(raw_len as u32);
-    out.put_u32(data.len() as u32);
+    out.put_u32(stored_len as u32);
     for entry in entries {
         entry.encode(out);
     }
-    out.extend_from_slice(data);
 }
 
 /// Where the parts of a frame body are, after the fixed fields were checked.

@@ -41,9 +41,15 @@ impl RecordKind {
 }
 
 fn checksum(head: &[u8], body: &[u8]) -> [u8; RECORD_CHECKSUM_LEN] {
+    checksum_parts(head, body, &[])
+}
+
+/// The checksum of a record whose body is `body` followed by `tail`.
+fn checksum_parts(head: &[u8], body: &[u8], tail: &[u8]) -> [u8; RECORD_CHECKSUM_LEN] {
     let mut h = Xxh3::new();
     h.update(head);
     h.update(body);
+    h.update(tail);
     h.digest().to_le_bytes()
 }
 
@@ -98,6 +104,27 @@ impl<W: Write> Sink<W> {
         } else {
             self.put(buf)
         }
+    }
+
+    /// Like [`Sink::finish`], for a record whose body is the rest of `buf` followed by `tail`
+    /// (a frame's data, written from where it is instead of copied behind its table first).
+    pub(crate) fn finish_with(
+        &mut self,
+        kind: RecordKind,
+        buf: &mut [u8],
+        tail: &[u8],
+    ) -> Result<(), LogEncodeError> {
+        let body_len = buf.len() - RECORD_HEAD_LEN + tail.len();
+        debug_assert!(
+            body_len <= kind.limit() && kind != RecordKind::Trailer,
+            "the writer respects the record limits"
+        );
+        buf[0] = kind as u8;
+        buf[1..RECORD_HEAD_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
+        let sum = checksum_parts(&buf[..RECORD_HEAD_LEN], &buf[RECORD_HEAD_LEN..], tail);
+        self.put(buf)?;
+        self.put(tail)?;
+        self.put(&sum)
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<(), LogEncodeError> {

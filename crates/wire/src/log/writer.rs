@@ -100,6 +100,19 @@ impl<W: Write> LogWriter<W> {
             if self.raw.len() == MAX_FRAME_RAW || self.entries.len() == MAX_FRAME_EXTENTS {
                 self.flush_frame()?;
             }
+            if self.entries.is_empty() && rest.len() >= MAX_FRAME_RAW {
+                // A whole frame of data: written from the caller's buffer, not copied first.
+                let (piece, tail) = rest.split_at(MAX_FRAME_RAW);
+                self.entries.push(Entry {
+                    kind: EntryKind::Data,
+                    disk,
+                    offset: at,
+                    len: MAX_FRAME_RAW as u64,
+                });
+                self.emit_frame(piece)?;
+                (at, rest) = (at + MAX_FRAME_RAW as u64, tail);
+                continue;
+            }
             let (piece, tail) = rest.split_at(rest.len().min(MAX_FRAME_RAW - self.raw.len()));
             let len = piece.len() as u64;
             self.entries.push(Entry {
@@ -166,21 +179,34 @@ impl<W: Write> LogWriter<W> {
         if self.entries.is_empty() {
             return Ok(());
         }
-        let compressed = self.compress();
+        let raw = std::mem::take(&mut self.raw);
+        let result = self.emit_frame(&raw);
+        self.raw = raw;
+        self.raw.clear();
+        result
+    }
+
+    /// Writes the pending extents as one frame whose raw data is `raw` (stored, or compressed
+    /// into `packed`), the data written from where it is.
+    fn emit_frame(&mut self, raw: &[u8]) -> Result<(), LogEncodeError> {
+        let compressed = self.compress(raw);
         let (encoding, data) = if compressed {
-            (Encoding::Zstd, &self.packed)
+            (Encoding::Zstd, self.packed.as_slice())
         } else {
-            (Encoding::Stored, &self.raw)
+            (Encoding::Stored, raw)
         };
         record::begin(&mut self.record);
-        frame::encode(
+        frame::encode_table(
             &mut self.record,
             encoding,
             &self.entries,
-            self.raw.len(),
-            data,
+            raw.len(),
+            data.len(),
         );
-        if let Err(e) = self.sink.finish(RecordKind::Frame, &mut self.record) {
+        if let Err(e) = self
+            .sink
+            .finish_with(RecordKind::Frame, &mut self.record, data)
+        {
             self.failed = true;
             return Err(e);
         }
@@ -189,18 +215,17 @@ impl<W: Write> LogWriter<W> {
             self.counts.add(entry.kind, entry.len);
         }
         self.entries.clear();
-        self.raw.clear();
         Ok(())
     }
 
     /// Compresses the raw data into `packed`; true when that made it smaller. Any zstd failure,
     /// "output larger than the input" among them, means the data is stored as is. Data that did
     /// not shrink makes the next [`INCOMPRESSIBLE_SKIP`] frames skip the attempt.
-    fn compress(&mut self) -> bool {
+    fn compress(&mut self, raw: &[u8]) -> bool {
         let Some(compressor) = &mut self.compressor else {
             return false;
         };
-        if self.raw.is_empty() {
+        if raw.is_empty() {
             return false;
         }
         if self.skip_compression > 0 {
@@ -208,10 +233,11 @@ impl<W: Write> LogWriter<W> {
             return false;
         }
         self.packed.clear();
-        self.packed.reserve(self.raw.len());
+        self.packed.reserve(raw.len());
         // Worth it only when it saves at least 1/32 of the frame.
-        let worth = self.raw.len() - self.raw.len() / 32;
-        let shrank = matches!(compressor.compress_to_buffer(&self.raw, &mut self.packed), Ok(n) if n < worth);
+        let worth = raw.len() - raw.len() / 32;
+        let shrank =
+            matches!(compressor.compress_to_buffer(raw, &mut self.packed), Ok(n) if n < worth);
         if !shrank {
             self.skip_compression = INCOMPRESSIBLE_SKIP;
         }
