@@ -45,6 +45,8 @@ struct Range {
 /// An image whose guest ranges are known and read directly from the files of its chain.
 pub struct MappedImage {
     files: Vec<File>,
+    /// The files' names, the image first, then its backing files.
+    names: Vec<String>,
     ranges: Vec<Range>,
     size: u64,
 }
@@ -97,6 +99,7 @@ impl MappedImage {
             return Err(unsupported("qemu-img info returned no image"));
         }
         let mut files = Vec::new();
+        let mut names = Vec::new();
         for layer in &chain {
             if layer["encrypted"].as_bool() == Some(true) {
                 return Err(unsupported("it is encrypted"));
@@ -111,6 +114,7 @@ impl MappedImage {
                 path: name.to_string(),
                 source,
             })?);
+            names.push(name.to_string());
         }
         let size = chain[0]["virtual-size"]
             .as_u64()
@@ -149,6 +153,7 @@ impl MappedImage {
         }
         Ok(MappedImage {
             files,
+            names,
             ranges,
             size,
         })
@@ -156,6 +161,11 @@ impl MappedImage {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The files read: the image, then its backing files.
+    pub fn file_names(&self) -> &[String] {
+        &self.names
     }
 
     /// The ranges overlapping `[offset, offset+len)`, as allocation extents.

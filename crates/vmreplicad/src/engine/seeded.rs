@@ -298,11 +298,30 @@ fn hash_progress_files(
     )
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
 struct HashProgress {
+    image: String,
+    format: String,
     size: u64,
     block_size: u32,
+    /// The image's fingerprint, taken before it was opened (and mapped) for reading.
     print: disk::fingerprint::Fingerprint,
+    /// Its backing files' (a qcow2 chain's layers below it, read too).
+    backing: Vec<(String, disk::fingerprint::Fingerprint)>,
+}
+
+impl HashProgress {
+    /// Why the hashes it describes no longer describe `image` as it is, if they do not.
+    fn stale(&self) -> Option<String> {
+        let files = std::iter::once((self.image.as_str(), &self.print))
+            .chain(self.backing.iter().map(|(f, p)| (f.as_str(), p)));
+        for (file, print) in files {
+            if let Err(why) = disk::fingerprint::check(std::path::Path::new(file), print) {
+                return Some(why);
+            }
+        }
+        None
+    }
 }
 
 /// Drops what [`hash_kept`] kept for `vm`'s `disks` disks (the comparison they served is over).
@@ -318,11 +337,11 @@ pub(super) fn forget_hash_progress(data_dir: &std::path::Path, vm: uuid::Uuid, d
 }
 
 /// Hashes disk `i` (`image`, of `format`) of a turned-off VM into a map at `<map>.tmp` (returned),
-/// keeping the hashes as they are made, [`HASH_STEP`] blocks at a time, so that a cancel loses at
-/// most one step: with `resume` (a paused resynchronization going on, spec §13.6) the hashes
-/// kept before are the start, when the file has the fingerprint it had when they began; else (or
-/// when it changed) it starts over, and says why. None when the image cannot be read without
-/// QEMU (the caller reads it through qemu-nbd instead).
+/// keeping the hashes as they are made, [`HASH_STEP`] blocks at a time (written and synced), so
+/// that a cancel loses at most one step: with `resume` (a paused resynchronization going on, spec
+/// §13.6) the hashes kept before are the start, while the image and its backing files have the
+/// fingerprints they had when they began; else (or when one changed) it starts over, and says
+/// why. None when the image cannot be read without QEMU (the caller reads it through qemu-nbd).
 async fn hash_kept(
     ctx: &JobContext,
     tracking: &std::path::Path,
@@ -334,45 +353,73 @@ async fn hash_kept(
 ) -> Result<Option<std::path::PathBuf>, JobFailure> {
     use disk::scan::hashmap::{block_count, MapWriter, HASH_LEN};
     use std::io::{Read, Write};
+    let (hashes, record) = hash_progress_files(tracking, i);
+    let recorded = std::fs::read(&record)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<HashProgress>(&b).ok());
+    // Before the image is opened: the map `Opened::open` takes must not be older than the
+    // fingerprint new hashes will be trusted by (a write between them would be in neither).
+    let stale = recorded.as_ref().map(HashProgress::stale);
+    let print = crate::replication::journal::settled_fingerprint(std::path::Path::new(image));
     let Ok(opened) = crate::replication::prehash::Opened::open(image, format) else {
         return Ok(None);
     };
     let mut source = opened.source();
     let size = source.size().map_err(local)?;
     let blocks = block_count(size, DEFAULT_BLOCK_SIZE);
-    let (hashes, record) = hash_progress_files(tracking, i);
-    let recorded = std::fs::read(&record)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<HashProgress>(&b).ok());
+    let had = std::fs::metadata(&hashes).map_or(0, |m| m.len() / HASH_LEN as u64);
     let mut kept = 0;
     if resume {
-        let had = std::fs::metadata(&hashes).map_or(0, |m| m.len() / HASH_LEN as u64);
-        match recorded.filter(|r| r.size == size && r.block_size == DEFAULT_BLOCK_SIZE) {
-            Some(r) => match disk::fingerprint::check(std::path::Path::new(image), &r.print) {
-                Ok(()) => kept = had.min(blocks),
-                Err(why) => ctx.note(&format!(
+        match (&recorded, stale) {
+            (Some(r), Some(None))
+                if (r.image.as_str(), r.format.as_str(), r.size, r.block_size)
+                    == (image, format, size, DEFAULT_BLOCK_SIZE) =>
+            {
+                kept = had.min(blocks)
+            }
+            (Some(_), Some(Some(why))) => {
+                forget_disk_progress(&hashes, &record)?;
+                ctx.note(&format!(
                     "disk {i}: the hashes made before the pause are not used ({why}); it is hashed again"
-                ))?,
-            },
-            None if had > 0 => ctx.note(&format!(
-                "disk {i}: the hashes made before the pause describe another disk; it is hashed again"
-            ))?,
-            None => {}
+                ))?
+            }
+            (Some(_), _) => {
+                forget_disk_progress(&hashes, &record)?;
+                ctx.note(&format!(
+                    "disk {i}: the hashes made before the pause describe another disk; it is hashed again"
+                ))?
+            }
+            (None, _) => {}
         }
     }
     if kept == 0 {
-        let _ = std::fs::remove_file(&record);
-        // Only hashes of a file left alone can be trusted later (its times may not move for a
+        // Emptied before the new record is written, so no crash leaves old hashes under it.
+        forget_disk_progress(&hashes, &record)?;
+        // Only hashes of files left alone can be trusted later (their times may not move for a
         // write in the same clock tick).
-        if let Some(print) =
-            crate::replication::journal::settled_fingerprint(std::path::Path::new(image))
-        {
+        let backing: Option<Vec<_>> = opened
+            .backing_files()
+            .iter()
+            .map(|f| {
+                crate::replication::journal::settled_fingerprint(std::path::Path::new(f))
+                    .map(|p| (f.clone(), p))
+            })
+            .collect();
+        if let (Some(print), Some(backing)) = (print, backing) {
             let r = HashProgress {
+                image: image.to_string(),
+                format: format.to_string(),
                 size,
                 block_size: DEFAULT_BLOCK_SIZE,
                 print,
+                backing,
             };
-            std::fs::write(&record, serde_json::to_vec(&r).map_err(local)?).map_err(local)?;
+            let tmp = record.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&r).map_err(local)?).map_err(local)?;
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(local)?;
+            std::fs::rename(&tmp, &record).map_err(local)?;
         }
     } else {
         ctx.note(&format!(
@@ -402,7 +449,10 @@ async fn hash_kept(
                 "Report this as a bug.",
             ));
         }
-        out.write_all(&step.concat()).map_err(local)?;
+        // Synced: after a power cut a kept hash must not read back as zeros ("a block of zeros").
+        out.write_all(&step.concat())
+            .and_then(|()| out.sync_data())
+            .map_err(local)?;
         next += n;
     }
     drop(out);
@@ -416,6 +466,19 @@ async fn hash_kept(
         writer.push(&h).map_err(local)?;
     }
     Ok(Some(writer.finish().map_err(local)?))
+}
+
+/// Empties disk `i`'s kept hashes (synced) and removes their record.
+fn forget_disk_progress(
+    hashes: &std::path::Path,
+    record: &std::path::Path,
+) -> Result<(), JobFailure> {
+    let _ = std::fs::remove_file(record);
+    match std::fs::OpenOptions::new().write(true).open(hashes) {
+        Ok(f) => f.set_len(0).and_then(|()| f.sync_all()).map_err(local),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(local(e)),
+    }
 }
 
 /// [`compare_and_send`] once the replica began the session `cs` and this side's maps are `own`.

@@ -280,6 +280,7 @@ impl ReplicaSide {
             self.store
                 .record_applied_log(&record)
                 .map_err(|e| crate::error_chain(&e))?;
+            super::prehash::forget_prefixes(&self.data_dir, vm);
             match points.adopt(&info, &paths).await {
                 Ok(()) => true,
                 Err(AdoptError::NotAdoptable(why)) => {

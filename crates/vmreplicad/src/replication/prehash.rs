@@ -267,17 +267,31 @@ fn prefix_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
     kept_dir(data_dir, vm).join("prefix")
 }
 
+/// What kept hashes describe: a point (its sequence and log hash), the block size and the size of
+/// each image.
+pub fn prefix_tag(sequence: u64, identity: &str, block_size: u32, sizes: &[u64]) -> String {
+    format!("{sequence} {identity} {block_size} {sizes:?}")
+}
+
 impl Prehash {
     /// Keeps the hashes made so far of each image (a prefix of its blocks, 16 bytes each) as those
-    /// of `vm`'s point `sequence` with log hash `identity`. A point never changes, so they stay
-    /// true for it; [`take_prefixes`] hands them to the next session on that point, which hashes
-    /// only the rest. Best effort: without them, that session reads the whole point again.
-    pub fn keep_prefixes(&self, data_dir: &Path, vm: Uuid, sequence: u64, identity: &str) {
+    /// of the point `tag` names ([`prefix_tag`]; empty: nothing kept). A point never changes, so
+    /// they stay true for it; [`take_prefixes`] hands them to the next session on that point,
+    /// which hashes only the rest. Files are synced before the tag is written (renamed into
+    /// place), so a power cut never leaves a tag over hashes that read back as zeros. Best
+    /// effort: without them, that session reads the whole point again.
+    pub fn keep_prefixes(&self, data_dir: &Path, vm: Uuid, tag: &str) {
         let dir = prefix_dir(data_dir, vm);
         let _ = std::fs::remove_dir_all(&dir);
-        if identity.is_empty() || std::fs::create_dir_all(&dir).is_err() {
+        if tag.is_empty() || std::fs::create_dir_all(&dir).is_err() {
             return;
         }
+        let write_synced = |path: &Path, bytes: &[u8]| {
+            std::fs::write(path, bytes)
+                .and_then(|()| std::fs::File::open(path))
+                .and_then(|f| f.sync_all())
+                .is_ok()
+        };
         let mut kept = 0u64;
         let mut ok = true;
         for (i, hashes) in self.inner.hashes.iter().enumerate() {
@@ -289,31 +303,27 @@ impl Prehash {
                 .copied()
                 .collect();
             kept += (bytes.len() / HASH_LEN) as u64;
-            ok &= bytes.is_empty() || std::fs::write(dir.join(format!("disk{i}")), bytes).is_ok();
+            ok &= bytes.is_empty() || write_synced(&dir.join(format!("disk{i}")), &bytes);
         }
-        ok &=
-            kept > 0 && std::fs::write(dir.join("point"), format!("{sequence} {identity}")).is_ok();
+        let tmp = dir.join("point.tmp");
+        ok &= kept > 0
+            && write_synced(&tmp, tag.as_bytes())
+            && std::fs::rename(&tmp, dir.join("point")).is_ok();
         if ok {
-            tracing::info!(%vm, sequence, blocks = kept, "the hashes made of the point are kept for the next comparison");
+            tracing::info!(%vm, tag, blocks = kept, "the hashes made of the point are kept for the next comparison");
         } else {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
 }
 
-/// The hashes [`Prehash::keep_prefixes`] kept for `vm`'s point `sequence` with log hash
-/// `identity`, one (possibly empty) prefix per disk of `disks`, handed over and deleted. Hashes
-/// kept for any other point are deleted, and empty prefixes returned.
-pub fn take_prefixes(
-    data_dir: &Path,
-    vm: Uuid,
-    sequence: u64,
-    identity: &str,
-    disks: usize,
-) -> Vec<Vec<Hash>> {
+/// The hashes [`Prehash::keep_prefixes`] kept for the point `tag` names, one (possibly empty)
+/// prefix per disk of `disks`, handed over and deleted. Hashes kept for anything else are
+/// deleted, and empty prefixes returned.
+pub fn take_prefixes(data_dir: &Path, vm: Uuid, tag: &str, disks: usize) -> Vec<Vec<Hash>> {
     let dir = prefix_dir(data_dir, vm);
     let point = std::fs::read_to_string(dir.join("point")).unwrap_or_default();
-    let usable = !identity.is_empty() && point.trim() == format!("{sequence} {identity}");
+    let usable = !tag.is_empty() && point == tag;
     let prefixes = (0..disks)
         .map(|i| match usable {
             true => std::fs::read(dir.join(format!("disk{i}")))
@@ -328,8 +338,13 @@ pub fn take_prefixes(
             false => Vec::new(),
         })
         .collect();
-    let _ = std::fs::remove_dir_all(&dir);
+    forget_prefixes(data_dir, vm);
     prefixes
+}
+
+/// Drops any hashes kept for `vm` (its points are being replaced: an import, an adoption).
+pub fn forget_prefixes(data_dir: &Path, vm: Uuid) {
+    let _ = std::fs::remove_dir_all(prefix_dir(data_dir, vm));
 }
 
 /// An image opened for reading without QEMU in between: the file of a raw image, or the files of
@@ -349,6 +364,14 @@ impl Opened {
         disk::scan::mapped::MappedImage::open(Path::new(image), format)
             .map(Opened::Mapped)
             .map_err(|e| crate::error_chain(&e))
+    }
+
+    /// The backing files read besides the image itself (none for a raw image).
+    pub(crate) fn backing_files(&self) -> &[String] {
+        match self {
+            Opened::Raw(_) => &[],
+            Opened::Mapped(m) => m.file_names().get(1..).unwrap_or_default(),
+        }
     }
 
     pub(crate) fn source(&self) -> disk::scan::Source<'_> {
@@ -543,20 +566,26 @@ mod tests {
         let p = Prehash::idle(1);
         p.start(images.clone(), BS, None, Vec::new());
         assert_eq!(p.take(0, 0, blocks).await, want);
-        p.keep_prefixes(&data, vm, 4, "h4");
+        let tag = prefix_tag(4, "h4", BS, &[size]);
+        p.keep_prefixes(&data, vm, &tag);
         assert!(
-            take_prefixes(&data, vm, 4, "other", 1)[0].is_empty(),
+            take_prefixes(&data, vm, &prefix_tag(4, "other", BS, &[size]), 1)[0].is_empty(),
             "point 4 of another chain: nothing"
         );
         assert!(
-            take_prefixes(&data, vm, 4, "h4", 1)[0].is_empty(),
+            take_prefixes(&data, vm, &tag, 1)[0].is_empty(),
             "a wrong point's hashes are deleted"
         );
-        p.keep_prefixes(&data, vm, 4, "h4");
-        let kept = take_prefixes(&data, vm, 4, "h4", 1);
+        p.keep_prefixes(&data, vm, &tag);
+        assert!(
+            take_prefixes(&data, vm, &prefix_tag(4, "h4", BS, &[size * 2]), 1)[0].is_empty(),
+            "another disk size: nothing"
+        );
+        p.keep_prefixes(&data, vm, &tag);
+        let kept = take_prefixes(&data, vm, &tag, 1);
         assert_eq!(kept[0], want, "all of them, in order");
         assert!(
-            take_prefixes(&data, vm, 4, "h4", 1)[0].is_empty(),
+            take_prefixes(&data, vm, &tag, 1)[0].is_empty(),
             "handed over once"
         );
         // A prefix is taken as it is (here one that lies: zeros), and only the rest is read.

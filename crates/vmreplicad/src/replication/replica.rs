@@ -392,8 +392,12 @@ impl ReplicaSide {
             .flatten()
             .map(|l| l.log_hash)
             .unwrap_or_default();
-        c.prehash
-            .keep_prefixes(&self.data_dir, vm, c.baseline, &identity);
+        let sizes: Vec<u64> = c.images.iter().map(|(_, _, size)| *size).collect();
+        let tag = match identity.is_empty() {
+            true => String::new(),
+            false => super::prehash::prefix_tag(c.baseline, &identity, c.block_size, &sizes),
+        };
+        c.prehash.keep_prefixes(&self.data_dir, vm, &tag);
     }
 
     /// `POST …/compare` (§5.5). Kind 1, Seeded: the replica VM's own disks (a copy restored on this
@@ -516,6 +520,8 @@ impl ReplicaSide {
         disks: &[DiskSpec],
         recorded_hash: Option<&str>,
     ) -> Result<Imported, String> {
+        // The points are being replaced: hashes kept of an earlier one go.
+        super::prehash::forget_prefixes(&self.data_dir, vm);
         let replica = self
             .store
             .replica_vm(vm)
