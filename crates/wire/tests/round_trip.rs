@@ -118,7 +118,10 @@ proptest! {
     }
 }
 
-/// A 9 MiB extent spans three frames and comes back as adjacent pieces with the same bytes.
+/// A 9 MiB extent after a zero extent: the zero extent goes out in a frame of its own (a whole
+/// frame of data is written straight from the caller's buffer, after what is pending), the extent
+/// in two whole frames and a third holding its tail and the next extent; it comes back as
+/// adjacent pieces with the same bytes.
 #[test]
 fn large_extents_are_split_across_frames() {
     let big: Vec<u8> = (0..9 * 1024 * 1024 + 7)
@@ -147,7 +150,7 @@ fn large_extents_are_split_across_frames() {
         let (log, written) = write(&ops, header, compression);
         let (read_ops, summary) = read(&log);
         assert_eq!(summary, written);
-        assert_eq!(summary.counts.frames, 3);
+        assert_eq!(summary.counts.frames, 4);
         assert_eq!(
             summary.counts.data_extents, 4,
             "the big extent in three pieces, and one more"
@@ -183,6 +186,43 @@ fn large_extents_are_split_across_frames() {
 }
 
 /// Data that zstd cannot shrink is stored, so compression never makes a log bigger.
+/// Whole frames of data with nothing pending: each is one frame of one extent, and an unaligned
+/// extent between them does not make the next ones share frames.
+#[test]
+fn whole_frames_of_data_go_out_as_they_come() {
+    let frame = 4 << 20;
+    let chunk: Vec<u8> = (0..frame).map(|i: u32| (i % 251) as u8).collect();
+    let ops = [
+        Op::Data {
+            disk: 0,
+            offset: 0,
+            data: chunk.clone(),
+        },
+        Op::Data {
+            disk: 0,
+            offset: frame as u64,
+            data: vec![7; 4096],
+        },
+        Op::Data {
+            disk: 0,
+            offset: 2 * frame as u64,
+            data: chunk.clone(),
+        },
+        Op::Data {
+            disk: 0,
+            offset: 3 * frame as u64,
+            data: chunk.clone(),
+        },
+    ];
+    let mut header = common::header();
+    header.disks[0].virtual_size = 16 << 20;
+    let (log, written) = write(&ops, header, Compression::Off);
+    let (read_ops, summary) = read(&log);
+    assert_eq!(summary, written);
+    assert_eq!(read_ops, ops);
+    assert_eq!(summary.counts.frames, 4, "one frame per extent");
+}
+
 #[test]
 fn incompressible_frames_are_stored() {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;

@@ -3,9 +3,9 @@
 //! The disk is read through an NBD export; `base:allocation` tells which ranges are holes or zeros,
 //! and those are never read. Every other block (64 KiB by default) is hashed with BLAKE3 and
 //! compared with the map of the last shipped point ([`hashmap`]); blocks that differ go into the
-//! replication log, adjacent ones coalesced into one extent. The new map is written beside the old
-//! one and becomes the map of record only when the consumer confirms the point is durable
-//! ([`hashmap::commit`]). Memory stays bounded: one read run and one map entry at a time.
+//! replication log, adjacent ones of one read (up to 4 MiB) written as one extent straight from the
+//! read buffer. The new map is written beside the old one and becomes the map of record only when
+//! the consumer confirms the point is durable ([`hashmap::commit`]). Memory stays bounded: one read run and one map entry at a time.
 //!
 //! Without a previous map the scan produces a full image: every non-zero block, and no zero extents
 //! (the replica starts from an empty, sparse image).

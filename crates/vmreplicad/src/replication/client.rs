@@ -215,20 +215,6 @@ impl std::io::Write for GrowingFile {
     }
 }
 
-/// Reads `file` from byte `at` on with `pread`, leaving its offset alone.
-struct ReadAt<'a> {
-    file: &'a std::fs::File,
-    at: u64,
-}
-
-impl std::io::Read for ReadAt<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
-        self.at += n as u64;
-        Ok(n)
-    }
-}
-
 /// Called with (bytes sent, log length) as a log goes out.
 pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 
@@ -812,14 +798,26 @@ impl Session {
                 let capped = bandwidth.capped();
                 let chunk = if capped { SLICE } else { CHUNK };
                 let want = usize::try_from(written - sent).unwrap_or(chunk).min(chunk);
-                // Read on the blocking pool straight into the chunk sent (tokio's File would
-                // read into its own buffer and copy).
+                // Read with pread on the blocking pool straight into the chunk sent (tokio's File
+                // would read into its own buffer and copy).
                 let (file, at) = (f.clone(), sent);
                 let read = tokio::task::spawn_blocking(move || {
-                    use std::io::Read;
-                    let mut buf = Vec::with_capacity(want);
-                    let mut part = std::io::Read::take(ReadAt { file: &file, at }, want as u64);
-                    part.read_to_end(&mut buf).map(|_| buf)
+                    let mut buf = vec![0u8; want];
+                    let mut n = 0;
+                    while n < want {
+                        match std::os::unix::fs::FileExt::read_at(
+                            &*file,
+                            &mut buf[n..],
+                            at + n as u64,
+                        ) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    buf.truncate(n);
+                    Ok(buf)
                 })
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)));

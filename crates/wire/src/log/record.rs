@@ -54,7 +54,7 @@ fn checksum_parts(head: &[u8], body: &[u8], tail: &[u8]) -> [u8; RECORD_CHECKSUM
 }
 
 /// Clears `buf` and reserves room for a record head; append the body after it, then hand it to
-/// [`Sink::finish`].
+/// [`Sink::finish`] (or the body's start to [`Sink::finish_with`] with the rest beside it).
 pub(crate) fn begin(buf: &mut Vec<u8>) {
     buf.clear();
     buf.extend_from_slice(&[0; RECORD_HEAD_LEN]);

@@ -100,8 +100,11 @@ impl<W: Write> LogWriter<W> {
             if self.raw.len() == MAX_FRAME_RAW || self.entries.len() == MAX_FRAME_EXTENTS {
                 self.flush_frame()?;
             }
-            if self.entries.is_empty() && rest.len() >= MAX_FRAME_RAW {
-                // A whole frame of data: written from the caller's buffer, not copied first.
+            if rest.len() >= MAX_FRAME_RAW {
+                // A whole frame of data: written from the caller's buffer, not copied first. What
+                // is pending goes out first as a shorter frame, so one unaligned extent does not
+                // make every later one be copied.
+                self.flush_frame()?;
                 let (piece, tail) = rest.split_at(MAX_FRAME_RAW);
                 self.entries.push(Entry {
                     kind: EntryKind::Data,
