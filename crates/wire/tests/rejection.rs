@@ -424,3 +424,31 @@ fn an_interrupted_log_is_cut_back_to_its_whole_records() {
     damaged[at] ^= 0x10;
     assert!(wire::whole_records_prefix(&damaged[..]) <= at as u64);
 }
+
+/// A log read again with the hash it was verified with when it arrived (`open_verified`, the
+/// apply of an upload): the BLAKE3 pass is skipped, but a wrong hash, and every flipped byte, are
+/// still rejected.
+#[test]
+fn a_log_read_with_its_verified_hash_is_still_checked() {
+    let read_all = |log: &[u8], hash: [u8; 32]| -> Result<wire::LogSummary, LogDecodeError> {
+        let mut r = LogReader::open_verified(log, &expect(), hash)?;
+        while r.next_extent()?.is_some() {}
+        r.summary().cloned().ok_or(LogDecodeError::ReaderFailed)
+    };
+    for compression in [Compression::Off, Compression::default()] {
+        let log = small_log(compression);
+        let summary = verify(&log[..], &expect()).expect("valid");
+        assert_eq!(read_all(&log, summary.hash).expect("accepted"), summary);
+        let mut wrong = summary.hash;
+        wrong[0] ^= 1;
+        assert!(read_all(&log, wrong).is_err(), "another hash");
+        for at in 0..log.len() {
+            let mut bad = log.clone();
+            bad[at] ^= 0x01;
+            assert!(
+                read_all(&bad, summary.hash).is_err(),
+                "flip at {at} accepted"
+            );
+        }
+    }
+}

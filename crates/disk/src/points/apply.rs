@@ -25,13 +25,34 @@ impl PointStore {
     /// (a re-sent log, or a re-run after a crash). A crash at any instant leaves every committed
     /// point intact and the log re-appliable.
     pub async fn apply(&self, log: &Path, expect: &Expect) -> Result<PointInfo, ApplyError> {
+        self.apply_checked(log, expect, None).await
+    }
+
+    /// [`PointStore::apply`] of a log whose whole-stream hash `hash` was verified when it arrived
+    /// (an upload the replica checked before committing it): the records and the trailer are
+    /// checked as it is applied, but its bytes are not BLAKE3-hashed a second time.
+    pub async fn apply_verified(
+        &self,
+        log: &Path,
+        expect: &Expect,
+        hash: [u8; 32],
+    ) -> Result<PointInfo, ApplyError> {
+        self.apply_checked(log, expect, Some(hash)).await
+    }
+
+    async fn apply_checked(
+        &self,
+        log: &Path,
+        expect: &Expect,
+        verified: Option<[u8; 32]>,
+    ) -> Result<PointInfo, ApplyError> {
         if expect.vm != self.vm {
             return Err(ApplyError::WrongVm {
                 store: self.vm,
                 log: expect.vm,
             });
         }
-        let reader = stream::open(log, expect).await?;
+        let reader = stream::open(log, expect, verified).await?;
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
         let points = catalog::points(&self.layout)?;

@@ -48,14 +48,23 @@ const READ_BUFFER: usize = 1 << 20;
 /// A log whose header was read and checked.
 pub(crate) type OpenLog = LogReader<BufReader<File>>;
 
-/// Opens the log and reads and checks its header against `expect` (in a blocking task).
-pub(crate) async fn open(log: &Path, expect: &Expect) -> Result<OpenLog, ApplyError> {
+/// Opens the log and reads and checks its header against `expect` (in a blocking task); with
+/// `verified`, the hash the log was verified with when it arrived ([`LogReader::open_verified`]).
+pub(crate) async fn open(
+    log: &Path,
+    expect: &Expect,
+    verified: Option<[u8; 32]>,
+) -> Result<OpenLog, ApplyError> {
     let path = log.to_path_buf();
     let expect = *expect;
     let task = tokio::task::spawn_blocking(move || -> Result<OpenLog, ApplyError> {
         let file = File::open(&path).map_err(StoreError::io("open", &path))?;
-        LogReader::open(BufReader::with_capacity(READ_BUFFER, file), &expect)
-            .map_err(|source| rejected(&path, source))
+        let input = BufReader::with_capacity(READ_BUFFER, file);
+        match verified {
+            Some(hash) => LogReader::open_verified(input, &expect, hash),
+            None => LogReader::open(input, &expect),
+        }
+        .map_err(|source| rejected(&path, source))
     });
     task.await.map_err(ApplyError::ReaderTask)?
 }

@@ -1895,7 +1895,15 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         sequence: log.sequence,
         parent: log.sequence - 1,
     };
-    match points.apply(&path, &expect).await {
+    // Verified as a whole when it arrived (before its commit): not hashed again.
+    let verified = hex::decode(&log.log_hash)
+        .ok()
+        .and_then(|h| <[u8; 32]>::try_from(h).ok());
+    let applied = match verified {
+        Some(hash) => points.apply_verified(&path, &expect, hash).await,
+        None => points.apply(&path, &expect).await,
+    };
+    match applied {
         Ok(point) => {
             tracing::info!(vm = %log.vm, sequence = point.sequence, "recovery point applied");
         }

@@ -81,6 +81,20 @@ impl<R: Read> LogReader<R> {
         Ok(reader)
     }
 
+    /// [`LogReader::open`] for a log whose whole-stream hash `hash` was verified when it arrived
+    /// (the replica checks an upload before it commits it) and that is read again to be applied:
+    /// every record is still checked (XXH3), and the trailer against the counts, the length and
+    /// `hash`, but the BLAKE3 pass over every byte is not repeated.
+    pub fn open_verified(
+        input: R,
+        expect: &Expect,
+        hash: [u8; 32],
+    ) -> Result<Self, LogDecodeError> {
+        let mut reader = Self::open(input, expect)?;
+        reader.src.trust(hash);
+        Ok(reader)
+    }
+
     /// Reads the preamble and the header without expecting a particular VM or sequence, for tools
     /// that inspect logs. The format is checked as strictly as by [`LogReader::open`].
     pub fn open_unchecked(input: R) -> Result<Self, LogDecodeError> {

@@ -156,6 +156,8 @@ pub(crate) struct Source<R> {
     input: R,
     hasher: blake3::Hasher,
     offset: u64,
+    /// The stream's hash, verified when the log arrived: not computed again.
+    known: Option<[u8; 32]>,
 }
 
 /// Where a record started and what kind it is; its body is in the caller's buffer.
@@ -172,6 +174,7 @@ impl<R: Read> Source<R> {
             input,
             hasher: blake3::Hasher::new(),
             offset: 0,
+            known: None,
         };
         let mut preamble = [0; PREAMBLE_LEN];
         src.fill(&mut preamble, 0)?;
@@ -215,7 +218,7 @@ impl<R: Read> Source<R> {
         if sum != checksum(&head, body) {
             return Err(LogDecodeError::ChecksumMismatch { offset });
         }
-        if kind != RecordKind::Trailer {
+        if kind != RecordKind::Trailer && self.known.is_none() {
             self.hasher.update(&head);
             self.hasher.update(body);
             self.hasher.update(&sum);
@@ -245,8 +248,14 @@ impl<R: Read> Source<R> {
     }
 
     /// The hash of every byte before the current position, trailer excluded.
+    /// Stops hashing: `hash` is the stream's hash, verified when the log arrived.
+    pub(crate) fn trust(&mut self, hash: [u8; 32]) {
+        self.known = Some(hash);
+    }
+
     pub(crate) fn hash(&self) -> [u8; 32] {
-        *self.hasher.finalize().as_bytes()
+        self.known
+            .unwrap_or_else(|| *self.hasher.finalize().as_bytes())
     }
 
     /// Reads exactly `buf.len()` bytes; running out is `Truncated` at `record`.
