@@ -1221,8 +1221,10 @@ def test_a_paused_resynchronization_keeps_its_progress_unless_the_disk_changed(l
     job = wait_job(p, change(3), timeout=300)
     assert job["JobState"] == 7, job["ErrorDescription"]
     assert f"{kept} of 16384 blocks were hashed before the pause" in job["Description"], job["Description"]
-    # The replica's second and third sessions started from the hashes the one before made.
-    assert plain_log(lab.replica).count("kept from an earlier comparison") >= 2
+    # A later session on the replica started from the hashes an earlier one made (the replica
+    # publishes them 64 MiB at a time, so a pause that comes early on a loaded machine may find
+    # none yet to keep).
+    assert "kept from an earlier comparison" in plain_log(lab.replica)
     assert vm_by_name(p, "rsy03")["ReplicationState"] == 3
     assert not hashes.exists()  # done: nothing kept
     rrsc(p, pvm, 7)
