@@ -307,8 +307,9 @@ impl LocalEngine {
     }
 
     /// SetFailoverNetworkAdapterSettings on either side: stores the settings (by adapter and
-    /// protocol; DHCP without addresses clears them), which a failed-over replica's start command
-    /// gets in `VMREPLICA_FAILOVER_NETWORK` (power::start). The state does not change.
+    /// protocol; settings that ask for nothing clear that key, `FailoverNetworkSettings::is_clear`),
+    /// which a failed-over replica's start command gets in `VMREPLICA_FAILOVER_NETWORK`
+    /// (power::start). The state does not change.
     fn set_failover_network(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
         let store = self.store.clone();
         let (vm, settings, claim) = (req.vm, req.args.failover_network, req.claim);
