@@ -143,7 +143,7 @@ pub fn print(fmt: OutputFormat, out: &CommandOutput) {
                 .iter()
                 .map(|f| {
                     let protocol = match f.protocol_if_type {
-                        4096 => "IPv4",
+                        vmreplica_core::settings::PROTOCOL_IPV4 => "IPv4",
                         _ => "IPv6",
                     };
                     let addresses: Vec<String> = f

@@ -185,7 +185,6 @@ fn large_extents_are_split_across_frames() {
     }
 }
 
-/// Data that zstd cannot shrink is stored, so compression never makes a log bigger.
 /// Whole frames of data with nothing pending: each is one frame of one extent, and an unaligned
 /// extent between them does not make the next ones share frames.
 #[test]
@@ -221,8 +220,11 @@ fn whole_frames_of_data_go_out_as_they_come() {
     assert_eq!(summary, written);
     assert_eq!(read_ops, ops);
     assert_eq!(summary.counts.frames, 4, "one frame per extent");
+    // Copied into frames as they came, the 4 MiB extents after the small one would be split.
+    assert_eq!(summary.counts.data_extents, 4, "no extent split");
 }
 
+/// Data that zstd cannot shrink is stored, so compression never makes a log bigger.
 #[test]
 fn incompressible_frames_are_stored() {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;

@@ -280,10 +280,6 @@ async fn hash_own(
     Ok(own)
 }
 
-/// Blocks hashed between two looks at a cancel (64 MiB at 64 KiB), and between two appends to the
-/// kept hashes.
-const HASH_STEP: u64 = 1024;
-
 /// `tracking/<VMID>/disk<i>.resync-hashes`: the hashes of a turned-off VM's disk made so far by a
 /// seeded IR or a resynchronization (its first blocks, 16 bytes each, in order), and `….json`
 /// beside it: what they describe (disk size, block size, and the file's fingerprint when they
@@ -337,7 +333,7 @@ pub(super) fn forget_hash_progress(data_dir: &std::path::Path, vm: uuid::Uuid, d
 }
 
 /// Hashes disk `i` (`image`, of `format`) of a turned-off VM into a map at `<map>.tmp` (returned),
-/// keeping the hashes as they are made, [`HASH_STEP`] blocks at a time (written and synced), so
+/// keeping the hashes as they are made, [`STEP`](crate::replication::prehash::STEP) blocks at a time (written and synced), so
 /// that a cancel loses at most one step: with `resume` (a paused resynchronization going on, spec
 /// §13.6) the hashes kept before are the start, while the image and its backing files have the
 /// fingerprints they had when they began; else (or when one changed) it starts over, and says
@@ -389,7 +385,9 @@ async fn hash_kept(
                     "disk {i}: the hashes made before the pause describe another disk; it is hashed again"
                 ))?
             }
-            (None, _) => {}
+            (None, _) => ctx.note(&format!(
+                "disk {i}: no hashes of it were kept before the pause (none made yet, or its file had changed within 2 s of the start); it is hashed whole"
+            ))?,
         }
     }
     if kept == 0 {
@@ -435,10 +433,10 @@ async fn hash_kept(
     out.set_len(kept * HASH_LEN as u64).map_err(local)?;
     std::io::Seek::seek(&mut out, std::io::SeekFrom::End(0)).map_err(local)?;
     let mut next = kept;
-    let mut step = Vec::with_capacity(HASH_STEP as usize);
+    let mut step = Vec::with_capacity(crate::replication::prehash::STEP as usize);
     while next < blocks {
         ctx.check_cancelled()?;
-        let n = HASH_STEP.min(blocks - next);
+        let n = crate::replication::prehash::STEP.min(blocks - next);
         step.clear();
         disk::scan::hash_blocks(&mut source, next, n, DEFAULT_BLOCK_SIZE, &mut step)
             .await

@@ -22,8 +22,9 @@ use uuid::Uuid;
 
 /// Hashes kept per session: 128 MiB, the disks of 512 GiB at 64 KiB blocks.
 pub const MAX_BLOCKS: u64 = 8 << 20;
-/// Blocks hashed between two publications (64 MiB at 64 KiB blocks).
-const STEP: u64 = 1024;
+/// Blocks hashed between two publications (64 MiB at 64 KiB blocks); also the primary's step
+/// between two looks at a cancel when it hashes its own disks (`engine::seeded::hash_kept`).
+pub(crate) const STEP: u64 = 1024;
 /// How long a range waits for a task that makes no progress before reading the rest itself.
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -268,9 +269,12 @@ fn prefix_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
 }
 
 /// What kept hashes describe: a point (its sequence and log hash), the block size and the size of
-/// each image.
+/// each image; empty (nothing is kept or taken) without a log hash.
 pub fn prefix_tag(sequence: u64, identity: &str, block_size: u32, sizes: &[u64]) -> String {
-    format!("{sequence} {identity} {block_size} {sizes:?}")
+    match identity.is_empty() {
+        true => String::new(),
+        false => format!("{sequence} {identity} {block_size} {sizes:?}"),
+    }
 }
 
 impl Prehash {

@@ -393,10 +393,7 @@ impl ReplicaSide {
             .map(|l| l.log_hash)
             .unwrap_or_default();
         let sizes: Vec<u64> = c.images.iter().map(|(_, _, size)| *size).collect();
-        let tag = match identity.is_empty() {
-            true => String::new(),
-            false => super::prehash::prefix_tag(c.baseline, &identity, c.block_size, &sizes),
-        };
+        let tag = super::prehash::prefix_tag(c.baseline, &identity, c.block_size, &sizes);
         c.prehash.keep_prefixes(&self.data_dir, vm, &tag);
     }
 

@@ -196,10 +196,7 @@ impl ReplicaSide {
             // And the hashes a session on this point made before it was cancelled (a paused
             // resynchronization keeps its progress, spec §13.6).
             let sizes: Vec<u64> = begin.disks.iter().map(|d| d.virtual_size).collect();
-            let tag = match identity.is_empty() {
-                true => String::new(),
-                false => super::prehash::prefix_tag(baseline, &identity, begin.block_size, &sizes),
-            };
+            let tag = super::prehash::prefix_tag(baseline, &identity, begin.block_size, &sizes);
             let prefixes =
                 super::prehash::take_prefixes(&self.data_dir, vm, &tag, begin.disks.len());
             compare.start_prehash(kept, prefixes);

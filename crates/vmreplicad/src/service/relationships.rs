@@ -211,8 +211,8 @@ impl Service {
         if let Some(s) = &args.settings {
             s.validate().map_err(settings_error)?;
         }
-        // Failover network settings are applied by the failover engine, which also keeps them.
-        // A reverse after a planned failover changes the other host too (engine/reverse.rs); after
+        // Failover network settings are stored by a job (engine::set_failover_network) and handed
+        // to a failed-over VM's start command (power::start). A reverse after a planned failover changes the other host too (engine/reverse.rs); after
         // an unplanned one this host alone goes to 9 until a Resynchronize.
         let planned_reverse = op == Operation::ReverseReplicationRelationship
             && rel
@@ -283,8 +283,9 @@ impl Service {
 
     /// RRSC 9 or 7 on a primary whose resynchronization job (107, or 96 for an RRSC 3) runs: a
     /// job that cancels it, waits for it to end (its outcome puts the state back to 9), then writes
-    /// 9 or 11. The resync's progress is not kept: a later one compares again. None when no
-    /// resynchronization runs.
+    /// 9 or 11. A pause (11) keeps what was hashed (`seeded::hash_kept` on a turned-off VM, and
+    /// `Prehash::keep_prefixes` on the replica) and a resume goes on from there; after a stop (9)
+    /// the next one starts over. None when no resynchronization runs.
     fn stop_resync(
         &self,
         vm: &VmRef,

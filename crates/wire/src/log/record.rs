@@ -247,12 +247,13 @@ impl<R: Read> Source<R> {
         self.offset
     }
 
-    /// The hash of every byte before the current position, trailer excluded.
     /// Stops hashing: `hash` is the stream's hash, verified when the log arrived.
     pub(crate) fn trust(&mut self, hash: [u8; 32]) {
         self.known = Some(hash);
     }
 
+    /// The hash of every byte before the current position, trailer excluded (the trusted one
+    /// after [`Source::trust`]).
     pub(crate) fn hash(&self) -> [u8; 32] {
         self.known
             .unwrap_or_else(|| *self.hasher.finalize().as_bytes())
