@@ -7,13 +7,14 @@ import datetime
 import json
 import re
 import shutil
-import subprocess
 import time
 
 from pywbem import CIMDateTime, CIMInstanceName, Uint16
 
 from conftest import free_port, wait_job
 from test_two_hosts import (  # noqa: F401  (lab is a fixture)
+    compare,
+    latest_point_equals,
     shipped_since,
     PRIMARY,
     REPLICA,
@@ -30,25 +31,6 @@ from test_two_hosts import (  # noqa: F401  (lab is a fixture)
     wait_for,
     wait_port,
 )
-
-
-def compare(a, b, fmt_b="raw", shared=False):
-    res = subprocess.run(["qemu-img", "compare", *(["-U"] if shared else []), "-f", "qcow2", "-F", fmt_b,
-                          str(a), str(b)], capture_output=True, text=True)
-    return res.returncode == 0, res.stdout + res.stderr
-
-
-def latest_point_equals(store, other, fmt="raw", shared=False):
-    """Waits until the latest point of the point store `store` compares equal with `other`; returns
-    its sequence. The next delta's apply and prune may hold or rename the latest layer for a moment
-    (the tests call this while the other side replicates nothing new): asked again then; any other
-    difference fails at once."""
-    def check():
-        last = max(int(f.stem[1:]) for f in store.glob("p*.json"))
-        same, text = compare(store / "disk0" / f"p{last:020}.qcow2", other, fmt, shared)
-        assert same or "lock" in text or "No such file" in text, text
-        return last if same else None
-    return wait_for(check, timeout=30, what="the latest point to compare")
 
 
 def test_a_test_failover_sees_one_point_while_three_cycles_run_underneath(lab, tmp_path):

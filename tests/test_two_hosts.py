@@ -451,6 +451,30 @@ def settled(lab, vm_id):
     return seq
 
 
+def compare(a, b, fmt_b="raw", shared=False):
+    """`qemu-img compare` of qcow2 `a` with `b` (format `fmt_b`; `shared`: without taking locks);
+    (equal, what it printed)."""
+    res = subprocess.run(["qemu-img", "compare", *(["-U"] if shared else []), "-f", "qcow2", "-F", fmt_b,
+                          str(a), str(b)], capture_output=True, text=True)
+    return res.returncode == 0, res.stdout + res.stderr
+
+
+def latest_point_equals(store, other, fmt="raw", shared=False, at_least=0):
+    """Waits until the latest point (at least `at_least`) of the point store `store` compares equal
+    with `other`; returns its sequence. Replication may go on meanwhile (the tests call this while
+    the other side writes nothing new): the next delta's apply and prune may hold or rename the
+    latest layer for a moment, so a lock or a vanished file is asked again; any other difference
+    fails at once."""
+    def check():
+        last = max(int(f.stem[1:]) for f in store.glob("p*.json"))
+        if last < at_least:
+            return None
+        same, text = compare(store / "disk0" / f"p{last:020}.qcow2", other, fmt, shared)
+        assert same or "lock" in text or "No such file" in text, text
+        return last if same else None
+    return wait_for(check, timeout=30, what="the latest point to compare")
+
+
 def latest_layers(lab, vm_id, seq):
     store = lab.storage / vm_id.lower()
     return [store / f"disk{i}" / f"p{seq:020}.qcow2" for i in range(2)]
@@ -868,11 +892,7 @@ def test_removing_the_authorization_entry_stops_replication_of_its_vms(lab, tmp_
     rrsc(p, vm_by_name(p, "auth01"), 3)
     wait_for(lambda: applied_sequence(lab, vm_id) > before, what="a delta after the resume")
     assert vm_by_name(p, "auth01")["ReplicationState"] == 3
-    seq = applied_sequence(lab, vm_id)
-    layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
-    res = subprocess.run(["qemu-img", "compare", "-F", "qcow2", str(layer), str(disk)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    latest_point_equals(lab.storage / vm_id.lower(), disk, "qcow2", at_least=before + 1)
 
 
 def host_settings(daemon):
@@ -933,9 +953,7 @@ def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
     assert 2.8 <= elapsed < 30, elapsed
     assert any(0 < n <= 64 << 20 for n in seen), seen
     wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication applied")
-    layer = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
-    res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
     if cap is None:
         # Kept over the flags after a restart, until reset.
         lab.primary.stop()
@@ -1005,21 +1023,9 @@ def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_p
             run("qemu-io", "-f", "qcow2", "-c", command, disk)
 
     def equal(at_least):
-        """The latest point, at least `at_least`, equals the VM's disk. Replication goes on: the next
-        (empty) delta's apply and prune may hold or rename a layer for a moment, so a lock or a
-        vanished file is asked again; any other difference fails at once."""
-        store = lab.storage / vm_id.lower()
-
-        def check():
-            last = max(int(f.stem[1:]) for f in store.glob("p*.json"))
-            assert last >= at_least, last
-            layer = store / "disk0" / f"p{last:020}.qcow2"
-            res = subprocess.run(["qemu-img", "compare", "-F", "raw" if running else "qcow2", str(layer), current],
-                                 capture_output=True, text=True)
-            text = res.stdout + res.stderr
-            assert res.returncode == 0 or "lock" in text or "No such file" in text, text
-            return res.returncode == 0
-        wait_for(check, timeout=30, what="the latest point to compare")
+        # Replication goes on (empty deltas): the latest point, with retries.
+        latest_point_equals(lab.storage / vm_id.lower(), current, "raw" if running else "qcow2",
+                            at_least=at_least)
 
     try:
         lab.primary.cli("vm", "add", "--name", "seed01", "--id", vm_id, "--disk", str(disk), *held)
@@ -1086,6 +1092,4 @@ def test_an_initial_replication_cut_off_by_sigkill_goes_back_to_ready_and_runs_a
     assert "back in their state before it" in lab.primary.log.read_text()
     lab.primary.cli("start", "cut01")  # runs again to the end
     wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="point 1 after the rerun")
-    layer = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
-    res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(layer), str(disk)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
