@@ -154,6 +154,9 @@ def main():
     ap.add_argument("--live-churn", default="",
                     help="comma-separated MB/s rates: a guest writes random 64 KiB blocks at each rate for "
                          "three 30 s intervals while replication runs; reports whether every cycle kept up")
+    ap.add_argument("--ir-only", action="store_true", help="stop after the initial replication table")
+    ap.add_argument("--perf", default="",
+                    help="record `perf record -a` into this file during the initial replication")
     args = ap.parse_args()
     size, churn = size_arg(args.size), size_arg(args.churn)
     work, image = prepare(args.dir, args.size)
@@ -197,12 +200,20 @@ def main():
         hv1.cli("enable", "bench01", "--replica-server", REPLICA, "--replica-port", str(repl_port),
                 "--thumbprint", thumbs[PRIMARY], "--frequency", "30", "--no-compression")
         drop_caches()
+        perf = None
+        if args.perf:
+            perf = subprocess.Popen(["perf", "record", "-a", "-F", "999", "-o", args.perf],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
         t0 = time.monotonic()
         hv1.cli("start", "bench01")
         rows.append(("vmreplica initial replication over TLS (committed)", time.monotonic() - t0))
         layer = storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
         wait(layer.exists, 3600, "the replica to apply point 1")
         rows.append(("vmreplica, until the replica applied point 1", time.monotonic() - t0))
+        if perf:
+            perf.send_signal(2)
+            perf.wait()
         res = subprocess.run(["qemu-img", "compare", "-F", "qcow2", str(layer), str(image)],
                              capture_output=True, text=True)
         identical = res.returncode == 0
@@ -216,6 +227,8 @@ def main():
         for name, secs in rows:
             print(f"| {name:<52} | {secs:8.2f} | {allocated / secs / 1e6:7.0f} | {base / secs:25.2f}x |")
         print(f"replica point 1 equals the image: {identical}")
+        if args.ir_only:
+            return
 
         # Sustained replication: the VM runs (qemu-storage-daemon holds the image).
         for s in (qmp, guest):

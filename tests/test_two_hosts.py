@@ -216,7 +216,9 @@ def test_network_initial_replication_of_a_real_filesystem(lab, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert subprocess.run(["qemu-img", "check", str(layer)], capture_output=True).returncode == 0
     assert list((lab.storage / vm_id.lower() / "incoming").iterdir()) == []
-    assert not any((lab.primary.data_dir / "outgoing" / vm_id).iterdir())
+    # The log was sent from memory: the primary wrote no spool.
+    outgoing = lab.primary.data_dir / "outgoing" / vm_id
+    assert not outgoing.exists() or not any(outgoing.iterdir())
 
     # The state machine refuses a second initial replication; the CLI's connection test passes.
     rv, _ = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path, InitialReplicationType=Uint16(1))
@@ -732,13 +734,15 @@ def test_sigkill_of_either_daemon_mid_cycle_loses_nothing(lab, tmp_path):
     vm_id = replicate_network(lab, tmp_path, "kill01", [disk], "--no-compression")
     wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication")
     rng = random.Random(4)
-    spool = lab.primary.data_dir / "outgoing" / vm_id
+    # The primary sends a cycle's log from memory while it builds it; the replica's partial upload
+    # shows a cycle in flight.
+    incoming = lab.storage / vm_id.lower() / "incoming"
     for round_ in range(8):
         with open(disk, "r+b") as f:
             f.seek(rng.randrange(0, 100) << 20)
             f.write(os.urandom(24 << 20))
         # Kill while a log of this VM is being built or sent.
-        wait_for(lambda: any(spool.glob("*.vrlog")), timeout=10, what="a cycle in flight")
+        wait_for(lambda: any(incoming.glob("*.partial")), timeout=10, what="a cycle in flight")
         time.sleep(rng.uniform(0, 0.15))
         victim = lab.primary if round_ % 2 == 0 else lab.replica
         victim.proc.send_signal(signal.SIGKILL)

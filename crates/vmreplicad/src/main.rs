@@ -163,6 +163,14 @@ fn system_host_name() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs move through buffers of 1-4 MiB. With glibc's defaults every thread's arena gives the
+    // pages of a freed buffer back to the kernel and faults fresh zeroed ones in for the next one
+    // (docs/performance.md, "A seventh look"); keep up to 256 MiB and map only larger buffers.
+    // SAFETY: mallopt only sets allocator parameters (under the allocator's own locks).
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

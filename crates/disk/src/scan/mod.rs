@@ -16,8 +16,11 @@ mod source;
 
 pub use source::Source;
 
+use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use wire::{LogEncodeError, LogWriter};
 
@@ -30,6 +33,30 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 const MAP_CHUNK: u64 = 64 << 20;
 /// Largest read of consecutive data blocks (and largest extent handed to the log at once).
 const READ_RUN: u64 = 4 << 20;
+
+/// Waits until the consumer of the log a scan writes has room for more: a log sent from memory
+/// while it is written holds only so much unsent (`vmreplicad`'s `GrowingLog`).
+pub trait Pace: Send + Sync {
+    fn room(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+tokio::task_local! {
+    static PACE: Arc<dyn Pace>;
+}
+
+/// Runs `work` (which scans into a log) with `pace` consulted after every read.
+pub async fn paced<F: Future>(pace: Arc<dyn Pace>, work: F) -> F::Output {
+    PACE.scope(pace, work).await
+}
+
+/// After every read: a file read never waits in the runtime, so a future joined with the scan (the
+/// upload of the log being written) gets its turn; and a paced scan waits for room.
+async fn after_read() {
+    tokio::task::yield_now().await;
+    if let Ok(pace) = PACE.try_with(Arc::clone) {
+        pace.room().await;
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -224,9 +251,7 @@ pub async fn scan_disk_ranges<W: Write>(
                 buf.resize(run_len, 0);
                 source.read(off, &mut buf).await?;
                 stats.read_bytes += run_end - off;
-                // A file read never waits in the runtime: give a future joined with this one (the
-                // upload of the log being written) its turn after every run.
-                tokio::task::yield_now().await;
+                after_read().await;
                 let run_start = off;
                 // The changed data blocks of this read in a row: [from, to) of `buf`.
                 let mut span: Option<(usize, usize)> = None;

@@ -44,7 +44,7 @@ use wire::protocol::{
 };
 use wire::{Compression, LogHeader, LogWriter, PointType};
 
-use super::initial::{disk_table, log_disks, scan_image_ranges, GrowingOrFile};
+use super::initial::{disk_table, log_disks, scan_image_ranges, LogOut};
 use super::network::{freeze_if_running, put_vm, running_failed, target, NetworkIr};
 use super::reverse::{tracking_dir, REVERSE_LIMIT};
 use super::seeded::{fail, local};
@@ -1053,7 +1053,10 @@ async fn send(
         let mut log = LogWriter::new(
             std::io::BufWriter::with_capacity(
                 1 << 20,
-                GrowingOrFile::new(file, Some(growing.clone())),
+                LogOut::Growing(crate::replication::client::GrowingFile {
+                    file,
+                    log: growing.clone(),
+                }),
             ),
             header,
             if session.zstd(rel.settings.compression_enabled) {

@@ -87,7 +87,8 @@ fn image_info(path: &str) -> Result<(String, u64), JobFailure> {
     Ok((format, size))
 }
 
-/// A full-image log written to a file, and the baseline it leaves once the replica has it.
+/// A full-image log written to a file (or sent from memory), and the baseline it leaves once the
+/// replica has it.
 pub struct FullLog {
     pub path: PathBuf,
     pub summary: wire::LogSummary,
@@ -96,41 +97,7 @@ pub struct FullLog {
     tracking: PathBuf,
 }
 
-/// A log file, reporting its progress to a growing log when it is sent while written.
-pub enum GrowingOrFile {
-    File(File),
-    Growing(crate::replication::client::GrowingFile),
-}
-
-impl GrowingOrFile {
-    pub fn new(
-        file: File,
-        growing: Option<std::sync::Arc<crate::replication::client::GrowingLog>>,
-    ) -> GrowingOrFile {
-        match growing {
-            Some(log) => {
-                GrowingOrFile::Growing(crate::replication::client::GrowingFile { file, log })
-            }
-            None => GrowingOrFile::File(file),
-        }
-    }
-}
-
-impl Write for GrowingOrFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            GrowingOrFile::File(f) => f.write(buf),
-            GrowingOrFile::Growing(g) => g.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            GrowingOrFile::File(f) => f.flush(),
-            GrowingOrFile::Growing(g) => g.flush(),
-        }
-    }
-}
+pub use crate::replication::growing::LogOut;
 
 /// Refuses a running VM: a full image is read from disks that do not change.
 pub fn require_off(vm: &VmRow, alternative: &str) -> Result<(), JobFailure> {
@@ -273,19 +240,18 @@ async fn write_full_log_inner(
         full_image: true,
         disks: log_disks(&disks),
     };
-    // A log sent while it is written goes straight to its spool path; an export is written under a
-    // temporary name and renamed when complete.
+    // A log sent while it is written goes to memory or straight to its spool path; an export is
+    // written under a temporary name and renamed when complete.
     let tmp_log = match growing {
         Some(_) => path.to_path_buf(),
         None => path.with_extension("vrlog.tmp"),
     };
-    let file = File::create(&tmp_log).map_err(|e| {
+    let out = LogOut::create(&tmp_log, growing).map_err(|e| {
         fail(
             format!("cannot write {}: {e}", tmp_log.display()),
             "Check free space and permissions.",
         )
     })?;
-    let out = GrowingOrFile::new(file, growing);
     let mode = if compression {
         Compression::default()
     } else {
@@ -331,7 +297,7 @@ async fn write_full_log_inner(
         .into_inner()
         .map_err(|e| fail(format!("cannot write the log: {e}"), "Check free space."))?;
     // A spool being sent needs no fsync (after a crash it is written again); an export does.
-    if let GrowingOrFile::File(file) = out {
+    if let LogOut::File(file) = out {
         file.sync_all().map_err(|e| {
             fail(
                 format!("cannot sync the log: {e}"),

@@ -2,8 +2,9 @@
 //! (docs/protocol.md §7, first diagram).
 //!
 //! The job connects to the recovery server with the relationship's certificate, creates or updates
-//! the placeholder replica (`PUT vms/{vm}`), writes a full-image log of the turned-off VM to
-//! `<data-dir>/outgoing/<VMID>/<seq:020>.vrlog`, streams it (`PATCH logs/1`), and commits it. Only
+//! the placeholder replica (`PUT vms/{vm}`), builds a full-image log of the VM (turned off, or one
+//! frozen point of a running one) and streams it from memory as it is built (`PATCH logs/1`,
+//! replication::growing: no spool file is written), and commits it. Only
 //! the commit's 200 makes the block-hash maps the baseline of the next delta; the relationship then
 //! goes to 3 while the replica applies the point on its own.
 
@@ -125,17 +126,12 @@ pub async fn run(
     let target = target(&rel);
     let (mut session, _) = open_empty_replica(&job, &vm, &rel, 1).await?;
     ctx.progress(2)?;
-    let outgoing = job
+    // The log is sent from memory: this path only names it (nothing is written there).
+    let spool = job
         .data_dir
         .join("outgoing")
-        .join(vm.id.to_string().to_uppercase());
-    std::fs::create_dir_all(&outgoing).map_err(|e| {
-        fail(
-            format!("cannot create {}: {e}", outgoing.display()),
-            "Check the data directory.",
-        )
-    })?;
-    let spool = outgoing.join(format!("{:020}.vrlog", 1));
+        .join(vm.id.to_string().to_uppercase())
+        .join(format!("{:020}.vrlog", 1));
     let compression = session.zstd(rel.settings.compression_enabled);
     let running = freeze_if_running(&vm, &job.data_dir).await?;
     // A turned-off VM's qcow2 disks record what is written to them from before they are read
@@ -208,7 +204,7 @@ async fn send_full(
     running: Option<&RunningPoint>,
 ) -> Result<(super::initial::FullLog, String), JobFailure> {
     // The log is sent while it is written: the scan and the transfer overlap.
-    let growing = std::sync::Arc::new(crate::replication::client::GrowingLog::default());
+    let growing = std::sync::Arc::new(crate::replication::client::GrowingLog::in_memory());
     let progress_ctx = ctx.clone();
     let progress: crate::replication::client::Progress =
         std::sync::Arc::new(move |sent: u64, total: u64| {
@@ -217,25 +213,39 @@ async fn send_full(
             }
         });
     let target = target(rel);
-    let build = write_full_log(
-        ctx,
-        vm,
-        spool,
-        compression,
-        &job.data_dir,
-        45,
-        running,
-        Some(growing.clone()),
+    let build = disk::scan::paced(
+        growing.clone(),
+        write_full_log(
+            ctx,
+            vm,
+            spool,
+            compression,
+            &job.data_dir,
+            45,
+            running,
+            Some(growing.clone()),
+        ),
     );
-    let send = job
-        .peers
-        .deliver(&target, session, vm.id, 1, spool, growing, progress, false);
+    let send = job.peers.deliver(
+        &target,
+        session,
+        vm.id,
+        1,
+        spool,
+        growing.clone(),
+        progress,
+        false,
+    );
     let (built, delivered) = tokio::join!(build, send);
     let log = match built {
         Ok(log) => log,
         Err(f) => {
             let _ = std::fs::remove_file(spool);
-            return Err(f);
+            // A build stopped because the upload gave up: the upload's error says why.
+            return match delivered {
+                Err(e) if growing.closed() => Err(e.into_failure("sending the initial replica")),
+                _ => Err(f),
+            };
         }
     };
     let hash = hex::encode(log.summary.hash);

@@ -23,6 +23,8 @@ use wire::protocol::{
 };
 
 pub use super::body::WireBody;
+use super::growing::{ended, Taken};
+pub use super::growing::{GrowingFile, GrowingLog};
 use super::tls::client_config;
 use crate::jobs::JobFailure;
 
@@ -122,49 +124,6 @@ impl PeerError {
     }
 }
 
-/// A log file that may still be being written while it is sent: how much of it is written, and
-/// once complete its hash and length. The build and the upload overlap; a retry re-reads the
-/// complete file.
-#[derive(Default)]
-pub struct GrowingLog {
-    written: std::sync::atomic::AtomicU64,
-    end: std::sync::Mutex<Option<Result<(String, u64), String>>>,
-    changed: tokio::sync::Notify,
-}
-
-impl GrowingLog {
-    /// Marks `bytes` as written (a log written before its upload started).
-    pub fn advance_to(&self, bytes: u64) {
-        self.written
-            .store(bytes, std::sync::atomic::Ordering::Release);
-    }
-
-    fn written(&self) -> u64 {
-        self.written.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    fn end(&self) -> Option<Result<(String, u64), String>> {
-        self.end.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The writer finished the log: its trailer hash and length.
-    pub fn finish(&self, hash: String, bytes: u64) {
-        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok((hash, bytes)));
-        self.changed.notify_waiters();
-    }
-
-    /// The writer gave up: the upload stops with `why`.
-    pub fn fail(&self, why: String) {
-        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(why));
-        self.changed.notify_waiters();
-    }
-
-    /// Waits until more is written or the log ended (at most a few milliseconds).
-    async fn wait(&self) {
-        let _ = tokio::time::timeout(Duration::from_millis(5), self.changed.notified()).await;
-    }
-}
-
 /// BLAKE3 of the first `len` bytes of the spool, lowercase hex; None if it has fewer.
 async fn own_prefix_hash(path: PathBuf, len: u64) -> Option<String> {
     tokio::task::spawn_blocking(move || {
@@ -179,40 +138,6 @@ async fn own_prefix_hash(path: PathBuf, len: u64) -> Option<String> {
     .await
     .ok()
     .flatten()
-}
-
-/// Waits for the log to be complete: its hash and length, or why it could not be written.
-async fn ended(log: &GrowingLog) -> Result<(String, u64), PeerError> {
-    loop {
-        match log.end() {
-            Some(Ok(done)) => return Ok(done),
-            Some(Err(why)) => {
-                return Err(PeerError::Local(format!("reading the log failed: {why}")))
-            }
-            None => log.wait().await,
-        }
-    }
-}
-
-/// The file a growing log is written to; every write is reported to the [`GrowingLog`].
-pub struct GrowingFile {
-    pub file: std::fs::File,
-    pub log: Arc<GrowingLog>,
-}
-
-impl std::io::Write for GrowingFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.log
-            .written
-            .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
-        self.log.changed.notify_waiters();
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
 }
 
 /// Called with (bytes sent, log length) as a log goes out.
@@ -340,10 +265,13 @@ impl Session {
 }
 
 impl Peers {
-    /// Uploads log `sequence` of `vm` from `file` and commits it, on `session` and then, after a
-    /// broken connection, on new ones after 1, 2 and 4 s. The upload restarts at offset 0 (the
-    /// `resume` capability is not offered yet); before each new attempt the log's status is asked,
-    /// so a log whose commit answer was lost is recognised, not sent twice.
+    /// Uploads log `sequence` of `vm` (from `file`, or from memory for an in-memory `log`) and
+    /// commits it, on `session` and then, after a broken connection, on new ones after 1, 2 and
+    /// 4 s. Before each new attempt the log's status is asked, so a log whose commit answer was lost
+    /// is recognised, not sent twice, and an interrupted upload continues where the replica's whole
+    /// records end: a spool file's if that prefix hashes equal to the replica's, an in-memory log's
+    /// if the replica holds this delivery's own upload and the bytes from there are still kept.
+    /// When this returns, an in-memory log's writer is released ([`GrowingLog::close`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn deliver(
         &self,
@@ -356,6 +284,34 @@ impl Peers {
         progress: Progress,
         wait_applied: bool,
     ) -> Result<Delivered, PeerError> {
+        let result = self
+            .deliver_inner(
+                target,
+                session,
+                (vm, sequence),
+                file,
+                log.clone(),
+                progress,
+                wait_applied,
+            )
+            .await;
+        log.close();
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_inner(
+        &self,
+        target: &Target,
+        session: &mut Session,
+        (vm, sequence): (Uuid, u64),
+        file: &Path,
+        log: Arc<GrowingLog>,
+        progress: Progress,
+        wait_applied: bool,
+    ) -> Result<Delivered, PeerError> {
+        // Every attempt of this delivery uploads under one id: a replica holding it holds our bytes.
+        let ours = Uuid::new_v4();
         let mut broken = 0;
         let mut attempt = 0;
         loop {
@@ -368,8 +324,13 @@ impl Peers {
                     {
                         if let (1, Some(id), Some(theirs)) = (s.state, s.upload_id, &s.prefix_hash) {
                             // Continue where the replica's whole records end, if its bytes are ours.
-                            let ours = own_prefix_hash(file.to_path_buf(), s.offset).await;
-                            if s.offset > 0 && ours.as_deref() == Some(theirs.as_str()) {
+                            let same = if log.is_memory() {
+                                id == ours
+                            } else {
+                                let here = own_prefix_hash(file.to_path_buf(), s.offset).await;
+                                here.as_deref() == Some(theirs.as_str())
+                            };
+                            if s.offset > 0 && same {
                                 tracing::info!(%vm, sequence, offset = s.offset, "resuming the upload");
                                 resume = Some((id, s.offset));
                             }
@@ -390,8 +351,22 @@ impl Peers {
                         }
                     }
                 }
+                let from = resume.map_or(0, |(_, k)| k);
+                if from < log.kept_from() {
+                    return Err(PeerError::Local(format!(
+                        "the replica holds {from} bytes of log {sequence}, and this host keeps its bytes from {} on only; the log will be built again",
+                        log.kept_from()
+                    )));
+                }
                 let status = session
-                    .upload_log(vm, sequence, file, log.clone(), progress.clone(), resume)
+                    .upload_log(
+                        vm,
+                        sequence,
+                        file,
+                        log.clone(),
+                        progress.clone(),
+                        resume.unwrap_or((ours, 0)),
+                    )
                     .await;
                 let (log_hash, log_bytes) = ended(&log).await?;
                 let status = status?;
@@ -738,8 +713,9 @@ impl Session {
         Ok(self.send(req, Some(REQUEST_TIMEOUT)).await?.1)
     }
 
-    /// Streams log `sequence` from `file` as the writer fills it (`log`), from its start or, to
-    /// resume, from the replica's offset under the interrupted upload's id; returns the answer.
+    /// Streams log `sequence` as the writer fills it (`log`: from `file`, or from memory), under
+    /// `upload` (the upload's id and the offset to start at: 0, or to resume, the replica's offset
+    /// under the interrupted upload's id); returns the answer.
     pub async fn upload_log(
         &mut self,
         vm: Uuid,
@@ -747,100 +723,111 @@ impl Session {
         file: &Path,
         log: Arc<GrowingLog>,
         progress: Progress,
-        resume: Option<(Uuid, u64)>,
+        upload: (Uuid, u64),
     ) -> Result<LogStatus, PeerError> {
-        let (upload_id, start) = resume.unwrap_or_else(|| (Uuid::new_v4(), 0));
+        let (upload_id, start) = upload;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let path = file.to_path_buf();
         let growing = log.clone();
         let bandwidth = self.bandwidth.clone();
-        let reader = tokio::spawn(async move {
-            // The writer may not have created the file yet.
-            let mut opened = tokio::fs::File::open(&path).await;
-            for _ in 0..2000 {
-                match &opened {
-                    Err(e)
-                        if e.kind() == std::io::ErrorKind::NotFound && growing.end().is_none() =>
-                    {
-                        growing.wait().await;
-                        opened = tokio::fs::File::open(&path).await;
-                    }
-                    _ => break,
-                }
-            }
-            let f = match opened {
-                Ok(f) => Arc::new(f.into_std().await),
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            let mut sent = start;
-            loop {
-                // Registered before `written` is read, so a write right after is not missed.
-                let more = growing.changed.notified();
-                tokio::pin!(more);
-                more.as_mut().enable();
-                let written = growing.written();
-                if sent >= written {
-                    match growing.end() {
-                        Some(Ok((_, len))) if sent >= len => return,
-                        Some(Err(why)) => {
-                            let _ = tx.send(Err(std::io::Error::other(why))).await;
-                            return;
+        let reader = if log.is_memory() {
+            tokio::spawn(send_from_memory(
+                log.clone(),
+                start,
+                tx,
+                bandwidth,
+                progress,
+            ))
+        } else {
+            tokio::spawn(async move {
+                // The writer may not have created the file yet.
+                let mut opened = tokio::fs::File::open(&path).await;
+                for _ in 0..2000 {
+                    match &opened {
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::NotFound
+                                && growing.end().is_none() =>
+                        {
+                            growing.wait().await;
+                            opened = tokio::fs::File::open(&path).await;
                         }
-                        _ => {
-                            let _ = tokio::time::timeout(Duration::from_millis(5), more).await;
-                            continue;
-                        }
+                        _ => break,
                     }
                 }
-                let capped = bandwidth.capped();
-                let chunk = if capped { SLICE } else { CHUNK };
-                let want = usize::try_from(written - sent).unwrap_or(chunk).min(chunk);
-                // Read with pread on the blocking pool straight into the chunk sent (tokio's File
-                // would read into its own buffer and copy).
-                let (file, at) = (f.clone(), sent);
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; want];
-                    let mut n = 0;
-                    while n < want {
-                        match std::os::unix::fs::FileExt::read_at(
-                            &*file,
-                            &mut buf[n..],
-                            at + n as u64,
-                        ) {
-                            Ok(0) => break,
-                            Ok(k) => n += k,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    buf.truncate(n);
-                    Ok(buf)
-                })
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                match read.map(|buf| (buf.len(), buf)) {
-                    Ok((0, _)) => growing.wait().await,
-                    Ok((n, buf)) => {
-                        sent += n as u64;
-                        if capped {
-                            bandwidth.take(n).await;
-                        }
-                        if tx.send(Ok(Bytes::from(buf))).await.is_err() {
-                            return;
-                        }
-                        let total = growing.end().and_then(Result::ok).map_or(0, |(_, l)| l);
-                        progress(sent, total);
-                    }
+                let f = match opened {
+                    Ok(f) => Arc::new(f.into_std().await),
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
+                };
+                let mut sent = start;
+                loop {
+                    // Registered before `written` is read, so a write right after is not missed.
+                    let more = growing.changed.notified();
+                    tokio::pin!(more);
+                    more.as_mut().enable();
+                    let written = growing.written();
+                    if sent >= written {
+                        match growing.end() {
+                            Some(Ok((_, len))) if sent >= len => return,
+                            Some(Err(why)) => {
+                                let _ = tx.send(Err(std::io::Error::other(why))).await;
+                                return;
+                            }
+                            _ => {
+                                let _ = tokio::time::timeout(Duration::from_millis(5), more).await;
+                                continue;
+                            }
+                        }
+                    }
+                    let capped = bandwidth.capped();
+                    let chunk = if capped { SLICE } else { CHUNK };
+                    let want = usize::try_from(written - sent).unwrap_or(chunk).min(chunk);
+                    // Read with pread on the blocking pool straight into the chunk sent (tokio's File
+                    // would read into its own buffer and copy).
+                    let (file, at) = (f.clone(), sent);
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; want];
+                        let mut n = 0;
+                        while n < want {
+                            match std::os::unix::fs::FileExt::read_at(
+                                &*file,
+                                &mut buf[n..],
+                                at + n as u64,
+                            ) {
+                                Ok(0) => break,
+                                Ok(k) => n += k,
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        buf.truncate(n);
+                        Ok(buf)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                    match read.map(|buf| (buf.len(), buf)) {
+                        Ok((0, _)) => growing.wait().await,
+                        Ok((n, buf)) => {
+                            sent += n as u64;
+                            if capped {
+                                bandwidth.take(n).await;
+                            }
+                            if tx.send(Ok(Bytes::from(buf))).await.is_err() {
+                                return;
+                            }
+                            let total = growing.end().and_then(Result::ok).map_or(0, |(_, l)| l);
+                            progress(sent, total);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
                 }
-            }
-        });
+            })
+        };
         let known = log.end().and_then(Result::ok);
         let mut req = self
             .request(Route::UploadLog(vm, sequence))
@@ -859,5 +846,53 @@ impl Session {
         reader.abort();
         let (_, answer) = result?;
         decode::<LogStatus>(&answer).map_err(|e| PeerError::Protocol(e.to_string()))
+    }
+}
+
+/// Feeds an in-memory log from offset `sent` to `tx` in pieces of at most [`CHUNK`] (or
+/// [`SLICE`] under a bandwidth cap), as the writer adds them, without copying.
+async fn send_from_memory(
+    log: Arc<GrowingLog>,
+    mut sent: u64,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    bandwidth: Arc<super::bandwidth::Bandwidth>,
+    progress: Progress,
+) {
+    loop {
+        // Registered before the log is looked at, so a write right after is not missed.
+        let more = log.changed.notified();
+        tokio::pin!(more);
+        more.as_mut().enable();
+        let capped = bandwidth.capped();
+        let chunk = if capped { SLICE } else { CHUNK };
+        match log.take(sent, chunk) {
+            Taken::Bytes(piece) => {
+                let n = piece.len();
+                sent += n as u64;
+                if capped {
+                    bandwidth.take(n).await;
+                }
+                if tx.send(Ok(piece)).await.is_err() {
+                    return;
+                }
+                let total = log.end().and_then(Result::ok).map_or(0, |(_, l)| l);
+                progress(sent, total);
+            }
+            Taken::Gone(kept) => {
+                let why = format!("bytes {sent}..{kept} of the log are no longer kept");
+                let _ = tx.send(Err(std::io::Error::other(why))).await;
+                return;
+            }
+            Taken::NotYet => match log.end() {
+                Some(Ok((_, len))) if sent >= len => return,
+                Some(Err(why)) => {
+                    let _ = tx.send(Err(std::io::Error::other(why))).await;
+                    return;
+                }
+                _ => {
+                    let _ = tokio::time::timeout(Duration::from_millis(5), more).await;
+                }
+            },
+        }
     }
 }

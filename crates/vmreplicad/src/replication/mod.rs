@@ -6,6 +6,7 @@ pub mod body;
 pub mod chain;
 pub mod client;
 pub mod failback;
+pub mod growing;
 pub mod journal;
 pub mod limits;
 pub mod peer_certs;

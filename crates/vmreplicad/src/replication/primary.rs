@@ -34,7 +34,7 @@ use super::chain::{ChainRow, StatEvent};
 use super::client::{GrowingLog, PeerError, Peers};
 use crate::claims::VmClaims;
 use crate::clock::now;
-use crate::engine::initial::GrowingOrFile;
+use crate::engine::initial::LogOut;
 use crate::engine::initial::{disk_table, scan_image};
 use crate::engine::network::target;
 use crate::engine::running::RunningPoint;
@@ -598,28 +598,27 @@ impl PrimarySide {
             }
             Some(_) => crate::engine::offline::Rotation::none(),
         };
-        let outgoing = self
+        // The log is sent from memory while it is written (replication::growing): reading the
+        // changes and the transfer overlap, and no spool is written; this path only names it.
+        let path = self
             .data_dir
             .join("outgoing")
-            .join(vm.id.to_string().to_uppercase());
-        let made = std::fs::create_dir_all(&outgoing);
-        if let Err(e) = made {
-            rotation.abandon(&vm.disks).await;
-            return Err(CycleError::Failed(format!("{}: {e}", outgoing.display())));
-        }
-        let path = outgoing.join(format!("{seq:020}.vrlog"));
-        // The log is sent while it is written: reading the changes and the transfer overlap.
-        let growing = Arc::new(GrowingLog::default());
+            .join(vm.id.to_string().to_uppercase())
+            .join(format!("{seq:020}.vrlog"));
+        let growing = Arc::new(GrowingLog::in_memory());
         let progress: super::client::Progress = Arc::new(|_, _| {});
         let target = target(rel);
         let zstd = session.zstd(rel.settings.compression_enabled);
-        let build = self.build_delta(
-            vm,
-            zstd,
-            (seq, c, point_type),
-            running.as_ref(),
-            &path,
+        let build = disk::scan::paced(
             growing.clone(),
+            self.build_delta(
+                vm,
+                zstd,
+                (seq, c, point_type),
+                running.as_ref(),
+                &path,
+                growing.clone(),
+            ),
         );
         let send = self.peers.deliver(
             &target,
@@ -627,7 +626,7 @@ impl PrimarySide {
             vm.id,
             seq,
             &path,
-            growing,
+            growing.clone(),
             progress,
             planned,
         );
@@ -640,7 +639,11 @@ impl PrimarySide {
                     let _ = r.finish(false).await;
                 }
                 rotation.abandon(&vm.disks).await;
-                return Err(e);
+                // A build stopped because the upload gave up: the upload's error says why.
+                return match delivered {
+                    Err(d) if growing.closed() => Err(CycleError::from(d)),
+                    _ => Err(e),
+                };
             }
         };
         let result = match delivered {
@@ -776,9 +779,8 @@ impl PrimarySide {
             full_image: false,
             disks: crate::engine::initial::log_disks(&disks),
         };
-        let file = std::fs::File::create(&path)
+        let file = LogOut::create(&path, Some(growing))
             .map_err(|e| CycleError::Failed(format!("{}: {e}", path.display())))?;
-        let file = GrowingOrFile::new(file, Some(growing));
         let mode = if zstd {
             Compression::default()
         } else {
@@ -834,7 +836,7 @@ impl PrimarySide {
         let (writer, summary) = log
             .finish()
             .map_err(|e| CycleError::Failed(e.to_string()))?;
-        // The spool is sent while written and needs no fsync: after a crash it is written again.
+        // Hands the last buffered bytes to the upload (the log is in memory: nothing to sync).
         writer
             .into_inner()
             .map_err(|e| CycleError::Failed(e.to_string()))?;

@@ -1,0 +1,361 @@
+//! A log sent while it is written (docs/protocol.md §5.4): the build and the upload overlap.
+//!
+//! Two ways to hold it:
+//! - **in a file** ([`GrowingLog::default`]): the writer fills a spool file and reports how far
+//!   ([`GrowingFile`]); the upload reads the file behind it, and a re-send after a broken
+//!   connection reads it again from wherever the replica's whole records end;
+//! - **in memory** ([`GrowingLog::in_memory`], a log of the replication cycle or of the network
+//!   initial replication): the writer's bytes go into a queue the upload takes them from, and no
+//!   spool is written. Writing every byte of a log to a page-cache file and reading it back cost
+//!   the primary's scan thread most of its time (docs/performance.md, "A seventh look"). The writer
+//!   runs at most [`AHEAD`] bytes ahead of the upload (the scan waits for room: [`disk::scan::Pace`]),
+//!   and the last [`KEEP`] bytes sent stay for a resume: what a broken connection loses is what the
+//!   replica had not yet written down, at most its flow-control windows and a partial record, far
+//!   less than that. A resume from further back than is kept is refused with a clear error, and the
+//!   log is built again by the next attempt.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// Most bytes an in-memory log's writer runs ahead of its upload.
+pub const AHEAD: u64 = 16 << 20;
+/// Bytes an in-memory log keeps behind the furthest point sent, for a resume.
+pub const KEEP: u64 = 48 << 20;
+
+/// A log that may still be being written while it is sent: how much of it is written, and once
+/// complete its hash and length.
+#[derive(Default)]
+pub struct GrowingLog {
+    written: AtomicU64,
+    end: Mutex<Option<Result<(String, u64), String>>>,
+    pub(super) changed: tokio::sync::Notify,
+    memory: Option<Memory>,
+}
+
+/// The bytes of an in-memory log not yet dropped.
+struct Memory {
+    kept: Mutex<Kept>,
+    /// The upload took bytes, or gave up.
+    room: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Kept {
+    /// Consecutive pieces, the first starting at `base`.
+    chunks: VecDeque<Bytes>,
+    base: u64,
+    /// The furthest offset handed to a connection.
+    sent: u64,
+    /// The upload gave up: the writer stops.
+    closed: bool,
+}
+
+/// What [`GrowingLog::take`] found at an offset.
+pub(super) enum Taken {
+    Bytes(Bytes),
+    /// Not written yet.
+    NotYet,
+    /// Dropped already: kept bytes start at this offset.
+    Gone(u64),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl GrowingLog {
+    /// A log written into memory and sent from there, without a spool file.
+    pub fn in_memory() -> GrowingLog {
+        GrowingLog {
+            memory: Some(Memory {
+                kept: Mutex::new(Kept::default()),
+                room: tokio::sync::Notify::new(),
+            }),
+            ..GrowingLog::default()
+        }
+    }
+
+    /// True for a log held in memory (no spool file).
+    pub fn is_memory(&self) -> bool {
+        self.memory.is_some()
+    }
+
+    /// Marks `bytes` as written (a log written before its upload started).
+    pub fn advance_to(&self, bytes: u64) {
+        self.written.store(bytes, Ordering::Release);
+    }
+
+    pub(super) fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    pub(super) fn end(&self) -> Option<Result<(String, u64), String>> {
+        lock(&self.end).clone()
+    }
+
+    /// The writer finished the log: its trailer hash and length.
+    pub fn finish(&self, hash: String, bytes: u64) {
+        *lock(&self.end) = Some(Ok((hash, bytes)));
+        self.changed.notify_waiters();
+    }
+
+    /// The writer gave up: the upload stops with `why`.
+    pub fn fail(&self, why: String) {
+        *lock(&self.end) = Some(Err(why));
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until more is written or the log ended (at most a few milliseconds).
+    pub(super) async fn wait(&self) {
+        let _ = tokio::time::timeout(Duration::from_millis(5), self.changed.notified()).await;
+    }
+
+    /// Appends `buf` to an in-memory log. Fails once the upload gave up ([`GrowingLog::close`]),
+    /// so the build stops instead of reading the rest of the disk for nothing.
+    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
+        let Some(m) = &self.memory else {
+            return Err(std::io::Error::other("not an in-memory log"));
+        };
+        {
+            let mut kept = lock(&m.kept);
+            if kept.closed {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the upload of this log stopped",
+                ));
+            }
+            kept.chunks.push_back(Bytes::copy_from_slice(buf));
+        }
+        self.written.fetch_add(buf.len() as u64, Ordering::AcqRel);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// The upload gave up for good (it returned, whatever the outcome): an in-memory log's writer
+    /// is no longer held back and its next write fails.
+    pub fn close(&self) {
+        if let Some(m) = &self.memory {
+            lock(&m.kept).closed = true;
+            m.room.notify_waiters();
+        }
+    }
+
+    /// True once [`GrowingLog::close`] was called on an in-memory log.
+    pub fn closed(&self) -> bool {
+        self.memory.as_ref().is_some_and(|m| lock(&m.kept).closed)
+    }
+
+    /// The first offset an in-memory log still holds (0 for a file).
+    pub(super) fn kept_from(&self) -> u64 {
+        self.memory.as_ref().map_or(0, |m| lock(&m.kept).base)
+    }
+
+    /// Up to `max` bytes of an in-memory log from offset `from`, without copying; marks them sent
+    /// and drops what lies more than [`KEEP`] behind the furthest byte sent.
+    pub(super) fn take(&self, from: u64, max: usize) -> Taken {
+        let Some(m) = &self.memory else {
+            return Taken::NotYet;
+        };
+        let mut kept = lock(&m.kept);
+        if from < kept.base {
+            return Taken::Gone(kept.base);
+        }
+        let mut at = kept.base;
+        let mut found = None;
+        for c in &kept.chunks {
+            let len = c.len() as u64;
+            if from < at + len {
+                let start = (from - at) as usize;
+                let end = c.len().min(start + max);
+                found = Some(c.slice(start..end));
+                break;
+            }
+            at += len;
+        }
+        let Some(piece) = found else {
+            return Taken::NotYet;
+        };
+        kept.sent = kept.sent.max(from + piece.len() as u64);
+        let floor = kept.sent.saturating_sub(KEEP);
+        while let Some(first) = kept.chunks.front() {
+            let len = first.len() as u64;
+            if kept.base + len > floor {
+                break;
+            }
+            kept.base += len;
+            kept.chunks.pop_front();
+        }
+        drop(kept);
+        m.room.notify_waiters();
+        Taken::Bytes(piece)
+    }
+
+    /// Waits while an in-memory log's writer is more than [`AHEAD`] bytes ahead of the upload.
+    async fn wait_for_room(&self) {
+        let Some(m) = &self.memory else {
+            return;
+        };
+        loop {
+            let more = m.room.notified();
+            tokio::pin!(more);
+            more.as_mut().enable();
+            {
+                let kept = lock(&m.kept);
+                if kept.closed || self.written().saturating_sub(kept.sent) <= AHEAD {
+                    return;
+                }
+            }
+            // A missed wake-up costs at most this long.
+            let _ = tokio::time::timeout(Duration::from_millis(50), more).await;
+        }
+    }
+}
+
+impl disk::scan::Pace for GrowingLog {
+    fn room(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.wait_for_room())
+    }
+}
+
+/// Waits for the log to be complete: its hash and length, or why it could not be written.
+pub(super) async fn ended(log: &GrowingLog) -> Result<(String, u64), super::client::PeerError> {
+    loop {
+        match log.end() {
+            Some(Ok(done)) => return Ok(done),
+            Some(Err(why)) => {
+                return Err(super::client::PeerError::Local(format!(
+                    "reading the log failed: {why}"
+                )))
+            }
+            None => log.wait().await,
+        }
+    }
+}
+
+/// The file a growing log is written to; every write is reported to the [`GrowingLog`].
+pub struct GrowingFile {
+    pub file: std::fs::File,
+    pub log: Arc<GrowingLog>,
+}
+
+impl std::io::Write for GrowingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.log.written.fetch_add(n as u64, Ordering::AcqRel);
+        self.log.changed.notify_waiters();
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Where a log's bytes go: a file (an export), a spool file sent while written, or memory.
+pub enum LogOut {
+    File(std::fs::File),
+    Growing(GrowingFile),
+    Memory(Arc<GrowingLog>),
+}
+
+impl LogOut {
+    /// The output for a log at `path`: memory for an in-memory growing log (no file is created),
+    /// else the file, created, reporting to `growing` if given.
+    pub fn create(
+        path: &std::path::Path,
+        growing: Option<Arc<GrowingLog>>,
+    ) -> std::io::Result<LogOut> {
+        match growing {
+            Some(log) if log.is_memory() => Ok(LogOut::Memory(log)),
+            Some(log) => Ok(LogOut::Growing(GrowingFile {
+                file: std::fs::File::create(path)?,
+                log,
+            })),
+            None => Ok(LogOut::File(std::fs::File::create(path)?)),
+        }
+    }
+}
+
+impl std::io::Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LogOut::File(f) => f.write(buf),
+            LogOut::Growing(g) => g.write(buf),
+            LogOut::Memory(m) => m.append(buf).map(|()| buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LogOut::File(f) => f.flush(),
+            LogOut::Growing(g) => g.flush(),
+            LogOut::Memory(_) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn bytes_of(t: Taken) -> Bytes {
+        match t {
+            Taken::Bytes(b) => b,
+            Taken::NotYet => panic!("not yet"),
+            Taken::Gone(k) => panic!("gone, kept from {k}"),
+        }
+    }
+
+    #[test]
+    fn pieces_are_taken_across_writes_and_dropped_only_past_keep() {
+        let log = Arc::new(GrowingLog::in_memory());
+        let mut out = LogOut::Memory(log.clone());
+        let piece = vec![7u8; 1 << 20];
+        for _ in 0..80 {
+            out.write_all(&piece).unwrap();
+        }
+        assert_eq!(log.written(), 80 << 20);
+        // A take stops at a write's end and never copies.
+        let first = bytes_of(log.take(100, 4 << 20));
+        assert_eq!(first.len(), (1 << 20) - 100);
+        let mut at = 0u64;
+        while at < 70 << 20 {
+            at += bytes_of(log.take(at, 1 << 20)).len() as u64;
+        }
+        // 70 MiB sent: what lies more than KEEP behind is gone, the rest is still there.
+        assert_eq!(log.kept_from(), (70 << 20) - KEEP);
+        assert!(matches!(log.take(0, 10), Taken::Gone(k) if k == (70 << 20) - KEEP));
+        assert_eq!(bytes_of(log.take((70 << 20) - KEEP, 10)).len(), 10);
+        assert!(matches!(log.take(80 << 20, 10), Taken::NotYet));
+    }
+
+    #[tokio::test]
+    async fn the_writer_waits_for_the_upload_and_stops_when_it_gives_up() {
+        let log = Arc::new(GrowingLog::in_memory());
+        let mut out = LogOut::Memory(log.clone());
+        out.write_all(&vec![1u8; (AHEAD + 1) as usize]).unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(200), log.wait_for_room()).await;
+        assert!(
+            waiting.is_err(),
+            "more than AHEAD unsent must hold the writer"
+        );
+        let _ = log.take(0, 1 << 20);
+        tokio::time::timeout(Duration::from_secs(1), log.wait_for_room())
+            .await
+            .expect("room after a take");
+        out.write_all(&vec![1u8; (AHEAD * 2) as usize]).unwrap();
+        log.close();
+        tokio::time::timeout(Duration::from_secs(1), log.wait_for_room())
+            .await
+            .expect("a closed log holds nobody");
+        let err = out.write_all(b"x").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+    }
+}
