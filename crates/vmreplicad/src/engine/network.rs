@@ -243,7 +243,9 @@ async fn send_full(
             let _ = std::fs::remove_file(spool);
             // A build stopped because the upload gave up: the upload's error says why.
             return match delivered {
-                Err(e) if growing.closed() => Err(e.into_failure("sending the initial replica")),
+                Err(e) if growing.closed_first() => {
+                    Err(e.into_failure("sending the initial replica"))
+                }
                 _ => Err(f),
             };
         }

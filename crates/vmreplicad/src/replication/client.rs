@@ -318,17 +318,24 @@ impl Peers {
             let result = async {
                 let mut resume = None;
                 if attempt > 0 {
-                    if let Ok((_, s)) = session
+                    let asked = match session
                         .json::<(), LogStatus>(Route::LogStatus(vm, sequence), None)
                         .await
                     {
-                        if let (1, Some(id), Some(theirs)) = (s.state, s.upload_id, &s.prefix_hash) {
+                        // Still no connection: the next quick retry reconnects.
+                        Err(e) if e.is_network() => return Err(e),
+                        asked => asked,
+                    };
+                    if let Ok((_, s)) = asked {
+                        if let (1, Some(id)) = (s.state, s.upload_id) {
                             // Continue where the replica's whole records end, if its bytes are ours.
                             let same = if log.is_memory() {
                                 id == ours
-                            } else {
+                            } else if let Some(theirs) = &s.prefix_hash {
                                 let here = own_prefix_hash(file.to_path_buf(), s.offset).await;
                                 here.as_deref() == Some(theirs.as_str())
+                            } else {
+                                false
                             };
                             if s.offset > 0 && same {
                                 tracing::info!(%vm, sequence, offset = s.offset, "resuming the upload");
@@ -336,7 +343,13 @@ impl Peers {
                             }
                         }
                         let (log_hash, _) = if s.state >= TransferState::Committed as u16 {
-                            ended(&log).await?
+                            if log.is_memory() {
+                                // Committed by this delivery, so built to its end already (an
+                                // unfinished in-memory log may wait for an upload: never wait).
+                                log.end().and_then(Result::ok).unwrap_or_default()
+                            } else {
+                                ended(&log).await?
+                            }
                         } else {
                             (String::new(), 0)
                         };
@@ -354,7 +367,7 @@ impl Peers {
                 let from = resume.map_or(0, |(_, k)| k);
                 if from < log.kept_from() {
                     return Err(PeerError::Local(format!(
-                        "the replica holds {from} bytes of log {sequence}, and this host keeps its bytes from {} on only; the log will be built again",
+                        "the replica holds {from} bytes of log {sequence}, and this host no longer holds its bytes before {}: the log must be sent again from its start",
                         log.kept_from()
                     )));
                 }
@@ -368,8 +381,19 @@ impl Peers {
                         resume.unwrap_or((ours, 0)),
                     )
                     .await;
+                let status = match status {
+                    Ok(status) => status,
+                    // A log that could not be written explains the failed upload better than the
+                    // upload; otherwise the upload's error (not waiting for the rest of the log: an
+                    // in-memory log's writer waits for an upload that is over).
+                    Err(e) => match log.end() {
+                        Some(Err(why)) => {
+                            return Err(PeerError::Local(format!("reading the log failed: {why}")))
+                        }
+                        _ => return Err(e),
+                    },
+                };
                 let (log_hash, log_bytes) = ended(&log).await?;
-                let status = status?;
                 let confirmed = status.state == TransferState::Uploaded as u16
                     && status.log_hash.as_deref() == Some(log_hash.as_str());
                 let Some(upload_id) = status.upload_id.filter(|_| confirmed) else {

@@ -1,4 +1,4 @@
-//! A log sent while it is written (docs/protocol.md §5.4): the build and the upload overlap.
+//! A log sent while it is written (docs/protocol.md §5.3): the build and the upload overlap.
 //!
 //! Two ways to hold it:
 //! - **in a file** ([`GrowingLog::default`]): the writer fills a spool file and reports how far
@@ -54,6 +54,8 @@ struct Kept {
     sent: u64,
     /// The upload gave up: the writer stops.
     closed: bool,
+    /// ... before the log was complete or had failed: a build that then fails failed because of it.
+    closed_first: bool,
 }
 
 /// What [`GrowingLog::take`] found at an offset.
@@ -141,14 +143,21 @@ impl GrowingLog {
     /// is no longer held back and its next write fails.
     pub fn close(&self) {
         if let Some(m) = &self.memory {
-            lock(&m.kept).closed = true;
+            let open = self.end().is_none();
+            let mut kept = lock(&m.kept);
+            kept.closed = true;
+            kept.closed_first = open;
+            drop(kept);
             m.room.notify_waiters();
         }
     }
 
-    /// True once [`GrowingLog::close`] was called on an in-memory log.
-    pub fn closed(&self) -> bool {
-        self.memory.as_ref().is_some_and(|m| lock(&m.kept).closed)
+    /// True when the upload of an in-memory log gave up before the log was complete or had failed:
+    /// a build that failed then stopped because of the upload, whose error says why.
+    pub fn closed_first(&self) -> bool {
+        self.memory
+            .as_ref()
+            .is_some_and(|m| lock(&m.kept).closed_first)
     }
 
     /// The first offset an in-memory log still holds (0 for a file).

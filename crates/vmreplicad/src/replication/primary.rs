@@ -641,7 +641,7 @@ impl PrimarySide {
                 rotation.abandon(&vm.disks).await;
                 // A build stopped because the upload gave up: the upload's error says why.
                 return match delivered {
-                    Err(d) if growing.closed() => Err(CycleError::from(d)),
+                    Err(d) if growing.closed_first() => Err(CycleError::from(d)),
                     _ => Err(e),
                 };
             }
