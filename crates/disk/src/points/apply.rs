@@ -110,7 +110,7 @@ impl PointStore {
     }
 
     /// Makes the written layers durable under their final names, then commits the point.
-    fn commit(&self, info: &PointInfo, tmps: &[PathBuf]) -> Result<(), StoreError> {
+    pub(super) fn commit(&self, info: &PointInfo, tmps: &[PathBuf]) -> Result<(), StoreError> {
         for (i, tmp) in tmps.iter().enumerate() {
             durable::sync_file(tmp).map_err(StoreError::io("sync", tmp))?;
             let layer = self.layout.layer(info.sequence, i);
@@ -127,7 +127,10 @@ impl PointStore {
 
 /// The committed point `found` if the verified log `offered` (same sequence) is the one that
 /// produced it; an error if a different log did.
-fn already_applied(found: &PointInfo, offered: &PointInfo) -> Result<PointInfo, ApplyError> {
+pub(super) fn already_applied(
+    found: &PointInfo,
+    offered: &PointInfo,
+) -> Result<PointInfo, ApplyError> {
     if found.log_hash != offered.log_hash {
         return Err(ApplyError::SequenceTaken {
             sequence: offered.sequence,
@@ -139,7 +142,10 @@ fn already_applied(found: &PointInfo, offered: &PointInfo) -> Result<PointInfo, 
 }
 
 /// Which committed point the new layers go on (None: standalone), or why the log does not fit.
-fn backing_for(points: &[PointInfo], info: &PointInfo) -> Result<Option<u64>, ApplyError> {
+pub(super) fn backing_for(
+    points: &[PointInfo],
+    info: &PointInfo,
+) -> Result<Option<u64>, ApplyError> {
     let Some(latest) = points.last() else {
         return match info.full_image {
             true => Ok(None),

@@ -133,6 +133,7 @@ mod policy;
 mod prune;
 mod qemu_img;
 mod recover;
+mod staged;
 mod stream;
 
 use std::path::{Path, PathBuf};

@@ -108,8 +108,12 @@ pub(crate) async fn write_full_image(
     task.await.map_err(ApplyError::ReaderTask)?
 }
 
-fn full_image_threads(
-    mut reader: OpenLog,
+/// [`write_full_image`]'s work, on the calling thread and one writer thread; `reader` may read any
+/// input (a log file, or an upload as it arrives: [`PointStore::stage_full_image`]).
+///
+/// [`PointStore::stage_full_image`]: super::PointStore::stage_full_image
+pub(crate) fn full_image_threads<R: std::io::Read>(
+    mut reader: LogReader<R>,
     path: &Path,
     tmps: &[PathBuf],
 ) -> Result<LogSummary, ApplyError> {

@@ -17,4 +17,5 @@ pub mod replica;
 pub mod resync;
 pub mod reverse;
 pub mod server;
+pub mod staged;
 pub mod tls;

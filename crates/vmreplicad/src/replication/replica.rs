@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use disk::points::{PointStore, RetentionPolicy};
+use disk::points::{ApplyError, PointStore, RetentionPolicy};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -116,6 +116,8 @@ pub struct ReplicaSide {
     /// The open compare session of each VM (§5.5), kept in memory: after a restart the primary
     /// begins again.
     compares: Mutex<HashMap<Uuid, Arc<Compare>>>,
+    /// Staged uploads cut off by a broken connection (replication::staged).
+    stagings: super::staged::Stagings,
     /// Where qemu-nbd helpers keep their sockets.
     pub data_dir: PathBuf,
     /// The failbacks this host runs as a new primary (`POST vms/{vm}/failback`), once wired.
@@ -250,6 +252,16 @@ pub(super) fn committed_log(root: &Path, vm: Uuid, seq: u64) -> PathBuf {
     incoming_dir(root, vm).join(format!("{seq:020}.vrlog"))
 }
 
+/// Deletes committed log `seq` of `vm`: its file, or a staged upload's record and layers.
+pub(super) fn remove_committed(root: &Path, vm: Uuid, seq: u64) {
+    let _ = std::fs::remove_file(committed_log(root, vm, seq));
+    let staged = super::staged::committed_path(&incoming_dir(root, vm), seq);
+    if let Ok(s) = super::staged::StagedPoint::read(&staged) {
+        s.remove_layers();
+    }
+    let _ = std::fs::remove_file(staged);
+}
+
 fn upload_file(root: &Path, vm: Uuid, seq: u64, upload: Uuid, ext: &str) -> PathBuf {
     incoming_dir(root, vm).join(format!("{seq:020}-{upload}.{ext}"))
 }
@@ -352,6 +364,7 @@ impl ReplicaSide {
             locks: Mutex::new(HashMap::new()),
             uploading: Mutex::new(HashMap::new()),
             compares: Mutex::new(HashMap::new()),
+            stagings: super::staged::Stagings::default(),
             data_dir,
             failback: std::sync::OnceLock::new(),
         }
@@ -1167,6 +1180,19 @@ impl ReplicaSide {
         if let Some(u) = self.store.upload(vm, seq)? {
             return Ok(uploaded_status(&u));
         }
+        if let Some((id, fed)) = self.stagings.status(vm, seq) {
+            // A staged upload keeps no file to hash: the primary continues it by its upload id.
+            return Ok(LogStatus {
+                sequence: seq,
+                upload_id: Some(id),
+                state: TransferState::Uploading as u16,
+                offset: fed,
+                prefix_hash: None,
+                log_hash: None,
+                log_bytes: None,
+                point_time: None,
+            });
+        }
         if let Some(replica) = self.store.replica_vm(vm)? {
             let dir = incoming_dir(Path::new(&replica.store_root), vm);
             if let Some((id, path)) = find_partial(&dir, seq) {
@@ -1328,6 +1354,52 @@ impl ReplicaSide {
                 ));
             }
         }
+        let expect = Expect {
+            vm,
+            relationship: 0,
+            sequence: seq,
+            parent: c,
+        };
+        // An initial replica is written into its layers as it arrives (replication::staged).
+        let kept = self.stagings.take(vm, seq);
+        if offset > 0 {
+            if let Some(st) = kept {
+                if st.upload != upload_id || st.fed != offset {
+                    let mut d = ErrorDetail::new(
+                        ErrorCode::OffsetMismatch,
+                        "the upload to resume is not at that offset here; continue where this server says, or start again at 0",
+                    );
+                    d.upload_id = Some(st.upload);
+                    d.offset = Some(st.fed);
+                    self.stagings.keep(vm, st);
+                    return Err(ApiError(Box::new(d)));
+                }
+                tracing::info!(%vm, sequence = seq, offset, "resuming an upload");
+                return self
+                    .upload_staged(vm, st, req.into_body(), room, &replica)
+                    .await;
+            }
+        } else {
+            if let Some(old) = kept {
+                // Ended first: it deletes its layers, which may carry this upload's names.
+                let _ = old.finish().await;
+            }
+            let empty = seq == 1
+                && c == 0
+                && PointStore::open(&root, vm)
+                    .await
+                    .and_then(|points| points.list_points())
+                    .is_ok_and(|points| points.is_empty());
+            if empty {
+                remove_uploads_of(&dir, seq);
+                self.store.remove_uploads(vm)?;
+                let st =
+                    super::staged::Staging::start(expect, &dir, upload_id, replica.disks.len());
+                return self
+                    .upload_staged(vm, st, req.into_body(), room, &replica)
+                    .await;
+            }
+        }
         let (partial, resume_at) = if offset == 0 {
             // Offset 0 discards any other attempt at this sequence.
             remove_uploads_of(&dir, seq);
@@ -1353,12 +1425,6 @@ impl ReplicaSide {
                     return Err(ApiError(Box::new(d)));
                 }
             }
-        };
-        let expect = Expect {
-            vm,
-            relationship: 0,
-            sequence: seq,
-            parent: c,
         };
         // The log is verified while it arrives (a reader thread fed by the receiving task), so the
         // answer follows the last byte instead of a second pass over the file.
@@ -1388,19 +1454,21 @@ impl ReplicaSide {
         if resume_at > 0 {
             tracing::info!(%vm, sequence = seq, offset = resume_at, "resuming an upload");
         }
+        let mut got = 0u64;
         let received = receive(
             req.into_body(),
-            &partial,
+            Some((&partial, resume_at > 0)),
             room.saturating_sub(resume_at),
-            tx,
-            resume_at > 0,
+            &tx,
+            &mut got,
         )
         .await;
+        drop(tx);
         let verified = verifier
             .await
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()));
         let bytes = match received {
-            Ok(n) => n + resume_at,
+            Ok(()) => got + resume_at,
             Err(e)
                 if e.0.code == ErrorCode::BadRequest as u16
                     || e.0.code == ErrorCode::Timeout as u16 =>
@@ -1470,6 +1538,116 @@ impl ReplicaSide {
         Ok(json(200, &uploaded_status(&row)))
     }
 
+    /// Feeds `st` (a staged upload: replication::staged) with `body`; once the whole log arrived
+    /// and verified, records the upload as a written upload is recorded. A broken or stalled
+    /// connection keeps it for a resume.
+    async fn upload_staged(
+        &self,
+        vm: Uuid,
+        mut st: super::staged::Staging,
+        body: Incoming,
+        room: u64,
+        replica: &ReplicaVmRow,
+    ) -> ApiResult {
+        let (seq, upload_id) = (st.sequence, st.upload);
+        let received = receive(body, None, room.saturating_sub(st.fed), &st.tx, &mut st.fed).await;
+        let bytes = st.fed;
+        let remove = |layers: &[PathBuf]| {
+            for l in layers {
+                let _ = std::fs::remove_file(l);
+            }
+        };
+        match received {
+            Err(e)
+                if e.0.code == ErrorCode::BadRequest as u16
+                    || e.0.code == ErrorCode::Timeout as u16 =>
+            {
+                tracing::info!(%vm, sequence = seq, bytes, "staged upload interrupted; kept for a resume");
+                self.stagings.keep(vm, st);
+                return Err(e);
+            }
+            Err(e) => {
+                let layers = st.layers.clone();
+                let verdict = st.finish().await;
+                remove(&layers);
+                // A log that failed verification explains the break better than the break.
+                if let Ok(Err(ApplyError::Rejected { source, .. })) = verdict {
+                    if !matches!(
+                        source,
+                        LogDecodeError::Io(_) | LogDecodeError::Truncated { .. }
+                    ) {
+                        return Err(decode_error(source, 0));
+                    }
+                }
+                return Err(e);
+            }
+            Ok(()) => {}
+        }
+        let layers = st.layers.clone();
+        let verdict = st
+            .finish()
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        let (point, summary) = match verdict {
+            Ok(done) => done,
+            Err(ApplyError::Rejected { source, .. }) => return Err(decode_error(source, bytes)),
+            Err(e @ ApplyError::FirstMustBeFull { .. }) => {
+                return Err(ApiError::new(
+                    ErrorCode::LogRejected,
+                    format!(
+                        "the log ({bytes} bytes) was rejected: {}",
+                        crate::error_chain(&e)
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    ErrorCode::StorageUnavailable,
+                    format!(
+                        "the log ({bytes} bytes) could not be written into its recovery point: {}",
+                        crate::error_chain(&e)
+                    ),
+                ))
+            }
+        };
+        let staged = super::staged::StagedPoint { point, layers };
+        let table: Vec<DiskSpec> = summary
+            .header
+            .disks
+            .iter()
+            .map(|d| DiskSpec {
+                id: d.id.clone(),
+                virtual_size: d.virtual_size,
+            })
+            .collect();
+        if table != replica.disks {
+            staged.remove_layers();
+            let mut d = ErrorDetail::new(
+                ErrorCode::DiskTableMismatch,
+                "the log's disk table differs from the replica's",
+            );
+            d.expected = Some(replica.disks.clone());
+            return Err(ApiError(Box::new(d)));
+        }
+        let dir = incoming_dir(Path::new(&replica.store_root), vm);
+        if let Err(e) = staged.write(&super::staged::uploaded_path(&dir, seq, upload_id)) {
+            staged.remove_layers();
+            return Err(ApiError::internal(e));
+        }
+        let row = UploadRow {
+            vm,
+            sequence: seq,
+            upload_id,
+            log_hash: hex::encode(summary.hash),
+            log_bytes: summary.bytes,
+            point_time: summary.header.point_time_micros,
+            point_type: point_type_code(summary.header.point_type),
+        };
+        self.store.put_upload(&row)?;
+        tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded, verified and written into its point (staged)");
+        Ok(json(200, &uploaded_status(&row)))
+    }
+
     async fn commit(
         &self,
         entry: &AuthorizationEntry,
@@ -1508,8 +1686,13 @@ impl ReplicaSide {
                 return Err(ApiError(Box::new(d)));
             }
             let root = PathBuf::from(&replica.store_root);
-            let uploaded = upload_file(&root, vm, seq, up.upload_id, "uploaded");
-            let committed = committed_log(&root, vm, seq);
+            let mut uploaded = upload_file(&root, vm, seq, up.upload_id, "uploaded");
+            let mut committed = committed_log(&root, vm, seq);
+            let dir = incoming_dir(&root, vm);
+            let staged = super::staged::uploaded_path(&dir, seq, up.upload_id);
+            if !uploaded.exists() && staged.exists() {
+                (uploaded, committed) = (staged, super::staged::committed_path(&dir, seq));
+            }
             std::fs::rename(&uploaded, &committed)
                 .and_then(|()| sync_dir(&incoming_dir(&root, vm)))
                 .map_err(ApiError::internal)?;
@@ -1603,9 +1786,18 @@ fn remove_uploads_of(dir: &Path, seq: u64) {
 
 /// Feeds the verifying thread: a `Read` over the chunks the receiving task sends; the end of the
 /// channel is the end of the log.
-struct ChannelReader {
+pub(super) struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
+}
+
+impl ChannelReader {
+    pub(super) fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+        }
+    }
 }
 
 impl std::io::Read for ChannelReader {
@@ -1622,27 +1814,33 @@ impl std::io::Read for ChannelReader {
     }
 }
 
-/// Streams a request body into `path` and to the verifier, refusing more than `room` bytes and a
-/// stalled body. Stops early when the verifier has already rejected the log.
+/// Streams a request body to the verifier (or the staging thread) and, given a `path`, into that
+/// file, refusing more than `room` bytes and a stalled body; counts what it took in `total`. Stops
+/// early when the verifier has already rejected the log.
 async fn receive(
     mut body: Incoming,
-    path: &Path,
+    path: Option<(&Path, bool)>,
     room: u64,
-    verifier: tokio::sync::mpsc::Sender<Bytes>,
-    append: bool,
-) -> Result<u64, ApiError> {
-    let opened = if append {
-        std::fs::OpenOptions::new().append(true).open(path)
-    } else {
-        std::fs::File::create(path)
+    verifier: &tokio::sync::mpsc::Sender<Bytes>,
+    total: &mut u64,
+) -> Result<(), ApiError> {
+    let mut file = match path {
+        None => None,
+        Some((path, append)) => {
+            let opened = if append {
+                std::fs::OpenOptions::new().append(true).open(path)
+            } else {
+                std::fs::File::create(path)
+            };
+            Some(opened.map_err(|e| {
+                ApiError::new(
+                    ErrorCode::StorageUnavailable,
+                    format!("{}: {e}", path.display()),
+                )
+            })?)
+        }
     };
-    let mut file = opened.map_err(|e| {
-        ApiError::new(
-            ErrorCode::StorageUnavailable,
-            format!("{}: {e}", path.display()),
-        )
-    })?;
-    let mut total = 0u64;
+    let start = *total;
     loop {
         let frame = match tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await {
             Err(_) => {
@@ -1655,7 +1853,8 @@ async fn receive(
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,
                     format!(
-                        "the upload broke off after {total} bytes: {}",
+                        "the upload broke off after {} bytes: {}",
+                        *total - start,
                         crate::error_chain(&e)
                     ),
                 ))
@@ -1665,24 +1864,27 @@ async fn receive(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        total += data.len() as u64;
-        if total > room {
+        let len = data.len() as u64;
+        if *total - start + len > room {
             return Err(ApiError::new(
                 ErrorCode::StorageFull,
                 format!("the log exceeds the {room} bytes free below the storage location"),
             ));
         }
         // Writes go to the page cache; the file is synced once, after the trailer verified.
-        file.write_all(&data).map_err(ApiError::internal)?;
+        if let Some(file) = &mut file {
+            file.write_all(&data).map_err(ApiError::internal)?;
+        }
         if verifier.send(data).await.is_err() {
             // The verifier stopped: the log is already known to be bad.
             return Err(ApiError::new(
                 ErrorCode::LogRejected,
-                format!("the log was rejected after {total} bytes"),
+                format!("the log was rejected after {} bytes", *total + len),
             ));
         }
+        *total += len;
     }
-    Ok(total)
+    Ok(())
 }
 
 fn decode_error(e: LogDecodeError, bytes: u64) -> ApiError {
@@ -1771,18 +1973,51 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                 } else if let Err(e) = cut_back(path).await {
                     tracing::warn!(vm = %vm.id, file = %name, "cannot cut back a partial upload: {}", e.0.message);
                 }
-            } else if let Some(stem) = name.strip_suffix(".uploaded") {
+            } else if let Some(stem) = name
+                .strip_suffix(".uploaded")
+                .or_else(|| name.strip_suffix(".staged").filter(|s| s.contains('-')))
+            {
                 let seq = stem.split('-').next().and_then(|s| s.parse::<u64>().ok());
                 let known = match seq {
                     Some(seq) => replica.store.upload(vm.id, seq).ok().flatten().is_some(),
                     None => false,
                 };
                 if !known {
+                    if name.ends_with(".staged") {
+                        if let Ok(staged) = super::staged::StagedPoint::read(&path) {
+                            staged.remove_layers();
+                        }
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
+            } else if name.ends_with(".layer")
+                && age > super::staged::ABANDONED_AFTER
+                && !replica.stagings.holds(&path)
+            {
+                // A staged layer belongs to an upload arriving (written to within minutes), one
+                // kept in memory, or a verified upload's `.staged` file (uploaded or committed);
+                // any other was left by a restart.
+                let referenced = staged_layers(&dir).iter().any(|l| l == &path);
+                if !referenced {
+                    tracing::info!(vm = %vm.id, file = %name, "deleting the layer of an abandoned staged upload");
                     let _ = std::fs::remove_file(&path);
                 }
             }
         }
     }
+}
+
+/// The layers named by the `.staged` files in `dir` (verified and committed staged uploads).
+fn staged_layers(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".staged"))
+        .filter_map(|e| super::staged::StagedPoint::read(&e.path()).ok())
+        .flat_map(|s| s.layers)
+        .collect()
 }
 
 /// Applies committed logs in order, one VM after the other, until the process ends; tidies the
@@ -1896,9 +2131,17 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
     let verified = hex::decode(&log.log_hash)
         .ok()
         .and_then(|h| <[u8; 32]>::try_from(h).ok());
-    let applied = match verified {
-        Some(hash) => points.apply_verified(&path, &expect, hash).await,
-        None => points.apply(&path, &expect).await,
+    // A staged upload was written into its layers as it arrived (replication::staged).
+    let staged_path = super::staged::committed_path(&incoming_dir(&root, log.vm), log.sequence);
+    let applied = if staged_path.is_file() {
+        let staged = super::staged::StagedPoint::read(&staged_path)
+            .map_err(|e| ApplyOutcome::Resync(format!("{}: {e}", staged_path.display())))?;
+        points.commit_staged(&staged.point, &staged.layers).await
+    } else {
+        match verified {
+            Some(hash) => points.apply_verified(&path, &expect, hash).await,
+            None => points.apply(&path, &expect).await,
+        }
     };
     match applied {
         Ok(point) => {
@@ -1951,6 +2194,7 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         .mark_applied(log.vm, log.sequence)
         .map_err(|e| retry(&e))?;
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&staged_path);
     if let (Ok(Some(v)), Ok(Some(mut rel))) = (store.get_vm(log.vm), store.get_relationship(log.vm))
     {
         rel.last_apply_time = Some(now());

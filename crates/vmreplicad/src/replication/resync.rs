@@ -132,11 +132,11 @@ impl ReplicaSide {
             }
             // Logs that cannot be applied (why a resync is needed): the resync replaces them.
             for seq in self.store.drop_unapplied(vm)? {
-                let _ = std::fs::remove_file(super::replica::committed_log(
+                super::replica::remove_committed(
                     std::path::Path::new(&replica.store_root),
                     vm,
                     seq,
-                ));
+                );
                 tracing::info!(%vm, sequence = seq, "a log that was never applied is dropped for the resynchronization");
             }
         }

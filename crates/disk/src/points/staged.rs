@@ -1,0 +1,92 @@
+//! A full-image log applied while it arrives: the replica writes an initial replica's extents
+//! straight into standalone qcow2 layers as the upload streams in, instead of writing the log to a
+//! file, reading it back after the commit and writing the layers then (docs/protocol.md §5.4,
+//! "staged upload").
+//!
+//! The layers are staged outside the point directories (the caller names them, under the VM's
+//! `incoming/`), so no recovery, prune or apply ever takes them for a point or for garbage. They
+//! become point `sequence` only through [`PointStore::commit_staged`], once the primary committed
+//! the log, exactly as an applied log's layers do (synced, renamed into place, then the metadata
+//! file that commits the point).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use wire::{LogDecodeError, LogReader, LogSummary};
+
+use super::apply::{already_applied, backing_for};
+use super::durable;
+use super::error::{ApplyError, StoreError};
+use super::meta::PointInfo;
+use super::{catalog, recover, stream, PointStore};
+
+impl PointStore {
+    /// Writes the full-image log `reader` reads into new standalone qcow2 layers at `staged` (one
+    /// per disk), checking every record and, at the trailer, the whole log; then syncs them and
+    /// returns the point they make and the log's summary. `what` names the log in errors. Blocking:
+    /// run it on a thread of its own. On an error the caller deletes `staged`.
+    pub fn stage_full_image<R: Read>(
+        reader: LogReader<R>,
+        staged: &[PathBuf],
+        what: &Path,
+    ) -> Result<(PointInfo, LogSummary), ApplyError> {
+        let header = reader.header();
+        if !header.full_image {
+            return Err(ApplyError::FirstMustBeFull {
+                sequence: header.sequence,
+            });
+        }
+        if header.disks.len() != staged.len() {
+            return Err(ApplyError::Rejected {
+                path: what.display().to_string(),
+                source: LogDecodeError::ReaderFailed,
+            });
+        }
+        let summary = stream::full_image_threads(reader, what, staged)?;
+        for path in staged {
+            durable::sync_file(path).map_err(StoreError::io("sync", path))?;
+        }
+        Ok((PointInfo::from_summary(&summary), summary))
+    }
+
+    /// Makes the layers [`PointStore::stage_full_image`] wrote (`staged`, in disk order) point
+    /// `info.sequence`: under the store lock, renamed into place, then the point's metadata file
+    /// written. A point of that sequence already committed by the same log is returned as it is (a
+    /// commit repeated after a crash); one committed by another log, or a sequence the store is
+    /// past, is refused. The staged files are gone afterwards unless an error says otherwise.
+    pub async fn commit_staged(
+        &self,
+        info: &PointInfo,
+        staged: &[PathBuf],
+    ) -> Result<PointInfo, ApplyError> {
+        let _lock = self.lock().await?;
+        recover::run(&self.layout)?;
+        let points = catalog::points(&self.layout)?;
+        if let Some(found) = points.iter().find(|p| p.sequence == info.sequence) {
+            let done = already_applied(found, info)?;
+            for path in staged {
+                let _ = std::fs::remove_file(path);
+            }
+            return Ok(done);
+        }
+        if !info.full_image || staged.len() != info.disks.len() {
+            return Err(ApplyError::FirstMustBeFull {
+                sequence: info.sequence,
+            });
+        }
+        // A full image has no backing; this refuses a sequence the store is already past.
+        backing_for(&points, info)?;
+        let mut layers = Vec::with_capacity(staged.len());
+        for (i, path) in staged.iter().enumerate() {
+            let dir = self.layout.disk_dir(i);
+            std::fs::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
+            // Moved beside its final name first: the commit renames within the disk directory.
+            let tmp = durable::tmp_name(&self.layout.layer(info.sequence, i));
+            std::fs::rename(path, &tmp).map_err(StoreError::io("rename", path))?;
+            layers.push(tmp);
+        }
+        self.commit(info, &layers)?;
+        tracing::info!(sequence = info.sequence, "staged recovery point committed");
+        Ok(info.clone())
+    }
+}
