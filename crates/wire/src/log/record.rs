@@ -4,7 +4,9 @@
 
 use std::io::{self, Read, Write};
 
-use xxhash_rust::xxh3::Xxh3;
+use std::hash::Hasher;
+
+use twox_hash::XxHash3_64;
 
 use super::error::{LogDecodeError, LogEncodeError};
 use super::limits::{
@@ -46,11 +48,12 @@ fn checksum(head: &[u8], body: &[u8]) -> [u8; RECORD_CHECKSUM_LEN] {
 
 /// The checksum of a record whose body is `body` followed by `tail`.
 fn checksum_parts(head: &[u8], body: &[u8], tail: &[u8]) -> [u8; RECORD_CHECKSUM_LEN] {
-    let mut h = Xxh3::new();
-    h.update(head);
-    h.update(body);
-    h.update(tail);
-    h.digest().to_le_bytes()
+    // XXH3-64, seed 0 (twox-hash picks AVX2 or SSE2 at run time).
+    let mut h = XxHash3_64::new();
+    h.write(head);
+    h.write(body);
+    h.write(tail);
+    h.finish().to_le_bytes()
 }
 
 /// Clears `buf` and reserves room for a record head; append the body after it, then hand it to
