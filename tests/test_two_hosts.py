@@ -364,7 +364,32 @@ def test_uploads_are_verified_committed_once_and_applied(lab, tmp_path):
         assert res.status_code in (409, 422), res.text
         assert list((lab.storage / str(vm).lower() / "incoming").iterdir()) == []
 
-        upload, res = patch(log)
+        # Log 1 into an empty store is written into its layers as it arrives (a staged upload).
+        # Cut off mid-body (the connection closes), it is kept in memory at the exact byte it
+        # reached, not at a record boundary, and continues there under the same upload id.
+        upload = str(uuid.uuid4())
+        cut = len(log) // 2 + 7
+
+        def half():
+            yield log[:cut]
+            raise RuntimeError("the primary gives up mid-body")
+
+        with raw_peer(lab) as gone, pytest.raises(RuntimeError):
+            gone.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=half(),
+                       headers={"vmreplica-upload-id": upload, "vmreplica-upload-offset": "0"})
+        incoming = lab.storage / str(vm).lower() / "incoming"
+        status = wait_for(lambda: (lambda r: r.json() if r.status_code == 200 else None)(
+            c.get(f"/vmreplica/v1/vms/{vm}/logs/1")), what="the staged upload kept")
+        assert status["state"] == 1 and status["upload_id"] == upload and status.get("prefix_hash") is None
+        kept = status["offset"]
+        assert 0 < kept <= cut
+        assert [f.name.endswith(".layer") for f in incoming.iterdir()] == [True]
+        wrong = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log[kept + 1:],
+                        headers={"vmreplica-upload-id": upload, "vmreplica-upload-offset": str(kept + 1)})
+        assert wrong.status_code == 409 and wrong.json()["error"]["name"] == "OffsetMismatch"
+        assert wrong.json()["error"]["offset"] == kept
+        res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log[kept:],
+                      headers={"vmreplica-upload-id": upload, "vmreplica-upload-offset": str(kept)})
         assert res.status_code == 200, res.text
         status = res.json()
         assert status["state"] == 2 and status["log_bytes"] == len(log)
@@ -387,6 +412,8 @@ def test_uploads_are_verified_committed_once_and_applied(lab, tmp_path):
         described = c.get(f"/vmreplica/v1/vms/{vm}").json()
         assert described["last_committed"]["sequence"] == 1 and described["last_applied_sequence"] == 1
         assert described["state"] == 3
+        # The staged layer became point 1: nothing is left in incoming/.
+        assert list(incoming.iterdir()) == []
 
     layers = sorted((lab.storage / str(vm).lower() / "disk0").glob("p*.qcow2"))
     assert len(layers) == 1

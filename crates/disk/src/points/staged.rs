@@ -1,6 +1,6 @@
 //! A full-image log applied while it arrives: the replica writes an initial replica's extents
 //! straight into standalone qcow2 layers as the upload streams in, instead of writing the log to a
-//! file, reading it back after the commit and writing the layers then (docs/protocol.md §5.4,
+//! file, reading it back after the commit and writing the layers then (docs/protocol.md §5.3,
 //! "staged upload").
 //!
 //! The layers are staged outside the point directories (the caller names them, under the VM's
@@ -53,7 +53,8 @@ impl PointStore {
     /// `info.sequence`: under the store lock, renamed into place, then the point's metadata file
     /// written. A point of that sequence already committed by the same log is returned as it is (a
     /// commit repeated after a crash); one committed by another log, or a sequence the store is
-    /// past, is refused. The staged files are gone afterwards unless an error says otherwise.
+    /// past, is refused; a staged layer that no longer exists refuses the point (`Rejected`). The
+    /// staged files are gone once the point is committed, and kept by any error.
     pub async fn commit_staged(
         &self,
         info: &PointInfo,
@@ -80,12 +81,26 @@ impl PointStore {
         for (i, path) in staged.iter().enumerate() {
             let dir = self.layout.disk_dir(i);
             std::fs::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
-            // Moved beside its final name first: the commit renames within the disk directory.
+            // Linked beside its final name (the commit renames within the disk directory); the
+            // staged file stays until the point is committed, so a commit cut off at any instant
+            // (its `.tmp` links are garbage to the next recovery) can run again.
             let tmp = durable::tmp_name(&self.layout.layer(info.sequence, i));
-            std::fs::rename(path, &tmp).map_err(StoreError::io("rename", path))?;
-            layers.push(tmp);
+            let _ = std::fs::remove_file(&tmp);
+            match std::fs::hard_link(path, &tmp) {
+                Ok(()) => layers.push(tmp),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ApplyError::Rejected {
+                        path: path.display().to_string(),
+                        source: LogDecodeError::Io(e),
+                    })
+                }
+                Err(e) => return Err(StoreError::io("link", path)(e).into()),
+            }
         }
         self.commit(info, &layers)?;
+        for path in staged {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!(sequence = info.sequence, "staged recovery point committed");
         Ok(info.clone())
     }

@@ -1,6 +1,6 @@
 //! The body of a request or an answer between hosts: bytes in memory, or bytes streamed as they
-//! are read (a log from the primary's spool, a failback base's map from the old primary's file),
-//! so neither side holds a large body whole.
+//! are produced (a log from memory or from a file as it is written, a failback base's map from the
+//! old primary's file), so neither side holds a large body whole.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -1180,6 +1180,19 @@ impl ReplicaSide {
         if let Some(u) = self.store.upload(vm, seq)? {
             return Ok(uploaded_status(&u));
         }
+        if self.stagings.is_arriving(vm, seq) {
+            // Its connection may just have broken: wait (briefly) for its handler to keep it.
+            let lock = self.lock_for(vm);
+            if tokio::time::timeout(Duration::from_secs(10), lock.lock())
+                .await
+                .is_err()
+            {
+                return Err(ApiError::new(
+                    ErrorCode::Timeout,
+                    format!("log {seq} is still arriving on another connection; ask again"),
+                ));
+            }
+        }
         if let Some((id, fed)) = self.stagings.status(vm, seq) {
             // A staged upload keeps no file to hash: the primary continues it by its upload id.
             return Ok(LogStatus {
@@ -1393,8 +1406,7 @@ impl ReplicaSide {
             if empty {
                 remove_uploads_of(&dir, seq);
                 self.store.remove_uploads(vm)?;
-                let st =
-                    super::staged::Staging::start(expect, &dir, upload_id, replica.disks.len());
+                let st = super::staged::Staging::start(expect, &dir, upload_id, &replica.disks);
                 return self
                     .upload_staged(vm, st, req.into_body(), room, &replica)
                     .await;
@@ -1544,17 +1556,45 @@ impl ReplicaSide {
     async fn upload_staged(
         &self,
         vm: Uuid,
-        mut st: super::staged::Staging,
+        st: super::staged::Staging,
         body: Incoming,
         room: u64,
         replica: &ReplicaVmRow,
     ) -> ApiResult {
+        use super::staged::StageError;
         let (seq, upload_id) = (st.sequence, st.upload);
-        let received = receive(body, None, room.saturating_sub(st.fed), &st.tx, &mut st.fed).await;
+        let mut arriving = self.stagings.arriving(vm, st);
+        let st = arriving.staging();
+        // `room` is what is free now: the bytes received before a resume are already written.
+        let received = receive(body, None, room, &st.tx, &mut st.fed).await;
         let bytes = st.fed;
-        let remove = |layers: &[PathBuf]| {
-            for l in layers {
-                let _ = std::fs::remove_file(l);
+        let refused = |e: StageError| -> ApiError {
+            match e {
+                StageError::Apply(ApplyError::Rejected { source, .. }) => {
+                    decode_error(source, bytes)
+                }
+                StageError::Apply(e @ ApplyError::FirstMustBeFull { .. }) => ApiError::new(
+                    ErrorCode::LogRejected,
+                    format!(
+                        "the log ({bytes} bytes) was rejected: {}",
+                        crate::error_chain(&e)
+                    ),
+                ),
+                StageError::Apply(e) => ApiError::new(
+                    ErrorCode::StorageUnavailable,
+                    format!(
+                        "the log ({bytes} bytes) could not be written into its recovery point: {}",
+                        crate::error_chain(&e)
+                    ),
+                ),
+                StageError::DiskTable(expected) => {
+                    let mut d = ErrorDetail::new(
+                        ErrorCode::DiskTableMismatch,
+                        "the log's disk table differs from the replica's",
+                    );
+                    d.expected = Some(expected);
+                    ApiError(Box::new(d))
+                }
             }
         };
         match received {
@@ -1563,72 +1603,31 @@ impl ReplicaSide {
                     || e.0.code == ErrorCode::Timeout as u16 =>
             {
                 tracing::info!(%vm, sequence = seq, bytes, "staged upload interrupted; kept for a resume");
-                self.stagings.keep(vm, st);
+                arriving.keep();
                 return Err(e);
             }
             Err(e) => {
-                let layers = st.layers.clone();
-                let verdict = st.finish().await;
-                remove(&layers);
-                // A log that failed verification explains the break better than the break.
-                if let Ok(Err(ApplyError::Rejected { source, .. })) = verdict {
-                    if !matches!(
-                        source,
-                        LogDecodeError::Io(_) | LogDecodeError::Truncated { .. }
-                    ) {
-                        return Err(decode_error(source, 0));
-                    }
-                }
-                return Err(e);
+                // The thread deletes its layers when it fails; a refusal of the log, or a layer
+                // that could not be written, explains the end better than the receiving side.
+                return match arriving.take().finish().await {
+                    Ok(Err(StageError::Apply(ApplyError::Rejected {
+                        source: LogDecodeError::Io(_) | LogDecodeError::Truncated { .. },
+                        ..
+                    }))) => Err(e),
+                    Ok(Err(refusal)) => Err(refused(refusal)),
+                    _ => Err(e),
+                };
             }
             Ok(()) => {}
         }
+        let st = arriving.take();
         let layers = st.layers.clone();
         let verdict = st
             .finish()
             .await
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-        let (point, summary) = match verdict {
-            Ok(done) => done,
-            Err(ApplyError::Rejected { source, .. }) => return Err(decode_error(source, bytes)),
-            Err(e @ ApplyError::FirstMustBeFull { .. }) => {
-                return Err(ApiError::new(
-                    ErrorCode::LogRejected,
-                    format!(
-                        "the log ({bytes} bytes) was rejected: {}",
-                        crate::error_chain(&e)
-                    ),
-                ))
-            }
-            Err(e) => {
-                return Err(ApiError::new(
-                    ErrorCode::StorageUnavailable,
-                    format!(
-                        "the log ({bytes} bytes) could not be written into its recovery point: {}",
-                        crate::error_chain(&e)
-                    ),
-                ))
-            }
-        };
+        let (point, summary) = verdict.map_err(refused)?;
         let staged = super::staged::StagedPoint { point, layers };
-        let table: Vec<DiskSpec> = summary
-            .header
-            .disks
-            .iter()
-            .map(|d| DiskSpec {
-                id: d.id.clone(),
-                virtual_size: d.virtual_size,
-            })
-            .collect();
-        if table != replica.disks {
-            staged.remove_layers();
-            let mut d = ErrorDetail::new(
-                ErrorCode::DiskTableMismatch,
-                "the log's disk table differs from the replica's",
-            );
-            d.expected = Some(replica.disks.clone());
-            return Err(ApiError(Box::new(d)));
-        }
         let dir = incoming_dir(Path::new(&replica.store_root), vm);
         if let Err(e) = staged.write(&super::staged::uploaded_path(&dir, seq, upload_id)) {
             staged.remove_layers();
@@ -1854,7 +1853,7 @@ async fn receive(
                     ErrorCode::BadRequest,
                     format!(
                         "the upload broke off after {} bytes: {}",
-                        *total - start,
+                        *total,
                         crate::error_chain(&e)
                     ),
                 ))
@@ -1994,9 +1993,8 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                 && age > super::staged::ABANDONED_AFTER
                 && !replica.stagings.holds(&path)
             {
-                // A staged layer belongs to an upload arriving (written to within minutes), one
-                // kept in memory, or a verified upload's `.staged` file (uploaded or committed);
-                // any other was left by a restart.
+                // A staged layer belongs to an upload arriving or kept in memory, or to a verified
+                // upload's `.staged` file (uploaded or committed); any other was left by a restart.
                 let referenced = staged_layers(&dir).iter().any(|l| l == &path);
                 if !referenced {
                     tracing::info!(vm = %vm.id, file = %name, "deleting the layer of an abandoned staged upload");

@@ -26,6 +26,7 @@ use bytes::Bytes;
 use disk::points::{ApplyError, PointInfo, PointStore};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use wire::protocol::DiskSpec;
 use wire::{Expect, LogReader, LogSummary};
 
 /// How long a staged upload cut off by a broken connection waits for the primary to continue it.
@@ -87,8 +88,16 @@ fn remove_all(paths: &[PathBuf]) {
     }
 }
 
+/// Why the writing thread refused a log.
+#[derive(Debug)]
+pub enum StageError {
+    Apply(ApplyError),
+    /// The log's disk table is not the placeholder's (this one).
+    DiskTable(Vec<DiskSpec>),
+}
+
 /// What the writing thread returns: the point and the log's summary.
-type Staged = Result<(PointInfo, LogSummary), ApplyError>;
+type Staged = Result<(PointInfo, LogSummary), StageError>;
 
 /// An upload being staged: the writing thread, fed through `tx`.
 pub struct Staging {
@@ -99,28 +108,49 @@ pub struct Staging {
     pub tx: tokio::sync::mpsc::Sender<Bytes>,
     pub task: tokio::task::JoinHandle<Staged>,
     pub layers: Vec<PathBuf>,
+    /// Which keeping this is (the abandon timer drops only the one it was started for).
+    generation: u64,
 }
 
 impl Staging {
-    /// Starts the writing thread of upload `upload` of log `expect.sequence`, for `disks` disks,
-    /// its layers in `incoming`. The thread deletes its layers if the log fails.
-    pub fn start(expect: Expect, incoming: &Path, upload: Uuid, disks: usize) -> Staging {
-        let layers: Vec<PathBuf> = (0..disks)
+    /// Starts the writing thread of upload `upload` of log `expect.sequence` for the placeholder's
+    /// disk table `disks`, its layers in `incoming`. The thread refuses a log whose disk table
+    /// differs as soon as its header arrives, and deletes its layers if the log fails.
+    pub fn start(expect: Expect, incoming: &Path, upload: Uuid, disks: &[DiskSpec]) -> Staging {
+        let layers: Vec<PathBuf> = (0..disks.len())
             .map(|i| layer_path(incoming, expect.sequence, upload, i))
             .collect();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-        let (paths, what) = (
+        let (paths, what, table) = (
             layers.clone(),
             incoming.join(format!("{:020}-{upload}", expect.sequence)),
+            disks.to_vec(),
         );
         let task = tokio::task::spawn_blocking(move || {
             let arriving = super::replica::ChannelReader::new(rx);
-            let staged = LogReader::open(arriving, &expect)
-                .map_err(|source| ApplyError::Rejected {
+            let staged = match LogReader::open(arriving, &expect) {
+                Err(source) => Err(StageError::Apply(ApplyError::Rejected {
                     path: what.display().to_string(),
                     source,
-                })
-                .and_then(|reader| PointStore::stage_full_image(reader, &paths, &what));
+                })),
+                Ok(reader) => {
+                    let theirs: Vec<DiskSpec> = reader
+                        .header()
+                        .disks
+                        .iter()
+                        .map(|d| DiskSpec {
+                            id: d.id.clone(),
+                            virtual_size: d.virtual_size,
+                        })
+                        .collect();
+                    if theirs != table {
+                        Err(StageError::DiskTable(table))
+                    } else {
+                        PointStore::stage_full_image(reader, &paths, &what)
+                            .map_err(StageError::Apply)
+                    }
+                }
+            };
             if staged.is_err() {
                 remove_all(&paths);
             }
@@ -133,6 +163,7 @@ impl Staging {
             tx,
             task,
             layers,
+            generation: 0,
         }
     }
 
@@ -143,55 +174,135 @@ impl Staging {
     }
 }
 
-/// The staged uploads cut off by a broken connection, by VM, waiting for the primary to continue.
+#[derive(Default)]
+struct Inner {
+    /// Uploads cut off by a broken connection, by VM, waiting for the primary to continue them.
+    kept: HashMap<Uuid, Staging>,
+    /// Uploads being received now, by VM: their sequence and layers.
+    active: HashMap<Uuid, (u64, Vec<PathBuf>)>,
+    generation: u64,
+}
+
+/// The staged uploads of this replica: kept (cut off, waiting for a resume) and active (arriving).
 #[derive(Clone, Default)]
-pub struct Stagings(Arc<Mutex<HashMap<Uuid, Staging>>>);
+pub struct Stagings(Arc<Mutex<Inner>>);
+
+/// A staged upload arriving: holds it, and marks it as arriving, while it lives. Dropped while it
+/// still holds it — the request's handler dropped mid-body, as when the primary resets the stream —
+/// it keeps the upload for a resume, as a broken connection does.
+pub struct Arriving {
+    all: Stagings,
+    vm: Uuid,
+    st: Option<Staging>,
+}
+
+impl Arriving {
+    pub fn staging(&mut self) -> &mut Staging {
+        self.st.as_mut().expect("held until taken")
+    }
+
+    /// Takes the upload out (it is no longer arriving).
+    pub fn take(mut self) -> Staging {
+        self.st.take().expect("held until taken")
+    }
+
+    /// Keeps the upload for the primary to continue.
+    pub fn keep(mut self) {
+        if let Some(st) = self.st.take() {
+            self.all.inner().active.remove(&self.vm);
+            self.all.keep(self.vm, st);
+        }
+    }
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.all.inner().active.remove(&self.vm);
+        if let Some(st) = self.st.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                tracing::info!(vm = %self.vm, sequence = st.sequence, bytes = st.fed, "staged upload cancelled; kept for a resume");
+                self.all.keep(self.vm, st);
+            }
+        }
+    }
+}
 
 impl Stagings {
-    fn map(&self) -> MutexGuard<'_, HashMap<Uuid, Staging>> {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds `st` of `vm` as arriving (see [`Arriving`]).
+    pub fn arriving(&self, vm: Uuid, st: Staging) -> Arriving {
+        self.inner()
+            .active
+            .insert(vm, (st.sequence, st.layers.clone()));
+        Arriving {
+            all: self.clone(),
+            vm,
+            st: Some(st),
+        }
+    }
+
+    /// True while a staged upload of log `seq` of `vm` is arriving on some connection.
+    pub fn is_arriving(&self, vm: Uuid, seq: u64) -> bool {
+        self.inner().active.get(&vm).is_some_and(|(s, _)| *s == seq)
     }
 
     /// Takes `vm`'s kept upload of log `seq` out (to continue or drop it).
     pub fn take(&self, vm: Uuid, seq: u64) -> Option<Staging> {
-        let mut map = self.map();
-        match map.get(&vm) {
-            Some(s) if s.sequence == seq => map.remove(&vm),
+        let mut inner = self.inner();
+        match inner.kept.get(&vm) {
+            Some(s) if s.sequence == seq => inner.kept.remove(&vm),
             _ => None,
         }
     }
 
     /// The upload id and bytes received of `vm`'s kept upload of log `seq`.
     pub fn status(&self, vm: Uuid, seq: u64) -> Option<(Uuid, u64)> {
-        self.map()
+        self.inner()
+            .kept
             .get(&vm)
             .filter(|s| s.sequence == seq)
             .map(|s| (s.upload, s.fed))
     }
 
-    /// True if `path` is a layer of an upload kept here.
+    /// True if `path` is a layer of an upload arriving or kept here.
     pub fn holds(&self, path: &Path) -> bool {
-        self.map()
+        let inner = self.inner();
+        inner
+            .kept
             .values()
             .any(|s| s.layers.iter().any(|l| l == path))
+            || inner
+                .active
+                .values()
+                .any(|(_, layers)| layers.iter().any(|l| l == path))
     }
 
     /// Keeps `staging` for the primary to continue; drops it (its thread ends and deletes its
-    /// layers) if it is still where it was after [`ABANDONED_AFTER`].
-    pub fn keep(&self, vm: Uuid, staging: Staging) {
-        let (upload, fed) = (staging.upload, staging.fed);
-        // Any other upload kept for this VM is over.
-        self.map().insert(vm, staging);
+    /// layers) if it was not taken again within [`ABANDONED_AFTER`].
+    pub fn keep(&self, vm: Uuid, mut staging: Staging) {
+        let generation = {
+            let mut inner = self.inner();
+            inner.generation += 1;
+            staging.generation = inner.generation;
+            inner.kept.insert(vm, staging);
+            inner.generation
+        };
         let all = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(ABANDONED_AFTER).await;
-            let mut map = all.map();
-            if map
-                .get(&vm)
-                .is_some_and(|s| s.upload == upload && s.fed == fed)
-            {
-                tracing::info!(%vm, %upload, "dropping a staged upload the primary did not continue");
-                map.remove(&vm);
+            let dropped = {
+                let mut inner = all.inner();
+                match inner.kept.get(&vm) {
+                    Some(s) if s.generation == generation => inner.kept.remove(&vm),
+                    _ => None,
+                }
+            };
+            if let Some(st) = dropped {
+                tracing::info!(%vm, upload = %st.upload, "dropping a staged upload the primary did not continue");
+                let _ = st.finish().await;
             }
         });
     }
