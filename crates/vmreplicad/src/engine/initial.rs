@@ -240,8 +240,8 @@ async fn write_full_log_inner(
         full_image: true,
         disks: log_disks(&disks),
     };
-    // A log sent while it is written goes to memory or straight to its spool path; an export is
-    // written under a temporary name and renamed when complete.
+    // A log sent while it is written goes to memory (or to its file, if the growing log is one); an
+    // export is written under a temporary name and renamed when complete.
     let tmp_log = match growing {
         Some(_) => path.to_path_buf(),
         None => path.with_extension("vrlog.tmp"),
@@ -296,7 +296,7 @@ async fn write_full_log_inner(
     let out = writer
         .into_inner()
         .map_err(|e| fail(format!("cannot write the log: {e}"), "Check free space."))?;
-    // A spool being sent needs no fsync (after a crash it is written again); an export does.
+    // A log being sent needs no fsync (after a crash it is built again); an export does.
     if let LogOut::File(file) = out {
         file.sync_all().map_err(|e| {
             fail(

@@ -127,7 +127,7 @@ pub async fn run(
     let (mut session, _) = open_empty_replica(&job, &vm, &rel, 1).await?;
     ctx.progress(2)?;
     // The log is sent from memory: this path only names it (nothing is written there).
-    let spool = job
+    let log_path = job
         .data_dir
         .join("outgoing")
         .join(vm.id.to_string().to_uppercase())
@@ -151,7 +151,7 @@ pub async fn run(
         &vm,
         &rel,
         &mut session,
-        &spool,
+        &log_path,
         compression,
         running.as_ref(),
     )
@@ -199,7 +199,7 @@ async fn send_full(
     vm: &VmRow,
     rel: &RelationshipRow,
     session: &mut crate::replication::client::Session,
-    spool: &std::path::Path,
+    log_path: &std::path::Path,
     compression: bool,
     running: Option<&RunningPoint>,
 ) -> Result<(super::initial::FullLog, String), JobFailure> {
@@ -218,7 +218,7 @@ async fn send_full(
         write_full_log(
             ctx,
             vm,
-            spool,
+            log_path,
             compression,
             &job.data_dir,
             45,
@@ -231,7 +231,7 @@ async fn send_full(
         session,
         vm.id,
         1,
-        spool,
+        log_path,
         growing.clone(),
         progress,
         false,
@@ -240,7 +240,7 @@ async fn send_full(
     let log = match built {
         Ok(log) => log,
         Err(f) => {
-            let _ = std::fs::remove_file(spool);
+            let _ = std::fs::remove_file(log_path);
             // A build stopped because the upload gave up: the upload's error says why.
             return match delivered {
                 Err(e) if growing.closed_first() => {

@@ -317,6 +317,8 @@ impl Peers {
         loop {
             let result = async {
                 let mut resume = None;
+                // The whole log reached the replica but its answer was lost: commit it.
+                let mut uploaded = None;
                 if attempt > 0 {
                     let asked = match session
                         .json::<(), LogStatus>(Route::LogStatus(vm, sequence), None)
@@ -342,10 +344,20 @@ impl Peers {
                                 resume = Some((id, s.offset));
                             }
                         }
+                        if s.state == TransferState::Uploaded as u16
+                            && (!log.is_memory() || s.upload_id == Some(ours))
+                        {
+                            // All of it arrived, so the writer is done or about to be.
+                            let (log_hash, _) = ended(&log).await?;
+                            if s.log_hash.as_deref() == Some(log_hash.as_str()) {
+                                tracing::info!(%vm, sequence, "the log had arrived whole; committing it");
+                                uploaded = Some(s.clone());
+                            }
+                        }
                         let (log_hash, _) = if s.state >= TransferState::Committed as u16 {
                             if log.is_memory() {
-                                // Committed by this delivery, so built to its end already (an
-                                // unfinished in-memory log may wait for an upload: never wait).
+                                // Never wait here: an unfinished in-memory log waits for an upload
+                                // (one not yet complete cannot be this committed log anyway).
                                 log.end().and_then(Result::ok).unwrap_or_default()
                             } else {
                                 ended(&log).await?
@@ -365,22 +377,27 @@ impl Peers {
                     }
                 }
                 let from = resume.map_or(0, |(_, k)| k);
-                if from < log.kept_from() {
+                if uploaded.is_none() && from < log.kept_from() {
                     return Err(PeerError::Local(format!(
                         "the replica holds {from} bytes of log {sequence}, and this host no longer holds its bytes before {}: the log must be sent again from its start",
                         log.kept_from()
                     )));
                 }
-                let status = session
-                    .upload_log(
-                        vm,
-                        sequence,
-                        file,
-                        log.clone(),
-                        progress.clone(),
-                        resume.unwrap_or((ours, 0)),
-                    )
-                    .await;
+                let status = match uploaded {
+                    Some(s) => Ok(s),
+                    None => {
+                        session
+                            .upload_log(
+                                vm,
+                                sequence,
+                                file,
+                                log.clone(),
+                                progress.clone(),
+                                resume.unwrap_or((ours, 0)),
+                            )
+                            .await
+                    }
+                };
                 let status = match status {
                     Ok(status) => status,
                     // A log that could not be written explains the failed upload better than the
@@ -393,6 +410,14 @@ impl Peers {
                         _ => return Err(e),
                     },
                 };
+                if status.state != TransferState::Uploaded as u16 {
+                    // Not waiting for the log's end: an answer without the body read (a log
+                    // committed meanwhile) leaves an in-memory log's writer waiting for room.
+                    return Err(PeerError::Protocol(format!(
+                        "the recovery server did not confirm log {sequence} (state {})",
+                        status.state
+                    )));
+                }
                 let (log_hash, log_bytes) = ended(&log).await?;
                 let confirmed = status.state == TransferState::Uploaded as u16
                     && status.log_hash.as_deref() == Some(log_hash.as_str());

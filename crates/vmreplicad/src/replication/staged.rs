@@ -201,8 +201,9 @@ impl Arriving {
         self.st.as_mut().expect("held until taken")
     }
 
-    /// Takes the upload out (it is no longer arriving).
-    pub fn take(mut self) -> Staging {
+    /// Takes the upload out to finish it; it counts as arriving (its layers are not tidied away)
+    /// until the guard is dropped, after its `.staged` file is written.
+    pub fn take(&mut self) -> Staging {
         self.st.take().expect("held until taken")
     }
 
