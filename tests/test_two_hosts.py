@@ -366,17 +366,33 @@ def test_uploads_are_verified_committed_once_and_applied(lab, tmp_path):
         # Log 1 into an empty store is written into its layers as it arrives (a staged upload).
         # Cut off mid-body (the connection closes), it is kept in memory at the exact byte it
         # reached, not at a record boundary, and continues there under the same upload id.
+        import threading
         upload = str(uuid.uuid4())
         cut = len(log) // 2 + 7
+        incoming = lab.storage / str(vm).lower() / "incoming"
+        give_up = threading.Event()
 
         def half():
             yield log[:cut]
+            give_up.wait(30)
             raise RuntimeError("the primary gives up mid-body")
 
-        with raw_peer(lab) as gone, pytest.raises(RuntimeError):
-            gone.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=half(),
-                       headers={"vmreplica-upload-id": upload, "vmreplica-upload-offset": "0"})
-        incoming = lab.storage / str(vm).lower() / "incoming"
+        def send_half():
+            with raw_peer(lab) as gone:  # leaving it closes the connection
+                try:
+                    gone.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=half(),
+                               headers={"vmreplica-upload-id": upload, "vmreplica-upload-offset": "0"})
+                except RuntimeError:
+                    pass
+
+        sender = threading.Thread(target=send_half)
+        sender.start()
+        # The header arrived and the layer exists: the upload is being staged. Then the connection goes.
+        wait_for(lambda: any(f.name.endswith(".layer") for f in incoming.iterdir()) if incoming.exists() else False,
+                 what="the staged layer")
+        time.sleep(0.5)
+        give_up.set()
+        sender.join(30)
         status = wait_for(lambda: (lambda r: r.json() if r.status_code == 200 else None)(
             c.get(f"/vmreplica/v1/vms/{vm}/logs/1")), what="the staged upload kept")
         assert status["state"] == 1 and status["upload_id"] == upload and status.get("prefix_hash") is None

@@ -291,6 +291,31 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// The `uploads` row of a verified log.
+fn upload_row(vm: Uuid, upload_id: Uuid, summary: &wire::LogSummary) -> UploadRow {
+    UploadRow {
+        vm,
+        sequence: summary.header.sequence,
+        upload_id,
+        log_hash: hex::encode(summary.hash),
+        log_bytes: summary.bytes,
+        point_time: summary.header.point_time_micros,
+        point_type: point_type_code(summary.header.point_type),
+    }
+}
+
+/// A log header's disk table, as the placeholder records it.
+pub(super) fn disk_specs(header: &wire::LogHeader) -> Vec<DiskSpec> {
+    header
+        .disks
+        .iter()
+        .map(|d| DiskSpec {
+            id: d.id.clone(),
+            virtual_size: d.virtual_size,
+        })
+        .collect()
+}
+
 fn point_type_code(p: PointType) -> u16 {
     match p {
         PointType::Standard => 1,
@@ -1512,16 +1537,7 @@ impl ReplicaSide {
                 return Err(decode_error(e, bytes));
             }
         };
-        let table: Vec<DiskSpec> = summary
-            .header
-            .disks
-            .iter()
-            .map(|d| DiskSpec {
-                id: d.id.clone(),
-                virtual_size: d.virtual_size,
-            })
-            .collect();
-        if table != replica.disks {
+        if disk_specs(&summary.header) != replica.disks {
             let _ = std::fs::remove_file(&partial);
             let mut d = ErrorDetail::new(
                 ErrorCode::DiskTableMismatch,
@@ -1536,15 +1552,7 @@ impl ReplicaSide {
             .and_then(|()| std::fs::rename(&partial, &uploaded))
             .and_then(|()| sync_dir(&dir))
             .map_err(ApiError::internal)?;
-        let row = UploadRow {
-            vm,
-            sequence: seq,
-            upload_id,
-            log_hash: hex::encode(summary.hash),
-            log_bytes: summary.bytes,
-            point_time: summary.header.point_time_micros,
-            point_type: point_type_code(summary.header.point_type),
-        };
+        let row = upload_row(vm, upload_id, &summary);
         self.store.put_upload(&row)?;
         tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded and verified");
         Ok(json(200, &uploaded_status(&row)))
@@ -1633,15 +1641,7 @@ impl ReplicaSide {
             staged.remove_layers();
             return Err(ApiError::internal(e));
         }
-        let row = UploadRow {
-            vm,
-            sequence: seq,
-            upload_id,
-            log_hash: hex::encode(summary.hash),
-            log_bytes: summary.bytes,
-            point_time: summary.header.point_time_micros,
-            point_type: point_type_code(summary.header.point_type),
-        };
+        let row = upload_row(vm, upload_id, &summary);
         self.store.put_upload(&row)?;
         tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded, verified and written into its point (staged)");
         Ok(json(200, &uploaded_status(&row)))

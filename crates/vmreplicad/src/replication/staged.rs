@@ -134,16 +134,7 @@ impl Staging {
                     source,
                 })),
                 Ok(reader) => {
-                    let theirs: Vec<DiskSpec> = reader
-                        .header()
-                        .disks
-                        .iter()
-                        .map(|d| DiskSpec {
-                            id: d.id.clone(),
-                            virtual_size: d.virtual_size,
-                        })
-                        .collect();
-                    if theirs != table {
+                    if super::replica::disk_specs(reader.header()) != table {
                         Err(StageError::DiskTable(table))
                     } else {
                         PointStore::stage_full_image(reader, &paths, &what)
