@@ -818,17 +818,10 @@ impl Session {
                     more.as_mut().enable();
                     let written = growing.written();
                     if sent >= written {
-                        match growing.end() {
-                            Some(Ok((_, len))) if sent >= len => return,
-                            Some(Err(why)) => {
-                                let _ = tx.send(Err(std::io::Error::other(why))).await;
-                                return;
-                            }
-                            _ => {
-                                let _ = tokio::time::timeout(Duration::from_millis(5), more).await;
-                                continue;
-                            }
+                        if over_at_end(&growing, sent, &tx, more).await {
+                            return;
                         }
+                        continue;
                     }
                     let capped = bandwidth.capped();
                     let chunk = if capped { SLICE } else { CHUNK };
@@ -898,6 +891,27 @@ impl Session {
     }
 }
 
+/// At the end of what is written so far: true when the upload is over (the log complete and all of
+/// it sent, or failed: its error handed to `tx`); else waits a little for more (`more`) and says no.
+async fn over_at_end(
+    log: &GrowingLog,
+    sent: u64,
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    more: Pin<&mut tokio::sync::futures::Notified<'_>>,
+) -> bool {
+    match log.end() {
+        Some(Ok((_, len))) if sent >= len => true,
+        Some(Err(why)) => {
+            let _ = tx.send(Err(std::io::Error::other(why))).await;
+            true
+        }
+        _ => {
+            let _ = tokio::time::timeout(Duration::from_millis(5), more).await;
+            false
+        }
+    }
+}
+
 /// Feeds an in-memory log from offset `sent` to `tx` in pieces of at most [`CHUNK`] (or
 /// [`SLICE`] under a bandwidth cap), as the writer adds them, without copying.
 async fn send_from_memory(
@@ -932,16 +946,11 @@ async fn send_from_memory(
                 let _ = tx.send(Err(std::io::Error::other(why))).await;
                 return;
             }
-            Taken::NotYet => match log.end() {
-                Some(Ok((_, len))) if sent >= len => return,
-                Some(Err(why)) => {
-                    let _ = tx.send(Err(std::io::Error::other(why))).await;
+            Taken::NotYet => {
+                if over_at_end(&log, sent, &tx, more).await {
                     return;
                 }
-                _ => {
-                    let _ = tokio::time::timeout(Duration::from_millis(5), more).await;
-                }
-            },
+            }
         }
     }
 }
