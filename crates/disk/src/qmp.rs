@@ -101,6 +101,12 @@ impl QmpClient {
                 }
                 continue;
             }
+            if msg.get("QMP").is_some() {
+                // A second greeting: QEMU sends one when the connection opens and another when
+                // the monitor attaches to a chardev that is already connected, so a client that
+                // connects while QEMU is still starting can see two. It is not a reply.
+                continue;
+            }
             if msg.get("id").and_then(Value::as_u64) != Some(id) {
                 return Err(QmpError::Protocol(format!(
                     "reply for another request: {msg}"
@@ -252,6 +258,29 @@ mod tests {
             ),
             other => panic!("expected a command error, got {other:?}"),
         }
+        peer.await.expect("peer");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// QEMU greets a second time when a client connects before the monitor attaches to its
+    /// chardev (seen with qemu-storage-daemon 10.0 started just before the connect); that greeting
+    /// is not the reply to `qmp_capabilities`.
+    #[tokio::test]
+    async fn a_second_greeting_is_not_a_reply() {
+        let path = socket_path("twice");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let peer = tokio::spawn(fake_peer(
+            listener,
+            vec![
+                "{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\r\n{\"return\": {}, \"id\": 1}\r\n".into(),
+                "{\"return\": 7, \"id\": 2}\r\n".into(),
+            ],
+        ));
+        let mut qmp = QmpClient::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        assert_eq!(qmp.execute("query-x", None).await.expect("ok"), json!(7));
         peer.await.expect("peer");
         let _ = std::fs::remove_file(&path);
     }
