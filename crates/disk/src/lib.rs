@@ -10,6 +10,7 @@
 //! - [`export`]: supervised qemu-nbd processes that export an image over a private unix socket.
 //! - [`points`]: the replica's recovery-point store (one qcow2 backing chain per disk).
 
+mod aligned;
 pub mod bitmap;
 pub mod export;
 pub mod fingerprint;

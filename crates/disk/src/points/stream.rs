@@ -26,9 +26,10 @@ use wire::{Content, Expect, LogDecodeError, LogReader, LogSummary};
 
 use super::error::{ApplyError, StoreError};
 use super::layout::Layout;
+use crate::aligned::AlignedBuf;
 use crate::export::{ExportSpec, NbdExport};
 use crate::nbd::{NbdClient, NbdError};
-use crate::qcow2::{Qcow2Writer, DIRECT_ALIGN};
+use crate::qcow2::Qcow2Writer;
 
 /// NBD connections per disk (qemu-nbd runs with `--shared=4`).
 const CONNECTIONS: usize = 3;
@@ -236,7 +237,7 @@ struct Batch {
 
 impl Batch {
     fn push_data(&mut self, offset: u64, bytes: &[u8]) {
-        self.data.push(bytes);
+        self.data.push(bytes, BATCH_BYTES);
         if let Some(Op::Data { offset: at, len }) = self.ops.last_mut() {
             if *at + *len as u64 == offset {
                 *len += bytes.len();
@@ -251,43 +252,6 @@ impl Batch {
 
     fn is_full(&self) -> bool {
         self.data.len() >= BATCH_BYTES || self.ops.len() >= BATCH_OPS
-    }
-}
-
-/// A byte buffer whose contents start at an address aligned to [`DIRECT_ALIGN`], so a run of
-/// whole clusters in it can be written with `O_DIRECT` (see [`crate::qcow2`]). Made of a plain
-/// `Vec` with padding in front; it grows like one when a push does not fit.
-#[derive(Default)]
-struct AlignedBuf {
-    buf: Vec<u8>,
-    pad: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn bytes(&self) -> &[u8] {
-        &self.buf[self.pad..self.pad + self.len]
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        let need = self.len + bytes.len();
-        if self.buf.len() < self.pad + need {
-            let mut buf = vec![0u8; need.max(BATCH_BYTES).max(2 * self.len) + DIRECT_ALIGN];
-            let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
-            buf[pad..pad + self.len].copy_from_slice(self.bytes());
-            (self.buf, self.pad) = (buf, pad);
-        }
-        let at = self.pad + self.len;
-        self.buf[at..at + bytes.len()].copy_from_slice(bytes);
-        self.len = need;
     }
 }
 

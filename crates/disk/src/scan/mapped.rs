@@ -9,10 +9,10 @@
 //! to reading through qemu-nbd.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
+use super::files::{FileMap, Range};
 use crate::nbd::{Extent, STATE_HOLE, STATE_ZERO};
 
 /// Why an image cannot be read through its map.
@@ -33,22 +33,11 @@ pub enum MapError {
     },
 }
 
-/// One range of the guest disk.
-#[derive(Debug, Clone, Copy)]
-struct Range {
-    start: u64,
-    length: u64,
-    /// (file index in the chain, host offset) for data; None reads as zeros.
-    data: Option<(usize, u64)>,
-}
-
 /// An image whose guest ranges are known and read directly from the files of its chain.
 pub struct MappedImage {
-    files: Vec<File>,
     /// The files' names, the image first, then its backing files.
     names: Vec<String>,
-    ranges: Vec<Range>,
-    size: u64,
+    map: FileMap,
 }
 
 fn qemu_img_json(
@@ -152,15 +141,13 @@ impl MappedImage {
             });
         }
         Ok(MappedImage {
-            files,
             names,
-            ranges,
-            size,
+            map: FileMap::new(files, ranges, size),
         })
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.map.size()
     }
 
     /// The files read: the image, then its backing files.
@@ -171,10 +158,9 @@ impl MappedImage {
     /// The ranges overlapping `[offset, offset+len)`, as allocation extents.
     pub fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
         let end = offset + len;
-        let first = self
-            .ranges
-            .partition_point(|r| r.start + r.length <= offset);
-        self.ranges[first..]
+        let ranges = self.map.ranges();
+        let first = ranges.partition_point(|r| r.start + r.length <= offset);
+        ranges[first..]
             .iter()
             .take_while(|r| r.start < end)
             .map(|r| Extent {
@@ -191,32 +177,11 @@ impl MappedImage {
 
     /// Reads guest bytes at `offset` into `buf`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        let first = self
-            .ranges
-            .partition_point(|r| r.start + r.length <= offset);
-        for r in &self.ranges[first..] {
-            if pos >= end {
-                break;
-            }
-            let stop = (r.start + r.length).min(end);
-            if stop <= pos {
-                continue;
-            }
-            let into = &mut buf[(pos - offset) as usize..(stop - offset) as usize];
-            match r.data {
-                Some((file, host)) => {
-                    self.files[file].read_exact_at(into, host + (pos - r.start))?
-                }
-                None => into.fill(0),
-            }
-            pos = stop;
-        }
-        if pos < end {
-            buf[(pos - offset) as usize..].fill(0);
-        }
-        Ok(())
+        self.map.read(offset, buf)
+    }
+
+    pub(crate) fn file_map(&self) -> &FileMap {
+        &self.map
     }
 }
 

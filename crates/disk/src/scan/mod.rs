@@ -10,12 +10,14 @@
 //! Without a previous map the scan produces a full image: every non-zero block, and no zero extents
 //! (the replica starts from an empty, sparse image).
 
+mod files;
 pub mod hashmap;
 pub mod mapped;
 mod source;
 
 pub use source::Source;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,9 @@ use std::sync::Arc;
 
 use wire::{LogEncodeError, LogWriter};
 
+use crate::aligned::AlignedBuf;
 use crate::nbd::{Extent, NbdError};
+use files::Prefetch;
 use hashmap::{block_count, block_hash, HashMapError, MapReader, MapWriter, ZERO};
 
 /// Default block size of the hash map.
@@ -211,82 +215,61 @@ pub async fn scan_disk_ranges<W: Write>(
         ..ScanStats::default()
     };
     let bs = u64::from(block_size);
-    let mut chunk_start = 0;
-    let mut buf = Vec::new();
-    let mut wanted = Candidates {
-        ranges: candidates,
+    let mut reads = Reads::new(source, READ_RUN);
+    let mut planner = Planner {
+        wanted: Candidates {
+            ranges: candidates,
+            next: 0,
+        },
         next: 0,
+        end: size,
+        size,
+        block_size: bs,
     };
-    while chunk_start < size {
-        let chunk_len = MAP_CHUNK.min(size - chunk_start);
-        let chunk_end = chunk_start + chunk_len;
-        let mut off = chunk_start;
-        if !wanted.any(chunk_start, chunk_len) {
-            // Nothing in this chunk changed: the old hashes stand, nothing is read.
-            while off < chunk_end {
-                keep_old(&mut old, &mut map)?;
-                off += bs.min(size - off);
-            }
-            chunk_start = chunk_end;
-            continue;
-        }
-        let extents = source.allocation(chunk_start, chunk_len).await?;
-        while off < chunk_end {
-            if !wanted.any(off, bs.min(size - off)) {
-                keep_old(&mut old, &mut map)?;
-                off += bs.min(size - off);
-                continue;
-            }
-            // A run of blocks that may hold data, read at once.
-            let mut run_end = off;
-            while run_end < chunk_end
-                && run_end - off < READ_RUN
-                && wanted.any(run_end, bs.min(size - run_end))
-                && !all_zero(&extents, run_end, bs.min(size - run_end))
-            {
-                run_end += bs.min(size - run_end);
-            }
-            if run_end > off {
-                let run_len = usize::try_from(run_end - off).unwrap_or(usize::MAX);
-                buf.resize(run_len, 0);
-                source.read(off, &mut buf).await?;
-                stats.read_bytes += run_end - off;
-                after_read().await;
-                let run_start = off;
-                // The changed data blocks of this read in a row: [from, to) of `buf`.
-                let mut span: Option<(usize, usize)> = None;
-                let mut at = 0usize;
-                for block in buf.chunks(block_size as usize) {
-                    let hash = block_hash(block);
-                    let len = block.len();
-                    match compare(&mut old, &mut map, &mut stats, len as u64, true, hash)? {
-                        Change::Data => match &mut span {
-                            Some((_, to)) if *to == at => *to += len,
-                            _ => {
-                                flush_span(&mut out, run_start, &buf, span.take())?;
-                                span = Some((at, at + len));
-                            }
-                        },
-                        Change::Zero => {
-                            flush_span(&mut out, run_start, &buf, span.take())?;
-                            out.zero(off, len as u64)?;
-                        }
-                        Change::Same => flush_span(&mut out, run_start, &buf, span.take())?,
+    while let Some(steps) = reads.next_chunk(&mut planner).await? {
+        for step in steps {
+            match step {
+                Step::Keep(blocks) => {
+                    for _ in 0..blocks {
+                        keep_old(&mut old, &mut map)?;
                     }
-                    at += len;
-                    off += len as u64;
                 }
-                flush_span(&mut out, run_start, &buf, span)?;
-            } else {
-                // A hole or zero range: known without reading.
-                let len = bs.min(size - off);
-                if compare(&mut old, &mut map, &mut stats, len, false, ZERO)? == Change::Zero {
-                    out.zero(off, len)?;
+                Step::Hole(offset, len) => {
+                    if compare(&mut old, &mut map, &mut stats, len, false, ZERO)? == Change::Zero {
+                        out.zero(offset, len)?;
+                    }
                 }
-                off += len;
+                Step::Read(run_start, len) => {
+                    let buf = reads.take(run_start, len).await?;
+                    stats.read_bytes += len;
+                    after_read().await;
+                    // The changed data blocks of this read in a row: [from, to) of `buf`.
+                    let mut span: Option<(usize, usize)> = None;
+                    let mut at = 0usize;
+                    for block in buf.chunks(block_size as usize) {
+                        let hash = block_hash(block);
+                        let len = block.len();
+                        match compare(&mut old, &mut map, &mut stats, len as u64, true, hash)? {
+                            Change::Data => match &mut span {
+                                Some((_, to)) if *to == at => *to += len,
+                                _ => {
+                                    flush_span(&mut out, run_start, buf, span.take())?;
+                                    span = Some((at, at + len));
+                                }
+                            },
+                            Change::Zero => {
+                                flush_span(&mut out, run_start, buf, span.take())?;
+                                out.zero(run_start + at as u64, len as u64)?;
+                            }
+                            Change::Same => flush_span(&mut out, run_start, buf, span.take())?,
+                        }
+                        at += len;
+                    }
+                    flush_span(&mut out, run_start, buf, span)?;
+                    reads.done();
+                }
             }
         }
-        chunk_start = chunk_end;
     }
     out.flush_zero()?;
     if let Some(o) = &mut old {
@@ -311,37 +294,176 @@ pub async fn hash_blocks(
     let start = first.saturating_mul(bs).min(size);
     let end = first.saturating_add(count).saturating_mul(bs).min(size);
     let mut read = 0;
-    let mut buf = Vec::new();
-    let mut chunk_start = start;
-    while chunk_start < end {
-        let chunk_end = (chunk_start + MAP_CHUNK).min(end);
+    let mut reads = Reads::new(source, READ_RUN);
+    let mut planner = Planner {
+        wanted: Candidates {
+            ranges: None,
+            next: 0,
+        },
+        next: start,
+        end,
+        size,
+        block_size: bs,
+    };
+    while let Some(steps) = reads.next_chunk(&mut planner).await? {
+        for step in steps {
+            match step {
+                Step::Read(offset, len) => {
+                    let buf = reads.take(offset, len).await?;
+                    out.extend(buf.chunks(block_size as usize).map(block_hash));
+                    read += len;
+                    reads.done();
+                    tokio::task::yield_now().await;
+                }
+                Step::Hole(..) => out.push(ZERO),
+                Step::Keep(_) => {} // only with candidates
+            }
+        }
+    }
+    Ok(read)
+}
+
+/// One step of a scan, planned a chunk ([`MAP_CHUNK`]) at a time before any of it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// This many blocks outside every candidate range: their old hashes stand, nothing is read.
+    Keep(u64),
+    /// A block (offset, length) that reads as zeros by its allocation: known without reading.
+    Hole(u64, u64),
+    /// A run of blocks that may hold data (offset, length, at most [`READ_RUN`]), read at once.
+    Read(u64, u64),
+}
+
+/// Plans the steps of `[next, end)` of a disk of `size` bytes, a chunk at a time.
+struct Planner<'a> {
+    wanted: Candidates<'a>,
+    next: u64,
+    end: u64,
+    size: u64,
+    block_size: u64,
+}
+
+impl Planner<'_> {
+    /// The steps of the next chunk, None past the end.
+    async fn plan(&mut self, source: &mut Source<'_>) -> Result<Option<Vec<Step>>, NbdError> {
+        if self.next >= self.end {
+            return Ok(None);
+        }
+        let (size, bs) = (self.size, self.block_size);
+        let chunk_start = self.next;
+        let chunk_end = (chunk_start + MAP_CHUNK).min(self.end);
+        self.next = chunk_end;
+        let mut steps = Vec::new();
+        let keep = |steps: &mut Vec<Step>, blocks: u64| match steps.last_mut() {
+            Some(Step::Keep(n)) => *n += blocks,
+            _ => steps.push(Step::Keep(blocks)),
+        };
+        if !self.wanted.any(chunk_start, chunk_end - chunk_start) {
+            keep(&mut steps, (chunk_end - chunk_start).div_ceil(bs));
+            return Ok(Some(steps));
+        }
         let extents = source
             .allocation(chunk_start, chunk_end - chunk_start)
             .await?;
         let mut off = chunk_start;
         while off < chunk_end {
+            let len = bs.min(size - off);
+            if !self.wanted.any(off, len) {
+                keep(&mut steps, 1);
+                off += len;
+                continue;
+            }
             let mut run_end = off;
             while run_end < chunk_end
                 && run_end - off < READ_RUN
+                && self.wanted.any(run_end, bs.min(size - run_end))
                 && !all_zero(&extents, run_end, bs.min(size - run_end))
             {
                 run_end += bs.min(size - run_end);
             }
             if run_end > off {
-                buf.resize(usize::try_from(run_end - off).unwrap_or(usize::MAX), 0);
-                source.read(off, &mut buf).await?;
-                read += run_end - off;
-                tokio::task::yield_now().await;
-                out.extend(buf.chunks(block_size as usize).map(block_hash));
+                steps.push(Step::Read(off, run_end - off));
                 off = run_end;
             } else {
-                out.push(ZERO);
-                off += bs.min(size - off);
+                steps.push(Step::Hole(off, len));
+                off += len;
             }
         }
-        chunk_start = chunk_end;
+        Ok(Some(steps))
     }
-    Ok(read)
+}
+
+/// Where a scan's reads come from: a reader thread ahead of the scan for image files, else the
+/// source itself, one read at a time.
+struct Reads<'s, 'a> {
+    source: &'s mut Source<'a>,
+    ahead: Option<Prefetch>,
+    /// Chunks planned and not yet scanned (with `ahead`, their reads are asked for).
+    planned: VecDeque<Vec<Step>>,
+    /// The buffer of the read being scanned, given back by [`Reads::done`].
+    held: Option<AlignedBuf>,
+    buf: Vec<u8>,
+}
+
+impl<'s, 'a> Reads<'s, 'a> {
+    fn new(source: &'s mut Source<'a>, run: u64) -> Reads<'s, 'a> {
+        let ahead = source.prefetch(usize::try_from(run).unwrap_or(usize::MAX));
+        Reads {
+            source,
+            ahead,
+            planned: VecDeque::new(),
+            held: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The steps of the next chunk. Reading ahead, the chunk after it is planned as well and its
+    /// reads asked for, so the reader does not wait at a chunk's end.
+    async fn next_chunk(
+        &mut self,
+        planner: &mut Planner<'_>,
+    ) -> Result<Option<Vec<Step>>, NbdError> {
+        let chunks = if self.ahead.is_some() { 2 } else { 1 };
+        while self.planned.len() < chunks {
+            let Some(steps) = planner.plan(self.source).await? else {
+                break;
+            };
+            if let Some(ahead) = &self.ahead {
+                for step in &steps {
+                    if let Step::Read(offset, len) = *step {
+                        ahead.ask(offset, usize::try_from(len).unwrap_or(usize::MAX));
+                    }
+                }
+            }
+            self.planned.push_back(steps);
+        }
+        Ok(self.planned.pop_front())
+    }
+
+    /// The bytes of the read step `(offset, len)`, the next one planned.
+    async fn take(&mut self, offset: u64, len: u64) -> Result<&[u8], NbdError> {
+        let Some(ahead) = &mut self.ahead else {
+            self.buf
+                .resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+            self.source.read(offset, &mut self.buf).await?;
+            return Ok(&self.buf);
+        };
+        let (at, buf) = ahead.next().await?;
+        if at != offset || buf.len() as u64 != len {
+            return Err(NbdError::Io(std::io::Error::other(format!(
+                "the scan's reader returned {} bytes at {at} for {len} at {offset}",
+                buf.len()
+            ))));
+        }
+        Ok(self.held.insert(buf).bytes())
+    }
+
+    /// The bytes [`Reads::take`] returned are no longer needed.
+    fn done(&mut self) {
+        if let (Some(ahead), Some(buf)) = (&self.ahead, self.held.take()) {
+            ahead.give_back(buf);
+        }
+    }
 }
 
 /// The candidate ranges, consulted in increasing offset order.

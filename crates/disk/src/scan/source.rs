@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
+use super::files::{FileMap, Prefetch};
 use crate::nbd::{Extent, NbdClient, NbdError, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
 
 /// A disk to scan.
@@ -37,6 +38,18 @@ impl Source<'_> {
             Source::RawFile(f) => Ok(file_extents(f, offset, len)),
             Source::Mapped(m) => Ok(m.allocation(offset, len)),
         }
+    }
+
+    /// A reader of this disk's files that reads ahead of the scan (`O_DIRECT` where allowed), for
+    /// reads of at most `run` bytes; None for an NBD export or when the files cannot be opened
+    /// again (the scan then reads with [`Source::read`]).
+    pub(crate) fn prefetch(&self, run: usize) -> Option<Prefetch> {
+        let started = match self {
+            Source::Nbd(_) => return None,
+            Source::RawFile(f) => FileMap::raw(f).and_then(|m| Prefetch::start(&m, run)),
+            Source::Mapped(m) => Prefetch::start(m.file_map(), run),
+        };
+        started.ok()
     }
 
     pub async fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
