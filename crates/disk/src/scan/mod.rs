@@ -215,7 +215,7 @@ pub async fn scan_disk_ranges<W: Write>(
         ..ScanStats::default()
     };
     let bs = u64::from(block_size);
-    let mut reads = Reads::new(source, READ_RUN);
+    let mut reads = Reads::new(source, READ_RUN.max(bs));
     let mut planner = Planner {
         wanted: Candidates {
             ranges: candidates,
@@ -294,7 +294,7 @@ pub async fn hash_blocks(
     let start = first.saturating_mul(bs).min(size);
     let end = first.saturating_add(count).saturating_mul(bs).min(size);
     let mut read = 0;
-    let mut reads = Reads::new(source, READ_RUN);
+    let mut reads = Reads::new(source, READ_RUN.max(bs));
     let mut planner = Planner {
         wanted: Candidates {
             ranges: None,
@@ -393,11 +393,15 @@ impl Planner<'_> {
     }
 }
 
-/// Where a scan's reads come from: a reader thread ahead of the scan for image files, else the
+/// Where a scan's reads come from: reader threads ahead of the scan for image files, else the
 /// source itself, one read at a time.
 struct Reads<'s, 'a> {
     source: &'s mut Source<'a>,
+    /// The reader threads, started at the first chunk with data (none for a range of holes).
     ahead: Option<Prefetch>,
+    /// Whether starting them was tried, and the largest read.
+    tried: bool,
+    run: usize,
     /// Chunks planned and not yet scanned (with `ahead`, their reads are asked for).
     planned: VecDeque<Vec<Step>>,
     /// The buffer of the read being scanned, given back by [`Reads::done`].
@@ -407,10 +411,11 @@ struct Reads<'s, 'a> {
 
 impl<'s, 'a> Reads<'s, 'a> {
     fn new(source: &'s mut Source<'a>, run: u64) -> Reads<'s, 'a> {
-        let ahead = source.prefetch(usize::try_from(run).unwrap_or(usize::MAX));
         Reads {
             source,
-            ahead,
+            ahead: None,
+            tried: false,
+            run: usize::try_from(run).unwrap_or(usize::MAX),
             planned: VecDeque::new(),
             held: None,
             buf: Vec::new(),
@@ -418,21 +423,26 @@ impl<'s, 'a> Reads<'s, 'a> {
     }
 
     /// The steps of the next chunk. Reading ahead, the chunk after it is planned as well and its
-    /// reads asked for, so the reader does not wait at a chunk's end.
+    /// reads asked for, so the readers do not wait at a chunk's end.
     async fn next_chunk(
         &mut self,
         planner: &mut Planner<'_>,
     ) -> Result<Option<Vec<Step>>, NbdError> {
-        let chunks = if self.ahead.is_some() { 2 } else { 1 };
-        while self.planned.len() < chunks {
+        while self.planned.len() < if self.ahead.is_some() { 2 } else { 1 } {
             let Some(steps) = planner.plan(self.source).await? else {
                 break;
             };
-            if let Some(ahead) = &self.ahead {
-                for step in &steps {
-                    if let Step::Read(offset, len) = *step {
-                        ahead.ask(offset, usize::try_from(len).unwrap_or(usize::MAX));
-                    }
+            let reads = steps.iter().filter_map(|s| match *s {
+                Step::Read(offset, len) => Some((offset, usize::try_from(len).unwrap_or(0))),
+                _ => None,
+            });
+            if !self.tried && reads.clone().next().is_some() {
+                self.tried = true;
+                self.ahead = self.source.prefetch(self.run);
+            }
+            if let Some(ahead) = &mut self.ahead {
+                for (offset, len) in reads {
+                    ahead.ask(offset, len);
                 }
             }
             self.planned.push_back(steps);
@@ -442,6 +452,7 @@ impl<'s, 'a> Reads<'s, 'a> {
 
     /// The bytes of the read step `(offset, len)`, the next one planned.
     async fn take(&mut self, offset: u64, len: u64) -> Result<&[u8], NbdError> {
+        self.done();
         let Some(ahead) = &mut self.ahead else {
             self.buf
                 .resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
