@@ -150,11 +150,18 @@ pub enum Command {
     ListJobs,
     GetJob {
         id: String,
+        /// Wait up to this long (at most [`MAX_JOB_WAIT_MS`]) for the job to move on (its state or
+        /// its percent complete), then answer; 0 (the default) answers at once.
+        #[serde(default)]
+        wait_ms: u32,
     },
     CancelJob {
         id: String,
     },
 }
+
+/// The longest `GetJob` wait: an HTTP request that long stays well inside any client's timeout.
+pub const MAX_JOB_WAIT_MS: u32 = 10_000;
 
 /// This host's limits on what it sends as a primary (docs/protocol.md §8). Hyper-V keeps the like
 /// outside its WMI API (registry, QoS policies), so they are not CIM properties here either.

@@ -104,25 +104,37 @@ impl Client {
         }
     }
 
-    /// Polls the job until it ends, showing its progress on a terminal.
+    /// Follows the job until it ends, showing its progress on a terminal: each `GetJob` waits on
+    /// the daemon for up to `poll` until the job moves on, so the end is seen at once.
     pub fn wait_job(&self, id: &str, poll: Duration) -> Result<JobView, Failure> {
         let bar = ProgressBar::new(100);
         bar.set_style(
             ProgressStyle::with_template("{msg:30} [{bar:40}] {pos:>3}%")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
+        let mut seen = None;
         loop {
-            let job = match self.execute(&Command::GetJob { id: id.to_string() })? {
+            let wait_ms = u32::try_from(poll.as_millis()).unwrap_or(u32::MAX);
+            let asked = std::time::Instant::now();
+            let job = match self.execute(&Command::GetJob {
+                id: id.to_string(),
+                wait_ms,
+            })? {
                 CommandOutput::Job(job) => job,
                 other => return Err(Failure::unexpected(&other)),
             };
+            let now = Some((job.job_state, job.percent_complete));
+            if now == seen && asked.elapsed() < poll / 2 {
+                // Unchanged and answered at once: a daemon that does not wait. Poll, then.
+                std::thread::sleep(poll / 2);
+            }
+            seen = now;
             bar.set_message(job.caption.clone());
             bar.set_position(u64::from(job.percent_complete));
             if JobState::from_u16(job.job_state).is_some_and(|s| s.is_terminal()) {
                 bar.finish_and_clear();
                 return Ok(job);
             }
-            std::thread::sleep(poll);
         }
     }
 }

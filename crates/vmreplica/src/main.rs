@@ -20,6 +20,9 @@ use vmreplica_core::settings::{
 };
 use vmreplica_core::state::InitialReplicationType;
 
+/// How long one `GetJob` may wait on the daemon for a job to move on (see `Client::wait_job`).
+const JOB_WAIT: Duration = Duration::from_secs(1);
+
 use client::{Client, Failure};
 
 #[derive(Parser)]
@@ -847,9 +850,9 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
             bypass_proxy_server: false,
         },
         Verb::Job(JobVerb::List) => Command::ListJobs,
-        Verb::Job(JobVerb::Show { id }) => Command::GetJob { id },
+        Verb::Job(JobVerb::Show { id }) => Command::GetJob { id, wait_ms: 0 },
         Verb::Job(JobVerb::Wait { id }) => {
-            let job = client.wait_job(&id, Duration::from_millis(200))?;
+            let job = client.wait_job(&id, JOB_WAIT)?;
             render::print(fmt, &CommandOutput::Job(job.clone()));
             return client::job_outcome(&job);
         }
@@ -861,14 +864,14 @@ fn run(client: &Client, fmt: OutputFormat, verb: Verb) -> Result<(), Failure> {
     let out = client.execute(&cmd)?;
     // A started job is waited for, as the PowerShell cmdlets do.
     if let CommandOutput::JobWithSystem { job, system } = &out {
-        let done = client.wait_job(&job.id, Duration::from_millis(200))?;
+        let done = client.wait_job(&job.id, JOB_WAIT)?;
         render::print(fmt, &CommandOutput::Job(done.clone()));
         client::job_outcome(&done)?;
         println!("Test VM: {}", system.to_string().to_uppercase());
         return Ok(());
     }
     if let CommandOutput::Job(job) = &out {
-        let done = client.wait_job(&job.id, Duration::from_millis(200))?;
+        let done = client.wait_job(&job.id, JOB_WAIT)?;
         render::print(fmt, &CommandOutput::Job(done.clone()));
         return client::job_outcome(&done);
     }

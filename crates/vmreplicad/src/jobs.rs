@@ -272,9 +272,87 @@ fn finish(job: &mut JobRow, state: JobState, failure: Option<&JobFailure>) {
     }
 }
 
+/// The job `id` once its state or percent complete changed, or it ended, or `wait` is over (at
+/// once for a job that already ended): a client learns at once that a job finished without asking
+/// many times a second. None when there is no such job.
+pub async fn watch(
+    store: &Store,
+    id: &str,
+    wait: std::time::Duration,
+) -> StoreResult<Option<JobRow>> {
+    const LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+    let Some(first) = store.get_job(id)? else {
+        return Ok(None);
+    };
+    let until = tokio::time::Instant::now() + wait;
+    let mut job = first.clone();
+    while !JobState::from_u16(job.state).is_some_and(|s| s.is_terminal())
+        && (job.state, job.percent) == (first.state, first.percent)
+        && tokio::time::Instant::now() < until
+    {
+        tokio::time::sleep(LOOK_EVERY).await;
+        match store.get_job(id)? {
+            Some(now) => job = now,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(job))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn watching_a_job_answers_when_it_moves_on() {
+        use std::time::{Duration, Instant};
+        let (dir, store, jobs) = engine();
+        let (go, gate) = tokio::sync::oneshot::channel::<()>();
+        let job = jobs
+            .spawn(
+                JobType::Resynchronizing,
+                None,
+                "steps".into(),
+                false,
+                |ctx| async move {
+                    let _ = gate.await;
+                    ctx.progress(40)?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(())
+                },
+            )
+            .expect("spawn");
+        // Nothing moves: the wait runs out.
+        let t = Instant::now();
+        let same = watch(&store, &job.id, Duration::from_millis(150))
+            .await
+            .expect("watch");
+        assert!(t.elapsed() >= Duration::from_millis(150));
+        assert_eq!(same.expect("exists").percent, job.percent);
+        // Progress ends the wait long before it runs out.
+        let t = Instant::now();
+        let _ = go.send(());
+        let moved = watch(&store, &job.id, Duration::from_secs(10))
+            .await
+            .expect("watch");
+        assert_eq!(moved.expect("exists").percent, 40);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // So does the end; an ended job is answered at once.
+        let ended = watch(&store, &job.id, Duration::from_secs(10))
+            .await
+            .expect("watch");
+        assert_eq!(ended.expect("exists").state, JobState::Completed.as_u16());
+        let t = Instant::now();
+        watch(&store, &job.id, Duration::from_secs(10))
+            .await
+            .expect("watch");
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(watch(&store, "no-such-job", Duration::from_secs(10))
+            .await
+            .expect("watch")
+            .is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     fn engine() -> (std::path::PathBuf, Arc<Store>, Arc<JobEngine>) {
         let dir = std::env::temp_dir().join(format!("vmr-jobs-{}", Uuid::new_v4()));

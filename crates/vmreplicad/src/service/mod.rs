@@ -18,7 +18,7 @@ use uuid::Uuid;
 use vmreplica_core::codes::ReturnCode;
 use vmreplica_core::command::{
     Command, CommandError, CommandOutput, JobView, OperationArgs, StatisticsView, StatusRow,
-    VmDefinition, VmRef, VmView,
+    VmDefinition, VmRef, VmView, MAX_JOB_WAIT_MS,
 };
 use vmreplica_core::health::{evaluate_health, HealthInputs};
 use vmreplica_core::job::JobType;
@@ -195,10 +195,7 @@ impl Service {
                 let jobs = self.store.list_jobs()?.iter().map(job_view).collect();
                 Ok(CommandOutput::Jobs { jobs })
             }
-            Command::GetJob { id } => match self.store.get_job(&id)? {
-                Some(job) => Ok(CommandOutput::Job(job_view(&job))),
-                None => Err(invalid(format!("no job with InstanceID '{id}'"))),
-            },
+            Command::GetJob { id, wait_ms } => self.get_job(&id, wait_ms).await,
             Command::CancelJob { id } => {
                 self.jobs
                     .cancel(&id)
@@ -231,6 +228,15 @@ impl Service {
                 ),
             )
         })
+    }
+
+    /// The job `id`, answered once it moved on or the wait is over (`jobs::watch`).
+    async fn get_job(&self, id: &str, wait_ms: u32) -> CommandResult {
+        let wait = std::time::Duration::from_millis(u64::from(wait_ms.min(MAX_JOB_WAIT_MS)));
+        match crate::jobs::watch(&self.store, id, wait).await? {
+            Some(job) => Ok(CommandOutput::Job(job_view(&job))),
+            None => Err(invalid(format!("no job with InstanceID '{id}'"))),
+        }
     }
 
     /// Starts `work` as a job; the VM's claim, if any, is held until the work has finished.
