@@ -86,6 +86,31 @@ impl Transfers {
     }
 }
 
+/// Cycles to one recovery server at once: what a replica accepts from one primary host
+/// (`max_parallel_uploads`, docs/protocol.md §8). Beyond it a cycle would only meet `Busy` and wait
+/// for the next interval; it waits here for its turn instead, as under `max_parallel_transfers`.
+pub const PER_SERVER_TRANSFERS: usize = 4;
+
+/// One turn queue per recovery server (by name and port, case-insensitive).
+#[derive(Debug, Default)]
+pub struct ServerTurns {
+    servers: Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+}
+
+impl ServerTurns {
+    /// Waits for a turn to send to `host`:`port`.
+    pub async fn acquire(&self, host: &str, port: u16) -> Option<OwnedSemaphorePermit> {
+        let sem = {
+            let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+            servers
+                .entry(format!("{}:{port}", host.to_ascii_lowercase()))
+                .or_insert_with(|| Arc::new(Semaphore::new(PER_SERVER_TRANSFERS)))
+                .clone()
+        };
+        sem.acquire_owned().await.ok()
+    }
+}
+
 /// The limits in force and where they came from.
 #[derive(Debug)]
 pub struct HostLimits {
@@ -187,6 +212,34 @@ impl HostLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_server_gets_at_most_its_turns_and_others_are_not_held_up() {
+        let turns = ServerTurns::default();
+        let mut held = Vec::new();
+        for i in 0..PER_SERVER_TRANSFERS {
+            // The same server, however its name is written.
+            let host = if i % 2 == 0 { "hv2.lab" } else { "HV2.Lab" };
+            held.push(turns.acquire(host, 443).await.expect("turn"));
+        }
+        let wait = std::time::Duration::from_millis(100);
+        assert!(
+            tokio::time::timeout(wait, turns.acquire("hv2.lab", 443))
+                .await
+                .is_err(),
+            "a fifth turn to one server must wait"
+        );
+        assert!(tokio::time::timeout(wait, turns.acquire("hv3.lab", 443))
+            .await
+            .is_ok());
+        assert!(tokio::time::timeout(wait, turns.acquire("hv2.lab", 8443))
+            .await
+            .is_ok());
+        held.pop();
+        assert!(tokio::time::timeout(wait, turns.acquire("hv2.lab", 443))
+            .await
+            .is_ok());
+    }
 
     #[tokio::test]
     async fn fewer_transfers_take_effect_as_running_ones_end_and_waiting_ones_wait() {

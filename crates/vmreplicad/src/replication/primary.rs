@@ -3,7 +3,7 @@
 //! A scheduler task looks at every primary VM once a second. A VM in state 3 whose cycle is due and
 //! which has no cycle in flight gets one; a due tick that finds a cycle in flight or in back-off is
 //! a miss. At most `max_parallel_transfers` cycles of this host run at once (3 by default,
-//! `replication::limits`).
+//! `replication::limits`), and at most 4 to one recovery server (what it accepts from one primary).
 //!
 //! One cycle: connect and say hello; ask the replica what it committed last (`c`); write log `c+1`
 //! (parent `c`) with the changes since the baseline; upload; commit. Only the commit's 200 makes
@@ -96,6 +96,8 @@ pub struct PrimarySide {
     /// Run cycles this often instead of each relationship's ReplicationInterval (tests, demos).
     pub interval_override: Option<u64>,
     transfers: Arc<super::limits::Transfers>,
+    /// Turns per recovery server (`limits::PER_SERVER_TRANSFERS`).
+    servers: super::limits::ServerTurns,
     pub in_flight: Arc<InFlight>,
     /// When each running VM's tracked size was last asked for (a sample in progress counts).
     sampled: Mutex<HashMap<Uuid, i64>>,
@@ -188,6 +190,7 @@ impl PrimarySide {
             claims,
             interval_override,
             transfers,
+            servers: super::limits::ServerTurns::default(),
             in_flight,
             sampled: Mutex::default(),
             auto_resync: std::sync::OnceLock::new(),
@@ -287,6 +290,10 @@ impl PrimarySide {
             self.in_flight.begin(vm.id);
             let me = self.clone();
             tokio::spawn(async move {
+                // The server's turn first: a cycle waiting for a busy server holds no turn of
+                // the host's that a cycle to another server could use.
+                let to = target(&rel);
+                let _server = me.servers.acquire(&to.host, to.port).await;
                 let _permit = me.transfers.acquire().await;
                 let id = vm.id;
                 if waiting_for_import {
