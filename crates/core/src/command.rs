@@ -152,12 +152,16 @@ pub enum Command {
         id: String,
         /// Wait up to this long (at most [`MAX_JOB_WAIT_MS`]) for the job to move on (its state or
         /// its percent complete), then answer; 0 (the default) answers at once.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_zero")]
         wait_ms: u32,
     },
     CancelJob {
         id: String,
     },
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The longest `GetJob` wait: an HTTP request that long stays well inside any client's timeout.

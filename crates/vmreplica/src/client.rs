@@ -112,29 +112,40 @@ impl Client {
             ProgressStyle::with_template("{msg:30} [{bar:40}] {pos:>3}%")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
+        let mut wait_ms = u32::try_from(poll.as_millis()).unwrap_or(u32::MAX);
         let mut seen = None;
         loop {
-            let wait_ms = u32::try_from(poll.as_millis()).unwrap_or(u32::MAX);
             let asked = std::time::Instant::now();
-            let job = match self.execute(&Command::GetJob {
-                id: id.to_string(),
-                wait_ms,
-            })? {
+            let get = |wait_ms| {
+                self.execute(&Command::GetJob {
+                    id: id.to_string(),
+                    wait_ms,
+                })
+            };
+            let answer = match get(wait_ms) {
+                // A daemon older than `wait_ms` refuses the field: ask without it, and poll.
+                Err(Failure::Refused(_)) if wait_ms > 0 && seen.is_none() => {
+                    wait_ms = 0;
+                    get(0)?
+                }
+                other => other?,
+            };
+            let job = match answer {
                 CommandOutput::Job(job) => job,
                 other => return Err(Failure::unexpected(&other)),
             };
-            let now = Some((job.job_state, job.percent_complete));
-            if now == seen && asked.elapsed() < poll / 2 {
-                // Unchanged and answered at once: a daemon that does not wait. Poll, then.
-                std::thread::sleep(poll / 2);
-            }
-            seen = now;
             bar.set_message(job.caption.clone());
             bar.set_position(u64::from(job.percent_complete));
             if JobState::from_u16(job.job_state).is_some_and(|s| s.is_terminal()) {
                 bar.finish_and_clear();
                 return Ok(job);
             }
+            let now = Some((job.job_state, job.percent_complete));
+            if wait_ms == 0 || (now == seen && asked.elapsed() < poll / 2) {
+                // A daemon that does not wait (unchanged and answered at once): poll, then.
+                std::thread::sleep(poll / 5);
+            }
+            seen = now;
         }
     }
 }

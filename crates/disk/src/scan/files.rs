@@ -4,8 +4,8 @@
 //! A scan of a turned-off VM's image reads every allocated byte once. Through the page cache that
 //! costs a copy of every byte on the scanning thread (a third of its time, measured), and it
 //! evicts whatever the host had cached. So a scan reads with `O_DIRECT` into aligned buffers
-//! wherever the file system and the alignment allow, on a thread of its own that stays
-//! [`DEPTH`] reads ahead (without the kernel's readahead, a read waited for right before its bytes
+//! wherever the file system and the alignment allow, on [`READERS`] threads of their own that
+//! stay a few reads ahead (without the kernel's readahead, a read waited for right before its bytes
 //! are hashed would leave the scan idle). Unaligned pieces, file systems that refuse `O_DIRECT`
 //! and any failed direct read go through the page cache as before; the bytes are the same.
 

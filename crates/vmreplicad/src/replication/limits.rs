@@ -91,7 +91,8 @@ impl Transfers {
 /// for the next interval; it waits here for its turn instead, as under `max_parallel_transfers`.
 pub const PER_SERVER_TRANSFERS: usize = 4;
 
-/// One turn queue per recovery server (by name and port, case-insensitive).
+/// One turn queue per recovery server (by name and port, case-insensitive; a name and an address
+/// of the same server are two queues).
 #[derive(Debug, Default)]
 pub struct ServerTurns {
     servers: Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
@@ -103,7 +104,10 @@ impl ServerTurns {
         let sem = {
             let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
             servers
-                .entry(format!("{}:{port}", host.to_ascii_lowercase()))
+                .entry(format!(
+                    "{}:{port}",
+                    host.trim_end_matches('.').to_ascii_lowercase()
+                ))
                 .or_insert_with(|| Arc::new(Semaphore::new(PER_SERVER_TRANSFERS)))
                 .clone()
         };

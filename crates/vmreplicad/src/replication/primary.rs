@@ -290,21 +290,54 @@ impl PrimarySide {
             self.in_flight.begin(vm.id);
             let me = self.clone();
             tokio::spawn(async move {
-                // The server's turn first: a cycle waiting for a busy server holds no turn of
-                // the host's that a cycle to another server could use.
-                let to = target(&rel);
-                let _server = me.servers.acquire(&to.host, to.port).await;
-                let _permit = me.transfers.acquire().await;
                 let id = vm.id;
                 if waiting_for_import {
+                    // One GET, no upload: no turn of the server's.
+                    let _permit = me.transfers.acquire().await;
                     me.check_import(vm, rel).await;
                 } else {
-                    me.cycle(vm, rel, chain).await;
+                    // The server's turn first: a cycle waiting for a busy server holds no turn of
+                    // the host's that a cycle to another server could use.
+                    let to = target(&rel);
+                    let _server = me.servers.acquire(&to.host, to.port).await;
+                    let _permit = me.transfers.acquire().await;
+                    // The turns may have taken several cycles of other VMs: what was read at
+                    // the tick may be stale (suspended, failed over, settings changed meanwhile).
+                    if let Some((vm, rel, chain)) = me.still_replicating(id) {
+                        me.cycle(vm, rel, chain).await;
+                    }
                 }
                 me.in_flight.end(id);
             });
         }
         Ok(())
+    }
+
+    /// The VM, its relationship and chain as they are now, if it is still a primary replicating.
+    fn still_replicating(&self, id: Uuid) -> Option<(VmRow, RelationshipRow, ChainRow)> {
+        let read = || -> Result<_, crate::store::StoreError> {
+            Ok((
+                self.store.get_vm(id)?,
+                self.store.get_relationship(id)?,
+                self.store.chain(id)?,
+            ))
+        };
+        match read() {
+            Ok((Some(vm), Some(rel), Some(chain)))
+                if vm.mode == ReplicationMode::Primary.as_u16()
+                    && rel.state == ReplicationState::Replicating.as_u16() =>
+            {
+                Some((vm, rel, chain))
+            }
+            Ok(_) => {
+                tracing::info!(vm = %id, "cycle not started: the VM stopped replicating while it waited for its turn");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(vm = %id, "cycle not started: {}", crate::error_chain(&e));
+                None
+            }
+        }
     }
 
     /// Every [`PENDING_SAMPLE_SECS`], asks the QEMU process of a running VM how much its bitmaps
