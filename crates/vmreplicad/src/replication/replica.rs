@@ -1312,8 +1312,8 @@ impl ReplicaSide {
         req: Request<Incoming>,
     ) -> ApiResult {
         let (_vm_row, rel) = self.bound_vm(entry, vm)?;
-        let lock = self.lock_for(vm);
-        let _guard = lock.lock().await;
+        // Held to the end of this upload (a staged one hands it to the task that finishes it).
+        let guard = self.lock_for(vm).lock_owned().await;
         let replica = self
             .store
             .replica_vm(vm)?
@@ -1414,7 +1414,7 @@ impl ReplicaSide {
                 }
                 tracing::info!(%vm, sequence = seq, offset, "resuming an upload");
                 return self
-                    .upload_staged(vm, st, req.into_body(), room, &replica)
+                    .upload_staged(vm, st, req.into_body(), room, &replica, guard)
                     .await;
             }
         } else {
@@ -1433,7 +1433,7 @@ impl ReplicaSide {
                 self.store.remove_uploads(vm)?;
                 let st = super::staged::Staging::start(expect, &dir, upload_id, &replica.disks);
                 return self
-                    .upload_staged(vm, st, req.into_body(), room, &replica)
+                    .upload_staged(vm, st, req.into_body(), room, &replica, guard)
                     .await;
             }
         }
@@ -1568,6 +1568,7 @@ impl ReplicaSide {
         body: Incoming,
         room: u64,
         replica: &ReplicaVmRow,
+        guard: tokio::sync::OwnedMutexGuard<()>,
     ) -> ApiResult {
         use super::staged::StageError;
         let (seq, upload_id) = (st.sequence, st.upload);
@@ -1576,7 +1577,7 @@ impl ReplicaSide {
         // `room` is what is free now: the bytes received before a resume are already written.
         let received = receive(body, None, room, &st.tx, &mut st.fed).await;
         let bytes = st.fed;
-        let refused = |e: StageError| -> ApiError {
+        let refused = move |e: StageError| -> ApiError {
             match e {
                 StageError::Apply(ApplyError::Rejected { source, .. }) => {
                     decode_error(source, bytes)
@@ -1628,22 +1629,36 @@ impl ReplicaSide {
             }
             Ok(()) => {}
         }
+        // The whole body arrived. The rest (the trailer's check, the layers' sync, the `.staged`
+        // file and the upload's row) runs on a task of its own: a connection that breaks while the
+        // primary waits for this answer drops this handler, not a log that arrived whole (the
+        // primary then finds it Uploaded under its id and commits it).
         let st = arriving.take();
-        let layers = st.layers.clone();
-        let verdict = st
-            .finish()
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-        let (point, summary) = verdict.map_err(refused)?;
-        let staged = super::staged::StagedPoint { point, layers };
+        let store = self.store.clone();
         let dir = incoming_dir(Path::new(&replica.store_root), vm);
-        if let Err(e) = staged.write(&super::staged::uploaded_path(&dir, seq, upload_id)) {
-            staged.remove_layers();
-            return Err(ApiError::internal(e));
-        }
-        let row = upload_row(vm, upload_id, &summary);
-        self.store.put_upload(&row)?;
-        tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded, verified and written into its point (staged)");
+        let finishing = tokio::spawn(async move {
+            // Counts as arriving (its layers are not tidied away) until its `.staged` file exists,
+            // and holds the VM's lock until its row is written: a status asked meanwhile waits.
+            let (_arriving, _guard) = (arriving, guard);
+            let layers = st.layers.clone();
+            let verdict = st
+                .finish()
+                .await
+                .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+            let (point, summary) = verdict.map_err(refused)?;
+            let staged = super::staged::StagedPoint { point, layers };
+            if let Err(e) = staged.write(&super::staged::uploaded_path(&dir, seq, upload_id)) {
+                staged.remove_layers();
+                return Err(ApiError::internal(e));
+            }
+            let row = upload_row(vm, upload_id, &summary);
+            store.put_upload(&row)?;
+            tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded, verified and written into its point (staged)");
+            Ok(row)
+        });
+        let row = finishing
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))??;
         Ok(json(200, &uploaded_status(&row)))
     }
 
