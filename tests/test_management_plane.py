@@ -342,6 +342,9 @@ def test_cli_defines_enables_and_reports(daemon, disk):
     assert vm_by_name(conn, "cli01")["ReplicationState"] == 3
     missing = daemon.cli("vm", "add", "--name", "ghost", "--disk", "/nonexistent.qcow2", check=False)
     assert missing.returncode == 3 and "does not exist" in missing.stderr
+    # A block device (an LVM volume) or another special file is refused for what it is.
+    special = daemon.cli("vm", "add", "--name", "special", "--disk", "/dev/null", check=False)
+    assert special.returncode == 3 and "not a regular file" in special.stderr and "32773" in special.stderr
     guid_name = daemon.cli("vm", "add", "--name", vm_id, "--disk", "/nonexistent.qcow2", check=False)
     assert guid_name.returncode == 3 and "GUID" in guid_name.stderr
 

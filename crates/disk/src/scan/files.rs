@@ -61,7 +61,7 @@ impl FileMap {
 
     /// A raw image: guest offset = file offset.
     pub(crate) fn raw(file: &File) -> io::Result<FileMap> {
-        let size = file.metadata()?.len();
+        let size = raw_size(file)?;
         let range = Range {
             start: 0,
             length: size,
@@ -191,6 +191,20 @@ impl FileMap {
         out.set_len(len);
         Ok(())
     }
+}
+
+/// The size of a raw image: a regular file's length, or a block device's (an LVM volume, say),
+/// whose `st_size` is 0.
+pub fn raw_size(file: &File) -> io::Result<u64> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        // Only the descriptor's offset moves: every read here says where it reads.
+        let mut f = file;
+        return f.seek(io::SeekFrom::End(0));
+    }
+    Ok(meta.len())
 }
 
 /// Reads into `buf` from `at` until at least `need` bytes arrived.
@@ -397,6 +411,59 @@ mod tests {
             assert_eq!(got.bytes(), &whole[o as usize..o as usize + n], "at {o}");
             ahead.give_back(got);
         }
+    }
+
+    /// A block device's size is what the kernel says (`/sys/block/<dev>/size`, 512-byte sectors),
+    /// not its `st_size` of 0. Needs a readable block device (root, or a disk group member).
+    #[test]
+    fn a_block_device_has_its_size() {
+        let mut tried = 0;
+        for entry in std::fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let sectors: u64 = std::fs::read_to_string(entry.path().join("size"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            let Ok(dev) = File::open(format!("/dev/{name}")) else {
+                continue;
+            };
+            if sectors == 0 {
+                continue;
+            }
+            tried += 1;
+            assert_eq!(dev.metadata().expect("stat").len(), 0, "/dev/{name}");
+            assert_eq!(raw_size(&dev).expect("size"), sectors * 512, "/dev/{name}");
+            let map = FileMap::raw(&dev).expect("map");
+            assert_eq!(map.size(), sectors * 512);
+        }
+        let dir = disk_dir();
+        if tried == 0 {
+            // None readable here: a loop device over a file of a known size, where allowed.
+            let backing = dir.path().join("loop.raw");
+            std::fs::write(&backing, vec![0u8; 3 << 20]).expect("backing");
+            let attached = std::process::Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(&backing)
+                .output();
+            match attached {
+                Ok(out) if out.status.success() => {
+                    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    let size = File::open(&dev).and_then(|f| raw_size(&f));
+                    let _ = std::process::Command::new("losetup")
+                        .args(["-d", &dev])
+                        .status();
+                    assert_eq!(size.expect("loop size"), 3 << 20, "{dev}");
+                }
+                _ => eprintln!("no readable block device here: only regular files were tested"),
+            }
+        }
+        let f = dir.path().join("f");
+        std::fs::write(&f, [1u8; 1000]).expect("f");
+        assert_eq!(raw_size(&File::open(&f).expect("f")).expect("size"), 1000);
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ impl Source<'_> {
     pub fn size(&self) -> Result<u64, NbdError> {
         match self {
             Source::Nbd(nbd) => Ok(nbd.size()),
-            Source::RawFile(f) => Ok(f.metadata()?.len()),
+            Source::RawFile(f) => Ok(super::files::raw_size(f)?),
             Source::Mapped(m) => Ok(m.size()),
         }
     }

@@ -78,11 +78,18 @@ impl Service {
             if !path.is_absolute() {
                 return Err(invalid(format!("disk path '{d}' must be absolute")));
             }
-            if !path.is_file() {
+            if !path.exists() {
                 return Err(CommandError::new(
                     ReturnCode::FileNotFound,
                     format!("disk image '{d}' does not exist"),
                 ));
+            }
+            if !path.is_file() {
+                return Err(invalid(format!(
+                    "disk '{d}' is not a regular file: disks are image files here (block devices \
+                     such as LVM volumes are not supported yet; convert one to an image file \
+                     with qemu-img convert)"
+                )));
             }
             disks.push(d.clone());
         }
