@@ -18,7 +18,7 @@
 //! A VM whose initial replication went out on offline media waits in state 2 until the replica
 //! reports log 1 committed with the exported hash; then it goes to 3.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -48,43 +48,96 @@ const BACKOFF_LAST: i64 = 1800;
 /// How often the tracked size of a running VM is asked from its QEMU process between cycles.
 const PENDING_SAMPLE_SECS: i64 = 10;
 
-/// The VMs with a cycle in flight; a suspend waits here until the VM's cycle ended.
+/// The VMs with a cycle in flight; a suspend waits here until the VM's cycle ended. A cycle is
+/// first queued (waiting for its turns) and only then sending; waiting for a VM to be idle cancels
+/// its queued cycle at once instead of waiting for the turns of other VMs' cycles.
 #[derive(Default)]
 pub struct InFlight {
-    vms: Mutex<HashSet<Uuid>>,
+    vms: Mutex<HashMap<Uuid, Flight>>,
     ended: tokio::sync::Notify,
 }
 
+enum Flight {
+    /// Waiting for its turns; told to give up through the `Notify`.
+    Queued(Arc<tokio::sync::Notify>),
+    /// Told to give up; ends without sending.
+    Cancelled,
+    Sending,
+}
+
 impl InFlight {
-    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Flight>> {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a cycle of `vm` is queued or sending.
     pub fn contains(&self, vm: Uuid) -> bool {
-        self.set().contains(&vm)
+        self.map().contains_key(&vm)
     }
 
-    fn begin(&self, vm: Uuid) {
-        self.set().insert(vm);
+    /// Queues a cycle of `vm`; the `Notify` tells it to give up. Ended by [`Flying`]'s drop.
+    fn queue(self: &Arc<Self>, vm: Uuid) -> (Flying, Arc<tokio::sync::Notify>) {
+        let cancel = Arc::new(tokio::sync::Notify::new());
+        self.map().insert(vm, Flight::Queued(cancel.clone()));
+        (
+            Flying {
+                all: self.clone(),
+                vm,
+            },
+            cancel,
+        )
+    }
+
+    /// The queued cycle of `vm` starts sending; false if it was cancelled meanwhile.
+    fn start_sending(&self, vm: Uuid) -> bool {
+        let mut map = self.map();
+        match map.get_mut(&vm) {
+            Some(f @ Flight::Queued(_)) => {
+                *f = Flight::Sending;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn end(&self, vm: Uuid) {
-        self.set().remove(&vm);
+        self.map().remove(&vm);
         self.ended.notify_waiters();
     }
 
-    /// Waits until no cycle of `vm` is in flight (at most `limit`); false on timeout.
+    /// Waits until no cycle of `vm` is in flight (at most `limit`); false on timeout. A cycle
+    /// still waiting for its turns is cancelled.
     pub async fn wait_idle(&self, vm: Uuid, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let ended = self.ended.notified();
-            if !self.contains(vm) {
-                return true;
+            {
+                let mut map = self.map();
+                match map.get(&vm) {
+                    None => return true,
+                    Some(Flight::Queued(cancel)) => {
+                        cancel.notify_one();
+                        map.insert(vm, Flight::Cancelled);
+                    }
+                    Some(Flight::Cancelled | Flight::Sending) => {}
+                }
             }
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
                 return !self.contains(vm);
             }
         }
+    }
+}
+
+/// A cycle of one VM in flight: it ends when this is dropped, however the cycle's task ended.
+struct Flying {
+    all: Arc<InFlight>,
+    vm: Uuid,
+}
+
+impl Drop for Flying {
+    fn drop(&mut self) {
+        self.all.end(self.vm);
     }
 }
 
@@ -287,27 +340,38 @@ impl PrimarySide {
             }
             chain.next_due = now + interval;
             self.store.put_chain(&chain)?;
-            self.in_flight.begin(vm.id);
+            let (flying, cancel) = self.in_flight.queue(vm.id);
             let me = self.clone();
             tokio::spawn(async move {
+                let _flying = flying;
                 let id = vm.id;
+                // The turns: for an import check (one GET, no upload) only the host's; else the
+                // server's first, so a cycle waiting for a busy server holds no turn of the
+                // host's that a cycle to another server could use.
+                let turns = async {
+                    let server = match waiting_for_import {
+                        true => None,
+                        false => {
+                            let to = target(&rel);
+                            me.servers.acquire(&to.host, to.port).await
+                        }
+                    };
+                    (server, me.transfers.acquire().await)
+                };
+                let _turns = tokio::select! {
+                    t = turns => t,
+                    _ = cancel.notified() => return,
+                };
+                if !me.in_flight.start_sending(id) {
+                    return;
+                }
                 if waiting_for_import {
-                    // One GET, no upload: no turn of the server's.
-                    let _permit = me.transfers.acquire().await;
                     me.check_import(vm, rel).await;
-                } else {
-                    // The server's turn first: a cycle waiting for a busy server holds no turn of
-                    // the host's that a cycle to another server could use.
-                    let to = target(&rel);
-                    let _server = me.servers.acquire(&to.host, to.port).await;
-                    let _permit = me.transfers.acquire().await;
+                } else if let Some((vm, rel, chain)) = me.still_replicating(id) {
                     // The turns may have taken several cycles of other VMs: what was read at
                     // the tick may be stale (suspended, failed over, settings changed meanwhile).
-                    if let Some((vm, rel, chain)) = me.still_replicating(id) {
-                        me.cycle(vm, rel, chain).await;
-                    }
+                    me.cycle(vm, rel, chain).await;
                 }
-                me.in_flight.end(id);
             });
         }
         Ok(())
@@ -939,5 +1003,50 @@ mod window_tests {
         assert!(!in_window(12 * 3600, start, end));
         assert!(in_window(12 * 3600, 0, 86_399));
         assert!(!in_window(86_399, 0, 86_399));
+    }
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiting_for_idle_cancels_a_queued_cycle_and_waits_for_a_sending_one() {
+        let all = Arc::new(InFlight::default());
+        let vm = Uuid::new_v4();
+
+        // Queued (waiting for its turns): cancelled at once, and it sends nothing.
+        let (flying, cancel) = all.queue(vm);
+        assert!(all.contains(vm));
+        let task = tokio::spawn(async move {
+            let _flying = flying;
+            cancel.notified().await; // stands for the turns that never come
+        });
+        assert!(all.wait_idle(vm, Duration::from_secs(5)).await);
+        assert!(!all.contains(vm));
+        task.await.expect("task");
+
+        // Sending: waited for until its task ends, however it ends (here a panic).
+        let (flying, _cancel) = all.queue(vm);
+        assert!(all.start_sending(vm));
+        assert!(!all.wait_idle(vm, Duration::from_millis(100)).await);
+        let task = tokio::spawn(async move {
+            let _flying = flying;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            panic!("a cycle that panics still ends");
+        });
+        assert!(all.wait_idle(vm, Duration::from_secs(5)).await);
+        assert!(task.await.is_err());
+
+        // Cancelled before it had its turns: it may not start sending.
+        let (flying, _cancel) = all.queue(vm);
+        let waiter = {
+            let all = all.clone();
+            tokio::spawn(async move { all.wait_idle(vm, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!all.start_sending(vm));
+        drop(flying);
+        assert!(waiter.await.expect("waiter"));
     }
 }

@@ -1206,7 +1206,8 @@ impl ReplicaSide {
             return Ok(uploaded_status(&u));
         }
         if self.stagings.is_arriving(vm, seq) {
-            // Its connection may just have broken: wait (briefly) for its handler to keep it.
+            // Its connection may just have broken: wait (briefly) for its handler to keep it, or
+            // for the end of an upload that arrived whole to be written (it holds the lock).
             let lock = self.lock_for(vm);
             if tokio::time::timeout(Duration::from_secs(10), lock.lock())
                 .await
@@ -1216,6 +1217,9 @@ impl ReplicaSide {
                     ErrorCode::Timeout,
                     format!("log {seq} is still arriving on another connection; ask again"),
                 ));
+            }
+            if let Some(u) = self.store.upload(vm, seq)? {
+                return Ok(uploaded_status(&u));
             }
         }
         if let Some((id, fed)) = self.stagings.status(vm, seq) {
@@ -1639,7 +1643,9 @@ impl ReplicaSide {
         let finishing = tokio::spawn(async move {
             // Counts as arriving (its layers are not tidied away) until its `.staged` file exists,
             // and holds the VM's lock until its row is written: a status asked meanwhile waits.
-            let (_arriving, _guard) = (arriving, guard);
+            // (Dropped in reverse: the arriving mark goes before the lock does.)
+            let _guard = guard;
+            let _arriving = arriving;
             let layers = st.layers.clone();
             let verdict = st
                 .finish()

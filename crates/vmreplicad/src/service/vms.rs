@@ -78,11 +78,15 @@ impl Service {
             if !path.is_absolute() {
                 return Err(invalid(format!("disk path '{d}' must be absolute")));
             }
-            if !path.exists() {
-                return Err(CommandError::new(
-                    ReturnCode::FileNotFound,
-                    format!("disk image '{d}' does not exist"),
-                ));
+            match std::fs::metadata(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CommandError::new(
+                        ReturnCode::FileNotFound,
+                        format!("disk image '{d}' does not exist"),
+                    ))
+                }
+                Err(e) => return Err(invalid(format!("disk image '{d}' cannot be read: {e}"))),
+                Ok(_) => {}
             }
             if !path.is_file() {
                 return Err(invalid(format!(
