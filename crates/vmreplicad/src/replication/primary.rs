@@ -53,7 +53,9 @@ const PENDING_SAMPLE_SECS: i64 = 10;
 /// its queued cycle at once instead of waiting for the turns of other VMs' cycles.
 #[derive(Default)]
 pub struct InFlight {
-    vms: Mutex<HashMap<Uuid, Flight>>,
+    /// Each VM's cycle, with the number of its queueing (so a guard ends only its own).
+    vms: Mutex<HashMap<Uuid, (u64, Flight)>>,
+    queued: std::sync::atomic::AtomicU64,
     ended: tokio::sync::Notify,
 }
 
@@ -66,7 +68,7 @@ enum Flight {
 }
 
 impl InFlight {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Flight>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (u64, Flight)>> {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -78,11 +80,15 @@ impl InFlight {
     /// Queues a cycle of `vm`; the `Notify` tells it to give up. Ended by [`Flying`]'s drop.
     fn queue(self: &Arc<Self>, vm: Uuid) -> (Flying, Arc<tokio::sync::Notify>) {
         let cancel = Arc::new(tokio::sync::Notify::new());
-        self.map().insert(vm, Flight::Queued(cancel.clone()));
+        let n = self
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.map().insert(vm, (n, Flight::Queued(cancel.clone())));
         (
             Flying {
                 all: self.clone(),
                 vm,
+                n,
             },
             cancel,
         )
@@ -92,7 +98,7 @@ impl InFlight {
     fn start_sending(&self, vm: Uuid) -> bool {
         let mut map = self.map();
         match map.get_mut(&vm) {
-            Some(f @ Flight::Queued(_)) => {
+            Some((_, f @ Flight::Queued(_))) => {
                 *f = Flight::Sending;
                 true
             }
@@ -100,8 +106,13 @@ impl InFlight {
         }
     }
 
-    fn end(&self, vm: Uuid) {
-        self.map().remove(&vm);
+    /// Ends the cycle `n` of `vm` (not a later one).
+    fn end(&self, vm: Uuid, n: u64) {
+        let mut map = self.map();
+        if map.get(&vm).is_some_and(|(m, _)| *m == n) {
+            map.remove(&vm);
+        }
+        drop(map);
         self.ended.notify_waiters();
     }
 
@@ -113,13 +124,15 @@ impl InFlight {
             let ended = self.ended.notified();
             {
                 let mut map = self.map();
-                match map.get(&vm) {
+                match map.get_mut(&vm) {
                     None => return true,
-                    Some(Flight::Queued(cancel)) => {
-                        cancel.notify_one();
-                        map.insert(vm, Flight::Cancelled);
+                    Some((_, f @ Flight::Queued(_))) => {
+                        if let Flight::Queued(cancel) = f {
+                            cancel.notify_one();
+                        }
+                        *f = Flight::Cancelled;
                     }
-                    Some(Flight::Cancelled | Flight::Sending) => {}
+                    Some((_, Flight::Cancelled | Flight::Sending)) => {}
                 }
             }
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
@@ -133,11 +146,12 @@ impl InFlight {
 struct Flying {
     all: Arc<InFlight>,
     vm: Uuid,
+    n: u64,
 }
 
 impl Drop for Flying {
     fn drop(&mut self) {
-        self.all.end(self.vm);
+        self.all.end(self.vm, self.n);
     }
 }
 
@@ -1048,5 +1062,13 @@ mod in_flight_tests {
         assert!(!all.start_sending(vm));
         drop(flying);
         assert!(waiter.await.expect("waiter"));
+
+        // A guard ends only its own cycle, not a later one of the same VM.
+        let (old, _) = all.queue(vm);
+        let (new, _) = all.queue(vm);
+        drop(old);
+        assert!(all.contains(vm));
+        drop(new);
+        assert!(!all.contains(vm));
     }
 }

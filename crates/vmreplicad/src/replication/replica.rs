@@ -1218,6 +1218,9 @@ impl ReplicaSide {
                     format!("log {seq} is still arriving on another connection; ask again"),
                 ));
             }
+            if let Some(l) = self.store.received_log(vm, seq)? {
+                return Ok(received_status(&l));
+            }
             if let Some(u) = self.store.upload(vm, seq)? {
                 return Ok(uploaded_status(&u));
             }
