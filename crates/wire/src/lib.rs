@@ -19,6 +19,7 @@ pub use log::error::{LogDecodeError, LogEncodeError};
 pub use log::extent::{Content, Extent, ExtentError};
 pub use log::header::{DiskInfo, HeaderError, LogHeader, PointType};
 pub use log::limits;
-pub use log::reader::{verify, whole_records_prefix, Expect, LogReader};
+pub use log::reader::{verify, whole_records_prefix, Expect, LogReader, ReaderCheckpoint};
+pub use log::resumable::ResumableHasher;
 pub use log::summary::{LogCounts, LogSummary};
 pub use log::writer::{Compression, LogWriter};

@@ -9,5 +9,6 @@ pub(crate) mod header;
 pub mod limits;
 pub(crate) mod reader;
 pub(crate) mod record;
+pub mod resumable;
 pub(crate) mod summary;
 pub(crate) mod writer;

@@ -6,11 +6,12 @@ use std::io::Read;
 
 use uuid::Uuid;
 
+use super::bytes::{Cursor, PutLe};
 use super::error::LogDecodeError;
 use super::extent::Extent;
 use super::frame::LoadedFrame;
 use super::header::LogHeader;
-use super::record::{RecordKind, Source};
+use super::record::{RecordKind, Source, StreamHash};
 use super::summary::{LogCounts, LogSummary, Trailer};
 
 /// Which log the replica is waiting for. Anything else is rejected before any extent is read.
@@ -58,6 +59,88 @@ impl Expect {
     }
 }
 
+/// A reader's place in a stream between two records ([`LogReader::checkpoint`]): the offset, the
+/// header, the counts so far and the state of the stream's hash. Its bytes
+/// ([`ReaderCheckpoint::to_bytes`]) carry their own checksum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderCheckpoint {
+    offset: u64,
+    counts: LogCounts,
+    header: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+const CHECKPOINT_MAGIC: &[u8; 8] = b"VRLOGCP1";
+
+impl ReaderCheckpoint {
+    /// The stream's offset: the next byte the reader needs.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = CHECKPOINT_MAGIC.to_vec();
+        out.put_u64(self.offset);
+        for n in [
+            self.counts.frames,
+            self.counts.data_extents,
+            self.counts.zero_extents,
+            self.counts.data_bytes,
+            self.counts.zero_bytes,
+        ] {
+            out.put_u64(n);
+        }
+        out.put_u32(self.header.len() as u32);
+        out.extend_from_slice(&self.header);
+        out.put_u32(self.hash.len() as u32);
+        out.extend_from_slice(&self.hash);
+        let sum = xxh3(&out);
+        out.put_u64(sum);
+        out
+    }
+
+    /// Bytes [`ReaderCheckpoint::to_bytes`] wrote; `None` if they are not whole (the checksum) or
+    /// not one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(8)?)?;
+        if xxh3(body) != u64::from_le_bytes(sum.try_into().ok()?) {
+            return None;
+        }
+        let mut c = Cursor::new(body);
+        if c.take(CHECKPOINT_MAGIC.len())? != CHECKPOINT_MAGIC {
+            return None;
+        }
+        let offset = c.u64()?;
+        let counts = LogCounts {
+            frames: c.u64()?,
+            data_extents: c.u64()?,
+            zero_extents: c.u64()?,
+            data_bytes: c.u64()?,
+            zero_bytes: c.u64()?,
+        };
+        let len = c.u32()? as usize;
+        let header = c.take(len)?.to_vec();
+        let len = c.u32()? as usize;
+        let hash = c.take(len)?.to_vec();
+        if !c.is_empty() {
+            return None;
+        }
+        Some(ReaderCheckpoint {
+            offset,
+            counts,
+            header,
+            hash,
+        })
+    }
+}
+
+fn xxh3(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = twox_hash::XxHash3_64::new();
+    h.write(bytes);
+    h.finish()
+}
+
 enum State {
     Frames,
     Done(LogSummary),
@@ -95,10 +178,63 @@ impl<R: Read> LogReader<R> {
         Ok(reader)
     }
 
+    /// [`LogReader::open`] with a hash whose state a [`LogReader::checkpoint`] can save, for a
+    /// stream that must be continued after a restart ([`LogReader::resume`]).
+    pub fn open_resumable(input: R, expect: &Expect) -> Result<Self, LogDecodeError> {
+        let reader = Self::open_with(
+            input,
+            StreamHash::Resumable(super::resumable::ResumableHasher::new()),
+        )?;
+        expect.check(&reader.header)?;
+        Ok(reader)
+    }
+
+    /// Continues a stream a [`LogReader::checkpoint`] saved: `input` starts at the checkpoint's
+    /// offset. The header saved in it is checked against `expect` again.
+    pub fn resume(
+        input: R,
+        checkpoint: &ReaderCheckpoint,
+        expect: &Expect,
+    ) -> Result<Self, LogDecodeError> {
+        let header = LogHeader::decode(&checkpoint.header)?;
+        expect.check(&header)?;
+        let hasher = super::resumable::ResumableHasher::from_bytes(&checkpoint.hash)
+            .ok_or(LogDecodeError::ReaderFailed)?;
+        Ok(LogReader {
+            src: Source::resume(input, checkpoint.offset, hasher),
+            header,
+            frame: LoadedFrame::new(),
+            counts: checkpoint.counts,
+            state: State::Frames,
+        })
+    }
+
+    /// Where the stream stands between two records, once every extent read so far was handed out:
+    /// enough to continue it with [`LogReader::resume`]. `None` in the middle of a frame, after the
+    /// end or an error, or for a reader not opened with [`LogReader::open_resumable`].
+    pub fn checkpoint(&self) -> Option<ReaderCheckpoint> {
+        if !matches!(self.state, State::Frames) || self.frame.has_next() {
+            return None;
+        }
+        let hash = self.src.hash_state()?;
+        let mut header = Vec::new();
+        self.header.encode(&mut header);
+        Some(ReaderCheckpoint {
+            offset: self.src.offset(),
+            counts: self.counts,
+            header,
+            hash,
+        })
+    }
+
     /// Reads the preamble and the header without expecting a particular VM or sequence, for tools
     /// that inspect logs. The format is checked as strictly as by [`LogReader::open`].
     pub fn open_unchecked(input: R) -> Result<Self, LogDecodeError> {
-        let mut src = Source::new(input)?;
+        Self::open_with(input, StreamHash::Plain(blake3::Hasher::new()))
+    }
+
+    fn open_with(input: R, hasher: StreamHash) -> Result<Self, LogDecodeError> {
+        let mut src = Source::with_hash(input, hasher)?;
         let mut frame = LoadedFrame::new();
         let at = src.next(frame.buffer())?;
         if at.kind != RecordKind::Header {

@@ -13,6 +13,7 @@ use super::limits::{
     FORMAT_VERSION, MAGIC, MAX_FRAME_BODY, MAX_HEADER_BODY, PREAMBLE_LEN, RECORD_CHECKSUM_LEN,
     RECORD_HEAD_LEN, TRAILER_BODY_LEN,
 };
+use super::resumable::ResumableHasher;
 
 /// Record kinds. On the wire: 1, 2, 3; 0 is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,9 +156,36 @@ impl<W: Write> Sink<W> {
 }
 
 /// The reading end: counts and hashes what it reads.
+/// The running hash of a stream: BLAKE3's own hasher, or one whose state can be saved when a
+/// reader must be able to continue after a restart ([`super::resumable`]).
+// One per reader or writer: its size does not matter, and boxing would add a hop per update.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum StreamHash {
+    Plain(blake3::Hasher),
+    Resumable(ResumableHasher),
+}
+
+impl StreamHash {
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            StreamHash::Plain(h) => {
+                h.update(bytes);
+            }
+            StreamHash::Resumable(h) => h.update(bytes),
+        }
+    }
+
+    fn finalize(&self) -> [u8; 32] {
+        match self {
+            StreamHash::Plain(h) => *h.finalize().as_bytes(),
+            StreamHash::Resumable(h) => h.finalize(),
+        }
+    }
+}
+
 pub(crate) struct Source<R> {
     input: R,
-    hasher: blake3::Hasher,
+    hasher: StreamHash,
     offset: u64,
     /// The stream's hash, verified when the log arrived: not computed again.
     known: Option<[u8; 32]>,
@@ -173,9 +201,14 @@ pub(crate) struct RecordAt {
 impl<R: Read> Source<R> {
     /// Reads and checks the preamble.
     pub(crate) fn new(input: R) -> Result<Self, LogDecodeError> {
+        Self::with_hash(input, StreamHash::Plain(blake3::Hasher::new()))
+    }
+
+    /// [`Source::new`] with the given (fresh) hasher.
+    pub(crate) fn with_hash(input: R, hasher: StreamHash) -> Result<Self, LogDecodeError> {
         let mut src = Source {
             input,
-            hasher: blake3::Hasher::new(),
+            hasher,
             offset: 0,
             known: None,
         };
@@ -258,8 +291,26 @@ impl<R: Read> Source<R> {
     /// The hash of every byte before the current position, trailer excluded (the trusted one
     /// after [`Source::trust`]).
     pub(crate) fn hash(&self) -> [u8; 32] {
-        self.known
-            .unwrap_or_else(|| *self.hasher.finalize().as_bytes())
+        self.known.unwrap_or_else(|| self.hasher.finalize())
+    }
+
+    /// The saved state of a resumable hash; `None` for a plain one.
+    pub(crate) fn hash_state(&self) -> Option<Vec<u8>> {
+        match &self.hasher {
+            StreamHash::Resumable(h) if self.known.is_none() => Some(h.to_bytes()),
+            _ => None,
+        }
+    }
+
+    /// A source that continues a stream at `offset` (a record boundary), its bytes before it
+    /// hashed into `hasher`.
+    pub(crate) fn resume(input: R, offset: u64, hasher: ResumableHasher) -> Self {
+        Source {
+            input,
+            hasher: StreamHash::Resumable(hasher),
+            offset,
+            known: None,
+        }
     }
 
     /// Reads exactly `buf.len()` bytes; running out is `Truncated` at `record`.
