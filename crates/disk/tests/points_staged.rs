@@ -75,3 +75,111 @@ async fn a_staged_full_image_is_committed_as_point_1_and_a_bad_one_leaves_nothin
         &src.raw(2)
     ));
 }
+
+/// A staged image cut off mid-log (the replica's restart) continues from its last checkpoint: the
+/// layers as the checkpoint saw them, the reader at its offset, and the point is the same.
+#[tokio::test]
+async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
+    use disk::points::{Checkpoints, StageCheckpoint};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A raw disk with 12 MiB of noise in pieces, and its full-image log: several frames.
+    let raw = dir.path().join("disk.raw");
+    let mut image = vec![0u8; support::DISK_SIZE as usize];
+    for (i, at) in [0usize, 5 << 20, 9 << 20, 30 << 20, 63 << 20]
+        .iter()
+        .enumerate()
+    {
+        let len = (3 << 20).min(image.len() - at) - 4096 * i;
+        image[*at..at + len].copy_from_slice(&support::noise(i as u64 + 7, len));
+    }
+    std::fs::write(&raw, &image).expect("raw");
+    let log = dir.path().join("full.vrlog");
+    {
+        let header = wire::LogHeader {
+            vm: support::vm(),
+            relationship: 0,
+            sequence: 1,
+            parent: 0,
+            point_time_micros: support::T0,
+            point_type: wire::PointType::Standard,
+            full_image: true,
+            disks: vec![wire::DiskInfo {
+                id: "scsi0".into(),
+                virtual_size: support::DISK_SIZE,
+            }],
+        };
+        let mut w = wire::LogWriter::new(Vec::new(), header, wire::Compression::Off).expect("w");
+        for (i, block) in image.chunks(support::BLOCK).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                w.write_data(0, (i * support::BLOCK) as u64, block)
+                    .expect("data");
+            }
+        }
+        std::fs::write(&log, w.finish().expect("finish").0).expect("log");
+    }
+    let logs = [log];
+    let bytes = std::fs::read(&logs[0]).expect("read");
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).expect("mkdir");
+    let layers = vec![incoming.join("staged.layer")];
+
+    // The whole log with a checkpoint after every frame, to learn where they fall.
+    let saved = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let keep = saved.clone();
+    let checkpoints = Checkpoints {
+        every: 1,
+        saved: Box::new(move |c: StageCheckpoint| keep.lock().unwrap().push(c.to_bytes())),
+    };
+    let reader = LogReader::open_resumable(std::io::Cursor::new(bytes.clone()), &Source::expect(1))
+        .expect("header");
+    let whole = PointStore::stage_checkpointed(reader, &layers, &logs[0], Some(checkpoints), None)
+        .expect("stage");
+    let saved = saved.lock().unwrap().clone();
+    assert!(saved.len() >= 2, "checkpoints: {}", saved.len());
+
+    // Again, cut off past the middle checkpoint: the bytes after it are lost with the process.
+    let middle = StageCheckpoint::from_bytes(&saved[saved.len() / 2]).expect("reads back");
+    let cut = (middle.offset() as usize + 1000).min(bytes.len() - 1);
+    let reader = LogReader::open_resumable(
+        std::io::Cursor::new(bytes[..cut].to_vec()),
+        &Source::expect(1),
+    )
+    .expect("header");
+    let keep = Arc::new(Mutex::new(None));
+    let last = keep.clone();
+    let at = middle.offset();
+    let checkpoints = Checkpoints {
+        every: 1,
+        saved: Box::new(move |c: StageCheckpoint| {
+            if c.offset() == at {
+                *last.lock().unwrap() = Some(c);
+            }
+        }),
+    };
+    let err = PointStore::stage_checkpointed(reader, &layers, &logs[0], Some(checkpoints), None)
+        .unwrap_err();
+    assert!(matches!(err, ApplyError::Rejected { .. }), "{err}");
+    let taken = keep
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the checkpoint was saved again");
+    assert_eq!(taken, middle);
+
+    // After the restart: the rest of the log from the checkpoint's offset.
+    let rest = std::io::Cursor::new(bytes[middle.offset() as usize..].to_vec());
+    let reader = LogReader::resume(rest, &middle.reader, &Source::expect(1)).expect("resume");
+    let (info, summary) =
+        PointStore::stage_checkpointed(reader, &layers, &logs[0], None, Some(&middle.layers))
+            .expect("the rest stages");
+    assert_eq!((info.clone(), summary), whole);
+    check(&layers[0]);
+    assert!(same(&layers[0], &raw));
+
+    // A damaged checkpoint is not taken up.
+    let mut bad = saved[0].clone();
+    bad[20] ^= 1;
+    assert!(StageCheckpoint::from_bytes(&bad).is_none());
+}

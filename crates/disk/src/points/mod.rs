@@ -140,12 +140,14 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+pub use crate::qcow2::Qcow2Progress;
 pub use adopt::AdoptError;
 pub use error::{ApplyError, OverlayError, PointCheckError, PruneError, StoreError};
 pub use meta::{OverlayInfo, PointDisk, PointInfo, PointKind};
 pub use policy::{points_to_keep, RetentionPolicy};
 pub use prune::PruneReport;
 pub use qemu_img::QemuImgError;
+pub use stream::{Checkpoints, StageCheckpoint};
 
 use layout::Layout;
 use lock::StoreLock;

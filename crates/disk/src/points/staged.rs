@@ -18,7 +18,9 @@ use super::apply::{already_applied, backing_for};
 use super::durable;
 use super::error::{ApplyError, StoreError};
 use super::meta::PointInfo;
+use super::stream::Checkpoints;
 use super::{catalog, recover, stream, PointStore};
+use crate::qcow2::Qcow2Progress;
 
 impl PointStore {
     /// Writes the full-image log `reader` reads into new standalone qcow2 layers at `staged` (one
@@ -30,19 +32,35 @@ impl PointStore {
         staged: &[PathBuf],
         what: &Path,
     ) -> Result<(PointInfo, LogSummary), ApplyError> {
+        Self::stage_checkpointed(reader, staged, what, None, None)
+    }
+
+    /// [`PointStore::stage_full_image`], saving a [`StageCheckpoint`] through `checkpoints` every
+    /// so many log bytes (the reader must come from [`LogReader::open_resumable`] or
+    /// [`LogReader::resume`]); with `resume`, the layers are the ones a checkpoint saved (one
+    /// progress per disk, in order) and `reader` continues the log from that checkpoint's offset.
+    pub fn stage_checkpointed<R: Read>(
+        reader: LogReader<R>,
+        staged: &[PathBuf],
+        what: &Path,
+        checkpoints: Option<Checkpoints<'_>>,
+        resume: Option<&[Qcow2Progress]>,
+    ) -> Result<(PointInfo, LogSummary), ApplyError> {
         let header = reader.header();
         if !header.full_image {
             return Err(ApplyError::FirstMustBeFull {
                 sequence: header.sequence,
             });
         }
-        if header.disks.len() != staged.len() {
+        if header.disks.len() != staged.len()
+            || resume.is_some_and(|layers| layers.len() != staged.len())
+        {
             return Err(ApplyError::Rejected {
                 path: what.display().to_string(),
                 source: LogDecodeError::ReaderFailed,
             });
         }
-        let summary = stream::full_image_threads(reader, what, staged)?;
+        let summary = stream::full_image_staged(reader, what, staged, checkpoints, resume)?;
         for path in staged {
             durable::sync_file(path).map_err(StoreError::io("sync", path))?;
         }

@@ -22,14 +22,14 @@ use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use wire::{Content, Expect, LogDecodeError, LogReader, LogSummary};
+use wire::{Content, Expect, LogDecodeError, LogReader, LogSummary, ReaderCheckpoint};
 
 use super::error::{ApplyError, StoreError};
 use super::layout::Layout;
 use crate::aligned::AlignedBuf;
 use crate::export::{ExportSpec, NbdExport};
 use crate::nbd::{NbdClient, NbdError};
-use crate::qcow2::Qcow2Writer;
+use crate::qcow2::{Qcow2Progress, Qcow2WriteError, Qcow2Writer};
 
 /// NBD connections per disk (qemu-nbd runs with `--shared=4`).
 const CONNECTIONS: usize = 3;
@@ -114,9 +114,96 @@ pub(crate) async fn write_full_image(
 ///
 /// [`PointStore::stage_full_image`]: super::PointStore::stage_full_image
 pub(crate) fn full_image_threads<R: std::io::Read>(
+    reader: LogReader<R>,
+    path: &Path,
+    tmps: &[PathBuf],
+) -> Result<LogSummary, ApplyError> {
+    full_image_staged(reader, path, tmps, None, None)
+}
+
+/// Where a staged full image stands between two records: the reader's place in the log and each
+/// layer's progress, every byte written before it durable. Saved, it lets the image be continued
+/// after a restart ([`super::PointStore::resume_full_image`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageCheckpoint {
+    pub reader: ReaderCheckpoint,
+    pub layers: Vec<Qcow2Progress>,
+}
+
+const STAGE_MAGIC: &[u8; 8] = b"VRSTAGE1";
+
+impl StageCheckpoint {
+    /// The log's offset the checkpoint continues from.
+    pub fn offset(&self) -> u64 {
+        self.reader.offset()
+    }
+
+    /// Its bytes, with a BLAKE3 checksum of them at the end.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = STAGE_MAGIC.to_vec();
+        let mut put = |bytes: &[u8]| {
+            out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            out.extend_from_slice(bytes);
+        };
+        put(&self.reader.to_bytes());
+        for layer in &self.layers {
+            put(&layer.to_bytes());
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// Bytes [`StageCheckpoint::to_bytes`] wrote; `None` when they are damaged or not one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+        if blake3::hash(body).as_bytes()[..] != *sum || !body.starts_with(STAGE_MAGIC) {
+            return None;
+        }
+        let mut rest = &body[STAGE_MAGIC.len()..];
+        let mut parts = Vec::new();
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_at_checked(8)?;
+            let len = usize::try_from(u64::from_le_bytes(len.try_into().ok()?)).ok()?;
+            let (part, tail) = tail.split_at_checked(len)?;
+            parts.push(part);
+            rest = tail;
+        }
+        let (reader, layers) = parts.split_first()?;
+        Some(StageCheckpoint {
+            reader: ReaderCheckpoint::from_bytes(reader)?,
+            layers: layers
+                .iter()
+                .map(|l| Qcow2Progress::from_bytes(l))
+                .collect::<Option<Vec<_>>>()?,
+        })
+    }
+}
+
+/// How often a staged full image is checkpointed, and what is told each checkpoint.
+pub struct Checkpoints<'a> {
+    /// Log bytes between two checkpoints (at least; they are taken between records).
+    pub every: u64,
+    /// Called on the writer thread once the layers are synced; it saves the checkpoint.
+    pub saved: Box<dyn FnMut(StageCheckpoint) + Send + 'a>,
+}
+
+/// What goes from the reader to the writer thread.
+enum ToWriter {
+    Batch(usize, Batch),
+    /// Every extent before it was sent: sync the layers and save this.
+    Checkpoint(ReaderCheckpoint),
+}
+
+/// [`full_image_threads`], checkpointed every `checkpoints.every` log bytes when given (the reader
+/// must be resumable: [`LogReader::open_resumable`] or [`LogReader::resume`]), writing into the
+/// layers `resume` took up (one progress per layer), or into new ones.
+pub(crate) fn full_image_staged<'a, R: std::io::Read>(
     mut reader: LogReader<R>,
     path: &Path,
     tmps: &[PathBuf],
+    mut checkpoints: Option<Checkpoints<'a>>,
+    resume: Option<&[Qcow2Progress]>,
 ) -> Result<LogSummary, ApplyError> {
     let sequence = reader.header().sequence;
     let sizes: Vec<u64> = reader
@@ -134,13 +221,38 @@ pub(crate) fn full_image_threads<R: std::io::Read>(
     };
     let mut writers = Vec::with_capacity(tmps.len());
     for (disk, (tmp, size)) in tmps.iter().zip(&sizes).enumerate() {
-        writers.push(Qcow2Writer::create(tmp, *size).map_err(layer_error(disk))?);
+        let w = match resume {
+            Some(progress) => {
+                let p = progress
+                    .get(disk)
+                    .ok_or_else(|| rejected(path, LogDecodeError::ReaderFailed))?;
+                Qcow2Writer::resume(tmp, p)
+            }
+            None => Qcow2Writer::create(tmp, *size),
+        };
+        writers.push(w.map_err(layer_error(disk))?);
     }
-    let (batch_tx, batch_rx) = std_mpsc::sync_channel::<(usize, Batch)>(BATCHES_IN_FLIGHT * 2);
+    let every = checkpoints.as_ref().map(|c| c.every.max(1));
+    let (batch_tx, batch_rx) = std_mpsc::sync_channel::<ToWriter>(BATCHES_IN_FLIGHT * 2);
     let (recycle_tx, recycle_rx) = std_mpsc::channel::<Batch>();
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<Vec<Qcow2Writer>, ApplyError> {
-            for (disk, mut batch) in batch_rx {
+            for msg in batch_rx {
+                let (disk, mut batch) = match msg {
+                    ToWriter::Batch(disk, batch) => (disk, batch),
+                    ToWriter::Checkpoint(reader) => {
+                        let mut layers = Vec::with_capacity(writers.len());
+                        for (disk, w) in writers.iter().enumerate() {
+                            w.sync_data()
+                                .map_err(|e| layer_error(disk)(Qcow2WriteError::Io(e)))?;
+                            layers.push(w.progress());
+                        }
+                        if let Some(c) = checkpoints.as_mut() {
+                            (c.saved)(StageCheckpoint { reader, layers });
+                        }
+                        continue;
+                    }
+                };
                 let w = &mut writers[disk];
                 let mut at = 0usize;
                 for op in batch.ops.drain(..) {
@@ -162,7 +274,8 @@ pub(crate) fn full_image_threads<R: std::io::Read>(
         });
         // Reader: fill batches for one disk at a time.
         let mut current: Option<(usize, Batch)> = None;
-        let send = |item: (usize, Batch)| batch_tx.send(item).is_ok();
+        let send = |item: ToWriter| batch_tx.send(item).is_ok();
+        let mut last_checkpoint = reader.offset();
         let read = loop {
             let extent = match reader.next_extent() {
                 Ok(Some(e)) => e,
@@ -177,8 +290,8 @@ pub(crate) fn full_image_threads<R: std::io::Read>(
                 .as_ref()
                 .is_some_and(|(d, b)| *d != disk || b.is_full())
             {
-                if let Some(full) = current.take() {
-                    if !send(full) {
+                if let Some((d, full)) = current.take() {
+                    if !send(ToWriter::Batch(d, full)) {
                         break Ok(()); // the writer stopped: its error is reported below
                     }
                 }
@@ -192,10 +305,22 @@ pub(crate) fn full_image_threads<R: std::io::Read>(
                     len,
                 }),
             }
+            let due = every.is_some_and(|n| reader.offset() - last_checkpoint >= n);
+            if let Some(c) = due.then(|| reader.checkpoint()).flatten() {
+                last_checkpoint = c.offset();
+                if let Some((d, b)) = current.take() {
+                    if !send(ToWriter::Batch(d, b)) {
+                        break Ok(());
+                    }
+                }
+                if !send(ToWriter::Checkpoint(c)) {
+                    break Ok(());
+                }
+            }
         };
         if read.is_ok() {
-            if let Some(last) = current.take() {
-                send(last);
+            if let Some((d, last)) = current.take() {
+                send(ToWriter::Batch(d, last));
             }
         }
         drop(batch_tx);

@@ -253,6 +253,11 @@ impl<R: Read> LogReader<R> {
         })
     }
 
+    /// Bytes read so far in whole records (the preamble included).
+    pub fn offset(&self) -> u64 {
+        self.src.offset()
+    }
+
     /// The log's header.
     pub fn header(&self) -> &LogHeader {
         &self.header
