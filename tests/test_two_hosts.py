@@ -1108,6 +1108,61 @@ def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_p
             qsd.stop()
 
 
+def staged_checkpoint_offset(path):
+    """The log offset a staged upload's checkpoint file continues from (disk::points::StageCheckpoint:
+    magic, the reader's part's length, then the reader's magic and offset)."""
+    data = path.read_bytes()
+    assert data[:8] == b"VRSTAGE1" and data[16:24] == b"VRLOGCP1", data[:24]
+    return int.from_bytes(data[24:32], "little")
+
+
+def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_is_killed(lab, tmp_path):
+    import os
+    import signal
+
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "24M"]  # slow enough to be cut off mid-way
+    lab.primary.start()
+    disk = tmp_path / "ckpt01.raw"
+    run("truncate", "-s", "256M", disk)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(160 << 20))
+        f.seek(200 << 20)
+        f.write(os.urandom(8 << 20))
+    vm_id = str(uuid.uuid4()).upper()
+    lab.primary.cli("vm", "add", "--name", "ckpt01", "--id", vm_id, "--disk", str(disk))
+    lab.primary.cli("enable", "ckpt01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    p = lab.primary.conn()
+    rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=vm_by_name(p, "ckpt01").path, InitialReplicationType=Uint16(1))
+    assert rv == 4096
+    incoming = lab.storage / vm_id.lower() / "incoming"
+
+    # Past the 48 MiB the primary keeps of a log it sends from memory: without the checkpoint, a
+    # restart of the replica here failed the initial replication.
+    def far():
+        return [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 64 << 20]
+
+    wait_for(far, timeout=30, what="a checkpoint past 64 MiB")
+    lab.replica.proc.send_signal(signal.SIGKILL)
+    lab.replica.proc.wait()
+    saved = staged_checkpoint_offset(far()[0])
+    lab.replica.start()
+    wait_port(lab.port)
+    job = wait_job(p, out["Job"], timeout=60)
+    assert job["JobState"] == 7, (job["JobState"], job["ErrorDescription"])
+    import re
+    replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+    # Continued at the checkpoint's byte, not sent again from the start.
+    assert f"resuming a staged upload from its checkpoint vm={vm_id.lower()} sequence=1 offset={saved}" \
+        in replica_log, replica_log[-3000:]
+    assert not list(incoming.glob("*.checkpoint")), "the checkpoint goes once the upload is whole"
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="point 1")
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
+    assert vm_by_name(p, "ckpt01")["ReplicationState"] == 3
+
+
 def test_an_initial_replication_cut_off_by_sigkill_goes_back_to_ready_and_runs_again(lab, tmp_path):
     import os
     import signal

@@ -156,6 +156,11 @@ impl Qcow2Writer {
         self.file.sync_data()
     }
 
+    /// Another handle on the image file, to sync it from another thread while this one writes.
+    pub fn sync_handle(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Takes up the image at `path` where `progress` saw it, its data synced then: what was
     /// written after is forgotten (clusters allocated later are allocated again, and whole, when
     /// their extents are written again). A progress that does not fit the file is refused.

@@ -233,23 +233,45 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
         writers.push(w.map_err(layer_error(disk))?);
     }
     let every = checkpoints.as_ref().map(|c| c.every.max(1));
+    // Checkpoints are synced and saved by a thread of their own, so the writer does not wait for
+    // the disk's flush; it waits only when one is still being saved and the next is queued (the
+    // saved one then never lags more than two intervals behind).
+    let mut syncer = None;
+    if let Some(c) = checkpoints.take() {
+        let mut handles = Vec::with_capacity(writers.len());
+        for (disk, w) in writers.iter().enumerate() {
+            let h = w
+                .sync_handle()
+                .map_err(|e| layer_error(disk)(Qcow2WriteError::Io(e)))?;
+            handles.push(h);
+        }
+        syncer = Some((c, handles));
+    }
     let (batch_tx, batch_rx) = std_mpsc::sync_channel::<ToWriter>(BATCHES_IN_FLIGHT * 2);
     let (recycle_tx, recycle_rx) = std_mpsc::channel::<Batch>();
     std::thread::scope(|scope| {
+        let (save_tx, save_rx) = std_mpsc::sync_channel::<StageCheckpoint>(1);
+        if let Some((mut c, handles)) = syncer {
+            scope.spawn(move || {
+                for cp in save_rx {
+                    match handles.iter().try_for_each(|h| h.sync_data()) {
+                        Ok(()) => (c.saved)(cp),
+                        Err(e) => tracing::warn!(
+                            sequence,
+                            "cannot sync a staged layer for a checkpoint: {e}"
+                        ),
+                    }
+                }
+            });
+        }
         let writer = scope.spawn(move || -> Result<Vec<Qcow2Writer>, ApplyError> {
             for msg in batch_rx {
                 let (disk, mut batch) = match msg {
                     ToWriter::Batch(disk, batch) => (disk, batch),
                     ToWriter::Checkpoint(reader) => {
-                        let mut layers = Vec::with_capacity(writers.len());
-                        for (disk, w) in writers.iter().enumerate() {
-                            w.sync_data()
-                                .map_err(|e| layer_error(disk)(Qcow2WriteError::Io(e)))?;
-                            layers.push(w.progress());
-                        }
-                        if let Some(c) = checkpoints.as_mut() {
-                            (c.saved)(StageCheckpoint { reader, layers });
-                        }
+                        let layers = writers.iter().map(Qcow2Writer::progress).collect();
+                        // Every write before it has returned: a sync that starts after covers them.
+                        let _ = save_tx.send(StageCheckpoint { reader, layers });
                         continue;
                     }
                 };

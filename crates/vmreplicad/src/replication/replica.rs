@@ -1240,6 +1240,20 @@ impl ReplicaSide {
         }
         if let Some(replica) = self.store.replica_vm(vm)? {
             let dir = incoming_dir(Path::new(&replica.store_root), vm);
+            if let Some((id, cp)) = super::staged::find_checkpoint(&dir, seq) {
+                // A staged upload this daemon was receiving when it stopped: it continues from its
+                // last checkpoint.
+                return Ok(LogStatus {
+                    sequence: seq,
+                    upload_id: Some(id),
+                    state: TransferState::Uploading as u16,
+                    offset: cp.offset(),
+                    prefix_hash: None,
+                    log_hash: None,
+                    log_bytes: None,
+                    point_time: None,
+                });
+            }
             if let Some((id, path)) = find_partial(&dir, seq) {
                 let k = cut_back(path.clone()).await?;
                 let prefix = prefix_hash(path, k).await?;
@@ -1424,6 +1438,32 @@ impl ReplicaSide {
                     .upload_staged(vm, st, req.into_body(), room, &replica, guard)
                     .await;
             }
+            // A staged upload cut off by this daemon's restart continues from its checkpoint.
+            if let Some((id, cp)) = super::staged::find_checkpoint(&dir, seq) {
+                if seq != 1 || c != 0 {
+                    // A point exists: the checkpoint is left over (the tidy-up deletes it).
+                } else if id != upload_id || cp.offset() != offset {
+                    let mut d = ErrorDetail::new(
+                        ErrorCode::OffsetMismatch,
+                        "the upload to resume is not at that offset here; continue where this server says, or start again at 0",
+                    );
+                    d.upload_id = Some(id);
+                    d.offset = Some(cp.offset());
+                    return Err(ApiError(Box::new(d)));
+                } else {
+                    tracing::info!(%vm, sequence = seq, offset, "resuming a staged upload from its checkpoint");
+                    let st = super::staged::Staging::start(
+                        expect,
+                        &dir,
+                        upload_id,
+                        &replica.disks,
+                        Some(cp),
+                    );
+                    return self
+                        .upload_staged(vm, st, req.into_body(), room, &replica, guard)
+                        .await;
+                }
+            }
         } else {
             if let Some(old) = kept {
                 // Ended first: it deletes its layers, which may carry this upload's names.
@@ -1438,7 +1478,8 @@ impl ReplicaSide {
             if empty {
                 remove_uploads_of(&dir, seq);
                 self.store.remove_uploads(vm)?;
-                let st = super::staged::Staging::start(expect, &dir, upload_id, &replica.disks);
+                let st =
+                    super::staged::Staging::start(expect, &dir, upload_id, &replica.disks, None);
                 return self
                     .upload_staged(vm, st, req.into_body(), room, &replica, guard)
                     .await;
@@ -1658,8 +1699,11 @@ impl ReplicaSide {
             let staged = super::staged::StagedPoint { point, layers };
             if let Err(e) = staged.write(&super::staged::uploaded_path(&dir, seq, upload_id)) {
                 staged.remove_layers();
+                let _ = std::fs::remove_file(super::staged::checkpoint_path(&dir, seq, upload_id));
                 return Err(ApiError::internal(e));
             }
+            // The `.staged` file stands for the upload now.
+            let _ = std::fs::remove_file(super::staged::checkpoint_path(&dir, seq, upload_id));
             let row = upload_row(vm, upload_id, &summary);
             store.put_upload(&row)?;
             tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded, verified and written into its point (staged)");
@@ -2013,13 +2057,21 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                     }
                     let _ = std::fs::remove_file(&path);
                 }
+            } else if name.ends_with(".checkpoint") || name.ends_with(".checkpoint.tmp") {
+                // Its layers go with the `.layer` rule below once it is gone or old.
+                if age > super::staged::ABANDONED_AFTER {
+                    tracing::info!(vm = %vm.id, file = %name, "deleting the checkpoint of a staged upload nobody continued");
+                    let _ = std::fs::remove_file(&path);
+                }
             } else if name.ends_with(".layer")
                 && age > super::staged::ABANDONED_AFTER
                 && !replica.stagings.holds(&path)
             {
-                // A staged layer belongs to an upload arriving or kept in memory, or to a verified
-                // upload's `.staged` file (uploaded or committed); any other was left by a restart.
-                let referenced = staged_layers(&dir).iter().any(|l| l == &path);
+                // A staged layer belongs to an upload arriving or kept in memory, to a verified
+                // upload's `.staged` file (uploaded or committed), or to an upload cut off by a
+                // restart whose checkpoint is recent; any other was abandoned.
+                let referenced = staged_layers(&dir).iter().any(|l| l == &path)
+                    || recent_checkpoint_of(&dir, &name);
                 if !referenced {
                     tracing::info!(vm = %vm.id, file = %name, "deleting the layer of an abandoned staged upload");
                     let _ = std::fs::remove_file(&path);
@@ -2027,6 +2079,19 @@ async fn tidy_incoming(replica: &ReplicaSide) {
             }
         }
     }
+}
+
+/// True if the staged layer `layer` (`<seq>-<upload>.disk<i>.layer`) has a checkpoint in `dir`
+/// younger than [`super::staged::ABANDONED_AFTER`]: its upload may still be continued.
+fn recent_checkpoint_of(dir: &Path, layer: &str) -> bool {
+    let Some((stem, _)) = layer.rsplit_once(".disk") else {
+        return false;
+    };
+    std::fs::metadata(dir.join(format!("{stem}.checkpoint")))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age <= super::staged::ABANDONED_AFTER)
 }
 
 /// The layers named by the `.staged` files in `dir` (verified and committed staged uploads).

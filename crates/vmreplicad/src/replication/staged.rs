@@ -9,13 +9,20 @@
 //! - `<seq:020>-<upload>.disk<i>.layer`: the staged layer of disk i;
 //! - `<seq:020>-<upload>.staged`: written once the whole log verified (the point it makes and its
 //!   layers), the counterpart of an `.uploaded` file;
-//! - `<seq:020>.staged`: the same once committed, the counterpart of `<seq:020>.vrlog`.
+//! - `<seq:020>.staged`: the same once committed, the counterpart of `<seq:020>.vrlog`;
+//! - `<seq:020>-<upload>.checkpoint`: while it arrives, its last checkpoint (below).
 //!
 //! While bytes arrive, the writing thread reads them from a channel. A broken connection leaves
 //! that thread waiting and the upload kept in memory ([`Stagings`]) with the count of bytes it
 //! received, so the primary continues at exactly that offset under the same upload id; an upload
-//! not continued within [`ABANDONED_AFTER`] is dropped and its layers deleted. After a restart of
-//! this daemon the upload is unknown and starts again at 0 (the tidy-up deletes its files).
+//! not continued within [`ABANDONED_AFTER`] is dropped and its layers deleted.
+//!
+//! Every [`CHECKPOINT_EVERY`] bytes, between two records, the thread syncs the layers and saves
+//! where it stands (`<seq:020>-<upload>.checkpoint`: the log reader's place and hash state, each
+//! layer's allocations; disk::points::StageCheckpoint). After a restart of this daemon the upload
+//! continues from its checkpoint, under the same id: the primary still holds the bytes from there.
+//! A checkpoint nobody continued within [`ABANDONED_AFTER`] is deleted with its layers by the
+//! tidy-up.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use disk::points::{ApplyError, PointInfo, PointStore};
+use disk::points::{ApplyError, Checkpoints, PointInfo, PointStore, StageCheckpoint};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use wire::protocol::DiskSpec;
@@ -40,6 +47,55 @@ pub fn layer_path(incoming: &Path, seq: u64, upload: Uuid, disk: usize) -> PathB
 /// What a verified staged upload left: the counterpart of an `.uploaded` file.
 pub fn uploaded_path(incoming: &Path, seq: u64, upload: Uuid) -> PathBuf {
     incoming.join(format!("{seq:020}-{upload}.staged"))
+}
+
+/// The last checkpoint of a staged upload still arriving: where it continues after a restart.
+pub fn checkpoint_path(incoming: &Path, seq: u64, upload: Uuid) -> PathBuf {
+    incoming.join(format!("{seq:020}-{upload}.checkpoint"))
+}
+
+/// Log bytes between two checkpoints of a staged upload. What a restart loses is at most two of
+/// these, one record and what was in flight (the stream's flow-control window, the queues to the
+/// writing thread): well under the 48 MiB the primary keeps of a log sent from memory
+/// (replication::growing::KEEP), so it continues where the checkpoint is.
+pub const CHECKPOINT_EVERY: u64 = 8 << 20;
+
+/// The staged upload of log `seq` whose checkpoint is in `incoming`, with that checkpoint, if its
+/// layers are all there. (At most one: an upload at offset 0 deletes the others of its sequence.)
+pub fn find_checkpoint(incoming: &Path, seq: u64) -> Option<(Uuid, StageCheckpoint)> {
+    let prefix = format!("{seq:020}-");
+    std::fs::read_dir(incoming)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix(&prefix)?.strip_suffix(".checkpoint")?;
+            let upload = Uuid::parse_str(id).ok()?;
+            let cp = StageCheckpoint::from_bytes(&std::fs::read(e.path()).ok()?)?;
+            (0..cp.layers.len())
+                .all(|i| layer_path(incoming, seq, upload, i).is_file())
+                .then_some((upload, cp))
+        })
+        .max_by_key(|(_, cp)| cp.offset())
+}
+
+/// Writes `cp` as the checkpoint of `upload` durably (temporary file, fsync, rename, directory
+/// fsync).
+fn save_checkpoint(
+    incoming: &Path,
+    seq: u64,
+    upload: Uuid,
+    cp: &StageCheckpoint,
+) -> std::io::Result<()> {
+    let path = checkpoint_path(incoming, seq, upload);
+    let tmp = path.with_extension("checkpoint.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &cp.to_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(incoming)?.sync_all()
 }
 
 /// A committed staged upload: the counterpart of `<seq>.vrlog`.
@@ -114,21 +170,45 @@ pub struct Staging {
 
 impl Staging {
     /// Starts the writing thread of upload `upload` of log `expect.sequence` for the placeholder's
-    /// disk table `disks`, its layers in `incoming`. The thread refuses a log whose disk table
-    /// differs as soon as its header arrives, and deletes its layers if the log fails.
-    pub fn start(expect: Expect, incoming: &Path, upload: Uuid, disks: &[DiskSpec]) -> Staging {
+    /// disk table `disks`, its layers in `incoming`: from the log's first byte, or from the
+    /// checkpoint `from` (after a restart of this daemon). The thread refuses a log whose disk
+    /// table differs as soon as its header is known, saves a checkpoint every
+    /// [`CHECKPOINT_EVERY`] bytes, and deletes its layers and checkpoint if the log fails.
+    pub fn start(
+        expect: Expect,
+        incoming: &Path,
+        upload: Uuid,
+        disks: &[DiskSpec],
+        from: Option<StageCheckpoint>,
+    ) -> Staging {
+        let seq = expect.sequence;
         let layers: Vec<PathBuf> = (0..disks.len())
-            .map(|i| layer_path(incoming, expect.sequence, upload, i))
+            .map(|i| layer_path(incoming, seq, upload, i))
             .collect();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-        let (paths, what, table) = (
+        let fed = from.as_ref().map_or(0, StageCheckpoint::offset);
+        let (paths, what, table, dir) = (
             layers.clone(),
-            incoming.join(format!("{:020}-{upload}", expect.sequence)),
+            incoming.join(format!("{seq:020}-{upload}")),
             disks.to_vec(),
+            incoming.to_path_buf(),
         );
         let task = tokio::task::spawn_blocking(move || {
             let arriving = super::replica::ChannelReader::new(rx);
-            let staged = match LogReader::open(arriving, &expect) {
+            let opened = match &from {
+                None => LogReader::open_resumable(arriving, &expect),
+                Some(cp) => LogReader::resume(arriving, &cp.reader, &expect),
+            };
+            let saving = dir.clone();
+            let checkpoints = Checkpoints {
+                every: CHECKPOINT_EVERY,
+                saved: Box::new(move |cp: StageCheckpoint| {
+                    if let Err(e) = save_checkpoint(&saving, seq, upload, &cp) {
+                        tracing::warn!(sequence = seq, %upload, "cannot save a staged upload's checkpoint: {e}");
+                    }
+                }),
+            };
+            let staged = match opened {
                 Err(source) => Err(StageError::Apply(ApplyError::Rejected {
                     path: what.display().to_string(),
                     source,
@@ -137,20 +217,27 @@ impl Staging {
                     if super::replica::disk_specs(reader.header()) != table {
                         Err(StageError::DiskTable(table))
                     } else {
-                        PointStore::stage_full_image(reader, &paths, &what)
-                            .map_err(StageError::Apply)
+                        PointStore::stage_checkpointed(
+                            reader,
+                            &paths,
+                            &what,
+                            Some(checkpoints),
+                            from.as_ref().map(|cp| &cp.layers[..]),
+                        )
+                        .map_err(StageError::Apply)
                     }
                 }
             };
             if staged.is_err() {
                 remove_all(&paths);
+                let _ = std::fs::remove_file(checkpoint_path(&dir, seq, upload));
             }
             staged
         });
         Staging {
-            sequence: expect.sequence,
+            sequence: seq,
             upload,
-            fed: 0,
+            fed,
             tx,
             task,
             layers,
