@@ -1116,18 +1116,24 @@ def staged_checkpoint_offset(path):
     return int.from_bytes(data[24:32], "little")
 
 
-def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_is_killed(lab, tmp_path):
+@pytest.mark.parametrize("stop,cap", [("kill", "24M"), ("term", "24M"), ("kill", None)])
+def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_stops(lab, tmp_path, stop, cap):
+    """Capped, the replica is stopped at a chosen byte; uncapped, its queues are full (its disk is the
+    slower side) and the checkpoint lags as far as it can behind what the primary sent."""
     import os
     import signal
 
-    lab.primary.stop()
-    lab.primary.extra_args += ["--bandwidth-limit", "24M"]  # slow enough to be cut off mid-way
-    lab.primary.start()
+    if cap:
+        lab.primary.stop()
+        lab.primary.extra_args += ["--bandwidth-limit", cap]  # slow enough to be stopped mid-way
+        lab.primary.start()
+    size = 160 if cap else 768
     disk = tmp_path / "ckpt01.raw"
-    run("truncate", "-s", "256M", disk)
+    run("truncate", "-s", f"{size + 96}M", disk)
     with open(disk, "r+b") as f:
-        f.write(os.urandom(160 << 20))
-        f.seek(200 << 20)
+        for _ in range(size // 32):
+            f.write(os.urandom(32 << 20))
+        f.seek((size + 40) << 20)
         f.write(os.urandom(8 << 20))
     vm_id = str(uuid.uuid4()).upper()
     lab.primary.cli("vm", "add", "--name", "ckpt01", "--id", vm_id, "--disk", str(disk))
@@ -1139,14 +1145,19 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     assert rv == 4096
     incoming = lab.storage / vm_id.lower() / "incoming"
 
-    # Past the 48 MiB the primary keeps of a log it sends from memory: without the checkpoint, a
+    # Past the 64 MiB the primary keeps of a log it sends from memory: without the checkpoint, a
     # restart of the replica here failed the initial replication.
-    def far():
-        return [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 64 << 20]
+    past = (72 if cap else 256) << 20
 
-    wait_for(far, timeout=30, what="a checkpoint past 64 MiB")
-    lab.replica.proc.send_signal(signal.SIGKILL)
-    lab.replica.proc.wait()
+    def far():
+        return [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > past]
+
+    wait_for(far, timeout=60, what="a checkpoint far enough")
+    if stop == "kill":
+        lab.replica.proc.send_signal(signal.SIGKILL)
+        lab.replica.proc.wait()
+    else:
+        lab.replica.stop()  # SIGTERM: a clean exit keeps the upload's checkpoint too
     saved = staged_checkpoint_offset(far()[0])
     lab.replica.start()
     wait_port(lab.port)

@@ -84,6 +84,11 @@ pub struct Qcow2Progress {
 }
 
 impl Qcow2Progress {
+    /// The image's virtual size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.runs.len() * 16);
         out.extend_from_slice(&self.size.to_le_bytes());
@@ -205,7 +210,9 @@ impl Qcow2Writer {
                 w.allocate(cluster);
             }
         }
-        if w.file.metadata()?.len() < w.end {
+        // The data of every allocation must be there (a layer nothing was allocated in yet, as a
+        // later disk's while the first is written, may still be empty).
+        if !progress.runs.is_empty() && w.file.metadata()?.len() < w.end {
             return Err(invalid());
         }
         Ok(w)
@@ -590,6 +597,16 @@ mod tests {
         let short = dir.path().join("short.qcow2");
         std::fs::write(&short, [0u8; 100]).unwrap();
         assert!(Qcow2Writer::resume(&short, &progress).is_err());
+        // A layer nothing was written to yet (a later disk's) is taken up as it is: still empty.
+        let empty = dir.path().join("empty.qcow2");
+        let untouched = Qcow2Writer::create(&empty, size)
+            .expect("create")
+            .progress();
+        let mut w = Qcow2Writer::resume(&empty, &untouched).expect("an empty layer resumes");
+        w.write(0, &pattern(5000, 1)).expect("write");
+        w.finish().expect("finish");
+        let (ok, text) = qemu_img(&["check", &empty.display().to_string()]);
+        assert!(ok && text.contains("No errors"), "qemu-img check: {text}");
         assert!(Qcow2Progress::from_bytes(&saved[..saved.len() - 8]).is_none());
     }
 

@@ -225,6 +225,7 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
             Some(progress) => {
                 let p = progress
                     .get(disk)
+                    .filter(|p| p.size() == *size)
                     .ok_or_else(|| rejected(path, LogDecodeError::ReaderFailed))?;
                 Qcow2Writer::resume(tmp, p)
             }
@@ -234,8 +235,8 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
     }
     let every = checkpoints.as_ref().map(|c| c.every.max(1));
     // Checkpoints are synced and saved by a thread of their own, so the writer does not wait for
-    // the disk's flush; it waits only when one is still being saved and the next is queued (the
-    // saved one then never lags more than two intervals behind).
+    // the disk's flush, except to hand over the next one while the last is still being saved: the
+    // one on disk then lags at most two intervals (and the batches queued) behind the writer.
     let mut syncer = None;
     if let Some(c) = checkpoints.take() {
         let mut handles = Vec::with_capacity(writers.len());
@@ -247,22 +248,27 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
         }
         syncer = Some((c, handles));
     }
+    // A sync that failed: the kernel may have dropped those pages and reports it once, so nothing
+    // after is trusted: no more checkpoints, and the image fails.
+    let sync_failed = std::sync::Mutex::new(None::<std::io::Error>);
     let (batch_tx, batch_rx) = std_mpsc::sync_channel::<ToWriter>(BATCHES_IN_FLIGHT * 2);
     let (recycle_tx, recycle_rx) = std_mpsc::channel::<Batch>();
     std::thread::scope(|scope| {
-        let (save_tx, save_rx) = std_mpsc::sync_channel::<StageCheckpoint>(1);
+        let (save_tx, save_rx) = std_mpsc::sync_channel::<StageCheckpoint>(0);
+        let failed = &sync_failed;
+        let mut syncing = None;
         if let Some((mut c, handles)) = syncer {
-            scope.spawn(move || {
+            syncing = Some(scope.spawn(move || {
                 for cp in save_rx {
                     match handles.iter().try_for_each(|h| h.sync_data()) {
                         Ok(()) => (c.saved)(cp),
-                        Err(e) => tracing::warn!(
-                            sequence,
-                            "cannot sync a staged layer for a checkpoint: {e}"
-                        ),
+                        Err(e) => {
+                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            return;
+                        }
                     }
                 }
-            });
+            }));
         }
         let writer = scope.spawn(move || -> Result<Vec<Qcow2Writer>, ApplyError> {
             for msg in batch_rx {
@@ -351,12 +357,22 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
             .map_err(|_| rejected(path, LogDecodeError::ReaderFailed))?;
         read?;
         let writers = written?;
+        // The writer is done: the last checkpoint is saved (or its sync failed) before we look.
+        if let Some(s) = syncing {
+            let _ = s.join();
+        }
+        if let Some(e) = sync_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(layer_error(0)(Qcow2WriteError::Io(e)));
+        }
         let summary = reader
             .summary()
             .cloned()
             .ok_or_else(|| rejected(path, LogDecodeError::ReaderFailed))?;
         for (disk, w) in writers.into_iter().enumerate() {
-            w.finish().map_err(layer_error(disk))?;
+            // Synced through its own file: a new one would not hear of an earlier write-back error.
+            w.finish()
+                .and_then(|f| f.sync_all().map_err(Qcow2WriteError::Io))
+                .map_err(layer_error(disk))?;
         }
         Ok(summary)
     })

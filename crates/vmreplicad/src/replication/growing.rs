@@ -25,8 +25,10 @@ use bytes::Bytes;
 
 /// Most bytes an in-memory log's writer runs ahead of its upload.
 pub const AHEAD: u64 = 16 << 20;
-/// Bytes an in-memory log keeps behind the furthest point sent, for a resume.
-pub const KEEP: u64 = 48 << 20;
+/// Bytes an in-memory log keeps behind the furthest point sent, for a resume: more than a replica
+/// can lose of it (what was in flight, and a staged upload's bytes since the checkpoint it continues
+/// from after a restart: replication::staged::CHECKPOINT_EVERY).
+pub const KEEP: u64 = 64 << 20;
 
 /// A log that may still be being written while it is sent: how much of it is written, and once
 /// complete its hash and length.

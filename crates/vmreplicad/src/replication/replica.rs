@@ -1466,8 +1466,8 @@ impl ReplicaSide {
             }
         } else {
             if let Some(old) = kept {
-                // Ended first: it deletes its layers, which may carry this upload's names.
-                let _ = old.finish().await;
+                // Ended first, its files deleted: they may carry this upload's names.
+                let _ = old.discard().await;
             }
             let empty = seq == 1
                 && c == 0
@@ -1664,9 +1664,9 @@ impl ReplicaSide {
                 return Err(e);
             }
             Err(e) => {
-                // The thread deletes its layers when it fails; a refusal of the log, or a layer
-                // that could not be written, explains the end better than the receiving side.
-                return match arriving.take().finish().await {
+                // A refusal of the log, or a layer that could not be written, explains the end
+                // better than the receiving side.
+                return match arriving.take().discard().await {
                     Ok(Err(StageError::Apply(ApplyError::Rejected {
                         source: LogDecodeError::Io(_) | LogDecodeError::Truncated { .. },
                         ..
@@ -1695,7 +1695,11 @@ impl ReplicaSide {
                 .finish()
                 .await
                 .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-            let (point, summary) = verdict.map_err(refused)?;
+            let (point, summary) = verdict.map_err(|e| {
+                // Ended before its trailer, or refused: nothing will continue it.
+                super::staged::remove_files(&dir, seq, upload_id, &layers);
+                refused(e)
+            })?;
             let staged = super::staged::StagedPoint { point, layers };
             if let Err(e) = staged.write(&super::staged::uploaded_path(&dir, seq, upload_id)) {
                 staged.remove_layers();

@@ -54,11 +54,17 @@ pub fn checkpoint_path(incoming: &Path, seq: u64, upload: Uuid) -> PathBuf {
     incoming.join(format!("{seq:020}-{upload}.checkpoint"))
 }
 
-/// Log bytes between two checkpoints of a staged upload. What a restart loses is at most two of
-/// these, one record and what was in flight (the stream's flow-control window, the queues to the
-/// writing thread): well under the 48 MiB the primary keeps of a log sent from memory
-/// (replication::growing::KEEP), so it continues where the checkpoint is.
-pub const CHECKPOINT_EVERY: u64 = 8 << 20;
+/// Log bytes between two checkpoints of a staged upload. What the primary counted as sent beyond
+/// the checkpoint on disk is at most: two of these (one being synced, the next being read) and a
+/// frame (4.6 MB); the batches queued to the writer (5 MiB); the chunks queued to the staging
+/// thread ([`QUEUED_CHUNKS`] of at most 1 MiB, and two more in hand); the stream's flow-control
+/// window (8 MiB); the primary's own queue and send buffer (about 9 MiB). About 40 MiB, under the
+/// 64 MiB the primary keeps of a log sent from memory (replication::growing::KEEP), so it
+/// continues where the checkpoint is.
+pub const CHECKPOINT_EVERY: u64 = 4 << 20;
+
+/// Chunks of the request body queued to the staging thread (HTTP/2 DATA frames, at most 1 MiB).
+const QUEUED_CHUNKS: usize = 4;
 
 /// The staged upload of log `seq` whose checkpoint is in `incoming`, with that checkpoint, if its
 /// layers are all there. (At most one: an upload at offset 0 deletes the others of its sequence.)
@@ -164,6 +170,8 @@ pub struct Staging {
     pub tx: tokio::sync::mpsc::Sender<Bytes>,
     pub task: tokio::task::JoinHandle<Staged>,
     pub layers: Vec<PathBuf>,
+    /// The VM's `incoming/`, where its layers and checkpoint are.
+    incoming: PathBuf,
     /// Which keeping this is (the abandon timer drops only the one it was started for).
     generation: u64,
 }
@@ -185,7 +193,7 @@ impl Staging {
         let layers: Vec<PathBuf> = (0..disks.len())
             .map(|i| layer_path(incoming, seq, upload, i))
             .collect();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED_CHUNKS);
         let fed = from.as_ref().map_or(0, StageCheckpoint::offset);
         let (paths, what, table, dir) = (
             layers.clone(),
@@ -228,9 +236,11 @@ impl Staging {
                     }
                 }
             };
-            if staged.is_err() {
-                remove_all(&paths);
-                let _ = std::fs::remove_file(checkpoint_path(&dir, seq, upload));
+            // A log refused is gone; one whose input ended early (a broken connection, this
+            // daemon stopping) keeps its layers and checkpoint: whoever ends it deletes them
+            // (`Staging::discard`), else it continues from them after a restart.
+            if staged.as_ref().is_err_and(|e| !input_ended(e)) {
+                remove_files(&dir, seq, upload, &paths);
             }
             staged
         });
@@ -241,6 +251,7 @@ impl Staging {
             tx,
             task,
             layers,
+            incoming: incoming.to_path_buf(),
             generation: 0,
         }
     }
@@ -250,6 +261,34 @@ impl Staging {
         drop(self.tx);
         self.task.await
     }
+
+    /// Ends the upload for good: its layers and checkpoint are deleted (the thread writes on into
+    /// the unlinked files until it notices), then its thread is waited for. Returns its verdict.
+    pub async fn discard(self) -> Result<Staged, tokio::task::JoinError> {
+        self.remove_files();
+        self.finish().await
+    }
+
+    fn remove_files(&self) {
+        remove_files(&self.incoming, self.sequence, self.upload, &self.layers);
+    }
+}
+
+/// True if the thread stopped because its input ended before the log did.
+fn input_ended(e: &StageError) -> bool {
+    matches!(
+        e,
+        StageError::Apply(ApplyError::Rejected {
+            source: wire::LogDecodeError::Truncated { .. } | wire::LogDecodeError::Io(_),
+            ..
+        })
+    )
+}
+
+/// Deletes an upload's layers and checkpoint.
+pub fn remove_files(incoming: &Path, seq: u64, upload: Uuid, layers: &[PathBuf]) {
+    remove_all(layers);
+    let _ = std::fs::remove_file(checkpoint_path(incoming, seq, upload));
 }
 
 #[derive(Default)]
@@ -359,8 +398,8 @@ impl Stagings {
                 .any(|(_, layers)| layers.iter().any(|l| l == path))
     }
 
-    /// Keeps `staging` for the primary to continue; drops it (its thread ends and deletes its
-    /// layers) if it was not taken again within [`ABANDONED_AFTER`].
+    /// Keeps `staging` for the primary to continue; drops it (its layers and checkpoint deleted,
+    /// its thread ended) if it was not taken again within [`ABANDONED_AFTER`].
     pub fn keep(&self, vm: Uuid, mut staging: Staging) {
         let generation = {
             let mut inner = self.inner();
@@ -375,7 +414,15 @@ impl Stagings {
             let dropped = {
                 let mut inner = all.inner();
                 match inner.kept.get(&vm) {
-                    Some(s) if s.generation == generation => inner.kept.remove(&vm),
+                    Some(s) if s.generation == generation => {
+                        // Its files go before anyone can look for them again: a resume asked
+                        // right after finds neither the upload nor its checkpoint.
+                        let st = inner.kept.remove(&vm);
+                        if let Some(st) = &st {
+                            st.remove_files();
+                        }
+                        st
+                    }
                     _ => None,
                 }
             };

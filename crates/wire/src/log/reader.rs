@@ -199,6 +199,7 @@ impl<R: Read> LogReader<R> {
         let header = LogHeader::decode(&checkpoint.header)?;
         expect.check(&header)?;
         let hasher = super::resumable::ResumableHasher::from_bytes(&checkpoint.hash)
+            .filter(|h| h.len() == checkpoint.offset)
             .ok_or(LogDecodeError::ReaderFailed)?;
         Ok(LogReader {
             src: Source::resume(input, checkpoint.offset, hasher),

@@ -130,6 +130,7 @@ impl ResumableHasher {
         let pending = c.take(pending_len)?.to_vec();
         let depth = c.u8()? as usize;
         if pending_len > BLOCK
+            || blocks > u64::MAX / BLOCK as u64 - 1
             || (blocks > 0 && pending.is_empty())
             || depth > MAX_STACK
             || depth != blocks.count_ones() as usize
