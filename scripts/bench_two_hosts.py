@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release"
+# VMREPLICA_BENCH_BIN: a directory holding vmreplicad and vmreplica to time instead of this tree's
+# release build (nothing is built then), to compare two builds run after run.
+BIN = Path(os.environ.get("VMREPLICA_BENCH_BIN") or ROOT / "target" / "release")
 PRIMARY, REPLICA = "hv1.bench.example", "hv2.bench.example"
 CHUNK = 64 << 20
 
@@ -140,8 +142,9 @@ def prepare(dir_arg, size_text):
     work = (ROOT / dir_arg).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    print("building release binaries ...", flush=True)
-    sh("cargo", "build", "--release", "--locked", "-p", "vmreplicad", "-p", "vmreplica", cwd=ROOT)
+    if not os.environ.get("VMREPLICA_BENCH_BIN"):
+        print("building release binaries ...", flush=True)
+        sh("cargo", "build", "--release", "--locked", "-p", "vmreplicad", "-p", "vmreplica", cwd=ROOT)
     image = work / "vm.qcow2"
     print(f"making a {size_text} qcow2, half allocated with random data ...", flush=True)
     make_image(image, size_arg(size_text))

@@ -1110,8 +1110,11 @@ def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_p
 
 def staged_checkpoint_offset(path):
     """The log offset a staged upload's checkpoint file continues from (disk::points::StageCheckpoint:
-    magic, the reader's part's length, then the reader's magic and offset)."""
-    data = path.read_bytes()
+    magic, the reader's part's length, then the reader's magic and offset); 0 if it is gone."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:  # the upload ended meanwhile
+        return 0
     assert data[:8] == b"VRSTAGE1" and data[16:24] == b"VRLOGCP1", data[:24]
     return int.from_bytes(data[24:32], "little")
 
@@ -1145,7 +1148,7 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     assert rv == 4096
     incoming = lab.storage / vm_id.lower() / "incoming"
 
-    # Past the 64 MiB the primary keeps of a log it sends from memory: without the checkpoint, a
+    # Past the 80 MiB the primary keeps of a log it sends from memory: without the checkpoint, a
     # restart of the replica here failed the initial replication.
     past = (72 if cap else 256) << 20
 
@@ -1158,6 +1161,9 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
         lab.replica.proc.wait()
     else:
         lab.replica.stop()  # SIGTERM: a clean exit keeps the upload's checkpoint too
+        # Down for longer than the quick retries (1, 2, 4 s) of a cycle: an initial replication
+        # waits for its recovery server (up to 10 minutes).
+        time.sleep(10)
     saved = staged_checkpoint_offset(far()[0])
     lab.replica.start()
     wait_port(lab.port)

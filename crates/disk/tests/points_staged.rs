@@ -130,6 +130,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     let keep = saved.clone();
     let checkpoints = Checkpoints {
         every: 1,
+        max_lag: 0, // every checkpoint is saved
         saved: Box::new(move |c: StageCheckpoint| keep.lock().unwrap().push(c.to_bytes())),
     };
     let reader = LogReader::open_resumable(std::io::Cursor::new(bytes.clone()), &Source::expect(1))
@@ -150,6 +151,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     // Checkpoints are taken while it runs; they are lost with the process.
     let checkpoints = Checkpoints {
         every: 1,
+        max_lag: 0,
         saved: Box::new(|_: StageCheckpoint| {}),
     };
     let err = PointStore::stage_checkpointed(reader, &layers, &logs[0], Some(checkpoints), None)

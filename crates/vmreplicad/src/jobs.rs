@@ -41,7 +41,7 @@ impl JobFailure {
         }
     }
 
-    fn cancelled() -> Self {
+    pub fn cancelled() -> Self {
         JobFailure::failed(
             "The job was cancelled.",
             "Start the operation again when you want it to run.",
@@ -92,6 +92,11 @@ impl JobContext {
             self.store.put_job(&job)?;
         }
         Ok(())
+    }
+
+    /// True once a cancel was requested.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
     }
 
     /// Ends the work early when a cancel was requested.

@@ -184,6 +184,9 @@ impl StageCheckpoint {
 pub struct Checkpoints<'a> {
     /// Log bytes between two checkpoints (at least; they are taken between records).
     pub every: u64,
+    /// A checkpoint that comes while the last is still being saved is skipped, unless the one saved
+    /// is more than this many log bytes behind it: then the writer waits to hand it over.
+    pub max_lag: u64,
     /// Called on the writer thread once the layers are synced; it saves the checkpoint.
     pub saved: Box<dyn FnMut(StageCheckpoint) + Send + 'a>,
 }
@@ -234,9 +237,12 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
         writers.push(w.map_err(layer_error(disk))?);
     }
     let every = checkpoints.as_ref().map(|c| c.every.max(1));
+    let max_lag = checkpoints.as_ref().map_or(u64::MAX, |c| c.max_lag);
+    let saved_at = std::sync::atomic::AtomicU64::new(reader.offset());
+    let saved_at = &saved_at;
     // Checkpoints are synced and saved by a thread of their own, so the writer does not wait for
-    // the disk's flush, except to hand over the next one while the last is still being saved: the
-    // one on disk then lags at most two intervals (and the batches queued) behind the writer.
+    // the disk's flush: one that comes while the last is being saved is skipped, unless the saved
+    // one lags more than `max_lag` behind; then the writer waits to hand it over.
     let mut syncer = None;
     if let Some(c) = checkpoints.take() {
         let mut handles = Vec::with_capacity(writers.len());
@@ -261,7 +267,11 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
             syncing = Some(scope.spawn(move || {
                 for cp in save_rx {
                     match handles.iter().try_for_each(|h| h.sync_data()) {
-                        Ok(()) => (c.saved)(cp),
+                        Ok(()) => {
+                            let offset = cp.offset();
+                            (c.saved)(cp);
+                            saved_at.store(offset, std::sync::atomic::Ordering::Release);
+                        }
                         Err(e) => {
                             *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                             return;
@@ -277,7 +287,24 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
                     ToWriter::Checkpoint(reader) => {
                         let layers = writers.iter().map(Qcow2Writer::progress).collect();
                         // Every write before it has returned: a sync that starts after covers them.
-                        let _ = save_tx.send(StageCheckpoint { reader, layers });
+                        let cp = StageCheckpoint { reader, layers };
+                        let lag = cp
+                            .offset()
+                            .saturating_sub(saved_at.load(std::sync::atomic::Ordering::Acquire));
+                        let handed = match save_tx.try_send(cp) {
+                            Ok(()) => true,
+                            Err(std_mpsc::TrySendError::Full(cp)) if lag > max_lag => {
+                                save_tx.send(cp).is_ok()
+                            }
+                            Err(std_mpsc::TrySendError::Full(_)) => true, // skipped
+                            Err(std_mpsc::TrySendError::Disconnected(_)) => false,
+                        };
+                        if !handed {
+                            // The syncer stopped: a sync failed (reported below).
+                            return Err(layer_error(0)(Qcow2WriteError::Io(
+                                std::io::Error::other("a staged layer could not be synced"),
+                            )));
+                        }
                         continue;
                     }
                 };
@@ -314,24 +341,43 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
             if disk >= sizes.len() {
                 break Err(rejected(path, LogDecodeError::ReaderFailed));
             }
-            if current
-                .as_ref()
-                .is_some_and(|(d, b)| *d != disk || b.is_full())
-            {
-                if let Some((d, full)) = current.take() {
-                    if !send(ToWriter::Batch(d, full)) {
-                        break Ok(()); // the writer stopped: its error is reported below
+            // A data extent larger than a batch's room is split across batches, so a batch holds
+            // at most BATCH_BYTES (a scan's extents are up to 4 MiB): the bytes queued to the
+            // writer stay bounded.
+            let (mut at, mut data, zero) = match extent.content {
+                Content::Data(bytes) => (extent.offset, bytes, None),
+                Content::Zero(len) => (extent.offset, &[][..], Some(len)),
+            };
+            let mut stopped = false;
+            loop {
+                if current
+                    .as_ref()
+                    .is_some_and(|(d, b)| *d != disk || b.is_full())
+                {
+                    if let Some((d, full)) = current.take() {
+                        if !send(ToWriter::Batch(d, full)) {
+                            stopped = true; // the writer stopped: its error is reported below
+                            break;
+                        }
                     }
                 }
+                let (_, batch) = current
+                    .get_or_insert_with(|| (disk, recycle_rx.try_recv().unwrap_or_default()));
+                if let Some(len) = zero {
+                    batch.ops.push(Op::Zero { offset: at, len });
+                    break;
+                }
+                let room = BATCH_BYTES.saturating_sub(batch.data.len()).max(1);
+                let (piece, rest) = data.split_at(room.min(data.len()));
+                batch.push_data(at, piece);
+                at += piece.len() as u64;
+                data = rest;
+                if data.is_empty() {
+                    break;
+                }
             }
-            let (_, batch) =
-                current.get_or_insert_with(|| (disk, recycle_rx.try_recv().unwrap_or_default()));
-            match extent.content {
-                Content::Data(bytes) => batch.push_data(extent.offset, bytes),
-                Content::Zero(len) => batch.ops.push(Op::Zero {
-                    offset: extent.offset,
-                    len,
-                }),
+            if stopped {
+                break Ok(());
             }
             let due = every.is_some_and(|n| reader.offset() - last_checkpoint >= n);
             if let Some(c) = due.then(|| reader.checkpoint()).flatten() {
@@ -352,18 +398,18 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
             }
         }
         drop(batch_tx);
-        let written = writer
-            .join()
-            .map_err(|_| rejected(path, LogDecodeError::ReaderFailed))?;
-        read?;
-        let writers = written?;
+        let written = writer.join();
         // The writer is done: the last checkpoint is saved (or its sync failed) before we look.
         if let Some(s) = syncing {
             let _ = s.join();
         }
+        // A failed sync first: it explains a writer that stopped, and nothing after it is kept.
         if let Some(e) = sync_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(layer_error(0)(Qcow2WriteError::Io(e)));
         }
+        let written = written.map_err(|_| rejected(path, LogDecodeError::ReaderFailed))?;
+        read?;
+        let writers = written?;
         let summary = reader
             .summary()
             .cloned()

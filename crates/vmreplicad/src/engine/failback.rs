@@ -1140,6 +1140,7 @@ async fn send(
             growing.clone(),
             Arc::new(|_, _| {}),
             false,
+            crate::replication::client::Patience::quick(),
         );
         let (built, delivered) = tokio::join!(build, send);
         let _ = std::fs::remove_file(&spool);

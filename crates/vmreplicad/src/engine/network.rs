@@ -235,6 +235,10 @@ async fn send_full(
         growing.clone(),
         progress,
         false,
+        crate::replication::client::Patience::initial({
+            let ctx = ctx.clone();
+            std::sync::Arc::new(move || ctx.is_cancelled())
+        }),
     );
     let (built, delivered) = tokio::join!(build, send);
     let log = match built {
@@ -243,6 +247,8 @@ async fn send_full(
             let _ = std::fs::remove_file(log_path);
             // A build stopped because the upload gave up: the upload's error says why.
             return match delivered {
+                // A cancel that ended the wait for the recovery server says so.
+                Err(_) if ctx.is_cancelled() => Err(JobFailure::cancelled()),
                 Err(e) if growing.closed_first() => {
                     Err(e.into_failure("sending the initial replica"))
                 }
@@ -255,6 +261,7 @@ async fn send_full(
         Ok(d) => d.status,
         Err(e) => {
             let _ = std::fs::remove_file(&log.path);
+            ctx.check_cancelled()?;
             return Err(e.into_failure("sending the initial replica"));
         }
     };

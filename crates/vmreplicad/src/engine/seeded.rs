@@ -686,6 +686,7 @@ pub(super) async fn send_compared<W: std::io::Write>(
         growing,
         Arc::new(|_, _| {}),
         false,
+        crate::replication::client::Patience::quick(),
     );
     // A cancel (or RRSC 9/7) stops the upload at once; the replica keeps its point.
     let delivered = tokio::select! {

@@ -146,6 +146,58 @@ pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 /// Waits before the quick re-sends of a log after a broken connection (docs/protocol.md §8).
 const QUICK_RETRIES: [u64; 3] = [1, 2, 4];
 
+/// Waits before the re-sends of a network initial replica: for 10 minutes in all, as long as a
+/// replica keeps a staged upload for it, so one that restarts (its host rebooting) continues it
+/// from its checkpoint instead of the job failing.
+const INITIAL_RETRIES: [u64; 15] = [1, 2, 4, 8, 15, 30, 60, 60, 60, 60, 60, 60, 60, 60, 60];
+
+/// How long a delivery keeps trying after its connection broke, and what can end the wait.
+#[derive(Clone)]
+pub struct Patience {
+    retries: &'static [u64],
+    give_up: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+}
+
+impl Patience {
+    /// A replication cycle's (and the other logs'): 1, 2 and 4 s, then the cycle has failed.
+    pub fn quick() -> Patience {
+        Patience {
+            retries: &QUICK_RETRIES,
+            give_up: None,
+        }
+    }
+
+    /// A network initial replication's: up to 10 minutes; `give_up` (its job cancelled) ends it.
+    pub fn initial(give_up: Arc<dyn Fn() -> bool + Send + Sync>) -> Patience {
+        Patience {
+            retries: &INITIAL_RETRIES,
+            give_up: Some(give_up),
+        }
+    }
+
+    /// Waits before retry `attempt`; false when there is none, or when told to give up meanwhile.
+    async fn wait(&self, attempt: usize) -> bool {
+        let Some(&secs) = self.retries.get(attempt) else {
+            return false;
+        };
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while tokio::time::Instant::now() < until {
+            if self.give_up.as_ref().is_some_and(|g| g()) {
+                return false;
+            }
+            tokio::time::sleep_until(
+                until.min(tokio::time::Instant::now() + Duration::from_millis(500)),
+            )
+            .await;
+        }
+        !self.give_up.as_ref().is_some_and(|g| g())
+    }
+
+    fn has(&self, attempt: usize) -> bool {
+        attempt < self.retries.len()
+    }
+}
+
 impl PeerError {
     /// A broken or failed connection, worth a quick retry on a new one.
     pub fn is_network(&self) -> bool {
@@ -283,6 +335,7 @@ impl Peers {
         log: Arc<GrowingLog>,
         progress: Progress,
         wait_applied: bool,
+        patience: Patience,
     ) -> Result<Delivered, PeerError> {
         let result = self
             .deliver_inner(
@@ -292,7 +345,7 @@ impl Peers {
                 file,
                 log.clone(),
                 progress,
-                wait_applied,
+                (wait_applied, patience),
             )
             .await;
         log.close();
@@ -308,7 +361,7 @@ impl Peers {
         file: &Path,
         log: Arc<GrowingLog>,
         progress: Progress,
-        wait_applied: bool,
+        (wait_applied, patience): (bool, Patience),
     ) -> Result<Delivered, PeerError> {
         // Every attempt of this delivery uploads under one id: a replica holding it holds our bytes.
         let ours = Uuid::new_v4();
@@ -452,14 +505,16 @@ impl Peers {
                         broken_connections: broken,
                     })
                 }
-                Err(e) if e.is_network() && attempt < QUICK_RETRIES.len() => {
+                Err(e) if e.is_network() && patience.has(attempt) => {
                     broken += 1;
                     tracing::info!(%vm, sequence, "the connection broke ({}); sending again", crate::error_chain(&e));
-                    tokio::time::sleep(Duration::from_secs(QUICK_RETRIES[attempt])).await;
+                    if !patience.wait(attempt).await {
+                        return Err(e);
+                    }
                     attempt += 1;
                     match self.connect(target).await {
                         Ok(s) => *session = s,
-                        Err(e) if e.is_network() && attempt < QUICK_RETRIES.len() => {
+                        Err(e) if e.is_network() && patience.has(attempt) => {
                             broken += 1;
                             // The next round tries again on the old (broken) session and reconnects.
                         }

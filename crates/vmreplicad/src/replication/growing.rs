@@ -28,7 +28,7 @@ pub const AHEAD: u64 = 16 << 20;
 /// Bytes an in-memory log keeps behind the furthest point sent, for a resume: more than a replica
 /// can lose of it (what was in flight, and a staged upload's bytes since the checkpoint it continues
 /// from after a restart: replication::staged::CHECKPOINT_EVERY).
-pub const KEEP: u64 = 64 << 20;
+pub const KEEP: u64 = 80 << 20;
 
 /// A log that may still be being written while it is sent: how much of it is written, and once
 /// complete its hash and length.
@@ -329,22 +329,23 @@ mod tests {
         let log = Arc::new(GrowingLog::in_memory());
         let mut out = LogOut::Memory(log.clone());
         let piece = vec![7u8; 1 << 20];
-        for _ in 0..80 {
+        let (written, sent) = (KEEP + (32 << 20), KEEP + (22 << 20));
+        for _ in 0..written >> 20 {
             out.write_all(&piece).unwrap();
         }
-        assert_eq!(log.written(), 80 << 20);
+        assert_eq!(log.written(), written);
         // A take stops at a write's end and never copies.
         let first = bytes_of(log.take(100, 4 << 20));
         assert_eq!(first.len(), (1 << 20) - 100);
         let mut at = 0u64;
-        while at < 70 << 20 {
+        while at < sent {
             at += bytes_of(log.take(at, 1 << 20)).len() as u64;
         }
-        // 70 MiB sent: what lies more than KEEP behind is gone, the rest is still there.
-        assert_eq!(log.kept_from(), (70 << 20) - KEEP);
-        assert!(matches!(log.take(0, 10), Taken::Gone(k) if k == (70 << 20) - KEEP));
-        assert_eq!(bytes_of(log.take((70 << 20) - KEEP, 10)).len(), 10);
-        assert!(matches!(log.take(80 << 20, 10), Taken::NotYet));
+        // KEEP + 22 MiB sent: what lies more than KEEP behind is gone, the rest is still there.
+        assert_eq!(log.kept_from(), sent - KEEP);
+        assert!(matches!(log.take(0, 10), Taken::Gone(k) if k == sent - KEEP));
+        assert_eq!(bytes_of(log.take(sent - KEEP, 10)).len(), 10);
+        assert!(matches!(log.take(written, 10), Taken::NotYet));
     }
 
     #[tokio::test]

@@ -747,6 +747,7 @@ impl PrimarySide {
             growing.clone(),
             progress,
             planned,
+            super::client::Patience::quick(),
         );
         let (built, delivered) = tokio::join!(build, send);
         let (hash, bytes, point_time, maps, prints) = match built {

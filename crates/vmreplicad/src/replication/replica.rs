@@ -1240,12 +1240,12 @@ impl ReplicaSide {
         }
         if let Some(replica) = self.store.replica_vm(vm)? {
             let dir = incoming_dir(Path::new(&replica.store_root), vm);
-            if let Some((id, cp)) = super::staged::find_checkpoint(&dir, seq) {
+            if let Some((files, cp)) = super::staged::find_checkpoint(&dir, seq) {
                 // A staged upload this daemon was receiving when it stopped: it continues from its
                 // last checkpoint.
                 return Ok(LogStatus {
                     sequence: seq,
-                    upload_id: Some(id),
+                    upload_id: Some(files.upload),
                     state: TransferState::Uploading as u16,
                     offset: cp.offset(),
                     prefix_hash: None,
@@ -1439,26 +1439,20 @@ impl ReplicaSide {
                     .await;
             }
             // A staged upload cut off by this daemon's restart continues from its checkpoint.
-            if let Some((id, cp)) = super::staged::find_checkpoint(&dir, seq) {
+            if let Some((files, cp)) = super::staged::find_checkpoint(&dir, seq) {
                 if seq != 1 || c != 0 {
                     // A point exists: the checkpoint is left over (the tidy-up deletes it).
-                } else if id != upload_id || cp.offset() != offset {
+                } else if files.upload != upload_id || cp.offset() != offset {
                     let mut d = ErrorDetail::new(
                         ErrorCode::OffsetMismatch,
                         "the upload to resume is not at that offset here; continue where this server says, or start again at 0",
                     );
-                    d.upload_id = Some(id);
+                    d.upload_id = Some(files.upload);
                     d.offset = Some(cp.offset());
                     return Err(ApiError(Box::new(d)));
                 } else {
                     tracing::info!(%vm, sequence = seq, offset, "resuming a staged upload from its checkpoint");
-                    let st = super::staged::Staging::start(
-                        expect,
-                        &dir,
-                        upload_id,
-                        &replica.disks,
-                        Some(cp),
-                    );
+                    let st = super::staged::Staging::start(expect, files, &replica.disks, Some(cp));
                     return self
                         .upload_staged(vm, st, req.into_body(), room, &replica, guard)
                         .await;
@@ -1478,8 +1472,8 @@ impl ReplicaSide {
             if empty {
                 remove_uploads_of(&dir, seq);
                 self.store.remove_uploads(vm)?;
-                let st =
-                    super::staged::Staging::start(expect, &dir, upload_id, &replica.disks, None);
+                let files = super::staged::StageFiles::new(&dir, seq, upload_id);
+                let st = super::staged::Staging::start(expect, files, &replica.disks, None);
                 return self
                     .upload_staged(vm, st, req.into_body(), room, &replica, guard)
                     .await;
@@ -1684,6 +1678,7 @@ impl ReplicaSide {
         let st = arriving.take();
         let store = self.store.clone();
         let dir = incoming_dir(Path::new(&replica.store_root), vm);
+        let files = st.files.clone();
         let finishing = tokio::spawn(async move {
             // Counts as arriving (its layers are not tidied away) until its `.staged` file exists,
             // and holds the VM's lock until its row is written: a status asked meanwhile waits.
@@ -1697,17 +1692,16 @@ impl ReplicaSide {
                 .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
             let (point, summary) = verdict.map_err(|e| {
                 // Ended before its trailer, or refused: nothing will continue it.
-                super::staged::remove_files(&dir, seq, upload_id, &layers);
+                files.remove(layers.len());
                 refused(e)
             })?;
             let staged = super::staged::StagedPoint { point, layers };
             if let Err(e) = staged.write(&super::staged::uploaded_path(&dir, seq, upload_id)) {
-                staged.remove_layers();
-                let _ = std::fs::remove_file(super::staged::checkpoint_path(&dir, seq, upload_id));
+                files.remove(staged.layers.len());
                 return Err(ApiError::internal(e));
             }
             // The `.staged` file stands for the upload now.
-            let _ = std::fs::remove_file(super::staged::checkpoint_path(&dir, seq, upload_id));
+            let _ = std::fs::remove_file(files.checkpoint());
             let row = upload_row(vm, upload_id, &summary);
             store.put_upload(&row)?;
             tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded, verified and written into its point (staged)");

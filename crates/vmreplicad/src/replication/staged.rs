@@ -6,11 +6,11 @@
 //! ([`disk::points::PointStore::commit_staged`]).
 //!
 //! Files, all in `incoming/`:
-//! - `<seq:020>-<upload>.disk<i>.layer`: the staged layer of disk i;
+//! - `<seq:020>-<upload>.s<nonce>.disk<i>.layer`: the staged layer of disk i;
 //! - `<seq:020>-<upload>.staged`: written once the whole log verified (the point it makes and its
 //!   layers), the counterpart of an `.uploaded` file;
 //! - `<seq:020>.staged`: the same once committed, the counterpart of `<seq:020>.vrlog`;
-//! - `<seq:020>-<upload>.checkpoint`: while it arrives, its last checkpoint (below).
+//! - `<seq:020>-<upload>.s<nonce>.checkpoint`: while it arrives, its last checkpoint (below).
 //!
 //! While bytes arrive, the writing thread reads them from a channel. A broken connection leaves
 //! that thread waiting and the upload kept in memory ([`Stagings`]) with the count of bytes it
@@ -18,7 +18,7 @@
 //! not continued within [`ABANDONED_AFTER`] is dropped and its layers deleted.
 //!
 //! Every [`CHECKPOINT_EVERY`] bytes, between two records, the thread syncs the layers and saves
-//! where it stands (`<seq:020>-<upload>.checkpoint`: the log reader's place and hash state, each
+//! where it stands (`<seq:020>-<upload>.s<nonce>.checkpoint`: the log reader's place and hash state, each
 //! layer's allocations; disk::points::StageCheckpoint). After a restart of this daemon the upload
 //! continues from its checkpoint, under the same id: the primary still holds the bytes from there.
 //! A checkpoint nobody continued within [`ABANDONED_AFTER`] is deleted with its layers by the
@@ -39,9 +39,51 @@ use wire::{Expect, LogReader, LogSummary};
 /// How long a staged upload cut off by a broken connection waits for the primary to continue it.
 pub const ABANDONED_AFTER: Duration = Duration::from_secs(600);
 
-/// The staged layer of disk `disk` of an upload.
-pub fn layer_path(incoming: &Path, seq: u64, upload: Uuid, disk: usize) -> PathBuf {
-    incoming.join(format!("{seq:020}-{upload}.disk{disk}.layer"))
+/// The files of one staging of an upload: `<seq:020>-<upload>.s<nonce:08x>.disk<i>.layer` and
+/// `….checkpoint`. The nonce is new for every staging started at offset 0, so the files of an
+/// attempt being ended never have the names of a later attempt of the same upload id (a primary
+/// sends every attempt of one delivery under one id).
+#[derive(Debug, Clone)]
+pub struct StageFiles {
+    pub incoming: PathBuf,
+    pub sequence: u64,
+    pub upload: Uuid,
+    pub nonce: u32,
+}
+
+impl StageFiles {
+    /// The files of a new staging of `upload` of log `sequence` in `incoming` (a new nonce).
+    pub fn new(incoming: &Path, sequence: u64, upload: Uuid) -> StageFiles {
+        StageFiles {
+            incoming: incoming.to_path_buf(),
+            sequence,
+            upload,
+            nonce: Uuid::new_v4().as_u128() as u32,
+        }
+    }
+
+    fn stem(&self) -> String {
+        format!("{:020}-{}.s{:08x}", self.sequence, self.upload, self.nonce)
+    }
+
+    /// The staged layer of disk `disk`.
+    pub fn layer(&self, disk: usize) -> PathBuf {
+        self.incoming
+            .join(format!("{}.disk{disk}.layer", self.stem()))
+    }
+
+    /// Its last checkpoint: where it continues after a restart.
+    pub fn checkpoint(&self) -> PathBuf {
+        self.incoming.join(format!("{}.checkpoint", self.stem()))
+    }
+
+    /// Deletes its `disks` layers and its checkpoint.
+    pub fn remove(&self, disks: usize) {
+        for i in 0..disks {
+            let _ = std::fs::remove_file(self.layer(i));
+        }
+        let _ = std::fs::remove_file(self.checkpoint());
+    }
 }
 
 /// What a verified staged upload left: the counterpart of an `.uploaded` file.
@@ -49,51 +91,66 @@ pub fn uploaded_path(incoming: &Path, seq: u64, upload: Uuid) -> PathBuf {
     incoming.join(format!("{seq:020}-{upload}.staged"))
 }
 
-/// The last checkpoint of a staged upload still arriving: where it continues after a restart.
-pub fn checkpoint_path(incoming: &Path, seq: u64, upload: Uuid) -> PathBuf {
-    incoming.join(format!("{seq:020}-{upload}.checkpoint"))
-}
-
-/// Log bytes between two checkpoints of a staged upload. What the primary counted as sent beyond
-/// the checkpoint on disk is at most: two of these (one being synced, the next being read) and a
-/// frame (4.6 MB); the batches queued to the writer (5 MiB); the chunks queued to the staging
-/// thread ([`QUEUED_CHUNKS`] of at most 1 MiB, and two more in hand); the stream's flow-control
-/// window (8 MiB); the primary's own queue and send buffer (about 9 MiB). About 40 MiB, under the
-/// 64 MiB the primary keeps of a log sent from memory (replication::growing::KEEP), so it
-/// continues where the checkpoint is.
+/// Log bytes between two checkpoints of a staged upload (at least: they are taken at the end of a
+/// frame).
 pub const CHECKPOINT_EVERY: u64 = 4 << 20;
 
-/// Chunks of the request body queued to the staging thread (HTTP/2 DATA frames, at most 1 MiB).
-const QUEUED_CHUNKS: usize = 4;
+/// A checkpoint is skipped while the last is still being saved (the writer does not wait for the
+/// disk), unless the saved one is more than this behind it.
+///
+/// What the primary counted as sent beyond the checkpoint on disk is then at most: this lag, one
+/// interval and a frame (4.6 MB) before the next checkpoint is taken; the batches queued to the
+/// writer (five of at most 1 MiB); the chunks queued to the staging thread ([`QUEUED_CHUNKS`] of
+/// at most 1 MiB, and two more in hand); the stream's flow-control window (8 MiB); the primary's
+/// own queue and send buffer (about 9 MiB). Under 66 MiB, less than the 80 MiB the primary keeps
+/// of a log sent from memory, so it continues where the checkpoint is.
+pub const CHECKPOINT_MAX_LAG: u64 = 16 << 20;
 
-/// The staged upload of log `seq` whose checkpoint is in `incoming`, with that checkpoint, if its
-/// layers are all there. (At most one: an upload at offset 0 deletes the others of its sequence.)
-pub fn find_checkpoint(incoming: &Path, seq: u64) -> Option<(Uuid, StageCheckpoint)> {
+const _: () = assert!(
+    CHECKPOINT_MAX_LAG
+        + CHECKPOINT_EVERY
+        + (5 << 20)
+        + (5 << 20)
+        + (QUEUED_CHUNKS as u64 + 2) * (1 << 20)
+        + (8 << 20)
+        + (9 << 20)
+        < super::growing::KEEP
+);
+
+/// Chunks of the request body queued to the staging thread (HTTP/2 DATA frames, at most 1 MiB;
+/// fewer slowed the initial replication down).
+const QUEUED_CHUNKS: usize = 16;
+
+/// The staging of log `seq` whose checkpoint in `incoming` is furthest, with that checkpoint, if
+/// its layers are all there. (A checkpoint left by an attempt ended meanwhile still matches its
+/// own layers and its upload's bytes.)
+pub fn find_checkpoint(incoming: &Path, seq: u64) -> Option<(StageFiles, StageCheckpoint)> {
     let prefix = format!("{seq:020}-");
     std::fs::read_dir(incoming)
         .ok()?
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let id = name.strip_prefix(&prefix)?.strip_suffix(".checkpoint")?;
-            let upload = Uuid::parse_str(id).ok()?;
+            let stem = name.strip_prefix(&prefix)?.strip_suffix(".checkpoint")?;
+            let (id, nonce) = stem.split_once(".s")?;
+            let files = StageFiles {
+                incoming: incoming.to_path_buf(),
+                sequence: seq,
+                upload: Uuid::parse_str(id).ok()?,
+                nonce: u32::from_str_radix(nonce, 16).ok()?,
+            };
             let cp = StageCheckpoint::from_bytes(&std::fs::read(e.path()).ok()?)?;
             (0..cp.layers.len())
-                .all(|i| layer_path(incoming, seq, upload, i).is_file())
-                .then_some((upload, cp))
+                .all(|i| files.layer(i).is_file())
+                .then_some((files, cp))
         })
         .max_by_key(|(_, cp)| cp.offset())
 }
 
-/// Writes `cp` as the checkpoint of `upload` durably (temporary file, fsync, rename, directory
+/// Writes `cp` as the checkpoint of `files` durably (temporary file, fsync, rename, directory
 /// fsync).
-fn save_checkpoint(
-    incoming: &Path,
-    seq: u64,
-    upload: Uuid,
-    cp: &StageCheckpoint,
-) -> std::io::Result<()> {
-    let path = checkpoint_path(incoming, seq, upload);
+fn save_checkpoint(files: &StageFiles, cp: &StageCheckpoint) -> std::io::Result<()> {
+    let path = files.checkpoint();
     let tmp = path.with_extension("checkpoint.tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -101,7 +158,7 @@ fn save_checkpoint(
         f.sync_all()?;
     }
     std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(incoming)?.sync_all()
+    std::fs::File::open(&files.incoming)?.sync_all()
 }
 
 /// A committed staged upload: the counterpart of `<seq>.vrlog`.
@@ -170,36 +227,33 @@ pub struct Staging {
     pub tx: tokio::sync::mpsc::Sender<Bytes>,
     pub task: tokio::task::JoinHandle<Staged>,
     pub layers: Vec<PathBuf>,
-    /// The VM's `incoming/`, where its layers and checkpoint are.
-    incoming: PathBuf,
+    /// Where its layers and checkpoint are.
+    pub files: StageFiles,
     /// Which keeping this is (the abandon timer drops only the one it was started for).
     generation: u64,
 }
 
 impl Staging {
-    /// Starts the writing thread of upload `upload` of log `expect.sequence` for the placeholder's
-    /// disk table `disks`, its layers in `incoming`: from the log's first byte, or from the
-    /// checkpoint `from` (after a restart of this daemon). The thread refuses a log whose disk
+    /// Starts the writing thread of the upload `files` names (of log `expect.sequence`) for the
+    /// placeholder's disk table `disks`: from the log's first byte, or from the checkpoint `from`
+    /// of the same files (after a restart of this daemon). The thread refuses a log whose disk
     /// table differs as soon as its header is known, saves a checkpoint every
-    /// [`CHECKPOINT_EVERY`] bytes, and deletes its layers and checkpoint if the log fails.
+    /// [`CHECKPOINT_EVERY`] bytes, and deletes its layers and checkpoint if the log is refused.
     pub fn start(
         expect: Expect,
-        incoming: &Path,
-        upload: Uuid,
+        files: StageFiles,
         disks: &[DiskSpec],
         from: Option<StageCheckpoint>,
     ) -> Staging {
-        let seq = expect.sequence;
-        let layers: Vec<PathBuf> = (0..disks.len())
-            .map(|i| layer_path(incoming, seq, upload, i))
-            .collect();
+        let (seq, upload) = (expect.sequence, files.upload);
+        let layers: Vec<PathBuf> = (0..disks.len()).map(|i| files.layer(i)).collect();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED_CHUNKS);
         let fed = from.as_ref().map_or(0, StageCheckpoint::offset);
-        let (paths, what, table, dir) = (
+        let (paths, what, table, own) = (
             layers.clone(),
-            incoming.join(format!("{seq:020}-{upload}")),
+            files.incoming.join(format!("{seq:020}-{upload}")),
             disks.to_vec(),
-            incoming.to_path_buf(),
+            files.clone(),
         );
         let task = tokio::task::spawn_blocking(move || {
             let arriving = super::replica::ChannelReader::new(rx);
@@ -207,11 +261,12 @@ impl Staging {
                 None => LogReader::open_resumable(arriving, &expect),
                 Some(cp) => LogReader::resume(arriving, &cp.reader, &expect),
             };
-            let saving = dir.clone();
+            let saving = own.clone();
             let checkpoints = Checkpoints {
                 every: CHECKPOINT_EVERY,
+                max_lag: CHECKPOINT_MAX_LAG,
                 saved: Box::new(move |cp: StageCheckpoint| {
-                    if let Err(e) = save_checkpoint(&saving, seq, upload, &cp) {
+                    if let Err(e) = save_checkpoint(&saving, &cp) {
                         tracing::warn!(sequence = seq, %upload, "cannot save a staged upload's checkpoint: {e}");
                     }
                 }),
@@ -240,7 +295,7 @@ impl Staging {
             // daemon stopping) keeps its layers and checkpoint: whoever ends it deletes them
             // (`Staging::discard`), else it continues from them after a restart.
             if staged.as_ref().is_err_and(|e| !input_ended(e)) {
-                remove_files(&dir, seq, upload, &paths);
+                own.remove(paths.len());
             }
             staged
         });
@@ -251,7 +306,7 @@ impl Staging {
             tx,
             task,
             layers,
-            incoming: incoming.to_path_buf(),
+            files,
             generation: 0,
         }
     }
@@ -262,15 +317,14 @@ impl Staging {
         self.task.await
     }
 
-    /// Ends the upload for good: its layers and checkpoint are deleted (the thread writes on into
-    /// the unlinked files until it notices), then its thread is waited for. Returns its verdict.
+    /// Ends the upload for good: its thread is waited for (it saves no checkpoint after), then its
+    /// layers and checkpoint are deleted. Returns its verdict. (Cut off meanwhile, it leaves them
+    /// under its own nonce, for a resume or the tidy-up.)
     pub async fn discard(self) -> Result<Staged, tokio::task::JoinError> {
-        self.remove_files();
-        self.finish().await
-    }
-
-    fn remove_files(&self) {
-        remove_files(&self.incoming, self.sequence, self.upload, &self.layers);
+        let (files, disks) = (self.files.clone(), self.layers.len());
+        let verdict = self.finish().await;
+        files.remove(disks);
+        verdict
     }
 }
 
@@ -283,12 +337,6 @@ fn input_ended(e: &StageError) -> bool {
             ..
         })
     )
-}
-
-/// Deletes an upload's layers and checkpoint.
-pub fn remove_files(incoming: &Path, seq: u64, upload: Uuid, layers: &[PathBuf]) {
-    remove_all(layers);
-    let _ = std::fs::remove_file(checkpoint_path(incoming, seq, upload));
 }
 
 #[derive(Default)]
@@ -419,7 +467,7 @@ impl Stagings {
                         // right after finds neither the upload nor its checkpoint.
                         let st = inner.kept.remove(&vm);
                         if let Some(st) = &st {
-                            st.remove_files();
+                            st.files.remove(st.layers.len());
                         }
                         st
                     }
