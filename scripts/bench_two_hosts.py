@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # VMREPLICA_BENCH_BIN: a directory holding vmreplicad and vmreplica to time instead of this tree's
 # release build (nothing is built then), to compare two builds run after run.
-BIN = Path(os.environ.get("VMREPLICA_BENCH_BIN") or ROOT / "target" / "release")
+BIN = Path(os.environ.get("VMREPLICA_BENCH_BIN") or ROOT / "target" / "release").resolve()
 PRIMARY, REPLICA = "hv1.bench.example", "hv2.bench.example"
 CHUNK = 64 << 20
 

@@ -21,10 +21,19 @@ CLI = TARGET / "vmreplica"
 NAMESPACE = "root/virtualization/v2"
 
 
+_HANDED_OUT = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, never one handed out before in this session: two daemons given the same
+    port would not both listen, and the second's health check would reach the first."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 LAB_HOSTS = ("hv1.example.org", "hv2.example.org", "replica.example.org")

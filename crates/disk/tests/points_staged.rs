@@ -131,7 +131,10 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     let checkpoints = Checkpoints {
         every: 1,
         max_lag: 0, // every checkpoint is saved
-        saved: Box::new(move |c: StageCheckpoint| keep.lock().unwrap().push(c.to_bytes())),
+        saved: Box::new(move |c: StageCheckpoint| {
+            keep.lock().unwrap().push(c.to_bytes());
+            true
+        }),
     };
     let reader = LogReader::open_resumable(std::io::Cursor::new(bytes.clone()), &Source::expect(1))
         .expect("header");
@@ -152,7 +155,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     let checkpoints = Checkpoints {
         every: 1,
         max_lag: 0,
-        saved: Box::new(|_: StageCheckpoint| {}),
+        saved: Box::new(|_: StageCheckpoint| true),
     };
     let err = PointStore::stage_checkpointed(reader, &layers, &logs[0], Some(checkpoints), None)
         .unwrap_err();

@@ -187,8 +187,9 @@ pub struct Checkpoints<'a> {
     /// A checkpoint that comes while the last is still being saved is skipped, unless the one saved
     /// is more than this many log bytes behind it: then the writer waits to hand it over.
     pub max_lag: u64,
-    /// Called on the writer thread once the layers are synced; it saves the checkpoint.
-    pub saved: Box<dyn FnMut(StageCheckpoint) + Send + 'a>,
+    /// Called on a thread of its own once the layers are synced; it saves the checkpoint and says
+    /// whether it could (the lag is measured from the last one saved).
+    pub saved: Box<dyn FnMut(StageCheckpoint) -> bool + Send + 'a>,
 }
 
 /// What goes from the reader to the writer thread.
@@ -269,8 +270,9 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
                     match handles.iter().try_for_each(|h| h.sync_data()) {
                         Ok(()) => {
                             let offset = cp.offset();
-                            (c.saved)(cp);
-                            saved_at.store(offset, std::sync::atomic::Ordering::Release);
+                            if (c.saved)(cp) {
+                                saved_at.store(offset, std::sync::atomic::Ordering::Release);
+                            }
                         }
                         Err(e) => {
                             *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);

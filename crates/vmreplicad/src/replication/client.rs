@@ -146,9 +146,10 @@ pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 /// Waits before the quick re-sends of a log after a broken connection (docs/protocol.md §8).
 const QUICK_RETRIES: [u64; 3] = [1, 2, 4];
 
-/// Waits before the re-sends of a network initial replica: for 10 minutes in all, as long as a
-/// replica keeps a staged upload for it, so one that restarts (its host rebooting) continues it
-/// from its checkpoint instead of the job failing.
+/// Waits before the re-sends of a network initial replica: about 10 minutes in all (counted again
+/// from the start once an attempt got further), as long as a replica keeps a staged upload for
+/// it, so one that restarts (its host rebooting) continues it from its checkpoint instead of the
+/// job failing.
 const INITIAL_RETRIES: [u64; 15] = [1, 2, 4, 8, 15, 30, 60, 60, 60, 60, 60, 60, 60, 60, 60];
 
 /// How long a delivery keeps trying after its connection broke, and what can end the wait.
@@ -156,6 +157,9 @@ const INITIAL_RETRIES: [u64; 15] = [1, 2, 4, 8, 15, 30, 60, 60, 60, 60, 60, 60, 
 pub struct Patience {
     retries: &'static [u64],
     give_up: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    /// The waits start over after an attempt that sent more than any before (each outage gets
+    /// them all).
+    per_outage: bool,
 }
 
 impl Patience {
@@ -164,6 +168,7 @@ impl Patience {
         Patience {
             retries: &QUICK_RETRIES,
             give_up: None,
+            per_outage: false,
         }
     }
 
@@ -172,6 +177,7 @@ impl Patience {
         Patience {
             retries: &INITIAL_RETRIES,
             give_up: Some(give_up),
+            per_outage: true,
         }
     }
 
@@ -194,7 +200,11 @@ impl Patience {
     }
 
     fn has(&self, attempt: usize) -> bool {
-        attempt < self.retries.len()
+        attempt < self.retries.len() && !self.gave_up()
+    }
+
+    fn gave_up(&self) -> bool {
+        self.give_up.as_ref().is_some_and(|g| g())
     }
 }
 
@@ -367,6 +377,7 @@ impl Peers {
         let ours = Uuid::new_v4();
         let mut broken = 0;
         let mut attempt = 0;
+        let mut furthest = 0;
         loop {
             let result = async {
                 let mut resume = None;
@@ -508,11 +519,17 @@ impl Peers {
                 Err(e) if e.is_network() && patience.has(attempt) => {
                     broken += 1;
                     tracing::info!(%vm, sequence, "the connection broke ({}); sending again", crate::error_chain(&e));
+                    if patience.per_outage && log.furthest_sent() > furthest {
+                        // That attempt got further: this outage gets all the waits.
+                        furthest = log.furthest_sent();
+                        attempt = 0;
+                    }
                     if !patience.wait(attempt).await {
                         return Err(e);
                     }
                     attempt += 1;
                     match self.connect(target).await {
+                        Ok(_) if patience.gave_up() => return Err(e),
                         Ok(s) => *session = s,
                         Err(e) if e.is_network() && patience.has(attempt) => {
                             broken += 1;

@@ -27,7 +27,7 @@ use bytes::Bytes;
 pub const AHEAD: u64 = 16 << 20;
 /// Bytes an in-memory log keeps behind the furthest point sent, for a resume: more than a replica
 /// can lose of it (what was in flight, and a staged upload's bytes since the checkpoint it continues
-/// from after a restart: replication::staged::CHECKPOINT_EVERY).
+/// from after a restart: replication::staged::CHECKPOINT_MAX_LAG, checked there).
 pub const KEEP: u64 = 80 << 20;
 
 /// A log that may still be being written while it is sent: how much of it is written, and once
@@ -165,6 +165,11 @@ impl GrowingLog {
     /// The first offset an in-memory log still holds (0 for a file).
     pub(super) fn kept_from(&self) -> u64 {
         self.memory.as_ref().map_or(0, |m| lock(&m.kept).base)
+    }
+
+    /// The furthest byte of an in-memory log sent so far (0 for a file).
+    pub(super) fn furthest_sent(&self) -> u64 {
+        self.memory.as_ref().map_or(0, |m| lock(&m.kept).sent)
     }
 
     /// Up to `max` bytes of an in-memory log from offset `from`, without copying; marks them sent

@@ -2047,7 +2047,10 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                     Some(seq) => replica.store.upload(vm.id, seq).ok().flatten().is_some(),
                     None => false,
                 };
-                if !known {
+                // Written before its row, under the VM's lock: while the lock is held, its row
+                // may be on the way.
+                let recording = replica.lock_for(vm.id).try_lock().is_err();
+                if !known && !recording {
                     if name.ends_with(".staged") {
                         if let Ok(staged) = super::staged::StagedPoint::read(&path) {
                             staged.remove_layers();
@@ -2055,10 +2058,13 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                     }
                     let _ = std::fs::remove_file(&path);
                 }
-            } else if name.ends_with(".checkpoint") || name.ends_with(".checkpoint.tmp") {
+            } else if name.ends_with(".checkpoint")
+                || name.ends_with(".checkpoint.tmp")
+                || name.ends_with(".staged.tmp")
+            {
                 // Its layers go with the `.layer` rule below once it is gone or old.
                 if age > super::staged::ABANDONED_AFTER {
-                    tracing::info!(vm = %vm.id, file = %name, "deleting the checkpoint of a staged upload nobody continued");
+                    tracing::info!(vm = %vm.id, file = %name, "deleting what a staged upload nobody continued left");
                     let _ = std::fs::remove_file(&path);
                 }
             } else if name.ends_with(".layer")

@@ -17,10 +17,12 @@
 //! received, so the primary continues at exactly that offset under the same upload id; an upload
 //! not continued within [`ABANDONED_AFTER`] is dropped and its layers deleted.
 //!
-//! Every [`CHECKPOINT_EVERY`] bytes, between two records, the thread syncs the layers and saves
-//! where it stands (`<seq:020>-<upload>.s<nonce>.checkpoint`: the log reader's place and hash state, each
-//! layer's allocations; disk::points::StageCheckpoint). After a restart of this daemon the upload
-//! continues from its checkpoint, under the same id: the primary still holds the bytes from there.
+//! Every [`CHECKPOINT_EVERY`] bytes, between two records, the thread takes a checkpoint: a thread
+//! of its own syncs the layers and saves where it stood (`<seq:020>-<upload>.s<nonce>.checkpoint`:
+//! the log reader's place and hash state, each layer's allocations; disk::points::StageCheckpoint).
+//! One taken while the last is still being saved is skipped, unless the saved one lags more than
+//! [`CHECKPOINT_MAX_LAG`]. After a restart of this daemon the upload continues from its
+//! checkpoint, under the same id: the primary still holds the bytes from there.
 //! A checkpoint nobody continued within [`ABANDONED_AFTER`] is deleted with its layers by the
 //! tidy-up.
 
@@ -265,11 +267,15 @@ impl Staging {
             let checkpoints = Checkpoints {
                 every: CHECKPOINT_EVERY,
                 max_lag: CHECKPOINT_MAX_LAG,
-                saved: Box::new(move |cp: StageCheckpoint| {
-                    if let Err(e) = save_checkpoint(&saving, &cp) {
-                        tracing::warn!(sequence = seq, %upload, "cannot save a staged upload's checkpoint: {e}");
-                    }
-                }),
+                saved: Box::new(
+                    move |cp: StageCheckpoint| match save_checkpoint(&saving, &cp) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(sequence = seq, %upload, "cannot save a staged upload's checkpoint: {e}");
+                            false
+                        }
+                    },
+                ),
             };
             let staged = match opened {
                 Err(source) => Err(StageError::Apply(ApplyError::Rejected {
