@@ -516,14 +516,17 @@ impl Peers {
                         broken_connections: broken,
                     })
                 }
-                Err(e) if e.is_network() && patience.has(attempt) => {
-                    broken += 1;
-                    tracing::info!(%vm, sequence, "the connection broke ({}); sending again", crate::error_chain(&e));
+                Err(e) if e.is_network() => {
                     if patience.per_outage && log.furthest_sent() > furthest {
                         // That attempt got further: this outage gets all the waits.
                         furthest = log.furthest_sent();
                         attempt = 0;
                     }
+                    if !patience.has(attempt) {
+                        return Err(e);
+                    }
+                    broken += 1;
+                    tracing::info!(%vm, sequence, "the connection broke ({}); sending again", crate::error_chain(&e));
                     if !patience.wait(attempt).await {
                         return Err(e);
                     }

@@ -2042,15 +2042,18 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                 .strip_suffix(".uploaded")
                 .or_else(|| name.strip_suffix(".staged").filter(|s| s.contains('-')))
             {
+                // Written before its row, under the VM's lock: the row is looked for, and the file
+                // deleted, only while this holds the lock (else its row may be on the way).
+                let lock = replica.lock_for(vm.id);
+                let Ok(_held) = lock.try_lock() else {
+                    continue;
+                };
                 let seq = stem.split('-').next().and_then(|s| s.parse::<u64>().ok());
                 let known = match seq {
                     Some(seq) => replica.store.upload(vm.id, seq).ok().flatten().is_some(),
                     None => false,
                 };
-                // Written before its row, under the VM's lock: while the lock is held, its row
-                // may be on the way.
-                let recording = replica.lock_for(vm.id).try_lock().is_err();
-                if !known && !recording {
+                if !known {
                     if name.ends_with(".staged") {
                         if let Ok(staged) = super::staged::StagedPoint::read(&path) {
                             staged.remove_layers();
@@ -2062,8 +2065,14 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                 || name.ends_with(".checkpoint.tmp")
                 || name.ends_with(".staged.tmp")
             {
-                // Its layers go with the `.layer` rule below once it is gone or old.
-                if age > super::staged::ABANDONED_AFTER {
+                // Its layers go with the `.layer` rule below once it is gone or old. One of an
+                // upload arriving or kept here stays (a slow upload saves one rarely).
+                let live = name.strip_suffix(".checkpoint").is_some_and(|stem| {
+                    replica
+                        .stagings
+                        .holds(&dir.join(format!("{stem}.disk0.layer")))
+                });
+                if age > super::staged::ABANDONED_AFTER && !live {
                     tracing::info!(vm = %vm.id, file = %name, "deleting what a staged upload nobody continued left");
                     let _ = std::fs::remove_file(&path);
                 }
