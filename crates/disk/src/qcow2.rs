@@ -459,6 +459,22 @@ mod tests {
     }
 
     /// The same, with every data buffer copied to an address aligned for `O_DIRECT` first.
+    /// `qemu-img check` finds no error in `img`, and it reads the same as the raw file `raw`.
+    fn assert_valid_and_equal(img: &Path, raw: &Path) {
+        let (ok, text) = qemu_img(&["check", &img.display().to_string()]);
+        assert!(ok && text.contains("No errors"), "qemu-img check: {text}");
+        let (same, text) = qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            &img.display().to_string(),
+            &raw.display().to_string(),
+        ]);
+        assert!(same, "qemu-img compare: {text}");
+    }
+
     fn check_against_raw_from(
         size: u64,
         ops: &[(u64, Option<Vec<u8>>, u64)],
@@ -492,18 +508,7 @@ mod tests {
         }
         let direct = w.direct_bytes();
         w.finish().expect("finish").sync_all().expect("sync");
-        let (ok, text) = qemu_img(&["check", &img.display().to_string()]);
-        assert!(ok && text.contains("No errors"), "qemu-img check: {text}");
-        let (same, text) = qemu_img(&[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &img.display().to_string(),
-            &raw.display().to_string(),
-        ]);
-        assert!(same, "qemu-img compare: {text}");
+        assert_valid_and_equal(&img, &raw);
         direct
     }
 
@@ -570,18 +575,7 @@ mod tests {
                     .expect("raw zero"),
             }
         }
-        let (ok, text) = qemu_img(&["check", &img.display().to_string()]);
-        assert!(ok && text.contains("No errors"), "qemu-img check: {text}");
-        let (same, text) = qemu_img(&[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &img.display().to_string(),
-            &raw.display().to_string(),
-        ]);
-        assert!(same, "qemu-img compare: {text}");
+        assert_valid_and_equal(&img, &raw);
 
         // A progress that does not fit is refused, not trusted.
         let overlapping = Qcow2Progress {

@@ -81,15 +81,7 @@ impl ReaderCheckpoint {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = CHECKPOINT_MAGIC.to_vec();
         out.put_u64(self.offset);
-        for n in [
-            self.counts.frames,
-            self.counts.data_extents,
-            self.counts.zero_extents,
-            self.counts.data_bytes,
-            self.counts.zero_bytes,
-        ] {
-            out.put_u64(n);
-        }
+        self.counts.encode(&mut out);
         out.put_u32(self.header.len() as u32);
         out.extend_from_slice(&self.header);
         out.put_u32(self.hash.len() as u32);
@@ -111,13 +103,7 @@ impl ReaderCheckpoint {
             return None;
         }
         let offset = c.u64()?;
-        let counts = LogCounts {
-            frames: c.u64()?,
-            data_extents: c.u64()?,
-            zero_extents: c.u64()?,
-            data_bytes: c.u64()?,
-            zero_bytes: c.u64()?,
-        };
+        let counts = LogCounts::decode(&mut c)?;
         let len = c.u32()? as usize;
         let header = c.take(len)?.to_vec();
         let len = c.u32()? as usize;

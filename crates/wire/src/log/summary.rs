@@ -36,6 +36,30 @@ impl LogCounts {
         }
     }
 
+    /// Appends the five counts, in field order, little-endian.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        for v in [
+            self.frames,
+            self.data_extents,
+            self.zero_extents,
+            self.data_bytes,
+            self.zero_bytes,
+        ] {
+            out.put_u64(v);
+        }
+    }
+
+    /// Reads what [`LogCounts::encode`] wrote.
+    pub(crate) fn decode(c: &mut Cursor<'_>) -> Option<LogCounts> {
+        Some(LogCounts {
+            frames: c.u64()?,
+            data_extents: c.u64()?,
+            zero_extents: c.u64()?,
+            data_bytes: c.u64()?,
+            zero_bytes: c.u64()?,
+        })
+    }
+
     pub(crate) fn merge(&mut self, other: &LogCounts) {
         self.frames += other.frames;
         self.data_extents += other.data_extents;
@@ -68,16 +92,7 @@ pub(crate) struct Trailer {
 
 impl Trailer {
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        let c = &self.counts;
-        for v in [
-            c.frames,
-            c.data_extents,
-            c.zero_extents,
-            c.data_bytes,
-            c.zero_bytes,
-        ] {
-            out.put_u64(v);
-        }
+        self.counts.encode(out);
         out.put_u64(self.hashed_bytes);
         out.extend_from_slice(&self.hash);
     }
@@ -85,13 +100,7 @@ impl Trailer {
     /// Decodes a body whose length the framing already checked.
     fn decode(body: &[u8]) -> Option<Self> {
         let mut c = Cursor::new(body);
-        let counts = LogCounts {
-            frames: c.u64()?,
-            data_extents: c.u64()?,
-            zero_extents: c.u64()?,
-            data_bytes: c.u64()?,
-            zero_bytes: c.u64()?,
-        };
+        let counts = LogCounts::decode(&mut c)?;
         Some(Trailer {
             counts,
             hashed_bytes: c.u64()?,
