@@ -125,10 +125,20 @@ impl Qcow2Progress {
 impl Qcow2Writer {
     /// Creates (truncating) `path` for a disk of `size` bytes.
     pub fn create(path: &Path, size: u64) -> Result<Qcow2Writer, Qcow2WriteError> {
+        Self::open(path, size, |p| File::create(p))
+    }
+
+    /// A writer of nothing yet over the file `open` opens at `path` (and the same file with
+    /// `O_DIRECT`, where the file system allows it).
+    fn open(
+        path: &Path,
+        size: u64,
+        open: impl FnOnce(&Path) -> std::io::Result<File>,
+    ) -> Result<Qcow2Writer, Qcow2WriteError> {
         if size == 0 || size > MAX_SIZE {
             return Err(Qcow2WriteError::Size(size));
         }
-        let file = File::create(path)?;
+        let file = open(path)?;
         let direct = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
@@ -171,26 +181,9 @@ impl Qcow2Writer {
     /// their extents are written again). A progress that does not fit the file is refused.
     pub fn resume(path: &Path, progress: &Qcow2Progress) -> Result<Qcow2Writer, Qcow2WriteError> {
         let size = progress.size;
-        if size == 0 || size > MAX_SIZE {
-            return Err(Qcow2WriteError::Size(size));
-        }
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
-        let l1_size = size.div_ceil(CLUSTER * L2_ENTRIES);
-        let mut w = Qcow2Writer {
-            file,
-            direct,
-            direct_bytes: 0,
-            size,
-            l2: (0..l1_size).map(|_| None).collect(),
-            end: CLUSTER,
-            runs: Vec::new(),
-            zeros: vec![0; CLUSTER as usize],
-        };
+        let mut w = Self::open(path, size, |p| {
+            OpenOptions::new().read(true).write(true).open(p)
+        })?;
         let invalid = || {
             Qcow2WriteError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
