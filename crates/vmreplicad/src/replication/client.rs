@@ -188,7 +188,7 @@ impl Patience {
         };
         let until = tokio::time::Instant::now() + Duration::from_secs(secs);
         while tokio::time::Instant::now() < until {
-            if self.give_up.as_ref().is_some_and(|g| g()) {
+            if self.gave_up() {
                 return false;
             }
             tokio::time::sleep_until(
@@ -196,7 +196,7 @@ impl Patience {
             )
             .await;
         }
-        !self.give_up.as_ref().is_some_and(|g| g())
+        !self.gave_up()
     }
 
     fn has(&self, attempt: usize) -> bool {

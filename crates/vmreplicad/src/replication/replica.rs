@@ -2094,7 +2094,7 @@ async fn tidy_incoming(replica: &ReplicaSide) {
     }
 }
 
-/// True if the staged layer `layer` (`<seq>-<upload>.disk<i>.layer`) has a checkpoint in `dir`
+/// True if the staged layer `layer` (`<seq>-<upload>.s<nonce>.disk<i>.layer`) has a checkpoint in `dir`
 /// younger than [`super::staged::ABANDONED_AFTER`]: its upload may still be continued.
 fn recent_checkpoint_of(dir: &Path, layer: &str) -> bool {
     let Some((stem, _)) = layer.rsplit_once(".disk") else {
