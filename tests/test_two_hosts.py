@@ -1180,6 +1180,47 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     assert vm_by_name(p, "ckpt01")["ReplicationState"] == 3
 
 
+def test_an_initial_replication_waiting_for_its_stopped_recovery_server_is_cancelled_at_once(lab, tmp_path):
+    import os
+    import signal
+
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "24M"]
+    lab.primary.start()
+    disk = tmp_path / "wait01.raw"
+    run("truncate", "-s", "128M", disk)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(96 << 20))
+    vm_id = str(uuid.uuid4()).upper()
+    lab.primary.cli("vm", "add", "--name", "wait01", "--id", vm_id, "--disk", str(disk))
+    lab.primary.cli("enable", "wait01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    p = lab.primary.conn()
+    rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=vm_by_name(p, "wait01").path, InitialReplicationType=Uint16(1))
+    assert rv == 4096
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 16 << 20],
+             timeout=30, what="an initial replication under way")
+    lab.replica.proc.send_signal(signal.SIGKILL)
+    lab.replica.proc.wait()
+    # Past the quick retries of a cycle (1, 2, 4 s): the job still waits for its recovery server.
+    time.sleep(9)
+    assert p.GetInstance(out["Job"])["JobState"] == 4
+    started = time.monotonic()
+    rv, _ = p.InvokeMethod("RequestStateChange", out["Job"], RequestedState=Uint16(4))
+    assert rv in (0, 4096), rv
+    assert wait_job(p, out["Job"], timeout=10)["JobState"] == 8  # Terminated
+    assert time.monotonic() - started < 5
+    assert vm_by_name(p, "wait01")["ReplicationState"] == 1  # Ready: the IR can run again
+    # And it does, to the end, once the recovery server is back.
+    lab.replica.start()
+    wait_port(lab.port)
+    lab.primary.cli("start", "wait01")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="point 1 after the rerun")
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
+
+
 def test_an_initial_replication_cut_off_by_sigkill_goes_back_to_ready_and_runs_again(lab, tmp_path):
     import os
     import signal
