@@ -1108,6 +1108,25 @@ def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_p
             qsd.stop()
 
 
+def start_network_ir(lab, name, disk, cap=None):
+    """Defines `name` with `disk` on the primary (its sends capped at `cap` bytes/s when given),
+    enables it without compression and starts its network initial replication through pywbem;
+    returns (its id, the primary's connection, the job's path)."""
+    if cap:
+        lab.primary.stop()
+        lab.primary.extra_args += ["--bandwidth-limit", cap]
+        lab.primary.start()
+    vm_id = str(uuid.uuid4()).upper()
+    lab.primary.cli("vm", "add", "--name", name, "--id", vm_id, "--disk", str(disk))
+    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    p = lab.primary.conn()
+    rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=vm_by_name(p, name).path, InitialReplicationType=Uint16(1))
+    assert rv == 4096
+    return vm_id, p, out["Job"]
+
+
 def staged_checkpoint_offset(path):
     """The log offset a staged upload's checkpoint file continues from (disk::points::StageCheckpoint:
     magic, the reader's part's length, then the reader's magic and offset); 0 if it is gone."""
@@ -1126,10 +1145,6 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     import os
     import signal
 
-    if cap:
-        lab.primary.stop()
-        lab.primary.extra_args += ["--bandwidth-limit", cap]  # slow enough to be stopped mid-way
-        lab.primary.start()
     size = 160 if cap else 768
     disk = tmp_path / "ckpt01.raw"
     run("truncate", "-s", f"{size + 96}M", disk)
@@ -1138,14 +1153,8 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
             f.write(os.urandom(32 << 20))
         f.seek((size + 40) << 20)
         f.write(os.urandom(8 << 20))
-    vm_id = str(uuid.uuid4()).upper()
-    lab.primary.cli("vm", "add", "--name", "ckpt01", "--id", vm_id, "--disk", str(disk))
-    lab.primary.cli("enable", "ckpt01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                    "--thumbprint", lab.t1, "--no-compression")
-    p = lab.primary.conn()
-    rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
-                             ComputerSystem=vm_by_name(p, "ckpt01").path, InitialReplicationType=Uint16(1))
-    assert rv == 4096
+    # Capped, slow enough to be stopped mid-way.
+    vm_id, p, job = start_network_ir(lab, "ckpt01", disk, cap)
     incoming = lab.storage / vm_id.lower() / "incoming"
 
     # Past the 80 MiB the primary keeps of a log it sends from memory: it no longer holds the first
@@ -1167,7 +1176,7 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     saved = staged_checkpoint_offset(far()[0])
     lab.replica.start()
     wait_port(lab.port)
-    job = wait_job(p, out["Job"], timeout=60)
+    job = wait_job(p, job, timeout=60)
     assert job["JobState"] == 7, (job["JobState"], job["ErrorDescription"])
     import re
     replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
@@ -1184,21 +1193,11 @@ def test_an_initial_replication_waiting_for_its_stopped_recovery_server_is_cance
     import os
     import signal
 
-    lab.primary.stop()
-    lab.primary.extra_args += ["--bandwidth-limit", "24M"]
-    lab.primary.start()
     disk = tmp_path / "wait01.raw"
     run("truncate", "-s", "128M", disk)
     with open(disk, "r+b") as f:
         f.write(os.urandom(96 << 20))
-    vm_id = str(uuid.uuid4()).upper()
-    lab.primary.cli("vm", "add", "--name", "wait01", "--id", vm_id, "--disk", str(disk))
-    lab.primary.cli("enable", "wait01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                    "--thumbprint", lab.t1, "--no-compression")
-    p = lab.primary.conn()
-    rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
-                             ComputerSystem=vm_by_name(p, "wait01").path, InitialReplicationType=Uint16(1))
-    assert rv == 4096
+    vm_id, p, job = start_network_ir(lab, "wait01", disk, "24M")
     incoming = lab.storage / vm_id.lower() / "incoming"
     wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 16 << 20],
              timeout=30, what="an initial replication under way")
@@ -1206,11 +1205,11 @@ def test_an_initial_replication_waiting_for_its_stopped_recovery_server_is_cance
     lab.replica.proc.wait()
     # Past the quick retries of a cycle (1, 2, 4 s): the job still waits for its recovery server.
     time.sleep(9)
-    assert p.GetInstance(out["Job"])["JobState"] == 4
+    assert p.GetInstance(job)["JobState"] == 4
     started = time.monotonic()
-    rv, _ = p.InvokeMethod("RequestStateChange", out["Job"], RequestedState=Uint16(4))
+    rv, _ = p.InvokeMethod("RequestStateChange", job, RequestedState=Uint16(4))
     assert rv in (0, 4096), rv
-    assert wait_job(p, out["Job"], timeout=10)["JobState"] == 8  # Terminated
+    assert wait_job(p, job, timeout=10)["JobState"] == 8  # Terminated
     assert time.monotonic() - started < 5
     assert vm_by_name(p, "wait01")["ReplicationState"] == 1  # Ready: the IR can run again
     # And it does, to the end, once the recovery server is back.
@@ -1225,22 +1224,11 @@ def test_an_initial_replication_cut_off_by_sigkill_goes_back_to_ready_and_runs_a
     import os
     import signal
 
-    lab.primary.stop()
-    lab.primary.extra_args += ["--bandwidth-limit", "2M"]  # slow enough to be cut off mid-way
-    lab.primary.start()
     disk = tmp_path / "cut01.raw"
     run("truncate", "-s", "64M", disk)
     with open(disk, "r+b") as f:
         f.write(os.urandom(24 << 20))
-    vm_id = str(uuid.uuid4()).upper()
-    lab.primary.cli("vm", "add", "--name", "cut01", "--id", vm_id, "--disk", str(disk))
-    lab.primary.cli("enable", "cut01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                    "--thumbprint", lab.t1, "--no-compression")
-    p = lab.primary.conn()
-    vm = vm_by_name(p, "cut01")
-    rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
-                             ComputerSystem=vm.path, InitialReplicationType=Uint16(1))
-    assert rv == 4096
+    vm_id, p, job_path = start_network_ir(lab, "cut01", disk, "2M")  # slow enough to be cut off
     wait_for(lambda: vm_by_name(p, "cut01")["ReplicationState"] == 2, what="initial replication running")
     time.sleep(2)
     lab.primary.proc.send_signal(signal.SIGKILL)
@@ -1248,7 +1236,7 @@ def test_an_initial_replication_cut_off_by_sigkill_goes_back_to_ready_and_runs_a
     lab.primary.start()
     p = lab.primary.conn()
     assert vm_by_name(p, "cut01")["ReplicationState"] == 1  # back to Ready, not stuck in 2
-    job = p.GetInstance(out["Job"])
+    job = p.GetInstance(job_path)
     assert job["JobState"] == 10  # Exception: the stop cut it off
     assert "back in their state before it" in lab.primary.log.read_text()
     lab.primary.cli("start", "cut01")  # runs again to the end
