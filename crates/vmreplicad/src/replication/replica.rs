@@ -1198,6 +1198,22 @@ impl ReplicaSide {
         })
     }
 
+    /// The VM's lock, if its holder (the handler of an upload) lets go of it within 10 s.
+    async fn lock_within(
+        &self,
+        vm: Uuid,
+        seq: u64,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
+        tokio::time::timeout(Duration::from_secs(10), self.lock_for(vm).lock_owned())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::Timeout,
+                    format!("log {seq} is still arriving on another connection; ask again"),
+                )
+            })
+    }
+
     async fn log_status(&self, vm: Uuid, seq: u64) -> Result<LogStatus, ApiError> {
         if let Some(l) = self.store.received_log(vm, seq)? {
             return Ok(received_status(&l));
@@ -1208,16 +1224,7 @@ impl ReplicaSide {
         if self.stagings.is_arriving(vm, seq) {
             // Its connection may just have broken: wait (briefly) for its handler to keep it, or
             // for the end of an upload that arrived whole to be written (it holds the lock).
-            let lock = self.lock_for(vm);
-            if tokio::time::timeout(Duration::from_secs(10), lock.lock())
-                .await
-                .is_err()
-            {
-                return Err(ApiError::new(
-                    ErrorCode::Timeout,
-                    format!("log {seq} is still arriving on another connection; ask again"),
-                ));
-            }
+            let _held = self.lock_within(vm, seq).await?;
             if let Some(l) = self.store.received_log(vm, seq)? {
                 return Ok(received_status(&l));
             }
@@ -1254,6 +1261,16 @@ impl ReplicaSide {
                     point_time: None,
                 });
             }
+            // The handler of a connection that just broke may still be appending to a partial
+            // upload, or finishing it: it is cut back only once that handler has ended (it holds
+            // the lock to its end).
+            let _held = match find_partial(&dir, seq) {
+                Some(_) => self.lock_within(vm, seq).await?,
+                None => return Err(unknown_log(vm, seq)),
+            };
+            if let Some(u) = self.store.upload(vm, seq)? {
+                return Ok(uploaded_status(&u));
+            }
             if let Some((id, path)) = find_partial(&dir, seq) {
                 let k = cut_back(path.clone()).await?;
                 let prefix = prefix_hash(path, k).await?;
@@ -1269,10 +1286,7 @@ impl ReplicaSide {
                 });
             }
         }
-        Err(ApiError::new(
-            ErrorCode::UnknownLog,
-            format!("no upload or committed log {seq} of {vm}"),
-        ))
+        Err(unknown_log(vm, seq))
     }
 
     /// Checks the relationship accepts logs now.
@@ -1796,6 +1810,13 @@ impl ReplicaSide {
         };
         Ok(json(status, &received_status(&l)))
     }
+}
+
+fn unknown_log(vm: Uuid, seq: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::UnknownLog,
+        format!("no upload or committed log {seq} of {vm}"),
+    )
 }
 
 /// The partial upload of `seq` in `dir`, if any: its upload id and path.
