@@ -1013,6 +1013,35 @@ def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
             (64 << 20, 3, "flags"), shown
 
 
+def test_a_suspend_while_a_log_is_in_flight_keeps_that_logs_replication_time(lab, tmp_path):
+    import os
+
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "4M"]
+    lab.primary.start()
+    disk = tmp_path / "sus01.raw"
+    run("truncate", "-s", "64M", disk)
+    vm_id = replicate_network(lab, tmp_path, "sus01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication applied")
+    p = lab.primary.conn()
+    vm = vm_by_name(p, "sus01")
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(12 << 20))
+    # The next cycle's log (12 MiB at 4 MiB/s) is arriving: suspend now. The job ends once it did.
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    wait_for(lambda: any(f.name.endswith(".partial") for f in incoming.iterdir()) if incoming.exists() else False,
+             what="the delta log arriving")
+    rrsc(p, vm, 7)
+    with raw_peer(lab) as c:
+        last = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()["last_committed"]
+    assert last["sequence"] == 2, last
+    rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    assert rel["ReplicationState"] == 7
+    assert int(rel["LastReplicationTime"].datetime.timestamp()) == last["point_time"] // 1_000_000
+    rrsc(p, vm, 3)
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=2)
+
+
 def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
     import threading
 

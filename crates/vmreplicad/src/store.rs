@@ -285,14 +285,31 @@ impl Store {
     }
 
     /// Writes the relationship and the VM's mode in one transaction.
+    ///
+    /// `last_replication_time` (with its `last_replication_type`) never goes back: a row read
+    /// before a cycle recorded a later replication ([`Store::note_replication`]) and written after
+    /// it keeps the later one.
     pub fn put_relationship(&self, rel: &RelationshipRow, mode: u16) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT OR REPLACE INTO relationships (vm, state, settings, primary_connection_point,
+            "INSERT INTO relationships (vm, state, settings, primary_connection_point,
                 authorization_entry, last_replication_time, last_apply_time, last_app_consistent_time,
                 last_replication_type, failed_over_type, statistics_reset_time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT(vm) DO UPDATE SET state = excluded.state, settings = excluded.settings,
+                primary_connection_point = excluded.primary_connection_point,
+                authorization_entry = excluded.authorization_entry,
+                last_apply_time = excluded.last_apply_time,
+                last_app_consistent_time = excluded.last_app_consistent_time,
+                failed_over_type = excluded.failed_over_type,
+                statistics_reset_time = excluded.statistics_reset_time,
+                last_replication_time = CASE
+                    WHEN last_replication_time > coalesce(excluded.last_replication_time, -1)
+                    THEN last_replication_time ELSE excluded.last_replication_time END,
+                last_replication_type = CASE
+                    WHEN last_replication_time > coalesce(excluded.last_replication_time, -1)
+                    THEN last_replication_type ELSE excluded.last_replication_type END",
             params![
                 rel.vm.to_string(),
                 rel.state,
@@ -312,6 +329,17 @@ impl Store {
             params![rel.vm.to_string(), mode],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a replication at `time` (of type `kind`) unless a later one is recorded: one
+    /// statement, so it needs no claim on the VM and no command's write of the row loses it.
+    pub fn note_replication(&self, vm: Uuid, time: i64, kind: u16) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE relationships SET last_replication_time = ?2, last_replication_type = ?3
+             WHERE vm = ?1 AND coalesce(last_replication_time, -1) <= ?2",
+            params![vm.to_string(), time, kind],
+        )?;
         Ok(())
     }
 
@@ -855,8 +883,38 @@ pub(crate) mod tests {
         rel.failed_over_type = 3;
         rel.settings.replication_interval = 30;
         store.put_relationship(&rel, 1).expect("put");
-        assert_eq!(store.get_relationship(a.id).expect("get"), Some(rel));
+        assert_eq!(
+            store.get_relationship(a.id).expect("get"),
+            Some(rel.clone())
+        );
         assert_eq!(store.get_vm(a.id).expect("vm").map(|v| v.mode), Some(1));
+
+        // The replication time never goes back: a cycle's note wins over a row read before it.
+        let stale = rel;
+        store.note_replication(a.id, 130, 1).expect("note");
+        store.note_replication(a.id, 120, 2).expect("an older note");
+        let mut suspended = stale.clone();
+        suspended.state = 7;
+        store.put_relationship(&suspended, 1).expect("put");
+        let got = store.get_relationship(a.id).expect("get").expect("row");
+        assert_eq!(
+            (
+                got.state,
+                got.last_replication_time,
+                got.last_replication_type
+            ),
+            (7, Some(130), 1)
+        );
+        let mut later = stale;
+        later.last_replication_time = Some(140);
+        later.last_replication_type = 2;
+        store.put_relationship(&later, 1).expect("put");
+        let got = store.get_relationship(a.id).expect("get").expect("row");
+        assert_eq!(
+            (got.last_replication_time, got.last_replication_type),
+            (Some(140), 2)
+        );
+
         store.remove_relationship(a.id).expect("remove");
         assert_eq!(store.get_relationship(a.id).expect("get"), None);
         assert_eq!(store.get_vm(a.id).expect("vm").map(|v| v.mode), Some(0));

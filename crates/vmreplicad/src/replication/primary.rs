@@ -540,14 +540,22 @@ impl PrimarySide {
         }
     }
 
-    /// Writes a new state (and replication time) if the relationship is still in 2 or 3, under the
-    /// VM's claim so that no command's write is lost.
+    /// Records the replication time, then writes a new state if the relationship is still in 2 or
+    /// 3 and in another one, under the VM's claim so that no command's write is lost.
     async fn set_state(
         &self,
         vm: Uuid,
         state: ReplicationState,
         replicated_at: Option<i64>,
     ) -> bool {
+        if let Some(t) = replicated_at {
+            // Recorded whatever the state: a suspend that came while this log was in flight holds
+            // the claim until it ends, and the log did replicate.
+            let regular = vmreplica_core::state::ReplicationType::Regular.as_u16();
+            if let Err(e) = self.store.note_replication(vm, t, regular) {
+                tracing::warn!(%vm, "cannot record the replication time: {e}");
+            }
+        }
         let live = [
             ReplicationState::WaitingToCompleteInitialReplication.as_u16(),
             ReplicationState::Replicating.as_u16(),
@@ -555,6 +563,7 @@ impl PrimarySide {
         // A command changed the state meanwhile (suspend, remove, ...): it wins, and may be
         // holding the claim while it waits for this cycle to end.
         match self.store.get_relationship(vm) {
+            Ok(Some(rel)) if rel.state == state.as_u16() => return true,
             Ok(Some(rel)) if live.contains(&rel.state) => {}
             _ => return false,
         }
@@ -570,10 +579,6 @@ impl PrimarySide {
             return false;
         }
         rel.state = state.as_u16();
-        if let Some(t) = replicated_at {
-            rel.last_replication_time = Some(t);
-            rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
-        }
         self.store.put_relationship(&rel, v.mode).is_ok()
     }
 
