@@ -285,7 +285,8 @@ pub async fn watch(
     id: &str,
     wait: std::time::Duration,
 ) -> StoreResult<Option<JobRow>> {
-    const LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+    // Subscribed before the first read: a write after it is seen as a change.
+    let mut changes = store.job_changes();
     let Some(first) = store.get_job(id)? else {
         return Ok(None);
     };
@@ -293,9 +294,12 @@ pub async fn watch(
     let mut job = first.clone();
     while !JobState::from_u16(job.state).is_some_and(|s| s.is_terminal())
         && (job.state, job.percent) == (first.state, first.percent)
-        && tokio::time::Instant::now() < until
     {
-        tokio::time::sleep(LOOK_EVERY).await;
+        // Woken by a write of any job; only this one's state and percent count.
+        match tokio::time::timeout_at(until, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
         match store.get_job(id)? {
             Some(now) => job = now,
             None => return Ok(None),

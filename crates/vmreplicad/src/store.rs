@@ -178,6 +178,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Bumped after every write of a job, for `jobs::watch` (only this daemon writes the file).
+    jobs_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -190,6 +192,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            jobs_changed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -662,7 +665,13 @@ impl Store {
                 job.cancellable
             ],
         )?;
+        self.jobs_changed.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
+    }
+
+    /// Changes after each write of a job.
+    pub fn job_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.jobs_changed.subscribe()
     }
 
     pub fn get_job(&self, id: &str) -> StoreResult<Option<JobRow>> {
