@@ -977,6 +977,54 @@ def test_a_running_resynchronization_can_be_paused_and_cancelled(lab, tmp_path):
     assert same, text
 
 
+def test_a_resynchronization_goes_on_after_its_recovery_server_restarts(lab, tmp_path):
+    """The recovery server is stopped (SIGSTOP) the moment its comparison session begins, while the
+    primary still hashes its disk, then killed (SIGKILL, losing the session) and started again. The
+    primary's job connects again, begins a new session on the same point and goes on: only the
+    blocks that differ travel, and the point equals the disk."""
+    import signal
+
+    disk = tmp_path / "rsy04.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", disk, "1G")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 768M", disk)
+    vm_id = replicate_network(lab, tmp_path, "rsy04", [disk], "--no-compression")
+    p = lab.primary.conn()
+    pvm = vm_by_name(p, "rsy04")
+    rrsc(p, pvm, 7)
+    before = settled(lab, vm_id)
+    shutil.rmtree(lab.primary.data_dir / "tracking" / vm_id.upper())  # tracking lost
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x21 700M 192k", "-c", "write -z 100M 64k", disk)
+    rrsc(p, pvm, 3)
+    wait_for(lambda: vm_by_name(p, "rsy04")["ReplicationState"] == 9, what="resynchronization required")
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    rv, out = p.InvokeMethod("Resynchronize", svc.path, ComputerSystem=pvm.path)
+    assert rv == 4096, rv
+    deadline = time.time() + 30
+    while "resynchronization comparison begun" not in plain_log(lab.replica):
+        assert time.time() < deadline, "the comparison never began"
+        time.sleep(0.01)
+    lab.replica.proc.send_signal(signal.SIGSTOP)
+    time.sleep(2)
+    lab.replica.proc.send_signal(signal.SIGKILL)
+    lab.replica.proc.wait()
+    lab.replica.start()
+    job = wait_job(p, out["Job"], timeout=300)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    # The begin's answer may or may not have left before the stop: either way a new session took up.
+    assert re.search(r"a new session on the same point goes on from where it was|the comparison began over "
+                     r"a new connection", plain_log(lab.primary)), plain_log(lab.primary)[-3000:]
+    assert plain_log(lab.replica).count("resynchronization comparison begun") == 2
+    assert vm_by_name(p, "rsy04")["ReplicationState"] == 3
+    wait_for(lambda: applied_sequence(lab, vm_id) > before, what="the resync applied")
+    with raw_peer(lab) as c:
+        sent = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/{before + 1}").json()
+    assert sent["log_bytes"] < 400_000, sent  # three changed blocks and one zeroed, not 768 MiB
+    rrsc(p, pvm, 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text
+
+
 def test_a_vm_that_lost_its_tracking_resynchronizes_by_itself_inside_its_window(lab, tmp_path):
     lab.primary.stop()
     lab.primary.extra_args += ["--auto-resync-delay", "2"]  # 300 s by default

@@ -27,7 +27,7 @@ use super::running::RunningPoint;
 use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
 use crate::replication::chain::{ChainRow, StatEvent};
-use crate::replication::client::GrowingLog;
+use crate::replication::client::{GrowingLog, PeerError};
 use crate::store::{RelationshipRow, VmRow};
 
 /// Blocks per compared range (256 MiB at 64 KiB): a range answers within seconds, in step with
@@ -149,6 +149,18 @@ async fn compare_and_send(
     //    once the session begins (replication::prehash). Kind 1 begins (imports the seed) only
     //    after this side hashed; the replica then hashes the seed while the ranges start.
     let disks = disk_table(vm)?;
+    let to = target(rel);
+    let recovery = Recovery {
+        ctx,
+        job,
+        vm,
+        to: &to,
+        begin: &BeginCompare {
+            kind,
+            block_size: DEFAULT_BLOCK_SIZE,
+            disks: put.disks.clone(),
+        },
+    };
     // The session begun, if this side's hashing fails (or is cancelled) after it did.
     let begun = std::sync::Mutex::new(None);
     let prepare = async {
@@ -164,16 +176,13 @@ async fn compare_and_send(
                 .await
                 .map_err(|e| e.into_failure("making the old primary the replica"))?;
         }
-        let begin = BeginCompare {
-            kind,
-            block_size: DEFAULT_BLOCK_SIZE,
-            disks: put.disks.clone(),
-        };
-        let cs = session
-            .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(&begin))
+        let cs = match session
+            .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(recovery.begin))
             .await
-            .map(|(_, cs)| cs)
-            .map_err(|e| e.into_failure("beginning the comparison"))?;
+        {
+            Ok((_, cs)) => cs,
+            Err(e) => recovery.again(&mut session, None, e).await?,
+        };
         *begun.lock().unwrap_or_else(|p| p.into_inner()) = Some(cs.id);
         Ok(cs)
     };
@@ -200,7 +209,7 @@ async fn compare_and_send(
         }
     };
     let id = cs.id;
-    let result = compare_begun(ctx, job, vm, rel, &mut session, running, kind, cs, own).await;
+    let result = compare_begun(ctx, job, vm, rel, &mut session, running, &recovery, cs, own).await;
     if result.is_err() {
         // Best effort: the replica drops the session (and its pin) now rather than at the next.
         let _ = session
@@ -488,10 +497,11 @@ async fn compare_begun(
     rel: &mut RelationshipRow,
     session: &mut crate::replication::client::Session,
     running: Option<&RunningPoint>,
-    kind: u16,
+    recovery: &Recovery<'_>,
     mut cs: CompareSession,
     own: Vec<std::path::PathBuf>,
 ) -> Result<(), JobFailure> {
+    let kind = recovery.begin.kind;
     let disks = disk_table(vm)?;
     let tracking = job
         .data_dir
@@ -500,20 +510,11 @@ async fn compare_begun(
     ctx.progress(30)?;
 
     // 2. Once the replica is ready (kind 1: its copy imported as point 1), the ranges compare.
-    while cs.state == 1 {
-        ctx.check_cancelled()?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        cs = session
-            .json::<(), CompareSession>(Route::CompareStatus(vm.id, cs.id), None)
-            .await
-            .map_err(|e| e.into_failure("waiting for the replica to import its copy"))?
-            .1;
-    }
-    if cs.state != 2 {
-        return Err(fail(
-            "the recovery server could not import the replica VM's disks",
-            "Check the replica VM's disks and the recovery server's log.",
-        ));
+    // A broken connection, or a recovery server that lost the session (it restarted), is taken
+    // up again where it was: the hashes compared so far stay compared.
+    match wait_ready(ctx, vm, session, &mut cs).await {
+        Ok(ready) => ready?,
+        Err(e) => recovery.take_up(session, &mut cs, e).await?,
     }
     let bs = u64::from(DEFAULT_BLOCK_SIZE);
     let mut differing: Vec<Vec<(u64, u64)>> = Vec::new();
@@ -539,15 +540,21 @@ async fn compare_begun(
                 disk: i as u32,
                 first_block: first,
                 hashes,
+            }
+            .encode();
+            let body = loop {
+                match session
+                    .binary(
+                        Route::CompareRange(vm.id, cs.id),
+                        range.clone(),
+                        "application/vnd.vmreplica.block-hashes",
+                    )
+                    .await
+                {
+                    Ok(body) => break body,
+                    Err(e) => recovery.take_up(session, &mut cs, e).await?,
+                }
             };
-            let body = session
-                .binary(
-                    Route::CompareRange(vm.id, cs.id),
-                    range.encode(),
-                    "application/vnd.vmreplica.block-hashes",
-                )
-                .await
-                .map_err(|e| e.into_failure("comparing block hashes"))?;
             let answer = RangeAnswer::parse(&body)
                 .ok()
                 .filter(|a| {
@@ -654,6 +661,170 @@ async fn compare_begun(
     Ok(())
 }
 
+/// Waits until the compare session `cs` is Ready (2); an error of the recovery server's is the
+/// caller's to take up, a failed preparation the job's.
+async fn wait_ready(
+    ctx: &JobContext,
+    vm: &VmRow,
+    session: &mut crate::replication::client::Session,
+    cs: &mut CompareSession,
+) -> Result<Result<(), JobFailure>, PeerError> {
+    while cs.state == 1 {
+        if let Err(f) = ctx.check_cancelled() {
+            return Ok(Err(f));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        *cs = session
+            .json::<(), CompareSession>(Route::CompareStatus(vm.id, cs.id), None)
+            .await?
+            .1;
+    }
+    Ok(match cs.state {
+        2 => Ok(()),
+        _ => Err(fail(
+            "the recovery server could not import the replica VM's disks",
+            "Check the replica VM's disks and the recovery server's log.",
+        )),
+    })
+}
+
+/// Takes a comparison up again after a broken connection or a restart of the recovery server.
+struct Recovery<'a> {
+    ctx: &'a JobContext,
+    job: &'a NetworkIr,
+    vm: &'a VmRow,
+    to: &'a crate::replication::client::Target,
+    begin: &'a BeginCompare,
+}
+
+impl Recovery<'_> {
+    /// After `err` on the session `cs`: see [`Recovery::again`]; `cs` becomes the session taken up.
+    async fn take_up(
+        &self,
+        session: &mut crate::replication::client::Session,
+        cs: &mut CompareSession,
+        err: PeerError,
+    ) -> Result<(), JobFailure> {
+        *cs = self.again(session, Some(cs), err).await?;
+        Ok(())
+    }
+
+    /// After `err`: when the connection broke, or the recovery server no longer knows the session
+    /// `cs` (it restarted), connects again (for about 10 minutes, as a network initial
+    /// replication waits) and goes on in that session, or in a new one on the same point, ready;
+    /// without `cs` (its begin got no answer), begins one. Any other error, a cancel, or a replica
+    /// that now compares another point ends the job.
+    async fn again(
+        &self,
+        session: &mut crate::replication::client::Session,
+        cs: Option<&CompareSession>,
+        err: PeerError,
+    ) -> Result<CompareSession, JobFailure> {
+        let what = match cs {
+            Some(_) => "comparing block hashes",
+            None => "beginning the comparison",
+        };
+        let mut last = err;
+        for secs in crate::replication::client::INITIAL_RETRIES {
+            if !(last.is_network() || unknown_compare(&last)) {
+                return Err(last.into_failure(what));
+            }
+            tracing::warn!(vm = %self.vm.id, "{what}: {last}; trying again in {secs} s");
+            let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+            while tokio::time::Instant::now() < until {
+                self.ctx.check_cancelled()?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            self.ctx.check_cancelled()?;
+            let mut fresh = match self.job.peers.connect(self.to).await {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let status = match cs {
+                Some(cs) => fresh
+                    .json::<(), CompareSession>(Route::CompareStatus(self.vm.id, cs.id), None)
+                    .await
+                    .map(|(_, same)| Some(same)),
+                None => Ok(None),
+            };
+            let mut taken = match status {
+                Ok(Some(same)) => same,
+                Err(e) if !unknown_compare(&e) => {
+                    last = e;
+                    continue;
+                }
+                // A seeded session imports the seed as point 1 at its begin: never twice.
+                Ok(None) | Err(_) if self.begin.kind != 2 => {
+                    return Err(fail(
+                        format!("{what}: the recovery server lost the comparison ({last})"),
+                        "Run the operation again.",
+                    ))
+                }
+                Ok(None) | Err(_) => match fresh
+                    .json::<_, CompareSession>(Route::BeginCompare(self.vm.id), Some(self.begin))
+                    .await
+                {
+                    Ok((_, new)) => new,
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                },
+            };
+            *session = fresh;
+            let Some(cs) = cs else {
+                tracing::info!(vm = %self.vm.id, compare = %taken.id, "the comparison began over a new connection");
+                return Ok(taken);
+            };
+            let same_point = (
+                taken.baseline_sequence,
+                taken.next_sequence,
+                taken.block_size,
+                &taken.disks,
+            ) == (
+                cs.baseline_sequence,
+                cs.next_sequence,
+                cs.block_size,
+                &cs.disks,
+            );
+            if !same_point {
+                let _ = session
+                    .json::<(), CompareSession>(Route::CancelCompare(self.vm.id, taken.id), None)
+                    .await;
+                return Err(fail(
+                    format!(
+                        "the recovery server now compares point {} (log {} next), not point {} as when the comparison began",
+                        taken.baseline_sequence, taken.next_sequence, cs.baseline_sequence
+                    ),
+                    "Run the operation again.",
+                ));
+            }
+            match wait_ready(self.ctx, self.vm, session, &mut taken).await {
+                Ok(ready) => ready?,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            }
+            if taken.id != cs.id {
+                tracing::info!(vm = %self.vm.id, compare = %taken.id, "the recovery server lost the comparison (a restart); a new session on the same point goes on from where it was");
+            } else {
+                tracing::info!(vm = %self.vm.id, compare = %taken.id, "the comparison goes on over a new connection");
+            }
+            return Ok(taken);
+        }
+        Err(last.into_failure(what))
+    }
+}
+
+/// The recovery server does not know the compare session asked about.
+fn unknown_compare(e: &PeerError) -> bool {
+    matches!(e, PeerError::Refused(d) if d.error_code() == Some(wire::protocol::ErrorCode::UnknownCompare))
+}
+
 /// Finishes `log` (spooled at `spool`), sends and commits it as the next log of `vm`'s chain, then
 /// [`commit_sent`].
 #[allow(clippy::too_many_arguments)]
@@ -686,7 +857,11 @@ pub(super) async fn send_compared<W: std::io::Write>(
         growing,
         Arc::new(|_, _| {}),
         false,
-        crate::replication::client::Patience::quick(),
+        // As long as a comparison waits for its recovery server (`Recovery::take_up`).
+        crate::replication::client::Patience::initial({
+            let ctx = ctx.clone();
+            Arc::new(move || ctx.is_cancelled())
+        }),
     );
     // A cancel (or RRSC 9/7) stops the upload at once; the replica keeps its point.
     let delivered = tokio::select! {

@@ -150,7 +150,8 @@ const QUICK_RETRIES: [u64; 3] = [1, 2, 4];
 /// from the start once an attempt got further), as long as a replica keeps a staged upload for
 /// it, so one that restarts (its host rebooting) continues it from its checkpoint instead of the
 /// job failing.
-const INITIAL_RETRIES: [u64; 15] = [1, 2, 4, 8, 15, 30, 60, 60, 60, 60, 60, 60, 60, 60, 60];
+pub(crate) const INITIAL_RETRIES: [u64; 15] =
+    [1, 2, 4, 8, 15, 30, 60, 60, 60, 60, 60, 60, 60, 60, 60];
 
 /// How long a delivery keeps trying after its connection broke, and what can end the wait.
 #[derive(Clone)]
