@@ -74,6 +74,10 @@ pub struct Qcow2Writer {
     zeros: Vec<u8>,
 }
 
+/// A run of allocations: the first guest cluster and how many clusters follow it, consecutive in
+/// both guest and host order.
+pub type Run = (u64, u64);
+
 /// Where a [`Qcow2Writer`] stands: enough to take it up again after its process is gone
 /// ([`Qcow2Writer::resume`]), once the data written until then is on disk
 /// ([`Qcow2Writer::sync_data`]).
@@ -84,6 +88,16 @@ pub struct Qcow2Progress {
 }
 
 impl Qcow2Progress {
+    /// The progress of an image of `size` bytes whose allocations are `runs` (in host order).
+    pub fn new(size: u64, runs: Vec<(u64, u64)>) -> Qcow2Progress {
+        Qcow2Progress { size, runs }
+    }
+
+    /// Its runs of allocations, in host order: (first guest cluster, clusters).
+    pub fn runs(&self) -> &[(u64, u64)] {
+        &self.runs
+    }
+
     /// The image's virtual size.
     pub fn size(&self) -> u64 {
         self.size
@@ -163,6 +177,30 @@ impl Qcow2Writer {
             size: self.size,
             runs: self.runs.clone(),
         }
+    }
+
+    /// The image's virtual size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// How many runs of allocations are final: every one but the last, which a later allocation
+    /// may still extend. Runs are only added after it, in host order.
+    pub fn final_runs(&self) -> usize {
+        self.runs.len().saturating_sub(1)
+    }
+
+    /// The final runs from the `from`-th on, and the last run (open), if any: what a checkpoint
+    /// that already holds the first `from` final runs needs to describe this writer.
+    pub fn runs_since(&self, from: usize) -> (Vec<Run>, Option<Run>) {
+        let end = self.final_runs();
+        (
+            self.runs
+                .get(from.min(end)..end)
+                .unwrap_or_default()
+                .to_vec(),
+            self.runs.last().copied(),
+        )
     }
 
     /// Makes every byte written so far durable (the `O_DIRECT` ones included: `fdatasync` also

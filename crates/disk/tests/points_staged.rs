@@ -124,6 +124,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     let incoming = dir.path().join("incoming");
     std::fs::create_dir_all(&incoming).expect("mkdir");
     let layers = vec![incoming.join("staged.layer")];
+    let runs = vec![incoming.join("staged.runs")];
 
     // The whole log with a checkpoint after every frame, to learn where they fall.
     let saved = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
@@ -135,6 +136,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
             keep.lock().unwrap().push(c.to_bytes());
             true
         }),
+        runs: runs.clone(),
     };
     let reader = LogReader::open_resumable(std::io::Cursor::new(bytes.clone()), &Source::expect(1))
         .expect("header");
@@ -156,6 +158,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
         every: 1,
         max_lag: 0,
         saved: Box::new(|_: StageCheckpoint| true),
+        runs: runs.clone(),
     };
     let err = PointStore::stage_checkpointed(reader, &layers, &logs[0], Some(checkpoints), None)
         .unwrap_err();
@@ -164,15 +167,111 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     // After the restart: the rest of the log from the checkpoint's offset.
     let rest = std::io::Cursor::new(bytes[middle.offset() as usize..].to_vec());
     let reader = LogReader::resume(rest, &middle.reader, &Source::expect(1)).expect("resume");
+    let progress = middle
+        .progress(&runs)
+        .expect("the runs file holds the checkpoint's runs");
     let (info, summary) =
-        PointStore::stage_checkpointed(reader, &layers, &logs[0], None, Some(&middle.layers))
+        PointStore::stage_checkpointed(reader, &layers, &logs[0], None, Some(&progress))
             .expect("the rest stages");
     assert_eq!((info.clone(), summary), whole);
     check(&layers[0]);
     assert!(same(&layers[0], &raw));
 
-    // A damaged checkpoint is not taken up.
+    // A damaged checkpoint is not taken up, nor one whose runs file lost runs it counts.
     let mut bad = saved[0].clone();
     bad[20] ^= 1;
     assert!(StageCheckpoint::from_bytes(&bad).is_none());
+    let last = StageCheckpoint::from_bytes(saved.last().unwrap()).expect("reads back");
+    assert!(last.layers[0].kept > 0, "{:?}", last.layers);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&runs[0])
+        .expect("runs");
+    file.set_len(last.layers[0].kept * 16 - 1).expect("cut");
+    assert!(last.progress(&runs).is_err());
+}
+
+/// However fragmented the image, a checkpoint stays a few dozen bytes per layer: the runs of
+/// allocations go to the runs file, each once, and a resume from any checkpoint reads them back.
+#[tokio::test]
+async fn checkpoints_of_a_fragmented_image_stay_small_and_resume_it() {
+    use disk::points::{Checkpoints, StageCheckpoint};
+    use std::sync::{Arc, Mutex};
+
+    const CLUSTER: usize = 64 << 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Every other cluster holds data: 256 runs of allocations in 32 MiB.
+    let size = 32usize << 20;
+    let mut image = vec![0u8; size];
+    for (k, at) in (0..size).step_by(2 * CLUSTER).enumerate() {
+        image[at..at + CLUSTER].copy_from_slice(&support::noise(k as u64 + 100, CLUSTER));
+    }
+    let raw = dir.path().join("frag.raw");
+    std::fs::write(&raw, &image).expect("raw");
+    let header = wire::LogHeader {
+        vm: support::vm(),
+        relationship: 0,
+        sequence: 1,
+        parent: 0,
+        point_time_micros: support::T0,
+        point_type: wire::PointType::Standard,
+        full_image: true,
+        disks: vec![wire::DiskInfo {
+            id: "scsi0".into(),
+            virtual_size: size as u64,
+        }],
+    };
+    let mut w = wire::LogWriter::new(Vec::new(), header, wire::Compression::Off).expect("w");
+    for (i, block) in image.chunks(CLUSTER).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            w.write_data(0, (i * CLUSTER) as u64, block).expect("data");
+        }
+    }
+    let bytes = w.finish().expect("finish").0;
+    let log = dir.path().join("frag.vrlog");
+    std::fs::write(&log, &bytes).expect("log");
+    let layers = vec![dir.path().join("frag.layer")];
+    let runs = vec![dir.path().join("frag.runs")];
+    let saved = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let keep = saved.clone();
+    let checkpoints = Checkpoints {
+        every: 1,
+        max_lag: 0,
+        saved: Box::new(move |c: StageCheckpoint| {
+            keep.lock().unwrap().push(c.to_bytes());
+            true
+        }),
+        runs: runs.clone(),
+    };
+    let reader = LogReader::open_resumable(std::io::Cursor::new(bytes.clone()), &Source::expect(1))
+        .expect("header");
+    let whole = PointStore::stage_checkpointed(reader, &layers, &log, Some(checkpoints), None)
+        .expect("stage");
+    let saved = saved.lock().unwrap().clone();
+    assert!(saved.len() >= 4, "checkpoints: {}", saved.len());
+    // Beside the reader's place (its hash state holds at most 64 KiB of the stream), 48 bytes.
+    let layer_bytes: Vec<usize> = saved
+        .iter()
+        .map(|c| {
+            let cp = StageCheckpoint::from_bytes(c).expect("reads back");
+            c.len() - cp.reader.to_bytes().len() - 8 - 8 - 32
+        })
+        .collect();
+    assert!(layer_bytes.iter().all(|&n| n == 48), "{layer_bytes:?}");
+    // Each final run was written once: the file holds no more than the image's runs.
+    assert!(std::fs::metadata(&runs[0]).expect("runs").len() <= 256 * 16);
+    let last = StageCheckpoint::from_bytes(saved.last().unwrap()).expect("reads back");
+    assert!(last.layers[0].kept >= 200, "{:?}", last.layers);
+
+    // Taken up from a checkpoint late in the log: the same point.
+    let from = StageCheckpoint::from_bytes(&saved[saved.len() * 3 / 4]).expect("reads back");
+    let progress = from.progress(&runs).expect("progress");
+    assert_eq!(progress[0].runs().len() as u64, from.layers[0].kept + 1);
+    let rest = std::io::Cursor::new(bytes[from.offset() as usize..].to_vec());
+    let reader = LogReader::resume(rest, &from.reader, &Source::expect(1)).expect("resume");
+    let again = PointStore::stage_checkpointed(reader, &layers, &log, None, Some(&progress))
+        .expect("the rest stages");
+    assert_eq!(again, whole);
+    check(&layers[0]);
+    assert!(same(&layers[0], &raw));
 }

@@ -147,7 +147,7 @@ pub use meta::{OverlayInfo, PointDisk, PointInfo, PointKind};
 pub use policy::{points_to_keep, RetentionPolicy};
 pub use prune::PruneReport;
 pub use qemu_img::QemuImgError;
-pub use stream::{Checkpoints, StageCheckpoint};
+pub use stream::{Checkpoints, LayerMark, StageCheckpoint};
 
 use layout::Layout;
 use lock::StoreLock;

@@ -123,14 +123,72 @@ pub(crate) fn full_image_threads<R: std::io::Read>(
 
 /// Where a staged full image stands between two records: the reader's place in the log and each
 /// layer's progress, every byte written before it durable. Saved, it lets the image be continued
-/// after a restart ([`super::PointStore::resume_full_image`]).
+/// after a restart ([`StageCheckpoint::progress`], then [`super::PointStore::stage_checkpointed`]).
+///
+/// A layer's allocations are described by a file of runs beside it ([`Checkpoints::runs`]: 16
+/// bytes per final run, appended as they become final) and a [`LayerMark`] here: how many of those
+/// runs count, and the last run. So a checkpoint stays small however fragmented the image, and
+/// each save writes only the runs that are new since the last one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageCheckpoint {
     pub reader: ReaderCheckpoint,
-    pub layers: Vec<Qcow2Progress>,
+    pub layers: Vec<LayerMark>,
 }
 
-const STAGE_MAGIC: &[u8; 8] = b"VRSTAGE1";
+/// One layer's place in a [`StageCheckpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerMark {
+    /// The disk's virtual size.
+    pub size: u64,
+    /// Final runs: the first `kept` entries of the layer's runs file.
+    pub kept: u64,
+    /// The last run (first cluster, clusters), which later allocations may have extended.
+    pub last: Option<(u64, u64)>,
+}
+
+const STAGE_MAGIC: &[u8; 8] = b"VRSTAGE2";
+const MARK_BYTES: usize = 40;
+
+impl LayerMark {
+    fn to_bytes(self) -> [u8; MARK_BYTES] {
+        let mut out = [0u8; MARK_BYTES];
+        let (first, count) = self.last.unwrap_or((0, 0));
+        for (i, word) in [
+            self.size,
+            self.kept,
+            u64::from(self.last.is_some()),
+            first,
+            count,
+        ]
+        .iter()
+        .enumerate()
+        {
+            out[i * 8..i * 8 + 8].copy_from_slice(&word.to_le_bytes());
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<LayerMark> {
+        if bytes.len() != MARK_BYTES {
+            return None;
+        }
+        let word =
+            |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        let last = match word(2) {
+            0 => None,
+            1 => Some((word(3), word(4))),
+            _ => return None,
+        };
+        Some(LayerMark {
+            size: word(0),
+            kept: word(1),
+            last,
+        })
+    }
+}
+
+/// Bytes of one run in a runs file: first cluster and count, little-endian.
+const RUN_BYTES: u64 = 16;
 
 impl StageCheckpoint {
     /// The log's offset the checkpoint continues from.
@@ -174,10 +232,79 @@ impl StageCheckpoint {
             reader: ReaderCheckpoint::from_bytes(reader)?,
             layers: layers
                 .iter()
-                .map(|l| Qcow2Progress::from_bytes(l))
+                .map(|l| LayerMark::from_bytes(l))
                 .collect::<Option<Vec<_>>>()?,
         })
     }
+
+    /// Each layer's progress, its final runs read from its runs file in `runs` (one per layer, as
+    /// given to [`Checkpoints::runs`]); an error when one is missing or shorter than its mark says.
+    pub fn progress(&self, runs: &[PathBuf]) -> std::io::Result<Vec<Qcow2Progress>> {
+        use std::os::unix::fs::FileExt;
+        if runs.len() != self.layers.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "one runs file per layer",
+            ));
+        }
+        self.layers
+            .iter()
+            .zip(runs)
+            .map(|(mark, path)| {
+                let len = mark
+                    .kept
+                    .checked_mul(RUN_BYTES)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+                let mut bytes = vec![0u8; len];
+                if len > 0 {
+                    File::open(path)?.read_exact_at(&mut bytes, 0)?;
+                }
+                let mut all: Vec<(u64, u64)> = bytes
+                    .chunks_exact(RUN_BYTES as usize)
+                    .map(|r| {
+                        let word = |i: usize| {
+                            u64::from_le_bytes(r[i..i + 8].try_into().unwrap_or_default())
+                        };
+                        (word(0), word(8))
+                    })
+                    .collect();
+                all.extend(mark.last);
+                Ok(Qcow2Progress::new(mark.size, all))
+            })
+            .collect()
+    }
+}
+
+/// Appends `runs` to the runs file `file` as its entries `from..`.
+fn write_runs(file: &File, from: u64, runs: &[(u64, u64)]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let mut bytes = Vec::with_capacity(runs.len() * RUN_BYTES as usize);
+    for (first, count) in runs {
+        bytes.extend_from_slice(&first.to_le_bytes());
+        bytes.extend_from_slice(&count.to_le_bytes());
+    }
+    let at = from
+        .checked_mul(RUN_BYTES)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    file.write_all_at(&bytes, at)
+}
+
+/// A checkpoint on its way to the syncer: the reader's place, and per layer the runs that became
+/// final since the last one handed over (to be written as entries `from..` of its runs file).
+struct Pending {
+    reader: ReaderCheckpoint,
+    layers: Vec<PendingLayer>,
+}
+
+struct PendingLayer {
+    /// The index in the runs file of the first of `new`.
+    from: u64,
+    new: Vec<crate::qcow2::Run>,
+    mark: LayerMark,
 }
 
 /// How often a staged full image is checkpointed, and what is told each checkpoint.
@@ -187,9 +314,12 @@ pub struct Checkpoints<'a> {
     /// A checkpoint that comes while the last is still being saved is skipped, unless the one saved
     /// is more than this many log bytes behind it: then the writer waits to hand it over.
     pub max_lag: u64,
-    /// Called on a thread of its own once the layers are synced; it saves the checkpoint and says
-    /// whether it could (the lag is measured from the last one saved).
+    /// Called on a thread of its own once the layers and their runs files are synced; it saves the
+    /// checkpoint and says whether it could (the lag is measured from the last one saved).
     pub saved: Box<dyn FnMut(StageCheckpoint) -> bool + Send + 'a>,
+    /// One runs file per layer ([`StageCheckpoint`]), created if missing; a staging taken up
+    /// from a checkpoint must be given the same files.
+    pub runs: Vec<PathBuf>,
 }
 
 /// What goes from the reader to the writer thread.
@@ -246,29 +376,49 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
     // one lags more than `max_lag` behind; then the writer waits to hand it over.
     let mut syncer = None;
     if let Some(c) = checkpoints.take() {
-        let mut handles = Vec::with_capacity(writers.len());
-        for (disk, w) in writers.iter().enumerate() {
-            let h = w
-                .sync_handle()
-                .map_err(|e| layer_error(disk)(Qcow2WriteError::Io(e)))?;
-            handles.push(h);
+        if c.runs.len() != writers.len() {
+            return Err(rejected(path, LogDecodeError::ReaderFailed));
         }
-        syncer = Some((c, handles));
+        let mut handles = Vec::with_capacity(writers.len());
+        let mut runs = Vec::with_capacity(writers.len());
+        for (disk, (w, file)) in writers.iter().zip(&c.runs).enumerate() {
+            let io = |e| layer_error(disk)(Qcow2WriteError::Io(e));
+            handles.push(w.sync_handle().map_err(io)?);
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(file);
+            runs.push(opened.map_err(io)?);
+        }
+        syncer = Some((c, handles, runs));
     }
+    // Final runs already handed to the syncer, per layer (a resumed layer's are in its file).
+    let mut handed: Vec<usize> = writers.iter().map(Qcow2Writer::final_runs).collect();
     // A sync that failed: the kernel may have dropped those pages and reports it once, so nothing
     // after is trusted: no more checkpoints, and the image fails.
     let sync_failed = std::sync::Mutex::new(None::<std::io::Error>);
     let (batch_tx, batch_rx) = std_mpsc::sync_channel::<ToWriter>(BATCHES_IN_FLIGHT * 2);
     let (recycle_tx, recycle_rx) = std_mpsc::channel::<Batch>();
     std::thread::scope(|scope| {
-        let (save_tx, save_rx) = std_mpsc::sync_channel::<StageCheckpoint>(0);
+        let (save_tx, save_rx) = std_mpsc::sync_channel::<Pending>(0);
         let failed = &sync_failed;
         let mut syncing = None;
-        if let Some((mut c, handles)) = syncer {
+        if let Some((mut c, handles, runs)) = syncer {
             syncing = Some(scope.spawn(move || {
-                for cp in save_rx {
-                    match handles.iter().try_for_each(|h| h.sync_data()) {
+                for pending in save_rx {
+                    let durable = pending
+                        .layers
+                        .iter()
+                        .zip(&runs)
+                        .try_for_each(|(l, file)| write_runs(file, l.from, &l.new))
+                        .and_then(|()| handles.iter().chain(&runs).try_for_each(File::sync_data));
+                    match durable {
                         Ok(()) => {
+                            let cp = StageCheckpoint {
+                                reader: pending.reader,
+                                layers: pending.layers.iter().map(|l| l.mark).collect(),
+                            };
                             let offset = cp.offset();
                             if (c.saved)(cp) {
                                 saved_at.store(offset, std::sync::atomic::Ordering::Release);
@@ -287,21 +437,45 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
                 let (disk, mut batch) = match msg {
                     ToWriter::Batch(disk, batch) => (disk, batch),
                     ToWriter::Checkpoint(reader) => {
-                        let layers = writers.iter().map(Qcow2Writer::progress).collect();
                         // Every write before it has returned: a sync that starts after covers them.
-                        let cp = StageCheckpoint { reader, layers };
-                        let lag = cp
+                        let layers = writers
+                            .iter()
+                            .zip(&handed)
+                            .map(|(w, &from)| {
+                                let (new, last) = w.runs_since(from);
+                                let kept = (from + new.len()) as u64;
+                                let mark = LayerMark {
+                                    size: w.size(),
+                                    kept,
+                                    last,
+                                };
+                                PendingLayer {
+                                    from: from as u64,
+                                    new,
+                                    mark,
+                                }
+                            })
+                            .collect::<Vec<_>>();
+                        let kept: Vec<usize> =
+                            layers.iter().map(|l| l.mark.kept as usize).collect();
+                        let lag = reader
                             .offset()
                             .saturating_sub(saved_at.load(std::sync::atomic::Ordering::Acquire));
-                        let handed = match save_tx.try_send(cp) {
-                            Ok(()) => true,
-                            Err(std_mpsc::TrySendError::Full(cp)) if lag > max_lag => {
-                                save_tx.send(cp).is_ok()
+                        let pending = Pending { reader, layers };
+                        // A skipped one hands nothing: its runs go with the next.
+                        let (taken, alive) = match save_tx.try_send(pending) {
+                            Ok(()) => (true, true),
+                            Err(std_mpsc::TrySendError::Full(p)) if lag > max_lag => {
+                                let sent = save_tx.send(p).is_ok();
+                                (sent, sent)
                             }
-                            Err(std_mpsc::TrySendError::Full(_)) => true, // skipped
-                            Err(std_mpsc::TrySendError::Disconnected(_)) => false,
+                            Err(std_mpsc::TrySendError::Full(_)) => (false, true),
+                            Err(std_mpsc::TrySendError::Disconnected(_)) => (false, false),
                         };
-                        if !handed {
+                        if taken {
+                            handed = kept;
+                        }
+                        if !alive {
                             // The syncer stopped: a sync failed (reported below).
                             return Err(layer_error(0)(Qcow2WriteError::Io(
                                 std::io::Error::other("a staged layer could not be synced"),

@@ -1715,7 +1715,7 @@ impl ReplicaSide {
                 return Err(ApiError::internal(e));
             }
             // The `.staged` file stands for the upload now.
-            let _ = std::fs::remove_file(files.checkpoint());
+            files.remove_checkpoint(staged.layers.len());
             let row = upload_row(vm, upload_id, &summary);
             store.put_upload(&row)?;
             tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded, verified and written into its point (staged)");
@@ -2097,6 +2097,18 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                     tracing::info!(vm = %vm.id, file = %name, "deleting what a staged upload nobody continued left");
                     let _ = std::fs::remove_file(&path);
                 }
+            } else if name.ends_with(".runs")
+                && age > super::staged::ABANDONED_AFTER
+                && !recent_checkpoint_of(&dir, &name)
+                && !name.rsplit_once(".disk").is_some_and(|(stem, _)| {
+                    replica
+                        .stagings
+                        .holds(&dir.join(format!("{stem}.disk0.layer")))
+                })
+            {
+                // The allocations a checkpoint counts: they go when it did or is old.
+                tracing::info!(vm = %vm.id, file = %name, "deleting what a staged upload nobody continued left");
+                let _ = std::fs::remove_file(&path);
             } else if name.ends_with(".layer")
                 && age > super::staged::ABANDONED_AFTER
                 && !replica.stagings.holds(&path)

@@ -79,12 +79,26 @@ impl StageFiles {
         self.incoming.join(format!("{}.checkpoint", self.stem()))
     }
 
+    /// The runs file of disk `disk`'s layer: its allocations, which its checkpoints count.
+    pub fn runs(&self, disk: usize) -> PathBuf {
+        self.incoming
+            .join(format!("{}.disk{disk}.runs", self.stem()))
+    }
+
     /// Deletes its `disks` layers and its checkpoint.
     pub fn remove(&self, disks: usize) {
         for i in 0..disks {
             let _ = std::fs::remove_file(self.layer(i));
         }
+        self.remove_checkpoint(disks);
+    }
+
+    /// Deletes its checkpoint and the `disks` runs files it counts (the layers stay).
+    pub fn remove_checkpoint(&self, disks: usize) {
         let _ = std::fs::remove_file(self.checkpoint());
+        for i in 0..disks {
+            let _ = std::fs::remove_file(self.runs(i));
+        }
     }
 }
 
@@ -142,8 +156,8 @@ pub fn find_checkpoint(incoming: &Path, seq: u64) -> Option<(StageFiles, StageCh
                 nonce: u32::from_str_radix(nonce, 16).ok()?,
             };
             let cp = StageCheckpoint::from_bytes(&std::fs::read(e.path()).ok()?)?;
-            (0..cp.layers.len())
-                .all(|i| files.layer(i).is_file())
+            let runs: Vec<PathBuf> = (0..cp.layers.len()).map(|i| files.runs(i)).collect();
+            ((0..cp.layers.len()).all(|i| files.layer(i).is_file()) && cp.progress(&runs).is_ok())
                 .then_some((files, cp))
         })
         .max_by_key(|(_, cp)| cp.offset())
@@ -249,6 +263,7 @@ impl Staging {
     ) -> Staging {
         let (seq, upload) = (expect.sequence, files.upload);
         let layers: Vec<PathBuf> = (0..disks.len()).map(|i| files.layer(i)).collect();
+        let runs: Vec<PathBuf> = (0..disks.len()).map(|i| files.runs(i)).collect();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED_CHUNKS);
         let fed = from.as_ref().map_or(0, StageCheckpoint::offset);
         let (paths, what, table, own) = (
@@ -276,13 +291,27 @@ impl Staging {
                         }
                     },
                 ),
+                runs: runs.clone(),
             };
-            let staged = match opened {
-                Err(source) => Err(StageError::Apply(ApplyError::Rejected {
+            // The layers' allocations as the checkpoint saw them (checked by `find_checkpoint`).
+            let resumed = match &from {
+                None => Ok(None),
+                Some(cp) => cp.progress(&runs).map(Some),
+            };
+            let staged = match (opened, resumed) {
+                (Err(source), _) => Err(StageError::Apply(ApplyError::Rejected {
                     path: what.display().to_string(),
                     source,
                 })),
-                Ok(reader) => {
+                // Not an ended input: nothing can continue from it, so its files go.
+                (Ok(_), Err(e)) => {
+                    tracing::warn!(sequence = seq, %upload, "the staged upload's runs files do not hold its checkpoint's runs: {e}");
+                    Err(StageError::Apply(ApplyError::Rejected {
+                        path: what.display().to_string(),
+                        source: wire::LogDecodeError::ReaderFailed,
+                    }))
+                }
+                (Ok(reader), Ok(resumed)) => {
                     if super::replica::disk_specs(reader.header()) != table {
                         Err(StageError::DiskTable(table))
                     } else {
@@ -291,7 +320,7 @@ impl Staging {
                             &paths,
                             &what,
                             Some(checkpoints),
-                            from.as_ref().map(|cp| &cp.layers[..]),
+                            resumed.as_deref(),
                         )
                         .map_err(StageError::Apply)
                     }
