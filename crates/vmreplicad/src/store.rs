@@ -335,12 +335,15 @@ impl Store {
         Ok(())
     }
 
-    /// Records a replication at `time` (of type `kind`) unless a later one is recorded: one
-    /// statement, so it needs no claim on the VM and no command's write of the row loses it.
+    /// Records a replication at `time` (of type `kind`) unless a later one is recorded, or the
+    /// relationship is not past its initial replication (0, 1, 2: one removed and enabled again
+    /// while the log was in flight): one statement, so it needs no claim on the VM and no
+    /// command's write of the row loses it.
     pub fn note_replication(&self, vm: Uuid, time: i64, kind: u16) -> StoreResult<()> {
         self.conn().execute(
             "UPDATE relationships SET last_replication_time = ?2, last_replication_type = ?3
-             WHERE vm = ?1 AND coalesce(last_replication_time, -1) <= ?2",
+             WHERE vm = ?1 AND coalesce(last_replication_time, -1) <= ?2
+                AND state NOT IN (0, 1, 2)",
             params![vm.to_string(), time, kind],
         )?;
         Ok(())
@@ -927,6 +930,15 @@ pub(crate) mod tests {
         store.remove_relationship(a.id).expect("remove");
         assert_eq!(store.get_relationship(a.id).expect("get"), None);
         assert_eq!(store.get_vm(a.id).expect("vm").map(|v| v.mode), Some(0));
+
+        // Enabled again (1) while a log of the old relationship was in flight: its note is not
+        // this relationship's replication.
+        let mut again = RelationshipRow::new(a.id, 6);
+        again.state = 1;
+        store.put_relationship(&again, 1).expect("put");
+        store.note_replication(a.id, 150, 1).expect("note");
+        let got = store.get_relationship(a.id).expect("get").expect("row");
+        assert_eq!(got.last_replication_time, None);
     }
 
     #[test]

@@ -1139,7 +1139,7 @@ async fn send(
             &spool,
             growing.clone(),
             Arc::new(|_, _| {}),
-            false,
+            crate::replication::client::CommitAs::default(),
             crate::replication::client::Patience::quick(),
         );
         let (built, delivered) = tokio::join!(build, send);

@@ -234,7 +234,7 @@ async fn send_full(
         log_path,
         growing.clone(),
         progress,
-        false,
+        crate::replication::client::CommitAs::default(),
         crate::replication::client::Patience::initial({
             let ctx = ctx.clone();
             std::sync::Arc::new(move || ctx.is_cancelled())

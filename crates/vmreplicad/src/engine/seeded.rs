@@ -208,12 +208,24 @@ async fn compare_and_send(
             }
         }
     };
-    let id = cs.id;
-    let result = compare_begun(ctx, job, vm, rel, &mut session, running, &recovery, cs, own).await;
+    let mut cs = cs;
+    let result = compare_begun(
+        ctx,
+        job,
+        vm,
+        rel,
+        &mut session,
+        running,
+        &recovery,
+        &mut cs,
+        own,
+    )
+    .await;
     if result.is_err() {
-        // Best effort: the replica drops the session (and its pin) now rather than at the next.
+        // Best effort: the replica drops the session (and its pin) now rather than at the next;
+        // the one held last (a recovery may have begun another).
         let _ = session
-            .json::<(), CompareSession>(Route::CancelCompare(vm.id, id), None)
+            .json::<(), CompareSession>(Route::CancelCompare(vm.id, cs.id), None)
             .await;
     }
     result
@@ -498,7 +510,7 @@ async fn compare_begun(
     session: &mut crate::replication::client::Session,
     running: Option<&RunningPoint>,
     recovery: &Recovery<'_>,
-    mut cs: CompareSession,
+    cs: &mut CompareSession,
     own: Vec<std::path::PathBuf>,
 ) -> Result<(), JobFailure> {
     let kind = recovery.begin.kind;
@@ -512,9 +524,9 @@ async fn compare_begun(
     // 2. Once the replica is ready (kind 1: its copy imported as point 1), the ranges compare.
     // A broken connection, or a recovery server that lost the session (it restarted), is taken
     // up again where it was: the hashes compared so far stay compared.
-    match wait_ready(ctx, vm, session, &mut cs).await {
+    match wait_ready(ctx, vm, session, cs).await {
         Ok(ready) => ready?,
-        Err(e) => recovery.take_up(session, &mut cs, e).await?,
+        Err(e) => recovery.take_up(session, cs, e).await?,
     }
     let bs = u64::from(DEFAULT_BLOCK_SIZE);
     let mut differing: Vec<Vec<(u64, u64)>> = Vec::new();
@@ -552,7 +564,7 @@ async fn compare_begun(
                     .await
                 {
                     Ok(body) => break body,
-                    Err(e) => recovery.take_up(session, &mut cs, e).await?,
+                    Err(e) => recovery.take_up(session, cs, e).await?,
                 }
             };
             let answer = RangeAnswer::parse(&body)
@@ -724,6 +736,10 @@ impl Recovery<'_> {
             Some(_) => "comparing block hashes",
             None => "beginning the comparison",
         };
+        if cs.is_none() && self.begin.kind != 2 {
+            // A seeded begin imports the seed: it is never sent twice.
+            return Err(err.into_failure(what));
+        }
         let mut last = err;
         for secs in crate::replication::client::INITIAL_RETRIES {
             if !(last.is_network() || unknown_compare(&last)) {
@@ -856,7 +872,10 @@ pub(super) async fn send_compared<W: std::io::Write>(
         spool,
         growing,
         Arc::new(|_, _| {}),
-        false,
+        crate::replication::client::CommitAs {
+            wait_applied: false,
+            resync: count,
+        },
         // As long as a comparison waits for its recovery server (`Recovery::take_up`).
         crate::replication::client::Patience::initial({
             let ctx = ctx.clone();

@@ -140,6 +140,15 @@ async fn own_prefix_hash(path: PathBuf, len: u64) -> Option<String> {
     .flatten()
 }
 
+/// How a delivered log is committed (docs/protocol.md §5.3).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitAs {
+    /// The commit's answer waits until the replica applied the log.
+    pub wait_applied: bool,
+    /// The log a resynchronization sent (only told to a replica with `resync-commit`).
+    pub resync: bool,
+}
+
 /// Called with (bytes sent, log length) as a log goes out.
 pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 
@@ -306,13 +315,18 @@ impl Session {
     /// Whether logs sent on this connection may hold zstd frames: `CompressionEnabled` and the
     /// `zstd` capability both (§3).
     pub fn zstd(&self, enabled: bool) -> bool {
-        enabled && self.hello.capabilities.iter().any(|c| c == "zstd")
+        enabled && self.has("zstd")
+    }
+
+    /// True when the hello agreed on capability `name` (docs/protocol.md §3).
+    pub fn has(&self, name: &str) -> bool {
+        self.hello.capabilities.iter().any(|c| c == name)
     }
 
     /// Ok when the hello agreed on capability `name` (docs/protocol.md §3); else the refusal a
     /// peer without the feature would give (`UnsupportedVersion`: 32770, an upgrade is needed).
     pub fn require(&self, name: &str) -> Result<(), PeerError> {
-        if self.hello.capabilities.iter().any(|c| c == name) {
+        if self.has(name) {
             return Ok(());
         }
         Err(PeerError::Refused(Box::new(ErrorDetail::new(
@@ -345,7 +359,7 @@ impl Peers {
         file: &Path,
         log: Arc<GrowingLog>,
         progress: Progress,
-        wait_applied: bool,
+        commit: CommitAs,
         patience: Patience,
     ) -> Result<Delivered, PeerError> {
         let result = self
@@ -356,7 +370,7 @@ impl Peers {
                 file,
                 log.clone(),
                 progress,
-                (wait_applied, patience),
+                (commit, patience),
             )
             .await;
         log.close();
@@ -372,7 +386,13 @@ impl Peers {
         file: &Path,
         log: Arc<GrowingLog>,
         progress: Progress,
-        (wait_applied, patience): (bool, Patience),
+        (
+            CommitAs {
+                wait_applied,
+                resync,
+            },
+            patience,
+        ): (CommitAs, Patience),
     ) -> Result<Delivered, PeerError> {
         // Every attempt of this delivery uploads under one id: a replica holding it holds our bytes.
         let ours = Uuid::new_v4();
@@ -497,6 +517,8 @@ impl Peers {
                     log_hash,
                     log_bytes,
                     wait_applied,
+                    // A replica without the capability would refuse the field.
+                    resync: resync && session.has("resync-commit"),
                 };
                 // The replica answers a commit that waits for the apply within 600 s.
                 let limit = if wait_applied {

@@ -549,8 +549,8 @@ impl PrimarySide {
         replicated_at: Option<i64>,
     ) -> bool {
         if let Some(t) = replicated_at {
-            // Recorded whatever the state: a suspend that came while this log was in flight holds
-            // the claim until it ends, and the log did replicate.
+            // Recorded whatever the state past the initial replication: a suspend that came while
+            // this log was in flight holds the claim until it ends, and the log did replicate.
             let regular = vmreplica_core::state::ReplicationType::Regular.as_u16();
             if let Err(e) = self.store.note_replication(vm, t, regular) {
                 tracing::warn!(%vm, "cannot record the replication time: {e}");
@@ -579,6 +579,11 @@ impl PrimarySide {
             return false;
         }
         rel.state = state.as_u16();
+        if let Some(t) = replicated_at {
+            // From 2, which the note above leaves alone.
+            rel.last_replication_time = Some(t);
+            rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
+        }
         self.store.put_relationship(&rel, v.mode).is_ok()
     }
 
@@ -751,7 +756,10 @@ impl PrimarySide {
             &path,
             growing.clone(),
             progress,
-            planned,
+            super::client::CommitAs {
+                wait_applied: planned,
+                resync: false,
+            },
             super::client::Patience::quick(),
         );
         let (built, delivered) = tokio::join!(build, send);

@@ -818,13 +818,16 @@ impl ReplicaSide {
             }
             R::CommitLog(vm, seq) => {
                 let commit: Commit = read_json(req.into_body()).await?;
-                // Marked before the commit wakes the apply task, which prunes after a resync.
-                let resync = self
-                    .compares
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&vm)
-                    .is_some_and(|c| c.next == seq && c.resync);
+                // Marked before the commit wakes the apply task, which prunes after a resync. The
+                // primary says so too: this replica may have lost the session (a restart) after
+                // the comparison, while the log was on its way.
+                let resync = commit.resync
+                    || self
+                        .compares
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&vm)
+                        .is_some_and(|c| c.next == seq && c.resync);
                 if resync {
                     self.store.mark_resync_point(vm, seq)?;
                 }

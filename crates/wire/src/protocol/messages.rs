@@ -593,6 +593,10 @@ pub struct Commit {
     pub log_hash: String,
     pub log_bytes: u64,
     pub wait_applied: bool,
+    /// The log a resynchronization sent (capability `resync-commit`; left out when false): the
+    /// replica keeps only its point once it is applied, even if it lost the compare session.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync: bool,
 }
 
 impl Validate for Commit {

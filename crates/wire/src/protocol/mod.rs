@@ -17,6 +17,7 @@ pub const CAPABILITIES: &[&str] = &[
     "planned-failover",
     "reverse",
     "failback",
+    "resync-commit",
 ];
 
 /// Request headers of a log upload (§5.3).
