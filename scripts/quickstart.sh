@@ -148,6 +148,8 @@ say "Planned failover to hv2 and reverse: no data lost, no resynchronization"
 echo "hv1 becomes a recovery server too, so that hv2 can replicate back to it:"
 RPORT1=${VMREPLICA_REPLICATION_PORT1:-$((PORT + 3))}
 run vmreplica server set --enable --thumbprint "$T1" --https-port "$RPORT1"
+# The listener starts in the background: wait for it, as for hv2's above.
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$RPORT1") 2>/dev/null && break; sleep 0.1; done
 mkdir -p "$DATA/host1/replicas"
 run vmreplica auth add --primary '*.lab.example' --storage "$DATA/host1/replicas"
 run qemu-io -f qcow2 -c "write -P 0x5a 120M 512k" "$DISK"      # the last writes before the VM stops

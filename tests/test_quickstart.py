@@ -9,11 +9,11 @@ from conftest import ROOT, free_port
 
 def test_the_quickstart_tour_runs_and_its_replica_equals_the_sample_disk():
     ports = set()
-    while len(ports) < 3:
+    while len(ports) < 4:
         ports.add(free_port())
-    main, replica, replication = sorted(ports)
+    main, replica, replication, replication1 = sorted(ports)
     env = dict(os.environ, VMREPLICA_PORT=str(main), VMREPLICA_REPLICA_PORT=str(replica),
-               VMREPLICA_REPLICATION_PORT=str(replication))
+               VMREPLICA_REPLICATION_PORT=str(replication), VMREPLICA_REPLICATION_PORT1=str(replication1))
     res = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

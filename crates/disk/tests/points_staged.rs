@@ -187,7 +187,9 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
         .write(true)
         .open(&runs[0])
         .expect("runs");
+    assert!(last.runs_present(&runs));
     file.set_len(last.layers[0].kept * 16 - 1).expect("cut");
+    assert!(!last.runs_present(&runs));
     assert!(last.progress(&runs).is_err());
 }
 

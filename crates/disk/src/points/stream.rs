@@ -237,6 +237,17 @@ impl StageCheckpoint {
         })
     }
 
+    /// True when each layer's runs file in `runs` (one per layer) is long enough to hold the runs
+    /// its mark counts (without reading them: [`StageCheckpoint::progress`] does).
+    pub fn runs_present(&self, runs: &[PathBuf]) -> bool {
+        runs.len() == self.layers.len()
+            && self.layers.iter().zip(runs).all(|(mark, path)| {
+                let need = mark.kept.checked_mul(RUN_BYTES);
+                need == Some(0)
+                    || need.is_some_and(|n| std::fs::metadata(path).is_ok_and(|m| m.len() >= n))
+            })
+    }
+
     /// Each layer's progress, its final runs read from its runs file in `runs` (one per layer, as
     /// given to [`Checkpoints::runs`]); an error when one is missing or shorter than its mark says.
     pub fn progress(&self, runs: &[PathBuf]) -> std::io::Result<Vec<Qcow2Progress>> {

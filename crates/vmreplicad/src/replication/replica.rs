@@ -818,19 +818,6 @@ impl ReplicaSide {
             }
             R::CommitLog(vm, seq) => {
                 let commit: Commit = read_json(req.into_body()).await?;
-                // Marked before the commit wakes the apply task, which prunes after a resync. The
-                // primary says so too: this replica may have lost the session (a restart) after
-                // the comparison, while the log was on its way.
-                let resync = commit.resync
-                    || self
-                        .compares
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&vm)
-                        .is_some_and(|c| c.next == seq && c.resync);
-                if resync {
-                    self.store.mark_resync_point(vm, seq)?;
-                }
                 let answer = self.commit(&entry, vm, seq, commit).await;
                 if answer.is_ok() {
                     // The log the compare asked for is committed: the session is done.
@@ -1775,9 +1762,27 @@ impl ReplicaSide {
             if !uploaded.exists() && staged.exists() {
                 (uploaded, committed) = (staged, super::staged::committed_path(&dir, seq));
             }
-            std::fs::rename(&uploaded, &committed)
+            // A resynchronization's log, marked (only now that this commit is checked) before the
+            // commit wakes the apply task, which prunes after a resync. The primary says so too:
+            // this replica may have lost the session (a restart) while the log was on its way.
+            let resync = commit.resync
+                || self
+                    .compares
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&vm)
+                    .is_some_and(|c| c.next == seq && c.resync);
+            if resync {
+                self.store.mark_resync_point(vm, seq)?;
+            }
+            if let Err(e) = std::fs::rename(&uploaded, &committed)
                 .and_then(|()| sync_dir(&incoming_dir(&root, vm)))
-                .map_err(ApiError::internal)?;
+            {
+                if resync && !committed.exists() {
+                    let _ = self.store.take_resync_point(vm, seq);
+                }
+                return Err(ApiError::internal(e));
+            }
             self.store.commit_upload(&up)?;
             rel.last_replication_time = Some(up.point_time / 1_000_000);
             rel.last_replication_type = ReplicationType::Regular.as_u16();

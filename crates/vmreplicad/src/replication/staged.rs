@@ -138,7 +138,7 @@ const _: () = assert!(
 const QUEUED_CHUNKS: usize = 16;
 
 /// The staging of log `seq` whose checkpoint in `incoming` is furthest, with that checkpoint, if
-/// its layers are all there. (A checkpoint left by an attempt ended meanwhile still matches its
+/// its layers are all there and its runs files hold the runs it counts. (A checkpoint left by an attempt ended meanwhile still matches its
 /// own layers and its upload's bytes.)
 pub fn find_checkpoint(incoming: &Path, seq: u64) -> Option<(StageFiles, StageCheckpoint)> {
     let prefix = format!("{seq:020}-");
@@ -157,7 +157,7 @@ pub fn find_checkpoint(incoming: &Path, seq: u64) -> Option<(StageFiles, StageCh
             };
             let cp = StageCheckpoint::from_bytes(&std::fs::read(e.path()).ok()?)?;
             let runs: Vec<PathBuf> = (0..cp.layers.len()).map(|i| files.runs(i)).collect();
-            ((0..cp.layers.len()).all(|i| files.layer(i).is_file()) && cp.progress(&runs).is_ok())
+            ((0..cp.layers.len()).all(|i| files.layer(i).is_file()) && cp.runs_present(&runs))
                 .then_some((files, cp))
         })
         .max_by_key(|(_, cp)| cp.offset())
@@ -293,7 +293,8 @@ impl Staging {
                 ),
                 runs: runs.clone(),
             };
-            // The layers' allocations as the checkpoint saw them (checked by `find_checkpoint`).
+            // The layers' allocations as the checkpoint saw them (`find_checkpoint` saw their
+            // runs files long enough; read here, off the runtime's threads).
             let resumed = match &from {
                 None => Ok(None),
                 Some(cp) => cp.progress(&runs).map(Some),
