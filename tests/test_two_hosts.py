@@ -1202,7 +1202,7 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     else:
         lab.replica.stop()  # SIGTERM: a clean exit keeps the upload's checkpoint too
         # Down for longer than the quick retries (1, 2, 4 s) of a cycle: an initial replication
-        # waits for its recovery server (up to 10 minutes).
+        # waits for its recovery server (up to an hour).
         time.sleep(10)
     saved = staged_checkpoint_offset(far()[0])
     lab.replica.start()

@@ -722,7 +722,7 @@ impl Recovery<'_> {
     }
 
     /// After `err`: when the connection broke, or the recovery server no longer knows the session
-    /// `cs` (it restarted), connects again (for about 10 minutes, as a network initial
+    /// `cs` (it restarted), connects again (for about an hour, as a network initial
     /// replication waits) and goes on in that session, or in a new one on the same point, ready;
     /// without `cs` (its begin got no answer), begins one. Any other error, a cancel, or a replica
     /// that now compares another point ends the job.

@@ -155,12 +155,30 @@ pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 /// Waits before the quick re-sends of a log after a broken connection (docs/protocol.md §8).
 const QUICK_RETRIES: [u64; 3] = [1, 2, 4];
 
-/// Waits before the re-sends of a network initial replica: about 10 minutes in all (counted again
-/// from the start once an attempt got further), as long as a replica keeps a staged upload for
-/// it, so one that restarts (its host rebooting) continues it from its checkpoint instead of the
-/// job failing.
-pub(crate) const INITIAL_RETRIES: [u64; 15] =
-    [1, 2, 4, 8, 15, 30, 60, 60, 60, 60, 60, 60, 60, 60, 60];
+/// Waits before the re-sends of a network initial replica: 1, 2, 4, 8, 15 and 30 s, then every
+/// minute, an hour in all (counted again from the start once an attempt got further), as long as
+/// a replica keeps a staged upload for it (`staged::ABANDONED_AFTER`), so one that restarts (its
+/// host rebooting, however slowly) continues it from its checkpoint instead of the job failing.
+pub(crate) const INITIAL_RETRIES: [u64; 65] = {
+    let mut waits = [60; 65];
+    let first = [1, 2, 4, 8, 15, 30];
+    let mut i = 0;
+    while i < first.len() {
+        waits[i] = first[i];
+        i += 1;
+    }
+    waits
+};
+
+const _: () = {
+    let mut total = 0;
+    let mut i = 0;
+    while i < INITIAL_RETRIES.len() {
+        total += INITIAL_RETRIES[i];
+        i += 1;
+    }
+    assert!(total == super::staged::ABANDONED_AFTER.as_secs());
+};
 
 /// How long a delivery keeps trying after its connection broke, and what can end the wait.
 #[derive(Clone)]
@@ -182,7 +200,7 @@ impl Patience {
         }
     }
 
-    /// A network initial replication's: up to 10 minutes; `give_up` (its job cancelled) ends it.
+    /// A network initial replication's: up to an hour; `give_up` (its job cancelled) ends it.
     pub fn initial(give_up: Arc<dyn Fn() -> bool + Send + Sync>) -> Patience {
         Patience {
             retries: &INITIAL_RETRIES,

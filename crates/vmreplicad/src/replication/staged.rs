@@ -38,8 +38,11 @@ use uuid::Uuid;
 use wire::protocol::DiskSpec;
 use wire::{Expect, LogReader, LogSummary};
 
-/// How long a staged upload cut off by a broken connection waits for the primary to continue it.
-pub const ABANDONED_AFTER: Duration = Duration::from_secs(600);
+/// How long a staged upload cut off by a broken connection waits for the primary to continue it,
+/// and a checkpoint left by a restart is kept: as long as the primary keeps trying
+/// (`client::INITIAL_RETRIES`), so an outage of either host's network or of this host itself up
+/// to an hour costs the initial replication nothing.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 
 /// The files of one staging of an upload: `<seq:020>-<upload>.s<nonce:08x>.disk<i>.layer` and
 /// `….checkpoint`. The nonce is new for every staging started at offset 0, so the files of an
