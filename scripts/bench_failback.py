@@ -28,6 +28,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import bench_tools
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,6 +78,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work directory (daemon logs) afterwards")
     ap.add_argument("--resync", action="store_true", help="reverse + Resynchronize instead of failback")
     args = ap.parse_args()
+    bench_tools.ensure("rsync", "qemu-img", "qemu-io")
     size = size_arg(args.size)
     work, image = prepare(args.dir, args.size)
 

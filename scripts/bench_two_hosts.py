@@ -30,6 +30,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import bench_tools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +165,7 @@ def main():
     ap.add_argument("--perf", default="",
                     help="record `perf record -a` into this file during the initial replication")
     args = ap.parse_args()
+    bench_tools.ensure("rsync", "qemu-img", "qemu-io")
     size, churn = size_arg(args.size), size_arg(args.churn)
     work, image = prepare(args.dir, args.size)
     allocated = int(json.loads(sh("qemu-img", "info", "--output=json", image).stdout)["actual-size"])

@@ -76,6 +76,7 @@ impl Prehash {
         block_size: u32,
         maps: Option<Vec<PathBuf>>,
         prefixes: Vec<Vec<Hash>>,
+        journal: Option<Journal>,
     ) {
         let mut budget = MAX_BLOCKS;
         let mut planned = Vec::new();
@@ -112,8 +113,16 @@ impl Prehash {
                         tracing::info!(image = %image, blocks = from, "the replica's hashes of the first blocks of disk {i} were kept from an earlier comparison of this point");
                     }
                 }
-                let hashed =
-                    || hash_image(&rt, &inner, i, image, format, (from, blocks), block_size);
+                let hashed = || {
+                    hash_image(
+                        &rt,
+                        &inner,
+                        (i, image, format),
+                        (from, blocks),
+                        block_size,
+                        journal.as_ref(),
+                    )
+                };
                 if !loaded {
                     if let Err(e) = hashed() {
                         tracing::warn!(image = %image, "hashing the replica's copy ahead stopped: {e}; ranges read it themselves");
@@ -262,8 +271,8 @@ pub fn take_kept(
     Some(maps)
 }
 
-/// `<data>/prehash/<VMID>/prefix/`: the hashes a compare session made of its point before it was
-/// cancelled (a paused resynchronization, spec §13.6), for the next session on the same point.
+/// `<data>/prehash/<VMID>/prefix/`: the hashes compare sessions made of their point as they went
+/// ([`Journal`]), for the next session on the same point (after a pause, spec §13.6, or a restart).
 fn prefix_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
     kept_dir(data_dir, vm).join("prefix")
 }
@@ -277,78 +286,196 @@ pub fn prefix_tag(sequence: u64, identity: &str, block_size: u32, sizes: &[u64])
     }
 }
 
-impl Prehash {
-    /// Keeps the hashes made so far of each image (a prefix of its blocks, 16 bytes each) as those
-    /// of the point `tag` names ([`prefix_tag`]; empty: nothing kept). A point never changes, so
-    /// they stay true for it; [`take_prefixes`] hands them to the next session on that point,
-    /// which hashes only the rest. Files are synced before the tag is written (renamed into
-    /// place), so a power cut never leaves a tag over hashes that read back as zeros. Best
-    /// effort: without them, that session reads the whole point again.
-    pub fn keep_prefixes(&self, data_dir: &Path, vm: Uuid, tag: &str) {
+/// Journal writes and takes, one at a time in this process, and the generation of each journal
+/// directory: opening a journal (or forgetting the hashes) makes a new one, and a journal of an
+/// older generation records nothing more. So a session being replaced, or one that ended and
+/// still writes what it hashed last, never writes into the next session's files (of another point,
+/// possibly).
+static JOURNALS: Mutex<Option<std::collections::HashMap<PathBuf, u64>>> = Mutex::new(None);
+
+fn journals() -> std::sync::MutexGuard<'static, Option<std::collections::HashMap<PathBuf, u64>>> {
+    JOURNALS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A new generation of the journal directory `dir` (the caller holds [`journals`]).
+fn next_generation(all: &mut Option<std::collections::HashMap<PathBuf, u64>>, dir: &Path) -> u64 {
+    let g = all
+        .get_or_insert_with(Default::default)
+        .entry(dir.to_path_buf())
+        .or_insert(0);
+    *g += 1;
+    *g
+}
+
+/// Where a session's hashes of its point go as they are made ([`prefix_dir`]): `disk<i>`, 16
+/// bytes per block from block 0, and `point`: the tag ([`prefix_tag`]) on its first line, then the
+/// count of hashes of each disk that are synced. So a later session on the same point — after a
+/// pause, a cancel or a restart of this daemon — starts after them ([`take_prefixes`]): a point
+/// never changes, so they cannot go stale.
+pub struct Journal {
+    dir: PathBuf,
+    generation: u64,
+    tag: String,
+    /// Synced hashes per disk, as `point` says.
+    counts: Mutex<Vec<u64>>,
+    /// A write failed: nothing more is recorded (and what is there stays true).
+    broken: AtomicBool,
+}
+
+impl Journal {
+    /// The journal of `vm`'s session on the point `tag` names, which starts after `prefixes` (as
+    /// [`take_prefixes`] gave them; they are in its files). One of another point is deleted. None
+    /// without a tag, or when the directory cannot be made (best effort: a later session then
+    /// hashes the point again).
+    pub fn open(data_dir: &Path, vm: Uuid, tag: &str, prefixes: &[Vec<Hash>]) -> Option<Journal> {
+        if tag.is_empty() {
+            return None;
+        }
+        let mut all = journals();
         let dir = prefix_dir(data_dir, vm);
-        let _ = std::fs::remove_dir_all(&dir);
-        if tag.is_empty() || std::fs::create_dir_all(&dir).is_err() {
-            return;
-        }
-        let write_synced = |path: &Path, bytes: &[u8]| {
-            std::fs::write(path, bytes)
-                .and_then(|()| std::fs::File::open(path))
-                .and_then(|f| f.sync_all())
-                .is_ok()
-        };
-        let mut kept = 0u64;
-        let mut ok = true;
-        for (i, hashes) in self.inner.hashes.iter().enumerate() {
-            let bytes: Vec<u8> = hashes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .flatten()
-                .copied()
-                .collect();
-            kept += (bytes.len() / HASH_LEN) as u64;
-            ok &= bytes.is_empty() || write_synced(&dir.join(format!("disk{i}")), &bytes);
-        }
-        let tmp = dir.join("point.tmp");
-        ok &= kept > 0
-            && write_synced(&tmp, tag.as_bytes())
-            && std::fs::rename(&tmp, dir.join("point")).is_ok();
-        if ok {
-            tracing::info!(%vm, tag, blocks = kept, "the hashes made of the point are kept for the next comparison");
-        } else {
+        if read_point(&dir).is_none_or(|(t, _)| t != tag) {
             let _ = std::fs::remove_dir_all(&dir);
         }
+        let counts: Vec<u64> = prefixes.iter().map(|p| p.len() as u64).collect();
+        let journal = Journal {
+            generation: next_generation(&mut all, &dir),
+            dir,
+            tag: tag.to_string(),
+            counts: Mutex::new(counts),
+            broken: AtomicBool::new(false),
+        };
+        let made = std::fs::create_dir_all(&journal.dir)
+            .and_then(|()| journal.write_point())
+            .and_then(|()| sync_dir(journal.dir.parent().unwrap_or(&journal.dir)));
+        match made {
+            Ok(()) => Some(journal),
+            Err(e) => {
+                tracing::warn!(%vm, "the hashes of this comparison are not kept: {e}");
+                None
+            }
+        }
+    }
+
+    /// Records the hashes of image `i`'s blocks `from..` (`step`), unless a newer journal of the
+    /// same directory was opened since: written, synced, then counted in `point` (renamed into
+    /// place).
+    fn record(&self, i: usize, from: u64, step: &[Hash]) {
+        use std::os::unix::fs::FileExt;
+        let all = journals();
+        let current = all.as_ref().and_then(|m| m.get(&self.dir)) == Some(&self.generation);
+        if !current || self.broken.load(Ordering::Acquire) || step.is_empty() {
+            return;
+        }
+        let written = (|| {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.dir.join(format!("disk{i}")))?;
+            file.write_all_at(step.as_flattened(), from * HASH_LEN as u64)?;
+            file.sync_data()?;
+            {
+                let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+                if counts.len() <= i {
+                    counts.resize(i + 1, 0);
+                }
+                counts[i] = from + step.len() as u64;
+            }
+            self.write_point()
+        })();
+        if let Err(e) = written {
+            tracing::warn!(dir = %self.dir.display(), "the hashes of this comparison are no longer kept: {e}");
+            self.broken.store(true, Ordering::Release);
+        }
+    }
+
+    fn write_point(&self) -> std::io::Result<()> {
+        let counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let text = format!(
+            "{}\n{}\n",
+            self.tag,
+            counts
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let tmp = self.dir.join("point.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join("point"))?;
+        sync_dir(&self.dir)
     }
 }
 
-/// The hashes [`Prehash::keep_prefixes`] kept for the point `tag` names, one (possibly empty)
-/// prefix per disk of `disks`, handed over and deleted. Hashes kept for anything else are
-/// deleted, and empty prefixes returned.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The tag in `dir`'s `point` file and its counts (None: the whole files count, as written before
+/// there were counts).
+fn read_point(dir: &Path) -> Option<(String, Option<Vec<u64>>)> {
+    let text = std::fs::read_to_string(dir.join("point")).ok()?;
+    let mut lines = text.lines();
+    let tag = lines.next()?.to_string();
+    let counts = lines.next().map(|l| {
+        l.split_whitespace()
+            .map(|n| n.parse().ok())
+            .collect::<Option<Vec<u64>>>()
+    });
+    match counts {
+        Some(None) => None, // unreadable
+        Some(Some(c)) => Some((tag, Some(c))),
+        None => Some((tag, None)),
+    }
+}
+
+/// The hashes a session on the point `tag` names made of it ([`Journal`]), one (possibly empty)
+/// prefix per disk of `disks`: what `point` counts. They stay, for the [`Journal`] of the session
+/// that takes them to go on after. Hashes kept for anything else are deleted, and empty prefixes
+/// returned.
 pub fn take_prefixes(data_dir: &Path, vm: Uuid, tag: &str, disks: usize) -> Vec<Vec<Hash>> {
+    let mut all = journals();
     let dir = prefix_dir(data_dir, vm);
-    let point = std::fs::read_to_string(dir.join("point")).unwrap_or_default();
-    let usable = !tag.is_empty() && point == tag;
-    let prefixes = (0..disks)
-        .map(|i| match usable {
-            true => std::fs::read(dir.join(format!("disk{i}")))
-                .unwrap_or_default()
+    let point = read_point(&dir);
+    let usable = !tag.is_empty() && point.as_ref().is_some_and(|(t, _)| t == tag);
+    if !usable {
+        next_generation(&mut all, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return vec![Vec::new(); disks];
+    }
+    let counts = point.and_then(|(_, c)| c);
+    (0..disks)
+        .map(|i| {
+            let bytes = std::fs::read(dir.join(format!("disk{i}"))).unwrap_or_default();
+            let whole = (bytes.len() / HASH_LEN) as u64;
+            let n = counts
+                .as_ref()
+                .map_or(whole, |c| c.get(i).copied().unwrap_or(0).min(whole));
+            bytes
                 .chunks_exact(HASH_LEN)
+                .take(usize::try_from(n).unwrap_or(0))
                 .map(|c| {
                     let mut h = [0u8; HASH_LEN];
                     h.copy_from_slice(c);
                     h
                 })
-                .collect(),
-            false => Vec::new(),
+                .collect()
         })
-        .collect();
-    forget_prefixes(data_dir, vm);
-    prefixes
+        .collect()
 }
 
-/// Drops any hashes kept for `vm` (its points are being replaced: an import, an adoption).
+/// Drops any hashes kept for `vm` (its points are being replaced: an import, an adoption; or the
+/// point they describe was resynchronized).
 pub fn forget_prefixes(data_dir: &Path, vm: Uuid) {
-    let _ = std::fs::remove_dir_all(prefix_dir(data_dir, vm));
+    let mut all = journals();
+    let dir = prefix_dir(data_dir, vm);
+    next_generation(&mut all, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An image opened for reading without QEMU in between: the file of a raw image, or the files of
@@ -391,11 +518,10 @@ impl Opened {
 fn hash_image(
     rt: &tokio::runtime::Handle,
     inner: &Inner,
-    i: usize,
-    image: &str,
-    format: &str,
+    (i, image, format): (usize, &str, &str),
     (from, blocks): (u64, u64),
     block_size: u32,
+    journal: Option<&Journal>,
 ) -> Result<(), String> {
     let opened = Opened::open(image, format)?;
     let mut source = opened.source();
@@ -405,31 +531,55 @@ fn hash_image(
         .reserve_exact(usize::try_from(blocks - from).unwrap_or(0));
     let mut next = from;
     let mut step = Vec::with_capacity(STEP as usize);
-    while next < blocks {
-        if inner.stopped.load(Ordering::Acquire) {
-            return Ok(());
+    // Hashes not yet recorded in the journal (from block `recorded`): it is written at most once
+    // a second, and at the image's end, so its syncs cost the hashing next to nothing.
+    let mut unrecorded: Vec<Hash> = Vec::new();
+    let mut recorded = from;
+    let mut last_record = std::time::Instant::now();
+    let result = (|| {
+        while next < blocks {
+            if inner.stopped.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let n = STEP.min(blocks - next);
+            step.clear();
+            rt.block_on(disk::scan::hash_blocks(
+                &mut source,
+                next,
+                n,
+                block_size,
+                &mut step,
+            ))
+            .map_err(|e| crate::error_chain(&e))?;
+            if step.len() as u64 != n {
+                return Err(format!("{} hashes for {n} blocks", step.len()));
+            }
+            inner.hashes[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&step);
+            next += n;
+            if let Some(j) = journal {
+                unrecorded.extend_from_slice(&step);
+                if last_record.elapsed() >= JOURNAL_EVERY {
+                    j.record(i, recorded, &unrecorded);
+                    recorded = next;
+                    unrecorded.clear();
+                    last_record = std::time::Instant::now();
+                }
+            }
         }
-        let n = STEP.min(blocks - next);
-        step.clear();
-        rt.block_on(disk::scan::hash_blocks(
-            &mut source,
-            next,
-            n,
-            block_size,
-            &mut step,
-        ))
-        .map_err(|e| crate::error_chain(&e))?;
-        if step.len() as u64 != n {
-            return Err(format!("{} hashes for {n} blocks", step.len()));
-        }
-        inner.hashes[i]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(&step);
-        next += n;
+        Ok(())
+    })();
+    // Done, stopped (a pause keeps what it hashed) or failed: what was hashed is recorded.
+    if let Some(j) = journal {
+        j.record(i, recorded, &unrecorded);
     }
-    Ok(())
+    result
 }
+
+/// How often a session's hashes are recorded while it hashes ([`Journal`]).
+const JOURNAL_EVERY: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -491,6 +641,7 @@ mod tests {
             BS,
             None,
             Vec::new(),
+            None,
         );
         assert_eq!(
             p.take(0, STEP - 2, 9).await,
@@ -540,7 +691,7 @@ mod tests {
         let kept = take_kept(&data, vm, 5, "h5", 1).expect("kept");
         let p = Prehash::idle(1);
         let images = vec![(path.display().to_string(), "raw".to_string(), size)];
-        p.start(images.clone(), BS, Some(kept.clone()), Vec::new());
+        p.start(images.clone(), BS, Some(kept.clone()), Vec::new(), None);
         assert_eq!(
             p.take(0, 0, 7).await,
             vec![ZERO; 7],
@@ -553,12 +704,24 @@ mod tests {
         keep_maps(&data, vm, 5, "h5", vec![write_map("c.hashes", size * 2)]);
         let kept = take_kept(&data, vm, 5, "h5", 1).expect("kept");
         let p = Prehash::idle(1);
-        p.start(images, BS, Some(kept), Vec::new());
+        p.start(images, BS, Some(kept), Vec::new(), None);
         assert_eq!(p.take(0, 0, 7).await, want);
     }
 
+    /// The hashes a session records as it goes, once the journal counts them all.
+    async fn recorded(data: &Path, vm: Uuid, tag: &str, blocks: u64) -> Vec<Hash> {
+        for _ in 0..500 {
+            let kept = take_prefixes(data, vm, tag, 1).remove(0);
+            if kept.len() as u64 == blocks {
+                return kept;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the session never recorded its {blocks} hashes");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn hashes_kept_from_a_cancelled_session_start_the_next_on_the_same_point_only() {
+    async fn hashes_recorded_as_a_session_goes_start_the_next_on_the_same_point_only() {
         let dir = Dir::new();
         let data = dir.path().join("data");
         let vm = Uuid::from_u128(11);
@@ -566,35 +729,77 @@ mod tests {
         let (path, want) = image(dir.path(), blocks);
         let size = blocks * u64::from(BS);
         let images = vec![(path.display().to_string(), "raw".to_string(), size)];
-        // A session that hashed everything, kept for point 4 of chain "h4".
-        let p = Prehash::idle(1);
-        p.start(images.clone(), BS, None, Vec::new());
-        assert_eq!(p.take(0, 0, blocks).await, want);
         let tag = prefix_tag(4, "h4", BS, &[size]);
-        p.keep_prefixes(&data, vm, &tag);
+        // A session on point 4 of chain "h4" records every step as it goes: nothing is kept at
+        // its end, so a session cut off by a restart leaves what it hashed.
+        let p = Prehash::idle(1);
+        p.start(
+            images.clone(),
+            BS,
+            None,
+            Vec::new(),
+            Journal::open(&data, vm, &tag, &[Vec::new()]),
+        );
+        assert_eq!(p.take(0, 0, blocks).await, want);
+        assert_eq!(
+            recorded(&data, vm, &tag, blocks).await,
+            want,
+            "all of them, in order"
+        );
+        assert_eq!(
+            take_prefixes(&data, vm, &tag, 1)[0],
+            want,
+            "they stay for the next session"
+        );
         assert!(
-            take_prefixes(&data, vm, &prefix_tag(4, "other", BS, &[size]), 1)[0].is_empty(),
-            "point 4 of another chain: nothing"
+            take_prefixes(&data, vm, &prefix_tag(4, "h4", BS, &[size * 2]), 1)[0].is_empty(),
+            "another disk size: nothing"
         );
         assert!(
             take_prefixes(&data, vm, &tag, 1)[0].is_empty(),
             "a wrong point's hashes are deleted"
         );
-        p.keep_prefixes(&data, vm, &tag);
-        assert!(
-            take_prefixes(&data, vm, &prefix_tag(4, "h4", BS, &[size * 2]), 1)[0].is_empty(),
-            "another disk size: nothing"
+
+        // Only what `point` counts is taken (a step written but not yet counted when the daemon
+        // stopped is not), and the next session records the rest after it.
+        let p = Prehash::idle(1);
+        p.start(
+            images.clone(),
+            BS,
+            None,
+            Vec::new(),
+            Journal::open(&data, vm, &tag, &[Vec::new()]),
         );
-        p.keep_prefixes(&data, vm, &tag);
-        let kept = take_prefixes(&data, vm, &tag, 1);
-        assert_eq!(kept[0], want, "all of them, in order");
-        assert!(
-            take_prefixes(&data, vm, &tag, 1)[0].is_empty(),
-            "handed over once"
-        );
+        assert_eq!(recorded(&data, vm, &tag, blocks).await, want);
+        let point = prefix_dir(&data, vm).join("point");
+        std::fs::write(&point, format!("{tag}\n{STEP}\n")).expect("point");
+        let prefix = take_prefixes(&data, vm, &tag, 1);
+        assert_eq!(prefix[0], want[..STEP as usize]);
+        let journal = Journal::open(&data, vm, &tag, &prefix);
+        let p = Prehash::idle(1);
+        p.start(images.clone(), BS, None, prefix, journal);
+        assert_eq!(p.take(0, 0, blocks).await, want);
+        assert_eq!(recorded(&data, vm, &tag, blocks).await, want);
+        // Written before there were counts (the tag alone): the whole files count.
+        std::fs::write(&point, &tag).expect("point");
+        assert_eq!(take_prefixes(&data, vm, &tag, 1)[0], want);
+        // A journal replaced by a newer one (a session on another point, possibly) records
+        // nothing more, nor one whose hashes were forgotten.
+        forget_prefixes(&data, vm);
+        let old = Journal::open(&data, vm, &tag, &[Vec::new()]).expect("journal");
+        let other = prefix_tag(5, "h5", BS, &[size]);
+        let new = Journal::open(&data, vm, &other, &[Vec::new()]).expect("journal");
+        old.record(0, 0, &want[..4]);
+        assert!(take_prefixes(&data, vm, &other, 1)[0].is_empty());
+        new.record(0, 0, &want[..4]);
+        assert_eq!(take_prefixes(&data, vm, &other, 1)[0], want[..4]);
+        forget_prefixes(&data, vm);
+        new.record(0, 4, &want[4..8]);
+        assert!(!prefix_dir(&data, vm).exists());
+
         // A prefix is taken as it is (here one that lies: zeros), and only the rest is read.
         let p = Prehash::idle(1);
-        p.start(images, BS, None, vec![vec![ZERO; STEP as usize]]);
+        p.start(images, BS, None, vec![vec![ZERO; STEP as usize]], None);
         let got = p.take(0, 0, blocks).await;
         assert_eq!(got[..STEP as usize], vec![ZERO; STEP as usize][..]);
         assert_eq!(got[STEP as usize..], want[STEP as usize..]);

@@ -179,9 +179,15 @@ impl Compare {
         &self,
         kept: Option<Vec<PathBuf>>,
         prefixes: Vec<Vec<[u8; disk::scan::hashmap::HASH_LEN]>>,
+        journal: Option<super::prehash::Journal>,
     ) {
-        self.prehash
-            .start(self.images.clone(), self.block_size, kept, prefixes);
+        self.prehash.start(
+            self.images.clone(),
+            self.block_size,
+            kept,
+            prefixes,
+            journal,
+        );
     }
 
     /// The session of a failback (kind 3).
@@ -417,22 +423,17 @@ impl ReplicaSide {
         }
     }
 
-    /// A resynchronization's session ended unfinished (cancelled: paused or stopped on the
-    /// primary): the hashes it made of its point are kept for the next session on that point.
-    fn keep_compare_progress(&self, vm: Uuid, c: &Compare) {
-        if !c.resync || c.failback {
-            return;
+    /// Stops the background hashing of `vm`'s open compare session, if any (a begin replacing it
+    /// takes the hashes it recorded).
+    pub(super) fn stop_compare_hashing(&self, vm: Uuid) {
+        if let Some(c) = self
+            .compares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vm)
+        {
+            c.prehash.stop();
         }
-        let identity = self
-            .store
-            .received_log(vm, c.baseline)
-            .ok()
-            .flatten()
-            .map(|l| l.log_hash)
-            .unwrap_or_default();
-        let sizes: Vec<u64> = c.images.iter().map(|(_, _, size)| *size).collect();
-        let tag = super::prehash::prefix_tag(c.baseline, &identity, c.block_size, &sizes);
-        c.prehash.keep_prefixes(&self.data_dir, vm, &tag);
     }
 
     /// `POST …/compare` (§5.5). Kind 1, Seeded: the replica VM's own disks (a copy restored on this
@@ -519,7 +520,7 @@ impl ReplicaSide {
                     // Not if it was cancelled meanwhile (3).
                     use std::sync::atomic::Ordering::{AcqRel, Acquire};
                     if c.state.compare_exchange(1, 2, AcqRel, Acquire).is_ok() {
-                        c.start_prehash(None, Vec::new());
+                        c.start_prehash(None, Vec::new(), None);
                     }
                 }
                 Err(why) => {
@@ -826,6 +827,12 @@ impl ReplicaSide {
                         if c.next == seq {
                             let (ahead, read) = c.prehash.counts();
                             tracing::info!(%vm, compare = %c.id, blocks_hashed_ahead = ahead, blocks_read_by_ranges = read, "compare session closed by its log");
+                            // Its point is no longer the latest: no session will compare it again.
+                            c.prehash.stop();
+                            let data = self.data_dir.clone();
+                            tokio::task::spawn_blocking(move || {
+                                super::prehash::forget_prefixes(&data, vm)
+                            });
                         } else {
                             map.insert(vm, c);
                         }
@@ -849,11 +856,8 @@ impl ReplicaSide {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&vm);
                 c.state.store(3, std::sync::atomic::Ordering::Release);
+                // The hashes it made are on disk already, for the next session on its point.
                 c.prehash.stop();
-                // Written before the answer: a resume right after finds them.
-                let (me, ended) = (self.clone(), c.clone());
-                let _ =
-                    tokio::task::spawn_blocking(move || me.keep_compare_progress(vm, &ended)).await;
                 Ok(json(200, &c.session()))
             }
             R::CompareRange(vm, id) => {

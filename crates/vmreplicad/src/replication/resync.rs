@@ -193,13 +193,16 @@ impl ReplicaSide {
                 &identity,
                 begin.disks.len(),
             );
-            // And the hashes a session on this point made before it was cancelled (a paused
-            // resynchronization keeps its progress, spec §13.6).
+            // And the hashes sessions on this point made before (a paused resynchronization
+            // keeps its progress, spec §13.6; one cut off by a restart of this daemon too); this
+            // one records its own after them as it goes. The session it replaces stops first.
+            self.stop_compare_hashing(vm);
             let sizes: Vec<u64> = begin.disks.iter().map(|d| d.virtual_size).collect();
             let tag = super::prehash::prefix_tag(baseline, &identity, begin.block_size, &sizes);
             let prefixes =
                 super::prehash::take_prefixes(&self.data_dir, vm, &tag, begin.disks.len());
-            compare.start_prehash(kept, prefixes);
+            let journal = super::prehash::Journal::open(&self.data_dir, vm, &tag, &prefixes);
+            compare.start_prehash(kept, prefixes, journal);
         }
         let compare = Arc::new(compare);
         self.remember_compare(vm, compare.clone());

@@ -283,9 +283,10 @@ impl Service {
 
     /// RRSC 9 or 7 on a primary whose resynchronization job (107, or 96 for an RRSC 3) runs: a
     /// job that cancels it, waits for it to end (its outcome puts the state back to 9), then writes
-    /// 9 or 11. A pause (11) keeps what was hashed (`seeded::hash_kept` on a turned-off VM, and
-    /// `Prehash::keep_prefixes` on the replica) and a resume goes on from there; after a stop (9)
-    /// the next one starts over. None when no resynchronization runs.
+    /// 9 or 11. A pause (11) keeps what was hashed (`seeded::hash_kept` on a turned-off VM; the
+    /// replica records its hashes of its point as it goes, `prehash::Journal`) and a resume goes on
+    /// from there; after a stop (9) this host's next one starts over. None when no
+    /// resynchronization runs.
     fn stop_resync(
         &self,
         vm: &VmRef,
