@@ -69,7 +69,7 @@ impl Prehash {
     /// Starts hashing `images` (path, format, virtual size) in the background, in order, as many
     /// whole images as [`MAX_BLOCKS`] allows; an image whose map is in `maps` (one per image, as
     /// [`take_kept`] gives) is read from it instead, when it describes that image, and one with
-    /// hashes of its first blocks in `prefixes` (as [`take_prefixes`] gives) goes on after them.
+    /// hashes of its first blocks in `prefixes` (as [`Journal::take_and_open`] gives) goes on after them.
     pub fn start(
         &self,
         images: Vec<(String, String, u64)>,
@@ -104,6 +104,14 @@ impl Prehash {
                 let loaded = map.is_some_and(|m| load_map(&inner, i, m, *size, block_size));
                 if loaded {
                     tracing::info!(image = %image, "the replica's hashes of disk {i} come from the map its copy made");
+                    if let Some(j) = &journal {
+                        let hashes = inner.hashes[i]
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone();
+                        j.restart(i);
+                        j.record(i, 0, &hashes);
+                    }
                 }
                 let mut from = 0;
                 if let Some(prefix) = prefixes.get(i).filter(|p| !loaded && !p.is_empty()) {
@@ -229,7 +237,7 @@ fn kept_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
 /// resync reads the point again.
 pub fn keep_maps(data_dir: &Path, vm: Uuid, sequence: u64, identity: &str, maps: Vec<PathBuf>) {
     let dir = kept_dir(data_dir, vm);
-    let _ = std::fs::remove_dir_all(&dir);
+    remove_kept_maps(&dir);
     let kept = std::fs::create_dir_all(&dir).is_ok()
         && maps.iter().enumerate().all(|(i, m)| {
             let to = dir.join(format!("disk{i}.hashes"));
@@ -241,7 +249,19 @@ pub fn keep_maps(data_dir: &Path, vm: Uuid, sequence: u64, identity: &str, maps:
         let _ = std::fs::remove_file(m);
     }
     if !kept {
-        let _ = std::fs::remove_dir_all(&dir);
+        remove_kept_maps(&dir);
+    }
+}
+
+/// Deletes the maps [`keep_maps`] kept in `dir`, not the journal beside them ([`prefix_dir`]).
+fn remove_kept_maps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name() != "prefix" {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -265,7 +285,7 @@ pub fn take_kept(
         && maps.iter().all(|m| m.is_file());
     let _ = std::fs::remove_file(dir.join("point"));
     if !usable {
-        let _ = std::fs::remove_dir_all(&dir);
+        remove_kept_maps(&dir);
         return None;
     }
     Some(maps)
@@ -310,7 +330,7 @@ fn next_generation(all: &mut Option<std::collections::HashMap<PathBuf, u64>>, di
 /// Where a session's hashes of its point go as they are made ([`prefix_dir`]): `disk<i>`, 16
 /// bytes per block from block 0, and `point`: the tag ([`prefix_tag`]) on its first line, then the
 /// count of hashes of each disk that are synced. So a later session on the same point — after a
-/// pause, a cancel or a restart of this daemon — starts after them ([`take_prefixes`]): a point
+/// pause, a cancel or a restart of this daemon — starts after them ([`Journal::take_and_open`]): a point
 /// never changes, so they cannot go stale.
 pub struct Journal {
     dir: PathBuf,
@@ -323,19 +343,23 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// The journal of `vm`'s session on the point `tag` names, which starts after `prefixes` (as
-    /// [`take_prefixes`] gave them; they are in its files). One of another point is deleted. None
-    /// without a tag, or when the directory cannot be made (best effort: a later session then
-    /// hashes the point again).
-    pub fn open(data_dir: &Path, vm: Uuid, tag: &str, prefixes: &[Vec<Hash>]) -> Option<Journal> {
-        if tag.is_empty() {
-            return None;
-        }
+    /// The hashes recorded of the point `tag` names (as [`take_locked`] gives them, one prefix per
+    /// disk of `disks`), and the journal of `vm`'s new session on it, which records on after them:
+    /// both under one hold of the lock, so nothing deletes the files between. None without a tag,
+    /// or when the directory cannot be made (best effort: a later session then hashes the point
+    /// again).
+    pub fn take_and_open(
+        data_dir: &Path,
+        vm: Uuid,
+        tag: &str,
+        disks: usize,
+    ) -> (Vec<Vec<Hash>>, Option<Journal>) {
         let mut all = journals();
-        let dir = prefix_dir(data_dir, vm);
-        if read_point(&dir).is_none_or(|(t, _)| t != tag) {
-            let _ = std::fs::remove_dir_all(&dir);
+        let prefixes = take_locked(&mut all, data_dir, vm, tag, disks);
+        if tag.is_empty() {
+            return (prefixes, None);
         }
+        let dir = prefix_dir(data_dir, vm);
         let counts: Vec<u64> = prefixes.iter().map(|p| p.len() as u64).collect();
         let journal = Journal {
             generation: next_generation(&mut all, &dir),
@@ -348,10 +372,10 @@ impl Journal {
             .and_then(|()| journal.write_point())
             .and_then(|()| sync_dir(journal.dir.parent().unwrap_or(&journal.dir)));
         match made {
-            Ok(()) => Some(journal),
+            Ok(()) => (prefixes, Some(journal)),
             Err(e) => {
                 tracing::warn!(%vm, "the hashes of this comparison are not kept: {e}");
-                None
+                (prefixes, None)
             }
         }
     }
@@ -364,6 +388,19 @@ impl Journal {
         let all = journals();
         let current = all.as_ref().and_then(|m| m.get(&self.dir)) == Some(&self.generation);
         if !current || self.broken.load(Ordering::Acquire) || step.is_empty() {
+            return;
+        }
+        // Only right after what is counted: a gap would read back as zero hashes (blocks of zeros).
+        let counted = self
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(i)
+            .copied()
+            .unwrap_or(0);
+        if from != counted {
+            tracing::warn!(dir = %self.dir.display(), disk = i, from, counted, "the hashes of this comparison are no longer kept: they would leave a gap");
+            self.broken.store(true, Ordering::Release);
             return;
         }
         let written = (|| {
@@ -386,6 +423,18 @@ impl Journal {
         if let Err(e) = written {
             tracing::warn!(dir = %self.dir.display(), "the hashes of this comparison are no longer kept: {e}");
             self.broken.store(true, Ordering::Release);
+        }
+    }
+
+    /// Image `i`'s hashes are recorded again from its first block (a kept map replaces them).
+    fn restart(&self, i: usize) {
+        if let Some(c) = self
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(i)
+        {
+            *c = 0;
         }
     }
 
@@ -434,17 +483,28 @@ fn read_point(dir: &Path) -> Option<(String, Option<Vec<u64>>)> {
     }
 }
 
+/// [`take_locked`], for the tests.
+#[cfg(test)]
+fn take_prefixes(data_dir: &Path, vm: Uuid, tag: &str, disks: usize) -> Vec<Vec<Hash>> {
+    take_locked(&mut journals(), data_dir, vm, tag, disks)
+}
+
 /// The hashes a session on the point `tag` names made of it ([`Journal`]), one (possibly empty)
 /// prefix per disk of `disks`: what `point` counts. They stay, for the [`Journal`] of the session
 /// that takes them to go on after. Hashes kept for anything else are deleted, and empty prefixes
-/// returned.
-pub fn take_prefixes(data_dir: &Path, vm: Uuid, tag: &str, disks: usize) -> Vec<Vec<Hash>> {
-    let mut all = journals();
+/// returned. The caller holds [`journals`].
+fn take_locked(
+    all: &mut Option<std::collections::HashMap<PathBuf, u64>>,
+    data_dir: &Path,
+    vm: Uuid,
+    tag: &str,
+    disks: usize,
+) -> Vec<Vec<Hash>> {
     let dir = prefix_dir(data_dir, vm);
     let point = read_point(&dir);
     let usable = !tag.is_empty() && point.as_ref().is_some_and(|(t, _)| t == tag);
     if !usable {
-        next_generation(&mut all, &dir);
+        next_generation(all, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         return vec![Vec::new(); disks];
     }
@@ -732,14 +792,10 @@ mod tests {
         let tag = prefix_tag(4, "h4", BS, &[size]);
         // A session on point 4 of chain "h4" records every step as it goes: nothing is kept at
         // its end, so a session cut off by a restart leaves what it hashed.
+        let (prefix, journal) = Journal::take_and_open(&data, vm, &tag, 1);
+        assert!(prefix[0].is_empty());
         let p = Prehash::idle(1);
-        p.start(
-            images.clone(),
-            BS,
-            None,
-            Vec::new(),
-            Journal::open(&data, vm, &tag, &[Vec::new()]),
-        );
+        p.start(images.clone(), BS, None, prefix, journal);
         assert_eq!(p.take(0, 0, blocks).await, want);
         assert_eq!(
             recorded(&data, vm, &tag, blocks).await,
@@ -762,20 +818,14 @@ mod tests {
 
         // Only what `point` counts is taken (a step written but not yet counted when the daemon
         // stopped is not), and the next session records the rest after it.
+        let (prefix, journal) = Journal::take_and_open(&data, vm, &tag, 1);
         let p = Prehash::idle(1);
-        p.start(
-            images.clone(),
-            BS,
-            None,
-            Vec::new(),
-            Journal::open(&data, vm, &tag, &[Vec::new()]),
-        );
+        p.start(images.clone(), BS, None, prefix, journal);
         assert_eq!(recorded(&data, vm, &tag, blocks).await, want);
         let point = prefix_dir(&data, vm).join("point");
         std::fs::write(&point, format!("{tag}\n{STEP}\n")).expect("point");
-        let prefix = take_prefixes(&data, vm, &tag, 1);
+        let (prefix, journal) = Journal::take_and_open(&data, vm, &tag, 1);
         assert_eq!(prefix[0], want[..STEP as usize]);
-        let journal = Journal::open(&data, vm, &tag, &prefix);
         let p = Prehash::idle(1);
         p.start(images.clone(), BS, None, prefix, journal);
         assert_eq!(p.take(0, 0, blocks).await, want);
@@ -786,15 +836,27 @@ mod tests {
         // A journal replaced by a newer one (a session on another point, possibly) records
         // nothing more, nor one whose hashes were forgotten.
         forget_prefixes(&data, vm);
-        let old = Journal::open(&data, vm, &tag, &[Vec::new()]).expect("journal");
+        let old = Journal::take_and_open(&data, vm, &tag, 1)
+            .1
+            .expect("journal");
         let other = prefix_tag(5, "h5", BS, &[size]);
-        let new = Journal::open(&data, vm, &other, &[Vec::new()]).expect("journal");
+        let new = Journal::take_and_open(&data, vm, &other, 1)
+            .1
+            .expect("journal");
         old.record(0, 0, &want[..4]);
         assert!(take_prefixes(&data, vm, &other, 1)[0].is_empty());
         new.record(0, 0, &want[..4]);
         assert_eq!(take_prefixes(&data, vm, &other, 1)[0], want[..4]);
+        // Never with a gap after what is counted (it would read back as hashes of zeros).
+        new.record(0, 5, &want[5..8]);
+        assert_eq!(take_prefixes(&data, vm, &other, 1)[0], want[..4]);
+        let again = Journal::take_and_open(&data, vm, &other, 1)
+            .1
+            .expect("journal");
+        again.record(0, 4, &want[4..8]);
+        assert_eq!(take_prefixes(&data, vm, &other, 1)[0], want[..8]);
         forget_prefixes(&data, vm);
-        new.record(0, 4, &want[4..8]);
+        again.record(0, 8, &want[8..12]);
         assert!(!prefix_dir(&data, vm).exists());
 
         // A prefix is taken as it is (here one that lies: zeros), and only the rest is read.

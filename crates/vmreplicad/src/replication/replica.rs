@@ -2314,6 +2314,9 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         .map_err(|e| retry(&e))?;
     let policy = if resynced {
         tracing::info!(vm = %log.vm, sequence = log.sequence, "resynchronization applied; the older recovery points go");
+        // The point it compared is no longer the latest: its hashes go (also when this replica
+        // lost the session in a restart, before the log closed it).
+        super::prehash::forget_prefixes(&replica.data_dir, log.vm);
         super::resync::AFTER_RESYNC
     } else {
         RetentionPolicy {

@@ -199,9 +199,8 @@ impl ReplicaSide {
             self.stop_compare_hashing(vm);
             let sizes: Vec<u64> = begin.disks.iter().map(|d| d.virtual_size).collect();
             let tag = super::prehash::prefix_tag(baseline, &identity, begin.block_size, &sizes);
-            let prefixes =
-                super::prehash::take_prefixes(&self.data_dir, vm, &tag, begin.disks.len());
-            let journal = super::prehash::Journal::open(&self.data_dir, vm, &tag, &prefixes);
+            let (prefixes, journal) =
+                super::prehash::Journal::take_and_open(&self.data_dir, vm, &tag, begin.disks.len());
             compare.start_prehash(kept, prefixes, journal);
         }
         let compare = Arc::new(compare);
