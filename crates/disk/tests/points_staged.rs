@@ -96,29 +96,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     }
     std::fs::write(&raw, &image).expect("raw");
     let log = dir.path().join("full.vrlog");
-    {
-        let header = wire::LogHeader {
-            vm: support::vm(),
-            relationship: 0,
-            sequence: 1,
-            parent: 0,
-            point_time_micros: support::T0,
-            point_type: wire::PointType::Standard,
-            full_image: true,
-            disks: vec![wire::DiskInfo {
-                id: "scsi0".into(),
-                virtual_size: support::DISK_SIZE,
-            }],
-        };
-        let mut w = wire::LogWriter::new(Vec::new(), header, wire::Compression::Off).expect("w");
-        for (i, block) in image.chunks(support::BLOCK).enumerate() {
-            if block.iter().any(|&b| b != 0) {
-                w.write_data(0, (i * support::BLOCK) as u64, block)
-                    .expect("data");
-            }
-        }
-        std::fs::write(&log, w.finish().expect("finish").0).expect("log");
-    }
+    std::fs::write(&log, full_image_log(&image, support::BLOCK)).expect("log");
     let logs = [log];
     let bytes = std::fs::read(&logs[0]).expect("read");
     let incoming = dir.path().join("incoming");
@@ -210,26 +188,7 @@ async fn checkpoints_of_a_fragmented_image_stay_small_and_resume_it() {
     }
     let raw = dir.path().join("frag.raw");
     std::fs::write(&raw, &image).expect("raw");
-    let header = wire::LogHeader {
-        vm: support::vm(),
-        relationship: 0,
-        sequence: 1,
-        parent: 0,
-        point_time_micros: support::T0,
-        point_type: wire::PointType::Standard,
-        full_image: true,
-        disks: vec![wire::DiskInfo {
-            id: "scsi0".into(),
-            virtual_size: size as u64,
-        }],
-    };
-    let mut w = wire::LogWriter::new(Vec::new(), header, wire::Compression::Off).expect("w");
-    for (i, block) in image.chunks(CLUSTER).enumerate() {
-        if block.iter().any(|&b| b != 0) {
-            w.write_data(0, (i * CLUSTER) as u64, block).expect("data");
-        }
-    }
-    let bytes = w.finish().expect("finish").0;
+    let bytes = full_image_log(&image, CLUSTER);
     let log = dir.path().join("frag.vrlog");
     std::fs::write(&log, &bytes).expect("log");
     let layers = vec![dir.path().join("frag.layer")];
@@ -276,4 +235,29 @@ async fn checkpoints_of_a_fragmented_image_stay_small_and_resume_it() {
     assert_eq!(again, whole);
     check(&layers[0]);
     assert!(same(&layers[0], &raw));
+}
+
+/// Log 1 of a one-disk VM whose disk is `image`: a full image, its blocks of `block` bytes that hold
+/// anything as data extents.
+fn full_image_log(image: &[u8], block: usize) -> Vec<u8> {
+    let header = wire::LogHeader {
+        vm: support::vm(),
+        relationship: 0,
+        sequence: 1,
+        parent: 0,
+        point_time_micros: support::T0,
+        point_type: wire::PointType::Standard,
+        full_image: true,
+        disks: vec![wire::DiskInfo {
+            id: "scsi0".into(),
+            virtual_size: image.len() as u64,
+        }],
+    };
+    let mut w = wire::LogWriter::new(Vec::new(), header, wire::Compression::Off).expect("w");
+    for (i, data) in image.chunks(block).enumerate() {
+        if data.iter().any(|&b| b != 0) {
+            w.write_data(0, (i * block) as u64, data).expect("data");
+        }
+    }
+    w.finish().expect("finish").0
 }
