@@ -81,7 +81,6 @@ async fn a_staged_full_image_is_committed_as_point_1_and_a_bad_one_leaves_nothin
 #[tokio::test]
 async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     use disk::points::{Checkpoints, StageCheckpoint};
-    use std::sync::{Arc, Mutex};
 
     let dir = tempfile::tempdir().expect("tempdir");
     // A raw disk with 12 MiB of noise in pieces, and its full-image log: several frames.
@@ -105,22 +104,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
     let runs = vec![incoming.join("staged.runs")];
 
     // The whole log with a checkpoint after every frame, to learn where they fall.
-    let saved = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
-    let keep = saved.clone();
-    let checkpoints = Checkpoints {
-        every: 1,
-        max_lag: 0, // every checkpoint is saved
-        saved: Box::new(move |c: StageCheckpoint| {
-            keep.lock().unwrap().push(c.to_bytes());
-            true
-        }),
-        runs: runs.clone(),
-    };
-    let reader = LogReader::open_resumable(std::io::Cursor::new(bytes.clone()), &Source::expect(1))
-        .expect("header");
-    let whole = PointStore::stage_checkpointed(reader, &layers, &logs[0], Some(checkpoints), None)
-        .expect("stage");
-    let saved = saved.lock().unwrap().clone();
+    let (whole, saved) = stage_saving_every_checkpoint(&bytes, &layers, &logs[0], &runs);
     assert!(saved.len() >= 2, "checkpoints: {}", saved.len());
 
     // Again, cut off past the middle checkpoint: the bytes after it are lost with the process.
@@ -175,8 +159,7 @@ async fn a_staged_full_image_continues_from_a_saved_checkpoint_after_a_crash() {
 /// allocations go to the runs file, each once, and a resume from any checkpoint reads them back.
 #[tokio::test]
 async fn checkpoints_of_a_fragmented_image_stay_small_and_resume_it() {
-    use disk::points::{Checkpoints, StageCheckpoint};
-    use std::sync::{Arc, Mutex};
+    use disk::points::StageCheckpoint;
 
     const CLUSTER: usize = 64 << 10;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -193,22 +176,7 @@ async fn checkpoints_of_a_fragmented_image_stay_small_and_resume_it() {
     std::fs::write(&log, &bytes).expect("log");
     let layers = vec![dir.path().join("frag.layer")];
     let runs = vec![dir.path().join("frag.runs")];
-    let saved = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
-    let keep = saved.clone();
-    let checkpoints = Checkpoints {
-        every: 1,
-        max_lag: 0,
-        saved: Box::new(move |c: StageCheckpoint| {
-            keep.lock().unwrap().push(c.to_bytes());
-            true
-        }),
-        runs: runs.clone(),
-    };
-    let reader = LogReader::open_resumable(std::io::Cursor::new(bytes.clone()), &Source::expect(1))
-        .expect("header");
-    let whole = PointStore::stage_checkpointed(reader, &layers, &log, Some(checkpoints), None)
-        .expect("stage");
-    let saved = saved.lock().unwrap().clone();
+    let (whole, saved) = stage_saving_every_checkpoint(&bytes, &layers, &log, &runs);
     assert!(saved.len() >= 4, "checkpoints: {}", saved.len());
     // Beside the reader's place (its hash state holds at most 64 KiB of the stream), 48 bytes.
     let layer_bytes: Vec<usize> = saved
@@ -260,4 +228,35 @@ fn full_image_log(image: &[u8], block: usize) -> Vec<u8> {
         }
     }
     w.finish().expect("finish").0
+}
+
+/// Stages the full-image log `bytes` (named `log`) into `layers`, saving every checkpoint (its
+/// runs into `runs`); the point and summary, and every checkpoint's bytes in order.
+fn stage_saving_every_checkpoint(
+    bytes: &[u8],
+    layers: &[std::path::PathBuf],
+    log: &std::path::Path,
+    runs: &[std::path::PathBuf],
+) -> ((disk::points::PointInfo, wire::LogSummary), Vec<Vec<u8>>) {
+    use disk::points::{Checkpoints, StageCheckpoint};
+    use std::sync::{Arc, Mutex};
+
+    let saved = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let keep = saved.clone();
+    let checkpoints = Checkpoints {
+        every: 1,
+        max_lag: 0, // every checkpoint is saved
+        saved: Box::new(move |c: StageCheckpoint| {
+            keep.lock().unwrap().push(c.to_bytes());
+            true
+        }),
+        runs: runs.to_vec(),
+    };
+    let reader =
+        LogReader::open_resumable(std::io::Cursor::new(bytes.to_vec()), &Source::expect(1))
+            .expect("header");
+    let whole = PointStore::stage_checkpointed(reader, layers, log, Some(checkpoints), None)
+        .expect("stage");
+    let saved = saved.lock().unwrap().clone();
+    (whole, saved)
 }
