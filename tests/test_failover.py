@@ -844,6 +844,42 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     latest_point_equals(store1, new_disk, "qcow2")
 
 
+def test_a_failback_followed_over_a_connection_that_breaks_goes_on_to_the_end(lab, tmp_path):
+    """The old primary follows the new primary's failback job over a proxy that breaks the
+    connection while the new primary sends: it connects again and follows the job to its end."""
+    import os
+
+    from test_two_hosts import Proxy
+
+    lab.replica.stop()
+    lab.replica.extra_args += ["--bandwidth-limit", "2M"]  # the failback log takes seconds
+    lab.replica.start()
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb05")
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb05")
+    noise = tmp_path / "noise"
+    noise.write_bytes(os.urandom(16 << 20))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -s {noise} 32M 16M", new_disk)
+    lab.primary.start()
+    p, r = lab.primary.conn(), lab.replica.conn()
+    proxy = Proxy(lab.port, "cut", after=1 << 62)  # cut by hand, below
+    try:
+        # The old primary reaches the new one where it replicated to it: through the proxy now.
+        lab.primary.cli("set", "fb05", "--replica-port", str(proxy.port))
+        job = initiate_failback(p, "fb05")
+        wait_for(lambda: vm_by_name(r, "fb05")["ReplicationState"] == 10, timeout=30,
+                 what="the new primary sending")
+        time.sleep(1)
+        assert proxy.open, "the old primary follows through the proxy"
+        proxy.cut()
+        job = wait_job(p, job, timeout=120)
+        assert job["JobState"] == 7, job["ErrorDescription"]
+        assert "following the new primary's failback job over a new connection" in plain_log(lab.primary)
+        assert (vm_by_name(p, "fb05")["ReplicationState"], vm_by_name(r, "fb05")["ReplicationState"]) == (14, 3)
+        latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
+    finally:
+        proxy.close()
+
+
 def test_a_failback_after_a_backup_was_restored_over_the_old_primarys_disk_compares_every_block(lab, tmp_path):
     """The old primary's disk file is overwritten in place by an older copy of itself (a restore
     from backup, same inode) before it comes back: its bitmap then looks consistent but misses

@@ -823,6 +823,7 @@ class Proxy:
         import threading
         self.target, self.mode, self.after = target_port, mode, after
         self.fired = threading.Event()
+        self.open = []  # every connection's two sockets, for cut()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -838,6 +839,7 @@ class Proxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
+            self.open.append((client, server))
             threading.Thread(target=self.pump, args=(client, server, True), daemon=True).start()
             threading.Thread(target=self.pump, args=(server, client, False), daemon=True).start()
 
@@ -865,6 +867,17 @@ class Proxy:
             except OSError:
                 pass
             s.close()
+
+    def cut(self):
+        """Breaks every connection open now (later ones pass)."""
+        for pair in self.open:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.open = []
+        self.fired.set()
 
     def close(self):
         self.sock.close()

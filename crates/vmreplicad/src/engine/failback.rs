@@ -1334,6 +1334,40 @@ async fn idle(
     ))
 }
 
+/// Waits before A connects to B again after the connection it followed B's job on broke: a short
+/// outage is ridden out, while a B that stopped (its job is then gone) fails A's job soon.
+const FOLLOW_RETRIES: [u64; 4] = [1, 2, 4, 8];
+
+/// A new connection to B after `err` broke the one A followed B's job on (B's job goes on
+/// meanwhile), tried again after [`FOLLOW_RETRIES`]; a cancel of A's job ends the wait.
+async fn reconnect(
+    ctx: &JobContext,
+    peers: &crate::replication::client::Peers,
+    to: &crate::replication::client::Target,
+    vm: &VmRow,
+    err: PeerError,
+) -> Result<crate::replication::client::Session, JobFailure> {
+    let what = "following the new primary's failback job";
+    let mut last = err;
+    for secs in FOLLOW_RETRIES {
+        tracing::warn!(vm = %vm.id, "{what}: {last}; connecting again in {secs} s");
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while tokio::time::Instant::now() < until {
+            ctx.check_cancelled()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        match peers.connect(to).await {
+            Ok(session) => {
+                tracing::info!(vm = %vm.id, "following the new primary's failback job over a new connection");
+                return Ok(session);
+            }
+            Err(e) if e.is_network() => last = e,
+            Err(e) => return Err(e.into_failure(what)),
+        }
+    }
+    Err(last.into_failure(what))
+}
+
 /// A's job: asks B and follows its job, then waits for its own apply of the log.
 async fn follow(
     ctx: &JobContext,
@@ -1365,11 +1399,18 @@ async fn follow(
         }
         ctx.progress(status.percent.min(95))?;
         tokio::time::sleep(Duration::from_millis(150)).await;
-        status = session
+        status = match session
             .json::<(), FailbackStatus>(Route::FailbackStatus(vm.id), None)
             .await
-            .map_err(|e| e.into_failure("following the new primary's failback job"))?
-            .1;
+        {
+            Ok((_, s)) => s,
+            // B's job goes on without this connection: follow it on a new one.
+            Err(e) if e.is_network() => {
+                session = reconnect(ctx, peers, to, vm, e).await?;
+                continue;
+            }
+            Err(e) => return Err(e.into_failure("following the new primary's failback job")),
+        };
     }
     if status.state != 2 {
         return Err(fail(
