@@ -1339,7 +1339,8 @@ async fn idle(
 const FOLLOW_RETRIES: [u64; 4] = [1, 2, 4, 8];
 
 /// A new connection to B after `err` broke the one A followed B's job on (B's job goes on
-/// meanwhile), tried again after [`FOLLOW_RETRIES`]; a cancel of A's job ends the wait.
+/// meanwhile), tried again after [`FOLLOW_RETRIES`] (each attempt within the connection's own
+/// timeouts); a cancel of A's job ends the wait, and is sent to B if B can be reached.
 async fn reconnect(
     ctx: &JobContext,
     peers: &crate::replication::client::Peers,
@@ -1353,7 +1354,17 @@ async fn reconnect(
         tracing::warn!(vm = %vm.id, "{what}: {last}; connecting again in {secs} s");
         let until = tokio::time::Instant::now() + Duration::from_secs(secs);
         while tokio::time::Instant::now() < until {
-            ctx.check_cancelled()?;
+            if let Err(cancelled) = ctx.check_cancelled() {
+                // B's job is cancelled too when B can be reached now (once, 15 s at most).
+                let tell = async {
+                    let mut s = peers.connect(to).await.ok()?;
+                    s.json::<(), FailbackStatus>(Route::CancelFailback(vm.id), None)
+                        .await
+                        .ok()
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(15), tell).await;
+                return Err(cancelled);
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         match peers.connect(to).await {
