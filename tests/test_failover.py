@@ -774,21 +774,33 @@ def lost_and_failed_over(lab, tmp_path, name):
     return hv1_storage, new_disk
 
 
-def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it_was_and_runs_again(lab, tmp_path):
+def cap_new_primary(lab):
+    """Restarts hv2, the new primary of the failbacks to come, capped at 2 MB/s: its failback log
+    takes seconds."""
+    lab.replica.stop()
+    lab.replica.extra_args += ["--bandwidth-limit", "2M"]
+    lab.replica.start()
+
+
+def write_noise(tmp_path, disk):
+    """Writes 16 MiB of random data at 32 MiB into the qcow2 `disk`."""
     import os
+
+    noise = tmp_path / "noise"
+    noise.write_bytes(os.urandom(16 << 20))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -s {noise} 32M 16M", disk)
+
+
+def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it_was_and_runs_again(lab, tmp_path):
     import signal
 
-    lab.replica.stop()
-    lab.replica.extra_args += ["--bandwidth-limit", "2M"]  # the failback log takes seconds
-    lab.replica.start()
+    cap_new_primary(lab)
     disk, vm_id = protected_and_suspended(lab, tmp_path, "fb02")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)  # never replicated
     before = tmp_path / "old-primary-before.raw"
     run("qemu-img", "convert", "-O", "raw", disk, before)
     hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb02")
-    noise = tmp_path / "noise"
-    noise.write_bytes(os.urandom(16 << 20))
-    run("qemu-io", "-f", "qcow2", "-c", f"write -s {noise} 32M 16M", new_disk)
+    write_noise(tmp_path, new_disk)
     lab.primary.start()
     p, r = lab.primary.conn(), lab.replica.conn()
     store1 = hv1_storage / vm_id.lower()
@@ -847,18 +859,12 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
 def test_a_failback_followed_over_a_connection_that_breaks_goes_on_to_the_end(lab, tmp_path):
     """The old primary follows the new primary's failback job over a proxy that breaks the
     connection while the new primary sends: it connects again and follows the job to its end."""
-    import os
-
     from test_two_hosts import Proxy
 
-    lab.replica.stop()
-    lab.replica.extra_args += ["--bandwidth-limit", "2M"]  # the failback log takes seconds
-    lab.replica.start()
+    cap_new_primary(lab)
     disk, vm_id = protected_and_suspended(lab, tmp_path, "fb05")
     hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb05")
-    noise = tmp_path / "noise"
-    noise.write_bytes(os.urandom(16 << 20))
-    run("qemu-io", "-f", "qcow2", "-c", f"write -s {noise} 32M 16M", new_disk)
+    write_noise(tmp_path, new_disk)
     lab.primary.start()
     p, r = lab.primary.conn(), lab.replica.conn()
     proxy = Proxy(lab.port, "cut", after=1 << 62)  # cut by hand, below
