@@ -141,8 +141,8 @@ const _: () = assert!(
 const QUEUED_CHUNKS: usize = 16;
 
 /// The staging of log `seq` whose checkpoint in `incoming` is furthest, with that checkpoint, if
-/// its layers are all there and its runs files hold the runs it counts. (A checkpoint left by an attempt ended meanwhile still matches its
-/// own layers and its upload's bytes.)
+/// its layers are all there and its runs files hold the runs it counts. (A checkpoint left by an
+/// attempt ended meanwhile still matches its own layers and its upload's bytes.)
 pub fn find_checkpoint(incoming: &Path, seq: u64) -> Option<(StageFiles, StageCheckpoint)> {
     let prefix = format!("{seq:020}-");
     std::fs::read_dir(incoming)
