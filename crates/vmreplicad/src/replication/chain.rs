@@ -68,6 +68,44 @@ impl Store {
         Ok(())
     }
 
+    /// Writes the outcome of a cycle (sequence, hash, retries, retry time, error; not the due
+    /// time, which the scheduler owns) only if the chain is still the one the cycle started from:
+    /// at sequence `from_sequence` with hash `from_hash`. False when it is not: the relationship
+    /// was removed (and maybe enabled again, with a new chain) while the cycle's log was in flight,
+    /// and nothing of the old cycle may land on the new chain.
+    pub fn end_cycle(
+        &self,
+        c: &ChainRow,
+        from_sequence: u64,
+        from_hash: &str,
+    ) -> StoreResult<bool> {
+        let changed = self.conn().execute(
+            "UPDATE primary_chains SET last_sequence = ?2, last_log_hash = ?3, retries = ?4,
+                retry_at = ?5, last_error = ?6
+             WHERE vm = ?1 AND last_sequence = ?7 AND last_log_hash = ?8",
+            params![
+                c.vm.to_string(),
+                to_i64(c.last_sequence)?,
+                c.last_log_hash,
+                c.retries,
+                c.retry_at,
+                c.last_error,
+                to_i64(from_sequence)?,
+                from_hash
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// Sets when the next cycle of `vm` is due, and nothing else of its chain.
+    pub fn set_next_due(&self, vm: Uuid, next_due: i64) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE primary_chains SET next_due = ?2 WHERE vm = ?1",
+            params![vm.to_string(), next_due],
+        )?;
+        Ok(())
+    }
+
     pub fn chain(&self, vm: Uuid) -> StoreResult<Option<ChainRow>> {
         Ok(self
             .conn()
@@ -180,5 +218,47 @@ impl Store {
             [vm.to_string()],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::temp_store;
+
+    fn chain(vm: Uuid, sequence: u64, hash: &str) -> ChainRow {
+        ChainRow {
+            vm,
+            last_sequence: sequence,
+            last_log_hash: hash.into(),
+            next_due: 100,
+            retries: 0,
+            retry_at: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_cycle_ends_only_on_the_chain_it_started_from() {
+        let (_dir, store) = temp_store();
+        let vm = Uuid::new_v4();
+        store.put_chain(&chain(vm, 4, "h4")).unwrap();
+        store.set_next_due(vm, 130).unwrap();
+        // The cycle that shipped 5 from 4: written, the due time kept.
+        assert!(store.end_cycle(&chain(vm, 5, "h5"), 4, "h4").unwrap());
+        let now = store.chain(vm).unwrap().unwrap();
+        assert_eq!((now.last_sequence, now.next_due), (5, 130));
+        // A second writer of the same outcome finds the chain moved on.
+        assert!(!store.end_cycle(&chain(vm, 5, "h5"), 4, "h4").unwrap());
+        // Removed and enabled again: the new initial replication's chain is at 1, and a cycle
+        // of the old chain that was in flight (from 1, the old hash) leaves it alone.
+        store.remove_chain(vm).unwrap();
+        assert!(!store.end_cycle(&chain(vm, 6, "h6"), 5, "h5").unwrap());
+        assert_eq!(store.chain(vm).unwrap(), None);
+        store.put_chain(&chain(vm, 1, "new1")).unwrap();
+        let mut failed = chain(vm, 1, "old1");
+        failed.retries = 1;
+        assert!(!store.end_cycle(&failed, 1, "old1").unwrap());
+        assert_eq!(store.chain(vm).unwrap().unwrap(), chain(vm, 1, "new1"));
     }
 }

@@ -337,8 +337,7 @@ impl PrimarySide {
             if now < chain.next_due {
                 // A due time set under a longer interval (settings changed, the override) moves in.
                 if chain.next_due > now + interval {
-                    chain.next_due = now + interval;
-                    self.store.put_chain(&chain)?;
+                    self.store.set_next_due(vm.id, now + interval)?;
                 }
                 continue;
             }
@@ -348,12 +347,11 @@ impl PrimarySide {
                 if !waiting_for_import {
                     self.store.record_stat(vm.id, StatEvent::Miss)?;
                 }
-                chain.next_due = now + interval;
-                self.store.put_chain(&chain)?;
+                self.store.set_next_due(vm.id, now + interval)?;
                 continue;
             }
             chain.next_due = now + interval;
-            self.store.put_chain(&chain)?;
+            self.store.set_next_due(vm.id, chain.next_due)?;
             let (flying, cancel) = self.in_flight.queue(vm.id);
             let me = self.clone();
             tokio::spawn(async move {
@@ -466,12 +464,13 @@ impl PrimarySide {
             return Err("the VM's replication cycle did not end within 600 s".into());
         }
         let describe = |e: crate::store::StoreError| crate::error_chain(&e);
-        let (Some(rel), Some(mut chain)) = (
+        let (Some(rel), Some(from)) = (
             self.store.get_relationship(vm.id).map_err(describe)?,
             self.store.chain(vm.id).map_err(describe)?,
         ) else {
             return Err("the VM has no replication chain yet".into());
         };
+        let mut chain = from.clone();
         let started = std::time::Instant::now();
         let (seq, hash, bytes, point_time) = self
             .ship(vm, &rel, &chain, PointType::PlannedFailover)
@@ -488,7 +487,15 @@ impl PrimarySide {
         chain.retries = 0;
         chain.retry_at = 0;
         chain.last_error = None;
-        self.store.put_chain(&chain).map_err(describe)?;
+        if !self
+            .store
+            .end_cycle(&chain, from.last_sequence, &from.last_log_hash)
+            .map_err(describe)?
+        {
+            return Err(
+                "the replication relationship changed while the final log was in flight".into(),
+            );
+        }
         let latency = (now() - point_time / 1_000_000).max(0);
         let _ = self.store.record_stat(
             vm.id,
@@ -599,8 +606,28 @@ impl PrimarySide {
         None
     }
 
-    async fn cycle(&self, vm: VmRow, rel: RelationshipRow, mut chain: ChainRow) {
+    /// Writes the cycle's outcome to the chain it started from; false (and says so) when the
+    /// relationship was removed, and maybe enabled again, while the log was in flight.
+    fn end_cycle(&self, chain: &ChainRow, from: &ChainRow) -> bool {
+        match self
+            .store
+            .end_cycle(chain, from.last_sequence, &from.last_log_hash)
+        {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::info!(vm = %chain.vm, sequence = chain.last_sequence, "the cycle's outcome is dropped: the replication relationship changed while its log was in flight");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(vm = %chain.vm, "cannot record the cycle's outcome: {}", crate::error_chain(&e));
+                false
+            }
+        }
+    }
+
+    async fn cycle(&self, vm: VmRow, rel: RelationshipRow, from: ChainRow) {
         let started = std::time::Instant::now();
+        let mut chain = from.clone();
         match self.ship(&vm, &rel, &chain, PointType::Standard).await {
             Ok((seq, hash, bytes, point_time)) => {
                 chain.last_sequence = seq;
@@ -608,6 +635,9 @@ impl PrimarySide {
                 chain.retries = 0;
                 chain.retry_at = 0;
                 chain.last_error = None;
+                if !self.end_cycle(&chain, &from) {
+                    return;
+                }
                 let latency = (now() - point_time / 1_000_000).max(0);
                 let _ = self.store.record_stat(
                     vm.id,
@@ -616,7 +646,6 @@ impl PrimarySide {
                         latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
                     },
                 );
-                let _ = self.store.put_chain(&chain);
                 self.set_state(
                     vm.id,
                     ReplicationState::Replicating,
@@ -636,7 +665,6 @@ impl PrimarySide {
                     }
                     CycleError::Skipped(_) => unreachable!("handled above"),
                 };
-                let _ = self.store.record_stat(vm.id, event);
                 chain.retries += 1;
                 let k = chain.retries as usize;
                 let wait = match self.interval_override {
@@ -649,7 +677,10 @@ impl PrimarySide {
                 };
                 chain.retry_at = now() + wait;
                 chain.last_error = Some(message.clone());
-                let _ = self.store.put_chain(&chain);
+                if !self.end_cycle(&chain, &from) {
+                    return;
+                }
+                let _ = self.store.record_stat(vm.id, event);
                 match e {
                     CycleError::Resync(_) => {
                         tracing::error!(vm = %vm.id, "replication needs a resynchronization: {message}");
