@@ -824,6 +824,8 @@ class Proxy:
         self.target, self.mode, self.after = target_port, mode, after
         self.fired = threading.Event()
         self.open = []  # every connection's two sockets, for cut()
+        self.kept = set()  # sockets to the replica left open, unread, by cut_primary_side()
+        self.forwarded = 0  # bytes passed on from the primary
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -859,9 +861,13 @@ class Proxy:
                     data = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
                 seen += len(data)
                 dst.sendall(data)
+                if upstream:
+                    self.forwarded += len(data)
         except OSError:
             pass
         for s in (src, dst):
+            if s in self.kept:
+                continue
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -879,8 +885,22 @@ class Proxy:
         self.open = []
         self.fired.set()
 
+    def cut_primary_side(self):
+        """Breaks every connection open now on the primary's side only: the replica's end stays
+        open and silent, as after a reset that never reached the replica (later ones pass)."""
+        for client, server in self.open:
+            self.kept.add(server)
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.open = []
+        self.fired.set()
+
     def close(self):
         self.sock.close()
+        for s in self.kept:
+            s.close()
 
 
 @pytest.mark.parametrize("mode", ["cut", "flip"])
@@ -1152,17 +1172,18 @@ def test_seeded_initial_replication_sends_only_the_blocks_that_differ(lab, tmp_p
             qsd.stop()
 
 
-def start_network_ir(lab, name, disk, cap=None):
+def start_network_ir(lab, name, disk, cap=None, port=None):
     """Defines `name` with `disk` on the primary (its sends capped at `cap` bytes/s when given),
-    enables it without compression and starts its network initial replication through pywbem;
-    returns (its id, the primary's connection, the job's path)."""
+    enables it without compression (to the replica's `port`, by default its listener) and starts
+    its network initial replication through pywbem; returns (its id, the primary's connection, the
+    job's path)."""
     if cap:
         lab.primary.stop()
         lab.primary.extra_args += ["--bandwidth-limit", cap]
         lab.primary.start()
     vm_id = str(uuid.uuid4()).upper()
     lab.primary.cli("vm", "add", "--name", name, "--id", vm_id, "--disk", str(disk))
-    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
+    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(port or lab.port),
                     "--thumbprint", lab.t1, "--no-compression")
     p = lab.primary.conn()
     rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
@@ -1180,6 +1201,36 @@ def staged_checkpoint_offset(path):
         return 0
     assert data[:8] == b"VRSTAGE2" and data[16:24] == b"VRLOGCP1", data[:24]
     return int.from_bytes(data[24:32], "little")
+
+
+def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_once(lab, tmp_path):
+    """The replica's handler of the old connection would wait a minute for bytes that never come,
+    holding the VM: the primary's status request on its new connection stops it instead."""
+    import os
+    import re
+
+    disk = tmp_path / "half01.raw"
+    run("truncate", "-s", "64M", disk)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(48 << 20))
+    proxy = Proxy(lab.port, "cut", after=1 << 40)  # passes everything until told
+    try:
+        vm_id, p, job = start_network_ir(lab, "half01", disk, cap="8M", port=proxy.port)
+        wait_for(lambda: proxy.forwarded > 16 << 20, timeout=30, what="16 MiB of the log sent")
+        proxy.cut_primary_side()
+        cut = time.monotonic()
+        job = wait_job(p, job, timeout=120)
+        took = time.monotonic() - cut
+        assert job["JobState"] == 7, job["ErrorDescription"]
+        # About 32 MiB were left at 8 MiB/s. Waiting for the old handler's idle timeout (60 s), or
+        # 10 s per status request that found it busy, took far longer.
+        assert took < 20, took
+        replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+        assert "the primary continues this log on a newer connection" in replica_log, replica_log[-3000:]
+        assert "resuming an upload" in replica_log, replica_log[-3000:]
+        latest_point_equals(lab.storage / vm_id.lower(), disk, fmt="raw")
+    finally:
+        proxy.close()
 
 
 @pytest.mark.parametrize("stop,cap", [("kill", "24M"), ("term", "24M"), ("kill", None)])

@@ -111,6 +111,9 @@ pub struct ReplicaSide {
     pub applied: tokio::sync::watch::Sender<u64>,
     /// One upload or commit per VM at a time.
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// The log bodies being received, each told to stop when the primary continues its log on a
+    /// newer connection.
+    receivers: Receivers,
     /// Uploads in progress by authorized primary name.
     uploading: Mutex<HashMap<String, usize>>,
     /// The open compare session of each VM (§5.5), kept in memory: after a restart the primary
@@ -122,6 +125,60 @@ pub struct ReplicaSide {
     pub data_dir: PathBuf,
     /// The failbacks this host runs as a new primary (`POST vms/{vm}/failback`), once wired.
     pub failback: std::sync::OnceLock<Arc<crate::engine::failback::NewPrimary>>,
+}
+
+/// The log bodies being received, by VM and sequence.
+///
+/// The primary continues a log on a new connection only after it gave up the old one. When only
+/// the primary's end of the old connection broke (a reset that never reached this host, a
+/// half-open link), the old handler would wait for bytes until `IDLE_TIMEOUT`, holding the VM's
+/// lock, and the primary's status request and resume would wait for it, or time out. So a request
+/// for the same log tells the old handler to stop at once: it keeps what arrived, as after a
+/// broken connection, and lets go of the lock.
+#[derive(Default)]
+struct Receivers(Mutex<HashMap<(Uuid, u64), Arc<Notify>>>);
+
+/// One body being received; dropping it ends its registration.
+struct Receiving<'a> {
+    all: &'a Receivers,
+    key: (Uuid, u64),
+    stop: Arc<Notify>,
+}
+
+impl Receivers {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, u64), Arc<Notify>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn start(&self, vm: Uuid, seq: u64) -> Receiving<'_> {
+        let stop = Arc::new(Notify::new());
+        self.map().insert((vm, seq), stop.clone());
+        Receiving {
+            all: self,
+            key: (vm, seq),
+            stop,
+        }
+    }
+
+    /// Tells the handler receiving log `seq` of `vm`, if any, to stop.
+    fn take_over(&self, vm: Uuid, seq: u64) {
+        if let Some(stop) = self.map().get(&(vm, seq)) {
+            tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
+            stop.notify_one();
+        }
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        let mut map = self.all.map();
+        if map
+            .get(&self.key)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.stop))
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 /// What [`ReplicaSide::import_point`] made.
@@ -393,6 +450,7 @@ impl ReplicaSide {
             apply_wake,
             applied: tokio::sync::watch::Sender::new(0),
             locks: Mutex::new(HashMap::new()),
+            receivers: Receivers::default(),
             uploading: Mutex::new(HashMap::new()),
             compares: Mutex::new(HashMap::new()),
             stagings: super::staged::Stagings::default(),
@@ -1215,6 +1273,9 @@ impl ReplicaSide {
         if let Some(u) = self.store.upload(vm, seq)? {
             return Ok(uploaded_status(&u));
         }
+        // Asked by a primary whose connection broke: the handler of that connection, if still
+        // receiving, stops.
+        self.receivers.take_over(vm, seq);
         if self.stagings.is_arriving(vm, seq) {
             // Its connection may just have broken: wait (briefly) for its handler to keep it, or
             // for the end of an upload that arrived whole to be written (it holds the lock).
@@ -1341,6 +1402,8 @@ impl ReplicaSide {
         req: Request<Incoming>,
     ) -> ApiResult {
         let (_vm_row, rel) = self.bound_vm(entry, vm)?;
+        // A handler still receiving this log on an older connection stops (`Receivers`).
+        self.receivers.take_over(vm, seq);
         // Held to the end of this upload (a staged one hands it to the task that finishes it).
         let guard = self.lock_for(vm).lock_owned().await;
         let replica = self
@@ -1542,14 +1605,16 @@ impl ReplicaSide {
             tracing::info!(%vm, sequence = seq, offset = resume_at, "resuming an upload");
         }
         let mut got = 0u64;
+        let receiving = self.receivers.start(vm, seq);
         let received = receive(
             req.into_body(),
             Some((&partial, resume_at > 0)),
             room.saturating_sub(resume_at),
-            &tx,
+            (&tx, &receiving.stop),
             &mut got,
         )
         .await;
+        drop(receiving);
         drop(tx);
         let verified = verifier
             .await
@@ -1625,7 +1690,9 @@ impl ReplicaSide {
         let mut arriving = self.stagings.arriving(vm, st);
         let st = arriving.staging();
         // `room` is what is free now: the bytes received before a resume are already written.
-        let received = receive(body, None, room, &st.tx, &mut st.fed).await;
+        let receiving = self.receivers.start(vm, seq);
+        let received = receive(body, None, room, (&st.tx, &receiving.stop), &mut st.fed).await;
+        drop(receiving);
         let bytes = st.fed;
         let refused = move |e: StageError| -> ApiError {
             match e {
@@ -1914,12 +1981,13 @@ impl std::io::Read for ChannelReader {
 
 /// Streams a request body to the verifier (or the staging thread) and, given a `path`, into that
 /// file, refusing more than `room` bytes and a stalled body; counts what it took in `total`. Stops
-/// early when the verifier has already rejected the log.
+/// early when the verifier has already rejected the log, and when told to by `stop` (the primary
+/// continues on another connection: ended as a broken connection, what arrived is kept).
 async fn receive(
     mut body: Incoming,
     path: Option<(&Path, bool)>,
     room: u64,
-    verifier: &tokio::sync::mpsc::Sender<Bytes>,
+    (verifier, stop): (&tokio::sync::mpsc::Sender<Bytes>, &Notify),
     total: &mut u64,
 ) -> Result<(), ApiError> {
     let mut file = match path {
@@ -1940,7 +2008,20 @@ async fn receive(
     };
     let start = *total;
     loop {
-        let frame = match tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await {
+        let next = tokio::select! {
+            biased;
+            () = stop.notified() => {
+                return Err(ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "the upload was continued on a newer connection after {} bytes on this one",
+                        *total - start
+                    ),
+                ));
+            }
+            next = tokio::time::timeout(IDLE_TIMEOUT, body.frame()) => next,
+        };
+        let frame = match next {
             Err(_) => {
                 let mut d = ErrorDetail::new(ErrorCode::Timeout, "the log upload stalled");
                 d.offset = Some(0);
