@@ -1098,6 +1098,74 @@ def test_a_resynchronization_goes_on_after_its_recovery_server_restarts(lab, tmp
     assert same, text
 
 
+@pytest.mark.parametrize("when", ["importing", "comparing", "cancelled"])
+def test_a_seeded_initial_replication_goes_on_after_its_recovery_server_restarts(lab, tmp_path, when):
+    """The recovery server is stopped (SIGSTOP), then killed and started again, while it imports
+    its copy of the disk as point 1, or once it did and the primary compares block hashes with it.
+    The primary's job begins the seeded comparison again: the copy is imported once (again only
+    if its import was cut off), and only the blocks that differ travel. Or the job is cancelled
+    once the copy is imported, and the operator starts the seeded replication again: it compares
+    with the imported copy."""
+    import signal
+    import uuid
+
+    disk = tmp_path / "seed04.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", disk, "1G")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 768M", disk)
+    copy = tmp_path / "seed04-copy.qcow2"
+    shutil.copy(disk, copy)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x6c 700M 192k", "-c", "write -z 100M 64k", disk)
+    vm_id = str(uuid.uuid4()).upper()
+    lab.replica.cli("vm", "add", "--name", "seed04", "--id", vm_id, "--disk", str(copy))
+    lab.replica.cli("enable-as-replica", "seed04")
+    lab.primary.cli("vm", "add", "--name", "seed04", "--id", vm_id, "--disk", str(disk))
+    lab.primary.cli("enable", "seed04", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    p = lab.primary.conn()
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm_by_name(p, "seed04").path,
+                             InitialReplicationType=Uint16(3))
+    assert rv == 4096, rv
+    mark = "seeded comparison begun; importing the seed" if when == "importing" else "seed imported as point 1"
+    deadline = time.time() + 120
+    while mark not in plain_log(lab.replica):
+        assert time.time() < deadline, f"never {when}"
+        time.sleep(0.01)
+    if when == "cancelled":
+        rv, _ = p.InvokeMethod("RequestStateChange", out["Job"], RequestedState=Uint16(4))
+        assert rv == 0, rv
+        assert wait_job(p, out["Job"], timeout=60)["JobState"] == 8
+        rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm_by_name(p, "seed04").path,
+                                 InitialReplicationType=Uint16(3))
+        assert rv == 4096, rv
+    else:
+        lab.replica.proc.send_signal(signal.SIGSTOP)
+        time.sleep(2)
+        lab.replica.proc.send_signal(signal.SIGKILL)
+        lab.replica.proc.wait()
+        lab.replica.start()
+    job = wait_job(p, out["Job"], timeout=300)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    replica_log = plain_log(lab.replica)
+    imports = replica_log.count("seed imported as point 1 vm=")
+    if when != "importing":
+        assert "seeded comparison begun again on the seed imported as point 1 before" in replica_log, \
+            replica_log[-3000:]
+        assert imports == 1, replica_log[-3000:]
+    else:
+        assert replica_log.count("seeded comparison begun; importing the seed") == 2, replica_log[-3000:]
+        assert imports == 1, replica_log[-3000:]
+    assert vm_by_name(p, "seed04")["ReplicationState"] == 3
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="the differences applied")
+    with raw_peer(lab) as c:
+        sent = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/2").json()
+    assert sent["log_bytes"] < 400_000, sent  # 192 KiB written and a zeroed block, not 768 MiB
+    rrsc(p, vm_by_name(p, "seed04"), 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
+    assert same, text
+
+
 def test_a_vm_that_lost_its_tracking_resynchronizes_by_itself_inside_its_window(lab, tmp_path):
     lab.primary.stop()
     lab.primary.extra_args += ["--auto-resync-delay", "2"]  # 300 s by default

@@ -155,6 +155,9 @@ async fn compare_and_send(
         job,
         vm,
         to: &to,
+        // A seeded begin imports the seed: sent again only to a replica that then takes up what
+        // it began or imported (`seeded-again`), never imports twice.
+        begin_again: kind == 2 || session.has("seeded-again"),
         begin: &BeginCompare {
             kind,
             block_size: DEFAULT_BLOCK_SIZE,
@@ -707,6 +710,8 @@ struct Recovery<'a> {
     vm: &'a VmRow,
     to: &'a crate::replication::client::Target,
     begin: &'a BeginCompare,
+    /// Whether `begin` may be sent again when its answer, or the session, was lost.
+    begin_again: bool,
 }
 
 impl Recovery<'_> {
@@ -736,8 +741,7 @@ impl Recovery<'_> {
             Some(_) => "comparing block hashes",
             None => "beginning the comparison",
         };
-        if cs.is_none() && self.begin.kind != 2 {
-            // A seeded begin imports the seed: it is never sent twice.
+        if cs.is_none() && !self.begin_again {
             return Err(err.into_failure(what));
         }
         let mut last = err;
@@ -772,8 +776,7 @@ impl Recovery<'_> {
                     last = e;
                     continue;
                 }
-                // A seeded session imports the seed as point 1 at its begin: never twice.
-                Ok(None) | Err(_) if self.begin.kind != 2 => {
+                Ok(None) | Err(_) if !self.begin_again => {
                     return Err(fail(
                         format!("{what}: the recovery server lost the comparison ({last})"),
                         "Run the operation again.",

@@ -518,6 +518,11 @@ impl ReplicaSide {
             return Err(ApiError(Box::new(d)));
         }
         let waiting = ReplicationState::WaitingToCompleteInitialReplication.as_u16();
+        if rel.state == waiting {
+            if let Some(going) = self.seeded_again(vm, &begin).await? {
+                return Ok(json(200, &going.session()));
+            }
+        }
         if rel.state != waiting || self.store.last_received_log(vm)?.is_some() {
             let mut d = ErrorDetail::new(
                 ErrorCode::InvalidState,
@@ -566,10 +571,7 @@ impl ReplicaSide {
             resync: false,
             failback: false,
         });
-        self.compares
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(vm, compare.clone());
+        self.remember_compare(vm, compare.clone());
         let (me, c, disks) = (self.clone(), compare.clone(), begin.disks.clone());
         tokio::spawn(async move {
             let result = me.import_seed(vm, &c, disks).await;
@@ -590,6 +592,59 @@ impl ReplicaSide {
         });
         tracing::info!(%vm, compare = %compare.id, "seeded comparison begun; importing the seed as point 1");
         Ok(json(201, &compare.session()))
+    }
+
+    /// A seeded begin asked again (its answer was lost, or this daemon restarted during the
+    /// comparison): the session still going on, or, once the seed is point 1 and nothing came after
+    /// it, a new session comparing with point 1 (its hashes recorded so far kept): the seed is never
+    /// imported twice. None when neither is so (a first begin).
+    async fn seeded_again(
+        &self,
+        vm: Uuid,
+        begin: &protocol::BeginCompare,
+    ) -> Result<Option<Arc<Compare>>, ApiError> {
+        let going = self
+            .compares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vm)
+            .filter(|c| {
+                !c.resync
+                    && !c.failback
+                    && c.block_size == begin.block_size
+                    && c.images.len() == begin.disks.len()
+                    && c.images
+                        .iter()
+                        .zip(&begin.disks)
+                        .all(|((_, _, size), d)| *size == d.virtual_size)
+                    && c.state.load(std::sync::atomic::Ordering::Acquire) != 3
+            })
+            .cloned();
+        if let Some(c) = going {
+            tracing::info!(%vm, compare = %c.id, "seeded comparison begun again: the session in progress goes on");
+            return Ok(Some(c));
+        }
+        let last = self.store.last_received_log(vm)?;
+        if last.as_ref().map(|l| (l.sequence, l.applied)) != Some((1, true)) {
+            return Ok(None);
+        }
+        let replica = self
+            .store
+            .replica_vm(vm)?
+            .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, "no placeholder record"))?;
+        if replica.disks != begin.disks {
+            let mut d = ErrorDetail::new(
+                ErrorCode::DiskTableMismatch,
+                "the disks differ from those of the seed imported as point 1",
+            );
+            d.expected = Some(replica.disks.clone());
+            return Err(ApiError(Box::new(d)));
+        }
+        let c = self
+            .compare_point(vm, &replica, 1, begin, (false, false))
+            .await?;
+        tracing::info!(%vm, compare = %c.id, "seeded comparison begun again on the seed imported as point 1 before");
+        Ok(Some(c))
     }
 
     /// Writes the seed disks as a full-image log 1 and applies it (not through the upload path).

@@ -155,6 +155,31 @@ impl ReplicaSide {
             d.expected = Some(replica.disks.clone());
             return Err(ApiError(Box::new(d)));
         }
+        // The resync itself is what a "resynchronization required" mark asked for.
+        if replica.resync_required {
+            let mut r = replica.clone();
+            r.resync_required = false;
+            self.store.put_replica_vm(&r)?;
+        }
+        let compare = self
+            .compare_point(vm, &replica, baseline, begin, (true, failback))
+            .await?;
+        tracing::info!(%vm, compare = %compare.id(), baseline, at = now(), "resynchronization comparison begun");
+        Ok(json(201, &compare.session()))
+    }
+
+    /// A session comparing with point `baseline`'s layers, ready at once, remembered as `vm`'s
+    /// session. It leads to a resynchronization's log with `resync`; with `failback`, to a
+    /// failback's (the old primary's base). Otherwise this side hashes its point in the background
+    /// (§5.5), going on from the hashes that sessions on this point recorded before.
+    pub(super) async fn compare_point(
+        &self,
+        vm: Uuid,
+        replica: &super::records::ReplicaVmRow,
+        baseline: u64,
+        begin: &protocol::BeginCompare,
+        (resync, failback): (bool, bool),
+    ) -> Result<Arc<Compare>, ApiError> {
         let points = PointStore::open(std::path::Path::new(&replica.store_root), vm)
             .await
             .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, crate::error_chain(&e)))?;
@@ -169,13 +194,7 @@ impl ReplicaSide {
                 d.virtual_size,
             ));
         }
-        // The resync itself is what a "resynchronization required" mark asked for.
-        if replica.resync_required {
-            let mut r = replica.clone();
-            r.resync_required = false;
-            self.store.put_replica_vm(&r)?;
-        }
-        let mut compare = Compare::ready(baseline, begin.block_size, images, true);
+        let mut compare = Compare::ready(baseline, begin.block_size, images, resync);
         if failback {
             compare = compare.for_failback();
         } else {
@@ -205,7 +224,6 @@ impl ReplicaSide {
         }
         let compare = Arc::new(compare);
         self.remember_compare(vm, compare.clone());
-        tracing::info!(%vm, compare = %compare.id(), baseline, at = now(), "resynchronization comparison begun");
-        Ok(json(201, &compare.session()))
+        Ok(compare)
     }
 }

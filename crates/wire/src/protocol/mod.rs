@@ -18,6 +18,7 @@ pub const CAPABILITIES: &[&str] = &[
     "reverse",
     "failback",
     "resync-commit",
+    "seeded-again",
 ];
 
 /// Request headers of a log upload (§5.3).
