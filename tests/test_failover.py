@@ -1050,15 +1050,17 @@ def test_a_resynchronization_goes_on_after_its_recovery_server_restarts(lab, tmp
         lab.primary.cli("host", "set", "--bandwidth-limit", "1M")
     rrsc(p, pvm, 3)
     wait_for(lambda: vm_by_name(p, "rsy04")["ReplicationState"] == 9, what="resynchronization required")
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    # The cycle that found the tracking lost had begun its upload: it leaves no empty partial.
+    wait_for(lambda: not [f for f in incoming.glob("*.partial") if f.stat().st_size == 0], timeout=10,
+             what="the empty partial of the cut-off cycle gone")
     svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
     rv, out = p.InvokeMethod("Resynchronize", svc.path, ComputerSystem=pvm.path)
     assert rv == 4096, rv
-    incoming = lab.storage / vm_id.lower() / "incoming"
 
     def lost():
         if "resynchronization comparison begun" not in plain_log(lab.replica):
             return False
-        # (A cycle cut off when the lost tracking was found may have left an empty partial.)
         return when == "comparing" or any(f.name.endswith(".partial") and f.stat().st_size > 1 << 20
                                           for f in incoming.iterdir())
     deadline = time.time() + 60

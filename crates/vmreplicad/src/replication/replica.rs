@@ -181,6 +181,17 @@ impl Drop for Receiving<'_> {
     }
 }
 
+/// Deletes the file at its path when dropped, if it is empty.
+struct RemoveIfEmpty(PathBuf);
+
+impl Drop for RemoveIfEmpty {
+    fn drop(&mut self) {
+        if std::fs::metadata(&self.0).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 /// What [`ReplicaSide::import_point`] made.
 pub(super) struct Imported {
     /// The images' block-hash maps (temporary files).
@@ -1660,6 +1671,10 @@ impl ReplicaSide {
             tracing::info!(%vm, sequence = seq, offset = resume_at, "resuming an upload");
         }
         let mut got = 0u64;
+        // However this handler ends (hyper drops it when the primary resets the stream, as one
+        // whose log failed at once does, e.g. on finding its tracking lost), an empty partial
+        // holds nothing to resume.
+        let _empty = RemoveIfEmpty(partial.clone());
         let receiving = self.receivers.start(vm, seq);
         let received = receive(
             req.into_body(),
