@@ -385,11 +385,10 @@ impl LocalEngine {
             false,
             move |_ctx, vm, rel, _, claim| async move {
                 let _claim = claim;
-                if let Some(mut chain) = store.chain(vm.id).map_err(JobFailure::from)? {
-                    chain.next_due = crate::clock::now();
-                    chain.retry_at = 0;
-                    store.put_chain(&chain).map_err(JobFailure::from)?;
-                }
+                // Only the due time and the back-off: a cycle that ends meanwhile writes the rest.
+                store
+                    .due_now(vm.id, crate::clock::now())
+                    .map_err(JobFailure::from)?;
                 Ok(rel)
             },
         )

@@ -746,7 +746,7 @@ impl Recovery<'_> {
         }
         let mut last = err;
         for secs in crate::replication::client::INITIAL_RETRIES {
-            if !(last.is_network() || unknown_compare(&last)) {
+            if !(last.is_network() || unknown_compare(&last) || busy(&last)) {
                 return Err(last.into_failure(what));
             }
             tracing::warn!(vm = %self.vm.id, "{what}: {last}; trying again in {secs} s");
@@ -837,6 +837,12 @@ impl Recovery<'_> {
         }
         Err(last.into_failure(what))
     }
+}
+
+/// The recovery server asks to be asked again shortly (a seed import still running, logs still
+/// being applied).
+fn busy(e: &PeerError) -> bool {
+    matches!(e, PeerError::Refused(d) if d.error_code() == Some(wire::protocol::ErrorCode::Busy))
 }
 
 /// The recovery server does not know the compare session asked about.

@@ -106,6 +106,15 @@ impl Store {
         Ok(())
     }
 
+    /// Makes the next cycle of `vm` due at `now`, with no back-off.
+    pub fn due_now(&self, vm: Uuid, now: i64) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE primary_chains SET next_due = ?2, retry_at = 0 WHERE vm = ?1",
+            params![vm.to_string(), now],
+        )?;
+        Ok(())
+    }
+
     pub fn chain(&self, vm: Uuid) -> StoreResult<Option<ChainRow>> {
         Ok(self
             .conn()
@@ -250,10 +259,21 @@ mod tests {
         assert_eq!((now.last_sequence, now.next_due), (5, 130));
         // A second writer of the same outcome finds the chain moved on.
         assert!(!store.end_cycle(&chain(vm, 5, "h5"), 4, "h4").unwrap());
+        // A resume makes the next cycle due and leaves the rest as the cycle wrote it.
+        let mut backing_off = chain(vm, 6, "h6");
+        backing_off.retries = 2;
+        backing_off.retry_at = 500;
+        assert!(store.end_cycle(&backing_off, 5, "h5").unwrap());
+        store.due_now(vm, 140).unwrap();
+        let now = store.chain(vm).unwrap().unwrap();
+        assert_eq!(
+            (now.last_sequence, now.retries, now.retry_at, now.next_due),
+            (6, 2, 0, 140)
+        );
         // Removed and enabled again: the new initial replication's chain is at 1, and a cycle
         // of the old chain that was in flight (from 1, the old hash) leaves it alone.
         store.remove_chain(vm).unwrap();
-        assert!(!store.end_cycle(&chain(vm, 6, "h6"), 5, "h5").unwrap());
+        assert!(!store.end_cycle(&chain(vm, 7, "h7"), 6, "h6").unwrap());
         assert_eq!(store.chain(vm).unwrap(), None);
         store.put_chain(&chain(vm, 1, "new1")).unwrap();
         let mut failed = chain(vm, 1, "old1");

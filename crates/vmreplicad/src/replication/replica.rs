@@ -114,6 +114,8 @@ pub struct ReplicaSide {
     /// The log bodies being received, each told to stop when the primary continues its log on a
     /// newer connection.
     receivers: Receivers,
+    /// The VMs whose seed is being imported as point 1 (a seeded begin), cancelled or not.
+    seed_imports: Arc<Mutex<std::collections::HashSet<Uuid>>>,
     /// Uploads in progress by authorized primary name.
     uploading: Mutex<HashMap<String, usize>>,
     /// The open compare session of each VM (§5.5), kept in memory: after a restart the primary
@@ -178,6 +180,31 @@ impl Drop for Receiving<'_> {
         {
             map.remove(&self.key);
         }
+    }
+}
+
+/// A seed import in progress: `vm` is in the set until this is dropped.
+struct SeedImport {
+    all: Arc<Mutex<std::collections::HashSet<Uuid>>>,
+    vm: Uuid,
+}
+
+impl SeedImport {
+    fn start(all: &Arc<Mutex<std::collections::HashSet<Uuid>>>, vm: Uuid) -> SeedImport {
+        all.lock().unwrap_or_else(|p| p.into_inner()).insert(vm);
+        SeedImport {
+            all: all.clone(),
+            vm,
+        }
+    }
+}
+
+impl Drop for SeedImport {
+    fn drop(&mut self) {
+        self.all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.vm);
     }
 }
 
@@ -462,6 +489,7 @@ impl ReplicaSide {
             applied: tokio::sync::watch::Sender::new(0),
             locks: Mutex::new(HashMap::new()),
             receivers: Receivers::default(),
+            seed_imports: Arc::default(),
             uploading: Mutex::new(HashMap::new()),
             compares: Mutex::new(HashMap::new()),
             stagings: super::staged::Stagings::default(),
@@ -584,7 +612,9 @@ impl ReplicaSide {
         });
         self.remember_compare(vm, compare.clone());
         let (me, c, disks) = (self.clone(), compare.clone(), begin.disks.clone());
+        let importing = SeedImport::start(&self.seed_imports, vm);
         tokio::spawn(async move {
+            let _importing = importing;
             let result = me.import_seed(vm, &c, disks).await;
             match result {
                 Ok(()) => {
@@ -634,6 +664,17 @@ impl ReplicaSide {
         if let Some(c) = going {
             tracing::info!(%vm, compare = %c.id, "seeded comparison begun again: the session in progress goes on");
             return Ok(Some(c));
+        }
+        if self
+            .seed_imports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&vm)
+        {
+            // Its session was cancelled, its import goes on: never two at once.
+            return Err(busy(
+                "the seed of a cancelled seeded comparison is still being imported as point 1; begin again shortly".into(),
+            ));
         }
         let last = self.store.last_received_log(vm)?;
         if last.as_ref().map(|l| (l.sequence, l.applied)) != Some((1, true)) {
@@ -1472,6 +1513,9 @@ impl ReplicaSide {
         self.receivers.take_over(vm, seq);
         // Held to the end of this upload (a staged one hands it to the task that finishes it).
         let guard = self.lock_for(vm).lock_owned().await;
+        // From here on a newer connection's request for this log stops this one, even before
+        // its body is read.
+        let receiving = self.receivers.start(vm, seq);
         let replica = self
             .store
             .replica_vm(vm)?
@@ -1572,7 +1616,14 @@ impl ReplicaSide {
                 }
                 tracing::info!(%vm, sequence = seq, offset, "resuming an upload");
                 return self
-                    .upload_staged(vm, st, req.into_body(), room, &replica, guard)
+                    .upload_staged(
+                        vm,
+                        st,
+                        req.into_body(),
+                        room,
+                        &replica,
+                        (guard, &receiving.stop),
+                    )
                     .await;
             }
             // A staged upload cut off by this daemon's restart continues from its checkpoint.
@@ -1591,7 +1642,14 @@ impl ReplicaSide {
                     tracing::info!(%vm, sequence = seq, offset, "resuming a staged upload from its checkpoint");
                     let st = super::staged::Staging::start(expect, files, &replica.disks, Some(cp));
                     return self
-                        .upload_staged(vm, st, req.into_body(), room, &replica, guard)
+                        .upload_staged(
+                            vm,
+                            st,
+                            req.into_body(),
+                            room,
+                            &replica,
+                            (guard, &receiving.stop),
+                        )
                         .await;
                 }
             }
@@ -1612,7 +1670,14 @@ impl ReplicaSide {
                 let files = super::staged::StageFiles::new(&dir, seq, upload_id);
                 let st = super::staged::Staging::start(expect, files, &replica.disks, None);
                 return self
-                    .upload_staged(vm, st, req.into_body(), room, &replica, guard)
+                    .upload_staged(
+                        vm,
+                        st,
+                        req.into_body(),
+                        room,
+                        &replica,
+                        (guard, &receiving.stop),
+                    )
                     .await;
             }
         }
@@ -1675,7 +1740,6 @@ impl ReplicaSide {
         // whose log failed at once does, e.g. on finding its tracking lost), an empty partial
         // holds nothing to resume.
         let _empty = RemoveIfEmpty(partial.clone());
-        let receiving = self.receivers.start(vm, seq);
         let received = receive(
             req.into_body(),
             Some((&partial, resume_at > 0)),
@@ -1684,7 +1748,6 @@ impl ReplicaSide {
             &mut got,
         )
         .await;
-        drop(receiving);
         drop(tx);
         let verified = verifier
             .await
@@ -1753,16 +1816,14 @@ impl ReplicaSide {
         body: Incoming,
         room: u64,
         replica: &ReplicaVmRow,
-        guard: tokio::sync::OwnedMutexGuard<()>,
+        (guard, stop): (tokio::sync::OwnedMutexGuard<()>, &Notify),
     ) -> ApiResult {
         use super::staged::StageError;
         let (seq, upload_id) = (st.sequence, st.upload);
         let mut arriving = self.stagings.arriving(vm, st);
         let st = arriving.staging();
         // `room` is what is free now: the bytes received before a resume are already written.
-        let receiving = self.receivers.start(vm, seq);
-        let received = receive(body, None, room, (&st.tx, &receiving.stop), &mut st.fed).await;
-        drop(receiving);
+        let received = receive(body, None, room, (&st.tx, stop), &mut st.fed).await;
         let bytes = st.fed;
         let refused = move |e: StageError| -> ApiError {
             match e {

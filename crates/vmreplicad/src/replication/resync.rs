@@ -155,15 +155,15 @@ impl ReplicaSide {
             d.expected = Some(replica.disks.clone());
             return Err(ApiError(Box::new(d)));
         }
+        let compare = self
+            .compare_point(vm, &replica, baseline, begin, (true, failback))
+            .await?;
         // The resync itself is what a "resynchronization required" mark asked for.
         if replica.resync_required {
             let mut r = replica.clone();
             r.resync_required = false;
             self.store.put_replica_vm(&r)?;
         }
-        let compare = self
-            .compare_point(vm, &replica, baseline, begin, (true, failback))
-            .await?;
         tracing::info!(%vm, compare = %compare.id(), baseline, at = now(), "resynchronization comparison begun");
         Ok(json(201, &compare.session()))
     }

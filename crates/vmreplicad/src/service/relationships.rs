@@ -162,6 +162,7 @@ impl Service {
         let (_, t) = self.decide(&vm, Operation::RemoveReplicationRelationship)?;
         self.refuse_engineless(&t, "RemoveReplicationRelationship")?;
         let store = self.store.clone();
+        let in_flight = self.in_flight.clone();
         let id = vm.id;
         self.job(
             t.job_type,
@@ -170,6 +171,15 @@ impl Service {
             move |ctx| async move {
                 ctx.check_cancelled()?;
                 store.remove_relationship(id)?;
+                // No cycle starts without the relationship; the one in flight, if any, ends
+                // before the chain goes, so nothing of it lands on a chain enabled again later
+                // (and should it outlast the wait, its outcome finds no chain to write to).
+                if !in_flight
+                    .wait_idle(id, std::time::Duration::from_secs(600))
+                    .await
+                {
+                    tracing::warn!(vm = %id, "removed while a log is still in flight");
+                }
                 store.remove_chain(id)?;
                 tracing::info!(vm = %id, "replication relationship removed");
                 Ok(())
