@@ -1100,14 +1100,16 @@ def test_a_resynchronization_goes_on_after_its_recovery_server_restarts(lab, tmp
     assert same, text
 
 
-@pytest.mark.parametrize("when", ["importing", "comparing", "cancelled", "cancelled-importing"])
+@pytest.mark.parametrize("when", ["importing", "comparing", "cancelled", "cancelled-importing", "unrecorded"])
 def test_a_seeded_initial_replication_goes_on_after_its_recovery_server_restarts(lab, tmp_path, when):
     """The recovery server is stopped (SIGSTOP), then killed and started again, while it imports
     its copy of the disk as point 1, or once it did and the primary compares block hashes with it.
     The primary's job begins the seeded comparison again: the copy is imported once (again only
     if its import was cut off), and only the blocks that differ travel. Or the job is cancelled
     once the copy is imported, or while it is, and the operator starts the seeded replication again
-    at once: it compares with the imported copy (once its import ended)."""
+    at once: it compares with the imported copy (once its import ended). Or (unrecorded) the
+    replica stopped after the copy became point 1 but before it recorded the import's log, as a
+    kill between the two leaves it: the copy is recorded then, not imported again."""
     import signal
     import uuid
 
@@ -1133,10 +1135,20 @@ def test_a_seeded_initial_replication_goes_on_after_its_recovery_server_restarts
     while mark not in plain_log(lab.replica):
         assert time.time() < deadline, f"never {when}"
         time.sleep(0.01)
-    if when.startswith("cancelled"):
+    if when.startswith("cancelled") or when == "unrecorded":
         rv, _ = p.InvokeMethod("RequestStateChange", out["Job"], RequestedState=Uint16(4))
         assert rv == 0, rv
         assert wait_job(p, out["Job"], timeout=60)["JobState"] == 8
+        if when == "unrecorded":
+            import sqlite3
+            lab.replica.proc.send_signal(signal.SIGKILL)
+            lab.replica.proc.wait()
+            db = sqlite3.connect(lab.replica.data_dir / "vmreplica.db")
+            with db:
+                assert db.execute("DELETE FROM received_logs WHERE sequence = 1").rowcount == 1
+            db.close()
+            lab.replica.start()
+            wait_port(lab.port)
         rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm_by_name(p, "seed04").path,
                                  InitialReplicationType=Uint16(3))
         assert rv == 4096, rv
@@ -1156,6 +1168,8 @@ def test_a_seeded_initial_replication_goes_on_after_its_recovery_server_restarts
     else:
         assert "seeded comparison begun again on the seed imported as point 1 before" in replica_log, \
             replica_log[-3000:]
+    if when == "unrecorded":
+        assert "a seed imported as point 1 before a restart is recorded now" in replica_log, replica_log[-3000:]
     assert vm_by_name(p, "seed04")["ReplicationState"] == 3
     wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="the differences applied")
     with raw_peer(lab) as c:

@@ -190,6 +190,12 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        // A relationship removed while its cycle was in flight loses its chain once the cycle
+        // ended; a daemon that stopped meanwhile left it (and its counters): they go now.
+        conn.execute_batch(
+            "DELETE FROM primary_chains WHERE vm NOT IN (SELECT vm FROM relationships);
+             DELETE FROM replication_stats WHERE vm NOT IN (SELECT vm FROM relationships);",
+        )?;
         Ok(Store {
             conn: Mutex::new(conn),
             jobs_changed: tokio::sync::watch::Sender::new(0),
@@ -859,7 +865,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn vm(name: &str) -> VmRow {
+    pub(crate) fn vm(name: &str) -> VmRow {
         VmRow {
             id: Uuid::new_v4(),
             name: name.into(),

@@ -745,10 +745,22 @@ impl Recovery<'_> {
             return Err(err.into_failure(what));
         }
         let mut last = err;
-        for secs in crate::replication::client::INITIAL_RETRIES {
-            if !(last.is_network() || unknown_compare(&last) || busy(&last)) {
+        let mut schedule = crate::replication::client::INITIAL_RETRIES.iter();
+        loop {
+            // A seeded begin answered Busy waits for the import of an earlier (cancelled)
+            // session's seed, which goes on, however long that takes (a cancel ends the wait);
+            // a resync's Busy (logs that may never be applied) is not waited for.
+            let importing = self.begin.kind == 1 && busy(&last);
+            if !(last.is_network() || unknown_compare(&last) || importing) {
                 return Err(last.into_failure(what));
             }
+            let secs = match importing {
+                true => SEED_IMPORT_POLL_SECS,
+                false => match schedule.next() {
+                    Some(&secs) => secs,
+                    None => break,
+                },
+            };
             tracing::warn!(vm = %self.vm.id, "{what}: {last}; trying again in {secs} s");
             let until = tokio::time::Instant::now() + Duration::from_secs(secs);
             while tokio::time::Instant::now() < until {
@@ -838,6 +850,9 @@ impl Recovery<'_> {
         Err(last.into_failure(what))
     }
 }
+
+/// How often a seeded begin is sent again while the recovery server imports an earlier seed.
+const SEED_IMPORT_POLL_SECS: u64 = 5;
 
 /// The recovery server asks to be asked again shortly (a seed import still running, logs still
 /// being applied).

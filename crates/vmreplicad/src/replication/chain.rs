@@ -281,4 +281,25 @@ mod tests {
         assert!(!store.end_cycle(&failed, 1, "old1").unwrap());
         assert_eq!(store.chain(vm).unwrap().unwrap(), chain(vm, 1, "new1"));
     }
+
+    #[test]
+    fn a_chain_left_without_its_relationship_goes_at_the_next_start() {
+        let (dir, store) = temp_store();
+        let with = crate::store::tests::vm("kept");
+        let (vm, kept) = (Uuid::new_v4(), with.id);
+        store.insert_vm(&with).unwrap();
+        store
+            .put_relationship(&crate::store::RelationshipRow::new(kept, 0), 1)
+            .unwrap();
+        for id in [vm, kept] {
+            store.put_chain(&chain(id, 3, "h3")).unwrap();
+            store.record_stat(id, StatEvent::Miss).unwrap();
+        }
+        drop(store);
+        let store = Store::open(&dir.path.join("test.db")).unwrap();
+        assert_eq!(store.chain(vm).unwrap(), None);
+        assert_eq!(store.stats(vm).unwrap(), StatsRow::default());
+        assert_eq!(store.chain(kept).unwrap(), Some(chain(kept, 3, "h3")));
+        assert_eq!(store.stats(kept).unwrap().misses, 1);
+    }
 }

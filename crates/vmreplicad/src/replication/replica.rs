@@ -134,11 +134,15 @@ pub struct ReplicaSide {
 /// The primary continues a log on a new connection only after it gave up the old one. When only
 /// the primary's end of the old connection broke (a reset that never reached this host, a
 /// half-open link), the old handler would wait for bytes until `IDLE_TIMEOUT`, holding the VM's
-/// lock, and the primary's status request and resume would wait for it, or time out. So a request
-/// for the same log tells the old handler to stop at once: it keeps what arrived, as after a
-/// broken connection, and lets go of the lock.
+/// lock, and the primary's status request and resume would wait for it, or time out. So a status
+/// request for the same log, or an upload of it under the same upload id (the same delivery),
+/// tells the old handler to stop at once: it keeps what arrived, as after a broken connection,
+/// and lets go of the lock. (An upload under another id is another delivery: it waits its turn.)
 #[derive(Default)]
-struct Receivers(Mutex<HashMap<(Uuid, u64), Arc<Notify>>>);
+struct Receivers(Mutex<ReceiverMap>);
+
+/// (VM, sequence) → (upload id, stop).
+type ReceiverMap = HashMap<(Uuid, u64), (Option<Uuid>, Arc<Notify>)>;
 
 /// One body being received; dropping it ends its registration.
 struct Receiving<'a> {
@@ -148,13 +152,14 @@ struct Receiving<'a> {
 }
 
 impl Receivers {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, u64), Arc<Notify>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, ReceiverMap> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn start(&self, vm: Uuid, seq: u64) -> Receiving<'_> {
+    /// Registers the handler of log `seq` of `vm` under its upload id.
+    fn start(&self, vm: Uuid, seq: u64, upload: Option<Uuid>) -> Receiving<'_> {
         let stop = Arc::new(Notify::new());
-        self.map().insert((vm, seq), stop.clone());
+        self.map().insert((vm, seq), (upload, stop.clone()));
         Receiving {
             all: self,
             key: (vm, seq),
@@ -162,11 +167,14 @@ impl Receivers {
         }
     }
 
-    /// Tells the handler receiving log `seq` of `vm`, if any, to stop.
-    fn take_over(&self, vm: Uuid, seq: u64) {
-        if let Some(stop) = self.map().get(&(vm, seq)) {
-            tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
-            stop.notify_one();
+    /// Tells the handler receiving log `seq` of `vm`, if any, to stop: any (a status request,
+    /// `upload` None) or the one receiving under that upload id.
+    fn take_over(&self, vm: Uuid, seq: u64, upload: Option<Uuid>) {
+        if let Some((id, stop)) = self.map().get(&(vm, seq)) {
+            if upload.is_none() || upload == *id {
+                tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
+                stop.notify_one();
+            }
         }
     }
 }
@@ -176,7 +184,7 @@ impl Drop for Receiving<'_> {
         let mut map = self.all.map();
         if map
             .get(&self.key)
-            .is_some_and(|s| Arc::ptr_eq(s, &self.stop))
+            .is_some_and(|(_, s)| Arc::ptr_eq(s, &self.stop))
         {
             map.remove(&self.key);
         }
@@ -557,6 +565,9 @@ impl ReplicaSide {
             return Err(ApiError(Box::new(d)));
         }
         let waiting = ReplicationState::WaitingToCompleteInitialReplication.as_u16();
+        // Held to the end of this begin: two seeded begins at once (a half-open connection's and
+        // its successor's) must not both find no import and both import.
+        let _held = self.lock_within(vm, 1).await?;
         if rel.state == waiting {
             if let Some(going) = self.seeded_again(vm, &begin).await? {
                 return Ok(json(200, &going.session()));
@@ -676,14 +687,17 @@ impl ReplicaSide {
                 "the seed of a cancelled seeded comparison is still being imported as point 1; begin again shortly".into(),
             ));
         }
-        let last = self.store.last_received_log(vm)?;
-        if last.as_ref().map(|l| (l.sequence, l.applied)) != Some((1, true)) {
-            return Ok(None);
-        }
         let replica = self
             .store
             .replica_vm(vm)?
             .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, "no placeholder record"))?;
+        let mut last = self.store.last_received_log(vm)?;
+        if last.is_none() {
+            last = self.recorded_seed(vm, &replica).await?;
+        }
+        if last.as_ref().map(|l| (l.sequence, l.applied)) != Some((1, true)) {
+            return Ok(None);
+        }
         if replica.disks != begin.disks {
             let mut d = ErrorDetail::new(
                 ErrorCode::DiskTableMismatch,
@@ -697,6 +711,45 @@ impl ReplicaSide {
             .await?;
         tracing::info!(%vm, compare = %c.id, "seeded comparison begun again on the seed imported as point 1 before");
         Ok(Some(c))
+    }
+
+    /// A seed that was made point 1 by an import this daemon did not live to record (it stopped
+    /// between the point's commit and the log's row, `import_point`): a point is listed only once
+    /// committed whole, so it is recorded now as that import would have. None when the store
+    /// holds anything else.
+    async fn recorded_seed(
+        &self,
+        vm: Uuid,
+        replica: &ReplicaVmRow,
+    ) -> Result<Option<ReceivedLog>, ApiError> {
+        let root = PathBuf::from(&replica.store_root);
+        if !root.join(vm.hyphenated().to_string()).is_dir() {
+            return Ok(None);
+        }
+        let storage = |e: disk::points::StoreError| {
+            ApiError::new(ErrorCode::StorageUnavailable, crate::error_chain(&e))
+        };
+        let points = PointStore::open(&root, vm).await.map_err(storage)?;
+        let listed = points.list_points().map_err(storage)?;
+        let [seed] = listed.as_slice() else {
+            return Ok(None);
+        };
+        if seed.sequence != 1 || !seed.full_image {
+            return Ok(None);
+        }
+        let log = ReceivedLog {
+            vm,
+            sequence: 1,
+            log_hash: seed.log_hash.clone(),
+            log_bytes: seed.log_bytes,
+            point_time: seed.time_micros,
+            applied: true,
+        };
+        self.store.record_applied_log(&log)?;
+        self.store
+            .put_recovery_points(vm, &[crate::engine::initial::point_row(vm, seed)])?;
+        tracing::info!(%vm, "a seed imported as point 1 before a restart is recorded now");
+        Ok(Some(log))
     }
 
     /// Writes the seed disks as a full-image log 1 and applies it (not through the upload path).
@@ -1382,7 +1435,7 @@ impl ReplicaSide {
         }
         // Asked by a primary whose connection broke: the handler of that connection, if still
         // receiving, stops.
-        self.receivers.take_over(vm, seq);
+        self.receivers.take_over(vm, seq, None);
         if self.stagings.is_arriving(vm, seq) {
             // Its connection may just have broken: wait (briefly) for its handler to keep it, or
             // for the end of an upload that arrived whole to be written (it holds the lock).
@@ -1509,13 +1562,14 @@ impl ReplicaSide {
         req: Request<Incoming>,
     ) -> ApiResult {
         let (_vm_row, rel) = self.bound_vm(entry, vm)?;
-        // A handler still receiving this log on an older connection stops (`Receivers`).
-        self.receivers.take_over(vm, seq);
+        // A handler still receiving this delivery on an older connection stops (`Receivers`).
+        let upload_id = header(&req, headers::UPLOAD_ID).and_then(protocol::parse_guid);
+        self.receivers.take_over(vm, seq, upload_id);
         // Held to the end of this upload (a staged one hands it to the task that finishes it).
         let guard = self.lock_for(vm).lock_owned().await;
         // From here on a newer connection's request for this log stops this one, even before
         // its body is read.
-        let receiving = self.receivers.start(vm, seq);
+        let receiving = self.receivers.start(vm, seq, upload_id);
         let replica = self
             .store
             .replica_vm(vm)?
@@ -1553,9 +1607,8 @@ impl ReplicaSide {
             d.expected_parent = Some(c);
             return Err(ApiError(Box::new(d)));
         }
-        let upload_id = header(&req, headers::UPLOAD_ID)
-            .and_then(protocol::parse_guid)
-            .ok_or_else(|| bad_header(headers::UPLOAD_ID, "a GUID is required"))?;
+        let upload_id =
+            upload_id.ok_or_else(|| bad_header(headers::UPLOAD_ID, "a GUID is required"))?;
         let offset: u64 = header(&req, headers::UPLOAD_OFFSET)
             .ok_or_else(|| bad_header(headers::UPLOAD_OFFSET, "required"))?
             .parse()
