@@ -746,6 +746,8 @@ impl Recovery<'_> {
         }
         let mut last = err;
         let mut schedule = crate::replication::client::INITIAL_RETRIES.iter();
+        // Said once: an import may take hours.
+        let mut waited_for_import = false;
         loop {
             // A seeded begin answered Busy waits for the import of an earlier (cancelled)
             // session's seed, which goes on, however long that takes (a cancel ends the wait);
@@ -761,7 +763,12 @@ impl Recovery<'_> {
                     None => break,
                 },
             };
-            tracing::warn!(vm = %self.vm.id, "{what}: {last}; trying again in {secs} s");
+            if importing && waited_for_import {
+                tracing::debug!(vm = %self.vm.id, "{what}: {last}; trying again in {secs} s");
+            } else {
+                tracing::warn!(vm = %self.vm.id, "{what}: {last}; trying again in {secs} s");
+            }
+            waited_for_import |= importing;
             let until = tokio::time::Instant::now() + Duration::from_secs(secs);
             while tokio::time::Instant::now() < until {
                 self.ctx.check_cancelled()?;

@@ -550,7 +550,7 @@ impl ReplicaSide {
         vm: Uuid,
         begin: protocol::BeginCompare,
     ) -> ApiResult {
-        let (vm_row, rel) = self.bound_vm(entry, vm)?;
+        let (_, rel) = self.bound_vm(entry, vm)?;
         if (begin.kind == 2 || begin.kind == 3)
             && begin.block_size == disk::scan::DEFAULT_BLOCK_SIZE
         {
@@ -568,6 +568,8 @@ impl ReplicaSide {
         // Held to the end of this begin: two seeded begins at once (a half-open connection's and
         // its successor's) must not both find no import and both import.
         let _held = self.lock_within(vm, 1).await?;
+        // As it is now that this begin holds the VM.
+        let (vm_row, rel) = self.bound_vm(entry, vm)?;
         if rel.state == waiting {
             if let Some(going) = self.seeded_again(vm, &begin).await? {
                 return Ok(json(200, &going.session()));
@@ -736,6 +738,21 @@ impl ReplicaSide {
         };
         if seed.sequence != 1 || !seed.full_image {
             return Ok(None);
+        }
+        let same_disks = seed.disks.len() == replica.disks.len()
+            && seed
+                .disks
+                .iter()
+                .zip(&replica.disks)
+                .all(|(p, d)| p.id == d.id && p.virtual_size == d.virtual_size);
+        if !same_disks {
+            // Not to be imported over either: the placeholder's disks changed since.
+            let mut d = ErrorDetail::new(
+                ErrorCode::DiskTableMismatch,
+                "point 1 here holds a seed of other disks; remove the replica VM and start again",
+            );
+            d.expected = Some(replica.disks.clone());
+            return Err(ApiError(Box::new(d)));
         }
         let log = ReceivedLog {
             vm,
@@ -1564,7 +1581,9 @@ impl ReplicaSide {
         let (_vm_row, rel) = self.bound_vm(entry, vm)?;
         // A handler still receiving this delivery on an older connection stops (`Receivers`).
         let upload_id = header(&req, headers::UPLOAD_ID).and_then(protocol::parse_guid);
-        self.receivers.take_over(vm, seq, upload_id);
+        if let Some(id) = upload_id {
+            self.receivers.take_over(vm, seq, Some(id));
+        }
         // Held to the end of this upload (a staged one hands it to the task that finishes it).
         let guard = self.lock_for(vm).lock_owned().await;
         // From here on a newer connection's request for this log stops this one, even before
