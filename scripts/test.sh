@@ -67,4 +67,6 @@ fi
 
 step "integration tests (pytest: real daemons driven by pywbem, wbemcli, pywbemcli, the CLI)"
 export PATH="$ROOT/.venv/bin:$PATH"
-.venv/bin/python -m pytest -q tests
+# One directory for the tests' files (disk images: about 13 GB), emptied by pytest at the start of
+# each run, so runs do not pile up in /tmp.
+.venv/bin/python -m pytest -q --basetemp="${TMPDIR:-/tmp}/vmreplica-tests" tests
