@@ -217,7 +217,9 @@ def main():
         drop_caches()
         perf = None
         if args.perf:
-            perf = subprocess.Popen(["perf", "record", "-a", "-F", "999", "-o", args.perf],
+            # VMREPLICA_BENCH_PERF_ARGS: more `perf record` options, e.g. "--call-graph dwarf".
+            extra = os.environ.get("VMREPLICA_BENCH_PERF_ARGS", "").split()
+            perf = subprocess.Popen(["perf", "record", "-a", "-F", "999", *extra, "-o", args.perf],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
         t0 = time.monotonic()
