@@ -768,6 +768,51 @@ def test_offline_initial_replication_then_deltas_continue_over_the_network(lab, 
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_removing_replication_stops_the_log_in_flight_at_once(lab, tmp_path):
+    """RemoveReplicationRelationshipEx while a cycle uploads a big log: the log is of no use any
+    more, so its upload stops and the job ends within seconds, not once the log is through."""
+    import os
+
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "1M"]  # a 32 MiB log takes 32 s
+    lab.primary.start()
+    disk = tmp_path / "rm01.raw"
+    run("truncate", "-s", "64M", disk)
+    vm_id = replicate_network(lab, tmp_path, "rm01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication")
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    with open(disk, "r+b") as f:
+        f.seek(8 << 20)
+        f.write(os.urandom(32 << 20))
+
+    def uploading():
+        return [q for q in incoming.glob("*.partial") if q.stat().st_size > (1 << 20)]
+
+    (partial,) = wait_for(uploading, timeout=30, what="a big log in flight")
+    p = lab.primary.conn()
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    vm = vm_by_name(p, "rm01")
+    rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    started = time.monotonic()
+    rv, out = p.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=vm.path,
+                             ReplicationRelationship=rel.tocimxmlstr())
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=60)
+    took = time.monotonic() - started
+    assert job["JobState"] == 7 and job["JobType"] == 93, job
+    assert took < 10, f"the removal waited {took:.1f} s for the log in flight"
+    vm = p.GetInstance(vm.path)
+    assert vm["ReplicationMode"] == 0 and vm["ReplicationState"] == 0
+    # Nothing more of that log is sent, and its cycle counts for nothing.
+    size = partial.stat().st_size if partial.exists() else 0
+    assert size < (24 << 20), size
+    time.sleep(3)
+    assert (partial.stat().st_size if partial.exists() else 0) == size
+    log = lab.primary.log.read_text()
+    assert "cycle stopped: the VM's replication was removed" in log
+    assert applied_sequence(lab, vm_id) == 1
+
+
 def test_sigkill_of_either_daemon_mid_cycle_loses_nothing(lab, tmp_path):
     import os
     import random

@@ -50,7 +50,8 @@ const PENDING_SAMPLE_SECS: i64 = 10;
 
 /// The VMs with a cycle in flight; a suspend waits here until the VM's cycle ended. A cycle is
 /// first queued (waiting for its turns) and only then sending; waiting for a VM to be idle cancels
-/// its queued cycle at once instead of waiting for the turns of other VMs' cycles.
+/// its queued cycle at once instead of waiting for the turns of other VMs' cycles, and a removal
+/// of the relationship also stops the upload of a sending one ([`Stop`]).
 #[derive(Default)]
 pub struct InFlight {
     /// Each VM's cycle, with the number of its queueing (so a guard ends only its own).
@@ -60,11 +61,39 @@ pub struct InFlight {
 }
 
 enum Flight {
-    /// Waiting for its turns; told to give up through the `Notify`.
-    Queued(Arc<tokio::sync::Notify>),
+    /// Waiting for its turns; told to give up through its [`Stop`].
+    Queued(Arc<Stop>),
     /// Told to give up; ends without sending.
     Cancelled,
-    Sending,
+    /// Its [`Stop`] ends the upload (the relationship was removed).
+    Sending(Arc<Stop>),
+}
+
+/// Tells one cycle to give up: before its turns came, or (the relationship removed) while it
+/// uploads its log.
+#[derive(Default)]
+pub(crate) struct Stop {
+    notify: tokio::sync::Notify,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl Stop {
+    fn fire(&self) {
+        self.fired.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Whether the cycle was told to give up.
+    pub(crate) fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once the cycle is told to give up (at once if it already was).
+    pub(crate) async fn wait(&self) {
+        if !self.fired() {
+            self.notify.notified().await;
+        }
+    }
 }
 
 impl InFlight {
@@ -77,9 +106,9 @@ impl InFlight {
         self.map().contains_key(&vm)
     }
 
-    /// Queues a cycle of `vm`; the `Notify` tells it to give up. Ended by [`Flying`]'s drop.
-    fn queue(self: &Arc<Self>, vm: Uuid) -> (Flying, Arc<tokio::sync::Notify>) {
-        let cancel = Arc::new(tokio::sync::Notify::new());
+    /// Queues a cycle of `vm`; the [`Stop`] tells it to give up. Ended by [`Flying`]'s drop.
+    fn queue(self: &Arc<Self>, vm: Uuid) -> (Flying, Arc<Stop>) {
+        let cancel = Arc::new(Stop::default());
         let n = self
             .queued
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -99,7 +128,9 @@ impl InFlight {
         let mut map = self.map();
         match map.get_mut(&vm) {
             Some((_, f @ Flight::Queued(_))) => {
-                *f = Flight::Sending;
+                if let Flight::Queued(stop) = f {
+                    *f = Flight::Sending(stop.clone());
+                }
                 true
             }
             _ => false,
@@ -119,6 +150,16 @@ impl InFlight {
     /// Waits until no cycle of `vm` is in flight (at most `limit`); false on timeout. A cycle
     /// still waiting for its turns is cancelled.
     pub async fn wait_idle(&self, vm: Uuid, limit: Duration) -> bool {
+        self.wait_ended(vm, limit, false).await
+    }
+
+    /// [`InFlight::wait_idle`] for a removed relationship: a cycle sending its log also stops (its
+    /// log is of no use any more), so the removal does not wait for the whole upload.
+    pub async fn stop_and_wait(&self, vm: Uuid, limit: Duration) -> bool {
+        self.wait_ended(vm, limit, true).await
+    }
+
+    async fn wait_ended(&self, vm: Uuid, limit: Duration, stop_sending: bool) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let ended = self.ended.notified();
@@ -128,11 +169,16 @@ impl InFlight {
                     None => return true,
                     Some((_, f @ Flight::Queued(_))) => {
                         if let Flight::Queued(cancel) = f {
-                            cancel.notify_one();
+                            cancel.fire();
                         }
                         *f = Flight::Cancelled;
                     }
-                    Some((_, Flight::Cancelled | Flight::Sending)) => {}
+                    Some((_, Flight::Sending(stop))) => {
+                        if stop_sending && !stop.fired() {
+                            stop.fire();
+                        }
+                    }
+                    Some((_, Flight::Cancelled)) => {}
                 }
             }
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
@@ -372,7 +418,7 @@ impl PrimarySide {
                 };
                 let _turns = tokio::select! {
                     t = turns => t,
-                    _ = cancel.notified() => return,
+                    _ = cancel.wait() => return,
                 };
                 if !me.in_flight.start_sending(id) {
                     return;
@@ -382,7 +428,7 @@ impl PrimarySide {
                 } else if let Some((vm, rel, chain)) = me.still_replicating(id) {
                     // The turns may have taken several cycles of other VMs: what was read at
                     // the tick may be stale (suspended, failed over, settings changed meanwhile).
-                    me.cycle(vm, rel, chain).await;
+                    me.cycle(vm, rel, chain, &cancel).await;
                 }
             });
         }
@@ -473,7 +519,7 @@ impl PrimarySide {
         let mut chain = from.clone();
         let started = std::time::Instant::now();
         let (seq, hash, bytes, point_time) = self
-            .ship(vm, &rel, &chain, PointType::PlannedFailover)
+            .ship(vm, &rel, &chain, PointType::PlannedFailover, None)
             .await
             .map_err(|e| match e {
                 CycleError::Network(m)
@@ -625,10 +671,13 @@ impl PrimarySide {
         }
     }
 
-    async fn cycle(&self, vm: VmRow, rel: RelationshipRow, from: ChainRow) {
+    async fn cycle(&self, vm: VmRow, rel: RelationshipRow, from: ChainRow, stop: &Stop) {
         let started = std::time::Instant::now();
         let mut chain = from.clone();
-        match self.ship(&vm, &rel, &chain, PointType::Standard).await {
+        match self
+            .ship(&vm, &rel, &chain, PointType::Standard, Some(stop))
+            .await
+        {
             Ok((seq, hash, bytes, point_time)) => {
                 chain.last_sequence = seq;
                 chain.last_log_hash = hash;
@@ -656,6 +705,10 @@ impl PrimarySide {
             }
             Err(CycleError::Skipped(why)) => {
                 tracing::info!(vm = %vm.id, "cycle skipped: {why}");
+            }
+            // The relationship was removed: nothing of this cycle counts.
+            Err(_) if stop.fired() => {
+                tracing::info!(vm = %vm.id, "cycle stopped: the VM's replication was removed while its log was sent");
             }
             Err(e) => {
                 let (event, message) = match &e {
@@ -704,13 +757,15 @@ impl PrimarySide {
         }
     }
 
-    /// One log from building to commit; returns (sequence, hash, bytes, point time in µs).
+    /// One log from building to commit; returns (sequence, hash, bytes, point time in µs). A
+    /// fired `stop` ends the upload as if its connection broke for good.
     async fn ship(
         &self,
         vm: &VmRow,
         rel: &RelationshipRow,
         chain: &ChainRow,
         point_type: PointType,
+        stop: Option<&Stop>,
     ) -> Result<(u64, String, u64, i64), CycleError> {
         // The final log of a planned failover is confirmed only once the replica applied it.
         let planned = point_type == PointType::PlannedFailover;
@@ -793,6 +848,19 @@ impl PrimarySide {
             },
             super::client::Patience::quick(),
         );
+        let send = async {
+            let Some(stop) = stop else {
+                return send.await;
+            };
+            tokio::select! {
+                delivered = send => delivered,
+                _ = stop.wait() => {
+                    // The build's next write fails, so it stops reading the disks.
+                    growing.close();
+                    Err(PeerError::Local(format!("the upload of log {seq} was stopped")))
+                }
+            }
+        };
         let (built, delivered) = tokio::join!(build, send);
         let (hash, bytes, point_time, maps, prints) = match built {
             Ok(b) => b,
@@ -1079,7 +1147,7 @@ mod in_flight_tests {
         assert!(all.contains(vm));
         let task = tokio::spawn(async move {
             let _flying = flying;
-            cancel.notified().await; // stands for the turns that never come
+            cancel.wait().await; // stands for the turns that never come
         });
         assert!(all.wait_idle(vm, Duration::from_secs(5)).await);
         assert!(!all.contains(vm));
@@ -1107,6 +1175,20 @@ mod in_flight_tests {
         assert!(!all.start_sending(vm));
         drop(flying);
         assert!(waiter.await.expect("waiter"));
+
+        // Sending, when the relationship is removed: its upload is told to stop, and a wait
+        // for idle alone never tells it.
+        let (flying, stop) = all.queue(vm);
+        assert!(all.start_sending(vm));
+        assert!(!all.wait_idle(vm, Duration::from_millis(100)).await);
+        assert!(!stop.fired());
+        let task = tokio::spawn(async move {
+            let _flying = flying;
+            stop.wait().await; // stands for the upload
+            stop.fired()
+        });
+        assert!(all.stop_and_wait(vm, Duration::from_secs(5)).await);
+        assert!(task.await.expect("task"));
 
         // A guard ends only its own cycle, not a later one of the same VM.
         let (old, _) = all.queue(vm);

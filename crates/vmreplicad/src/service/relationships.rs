@@ -171,11 +171,12 @@ impl Service {
             move |ctx| async move {
                 ctx.check_cancelled()?;
                 store.remove_relationship(id)?;
-                // No cycle starts without the relationship; the one in flight, if any, ends
-                // before the chain goes, so nothing of it lands on a chain enabled again later
-                // (and should it outlast the wait, its outcome finds no chain to write to).
+                // No cycle starts without the relationship; the one in flight, if any, stops
+                // uploading and ends before the chain goes, so nothing of it lands on a chain
+                // enabled again later (and should it outlast the wait, its outcome finds no chain
+                // to write to).
                 if !in_flight
-                    .wait_idle(id, std::time::Duration::from_secs(600))
+                    .stop_and_wait(id, std::time::Duration::from_secs(600))
                     .await
                 {
                     tracing::warn!(vm = %id, "removed while a log is still in flight");
