@@ -205,21 +205,23 @@ impl ReplicaSide {
                 .received_log(vm, baseline)?
                 .map(|l| l.log_hash)
                 .unwrap_or_default();
-            let kept = super::prehash::take_kept(
-                &self.data_dir,
-                vm,
-                baseline,
-                &identity,
-                begin.disks.len(),
-            );
             // And the hashes sessions on this point made before (a paused resynchronization
             // keeps its progress, spec §13.6; one cut off by a restart of this daemon too); this
             // one records its own after them as it goes. The session it replaces stops first.
             self.stop_compare_hashing(vm);
             let sizes: Vec<u64> = begin.disks.iter().map(|d| d.virtual_size).collect();
             let tag = super::prehash::prefix_tag(baseline, &identity, begin.block_size, &sizes);
-            let (prefixes, journal) =
-                super::prehash::Journal::take_and_open(&self.data_dir, vm, &tag, begin.disks.len());
+            // Reading what was kept (up to 16 bytes per block of every disk) and syncing the new
+            // journal is file I/O: not on an async worker.
+            let (data_dir, disks) = (self.data_dir.clone(), begin.disks.len());
+            let (kept, (prefixes, journal)) = tokio::task::spawn_blocking(move || {
+                (
+                    super::prehash::take_kept(&data_dir, vm, baseline, &identity, disks),
+                    super::prehash::Journal::take_and_open(&data_dir, vm, &tag, disks),
+                )
+            })
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
             compare.start_prehash(kept, prefixes, journal);
         }
         let compare = Arc::new(compare);
