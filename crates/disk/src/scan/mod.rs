@@ -41,7 +41,9 @@ const READ_RUN: u64 = 4 << 20;
 /// Waits until the consumer of the log a scan writes has room for more: a log sent from memory
 /// while it is written holds only so much unsent (`vmreplicad`'s `GrowingLog`).
 pub trait Pace: Send + Sync {
-    fn room(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Resolves once the log has room for more; false when its consumer gave up (the scan stops
+    /// then, even where it would write nothing for a long while).
+    fn room(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
 tokio::task_local! {
@@ -54,12 +56,19 @@ pub async fn paced<F: Future>(pace: Arc<dyn Pace>, work: F) -> F::Output {
 }
 
 /// After every read: a file read never waits in the runtime, so a future joined with the scan (the
-/// upload of the log being written) gets its turn; and a paced scan waits for room.
-async fn after_read() {
+/// upload of the log being written) gets its turn; and a paced scan waits for room, or stops when
+/// the log's consumer gave up.
+async fn after_read() -> Result<(), ScanError> {
     tokio::task::yield_now().await;
     if let Ok(pace) = PACE.try_with(Arc::clone) {
-        pace.room().await;
+        if !pace.room().await {
+            return Err(ScanError::Log(LogEncodeError::Io(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the upload of this log stopped",
+            ))));
+        }
     }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +251,7 @@ pub async fn scan_disk_ranges<W: Write>(
                 Step::Read(run_start, len) => {
                     let buf = reads.take(run_start, len).await?;
                     stats.read_bytes += len;
-                    after_read().await;
+                    after_read().await?;
                     // The changed data blocks of this read in a row: [from, to) of `buf`.
                     let mut span: Option<(usize, usize)> = None;
                     let mut at = 0usize;

@@ -1000,10 +1000,19 @@ impl Session {
         let req = req
             .body(WireBody::Stream(rx))
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
-        let result = self.send(req, None).await;
-        reader.abort();
-        let (_, answer) = result?;
+        // The reader stops with the request, also when this future is dropped (a stopped cycle).
+        let _reader = AbortOnDrop(reader);
+        let (_, answer) = self.send(req, None).await?;
         decode::<LogStatus>(&answer).map_err(|e| PeerError::Protocol(e.to_string()))
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -213,9 +213,9 @@ impl GrowingLog {
     }
 
     /// Waits while an in-memory log's writer is more than [`AHEAD`] bytes ahead of the upload.
-    async fn wait_for_room(&self) {
+    async fn wait_for_room(&self) -> bool {
         let Some(m) = &self.memory else {
-            return;
+            return true;
         };
         loop {
             let more = m.room.notified();
@@ -223,8 +223,11 @@ impl GrowingLog {
             more.as_mut().enable();
             {
                 let kept = lock(&m.kept);
-                if kept.closed || self.written().saturating_sub(kept.sent) <= AHEAD {
-                    return;
+                if kept.closed {
+                    return false;
+                }
+                if self.written().saturating_sub(kept.sent) <= AHEAD {
+                    return true;
                 }
             }
             // A missed wake-up costs at most this long.
@@ -234,7 +237,7 @@ impl GrowingLog {
 }
 
 impl disk::scan::Pace for GrowingLog {
-    fn room(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn room(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         Box::pin(self.wait_for_room())
     }
 }
@@ -364,14 +367,20 @@ mod tests {
             "more than AHEAD unsent must hold the writer"
         );
         let _ = log.take(0, 1 << 20);
-        tokio::time::timeout(Duration::from_secs(1), log.wait_for_room())
-            .await
-            .expect("room after a take");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), log.wait_for_room())
+                .await
+                .expect("room after a take"),
+            "an open log's writer goes on"
+        );
         out.write_all(&vec![1u8; (AHEAD * 2) as usize]).unwrap();
         log.close();
-        tokio::time::timeout(Duration::from_secs(1), log.wait_for_room())
-            .await
-            .expect("a closed log holds nobody");
+        assert!(
+            !tokio::time::timeout(Duration::from_secs(1), log.wait_for_room())
+                .await
+                .expect("a closed log holds nobody"),
+            "a closed log's writer stops"
+        );
         let err = out.write_all(b"x").unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
     }

@@ -769,13 +769,27 @@ impl PrimarySide {
     ) -> Result<(u64, String, u64, i64), CycleError> {
         // The final log of a planned failover is confirmed only once the replica applied it.
         let planned = point_type == PointType::PlannedFailover;
-        let mut session = self.peers.connect(&target(rel)).await?;
-        if planned {
-            session.require("planned-failover")?;
-        }
-        let (_, replica) = session
-            .json::<(), ReplicaVm>(Route::GetVm(vm.id), None)
-            .await?;
+        let stopped = || CycleError::Skipped("the VM's replication was removed".into());
+        let reach = async {
+            let mut session = self.peers.connect(&target(rel)).await?;
+            if planned {
+                session.require("planned-failover")?;
+            }
+            let (_, replica) = session
+                .json::<(), ReplicaVm>(Route::GetVm(vm.id), None)
+                .await?;
+            Ok::<_, PeerError>((session, replica))
+        };
+        // A stop before anything was frozen or read needs no cleanup: it ends the cycle at once,
+        // even while an unreachable recovery server is still being tried.
+        let (mut session, replica) = match stop {
+            None => reach.await?,
+            Some(stop) => tokio::select! {
+                biased;
+                () = stop.wait() => return Err(stopped()),
+                reached = reach => reached?,
+            },
+        };
         if replica.resync_required {
             return Err(CycleError::Resync(
                 "the replica cannot continue its chain".into(),
@@ -794,6 +808,9 @@ impl PrimarySide {
             )));
         }
         let seq = c + 1;
+        if stop.is_some_and(Stop::fired) {
+            return Err(stopped());
+        }
         let running = if power::enabled_state(&vm.power) == power::ENABLED {
             Some(
                 RunningPoint::freeze(vm, &self.data_dir, false)
@@ -853,8 +870,10 @@ impl PrimarySide {
                 return send.await;
             };
             tokio::select! {
+                // A log the replica committed in the same poll is taken as delivered.
+                biased;
                 delivered = send => delivered,
-                _ = stop.wait() => {
+                () = stop.wait() => {
                     // The build's next write fails, so it stops reading the disks.
                     growing.close();
                     Err(PeerError::Local(format!("the upload of log {seq} was stopped")))
