@@ -766,7 +766,7 @@ def lost_and_failed_over(lab, tmp_path, name):
     """hv1 becomes a recovery server for hv2 and is lost; hv2 fails over unplanned and commits.
     Returns (hv1's replica storage, hv2's disk)."""
     hv1_storage = tmp_path / "hv1-storage"
-    serve(lab.primary, lab.t1, REPLICA, hv1_storage)
+    lab.hv1_port = serve(lab.primary, lab.t1, REPLICA, hv1_storage)
     lab.primary.stop()
     lab.replica.cli("failover", name)
     lab.replica.cli("complete", name)
@@ -1254,6 +1254,47 @@ def test_a_failback_of_a_1_tib_disk_streams_the_base_map_and_holds_it_in_neither
     print(f"failback of 1 TiB: {time.time() - started:.1f} s; peak RSS (MiB) old, new primary: {peaks}")
     # A held map would be 256 MiB at least, twice over while it is encoded or parsed.
     assert max(peaks) < 160, peaks
+    latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
+
+
+def test_a_failback_whose_connection_to_the_old_primary_breaks_while_it_fetches_the_base_goes_on(lab, tmp_path):
+    """The new primary fetches the old primary's 256 MiB map of a 1 TiB disk; the connection is
+    destroyed halfway (`ss -K`, both ends, while the old primary is stopped so the fetch cannot
+    finish first): the new primary connects again, fetches the base again and the failback ends
+    with the old primary's disks equal to the new primary's."""
+    import signal
+    import subprocess
+
+    disk = tmp_path / "brk01.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", disk, "1T")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x21 0 1M", disk)
+    vm_id = replicate_network(lab, tmp_path, "brk01", [disk], "--no-compression")
+    p = lab.primary.conn()
+    rrsc(p, vm_by_name(p, "brk01"), 7)
+    settled(lab, vm_id)
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "brk01")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x24 900G 512k", new_disk)
+    lab.primary.start()
+    p = lab.primary.conn()
+    base = lab.replica.data_dir / "tracking" / vm_id.upper() / "disk0.failback-base"
+    whole = 20 + 16 * ((1 << 40) >> 16) + 32  # the map's header, 16 bytes per block, checksum
+    job = initiate_failback(p, "brk01")
+    wait_for(lambda: base.exists() and base.stat().st_size > 0, timeout=120, what="the base fetch under way")
+    lab.primary.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.5)
+        assert base.stat().st_size < whole, "the fetch ended before it could be cut"
+        port = lab.hv1_port
+        killed = subprocess.run(["ss", "-K", f"( sport = :{port} or dport = :{port} )"],
+                                capture_output=True, text=True)
+        assert "ESTAB" in killed.stdout, killed.stdout + killed.stderr
+    finally:
+        lab.primary.proc.send_signal(signal.SIGCONT)
+    job = wait_job(p, job, timeout=300)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert "reading the old primary's base: goes on over a new connection" in plain_log(lab.replica)
+    assert (vm_by_name(p, "brk01")["ReplicationState"], vm_by_name(lab.replica.conn(), "brk01")["ReplicationState"]) \
+        == (14, 3)
     latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
 
 

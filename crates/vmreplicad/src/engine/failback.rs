@@ -833,6 +833,90 @@ async fn old_primary(
     Ok(session)
 }
 
+/// Waits (s) before each new connection to the old primary after a broken one, within one step
+/// of B's failback (the begin, each disk's base); the log's upload has its own retries.
+const RECONNECTS: [u64; 4] = [1, 2, 4, 8];
+
+/// After `err` from the old primary: a new connection, once this step's next wait passed (a
+/// cancel ends it), when the connection broke and the step has waits left; else `err` as the
+/// job's failure (`what` was being done).
+async fn connect_again(
+    ctx: &JobContext,
+    peers: &crate::replication::client::Peers,
+    rel: &RelationshipRow,
+    breaks: &mut usize,
+    mut err: PeerError,
+    what: &str,
+) -> Result<crate::replication::client::Session, JobFailure> {
+    loop {
+        let secs = match RECONNECTS.get(*breaks) {
+            Some(&secs) if err.is_network() => secs,
+            _ => return Err(err.into_failure(what)),
+        };
+        *breaks += 1;
+        tracing::warn!(vm = %rel.vm, "{what}: {err}; connecting again in {secs} s");
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while tokio::time::Instant::now() < until {
+            ctx.check_cancelled()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ctx.check_cancelled()?;
+        match peers.connect(&target(rel)).await {
+            Ok(session) => {
+                tracing::info!(vm = %rel.vm, "{what}: goes on over a new connection");
+                return Ok(session);
+            }
+            Err(e) => err = e,
+        }
+    }
+}
+
+/// Fetches the old primary's base of disk `i` (`blocks` blocks) into `file`, from its start:
+/// its head (the candidates) is returned, its map written to `file` as it arrives.
+async fn fetch_base(
+    session: &mut crate::replication::client::Session,
+    vm: Uuid,
+    compare: Uuid,
+    i: usize,
+    blocks: u64,
+    file: &Path,
+) -> Result<Option<FailbackBase>, PeerError> {
+    use std::io::Write;
+    let local = |e: std::io::Error| PeerError::Local(format!("writing {}: {e}", file.display()));
+    let mut out =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(file).map_err(local)?);
+    let mut head: Option<FailbackBase> = None;
+    let mut pending = Vec::new();
+    session
+        .fetch_into(
+            Route::CompareBase(vm, compare, i as u32),
+            64 + blocks.saturating_mul(48),
+            |data| {
+                if head.is_some() {
+                    return out.write_all(data).map_err(local);
+                }
+                pending.extend_from_slice(data);
+                match FailbackBase::parse_head(&pending) {
+                    Ok(None) => Ok(()),
+                    Ok(Some((h, _))) if h.disk != i as u32 => Err(PeerError::Protocol(format!(
+                        "the base of disk {} for disk {i}",
+                        h.disk
+                    ))),
+                    Ok(Some((h, len))) => {
+                        head = Some(h);
+                        out.write_all(&pending[len..]).map_err(local)?;
+                        pending = Vec::new();
+                        Ok(())
+                    }
+                    Err(e) => Err(PeerError::Protocol(format!("an unreadable base: {e}"))),
+                }
+            },
+        )
+        .await?;
+    out.flush().map_err(local)?;
+    Ok(head)
+}
+
 /// The data of B's failback: A takes its disks in, candidates, comparison, the log.
 async fn send(
     ctx: &JobContext,
@@ -871,10 +955,21 @@ async fn send(
         block_size: DEFAULT_BLOCK_SIZE,
         disks: put.disks.clone(),
     };
-    let (_, cs) = session
-        .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(&begin))
-        .await
-        .map_err(|e| e.into_failure("beginning the failback comparison"))?;
+    // A begin whose answer a broken connection lost is sent again: the old primary's new session
+    // replaces the old one, on the same base.
+    let mut breaks = 0;
+    let cs = loop {
+        match session
+            .json::<_, CompareSession>(Route::BeginCompare(vm.id), Some(&begin))
+            .await
+        {
+            Ok((_, cs)) => break cs,
+            Err(e) => {
+                let what = "beginning the failback comparison";
+                session = connect_again(ctx, &job.peers, rel, &mut breaks, e, what).await?;
+            }
+        }
+    };
     let disks = disk_table(vm)?;
     let tracking = tracking_dir(&job.data_dir, vm.id);
     std::fs::create_dir_all(&tracking).map_err(local)?;
@@ -887,46 +982,19 @@ async fn send(
             ctx.check_cancelled()?;
             let blocks = disk::scan::hashmap::block_count(*size, DEFAULT_BLOCK_SIZE);
             // The base arrives as a stream: its head (the old primary's candidates), then its map,
-            // written to a file as it comes (never held: 256 MiB for a 1 TiB disk).
+            // written to a file as it comes (never held: 256 MiB for a 1 TiB disk). A fetch cut
+            // off by a broken connection starts again over a new one.
             let file = tracking.join(format!("disk{i}.failback-base"));
-            let mut out = std::io::BufWriter::with_capacity(
-                1 << 20,
-                std::fs::File::create(&file).map_err(local)?,
-            );
-            use std::io::Write;
-            let mut head: Option<FailbackBase> = None;
-            let mut pending = Vec::new();
-            let written = |r: std::io::Result<()>| {
-                r.map_err(|e| PeerError::Local(format!("writing {}: {e}", file.display())))
+            let mut breaks = 0;
+            let head = loop {
+                match fetch_base(&mut session, vm.id, cs.id, i, blocks, &file).await {
+                    Ok(head) => break head,
+                    Err(e) => {
+                        let what = "reading the old primary's base";
+                        session = connect_again(ctx, &job.peers, rel, &mut breaks, e, what).await?;
+                    }
+                }
             };
-            let fetched = session
-                .fetch_into(
-                    Route::CompareBase(vm.id, cs.id, i as u32),
-                    64 + blocks.saturating_mul(48),
-                    |data| {
-                        if head.is_some() {
-                            return written(out.write_all(data));
-                        }
-                        pending.extend_from_slice(data);
-                        match FailbackBase::parse_head(&pending) {
-                            Ok(None) => Ok(()),
-                            Ok(Some((h, _))) if h.disk != i as u32 => Err(PeerError::Protocol(
-                                format!("the base of disk {} for disk {i}", h.disk),
-                            )),
-                            Ok(Some((h, len))) => {
-                                head = Some(h);
-                                written(out.write_all(&pending[len..]))?;
-                                pending = Vec::new();
-                                Ok(())
-                            }
-                            Err(e) => Err(PeerError::Protocol(format!("an unreadable base: {e}"))),
-                        }
-                    },
-                )
-                .await
-                .and_then(|_| written(out.flush()));
-            drop(out);
-            fetched.map_err(|e| e.into_failure("reading the old primary's base"))?;
             let Some(base) = head else {
                 return Err(fail(
                     "the old primary sent an empty base",
