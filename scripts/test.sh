@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of vmreplica, installing what the tests need first:
-#   Debian packages (qemu-utils, sblim-wbemcli, e2fsprogs, iproute2, ...), a Python venv (.venv) with pywbem,
+#   Debian packages (qemu-utils, sblim-wbemcli, e2fsprogs), a Python venv (.venv) with pywbem,
 #   pywbemtools and pytest, and cargo-fuzz. Then: rustfmt, clippy -D warnings, the Rust tests, a short
 #   run of every fuzz target, and the pytest suite that drives real daemons with pywbem/wbemcli.
 # Environment: FUZZ_SECONDS (per target, default 15; 0 skips fuzzing).
@@ -19,7 +19,6 @@ command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
 command -v nbdinfo >/dev/null || missing+=(libnbd-bin)
-command -v ss >/dev/null || missing+=(iproute2)  # `ss -K` breaks a connection in a failback test
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
     SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -1258,12 +1258,11 @@ def test_a_failback_of_a_1_tib_disk_streams_the_base_map_and_holds_it_in_neither
 
 
 def test_a_failback_whose_connection_to_the_old_primary_breaks_while_it_fetches_the_base_goes_on(lab, tmp_path):
-    """The new primary fetches the old primary's 256 MiB map of a 1 TiB disk; the connection is
-    destroyed halfway (`ss -K`, both ends, while the old primary is stopped so the fetch cannot
-    finish first): the new primary connects again, fetches the base again and the failback ends
-    with the old primary's disks equal to the new primary's."""
-    import signal
-    import subprocess
+    """The new primary fetches the old primary's 256 MiB map of a 1 TiB disk through a proxy that
+    passes 48 MiB/s; the proxy cuts the connection a part of the way in: the new primary connects
+    again, fetches the base again and the failback ends with the old primary's disks equal to the
+    new primary's."""
+    from test_two_hosts import Proxy
 
     disk = tmp_path / "brk01.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", disk, "1T")
@@ -1274,28 +1273,32 @@ def test_a_failback_whose_connection_to_the_old_primary_breaks_while_it_fetches_
     settled(lab, vm_id)
     hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "brk01")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x24 900G 512k", new_disk)
-    lab.primary.start()
-    p = lab.primary.conn()
-    base = lab.replica.data_dir / "tracking" / vm_id.upper() / "disk0.failback-base"
-    whole = 20 + 16 * ((1 << 40) >> 16) + 32  # the map's header, 16 bytes per block, checksum
-    job = initiate_failback(p, "brk01")
-    wait_for(lambda: base.exists() and base.stat().st_size > 0, timeout=120, what="the base fetch under way")
-    lab.primary.proc.send_signal(signal.SIGSTOP)
+    proxy = Proxy(lab.hv1_port, "cut", after=1 << 62, down_rate=48 << 20)  # cut by hand, below
     try:
-        time.sleep(0.5)
-        assert base.stat().st_size < whole, "the fetch ended before it could be cut"
-        port = lab.hv1_port
-        killed = subprocess.run(["ss", "-K", f"( sport = :{port} or dport = :{port} )"],
-                                capture_output=True, text=True)
-        assert "ESTAB" in killed.stdout, killed.stdout + killed.stderr
+        # The new primary reaches the old one through the proxy.
+        lab.replica.stop()
+        lab.replica.extra_args = [f"{PRIMARY}=127.0.0.1:{proxy.port}" if a == f"{PRIMARY}=127.0.0.1" else a
+                                  for a in lab.replica.extra_args]
+        lab.replica.start()
+        lab.primary.start()
+        p = lab.primary.conn()
+        base = lab.replica.data_dir / "tracking" / vm_id.upper() / "disk0.failback-base"
+        whole = 20 + 16 * ((1 << 40) >> 16) + 32  # the map's header, 16 bytes per block, checksum
+        job = initiate_failback(p, "brk01")
+        wait_for(lambda: base.exists() and base.stat().st_size > (16 << 20), timeout=120,
+                 what="the base fetch under way")
+        assert proxy.open, "the new primary fetches through the proxy"
+        proxy.cut()
+        # (Gone at once if the job failed: its files are cleaned up.)
+        assert (base.stat().st_size if base.exists() else 0) < whole, "the fetch ended before it was cut"
+        job = wait_job(p, job, timeout=300)
+        assert job["JobState"] == 7, job["ErrorDescription"]
+        assert "reading the old primary's base: goes on over a new connection" in plain_log(lab.replica)
+        states = vm_by_name(p, "brk01")["ReplicationState"], vm_by_name(lab.replica.conn(), "brk01")["ReplicationState"]
+        assert states == (14, 3), states
+        latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
     finally:
-        lab.primary.proc.send_signal(signal.SIGCONT)
-    job = wait_job(p, job, timeout=300)
-    assert job["JobState"] == 7, job["ErrorDescription"]
-    assert "reading the old primary's base: goes on over a new connection" in plain_log(lab.replica)
-    assert (vm_by_name(p, "brk01")["ReplicationState"], vm_by_name(lab.replica.conn(), "brk01")["ReplicationState"]) \
-        == (14, 3)
-    latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
+        proxy.close()
 
 
 def test_failover_network_settings_are_kept_shown_and_given_to_the_failed_over_vms_start_command(lab, tmp_path):

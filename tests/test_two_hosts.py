@@ -864,11 +864,13 @@ def test_sigkill_of_either_daemon_mid_cycle_loses_nothing(lab, tmp_path):
 
 class Proxy:
     """A TCP proxy in front of the replica's listener that, once, cuts a connection or flips one byte
-    of what the primary sends after `after` bytes (inside TLS records: TLS must notice)."""
+    of what the primary sends after `after` bytes (inside TLS records: TLS must notice). With
+    `down_rate`, what the listener answers passes at most that many bytes a second."""
 
-    def __init__(self, target_port, mode, after):
+    def __init__(self, target_port, mode, after, down_rate=None):
         import threading
         self.target, self.mode, self.after = target_port, mode, after
+        self.down_rate = down_rate
         self.fired = threading.Event()
         self.open = []  # every connection's two sockets, for cut()
         self.kept = set()  # sockets to the replica left open, unread, by cut_primary_side()
@@ -910,6 +912,8 @@ class Proxy:
                 dst.sendall(data)
                 if upstream:
                     self.forwarded += len(data)
+                elif self.down_rate:
+                    time.sleep(len(data) / self.down_rate)
         except OSError:
             pass
         for s in (src, dst):

@@ -863,6 +863,9 @@ async fn connect_again(
         ctx.check_cancelled()?;
         match peers.connect(&target(rel)).await {
             Ok(session) => {
+                session
+                    .require("failback")
+                    .map_err(|e| e.into_failure("failing back to the old primary"))?;
                 tracing::info!(vm = %rel.vm, "{what}: goes on over a new connection");
                 return Ok(session);
             }
