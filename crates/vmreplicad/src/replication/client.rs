@@ -782,7 +782,7 @@ impl Session {
             let Some(frame) = frame else {
                 return Ok(received);
             };
-            let frame = frame.map_err(|e| PeerError::Http(crate::error_chain(&e)))?;
+            let frame = frame.map_err(body_error)?;
             let Ok(data) = frame.into_data() else {
                 continue; // trailers
             };
@@ -1007,6 +1007,20 @@ impl Session {
     }
 }
 
+/// An error while an answer's body arrived. The recovery server resetting that one stream (e.g.
+/// its read of what it sends failed) on a connection still up is its answer, not a broken
+/// connection: `Protocol`, not retried over a new connection as `Http` is.
+fn body_error(e: hyper::Error) -> PeerError {
+    let reset = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| h.is_remote() && h.is_reset());
+    let text = crate::error_chain(&e);
+    match reset {
+        true => PeerError::Protocol(format!("the recovery server broke off its answer: {text}")),
+        false => PeerError::Http(text),
+    }
+}
+
 /// Aborts its task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -1077,5 +1091,67 @@ async fn send_from_memory(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    /// The client's error reading an HTTP/2 answer over an in-memory connection after its first
+    /// piece, when the server's body fails (hyper resets the stream) or the connection is cut.
+    async fn answer_error(cut_connection: bool) -> PeerError {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let body = std::sync::Mutex::new(Some(rx));
+        let service = hyper::service::service_fn(move |_req| {
+            let rx = body.lock().unwrap().take().expect("one request");
+            async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(WireBody::Stream(rx))) }
+        });
+        let server = tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server_io), service),
+        );
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake::<_, WireBody>(TokioIo::new(client_io))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::get("http://peer/")
+            .body(WireBody::bytes(Bytes::new()))
+            .expect("request");
+        let mut answer = send.send_request(req).await.expect("answer").into_body();
+        tx.send(Ok(Bytes::from_static(b"a first piece")))
+            .await
+            .expect("send");
+        let first = answer.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), &b"a first piece"[..]);
+        if cut_connection {
+            server.abort(); // drops the server's end of the connection
+        } else {
+            // The server's read of what it sends fails: hyper resets that stream.
+            tx.send(Err(std::io::Error::other("the disk failed")))
+                .await
+                .expect("send");
+        }
+        loop {
+            match answer.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return body_error(e),
+                None => panic!("the answer ended without an error"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_peer_reset_is_its_answer_and_a_broken_connection_is_not() {
+        let reset = answer_error(false).await;
+        assert!(matches!(reset, PeerError::Protocol(_)), "{reset:?}");
+        assert!(!reset.is_network());
+        let cut = answer_error(true).await;
+        assert!(matches!(cut, PeerError::Http(_)), "{cut:?}");
+        assert!(cut.is_network());
     }
 }
