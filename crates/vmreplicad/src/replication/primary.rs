@@ -874,7 +874,7 @@ impl PrimarySide {
                 biased;
                 delivered = send => delivered,
                 () = stop.wait() => {
-                    // The build's next write fails, so it stops reading the disks.
+                    // The build stops after its next read or write (`Pace::room`).
                     growing.close();
                     Err(PeerError::Local(format!("the upload of log {seq} was stopped")))
                 }
