@@ -212,7 +212,8 @@ impl GrowingLog {
         Taken::Bytes(piece)
     }
 
-    /// Waits while an in-memory log's writer is more than [`AHEAD`] bytes ahead of the upload.
+    /// Waits while an in-memory log's writer is more than [`AHEAD`] bytes ahead of the upload;
+    /// false once the upload gave up ([`GrowingLog::close`]): the writer should stop.
     async fn wait_for_room(&self) -> bool {
         let Some(m) = &self.memory else {
             return true;
