@@ -319,12 +319,10 @@ def test_planned_failover_and_reverse_continue_without_resynchronization(lab, tm
 
     # Delta replication goes on in the new direction: only what the new primary wrote travels.
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5d 11M 192k", new_disk)
-    nxt = store1 / f"p{point + 1:020}.json"
-    wait_for(nxt.exists, timeout=30, what="the first log in the new direction")
+    # hv1 prunes the point before each new one, merging the new one down into it: the latest
+    # layer may be locked or renamed for a moment, so the comparison is asked again then.
+    latest_point_equals(store1, new_disk, "qcow2", at_least=point + 1)
     rrsc(r, rvm, 7)
-    last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
-    same, text = compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")
-    assert same, text
     rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     rv, out = r.InvokeMethod("GetReplicationStatisticsEx", rsvc.path, ComputerSystem=rvm.path,
                              ReplicationRelationship=rel.tocimxmlstr())
