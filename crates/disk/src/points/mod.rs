@@ -109,6 +109,12 @@
 //! The lock is `flock(2)`, released by the kernel when its holder dies: a killed apply never leaves
 //! the store locked. It orders the processes and tasks of one host; one store has one daemon.
 //!
+//! QEMU's own image locks are another matter: a prune's `qemu-img commit` opens the child (often
+//! the latest point) for writing, though it never changes the child's bytes, and writes the
+//! dropped point's layer below it. A tool that opens a point's layers by name meanwhile (an
+//! operator's `qemu-img compare`) is refused with "Failed to get shared \"write\" lock"; `-U`
+//! reads without the locks and sees the point as committed. A VM is run on an overlay instead.
+//!
 //! # Pruning
 //!
 //! [`points_to_keep`] (pure) keeps the latest point, the newest point of each of the last
