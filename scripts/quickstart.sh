@@ -104,17 +104,31 @@ for _ in $(seq 100); do
 done
 run vmreplica --url "$REPLICA_URL" status
 run vmreplica measure sample01
-# The newest recovery point under a host's replica storage. Reading a point's files straight from
-# the store, as this tour does: the replica prunes the point before each new one by merging the new
-# one down into it and renaming the result, so a listed name may vanish at once, and the newest
-# layer is held open for writing for a moment (its data never changes). `qemu-img compare -U` reads
-# without taking the images' locks; a VM or tool that keeps a point uses a (test) failover instead.
+# The newest recovery point under a host's replica storage.
 newest() { { ls "$1"/*/disk0/p*.qcow2 2>/dev/null || true; } | sort | tail -1; }
+# `on_newest DIR CMD ARGS...` runs CMD on the newest point under DIR (`{}` in ARGS) and prints it,
+# asked again for up to 30 s while it fails. This tour reads points' files straight from the store
+# while replication goes on: the replica prunes the point before each new one by merging the new
+# one down into it and renaming the result, so a listed layer may vanish at once or be held open
+# for writing for a moment (its data never changes; -U reads without the images' locks). A VM or
+# tool that keeps a point uses a (test) failover instead, as below.
+on_newest() {
+    local dir=$1 p="" out="" rc=1
+    shift
+    for _ in $(seq 150); do
+        p=$(newest "$dir")
+        if [ -n "$p" ]; then out=$("${@//\{\}/$p}" 2>&1) && { rc=0; break; }; fi
+        sleep 0.2
+    done
+    printf '$ %s\n' "${*//\{\}/$p}"
+    [ -z "$out" ] || printf '%s\n' "$out"
+    return $rc
+}
 POINT=$(newest "$DATA/host2/replicas")
 say "The replica's recovery point equals the primary's disk"
-run du -h --apparent-size "$DISK" "$POINT"
-run qemu-img compare -U "$POINT" "$DISK"
-run qemu-img check -U -q "$POINT"
+on_newest "$DATA/host2/replicas" du -h --apparent-size "$DISK" {}
+on_newest "$DATA/host2/replicas" qemu-img compare -U {} "$DISK"
+on_newest "$DATA/host2/replicas" qemu-img check -U -q {}
 
 say "Delta replication: the VM (off here) changes 1 MiB; the next cycle ships only that"
 head -c 1M /dev/urandom > "$DATA/new-data.bin"
@@ -128,18 +142,13 @@ done
 sed 's/\x1b\[[0-9;]*m//g' "$DATA/vmreplicad-hv1.log" | grep -o 'delta replicated.*' | tail -1
 run vmreplica measure sample01
 run vmreplica suspend sample01      # nothing in flight from here on, so the newest point is final
-NEWEST=$(newest "$DATA/host2/replicas")
-run qemu-img compare -U "$NEWEST" "$DISK"
+on_newest "$DATA/host2/replicas" qemu-img compare -U {} "$DISK"
 run vmreplica resume sample01
 
 R="vmreplica --url $REPLICA_URL"
 elapsed() { printf '   (%.2f s)\n' "$(echo "$(date +%s.%N) - $1" | bc)"; }
 disk_of() { vmreplica --url "$1" --output json vm list |
     python3 -c 'import json,sys; print([v["disks"][0] for v in json.load(sys.stdin)["vms"] if v["name"]=="sample01"][0])'; }
-wait_equal() {  # until the newest point under $1 equals image $2
-    for _ in $(seq 150); do P=$(newest "$1"); [ -n "$P" ] && qemu-img compare -U -q "$P" "$2" 2>/dev/null && return 0; sleep 0.2; done
-    echo "the newest point under $1 never equalled $2"; return 1
-}
 
 say "Test failover on hv2 (TestReplicaSystem): a test VM on an overlay of the latest point, made in O(1)"
 T=$(date +%s.%N); run $R failover sample01 --test; elapsed "$T"
@@ -168,8 +177,7 @@ run vmreplica status
 DISK2=$(disk_of "$REPLICA_URL")
 echo "hv2 runs the VM now ($DISK2); its writes replicate to hv1:"
 run qemu-io -f qcow2 -c "write -P 0x6b 130M 256k" "$DISK2"
-wait_equal "$DATA/host1/replicas" "$DISK2"
-run qemu-img compare -U "$(newest "$DATA/host1/replicas")" "$DISK2"
+on_newest "$DATA/host1/replicas" qemu-img compare -U {} "$DISK2"   # once hv2's next log applied
 run $R measure sample01
 
 say "Unplanned failover back to hv1: hv2 is lost holding writes that never replicated"
@@ -187,7 +195,7 @@ start_hv2
 for _ in $(seq 50); do curl -sf "$REPLICA_URL/healthz" >/dev/null && break; sleep 0.1; done
 T=$(date +%s.%N); run $R failback sample01; elapsed "$T"
 run vmreplica measure sample01
-run qemu-img compare -U "$(newest "$DATA/host2/replicas")" "$DISK1"
+on_newest "$DATA/host2/replicas" qemu-img compare -U {} "$DISK1"
 run $R status
 
 say "The same objects over CIM-XML (what pywbem and wbemcli send): EnumerateInstances of the service"
