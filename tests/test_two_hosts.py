@@ -1300,6 +1300,44 @@ def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_o
         proxy.close()
 
 
+def test_a_primary_restarted_after_its_host_crashed_mid_log_sends_it_again_at_once(lab, tmp_path):
+    """A host that crashed mid-upload leaves the replica's handler of its connection waiting for
+    bytes (a minute) and holding the VM: the restarted primary's first upload of that log, a new
+    delivery from offset 0, stops it instead of waiting its turn."""
+    import os
+    import re
+    import signal
+
+    disk = tmp_path / "half02.raw"
+    run("truncate", "-s", "64M", disk)
+    proxy = Proxy(lab.port, "cut", after=1 << 40)  # passes everything until told
+    try:
+        vm_id, p, job = start_network_ir(lab, "half02", disk, cap="8M", port=proxy.port)
+        assert wait_job(p, job, timeout=60)["JobState"] == 7
+        wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="point 1")
+        with open(disk, "r+b") as f:
+            f.seek(8 << 20)
+            f.write(os.urandom(40 << 20))
+        incoming = lab.storage / vm_id.lower() / "incoming"
+        wait_for(lambda: [q for q in incoming.glob("*.partial") if file_size(q) > (8 << 20)], timeout=30,
+                 what="8 MiB of the delta received")
+        # The host crashes: the primary's end of the connection is gone without a word, the
+        # replica's stays open.
+        proxy.cut_primary_side()
+        lab.primary.proc.send_signal(signal.SIGKILL)
+        lab.primary.proc.wait()
+        lab.primary.start()
+        restarted = time.monotonic()
+        # The 40 MiB go again at 8 MiB/s; waiting for the old handler's idle timeout took 60 s more.
+        latest_point_equals(lab.storage / vm_id.lower(), disk, fmt="raw", at_least=2)
+        took = time.monotonic() - restarted
+        assert took < 25, took
+        replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+        assert "sends this log again from its start on a newer connection" in replica_log, replica_log[-3000:]
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("stop,cap", [("kill", "24M"), ("term", "24M"), ("kill", None)])
 def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_stops(lab, tmp_path, stop, cap):
     """Capped, the replica is stopped at a chosen byte; uncapped, its queues are full (its disk is the

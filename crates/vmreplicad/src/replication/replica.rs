@@ -135,14 +135,27 @@ pub struct ReplicaSide {
 /// the primary's end of the old connection broke (a reset that never reached this host, a
 /// half-open link), the old handler would wait for bytes until `IDLE_TIMEOUT`, holding the VM's
 /// lock, and the primary's status request and resume would wait for it, or time out. So a status
-/// request for the same log, or an upload of it under the same upload id (the same delivery),
-/// tells the old handler to stop at once: it keeps what arrived, as after a broken connection,
-/// and lets go of the lock. (An upload under another id is another delivery: it waits its turn.)
+/// request for the same log, an upload of it under the same upload id (the same delivery), or one
+/// at offset 0 (the log from its start: a primary that restarted, maybe after its host crashed,
+/// sends it as a new delivery, which discards any other attempt) tells the old handler to stop at
+/// once: it keeps what arrived, as after a broken connection, and lets go of the lock. (An upload
+/// under another id at another offset waits its turn.)
 #[derive(Default)]
 struct Receivers(Mutex<ReceiverMap>);
 
 /// (VM, sequence) → (upload id, stop).
 type ReceiverMap = HashMap<(Uuid, u64), (Option<Uuid>, Arc<Notify>)>;
+
+/// The newer request for a log that stops the handler still receiving it ([`Receivers`]).
+#[derive(Debug, Clone, Copy)]
+enum Newer {
+    /// A status request: a primary asks only after it gave up its connection.
+    Status,
+    /// An upload under this id: the same delivery, continued on a new connection.
+    Continued(Uuid),
+    /// An upload at offset 0: the log again from its start, which discards any other attempt.
+    Anew,
+}
 
 /// One body being received; dropping it ends its registration.
 struct Receiving<'a> {
@@ -167,13 +180,20 @@ impl Receivers {
         }
     }
 
-    /// Tells the handler receiving log `seq` of `vm`, if any, to stop: any (a status request,
-    /// `upload` None) or the one receiving under that upload id.
-    fn take_over(&self, vm: Uuid, seq: u64, upload: Option<Uuid>) {
+    /// Tells the handler receiving log `seq` of `vm`, if any, to stop: any for a status request or
+    /// an upload from the log's start, else only the one receiving under the same upload id.
+    fn take_over(&self, vm: Uuid, seq: u64, newer: Newer) {
         if let Some((id, stop)) = self.map().get(&(vm, seq)) {
-            if upload.is_none() || upload == *id {
-                tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
-                stop.notify_one();
+            match newer {
+                Newer::Continued(upload) if *id != Some(upload) => {}
+                Newer::Status | Newer::Continued(_) => {
+                    tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
+                    stop.notify_one();
+                }
+                Newer::Anew => {
+                    tracing::info!(%vm, sequence = seq, "the primary sends this log again from its start on a newer connection: the older one stops");
+                    stop.notify_one();
+                }
             }
         }
     }
@@ -1452,7 +1472,7 @@ impl ReplicaSide {
         }
         // Asked by a primary whose connection broke: the handler of that connection, if still
         // receiving, stops.
-        self.receivers.take_over(vm, seq, None);
+        self.receivers.take_over(vm, seq, Newer::Status);
         if self.stagings.is_arriving(vm, seq) {
             // Its connection may just have broken: wait (briefly) for its handler to keep it, or
             // for the end of an upload that arrived whole to be written (it holds the lock).
@@ -1579,10 +1599,18 @@ impl ReplicaSide {
         req: Request<Incoming>,
     ) -> ApiResult {
         let (_vm_row, rel) = self.bound_vm(entry, vm)?;
-        // A handler still receiving this delivery on an older connection stops (`Receivers`).
+        // A handler still receiving this delivery, or any attempt of this log when it starts again
+        // at 0, on an older connection stops (`Receivers`).
         let upload_id = header(&req, headers::UPLOAD_ID).and_then(protocol::parse_guid);
         if let Some(id) = upload_id {
-            self.receivers.take_over(vm, seq, Some(id));
+            let anew =
+                header(&req, headers::UPLOAD_OFFSET).is_some_and(|o| o.parse::<u64>() == Ok(0));
+            let newer = if anew {
+                Newer::Anew
+            } else {
+                Newer::Continued(id)
+            };
+            self.receivers.take_over(vm, seq, newer);
         }
         // Held to the end of this upload (a staged one hands it to the task that finishes it).
         let guard = self.lock_for(vm).lock_owned().await;
