@@ -107,7 +107,7 @@ run vmreplica measure sample01
 # The newest recovery point under a host's replica storage.
 newest() { { ls "$1"/*/disk0/p*.qcow2 2>/dev/null || true; } | sort | tail -1; }
 # `on_newest DIR CMD ARGS...` runs CMD on the newest point under DIR (`{}` in ARGS) and prints it,
-# asked again for up to 30 s while it fails. This tour reads points' files straight from the store
+# asked again (150 times, 0.2 s apart) while it fails. This tour reads points' files straight from the store
 # while replication goes on: the replica prunes the point before each new one by merging the new
 # one down into it and renaming the result, so a listed layer may vanish at once or be held open
 # for writing for a moment (its data never changes; -U reads without the images' locks). A VM or
@@ -117,10 +117,10 @@ on_newest() {
     shift
     for _ in $(seq 150); do
         p=$(newest "$dir")
-        if [ -n "$p" ]; then out=$("${@//\{\}/$p}" 2>&1) && { rc=0; break; }; fi
+        if [ -n "$p" ]; then out=$("${@//\{\}/"$p"}" 2>&1) && { rc=0; break; }; fi
         sleep 0.2
     done
-    printf '$ %s\n' "${*//\{\}/$p}"
+    printf '$ %s\n' "${*//\{\}/"$p"}"
     [ -z "$out" ] || printf '%s\n' "$out"
     return $rc
 }

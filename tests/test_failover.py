@@ -281,6 +281,19 @@ def serve(daemon, thumbprint, allowed, storage):
     return port
 
 
+def points_taken_after(store, t):
+    """The sequences of the points in point store `store` taken after wall time `t` (their cycle
+    began after it); a point pruned meanwhile is left out."""
+    seqs = []
+    for f in store.glob("p*.json"):
+        try:
+            if json.loads(f.read_text())["time_micros"] / 1e6 > t:
+                seqs.append(int(f.stem[1:]))
+        except FileNotFoundError:
+            pass
+    return seqs
+
+
 def test_planned_failover_and_reverse_continue_without_resynchronization(lab, tmp_path):
     disk = ext4_disk(tmp_path / "rev01.qcow2")
     vm_id = replicate_network(lab, tmp_path, "rev01", [disk], "--no-compression")
@@ -323,9 +336,12 @@ def test_planned_failover_and_reverse_continue_without_resynchronization(lab, tm
 
     # Delta replication goes on in the new direction: only what the new primary wrote travels.
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5d 11M 192k", new_disk)
+    written = time.time()
+    fresh = wait_for(lambda: points_taken_after(store1, written), timeout=30,
+                     what="a point hv2 took after its write")
     # hv1 prunes the point before each new one, merging the new one down into it: the latest
     # layer may be locked or renamed for a moment, so the comparison is asked again then.
-    latest_point_equals(store1, new_disk, "qcow2", at_least=point + 1)
+    latest_point_equals(store1, new_disk, "qcow2", at_least=min(fresh))
     rrsc(r, rvm, 7)
     rel = r.Associators(rvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     rv, out = r.InvokeMethod("GetReplicationStatisticsEx", rsvc.path, ComputerSystem=rvm.path,

@@ -1151,9 +1151,13 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
     started = threading.Semaphore(0)
 
     def slow_body():
+        # The first to hold the VM is never idle (an upload from offset 0 would tell an idle one to
+        # stop, and free its place); the others wait for it, each holding its place.
         yield log[:200]
         started.release()
-        time.sleep(3)
+        for at in range(200, 215):
+            time.sleep(0.2)
+            yield log[at:at + 1]
 
     def upload():
         with raw_peer(lab) as c:
@@ -1300,6 +1304,42 @@ def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_o
         proxy.close()
 
 
+def test_an_upload_from_offset_0_waits_for_one_whose_bytes_still_flow(lab, tmp_path):
+    """An upload from offset 0 under another id stops the handler of an older connection only once
+    that one's body is idle: a live upload (the new request is not the primary's latest word) is
+    received to its end, then replaced."""
+    import re
+    import threading
+
+    vm, disk, size, log = export_log(lab, tmp_path, "flow01")
+    lab.primary.stop(companion=False)  # this test plays the primary (see the upload test)
+    piece = len(log) // 20 + 1
+    answers = {}
+
+    def steady():  # the whole log over about 4 s, a piece every 0.2 s
+        for at in range(0, len(log), piece):
+            yield log[at:at + piece]
+            time.sleep(0.2)
+
+    def first():
+        with raw_peer(lab) as c:
+            answers["first"] = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=steady(),
+                                       headers={"vmreplica-upload-id": str(uuid.uuid4()),
+                                                "vmreplica-upload-offset": "0"})
+
+    flowing = threading.Thread(target=first)
+    flowing.start()
+    time.sleep(1)
+    with raw_peer(lab) as c:
+        second = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log,
+                         headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
+    flowing.join()
+    assert answers["first"].status_code == 200 and answers["first"].json()["state"] == 2, answers["first"].text
+    assert second.status_code == 200 and second.json()["state"] == 2, second.text
+    replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+    assert "sends this log again from its start" not in replica_log
+
+
 def test_a_primary_restarted_after_its_host_crashed_mid_log_sends_it_again_at_once(lab, tmp_path):
     """A host that crashed mid-upload leaves the replica's handler of its connection waiting for
     bytes (a minute) and holding the VM: the restarted primary's first upload of that log, a new
@@ -1319,8 +1359,9 @@ def test_a_primary_restarted_after_its_host_crashed_mid_log_sends_it_again_at_on
             f.seek(8 << 20)
             f.write(os.urandom(40 << 20))
         incoming = lab.storage / vm_id.lower() / "incoming"
-        wait_for(lambda: [q for q in incoming.glob("*.partial") if file_size(q) > (8 << 20)], timeout=30,
-                 what="8 MiB of the delta received")
+        (partial,) = wait_for(lambda: [q for q in incoming.glob("*.partial") if file_size(q) > (8 << 20)],
+                              timeout=30, what="8 MiB of the delta received")
+        cut = int(partial.name[:20])  # <sequence:020>-<upload id>.partial
         # The host crashes: the primary's end of the connection is gone without a word, the
         # replica's stays open.
         proxy.cut_primary_side()
@@ -1329,7 +1370,7 @@ def test_a_primary_restarted_after_its_host_crashed_mid_log_sends_it_again_at_on
         lab.primary.start()
         restarted = time.monotonic()
         # The 40 MiB go again at 8 MiB/s; waiting for the old handler's idle timeout took 60 s more.
-        latest_point_equals(lab.storage / vm_id.lower(), disk, fmt="raw", at_least=2)
+        latest_point_equals(lab.storage / vm_id.lower(), disk, fmt="raw", at_least=cut)
         took = time.monotonic() - restarted
         assert took < 25, took
         replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())

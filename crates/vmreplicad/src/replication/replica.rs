@@ -135,16 +135,33 @@ pub struct ReplicaSide {
 /// the primary's end of the old connection broke (a reset that never reached this host, a
 /// half-open link), the old handler would wait for bytes until `IDLE_TIMEOUT`, holding the VM's
 /// lock, and the primary's status request and resume would wait for it, or time out. So a status
-/// request for the same log, an upload of it under the same upload id (the same delivery), or one
-/// at offset 0 (the log from its start: a primary that restarted, maybe after its host crashed,
-/// sends it as a new delivery, which discards any other attempt) tells the old handler to stop at
-/// once: it keeps what arrived, as after a broken connection, and lets go of the lock. (An upload
-/// under another id at another offset waits its turn.)
+/// request for the same log, or an upload of it under the same upload id (the same delivery),
+/// tells the old handler to stop at once: it keeps what arrived, as after a broken connection,
+/// and lets go of the lock. An upload of it from offset 0 under another id (a primary that
+/// restarted, maybe after its host crashed, sends the log again as a new delivery, which discards
+/// any other attempt) tells it to stop once its body has been idle for [`ANEW_IDLE`]: a dead
+/// connection's handler goes within seconds, a live upload (a request that is not the primary's
+/// latest word: delayed, or from a second sender) is not cut off, and the new one waits its turn.
+/// (An upload under another id at another offset waits its turn too.)
 #[derive(Default)]
 struct Receivers(Mutex<ReceiverMap>);
 
-/// (VM, sequence) → (upload id, stop).
-type ReceiverMap = HashMap<(Uuid, u64), (Option<Uuid>, Arc<Notify>)>;
+/// (VM, sequence) → (upload id, what the handler was told).
+type ReceiverMap = HashMap<(Uuid, u64), (Option<Uuid>, Arc<Told>)>;
+
+/// How long the body of an upload that an upload from offset 0 is waiting for may stay idle before
+/// its handler stops ([`Receivers`]).
+const ANEW_IDLE: Duration = Duration::from_secs(2);
+
+/// What newer requests told the handler of a log body ([`Receivers`]).
+#[derive(Default)]
+struct Told {
+    notify: Notify,
+    /// Stop at once.
+    now: std::sync::atomic::AtomicBool,
+    /// Stop once the body has been idle for [`ANEW_IDLE`].
+    anew: std::sync::atomic::AtomicBool,
+}
 
 /// The newer request for a log that stops the handler still receiving it ([`Receivers`]).
 #[derive(Debug, Clone, Copy)]
@@ -161,7 +178,7 @@ enum Newer {
 struct Receiving<'a> {
     all: &'a Receivers,
     key: (Uuid, u64),
-    stop: Arc<Notify>,
+    stop: Arc<Told>,
 }
 
 impl Receivers {
@@ -171,7 +188,7 @@ impl Receivers {
 
     /// Registers the handler of log `seq` of `vm` under its upload id.
     fn start(&self, vm: Uuid, seq: u64, upload: Option<Uuid>) -> Receiving<'_> {
-        let stop = Arc::new(Notify::new());
+        let stop = Arc::new(Told::default());
         self.map().insert((vm, seq), (upload, stop.clone()));
         Receiving {
             all: self,
@@ -180,19 +197,22 @@ impl Receivers {
         }
     }
 
-    /// Tells the handler receiving log `seq` of `vm`, if any, to stop: any for a status request or
-    /// an upload from the log's start, else only the one receiving under the same upload id.
+    /// Tells the handler receiving log `seq` of `vm`, if any, to stop: any for a status request,
+    /// the one receiving under the same upload id for an upload continued, and any once idle for
+    /// an upload from the log's start.
     fn take_over(&self, vm: Uuid, seq: u64, newer: Newer) {
-        if let Some((id, stop)) = self.map().get(&(vm, seq)) {
+        use std::sync::atomic::Ordering;
+        if let Some((id, told)) = self.map().get(&(vm, seq)) {
             match newer {
                 Newer::Continued(upload) if *id != Some(upload) => {}
                 Newer::Status | Newer::Continued(_) => {
                     tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
-                    stop.notify_one();
+                    told.now.store(true, Ordering::Release);
+                    told.notify.notify_one();
                 }
                 Newer::Anew => {
-                    tracing::info!(%vm, sequence = seq, "the primary sends this log again from its start on a newer connection: the older one stops");
-                    stop.notify_one();
+                    told.anew.store(true, Ordering::Release);
+                    told.notify.notify_one();
                 }
             }
         }
@@ -1916,7 +1936,7 @@ impl ReplicaSide {
         body: Incoming,
         room: u64,
         replica: &ReplicaVmRow,
-        (guard, stop): (tokio::sync::OwnedMutexGuard<()>, &Notify),
+        (guard, stop): (tokio::sync::OwnedMutexGuard<()>, &Told),
     ) -> ApiResult {
         use super::staged::StageError;
         let (seq, upload_id) = (st.sequence, st.upload);
@@ -2213,14 +2233,16 @@ impl std::io::Read for ChannelReader {
 /// Streams a request body to the verifier (or the staging thread) and, given a `path`, into that
 /// file, refusing more than `room` bytes and a stalled body; counts what it took in `total`. Stops
 /// early when the verifier has already rejected the log, and when told to by `stop` (the primary
-/// continues on another connection: ended as a broken connection, what arrived is kept).
+/// continues on another connection: ended as a broken connection, what arrived is kept; told that
+/// the log is sent again from its start, once the body has been idle for [`ANEW_IDLE`]).
 async fn receive(
     mut body: Incoming,
     path: Option<(&Path, bool)>,
     room: u64,
-    (verifier, stop): (&tokio::sync::mpsc::Sender<Bytes>, &Notify),
+    (verifier, stop): (&tokio::sync::mpsc::Sender<Bytes>, &Told),
     total: &mut u64,
 ) -> Result<(), ApiError> {
+    use std::sync::atomic::Ordering;
     let mut file = match path {
         None => None,
         Some((path, append)) => {
@@ -2238,21 +2260,38 @@ async fn receive(
         }
     };
     let start = *total;
+    let mut last = tokio::time::Instant::now();
+    let mut anew = false;
     loop {
+        let idle = if anew { ANEW_IDLE } else { IDLE_TIMEOUT };
         let next = tokio::select! {
             biased;
-            () = stop.notified() => {
+            () = stop.notify.notified() => {
+                if stop.now.load(Ordering::Acquire) {
+                    return Err(ApiError::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "the upload was continued on a newer connection after {} bytes on this one",
+                            *total - start
+                        ),
+                    ));
+                }
+                anew |= stop.anew.load(Ordering::Acquire);
+                continue;
+            }
+            next = tokio::time::timeout_at(last + idle, body.frame()) => next,
+        };
+        let frame = match next {
+            Err(_) if anew => {
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,
                     format!(
-                        "the upload was continued on a newer connection after {} bytes on this one",
+                        "the primary sends this log again from its start on a newer connection, and this one was idle for {} s after {} bytes: it stops",
+                        ANEW_IDLE.as_secs(),
                         *total - start
                     ),
                 ));
             }
-            next = tokio::time::timeout(IDLE_TIMEOUT, body.frame()) => next,
-        };
-        let frame = match next {
             Err(_) => {
                 let mut d = ErrorDetail::new(ErrorCode::Timeout, "the log upload stalled");
                 d.offset = Some(0);
@@ -2274,6 +2313,7 @@ async fn receive(
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        last = tokio::time::Instant::now();
         let len = data.len() as u64;
         if *total - start + len > room {
             return Err(ApiError::new(
