@@ -1155,7 +1155,7 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
         # stop, and free its place); the others wait for it, each holding its place.
         yield log[:200]
         started.release()
-        for at in range(200, 215):
+        for at in range(200, 240):  # 8 s: longer than the fifth waits for a place (3 s)
             time.sleep(0.2)
             yield log[at:at + 1]
 
@@ -1304,6 +1304,52 @@ def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_o
         proxy.close()
 
 
+def test_a_crashed_primarys_dead_uploads_do_not_make_its_restarted_cycles_busy(lab, tmp_path):
+    """Three VMs' logs were arriving when their primary's host crashed: their handlers hold three of
+    the primary's four places on the replica until they stop. The restarted primary's three uploads
+    each tell theirs to stop and wait for a place, instead of meeting Busy (and, at a real interval,
+    waiting all of it)."""
+    import os
+    import re
+    import signal
+
+    proxy = Proxy(lab.port, "cut", after=1 << 40)  # passes everything until told
+    try:
+        vms = []
+        for i in range(3):
+            disk = tmp_path / f"half1{i}.raw"
+            run("truncate", "-s", "64M", disk)
+            vm_id, p, job = start_network_ir(lab, f"half1{i}", disk, cap="8M" if i == 0 else None,
+                                             port=proxy.port)
+            assert wait_job(p, job, timeout=60)["JobState"] == 7
+            vms.append((vm_id, disk))
+        for vm_id, disk in vms:
+            wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="point 1")
+            with open(disk, "r+b") as f:
+                f.seek(8 << 20)
+                f.write(os.urandom(24 << 20))
+
+        def arriving():
+            found = {}
+            for vm_id, _ in vms:
+                for q in (lab.storage / vm_id.lower() / "incoming").glob("*.partial"):
+                    if file_size(q) > (1 << 20):
+                        found[vm_id] = int(q.name[:20])  # <sequence:020>-<upload id>.partial
+            return found if len(found) == len(vms) else None
+        cuts = wait_for(arriving, timeout=30, what="the three deltas arriving")
+        proxy.cut_primary_side()
+        lab.primary.proc.send_signal(signal.SIGKILL)
+        lab.primary.proc.wait()
+        lab.primary.start()
+        for vm_id, disk in vms:
+            latest_point_equals(lab.storage / vm_id.lower(), disk, fmt="raw", at_least=cuts[vm_id])
+        replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+        assert replica_log.count("sends this log again from its start") >= len(vms), replica_log[-3000:]
+        assert "uploads in progress" not in replica_log, replica_log[-3000:]
+    finally:
+        proxy.close()
+
+
 def test_an_upload_from_offset_0_waits_for_one_whose_bytes_still_flow(lab, tmp_path):
     """An upload from offset 0 under another id stops the handler of an older connection only once
     that one's body is idle: a live upload (the new request is not the primary's latest word) is
@@ -1315,11 +1361,15 @@ def test_an_upload_from_offset_0_waits_for_one_whose_bytes_still_flow(lab, tmp_p
     lab.primary.stop(companion=False)  # this test plays the primary (see the upload test)
     piece = len(log) // 20 + 1
     answers = {}
+    under_way = threading.Event()
 
     def steady():  # the whole log over about 4 s, a piece every 0.2 s
-        for at in range(0, len(log), piece):
+        for n, at in enumerate(range(0, len(log), piece)):
             yield log[at:at + piece]
+            if n == 3:
+                under_way.set()
             time.sleep(0.2)
+        answers["body ended"] = time.monotonic()  # before the request's end reaches the replica
 
     def first():
         with raw_peer(lab) as c:
@@ -1329,13 +1379,15 @@ def test_an_upload_from_offset_0_waits_for_one_whose_bytes_still_flow(lab, tmp_p
 
     flowing = threading.Thread(target=first)
     flowing.start()
-    time.sleep(1)
+    assert under_way.wait(10)  # its handler holds the VM and has been receiving for 0.6 s
     with raw_peer(lab) as c:
         second = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log,
                          headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
+        second_at = time.monotonic()
     flowing.join()
     assert answers["first"].status_code == 200 and answers["first"].json()["state"] == 2, answers["first"].text
     assert second.status_code == 200 and second.json()["state"] == 2, second.text
+    assert answers["body ended"] <= second_at  # the second waited for the first
     replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
     assert "sends this log again from its start" not in replica_log
 

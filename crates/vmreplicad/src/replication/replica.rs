@@ -140,9 +140,11 @@ pub struct ReplicaSide {
 /// and lets go of the lock. An upload of it from offset 0 under another id (a primary that
 /// restarted, maybe after its host crashed, sends the log again as a new delivery, which discards
 /// any other attempt) tells it to stop once its body has been idle for [`ANEW_IDLE`]: a dead
-/// connection's handler goes within seconds, a live upload (a request that is not the primary's
-/// latest word: delayed, or from a second sender) is not cut off, and the new one waits its turn.
-/// (An upload under another id at another offset waits its turn too.)
+/// connection's handler goes within seconds, an upload whose bytes keep coming (the new request
+/// is then not the primary's latest word: delayed, or from a second sender) is not cut off, and
+/// the new one waits its turn. (An upload under another id at another offset waits its turn too.)
+/// The older handler is told before the new upload takes a place among its primary's uploads,
+/// and waits for one as long as the older one may take to stop (`upload_slot_after`).
 #[derive(Default)]
 struct Receivers(Mutex<ReceiverMap>);
 
@@ -170,8 +172,9 @@ enum Newer {
     Status,
     /// An upload under this id: the same delivery, continued on a new connection.
     Continued(Uuid),
-    /// An upload at offset 0: the log again from its start, which discards any other attempt.
-    Anew,
+    /// An upload at offset 0 under this id: the log again from its start, which discards any
+    /// other attempt (under the same id, the same delivery: as `Continued`).
+    Anew(Uuid),
 }
 
 /// One body being received; dropping it ends its registration.
@@ -199,23 +202,27 @@ impl Receivers {
 
     /// Tells the handler receiving log `seq` of `vm`, if any, to stop: any for a status request,
     /// the one receiving under the same upload id for an upload continued, and any once idle for
-    /// an upload from the log's start.
-    fn take_over(&self, vm: Uuid, seq: u64, newer: Newer) {
+    /// an upload from the log's start. True when one was told.
+    fn take_over(&self, vm: Uuid, seq: u64, newer: Newer) -> bool {
         use std::sync::atomic::Ordering;
-        if let Some((id, told)) = self.map().get(&(vm, seq)) {
-            match newer {
-                Newer::Continued(upload) if *id != Some(upload) => {}
-                Newer::Status | Newer::Continued(_) => {
-                    tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
-                    told.now.store(true, Ordering::Release);
-                    told.notify.notify_one();
-                }
-                Newer::Anew => {
-                    told.anew.store(true, Ordering::Release);
-                    told.notify.notify_one();
-                }
-            }
+        let map = self.map();
+        let Some((id, told)) = map.get(&(vm, seq)) else {
+            return false;
+        };
+        let at_once = match newer {
+            Newer::Status => true,
+            Newer::Continued(u) | Newer::Anew(u) if *id == Some(u) => true,
+            Newer::Continued(_) => return false,
+            Newer::Anew(_) => false,
+        };
+        if at_once {
+            tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
+            told.now.store(true, Ordering::Release);
+        } else {
+            told.anew.store(true, Ordering::Release);
         }
+        told.notify.notify_one();
+        true
     }
 }
 
@@ -1035,6 +1042,45 @@ impl ReplicaSide {
         })
     }
 
+    /// Tells the handler still receiving log `seq` of `vm` on an older connection, if any, what the
+    /// upload `req` means for it (`Receivers`): the same delivery continued, or the log again from
+    /// offset 0. True when one was told.
+    fn tell_older(&self, req: &Request<Incoming>, vm: Uuid, seq: u64) -> bool {
+        let Some(id) = header(req, headers::UPLOAD_ID).and_then(protocol::parse_guid) else {
+            return false;
+        };
+        let anew = header(req, headers::UPLOAD_OFFSET).is_some_and(|o| o.parse::<u64>() == Ok(0));
+        let newer = if anew {
+            Newer::Anew(id)
+        } else {
+            Newer::Continued(id)
+        };
+        self.receivers.take_over(vm, seq, newer)
+    }
+
+    /// [`ReplicaSide::upload_slot`]; when `told` an older handler of the same log to stop, a place
+    /// is waited for as long as that one may take to stop ([`ANEW_IDLE`] and a second).
+    async fn upload_slot_after(
+        &self,
+        primary: &str,
+        told: bool,
+    ) -> Result<UploadSlot<'_>, ApiError> {
+        let until = tokio::time::Instant::now()
+            + if told {
+                ANEW_IDLE + Duration::from_secs(1)
+            } else {
+                Duration::ZERO
+            };
+        loop {
+            match self.upload_slot(primary) {
+                Err(_) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                slot => return slot,
+            }
+        }
+    }
+
     fn lock_for(&self, vm: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(vm).or_default().clone()
@@ -1085,7 +1131,12 @@ impl ReplicaSide {
                 Ok(json(200, &self.describe(&vm_row, &rel)?))
             }
             R::UploadLog(vm, seq) => {
-                let _slot = self.upload_slot(&name)?;
+                // A handler still receiving this log on an older connection is told first: one a
+                // crashed primary left frees its place among that primary's uploads within
+                // seconds, and this upload waits that long for a place rather than being Busy.
+                self.bound_vm(&entry, vm)?;
+                let told = self.tell_older(&req, vm, seq);
+                let _slot = self.upload_slot_after(&name, told).await?;
                 self.upload(&entry, vm, seq, req).await
             }
             R::LogStatus(vm, seq) => {
@@ -1492,7 +1543,7 @@ impl ReplicaSide {
         }
         // Asked by a primary whose connection broke: the handler of that connection, if still
         // receiving, stops.
-        self.receivers.take_over(vm, seq, Newer::Status);
+        let _ = self.receivers.take_over(vm, seq, Newer::Status);
         if self.stagings.is_arriving(vm, seq) {
             // Its connection may just have broken: wait (briefly) for its handler to keep it, or
             // for the end of an upload that arrived whole to be written (it holds the lock).
@@ -1619,19 +1670,8 @@ impl ReplicaSide {
         req: Request<Incoming>,
     ) -> ApiResult {
         let (_vm_row, rel) = self.bound_vm(entry, vm)?;
-        // A handler still receiving this delivery, or any attempt of this log when it starts again
-        // at 0, on an older connection stops (`Receivers`).
+        // A handler still receiving this log on an older connection was told (`tell_older`).
         let upload_id = header(&req, headers::UPLOAD_ID).and_then(protocol::parse_guid);
-        if let Some(id) = upload_id {
-            let anew =
-                header(&req, headers::UPLOAD_OFFSET).is_some_and(|o| o.parse::<u64>() == Ok(0));
-            let newer = if anew {
-                Newer::Anew
-            } else {
-                Newer::Continued(id)
-            };
-            self.receivers.take_over(vm, seq, newer);
-        }
         // Held to the end of this upload (a staged one hands it to the task that finishes it).
         let guard = self.lock_for(vm).lock_owned().await;
         // From here on a newer connection's request for this log stops this one, even before
@@ -2313,7 +2353,6 @@ async fn receive(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        last = tokio::time::Instant::now();
         let len = data.len() as u64;
         if *total - start + len > room {
             return Err(ApiError::new(
@@ -2333,6 +2372,8 @@ async fn receive(
             ));
         }
         *total += len;
+        // Idle is time waiting for bytes: a writer that holds the body back does not count.
+        last = tokio::time::Instant::now();
     }
     Ok(())
 }
