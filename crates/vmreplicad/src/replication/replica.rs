@@ -200,9 +200,9 @@ impl Receivers {
         }
     }
 
-    /// Tells the handler receiving log `seq` of `vm`, if any, to stop: any for a status request,
-    /// the one receiving under the same upload id for an upload continued, and any once idle for
-    /// an upload from the log's start. True when one was told.
+    /// Tells the handler receiving log `seq` of `vm`, if any, to stop: at once for a status request
+    /// or an upload under its upload id; once idle for an upload from the log's start under another
+    /// id (an upload at another offset under another id tells nothing). True when one was told.
     fn take_over(&self, vm: Uuid, seq: u64, newer: Newer) -> bool {
         use std::sync::atomic::Ordering;
         let map = self.map();
@@ -1073,7 +1073,10 @@ impl ReplicaSide {
             };
         loop {
             match self.upload_slot(primary) {
-                Err(_) if tokio::time::Instant::now() < until => {
+                Err(e)
+                    if e.0.error_code() == Some(ErrorCode::Busy)
+                        && tokio::time::Instant::now() < until =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 slot => return slot,
@@ -2353,6 +2356,9 @@ async fn receive(
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        if data.is_empty() {
+            continue; // bytes, not frames, keep an upload from being idle
+        }
         let len = data.len() as u64;
         if *total - start + len > room {
             return Err(ApiError::new(
