@@ -1304,6 +1304,43 @@ def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_o
         proxy.close()
 
 
+def test_an_upload_from_offset_0_that_went_away_leaves_the_older_upload_its_usual_limit(lab, tmp_path):
+    """The 2 s idle rule holds only while the upload from offset 0 still waits: one that went away
+    (here its connection closed; a Busy answer, say) leaves a slow but live upload alone."""
+    import httpx
+    import threading
+
+    vm, disk, size, log = export_log(lab, tmp_path, "slow01")
+    lab.primary.stop(companion=False)  # this test plays the primary (see the upload test)
+    answers = {}
+    under_way = threading.Event()
+
+    def gaps():  # four pieces 3 s apart: longer gaps than the 2 s rule allows
+        piece = len(log) // 4 + 1
+        for n, at in enumerate(range(0, len(log), piece)):
+            yield log[at:at + piece]
+            under_way.set()
+            if at + piece < len(log):
+                time.sleep(3)
+
+    def first():
+        with raw_peer(lab) as c:
+            answers["first"] = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=gaps(),
+                                       headers={"vmreplica-upload-id": str(uuid.uuid4()),
+                                                "vmreplica-upload-offset": "0"})
+
+    slow = threading.Thread(target=first)
+    slow.start()
+    assert under_way.wait(10)
+    time.sleep(0.5)
+    with raw_peer(lab) as c:  # the second waits for the VM, gives up after 1 s and closes
+        with pytest.raises(httpx.TimeoutException):
+            c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log, timeout=1,
+                    headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
+    slow.join()
+    assert answers["first"].status_code == 200 and answers["first"].json()["state"] == 2, answers["first"].text
+
+
 def test_a_crashed_primarys_dead_uploads_do_not_make_its_restarted_cycles_busy(lab, tmp_path):
     """Three VMs' logs were arriving when their primary's host crashed: their handlers hold three of
     the primary's four places on the replica until they stop. The restarted primary's three uploads

@@ -144,7 +144,9 @@ pub struct ReplicaSide {
 /// is then not the primary's latest word: delayed, or from a second sender) is not cut off, and
 /// the new one waits its turn. (An upload under another id at another offset waits its turn too.)
 /// The older handler is told before the new upload takes a place among its primary's uploads,
-/// and waits for one as long as the older one may take to stop (`upload_slot_after`).
+/// and waits for one as long as the older one may take to stop (`upload_slot_after`). The 2 s
+/// rule holds while such an upload is still waiting: one that ends (Busy, refused, its stream
+/// reset) takes it back ([`Waiting`]).
 #[derive(Default)]
 struct Receivers(Mutex<ReceiverMap>);
 
@@ -161,8 +163,31 @@ struct Told {
     notify: Notify,
     /// Stop at once.
     now: std::sync::atomic::AtomicBool,
-    /// Stop once the body has been idle for [`ANEW_IDLE`].
-    anew: std::sync::atomic::AtomicBool,
+    /// Uploads from offset 0 waiting for this one: while there are any, stop once the body has
+    /// been idle for [`ANEW_IDLE`].
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// An upload from offset 0 waiting for an older handler of its log ([`Told::waiting`]), until it
+/// is dropped with the request.
+struct Waiting(Arc<Told>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// What [`Receivers::take_over`] did.
+enum TookOver {
+    /// No handler was told.
+    Nothing,
+    /// The handler was told to stop at once.
+    Stopped,
+    /// The handler stops once idle, while this is held.
+    Waiting { _held: Waiting },
 }
 
 /// The newer request for a log that stops the handler still receiving it ([`Receivers`]).
@@ -201,28 +226,32 @@ impl Receivers {
     }
 
     /// Tells the handler receiving log `seq` of `vm`, if any, to stop: at once for a status request
-    /// or an upload under its upload id; once idle for an upload from the log's start under another
-    /// id (an upload at another offset under another id tells nothing). True when one was told.
-    fn take_over(&self, vm: Uuid, seq: u64, newer: Newer) -> bool {
+    /// or an upload under its upload id; once idle, while the returned [`Waiting`] is held, for an
+    /// upload from the log's start under another id (an upload at another offset under another id
+    /// tells nothing).
+    fn take_over(&self, vm: Uuid, seq: u64, newer: Newer) -> TookOver {
         use std::sync::atomic::Ordering;
         let map = self.map();
         let Some((id, told)) = map.get(&(vm, seq)) else {
-            return false;
+            return TookOver::Nothing;
         };
-        let at_once = match newer {
-            Newer::Status => true,
-            Newer::Continued(u) | Newer::Anew(u) if *id == Some(u) => true,
-            Newer::Continued(_) => return false,
-            Newer::Anew(_) => false,
+        let took = match newer {
+            Newer::Status => TookOver::Stopped,
+            Newer::Continued(u) | Newer::Anew(u) if *id == Some(u) => TookOver::Stopped,
+            Newer::Continued(_) => return TookOver::Nothing,
+            Newer::Anew(_) => {
+                told.waiting.fetch_add(1, Ordering::AcqRel);
+                TookOver::Waiting {
+                    _held: Waiting(told.clone()),
+                }
+            }
         };
-        if at_once {
+        if let TookOver::Stopped = took {
             tracing::info!(%vm, sequence = seq, "the primary continues this log on a newer connection: the older one stops");
             told.now.store(true, Ordering::Release);
-        } else {
-            told.anew.store(true, Ordering::Release);
         }
         told.notify.notify_one();
-        true
+        took
     }
 }
 
@@ -1044,10 +1073,10 @@ impl ReplicaSide {
 
     /// Tells the handler still receiving log `seq` of `vm` on an older connection, if any, what the
     /// upload `req` means for it (`Receivers`): the same delivery continued, or the log again from
-    /// offset 0. True when one was told.
-    fn tell_older(&self, req: &Request<Incoming>, vm: Uuid, seq: u64) -> bool {
+    /// offset 0 (held as long as the upload is).
+    fn tell_older(&self, req: &Request<Incoming>, vm: Uuid, seq: u64) -> TookOver {
         let Some(id) = header(req, headers::UPLOAD_ID).and_then(protocol::parse_guid) else {
-            return false;
+            return TookOver::Nothing;
         };
         let anew = header(req, headers::UPLOAD_OFFSET).is_some_and(|o| o.parse::<u64>() == Ok(0));
         let newer = if anew {
@@ -1139,7 +1168,9 @@ impl ReplicaSide {
                 // seconds, and this upload waits that long for a place rather than being Busy.
                 self.bound_vm(&entry, vm)?;
                 let told = self.tell_older(&req, vm, seq);
-                let _slot = self.upload_slot_after(&name, told).await?;
+                let _slot = self
+                    .upload_slot_after(&name, !matches!(told, TookOver::Nothing))
+                    .await?;
                 self.upload(&entry, vm, seq, req).await
             }
             R::LogStatus(vm, seq) => {
@@ -1546,7 +1577,7 @@ impl ReplicaSide {
         }
         // Asked by a primary whose connection broke: the handler of that connection, if still
         // receiving, stops.
-        let _ = self.receivers.take_over(vm, seq, Newer::Status);
+        self.receivers.take_over(vm, seq, Newer::Status);
         if self.stagings.is_arriving(vm, seq) {
             // Its connection may just have broken: wait (briefly) for its handler to keep it, or
             // for the end of an upload that arrived whole to be written (it holds the lock).
@@ -2304,8 +2335,8 @@ async fn receive(
     };
     let start = *total;
     let mut last = tokio::time::Instant::now();
-    let mut anew = false;
     loop {
+        let anew = stop.waiting.load(Ordering::Acquire) > 0;
         let idle = if anew { ANEW_IDLE } else { IDLE_TIMEOUT };
         let next = tokio::select! {
             biased;
@@ -2319,12 +2350,13 @@ async fn receive(
                         ),
                     ));
                 }
-                anew |= stop.anew.load(Ordering::Acquire);
                 continue;
             }
             next = tokio::time::timeout_at(last + idle, body.frame()) => next,
         };
         let frame = match next {
+            // The uploads that waited for this one went away meanwhile: the usual limit again.
+            Err(_) if anew && stop.waiting.load(Ordering::Acquire) == 0 => continue,
             Err(_) if anew => {
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,
