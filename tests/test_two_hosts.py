@@ -1306,9 +1306,12 @@ def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_o
 
 def test_an_upload_from_offset_0_that_went_away_leaves_the_older_upload_its_usual_limit(lab, tmp_path):
     """The 2 s idle rule holds only while the upload from offset 0 still waits: one that went away
-    (here its connection closed; a Busy answer, say) leaves a slow but live upload alone."""
-    import httpx
+    (here its connection closed, 0.6 s after the first's last bytes; a Busy answer, say) leaves a
+    slow but live upload alone."""
+    import re
     import threading
+
+    import httpx
 
     vm, disk, size, log = export_log(lab, tmp_path, "slow01")
     lab.primary.stop(companion=False)  # this test plays the primary (see the upload test)
@@ -1329,16 +1332,20 @@ def test_an_upload_from_offset_0_that_went_away_leaves_the_older_upload_its_usua
                                        headers={"vmreplica-upload-id": str(uuid.uuid4()),
                                                 "vmreplica-upload-offset": "0"})
 
-    slow = threading.Thread(target=first)
-    slow.start()
-    assert under_way.wait(10)
-    time.sleep(0.5)
-    with raw_peer(lab) as c:  # the second waits for the VM, gives up after 1 s and closes
-        with pytest.raises(httpx.TimeoutException):
-            c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log, timeout=1,
+    with raw_peer(lab) as c:  # the second waits for the VM, gives up after 0.5 s and closes
+        c.get(f"/vmreplica/v1/vms/{vm}")  # connected before the first starts: no handshake later
+        slow = threading.Thread(target=first)
+        slow.start()
+        assert under_way.wait(10)
+        time.sleep(0.1)
+        with pytest.raises(httpx.ReadTimeout):  # sent, and no answer while the first holds the VM
+            c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log, timeout=0.5,
                     headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
     slow.join()
     assert answers["first"].status_code == 200 and answers["first"].json()["state"] == 2, answers["first"].text
+    replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+    assert "an upload of this log from offset 0 waits for the one still arriving" in replica_log
+    assert "sends this log again from its start" not in replica_log
 
 
 def test_a_crashed_primarys_dead_uploads_do_not_make_its_restarted_cycles_busy(lab, tmp_path):

@@ -181,6 +181,7 @@ impl Drop for Waiting {
 }
 
 /// What [`Receivers::take_over`] did.
+#[must_use]
 enum TookOver {
     /// No handler was told.
     Nothing,
@@ -240,6 +241,7 @@ impl Receivers {
             Newer::Continued(u) | Newer::Anew(u) if *id == Some(u) => TookOver::Stopped,
             Newer::Continued(_) => return TookOver::Nothing,
             Newer::Anew(_) => {
+                tracing::info!(%vm, sequence = seq, "an upload of this log from offset 0 waits for the one still arriving: that one stops once idle for 2 s");
                 told.waiting.fetch_add(1, Ordering::AcqRel);
                 TookOver::Waiting {
                     _held: Waiting(told.clone()),
@@ -1577,7 +1579,7 @@ impl ReplicaSide {
         }
         // Asked by a primary whose connection broke: the handler of that connection, if still
         // receiving, stops.
-        self.receivers.take_over(vm, seq, Newer::Status);
+        let _ = self.receivers.take_over(vm, seq, Newer::Status);
         if self.stagings.is_arriving(vm, seq) {
             // Its connection may just have broken: wait (briefly) for its handler to keep it, or
             // for the end of an upload that arrived whole to be written (it holds the lock).
@@ -2308,7 +2310,8 @@ impl std::io::Read for ChannelReader {
 /// file, refusing more than `room` bytes and a stalled body; counts what it took in `total`. Stops
 /// early when the verifier has already rejected the log, and when told to by `stop` (the primary
 /// continues on another connection: ended as a broken connection, what arrived is kept; told that
-/// the log is sent again from its start, once the body has been idle for [`ANEW_IDLE`]).
+/// the log is sent again from its start, once the body has been idle for [`ANEW_IDLE`] while that
+/// upload waits).
 async fn receive(
     mut body: Incoming,
     path: Option<(&Path, bool)>,
