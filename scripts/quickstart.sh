@@ -107,11 +107,11 @@ run vmreplica measure sample01
 # The newest recovery point under a host's replica storage.
 newest() { { ls "$1"/*/disk0/p*.qcow2 2>/dev/null || true; } | sort | tail -1; }
 # `on_newest DIR CMD ARGS...` runs CMD on the newest point under DIR (`{}` in ARGS) and prints it,
-# asked again (150 times, 0.2 s apart) while it fails. This tour reads points' files straight from the store
-# while replication goes on: the replica prunes the point before each new one by merging the new
-# one down into it and renaming the result, so a listed layer may vanish at once or be held open
-# for writing for a moment (its data never changes; -U reads without the images' locks). A VM or
-# tool that keeps a point uses a (test) failover instead, as below.
+# asked again (150 times, 0.2 s apart) while it fails. This tour reads points' files straight from
+# the store while replication goes on: the replica prunes the point before each new one by merging
+# the new one down into it and renaming the result, so a listed layer may vanish at once or be held
+# open for writing for a moment (its data never changes; -U reads without the images' locks). A VM
+# or tool that keeps a point uses a (test) failover instead, as below.
 on_newest() {
     local dir=$1 p="" out="" rc=1
     shift
