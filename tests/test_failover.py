@@ -18,6 +18,7 @@ from test_two_hosts import (  # noqa: F401  (lab is a fixture)
     compare,
     file_size,
     latest_point_equals,
+    plain_log,
     shipped_since,
     PRIMARY,
     REPLICA,
@@ -761,11 +762,6 @@ def initiate_failback(p, name):
                              ComputerSystem=pvm.path, ReplicationSettingData=rsd.tocimxmlstr())
     assert rv == 4096, rv
     return out["Job"]
-
-
-def plain_log(daemon):
-    """A daemon's log without its terminal colours."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", daemon.log.read_text())
 
 
 def protected_and_suspended(lab, tmp_path, name):

@@ -4,6 +4,7 @@ TestReplicationConnection and initial replication over the network driven by pyw
 (httpx over HTTP/2 with a client certificate) that sends what a broken or hostile primary would."""
 
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -505,6 +506,11 @@ def settled(lab, vm_id):
     return seq
 
 
+def plain_log(daemon):
+    """A daemon's log without its terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", daemon.log.read_text())
+
+
 def file_size(path):
     """The size of `path`, 0 once it is gone (an upload's partial is renamed or deleted at any time)."""
     try:
@@ -989,8 +995,7 @@ def test_a_connection_cut_or_corrupted_mid_log_is_retried_and_applied_once(lab, 
         assert proxy.fired.is_set()
         # The new connection continues where the replica's whole verified records end.
         assert "resuming the upload" in lab.primary.log.read_text()
-        import re
-        resumed = re.search(r"resuming an upload .*offset=(\d+)", re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text()))
+        resumed = re.search(r"resuming an upload .*offset=(\d+)", plain_log(lab.replica))
         # What was kept ends at a record boundary: at least the header record (how many of the 4 MiB
         # data records arrived whole before the cut depends on timing).
         assert resumed and int(resumed.group(1)) > 0, "the upload resumed after what was kept"
@@ -1278,7 +1283,6 @@ def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_o
     """The replica's handler of the old connection would wait a minute for bytes that never come,
     holding the VM: the primary's status request on its new connection stops it instead."""
     import os
-    import re
 
     disk = tmp_path / "half01.raw"
     run("truncate", "-s", "64M", disk)
@@ -1296,7 +1300,7 @@ def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_o
         # About 32 MiB were left at 8 MiB/s. Waiting for the old handler's idle timeout (60 s), or
         # 10 s per status request that found it busy, took far longer.
         assert took < 20, took
-        replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+        replica_log = plain_log(lab.replica)
         assert "the primary continues this log on a newer connection" in replica_log, replica_log[-3000:]
         assert "resuming an upload" in replica_log, replica_log[-3000:]
         latest_point_equals(lab.storage / vm_id.lower(), disk, fmt="raw")
@@ -1308,7 +1312,6 @@ def test_an_upload_from_offset_0_that_went_away_leaves_the_older_upload_its_usua
     """The 2 s idle rule holds only while the upload from offset 0 still waits: one that went away
     (here its connection closed, 0.6 s after the first's last bytes; a Busy answer, say) leaves a
     slow but live upload alone."""
-    import re
     import threading
 
     import httpx
@@ -1343,7 +1346,7 @@ def test_an_upload_from_offset_0_that_went_away_leaves_the_older_upload_its_usua
                     headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
     slow.join()
     assert answers["first"].status_code == 200 and answers["first"].json()["state"] == 2, answers["first"].text
-    replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+    replica_log = plain_log(lab.replica)
     assert "an upload of this log from offset 0 waits for the one still arriving" in replica_log
     assert "sends this log again from its start" not in replica_log
 
@@ -1354,7 +1357,6 @@ def test_a_crashed_primarys_dead_uploads_do_not_make_its_restarted_cycles_busy(l
     each tell theirs to stop and wait for a place, instead of meeting Busy (and, at a real interval,
     waiting all of it)."""
     import os
-    import re
     import signal
 
     proxy = Proxy(lab.port, "cut", after=1 << 40)  # passes everything until told
@@ -1390,7 +1392,7 @@ def test_a_crashed_primarys_dead_uploads_do_not_make_its_restarted_cycles_busy(l
         lab.primary.start()
         for vm_id, disk in vms:
             latest_point_equals(lab.storage / vm_id.lower(), disk, fmt="raw", at_least=cuts[vm_id])
-        replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+        replica_log = plain_log(lab.replica)
         assert replica_log.count("sends this log again from its start") >= len(vms), replica_log[-3000:]
         assert not re.search(r"uploads (are )?in progress", replica_log), replica_log[-3000:]
     finally:
@@ -1401,7 +1403,6 @@ def test_an_upload_from_offset_0_waits_for_one_whose_bytes_still_flow(lab, tmp_p
     """An upload from offset 0 under another id stops the handler of an older connection only once
     that one's body is idle: a live upload (the new request is not the primary's latest word) is
     received to its end, then replaced."""
-    import re
     import threading
 
     vm, disk, size, log = export_log(lab, tmp_path, "flow01")
@@ -1435,7 +1436,7 @@ def test_an_upload_from_offset_0_waits_for_one_whose_bytes_still_flow(lab, tmp_p
     assert answers["first"].status_code == 200 and answers["first"].json()["state"] == 2, answers["first"].text
     assert second.status_code == 200 and second.json()["state"] == 2, second.text
     assert answers["body ended"] <= second_at  # the second waited for the first
-    replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+    replica_log = plain_log(lab.replica)
     assert "sends this log again from its start" not in replica_log
 
 
@@ -1444,7 +1445,6 @@ def test_a_primary_restarted_after_its_host_crashed_mid_log_sends_it_again_at_on
     bytes (a minute) and holding the VM: the restarted primary's first upload of that log, a new
     delivery from offset 0, stops it instead of waiting its turn."""
     import os
-    import re
     import signal
 
     disk = tmp_path / "half02.raw"
@@ -1472,7 +1472,7 @@ def test_a_primary_restarted_after_its_host_crashed_mid_log_sends_it_again_at_on
         latest_point_equals(lab.storage / vm_id.lower(), disk, fmt="raw", at_least=cut)
         took = time.monotonic() - restarted
         assert took < 25, took
-        replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+        replica_log = plain_log(lab.replica)
         assert "sends this log again from its start on a newer connection" in replica_log, replica_log[-3000:]
     finally:
         proxy.close()
@@ -1518,8 +1518,7 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     wait_port(lab.port)
     job = wait_job(p, job, timeout=60)
     assert job["JobState"] == 7, (job["JobState"], job["ErrorDescription"])
-    import re
-    replica_log = re.sub(r"\x1b\[[0-9;]*m", "", lab.replica.log.read_text())
+    replica_log = plain_log(lab.replica)
     # Continued at the checkpoint's byte, not sent again from the start.
     assert f"resuming a staged upload from its checkpoint vm={vm_id.lower()} sequence=1 offset={saved}" \
         in replica_log, replica_log[-3000:]
