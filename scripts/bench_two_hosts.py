@@ -15,7 +15,11 @@
    the table says whether every cycle finished within its interval (the live check of 2).
 
     python3 scripts/bench_two_hosts.py [--size 8G] [--churn 2G] [--dir bench-data/two-hosts]
-                                       [--live-churn 50,100,150]
+                                       [--live-churn 50,100,150] [--dest /dev/shm]
+
+Both hosts share this machine's disk and cores; two real hosts each have their own. --dest puts
+every copy (the replica's storage, the convert and rsync targets) on another device, as the
+replica host's own disk would be. The CPU each daemon used for the initial replication is printed.
 
 Not part of CI. Needs about 3x --size of free space. Release binaries are built first.
 """
@@ -96,6 +100,11 @@ class Host:
     def cli(self, *args):
         return sh(BIN / "vmreplica", "--url", self.url, *args, timeout=7200).stdout
 
+    def cpu_seconds(self):
+        """User and system CPU time the daemon has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
@@ -162,6 +171,9 @@ def main():
     ap.add_argument("--live-churn", default="",
                     help="comma-separated MB/s rates: a guest writes random 64 KiB blocks at each rate for "
                          "three 30 s intervals while replication runs; reports whether every cycle kept up")
+    ap.add_argument("--dest", default="",
+                    help="where every copy lands (the replica's storage, the convert and rsync targets) "
+                         "instead of --dir: another device, as the replica host's own disk would be")
     ap.add_argument("--ir-only", action="store_true", help="stop after the initial replication table")
     ap.add_argument("--perf", default="",
                     help="record `perf record -a` into this file during the initial replication")
@@ -171,19 +183,24 @@ def main():
     work, image = prepare(args.dir, args.size)
     allocated = int(json.loads(sh("qemu-img", "info", "--output=json", image).stdout)["actual-size"])
 
+    # With --dest, the copies land in a directory of our own below it, removed at the end.
+    dest = Path(args.dest).resolve() / "vmreplica-bench" if args.dest else work
+    if args.dest:
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
     rows = []
-    t, cold = timed(lambda: sh("qemu-img", "convert", "-O", "qcow2", image, work / "convert.qcow2"))
+    t, cold = timed(lambda: sh("qemu-img", "convert", "-O", "qcow2", image, dest / "convert.qcow2"))
     rows.append(("qemu-img convert (local full copy)", t))
-    (work / "convert.qcow2").unlink()
+    (dest / "convert.qcow2").unlink()
     # convert's default cache mode for its output is "unsafe": it never flushes, so the copy may
     # still be in the page cache when it returns. A replica point is on disk when it is committed;
     # `-t writeback` makes convert flush its copy at the end too.
     t, _ = timed(lambda: sh("qemu-img", "convert", "-t", "writeback", "-O", "qcow2", image,
-                            work / "convert.qcow2"))
+                            dest / "convert.qcow2"))
     rows.append(("qemu-img convert -t writeback (copy flushed)", t))
-    (work / "convert.qcow2").unlink()
+    (dest / "convert.qcow2").unlink()
 
-    rsync_dir = work / "rsync-dest"
+    rsync_dir = dest / "rsync-dest"
     rsync_dir.mkdir()
     rport = free_port()
     conf = work / "rsyncd.conf"
@@ -203,7 +220,7 @@ def main():
     repl_port = free_port()
     hv1 = Host(work / "hv1", PRIMARY, ["--resolve", f"{REPLICA}=127.0.0.1"])
     hv2 = Host(work / "hv2", REPLICA, ["--replication-address", "127.0.0.1"])
-    storage = work / "replica-storage"
+    storage = dest / "replica-storage"
     storage.mkdir()
     qsd = None
     try:
@@ -223,12 +240,14 @@ def main():
             perf = subprocess.Popen(["perf", "record", "-a", "-F", "999", *extra, "-o", args.perf],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
+        cpu0 = hv1.cpu_seconds(), hv2.cpu_seconds()
         t0 = time.monotonic()
         hv1.cli("start", "bench01")
         rows.append(("vmreplica initial replication over TLS (committed)", time.monotonic() - t0))
         layer = storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
         wait(layer.exists, 3600, "the replica to apply point 1")
         rows.append(("vmreplica, until the replica applied point 1", time.monotonic() - t0))
+        cpu = hv1.cpu_seconds() - cpu0[0], hv2.cpu_seconds() - cpu0[1]
         if perf:
             perf.send_signal(2)
             perf.wait()
@@ -246,6 +265,7 @@ def main():
         for name, secs in rows:
             print(f"| {name:<52} | {secs:8.2f} | {allocated / secs / 1e6:7.0f} | {base / secs:25.2f}x "
                   f"| {flushed / secs:23.2f}x |")
+        print(f"CPU used by the initial replication: primary {cpu[0]:.2f} s, replica {cpu[1]:.2f} s")
         print(f"replica point 1 equals the image: {identical}")
         if args.ir_only:
             return
@@ -343,6 +363,8 @@ def main():
             qsd.wait()
         hv1.stop()
         hv2.stop()
+        if args.dest:
+            shutil.rmtree(dest, ignore_errors=True)
 
 
 if __name__ == "__main__":
