@@ -1559,25 +1559,63 @@ def test_an_initial_replication_waiting_for_its_stopped_recovery_server_is_cance
     latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
 
 
-def test_an_initial_replication_cut_off_by_sigkill_goes_back_to_ready_and_runs_again(lab, tmp_path):
+def cut_off_network_ir(lab, tmp_path, name):
+    """A turned-off VM's network initial replication (24 MiB of data at 2 MB/s) cut off by a SIGKILL
+    of the primary once the replica holds some of it; the primary is started again. Returns (its id,
+    its disk, the primary's connection, the replica's offset in the cut-off upload)."""
     import os
     import signal
 
-    disk = tmp_path / "cut01.raw"
+    disk = tmp_path / f"{name}.raw"
     run("truncate", "-s", "64M", disk)
     with open(disk, "r+b") as f:
         f.write(os.urandom(24 << 20))
-    vm_id, p, job_path = start_network_ir(lab, "cut01", disk, "2M")  # slow enough to be cut off
-    wait_for(lambda: vm_by_name(p, "cut01")["ReplicationState"] == 2, what="initial replication running")
-    time.sleep(2)
+    vm_id, p, job_path = start_network_ir(lab, name, disk, "2M")  # slow enough to be cut off
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    wait_for(lambda: vm_by_name(p, name)["ReplicationState"] == 2, what="initial replication running")
+    # Asked by file: a status request would stop the replica's handler of the upload at once.
+    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) >= 4 << 20],
+             timeout=20, what="4 MiB of log 1 on the replica")
     lab.primary.proc.send_signal(signal.SIGKILL)
     lab.primary.proc.wait()
+    with raw_peer(lab) as c:
+        offset = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/1").json()["offset"]
     lab.primary.start()
     p = lab.primary.conn()
-    assert vm_by_name(p, "cut01")["ReplicationState"] == 1  # back to Ready, not stuck in 2
+    assert vm_by_name(p, name)["ReplicationState"] == 1  # back to Ready, not stuck in 2
     job = p.GetInstance(job_path)
     assert job["JobState"] == 10  # Exception: the stop cut it off
     assert "back in their state before it" in lab.primary.log.read_text()
+    return vm_id, disk, p, offset
+
+
+def test_an_initial_replication_cut_off_by_sigkill_runs_again_from_where_the_replica_stands(lab, tmp_path):
+    vm_id, disk, p, offset = cut_off_network_ir(lab, tmp_path, "cut01")
     lab.primary.cli("start", "cut01")  # runs again to the end
     wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="point 1 after the rerun")
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
+    # The same log was built again and only the rest of it sent, under the same upload.
+    log = plain_log(lab.primary)
+    assert "the initial replica goes on from an earlier delivery of the same log" in log
+    resumed = [int(m) for m in re.findall(r"resuming the upload.* offset=(\d+)", log)]
+    assert resumed and resumed[0] >= offset > 0, (resumed, offset)
+
+
+def test_an_initial_replication_run_again_after_its_disk_changed_starts_over(lab, tmp_path):
+    import os
+
+    vm_id, disk, p, offset = cut_off_network_ir(lab, tmp_path, "cut02")
+    # A block the replica already holds changes while the primary is down: the same log cannot be
+    # built again, and what the replica holds must not end up in a point beside the new data.
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(64 << 10))
+    # The replica refuses the log whose bytes differ from what it holds; the next run starts over.
+    out = lab.primary.cli("start", "cut02", check=False)
+    assert out.returncode != 0, out.stdout
+    assert "whose bytes the disks no longer make" in out.stderr, out.stderr
+    assert "goes on from an earlier delivery" in plain_log(lab.primary)
+    assert vm_by_name(p, "cut02")["ReplicationState"] == 1
+    assert applied_sequence(lab, vm_id) == 0
+    lab.primary.cli("start", "cut02")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="point 1 after the second rerun")
     latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)

@@ -184,14 +184,15 @@ pub async fn hash_images(
     Ok(tmps)
 }
 
-/// Writes log `sequence` 1 of `vm`, a full image of every disk, to `path` (under a temporary name,
-/// fsynced, renamed), reporting progress from 0 to `progress_to` percent. The block-hash maps
-/// become the baseline only with [`commit_baseline`].
+/// Writes log `sequence` 1 of `vm`, a full image of every disk as of `point_time_micros`, to `path`
+/// (under a temporary name, fsynced, renamed), reporting progress from 0 to `progress_to` percent.
+/// The block-hash maps become the baseline only with [`commit_baseline`].
 #[allow(clippy::too_many_arguments)]
 pub async fn write_full_log(
     ctx: &JobContext,
     vm: &VmRow,
     path: &Path,
+    point_time_micros: i64,
     compression: bool,
     data_dir: &Path,
     progress_to: u16,
@@ -202,6 +203,7 @@ pub async fn write_full_log(
         ctx,
         vm,
         path,
+        point_time_micros,
         compression,
         data_dir,
         progress_to,
@@ -223,6 +225,7 @@ async fn write_full_log_inner(
     ctx: &JobContext,
     vm: &VmRow,
     path: &Path,
+    point_time_micros: i64,
     compression: bool,
     data_dir: &Path,
     progress_to: u16,
@@ -235,7 +238,7 @@ async fn write_full_log_inner(
         relationship: 0,
         sequence: 1,
         parent: 0,
-        point_time_micros: now() * 1_000_000,
+        point_time_micros,
         point_type: PointType::Standard,
         full_image: true,
         disks: log_disks(&disks),
@@ -362,6 +365,7 @@ pub async fn export(
         &ctx,
         &vm,
         &final_log,
+        now() * 1_000_000,
         compression,
         &data_dir,
         99,

@@ -8,9 +8,11 @@
 //! the commit's 200 makes the block-hash maps the baseline of the next delta; the relationship then
 //! goes to 3 while the replica applies the point on its own.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 use wire::protocol::{DiskSpec, PutVm, ReplicaVm, Route, VmSettings};
 
 use super::initial::{commit_baseline, disk_table, write_full_log};
@@ -125,6 +127,77 @@ pub async fn open_empty_replica(
     Ok((session, put))
 }
 
+/// The delivery of a turned-off VM's log 1, recorded before its upload starts
+/// (`tracking/<VMID>/initial-delivery.json`), so that the initial replication run again after the
+/// primary restarted (or after the job gave up on an outage) sends only what the replica does not
+/// hold yet: it builds the same log again (the same point time and compression, so the same bytes
+/// while the disks are unchanged) and uploads it under the same id, from the replica's offset
+/// (docs/protocol.md §5.3). Disks that changed meanwhile make other bytes, which the replica's
+/// check of the whole log's hash refuses; the record is then forgotten and the next run starts
+/// over. Removed once the log is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Delivery {
+    upload_id: Uuid,
+    point_time_micros: i64,
+    compression: bool,
+    disks: Vec<String>,
+}
+
+impl Delivery {
+    fn file(tracking: &Path) -> PathBuf {
+        tracking.join("initial-delivery.json")
+    }
+
+    /// The recorded delivery of this VM's log 1, if it describes the same disks and compression.
+    fn recorded(tracking: &Path, vm: &VmRow, compression: bool) -> Option<Delivery> {
+        let d: Delivery =
+            serde_json::from_slice(&std::fs::read(Self::file(tracking)).ok()?).ok()?;
+        (d.disks == vm.disks && d.compression == compression).then_some(d)
+    }
+
+    /// Records it (synced); a failure only means a later run starts over.
+    fn record(&self, tracking: &Path) {
+        let saved = std::fs::create_dir_all(tracking).and_then(|()| {
+            let tmp = tracking.join("initial-delivery.json.tmp");
+            let body = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, Self::file(tracking))
+        });
+        if let Err(e) = saved {
+            tracing::warn!(
+                "cannot record the initial replication's delivery in {}: {e}",
+                tracking.display()
+            );
+        }
+    }
+
+    fn forget(tracking: &Path) {
+        let _ = std::fs::remove_file(Self::file(tracking));
+    }
+}
+
+/// Whether the replica holds part or all of log 1 under `upload_id` (an error asking: no).
+async fn replica_holds(
+    session: &mut crate::replication::client::Session,
+    vm: Uuid,
+    upload_id: Uuid,
+) -> bool {
+    use wire::protocol::{LogStatus, TransferState};
+    match session
+        .json::<(), LogStatus>(Route::LogStatus(vm, 1), None)
+        .await
+    {
+        Ok((_, s)) => {
+            s.upload_id == Some(upload_id)
+                && (s.state == TransferState::Uploading as u16 && s.offset > 0
+                    || s.state == TransferState::Uploaded as u16)
+        }
+        Err(_) => false,
+    }
+}
+
 /// The network IR job's work; returns the relationship with its replication time set.
 pub async fn run(
     ctx: JobContext,
@@ -154,6 +227,28 @@ pub async fn run(
     let prints = running
         .is_none()
         .then(|| crate::replication::journal::fingerprints_before_read(&vm.disks));
+    // A turned-off VM's log can be built again the same after a restart of this host: its
+    // delivery is recorded, and an earlier one goes on (a running VM's frozen point is gone then).
+    let earlier = match running {
+        None => match Delivery::recorded(&tracking, &vm, compression) {
+            Some(d) if replica_holds(&mut session, vm.id, d.upload_id).await => Some(d),
+            _ => None,
+        },
+        Some(_) => None,
+    };
+    if let Some(d) = &earlier {
+        tracing::info!(vm = %vm.id, upload_id = %d.upload_id, "the initial replica goes on from an earlier delivery of the same log");
+    }
+    let resumed = earlier.is_some();
+    let delivery = earlier.unwrap_or_else(|| Delivery {
+        upload_id: Uuid::new_v4(),
+        point_time_micros: now() * 1_000_000,
+        compression,
+        disks: vm.disks.clone(),
+    });
+    if running.is_none() && !resumed {
+        delivery.record(&tracking);
+    }
     let sent = send_full(
         &ctx,
         &job,
@@ -161,7 +256,7 @@ pub async fn run(
         &rel,
         &mut session,
         &log_path,
-        compression,
+        (&delivery, resumed),
         running.as_ref(),
     )
     .await;
@@ -180,6 +275,7 @@ pub async fn run(
             return Err(f);
         }
     };
+    Delivery::forget(&tracking);
     rotation.after_commit(&vm.disks, &tracking).await;
     if prints.is_some() {
         super::offline::remember_marked(&job.data_dir, vm.id, &vm.disks, &tracking, 1).await;
@@ -209,7 +305,7 @@ async fn send_full(
     rel: &RelationshipRow,
     session: &mut crate::replication::client::Session,
     log_path: &std::path::Path,
-    compression: bool,
+    (delivery, resumed): (&Delivery, bool),
     running: Option<&RunningPoint>,
 ) -> Result<(super::initial::FullLog, String), JobFailure> {
     // The log is sent while it is written: the scan and the transfer overlap.
@@ -228,7 +324,8 @@ async fn send_full(
             ctx,
             vm,
             log_path,
-            compression,
+            delivery.point_time_micros,
+            delivery.compression,
             &job.data_dir,
             45,
             running,
@@ -248,8 +345,16 @@ async fn send_full(
             let ctx = ctx.clone();
             std::sync::Arc::new(move || ctx.is_cancelled())
         }),
+        running.is_none().then_some(delivery.upload_id),
     );
     let (built, delivered) = tokio::join!(build, send);
+    // The delivery stays recorded for a run after this host's restart, a broken connection or a
+    // cancel; an upload refused for another reason starts over next time.
+    if let Err(e) = &delivered {
+        if !e.is_network() && !ctx.is_cancelled() {
+            Delivery::forget(&super::reverse::tracking_dir(&job.data_dir, vm.id));
+        }
+    }
     let log = match built {
         Ok(log) => log,
         Err(f) => {
@@ -271,7 +376,19 @@ async fn send_full(
         Err(e) => {
             let _ = std::fs::remove_file(&log.path);
             ctx.check_cancelled()?;
-            return Err(e.into_failure("sending the initial replica"));
+            let went_on = resumed
+                && matches!(&e, crate::replication::client::PeerError::Refused(d)
+                    if d.error_code() == Some(wire::protocol::ErrorCode::ChecksumMismatch));
+            let mut f = e.into_failure("sending the initial replica");
+            if went_on {
+                f.message = format!(
+                    "{}; this run went on from an earlier delivery of the log, whose bytes the disks no longer make (they changed since)",
+                    f.message
+                );
+                f.recommended_action =
+                    "Start the initial replication again: it starts over.".into();
+            }
+            return Err(f);
         }
     };
     if done.log_hash.as_deref() != Some(hash.as_str()) {

@@ -367,6 +367,11 @@ impl Peers {
     /// records end: a spool file's if that prefix hashes equal to the replica's, an in-memory log's
     /// if the replica holds this delivery's own upload and the bytes from there are still kept.
     /// When this returns, an in-memory log's writer is released ([`GrowingLog::close`]).
+    ///
+    /// `earlier`: the upload id to use instead of a new one, which a delivery of the same bytes
+    /// may have used before this host restarted (a turned-off VM's log 1, built again the same):
+    /// the first attempt then asks first, and sends only what the replica does not hold yet
+    /// (docs/protocol.md §5.3).
     #[allow(clippy::too_many_arguments)]
     pub async fn deliver(
         &self,
@@ -379,6 +384,7 @@ impl Peers {
         progress: Progress,
         commit: CommitAs,
         patience: Patience,
+        earlier: Option<Uuid>,
     ) -> Result<Delivered, PeerError> {
         let result = self
             .deliver_inner(
@@ -389,6 +395,7 @@ impl Peers {
                 log.clone(),
                 progress,
                 (commit, patience),
+                earlier,
             )
             .await;
         log.close();
@@ -411,9 +418,11 @@ impl Peers {
             },
             patience,
         ): (CommitAs, Patience),
+        earlier: Option<Uuid>,
     ) -> Result<Delivered, PeerError> {
-        // Every attempt of this delivery uploads under one id: a replica holding it holds our bytes.
-        let ours = Uuid::new_v4();
+        // Every attempt of this delivery uploads under one id: a replica holding it holds our bytes
+        // (or, under an earlier delivery's id, the same bytes from that delivery's build).
+        let ours = earlier.unwrap_or_else(Uuid::new_v4);
         let mut broken = 0;
         let mut attempt = 0;
         let mut furthest = 0;
@@ -422,7 +431,7 @@ impl Peers {
                 let mut resume = None;
                 // The whole log reached the replica but its answer was lost: commit it.
                 let mut uploaded = None;
-                if attempt > 0 {
+                if attempt > 0 || earlier.is_some() {
                     let asked = match session
                         .json::<(), LogStatus>(Route::LogStatus(vm, sequence), None)
                         .await
@@ -450,11 +459,19 @@ impl Peers {
                         if s.state == TransferState::Uploaded as u16
                             && (!log.is_memory() || s.upload_id == Some(ours))
                         {
-                            // All of it arrived, so the writer is done or about to be.
+                            // All of it arrived, so the writer is done or about to be (an earlier
+                            // delivery's: this build writes it without sending any of it).
+                            if earlier.is_some() {
+                                log.skip_to(u64::MAX);
+                            }
                             let (log_hash, _) = ended(&log).await?;
                             if s.log_hash.as_deref() == Some(log_hash.as_str()) {
                                 tracing::info!(%vm, sequence, "the log had arrived whole; committing it");
                                 uploaded = Some(s.clone());
+                            } else if earlier.is_some() {
+                                return Err(PeerError::Local(format!(
+                                    "the replica holds log {sequence} whole from an earlier delivery, whose bytes differ from this build's: the disks changed since; it must be sent again from its start"
+                                )));
                             }
                         }
                         let (log_hash, _) = if s.state >= TransferState::Committed as u16 {
@@ -480,6 +497,8 @@ impl Peers {
                     }
                 }
                 let from = resume.map_or(0, |(_, k)| k);
+                // What the replica holds is not sent again (this build may not have written it yet).
+                log.skip_to(from);
                 if uploaded.is_none() && from < log.kept_from() {
                     return Err(PeerError::Local(format!(
                         "the replica holds {from} bytes of log {sequence}, and this host no longer holds its bytes before {}: the log must be sent again from its start",

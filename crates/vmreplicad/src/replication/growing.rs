@@ -60,6 +60,21 @@ struct Kept {
     closed_first: bool,
 }
 
+impl Kept {
+    /// Drops what lies more than [`KEEP`] behind the furthest byte sent.
+    fn trim(&mut self) {
+        let floor = self.sent.saturating_sub(KEEP);
+        while let Some(first) = self.chunks.front() {
+            let len = first.len() as u64;
+            if self.base + len > floor {
+                break;
+            }
+            self.base += len;
+            self.chunks.pop_front();
+        }
+    }
+}
+
 /// What [`GrowingLog::take`] found at an offset.
 pub(super) enum Taken {
     Bytes(Bytes),
@@ -135,6 +150,8 @@ impl GrowingLog {
                 ));
             }
             kept.chunks.push_back(Bytes::copy_from_slice(buf));
+            // Bytes before a resume's offset ([`GrowingLog::skip_to`]) are never sent.
+            kept.trim();
         }
         self.written.fetch_add(buf.len() as u64, Ordering::AcqRel);
         self.changed.notify_waiters();
@@ -198,18 +215,23 @@ impl GrowingLog {
             return Taken::NotYet;
         };
         kept.sent = kept.sent.max(from + piece.len() as u64);
-        let floor = kept.sent.saturating_sub(KEEP);
-        while let Some(first) = kept.chunks.front() {
-            let len = first.len() as u64;
-            if kept.base + len > floor {
-                break;
-            }
-            kept.base += len;
-            kept.chunks.pop_front();
-        }
+        kept.trim();
         drop(kept);
         m.room.notify_waiters();
         Taken::Bytes(piece)
+    }
+
+    /// The upload of an in-memory log starts at `offset`, the replica holding the bytes before it
+    /// from an earlier build of the same log (an initial replication run again after the primary
+    /// restarted): the writer is not held back before it, and those bytes are dropped as written.
+    pub(super) fn skip_to(&self, offset: u64) {
+        if let Some(m) = &self.memory {
+            let mut kept = lock(&m.kept);
+            kept.sent = kept.sent.max(offset);
+            kept.trim();
+            drop(kept);
+            m.room.notify_waiters();
+        }
     }
 
     /// Waits while an in-memory log's writer is more than [`AHEAD`] bytes ahead of the upload;
@@ -355,6 +377,35 @@ mod tests {
         assert!(matches!(log.take(0, 10), Taken::Gone(k) if k == sent - KEEP));
         assert_eq!(bytes_of(log.take(sent - KEEP, 10)).len(), 10);
         assert!(matches!(log.take(written, 10), Taken::NotYet));
+    }
+
+    #[tokio::test]
+    async fn a_log_resumed_at_an_offset_is_written_up_to_it_without_waiting_or_keeping_it() {
+        let log = Arc::new(GrowingLog::in_memory());
+        let mut out = LogOut::Memory(log.clone());
+        let skip = KEEP + 3 * AHEAD;
+        log.skip_to(skip);
+        let piece = vec![5u8; 1 << 20];
+        for _ in 0..(skip + AHEAD) >> 20 {
+            assert!(
+                tokio::time::timeout(Duration::from_secs(1), log.wait_for_room())
+                    .await
+                    .expect("the writer is not held back before the offset"),
+            );
+            out.write_all(&piece).unwrap();
+        }
+        // Up to AHEAD past the offset, then it waits for the upload again.
+        out.write_all(&piece).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), log.wait_for_room())
+                .await
+                .is_err(),
+            "more than AHEAD past the offset holds the writer"
+        );
+        // Only KEEP before the offset is still held, and the upload takes from the offset.
+        assert_eq!(log.kept_from(), skip - KEEP);
+        assert!(matches!(log.take(0, 10), Taken::Gone(k) if k == skip - KEEP));
+        assert_eq!(bytes_of(log.take(skip, 1 << 20)).len(), 1 << 20);
     }
 
     #[tokio::test]

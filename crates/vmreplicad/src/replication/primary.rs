@@ -864,6 +864,7 @@ impl PrimarySide {
                 resync: false,
             },
             super::client::Patience::quick(),
+            None,
         );
         let send = async {
             let Some(stop) = stop else {
