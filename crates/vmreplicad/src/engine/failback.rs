@@ -1212,7 +1212,7 @@ async fn send(
             Arc::new(|_, _| {}),
             crate::replication::client::CommitAs::default(),
             crate::replication::client::Patience::quick(),
-            None,
+            (None, false),
         );
         let (built, delivered) = tokio::join!(build, send);
         let _ = std::fs::remove_file(&spool);

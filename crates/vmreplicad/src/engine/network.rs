@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use disk::fingerprint::Fingerprint;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use wire::protocol::{DiskSpec, PutVm, ReplicaVm, Route, VmSettings};
@@ -132,15 +133,22 @@ pub async fn open_empty_replica(
 /// primary restarted (or after the job gave up on an outage) sends only what the replica does not
 /// hold yet: it builds the same log again (the same point time and compression, so the same bytes
 /// while the disks are unchanged) and uploads it under the same id, from the replica's offset
-/// (docs/protocol.md §5.3). Disks that changed meanwhile make other bytes, which the replica's
-/// check of the whole log's hash refuses; the record is then forgotten and the next run starts
-/// over. Removed once the log is committed.
+/// (docs/protocol.md §5.3). Disk files whose fingerprints changed since (a VM started and stopped
+/// meanwhile, a tool that wrote them) make a run start over at once; a change the fingerprints
+/// miss makes other bytes, which the replica's check of the whole log's hash refuses, and the
+/// record is then forgotten. Removed once the log is committed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Delivery {
     upload_id: Uuid,
     point_time_micros: i64,
     compression: bool,
     disks: Vec<String>,
+    /// The disk files' fingerprints once this run's bitmaps were rotated, before they were read:
+    /// what a later run compares before its own rotation changes them (empty: never compared
+    /// equal).
+    prints: Vec<Fingerprint>,
+    /// The version of vmreplicad that built the log: another may build other bytes.
+    built_by: String,
 }
 
 impl Delivery {
@@ -148,11 +156,25 @@ impl Delivery {
         tracking.join("initial-delivery.json")
     }
 
-    /// The recorded delivery of this VM's log 1, if it describes the same disks and compression.
-    fn recorded(tracking: &Path, vm: &VmRow, compression: bool) -> Option<Delivery> {
-        let d: Delivery =
-            serde_json::from_slice(&std::fs::read(Self::file(tracking)).ok()?).ok()?;
-        (d.disks == vm.disks && d.compression == compression).then_some(d)
+    /// The recorded delivery of this VM's log 1, if any.
+    fn recorded(tracking: &Path) -> Option<Delivery> {
+        serde_json::from_slice(&std::fs::read(Self::file(tracking)).ok()?).ok()
+    }
+
+    /// Why this delivery's log cannot be built again the same for `vm` now, if it cannot.
+    fn changed(&self, vm: &VmRow, compression: bool) -> Option<&'static str> {
+        if self.disks != vm.disks {
+            return Some("the VM's disks are other files");
+        }
+        if self.compression != compression {
+            return Some("its compression setting changed");
+        }
+        if self.built_by != env!("CARGO_PKG_VERSION") {
+            return Some("another version of vmreplicad built it");
+        }
+        let now: Option<Vec<Fingerprint>> = fingerprints(&vm.disks);
+        (now.as_ref() != Some(&self.prints) || self.prints.is_empty())
+            .then_some("a disk file changed since")
     }
 
     /// Records it (synced); a failure only means a later run starts over.
@@ -163,7 +185,8 @@ impl Delivery {
             let mut f = std::fs::File::create(&tmp)?;
             std::io::Write::write_all(&mut f, &body)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, Self::file(tracking))
+            std::fs::rename(&tmp, Self::file(tracking))?;
+            std::fs::File::open(tracking)?.sync_all()
         });
         if let Err(e) = saved {
             tracing::warn!(
@@ -173,9 +196,25 @@ impl Delivery {
         }
     }
 
+    /// A kept record's fingerprints taken again, once this host itself changed the files.
+    fn refresh(tracking: &Path, disks: &[String]) {
+        if let Some(mut d) = Self::recorded(tracking) {
+            d.prints = fingerprints(disks).unwrap_or_default();
+            d.record(tracking);
+        }
+    }
+
     fn forget(tracking: &Path) {
         let _ = std::fs::remove_file(Self::file(tracking));
     }
+}
+
+/// The fingerprints of every file of `disks` (None if one cannot be read).
+fn fingerprints(disks: &[String]) -> Option<Vec<Fingerprint>> {
+    disks
+        .iter()
+        .map(|d| Fingerprint::of(Path::new(d)).ok())
+        .collect()
 }
 
 /// Whether the replica holds part or all of log 1 under `upload_id` (an error asking: no).
@@ -216,9 +255,25 @@ pub async fn run(
         .join(format!("{:020}.vrlog", 1));
     let compression = session.zstd(rel.settings.compression_enabled);
     let running = freeze_if_running(&vm, &job.data_dir).await?;
+    let offline = running.is_none();
     // A turned-off VM's qcow2 disks record what is written to them from before they are read
     // (engine::offline), for a failback.
     let tracking = super::reverse::tracking_dir(&job.data_dir, vm.id);
+    // A turned-off VM's log can be built again the same after a restart of this host: its
+    // delivery is recorded, and an earlier one goes on when the replica holds some of it and the
+    // files are as that one left them (checked before this run's rotation changes them). A running
+    // VM's frozen point is gone with the process that froze it.
+    let earlier = match (&running, Delivery::recorded(&tracking)) {
+        (None, Some(d)) => match d.changed(&vm, compression) {
+            None if replica_holds(&mut session, vm.id, d.upload_id).await => Some(d),
+            None => None,
+            Some(why) => {
+                tracing::info!(vm = %vm.id, "the initial replica starts over, not from its earlier delivery: {why}");
+                None
+            }
+        },
+        _ => None,
+    };
     let rotation = match running {
         None => super::offline::Rotation::before_read(&vm.disks, &tracking, true).await,
         Some(_) => super::offline::Rotation::none(),
@@ -227,29 +282,24 @@ pub async fn run(
     let prints = running
         .is_none()
         .then(|| crate::replication::journal::fingerprints_before_read(&vm.disks));
-    // A turned-off VM's log can be built again the same after a restart of this host: its
-    // delivery is recorded, and an earlier one goes on (a running VM's frozen point is gone then).
-    let earlier = match running {
-        None => match Delivery::recorded(&tracking, &vm, compression) {
-            Some(d) if replica_holds(&mut session, vm.id, d.upload_id).await => Some(d),
-            _ => None,
-        },
-        Some(_) => None,
-    };
     if let Some(d) = &earlier {
         tracing::info!(vm = %vm.id, upload_id = %d.upload_id, "the initial replica goes on from an earlier delivery of the same log");
     }
     let resumed = earlier.is_some();
-    let delivery = earlier.unwrap_or_else(|| Delivery {
+    let mut delivery = earlier.unwrap_or_else(|| Delivery {
         upload_id: Uuid::new_v4(),
         point_time_micros: now() * 1_000_000,
         compression,
         disks: vm.disks.clone(),
+        prints: Vec::new(),
+        built_by: env!("CARGO_PKG_VERSION").to_string(),
     });
-    if running.is_none() && !resumed {
+    if running.is_none() {
+        // As the rotation left the files, for the next run to compare.
+        delivery.prints = fingerprints(&vm.disks).unwrap_or_default();
         delivery.record(&tracking);
     }
-    let sent = send_full(
+    let mut sent = send_full(
         &ctx,
         &job,
         &vm,
@@ -260,6 +310,28 @@ pub async fn run(
         running.as_ref(),
     )
     .await;
+    if let Err((f, true)) = &sent {
+        tracing::warn!(vm = %vm.id, "the initial replica starts over: the replica refused the log built again for its earlier delivery, whose bytes the disks no longer make ({})", f.message);
+        delivery = Delivery {
+            upload_id: Uuid::new_v4(),
+            point_time_micros: now() * 1_000_000,
+            prints: fingerprints(&vm.disks).unwrap_or_default(),
+            ..delivery
+        };
+        delivery.record(&tracking);
+        sent = send_full(
+            &ctx,
+            &job,
+            &vm,
+            &rel,
+            &mut session,
+            &log_path,
+            (&delivery, false),
+            running.as_ref(),
+        )
+        .await;
+    }
+    let sent = sent.map_err(|(f, _)| f);
     if let Some(r) = running {
         if let Err(e) = r.finish(sent.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
@@ -272,6 +344,10 @@ pub async fn run(
         Ok(c) => c,
         Err(f) => {
             rotation.abandon(&vm.disks).await;
+            if offline {
+                // The rotation's undoing changed the files: a kept record must describe them now.
+                Delivery::refresh(&tracking, &vm.disks);
+            }
             return Err(f);
         }
     };
@@ -307,7 +383,7 @@ async fn send_full(
     log_path: &std::path::Path,
     (delivery, resumed): (&Delivery, bool),
     running: Option<&RunningPoint>,
-) -> Result<(super::initial::FullLog, String), JobFailure> {
+) -> Result<(super::initial::FullLog, String), (JobFailure, bool)> {
     // The log is sent while it is written: the scan and the transfer overlap.
     let growing = std::sync::Arc::new(crate::replication::client::GrowingLog::in_memory());
     let progress_ctx = ctx.clone();
@@ -345,14 +421,17 @@ async fn send_full(
             let ctx = ctx.clone();
             std::sync::Arc::new(move || ctx.is_cancelled())
         }),
-        running.is_none().then_some(delivery.upload_id),
+        (running.is_none().then_some(delivery.upload_id), resumed),
     );
     let (built, delivered) = tokio::join!(build, send);
     // The delivery stays recorded for a run after this host's restart, a broken connection or a
-    // cancel; an upload refused for another reason starts over next time.
+    // cancel; an upload refused for another reason starts over. A log built again for an earlier
+    // delivery and refused (the disks no longer make its bytes) starts over at once (`true`).
+    let mut start_over = false;
     if let Err(e) = &delivered {
         if !e.is_network() && !ctx.is_cancelled() {
             Delivery::forget(&super::reverse::tracking_dir(&job.data_dir, vm.id));
+            start_over = resumed;
         }
     }
     let log = match built {
@@ -362,11 +441,11 @@ async fn send_full(
             // A build stopped because the upload gave up: the upload's error says why.
             return match delivered {
                 // A cancel that ended the wait for the recovery server says so.
-                Err(_) if ctx.is_cancelled() => Err(JobFailure::cancelled()),
+                Err(_) if ctx.is_cancelled() => Err((JobFailure::cancelled(), false)),
                 Err(e) if growing.closed_first() => {
-                    Err(e.into_failure("sending the initial replica"))
+                    Err((e.into_failure("sending the initial replica"), start_over))
                 }
-                _ => Err(f),
+                _ => Err((f, false)),
             };
         }
     };
@@ -375,26 +454,17 @@ async fn send_full(
         Ok(d) => d.status,
         Err(e) => {
             let _ = std::fs::remove_file(&log.path);
-            ctx.check_cancelled()?;
-            let went_on = resumed
-                && matches!(&e, crate::replication::client::PeerError::Refused(d)
-                    if d.error_code() == Some(wire::protocol::ErrorCode::ChecksumMismatch));
-            let mut f = e.into_failure("sending the initial replica");
-            if went_on {
-                f.message = format!(
-                    "{}; this run went on from an earlier delivery of the log, whose bytes the disks no longer make (they changed since)",
-                    f.message
-                );
-                f.recommended_action =
-                    "Start the initial replication again: it starts over.".into();
-            }
-            return Err(f);
+            ctx.check_cancelled().map_err(|f| (f, false))?;
+            return Err((e.into_failure("sending the initial replica"), start_over));
         }
     };
     if done.log_hash.as_deref() != Some(hash.as_str()) {
-        return Err(fail(
-            "the recovery server committed log 1 with another hash",
-            "Resynchronize the VM.",
+        return Err((
+            fail(
+                "the recovery server committed log 1 with another hash",
+                "Resynchronize the VM.",
+            ),
+            false,
         ));
     }
     Ok((log, hash))

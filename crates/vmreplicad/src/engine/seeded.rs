@@ -912,7 +912,7 @@ pub(super) async fn send_compared<W: std::io::Write>(
             let ctx = ctx.clone();
             Arc::new(move || ctx.is_cancelled())
         }),
-        None,
+        (None, false),
     );
     // A cancel (or RRSC 9/7) stops the upload at once; the replica keeps its point.
     let delivered = tokio::select! {

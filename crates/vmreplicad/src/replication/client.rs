@@ -368,9 +368,10 @@ impl Peers {
     /// if the replica holds this delivery's own upload and the bytes from there are still kept.
     /// When this returns, an in-memory log's writer is released ([`GrowingLog::close`]).
     ///
-    /// `earlier`: the upload id to use instead of a new one, which a delivery of the same bytes
-    /// may have used before this host restarted (a turned-off VM's log 1, built again the same):
-    /// the first attempt then asks first, and sends only what the replica does not hold yet
+    /// `upload_id`: the id to upload under instead of a new one (a turned-off VM's log 1 records
+    /// it before its upload starts). With `ask_first`, a delivery of the same bytes may have used
+    /// it before this host restarted (that log 1, built again the same): the replica is asked
+    /// first, what it holds is built without being sent, and the upload resumes there
     /// (docs/protocol.md §5.3).
     #[allow(clippy::too_many_arguments)]
     pub async fn deliver(
@@ -384,7 +385,7 @@ impl Peers {
         progress: Progress,
         commit: CommitAs,
         patience: Patience,
-        earlier: Option<Uuid>,
+        (upload_id, ask_first): (Option<Uuid>, bool),
     ) -> Result<Delivered, PeerError> {
         let result = self
             .deliver_inner(
@@ -395,7 +396,7 @@ impl Peers {
                 log.clone(),
                 progress,
                 (commit, patience),
-                earlier,
+                (upload_id, ask_first),
             )
             .await;
         log.close();
@@ -418,11 +419,31 @@ impl Peers {
             },
             patience,
         ): (CommitAs, Patience),
-        earlier: Option<Uuid>,
+        (upload_id, ask_first): (Option<Uuid>, bool),
     ) -> Result<Delivered, PeerError> {
         // Every attempt of this delivery uploads under one id: a replica holding it holds our bytes
-        // (or, under an earlier delivery's id, the same bytes from that delivery's build).
-        let ours = earlier.unwrap_or_else(Uuid::new_v4);
+        // (or, asked first, the same bytes from an earlier delivery's build).
+        let ours = upload_id.unwrap_or_else(Uuid::new_v4);
+        let earlier = ask_first.then_some(ours);
+        if ask_first {
+            // What the replica holds of the earlier delivery is built again without being sent
+            // before the upload resumes there: an upload waiting that long for its next byte
+            // would meet the replica's idle limit. Asked again below.
+            if let Ok((_, s)) = session
+                .json::<(), LogStatus>(Route::LogStatus(vm, sequence), None)
+                .await
+            {
+                if s.state == TransferState::Uploading as u16 && s.upload_id == Some(ours) {
+                    log.skip_to(s.offset);
+                    while log.written() < s.offset && log.end().is_none() {
+                        if patience.gave_up() {
+                            return Err(PeerError::Local("the delivery was cancelled".into()));
+                        }
+                        log.wait().await;
+                    }
+                }
+            }
+        }
         let mut broken = 0;
         let mut attempt = 0;
         let mut furthest = 0;

@@ -864,7 +864,7 @@ impl PrimarySide {
                 resync: false,
             },
             super::client::Patience::quick(),
-            None,
+            (None, false),
         );
         let send = async {
             let Some(stop) = stop else {
