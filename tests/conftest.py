@@ -145,8 +145,9 @@ class Daemon:
     def conn(self):
         return pywbem.WBEMConnection(self.url, default_namespace=NAMESPACE, timeout=30)
 
-    def cli(self, *args, check=True):
-        res = subprocess.run([str(CLI), "--url", self.url, *args], capture_output=True, text=True, timeout=60)
+    def cli(self, *args, check=True, timeout=60):
+        res = subprocess.run([str(CLI), "--url", self.url, *args], capture_output=True, text=True,
+                             timeout=timeout)
         if check and res.returncode != 0:
             raise AssertionError(f"vmreplica {args} failed ({res.returncode}): {res.stderr}")
         return res

@@ -135,8 +135,8 @@ pub async fn open_empty_replica(
 /// while the disks are unchanged) and uploads it under the same id, from the replica's offset
 /// (docs/protocol.md §5.3). Disk files whose fingerprints changed since (a VM started and stopped
 /// meanwhile, a tool that wrote them) make a run start over at once; a change the fingerprints
-/// miss makes other bytes, which the replica's check of the whole log's hash refuses, and the
-/// record is then forgotten. Removed once the log is committed.
+/// miss makes other bytes, which the replica's check of the whole log's hash refuses, and the job
+/// then starts over under a new upload. Removed once the log is committed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Delivery {
     upload_id: Uuid,
@@ -311,7 +311,7 @@ pub async fn run(
     )
     .await;
     if let Err((f, true)) = &sent {
-        tracing::warn!(vm = %vm.id, "the initial replica starts over: the replica refused the log built again for its earlier delivery, whose bytes the disks no longer make ({})", f.message);
+        tracing::warn!(vm = %vm.id, "the initial replica starts over under a new upload: the log built again for its earlier delivery was refused ({})", f.message);
         delivery = Delivery {
             upload_id: Uuid::new_v4(),
             point_time_micros: now() * 1_000_000,
@@ -343,10 +343,16 @@ pub async fn run(
     let (log, hash) = match committed {
         Ok(c) => c,
         Err(f) => {
+            // A kept record must describe the files as the rotation's undoing leaves them, unless
+            // something else changed them meanwhile: then the next run starts over.
+            let unchanged = offline
+                && Delivery::recorded(&tracking)
+                    .is_some_and(|d| fingerprints(&vm.disks).as_ref() == Some(&d.prints));
             rotation.abandon(&vm.disks).await;
-            if offline {
-                // The rotation's undoing changed the files: a kept record must describe them now.
+            if unchanged {
                 Delivery::refresh(&tracking, &vm.disks);
+            } else {
+                Delivery::forget(&tracking);
             }
             return Err(f);
         }

@@ -425,25 +425,6 @@ impl Peers {
         // (or, asked first, the same bytes from an earlier delivery's build).
         let ours = upload_id.unwrap_or_else(Uuid::new_v4);
         let earlier = ask_first.then_some(ours);
-        if ask_first {
-            // What the replica holds of the earlier delivery is built again without being sent
-            // before the upload resumes there: an upload waiting that long for its next byte
-            // would meet the replica's idle limit. Asked again below.
-            if let Ok((_, s)) = session
-                .json::<(), LogStatus>(Route::LogStatus(vm, sequence), None)
-                .await
-            {
-                if s.state == TransferState::Uploading as u16 && s.upload_id == Some(ours) {
-                    log.skip_to(s.offset);
-                    while log.written() < s.offset && log.end().is_none() {
-                        if patience.gave_up() {
-                            return Err(PeerError::Local("the delivery was cancelled".into()));
-                        }
-                        log.wait().await;
-                    }
-                }
-            }
-        }
         let mut broken = 0;
         let mut attempt = 0;
         let mut furthest = 0;
@@ -518,8 +499,16 @@ impl Peers {
                     }
                 }
                 let from = resume.map_or(0, |(_, k)| k);
-                // What the replica holds is not sent again (this build may not have written it yet).
+                // What the replica holds is not sent again. An earlier delivery's build has yet to
+                // write it: the upload starts once it has, since waiting that long for its next
+                // byte would meet the replica's idle limit.
                 log.skip_to(from);
+                while log.written() < from && log.end().is_none() {
+                    if patience.gave_up() {
+                        return Err(PeerError::Local("the delivery was cancelled".into()));
+                    }
+                    log.wait().await;
+                }
                 if uploaded.is_none() && from < log.kept_from() {
                     return Err(PeerError::Local(format!(
                         "the replica holds {from} bytes of log {sequence}, and this host no longer holds its bytes before {}: the log must be sent again from its start",
