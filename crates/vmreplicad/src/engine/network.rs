@@ -285,7 +285,7 @@ pub async fn run(
     if let Some(d) = &earlier {
         tracing::info!(vm = %vm.id, upload_id = %d.upload_id, "the initial replica goes on from an earlier delivery of the same log");
     }
-    let resumed = earlier.is_some();
+    let mut resumed = earlier.is_some();
     let mut delivery = earlier.unwrap_or_else(|| Delivery {
         upload_id: Uuid::new_v4(),
         point_time_micros: now() * 1_000_000,
@@ -294,44 +294,32 @@ pub async fn run(
         prints: Vec::new(),
         built_by: env!("CARGO_PKG_VERSION").to_string(),
     });
-    if running.is_none() {
-        // As the rotation left the files, for the next run to compare.
-        delivery.prints = fingerprints(&vm.disks).unwrap_or_default();
-        delivery.record(&tracking);
-    }
-    let mut sent = send_full(
-        &ctx,
-        &job,
-        &vm,
-        &rel,
-        &mut session,
-        &log_path,
-        (&delivery, resumed),
-        running.as_ref(),
-    )
-    .await;
-    if let Err((f, true)) = &sent {
-        tracing::warn!(vm = %vm.id, "the initial replica starts over under a new upload: the log built again for its earlier delivery was refused ({})", f.message);
-        delivery = Delivery {
-            upload_id: Uuid::new_v4(),
-            point_time_micros: now() * 1_000_000,
-            prints: fingerprints(&vm.disks).unwrap_or_default(),
-            ..delivery
-        };
-        delivery.record(&tracking);
-        sent = send_full(
+    let sent = loop {
+        if running.is_none() {
+            // As the rotation left the files, for the next run to compare.
+            delivery.prints = fingerprints(&vm.disks).unwrap_or_default();
+            delivery.record(&tracking);
+        }
+        let sent = send_full(
             &ctx,
             &job,
             &vm,
             &rel,
             &mut session,
             &log_path,
-            (&delivery, false),
+            (&delivery, resumed),
             running.as_ref(),
         )
         .await;
-    }
-    let sent = sent.map_err(|(f, _)| f);
+        // Only a resumed delivery starts over, so this runs at most twice.
+        let Err((f, true)) = &sent else {
+            break sent.map_err(|(f, _)| f);
+        };
+        tracing::warn!(vm = %vm.id, "the initial replica starts over under a new upload: the log built again for its earlier delivery was refused ({})", f.message);
+        delivery.upload_id = Uuid::new_v4();
+        delivery.point_time_micros = now() * 1_000_000;
+        resumed = false;
+    };
     if let Some(r) = running {
         if let Err(e) = r.finish(sent.is_ok()).await {
             tracing::warn!(vm = %vm.id, "ending the frozen point: {}", e.message());
