@@ -196,14 +196,6 @@ impl Delivery {
         }
     }
 
-    /// A kept record's fingerprints taken again, once this host itself changed the files.
-    fn refresh(tracking: &Path, disks: &[String]) {
-        if let Some(mut d) = Self::recorded(tracking) {
-            d.prints = fingerprints(disks).unwrap_or_default();
-            d.record(tracking);
-        }
-    }
-
     fn forget(tracking: &Path) {
         let _ = std::fs::remove_file(Self::file(tracking));
     }
@@ -295,7 +287,7 @@ pub async fn run(
         built_by: env!("CARGO_PKG_VERSION").to_string(),
     });
     let sent = loop {
-        if running.is_none() {
+        if offline {
             // As the rotation left the files, for the next run to compare.
             delivery.prints = fingerprints(&vm.disks).unwrap_or_default();
             delivery.record(&tracking);
@@ -333,14 +325,15 @@ pub async fn run(
         Err(f) => {
             // A kept record must describe the files as the rotation's undoing leaves them, unless
             // something else changed them meanwhile: then the next run starts over.
-            let unchanged = offline
-                && Delivery::recorded(&tracking)
-                    .is_some_and(|d| fingerprints(&vm.disks).as_ref() == Some(&d.prints));
+            let kept = Delivery::recorded(&tracking)
+                .filter(|d| offline && fingerprints(&vm.disks).as_ref() == Some(&d.prints));
             rotation.abandon(&vm.disks).await;
-            if unchanged {
-                Delivery::refresh(&tracking, &vm.disks);
-            } else {
-                Delivery::forget(&tracking);
+            match kept {
+                Some(mut d) => {
+                    d.prints = fingerprints(&vm.disks).unwrap_or_default();
+                    d.record(&tracking);
+                }
+                None => Delivery::forget(&tracking),
             }
             return Err(f);
         }
