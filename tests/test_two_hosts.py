@@ -1277,13 +1277,15 @@ def start_network_ir(lab, name, disk, cap=None, port=None):
 
 def staged_checkpoint_offset(path):
     """The log offset a staged upload's checkpoint file continues from (disk::points::StageCheckpoint:
-    magic, the reader's part's length, then the reader's magic and offset); 0 if it is gone."""
+    magic, the reader's part's length, then the reader's magic, format version and offset); 0 if it
+    is gone."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:  # the upload ended meanwhile
         return 0
-    assert data[:8] == b"VRSTAGE2" and data[16:24] == b"VRLOGCP1", data[:24]
-    return int.from_bytes(data[24:32], "little")
+    assert data[:8] == b"VRSTAGE2" and data[16:24] == b"VRLOGCP2", data[:24]
+    assert data[24:26] == (2).to_bytes(2, "little"), data[24:26]
+    return int.from_bytes(data[26:34], "little")
 
 
 def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_once(lab, tmp_path):

@@ -65,12 +65,12 @@ fn wrong_magic_and_version_are_named() {
     log[1] = b'X';
     assert!(matches!(rejects(&log), LogDecodeError::BadMagic));
     let mut log = small_log(Compression::Off);
-    log[8] = 2;
+    log[8] = 3;
     assert!(matches!(
         rejects(&log),
         LogDecodeError::UnsupportedVersion {
-            found: 2,
-            supported: 1
+            found: 3,
+            supported: 2
         }
     ));
 }

@@ -51,17 +51,24 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> HashMapError + '_ {
 
 /// The hash of one block's bytes (ZERO for a block of zeros).
 pub fn block_hash(data: &[u8]) -> [u8; HASH_LEN] {
+    block_digest(data).0
+}
+
+/// The hash of one block's bytes as the map keeps it (ZERO for a block of zeros), and the full
+/// BLAKE3 it was cut from (all zeros for a block of zeros, never hashed), which a replication log
+/// takes as the block's digest instead of hashing it again.
+pub fn block_digest(data: &[u8]) -> ([u8; HASH_LEN], [u8; 32]) {
     if data.iter().all(|&b| b == 0) {
-        return ZERO;
+        return (ZERO, [0; 32]);
     }
-    let full = blake3::hash(data);
+    let full = *blake3::hash(data).as_bytes();
     let mut out = [0u8; HASH_LEN];
-    out.copy_from_slice(&full.as_bytes()[..HASH_LEN]);
+    out.copy_from_slice(&full[..HASH_LEN]);
     // A real block must never read as "zeros": nudge the (2^-128 likely) collision away.
     if out == ZERO {
         out[0] = 1;
     }
-    out
+    (out, full)
 }
 
 pub fn check_block_size(block_size: u32) -> Result<(), HashMapError> {

@@ -106,9 +106,16 @@ struct Coalescer<'a, W: Write> {
 }
 
 impl<W: Write> Coalescer<'_, W> {
-    fn data(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogEncodeError> {
+    /// `hashes`: the BLAKE3 of each block of `bytes` when the blocks are the log's digest pieces
+    /// (`wire::limits::DIGEST_PIECE`), so the log does not hash them again; else empty.
+    fn data(
+        &mut self,
+        offset: u64,
+        bytes: &[u8],
+        hashes: &[[u8; 32]],
+    ) -> Result<(), LogEncodeError> {
         self.flush_zero()?;
-        self.log.write_data(self.disk, offset, bytes)
+        self.log.write_data_hashed(self.disk, offset, bytes, hashes)
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<(), LogEncodeError> {
@@ -224,6 +231,8 @@ pub async fn scan_disk_ranges<W: Write>(
         ..ScanStats::default()
     };
     let bs = u64::from(block_size);
+    // The full hashes of the span's blocks, for the log's digest, when its pieces are the blocks.
+    let mut span_hashes: Option<Vec<[u8; 32]>> = (bs == wire::limits::DIGEST_PIECE).then(Vec::new);
     let mut reads = Reads::new(source, READ_RUN.max(bs));
     let mut planner = Planner {
         wanted: Candidates {
@@ -256,25 +265,35 @@ pub async fn scan_disk_ranges<W: Write>(
                     let mut span: Option<(usize, usize)> = None;
                     let mut at = 0usize;
                     for block in buf.chunks(block_size as usize) {
-                        let hash = block_hash(block);
+                        let (hash, full) = hashmap::block_digest(block);
                         let len = block.len();
                         match compare(&mut old, &mut map, &mut stats, len as u64, true, hash)? {
-                            Change::Data => match &mut span {
-                                Some((_, to)) if *to == at => *to += len,
-                                _ => {
-                                    flush_span(&mut out, run_start, buf, span.take())?;
-                                    span = Some((at, at + len));
+                            Change::Data => {
+                                match &mut span {
+                                    Some((_, to)) if *to == at => *to += len,
+                                    _ => {
+                                        let s = span.take();
+                                        flush_span(&mut out, run_start, buf, s, &mut span_hashes)?;
+                                        span = Some((at, at + len));
+                                    }
                                 }
-                            },
+                                if let Some(h) = &mut span_hashes {
+                                    h.push(full);
+                                }
+                            }
                             Change::Zero => {
-                                flush_span(&mut out, run_start, buf, span.take())?;
+                                let s = span.take();
+                                flush_span(&mut out, run_start, buf, s, &mut span_hashes)?;
                                 out.zero(run_start + at as u64, len as u64)?;
                             }
-                            Change::Same => flush_span(&mut out, run_start, buf, span.take())?,
+                            Change::Same => {
+                                let s = span.take();
+                                flush_span(&mut out, run_start, buf, s, &mut span_hashes)?;
+                            }
                         }
                         at += len;
                     }
-                    flush_span(&mut out, run_start, buf, span)?;
+                    flush_span(&mut out, run_start, buf, span, &mut span_hashes)?;
                     reads.done();
                 }
             }
@@ -530,11 +549,17 @@ fn flush_span<W: Write>(
     run_start: u64,
     buf: &[u8],
     span: Option<(usize, usize)>,
+    hashes: &mut Option<Vec<[u8; 32]>>,
 ) -> Result<(), LogEncodeError> {
-    match span {
-        Some((from, to)) => out.data(run_start + from as u64, &buf[from..to]),
+    let given = hashes.as_deref().unwrap_or(&[]);
+    let written = match span {
+        Some((from, to)) => out.data(run_start + from as u64, &buf[from..to], given),
         None => Ok(()),
+    };
+    if let Some(h) = hashes {
+        h.clear();
     }
+    written
 }
 
 /// Records a block's new hash (`len` bytes; `read`: its bytes were read, not known to be zeros)

@@ -713,6 +713,14 @@ impl Peers {
                 answer.protocol_version
             )));
         }
+        // This build writes one log format, the newest; a recovery server reads every older one
+        // too, so a replica is upgraded before its primaries (docs/protocol.md §3).
+        if answer.log_format_version != wire::limits::FORMAT_VERSION {
+            return Err(PeerError::Protocol(format!(
+                "the recovery server chose log format version {}",
+                answer.log_format_version
+            )));
+        }
         session.hello = answer;
         Ok(session)
     }
@@ -721,7 +729,7 @@ impl Peers {
 fn placeholder_hello() -> HelloResponse {
     HelloResponse {
         protocol_version: 1,
-        log_format_version: 1,
+        log_format_version: wire::limits::FORMAT_VERSION,
         capabilities: Vec::new(),
         product: String::new(),
         host: String::new(),

@@ -1135,7 +1135,7 @@ impl ReplicaSide {
     pub fn unsupported_version(&self, message: &str) -> ApiError {
         let mut d = ErrorDetail::new(ErrorCode::UnsupportedVersion, message);
         d.versions = Some(PROTOCOL_VERSIONS.to_vec());
-        d.log_format_versions = Some(vec![wire::limits::FORMAT_VERSION]);
+        d.log_format_versions = Some(wire::limits::FORMAT_VERSIONS.to_vec());
         ApiError(Box::new(d))
     }
 
@@ -1242,10 +1242,11 @@ impl ReplicaSide {
     }
 
     fn hello(&self, entry: &AuthorizationEntry, name: String, h: Hello) -> ApiResult {
-        let formats = [wire::limits::FORMAT_VERSION];
+        // Every log format this build reads: a primary of an older build writes an older one.
+        let formats = wire::limits::FORMAT_VERSIONS;
         let (Some(pv), Some(lv)) = (
             highest_common(PROTOCOL_VERSIONS, &h.protocol_versions),
-            highest_common(&formats, &h.log_format_versions),
+            highest_common(formats, &h.log_format_versions),
         ) else {
             return Err(self.unsupported_version(&format!(
                 "no common version: this recovery server speaks protocol {PROTOCOL_VERSIONS:?} and log format {formats:?}, the primary offered {:?} and {:?}",

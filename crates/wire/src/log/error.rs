@@ -17,7 +17,9 @@ pub enum LogDecodeError {
     Truncated { offset: u64 },
     #[error("not a replication log: the magic bytes do not match")]
     BadMagic,
-    #[error("log format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "log format version {found} is not supported (this build reads versions 1 to {supported})"
+    )]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("unknown record kind {kind} at byte {offset}")]
     UnknownRecord { kind: u8, offset: u64 },
@@ -80,4 +82,6 @@ pub enum LogEncodeError {
     Compress(#[source] io::Error),
     #[error("the log writer already failed; start a new log")]
     WriterFailed,
+    #[error("log format version {0} cannot be written (this build writes versions 1 to 2)")]
+    UnsupportedVersion(u16),
 }

@@ -221,6 +221,43 @@ impl LoadedFrame {
         &self.body
     }
 
+    /// The loaded frame's body before its data: the fixed fields and the extent table.
+    pub(crate) fn table(&self) -> &[u8] {
+        self.layout
+            .as_ref()
+            .map_or(&[], |l| &self.body[..l.table.end])
+    }
+
+    /// Feeds `feed` the loaded frame's data digest (format version 2): the BLAKE3 hash of every
+    /// piece ([`super::record::digest_pieces`]) of every Data extent, in table order.
+    pub(crate) fn digest(&self, feed: &mut dyn FnMut(&[u8])) {
+        let Some(layout) = self.layout.as_ref() else {
+            return;
+        };
+        let data = match layout.encoding {
+            Encoding::Stored => &self.body[layout.data.clone()],
+            Encoding::Zstd => &self.raw[..],
+        };
+        let mut pos = 0usize;
+        for bytes in self.body[layout.table.clone()].chunks_exact(EXTENT_ENTRY_LEN) {
+            // `load` decoded and checked every entry, and that the lengths add up.
+            let Ok(entry) = Entry::decode(bytes) else {
+                return;
+            };
+            if entry.kind != EntryKind::Data {
+                continue;
+            }
+            let end = pos.saturating_add(usize::try_from(entry.len).unwrap_or(usize::MAX));
+            let Some(extent) = data.get(pos..end) else {
+                return;
+            };
+            super::record::digest_pieces(entry.offset, extent, |_, piece| {
+                feed(blake3::hash(piece).as_bytes());
+            });
+            pos = end;
+        }
+    }
+
     /// Whether the loaded frame has extents left to hand out.
     pub(crate) fn has_next(&self) -> bool {
         self.layout

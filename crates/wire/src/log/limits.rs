@@ -5,8 +5,17 @@
 /// The first 8 bytes of every log. Do not modify: it identifies the format across all versions.
 pub const MAGIC: [u8; 8] = *b"\x89VMRLOG\n";
 
-/// The format version this crate writes and the only one it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this crate writes unless told otherwise: the highest it reads.
+pub const FORMAT_VERSION: u16 = 2;
+
+/// Every format version this crate reads and writes, oldest first. Version 2 differs from version 1
+/// only in what the trailer's hash covers (docs/formats/replication-log.md, "Trailer record").
+pub const FORMAT_VERSIONS: &[u16] = &[1, 2];
+
+/// Version 2's data digest hashes the data of every Data extent in pieces that end where the disk
+/// offset is a multiple of this: one BLAKE3 per 64 KiB block, the block hashes the primary's scan
+/// computes anyway.
+pub const DIGEST_PIECE: u64 = 64 * 1024;
 
 /// Bytes of the preamble: magic and version.
 pub const PREAMBLE_LEN: usize = 10;

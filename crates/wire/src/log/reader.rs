@@ -59,18 +59,22 @@ impl Expect {
     }
 }
 
-/// A reader's place in a stream between two records ([`LogReader::checkpoint`]): the offset, the
-/// header, the counts so far and the state of the stream's hash. Its bytes
-/// ([`ReaderCheckpoint::to_bytes`]) carry their own checksum.
+/// A reader's place in a stream between two records ([`LogReader::checkpoint`]): the format
+/// version, the offset, the header, the counts so far and the state of the stream's hash. Its
+/// bytes ([`ReaderCheckpoint::to_bytes`]) carry their own checksum.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReaderCheckpoint {
+    version: u16,
     offset: u64,
     counts: LogCounts,
     header: Vec<u8>,
     hash: Vec<u8>,
 }
 
-const CHECKPOINT_MAGIC: &[u8; 8] = b"VRLOGCP1";
+/// The checkpoint of a version-1 stream, saved before format version 2 existed: no version field.
+const CHECKPOINT_MAGIC_V1: &[u8; 8] = b"VRLOGCP1";
+/// Any version's checkpoint, its version after the magic.
+const CHECKPOINT_MAGIC: &[u8; 8] = b"VRLOGCP2";
 
 impl ReaderCheckpoint {
     /// The stream's offset: the next byte the reader needs.
@@ -80,6 +84,7 @@ impl ReaderCheckpoint {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = CHECKPOINT_MAGIC.to_vec();
+        out.put_u16(self.version);
         out.put_u64(self.offset);
         self.counts.encode(&mut out);
         out.put_u32(self.header.len() as u32);
@@ -99,7 +104,12 @@ impl ReaderCheckpoint {
             return None;
         }
         let mut c = Cursor::new(body);
-        if c.take(CHECKPOINT_MAGIC.len())? != CHECKPOINT_MAGIC {
+        let version = match c.take(CHECKPOINT_MAGIC.len())? {
+            magic if magic == CHECKPOINT_MAGIC_V1 => 1,
+            magic if magic == CHECKPOINT_MAGIC => c.u16()?,
+            _ => return None,
+        };
+        if !super::limits::FORMAT_VERSIONS.contains(&version) {
             return None;
         }
         let offset = c.u64()?;
@@ -112,6 +122,7 @@ impl ReaderCheckpoint {
             return None;
         }
         Some(ReaderCheckpoint {
+            version,
             offset,
             counts,
             header,
@@ -184,11 +195,13 @@ impl<R: Read> LogReader<R> {
     ) -> Result<Self, LogDecodeError> {
         let header = LogHeader::decode(&checkpoint.header)?;
         expect.check(&header)?;
+        // Version 1 hashes every byte before the offset; version 2 a frame's digest instead of
+        // its data, so its hashed length says nothing about the offset.
         let hasher = super::resumable::ResumableHasher::from_bytes(&checkpoint.hash)
-            .filter(|h| h.len() == checkpoint.offset)
+            .filter(|h| checkpoint.version >= 2 || h.len() == checkpoint.offset)
             .ok_or(LogDecodeError::ReaderFailed)?;
         Ok(LogReader {
-            src: Source::resume(input, checkpoint.offset, hasher),
+            src: Source::resume(input, checkpoint.offset, hasher, checkpoint.version),
             header,
             frame: LoadedFrame::new(),
             counts: checkpoint.counts,
@@ -207,6 +220,7 @@ impl<R: Read> LogReader<R> {
         let mut header = Vec::new();
         self.header.encode(&mut header);
         Some(ReaderCheckpoint {
+            version: self.src.version(),
             offset: self.src.offset(),
             counts: self.counts,
             header,
@@ -282,9 +296,14 @@ impl<R: Read> LogReader<R> {
     fn advance(&mut self) -> Result<(), LogDecodeError> {
         let at = self.src.next(self.frame.buffer())?;
         match at.kind {
-            RecordKind::Frame => self
-                .frame
-                .load(at.offset, &self.header.disks, &mut self.counts),
+            RecordKind::Frame => {
+                self.frame
+                    .load(at.offset, &self.header.disks, &mut self.counts)?;
+                let frame = &self.frame;
+                self.src
+                    .hash_frame(frame.table(), |feed| frame.digest(feed));
+                Ok(())
+            }
             RecordKind::Trailer => {
                 let read = Trailer {
                     counts: self.counts,

@@ -1,6 +1,8 @@
 //! Record framing: the preamble, then records of `kind u8 | length u32 | body | checksum u64`.
 //! Reading is two-phase: the head first, its length checked against the kind's limit, and only
-//! then the body. Both ends keep the running BLAKE3 hash of every byte before the trailer.
+//! then the body. Both ends keep the running BLAKE3 hash of the stream before the trailer: of every
+//! byte in format version 1; in version 2, of every byte but a frame's data, whose place the frame's
+//! data digest takes ([`digest_pieces`]).
 
 use std::io::{self, Read, Write};
 
@@ -10,8 +12,8 @@ use twox_hash::XxHash3_64;
 
 use super::error::{LogDecodeError, LogEncodeError};
 use super::limits::{
-    FORMAT_VERSION, MAGIC, MAX_FRAME_BODY, MAX_HEADER_BODY, PREAMBLE_LEN, RECORD_CHECKSUM_LEN,
-    RECORD_HEAD_LEN, TRAILER_BODY_LEN,
+    DIGEST_PIECE, FORMAT_VERSION, FORMAT_VERSIONS, MAGIC, MAX_FRAME_BODY, MAX_HEADER_BODY,
+    PREAMBLE_LEN, RECORD_CHECKSUM_LEN, RECORD_HEAD_LEN, TRAILER_BODY_LEN,
 };
 use super::resumable::ResumableHasher;
 
@@ -58,10 +60,24 @@ fn checksum_parts(head: &[u8], body: &[u8], tail: &[u8]) -> [u8; RECORD_CHECKSUM
 }
 
 /// Clears `buf` and reserves room for a record head; append the body after it, then hand it to
-/// [`Sink::finish`] (or the body's start to [`Sink::finish_with`] with the rest beside it).
+/// [`Sink::finish`] (or, a frame's table, to [`Sink::finish_frame`] with its data beside it).
 pub(crate) fn begin(buf: &mut Vec<u8>) {
     buf.clear();
     buf.extend_from_slice(&[0; RECORD_HEAD_LEN]);
+}
+
+/// Calls `piece` with every piece of the data of an extent at disk `offset` whose bytes are `data`:
+/// split where the disk offset is a multiple of [`DIGEST_PIECE`]. A version-2 data digest is the
+/// BLAKE3 hash of each piece of each Data extent, in table order.
+pub(crate) fn digest_pieces(offset: u64, data: &[u8], mut piece: impl FnMut(u64, &[u8])) {
+    let (mut at, mut rest) = (offset, data);
+    while !rest.is_empty() {
+        let room = DIGEST_PIECE - at % DIGEST_PIECE;
+        let n = usize::try_from(room).map_or(rest.len(), |r| r.min(rest.len()));
+        let (this, tail) = rest.split_at(n);
+        piece(at, this);
+        (at, rest) = (at + n as u64, tail);
+    }
 }
 
 /// The writing end: counts and hashes what it writes.
@@ -69,18 +85,23 @@ pub(crate) struct Sink<W> {
     out: W,
     hasher: blake3::Hasher,
     bytes: u64,
+    version: u16,
 }
 
 impl<W: Write> Sink<W> {
-    /// Writes the preamble.
-    pub(crate) fn new(out: W) -> Result<Self, LogEncodeError> {
+    /// Writes the preamble of format `version` (one of [`FORMAT_VERSIONS`]).
+    pub(crate) fn new(out: W, version: u16) -> Result<Self, LogEncodeError> {
+        if !FORMAT_VERSIONS.contains(&version) {
+            return Err(LogEncodeError::UnsupportedVersion(version));
+        }
         let mut sink = Sink {
             out,
             hasher: blake3::Hasher::new(),
             bytes: 0,
+            version,
         };
         let mut preamble = MAGIC.to_vec();
-        preamble.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        preamble.extend_from_slice(&version.to_le_bytes());
         sink.put(&preamble)?;
         Ok(sink)
     }
@@ -102,22 +123,28 @@ impl<W: Write> Sink<W> {
         let sum = checksum(&buf[..RECORD_HEAD_LEN], &buf[RECORD_HEAD_LEN..]);
         buf.extend_from_slice(&sum);
         if kind == RecordKind::Trailer {
-            self.out.write_all(buf).map_err(LogEncodeError::Io)?;
-            self.bytes += buf.len() as u64;
-            Ok(())
+            self.write_unhashed(buf)
         } else {
             self.put(buf)
         }
     }
 
-    /// Like [`Sink::finish`], for a record whose body is the rest of `buf` followed by `tail`
-    /// (a frame's data, written from where it is instead of copied behind its table first).
-    pub(crate) fn finish_with(
+    /// The format version being written.
+    pub(crate) fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Like [`Sink::finish`], for a frame whose body is the rest of `buf` (its fixed fields and
+    /// table) followed by `tail` (its data, written from where it is instead of copied behind the
+    /// table first). In format version 2 the stream's hash takes `digest` (the frame's data
+    /// digest) where the data stands.
+    pub(crate) fn finish_frame(
         &mut self,
-        kind: RecordKind,
         buf: &mut [u8],
         tail: &[u8],
+        digest: &[u8],
     ) -> Result<(), LogEncodeError> {
+        let kind = RecordKind::Frame;
         let body_len = buf.len() - RECORD_HEAD_LEN + tail.len();
         debug_assert!(
             body_len <= kind.limit() && kind != RecordKind::Trailer,
@@ -127,8 +154,19 @@ impl<W: Write> Sink<W> {
         buf[1..RECORD_HEAD_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
         let sum = checksum_parts(&buf[..RECORD_HEAD_LEN], &buf[RECORD_HEAD_LEN..], tail);
         self.put(buf)?;
-        self.put(tail)?;
+        if self.version >= 2 {
+            self.write_unhashed(tail)?;
+            self.hasher.update(digest);
+        } else {
+            self.put(tail)?;
+        }
         self.put(&sum)
+    }
+
+    fn write_unhashed(&mut self, bytes: &[u8]) -> Result<(), LogEncodeError> {
+        self.out.write_all(bytes).map_err(LogEncodeError::Io)?;
+        self.bytes += bytes.len() as u64;
+        Ok(())
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<(), LogEncodeError> {
@@ -189,6 +227,11 @@ pub(crate) struct Source<R> {
     offset: u64,
     /// The stream's hash, verified when the log arrived: not computed again.
     known: Option<[u8; 32]>,
+    /// The format version its preamble names.
+    version: u16,
+    /// In version 2, the head and checksum of the frame just read, hashed with its digest by
+    /// [`Source::hash_frame`] once the frame is loaded.
+    deferred: Option<([u8; RECORD_HEAD_LEN], [u8; RECORD_CHECKSUM_LEN])>,
 }
 
 /// Where a record started and what kind it is; its body is in the caller's buffer.
@@ -211,6 +254,8 @@ impl<R: Read> Source<R> {
             hasher,
             offset: 0,
             known: None,
+            version: 0,
+            deferred: None,
         };
         let mut preamble = [0; PREAMBLE_LEN];
         src.fill(&mut preamble, 0)?;
@@ -218,12 +263,13 @@ impl<R: Read> Source<R> {
             return Err(LogDecodeError::BadMagic);
         }
         let found = u16::from_le_bytes([preamble[8], preamble[9]]);
-        if found != FORMAT_VERSION {
+        if !FORMAT_VERSIONS.contains(&found) {
             return Err(LogDecodeError::UnsupportedVersion {
                 found,
                 supported: FORMAT_VERSION,
             });
         }
+        src.version = found;
         src.hasher.update(&preamble);
         src.offset = PREAMBLE_LEN as u64;
         Ok(src)
@@ -254,7 +300,10 @@ impl<R: Read> Source<R> {
         if sum != checksum(&head, body) {
             return Err(LogDecodeError::ChecksumMismatch { offset });
         }
-        if kind != RecordKind::Trailer && self.known.is_none() {
+        self.deferred = None;
+        if kind == RecordKind::Frame && self.version >= 2 {
+            self.deferred = Some((head, sum));
+        } else if kind != RecordKind::Trailer && self.known.is_none() {
             self.hasher.update(&head);
             self.hasher.update(body);
             self.hasher.update(&sum);
@@ -283,6 +332,27 @@ impl<R: Read> Source<R> {
         self.offset
     }
 
+    /// The format version of the stream.
+    pub(crate) fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Hashes the version-2 frame [`Source::next`] just read, once it is loaded: its head, `table`
+    /// (its body before the data), the data digest that `digest` feeds, and its checksum. Does
+    /// nothing in version 1 (the frame was hashed as read) or when the hash is known.
+    pub(crate) fn hash_frame(&mut self, table: &[u8], digest: impl FnOnce(&mut dyn FnMut(&[u8]))) {
+        let Some((head, sum)) = self.deferred.take() else {
+            return;
+        };
+        if self.known.is_some() {
+            return;
+        }
+        self.hasher.update(&head);
+        self.hasher.update(table);
+        digest(&mut |bytes| self.hasher.update(bytes));
+        self.hasher.update(&sum);
+    }
+
     /// Stops hashing: `hash` is the stream's hash, verified when the log arrived.
     pub(crate) fn trust(&mut self, hash: [u8; 32]) {
         self.known = Some(hash);
@@ -302,14 +372,16 @@ impl<R: Read> Source<R> {
         }
     }
 
-    /// A source that continues a stream at `offset` (a record boundary), its bytes before it
-    /// hashed into `hasher`.
-    pub(crate) fn resume(input: R, offset: u64, hasher: ResumableHasher) -> Self {
+    /// A source that continues a stream of format `version` at `offset` (a record boundary), its
+    /// bytes before it hashed into `hasher`.
+    pub(crate) fn resume(input: R, offset: u64, hasher: ResumableHasher, version: u16) -> Self {
         Source {
             input,
             hasher: StreamHash::Resumable(hasher),
             offset,
             known: None,
+            version,
+            deferred: None,
         }
     }
 

@@ -8,8 +8,8 @@ use super::error::LogEncodeError;
 use super::extent::check_range;
 use super::frame::{self, Encoding, Entry, EntryKind};
 use super::header::LogHeader;
-use super::limits::{MAX_FRAME_EXTENTS, MAX_FRAME_RAW};
-use super::record::{self, RecordKind, Sink};
+use super::limits::{DIGEST_PIECE, FORMAT_VERSION, MAX_FRAME_EXTENTS, MAX_FRAME_RAW};
+use super::record::{self, digest_pieces, RecordKind, Sink};
 use super::summary::{LogCounts, LogSummary, Trailer};
 
 /// How the writer stores frame data.
@@ -41,6 +41,8 @@ pub struct LogWriter<W: Write> {
     failed: bool,
     /// Frames left to store without trying to compress (see [`LogWriter::compress`]).
     skip_compression: u32,
+    /// The pending frame's data digest (format version 2): the hash of each piece of its data.
+    digest: Vec<u8>,
 }
 
 /// After a frame that zstd could not shrink, this many frames are stored without trying: data that
@@ -49,11 +51,23 @@ pub struct LogWriter<W: Write> {
 const INCOMPRESSIBLE_SKIP: u32 = 8;
 
 impl<W: Write> LogWriter<W> {
-    /// Validates the header and writes the preamble and the header record.
+    /// Validates the header and writes the preamble and the header record, in the newest format
+    /// version ([`FORMAT_VERSION`]).
     pub fn new(
         out: W,
         header: LogHeader,
         compression: Compression,
+    ) -> Result<Self, LogEncodeError> {
+        Self::with_version(out, header, compression, FORMAT_VERSION)
+    }
+
+    /// [`LogWriter::new`] in format `version` (one of [`super::limits::FORMAT_VERSIONS`]): the
+    /// one the protocol handshake agreed on.
+    pub fn with_version(
+        out: W,
+        header: LogHeader,
+        compression: Compression,
+        version: u16,
     ) -> Result<Self, LogEncodeError> {
         header.validate()?;
         let compressor = match compression {
@@ -63,7 +77,7 @@ impl<W: Write> LogWriter<W> {
             }
         };
         let mut writer = LogWriter {
-            sink: Sink::new(out)?,
+            sink: Sink::new(out, version)?,
             header,
             compressor,
             entries: Vec::new(),
@@ -73,6 +87,7 @@ impl<W: Write> LogWriter<W> {
             counts: LogCounts::default(),
             failed: false,
             skip_compression: 0,
+            digest: Vec::new(),
         };
         record::begin(&mut writer.record);
         writer.header.encode(&mut writer.record);
@@ -93,7 +108,23 @@ impl<W: Write> LogWriter<W> {
         offset: u64,
         data: &[u8],
     ) -> Result<(), LogEncodeError> {
+        self.write_data_hashed(disk, offset, data, &[])
+    }
+
+    /// [`LogWriter::write_data`] given `hashes`: the BLAKE3 hash of each piece of `data`, split
+    /// where the disk offset is a multiple of [`DIGEST_PIECE`], in order (a scan's block hashes).
+    /// In format version 2 such a piece is not hashed again for the stream's hash. Hashes that are
+    /// not one per piece are not used; a wrong one makes the log's hash wrong, so the replica
+    /// refuses the log (`HashMismatch`): it cannot make a wrong log pass.
+    pub fn write_data_hashed(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        data: &[u8],
+        hashes: &[[u8; 32]],
+    ) -> Result<(), LogEncodeError> {
         self.usable()?;
+        let given = Given::new(offset, data.len() as u64, hashes);
         check_range(&self.header.disks, disk, offset, data.len() as u64)?;
         let (mut at, mut rest) = (offset, data);
         while !rest.is_empty() {
@@ -112,6 +143,7 @@ impl<W: Write> LogWriter<W> {
                     offset: at,
                     len: MAX_FRAME_RAW as u64,
                 });
+                self.add_digest(&given, at, piece);
                 self.emit_frame(piece)?;
                 (at, rest) = (at + MAX_FRAME_RAW as u64, tail);
                 continue;
@@ -124,6 +156,7 @@ impl<W: Write> LogWriter<W> {
                 offset: at,
                 len,
             });
+            self.add_digest(&given, at, piece);
             self.raw.extend_from_slice(piece);
             (at, rest) = (at + len, tail);
         }
@@ -206,10 +239,9 @@ impl<W: Write> LogWriter<W> {
             raw.len(),
             data.len(),
         );
-        if let Err(e) = self
-            .sink
-            .finish_with(RecordKind::Frame, &mut self.record, data)
-        {
+        let written = self.sink.finish_frame(&mut self.record, data, &self.digest);
+        self.digest.clear();
+        if let Err(e) = written {
             self.failed = true;
             return Err(e);
         }
@@ -219,6 +251,21 @@ impl<W: Write> LogWriter<W> {
         }
         self.entries.clear();
         Ok(())
+    }
+
+    /// Appends the digest of an entry's `data` at disk offset `at` (format version 2), taking the
+    /// hashes `given` has for whole pieces of the caller's extent and hashing the others.
+    fn add_digest(&mut self, given: &Given<'_>, at: u64, data: &[u8]) {
+        if self.sink.version() < 2 {
+            return;
+        }
+        let digest = &mut self.digest;
+        digest_pieces(at, data, |start, piece| {
+            match given.hash(start, piece.len()) {
+                Some(hash) => digest.extend_from_slice(hash),
+                None => digest.extend_from_slice(blake3::hash(piece).as_bytes()),
+            }
+        });
     }
 
     /// Compresses the raw data into `packed`; true when that made it smaller. Any zstd failure,
@@ -245,5 +292,47 @@ impl<W: Write> LogWriter<W> {
             self.skip_compression = INCOMPRESSIBLE_SKIP;
         }
         shrank
+    }
+}
+
+/// The piece hashes a caller of [`LogWriter::write_data_hashed`] gave for its extent
+/// `[offset, end)`: usable only if there is one per piece.
+struct Given<'a> {
+    offset: u64,
+    end: u64,
+    hashes: &'a [[u8; 32]],
+}
+
+impl<'a> Given<'a> {
+    fn new(offset: u64, len: u64, hashes: &'a [[u8; 32]]) -> Self {
+        let end = offset.saturating_add(len);
+        let pieces = if len == 0 {
+            0
+        } else {
+            (end - 1) / DIGEST_PIECE - offset / DIGEST_PIECE + 1
+        };
+        let hashes = if hashes.len() as u64 == pieces {
+            hashes
+        } else {
+            &[]
+        };
+        Given {
+            offset,
+            end,
+            hashes,
+        }
+    }
+
+    /// The given hash of the piece `[start, start + len)`, if it is one of the extent's pieces
+    /// whole (an entry split across frames cuts a piece in two, each hashed on its own).
+    fn hash(&self, start: u64, len: usize) -> Option<&'a [u8; 32]> {
+        let end = start + len as u64;
+        let starts = start == self.offset || start.is_multiple_of(DIGEST_PIECE);
+        let ends = end == self.end || end.is_multiple_of(DIGEST_PIECE);
+        if !(starts && ends) {
+            return None;
+        }
+        let index = start / DIGEST_PIECE - self.offset / DIGEST_PIECE;
+        self.hashes.get(usize::try_from(index).ok()?)
     }
 }
