@@ -211,7 +211,7 @@ fn a_resumed_reader_verifies_either_version() {
 }
 
 #[test]
-fn a_version_1_checkpoint_saved_before_version_2_still_resumes() {
+fn a_version_1_streams_checkpoint_keeps_the_older_layout_and_resumes() {
     let log = write(1, &extents(), false, Compression::Off);
     let mut r = LogReader::open_resumable(&log[..], &expect()).expect("open");
     let cp = loop {
@@ -220,15 +220,16 @@ fn a_version_1_checkpoint_saved_before_version_2_still_resumes() {
             break cp;
         }
     };
-    // The old layout: magic VRLOGCP1, no version field, the rest as now.
-    let now = cp.to_bytes();
-    assert_eq!(&now[..8], b"VRLOGCP2");
-    assert_eq!(now[8..10], [1, 0]);
-    let mut old = b"VRLOGCP1".to_vec();
-    old.extend_from_slice(&now[10..now.len() - 8]);
-    let sum = xxhash_rust::xxh3::xxh3_64(&old);
-    old.extend_from_slice(&sum.to_le_bytes());
+    // A version-1 stream's checkpoint keeps the layout of the builds before version 2 (which
+    // read it): magic VRLOGCP1, no version field. A version-2 one names its version.
+    let old = cp.to_bytes();
+    assert_eq!(&old[..8], b"VRLOGCP1");
+    let v2 = write(2, &extents(), false, Compression::Off);
+    let r2 = LogReader::open_resumable(&v2[..], &expect()).expect("open");
+    let cp2 = r2.checkpoint().expect("after the header").to_bytes();
+    assert_eq!((&cp2[..8], &cp2[8..10]), (&b"VRLOGCP2"[..], &[2u8, 0][..]));
     let cp = ReaderCheckpoint::from_bytes(&old).expect("a version-1 checkpoint");
+    assert_eq!(cp.version(), 1);
     let mut rest = LogReader::resume(&log[cp.offset() as usize..], &cp, &expect()).expect("resume");
     while rest.next_extent().expect("valid").is_some() {}
     assert_eq!(

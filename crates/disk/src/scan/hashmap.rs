@@ -55,11 +55,11 @@ pub fn block_hash(data: &[u8]) -> [u8; HASH_LEN] {
 }
 
 /// The hash of one block's bytes as the map keeps it (ZERO for a block of zeros), and the full
-/// BLAKE3 it was cut from (all zeros for a block of zeros, never hashed), which a replication log
-/// takes as the block's digest instead of hashing it again.
-pub fn block_digest(data: &[u8]) -> ([u8; HASH_LEN], [u8; 32]) {
+/// BLAKE3 it was cut from (none for a block of zeros, which is not hashed), which a replication
+/// log takes as the block's digest instead of hashing it again.
+pub fn block_digest(data: &[u8]) -> ([u8; HASH_LEN], Option<[u8; 32]>) {
     if data.iter().all(|&b| b == 0) {
-        return (ZERO, [0; 32]);
+        return (ZERO, None);
     }
     let full = *blake3::hash(data).as_bytes();
     let mut out = [0u8; HASH_LEN];
@@ -68,7 +68,7 @@ pub fn block_digest(data: &[u8]) -> ([u8; HASH_LEN], [u8; 32]) {
     if out == ZERO {
         out[0] = 1;
     }
-    (out, full)
+    (out, Some(full))
 }
 
 pub fn check_block_size(block_size: u32) -> Result<(), HashMapError> {

@@ -277,7 +277,9 @@ pub async fn scan_disk_ranges<W: Write>(
                                         span = Some((at, at + len));
                                     }
                                 }
-                                if let Some(h) = &mut span_hashes {
+                                // A Data block is never zeros, so it has its full hash (were it
+                                // missing, the count would not fit and the log would hash them).
+                                if let (Some(h), Some(full)) = (&mut span_hashes, full) {
                                     h.push(full);
                                 }
                             }

@@ -147,8 +147,19 @@ struct Delivery {
     /// what a later run compares before its own rotation changes them (empty: never compared
     /// equal).
     prints: Vec<Fingerprint>,
-    /// The version of vmreplicad that built the log: another may build other bytes.
+    /// The version of vmreplicad that built the log, and its log format ([`builder`]): another
+    /// may build other bytes.
     built_by: String,
+}
+
+/// Who builds a log, for [`Delivery::built_by`]: the product version and the log format version
+/// (a log of one format resumed in another would be refused only at its trailer).
+fn builder() -> String {
+    format!(
+        "{} log format {}",
+        env!("CARGO_PKG_VERSION"),
+        wire::limits::FORMAT_VERSION
+    )
 }
 
 impl Delivery {
@@ -169,7 +180,7 @@ impl Delivery {
         if self.compression != compression {
             return Some("its compression setting changed");
         }
-        if self.built_by != env!("CARGO_PKG_VERSION") {
+        if self.built_by != builder() {
             return Some("another version of vmreplicad built it");
         }
         let now: Option<Vec<Fingerprint>> = fingerprints(&vm.disks);
@@ -284,7 +295,7 @@ pub async fn run(
         compression,
         disks: vm.disks.clone(),
         prints: Vec::new(),
-        built_by: env!("CARGO_PKG_VERSION").to_string(),
+        built_by: builder(),
     });
     let sent = loop {
         if offline {

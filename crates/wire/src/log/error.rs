@@ -82,6 +82,6 @@ pub enum LogEncodeError {
     Compress(#[source] io::Error),
     #[error("the log writer already failed; start a new log")]
     WriterFailed,
-    #[error("log format version {0} cannot be written (this build writes versions 1 to 2)")]
+    #[error("log format version {0} cannot be written (this build writes versions 1 to {max})", max = super::limits::FORMAT_VERSION)]
     UnsupportedVersion(u16),
 }

@@ -71,9 +71,10 @@ pub struct ReaderCheckpoint {
     hash: Vec<u8>,
 }
 
-/// The checkpoint of a version-1 stream, saved before format version 2 existed: no version field.
+/// The checkpoint of a version-1 stream: no version field (the layout builds before format
+/// version 2 write and read).
 const CHECKPOINT_MAGIC_V1: &[u8; 8] = b"VRLOGCP1";
-/// Any version's checkpoint, its version after the magic.
+/// The checkpoint of a later version's stream, its version after the magic.
 const CHECKPOINT_MAGIC: &[u8; 8] = b"VRLOGCP2";
 
 impl ReaderCheckpoint {
@@ -82,9 +83,20 @@ impl ReaderCheckpoint {
         self.offset
     }
 
+    /// The format version of the stream.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = CHECKPOINT_MAGIC.to_vec();
-        out.put_u16(self.version);
+        // A version-1 stream's checkpoint keeps the layout an older build reads.
+        let mut out = if self.version == 1 {
+            CHECKPOINT_MAGIC_V1.to_vec()
+        } else {
+            let mut out = CHECKPOINT_MAGIC.to_vec();
+            out.put_u16(self.version);
+            out
+        };
         out.put_u64(self.offset);
         self.counts.encode(&mut out);
         out.put_u32(self.header.len() as u32);

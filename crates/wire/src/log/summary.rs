@@ -78,7 +78,8 @@ pub struct LogSummary {
     pub counts: LogCounts,
     /// The length of the whole log in bytes, trailer included.
     pub bytes: u64,
-    /// The BLAKE3 hash of every byte before the trailer record.
+    /// The trailer's BLAKE3 hash: of the log before the trailer record (format version 2: each
+    /// frame's data digest in place of its data).
     pub hash: [u8; 32],
 }
 
