@@ -1658,3 +1658,45 @@ def test_a_disk_change_the_fingerprints_miss_makes_the_replica_refuse_the_resume
     assert "starts over under a new upload: the log built again for its earlier delivery was refused" in log
     assert "ChecksumMismatch" in log, log[-3000:]
     wait_for(lambda: not record.exists(), what="the record removed with the commit")
+
+
+def test_a_recovery_server_of_an_older_build_gets_its_log_format(lab, tmp_path):
+    """A recovery server that reads only log format 1 (as a build before format 2: `--log-formats
+    1`) answers 1 in the hello; the primary writes its initial replica and its cycles in format 1,
+    and every point is the disk. Everywhere else the lab runs format 2 (staged_checkpoint_offset)."""
+    import os
+
+    lab.replica.stop()
+    lab.replica.extra_args += ["--log-formats", "1"]
+    lab.replica.start()
+    wait_port(lab.port)
+    disk = tmp_path / "old01.raw"
+    run("truncate", "-s", "64M", disk)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(24 << 20))
+    vm_id, p, job = start_network_ir(lab, "old01", disk, "4M")
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    # The replica's place in the arriving log names the stream's format: 1 (VRLOGCP1, no version).
+    magic = []
+
+    def checkpointed():
+        for c in incoming.glob("*.checkpoint"):
+            try:
+                magic.append(c.read_bytes()[16:24])
+                return True
+            except FileNotFoundError:
+                pass
+        return False
+
+    wait_for(checkpointed, timeout=30, what="a checkpoint of log 1 on the replica")
+    assert magic[0] == b"VRLOGCP1", magic
+    assert wait_job(p, job)["JobState"] == 7
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
+    # A cycle of the turned-off VM after a write: format 1 again, and the point is the disk.
+    with open(disk, "r+b") as f:
+        f.seek(40 << 20)
+        f.write(os.urandom(1 << 20))
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, timeout=60, what="a delta cycle")
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=2)
+    log = plain_log(lab.primary)
+    assert "the recovery server reads an older log format" in log and "log_format=1" in log

@@ -87,6 +87,23 @@ struct Args {
     /// time; what it stores holds over these flags until `vmreplica host reset`.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     max_parallel_transfers: u16,
+    /// The replication log format versions this recovery server agrees to in the handshake,
+    /// comma-separated (default: every one this build reads, 1 and 2). For labs: `1` stands in for
+    /// a recovery server of an older build.
+    #[arg(long = "log-formats", value_name = "VERSIONS", value_delimiter = ',', value_parser = parse_log_format, hide = true)]
+    log_formats: Vec<u16>,
+}
+
+fn parse_log_format(text: &str) -> Result<u16, String> {
+    text.parse::<u16>()
+        .ok()
+        .filter(|v| wire::limits::FORMAT_VERSIONS.contains(v))
+        .ok_or_else(|| {
+            format!(
+                "{text} is not a log format version this build reads ({:?})",
+                wire::limits::FORMAT_VERSIONS
+            )
+        })
 }
 
 fn parse_window(text: &str) -> Result<String, String> {
@@ -260,6 +277,11 @@ async fn main() -> anyhow::Result<()> {
         args.data_dir.clone(),
         apply_wake,
         claims.clone(),
+        if args.log_formats.is_empty() {
+            wire::limits::FORMAT_VERSIONS.to_vec()
+        } else {
+            args.log_formats.clone()
+        },
     ));
     let _ = replica
         .failback

@@ -42,7 +42,7 @@ use vmreplica_core::state::{ReplicationMode, ReplicationState};
 use wire::protocol::{
     BeginCompare, CompareSession, ErrorCode, FailbackBase, FailbackStatus, Route, StartFailback,
 };
-use wire::{Compression, LogHeader, LogWriter, PointType};
+use wire::{LogHeader, PointType};
 
 use super::initial::{disk_table, log_disks, scan_image_ranges, LogOut};
 use super::network::{freeze_if_running, put_vm, running_failed, target, NetworkIr};
@@ -1121,22 +1121,19 @@ async fn send(
         };
         // The log is sent while it is written, as a cycle's is.
         let growing = Arc::new(GrowingLog::default());
-        let mut log = LogWriter::new(
-            std::io::BufWriter::with_capacity(
-                1 << 20,
-                LogOut::Growing(crate::replication::client::GrowingFile {
-                    file,
-                    log: growing.clone(),
-                }),
-            ),
-            header,
-            if session.zstd(rel.settings.compression_enabled) {
-                Compression::default()
-            } else {
-                Compression::Off
-            },
-        )
-        .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+        let mut log = session
+            .log_mode(rel.settings.compression_enabled)
+            .writer(
+                std::io::BufWriter::with_capacity(
+                    1 << 20,
+                    LogOut::Growing(crate::replication::client::GrowingFile {
+                        file,
+                        log: growing.clone(),
+                    }),
+                ),
+                header,
+            )
+            .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
         if running.is_none() {
             for (i, (format, size)) in disks.iter().enumerate() {
                 if let Some(c) = candidates[i].as_deref() {

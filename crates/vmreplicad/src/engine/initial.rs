@@ -29,6 +29,7 @@ use crate::claims::VmClaim;
 use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
 use crate::power;
+use crate::replication::client::LogMode;
 use crate::store::{PointRow, RelationshipRow, Store, VmRow};
 
 /// File name of the initial replica inside the VM's export folder.
@@ -193,7 +194,7 @@ pub async fn write_full_log(
     vm: &VmRow,
     path: &Path,
     point_time_micros: i64,
-    compression: bool,
+    mode: LogMode,
     data_dir: &Path,
     progress_to: u16,
     running: Option<&super::running::RunningPoint>,
@@ -204,7 +205,7 @@ pub async fn write_full_log(
         vm,
         path,
         point_time_micros,
-        compression,
+        mode,
         data_dir,
         progress_to,
         running,
@@ -226,7 +227,7 @@ async fn write_full_log_inner(
     vm: &VmRow,
     path: &Path,
     point_time_micros: i64,
-    compression: bool,
+    mode: LogMode,
     data_dir: &Path,
     progress_to: u16,
     running: Option<&super::running::RunningPoint>,
@@ -255,13 +256,9 @@ async fn write_full_log_inner(
             "Check free space and permissions.",
         )
     })?;
-    let mode = if compression {
-        Compression::default()
-    } else {
-        Compression::Off
-    };
-    let mut log =
-        LogWriter::new(BufWriter::with_capacity(1 << 20, out), header, mode).map_err(|e| {
+    let mut log = mode
+        .writer(BufWriter::with_capacity(1 << 20, out), header)
+        .map_err(|e| {
             fail(
                 format!("cannot start the log: {e}"),
                 "Report this as a bug.",
@@ -366,7 +363,7 @@ pub async fn export(
         &vm,
         &final_log,
         now() * 1_000_000,
-        compression,
+        LogMode::local(compression),
         &data_dir,
         99,
         None,

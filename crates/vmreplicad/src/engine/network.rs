@@ -22,6 +22,7 @@ use crate::clock::now;
 use crate::jobs::{JobContext, JobFailure};
 use crate::power;
 use crate::replication::chain::ChainRow;
+use crate::replication::client::LogMode;
 use crate::replication::client::{Peers, Target};
 use crate::store::{RelationshipRow, Store, VmRow};
 
@@ -154,12 +155,8 @@ struct Delivery {
 
 /// Who builds a log, for [`Delivery::built_by`]: the product version and the log format version
 /// (a log of one format resumed in another would be refused only at its trailer).
-fn builder() -> String {
-    format!(
-        "{} log format {}",
-        env!("CARGO_PKG_VERSION"),
-        wire::limits::FORMAT_VERSION
-    )
+fn builder(format: u16) -> String {
+    format!("{} log format {format}", env!("CARGO_PKG_VERSION"))
 }
 
 impl Delivery {
@@ -173,14 +170,14 @@ impl Delivery {
     }
 
     /// Why this delivery's log cannot be built again the same for `vm` now, if it cannot.
-    fn changed(&self, vm: &VmRow, compression: bool) -> Option<&'static str> {
+    fn changed(&self, vm: &VmRow, mode: LogMode) -> Option<&'static str> {
         if self.disks != vm.disks {
             return Some("the VM's disks are other files");
         }
-        if self.compression != compression {
+        if self.compression != mode.zstd {
             return Some("its compression setting changed");
         }
-        if self.built_by != builder() {
+        if self.built_by != builder(mode.format) {
             return Some("another version of vmreplicad built it");
         }
         let now: Option<Vec<Fingerprint>> = fingerprints(&vm.disks);
@@ -256,7 +253,7 @@ pub async fn run(
         .join("outgoing")
         .join(vm.id.to_string().to_uppercase())
         .join(format!("{:020}.vrlog", 1));
-    let compression = session.zstd(rel.settings.compression_enabled);
+    let mode = session.log_mode(rel.settings.compression_enabled);
     let running = freeze_if_running(&vm, &job.data_dir).await?;
     let offline = running.is_none();
     // A turned-off VM's qcow2 disks record what is written to them from before they are read
@@ -267,7 +264,7 @@ pub async fn run(
     // files are as that one left them (checked before this run's rotation changes them). A running
     // VM's frozen point is gone with the process that froze it.
     let earlier = match (&running, Delivery::recorded(&tracking)) {
-        (None, Some(d)) => match d.changed(&vm, compression) {
+        (None, Some(d)) => match d.changed(&vm, mode) {
             None if replica_holds(&mut session, vm.id, d.upload_id).await => Some(d),
             None => None,
             Some(why) => {
@@ -292,10 +289,10 @@ pub async fn run(
     let mut delivery = earlier.unwrap_or_else(|| Delivery {
         upload_id: Uuid::new_v4(),
         point_time_micros: now() * 1_000_000,
-        compression,
+        compression: mode.zstd,
         disks: vm.disks.clone(),
         prints: Vec::new(),
-        built_by: builder(),
+        built_by: builder(mode.format),
     });
     let sent = loop {
         if offline {
@@ -399,7 +396,12 @@ async fn send_full(
             vm,
             log_path,
             delivery.point_time_micros,
-            delivery.compression,
+            // The delivery's compression, in the format this connection agreed on (the one the
+            // delivery was recorded with: `Delivery::changed`).
+            LogMode {
+                zstd: delivery.compression,
+                format: session.hello.log_format_version,
+            },
             &job.data_dir,
             45,
             running,

@@ -607,16 +607,13 @@ async fn compare_begun(
     std::fs::create_dir_all(&outgoing).map_err(local)?;
     let spool = outgoing.join(format!("{:020}.vrlog", cs.next_sequence));
     let file = std::fs::File::create(&spool).map_err(local)?;
-    let mut log = LogWriter::new(
-        std::io::BufWriter::with_capacity(1 << 20, file),
-        log_header(vm, &disks, cs.next_sequence, cs.baseline_sequence, false),
-        if session.zstd(rel.settings.compression_enabled) {
-            Compression::default()
-        } else {
-            Compression::Off
-        },
-    )
-    .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
+    let mut log = session
+        .log_mode(rel.settings.compression_enabled)
+        .writer(
+            std::io::BufWriter::with_capacity(1 << 20, file),
+            log_header(vm, &disks, cs.next_sequence, cs.baseline_sequence, false),
+        )
+        .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
     // Per disk, the differing blocks: the log carries them, a later failback asks about them.
     let changed: Vec<_> = differing
         .iter()

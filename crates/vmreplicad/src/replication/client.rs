@@ -329,11 +329,51 @@ pub struct Session {
     pub hello: HelloResponse,
 }
 
+/// How a log is written: compressed or not, and in which log format version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogMode {
+    pub zstd: bool,
+    pub format: u16,
+}
+
+impl LogMode {
+    /// A log no peer has agreed on (an export, an import): the newest format.
+    pub fn local(zstd: bool) -> LogMode {
+        LogMode {
+            zstd,
+            format: wire::limits::FORMAT_VERSION,
+        }
+    }
+
+    /// A writer of a log in this mode.
+    pub fn writer<W: std::io::Write>(
+        self,
+        out: W,
+        header: wire::LogHeader,
+    ) -> Result<wire::LogWriter<W>, wire::LogEncodeError> {
+        let compression = if self.zstd {
+            wire::Compression::default()
+        } else {
+            wire::Compression::Off
+        };
+        wire::LogWriter::with_version(out, header, compression, self.format)
+    }
+}
+
 impl Session {
     /// Whether logs sent on this connection may hold zstd frames: `CompressionEnabled` and the
     /// `zstd` capability both (§3).
     pub fn zstd(&self, enabled: bool) -> bool {
         enabled && self.has("zstd")
+    }
+
+    /// How logs sent on this connection are written: [`Session::zstd`], in the log format the
+    /// hello agreed on (a recovery server of an older build reads only older ones).
+    pub fn log_mode(&self, compression_enabled: bool) -> LogMode {
+        LogMode {
+            zstd: self.zstd(compression_enabled),
+            format: self.hello.log_format_version,
+        }
     }
 
     /// True when the hello agreed on capability `name` (docs/protocol.md §3).
@@ -696,7 +736,7 @@ impl Peers {
         };
         let hello = Hello {
             protocol_versions: PROTOCOL_VERSIONS.to_vec(),
-            log_format_versions: vec![wire::limits::FORMAT_VERSION],
+            log_format_versions: wire::limits::FORMAT_VERSIONS.to_vec(),
             capabilities: protocol::CAPABILITIES
                 .iter()
                 .map(|c| c.to_string())
@@ -713,13 +753,18 @@ impl Peers {
                 answer.protocol_version
             )));
         }
-        // This build writes one log format, the newest; a recovery server reads every older one
-        // too, so a replica is upgraded before its primaries (docs/protocol.md §3).
-        if answer.log_format_version != wire::limits::FORMAT_VERSION {
+        if !wire::limits::FORMAT_VERSIONS.contains(&answer.log_format_version) {
             return Err(PeerError::Protocol(format!(
                 "the recovery server chose log format version {}",
                 answer.log_format_version
             )));
+        }
+        if answer.log_format_version < wire::limits::FORMAT_VERSION {
+            tracing::info!(
+                server = %session.authority,
+                log_format = answer.log_format_version,
+                "the recovery server reads an older log format: logs to it are written in that one"
+            );
         }
         session.hello = answer;
         Ok(session)

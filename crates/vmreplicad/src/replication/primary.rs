@@ -28,7 +28,7 @@ use uuid::Uuid;
 use vmreplica_core::state::{ReplicationMode, ReplicationState};
 use wire::protocol::TransferState;
 use wire::protocol::{ErrorCode, ReplicaVm, Route};
-use wire::{Compression, LogHeader, LogWriter, PointType};
+use wire::{LogHeader, PointType};
 
 use super::chain::{ChainRow, StatEvent};
 use super::client::{GrowingLog, PeerError, Peers};
@@ -839,12 +839,12 @@ impl PrimarySide {
         let growing = Arc::new(GrowingLog::in_memory());
         let progress: super::client::Progress = Arc::new(|_, _| {});
         let target = target(rel);
-        let zstd = session.zstd(rel.settings.compression_enabled);
+        let mode = session.log_mode(rel.settings.compression_enabled);
         let build = disk::scan::paced(
             growing.clone(),
             self.build_delta(
                 vm,
-                zstd,
+                mode,
                 (seq, c, point_type),
                 running.as_ref(),
                 &path,
@@ -986,14 +986,14 @@ impl PrimarySide {
     async fn build_delta(
         &self,
         vm: &VmRow,
-        zstd: bool,
+        mode: super::client::LogMode,
         point: (u64, u64, PointType),
         running: Option<&RunningPoint>,
         path: &Path,
         growing: Arc<GrowingLog>,
     ) -> Result<BuiltDelta, CycleError> {
         let result = self
-            .build_delta_inner(vm, zstd, point, running, path, growing.clone())
+            .build_delta_inner(vm, mode, point, running, path, growing.clone())
             .await;
         match &result {
             Ok((hash, bytes, _, _, _)) => growing.finish(hash.clone(), *bytes),
@@ -1006,7 +1006,7 @@ impl PrimarySide {
     async fn build_delta_inner(
         &self,
         vm: &VmRow,
-        zstd: bool,
+        mode: super::client::LogMode,
         (seq, parent, point_type): (u64, u64, PointType),
         running: Option<&RunningPoint>,
         path: &Path,
@@ -1032,12 +1032,8 @@ impl PrimarySide {
         };
         let file = LogOut::create(&path, Some(growing))
             .map_err(|e| CycleError::Failed(format!("{}: {e}", path.display())))?;
-        let mode = if zstd {
-            Compression::default()
-        } else {
-            Compression::Off
-        };
-        let mut log = LogWriter::new(BufWriter::with_capacity(1 << 20, file), header, mode)
+        let mut log = mode
+            .writer(BufWriter::with_capacity(1 << 20, file), header)
             .map_err(|e| CycleError::Failed(e.to_string()))?;
         let mut maps = Vec::new();
         // A turned-off VM's files, as they were before they were read (replication::journal).

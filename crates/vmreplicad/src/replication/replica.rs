@@ -101,6 +101,9 @@ pub struct ReplicaSide {
     pub store: Arc<Store>,
     pub host: String,
     pub cert_dir: PathBuf,
+    /// The log format versions the hello agrees to: every one this build reads, unless
+    /// `--log-formats` names fewer (a lab standing in for a recovery server of an older build).
+    pub log_formats: Vec<u16>,
     /// Wakes the apply task after a commit.
     /// Wakes the apply task (a commit, a reverted failover).
     pub apply_wake: Arc<Notify>,
@@ -565,12 +568,14 @@ impl ReplicaSide {
         data_dir: PathBuf,
         apply_wake: Arc<Notify>,
         claims: crate::claims::VmClaims,
+        log_formats: Vec<u16>,
     ) -> ReplicaSide {
         ReplicaSide {
             claims,
             store,
             host,
             cert_dir,
+            log_formats,
             apply_wake,
             applied: tokio::sync::watch::Sender::new(0),
             locks: Mutex::new(HashMap::new()),
@@ -1135,7 +1140,7 @@ impl ReplicaSide {
     pub fn unsupported_version(&self, message: &str) -> ApiError {
         let mut d = ErrorDetail::new(ErrorCode::UnsupportedVersion, message);
         d.versions = Some(PROTOCOL_VERSIONS.to_vec());
-        d.log_format_versions = Some(wire::limits::FORMAT_VERSIONS.to_vec());
+        d.log_format_versions = Some(self.log_formats.clone());
         ApiError(Box::new(d))
     }
 
@@ -1243,7 +1248,7 @@ impl ReplicaSide {
 
     fn hello(&self, entry: &AuthorizationEntry, name: String, h: Hello) -> ApiResult {
         // Every log format this build reads: a primary of an older build writes an older one.
-        let formats = wire::limits::FORMAT_VERSIONS;
+        let formats = &self.log_formats;
         let (Some(pv), Some(lv)) = (
             highest_common(PROTOCOL_VERSIONS, &h.protocol_versions),
             highest_common(formats, &h.log_format_versions),
