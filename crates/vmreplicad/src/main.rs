@@ -87,9 +87,9 @@ struct Args {
     /// time; what it stores holds over these flags until `vmreplica host reset`.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     max_parallel_transfers: u16,
-    /// The replication log format versions this recovery server agrees to in the handshake,
-    /// comma-separated (default: every one this build reads, 1 and 2). For labs: `1` stands in for
-    /// a recovery server of an older build.
+    /// The replication log format versions this recovery server agrees to in the handshake and
+    /// accepts in uploads, comma-separated (default: every one this build reads, 1 and 2). For
+    /// labs: `1` stands in for a recovery server of an older build.
     #[arg(long = "log-formats", value_name = "VERSIONS", value_delimiter = ',', value_parser = parse_log_format, hide = true)]
     log_formats: Vec<u16>,
 }

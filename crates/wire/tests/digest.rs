@@ -138,6 +138,7 @@ fn the_trailer_hash_is_the_documented_digest() {
     assert_ne!(s1.hash, summary.hash);
     assert_eq!(v1[8..10], [1, 0]);
     assert_eq!(log[8..10], [2, 0]);
+    assert_eq!((s1.version, summary.version), (1, 2));
 }
 
 #[test]

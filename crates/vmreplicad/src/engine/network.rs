@@ -178,7 +178,7 @@ impl Delivery {
             return Some("its compression setting changed");
         }
         if self.built_by != builder(mode.format) {
-            return Some("another version of vmreplicad built it");
+            return Some("another version of vmreplicad, or another log format, built it");
         }
         let now: Option<Vec<Fingerprint>> = fingerprints(&vm.disks);
         (now.as_ref() != Some(&self.prints) || self.prints.is_empty())

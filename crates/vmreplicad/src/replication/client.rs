@@ -643,6 +643,14 @@ impl Peers {
                     attempt += 1;
                     match self.connect(target).await {
                         Ok(_) if patience.gave_up() => return Err(e),
+                        // The recovery server was upgraded or downgraded meanwhile: the log, in
+                        // the format of the first connection, is built again by the next try.
+                        Ok(s) if s.hello.log_format_version != session.hello.log_format_version => {
+                            return Err(PeerError::Protocol(format!(
+                                "the recovery server now agrees on log format {} (this log is in format {}): it is built again",
+                                s.hello.log_format_version, session.hello.log_format_version
+                            )));
+                        }
                         Ok(s) => *session = s,
                         Err(e) if e.is_network() && patience.has(attempt) => {
                             broken += 1;
@@ -760,7 +768,7 @@ impl Peers {
             )));
         }
         if answer.log_format_version < wire::limits::FORMAT_VERSION {
-            tracing::info!(
+            tracing::debug!(
                 server = %session.authority,
                 log_format = answer.log_format_version,
                 "the recovery server reads an older log format: logs to it are written in that one"

@@ -482,6 +482,21 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// The `uploads` row of a verified log.
+/// A verified log, if its format is one of `formats`, those this recovery server agrees to: all it
+/// reads, unless `--log-formats` named fewer; then it refuses the others, as an older build would.
+fn agreed_format(
+    formats: &[u16],
+    summary: wire::LogSummary,
+) -> Result<wire::LogSummary, LogDecodeError> {
+    if formats.contains(&summary.version) {
+        return Ok(summary);
+    }
+    Err(LogDecodeError::UnsupportedVersion {
+        found: summary.version,
+        supported: formats.iter().copied().max().unwrap_or(0),
+    })
+}
+
 fn upload_row(vm: Uuid, upload_id: Uuid, summary: &wire::LogSummary) -> UploadRow {
     UploadRow {
         vm,
@@ -1247,7 +1262,8 @@ impl ReplicaSide {
     }
 
     fn hello(&self, entry: &AuthorizationEntry, name: String, h: Hello) -> ApiResult {
-        // Every log format this build reads: a primary of an older build writes an older one.
+        // Every log format this build reads (unless --log-formats named fewer): a primary of an
+        // older build writes an older one.
         let formats = &self.log_formats;
         let (Some(pv), Some(lv)) = (
             highest_common(PROTOCOL_VERSIONS, &h.protocol_versions),
@@ -1980,7 +1996,7 @@ impl ReplicaSide {
             }
         };
         let verified = verified?;
-        let summary = match verified {
+        let summary = match verified.and_then(|s| agreed_format(&self.log_formats, s)) {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_file(&partial);
@@ -2004,7 +2020,7 @@ impl ReplicaSide {
             .map_err(ApiError::internal)?;
         let row = upload_row(vm, upload_id, &summary);
         self.store.put_upload(&row)?;
-        tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded and verified");
+        tracing::info!(%vm, sequence = seq, bytes = summary.bytes, log_format = summary.version, "log uploaded and verified");
         Ok(json(200, &uploaded_status(&row)))
     }
 
@@ -2087,6 +2103,7 @@ impl ReplicaSide {
         let store = self.store.clone();
         let dir = incoming_dir(Path::new(&replica.store_root), vm);
         let files = st.files.clone();
+        let formats = self.log_formats.clone();
         let finishing = tokio::spawn(async move {
             // Counts as arriving (its layers are not tidied away) until its `.staged` file exists,
             // and holds the VM's lock until its row is written: a status asked meanwhile waits.
@@ -2103,6 +2120,10 @@ impl ReplicaSide {
                 files.remove(layers.len());
                 refused(e)
             })?;
+            let summary = agreed_format(&formats, summary).map_err(|e| {
+                files.remove(layers.len());
+                decode_error(e, 0)
+            })?;
             let staged = super::staged::StagedPoint { point, layers };
             if let Err(e) = staged.write(&super::staged::uploaded_path(&dir, seq, upload_id)) {
                 files.remove(staged.layers.len());
@@ -2112,7 +2133,7 @@ impl ReplicaSide {
             files.remove_checkpoint(staged.layers.len());
             let row = upload_row(vm, upload_id, &summary);
             store.put_upload(&row)?;
-            tracing::info!(%vm, sequence = seq, bytes = summary.bytes, "log uploaded, verified and written into its point (staged)");
+            tracing::info!(%vm, sequence = seq, bytes = summary.bytes, log_format = summary.version, "log uploaded, verified and written into its point (staged)");
             Ok(row)
         });
         let row = finishing

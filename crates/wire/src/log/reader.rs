@@ -329,6 +329,7 @@ impl<R: Read> LogReader<R> {
                     counts: self.counts,
                     bytes: self.src.offset(),
                     hash: read.hash,
+                    version: self.src.version(),
                 });
                 Ok(())
             }

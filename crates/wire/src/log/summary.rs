@@ -81,6 +81,8 @@ pub struct LogSummary {
     /// The trailer's BLAKE3 hash: of the log before the trailer record (format version 2: each
     /// frame's data digest in place of its data).
     pub hash: [u8; 32],
+    /// The log's format version (its preamble's).
+    pub version: u16,
 }
 
 /// The trailer record body.

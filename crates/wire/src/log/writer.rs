@@ -193,12 +193,14 @@ impl<W: Write> LogWriter<W> {
         trailer.encode(&mut self.record);
         self.sink.finish(RecordKind::Trailer, &mut self.record)?;
         let bytes = self.sink.bytes();
+        let version = self.sink.version();
         let out = self.sink.into_inner()?;
         let summary = LogSummary {
             header: self.header,
             counts: self.counts,
             bytes,
             hash: trailer.hash,
+            version,
         };
         Ok((out, summary))
     }
