@@ -147,7 +147,7 @@ impl<W: Write> Sink<W> {
         let kind = RecordKind::Frame;
         let body_len = buf.len() - RECORD_HEAD_LEN + tail.len();
         debug_assert!(
-            body_len <= kind.limit() && kind != RecordKind::Trailer,
+            body_len <= kind.limit(),
             "the writer respects the record limits"
         );
         buf[0] = kind as u8;
