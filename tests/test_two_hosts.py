@@ -465,6 +465,16 @@ def replicate_network(lab, tmp_path, name, disks, *enable_args):
     return vm_id
 
 
+def random_raw(path, size, data):
+    """A raw disk of `size` (truncate's units) whose first `data` bytes are random; returns its path."""
+    import os
+
+    run("truncate", "-s", size, path)
+    with open(path, "r+b") as f:
+        f.write(os.urandom(data))
+    return path
+
+
 def applied_sequence(lab, vm_id):
     with raw_peer(lab) as c:
         return c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()["last_applied_sequence"]
@@ -987,10 +997,7 @@ class Proxy:
 def test_a_connection_cut_or_corrupted_mid_log_is_retried_and_applied_once(lab, tmp_path, mode):
     import os
 
-    disk = tmp_path / "net01.raw"
-    run("truncate", "-s", "64M", disk)
-    with open(disk, "r+b") as f:
-        f.write(os.urandom(8 << 20))
+    disk = random_raw(tmp_path / "net01.raw", "64M", 8 << 20)
     proxy = Proxy(lab.port, mode, after=6 << 20)  # inside the initial replica's log (8 MiB of data)
     try:
         vm_id = str(uuid.uuid4()).upper()
@@ -1068,7 +1075,6 @@ def host_settings(daemon):
                                  # Set at run time with the CLI, over the daemon's flags.
                                  None])
 def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
-    import os
     import threading
 
     lab.primary.stop()
@@ -1082,10 +1088,7 @@ def test_the_bandwidth_cap_paces_what_the_primary_sends(lab, tmp_path, cap):
         shown = host_settings(lab.primary)
         assert (shown["bandwidth_limit"], shown["max_parallel_transfers"], shown["source"]) == \
             (4 << 20, 2, "stored"), shown
-    disk = tmp_path / "bw01.raw"
-    run("truncate", "-s", "64M", disk)
-    with open(disk, "r+b") as f:
-        f.write(os.urandom(16 << 20))
+    disk = random_raw(tmp_path / "bw01.raw", "64M", 16 << 20)
     # While the initial replication runs, PendingReplicationSize is the disk file's size scaled by
     # what the job has still to do.
     seen, done = [], threading.Event()
@@ -1291,12 +1294,7 @@ def staged_checkpoint_offset(path):
 def test_an_upload_whose_connection_broke_on_the_primarys_side_only_goes_on_at_once(lab, tmp_path):
     """The replica's handler of the old connection would wait a minute for bytes that never come,
     holding the VM: the primary's status request on its new connection stops it instead."""
-    import os
-
-    disk = tmp_path / "half01.raw"
-    run("truncate", "-s", "64M", disk)
-    with open(disk, "r+b") as f:
-        f.write(os.urandom(48 << 20))
+    disk = random_raw(tmp_path / "half01.raw", "64M", 48 << 20)
     proxy = Proxy(lab.port, "cut", after=1 << 40)  # passes everything until told
     try:
         vm_id, p, job = start_network_ir(lab, "half01", disk, cap="8M", port=proxy.port)
@@ -1538,13 +1536,9 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
 
 
 def test_an_initial_replication_waiting_for_its_stopped_recovery_server_is_cancelled_at_once(lab, tmp_path):
-    import os
     import signal
 
-    disk = tmp_path / "wait01.raw"
-    run("truncate", "-s", "128M", disk)
-    with open(disk, "r+b") as f:
-        f.write(os.urandom(96 << 20))
+    disk = random_raw(tmp_path / "wait01.raw", "128M", 96 << 20)
     vm_id, p, job = start_network_ir(lab, "wait01", disk, "24M")
     incoming = lab.storage / vm_id.lower() / "incoming"
     wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 16 << 20],
@@ -1572,13 +1566,9 @@ def cut_off_network_ir(lab, tmp_path, name, fmt="raw"):
     """A turned-off VM's network initial replication (24 MiB of data at 2 MB/s) cut off by a SIGKILL
     of the primary once the replica holds some of it; the primary is started again. Returns (its id,
     its disk, the primary's connection, the replica's offset in the cut-off upload)."""
-    import os
     import signal
 
-    disk = tmp_path / f"{name}.raw"
-    run("truncate", "-s", "64M", disk)
-    with open(disk, "r+b") as f:
-        f.write(os.urandom(24 << 20))
+    disk = random_raw(tmp_path / f"{name}.raw", "64M", 24 << 20)
     if fmt == "qcow2":  # its bitmaps rotate before it is read (engine::offline)
         run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, tmp_path / f"{name}.qcow2")
         disk.unlink()
@@ -1671,10 +1661,7 @@ def test_a_recovery_server_of_an_older_build_gets_its_log_format(lab, tmp_path):
     lab.replica.extra_args += ["--log-formats", "1"]
     lab.replica.start()
     wait_port(lab.port)
-    disk = tmp_path / "old01.raw"
-    run("truncate", "-s", "64M", disk)
-    with open(disk, "r+b") as f:
-        f.write(os.urandom(24 << 20))
+    disk = random_raw(tmp_path / "old01.raw", "64M", 24 << 20)
     vm_id, p, job = start_network_ir(lab, "old01", disk, "4M")
     incoming = lab.storage / vm_id.lower() / "incoming"
     # The replica's place in the arriving log names the stream's format: 1 (VRLOGCP1, no version).
