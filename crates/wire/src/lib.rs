@@ -15,8 +15,10 @@
 mod log;
 pub mod protocol;
 
+pub use log::data::{FrameData, DATA_ALIGN};
 pub use log::error::{LogDecodeError, LogEncodeError};
 pub use log::extent::{Content, Extent, ExtentError};
+pub use log::frame::{OwnedContent, OwnedExtent, OwnedFrame};
 pub use log::header::{DiskInfo, HeaderError, LogHeader, PointType};
 pub use log::limits;
 pub use log::reader::{verify, whole_records_prefix, Expect, LogReader, ReaderCheckpoint};

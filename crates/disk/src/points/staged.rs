@@ -60,7 +60,8 @@ impl PointStore {
                 source: LogDecodeError::ReaderFailed,
             });
         }
-        let summary = stream::full_image_staged(reader, what, staged, checkpoints, resume)?;
+        let (summary, _direct) =
+            stream::full_image_staged(reader, what, staged, checkpoints, resume)?;
         for path in staged {
             durable::sync_file(path).map_err(StoreError::io("sync", path))?;
         }

@@ -22,7 +22,10 @@ use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use wire::{Content, Expect, LogDecodeError, LogReader, LogSummary, ReaderCheckpoint};
+use wire::{
+    Content, Expect, FrameData, LogDecodeError, LogReader, LogSummary, OwnedContent, OwnedFrame,
+    ReaderCheckpoint,
+};
 
 use super::error::{ApplyError, StoreError};
 use super::layout::Layout;
@@ -43,6 +46,10 @@ const BATCH_BYTES: usize = 1 << 20;
 const BATCH_OPS: usize = 4096;
 /// Batches queued per connection.
 const BATCHES_IN_FLIGHT: usize = 2;
+/// Frames (of up to 4 MiB of data) queued to a full image's writer thread.
+const FRAMES_IN_FLIGHT: usize = 2;
+// A frame's data, aligned for the log, is aligned for the layers' `O_DIRECT` writes.
+const _: () = assert!(wire::DATA_ALIGN.is_multiple_of(crate::qcow2::DIRECT_ALIGN));
 /// Read buffer of the log file.
 const READ_BUFFER: usize = 1 << 20;
 
@@ -95,8 +102,9 @@ fn rejected(path: &Path, source: LogDecodeError) -> ApplyError {
 
 /// Reads the rest of `reader` and writes every extent straight into new standalone qcow2 layers
 /// (`tmps`, one per disk; see [`crate::qcow2`]). Reading and verifying (checksums, BLAKE3, zstd)
-/// run on one thread and writing on another, joined by a bounded channel of batches whose buffers
-/// are reused. Returns the log's summary once the trailer matched; on any error the caller must
+/// run on one thread and writing on another, joined by a bounded channel of whole frames: the
+/// reader reads each frame's data into a buffer aligned for `O_DIRECT` that the writer writes
+/// from and gives back, so the data is not copied between them. Returns the log's summary once the trailer matched; on any error the caller must
 /// delete the layers.
 pub(crate) async fn write_full_image(
     reader: OpenLog,
@@ -118,7 +126,7 @@ pub(crate) fn full_image_threads<R: std::io::Read>(
     path: &Path,
     tmps: &[PathBuf],
 ) -> Result<LogSummary, ApplyError> {
-    full_image_staged(reader, path, tmps, None, None)
+    full_image_staged(reader, path, tmps, None, None).map(|(summary, _)| summary)
 }
 
 /// Where a staged full image stands between two records: the reader's place in the log and each
@@ -335,21 +343,25 @@ pub struct Checkpoints<'a> {
 
 /// What goes from the reader to the writer thread.
 enum ToWriter {
-    Batch(usize, Batch),
+    /// A frame's extents, with the buffer holding their data: handed over whole, not copied (the
+    /// reader reads a frame's data aligned for the layers' `O_DIRECT` writes), and sent back once
+    /// written, for the reader to read a later frame into.
+    Frame(OwnedFrame),
     /// Every extent before it was sent: sync the layers and save this.
     Checkpoint(ReaderCheckpoint),
 }
 
 /// [`full_image_threads`], checkpointed every `checkpoints.every` log bytes when given (the reader
 /// must be resumable: [`LogReader::open_resumable`] or [`LogReader::resume`]), writing into the
-/// layers `resume` took up (one progress per layer), or into new ones.
+/// layers `resume` took up (one progress per layer), or into new ones. Returns the log's summary
+/// and the bytes written with `O_DIRECT`.
 pub(crate) fn full_image_staged<'a, R: std::io::Read>(
     mut reader: LogReader<R>,
     path: &Path,
     tmps: &[PathBuf],
     mut checkpoints: Option<Checkpoints<'a>>,
     resume: Option<&[Qcow2Progress]>,
-) -> Result<LogSummary, ApplyError> {
+) -> Result<(LogSummary, u64), ApplyError> {
     let sequence = reader.header().sequence;
     let sizes: Vec<u64> = reader
         .header()
@@ -409,8 +421,8 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
     // A sync that failed: the kernel may have dropped those pages and reports it once, so nothing
     // after is trusted: no more checkpoints, and the image fails.
     let sync_failed = std::sync::Mutex::new(None::<std::io::Error>);
-    let (batch_tx, batch_rx) = std_mpsc::sync_channel::<ToWriter>(BATCHES_IN_FLIGHT * 2);
-    let (recycle_tx, recycle_rx) = std_mpsc::channel::<Batch>();
+    let (frame_tx, frame_rx) = std_mpsc::sync_channel::<ToWriter>(FRAMES_IN_FLIGHT);
+    let (recycle_tx, recycle_rx) = std_mpsc::channel::<FrameData>();
     std::thread::scope(|scope| {
         let (save_tx, save_rx) = std_mpsc::sync_channel::<Pending>(0);
         let failed = &sync_failed;
@@ -444,9 +456,9 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
             }));
         }
         let writer = scope.spawn(move || -> Result<Vec<Qcow2Writer>, ApplyError> {
-            for msg in batch_rx {
-                let (disk, mut batch) = match msg {
-                    ToWriter::Batch(disk, batch) => (disk, batch),
+            for msg in frame_rx {
+                let frame = match msg {
+                    ToWriter::Frame(frame) => frame,
                     ToWriter::Checkpoint(reader) => {
                         // Every write before it has returned: a sync that starts after covers them.
                         let layers = writers
@@ -495,96 +507,36 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
                         continue;
                     }
                 };
-                let w = &mut writers[disk];
-                let mut at = 0usize;
-                for op in batch.ops.drain(..) {
-                    match op {
-                        Op::Data { offset, len } => {
-                            w.write(offset, &batch.data.bytes()[at..at + len])
-                                .map_err(layer_error(disk))?;
-                            at += len;
-                        }
-                        Op::Zero { offset, len } => {
-                            w.write_zeroes(offset, len).map_err(layer_error(disk))?
-                        }
-                    }
-                }
-                batch.data.clear();
-                let _ = recycle_tx.send(batch);
+                write_frame(&mut writers, &frame).map_err(|(disk, e)| layer_error(disk)(e))?;
+                let _ = recycle_tx.send(frame.data);
             }
             Ok(writers)
         });
-        // Reader: fill batches for one disk at a time.
-        let mut current: Option<(usize, Batch)> = None;
-        let send = |item: ToWriter| batch_tx.send(item).is_ok();
+        // Reader: one frame at a time, into a buffer the writer gave back when there is one.
+        let send = |item: ToWriter| frame_tx.send(item).is_ok();
         let mut last_checkpoint = reader.offset();
         let read = loop {
-            let extent = match reader.next_extent() {
-                Ok(Some(e)) => e,
+            let spare = recycle_rx.try_recv().unwrap_or_default();
+            let frame = match reader.next_frame(spare) {
+                Ok(Some(frame)) => frame,
                 Ok(None) => break Ok(()),
                 Err(source) => break Err(rejected(path, source)),
             };
-            let disk = extent.disk as usize;
-            if disk >= sizes.len() {
+            if frame.extents.iter().any(|e| e.disk as usize >= sizes.len()) {
                 break Err(rejected(path, LogDecodeError::ReaderFailed));
             }
-            // A data extent larger than a batch's room is split across batches, so a batch holds
-            // at most BATCH_BYTES (a scan's extents are up to 4 MiB): the bytes queued to the
-            // writer stay bounded.
-            let (mut at, mut data, zero) = match extent.content {
-                Content::Data(bytes) => (extent.offset, bytes, None),
-                Content::Zero(len) => (extent.offset, &[][..], Some(len)),
-            };
-            let mut stopped = false;
-            loop {
-                if current
-                    .as_ref()
-                    .is_some_and(|(d, b)| *d != disk || b.is_full())
-                {
-                    if let Some((d, full)) = current.take() {
-                        if !send(ToWriter::Batch(d, full)) {
-                            stopped = true; // the writer stopped: its error is reported below
-                            break;
-                        }
-                    }
-                }
-                let (_, batch) = current
-                    .get_or_insert_with(|| (disk, recycle_rx.try_recv().unwrap_or_default()));
-                if let Some(len) = zero {
-                    batch.ops.push(Op::Zero { offset: at, len });
-                    break;
-                }
-                let room = BATCH_BYTES.saturating_sub(batch.data.len()).max(1);
-                let (piece, rest) = data.split_at(room.min(data.len()));
-                batch.push_data(at, piece);
-                at += piece.len() as u64;
-                data = rest;
-                if data.is_empty() {
-                    break;
-                }
-            }
-            if stopped {
-                break Ok(());
+            if !send(ToWriter::Frame(frame)) {
+                break Ok(()); // the writer stopped: its error is reported below
             }
             let due = every.is_some_and(|n| reader.offset() - last_checkpoint >= n);
             if let Some(c) = due.then(|| reader.checkpoint()).flatten() {
                 last_checkpoint = c.offset();
-                if let Some((d, b)) = current.take() {
-                    if !send(ToWriter::Batch(d, b)) {
-                        break Ok(());
-                    }
-                }
                 if !send(ToWriter::Checkpoint(c)) {
                     break Ok(());
                 }
             }
         };
-        if read.is_ok() {
-            if let Some((d, last)) = current.take() {
-                send(ToWriter::Batch(d, last));
-            }
-        }
-        drop(batch_tx);
+        drop(frame_tx);
         let written = writer.join();
         // The writer is done: the last checkpoint is saved (or its sync failed) before we look.
         if let Some(s) = syncing {
@@ -601,14 +553,58 @@ pub(crate) fn full_image_staged<'a, R: std::io::Read>(
             .summary()
             .cloned()
             .ok_or_else(|| rejected(path, LogDecodeError::ReaderFailed))?;
+        let direct = writers.iter().map(Qcow2Writer::direct_bytes).sum();
         for (disk, w) in writers.into_iter().enumerate() {
             // Synced through its own file: a new one would not hear of an earlier write-back error.
             w.finish()
                 .and_then(|f| f.sync_all().map_err(Qcow2WriteError::Io))
                 .map_err(layer_error(disk))?;
         }
-        Ok(summary)
+        Ok((summary, direct))
     })
+}
+
+/// Writes a frame's extents into the layers (the reader checked every extent's disk), Data
+/// extents that follow each other both on the disk and in the frame's data as one write, so whole
+/// clusters of them go `O_DIRECT`. On error, the disk it was written to.
+fn write_frame(
+    writers: &mut [Qcow2Writer],
+    frame: &OwnedFrame,
+) -> Result<(), (usize, Qcow2WriteError)> {
+    let data = frame.data.bytes();
+    // Data not yet written: disk, offset, range of `data`.
+    let mut run: Option<(usize, u64, std::ops::Range<usize>)> = None;
+    let flush = |writers: &mut [Qcow2Writer],
+                 run: &mut Option<(usize, u64, std::ops::Range<usize>)>| {
+        match run.take() {
+            Some((disk, offset, range)) => writers[disk]
+                .write(offset, &data[range])
+                .map_err(|e| (disk, e)),
+            None => Ok(()),
+        }
+    };
+    for e in &frame.extents {
+        let disk = e.disk as usize;
+        match &e.content {
+            OwnedContent::Data(range) => {
+                if let Some((d, offset, r)) = &mut run {
+                    if *d == disk && *offset + r.len() as u64 == e.offset && r.end == range.start {
+                        r.end = range.end;
+                        continue;
+                    }
+                }
+                flush(writers, &mut run)?;
+                run = Some((disk, e.offset, range.clone()));
+            }
+            OwnedContent::Zero(len) => {
+                flush(writers, &mut run)?;
+                writers[disk]
+                    .write_zeroes(e.offset, *len)
+                    .map_err(|e| (disk, e))?;
+            }
+        }
+    }
+    flush(writers, &mut run)
 }
 
 /// Where a run of bytes goes.
@@ -914,4 +910,108 @@ fn read_log(
         .ok_or(ReadEnd::Rejected(LogDecodeError::ReaderFailed))?;
     router.finish()?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::process::Command;
+    use wire::{Compression, DiskInfo, LogHeader, LogWriter, PointType};
+
+    /// A full image's frames of data go into the layer from the buffers the reader read them
+    /// into, their whole clusters with `O_DIRECT` (where the file system allows it), adjacent
+    /// extents of a frame as one write; the layer reads back as the log says.
+    #[test]
+    fn whole_frames_go_into_the_layer_with_o_direct() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let size = 16u64 << 20;
+        let header = LogHeader {
+            vm: uuid::Uuid::from_u128(9),
+            relationship: 0,
+            sequence: 1,
+            parent: 0,
+            point_time_micros: 1_700_000_000_000_000,
+            point_type: PointType::Standard,
+            full_image: true,
+            disks: vec![DiskInfo {
+                id: "disk0".into(),
+                virtual_size: size,
+            }],
+        };
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut random = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        // Two whole frames; then two halves of one cluster and the next cluster, adjacent extents
+        // of one frame; then a piece of a cluster.
+        let mut raw = vec![0u8; size as usize];
+        let extents = [
+            (0usize, 8usize << 20),
+            (12 << 20, 32 << 10),
+            ((12 << 20) + (32 << 10), 96 << 10),
+            ((14 << 20) + 5, 3000),
+        ];
+        let mut w = LogWriter::new(Vec::new(), header, Compression::Off).expect("writer");
+        for (offset, len) in extents {
+            let data = random(len);
+            raw[offset..offset + len].copy_from_slice(&data);
+            w.write_data(0, offset as u64, &data).expect("data");
+        }
+        let (log, _) = w.finish().expect("log");
+        let expect = Expect {
+            vm: uuid::Uuid::from_u128(9),
+            relationship: 0,
+            sequence: 1,
+            parent: 0,
+        };
+        let reader = LogReader::open(&log[..], &expect).expect("open");
+        let layer = d.join("layer.qcow2");
+        let (summary, direct) = full_image_staged(
+            reader,
+            &d.join("log"),
+            std::slice::from_ref(&layer),
+            None,
+            None,
+        )
+        .expect("staged");
+        assert_eq!(summary.bytes, log.len() as u64);
+        let probe = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(d.join("probe"))
+            .and_then(|f| f.write_all_at(AlignedBuf::with_capacity(4096).area_mut(), 0));
+        if probe.is_ok() {
+            assert_eq!(
+                direct,
+                (8 << 20) + (128 << 10),
+                "every whole cluster went O_DIRECT"
+            );
+        } else {
+            eprintln!("this file system refused O_DIRECT: only the layer's bytes are checked");
+        }
+        let raw_path = d.join("expected.raw");
+        std::fs::write(&raw_path, &raw).expect("raw");
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2"])
+            .arg(&raw_path)
+            .arg(&layer)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }

@@ -118,18 +118,19 @@ pub const CHECKPOINT_EVERY: u64 = 4 << 20;
 /// disk), unless the saved one is more than this behind it.
 ///
 /// What the primary counted as sent beyond the checkpoint on disk is then at most: this lag, one
-/// interval and a frame (4.6 MB) before the next checkpoint is taken; the batches queued to the
-/// writer (five of at most 1 MiB); the chunks queued to the staging thread ([`QUEUED_CHUNKS`] of
-/// at most 1 MiB, and two more in hand); the stream's flow-control window (8 MiB); the primary's
-/// own queue and send buffer (about 9 MiB). Under 66 MiB, less than the 80 MiB the primary keeps
-/// of a log sent from memory, so it continues where the checkpoint is.
+/// interval and a frame (4.6 MB) before the next checkpoint is taken; the frames handed to the
+/// writer thread and not yet written (three of at most 4.6 MB: two queued, one being written); the
+/// chunks queued to the staging thread ([`QUEUED_CHUNKS`] of at most 1 MiB, and two more in hand);
+/// the stream's flow-control window (8 MiB); the primary's own queue and send buffer (about
+/// 9 MiB). At most 75 MiB, less than the 80 MiB the primary keeps of a log sent from memory, so it
+/// continues where the checkpoint is.
 pub const CHECKPOINT_MAX_LAG: u64 = 16 << 20;
 
 const _: () = assert!(
     CHECKPOINT_MAX_LAG
         + CHECKPOINT_EVERY
         + (5 << 20)
-        + (5 << 20)
+        + 3 * (5 << 20)
         + (QUEUED_CHUNKS as u64 + 2) * (1 << 20)
         + (8 << 20)
         + (9 << 20)

@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use super::bytes::{Cursor, PutLe};
+use super::data::FrameData;
 use super::error::LogDecodeError;
 use super::extent::{check_range, Content, Extent, ExtentError};
 use super::header::DiskInfo;
@@ -85,16 +86,18 @@ pub(crate) fn encode_table(
     }
 }
 
-/// Where the parts of a frame body are, after the fixed fields were checked.
+/// Where the parts of a frame body are, after the fixed fields were checked: the fixed fields and
+/// the table in one buffer, the stored data in another ([`super::record::Source::next_split`]).
 #[derive(Debug, Clone)]
 struct Layout {
     encoding: Encoding,
     raw_len: usize,
     table: Range<usize>,
-    data: Range<usize>,
 }
 
-fn layout(body: &[u8]) -> Result<Layout, &'static str> {
+/// The layout of the frame whose fixed fields and table are `body` and whose stored data is
+/// `stored_len` bytes.
+fn layout(body: &[u8], stored_len: usize) -> Result<Layout, &'static str> {
     let mut c = Cursor::new(body);
     let (Some(code), Some(count), Some(raw), Some(stored)) = (c.u8(), c.u32(), c.u32(), c.u32())
     else {
@@ -119,32 +122,72 @@ fn layout(body: &[u8]) -> Result<Layout, &'static str> {
         return Err("compressed frame without data");
     }
     let table_end = FRAME_FIXED_LEN + count * EXTENT_ENTRY_LEN;
-    if body.len() != table_end + stored {
+    if body.len() != table_end || stored_len != stored {
         return Err("record length differs from the lengths it declares");
     }
     Ok(Layout {
         encoding,
         raw_len,
         table: FRAME_FIXED_LEN..table_end,
-        data: table_end..body.len(),
     })
+}
+
+/// A loaded frame's raw data: `data` as stored, or `raw`, its decompression.
+fn raw_data<'a>(layout: &Layout, data: &'a FrameData, raw: &'a FrameData) -> &'a [u8] {
+    match layout.encoding {
+        Encoding::Stored => data.bytes(),
+        Encoding::Zstd => raw.bytes(),
+    }
 }
 
 /// The frame the reader is handing out extents from.
 pub(crate) struct LoadedFrame {
+    /// The body of the record last read; of a frame, its fixed fields and table.
     body: Vec<u8>,
-    raw: Vec<u8>,
+    /// A frame's stored data.
+    data: FrameData,
+    /// A compressed frame's data, decompressed.
+    raw: FrameData,
     layout: Option<Layout>,
     next: usize,
     data_pos: usize,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
 }
 
+/// A frame taken whole from the reader ([`super::reader::LogReader::next_frame`]): its extents not
+/// handed out yet, in log order, and the buffer that holds their data.
+pub struct OwnedFrame {
+    pub extents: Vec<OwnedExtent>,
+    /// The frame's raw data (decompressed), aligned to [`super::data::DATA_ALIGN`] when there is
+    /// any (a frame of zero extents only has none).
+    pub data: FrameData,
+}
+
+/// One extent of an [`OwnedFrame`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedExtent {
+    /// Index into the header's disk table.
+    pub disk: u32,
+    /// Byte offset in the disk.
+    pub offset: u64,
+    pub content: OwnedContent,
+}
+
+/// What an [`OwnedExtent`]'s byte range holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedContent {
+    /// These bytes of the frame's data.
+    Data(Range<usize>),
+    /// This many zero bytes.
+    Zero(u64),
+}
+
 impl LoadedFrame {
     pub(crate) fn new() -> Self {
         LoadedFrame {
             body: Vec::new(),
-            raw: Vec::new(),
+            data: FrameData::default(),
+            raw: FrameData::default(),
             layout: None,
             next: 0,
             data_pos: 0,
@@ -152,13 +195,21 @@ impl LoadedFrame {
         }
     }
 
-    /// The buffer the next record body is read into.
+    /// The buffers the next record is read into: its body (of a frame, the part before the data)
+    /// and a frame's stored data.
+    pub(crate) fn buffers(&mut self) -> (&mut Vec<u8>, &mut FrameData) {
+        self.layout = None;
+        (&mut self.body, &mut self.data)
+    }
+
+    /// The buffer the next record body is read into, whole.
     pub(crate) fn buffer(&mut self) -> &mut Vec<u8> {
         self.layout = None;
+        self.data.fill(0);
         &mut self.body
     }
 
-    /// Checks the frame now in the buffer against the disk table, adds it to `counts`, and
+    /// Checks the frame now in the buffers against the disk table, adds it to `counts`, and
     /// decompresses its data. Nothing is handed out unless all of this succeeded.
     pub(crate) fn load(
         &mut self,
@@ -166,8 +217,8 @@ impl LoadedFrame {
         disks: &[DiskInfo],
         counts: &mut LogCounts,
     ) -> Result<(), LogDecodeError> {
-        let layout =
-            layout(&self.body).map_err(|problem| LogDecodeError::BadFrame { offset, problem })?;
+        let layout = layout(&self.body, self.data.len())
+            .map_err(|problem| LogDecodeError::BadFrame { offset, problem })?;
         let mut frame = LogCounts {
             frames: 1,
             ..LogCounts::default()
@@ -202,10 +253,8 @@ impl LoadedFrame {
                     .map_err(|source| LogDecodeError::Decompress { offset, source })?,
             ),
         };
-        self.raw.clear();
-        self.raw.reserve_exact(layout.raw_len);
         let produced = decompressor
-            .decompress_to_buffer(&self.body[layout.data.clone()], &mut self.raw)
+            .decompress_to_buffer(self.data.bytes(), self.raw.fill(layout.raw_len))
             .map_err(|source| LogDecodeError::Decompress { offset, source })?;
         if produced != layout.raw_len {
             return Err(LogDecodeError::BadFrame {
@@ -234,10 +283,7 @@ impl LoadedFrame {
         let Some(layout) = self.layout.as_ref() else {
             return;
         };
-        let data = match layout.encoding {
-            Encoding::Stored => &self.body[layout.data.clone()],
-            Encoding::Zstd => &self.raw[..],
-        };
+        let data = raw_data(layout, &self.data, &self.raw);
         let mut pos = 0usize;
         for bytes in self.body[layout.table.clone()].chunks_exact(EXTENT_ENTRY_LEN) {
             // `load` decoded and checked every entry, and that the lengths add up.
@@ -278,10 +324,7 @@ impl LoadedFrame {
         let content = match entry.kind {
             EntryKind::Zero => Content::Zero(entry.len),
             EntryKind::Data => {
-                let data = match layout.encoding {
-                    Encoding::Stored => &self.body[layout.data.clone()],
-                    Encoding::Zstd => &self.raw[..],
-                };
+                let data = raw_data(layout, &self.data, &self.raw);
                 // `load` checked that the data lengths add up to the data's length.
                 let start = self.data_pos;
                 self.data_pos = start.checked_add(usize::try_from(entry.len).ok()?)?;
@@ -293,5 +336,38 @@ impl LoadedFrame {
             offset: entry.offset,
             content,
         })
+    }
+
+    /// The extents of the loaded frame not handed out yet, with the buffer holding its raw data,
+    /// which `spare` replaces; `None` when it has none left.
+    pub(crate) fn take(&mut self, spare: FrameData) -> Option<OwnedFrame> {
+        let layout = self.layout.as_ref()?;
+        if self.next >= layout.table.end {
+            return None;
+        }
+        let mut extents = Vec::with_capacity((layout.table.end - self.next) / EXTENT_ENTRY_LEN);
+        for bytes in self.body[self.next..layout.table.end].chunks_exact(EXTENT_ENTRY_LEN) {
+            // `load` decoded and checked every entry already, and that the data lengths add up.
+            let entry = Entry::decode(bytes).ok()?;
+            let content = match entry.kind {
+                EntryKind::Zero => OwnedContent::Zero(entry.len),
+                EntryKind::Data => {
+                    let start = self.data_pos;
+                    self.data_pos = start.checked_add(usize::try_from(entry.len).ok()?)?;
+                    OwnedContent::Data(start..self.data_pos)
+                }
+            };
+            extents.push(OwnedExtent {
+                disk: entry.disk,
+                offset: entry.offset,
+                content,
+            });
+        }
+        self.next = layout.table.end;
+        let data = match layout.encoding {
+            Encoding::Stored => std::mem::replace(&mut self.data, spare),
+            Encoding::Zstd => std::mem::replace(&mut self.raw, spare),
+        };
+        Some(OwnedFrame { extents, data })
     }
 }

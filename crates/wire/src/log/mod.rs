@@ -2,6 +2,7 @@
 //! the streaming writer and reader built from them.
 
 pub(crate) mod bytes;
+pub(crate) mod data;
 pub(crate) mod error;
 pub(crate) mod extent;
 pub(crate) mod frame;

@@ -7,9 +7,10 @@ use std::io::Read;
 use uuid::Uuid;
 
 use super::bytes::{Cursor, PutLe};
+use super::data::FrameData;
 use super::error::LogDecodeError;
 use super::extent::Extent;
-use super::frame::LoadedFrame;
+use super::frame::{LoadedFrame, OwnedFrame};
 use super::header::LogHeader;
 use super::record::{RecordKind, Source, StreamHash};
 use super::summary::{LogCounts, LogSummary, Trailer};
@@ -296,6 +297,29 @@ impl<R: Read> LogReader<R> {
         }
     }
 
+    /// The extents of the current frame not handed out yet (of the next frame, when every one was),
+    /// with the buffer that holds their data, taken from the reader: `spare` takes its place (a
+    /// buffer handed back after its data was used, or [`FrameData::default`]). Data, when the frame
+    /// has any, starts at an address aligned to [`super::data::DATA_ALIGN`], and a Data extent's
+    /// range starts where the Data extents before it in the frame end. `None` once the trailer was read and matched, as
+    /// for [`LogReader::next_extent`], which can be called in turn with this.
+    pub fn next_frame(&mut self, spare: FrameData) -> Result<Option<OwnedFrame>, LogDecodeError> {
+        loop {
+            match self.state {
+                State::Failed => return Err(LogDecodeError::ReaderFailed),
+                State::Done(_) => return Ok(None),
+                State::Frames => {}
+            }
+            if self.frame.has_next() {
+                return Ok(self.frame.take(spare));
+            }
+            if let Err(e) = self.advance() {
+                self.state = State::Failed;
+                return Err(e);
+            }
+        }
+    }
+
     /// What the log holds, once `next_extent` returned `None`.
     pub fn summary(&self) -> Option<&LogSummary> {
         match &self.state {
@@ -306,7 +330,8 @@ impl<R: Read> LogReader<R> {
 
     /// Reads the next record: loads a frame, or checks the trailer and the end of the input.
     fn advance(&mut self) -> Result<(), LogDecodeError> {
-        let at = self.src.next(self.frame.buffer())?;
+        let (body, data) = self.frame.buffers();
+        let at = self.src.next_split(body, data)?;
         match at.kind {
             RecordKind::Frame => {
                 self.frame

@@ -10,10 +10,12 @@ use std::hash::Hasher;
 
 use twox_hash::XxHash3_64;
 
+use super::data::FrameData;
 use super::error::{LogDecodeError, LogEncodeError};
 use super::limits::{
-    DIGEST_PIECE, FORMAT_VERSION, FORMAT_VERSIONS, MAGIC, MAX_FRAME_BODY, MAX_HEADER_BODY,
-    PREAMBLE_LEN, RECORD_CHECKSUM_LEN, RECORD_HEAD_LEN, TRAILER_BODY_LEN,
+    DIGEST_PIECE, EXTENT_ENTRY_LEN, FORMAT_VERSION, FORMAT_VERSIONS, FRAME_FIXED_LEN, MAGIC,
+    MAX_FRAME_BODY, MAX_HEADER_BODY, PREAMBLE_LEN, RECORD_CHECKSUM_LEN, RECORD_HEAD_LEN,
+    TRAILER_BODY_LEN,
 };
 use super::resumable::ResumableHasher;
 
@@ -277,6 +279,26 @@ impl<R: Read> Source<R> {
 
     /// Reads the next record into `body` (replacing its contents) and checks its checksum.
     pub(crate) fn next(&mut self, body: &mut Vec<u8>) -> Result<RecordAt, LogDecodeError> {
+        self.read_record(body, None)
+    }
+
+    /// [`Source::next`], a frame's data going into `data` (aligned) and only its fixed fields and
+    /// table into `body`. A frame whose declared table does not fit in its record is read into
+    /// `body` whole (`data` left empty): its checksum is checked the same way, and its layout fails
+    /// on its lengths.
+    pub(crate) fn next_split(
+        &mut self,
+        body: &mut Vec<u8>,
+        data: &mut FrameData,
+    ) -> Result<RecordAt, LogDecodeError> {
+        self.read_record(body, Some(data))
+    }
+
+    fn read_record(
+        &mut self,
+        body: &mut Vec<u8>,
+        data: Option<&mut FrameData>,
+    ) -> Result<RecordAt, LogDecodeError> {
         let offset = self.offset;
         let mut head = [0; RECORD_HEAD_LEN];
         self.fill(&mut head, offset)?;
@@ -294,10 +316,22 @@ impl<R: Read> Source<R> {
                 offset,
             });
         }
-        self.body(body, len, offset)?;
+        let data: &[u8] = match data {
+            Some(data) if kind == RecordKind::Frame => {
+                self.frame_body(body, data, len, offset)?;
+                data.bytes()
+            }
+            other => {
+                if let Some(data) = other {
+                    data.fill(0);
+                }
+                self.body(body, len, offset)?;
+                &[]
+            }
+        };
         let mut sum = [0; RECORD_CHECKSUM_LEN];
         self.fill(&mut sum, offset)?;
-        if sum != checksum(&head, body) {
+        if sum != checksum_parts(&head, body, data) {
             return Err(LogDecodeError::ChecksumMismatch { offset });
         }
         self.deferred = None;
@@ -306,6 +340,7 @@ impl<R: Read> Source<R> {
         } else if kind != RecordKind::Trailer && self.known.is_none() {
             self.hasher.update(&head);
             self.hasher.update(body);
+            self.hasher.update(data);
             self.hasher.update(&sum);
         }
         self.offset += (RECORD_HEAD_LEN + len + RECORD_CHECKSUM_LEN) as u64;
@@ -393,6 +428,31 @@ impl<R: Read> Source<R> {
         })
     }
 
+    /// Reads a frame body of `len` bytes: the fixed fields and the table into `body`, the data
+    /// into `data`, when the table the fixed fields declare fits in `len`; else all into `body`.
+    fn frame_body(
+        &mut self,
+        body: &mut Vec<u8>,
+        data: &mut FrameData,
+        len: usize,
+        record: u64,
+    ) -> Result<(), LogDecodeError> {
+        data.fill(0);
+        if len < FRAME_FIXED_LEN {
+            return self.body(body, len, record);
+        }
+        self.body(body, FRAME_FIXED_LEN, record)?;
+        let count = u32::from_le_bytes([body[1], body[2], body[3], body[4]]);
+        let table_end = (count as usize)
+            .checked_mul(EXTENT_ENTRY_LEN)
+            .and_then(|t| t.checked_add(FRAME_FIXED_LEN))
+            .filter(|&end| end <= len)
+            .unwrap_or(len);
+        body.resize(table_end, 0);
+        self.fill(&mut body[FRAME_FIXED_LEN..], record)?;
+        self.fill(data.fill(len - table_end), record)
+    }
+
     /// Reads a body of `len` bytes, already checked against its limit, so the buffer never holds
     /// more than the largest record body.
     fn body(&mut self, body: &mut Vec<u8>, len: usize, record: u64) -> Result<(), LogDecodeError> {
@@ -403,12 +463,6 @@ impl<R: Read> Source<R> {
         } else {
             body.resize(len, 0);
         }
-        match self.input.read_exact(body) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                Err(LogDecodeError::Truncated { offset: record })
-            }
-            Err(e) => Err(LogDecodeError::Io(e)),
-        }
+        self.fill(body, record)
     }
 }
