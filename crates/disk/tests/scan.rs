@@ -436,3 +436,85 @@ async fn hashing_blocks_in_pieces_gives_the_hashes_of_the_full_map_without_readi
         assert!(read < SIZE / 2, "holes must not be read: {read} bytes read");
     }
 }
+
+/// A paced scan lends each read to the log's consumer while it writes from it
+/// (`disk::scan::Pace::lend`): whole frames of data are written straight from the lent bytes, so a
+/// consumer can keep slices of them instead of copies (vmreplicad's `GrowingLog` does).
+#[tokio::test]
+async fn a_paced_scan_writes_whole_frames_straight_from_the_read_it_lends() {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Lender(Mutex<Option<bytes::Bytes>>);
+    impl disk::scan::Pace for Lender {
+        fn room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+            Box::pin(async { true })
+        }
+        fn lend(&self, bytes: Option<bytes::Bytes>) {
+            *self.0.lock().unwrap() = bytes;
+        }
+    }
+    /// Counts the bytes written from within the lent read.
+    struct Out {
+        lender: Arc<Lender>,
+        from_lent: u64,
+    }
+    impl std::io::Write for Out {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some(lent) = &*self.lender.0.lock().unwrap() {
+                let (start, at) = (lent.as_ptr() as usize, buf.as_ptr() as usize);
+                if at >= start && at + buf.len() <= start + lent.len() {
+                    self.from_lent += buf.len() as u64;
+                }
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // 16 MiB of data, not compressible, in a 64 MiB raw file: four whole 4 MiB reads.
+    let raw = d.join("data.raw");
+    let file = std::fs::File::create(&raw).expect("raw");
+    file.set_len(SIZE).expect("size");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..16 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    file.write_all_at(&data, 8 << 20).expect("data");
+    file.sync_all().expect("sync");
+    drop(file);
+
+    let lender = Arc::new(Lender::default());
+    let out = Out {
+        lender: lender.clone(),
+        from_lent: 0,
+    };
+    let mut log = LogWriter::new(out, header(1, 0), Compression::Off).expect("writer");
+    let file = std::fs::File::open(&raw).expect("open raw");
+    let mut source = Source::RawFile(&file);
+    let map = d.join("lent.hashes");
+    let scan = scan_disk(&mut source, 0, None, &map, DEFAULT_BLOCK_SIZE, &mut log);
+    let (_, stats) = disk::scan::paced(lender.clone(), scan)
+        .await
+        .expect("paced scan");
+    assert_eq!(stats.data_bytes, 16 << 20);
+    let (out, _) = log.finish().expect("finish");
+    assert!(
+        lender.0.lock().unwrap().is_none(),
+        "nothing stays lent after the scan"
+    );
+    assert_eq!(
+        out.from_lent,
+        16 << 20,
+        "every data byte was written from the lent read"
+    );
+}

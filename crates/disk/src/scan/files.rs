@@ -16,13 +16,15 @@ use std::os::unix::io::AsRawFd;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::aligned::AlignedBuf;
 use crate::qcow2::DIRECT_ALIGN;
 
 /// Threads reading ahead of one scan: two reads in flight suit disks that serve several requests at
 /// once (on this VM's virtual disk, one and two did the same, within noise).
 const READERS: usize = 2;
-/// Buffers of each reader (reads done or in flight and not yet scanned, each up to 4 MiB).
+/// Reads of each reader done and not yet taken by the scan (each up to 4 MiB).
 const BUFFERS: usize = 2;
 
 /// One range of the guest disk.
@@ -231,14 +233,31 @@ pub(crate) struct Prefetch {
     /// The reader of the next read asked for, and of the next one taken.
     next_ask: usize,
     next_take: usize,
-    /// The reader whose buffer [`Prefetch::next`] returned last.
-    taken_from: usize,
 }
 
 struct Reader {
     asks: std_mpsc::Sender<(u64, usize)>,
-    filled: tokio::sync::mpsc::Receiver<io::Result<(u64, AlignedBuf)>>,
-    recycle: std_mpsc::Sender<AlignedBuf>,
+    filled: tokio::sync::mpsc::Receiver<io::Result<(u64, Bytes)>>,
+}
+
+/// A read's buffer, shared as [`Bytes`]: it goes back to its reader thread once every reference to
+/// it is dropped (the scan's, and those of a log sent from memory that kept slices of it instead of
+/// copying them: `vmreplicad`'s `GrowingLog`).
+struct Pooled {
+    buf: AlignedBuf,
+    home: std_mpsc::Sender<AlignedBuf>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.bytes()
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let _ = self.home.send(std::mem::take(&mut self.buf));
+    }
 }
 
 impl Prefetch {
@@ -253,7 +272,6 @@ impl Prefetch {
             readers,
             next_ask: 0,
             next_take: 0,
-            taken_from: 0,
         })
     }
 
@@ -264,20 +282,15 @@ impl Prefetch {
         self.next_ask = (self.next_ask + 1) % self.readers.len();
     }
 
-    /// The oldest read asked for and not yet taken: its offset and bytes.
-    pub(crate) async fn next(&mut self) -> io::Result<(u64, AlignedBuf)> {
+    /// The oldest read asked for and not yet taken: its offset and bytes, whose buffer goes back
+    /// to its reader once they are dropped.
+    pub(crate) async fn next(&mut self) -> io::Result<(u64, Bytes)> {
         let from = self.next_take;
         self.next_take = (from + 1) % self.readers.len();
-        self.taken_from = from;
         match self.readers[from].filled.recv().await {
             Some(read) => read,
             None => Err(io::Error::other("the scan's reader thread stopped")),
         }
-    }
-
-    /// Gives the buffer [`Prefetch::next`] returned last back for the next reads.
-    pub(crate) fn give_back(&self, buf: AlignedBuf) {
-        let _ = self.readers[self.taken_from].recycle.send(buf);
     }
 }
 
@@ -289,24 +302,26 @@ impl Reader {
         std::thread::Builder::new()
             .name("scan-read".into())
             .spawn(move || {
-                let mut made = 0;
                 // The buffer of a read that failed: not handed out, so it is used next.
                 let mut spare = None;
                 for (offset, len) in ask_rx {
-                    // At most BUFFERS buffers exist: a new one while fewer, else one given back.
-                    let mut buf = match spare.take().ok_or(()).or_else(|()| recycle_rx.try_recv()) {
-                        Ok(b) => b,
-                        Err(_) if made < BUFFERS => {
-                            made += 1;
-                            AlignedBuf::with_capacity(run + DIRECT_ALIGN)
-                        }
-                        Err(_) => match recycle_rx.recv() {
-                            Ok(b) => b,
-                            Err(_) => return,
-                        },
-                    };
+                    // A buffer given back, else a new one. Reads done ahead are at most BUFFERS
+                    // + 1 (the channel below, and the one waiting to be sent); the rest are held by
+                    // the scan or by the log it writes, which bounds what it keeps (a log sent from
+                    // memory: its pacing), so this never waits for one: a log that keeps slices of
+                    // every buffer would wait for the scan's next read forever.
+                    let mut buf = spare
+                        .take()
+                        .or_else(|| recycle_rx.try_recv().ok())
+                        .unwrap_or_else(|| AlignedBuf::with_capacity(run + DIRECT_ALIGN));
                     let read = match map.read_direct(offset, len, &mut buf) {
-                        Ok(()) => Ok((offset, buf)),
+                        Ok(()) => Ok((
+                            offset,
+                            Bytes::from_owner(Pooled {
+                                buf,
+                                home: recycle.clone(),
+                            }),
+                        )),
                         Err(e) => {
                             spare = Some(buf);
                             Err(e)
@@ -319,11 +334,7 @@ impl Reader {
                     }
                 }
             })?;
-        Ok(Reader {
-            asks,
-            filled,
-            recycle,
-        })
+        Ok(Reader { asks, filled })
     }
 }
 
@@ -405,12 +416,30 @@ mod tests {
             // Then every piece goes through the page cache: still compared below.
             eprintln!("this file system refused O_DIRECT: only the fallback is tested");
         }
+        // Every read is kept, as a log sent from memory keeps slices of them: the readers do not
+        // wait for buffers to come back.
+        let mut kept = Vec::new();
         for (o, n) in asks {
             let (at, got) = ahead.next().await.expect("read");
             assert_eq!(at, o);
-            assert_eq!(got.bytes(), &whole[o as usize..o as usize + n], "at {o}");
-            ahead.give_back(got);
+            assert_eq!(&got[..], &whole[o as usize..o as usize + n], "at {o}");
+            kept.push(got);
         }
+        drop(kept);
+
+        // A buffer dropped goes back to its reader and is read into again: reads alternate
+        // between the two readers, so the third read is the first one's reader's next.
+        let mut ahead = Prefetch::start(&map, run).expect("start");
+        ahead.ask(0, 4096);
+        let first = ahead.next().await.expect("read").1;
+        let at = first.as_ptr();
+        drop(first);
+        ahead.ask(4096, 4096);
+        let _second = ahead.next().await.expect("read").1;
+        ahead.ask(8192, 4096);
+        let third = ahead.next().await.expect("read").1;
+        assert_eq!(&third[..], &whole[8192..12288]);
+        assert_eq!(third.as_ptr(), at, "the buffer given back was used again");
     }
 
     /// A block device's size is what the kernel says (`/sys/block/<dev>/size`, 512-byte sectors),
@@ -479,7 +508,7 @@ mod tests {
         let map = FileMap::new(vec![File::open(&a).expect("a")], vec![range], 65536);
         let mut ahead = Prefetch::start(&map, 65536).expect("start");
         ahead.ask(0, 65536);
-        let err = ahead.next().await.err().expect("an error");
+        let err = ahead.next().await.expect_err("an error");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use wire::{LogEncodeError, LogWriter};
 
-use crate::aligned::AlignedBuf;
 use crate::nbd::{Extent, NbdError};
 use files::Prefetch;
 use hashmap::{block_count, block_hash, HashMapError, MapReader, MapWriter, ZERO};
@@ -44,6 +44,17 @@ pub trait Pace: Send + Sync {
     /// Resolves once the log has room for more; false when its consumer gave up (the scan stops
     /// then, even where it would write nothing for a long while).
     fn room(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+
+    /// The bytes of the read being scanned (`None` once it is scanned). The log's data comes from
+    /// them where it is written from the read's buffer (whole frames of data): a consumer that
+    /// keeps what it is given may keep slices of these instead of copies. They do not change while
+    /// any slice of them lives, and their buffer is read into again only after.
+    fn lend(&self, _bytes: Option<Bytes>) {}
+}
+
+/// Lends the read being scanned to the paced scan's consumer ([`Pace::lend`]).
+fn lend(bytes: Option<Bytes>) {
+    let _ = PACE.try_with(|pace| pace.lend(bytes));
 }
 
 tokio::task_local! {
@@ -434,8 +445,8 @@ struct Reads<'s, 'a> {
     run: usize,
     /// Chunks planned and not yet scanned (with `ahead`, their reads are asked for).
     planned: VecDeque<Vec<Step>>,
-    /// The buffer of the read being scanned, given back by [`Reads::done`].
-    held: Option<AlignedBuf>,
+    /// The bytes of the read being scanned, lent to the log's consumer until [`Reads::done`].
+    held: Option<Bytes>,
     buf: Vec<u8>,
 }
 
@@ -496,14 +507,23 @@ impl<'s, 'a> Reads<'s, 'a> {
                 buf.len()
             ))));
         }
-        Ok(self.held.insert(buf).bytes())
+        lend(Some(buf.clone()));
+        Ok(self.held.insert(buf))
     }
 
-    /// The bytes [`Reads::take`] returned are no longer needed.
+    /// The bytes [`Reads::take`] returned are no longer needed: their buffer goes back to its
+    /// reader once the log's consumer dropped what it kept of them.
     fn done(&mut self) {
-        if let (Some(ahead), Some(buf)) = (&self.ahead, self.held.take()) {
-            ahead.give_back(buf);
+        if self.held.take().is_some() {
+            lend(None);
         }
+    }
+}
+
+impl Drop for Reads<'_, '_> {
+    /// A scan that stopped on an error lends nothing any more either.
+    fn drop(&mut self) {
+        self.done();
     }
 }
 

@@ -257,7 +257,10 @@ async fn write_full_log_inner(
         )
     })?;
     let mut log = mode
-        .writer(BufWriter::with_capacity(1 << 20, out), header)
+        .writer(
+            BufWriter::with_capacity(crate::replication::growing::WRITE_BUFFER, out),
+            header,
+        )
         .map_err(|e| {
             fail(
                 format!("cannot start the log: {e}"),

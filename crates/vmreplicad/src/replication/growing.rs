@@ -12,7 +12,9 @@
 //!   and the last [`KEEP`] bytes sent stay for a resume: what a broken connection loses is what the
 //!   replica had not yet written down, at most its flow-control windows and a partial record, far
 //!   less than that. A resume from further back than is kept is refused with a clear error, and the
-//!   log is built again by the next attempt.
+//!   log is built again by the next attempt. Whole frames of data the scan writes straight from a
+//!   read's buffer are kept as slices of that buffer, not copied ([`disk::scan::Pace::lend`]); the
+//!   buffer is read into again only once the last slice of it is dropped.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -30,6 +32,12 @@ pub const AHEAD: u64 = 16 << 20;
 /// from after a restart: replication::staged::CHECKPOINT_MAX_LAG, checked there).
 pub const KEEP: u64 = 80 << 20;
 
+/// The buffer in front of a log's output ([`LogOut`]), for the small records. Smaller than a frame
+/// of data, so a whole frame written from a scan's read passes through it to the output in one
+/// write, unbuffered, and an in-memory log keeps it as a slice of the read ([`disk::scan::Pace::lend`]).
+pub const WRITE_BUFFER: usize = 1 << 20;
+const _: () = assert!(WRITE_BUFFER < wire::limits::MAX_FRAME_RAW);
+
 /// A log that may still be being written while it is sent: how much of it is written, and once
 /// complete its hash and length.
 #[derive(Default)]
@@ -45,6 +53,9 @@ struct Memory {
     kept: Mutex<Kept>,
     /// The upload took bytes, or gave up.
     room: tokio::sync::Notify,
+    /// The read the scan writing the log is on ([`disk::scan::Pace::lend`]): bytes written from
+    /// it are kept as slices of it, not copied.
+    lent: Mutex<Option<Bytes>>,
 }
 
 #[derive(Default)]
@@ -95,6 +106,7 @@ impl GrowingLog {
             memory: Some(Memory {
                 kept: Mutex::new(Kept::default()),
                 room: tokio::sync::Notify::new(),
+                lent: Mutex::new(None),
             }),
             ..GrowingLog::default()
         }
@@ -135,11 +147,16 @@ impl GrowingLog {
         let _ = tokio::time::timeout(Duration::from_millis(5), self.changed.notified()).await;
     }
 
-    /// Appends `buf` to an in-memory log. Fails once the upload gave up ([`GrowingLog::close`]),
-    /// so the build stops instead of reading the rest of the disk for nothing.
+    /// Appends `buf` to an in-memory log: a slice of the lent read if it lies in it, else a copy.
+    /// Fails once the upload gave up ([`GrowingLog::close`]), so the build stops instead of reading
+    /// the rest of the disk for nothing.
     fn append(&self, buf: &[u8]) -> std::io::Result<()> {
         let Some(m) = &self.memory else {
             return Err(std::io::Error::other("not an in-memory log"));
+        };
+        let piece = match &*lock(&m.lent) {
+            Some(lent) if within(lent, buf) => lent.slice_ref(buf),
+            _ => Bytes::copy_from_slice(buf),
         };
         {
             let mut kept = lock(&m.kept);
@@ -149,7 +166,7 @@ impl GrowingLog {
                     "the upload of this log stopped",
                 ));
             }
-            kept.chunks.push_back(Bytes::copy_from_slice(buf));
+            kept.chunks.push_back(piece);
             // Bytes before a resume's offset ([`GrowingLog::skip_to`]) are never sent.
             kept.trim();
         }
@@ -263,6 +280,22 @@ impl disk::scan::Pace for GrowingLog {
     fn room(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         Box::pin(self.wait_for_room())
     }
+
+    fn lend(&self, bytes: Option<Bytes>) {
+        if let Some(m) = &self.memory {
+            *lock(&m.lent) = bytes;
+        }
+    }
+}
+
+/// True when `part` lies within `whole`'s bytes ([`Bytes::slice_ref`] then takes it without a copy).
+fn within(whole: &Bytes, part: &[u8]) -> bool {
+    let (start, end) = (
+        whole.as_ptr() as usize,
+        whole.as_ptr() as usize + whole.len(),
+    );
+    let at = part.as_ptr() as usize;
+    !part.is_empty() && at >= start && at + part.len() <= end
 }
 
 /// Waits for the log to be complete: its hash and length, or why it could not be written.
@@ -377,6 +410,26 @@ mod tests {
         assert!(matches!(log.take(0, 10), Taken::Gone(k) if k == sent - KEEP));
         assert_eq!(bytes_of(log.take(sent - KEEP, 10)).len(), 10);
         assert!(matches!(log.take(written, 10), Taken::NotYet));
+    }
+
+    #[test]
+    fn bytes_written_from_the_lent_read_are_kept_as_slices_of_it() {
+        use disk::scan::Pace;
+        let log = Arc::new(GrowingLog::in_memory());
+        let mut out = LogOut::Memory(log.clone());
+        let read = Bytes::from(vec![9u8; 1 << 20]);
+        log.lend(Some(read.clone()));
+        out.write_all(b"head").unwrap(); // not in the read: copied
+        out.write_all(&read[4096..8192]).unwrap(); // a slice of it
+        log.lend(None);
+        out.write_all(&read[..10]).unwrap(); // no longer lent: copied
+        assert_eq!(&bytes_of(log.take(0, 100))[..], b"head");
+        let slice = bytes_of(log.take(4, 1 << 20));
+        assert_eq!(slice.len(), 4096);
+        assert_eq!(slice.as_ptr(), read[4096..].as_ptr(), "kept without a copy");
+        let copied = bytes_of(log.take(4 + 4096, 100));
+        assert_eq!(&copied[..], &read[..10]);
+        assert_ne!(copied.as_ptr(), read.as_ptr());
     }
 
     #[tokio::test]

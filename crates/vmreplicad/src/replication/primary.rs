@@ -1033,7 +1033,10 @@ impl PrimarySide {
         let file = LogOut::create(&path, Some(growing))
             .map_err(|e| CycleError::Failed(format!("{}: {e}", path.display())))?;
         let mut log = mode
-            .writer(BufWriter::with_capacity(1 << 20, file), header)
+            .writer(
+                BufWriter::with_capacity(crate::replication::growing::WRITE_BUFFER, file),
+                header,
+            )
             .map_err(|e| CycleError::Failed(e.to_string()))?;
         let mut maps = Vec::new();
         // A turned-off VM's files, as they were before they were read (replication::journal).
