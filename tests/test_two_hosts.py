@@ -1607,6 +1607,66 @@ def test_an_initial_replication_cut_off_by_sigkill_runs_again_from_where_the_rep
     assert resumed and resumed[0] >= offset > 0, (resumed, offset)
 
 
+def test_a_running_vms_initial_replication_cut_off_by_sigkill_goes_on_from_its_frozen_point(lab, tmp_path):
+    """The primary's daemon is killed during a running VM's network initial replication. The point
+    it froze stays in the VM's QEMU process while the guest keeps writing, and the run again goes on
+    from it: only the rest of the log is sent, point 1 is the disk as it was at the freeze, and the
+    next cycle ships what the guest wrote meanwhile."""
+    import signal
+
+    reference = random_raw(tmp_path / "frz01.raw", "64M", 24 << 20)  # the disk at the freeze
+    disk = tmp_path / "frz01.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", reference, disk)
+    qsd = Qsd(disk, tmp_path)
+    try:
+        # Slow enough to be cut off; the next cycle 15 s after the commit, so point 1 is looked at
+        # before a delta follows it.
+        lab.primary.stop()
+        interval = lab.primary.extra_args.index("--cycle-interval-override") + 1
+        lab.primary.extra_args[interval] = "15"
+        lab.primary.extra_args += ["--bandwidth-limit", "2M"]
+        lab.primary.start()
+        vm_id = str(uuid.uuid4()).upper()
+        lab.primary.cli("vm", "add", "--name", "frz01", "--id", vm_id, "--disk", str(disk),
+                        "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
+        lab.primary.cli("enable", "frz01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                        "--thumbprint", lab.t1, "--no-compression")
+        p = lab.primary.conn()
+        vm = vm_by_name(p, "frz01")
+        assert vm["EnabledState"] == 2  # running
+        rv, _ = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                               ComputerSystem=vm.path, InitialReplicationType=Uint16(1))
+        assert rv == 4096
+        incoming = lab.storage / vm_id.lower() / "incoming"
+        wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) >= 4 << 20],
+                 timeout=30, what="4 MiB of log 1 on the replica")
+        lab.primary.proc.send_signal(signal.SIGKILL)
+        lab.primary.proc.wait()
+        with raw_peer(lab) as c:
+            res = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/1")
+        assert res.status_code == 200 and res.json()["state"] == 1, res.text
+        offset = res.json()["offset"]
+        # The guest writes while the primary is down: over data the replica holds, and over data
+        # not sent yet.
+        qsd.write("write -P 0x5a 0 1M", "write -P 0xa5 20M 512k")
+        lab.primary.start()
+        lab.primary.cli("start", "frz01")  # runs again to the end
+        wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="point 1 after the rerun")
+        point1 = lab.storage / vm_id.lower() / "disk0" / f"p{1:020}.qcow2"
+        res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(point1), str(reference)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        log = plain_log(lab.primary)
+        assert "the initial replica goes on from an earlier delivery of the same log" in log, log[-3000:]
+        resumed = [int(m) for m in re.findall(r"resuming the upload.* offset=(\d+)", log)]
+        assert resumed and resumed[0] >= offset > 0, (resumed, offset)
+        # What the guest wrote since the freeze is the next cycle's, from the bitmap that recorded it.
+        latest_point_equals(lab.storage / vm_id.lower(), qsd.url, "raw", at_least=2)
+        assert "hash-scanning it once" not in plain_log(lab.primary)
+    finally:
+        qsd.stop()
+
+
 def test_an_initial_replication_run_again_after_its_disk_changed_starts_over(lab, tmp_path):
     import os
 

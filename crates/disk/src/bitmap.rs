@@ -99,6 +99,22 @@ pub struct FrozenDisk {
     others: Vec<String>,
 }
 
+/// Drivers of nodes that name an image's file without being its format node: protocols, and
+/// filters (a backup job's own, and those a VM's configuration may put above a disk).
+const FILTERS_AND_PROTOCOLS: &[&str] = &[
+    "file",
+    "host_device",
+    "copy-before-write",
+    "backup-top",
+    "snapshot-access",
+    "throttle",
+    "copy-on-read",
+    "preallocate",
+    "compress",
+    "blkdebug",
+    "blklogwrites",
+];
+
 /// Prefix of bitmaps other parts of vmreplica keep on a node, which a frozen point exports too.
 pub const OTHER_PREFIX: &str = "vmr-";
 
@@ -267,7 +283,10 @@ impl BitmapTracker {
         self
     }
 
-    /// The format node (not the protocol node) whose image is the file `path`.
+    /// The format node (not the protocol node) whose image is the file `path`; not a filter above
+    /// it, which names the same file: the one a backup job puts there (`copy-before-write`,
+    /// `backup-top` before QEMU 6.2; a frozen point an earlier session left has one:
+    /// [`BitmapTracker::adopt`]), or a VM's own (`throttle`, ...).
     pub async fn node_for_image(&mut self, path: &Path) -> Result<String, BitmapError> {
         let nodes = self
             .qmp
@@ -285,7 +304,7 @@ impl BitmapTracker {
             .filter(|n| {
                 n["drv"]
                     .as_str()
-                    .is_some_and(|d| d != "file" && d != "host_device")
+                    .is_some_and(|d| !FILTERS_AND_PROTOCOLS.contains(&d))
             })
             .filter(|n| {
                 n["node-name"]
@@ -460,6 +479,93 @@ impl BitmapTracker {
         Ok(point)
     }
 
+    /// The frozen point of `nodes` that [`BitmapTracker::freeze`] took in this QEMU process, each
+    /// node's changes in bitmap `generations[i]`, if an earlier session left all of it there (its
+    /// daemon stopped before it committed or aborted the point): every node's fleecing export, job
+    /// and node, that generation's bitmap disabled and the next one recording, none inconsistent.
+    /// Such a view still reads as the disks read at the freeze, whatever the guest wrote since. The
+    /// point exports no other bitmaps ([`FrozenPoint::other_bitmap`] finds none). None when a part
+    /// is missing: then [`BitmapTracker::recover`] clears what is left.
+    pub async fn adopt(
+        &mut self,
+        nodes: &[&str],
+        generations: &[u64],
+    ) -> Result<Option<FrozenPoint>, BitmapError> {
+        if nodes.len() != generations.len() || nodes.is_empty() {
+            return Ok(None);
+        }
+        let exports = self.qmp.execute("query-block-exports", None).await?;
+        let jobs = self.qmp.execute("query-block-jobs", None).await?;
+        let mut disks = Vec::with_capacity(nodes.len());
+        for (node, &generation) in nodes.iter().zip(generations) {
+            let fleece_node = format!("vmr-fleece-{node}");
+            let (job_id, export) = (
+                format!("vmr-fleece-job-{node}"),
+                format!("vmr-frozen-{node}"),
+            );
+            let fleece_file = self.work_dir.join(format!("{fleece_node}.qcow2"));
+            let exported = exports.as_array().is_some_and(|l| {
+                l.iter().any(|e| {
+                    e["id"] == export.as_str()
+                        && e["node-name"] == fleece_node.as_str()
+                        && e["shutting-down"].as_bool() != Some(true)
+                })
+            });
+            let backing_up = jobs.as_array().is_some_and(|l| {
+                l.iter().any(|j| {
+                    j["device"] == job_id.as_str()
+                        && j["type"] == "backup"
+                        && j["status"] == "running"
+                })
+            });
+            if !exported || !backing_up || !fleece_file.exists() {
+                return Ok(None);
+            }
+            match self.node_info(&fleece_node).await {
+                Ok(_) => {}
+                Err(BitmapError::NoSuchNode(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            let info = self.node_info(node).await?;
+            let bitmap = |name: String| {
+                info["dirty-bitmaps"]
+                    .as_array()
+                    .and_then(|l| l.iter().find(|b| b["name"] == name.as_str()).cloned())
+            };
+            let (Some(frozen), Some(next)) = (
+                bitmap(bitmap_name(generation)),
+                bitmap(bitmap_name(generation + 1)),
+            ) else {
+                return Ok(None);
+            };
+            let clean = |b: &Value| b["inconsistent"].as_bool() != Some(true);
+            if !clean(&frozen)
+                || !clean(&next)
+                || frozen["recording"].as_bool() != Some(false)
+                || next["recording"].as_bool() != Some(true)
+            {
+                return Ok(None);
+            }
+            disks.push(FrozenDisk {
+                node: node.to_string(),
+                size: info["image"]["virtual-size"].as_u64().unwrap_or(0),
+                generation,
+                persistent: can_persist(&info),
+                fleece_node,
+                fleece_file,
+                job_id,
+                export,
+                others: Vec::new(),
+            });
+        }
+        // The NBD server the export is published on still runs (`ensure_nbd_server` finds it).
+        self.ensure_nbd_server().await?;
+        Ok(Some(FrozenPoint {
+            disks,
+            socket: self.nbd_socket.clone(),
+        }))
+    }
+
     async fn teardown(&mut self, d: &FrozenDisk) -> Result<(), BitmapError> {
         let _ = self
             .qmp
@@ -522,6 +628,11 @@ fn create_fleece_image(path: &Path, size: u64) -> Result<(), BitmapError> {
 }
 
 impl FrozenPoint {
+    /// Each disk's generation: what [`BitmapTracker::adopt`] needs to find this point again.
+    pub fn generations(&self) -> Vec<u64> {
+        self.disks.iter().map(|d| d.generation).collect()
+    }
+
     /// The NBD meta context of disk `index`'s changes.
     pub fn dirty_context(&self, index: usize) -> String {
         dirty_bitmap_context(&bitmap_name(self.disks[index].generation))

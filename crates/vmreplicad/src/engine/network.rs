@@ -129,14 +129,19 @@ pub async fn open_empty_replica(
     Ok((session, put))
 }
 
-/// The delivery of a turned-off VM's log 1, recorded before its upload starts
+/// The delivery of a VM's log 1, recorded before its upload starts
 /// (`tracking/<VMID>/initial-delivery.json`), so that the initial replication run again after the
-/// primary restarted (or after the job gave up on an outage) sends only what the replica does not
-/// hold yet: it builds the same log again (the same point time and compression, so the same bytes
-/// while the disks are unchanged) and uploads it under the same id, from the replica's offset
-/// (docs/protocol.md §5.3). Disk files whose fingerprints changed since (a VM started and stopped
-/// meanwhile, a tool that wrote them) make a run start over at once; a change the fingerprints
-/// miss makes other bytes, which the replica's check of the whole log's hash refuses, and the job
+/// primary restarted (or, for a turned-off VM, after the job gave up on an outage) sends only what
+/// the replica does not hold yet: it builds the same log again (the same point time and
+/// compression, so the same bytes while what it reads is unchanged) and uploads it under the same
+/// id, from the replica's offset (docs/protocol.md §5.3).
+///
+/// A turned-off VM's disk files whose fingerprints changed since (a VM started and stopped
+/// meanwhile, a tool that wrote them) make a run start over at once. A running VM's log is read
+/// from the frozen point its QEMU process holds (`frozen`: each disk's bitmap generation), which
+/// stays there when this daemon stops: a run again goes on only if the process still holds all of
+/// it ([`RunningPoint::adopt`]), and reads the disks as they were at the freeze. A change nothing
+/// saw makes other bytes, which the replica's check of the whole log's hash refuses, and the job
 /// then starts over under a new upload. Removed once the log is committed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Delivery {
@@ -151,6 +156,10 @@ struct Delivery {
     /// The version of vmreplicad that built the log, and its log format ([`builder`]): another
     /// may build other bytes.
     built_by: String,
+    /// A running VM's: the bitmap generation of each disk's frozen point; None for a turned-off
+    /// VM's files.
+    #[serde(default)]
+    frozen: Option<Vec<u64>>,
 }
 
 /// Who builds a log, for [`Delivery::built_by`]: the product version and the log format version
@@ -180,6 +189,14 @@ impl Delivery {
         if self.built_by != builder(mode.format) {
             return Some("another version of vmreplicad, or another log format, built it");
         }
+        let running = power::enabled_state(&vm.power) == power::ENABLED;
+        match (running, self.frozen.is_some()) {
+            // Whether its QEMU process still holds the point is asked next (`RunningPoint::adopt`).
+            (true, true) => return None,
+            (true, false) => return Some("the VM was turned off then and runs now"),
+            (false, true) => return Some("the VM ran then and is turned off now"),
+            (false, false) => {}
+        }
         let now: Option<Vec<Fingerprint>> = fingerprints(&vm.disks);
         (now.as_ref() != Some(&self.prints) || self.prints.is_empty())
             .then_some("a disk file changed since")
@@ -207,6 +224,12 @@ impl Delivery {
     fn forget(tracking: &Path) {
         let _ = std::fs::remove_file(Self::file(tracking));
     }
+}
+
+/// Forgets the recorded delivery of `vm`'s log 1, if any: a new frozen point of the running VM
+/// replaces the one it was read from ([`RunningPoint::freeze`]).
+pub fn forget_delivery(data_dir: &Path, vm: Uuid) {
+    Delivery::forget(&super::reverse::tracking_dir(data_dir, vm));
 }
 
 /// The fingerprints of every file of `disks` (None if one cannot be read).
@@ -254,17 +277,16 @@ pub async fn run(
         .join(vm.id.to_string().to_uppercase())
         .join(format!("{:020}.vrlog", 1));
     let mode = session.log_mode(rel.settings.compression_enabled);
-    let running = freeze_if_running(&vm, &job.data_dir).await?;
-    let offline = running.is_none();
     // A turned-off VM's qcow2 disks record what is written to them from before they are read
     // (engine::offline), for a failback.
     let tracking = super::reverse::tracking_dir(&job.data_dir, vm.id);
-    // A turned-off VM's log can be built again the same after a restart of this host: its
-    // delivery is recorded, and an earlier one goes on when the replica holds some of it and the
-    // files are as that one left them (checked before this run's rotation changes them). A running
-    // VM's frozen point is gone with the process that froze it.
-    let earlier = match (&running, Delivery::recorded(&tracking)) {
-        (None, Some(d)) => match d.changed(&vm, mode) {
+    // The log can be built again the same after a restart of this host: its delivery is recorded,
+    // and an earlier one goes on when the replica holds some of it and what it was read from is
+    // still there: a turned-off VM's files as that one left them (checked before this run's
+    // rotation changes them), a running VM's frozen point in its QEMU process (adopted before a
+    // new freeze would clear it).
+    let mut earlier = match Delivery::recorded(&tracking) {
+        Some(d) => match d.changed(&vm, mode) {
             None if replica_holds(&mut session, vm.id, d.upload_id).await => Some(d),
             None => None,
             Some(why) => {
@@ -272,8 +294,27 @@ pub async fn run(
                 None
             }
         },
-        _ => None,
+        None => None,
     };
+    let adopted = match earlier.as_ref().and_then(|d| d.frozen.as_deref()) {
+        Some(generations) => match RunningPoint::adopt(&vm, &job.data_dir, generations).await {
+            Ok(point) => point,
+            Err(e) => {
+                tracing::warn!(vm = %vm.id, "looking for the earlier delivery's frozen point: {}", e.message());
+                None
+            }
+        },
+        None => None,
+    };
+    if earlier.as_ref().is_some_and(|d| d.frozen.is_some()) && adopted.is_none() {
+        tracing::info!(vm = %vm.id, "the initial replica starts over, not from its earlier delivery: the VM's QEMU process no longer holds its frozen point");
+        earlier = None;
+    }
+    let running = match adopted {
+        Some(point) => Some(point),
+        None => freeze_if_running(&vm, &job.data_dir).await?,
+    };
+    let offline = running.is_none();
     let rotation = match running {
         None => super::offline::Rotation::before_read(&vm.disks, &tracking, true).await,
         Some(_) => super::offline::Rotation::none(),
@@ -293,13 +334,14 @@ pub async fn run(
         disks: vm.disks.clone(),
         prints: Vec::new(),
         built_by: builder(mode.format),
+        frozen: running.as_ref().map(RunningPoint::generations),
     });
     let sent = loop {
         if offline {
             // As the rotation left the files, for the next run to compare.
             delivery.prints = fingerprints(&vm.disks).unwrap_or_default();
-            delivery.record(&tracking);
         }
+        delivery.record(&tracking);
         let sent = send_full(
             &ctx,
             &job,
@@ -317,7 +359,10 @@ pub async fn run(
         };
         tracing::warn!(vm = %vm.id, "the initial replica starts over under a new upload: the log built again for its earlier delivery was refused ({})", f.message);
         delivery.upload_id = Uuid::new_v4();
-        delivery.point_time_micros = now() * 1_000_000;
+        if offline {
+            // The files are read again now; a running VM's point stays the one frozen then.
+            delivery.point_time_micros = now() * 1_000_000;
+        }
         resumed = false;
     };
     if let Some(r) = running {
@@ -421,7 +466,7 @@ async fn send_full(
             let ctx = ctx.clone();
             std::sync::Arc::new(move || ctx.is_cancelled())
         }),
-        (running.is_none().then_some(delivery.upload_id), resumed),
+        (Some(delivery.upload_id), resumed),
     );
     let (built, delivered) = tokio::join!(build, send);
     // The delivery stays recorded for a run after this host's restart, a broken connection or a

@@ -97,6 +97,9 @@ impl RunningPoint {
             )));
         };
         let (work, socket) = work_paths(data_dir, vm);
+        // Below, `recover` ends any point an earlier session left in the process: a recorded
+        // delivery of an initial replication read from one must not find another later.
+        super::network::forget_delivery(data_dir, vm.id);
         let tracker = BitmapTracker::connect(Path::new(qmp), &work)
             .await
             .map_err(failed)?;
@@ -138,6 +141,48 @@ impl RunningPoint {
             point,
             by_bitmap,
         })
+    }
+
+    /// The frozen point of an initial replication (every disk read whole) that an earlier run of
+    /// this daemon took of `vm` and left in its QEMU process when it stopped, each disk's changes
+    /// in bitmap `generations[i]` ([`RunningPoint::generations`]); None when the process no longer
+    /// holds all of it (it restarted, or the point was ended).
+    pub async fn adopt(
+        vm: &VmRow,
+        data_dir: &Path,
+        generations: &[u64],
+    ) -> Result<Option<RunningPoint>, RunningError> {
+        let Some(qmp) = vm.power.qmp_socket.as_deref() else {
+            return Ok(None);
+        };
+        let (work, socket) = work_paths(data_dir, vm);
+        let tracker = BitmapTracker::connect(Path::new(qmp), &work)
+            .await
+            .map_err(failed)?;
+        let mut tracker = match vm.power.nbd_socket.as_deref() {
+            Some(existing) => tracker.with_nbd_server(Path::new(existing)),
+            None => tracker.with_nbd_socket(&socket),
+        };
+        let mut nodes = Vec::new();
+        for path in &vm.disks {
+            match tracker.node_for_image(Path::new(path)).await {
+                Ok(node) => nodes.push(node),
+                Err(disk::bitmap::BitmapError::NoSuchNode(_)) => return Ok(None),
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        let point = tracker.adopt(&names, generations).await.map_err(failed)?;
+        Ok(point.map(|point| RunningPoint {
+            tracker,
+            point,
+            by_bitmap: vec![false; vm.disks.len()],
+        }))
+    }
+
+    /// Each disk's bitmap generation of this point, for [`RunningPoint::adopt`].
+    pub fn generations(&self) -> Vec<u64> {
+        self.point.generations()
     }
 
     /// Reads disk `index` of the point into `log`: the changes since `previous` (the last shipped
