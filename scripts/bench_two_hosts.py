@@ -15,7 +15,11 @@
    the table says whether every cycle finished within its interval (the live check of 2).
 
     python3 scripts/bench_two_hosts.py [--size 8G] [--churn 2G] [--dir bench-data/two-hosts]
-                                       [--live-churn 50,100,150] [--dest /dev/shm]
+                                       [--live-churn 50,100,150] [--dest /dev/shm] [--repeat 5]
+
+With --repeat N, the initial replication table (1) is measured N times, each in a fresh run (a new
+image, new hosts), and a summary gives each run's ratio and their median: on a shared machine
+`qemu-img convert`'s own time moves a lot from run to run.
 
 Both hosts share this machine's disk and cores; two real hosts each have their own. --dest puts
 every copy (the replica's storage, the convert and rsync targets) on another device, as the
@@ -163,6 +167,49 @@ def prepare(dir_arg, size_text):
     return work, image
 
 
+def repeat(n):
+    """Runs this script `n` times with --ir-only (the same binaries, built once) and summarizes the
+    initial replication's ratios."""
+    env = dict(os.environ)
+    if not env.get("VMREPLICA_BENCH_BIN"):
+        print("building release binaries ...", flush=True)
+        sh("cargo", "build", "--release", "--locked", "-p", "vmreplicad", "-p", "vmreplica", cwd=ROOT)
+        env["VMREPLICA_BENCH_BIN"] = str(BIN)
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--repeat="):
+            skip = False
+        elif a == "--repeat":
+            skip = True
+        else:
+            argv.append(a)
+    rows = []
+    for run in range(1, n + 1):
+        print(f"run {run} of {n}", flush=True)
+        out = subprocess.run([sys.executable, __file__, *argv, "--ir-only"], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        print(out, flush=True)
+        secs = {}
+        for name in ("qemu-img convert (local full copy)", "qemu-img convert -t writeback",
+                     "vmreplica initial replication over TLS (committed)"):
+            line = next(l for l in out.splitlines() if l.startswith(f"| {name}"))
+            secs[name] = float(line.split("|")[2])
+        if "replica point 1 equals the image: True" not in out:
+            sys.exit(f"run {run}: the replica's point 1 does not equal the image")
+        rows.append(tuple(secs.values()))
+    print(f"Initial replication, {n} runs:")
+    print("| run | convert s | convert flushed s | vmreplica s | vs convert | vs flushed |")
+    print("|---|---|---|---|---|---|")
+    for i, (plain, flushed, ours) in enumerate(rows, 1):
+        print(f"| {i} | {plain:.2f} | {flushed:.2f} | {ours:.2f} | {plain / ours:.2f}x | {flushed / ours:.2f}x |")
+    ratios = sorted(p / o for p, _, o in rows)
+    flushed = sorted(f / o for _, f, o in rows)
+    print(f"| median | | | {sorted(o for *_, o in rows)[n // 2]:.2f} | {ratios[n // 2]:.2f}x "
+          f"| {flushed[n // 2]:.2f}x |")
+    print(f"vs convert: {min(ratios):.2f}x to {max(ratios):.2f}x; at least 0.7x in "
+          f"{sum(r >= 0.7 for r in ratios)} of {n} runs")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="8G")
@@ -175,9 +222,14 @@ def main():
                     help="where every copy lands (the replica's storage, the convert and rsync targets) "
                          "instead of --dir: another device, as the replica host's own disk would be")
     ap.add_argument("--ir-only", action="store_true", help="stop after the initial replication table")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure the initial replication this many times (implies --ir-only) and "
+                         "summarize the ratios")
     ap.add_argument("--perf", default="",
                     help="record `perf record -a` into this file during the initial replication")
     args = ap.parse_args()
+    if args.repeat > 1:
+        return repeat(args.repeat)
     bench_tools.ensure("rsync", "qemu-img", "qemu-io")
     size, churn = size_arg(args.size), size_arg(args.churn)
     work, image = prepare(args.dir, args.size)
