@@ -1562,29 +1562,35 @@ def test_an_initial_replication_waiting_for_its_stopped_recovery_server_is_cance
     latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
 
 
+def kill_primary_mid_log_1(lab, vm_id):
+    """SIGKILLs the primary once the replica holds 4 MiB of `vm_id`'s log 1; returns the offset the
+    replica reports for the cut-off upload."""
+    import signal
+
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    # Asked by file: a status request would stop the replica's handler of the upload at once.
+    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) >= 4 << 20],
+             timeout=30, what="4 MiB of log 1 on the replica")
+    lab.primary.proc.send_signal(signal.SIGKILL)
+    lab.primary.proc.wait()
+    with raw_peer(lab) as c:
+        res = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/1")
+    assert res.status_code == 200 and res.json()["state"] == 1, res.text
+    return res.json()["offset"]
+
+
 def cut_off_network_ir(lab, tmp_path, name, fmt="raw"):
     """A turned-off VM's network initial replication (24 MiB of data at 2 MB/s) cut off by a SIGKILL
     of the primary once the replica holds some of it; the primary is started again. Returns (its id,
     its disk, the primary's connection, the replica's offset in the cut-off upload)."""
-    import signal
-
     disk = random_raw(tmp_path / f"{name}.raw", "64M", 24 << 20)
     if fmt == "qcow2":  # its bitmaps rotate before it is read (engine::offline)
         run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, tmp_path / f"{name}.qcow2")
         disk.unlink()
         disk = tmp_path / f"{name}.qcow2"
     vm_id, p, job_path = start_network_ir(lab, name, disk, "2M")  # slow enough to be cut off
-    incoming = lab.storage / vm_id.lower() / "incoming"
     wait_for(lambda: vm_by_name(p, name)["ReplicationState"] == 2, what="initial replication running")
-    # Asked by file: a status request would stop the replica's handler of the upload at once.
-    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) >= 4 << 20],
-             timeout=20, what="4 MiB of log 1 on the replica")
-    lab.primary.proc.send_signal(signal.SIGKILL)
-    lab.primary.proc.wait()
-    with raw_peer(lab) as c:
-        res = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/1")
-    assert res.status_code == 200 and res.json()["state"] == 1, res.text
-    offset = res.json()["offset"]
+    offset = kill_primary_mid_log_1(lab, vm_id)
     lab.primary.start()
     p = lab.primary.conn()
     assert vm_by_name(p, name)["ReplicationState"] == 1  # back to Ready, not stuck in 2
@@ -1612,8 +1618,6 @@ def test_a_running_vms_initial_replication_cut_off_by_sigkill_goes_on_from_its_f
     it froze stays in the VM's QEMU process while the guest keeps writing, and the run again goes on
     from it: only the rest of the log is sent, point 1 is the disk as it was at the freeze, and the
     next cycle ships what the guest wrote meanwhile."""
-    import signal
-
     reference = random_raw(tmp_path / "frz01.raw", "64M", 24 << 20)  # the disk at the freeze
     disk = tmp_path / "frz01.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", reference, disk)
@@ -1637,15 +1641,7 @@ def test_a_running_vms_initial_replication_cut_off_by_sigkill_goes_on_from_its_f
         rv, _ = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
                                ComputerSystem=vm.path, InitialReplicationType=Uint16(1))
         assert rv == 4096
-        incoming = lab.storage / vm_id.lower() / "incoming"
-        wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) >= 4 << 20],
-                 timeout=30, what="4 MiB of log 1 on the replica")
-        lab.primary.proc.send_signal(signal.SIGKILL)
-        lab.primary.proc.wait()
-        with raw_peer(lab) as c:
-            res = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/1")
-        assert res.status_code == 200 and res.json()["state"] == 1, res.text
-        offset = res.json()["offset"]
+        offset = kill_primary_mid_log_1(lab, vm_id)
         # The guest writes while the primary is down: over data the replica holds, and over data
         # not sent yet.
         qsd.write("write -P 0x5a 0 1M", "write -P 0xa5 20M 512k")

@@ -5,7 +5,7 @@ mod common;
 
 use proptest::prelude::*;
 use wire::{
-    verify, Compression, Content, DiskInfo, FrameData, LogReader, LogSummary, LogWriter,
+    verify, Compression, Content, DiskInfo, Extent, FrameData, LogReader, LogSummary, LogWriter,
     OwnedContent, DATA_ALIGN,
 };
 
@@ -35,22 +35,27 @@ fn write(ops: &[Op], header: wire::LogHeader, compression: Compression) -> (Vec<
     w.finish().expect("finish")
 }
 
+/// The extent as an [`Op`].
+fn op(e: Extent<'_>) -> Op {
+    match e.content {
+        Content::Data(data) => Op::Data {
+            disk: e.disk,
+            offset: e.offset,
+            data: data.to_vec(),
+        },
+        Content::Zero(len) => Op::Zero {
+            disk: e.disk,
+            offset: e.offset,
+            len,
+        },
+    }
+}
+
 fn read(log: &[u8]) -> (Vec<Op>, LogSummary) {
     let mut r = LogReader::open(log, &common::expect()).expect("open");
     let mut ops = Vec::new();
     while let Some(e) = r.next_extent().expect("valid log") {
-        ops.push(match e.content {
-            Content::Data(data) => Op::Data {
-                disk: e.disk,
-                offset: e.offset,
-                data: data.to_vec(),
-            },
-            Content::Zero(len) => Op::Zero {
-                disk: e.disk,
-                offset: e.offset,
-                len,
-            },
-        });
+        ops.push(op(e));
     }
     (ops, r.summary().expect("complete").clone())
 }
@@ -65,18 +70,7 @@ fn read_frames(log: &[u8], mixed: bool) -> (Vec<Op>, LogSummary) {
     loop {
         if mixed {
             match r.next_extent().expect("valid log") {
-                Some(e) => ops.push(match e.content {
-                    Content::Data(data) => Op::Data {
-                        disk: e.disk,
-                        offset: e.offset,
-                        data: data.to_vec(),
-                    },
-                    Content::Zero(len) => Op::Zero {
-                        disk: e.disk,
-                        offset: e.offset,
-                        len,
-                    },
-                }),
+                Some(e) => ops.push(op(e)),
                 None => break,
             }
         }

@@ -67,6 +67,19 @@ fn work_paths(data_dir: &Path, vm: &VmRow) -> (PathBuf, PathBuf) {
     (work, socket)
 }
 
+/// A tracker of `vm`'s QEMU process (QMP socket `qmp`), whose frozen points are exported by the
+/// NBD server the VM's definition names, else by one it starts at the VM's own socket.
+async fn tracker(vm: &VmRow, qmp: &str, data_dir: &Path) -> Result<BitmapTracker, RunningError> {
+    let (work, socket) = work_paths(data_dir, vm);
+    let tracker = BitmapTracker::connect(Path::new(qmp), &work)
+        .await
+        .map_err(failed)?;
+    Ok(match vm.power.nbd_socket.as_deref() {
+        Some(existing) => tracker.with_nbd_server(Path::new(existing)),
+        None => tracker.with_nbd_socket(&socket),
+    })
+}
+
 /// What the QEMU process of `vm` tracked on its disks since the last shipped point, in bytes
 /// (`PendingReplicationSize`); None when any disk is not tracked (its changes are unknown until the
 /// next cycle scans it) or the process cannot be asked.
@@ -96,17 +109,10 @@ impl RunningPoint {
                 vm.name
             )));
         };
-        let (work, socket) = work_paths(data_dir, vm);
         // Below, `recover` ends any point an earlier session left in the process: a recorded
         // delivery of an initial replication read from one must not find another later.
         super::network::forget_delivery(data_dir, vm.id);
-        let tracker = BitmapTracker::connect(Path::new(qmp), &work)
-            .await
-            .map_err(failed)?;
-        let mut tracker = match vm.power.nbd_socket.as_deref() {
-            Some(existing) => tracker.with_nbd_server(Path::new(existing)),
-            None => tracker.with_nbd_socket(&socket),
-        };
+        let mut tracker = tracker(vm, qmp, data_dir).await?;
         let mut nodes = Vec::new();
         let mut by_bitmap = Vec::new();
         for path in &vm.disks {
@@ -155,14 +161,7 @@ impl RunningPoint {
         let Some(qmp) = vm.power.qmp_socket.as_deref() else {
             return Ok(None);
         };
-        let (work, socket) = work_paths(data_dir, vm);
-        let tracker = BitmapTracker::connect(Path::new(qmp), &work)
-            .await
-            .map_err(failed)?;
-        let mut tracker = match vm.power.nbd_socket.as_deref() {
-            Some(existing) => tracker.with_nbd_server(Path::new(existing)),
-            None => tracker.with_nbd_socket(&socket),
-        };
+        let mut tracker = tracker(vm, qmp, data_dir).await?;
         let mut nodes = Vec::new();
         for path in &vm.disks {
             match tracker.node_for_image(Path::new(path)).await {
