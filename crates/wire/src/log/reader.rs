@@ -281,37 +281,36 @@ impl<R: Read> LogReader<R> {
     /// valid. Extents come in log order; apply them in that order. After an error the reader only
     /// returns [`LogDecodeError::ReaderFailed`].
     pub fn next_extent(&mut self) -> Result<Option<Extent<'_>>, LogDecodeError> {
-        loop {
-            match self.state {
-                State::Failed => return Err(LogDecodeError::ReaderFailed),
-                State::Done(_) => return Ok(None),
-                State::Frames => {}
-            }
-            if self.frame.has_next() {
-                return Ok(self.frame.next_extent());
-            }
-            if let Err(e) = self.advance() {
-                self.state = State::Failed;
-                return Err(e);
-            }
-        }
+        Ok(match self.ready_for_extent()? {
+            true => self.frame.next_extent(),
+            false => None,
+        })
     }
 
     /// The extents of the current frame not handed out yet (of the next frame, when every one was),
     /// with the buffer that holds their data, taken from the reader: `spare` takes its place (a
     /// buffer handed back after its data was used, or [`FrameData::default`]). Data, when the frame
     /// has any, starts at an address aligned to [`super::data::DATA_ALIGN`], and a Data extent's
-    /// range starts where the Data extents before it in the frame end. `None` once the trailer was read and matched, as
-    /// for [`LogReader::next_extent`], which can be called in turn with this.
+    /// range starts where the Data extents before it in the frame end. `None` once the trailer was
+    /// read and matched, as for [`LogReader::next_extent`], which can be called in turn with this.
     pub fn next_frame(&mut self, spare: FrameData) -> Result<Option<OwnedFrame>, LogDecodeError> {
+        Ok(match self.ready_for_extent()? {
+            true => self.frame.take(spare),
+            false => None,
+        })
+    }
+
+    /// Reads records until the loaded frame has an extent to hand out (true), or the trailer
+    /// matched (false). After an error the reader only returns [`LogDecodeError::ReaderFailed`].
+    fn ready_for_extent(&mut self) -> Result<bool, LogDecodeError> {
         loop {
             match self.state {
                 State::Failed => return Err(LogDecodeError::ReaderFailed),
-                State::Done(_) => return Ok(None),
+                State::Done(_) => return Ok(false),
                 State::Frames => {}
             }
             if self.frame.has_next() {
-                return Ok(self.frame.take(spare));
+                return Ok(true);
             }
             if let Err(e) = self.advance() {
                 self.state = State::Failed;
