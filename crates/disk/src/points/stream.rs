@@ -104,8 +104,8 @@ fn rejected(path: &Path, source: LogDecodeError) -> ApplyError {
 /// (`tmps`, one per disk; see [`crate::qcow2`]). Reading and verifying (checksums, BLAKE3, zstd)
 /// run on one thread and writing on another, joined by a bounded channel of whole frames: the
 /// reader reads each frame's data into a buffer aligned for `O_DIRECT` that the writer writes
-/// from and gives back, so the data is not copied between them. Returns the log's summary once the trailer matched; on any error the caller must
-/// delete the layers.
+/// from and gives back, so the data is not copied between them. Returns the log's summary once
+/// the trailer matched; on any error the caller must delete the layers.
 pub(crate) async fn write_full_image(
     reader: OpenLog,
     log: &Path,

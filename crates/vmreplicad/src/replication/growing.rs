@@ -34,7 +34,8 @@ pub const KEEP: u64 = 80 << 20;
 
 /// The buffer in front of a log's output ([`LogOut`]), for the small records. Smaller than a frame
 /// of data, so a whole frame written from a scan's read passes through it to the output in one
-/// write, unbuffered, and an in-memory log keeps it as a slice of the read ([`disk::scan::Pace::lend`]).
+/// write, unbuffered, and an in-memory log keeps it as a slice of the read
+/// ([`disk::scan::Pace::lend`]).
 pub const WRITE_BUFFER: usize = 1 << 20;
 const _: () = assert!(WRITE_BUFFER < wire::limits::MAX_FRAME_RAW);
 
@@ -288,7 +289,8 @@ impl disk::scan::Pace for GrowingLog {
     }
 }
 
-/// True when `part` lies within `whole`'s bytes ([`Bytes::slice_ref`] then takes it without a copy).
+/// True when `part` lies within `whole`'s bytes ([`Bytes::slice_ref`] then takes it without a
+/// copy).
 fn within(whole: &Bytes, part: &[u8]) -> bool {
     let (start, end) = (
         whole.as_ptr() as usize,
