@@ -118,6 +118,35 @@ const FILTERS_AND_PROTOCOLS: &[&str] = &[
 /// Prefix of bitmaps other parts of vmreplica keep on a node, which a frozen point exports too.
 pub const OTHER_PREFIX: &str = "vmr-";
 
+/// The longest node name QEMU takes (its `node_name` buffer holds 32 bytes with the NUL).
+const MAX_NODE_NAME: usize = 31;
+
+/// The names of what [`BitmapTracker::freeze`] adds to QEMU for `node`: the fleecing node, its
+/// backup job and its NBD export. They hold `node` itself when QEMU takes it there (a letter, then
+/// letters, digits, `-`, `.`, `_`; the node's name short enough); else `h` and 16 hex digits of
+/// its BLAKE3, always the same for one node, so [`BitmapTracker::recover`] and
+/// [`BitmapTracker::adopt`] find what an earlier session added. QEMU names a node itself
+/// `#blockNNN` (a VM started with `-drive` and no node name), which may not appear in a name, and
+/// libvirt's own names may be too long to prefix.
+fn own_names(node: &str) -> (String, String, String) {
+    let fits = |tag: &str| "vmr-fleece-".len() + tag.len() <= MAX_NODE_NAME;
+    let well_formed = node.starts_with(|c: char| c.is_ascii_alphabetic())
+        && node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    let tag = if well_formed && fits(node) {
+        node.to_string()
+    } else {
+        let hash = blake3::hash(node.as_bytes());
+        format!("h{}", &hash.to_hex()[..16])
+    };
+    (
+        format!("vmr-fleece-{tag}"),
+        format!("vmr-fleece-job-{tag}"),
+        format!("vmr-frozen-{tag}"),
+    )
+}
+
 /// A crash-consistent point of all tracked disks, readable over NBD until committed or aborted.
 pub struct FrozenPoint {
     pub disks: Vec<FrozenDisk>,
@@ -320,19 +349,19 @@ impl BitmapTracker {
     /// disabled bitmaps of older generations, which are merged into the recording one (their
     /// changes may never have been shipped; shipping them again is harmless).
     pub async fn recover(&mut self, node: &str) -> Result<(), BitmapError> {
-        let fleece_node = format!("vmr-fleece-{node}");
+        let (fleece_node, job_id, export) = own_names(node);
         let _ = self
             .qmp
             .execute(
                 "block-export-del",
-                Some(json!({"id": format!("vmr-frozen-{node}"), "mode": "hard"})),
+                Some(json!({"id": export, "mode": "hard"})),
             )
             .await;
         let _ = self
             .qmp
             .execute(
                 "block-job-cancel",
-                Some(json!({"device": format!("vmr-fleece-job-{node}"), "force": true})),
+                Some(json!({"device": job_id, "force": true})),
             )
             .await;
         for _ in 0..200 {
@@ -417,7 +446,7 @@ impl BitmapTracker {
                         .collect()
                 })
                 .unwrap_or_default();
-            let fleece_node = format!("vmr-fleece-{node}");
+            let (fleece_node, job_id, export) = own_names(node);
             let fleece_file = self.work_dir.join(format!("{fleece_node}.qcow2"));
             create_fleece_image(&fleece_file, size)?;
             let add = json!({
@@ -431,8 +460,8 @@ impl BitmapTracker {
                 size,
                 generation,
                 persistent: can_persist(&info),
-                job_id: format!("vmr-fleece-job-{node}"),
-                export: format!("vmr-frozen-{node}"),
+                job_id,
+                export,
                 fleece_node,
                 fleece_file,
                 others,
@@ -498,11 +527,7 @@ impl BitmapTracker {
         let jobs = self.qmp.execute("query-block-jobs", None).await?;
         let mut disks = Vec::with_capacity(nodes.len());
         for (node, &generation) in nodes.iter().zip(generations) {
-            let fleece_node = format!("vmr-fleece-{node}");
-            let (job_id, export) = (
-                format!("vmr-fleece-job-{node}"),
-                format!("vmr-frozen-{node}"),
-            );
+            let (fleece_node, job_id, export) = own_names(node);
             let fleece_file = self.work_dir.join(format!("{fleece_node}.qcow2"));
             let exported = exports.as_array().is_some_and(|l| {
                 l.iter().any(|e| {
@@ -757,5 +782,31 @@ impl FrozenPoint {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_names;
+
+    #[test]
+    fn own_names_are_names_qemu_takes_for_any_node() {
+        let (node, job, export) = own_names("libvirt-1-format");
+        assert_eq!(node, "vmr-fleece-libvirt-1-format");
+        assert_eq!(job, "vmr-fleece-job-libvirt-1-format");
+        assert_eq!(export, "vmr-frozen-libvirt-1-format");
+        for name in ["#block172", "drive-virtio-disk0-format", "1disk", "a b"] {
+            let names = own_names(name);
+            for n in [&names.0, &names.1, &names.2] {
+                assert!(n.len() <= 31 || n == &names.1, "{n} too long");
+                assert!(
+                    n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')),
+                    "{n}"
+                );
+            }
+            assert_eq!(own_names(name), names, "not the same names twice");
+        }
+        assert_ne!(own_names("#block172"), own_names("#block173"));
     }
 }
