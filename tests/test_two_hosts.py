@@ -637,6 +637,34 @@ class Qsd:
             args += ["-c", c]
         run(*args, self.url)
 
+    def qmp_execute(self, command, **arguments):
+        """Runs one QMP command in a session of its own; returns its result."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.qmp))
+            f = s.makefile("rw")
+            json.loads(f.readline())  # the greeting
+            result = None
+            for name, args in (("qmp_capabilities", {}), (command, arguments)):
+                f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+                f.flush()
+                reply = json.loads(f.readline())
+                while "event" in reply:
+                    reply = json.loads(f.readline())
+                assert "return" in reply, reply
+                result = reply["return"]
+            return result
+
+    def ours(self):
+        """What of vmreplica's the process holds: node names, block jobs, export ids, bitmaps."""
+        nodes = self.qmp_execute("query-named-block-nodes", flat=True)
+        return {
+            "nodes": [n["node-name"] for n in nodes if n["node-name"].startswith("vmr-")],
+            "jobs": [j["device"] for j in self.qmp_execute("query-block-jobs")],
+            "exports": [e["id"] for e in self.qmp_execute("query-block-exports") if e["id"] != "guest"],
+            "bitmaps": [b["name"] for n in nodes for b in n.get("dirty-bitmaps", []) if "name" in b],
+        }
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=10)
@@ -1613,6 +1641,29 @@ def test_an_initial_replication_cut_off_by_sigkill_runs_again_from_where_the_rep
     assert resumed and resumed[0] >= offset > 0, (resumed, offset)
 
 
+def cut_off_running_ir(lab, tmp_path, name, qsd):
+    """A running VM's network initial replication (its disk `qsd` holds `<name>.qcow2`, 24 MiB of
+    data at 2 MB/s) cut off by a SIGKILL of the primary once the replica holds some of it; the next
+    cycle comes 15 s after a commit. Returns (its id, the replica's offset in the cut-off upload)."""
+    lab.primary.stop()
+    interval = lab.primary.extra_args.index("--cycle-interval-override") + 1
+    lab.primary.extra_args[interval] = "15"
+    lab.primary.extra_args += ["--bandwidth-limit", "2M"]
+    lab.primary.start()
+    vm_id = str(uuid.uuid4()).upper()
+    lab.primary.cli("vm", "add", "--name", name, "--id", vm_id, "--disk", str(tmp_path / f"{name}.qcow2"),
+                    "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
+    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    p = lab.primary.conn()
+    vm = vm_by_name(p, name)
+    assert vm["EnabledState"] == 2  # running
+    rv, _ = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                           ComputerSystem=vm.path, InitialReplicationType=Uint16(1))
+    assert rv == 4096
+    return vm_id, kill_primary_mid_log_1(lab, vm_id)
+
+
 def test_a_running_vms_initial_replication_cut_off_by_sigkill_goes_on_from_its_frozen_point(lab, tmp_path):
     """The primary's daemon is killed during a running VM's network initial replication. The point
     it froze stays in the VM's QEMU process while the guest keeps writing, and the run again goes on
@@ -1623,25 +1674,7 @@ def test_a_running_vms_initial_replication_cut_off_by_sigkill_goes_on_from_its_f
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", reference, disk)
     qsd = Qsd(disk, tmp_path)
     try:
-        # Slow enough to be cut off; the next cycle 15 s after the commit, so point 1 is looked at
-        # before a delta follows it.
-        lab.primary.stop()
-        interval = lab.primary.extra_args.index("--cycle-interval-override") + 1
-        lab.primary.extra_args[interval] = "15"
-        lab.primary.extra_args += ["--bandwidth-limit", "2M"]
-        lab.primary.start()
-        vm_id = str(uuid.uuid4()).upper()
-        lab.primary.cli("vm", "add", "--name", "frz01", "--id", vm_id, "--disk", str(disk),
-                        "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
-        lab.primary.cli("enable", "frz01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                        "--thumbprint", lab.t1, "--no-compression")
-        p = lab.primary.conn()
-        vm = vm_by_name(p, "frz01")
-        assert vm["EnabledState"] == 2  # running
-        rv, _ = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
-                               ComputerSystem=vm.path, InitialReplicationType=Uint16(1))
-        assert rv == 4096
-        offset = kill_primary_mid_log_1(lab, vm_id)
+        vm_id, offset = cut_off_running_ir(lab, tmp_path, "frz01", qsd)
         # The guest writes while the primary is down: over data the replica holds, and over data
         # not sent yet.
         qsd.write("write -P 0x5a 0 1M", "write -P 0xa5 20M 512k")
@@ -1661,6 +1694,56 @@ def test_a_running_vms_initial_replication_cut_off_by_sigkill_goes_on_from_its_f
         assert "hash-scanning it once" not in plain_log(lab.primary)
     finally:
         qsd.stop()
+
+
+def test_removing_a_running_vms_replication_ends_what_it_left_in_its_qemu_process(lab, tmp_path):
+    """RemoveReplicationRelationshipEx of a running VM whose initial replication a SIGKILL of the
+    primary cut off: the frozen point left in the VM's QEMU process (fleecing overlay, backup job,
+    export) and the tracking bitmaps go, and so does the primary's state of the VM."""
+    random_raw(tmp_path / "rmr01.raw", "64M", 24 << 20)
+    disk = tmp_path / "rmr01.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", tmp_path / "rmr01.raw", disk)
+    qsd = Qsd(disk, tmp_path)
+    try:
+        vm_id, _ = cut_off_running_ir(lab, tmp_path, "rmr01", qsd)
+        left = qsd.ours()
+        assert left["nodes"] and left["jobs"] and left["exports"] and left["bitmaps"], left
+        tracking = lab.primary.data_dir / "tracking" / vm_id
+        run_dir = lab.primary.data_dir / "run" / f"vm-{vm_id.lower().replace('-', '')}"
+        assert tracking.exists() and any(run_dir.glob("*.qcow2")), (list(tracking.iterdir()), run_dir)
+        lab.primary.start()
+        p = lab.primary.conn()
+        svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+        vm = vm_by_name(p, "rmr01")
+        rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+        rv, out = p.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=vm.path,
+                                 ReplicationRelationship=rel.tocimxmlstr())
+        assert rv == 4096, rv
+        job = wait_job(p, out["Job"], timeout=60)
+        assert job["JobState"] == 7, job
+        assert qsd.ours() == {"nodes": [], "jobs": [], "exports": [], "bitmaps": []}
+        assert not tracking.exists() and not run_dir.exists()
+        qsd.write("write -P 0x11 0 1M")  # the guest goes on
+        assert p.GetInstance(vm.path)["ReplicationMode"] == 0
+    finally:
+        qsd.stop()
+
+
+def test_removing_a_turned_off_vms_replication_removes_its_bitmaps_and_state(lab, tmp_path):
+    """`vmreplica disable` of a turned-off qcow2 VM whose initial replication was cut off: the
+    bitmaps vmreplica added to its file and the primary's state of the VM go."""
+    vm_id, disk, p, _ = cut_off_network_ir(lab, tmp_path, "rmo01", "qcow2")
+    bitmaps = [b["name"] for b in json.loads(run("qemu-img", "info", "-U", "--output=json", disk).stdout)
+               ["format-specific"]["data"].get("bitmaps", [])]
+    assert any(b.startswith("vmr-offline-writes") for b in bitmaps), bitmaps
+    tracking = lab.primary.data_dir / "tracking" / vm_id
+    assert tracking.exists()
+    lab.primary.cli("disable", "rmo01")
+    wait_for(lambda: vm_by_name(p, "rmo01")["ReplicationMode"] == 0, what="the relationship removed")
+    wait_for(lambda: not tracking.exists(), what="the VM's tracking state removed")
+    info = json.loads(run("qemu-img", "info", "--output=json", disk).stdout)
+    assert info["format-specific"]["data"].get("bitmaps", []) == [], info
+    run("qemu-img", "check", disk)
 
 
 def test_an_initial_replication_run_again_after_its_disk_changed_starts_over(lab, tmp_path):

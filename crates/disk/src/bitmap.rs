@@ -29,7 +29,8 @@ use crate::qmp::{QmpClient, QmpError};
 
 /// Granularity of the bitmaps: the unit in which changes are shipped.
 pub const GRANULARITY: u64 = 64 * 1024;
-const PREFIX: &str = "vmreplica-";
+/// Names of this tracker's bitmaps: `vmreplica-<generation>`.
+pub const PREFIX: &str = "vmreplica-";
 /// Largest single read of dirty data.
 const READ_CHUNK: u64 = 4 << 20;
 
@@ -79,6 +80,8 @@ pub struct BitmapTracker {
     work_dir: PathBuf,
     nbd_socket: PathBuf,
     nbd_started: bool,
+    /// The NBD server is the process's own ([`BitmapTracker::with_nbd_server`]), not this one's.
+    server_given: bool,
 }
 
 /// One disk of a frozen point.
@@ -174,6 +177,7 @@ impl BitmapTracker {
             work_dir: work_dir.to_path_buf(),
             nbd_socket: work_dir.join("fleece.nbd.sock"),
             nbd_started: false,
+            server_given: false,
         })
     }
 
@@ -182,6 +186,7 @@ impl BitmapTracker {
     pub fn with_nbd_server(mut self, socket: &Path) -> BitmapTracker {
         self.nbd_socket = socket.to_path_buf();
         self.nbd_started = true;
+        self.server_given = true;
         self
     }
 
@@ -270,6 +275,47 @@ impl BitmapTracker {
             .execute("block-dirty-bitmap-add", Some(args))
             .await?;
         Ok(())
+    }
+
+    /// Ends tracking of `node`: what [`BitmapTracker::recover`] clears (a frozen point an earlier
+    /// session left), then this tracker's bitmaps and those whose names start with one of `also`
+    /// (other parts of vmreplica keep them), from the process and, for persistent ones, the image.
+    pub async fn stop_tracking(&mut self, node: &str, also: &[&str]) -> Result<(), BitmapError> {
+        self.recover(node).await?;
+        let info = self.node_info(node).await?;
+        let ours = |n: &&str| n.starts_with(PREFIX) || also.iter().any(|p| n.starts_with(p));
+        for b in info["dirty-bitmaps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if let Some(name) = b["name"].as_str().filter(ours) {
+                self.qmp
+                    .execute(
+                        "block-dirty-bitmap-remove",
+                        Some(json!({"node": node, "name": name})),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the NBD server an earlier session of this tracker started at its socket (not one the
+    /// process was given: [`BitmapTracker::with_nbd_server`]); true if there was one.
+    pub async fn stop_own_nbd_server(&mut self) -> Result<bool, BitmapError> {
+        if self.server_given || !self.nbd_socket.exists() {
+            return Ok(false);
+        }
+        let stopped = match self.qmp.execute("nbd-server-stop", None).await {
+            Ok(_) => true,
+            // A socket left by a process that ended: this one runs no server.
+            Err(QmpError::Command { .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        self.nbd_started = false;
+        let _ = std::fs::remove_file(&self.nbd_socket);
+        Ok(stopped)
     }
 
     async fn ensure_nbd_server(&mut self) -> Result<(), BitmapError> {

@@ -44,6 +44,46 @@ pub trait DataPlane: Send + Sync {
     /// Starts the job that carries out `request`; the job moves the relationship to
     /// `transition.after` when its work is durable.
     fn start(&self, request: EngineRequest) -> Result<JobRow, CommandError>;
+
+    /// Where this engine keeps its per-VM state (`tracking/`, `run/`), if it keeps any.
+    fn data_dir(&self) -> Option<&std::path::Path> {
+        None
+    }
+}
+
+/// Once primary `vm`'s relationship is removed, ends what this host's replication of it keeps beside the
+/// metadata store: a running VM's frozen point, bitmaps and NBD server in its QEMU process, or a
+/// turned-off VM's bitmaps in its qcow2 files (the running-VM tracker's, the offline rotation's,
+/// CommitFailover's), and `tracking/<VMID>/` (block-hash maps, records of deliveries and
+/// bitmaps). Best effort: what cannot be undone is logged and left.
+pub async fn release(vm: &VmRow, data_dir: &std::path::Path) {
+    let prefixes = [
+        disk::bitmap::PREFIX,
+        offline::PREFIX,
+        failback::FAILBACK_BITMAP,
+    ];
+    if crate::power::enabled_state(&vm.power) == crate::power::ENABLED {
+        if let Err(e) = running::stop_tracking(vm, data_dir, &prefixes[1..]).await {
+            tracing::warn!(vm = %vm.id, "could not end tracking in the VM's QEMU process: {}", e.message());
+        }
+    } else {
+        running::remove_work(data_dir, vm);
+        for image in &vm.disks {
+            for name in offline::bitmap_names(std::path::Path::new(image)).await {
+                if prefixes.iter().any(|p| name.starts_with(p))
+                    && !offline::qemu_img_bitmap(image, "--remove", &name).await
+                {
+                    tracing::warn!(vm = %vm.id, "could not remove bitmap {name} from {image} (is the file in use?)");
+                }
+            }
+        }
+    }
+    let tracking = reverse::tracking_dir(data_dir, vm.id);
+    if let Err(e) = std::fs::remove_dir_all(&tracking) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(vm = %vm.id, "could not remove {}: {e}", tracking.display());
+        }
+    }
 }
 
 /// The engine of a build without a data plane.
@@ -80,6 +120,10 @@ pub struct LocalEngine {
 }
 
 impl DataPlane for LocalEngine {
+    fn data_dir(&self) -> Option<&std::path::Path> {
+        Some(&self.data_dir)
+    }
+
     fn start(&self, request: EngineRequest) -> Result<JobRow, CommandError> {
         match request.operation {
             Operation::StartReplication(InitialReplicationType::Export) => self.export(request),

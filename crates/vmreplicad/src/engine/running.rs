@@ -95,6 +95,35 @@ pub async fn pending_bytes(vm: &VmRow, data_dir: &Path) -> Option<u64> {
     Some(total)
 }
 
+/// Ends what replication of `vm` keeps in its running QEMU process, once its relationship is
+/// removed: a frozen point an interrupted cycle left (its fleecing export, job and overlay), the
+/// tracker's bitmaps and the other `vmr-*` ones named in `also`, and the NBD server a cycle
+/// started; then the per-VM working directory ([`remove_work`]).
+pub async fn stop_tracking(vm: &VmRow, data_dir: &Path, also: &[&str]) -> Result<(), RunningError> {
+    let Some(qmp) = vm.power.qmp_socket.as_deref() else {
+        return Ok(());
+    };
+    let mut tracker = tracker(vm, qmp, data_dir).await?;
+    for path in &vm.disks {
+        match tracker.node_for_image(Path::new(path)).await {
+            Ok(node) => tracker.stop_tracking(&node, also).await.map_err(failed)?,
+            Err(disk::bitmap::BitmapError::NoSuchNode(_)) => continue,
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    tracker.stop_own_nbd_server().await.map_err(failed)?;
+    remove_work(data_dir, vm);
+    Ok(())
+}
+
+/// Removes the per-VM working directory and NBD socket of a VM no longer replicated, whose QEMU
+/// process uses neither (it ended, or [`stop_tracking`] ended what used them).
+pub fn remove_work(data_dir: &Path, vm: &VmRow) {
+    let (work, socket) = work_paths(data_dir, vm);
+    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_dir_all(work);
+}
+
 impl RunningPoint {
     /// Freezes every disk of `vm`. `full`: initial replication (tracking restarts on every disk and
     /// every disk is read whole).

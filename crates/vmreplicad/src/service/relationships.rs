@@ -164,6 +164,13 @@ impl Service {
         let store = self.store.clone();
         let in_flight = self.in_flight.clone();
         let id = vm.id;
+        // A primary's tracking ends with it; a replica VM keeps its files (its points, and what a
+        // failover recorded of them).
+        let data_dir = self
+            .engine
+            .data_dir()
+            .filter(|_| vm.mode == ReplicationMode::Primary.as_u16())
+            .map(std::path::Path::to_path_buf);
         self.job(
             t.job_type,
             Some(claim),
@@ -182,6 +189,9 @@ impl Service {
                     tracing::warn!(vm = %id, "removed while a log is still in flight");
                 }
                 store.remove_chain(id)?;
+                if let Some(data_dir) = data_dir {
+                    crate::engine::release(&vm, &data_dir).await;
+                }
                 tracing::info!(vm = %id, "replication relationship removed");
                 Ok(())
             },
