@@ -922,6 +922,39 @@ def test_sigkill_of_either_daemon_mid_cycle_loses_nothing(lab, tmp_path):
     assert described["last_applied_sequence"] == described["last_committed"]["sequence"] == seq
 
 
+def test_a_restarted_replica_kills_the_qemu_nbd_helpers_its_killed_run_left(lab, tmp_path):
+    """A replica daemon SIGKILLed in an apply leaves the apply's qemu-nbd running (it is not its
+    child any more, and nothing else ends it); the daemon's next start kills it even when no log of
+    that VM arrives again (here the primary is down)."""
+    import signal
+
+    disk = tmp_path / "nbd01.raw"
+    run("truncate", "-s", "16M", disk)
+    vm_id = replicate_network(lab, tmp_path, "nbd01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication")
+    lab.primary.stop()
+    lab.replica.proc.send_signal(signal.SIGKILL)
+    lab.replica.proc.wait()
+    # What the killed apply left: a qemu-nbd serving a layer, its pid file (pid, socket) in run/.
+    store = lab.storage / vm_id.lower()
+    layer = next(store.glob("disk0/p*.qcow2"))
+    socket_path = tmp_path / "left.sock"
+    helper = subprocess.Popen(["qemu-nbd", "-r", "--persistent", "-f", "qcow2", "-k", str(socket_path),
+                               "-x", "disk", str(layer)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(socket_path.exists, 10, "the helper listening")
+        (store / "run").mkdir(exist_ok=True)
+        (store / "run" / "apply-disk0.nbd.pid").write_text(f"{helper.pid}\n{socket_path}\n")
+        lab.replica.start()
+        wait_port(lab.port)
+        wait_for(lambda: helper.poll() is not None, 10, "the helper killed")
+        assert not (store / "run" / "apply-disk0.nbd.pid").exists()
+        assert "killed qemu-nbd helpers an interrupted apply left" in lab.replica.log.read_text()
+    finally:
+        helper.kill()
+        helper.wait()
+
+
 class Proxy:
     """A TCP proxy in front of the replica's listener that, once, cuts a connection or flips one byte
     of what the primary sends after `after` bytes (inside TLS records: TLS must notice). With

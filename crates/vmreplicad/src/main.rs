@@ -292,6 +292,14 @@ async fn main() -> anyhow::Result<()> {
             args.data_dir.clone(),
             claims.clone(),
         )));
+    // Before anything can use a replica store: qemu-nbd helpers of an apply this daemon's earlier
+    // run was killed in would otherwise keep serving (deleted) layers until that store's next apply.
+    for (vm, root) in store.replica_stores().unwrap_or_default() {
+        let reaped = disk::points::PointStore::reap_helpers(std::path::Path::new(&root), vm);
+        if reaped > 0 {
+            tracing::warn!(%vm, reaped, "killed qemu-nbd helpers an interrupted apply left");
+        }
+    }
     replication::replica::spawn_apply_task(replica.clone());
     let listener_control = replication::server::ListenerControl::default();
     replication::server::spawn_supervisor(

@@ -182,6 +182,14 @@ impl PointStore {
         self.vm
     }
 
+    /// Kills the qemu-nbd helpers an apply left in the store of `vm` under `root` when its daemon
+    /// was killed (their pid files in `run/`); returns how many. Without the store's lock, so only
+    /// while nothing else can use the store: at the daemon's start. (Opening the store does the
+    /// same under the lock, but a store no log arrives for again is not opened.)
+    pub fn reap_helpers(root: &Path, vm: Uuid) -> usize {
+        crate::export::reap_stray_exports(&Layout::of(root, vm).run_dir())
+    }
+
     /// Where overlay `name` of `vm`'s store under `root` keeps its disk images, in disk-table order
     /// (they exist once [`PointStore::create_overlay`] made them).
     pub fn overlay_disk_paths(root: &Path, vm: Uuid, name: &str, disks: usize) -> Vec<PathBuf> {

@@ -80,6 +80,21 @@ impl Store {
         Ok(())
     }
 
+    /// Every replica VM's id and store root.
+    pub fn replica_stores(&self) -> StoreResult<Vec<(Uuid, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT vm, store_root FROM replica_vms")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (vm, root) = row?;
+            if let Ok(vm) = Uuid::parse_str(&vm) {
+                out.push((vm, root));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn replica_vm(&self, vm: Uuid) -> StoreResult<Option<ReplicaVmRow>> {
         let row = self
             .conn()
