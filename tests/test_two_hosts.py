@@ -9,8 +9,10 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -612,20 +614,23 @@ class Qsd:
     """qemu-storage-daemon holding a disk the way a running VM's QEMU does: QMP socket, and an NBD
     export through which the test "guest" writes."""
 
-    def __init__(self, image, dir, fmt="qcow2"):
+    def __init__(self, image, dir, fmt="qcow2", guest=True):
+        """`guest`: an NBD server of the process's own (the guest's export) is running; else none,
+        and vmreplica starts one."""
         self.qmp, self.guest = dir / "qmp.sock", dir / "guest.sock"
         for sock in (self.qmp, self.guest):
             sock.unlink(missing_ok=True)
+        served = ["--nbd-server", f"addr.type=unix,addr.path={self.guest}",
+                  "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on"]
         self.proc = subprocess.Popen(
             ["qemu-storage-daemon",
              "--blockdev", f"driver=file,node-name=file0,filename={image}",
              "--blockdev", f"driver={fmt},node-name=disk0,file=file0",
-             "--nbd-server", f"addr.type=unix,addr.path={self.guest}",
-             "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+             *(served if guest else []),
              "--chardev", f"socket,id=qmp0,path={self.qmp},server=on,wait=off",
              "--monitor", "chardev=qmp0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.qmp.exists() and self.guest.exists(), 10, "qemu-storage-daemon")
+        wait_for(lambda: self.qmp.exists() and (self.guest.exists() or not guest), 10, "qemu-storage-daemon")
 
     @property
     def url(self):
@@ -1684,8 +1689,9 @@ def cut_off_running_ir(lab, tmp_path, name, qsd):
     lab.primary.extra_args += ["--bandwidth-limit", "2M"]
     lab.primary.start()
     vm_id = str(uuid.uuid4()).upper()
+    served = ["--nbd-socket", str(qsd.guest)] if qsd.guest.exists() else []
     lab.primary.cli("vm", "add", "--name", name, "--id", vm_id, "--disk", str(tmp_path / f"{name}.qcow2"),
-                    "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
+                    "--qmp-socket", str(qsd.qmp), *served)
     lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
                     "--thumbprint", lab.t1, "--no-compression")
     p = lab.primary.conn()
@@ -1729,21 +1735,29 @@ def test_a_running_vms_initial_replication_cut_off_by_sigkill_goes_on_from_its_f
         qsd.stop()
 
 
-def test_removing_a_running_vms_replication_ends_what_it_left_in_its_qemu_process(lab, tmp_path):
+@pytest.mark.parametrize("own_server", [True, False], ids=["vms-nbd-server", "no-nbd-server"])
+def test_removing_a_running_vms_replication_ends_what_it_left_in_its_qemu_process(lab, tmp_path, own_server):
     """RemoveReplicationRelationshipEx of a running VM whose initial replication a SIGKILL of the
     primary cut off: the frozen point left in the VM's QEMU process (fleecing overlay, backup job,
-    export) and the tracking bitmaps go, and so does the primary's state of the VM."""
+    export) and the tracking bitmaps go, and so does the primary's state of the VM. The VM's own
+    NBD server keeps serving; one vmreplica started (the VM had none) is stopped."""
     random_raw(tmp_path / "rmr01.raw", "64M", 24 << 20)
     disk = tmp_path / "rmr01.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", tmp_path / "rmr01.raw", disk)
-    qsd = Qsd(disk, tmp_path)
+    qsd = Qsd(disk, tmp_path, guest=own_server)
     try:
         vm_id, _ = cut_off_running_ir(lab, tmp_path, "rmr01", qsd)
         left = qsd.ours()
         assert left["nodes"] and left["jobs"] and left["exports"] and left["bitmaps"], left
         tracking = lab.primary.data_dir / "tracking" / vm_id
         run_dir = lab.primary.data_dir / "run" / f"vm-{vm_id.lower().replace('-', '')}"
-        assert tracking.exists() and any(run_dir.glob("*.qcow2")), (list(tracking.iterdir()), run_dir)
+        assert tracking.exists(), tracking
+        assert any(run_dir.glob("*.qcow2")), run_dir
+        # Where vmreplica starts its NBD server (engine/running.rs: a socket path has 107 bytes).
+        sock = run_dir / "fleece.sock"
+        if len(str(sock)) > 107:
+            sock = Path(tempfile.gettempdir()) / f"vmreplica-{vm_id.lower().replace('-', '')}.sock"
+        assert sock.exists() != own_server, sock
         lab.primary.start()
         p = lab.primary.conn()
         svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
@@ -1753,11 +1767,14 @@ def test_removing_a_running_vms_replication_ends_what_it_left_in_its_qemu_proces
                                  ReplicationRelationship=rel.tocimxmlstr())
         assert rv == 4096, rv
         job = wait_job(p, out["Job"], timeout=60)
-        assert job["JobState"] == 7, job
+        assert job["JobState"] == 7 and "not ended" not in job["Description"], job
         assert qsd.ours() == {"nodes": [], "jobs": [], "exports": [], "bitmaps": []}
-        assert not tracking.exists() and not run_dir.exists()
-        qsd.write("write -P 0x11 0 1M")  # the guest goes on
+        assert not tracking.exists() and not run_dir.exists() and not sock.exists()
         assert p.GetInstance(vm.path)["ReplicationMode"] == 0
+        if own_server:
+            qsd.write("write -P 0x11 0 1M")  # the guest goes on
+        else:  # no NBD server runs in the process any more: another may start
+            qsd.qmp_execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "b.sock")}})
     finally:
         qsd.stop()
 

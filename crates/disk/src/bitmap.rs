@@ -168,10 +168,8 @@ impl BitmapTracker {
     /// Connects to the QEMU process's QMP socket. `work_dir` holds fleecing images and the NBD socket.
     pub async fn connect(qmp_socket: &Path, work_dir: &Path) -> Result<BitmapTracker, BitmapError> {
         let qmp = QmpClient::connect(qmp_socket, Duration::from_secs(30)).await?;
-        std::fs::create_dir_all(work_dir).map_err(|e| BitmapError::Fleece {
-            path: work_dir.display().to_string(),
-            why: e.to_string(),
-        })?;
+        // `work_dir` is made by the first freeze: a tracker that only asks (the pending size of a
+        // VM whose replication is being removed, say) leaves nothing behind.
         Ok(BitmapTracker {
             qmp,
             work_dir: work_dir.to_path_buf(),
@@ -277,11 +275,11 @@ impl BitmapTracker {
         Ok(())
     }
 
-    /// Ends tracking of `node`: what [`BitmapTracker::recover`] clears (a frozen point an earlier
-    /// session left), then this tracker's bitmaps and those whose names start with one of `also`
+    /// Ends tracking of `node`: a frozen point an earlier session left (as
+    /// [`BitmapTracker::recover`] does), then this tracker's bitmaps and those whose names start with one of `also`
     /// (other parts of vmreplica keep them), from the process and, for persistent ones, the image.
     pub async fn stop_tracking(&mut self, node: &str, also: &[&str]) -> Result<(), BitmapError> {
-        self.recover(node).await?;
+        self.clear_point(node).await?;
         let info = self.node_info(node).await?;
         let ours = |n: &&str| n.starts_with(PREFIX) || also.iter().any(|p| n.starts_with(p));
         for b in info["dirty-bitmaps"]
@@ -305,6 +303,19 @@ impl BitmapTracker {
     /// process was given: [`BitmapTracker::with_nbd_server`]); true if there was one.
     pub async fn stop_own_nbd_server(&mut self) -> Result<bool, BitmapError> {
         if self.server_given || !self.nbd_socket.exists() {
+            return Ok(false);
+        }
+        // The file outlives the process that served it: stop only a server this very process
+        // runs there, never another one it runs now (a backup tool's, started after a restart).
+        let server = tokio::net::UnixStream::connect(&self.nbd_socket)
+            .await
+            .ok()
+            .and_then(|s| s.peer_cred().ok())
+            .and_then(|c| c.pid());
+        if server.is_none() || server != self.qmp.peer_pid() {
+            if server.is_none() {
+                let _ = std::fs::remove_file(&self.nbd_socket);
+            }
             return Ok(false);
         }
         let stopped = match self.qmp.execute("nbd-server-stop", None).await {
@@ -391,10 +402,41 @@ impl BitmapTracker {
             .ok_or_else(|| BitmapError::NoSuchNode(path.display().to_string()))
     }
 
-    /// Undoes what an interrupted cycle left on `node`: its fleecing export, job and node, and
-    /// disabled bitmaps of older generations, which are merged into the recording one (their
-    /// changes may never have been shipped; shipping them again is harmless).
-    pub async fn recover(&mut self, node: &str) -> Result<(), BitmapError> {
+    /// Removes the fleecing files in the work directory that no node of the process uses: those of
+    /// a point that was frozen when an earlier QEMU process of the VM ended (its nodes, named
+    /// after that process's own node names, are not found again to be cleared).
+    async fn remove_orphan_fleece_files(&mut self) -> Result<(), BitmapError> {
+        let nodes = self
+            .qmp
+            .execute("query-named-block-nodes", Some(json!({"flat": true})))
+            .await?;
+        let live = |name: &str| {
+            nodes
+                .as_array()
+                .is_some_and(|l| l.iter().any(|n| n["node-name"] == name))
+        };
+        let Ok(entries) = std::fs::read_dir(&self.work_dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(node) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".qcow2"))
+                .filter(|n| n.starts_with("vmr-fleece-"))
+            else {
+                continue;
+            };
+            if !live(node) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a frozen point [`BitmapTracker::freeze`] left on `node`, if any: its export, backup
+    /// job, fleecing node and file. Its bitmaps stay.
+    async fn clear_point(&mut self, node: &str) -> Result<(), BitmapError> {
         let (fleece_node, job_id, export) = own_names(node);
         let _ = self
             .qmp
@@ -423,6 +465,14 @@ impl BitmapTracker {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = std::fs::remove_file(self.work_dir.join(format!("{fleece_node}.qcow2")));
+        Ok(())
+    }
+
+    /// Undoes what an interrupted cycle left on `node`: its fleecing export, job and node, and
+    /// disabled bitmaps of older generations, which are merged into the recording one (their
+    /// changes may never have been shipped; shipping them again is harmless).
+    pub async fn recover(&mut self, node: &str) -> Result<(), BitmapError> {
+        self.clear_point(node).await?;
         let BitmapStatus::Tracking(current) = self.status(node).await? else {
             return Ok(());
         };
@@ -459,6 +509,11 @@ impl BitmapTracker {
     /// Takes one crash-consistent point across `nodes` (all tracking generation `g`): afterwards the
     /// guest writes go to bitmap `g+1` and the frozen view is exported for reading.
     pub async fn freeze(&mut self, nodes: &[&str]) -> Result<FrozenPoint, BitmapError> {
+        std::fs::create_dir_all(&self.work_dir).map_err(|e| BitmapError::Fleece {
+            path: self.work_dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+        self.remove_orphan_fleece_files().await?;
         self.ensure_nbd_server().await?;
         let mut disks = Vec::new();
         for node in nodes {

@@ -50,6 +50,8 @@ pub struct QmpClient {
     timeout: Duration,
     next_id: u64,
     events: Vec<Value>,
+    /// The pid of the process at the other end (`SO_PEERCRED`), if the kernel told.
+    peer_pid: Option<i32>,
 }
 
 impl QmpClient {
@@ -58,6 +60,7 @@ impl QmpClient {
         let stream = tokio::time::timeout(timeout, connect_retrying(path))
             .await
             .map_err(|_| QmpError::Timeout(timeout))??;
+        let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
         let (read, writer) = stream.into_split();
         let mut client = QmpClient {
             reader: BufReader::new(read),
@@ -65,6 +68,7 @@ impl QmpClient {
             timeout,
             next_id: 1,
             events: Vec::new(),
+            peer_pid,
         };
         let greeting = client.read_message().await?;
         if greeting.get("QMP").is_none() {
@@ -74,6 +78,11 @@ impl QmpClient {
         }
         client.execute("qmp_capabilities", None).await?;
         Ok(client)
+    }
+
+    /// The pid of the QEMU process this client talks to, if known.
+    pub fn peer_pid(&self) -> Option<i32> {
+        self.peer_pid
     }
 
     /// Runs `command` and returns its `return` value.

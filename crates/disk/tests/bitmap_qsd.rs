@@ -477,3 +477,55 @@ async fn a_disk_whose_node_name_is_long_is_frozen_adopted_and_recovered() {
     assert!(same(&replica, &mirror), "a write was lost");
     guest.nbd.disconnect().await.expect("disconnect");
 }
+
+/// `stop_own_nbd_server` stops a server only when the VM's own process serves the tracker's socket:
+/// not when the file is all that is left, nor when another process listens there.
+#[tokio::test]
+async fn only_a_server_the_process_itself_runs_at_the_trackers_socket_is_stopped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = d.join("disk.qcow2");
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(SIZE.to_string())
+        .status();
+    assert!(created.expect("img").success());
+    let _qsd = start_qsd(d, &image);
+    let (qmp_sock, work) = (d.join("qmp.sock"), d.join("work"));
+    let connect = || BitmapTracker::connect(&qmp_sock, &work);
+
+    // Another process listens at the path: left alone.
+    let other = d.join("other.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&other).expect("bind");
+    let mut tracker = connect().await.expect("tracker").with_nbd_socket(&other);
+    assert!(!tracker.stop_own_nbd_server().await.expect("stop"));
+    assert!(other.exists());
+    drop(tracker); // QMP serves one client at a time
+
+    // Only a file is left: it goes.
+    let stale = d.join("stale.sock");
+    std::fs::write(&stale, b"").expect("file");
+    let mut tracker = connect().await.expect("tracker").with_nbd_socket(&stale);
+    assert!(!tracker.stop_own_nbd_server().await.expect("stop"));
+    assert!(!stale.exists());
+    drop(tracker);
+
+    // The process serves it (here its guest's server stands in for one a cycle started): stopped,
+    // so the process runs no NBD server any more and another may start.
+    let guest = d.join("guest.sock");
+    let mut tracker = connect().await.expect("tracker").with_nbd_socket(&guest);
+    assert!(tracker.stop_own_nbd_server().await.expect("stop"));
+    assert!(!guest.exists());
+    assert!(NbdClient::connect_unix(&guest, "guest", &[]).await.is_err());
+    drop(tracker);
+    let qmp = disk::qmp::QmpClient::connect(&qmp_sock, Duration::from_secs(10));
+    let mut qmp = qmp.await.expect("qmp");
+    let addr = d.join("new.sock").display().to_string();
+    qmp.execute(
+        "nbd-server-start",
+        Some(serde_json::json!({"addr": {"type": "unix", "data": {"path": addr}}})),
+    )
+    .await
+    .expect("no server runs");
+}

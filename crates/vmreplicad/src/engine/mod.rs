@@ -51,29 +51,48 @@ pub trait DataPlane: Send + Sync {
     }
 }
 
-/// Once primary `vm`'s relationship is removed, ends what this host's replication of it keeps beside the
-/// metadata store: a running VM's frozen point, bitmaps and NBD server in its QEMU process, or a
+/// Once primary `vm`'s relationship is removed, ends what this host's replication of it keeps beside
+/// the metadata store: a running VM's frozen point, bitmaps and NBD server in its QEMU process, or a
 /// turned-off VM's bitmaps in its qcow2 files (the running-VM tracker's, the offline rotation's,
 /// CommitFailover's), and `tracking/<VMID>/` (block-hash maps, records of deliveries and
-/// bitmaps). Best effort: what cannot be undone is logged and left.
-pub async fn release(vm: &VmRow, data_dir: &std::path::Path) {
+/// bitmaps). Best effort, within [`RELEASE_LIMIT`]: returns what could not be undone.
+pub async fn release(vm: &VmRow, data_dir: &std::path::Path) -> Vec<String> {
+    match tokio::time::timeout(RELEASE_LIMIT, release_unbounded(vm, data_dir)).await {
+        Ok(problems) => problems,
+        Err(_) => vec![format!(
+            "ending its tracking took longer than {RELEASE_LIMIT:?} and was given up"
+        )],
+    }
+}
+
+/// How long [`release`] may take (QMP calls, `qemu-img` on the disks).
+pub const RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+async fn release_unbounded(vm: &VmRow, data_dir: &std::path::Path) -> Vec<String> {
     let prefixes = [
         disk::bitmap::PREFIX,
         offline::PREFIX,
         failback::FAILBACK_BITMAP,
     ];
-    if crate::power::enabled_state(&vm.power) == crate::power::ENABLED {
+    let running = || crate::power::enabled_state(&vm.power) == crate::power::ENABLED;
+    let mut problems = Vec::new();
+    if running() {
         if let Err(e) = running::stop_tracking(vm, data_dir, &prefixes[1..]).await {
-            tracing::warn!(vm = %vm.id, "could not end tracking in the VM's QEMU process: {}", e.message());
+            problems.push(format!("in the VM's QEMU process: {}", e.message()));
         }
-    } else {
+    }
+    // Also when the VM stopped meanwhile: its QEMU process wrote its bitmaps into the files.
+    if !running() {
+        problems.clear();
         running::remove_work(data_dir, vm);
         for image in &vm.disks {
             for name in offline::bitmap_names(std::path::Path::new(image)).await {
                 if prefixes.iter().any(|p| name.starts_with(p))
                     && !offline::qemu_img_bitmap(image, "--remove", &name).await
                 {
-                    tracing::warn!(vm = %vm.id, "could not remove bitmap {name} from {image} (is the file in use?)");
+                    problems.push(format!(
+                        "bitmap {name} stays in {image} (qemu-img bitmap --remove failed: is the file in use?)"
+                    ));
                 }
             }
         }
@@ -81,9 +100,10 @@ pub async fn release(vm: &VmRow, data_dir: &std::path::Path) {
     let tracking = reverse::tracking_dir(data_dir, vm.id);
     if let Err(e) = std::fs::remove_dir_all(&tracking) {
         if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(vm = %vm.id, "could not remove {}: {e}", tracking.display());
+            problems.push(format!("{} stays: {e}", tracking.display()));
         }
     }
+    problems
 }
 
 /// The engine of a build without a data plane.

@@ -82,6 +82,7 @@ pub(crate) async fn qemu_img_bitmap(image: &str, op: &str, name: &str) -> bool {
         c.arg("--enable");
     }
     c.args(["-f", "qcow2", image, name])
+        .kill_on_drop(true)
         .output()
         .await
         .is_ok_and(|o| o.status.success())
@@ -92,6 +93,7 @@ pub async fn bitmap_names(image: &Path) -> Vec<String> {
     let Ok(out) = tokio::process::Command::new("qemu-img")
         .args(["info", "--output=json", "-U", "-f", "qcow2"])
         .arg(image)
+        .kill_on_drop(true)
         .output()
         .await
     else {

@@ -104,14 +104,23 @@ pub async fn stop_tracking(vm: &VmRow, data_dir: &Path, also: &[&str]) -> Result
         return Ok(());
     };
     let mut tracker = tracker(vm, qmp, data_dir).await?;
+    let mut problems = Vec::new();
     for path in &vm.disks {
-        match tracker.node_for_image(Path::new(path)).await {
-            Ok(node) => tracker.stop_tracking(&node, also).await.map_err(failed)?,
+        let stopped = match tracker.node_for_image(Path::new(path)).await {
+            Ok(node) => tracker.stop_tracking(&node, also).await,
             Err(disk::bitmap::BitmapError::NoSuchNode(_)) => continue,
-            Err(e) => return Err(failed(e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stopped {
+            problems.push(format!("{path}: {}", crate::error_chain(&e)));
         }
     }
-    tracker.stop_own_nbd_server().await.map_err(failed)?;
+    if let Err(e) = tracker.stop_own_nbd_server().await {
+        problems.push(format!("its NBD server: {}", crate::error_chain(&e)));
+    }
+    if !problems.is_empty() {
+        return Err(RunningError::Failed(problems.join("; ")));
+    }
     remove_work(data_dir, vm);
     Ok(())
 }

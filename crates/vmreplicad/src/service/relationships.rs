@@ -182,15 +182,29 @@ impl Service {
                 // uploading and ends before the chain goes, so nothing of it lands on a chain
                 // enabled again later (and should it outlast the wait, its outcome finds no chain
                 // to write to).
-                if !in_flight
+                let ended = in_flight
                     .stop_and_wait(id, std::time::Duration::from_secs(600))
-                    .await
-                {
+                    .await;
+                if !ended {
                     tracing::warn!(vm = %id, "removed while a log is still in flight");
                 }
                 store.remove_chain(id)?;
-                if let Some(data_dir) = data_dir {
-                    crate::engine::release(&vm, &data_dir).await;
+                match data_dir {
+                    // Its cycle still holds the VM's QEMU process or files.
+                    Some(_) if !ended => ctx.note(
+                        "Its tracking was not ended: a replication cycle was still running",
+                    )?,
+                    Some(data_dir) => {
+                        let problems = crate::engine::release(&vm, &data_dir).await;
+                        if !problems.is_empty() {
+                            tracing::warn!(vm = %id, "ending its tracking: {}", problems.join("; "));
+                            ctx.note(&format!(
+                                "Its tracking was not ended everywhere: {}",
+                                problems.join("; ")
+                            ))?;
+                        }
+                    }
+                    None => {}
                 }
                 tracing::info!(vm = %id, "replication relationship removed");
                 Ok(())
