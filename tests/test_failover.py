@@ -517,6 +517,32 @@ def test_unplanned_failover_reverse_and_resync_send_only_what_diverged(lab, tmp_
              what="the old primary's latest point to equal the new primary's disk")
 
 
+def test_removing_a_failed_over_vms_replication_forgets_its_failover(lab, tmp_path):
+    """The relationship of a replica VM failed over and committed is removed: its failover record
+    goes with it, so a later relationship of the VM (a seeded replication, a resynchronization)
+    does not take itself for the reverse of that failover."""
+    import sqlite3
+
+    disk = ext4_disk(tmp_path / "fgt01.qcow2")
+    vm_id = replicate_network(lab, tmp_path, "fgt01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="point 1")
+    lab.primary.stop()
+    lab.replica.cli("failover", "fgt01")
+    lab.replica.cli("complete", "fgt01")
+
+    def failovers():
+        db = sqlite3.connect(f"file:{lab.replica.data_dir / 'vmreplica.db'}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT count(*) FROM failovers WHERE vm = ?", (vm_id.lower(),)).fetchone()[0]
+        finally:
+            db.close()
+
+    assert failovers() == 1
+    lab.replica.cli("disable", "fgt01")
+    assert vm_by_name(lab.replica.conn(), "fgt01")["ReplicationMode"] == 0
+    assert failovers() == 0
+
+
 def test_a_removed_relationship_and_vm_definition_let_replication_start_over(lab, tmp_path):
     disk = ext4_disk(tmp_path / "again01.qcow2")
     vm_id = replicate_network(lab, tmp_path, "again01", [disk], "--no-compression")

@@ -189,6 +189,9 @@ impl Service {
                     tracing::warn!(vm = %id, "removed while a log is still in flight");
                 }
                 store.remove_chain(id)?;
+                // A failover of it is over too: a later relationship of the VM (a seeded
+                // replication, a resynchronization) must not take itself for its reverse.
+                store.remove_failover(id)?;
                 match data_dir {
                     // Its cycle still holds the VM's QEMU process or files.
                     Some(_) if !ended => ctx.note(
