@@ -46,6 +46,10 @@ pub enum BitmapError {
     Fleece { path: String, why: String },
     #[error("block node '{0}' does not exist in the QEMU process")]
     NoSuchNode(String),
+    /// [`BitmapTracker::stop_own_nbd_server`] could not tell the server at `socket` to be the
+    /// QEMU process's own, so it left it running.
+    #[error("the NBD server at {socket} is left running: {why}")]
+    NbdServer { socket: String, why: String },
     /// Tracking of this disk cannot be trusted: it needs a hash-scan resynchronization.
     #[error("resynchronization required for '{node}': {why}")]
     ResyncRequired { node: String, why: String },
@@ -300,23 +304,39 @@ impl BitmapTracker {
     }
 
     /// Stops the NBD server an earlier session of this tracker started at its socket (not one the
-    /// process was given: [`BitmapTracker::with_nbd_server`]); true if there was one.
+    /// process was given: [`BitmapTracker::with_nbd_server`]); true if there was one. A socket
+    /// nothing listens at is removed. A server that cannot be told to be the process's own (its
+    /// pid, `SO_PEERCRED`, is not the QMP peer's, or either is unknown: another process serves the
+    /// path, or QEMU listens on a socket another process made) is an error, and stays.
     pub async fn stop_own_nbd_server(&mut self) -> Result<bool, BitmapError> {
         if self.server_given || !self.nbd_socket.exists() {
             return Ok(false);
         }
+        let socket = self.nbd_socket.display().to_string();
+        let foreign = |why: String| BitmapError::NbdServer {
+            socket: socket.clone(),
+            why,
+        };
         // The file outlives the process that served it: stop only a server this very process
         // runs there, never another one it runs now (a backup tool's, started after a restart).
-        let server = tokio::net::UnixStream::connect(&self.nbd_socket)
-            .await
-            .ok()
-            .and_then(|s| s.peer_cred().ok())
-            .and_then(|c| c.pid());
-        if server.is_none() || server != self.qmp.peer_pid() {
-            if server.is_none() {
+        let server = match tokio::net::UnixStream::connect(&self.nbd_socket).await {
+            Ok(s) => s.peer_cred().ok().and_then(|c| c.pid()).filter(|p| *p > 0),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
                 let _ = std::fs::remove_file(&self.nbd_socket);
+                return Ok(false);
             }
-            return Ok(false);
+            Err(e) => return Err(foreign(format!("connecting to it: {e}"))),
+        };
+        let qemu = self.qmp.peer_pid().filter(|p| *p > 0);
+        if server.is_none() || server != qemu {
+            return Err(foreign(format!(
+                "its process (pid {server:?}) is not known to be the VM's QEMU process (pid {qemu:?})"
+            )));
         }
         let stopped = match self.qmp.execute("nbd-server-stop", None).await {
             Ok(_) => true,

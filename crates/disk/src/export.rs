@@ -279,12 +279,21 @@ pub fn reap_stray_exports(dir: &Path) -> usize {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let mut lines = text.lines();
         let pid = lines.next().and_then(|t| t.trim().parse::<u32>().ok());
-        if let Some(socket) = lines.next().filter(|s| !s.is_empty()) {
+        let socket = lines.next().filter(|s| !s.is_empty());
+        if let Some(socket) = socket {
             remove_socket(Path::new(socket));
         }
         if let Some(pid) = pid {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "qemu-nbd" {
+            // A pid file may outlive a reboot, and its pid be another qemu-nbd now: only the one
+            // serving this file's socket is ours.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let serves = socket.is_none_or(|socket| {
+                cmdline
+                    .split(|&b| b == 0)
+                    .any(|arg| arg == socket.as_bytes())
+            });
+            if comm.trim() == "qemu-nbd" && serves {
                 let pid = i32::try_from(pid).unwrap_or(0);
                 // SAFETY: kill(2) with a pid read from our own pid file, checked to be qemu-nbd.
                 if pid > 0 && unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {

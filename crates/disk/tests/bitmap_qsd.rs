@@ -495,11 +495,19 @@ async fn only_a_server_the_process_itself_runs_at_the_trackers_socket_is_stopped
     let (qmp_sock, work) = (d.join("qmp.sock"), d.join("work"));
     let connect = || BitmapTracker::connect(&qmp_sock, &work);
 
-    // Another process listens at the path: left alone.
+    // Another process listens at the path: left alone, and said so.
     let other = d.join("other.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&other).expect("bind");
     let mut tracker = connect().await.expect("tracker").with_nbd_socket(&other);
-    assert!(!tracker.stop_own_nbd_server().await.expect("stop"));
+    match tracker.stop_own_nbd_server().await {
+        Err(disk::bitmap::BitmapError::NbdServer { why, .. }) => {
+            assert!(
+                why.contains("not known to be the VM's QEMU process"),
+                "{why}"
+            )
+        }
+        other => panic!("expected NbdServer, got {other:?}"),
+    }
     assert!(other.exists());
     drop(tracker); // QMP serves one client at a time
 

@@ -78,6 +78,17 @@ async fn a_bad_image_is_a_clear_error_and_strays_are_reaped() {
     let pid = pid_of(&dir.path().join("stray.nbd.pid"));
     std::mem::forget(export); // as if the owner died without dropping it
     assert!(alive(pid));
+
+    // A pid file whose pid is a qemu-nbd serving another socket (its pid reused after a reboot,
+    // say): that one is left alone.
+    let others = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        others.path().join("old.nbd.pid"),
+        format!("{pid}\n{}\n", others.path().join("old.nbd.sock").display()),
+    )
+    .expect("pid file");
+    assert_eq!(reap_stray_exports(others.path()), 0);
+    assert!(alive(pid));
     assert_eq!(reap_stray_exports(dir.path()), 1);
     for _ in 0..100 {
         if !alive(pid) {

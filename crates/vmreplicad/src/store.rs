@@ -360,6 +360,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM relationships WHERE vm = ?1", [vm.to_string()])?;
+        // A failover of it is over too: a later relationship of the VM (a seeded replication, a
+        // resynchronization) must not take itself for that failover's reverse.
+        tx.execute("DELETE FROM failovers WHERE vm = ?1", [vm.to_string()])?;
         tx.execute("UPDATE vms SET mode = 0 WHERE id = ?1", [vm.to_string()])?;
         tx.commit()?;
         Ok(())

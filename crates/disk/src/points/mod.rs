@@ -187,7 +187,10 @@ impl PointStore {
     /// while nothing else can use the store: at the daemon's start. (Opening the store does the
     /// same under the lock, but a store no log arrives for again is not opened.)
     pub fn reap_helpers(root: &Path, vm: Uuid) -> usize {
-        crate::export::reap_stray_exports(&Layout::of(root, vm).run_dir())
+        let run = Layout::of(root, vm).run_dir();
+        // A merge's `qemu-img commit` too (it would end by itself, holding the layers meanwhile).
+        qemu_img::reap_commit(&run);
+        crate::export::reap_stray_exports(&run)
     }
 
     /// Where overlay `name` of `vm`'s store under `root` keeps its disk images, in disk-table order

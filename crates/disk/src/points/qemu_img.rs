@@ -2,6 +2,7 @@
 //! flattens every layer, so every layer is a qcow2 that QEMU itself wrote.
 
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::Stdio;
 
@@ -162,11 +163,24 @@ pub(crate) fn reap_commit(run_dir: &Path) {
         let _ = std::fs::remove_file(&pid_file);
         return;
     };
+    // A pid file may outlive a reboot, and its pid be another qemu-img now: ours commits a layer
+    // of this store.
+    let mut store = run_dir
+        .parent()
+        .unwrap_or(run_dir)
+        .as_os_str()
+        .as_bytes()
+        .to_vec();
+    store.push(b'/');
     let alive = || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         // A zombie has exited (its locks are gone); only a live qemu-img counts.
         comm.trim() == "qemu-img"
+            && cmdline
+                .split(|&b| b == 0)
+                .any(|arg| arg.starts_with(&store))
             && !stat
                 .rsplit(')')
                 .next()
@@ -216,4 +230,67 @@ pub(crate) async fn convert(src: &Path, dst: &Path) -> Result<(), QemuImgError> 
         dst.as_os_str(),
     ];
     run("convert", src, &args).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-running qemu-img on `image` (a benchmark that would run for minutes).
+    fn busy_qemu_img(image: &Path) -> std::process::Child {
+        let created = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(image)
+            .arg("64M")
+            .status()
+            .expect("qemu-img create");
+        assert!(created.success());
+        std::process::Command::new("qemu-img")
+            .args(["bench", "-c", "100000000", "-f", "qcow2"])
+            .arg(image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-img bench")
+    }
+
+    /// Waits up to 10 s for `child` to exit; true if it did.
+    fn exits(child: &mut std::process::Child) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if child.try_wait().expect("wait").is_some() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn only_a_qemu_img_on_this_stores_files_is_reaped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // `store2` begins with the store's path: still another directory.
+        let (store, elsewhere) = (dir.path().join("store"), dir.path().join("store2"));
+        let run = store.join("run");
+        std::fs::create_dir_all(&run).expect("run dir");
+        std::fs::create_dir_all(&elsewhere).expect("dir");
+
+        // The pid file names a qemu-img on another store's file (a pid reused after a reboot).
+        let mut other = busy_qemu_img(&elsewhere.join("layer.qcow2"));
+        std::fs::write(commit_pid_file(&run), other.id().to_string()).expect("pid file");
+        reap_commit(&run);
+        assert!(
+            other.try_wait().expect("wait").is_none(),
+            "another qemu-img was killed"
+        );
+        assert!(!commit_pid_file(&run).exists());
+        other.kill().expect("kill");
+        other.wait().expect("wait");
+
+        // One on this store's layer, as a killed prune leaves it: stopped.
+        let mut ours = busy_qemu_img(&store.join("layer.qcow2"));
+        std::fs::write(commit_pid_file(&run), ours.id().to_string()).expect("pid file");
+        reap_commit(&run);
+        assert!(exits(&mut ours), "the store's qemu-img still runs");
+    }
 }

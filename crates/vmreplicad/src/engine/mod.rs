@@ -57,12 +57,20 @@ pub trait DataPlane: Send + Sync {
 /// CommitFailover's), and `tracking/<VMID>/` (block-hash maps, records of deliveries and
 /// bitmaps). Best effort, within [`RELEASE_LIMIT`]: returns what could not be undone.
 pub async fn release(vm: &VmRow, data_dir: &std::path::Path) -> Vec<String> {
-    match tokio::time::timeout(RELEASE_LIMIT, release_unbounded(vm, data_dir)).await {
-        Ok(problems) => problems,
-        Err(_) => vec![format!(
-            "ending its tracking took longer than {RELEASE_LIMIT:?} and was given up"
-        )],
+    let mut problems =
+        match tokio::time::timeout(RELEASE_LIMIT, release_unbounded(vm, data_dir)).await {
+            Ok(problems) => problems,
+            Err(_) => vec![format!(
+                "ending its tracking took longer than {RELEASE_LIMIT:?} and was given up"
+            )],
+        };
+    let tracking = reverse::tracking_dir(data_dir, vm.id);
+    if let Err(e) = std::fs::remove_dir_all(&tracking) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            problems.push(format!("{} stays: {e}", tracking.display()));
+        }
     }
+    problems
 }
 
 /// How long [`release`] may take (QMP calls, `qemu-img` on the disks).
@@ -95,12 +103,6 @@ async fn release_unbounded(vm: &VmRow, data_dir: &std::path::Path) -> Vec<String
                     ));
                 }
             }
-        }
-    }
-    let tracking = reverse::tracking_dir(data_dir, vm.id);
-    if let Err(e) = std::fs::remove_dir_all(&tracking) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            problems.push(format!("{} stays: {e}", tracking.display()));
         }
     }
     problems

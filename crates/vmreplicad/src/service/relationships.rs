@@ -164,8 +164,8 @@ impl Service {
         let store = self.store.clone();
         let in_flight = self.in_flight.clone();
         let id = vm.id;
-        // A primary's tracking ends with it; a replica VM keeps its files (its points, and what a
-        // failover recorded of them).
+        // A primary's tracking ends with it; a replica VM keeps its files (its points, and the
+        // disks a failover left it on).
         let data_dir = self
             .engine
             .data_dir()
@@ -189,9 +189,6 @@ impl Service {
                     tracing::warn!(vm = %id, "removed while a log is still in flight");
                 }
                 store.remove_chain(id)?;
-                // A failover of it is over too: a later relationship of the VM (a seeded
-                // replication, a resynchronization) must not take itself for its reverse.
-                store.remove_failover(id)?;
                 match data_dir {
                     // Its cycle still holds the VM's QEMU process or files.
                     Some(_) if !ended => ctx.note(
