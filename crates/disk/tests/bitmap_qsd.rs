@@ -151,6 +151,18 @@ fn same(a: &Path, b: &Path) -> bool {
         .success()
 }
 
+/// An empty qcow2 image of [`SIZE`] in `dir`.
+fn qcow2_image(dir: &Path) -> PathBuf {
+    let image = dir.join("disk.qcow2");
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(SIZE.to_string())
+        .status();
+    assert!(created.expect("img").success());
+    image
+}
+
 fn zero_file(path: &PathBuf) {
     std::fs::File::create(path)
         .expect("create")
@@ -162,14 +174,7 @@ fn zero_file(path: &PathBuf) {
 async fn frozen_points_are_exact_while_the_guest_writes_and_no_write_is_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let image = d.join("disk.qcow2");
-    assert!(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(SIZE.to_string())
-        .status()
-        .expect("img")
-        .success());
+    let image = qcow2_image(d);
     let (mirror, replica) = (d.join("mirror.raw"), d.join("replica.raw"));
     zero_file(&mirror);
     zero_file(&replica);
@@ -253,13 +258,7 @@ fn kill(mut qsd: Qsd) {
 async fn an_unclean_stop_of_qemu_makes_tracking_untrustworthy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let image = d.join("disk.qcow2");
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(SIZE.to_string())
-        .status();
-    assert!(created.expect("img").success());
+    let image = qcow2_image(d);
 
     // A bitmap that never reached the image (QEMU killed before any clean close) is gone.
     let qsd = start_qsd(d, &image);
@@ -405,13 +404,7 @@ async fn a_disk_whose_node_name_is_long_is_frozen_adopted_and_recovered() {
     const NODE: &str = "drive-virtio-disk0-format";
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let image = d.join("disk.qcow2");
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(SIZE.to_string())
-        .status();
-    assert!(created.expect("img").success());
+    let image = qcow2_image(d);
     let (mirror, replica) = (d.join("mirror.raw"), d.join("replica.raw"));
     zero_file(&mirror);
     zero_file(&replica);
@@ -484,13 +477,7 @@ async fn a_disk_whose_node_name_is_long_is_frozen_adopted_and_recovered() {
 async fn only_a_server_the_process_itself_runs_at_the_trackers_socket_is_stopped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let image = d.join("disk.qcow2");
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(SIZE.to_string())
-        .status();
-    assert!(created.expect("img").success());
+    let image = qcow2_image(d);
     let _qsd = start_qsd(d, &image);
     let (qmp_sock, work) = (d.join("qmp.sock"), d.join("work"));
     let connect = || BitmapTracker::connect(&qmp_sock, &work);
