@@ -280,8 +280,9 @@ impl BitmapTracker {
     }
 
     /// Ends tracking of `node`: a frozen point an earlier session left (as
-    /// [`BitmapTracker::recover`] does), then this tracker's bitmaps and those whose names start with one of `also`
-    /// (other parts of vmreplica keep them), from the process and, for persistent ones, the image.
+    /// [`BitmapTracker::recover`] does), then this tracker's bitmaps and those whose names start
+    /// with one of `also` (other parts of vmreplica keep them), from the process and, for
+    /// persistent ones, the image.
     pub async fn stop_tracking(&mut self, node: &str, also: &[&str]) -> Result<(), BitmapError> {
         self.clear_point(node).await?;
         let info = self.node_info(node).await?;

@@ -293,7 +293,8 @@ async fn main() -> anyhow::Result<()> {
             claims.clone(),
         )));
     // Before anything can use a replica store: qemu-nbd helpers of an apply this daemon's earlier
-    // run was killed in would otherwise keep serving (deleted) layers until that store's next apply.
+    // run was killed in would otherwise keep serving (deleted) layers until that store's next
+    // apply.
     for (vm, root) in store.replica_stores().unwrap_or_default() {
         let reaped = disk::points::PointStore::reap_helpers(std::path::Path::new(&root), vm);
         if reaped > 0 {

@@ -51,11 +51,11 @@ pub trait DataPlane: Send + Sync {
     }
 }
 
-/// Once primary `vm`'s relationship is removed, ends what this host's replication of it keeps beside
-/// the metadata store: a running VM's frozen point, bitmaps and NBD server in its QEMU process, or a
-/// turned-off VM's bitmaps in its qcow2 files (the running-VM tracker's, the offline rotation's,
-/// CommitFailover's), and `tracking/<VMID>/` (block-hash maps, records of deliveries and
-/// bitmaps). Best effort, within [`RELEASE_LIMIT`]: returns what could not be undone.
+/// Once primary `vm`'s relationship is removed, ends what this host's replication of it keeps
+/// beside the metadata store: a running VM's frozen point, bitmaps and NBD server in its QEMU
+/// process, or a turned-off VM's bitmaps in its qcow2 files (the running-VM tracker's, the offline
+/// rotation's, CommitFailover's), within [`RELEASE_LIMIT`]; then `tracking/<VMID>/` (block-hash
+/// maps, records of deliveries and bitmaps). Best effort: returns what could not be undone.
 pub async fn release(vm: &VmRow, data_dir: &std::path::Path) -> Vec<String> {
     let mut problems =
         match tokio::time::timeout(RELEASE_LIMIT, release_unbounded(vm, data_dir)).await {
