@@ -245,13 +245,24 @@ mod tests {
             .status()
             .expect("qemu-img create");
         assert!(created.success());
-        std::process::Command::new("qemu-img")
+        let child = std::process::Command::new("qemu-img")
             .args(["bench", "-c", "100000000", "-f", "qcow2"])
             .arg(image)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("qemu-img bench")
+            .expect("qemu-img bench");
+        // Until its exec, the child is still this test binary to /proc.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let comm = format!("/proc/{}/comm", child.id());
+        while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "qemu-img" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-img did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child
     }
 
     /// Waits up to 10 s for `child` to exit; true if it did.
