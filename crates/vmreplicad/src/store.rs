@@ -363,6 +363,8 @@ impl Store {
         // A failover of it is over too: a later relationship of the VM (a seeded replication, a
         // resynchronization) must not take itself for that failover's reverse.
         tx.execute("DELETE FROM failovers WHERE vm = ?1", [vm.to_string()])?;
+        // Marks of resynchronization logs: a later chain numbers its logs from 1 again.
+        tx.execute("DELETE FROM resync_points WHERE vm = ?1", [vm.to_string()])?;
         tx.execute("UPDATE vms SET mode = 0 WHERE id = ?1", [vm.to_string()])?;
         tx.commit()?;
         Ok(())

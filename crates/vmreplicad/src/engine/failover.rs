@@ -107,7 +107,15 @@ impl Store {
     /// After a committed failover: the VM keeps no recovery point and no received log (its
     /// `failovers` row stays: the common point of a reverse).
     pub(super) fn forget_replica_data(&self, vm: Uuid) -> StoreResult<()> {
-        self.delete_vm_rows(vm, &["recovery_points", "received_logs", "uploads"])
+        self.delete_vm_rows(
+            vm,
+            &[
+                "recovery_points",
+                "received_logs",
+                "uploads",
+                "resync_points",
+            ],
+        )
     }
 }
 

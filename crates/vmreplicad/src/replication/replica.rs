@@ -2770,14 +2770,20 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         .map_err(|e| retry(&e))?
         .map(|r| r.settings)
         .unwrap_or_default();
-    let resynced = store
-        .take_resync_point(log.vm, log.sequence)
+    // The mark goes only once this apply pruned: an apply a crash cuts off before that is done
+    // again (the same log: its point is found committed) or, if it was counted applied, its
+    // resync's prune comes with the next log's.
+    let (resynced, unpruned) = store
+        .resync_points(log.vm, log.sequence)
         .map_err(|e| retry(&e))?;
     let policy = if resynced {
         tracing::info!(vm = %log.vm, sequence = log.sequence, "resynchronization applied; the older recovery points go");
         // The point it compared is no longer the latest: its hashes go (also when this replica
         // lost the session in a restart, before the log closed it).
         super::prehash::forget_prefixes(&replica.data_dir, log.vm);
+        super::resync::AFTER_RESYNC
+    } else if unpruned {
+        tracing::info!(vm = %log.vm, sequence = log.sequence, "an earlier resynchronization's point was not pruned yet: the older recovery points go");
         super::resync::AFTER_RESYNC
     } else {
         RetentionPolicy {
@@ -2796,14 +2802,11 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
             .put_recovery_points(log.vm, &rows)
             .map_err(|e| retry(&e))
     };
-    // The point counts as applied before pruning, which may merge a whole base image (after a
-    // resync or failback) and take a while; an interrupted prune is done at the next apply.
+    // The state first, then the point counts as applied: a crash between the two applies the
+    // log again, which finds the state already moved. Both before pruning, which may merge a
+    // whole base image (after a resync or failback) and take a while; an interrupted prune is
+    // done at the next apply.
     list_points(&points)?;
-    store
-        .mark_applied(log.vm, log.sequence)
-        .map_err(|e| retry(&e))?;
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_file(&staged_path);
     if let (Ok(Some(v)), Ok(Some(mut rel))) = (store.get_vm(log.vm), store.get_relationship(log.vm))
     {
         rel.last_apply_time = Some(now());
@@ -2828,8 +2831,22 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         }
         let _ = store.put_relationship(&rel, v.mode);
     }
-    if let Err(e) = points.prune(&policy, now() * 1_000_000).await {
-        tracing::warn!(vm = %log.vm, "pruning recovery points failed: {}", crate::error_chain(&e));
+    store
+        .mark_applied(log.vm, log.sequence)
+        .map_err(|e| retry(&e))?;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&staged_path);
+    match points.prune(&policy, now() * 1_000_000).await {
+        Ok(_) if resynced || unpruned => {
+            if let Err(e) = store.forget_resync_points(log.vm, log.sequence) {
+                // The next log prunes to its point alone, as after a crash here.
+                tracing::warn!(vm = %log.vm, "forgetting the resynchronization's mark failed: {}", crate::error_chain(&e));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(vm = %log.vm, "pruning recovery points failed: {}", crate::error_chain(&e))
+        }
     }
     list_points(&points)?;
     Ok(())

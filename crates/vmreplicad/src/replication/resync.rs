@@ -43,12 +43,41 @@ impl Store {
             "DELETE FROM received_logs WHERE vm = ?1 AND applied = 0",
             [vm.to_string()],
         )?;
+        // Their sequences will be other logs' (a mark of one would make it a resync's).
+        for seq in &seqs {
+            conn.execute(
+                "DELETE FROM resync_points WHERE vm = ?1 AND sequence = ?2",
+                params![vm.to_string(), seq],
+            )?;
+        }
         // Uploads past them would collide with the resync's log.
         conn.execute("DELETE FROM uploads WHERE vm = ?1", [vm.to_string()])?;
         Ok(seqs
             .into_iter()
             .filter_map(|s| u64::try_from(s).ok())
             .collect())
+    }
+
+    /// Whether log `sequence` of `vm` is a resynchronization's (.0), and whether one before it is
+    /// still marked (.1): its apply ended before its prune, which forgets the mark last.
+    pub(super) fn resync_points(&self, vm: Uuid, sequence: u64) -> StoreResult<(bool, bool)> {
+        let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
+        let (this, before): (i64, i64) = self.conn().query_row(
+            "SELECT count(*) FILTER (WHERE sequence = ?2), count(*) FILTER (WHERE sequence < ?2)
+             FROM resync_points WHERE vm = ?1",
+            params![vm.to_string(), seq],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((this > 0, before > 0))
+    }
+
+    /// Forgets the marks of `vm`'s logs up to `sequence` (once its apply pruned).
+    pub(super) fn forget_resync_points(&self, vm: Uuid, sequence: u64) -> StoreResult<()> {
+        self.conn().execute(
+            "DELETE FROM resync_points WHERE vm = ?1 AND sequence <= ?2",
+            params![vm.to_string(), i64::try_from(sequence).unwrap_or(i64::MAX)],
+        )?;
+        Ok(())
     }
 
     /// Whether log `sequence` of `vm` is a resynchronization's; forgets the mark.
@@ -227,5 +256,62 @@ impl ReplicaSide {
         let compare = Arc::new(compare);
         self.remember_compare(vm, compare.clone());
         Ok(compare)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::tests::temp_store;
+    use uuid::Uuid;
+
+    #[test]
+    fn a_resync_mark_stays_until_its_apply_pruned_and_then_shows_before_the_next_log() {
+        let (_d, store) = temp_store();
+        let vm = Uuid::new_v4();
+        store.mark_resync_point(vm, 5).expect("mark");
+        // The resync's own log, applied again after a crash before its prune: still marked.
+        assert_eq!(store.resync_points(vm, 5).expect("ask"), (true, false));
+        assert_eq!(store.resync_points(vm, 5).expect("ask"), (true, false));
+        // Its apply counted it applied, then a crash came before the prune: the next log sees it.
+        assert_eq!(store.resync_points(vm, 6).expect("ask"), (false, true));
+        store.forget_resync_points(vm, 6).expect("forget");
+        assert_eq!(store.resync_points(vm, 6).expect("ask"), (false, false));
+        assert_eq!(store.resync_points(vm, 7).expect("ask"), (false, false));
+        // Another VM's marks are its own; a later mark is not "before".
+        store.mark_resync_point(vm, 9).expect("mark");
+        assert_eq!(store.resync_points(vm, 8).expect("ask"), (false, false));
+        assert_eq!(
+            store.resync_points(Uuid::new_v4(), 9).expect("ask"),
+            (false, false)
+        );
+    }
+
+    /// Logs a resynchronization drops, and a removed relationship, take their marks along: their
+    /// sequences will be other logs'.
+    #[test]
+    fn dropped_logs_and_a_removed_relationship_leave_no_resync_mark() {
+        let (_d, store) = temp_store();
+        let vm = Uuid::new_v4();
+        for (seq, applied) in [(4, 1), (5, 0), (6, 0)] {
+            store
+                .conn()
+                .execute(
+                    "INSERT INTO received_logs (vm, sequence, log_hash, log_bytes, point_time, applied)
+                     VALUES (?1, ?2, 'h', 1, 1, ?3)",
+                    rusqlite::params![vm.to_string(), seq, applied],
+                )
+                .expect("log");
+            store.mark_resync_point(vm, seq).expect("mark");
+        }
+        assert_eq!(store.drop_unapplied(vm).expect("drop"), vec![5, 6]);
+        // Mark 4 stays (its log was applied), 5 and 6 went with their logs.
+        assert_eq!(store.resync_points(vm, 5).expect("ask"), (false, true));
+        assert_eq!(store.resync_points(vm, 6).expect("ask"), (false, true));
+        store.forget_resync_points(vm, 4).expect("forget");
+        assert_eq!(store.resync_points(vm, 6).expect("ask"), (false, false));
+        store.mark_resync_point(vm, 7).expect("mark");
+        store.remove_relationship(vm).expect("remove");
+        assert_eq!(store.resync_points(vm, 7).expect("ask"), (false, false));
+        assert_eq!(store.resync_points(vm, 8).expect("ask"), (false, false));
     }
 }

@@ -369,6 +369,14 @@ impl Store {
     /// Undoes a replica record of `vm` that a failed reverse began: the placeholder row, its
     /// received logs and recovery points.
     fn forget_replica_vm(&self, vm: Uuid) -> StoreResult<()> {
-        self.delete_vm_rows(vm, &["replica_vms", "received_logs", "recovery_points"])
+        self.delete_vm_rows(
+            vm,
+            &[
+                "replica_vms",
+                "received_logs",
+                "recovery_points",
+                "resync_points",
+            ],
+        )
     }
 }
