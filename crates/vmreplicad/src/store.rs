@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use uuid::Uuid;
 use vmreplica_core::command::PowerControl;
 use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
+use vmreplica_core::state::ReplicationState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -624,6 +625,11 @@ impl Store {
 
     /// At start: puts back the state of every relationship whose job the last stop cut off (its
     /// job is not finished), and forgets every record. Returns the VMs restored.
+    ///
+    /// A relationship in FailbackComplete (14) is kept: only the apply of the failback's log sets
+    /// it, which is what the InitiateFailback job cut off there was waiting for (its restore
+    /// state 9 would have the failback run again, and the replica refuse the new primary's
+    /// deltas until then).
     pub fn restore_interrupted_states(&self) -> StoreResult<Vec<Uuid>> {
         let rows: Vec<(String, String, u16)> = {
             let conn = self.conn();
@@ -641,6 +647,9 @@ impl Store {
             let vm = parse_uuid(&vm)?;
             if unfinished {
                 if let (Some(v), Some(mut rel)) = (self.get_vm(vm)?, self.get_relationship(vm)?) {
+                    if rel.state == ReplicationState::FailbackComplete.as_u16() {
+                        continue;
+                    }
                     rel.state = state;
                     self.put_relationship(&rel, v.mode)?;
                     restored.push(vm);
@@ -1005,5 +1014,54 @@ pub(crate) mod tests {
         assert_eq!(store.purge_jobs(150).expect("purge"), 0);
         assert_eq!(store.purge_jobs(201).expect("purge"), 1);
         assert!(store.list_jobs().expect("list").is_empty());
+    }
+
+    #[test]
+    fn a_cut_off_jobs_state_is_put_back_unless_its_failback_completed() {
+        let (_d, store) = temp_store();
+        let job = |id: &str, vm: Uuid, state: u16| JobRow {
+            id: id.into(),
+            job_type: 94,
+            state,
+            percent: 0,
+            error_code: 0,
+            error_description: None,
+            errors: Vec::new(),
+            vm: Some(vm),
+            description: "d".into(),
+            time_submitted: 100,
+            start_time: Some(100),
+            time_finished: None,
+            last_change: 100,
+            cancellable: false,
+        };
+        // (VM, state when the daemon stopped, its job's state): running, running, completed.
+        let cases = [(13, 4), (14, 4), (13, 7)];
+        let mut vms = Vec::new();
+        for (i, (now, job_state)) in cases.into_iter().enumerate() {
+            let v = vm(&format!("vm{i}"));
+            store.insert_vm(&v).expect("insert");
+            let mut rel = RelationshipRow::new(v.id, 5);
+            rel.state = now;
+            store.put_relationship(&rel, 2).expect("put");
+            let id = format!("j{i}");
+            store.put_job(&job(&id, v.id, job_state)).expect("job");
+            store.put_job_restore(&id, v.id, 9).expect("restore");
+            vms.push(v.id);
+        }
+        assert_eq!(
+            store.restore_interrupted_states().expect("restore"),
+            vec![vms[0]]
+        );
+        let states: Vec<u16> = vms
+            .iter()
+            .map(|v| store.get_relationship(*v).expect("get").expect("row").state)
+            .collect();
+        assert_eq!(states, vec![9, 14, 13]);
+        // Every record is forgotten: a second start restores nothing.
+        assert!(store
+            .restore_interrupted_states()
+            .expect("again")
+            .is_empty());
     }
 }
