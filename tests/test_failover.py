@@ -5,6 +5,7 @@ reverse, resynchronization, and InitiateFailback after an unplanned failover.
 
 import datetime
 import json
+import os
 import re
 import shutil
 import time
@@ -528,6 +529,15 @@ def test_removing_a_failed_over_vms_replication_forgets_its_failover(lab, tmp_pa
     wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="point 1")
     lab.primary.stop()
     lab.replica.cli("failover", "fgt01")
+    # Failed over, not committed: the VM runs on disks of a recovery point, so the removal is
+    # refused (32775) until the failover is completed or cancelled, and nothing changes.
+    (overlay,) = vm_disks(lab.replica, "fgt01")
+    refused = lab.replica.cli("disable", "fgt01", check=False)
+    assert refused.returncode != 0 and "32775" in refused.stderr, refused.stderr
+    assert "CommitFailover" in refused.stderr, refused.stderr
+    rvm = vm_by_name(lab.replica.conn(), "fgt01")
+    assert (rvm["ReplicationMode"], rvm["ReplicationState"]) == (2, 5)
+    assert vm_disks(lab.replica, "fgt01") == [overlay] and os.path.isfile(overlay)
     lab.replica.cli("complete", "fgt01")
 
     def failovers():

@@ -10,7 +10,8 @@
 //!    decided as a Replica and then refused with 32770 when the rules would allow it (except
 //!    `RemoveReplicationRelationship`, so a stray one can be cleaned up);
 //! 2. `RemoveReplicationRelationship` (allowed from every state except while a failover, failback,
-//!    disk-update or repurpose job runs: 12, 13, 15, 18 → 32774 System is in use);
+//!    disk-update or repurpose job runs: 12, 13, 15, 18 → 32774 System is in use; and 5, failed
+//!    over but not committed → 32775: the VM runs on disks of a recovery point);
 //! 3. a missing relationship record, then the bookkeeping operations (statistics, failover IP
 //!    settings: always allowed, no state change), then the states this implementation does not manage
 //!    (0, 17, 19, 20, 21 → 32775);
@@ -157,6 +158,19 @@ fn protected(
 ) -> Result<Transition, Refusal> {
     if op == Operation::RemoveReplicationRelationship {
         not_busy(op, state)?;
+        // A failed-over VM runs on an overlay of a recovery point inside the point store: removed,
+        // it would keep disks nothing tracks, pinning that point for good, with no way left to
+        // commit or revert them (and the next failover of the VM would find the overlay taken).
+        if state == ReplicationState::Recovered {
+            return Err(refuse(
+                ReturnCode::InvalidState,
+                format!(
+                    "{} cannot run while the relationship is in state {}: the virtual machine runs                      on disks of a recovery point. Complete the failover (CommitFailover) to keep                      them, or cancel it (RevertFailover), then remove replication.",
+                    op.name(),
+                    describe(state)
+                ),
+            ));
+        }
         return Ok(go(
             None,
             ReplicationState::Disabled,

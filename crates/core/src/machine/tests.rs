@@ -274,16 +274,18 @@ fn suspend_resume_and_resynchronize() {
 }
 
 /// Spec §13.7 and §3.2 RemoveReplicationRelationship: → 0, mode None, from any state; our choice:
-/// 32774 while a failover/failback job owns the VM.
+/// 32774 while a failover/failback job owns the VM, 32775 while it runs failed over on a point.
 #[test]
 fn removal() {
-    for (m, s) in [(P, 1), (P, 3), (P, 9), (R, 2), (R, 5), (R, 6), (P, 17)] {
+    for (m, s) in [(P, 1), (P, 3), (P, 9), (R, 2), (R, 6), (R, 7), (P, 17)] {
         assert_eq!(
             run(m, s, O::RemoveReplicationRelationship),
             Ok((None, 0, NONE, 93)),
             "{m}/{s}"
         );
     }
+    assert_eq!(run(R, 5, O::RemoveReplicationRelationship), Err(32775));
+    assert_eq!(run(X, 5, O::RemoveReplicationRelationship), Err(32775));
     assert_eq!(run(R, 12, O::RemoveReplicationRelationship), Err(32774));
     assert_eq!(run(P, 13, O::RemoveReplicationRelationship), Err(32774));
     assert_eq!(run(NONE, 0, O::RemoveReplicationRelationship), Err(32775));
