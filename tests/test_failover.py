@@ -576,6 +576,51 @@ def test_a_removed_relationship_and_vm_definition_let_replication_start_over(lab
     assert list(lab.storage.glob(f"{vm_id.lower()}.removed-*"))
 
 
+def test_a_replica_vm_kept_after_its_relationship_was_removed_seeds_the_next_one(lab, tmp_path):
+    """Spec §13.7: removed on both sides, the replica VM stays and can seed a new relationship.
+    Made a replica again, a seeded initial replication compares the primary's disk with the
+    replica's latest point and sends only what changed since; replication goes on from there."""
+    disk = ext4_disk(tmp_path / "kept01.qcow2", payload_bytes=6_000_000)
+    vm_id = replicate_network(lab, tmp_path, "kept01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="point 1")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x2a 4M 64k", disk)
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
+    p = lab.primary.conn()
+    rrsc(p, vm_by_name(p, "kept01"), 7)
+    kept = settled(lab, vm_id)
+    lab.primary.cli("disable", "kept01")
+    lab.replica.cli("disable", "kept01")
+    # Written while nothing replicates: what the new relationship must send.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x2b 9M 128k", "-c", "write -z 1M 64k", disk)
+
+    lab.replica.cli("enable-as-replica", "kept01")
+    lab.primary.cli("enable", "kept01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    vm = vm_by_name(p, "kept01")
+    rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
+                             InitialReplicationType=Uint16(3))
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert vm_by_name(p, "kept01")["ReplicationState"] == 3
+    wait_for(lambda: applied_sequence(lab, vm_id) >= kept + 1, what="the differences to be applied")
+    with raw_peer(lab) as c:
+        sent = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/{kept + 1}").json()
+    # The two changed ranges (192 KiB) travel, not the 6 MB the disk holds.
+    assert sent["log_bytes"] < 400_000, sent
+    assert "latest point this replica VM kept" in lab.replica.log.read_text()
+    assert vm_by_name(lab.replica.conn(), "kept01")["ReplicationState"] == 3
+    rrsc(p, vm, 7)
+    latest_point_equals(lab.storage / vm_id.lower(), disk, "qcow2", at_least=settled(lab, vm_id))
+    # Deltas go on from there.
+    rrsc(p, vm, 3)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x2c 12M 64k", disk)
+    shipped_since(lab, vm_id, time.time())
+    rrsc(p, vm, 7)
+    latest_point_equals(lab.storage / vm_id.lower(), disk, "qcow2", at_least=settled(lab, vm_id))
+
+
 def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_vm_goes_home(lab, tmp_path):
     """The whole life of issue 5: replication, an unplanned failover to an earlier point, writes on
     both sides, InitiateFailback on the old primary, then a planned failover and a reverse home."""

@@ -288,7 +288,7 @@ def test_a_hostile_peer_gets_clear_errors_and_writes_nothing_outside_the_store(l
         assert hello.json()["authorized_as"] == PRIMARY and hello.json()["capabilities"] == ["zstd"]
         # Every feature this build has is offered (docs/protocol.md §3); `extended` is reserved.
         every = ["zstd", "resume", "seeded-compare", "planned-failover", "reverse", "failback", "resync-commit",
-                 "extended"]
+                 "seeded-again", "seeded-kept", "extended"]
         all_of_them = c.post("/vmreplica/hello", json={"protocol_versions": [1], "log_format_versions": [1],
                                                        "capabilities": every, "product": "test", "host": PRIMARY})
         assert sorted(all_of_them.json()["capabilities"]) == sorted(every[:-1]), all_of_them.text

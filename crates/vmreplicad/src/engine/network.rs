@@ -109,21 +109,28 @@ pub async fn open_empty_replica(
         .await
         .map_err(|e| e.into_failure("creating or finding the replica VM"))?;
     // A seeded one run again after it imported the seed as point 1 there goes on from that point
-    // (`seeded-again`): the seed is not imported twice, and its copy here is compared again.
-    let seed_imported = kind == 3
-        && session.has("seeded-again")
-        && replica.last_committed.sequence == 1
-        && replica.last_applied_sequence == 1
+    // (`seeded-again`): the seed is not imported twice, and its copy here is compared again. So
+    // does one whose replica VM kept the points of a removed relationship and was made a replica
+    // again (`seeded-kept`): its latest point is the seed.
+    let held = replica.last_committed.sequence;
+    let seed_held = kind == 3
+        && held >= 1
+        && session.has(if held == 1 {
+            "seeded-again"
+        } else {
+            "seeded-kept"
+        })
+        && replica.last_applied_sequence == held
         && replica.state
             == vmreplica_core::state::ReplicationState::WaitingToCompleteInitialReplication
                 .as_u16();
-    if replica.last_committed.sequence != 0 && !seed_imported {
+    if held != 0 && !seed_held {
         return Err(fail(
             format!(
                 "the replica of '{}' on {} already holds log {}; initial replication would start a second chain",
                 vm.name, target.host, replica.last_committed.sequence
             ),
-            "Remove the replica VM on the recovery server, or resynchronize.",
+            "Remove the replica VM on the recovery server, or make it a replica again (RequestReplicationStateChange 2) and start a seeded initial replication (type 3).",
         ));
     }
     Ok((session, put))

@@ -749,7 +749,9 @@ impl ReplicaSide {
     /// A seeded begin asked again (its answer was lost, or this daemon restarted during the
     /// comparison): the session still going on, or, once the seed is point 1 and nothing came after
     /// it, a new session comparing with point 1 (its hashes recorded so far kept): the seed is never
-    /// imported twice. None when neither is so (a first begin).
+    /// imported twice. Likewise a first begin on a replica VM that kept the points of a removed
+    /// relationship, every log applied: a session on its latest point (next, the one after it).
+    /// None when neither is so (a first begin that imports).
     async fn seeded_again(
         &self,
         vm: Uuid,
@@ -795,21 +797,32 @@ impl ReplicaSide {
         if last.is_none() {
             last = self.recorded_seed(vm, &replica).await?;
         }
-        if last.as_ref().map(|l| (l.sequence, l.applied)) != Some((1, true)) {
+        // Point 1 is a seed imported before; a later point (every log applied) is the latest of
+        // the points a removed relationship left this replica VM, made a replica again with
+        // RequestReplicationStateChange(2) (spec §13.7: it can seed a new one).
+        let Some(point) = last.filter(|l| l.applied).map(|l| l.sequence) else {
             return Ok(None);
-        }
+        };
         if replica.disks != begin.disks {
             let mut d = ErrorDetail::new(
                 ErrorCode::DiskTableMismatch,
-                "the disks differ from those of the seed imported as point 1",
+                if point == 1 {
+                    "the disks differ from those of the seed imported as point 1".to_string()
+                } else {
+                    format!("the disks differ from those of the replica's point {point}")
+                },
             );
             d.expected = Some(replica.disks.clone());
             return Err(ApiError(Box::new(d)));
         }
         let c = self
-            .compare_point(vm, &replica, 1, begin, (false, false))
+            .compare_point(vm, &replica, point, begin, (false, false))
             .await?;
-        tracing::info!(%vm, compare = %c.id, "seeded comparison begun again on the seed imported as point 1 before");
+        if point == 1 {
+            tracing::info!(%vm, compare = %c.id, "seeded comparison begun again on the seed imported as point 1 before");
+        } else {
+            tracing::info!(%vm, compare = %c.id, point, "seeded comparison begun on the latest point this replica VM kept from its earlier relationship");
+        }
         Ok(Some(c))
     }
 

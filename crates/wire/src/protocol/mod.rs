@@ -19,6 +19,7 @@ pub const CAPABILITIES: &[&str] = &[
     "failback",
     "resync-commit",
     "seeded-again",
+    "seeded-kept",
 ];
 
 /// Request headers of a log upload (§5.3).
