@@ -1779,6 +1779,63 @@ def test_removing_a_running_vms_replication_ends_what_it_left_in_its_qemu_proces
         qsd.stop()
 
 
+def test_a_removal_whose_cycle_outlives_its_wait_ends_the_tracking_once_that_cycle_ended(lab, tmp_path):
+    """RemoveReplicationRelationshipEx while a running VM's cycle is stuck in a QEMU process that
+    stopped answering (SIGSTOP): the job ends after its wait and says the tracking was not ended
+    yet; once the process answers again and the cycle ended, the daemon ends it (frozen point,
+    bitmaps and the primary's state of the VM gone)."""
+    import os
+    import signal
+
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "1M", "--removal-wait", "3"]
+    lab.primary.start()
+    random_raw(tmp_path / "rml01.raw", "64M", 1 << 20)
+    disk = tmp_path / "rml01.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", tmp_path / "rml01.raw", disk)
+    qsd = Qsd(disk, tmp_path)
+    stopped = False
+    try:
+        vm_id = str(uuid.uuid4()).upper()
+        lab.primary.cli("vm", "add", "--name", "rml01", "--id", vm_id, "--disk", str(disk),
+                        "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
+        lab.primary.cli("enable", "rml01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                        "--thumbprint", lab.t1, "--no-compression")
+        lab.primary.cli("start", "rml01")
+        wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="initial replication")
+        qsd.write("write -P 0x33 8M 16M")  # a 16 MiB delta: 16 s at 1 MiB/s
+        incoming = lab.storage / vm_id.lower() / "incoming"
+        wait_for(lambda: [q for q in incoming.glob("*.partial") if file_size(q) > (1 << 20)],
+                 timeout=60, what="the delta in flight")
+        os.kill(qsd.proc.pid, signal.SIGSTOP)
+        stopped = True
+        p = lab.primary.conn()
+        svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+        vm = vm_by_name(p, "rml01")
+        rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+        rv, out = p.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=vm.path,
+                                 ReplicationRelationship=rel.tocimxmlstr())
+        assert rv == 4096, rv
+        job = wait_job(p, out["Job"], timeout=60)
+        assert job["JobState"] == 7 and "not ended yet" in job["Description"], job
+        assert p.GetInstance(vm.path)["ReplicationMode"] == 0
+        tracking = lab.primary.data_dir / "tracking" / vm_id
+        run_dir = lab.primary.data_dir / "run" / f"vm-{vm_id.lower().replace('-', '')}"
+        assert tracking.exists()
+        os.kill(qsd.proc.pid, signal.SIGCONT)
+        stopped = False
+        wait_for(lambda: not tracking.exists() and not run_dir.exists(), timeout=90,
+                 what="the tracking ended after the cycle")
+        assert qsd.ours() == {"nodes": [], "jobs": [], "exports": [], "bitmaps": []}
+        assert "its tracking ended after the replication cycle that outlived its removal" in \
+            plain_log(lab.primary)
+        qsd.write("write -P 0x11 0 1M")  # the guest goes on
+    finally:
+        if stopped:
+            os.kill(qsd.proc.pid, signal.SIGCONT)
+        qsd.stop()
+
+
 def test_removing_a_turned_off_vms_replication_removes_its_bitmaps_and_state(lab, tmp_path):
     """`vmreplica disable` of a turned-off qcow2 VM whose initial replication was cut off: the
     bitmaps vmreplica added to its file and the primary's state of the VM go."""

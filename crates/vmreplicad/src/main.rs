@@ -92,6 +92,10 @@ struct Args {
     /// labs: `1` stands in for a recovery server of an older build.
     #[arg(long = "log-formats", value_name = "VERSIONS", value_delimiter = ',', value_parser = parse_log_format, hide = true)]
     log_formats: Vec<u16>,
+    /// How long RemoveReplicationRelationship waits for the VM's replication cycle in flight to
+    /// stop before its job ends (that VM's tracking then ends once the cycle did). For labs.
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=3600), hide = true)]
+    removal_wait: u64,
 }
 
 fn parse_log_format(text: &str) -> Result<u16, String> {
@@ -325,6 +329,7 @@ async fn main() -> anyhow::Result<()> {
         in_flight,
         listener: listener_control,
         limits,
+        removal_wait: std::time::Duration::from_secs(args.removal_wait),
     });
     let resync_with = service.clone();
     let _ = scheduler.auto_resync.set(Box::new(move |vm| {

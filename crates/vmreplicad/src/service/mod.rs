@@ -56,6 +56,8 @@ pub struct Service {
     pub listener: crate::replication::server::ListenerControl,
     /// The bandwidth cap and parallel transfers of this host as a primary.
     pub limits: Arc<crate::replication::limits::HostLimits>,
+    /// How long a removal waits for the VM's replication cycle in flight (`--removal-wait`).
+    pub removal_wait: std::time::Duration,
 }
 
 impl From<StoreError> for CommandError {

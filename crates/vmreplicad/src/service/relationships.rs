@@ -163,6 +163,8 @@ impl Service {
         self.refuse_engineless(&t, "RemoveReplicationRelationship")?;
         let store = self.store.clone();
         let in_flight = self.in_flight.clone();
+        let claims = self.claims.clone();
+        let wait = self.removal_wait;
         let id = vm.id;
         // A primary's tracking ends with it; a replica VM keeps its files (its points, and the
         // disks a failover left it on).
@@ -183,17 +185,20 @@ impl Service {
                 // enabled again later (and should it outlast the wait, its outcome finds no chain
                 // to write to).
                 let ended = in_flight
-                    .stop_and_wait(id, std::time::Duration::from_secs(600))
+                    .stop_and_wait(id, wait)
                     .await;
                 if !ended {
                     tracing::warn!(vm = %id, "removed while a log is still in flight");
                 }
                 store.remove_chain(id)?;
                 match data_dir {
-                    // Its cycle still holds the VM's QEMU process or files.
-                    Some(_) if !ended => ctx.note(
-                        "Its tracking was not ended: a replication cycle was still running",
-                    )?,
+                    // Its cycle still holds the VM's QEMU process or files: ended after it.
+                    Some(data_dir) if !ended => {
+                        ctx.note(
+                            "Its tracking was not ended yet: a replication cycle was still running; it ends once that cycle ended",
+                        )?;
+                        tokio::spawn(release_later(store.clone(), in_flight, claims, id, data_dir));
+                    }
                     Some(data_dir) => {
                         let problems = crate::engine::release(&vm, &data_dir).await;
                         if !problems.is_empty() {
@@ -484,5 +489,47 @@ fn check_args(op: Operation, args: &OperationArgs) -> Result<(), CommandError> {
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// After a removal whose replication cycle outlived the job's wait: ends the VM's tracking
+/// (`engine::release`) once that cycle ended, checked every 5 s for at most a day, holding the VM's
+/// claim while it works. Nothing is done if the VM has a relationship again by then (its tracking
+/// is the new relationship's), or if the daemon stops first (its `tracking/<VMID>/` then stays).
+async fn release_later(
+    store: Arc<Store>,
+    in_flight: Arc<crate::replication::primary::InFlight>,
+    claims: VmClaims,
+    vm: uuid::Uuid,
+    data_dir: std::path::PathBuf,
+) {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let enabled_again = || !matches!(store.get_relationship(vm), Ok(None));
+    loop {
+        if enabled_again() {
+            return;
+        }
+        if !in_flight.contains(vm) {
+            if let Some(claim) = claims.claim(vm) {
+                let row = match store.get_vm(vm) {
+                    Ok(Some(row)) if !enabled_again() => row,
+                    _ => return,
+                };
+                let problems = crate::engine::release(&row, &data_dir).await;
+                drop(claim);
+                if problems.is_empty() {
+                    tracing::info!(%vm, "its tracking ended after the replication cycle that outlived its removal");
+                } else {
+                    tracing::warn!(%vm, "ending its tracking: {}", problems.join("; "));
+                }
+                return;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(%vm, "its tracking stays: the replication cycle that outlived its removal has not ended in a day");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     }
 }
