@@ -581,13 +581,18 @@ def test_a_replica_vm_kept_after_its_relationship_was_removed_seeds_the_next_one
     Made a replica again, a seeded initial replication compares the primary's disk with the
     replica's latest point and sends only what changed since; replication goes on from there."""
     disk = ext4_disk(tmp_path / "kept01.qcow2", payload_bytes=6_000_000)
-    vm_id = replicate_network(lab, tmp_path, "kept01", [disk], "--no-compression")
+    vm_id = replicate_network(lab, tmp_path, "kept01", [disk], "--no-compression", "--recovery-history", "3")
     wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="point 1")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x2a 4M 64k", disk)
     wait_for(lambda: applied_sequence(lab, vm_id) >= 2, what="a delta")
     p = lab.primary.conn()
     rrsc(p, vm_by_name(p, "kept01"), 7)
     kept = settled(lab, vm_id)
+    store = lab.storage / vm_id.lower()
+
+    def points():
+        return sorted(int(f.stem[1:]) for f in store.glob("p*.json"))
+
     lab.primary.cli("disable", "kept01")
     lab.replica.cli("disable", "kept01")
     # Written while nothing replicates: what the new relationship must send.
@@ -612,13 +617,18 @@ def test_a_replica_vm_kept_after_its_relationship_was_removed_seeds_the_next_one
     assert "latest point this replica VM kept" in lab.replica.log.read_text()
     assert vm_by_name(lab.replica.conn(), "kept01")["ReplicationState"] == 3
     rrsc(p, vm, 7)
-    latest_point_equals(lab.storage / vm_id.lower(), disk, "qcow2", at_least=settled(lab, vm_id))
+    latest_point_equals(store, disk, "qcow2", at_least=settled(lab, vm_id))
+    # The old relationship's points went, as after a resynchronization (hourly points would keep
+    # them otherwise).
+    assert all(n > kept for n in points()), points()
+    assert re.search(rf"resynchronization applied; the older recovery points go.*sequence={kept + 1}\b",
+                     plain_log(lab.replica)), plain_log(lab.replica)[-3000:]
     # Deltas go on from there.
     rrsc(p, vm, 3)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x2c 12M 64k", disk)
     shipped_since(lab, vm_id, time.time())
     rrsc(p, vm, 7)
-    latest_point_equals(lab.storage / vm_id.lower(), disk, "qcow2", at_least=settled(lab, vm_id))
+    latest_point_equals(store, disk, "qcow2", at_least=settled(lab, vm_id))
 
 
 def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_vm_goes_home(lab, tmp_path):

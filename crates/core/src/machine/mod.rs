@@ -10,8 +10,8 @@
 //!    decided as a Replica and then refused with 32770 when the rules would allow it (except
 //!    `RemoveReplicationRelationship`, so a stray one can be cleaned up);
 //! 2. `RemoveReplicationRelationship` (allowed from every state except while a failover, failback,
-//!    disk-update or repurpose job runs: 12, 13, 15, 18 → 32774 System is in use; and 5, failed
-//!    over but not committed → 32775: the VM runs on disks of a recovery point);
+//!    disk-update or repurpose job runs: 12, 13, 15, 18 → 32774 System is in use; and a Replica
+//!    in 5, failed over but not committed → 32775: the VM runs on disks of a recovery point);
 //! 3. a missing relationship record, then the bookkeeping operations (statistics, failover IP
 //!    settings: always allowed, no state change), then the states this implementation does not manage
 //!    (0, 17, 19, 20, 21 → 32775);
@@ -104,6 +104,25 @@ pub fn decide(
             "This is a test replica virtual machine; it takes no part in replication. Remove it with \
              Msvm_VirtualSystemManagementService.DestroySystem.",
         )),
+        // A failed-over replica VM runs on an overlay of a recovery point inside the point store:
+        // removed, it would keep disks nothing tracks, pinning that point for good, with no way
+        // left to commit or revert them (and its next failover would find the overlay taken). (A
+        // stray record in 5 of another mode, which nothing can commit or revert, can be removed.)
+        ReplicationMode::Replica
+            if op == Operation::RemoveReplicationRelationship
+                && state == ReplicationState::Recovered =>
+        {
+            Err(refuse(
+                ReturnCode::InvalidState,
+                format!(
+                    "{} cannot run while the relationship is in state {}: the virtual machine runs \
+                     on disks of a recovery point. Complete the failover (CommitFailover) to keep \
+                     them, or cancel it (RevertFailover), then remove replication.",
+                    op.name(),
+                    describe(state)
+                ),
+            ))
+        }
         ReplicationMode::Primary | ReplicationMode::Replica => protected(mode, state, op, facts),
         ReplicationMode::ExtendedReplica => match protected(ReplicationMode::Replica, state, op, facts) {
             Ok(t) if op == Operation::RemoveReplicationRelationship => Ok(t),
@@ -158,19 +177,6 @@ fn protected(
 ) -> Result<Transition, Refusal> {
     if op == Operation::RemoveReplicationRelationship {
         not_busy(op, state)?;
-        // A failed-over VM runs on an overlay of a recovery point inside the point store: removed,
-        // it would keep disks nothing tracks, pinning that point for good, with no way left to
-        // commit or revert them (and the next failover of the VM would find the overlay taken).
-        if state == ReplicationState::Recovered {
-            return Err(refuse(
-                ReturnCode::InvalidState,
-                format!(
-                    "{} cannot run while the relationship is in state {}: the virtual machine runs                      on disks of a recovery point. Complete the failover (CommitFailover) to keep                      them, or cancel it (RevertFailover), then remove replication.",
-                    op.name(),
-                    describe(state)
-                ),
-            ));
-        }
         return Ok(go(
             None,
             ReplicationState::Disabled,

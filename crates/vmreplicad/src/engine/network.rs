@@ -130,7 +130,7 @@ pub async fn open_empty_replica(
                 "the replica of '{}' on {} already holds log {}; initial replication would start a second chain",
                 vm.name, target.host, replica.last_committed.sequence
             ),
-            "Remove the replica VM on the recovery server, or make it a replica again (RequestReplicationStateChange 2) and start a seeded initial replication (type 3).",
+            "Remove the replica VM on the recovery server; or, to send only what changed, remove its replication there (its recovery points are kept), make it a replica again (RequestReplicationStateChange 2) and start a seeded initial replication (type 3).",
         ));
     }
     Ok((session, put))

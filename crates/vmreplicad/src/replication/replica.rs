@@ -815,6 +815,11 @@ impl ReplicaSide {
             d.expected = Some(replica.disks.clone());
             return Err(ApiError(Box::new(d)));
         }
+        if point > 1 {
+            // Its log ends the old relationship's points as a resynchronization's does: marked
+            // now, not at its commit, so a restart of this daemon in between does not lose it.
+            self.store.mark_resync_point(vm, point + 1)?;
+        }
         let c = self
             .compare_point(vm, &replica, point, begin, (false, false))
             .await?;
