@@ -960,6 +960,21 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     assert (vm_by_name(p, "fb02")["ReplicationState"], vm_by_name(r, "fb02")["ReplicationState"]) == (14, 3)
     latest_point_equals(store1, new_disk, "qcow2")
 
+    # 5. Run again once done (as after a restart that lost its answer): the new primary answers
+    # that it is done, and the old primary ends complete again, not in the 13 the run showed;
+    # the new primary's deltas go on.
+    job = wait_job(p, initiate_failback(p, "fb02"), timeout=60)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert vm_by_name(p, "fb02")["ReplicationState"] in (14, 3)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 40M 64k", new_disk)
+    wait_for(lambda: vm_by_name(p, "fb02")["ReplicationState"] == 3, timeout=60, what="an ordinary replica")
+
+    def latest_equal():
+        last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+        return compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")[0]
+
+    wait_for(latest_equal, timeout=90, what="the delta with that write")
+
 
 def test_a_failback_followed_over_a_connection_that_breaks_goes_on_to_the_end(lab, tmp_path):
     """The old primary follows the new primary's failback job over a proxy that breaks the

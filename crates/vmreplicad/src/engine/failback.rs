@@ -1362,6 +1362,19 @@ impl LocalEngine {
                 let now_row = store.get_relationship(vm.id)?.unwrap_or(rel.clone());
                 let now_mode = store.get_vm(vm.id)?.map_or(mode, |v| v.mode);
                 match outcome {
+                    // The failback's log is applied here. Its apply moved 13 to 14 (and a delta
+                    // perhaps on to 3) before counting it applied, unless an earlier run's log it
+                    // was (the new primary answered "done already" to a run again): then nothing
+                    // moves the 13 this run showed.
+                    Ok(())
+                        if now_mode == ReplicationMode::Replica.as_u16()
+                            && now_row.state == ReplicationState::FailbackInProgress.as_u16() =>
+                    {
+                        let mut done = now_row;
+                        done.state = ReplicationState::FailbackComplete.as_u16();
+                        store.put_relationship(&done, now_mode)?;
+                        Ok(())
+                    }
                     Ok(()) => Ok(()),
                     Err(failure) => {
                         let mut back = now_row;
