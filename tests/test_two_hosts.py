@@ -1822,6 +1822,10 @@ def test_a_removal_whose_cycle_outlives_its_wait_ends_the_tracking_once_that_cyc
         tracking = lab.primary.data_dir / "tracking" / vm_id
         run_dir = lab.primary.data_dir / "run" / f"vm-{vm_id.lower().replace('-', '')}"
         assert tracking.exists()
+        # Enabled again meanwhile: refused while that cycle still holds the VM.
+        again = lab.primary.cli("enable", "rml01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                                "--thumbprint", lab.t1, check=False)
+        assert again.returncode != 0 and "32774" in again.stderr and "still ending" in again.stderr, again.stderr
         os.kill(qsd.proc.pid, signal.SIGCONT)
         stopped = False
         wait_for(lambda: not tracking.exists() and not run_dir.exists(), timeout=90,

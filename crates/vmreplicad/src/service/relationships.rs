@@ -84,6 +84,17 @@ impl Service {
     ) -> CommandResult {
         let (vm, claim) = self.claimed_vm(vm)?;
         let (rel, t) = self.decide(&vm, op)?;
+        if op == Operation::CreateReplicationRelationship && self.in_flight.contains(vm.id) {
+            // A removed relationship's cycle still holds the VM's files or QEMU process (and its
+            // tracking ends once it ended, unless a new relationship came first).
+            return Err(CommandError::new(
+                ReturnCode::SystemInUse,
+                format!(
+                    "a replication cycle of the relationship '{}' had before is still ending; try again shortly",
+                    vm.name
+                ),
+            ));
+        }
         settings.validate().map_err(settings_error)?;
         if let Some(provider) = &settings.replication_provider {
             // The CIM layer maps the built-in provider to None; anything left is another provider.
@@ -197,7 +208,13 @@ impl Service {
                         ctx.note(
                             "Its tracking was not ended yet: a replication cycle was still running; it ends once that cycle ended",
                         )?;
-                        tokio::spawn(release_later(store.clone(), in_flight, claims, id, data_dir));
+                        tokio::spawn(release_later(
+                            store.clone(),
+                            in_flight,
+                            claims,
+                            vm.clone(),
+                            data_dir,
+                        ));
                     }
                     Some(data_dir) => {
                         let problems = crate::engine::release(&vm, &data_dir).await;
@@ -494,42 +511,64 @@ fn check_args(op: Operation, args: &OperationArgs) -> Result<(), CommandError> {
 
 /// After a removal whose replication cycle outlived the job's wait: ends the VM's tracking
 /// (`engine::release`) once that cycle ended, checked every 5 s for at most a day, holding the VM's
-/// claim while it works. Nothing is done if the VM has a relationship again by then (its tracking
-/// is the new relationship's), or if the daemon stops first (its `tracking/<VMID>/` then stays).
+/// claim while it releases; what stays (a QEMU process still not answering, a file in use) is
+/// tried again every minute for an hour. Nothing is done if the VM has a relationship again by then (its tracking is the
+/// new relationship's); `removed` is the VM as it was, for a VM deleted meanwhile. A stop of the
+/// daemon ends the wait: its `tracking/<VMID>/` then stays.
 async fn release_later(
     store: Arc<Store>,
     in_flight: Arc<crate::replication::primary::InFlight>,
     claims: VmClaims,
-    vm: uuid::Uuid,
+    removed: VmRow,
     data_dir: std::path::PathBuf,
 ) {
     const PATIENCE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    const AGAIN: std::time::Duration = std::time::Duration::from_secs(60);
+    const TRIES: u32 = 60;
+    let vm = removed.id;
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    let enabled_again = || !matches!(store.get_relationship(vm), Ok(None));
+    let mut problems = Vec::new();
+    let mut tries = 0;
     loop {
+        // (A store that cannot be read is asked again.)
+        let enabled_again = || matches!(store.get_relationship(vm), Ok(Some(_)));
         if enabled_again() {
             return;
         }
+        let mut wait = std::time::Duration::from_secs(5);
         if !in_flight.contains(vm) {
             if let Some(claim) = claims.claim(vm) {
+                // Under the claim no relationship, hence no cycle, can begin.
                 let row = match store.get_vm(vm) {
-                    Ok(Some(row)) if !enabled_again() => row,
-                    _ => return,
+                    Ok(Some(row)) => Some(row),
+                    Ok(None) => Some(removed.clone()),
+                    Err(_) => None,
                 };
-                let problems = crate::engine::release(&row, &data_dir).await;
-                drop(claim);
-                if problems.is_empty() {
-                    tracing::info!(%vm, "its tracking ended after the replication cycle that outlived its removal");
-                } else {
-                    tracing::warn!(%vm, "ending its tracking: {}", problems.join("; "));
+                if let Some(row) = row.filter(|_| !enabled_again() && !in_flight.contains(vm)) {
+                    problems = crate::engine::release(&row, &data_dir).await;
+                    drop(claim);
+                    tries += 1;
+                    if problems.is_empty() {
+                        tracing::info!(%vm, "its tracking ended after the replication cycle that outlived its removal");
+                        return;
+                    }
+                    if tries >= TRIES {
+                        tracing::warn!(%vm, "ending its tracking: {}", problems.join("; "));
+                        return;
+                    }
+                    tracing::info!(%vm, "ending its tracking, tried again in a minute: {}", problems.join("; "));
+                    wait = AGAIN;
                 }
-                return;
             }
         }
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(%vm, "its tracking stays: the replication cycle that outlived its removal has not ended in a day");
+        if tokio::time::Instant::now() + wait >= deadline {
+            if problems.is_empty() {
+                tracing::warn!(%vm, "its tracking stays: the replication cycle that outlived its removal has not ended in a day");
+            } else {
+                tracing::warn!(%vm, "ending its tracking: {}", problems.join("; "));
+            }
             return;
         }
-        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        tokio::time::sleep(wait).await;
     }
 }
