@@ -457,6 +457,18 @@ def rrsc(conn, vm, state):
     assert job["JobState"] == 7, job["ErrorDescription"]
 
 
+def remove_relationship(conn, name):
+    """RemoveReplicationRelationshipEx of VM `name` through pywbem, as Remove-VMReplication calls
+    it; returns (the VM's path, its finished job)."""
+    svc = conn.EnumerateInstances("Msvm_ReplicationService")[0]
+    vm = vm_by_name(conn, name)
+    rel = conn.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    rv, out = conn.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=vm.path,
+                                ReplicationRelationship=rel.tocimxmlstr())
+    assert rv == 4096, rv
+    return vm.path, wait_job(conn, out["Job"], timeout=60)
+
+
 def replicate_network(lab, tmp_path, name, disks, *enable_args):
     """Defines `name` on the primary with `disks`, enables it and runs network IR; returns its id."""
     vm_id = str(uuid.uuid4()).upper()
@@ -855,18 +867,12 @@ def test_removing_replication_stops_the_log_in_flight_at_once(lab, tmp_path):
 
     (partial,) = wait_for(uploading, timeout=30, what="a big log in flight")
     p = lab.primary.conn()
-    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
-    vm = vm_by_name(p, "rm01")
-    rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     started = time.monotonic()
-    rv, out = p.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=vm.path,
-                             ReplicationRelationship=rel.tocimxmlstr())
-    assert rv == 4096, rv
-    job = wait_job(p, out["Job"], timeout=60)
+    path, job = remove_relationship(p, "rm01")
     took = time.monotonic() - started
     assert job["JobState"] == 7 and job["JobType"] == 93, job
     assert took < 10, f"the removal waited {took:.1f} s for the log in flight"
-    vm = p.GetInstance(vm.path)
+    vm = p.GetInstance(path)
     assert vm["ReplicationMode"] == 0 and vm["ReplicationState"] == 0
     # Nothing more of that log is sent, and its cycle counts for nothing.
     size = file_size(partial)
@@ -1760,17 +1766,11 @@ def test_removing_a_running_vms_replication_ends_what_it_left_in_its_qemu_proces
         assert sock.exists() != own_server, sock
         lab.primary.start()
         p = lab.primary.conn()
-        svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
-        vm = vm_by_name(p, "rmr01")
-        rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
-        rv, out = p.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=vm.path,
-                                 ReplicationRelationship=rel.tocimxmlstr())
-        assert rv == 4096, rv
-        job = wait_job(p, out["Job"], timeout=60)
+        path, job = remove_relationship(p, "rmr01")
         assert job["JobState"] == 7 and "not ended" not in job["Description"], job
         assert qsd.ours() == {"nodes": [], "jobs": [], "exports": [], "bitmaps": []}
         assert not tracking.exists() and not run_dir.exists() and not sock.exists()
-        assert p.GetInstance(vm.path)["ReplicationMode"] == 0
+        assert p.GetInstance(path)["ReplicationMode"] == 0
         if own_server:
             qsd.write("write -P 0x11 0 1M")  # the guest goes on
         else:  # no NBD server runs in the process any more: another may start
@@ -1810,15 +1810,9 @@ def test_a_removal_whose_cycle_outlives_its_wait_ends_the_tracking_once_that_cyc
         os.kill(qsd.proc.pid, signal.SIGSTOP)
         stopped = True
         p = lab.primary.conn()
-        svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
-        vm = vm_by_name(p, "rml01")
-        rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
-        rv, out = p.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=vm.path,
-                                 ReplicationRelationship=rel.tocimxmlstr())
-        assert rv == 4096, rv
-        job = wait_job(p, out["Job"], timeout=60)
+        path, job = remove_relationship(p, "rml01")
         assert job["JobState"] == 7 and "not ended yet" in job["Description"], job
-        assert p.GetInstance(vm.path)["ReplicationMode"] == 0
+        assert p.GetInstance(path)["ReplicationMode"] == 0
         tracking = lab.primary.data_dir / "tracking" / vm_id
         run_dir = lab.primary.data_dir / "run" / f"vm-{vm_id.lower().replace('-', '')}"
         assert tracking.exists()
