@@ -90,7 +90,7 @@ impl Service {
             return Err(CommandError::new(
                 ReturnCode::SystemInUse,
                 format!(
-                    "a replication cycle of the relationship '{}' had before is still ending; try again shortly",
+                    "a replication cycle of the earlier relationship of '{}' is still ending; try again shortly",
                     vm.name
                 ),
             ));
@@ -512,9 +512,9 @@ fn check_args(op: Operation, args: &OperationArgs) -> Result<(), CommandError> {
 /// After a removal whose replication cycle outlived the job's wait: ends the VM's tracking
 /// (`engine::release`) once that cycle ended, checked every 5 s for at most a day, holding the VM's
 /// claim while it releases; what stays (a QEMU process still not answering, a file in use) is
-/// tried again every minute for an hour. Nothing is done if the VM has a relationship again by then (its tracking is the
-/// new relationship's); `removed` is the VM as it was, for a VM deleted meanwhile. A stop of the
-/// daemon ends the wait: its `tracking/<VMID>/` then stays.
+/// tried again every minute for an hour. Nothing is done if the VM has a relationship again by
+/// then (its tracking is the new relationship's); `removed` is the VM as it was, for a VM deleted
+/// meanwhile. A stop of the daemon ends the wait: its `tracking/<VMID>/` then stays.
 async fn release_later(
     store: Arc<Store>,
     in_flight: Arc<crate::replication::primary::InFlight>,
