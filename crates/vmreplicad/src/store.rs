@@ -14,7 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use uuid::Uuid;
 use vmreplica_core::command::PowerControl;
 use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings, ServiceSettings};
-use vmreplica_core::state::ReplicationState;
+use vmreplica_core::state::{ReplicationMode, ReplicationState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -626,10 +626,11 @@ impl Store {
     /// At start: puts back the state of every relationship whose job the last stop cut off (its
     /// job is not finished), and forgets every record. Returns the VMs restored.
     ///
-    /// A relationship in FailbackComplete (14) is kept: only the apply of the failback's log sets
-    /// it, which is what the InitiateFailback job cut off there was waiting for (its restore
-    /// state 9 would have the failback run again, and the replica refuse the new primary's
-    /// deltas until then).
+    /// A relationship whose failback's log arrived is kept: in FailbackComplete (14), which only
+    /// the apply of that log sets, or still in 13 with that log committed and not yet applied
+    /// (the apply task moves it to 14). That log is what the InitiateFailback job cut off there
+    /// was waiting for; its restore state 9 would have the failback run again, and the replica
+    /// refuse the new primary's deltas until then.
     pub fn restore_interrupted_states(&self) -> StoreResult<Vec<Uuid>> {
         let rows: Vec<(String, String, u16)> = {
             let conn = self.conn();
@@ -647,7 +648,15 @@ impl Store {
             let vm = parse_uuid(&vm)?;
             if unfinished {
                 if let (Some(v), Some(mut rel)) = (self.get_vm(vm)?, self.get_relationship(vm)?) {
-                    if rel.state == ReplicationState::FailbackComplete.as_u16() {
+                    let arrived = rel.state == ReplicationState::FailbackComplete.as_u16()
+                        || (rel.state == ReplicationState::FailbackInProgress.as_u16()
+                            && v.mode == ReplicationMode::Replica.as_u16()
+                            && self.conn().query_row(
+                                "SELECT EXISTS (SELECT 1 FROM received_logs WHERE vm = ?1 AND applied = 0)",
+                                [vm.to_string()],
+                                |r| r.get::<_, bool>(0),
+                            )?);
+                    if arrived {
                         continue;
                     }
                     rel.state = state;
@@ -1035,15 +1044,29 @@ pub(crate) mod tests {
             last_change: 100,
             cancellable: false,
         };
-        // (VM, state when the daemon stopped, its job's state): running, running, completed.
-        let cases = [(13, 4), (14, 4), (13, 7)];
+        // (state when the daemon stopped, its job's state, a log committed and not applied):
+        // the failback's log not come, come and applied, come; a job that completed.
+        let cases = [
+            (13, 4, false),
+            (14, 4, false),
+            (13, 4, true),
+            (13, 7, false),
+        ];
         let mut vms = Vec::new();
-        for (i, (now, job_state)) in cases.into_iter().enumerate() {
+        for (i, (now, job_state, unapplied)) in cases.into_iter().enumerate() {
             let v = vm(&format!("vm{i}"));
             store.insert_vm(&v).expect("insert");
             let mut rel = RelationshipRow::new(v.id, 5);
             rel.state = now;
             store.put_relationship(&rel, 2).expect("put");
+            store
+                .conn()
+                .execute(
+                    "INSERT INTO received_logs (vm, sequence, log_hash, log_bytes, point_time, applied)
+                     VALUES (?1, 7, 'h', 1, 1, ?2)",
+                    params![v.id.to_string(), !unapplied],
+                )
+                .expect("log");
             let id = format!("j{i}");
             store.put_job(&job(&id, v.id, job_state)).expect("job");
             store.put_job_restore(&id, v.id, 9).expect("restore");
@@ -1057,7 +1080,7 @@ pub(crate) mod tests {
             .iter()
             .map(|v| store.get_relationship(*v).expect("get").expect("row").state)
             .collect();
-        assert_eq!(states, vec![9, 14, 13]);
+        assert_eq!(states, vec![9, 14, 13, 13]);
         // Every record is forgotten: a second start restores nothing.
         assert!(store
             .restore_interrupted_states()
