@@ -342,6 +342,16 @@ impl Store {
         Ok(())
     }
 
+    /// Moves `vm`'s relationship from state `from` to `to` in one statement (no write of a row
+    /// read before can come between); false when it was not in `from`.
+    pub fn move_state(&self, vm: Uuid, from: u16, to: u16) -> StoreResult<bool> {
+        let n = self.conn().execute(
+            "UPDATE relationships SET state = ?3 WHERE vm = ?1 AND state = ?2",
+            params![vm.to_string(), from, to],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Records a replication at `time` (of type `kind`) unless a later one is recorded, or the
     /// relationship is not past its initial replication (0, 1, 2: one removed and enabled again
     /// while the log was in flight): one statement, so it needs no claim on the VM and no
@@ -628,7 +638,8 @@ impl Store {
     ///
     /// A relationship whose failback's log arrived is kept: in FailbackComplete (14), which only
     /// the apply of that log sets, or still in 13 with that log committed and not yet applied
-    /// (the apply task moves it to 14). That log is what the InitiateFailback job cut off there
+    /// (a log marked as a resynchronization's, as the failback's is: the apply task moves 13 to
+    /// 14 at it; an ordinary delta's would leave 13 for good). That log is what the InitiateFailback job cut off there
     /// was waiting for; its restore state 9 would have the failback run again, and the replica
     /// refuse the new primary's deltas until then.
     pub fn restore_interrupted_states(&self) -> StoreResult<Vec<Uuid>> {
@@ -652,7 +663,9 @@ impl Store {
                         || (rel.state == ReplicationState::FailbackInProgress.as_u16()
                             && v.mode == ReplicationMode::Replica.as_u16()
                             && self.conn().query_row(
-                                "SELECT EXISTS (SELECT 1 FROM received_logs WHERE vm = ?1 AND applied = 0)",
+                                "SELECT EXISTS (SELECT 1 FROM received_logs r JOIN resync_points p
+                                    ON p.vm = r.vm AND p.sequence = r.sequence
+                                    WHERE r.vm = ?1 AND r.applied = 0)",
                                 [vm.to_string()],
                                 |r| r.get::<_, bool>(0),
                             )?);
@@ -1044,16 +1057,18 @@ pub(crate) mod tests {
             last_change: 100,
             cancellable: false,
         };
-        // (state when the daemon stopped, its job's state, a log committed and not applied):
-        // the failback's log not come, come and applied, come; a job that completed.
+        // (state when the daemon stopped, its job's state, a log committed and not applied, that
+        // log marked as a resynchronization's): the failback's log not come, come and applied,
+        // come; only a delta come (a run again from 3); a job that completed.
         let cases = [
-            (13, 4, false),
-            (14, 4, false),
-            (13, 4, true),
-            (13, 7, false),
+            (13, 4, false, false),
+            (14, 4, false, false),
+            (13, 4, true, true),
+            (13, 4, true, false),
+            (13, 7, false, false),
         ];
         let mut vms = Vec::new();
-        for (i, (now, job_state, unapplied)) in cases.into_iter().enumerate() {
+        for (i, (now, job_state, unapplied, marked)) in cases.into_iter().enumerate() {
             let v = vm(&format!("vm{i}"));
             store.insert_vm(&v).expect("insert");
             let mut rel = RelationshipRow::new(v.id, 5);
@@ -1067,6 +1082,15 @@ pub(crate) mod tests {
                     params![v.id.to_string(), !unapplied],
                 )
                 .expect("log");
+            if marked {
+                store
+                    .conn()
+                    .execute(
+                        "INSERT INTO resync_points (vm, sequence) VALUES (?1, 7)",
+                        [v.id.to_string()],
+                    )
+                    .expect("mark");
+            }
             let id = format!("j{i}");
             store.put_job(&job(&id, v.id, job_state)).expect("job");
             store.put_job_restore(&id, v.id, 9).expect("restore");
@@ -1074,13 +1098,13 @@ pub(crate) mod tests {
         }
         assert_eq!(
             store.restore_interrupted_states().expect("restore"),
-            vec![vms[0]]
+            vec![vms[0], vms[3]]
         );
         let states: Vec<u16> = vms
             .iter()
             .map(|v| store.get_relationship(*v).expect("get").expect("row").state)
             .collect();
-        assert_eq!(states, vec![9, 14, 13, 13]);
+        assert_eq!(states, vec![9, 14, 13, 9, 13]);
         // Every record is forgotten: a second start restores nothing.
         assert!(store
             .restore_interrupted_states()

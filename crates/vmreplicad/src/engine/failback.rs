@@ -1366,16 +1366,17 @@ impl LocalEngine {
                     // perhaps on to 3) before counting it applied, unless an earlier run's log it
                     // was (the new primary answered "done already" to a run again): then nothing
                     // moves the 13 this run showed.
-                    Ok(())
-                        if now_mode == ReplicationMode::Replica.as_u16()
-                            && now_row.state == ReplicationState::FailbackInProgress.as_u16() =>
-                    {
-                        let mut done = now_row;
-                        done.state = ReplicationState::FailbackComplete.as_u16();
-                        store.put_relationship(&done, now_mode)?;
+                    // (One statement: a delta's apply writing its row meanwhile keeps its own.)
+                    Ok(()) => {
+                        if now_mode == ReplicationMode::Replica.as_u16() {
+                            store.move_state(
+                                vm.id,
+                                ReplicationState::FailbackInProgress.as_u16(),
+                                ReplicationState::FailbackComplete.as_u16(),
+                            )?;
+                        }
                         Ok(())
                     }
-                    Ok(()) => Ok(()),
                     Err(failure) => {
                         let mut back = now_row;
                         // Made the new primary's replica by this run: it may run the failback

@@ -2693,6 +2693,13 @@ pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
                             r.resync_required = true;
                             let _ = replica.store.put_replica_vm(&r);
                         }
+                        // A failback's log (13): the failback can run again from 9, whether or
+                        // not its job still waits here (after a restart none does).
+                        let _ = replica.store.move_state(
+                            log.vm,
+                            ReplicationState::FailbackInProgress.as_u16(),
+                            ReplicationState::WaitingToStartResynchronization.as_u16(),
+                        );
                     }
                 }
             }
