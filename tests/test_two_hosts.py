@@ -469,6 +469,19 @@ def remove_relationship(conn, name):
     return vm.path, wait_job(conn, out["Job"], timeout=60)
 
 
+def enable_running(lab, name, disk, qsd):
+    """Defines `name` on the primary as a running VM whose QEMU process is `qsd` (its QMP socket,
+    and its own NBD server when it has one) holding `disk`, and enables it without compression;
+    returns its id."""
+    vm_id = str(uuid.uuid4()).upper()
+    served = ["--nbd-socket", str(qsd.guest)] if qsd.guest.exists() else []
+    lab.primary.cli("vm", "add", "--name", name, "--id", vm_id, "--disk", str(disk),
+                    "--qmp-socket", str(qsd.qmp), *served)
+    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    return vm_id
+
+
 def replicate_network(lab, tmp_path, name, disks, *enable_args):
     """Defines `name` on the primary with `disks`, enables it and runs network IR; returns its id."""
     vm_id = str(uuid.uuid4()).upper()
@@ -693,14 +706,10 @@ def test_a_running_vm_replicates_through_dirty_bitmaps_while_it_keeps_writing(la
     disk = ext4_disk(tmp_path / "run01.qcow2")
     qsd = Qsd(disk, tmp_path)
     try:
-        vm_id = str(uuid.uuid4()).upper()
-        lab.primary.cli("vm", "add", "--name", "run01", "--id", vm_id, "--disk", str(disk),
-                        "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
+        vm_id = enable_running(lab, "run01", disk, qsd)
         p = lab.primary.conn()
         vm = vm_by_name(p, "run01")
         assert vm["EnabledState"] == 2  # running
-        lab.primary.cli("enable", "run01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                        "--thumbprint", lab.t1, "--no-compression")
         lab.primary.cli("start", "run01")  # initial replication of the running VM
 
         stop = threading.Event()
@@ -782,11 +791,7 @@ def test_a_running_vm_with_a_raw_disk_is_tracked_while_its_qemu_runs(lab, tmp_pa
     run("truncate", "-s", "32M", disk)
     qsd = Qsd(disk, tmp_path, fmt="raw")
     try:
-        vm_id = str(uuid.uuid4()).upper()
-        lab.primary.cli("vm", "add", "--name", "raw01", "--id", vm_id, "--disk", str(disk),
-                        "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
-        lab.primary.cli("enable", "raw01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                        "--thumbprint", lab.t1, "--no-compression")
+        vm_id = enable_running(lab, "raw01", disk, qsd)
         lab.primary.cli("start", "raw01")
         p = lab.primary.conn()
         vm = vm_by_name(p, "raw01")
@@ -1694,12 +1699,7 @@ def cut_off_running_ir(lab, tmp_path, name, qsd):
     lab.primary.extra_args[interval] = "15"
     lab.primary.extra_args += ["--bandwidth-limit", "2M"]
     lab.primary.start()
-    vm_id = str(uuid.uuid4()).upper()
-    served = ["--nbd-socket", str(qsd.guest)] if qsd.guest.exists() else []
-    lab.primary.cli("vm", "add", "--name", name, "--id", vm_id, "--disk", str(tmp_path / f"{name}.qcow2"),
-                    "--qmp-socket", str(qsd.qmp), *served)
-    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                    "--thumbprint", lab.t1, "--no-compression")
+    vm_id = enable_running(lab, name, tmp_path / f"{name}.qcow2", qsd)
     p = lab.primary.conn()
     vm = vm_by_name(p, name)
     assert vm["EnabledState"] == 2  # running
@@ -1796,11 +1796,7 @@ def test_a_removal_whose_cycle_outlives_its_wait_ends_the_tracking_once_that_cyc
     qsd = Qsd(disk, tmp_path)
     stopped = False
     try:
-        vm_id = str(uuid.uuid4()).upper()
-        lab.primary.cli("vm", "add", "--name", "rml01", "--id", vm_id, "--disk", str(disk),
-                        "--qmp-socket", str(qsd.qmp), "--nbd-socket", str(qsd.guest))
-        lab.primary.cli("enable", "rml01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                        "--thumbprint", lab.t1, "--no-compression")
+        vm_id = enable_running(lab, "rml01", disk, qsd)
         lab.primary.cli("start", "rml01")
         wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=60, what="initial replication")
         qsd.write("write -P 0x33 8M 16M")  # a 16 MiB delta: 16 s at 1 MiB/s
