@@ -976,6 +976,62 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     wait_for(latest_equal, timeout=90, what="the delta with that write")
 
 
+def test_a_failback_killed_while_it_takes_in_the_old_primarys_disks_loses_none_of_them(lab, tmp_path):
+    """The old primary takes its own disks in as the first point of its new store without a copy
+    (a second name each), becomes a replica, and only then drops their old names. Killed (a crash
+    point: SIGKILL of itself) right after the point's commit, it is still the primary of disks
+    that are where they were; killed right after it became a replica, its start drops the old names
+    and the point holds the disks. Either way the failback run again ends with the new primary's
+    disks. (The names used to go before the switch: a kill there left a primary without disks.)"""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb09")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)  # never replicated
+    before = tmp_path / "old-primary-before.raw"
+    run("qemu-img", "convert", "-O", "raw", disk, before)
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb09")
+    write_noise(tmp_path, new_disk)
+    store1 = hv1_storage / vm_id.lower()
+    r = lab.replica.conn()
+
+    def killed_at(point):
+        lab.primary.stop(companion=False)
+        lab.primary.extra_args += ["--crash-at", point]
+        lab.primary.start()
+        initiate_failback(lab.primary.conn(), "fb09")
+        assert lab.primary.proc.wait(timeout=60) == -9, "the crash point was not reached"
+        lab.primary.proc = None
+        lab.primary.extra_args = lab.primary.extra_args[:-2]
+        wait_for(lambda: vm_by_name(r, "fb09")["ReplicationState"] == 9, timeout=120,
+                 what="the new primary's job to fail")
+        lab.primary.start()
+        return lab.primary.conn()
+
+    # 1. Killed after the adoption's commit, before the switch: the primary of its disk, as it was.
+    p = killed_at("failback-adopted")
+    assert vm_by_name(p, "fb09")["ReplicationMode"] == 1
+    assert vm_disks(lab.primary, "fb09") == [str(disk)]
+    same, text = compare(disk, before)
+    assert same, text
+    assert "cut off before this VM became a replica" in lab.primary.log.read_text()
+
+    # 2. Run again, killed after the switch: a replica; its start dropped the old name, and the
+    # point holds the disk.
+    p = killed_at("failback-switched")
+    pvm = vm_by_name(p, "fb09")
+    assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 9)
+    assert not disk.exists()
+    assert "finishing a failback's switch to replica" in lab.primary.log.read_text()
+    (base,) = sorted(store1.glob("p*.json"))
+    same, text = compare(store1 / "disk0" / f"{base.stem}.qcow2", before)
+    assert same, text
+    assert not (store1 / "adopted.json").exists()
+
+    # 3. Run again: to the end.
+    job = wait_job(p, initiate_failback(p, "fb09"), timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    assert (vm_by_name(p, "fb09")["ReplicationState"], vm_by_name(r, "fb09")["ReplicationState"]) == (14, 3)
+    latest_point_equals(store1, new_disk, "qcow2")
+
+
 def test_a_failback_followed_over_a_connection_that_breaks_goes_on_to_the_end(lab, tmp_path):
     """The old primary follows the new primary's failback job over a proxy that breaks the
     connection while the new primary sends: it connects again and follows the job to its end."""

@@ -1,6 +1,7 @@
 //! Adoption: a VM's own qcow2 images become the store's first point without a copy; the next log
 //! applies on top; a raw image, a layered image or a second adoption are refused with nothing
-//! changed; an adoption cut off after its commit is finished when asked again.
+//! changed; the old names stay until they are released, also after an adoption cut off after its
+//! commit.
 
 #[path = "points_support.rs"]
 mod support;
@@ -84,8 +85,13 @@ async fn own_images_become_the_first_point_and_logs_apply_on_top() {
         .adopt(&info(1), std::slice::from_ref(&image))
         .await
         .expect("adopt");
-    assert!(!image.exists(), "the old name goes");
     let layer = store.point_path(1, 0).unwrap();
+    assert!(image.exists(), "the old name stays until it is released");
+    assert_eq!(
+        store.release_adopted().await.expect("release"),
+        vec![image.clone()]
+    );
+    assert!(!image.exists(), "the old name goes");
     assert_eq!(
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&layer).unwrap()),
         ino,
@@ -109,24 +115,71 @@ async fn own_images_become_the_first_point_and_logs_apply_on_top() {
 }
 
 #[tokio::test]
-async fn an_adoption_cut_off_after_its_commit_is_finished_when_asked_again() {
+async fn an_adoption_cut_off_after_its_commit_is_taken_as_it_is_and_its_names_released_later() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = Source::new(dir.path(), 1);
     let image = dir.path().join("vm-disk.qcow2");
     qcow2_of(&src.raw(1), &image);
-    let store = PointStore::open(&dir.path().join("store"), support::vm())
-        .await
-        .expect("open");
+    let root = dir.path().join("store");
+    let store = PointStore::open(&root, support::vm()).await.expect("open");
     store
         .adopt(&info(4), std::slice::from_ref(&image))
         .await
         .expect("adopt");
-    // As if the old name had not been removed yet: link it back.
-    std::fs::hard_link(store.point_path(4, 0).unwrap(), &image).unwrap();
+    // Cut off here (the names not released yet); the store opened again, the adoption asked
+    // again takes the point as it is.
+    drop(store);
+    let store = PointStore::open(&root, support::vm()).await.expect("open");
     store
         .adopt(&info(4), std::slice::from_ref(&image))
         .await
-        .expect("finish");
+        .expect("adopted already");
+    assert_eq!(store.list_points().unwrap().len(), 1);
+    assert!(image.exists());
+    assert_eq!(
+        store.release_adopted().await.expect("release"),
+        vec![image.clone()]
+    );
     assert!(!image.exists());
     assert!(same(&store.point_path(4, 0).unwrap(), &src.raw(1)));
+    assert!(store.release_adopted().await.expect("again").is_empty());
+}
+
+#[tokio::test]
+async fn a_release_leaves_a_file_put_at_an_old_name_since_and_an_adoption_cut_off_before_its_commit_leaves_the_images(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(dir.path(), 1);
+    let image = dir.path().join("vm-disk.qcow2");
+    qcow2_of(&src.raw(1), &image);
+    let root = dir.path().join("store");
+    let store = PointStore::open(&root, support::vm()).await.expect("open");
+    store
+        .adopt(&info(1), std::slice::from_ref(&image))
+        .await
+        .expect("adopt");
+    // Another file at the old name: not the point's layer, so it stays.
+    std::fs::remove_file(&image).unwrap();
+    std::fs::write(&image, b"someone else's").unwrap();
+    assert!(store.release_adopted().await.expect("release").is_empty());
+    assert_eq!(std::fs::read(&image).unwrap(), b"someone else's");
+
+    // Cut off before the commit: the point's metadata is missing. Recovery deletes the layer (the
+    // extra name); the release forgets the record and leaves the image.
+    let other = dir.path().join("other.qcow2");
+    qcow2_of(&src.raw(1), &other);
+    let dir2 = dir.path().join("store2");
+    let store2 = PointStore::open(&dir2, support::vm()).await.expect("open");
+    store2
+        .adopt(&info(1), std::slice::from_ref(&other))
+        .await
+        .expect("adopt");
+    let vm_dir2 = dir2.join(support::vm().hyphenated().to_string());
+    std::fs::remove_file(vm_dir2.join(format!("p{:020}.json", 1))).unwrap();
+    drop(store2);
+    let store2 = PointStore::open(&dir2, support::vm()).await.expect("open");
+    assert!(store2.list_points().unwrap().is_empty());
+    assert!(store2.release_adopted().await.expect("release").is_empty());
+    assert!(other.exists() && same(&other, &src.raw(1)));
+    assert!(!vm_dir2.join("adopted.json").exists());
 }

@@ -7,6 +7,7 @@ mod auth;
 mod certs;
 mod claims;
 mod clock;
+mod crash;
 mod engine;
 mod http;
 mod jobs;
@@ -96,6 +97,9 @@ struct Args {
     /// stop before its job ends (that VM's tracking then ends once the cycle did). For labs.
     #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=3600), hide = true)]
     removal_wait: u64,
+    /// Kills the daemon (SIGKILL) when it reaches this point (crash::POINTS). For labs.
+    #[arg(long, value_name = "POINT", value_parser = clap::builder::PossibleValuesParser::new(crash::POINTS), hide = true)]
+    crash_at: Option<String>,
 }
 
 fn parse_log_format(text: &str) -> Result<u16, String> {
@@ -199,6 +203,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(point) = &args.crash_at {
+        crash::arm(point);
+    }
     let policy = Arc::new(auth_policy(&args)?);
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key, args.client_ca.as_deref())?),
@@ -305,6 +312,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::warn!(%vm, reaped, "killed qemu-nbd helpers an interrupted apply left");
         }
     }
+    replication::reverse::finish_cut_off_reverses(&store).await;
     replication::replica::spawn_apply_task(replica.clone());
     let listener_control = replication::server::ListenerControl::default();
     replication::server::spawn_supervisor(

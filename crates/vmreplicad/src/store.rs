@@ -302,42 +302,34 @@ impl Store {
     pub fn put_relationship(&self, rel: &RelationshipRow, mode: u16) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO relationships (vm, state, settings, primary_connection_point,
-                authorization_entry, last_replication_time, last_apply_time, last_app_consistent_time,
-                last_replication_type, failed_over_type, statistics_reset_time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-             ON CONFLICT(vm) DO UPDATE SET state = excluded.state, settings = excluded.settings,
-                primary_connection_point = excluded.primary_connection_point,
-                authorization_entry = excluded.authorization_entry,
-                last_apply_time = excluded.last_apply_time,
-                last_app_consistent_time = excluded.last_app_consistent_time,
-                failed_over_type = excluded.failed_over_type,
-                statistics_reset_time = excluded.statistics_reset_time,
-                last_replication_time = CASE
-                    WHEN last_replication_time > coalesce(excluded.last_replication_time, -1)
-                    THEN last_replication_time ELSE excluded.last_replication_time END,
-                last_replication_type = CASE
-                    WHEN last_replication_time > coalesce(excluded.last_replication_time, -1)
-                    THEN last_replication_type ELSE excluded.last_replication_type END",
-            params![
-                rel.vm.to_string(),
-                rel.state,
-                serde_json::to_string(&rel.settings)?,
-                rel.primary_connection_point,
-                rel.authorization_entry,
-                rel.last_replication_time,
-                rel.last_apply_time,
-                rel.last_app_consistent_time,
-                rel.last_replication_type,
-                rel.failed_over_type,
-                rel.statistics_reset_time
-            ],
-        )?;
-        tx.execute(
-            "UPDATE vms SET mode = ?2 WHERE id = ?1",
-            params![rel.vm.to_string(), mode],
-        )?;
+        write_relationship(&tx, rel, mode)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A reverse's switch of `rel.vm` to a replica, in one transaction: the VM has no disks of its
+    /// own any more, its relationship and mode are `rel`'s and `mode`, a job of it cut off by a stop
+    /// restores `restore` (if given), and its chain and statistics as a primary are forgotten. A
+    /// stop comes before all of it or after all of it.
+    pub fn switch_to_replica(
+        &self,
+        rel: &RelationshipRow,
+        mode: u16,
+        restore: Option<u16>,
+    ) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let vm = rel.vm.to_string();
+        tx.execute("UPDATE vms SET disks = '[]' WHERE id = ?1", [&vm])?;
+        write_relationship(&tx, rel, mode)?;
+        if let Some(state) = restore {
+            tx.execute(
+                "UPDATE job_restores SET state = ?2 WHERE vm = ?1",
+                params![vm, state],
+            )?;
+        }
+        tx.execute("DELETE FROM primary_chains WHERE vm = ?1", [&vm])?;
+        tx.execute("DELETE FROM replication_stats WHERE vm = ?1", [&vm])?;
         tx.commit()?;
         Ok(())
     }
@@ -616,16 +608,6 @@ impl Store {
         Ok(())
     }
 
-    /// Changes the state `vm`'s interrupted job would restore (its relationship changed mode
-    /// meanwhile).
-    pub fn set_job_restore_state(&self, vm: Uuid, state: u16) -> StoreResult<()> {
-        self.conn().execute(
-            "UPDATE job_restores SET state = ?2 WHERE vm = ?1",
-            params![vm.to_string(), state],
-        )?;
-        Ok(())
-    }
-
     /// Forgets the restore record of job `job` (it ended).
     pub fn forget_job_restore(&self, job: &str) -> StoreResult<()> {
         self.conn()
@@ -852,6 +834,48 @@ impl RawJob {
         job.vm = vm.as_deref().map(parse_uuid).transpose()?;
         Ok(job)
     }
+}
+
+/// Writes `rel` and the VM's `mode` through `conn` (a caller's transaction); see
+/// [`Store::put_relationship`].
+fn write_relationship(conn: &Connection, rel: &RelationshipRow, mode: u16) -> StoreResult<()> {
+    conn.execute(
+        "INSERT INTO relationships (vm, state, settings, primary_connection_point,
+            authorization_entry, last_replication_time, last_apply_time, last_app_consistent_time,
+            last_replication_type, failed_over_type, statistics_reset_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT(vm) DO UPDATE SET state = excluded.state, settings = excluded.settings,
+            primary_connection_point = excluded.primary_connection_point,
+            authorization_entry = excluded.authorization_entry,
+            last_apply_time = excluded.last_apply_time,
+            last_app_consistent_time = excluded.last_app_consistent_time,
+            failed_over_type = excluded.failed_over_type,
+            statistics_reset_time = excluded.statistics_reset_time,
+            last_replication_time = CASE
+                WHEN last_replication_time > coalesce(excluded.last_replication_time, -1)
+                THEN last_replication_time ELSE excluded.last_replication_time END,
+            last_replication_type = CASE
+                WHEN last_replication_time > coalesce(excluded.last_replication_time, -1)
+                THEN last_replication_type ELSE excluded.last_replication_type END",
+        params![
+            rel.vm.to_string(),
+            rel.state,
+            serde_json::to_string(&rel.settings)?,
+            rel.primary_connection_point,
+            rel.authorization_entry,
+            rel.last_replication_time,
+            rel.last_apply_time,
+            rel.last_app_consistent_time,
+            rel.last_replication_type,
+            rel.failed_over_type,
+            rel.statistics_reset_time
+        ],
+    )?;
+    conn.execute(
+        "UPDATE vms SET mode = ?2 WHERE id = ?1",
+        params![rel.vm.to_string(), mode],
+    )?;
+    Ok(())
 }
 
 /// Inserts `vm` through `conn` (a connection or a transaction).
@@ -1110,5 +1134,61 @@ pub(crate) mod tests {
             .restore_interrupted_states()
             .expect("again")
             .is_empty());
+    }
+
+    #[test]
+    fn a_switch_to_replica_writes_the_disks_relationship_mode_restore_and_chain_at_once() {
+        let (_d, store) = temp_store();
+        let v = vm("a");
+        store.insert_vm(&v).expect("insert");
+        let mut rel = RelationshipRow::new(v.id, 5);
+        rel.state = 13;
+        store.put_relationship(&rel, 1).expect("put");
+        store
+            .put_job(&JobRow {
+                id: "j".into(),
+                job_type: 124,
+                state: 4,
+                percent: 0,
+                error_code: 0,
+                error_description: None,
+                errors: Vec::new(),
+                vm: Some(v.id),
+                description: "d".into(),
+                time_submitted: 100,
+                start_time: Some(100),
+                time_finished: None,
+                last_change: 100,
+                cancellable: true,
+            })
+            .expect("job");
+        store.put_job_restore("j", v.id, 3).expect("restore");
+        store
+            .put_chain(&crate::replication::chain::ChainRow {
+                vm: v.id,
+                last_sequence: 4,
+                last_log_hash: "h".into(),
+                next_due: 0,
+                retries: 0,
+                retry_at: 0,
+                last_error: None,
+            })
+            .expect("chain");
+        store.switch_to_replica(&rel, 2, Some(9)).expect("switch");
+        let row = store.get_vm(v.id).expect("get").expect("row");
+        assert_eq!((row.mode, row.disks.len()), (2, 0));
+        assert!(store.chain(v.id).expect("chain").is_none());
+        assert_eq!(
+            store.restore_interrupted_states().expect("restore"),
+            vec![v.id]
+        );
+        assert_eq!(
+            store
+                .get_relationship(v.id)
+                .expect("get")
+                .expect("row")
+                .state,
+            9
+        );
     }
 }

@@ -1,11 +1,16 @@
 //! Adoption: a VM's own standalone qcow2 images become the first point of an empty store without
 //! a byte being copied (a failback takes the old primary's disks as its base this way).
 //!
-//! Each image gets a second name, its layer (a hard link: same file system only); then the point
-//! is committed (`p<seq>.json`); only then do the images' old names go. A crash before the commit
-//! leaves uncommitted layers, which recovery deletes: only the extra names go, the images stay. A
-//! crash after it leaves the point committed and the old names still there, which
-//! [`PointStore::adopt`] finishes when asked again.
+//! Each image gets a second name, its layer (a hard link: same file system only); the old names
+//! are recorded (`adopted.json`); then the point is committed (`p<seq>.json`). The old names stay
+//! until the caller, once it no longer uses them (a failback: once its VM is a replica with no
+//! disks of its own), asks [`PointStore::release_adopted`] to remove them. So a crash at any point
+//! leaves every disk with a name its owner knows:
+//! - before the commit: uncommitted layers, which recovery deletes (only the extra names go, the
+//!   images stay), and a record naming no committed layer, which the release forgets;
+//! - after it: the point committed and the old names still there. [`PointStore::adopt`] asked
+//!   again takes the point as it is; the release, asked again (at the daemon's start), removes the
+//!   names that are still the point's layers.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -33,8 +38,8 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 impl PointStore {
     /// Makes `images` (one per disk of `info`, standalone qcow2 files on the store's file system)
-    /// the layers of point `info`, the store's first. Their old names are removed once the point
-    /// is committed.
+    /// the layers of point `info`, the store's first. Their old names stay (the layers' second
+    /// names: a write through them changes the point) until [`PointStore::release_adopted`].
     pub async fn adopt(&self, info: &PointInfo, images: &[PathBuf]) -> Result<(), AdoptError> {
         let no = |why: String| Err(AdoptError::NotAdoptable(why));
         if images.len() != info.disks.len() || images.is_empty() {
@@ -46,14 +51,11 @@ impl PointStore {
         let layers: Vec<PathBuf> = (0..images.len())
             .map(|i| self.layout.layer(info.sequence, i))
             .collect();
-        // Asked again after a crash that followed the commit: finish.
+        // Asked again after a crash that followed the commit: done already.
         if points.len() == 1
             && points[0].sequence == info.sequence
             && images.iter().zip(&layers).all(|(i, l)| same_file(i, l))
         {
-            for image in images {
-                durable::remove_durable(image).map_err(StoreError::io("remove", image))?;
-            }
             return Ok(());
         }
         if !points.is_empty() {
@@ -89,19 +91,66 @@ impl PointStore {
             std::fs::hard_link(image, layer).map_err(StoreError::io("link", layer))?;
             durable::sync_parent(layer).map_err(StoreError::io("sync", layer))?;
         }
+        let record = self.layout.adopted();
+        let names = Adopted {
+            sequence: info.sequence,
+            images: images.to_vec(),
+        };
+        let json =
+            serde_json::to_vec_pretty(&names).map_err(|source| StoreError::BadAdoptionRecord {
+                path: record.display().to_string(),
+                source,
+            })?;
+        durable::write_atomic(&record, &json).map_err(StoreError::io("write", &record))?;
         let meta = self.layout.point_meta(info.sequence);
         let json = serde_json::to_vec_pretty(info).map_err(|source| StoreError::BadPointMeta {
             path: meta.display().to_string(),
             source,
         })?;
         durable::write_atomic(&meta, &json).map_err(StoreError::io("write", &meta))?;
-        for image in images {
-            durable::remove_durable(image).map_err(StoreError::io("remove", image))?;
-        }
         tracing::info!(
             sequence = info.sequence,
             "images adopted as the first recovery point"
         );
         Ok(())
     }
+
+    /// Whether an adoption into the store of `vm` under `root` recorded old names not released yet.
+    pub fn adoption_recorded(root: &Path, vm: uuid::Uuid) -> bool {
+        super::layout::Layout::of(root, vm).adopted().exists()
+    }
+
+    /// Removes the old names of the images an adoption took in, those that are still its point's
+    /// layers (a file put at such a path since is left alone), and then the record of them.
+    /// Returns the names removed; nothing when no adoption is recorded.
+    pub async fn release_adopted(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let _lock = self.lock().await?;
+        let record = self.layout.adopted();
+        let names: Adopted = match std::fs::read(&record) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::BadAdoptionRecord {
+                    path: record.display().to_string(),
+                    source,
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("read", &record)(e)),
+        };
+        let mut removed = Vec::new();
+        for (i, image) in names.images.iter().enumerate() {
+            if same_file(image, &self.layout.layer(names.sequence, i)) {
+                durable::remove_durable(image).map_err(StoreError::io("remove", image))?;
+                removed.push(image.clone());
+            }
+        }
+        durable::remove_durable(&record).map_err(StoreError::io("remove", &record))?;
+        Ok(removed)
+    }
+}
+
+/// `adopted.json`: the names an adoption's images had.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Adopted {
+    sequence: u64,
+    images: Vec<PathBuf>,
 }

@@ -24,6 +24,11 @@ pub enum StoreError {
         path: String,
         source: serde_json::Error,
     },
+    #[error("the adoption record {path} is unreadable")]
+    BadAdoptionRecord {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("the overlay metadata {path} is unreadable")]
     BadOverlayMeta {
         path: String,

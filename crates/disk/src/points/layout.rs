@@ -8,6 +8,7 @@
 //!   overlays/<name>/overlay.json       the overlay exists iff this exists (names its base point)
 //!   overlays/<name>/disk<i>.qcow2      writable overlay on the base point's layer
 //!   run/                               sockets and pid files of the qemu-nbd helpers
+//!   adopted.json                       an adoption's old image names, until they are removed
 //!   *.tmp                              not part of the store; recovery deletes them
 //! ```
 
@@ -49,6 +50,10 @@ impl Layout {
 
     pub(crate) fn overlay_disk(&self, name: &str, disk: usize) -> PathBuf {
         self.overlay_dir(name).join(format!("disk{disk}.qcow2"))
+    }
+
+    pub(crate) fn adopted(&self) -> PathBuf {
+        self.vm_dir.join("adopted.json")
     }
 
     pub(crate) fn point_meta(&self, seq: u64) -> PathBuf {

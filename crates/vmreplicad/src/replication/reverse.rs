@@ -317,33 +317,19 @@ impl ReplicaSide {
             }
         }
 
-        // From now on a replica of the new primary: its data is the point store's. The disk files
-        // it ran on are not used any more: the overlay of an earlier failover (taken in as point
-        // N) is deleted; original image files are left where they are.
-        if let Ok(points) = PointStore::open(Path::new(&replica.store_root), vm).await {
-            match points.remove_overlay(FAILOVER_OVERLAY).await {
-                Ok(()) | Err(OverlayError::Unknown(_)) => {}
-                Err(e) => {
-                    tracing::warn!(%vm, "cannot delete the old failover disks: {}", crate::error_chain(&e))
-                }
-            }
-        }
-        if !existing.disks.is_empty() {
-            tracing::info!(%vm, disks = ?existing.disks, "the VM's former disks are no longer used (image files are kept)");
-        }
-        self.store.set_vm_disks(vm, &[])?;
+        crate::crash::point("failback-adopted");
         let mode = ReplicationMode::Replica.as_u16();
-        rel.state = if from.failback {
-            // InitiateFailback's job here waits for the failback's log (13 → 14 at its apply);
-            // cut off, it leaves a replica that can run the failback again (9).
-            self.store.set_job_restore_state(
-                vm,
-                ReplicationState::WaitingToStartResynchronization.as_u16(),
-            )?;
-            ReplicationState::FailbackInProgress.as_u16()
+        // InitiateFailback's job here waits for the failback's log (13 → 14 at its apply); cut
+        // off, it leaves a replica that can run the failback again (9).
+        let (state, restore) = if from.failback {
+            (
+                ReplicationState::FailbackInProgress,
+                Some(ReplicationState::WaitingToStartResynchronization.as_u16()),
+            )
         } else {
-            ReplicationState::Replicating.as_u16()
+            (ReplicationState::Replicating, None)
         };
+        rel.state = state.as_u16();
         rel.primary_connection_point = Some(put.primary_connection_point.clone());
         rel.authorization_entry = Some(entry.allowed_primary_host_system.clone());
         rel.settings.replication_interval = put.settings.replication_interval;
@@ -353,8 +339,16 @@ impl ReplicaSide {
         rel.settings.compression_enabled = put.settings.compression_enabled;
         rel.failed_over_type = 0;
         rel.settings.recovery_connection_point = self.host.clone();
-        self.store.put_relationship(&rel, mode)?;
-        self.store.remove_chain(vm)?;
+        self.store.switch_to_replica(&rel, mode, restore)?;
+        crate::crash::point("failback-switched");
+        if !existing.disks.is_empty() {
+            tracing::info!(%vm, disks = ?existing.disks, "the VM's former disks are no longer used");
+        }
+        // Only now, with nothing naming them any more, do the disk files the VM ran on go: the
+        // names of adopted disks (the point holds them), the overlay of an earlier failover (taken
+        // in as point N); original image files that were copied are left where they are. A stop
+        // before this: at the next start (`finish_cut_off_reverses`).
+        finish_switch(vm, Path::new(&replica.store_root)).await;
         let now_replica = VmRow {
             mode,
             disks: Vec::new(),
@@ -362,6 +356,59 @@ impl ReplicaSide {
         };
         tracing::info!(%vm, point = sequence, resync = from.resync, primary = %put.primary_connection_point, "reversed: this VM is now the replica");
         Ok(json(200, &self.describe(&now_replica, &rel)?))
+    }
+}
+
+/// What follows a reverse's switch to replica in `vm`'s store under `root`, which the VM's data is
+/// only in now: the old names of the disks a failback adopted go (those still the point's
+/// layers), and so does the overlay of an earlier failover. A failure is logged: the names stay,
+/// the store's data is whole.
+async fn finish_switch(vm: Uuid, root: &Path) {
+    let points = match PointStore::open(root, vm).await {
+        Ok(points) => points,
+        Err(e) => {
+            tracing::warn!(%vm, "cannot open the point store to finish the reverse: {}", crate::error_chain(&e));
+            return;
+        }
+    };
+    match points.release_adopted().await {
+        Ok(names) if names.is_empty() => {}
+        Ok(names) => {
+            tracing::info!(%vm, names = ?names, "the adopted disks' old names are removed (the recovery point holds them)")
+        }
+        Err(e) => {
+            tracing::warn!(%vm, "cannot remove the adopted disks' old names: {}", crate::error_chain(&e))
+        }
+    }
+    match points.remove_overlay(FAILOVER_OVERLAY).await {
+        Ok(()) | Err(OverlayError::Unknown(_)) => {}
+        Err(e) => {
+            tracing::warn!(%vm, "cannot delete the old failover disks: {}", crate::error_chain(&e))
+        }
+    }
+}
+
+/// At the daemon's start: finishes the failbacks' switches a stop cut off after the VM became a
+/// replica (an adoption is still recorded: its old names are there). One cut off before the
+/// switch (the VM still a primary whose disks are those names) is left as it is: the failback run
+/// again takes the adopted point as it is.
+pub async fn finish_cut_off_reverses(store: &Store) {
+    for (vm, root) in store.replica_stores().unwrap_or_default() {
+        let root = Path::new(&root);
+        if !PointStore::adoption_recorded(root, vm) {
+            continue;
+        }
+        let replica = store
+            .get_vm(vm)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.mode == ReplicationMode::Replica.as_u16());
+        if replica {
+            tracing::warn!(%vm, "finishing a failback's switch to replica that a stop cut off");
+            finish_switch(vm, root).await;
+        } else {
+            tracing::warn!(%vm, "a failback was cut off before this VM became a replica; its disks keep their names until the failback runs again");
+        }
     }
 }
 
