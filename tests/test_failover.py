@@ -1032,6 +1032,43 @@ def test_a_failback_killed_while_it_takes_in_the_old_primarys_disks_loses_none_o
     latest_point_equals(store1, new_disk, "qcow2")
 
 
+def test_a_failbacks_commit_whose_answer_is_lost_with_the_old_primary_down_for_a_while_completes(lab, tmp_path):
+    """The old primary commits the failback's log and dies before it answers (a crash point), and
+    stays down longer than a cycle's quick retries (1, 2, 4 s). The new primary keeps asking
+    whether the log was committed (for minutes, not seconds): once the old primary is back, its
+    job completes, the old primary applies the log, and the next delta makes it an ordinary
+    replica. (Given up after 7 s, the new primary used to wait to resynchronize in 9 while the old
+    primary was complete in 14, and neither could go on.)"""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb10")
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb10")
+    write_noise(tmp_path, new_disk)
+    store1 = hv1_storage / vm_id.lower()
+    r = lab.replica.conn()
+    lab.primary.extra_args += ["--crash-at", "log-committed"]
+    lab.primary.start()
+    initiate_failback(lab.primary.conn(), "fb10")
+    assert lab.primary.proc.wait(timeout=60) == -9, "the crash point was not reached"
+    lab.primary.proc = None
+    lab.primary.extra_args = lab.primary.extra_args[:-2]
+    time.sleep(10)  # longer than the quick retries
+    assert vm_by_name(r, "fb10")["ReplicationState"] == 10  # still asking
+    lab.primary.start()
+    p = lab.primary.conn()
+    wait_for(lambda: vm_by_name(r, "fb10")["ReplicationState"] == 3, timeout=90,
+             what="the new primary's job to learn the commit")
+    assert "asking whether it was committed" in lab.replica.log.read_text()
+    wait_for(lambda: vm_by_name(p, "fb10")["ReplicationState"] in (14, 3), timeout=60,
+             what="the old primary's apply of the failback's log")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 40M 64k", new_disk)
+    wait_for(lambda: vm_by_name(p, "fb10")["ReplicationState"] == 3, timeout=60, what="an ordinary replica")
+
+    def latest_equal():
+        last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+        return compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")[0]
+
+    wait_for(latest_equal, timeout=90, what="the delta with that write")
+
+
 def test_a_failback_followed_over_a_connection_that_breaks_goes_on_to_the_end(lab, tmp_path):
     """The old primary follows the new primary's failback job over a proxy that breaks the
     connection while the new primary sends: it connects again and follows the job to its end."""

@@ -10,6 +10,8 @@ pub const POINTS: &[&str] = &[
     "failback-adopted",
     // The VM is a replica with no disks of its own; the disks' old names are not removed yet.
     "failback-switched",
+    // A recovery server committed a log; its answer is not sent yet.
+    "log-committed",
 ];
 
 static AT: OnceLock<&'static str> = OnceLock::new();

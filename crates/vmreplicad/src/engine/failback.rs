@@ -1208,7 +1208,12 @@ async fn send(
             growing.clone(),
             Arc::new(|_, _| {}),
             crate::replication::client::CommitAs::default(),
-            crate::replication::client::Patience::quick(),
+            // A lost commit answer is asked about for minutes: given up, the old primary could be
+            // complete with this host waiting to resynchronize, and neither could go on.
+            crate::replication::client::Patience::quick_asking_after_commit({
+                let ctx = ctx.clone();
+                Arc::new(move || ctx.is_cancelled())
+            }),
             (None, false),
         );
         let (built, delivered) = tokio::join!(build, send);

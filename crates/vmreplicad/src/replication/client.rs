@@ -170,6 +170,11 @@ pub(crate) const INITIAL_RETRIES: [u64; 65] = {
     waits
 };
 
+/// Waits before asking again about a commit whose answer was lost (the connection broke after it
+/// was sent), for a delivery whose peer alone knows the outcome and whose job cannot tell it
+/// later: 1, 2, 4, 8, 15 and 30 s, then every minute, about ten minutes in all.
+const UNANSWERED_RETRIES: [u64; 15] = [1, 2, 4, 8, 15, 30, 60, 60, 60, 60, 60, 60, 60, 60, 60];
+
 const _: () = {
     let mut total = 0;
     let mut i = 0;
@@ -184,6 +189,8 @@ const _: () = {
 #[derive(Clone)]
 pub struct Patience {
     retries: &'static [u64],
+    /// The waits once a commit was sent and its answer lost (they replace `retries` from then on).
+    unanswered: &'static [u64],
     give_up: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// The waits start over after an attempt that sent more than any before (each outage gets
     /// them all).
@@ -195,7 +202,21 @@ impl Patience {
     pub fn quick() -> Patience {
         Patience {
             retries: &QUICK_RETRIES,
+            unanswered: &QUICK_RETRIES,
             give_up: None,
+            per_outage: false,
+        }
+    }
+
+    /// A failback's log: the quick waits, but a commit whose answer was lost is asked about for
+    /// about ten minutes (the old primary may have committed it, and only it can say; a job that
+    /// gave up would leave the new primary waiting to resynchronize and the old one complete);
+    /// `give_up` (its job cancelled) ends the wait.
+    pub fn quick_asking_after_commit(give_up: Arc<dyn Fn() -> bool + Send + Sync>) -> Patience {
+        Patience {
+            retries: &QUICK_RETRIES,
+            unanswered: &UNANSWERED_RETRIES,
+            give_up: Some(give_up),
             per_outage: false,
         }
     }
@@ -204,14 +225,24 @@ impl Patience {
     pub fn initial(give_up: Arc<dyn Fn() -> bool + Send + Sync>) -> Patience {
         Patience {
             retries: &INITIAL_RETRIES,
+            unanswered: &INITIAL_RETRIES,
             give_up: Some(give_up),
             per_outage: true,
         }
     }
 
-    /// Waits before retry `attempt`; false when there is none, or when told to give up meanwhile.
-    async fn wait(&self, attempt: usize) -> bool {
-        let Some(&secs) = self.retries.get(attempt) else {
+    fn schedule(&self, unanswered: bool) -> &'static [u64] {
+        if unanswered {
+            self.unanswered
+        } else {
+            self.retries
+        }
+    }
+
+    /// Waits before retry `attempt` (of the waits after an unanswered commit if `unanswered`);
+    /// false when there is none, or when told to give up meanwhile.
+    async fn wait(&self, attempt: usize, unanswered: bool) -> bool {
+        let Some(&secs) = self.schedule(unanswered).get(attempt) else {
             return false;
         };
         let until = tokio::time::Instant::now() + Duration::from_secs(secs);
@@ -227,8 +258,8 @@ impl Patience {
         !self.gave_up()
     }
 
-    fn has(&self, attempt: usize) -> bool {
-        attempt < self.retries.len() && !self.gave_up()
+    fn has(&self, attempt: usize, unanswered: bool) -> bool {
+        attempt < self.schedule(unanswered).len() && !self.gave_up()
     }
 
     fn gave_up(&self) -> bool {
@@ -468,7 +499,10 @@ impl Peers {
         let mut broken = 0;
         let mut attempt = 0;
         let mut furthest = 0;
+        // A commit was sent and its answer lost: the waits after an unanswered commit apply.
+        let mut unanswered = false;
         loop {
+            let mut commit_sent = false;
             let result = async {
                 let mut resume = None;
                 // The whole log reached the replica but its answer was lost: commit it.
@@ -613,6 +647,7 @@ impl Peers {
                 } else {
                     REQUEST_TIMEOUT
                 };
+                commit_sent = true;
                 let (_, done) = session
                     .json_within::<_, LogStatus>(Route::CommitLog(vm, sequence), Some(&commit), limit)
                     .await?;
@@ -632,12 +667,22 @@ impl Peers {
                         furthest = log.furthest_sent();
                         attempt = 0;
                     }
-                    if !patience.has(attempt) {
+                    if commit_sent && !unanswered {
+                        // Whether the log is committed only the recovery server can say: asked
+                        // from now on with the waits after an unanswered commit.
+                        unanswered = true;
+                        attempt = 0;
+                    }
+                    if !patience.has(attempt, unanswered) {
                         return Err(e);
                     }
                     broken += 1;
-                    tracing::info!(%vm, sequence, "the connection broke ({}); sending again", crate::error_chain(&e));
-                    if !patience.wait(attempt).await {
+                    if unanswered {
+                        tracing::info!(%vm, sequence, "the connection broke after the commit was sent ({}); asking whether it was committed", crate::error_chain(&e));
+                    } else {
+                        tracing::info!(%vm, sequence, "the connection broke ({}); sending again", crate::error_chain(&e));
+                    }
+                    if !patience.wait(attempt, unanswered).await {
                         return Err(e);
                     }
                     attempt += 1;
@@ -652,7 +697,7 @@ impl Peers {
                             )));
                         }
                         Ok(s) => *session = s,
-                        Err(e) if e.is_network() && patience.has(attempt) => {
+                        Err(e) if e.is_network() && patience.has(attempt, unanswered) => {
                             broken += 1;
                             // The next round tries again on the old (broken) session and reconnects.
                         }

@@ -1221,6 +1221,7 @@ impl ReplicaSide {
                 let commit: Commit = read_json(req.into_body()).await?;
                 let answer = self.commit(&entry, vm, seq, commit).await;
                 if answer.is_ok() {
+                    crate::crash::point("log-committed");
                     // The log the compare asked for is committed: the session is done.
                     let mut map = self.compares.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(c) = map.remove(&vm) {
