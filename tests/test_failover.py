@@ -1006,7 +1006,7 @@ def test_a_failback_killed_while_it_takes_in_the_old_primarys_disks_loses_none_o
         return lab.primary.conn()
 
     # 1. Killed after the adoption's commit, before the switch: the primary of its disk, as it was.
-    p = killed_at("failback-adopted")
+    p = killed_at("reverse-disks-taken")
     assert vm_by_name(p, "fb09")["ReplicationMode"] == 1
     assert vm_disks(lab.primary, "fb09") == [str(disk)]
     same, text = compare(disk, before)
@@ -1015,7 +1015,7 @@ def test_a_failback_killed_while_it_takes_in_the_old_primarys_disks_loses_none_o
 
     # 2. Run again, killed after the switch: a replica; its start dropped the old name, and the
     # point holds the disk.
-    p = killed_at("failback-switched")
+    p = killed_at("reverse-switched")
     pvm = vm_by_name(p, "fb09")
     assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 9)
     assert not disk.exists()

@@ -183,3 +183,60 @@ async fn a_release_leaves_a_file_put_at_an_old_name_since_and_an_adoption_cut_of
     assert!(other.exists() && same(&other, &src.raw(1)));
     assert!(!vm_dir2.join("adopted.json").exists());
 }
+
+#[tokio::test]
+async fn an_adoption_cut_off_is_dropped_when_other_images_are_adopted_and_a_merge_does_not_keep_a_name(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(dir.path(), 2);
+    let logs = src.logs(dir.path(), 20);
+    let image = dir.path().join("vm-disk.qcow2");
+    qcow2_of(&src.raw(1), &image);
+    let root = dir.path().join("store");
+    let store = PointStore::open(&root, support::vm()).await.expect("open");
+    store
+        .adopt(&info(1), std::slice::from_ref(&image))
+        .await
+        .expect("adopt");
+    // Cut off; the disk is replaced by another file meanwhile: adopting it drops the first
+    // point (its layer only: the replaced file is gone with it, not the new image's name).
+    std::fs::remove_file(&image).unwrap();
+    qcow2_of(&src.raw(2), &image);
+    store
+        .adopt(&info(1), std::slice::from_ref(&image))
+        .await
+        .expect("adopt the new file");
+    assert_eq!(store.list_points().unwrap().len(), 1);
+    assert!(same(&store.point_path(1, 0).unwrap(), &src.raw(2)));
+    // A log applied and the old point merged away before the release (its file renamed to the
+    // new point's layer): the old name still goes, by its file, not by its layer's name.
+    let merged = dir.path().join("merged.qcow2");
+    qcow2_of(&src.raw(1), &merged);
+    let root2 = dir.path().join("store2");
+    let store2 = PointStore::open(&root2, support::vm()).await.expect("open");
+    store2
+        .adopt(&info(1), std::slice::from_ref(&merged))
+        .await
+        .expect("adopt");
+    store2
+        .apply(&logs[1], &Source::expect(2))
+        .await
+        .expect("apply");
+    let latest_only = disk::points::RetentionPolicy {
+        recovery_history: 0,
+        keep_app_consistent: false,
+    };
+    let report = store2
+        .prune(&latest_only, support::T0 + 3_600_000_000)
+        .await
+        .expect("prune");
+    assert_eq!(report.merged, vec![1]);
+    assert_eq!(store2.list_points().unwrap().len(), 1);
+    assert_eq!(
+        store2.release_adopted().await.expect("release"),
+        vec![merged.clone()]
+    );
+    assert!(!merged.exists());
+    assert!(same(&store2.point_path(2, 0).unwrap(), &src.raw(2)));
+    assert!(store.release_adopted().await.expect("release").len() == 1);
+}

@@ -7,9 +7,9 @@ use std::sync::OnceLock;
 /// The points a lab may name; each is a call of [`point`].
 pub const POINTS: &[&str] = &[
     // The old primary's disks are point N of its new store, the VM still its primary.
-    "failback-adopted",
+    "reverse-disks-taken",
     // The VM is a replica with no disks of its own; the disks' old names are not removed yet.
-    "failback-switched",
+    "reverse-switched",
     // A recovery server committed a log; its answer is not sent yet.
     "log-committed",
 ];

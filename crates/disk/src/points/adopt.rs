@@ -9,8 +9,8 @@
 //! - before the commit: uncommitted layers, which recovery deletes (only the extra names go, the
 //!   images stay), and a record naming no committed layer, which the release forgets;
 //! - after it: the point committed and the old names still there. [`PointStore::adopt`] asked
-//!   again takes the point as it is; the release, asked again (at the daemon's start), removes the
-//!   names that are still the point's layers.
+//!   again takes the point as it is (of other images, it drops that point first); the release,
+//!   asked again (at the daemon's start), removes the names that still name the adopted files.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -47,7 +47,7 @@ impl PointStore {
         }
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
-        let points = catalog::points(&self.layout)?;
+        let mut points = catalog::points(&self.layout)?;
         let layers: Vec<PathBuf> = (0..images.len())
             .map(|i| self.layout.layer(info.sequence, i))
             .collect();
@@ -57,6 +57,24 @@ impl PointStore {
             && images.iter().zip(&layers).all(|(i, l)| same_file(i, l))
         {
             return Ok(());
+        }
+        // An adoption cut off before its names were released, of other files (the disks were
+        // replaced since) or as another point: the caller still uses its own disks (it adopts
+        // them), so that point was never its data. Uncommitted, recovery deletes its layers (only
+        // those names: an image's own name stays).
+        if let (1, Some(cut_off)) = (points.len(), self.read_adopted()?) {
+            if cut_off.sequence == points[0].sequence {
+                let meta = self.layout.point_meta(cut_off.sequence);
+                durable::remove_durable(&meta).map_err(StoreError::io("remove", &meta))?;
+                recover::run(&self.layout)?;
+                let record = self.layout.adopted();
+                durable::remove_durable(&record).map_err(StoreError::io("remove", &record))?;
+                tracing::warn!(
+                    sequence = cut_off.sequence,
+                    "a cut-off adoption of other images is dropped"
+                );
+                points = catalog::points(&self.layout)?;
+            }
         }
         if !points.is_empty() {
             return no("the store already holds recovery points".into());
@@ -92,9 +110,15 @@ impl PointStore {
             durable::sync_parent(layer).map_err(StoreError::io("sync", layer))?;
         }
         let record = self.layout.adopted();
+        let mut files = Vec::with_capacity(images.len());
+        for image in images {
+            let meta = std::fs::metadata(image).map_err(StoreError::io("stat", image))?;
+            files.push((meta.dev(), meta.ino()));
+        }
         let names = Adopted {
             sequence: info.sequence,
             images: images.to_vec(),
+            files,
         };
         let json =
             serde_json::to_vec_pretty(&names).map_err(|source| StoreError::BadAdoptionRecord {
@@ -120,31 +144,58 @@ impl PointStore {
         super::layout::Layout::of(root, vm).adopted().exists()
     }
 
-    /// Removes the old names of the images an adoption took in, those that are still its point's
-    /// layers (a file put at such a path since is left alone), and then the record of them.
-    /// Returns the names removed; nothing when no adoption is recorded.
+    /// Removes the old names of the images an adoption took in, those that still name the files
+    /// adopted while a committed point's layer names them too (whichever layer each is now: a
+    /// merge renames layers; a file put at such a path since, or an image whose point was never
+    /// committed, is left alone), and then the record of them. Returns the names removed; nothing when
+    /// no adoption is recorded.
     pub async fn release_adopted(&self) -> Result<Vec<PathBuf>, StoreError> {
         let _lock = self.lock().await?;
-        let record = self.layout.adopted();
-        let names: Adopted = match std::fs::read(&record) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| StoreError::BadAdoptionRecord {
-                    path: record.display().to_string(),
-                    source,
-                })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::io("read", &record)(e)),
+        let Some(names) = self.read_adopted()? else {
+            return Ok(Vec::new());
         };
+        let committed: Vec<u64> = catalog::points(&self.layout)?
+            .iter()
+            .map(|p| p.sequence)
+            .collect();
         let mut removed = Vec::new();
-        for (i, image) in names.images.iter().enumerate() {
-            if same_file(image, &self.layout.layer(names.sequence, i)) {
-                durable::remove_durable(image).map_err(StoreError::io("remove", image))?;
-                removed.push(image.clone());
+        for (i, (image, file)) in names.images.iter().zip(&names.files).enumerate() {
+            // Only a name whose file a committed point's layer also names: never the last name.
+            let kept = committed
+                .iter()
+                .map(|seq| self.layout.layer(*seq, i))
+                .any(|layer| std::fs::metadata(layer).is_ok_and(|m| (m.dev(), m.ino()) == *file));
+            if !kept {
+                continue;
+            }
+            match std::fs::metadata(image) {
+                Ok(m) if (m.dev(), m.ino()) == *file => {
+                    durable::remove_durable(image).map_err(StoreError::io("remove", image))?;
+                    removed.push(image.clone());
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Not known to be another file: the record stays, to be asked again.
+                Err(e) => return Err(StoreError::io("stat", image)(e)),
             }
         }
+        let record = self.layout.adopted();
         durable::remove_durable(&record).map_err(StoreError::io("remove", &record))?;
         Ok(removed)
+    }
+
+    fn read_adopted(&self) -> Result<Option<Adopted>, StoreError> {
+        let record = self.layout.adopted();
+        match std::fs::read(&record) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
+                StoreError::BadAdoptionRecord {
+                    path: record.display().to_string(),
+                    source,
+                }
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("read", &record)(e)),
+        }
     }
 }
 
@@ -153,4 +204,6 @@ impl PointStore {
 struct Adopted {
     sequence: u64,
     images: Vec<PathBuf>,
+    /// Each image's (device, inode) when it was adopted.
+    files: Vec<(u64, u64)>,
 }

@@ -266,8 +266,9 @@ impl ReplicaSide {
         };
         let paths: Vec<PathBuf> = images.iter().map(|(p, _, _)| PathBuf::from(p)).collect();
         let qcow2 = images.iter().all(|(_, f, _)| f == "qcow2");
-        // Recorded first: once adopted, the store holds the VM's only copy of its disks, and no
-        // failure after that may make the caller undo (delete) the store.
+        // Recorded first: once adopted, the store's layers are names of the VM's disks (their
+        // only names once they are released after the switch), and no failure after that may make
+        // the caller undo (delete) the store.
         let record = ReceivedLog {
             vm,
             sequence,

@@ -15,7 +15,7 @@
 //! common-point checks, and the new primary resynchronizes right after (compare kind 2), sending
 //! only the blocks that differ.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use disk::points::{OverlayError, PointStore};
 use disk::scan::hashmap::MapReader;
@@ -317,7 +317,7 @@ impl ReplicaSide {
             }
         }
 
-        crate::crash::point("failback-adopted");
+        crate::crash::point("reverse-disks-taken");
         let mode = ReplicationMode::Replica.as_u16();
         // InitiateFailback's job here waits for the failback's log (13 → 14 at its apply); cut
         // off, it leaves a replica that can run the failback again (9).
@@ -340,7 +340,7 @@ impl ReplicaSide {
         rel.failed_over_type = 0;
         rel.settings.recovery_connection_point = self.host.clone();
         self.store.switch_to_replica(&rel, mode, restore)?;
-        crate::crash::point("failback-switched");
+        crate::crash::point("reverse-switched");
         if !existing.disks.is_empty() {
             tracing::info!(%vm, disks = ?existing.disks, "the VM's former disks are no longer used");
         }
@@ -348,7 +348,9 @@ impl ReplicaSide {
         // names of adopted disks (the point holds them), the overlay of an earlier failover (taken
         // in as point N); original image files that were copied are left where they are. A stop
         // before this: at the next start (`finish_cut_off_reverses`).
-        finish_switch(vm, Path::new(&replica.store_root)).await;
+        // A task of its own: a dropped request (the peer gone) must not cut it off halfway.
+        let root = PathBuf::from(&replica.store_root);
+        let _ = tokio::spawn(async move { finish_switch(vm, &root).await }).await;
         let now_replica = VmRow {
             mode,
             disks: Vec::new(),
@@ -359,9 +361,9 @@ impl ReplicaSide {
     }
 }
 
-/// What follows a reverse's switch to replica in `vm`'s store under `root`, which the VM's data is
-/// only in now: the old names of the disks a failback adopted go (those still the point's
-/// layers), and so does the overlay of an earlier failover. A failure is logged: the names stay,
+/// What follows a reverse's switch to replica in `vm`'s store under `root`, which alone holds the
+/// VM's data now: the old names of the disks a failback adopted go (those a committed layer names
+/// too), and so does the overlay of an earlier failover. A failure is logged: the names stay,
 /// the store's data is whole.
 async fn finish_switch(vm: Uuid, root: &Path) {
     let points = match PointStore::open(root, vm).await {
@@ -371,15 +373,7 @@ async fn finish_switch(vm: Uuid, root: &Path) {
             return;
         }
     };
-    match points.release_adopted().await {
-        Ok(names) if names.is_empty() => {}
-        Ok(names) => {
-            tracing::info!(%vm, names = ?names, "the adopted disks' old names are removed (the recovery point holds them)")
-        }
-        Err(e) => {
-            tracing::warn!(%vm, "cannot remove the adopted disks' old names: {}", crate::error_chain(&e))
-        }
-    }
+    release_names(vm, &points).await;
     match points.remove_overlay(FAILOVER_OVERLAY).await {
         Ok(()) | Err(OverlayError::Unknown(_)) => {}
         Err(e) => {
@@ -389,9 +383,10 @@ async fn finish_switch(vm: Uuid, root: &Path) {
 }
 
 /// At the daemon's start: finishes the failbacks' switches a stop cut off after the VM became a
-/// replica (an adoption is still recorded: its old names are there). One cut off before the
-/// switch (the VM still a primary whose disks are those names) is left as it is: the failback run
-/// again takes the adopted point as it is.
+/// replica (an adoption is still recorded: its old names are there); they go now. (Not the
+/// overlay of an earlier failover: a replica may be failed over again by now.) One cut off before
+/// the switch (the VM still a primary whose disks are those names) is left as it is: the failback
+/// run again takes the adopted point as it is.
 pub async fn finish_cut_off_reverses(store: &Store) {
     for (vm, root) in store.replica_stores().unwrap_or_default() {
         let root = Path::new(&root);
@@ -403,11 +398,29 @@ pub async fn finish_cut_off_reverses(store: &Store) {
             .ok()
             .flatten()
             .is_some_and(|v| v.mode == ReplicationMode::Replica.as_u16());
-        if replica {
-            tracing::warn!(%vm, "finishing a failback's switch to replica that a stop cut off");
-            finish_switch(vm, root).await;
-        } else {
+        if !replica {
             tracing::warn!(%vm, "a failback was cut off before this VM became a replica; its disks keep their names until the failback runs again");
+            continue;
+        }
+        tracing::warn!(%vm, "finishing a failback's switch to replica that a stop cut off");
+        match PointStore::open(root, vm).await {
+            Ok(points) => release_names(vm, &points).await,
+            Err(e) => {
+                tracing::warn!(%vm, "cannot open the point store: {}", crate::error_chain(&e))
+            }
+        }
+    }
+}
+
+/// The release of the old names of the disks a failback adopted into `points`; logged.
+async fn release_names(vm: Uuid, points: &PointStore) {
+    match points.release_adopted().await {
+        Ok(names) if names.is_empty() => {}
+        Ok(names) => {
+            tracing::info!(%vm, names = ?names, "the adopted disks' old names are removed (the recovery point holds them)")
+        }
+        Err(e) => {
+            tracing::warn!(%vm, "cannot remove the adopted disks' old names: {}", crate::error_chain(&e))
         }
     }
 }
