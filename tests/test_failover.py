@@ -1019,7 +1019,7 @@ def test_a_failback_killed_while_it_takes_in_the_old_primarys_disks_loses_none_o
     pvm = vm_by_name(p, "fb09")
     assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (2, 9)
     assert not disk.exists()
-    assert "finishing a failback's switch to replica" in lab.primary.log.read_text()
+    assert "finishing a reverse's switch to replica" in lab.primary.log.read_text()
     (base,) = sorted(store1.glob("p*.json"))
     same, text = compare(store1 / "disk0" / f"{base.stem}.qcow2", before)
     assert same, text

@@ -165,7 +165,7 @@ async fn a_release_leaves_a_file_put_at_an_old_name_since_and_an_adoption_cut_of
     assert_eq!(std::fs::read(&image).unwrap(), b"someone else's");
 
     // Cut off before the commit: the point's metadata is missing. Recovery deletes the layer (the
-    // extra name); the release forgets the record and leaves the image.
+    // extra name); the release leaves the image, and its record (asked again later).
     let other = dir.path().join("other.qcow2");
     qcow2_of(&src.raw(1), &other);
     let dir2 = dir.path().join("store2");
@@ -181,7 +181,18 @@ async fn a_release_leaves_a_file_put_at_an_old_name_since_and_an_adoption_cut_of
     assert!(store2.list_points().unwrap().is_empty());
     assert!(store2.release_adopted().await.expect("release").is_empty());
     assert!(other.exists() && same(&other, &src.raw(1)));
+    assert!(vm_dir2.join("adopted.json").exists());
+    // Adopted again (the failback run again), then released.
+    store2
+        .adopt(&info(1), std::slice::from_ref(&other))
+        .await
+        .expect("adopt again");
+    assert_eq!(
+        store2.release_adopted().await.expect("release"),
+        vec![other.clone()]
+    );
     assert!(!vm_dir2.join("adopted.json").exists());
+    assert!(same(&store2.point_path(1, 0).unwrap(), &src.raw(1)));
 }
 
 #[tokio::test]
@@ -239,4 +250,30 @@ async fn an_adoption_cut_off_is_dropped_when_other_images_are_adopted_and_a_merg
     assert!(!merged.exists());
     assert!(same(&store2.point_path(2, 0).unwrap(), &src.raw(2)));
     assert!(store.release_adopted().await.expect("release").len() == 1);
+}
+
+#[tokio::test]
+async fn a_stale_adoption_record_never_drops_a_point_an_overlay_stands_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(dir.path(), 1);
+    let image = dir.path().join("vm-disk.qcow2");
+    qcow2_of(&src.raw(1), &image);
+    let root = dir.path().join("store");
+    let store = PointStore::open(&root, support::vm()).await.expect("open");
+    store
+        .adopt(&info(1), std::slice::from_ref(&image))
+        .await
+        .expect("adopt");
+    // The release did not happen (the record stays); the old name is gone by other means, and
+    // the VM runs on an overlay of point 1 (a failover).
+    std::fs::remove_file(&image).unwrap();
+    store.create_overlay(1, "failover").await.expect("overlay");
+    let other = dir.path().join("other.qcow2");
+    qcow2_of(&src.raw(1), &other);
+    assert!(matches!(
+        store.adopt(&info(1), std::slice::from_ref(&other)).await,
+        Err(AdoptError::NotAdoptable(_))
+    ));
+    assert_eq!(store.list_points().unwrap().len(), 1);
+    assert!(same(&store.point_path(1, 0).unwrap(), &src.raw(1)));
 }

@@ -58,27 +58,6 @@ impl PointStore {
         {
             return Ok(());
         }
-        // An adoption cut off before its names were released, of other files (the disks were
-        // replaced since) or as another point: the caller still uses its own disks (it adopts
-        // them), so that point was never its data. Uncommitted, recovery deletes its layers (only
-        // those names: an image's own name stays).
-        if let (1, Some(cut_off)) = (points.len(), self.read_adopted()?) {
-            if cut_off.sequence == points[0].sequence {
-                let meta = self.layout.point_meta(cut_off.sequence);
-                durable::remove_durable(&meta).map_err(StoreError::io("remove", &meta))?;
-                recover::run(&self.layout)?;
-                let record = self.layout.adopted();
-                durable::remove_durable(&record).map_err(StoreError::io("remove", &record))?;
-                tracing::warn!(
-                    sequence = cut_off.sequence,
-                    "a cut-off adoption of other images is dropped"
-                );
-                points = catalog::points(&self.layout)?;
-            }
-        }
-        if !points.is_empty() {
-            return no("the store already holds recovery points".into());
-        }
         let store_dev = std::fs::metadata(&self.layout.vm_dir)
             .map_err(StoreError::io("stat", &self.layout.vm_dir))?
             .dev();
@@ -102,6 +81,12 @@ impl PointStore {
                     return no(format!("{} is not a qcow2 image: {e}", image.display()));
                 }
             }
+        }
+        if self.drop_cut_off_adoption(&points, images)? {
+            points = catalog::points(&self.layout)?;
+        }
+        if !points.is_empty() {
+            return no("the store already holds recovery points".into());
         }
         for (i, (image, layer)) in images.iter().zip(&layers).enumerate() {
             let dir = self.layout.disk_dir(i);
@@ -144,11 +129,52 @@ impl PointStore {
         super::layout::Layout::of(root, vm).adopted().exists()
     }
 
+    /// Drops the point of an adoption cut off before its names were released when `images` are
+    /// other files (the disks were replaced since): the caller still runs on its own disks (it
+    /// adopts them), so that point was never its data. Only such a point: the store's one point,
+    /// recorded as adopted, each of its layers still the file recorded, none of them one of
+    /// `images`, and no overlay on it. Uncommitted, recovery deletes its layers (only those names:
+    /// a name the file had before stays). Returns whether it dropped one.
+    fn drop_cut_off_adoption(
+        &self,
+        points: &[PointInfo],
+        images: &[PathBuf],
+    ) -> Result<bool, StoreError> {
+        let Some(cut_off) = self.read_adopted()? else {
+            return Ok(false);
+        };
+        let [point] = points else {
+            return Ok(false);
+        };
+        let files = cut_off.files(&self.layout);
+        let layers_as_recorded = point.sequence == cut_off.sequence
+            && files.len() == point.disks.len()
+            && files.iter().enumerate().all(|(i, f)| {
+                identity(&self.layout.layer(point.sequence, i)).is_some_and(|x| x == *f)
+            });
+        let reused = images
+            .iter()
+            .any(|image| identity(image).is_some_and(|x| files.contains(&x)));
+        if !layers_as_recorded || reused || !catalog::overlays(&self.layout)?.is_empty() {
+            return Ok(false);
+        }
+        let meta = self.layout.point_meta(point.sequence);
+        durable::remove_durable(&meta).map_err(StoreError::io("remove", &meta))?;
+        recover::run(&self.layout)?;
+        let record = self.layout.adopted();
+        durable::remove_durable(&record).map_err(StoreError::io("remove", &record))?;
+        tracing::warn!(
+            sequence = point.sequence,
+            "a cut-off adoption of other images is dropped"
+        );
+        Ok(true)
+    }
+
     /// Removes the old names of the images an adoption took in, those that still name the files
     /// adopted while a committed point's layer names them too (whichever layer each is now: a
-    /// merge renames layers; a file put at such a path since, or an image whose point was never
-    /// committed, is left alone), and then the record of them. Returns the names removed; nothing when
-    /// no adoption is recorded.
+    /// merge renames layers; a file put at such a path since is left alone), and then the record
+    /// of them, unless a name of an adopted file is left that no committed layer names yet (an
+    /// adoption not committed, a merge cut off): asked again later. Returns the names removed.
     pub async fn release_adopted(&self) -> Result<Vec<PathBuf>, StoreError> {
         let _lock = self.lock().await?;
         let Some(names) = self.read_adopted()? else {
@@ -158,29 +184,30 @@ impl PointStore {
             .iter()
             .map(|p| p.sequence)
             .collect();
+        let files = names.files(&self.layout);
         let mut removed = Vec::new();
-        for (i, (image, file)) in names.images.iter().zip(&names.files).enumerate() {
+        let mut left = false;
+        for (i, (image, file)) in names.images.iter().zip(&files).enumerate() {
+            if identity(image) != Some(*file) {
+                continue; // gone, or another file now
+            }
             // Only a name whose file a committed point's layer also names: never the last name.
+            // (Not yet: an adoption not committed, or a merge cut off before its rename; the
+            // record stays, to be asked again.)
             let kept = committed
                 .iter()
-                .map(|seq| self.layout.layer(*seq, i))
-                .any(|layer| std::fs::metadata(layer).is_ok_and(|m| (m.dev(), m.ino()) == *file));
+                .any(|seq| identity(&self.layout.layer(*seq, i)) == Some(*file));
             if !kept {
+                left = true;
                 continue;
             }
-            match std::fs::metadata(image) {
-                Ok(m) if (m.dev(), m.ino()) == *file => {
-                    durable::remove_durable(image).map_err(StoreError::io("remove", image))?;
-                    removed.push(image.clone());
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                // Not known to be another file: the record stays, to be asked again.
-                Err(e) => return Err(StoreError::io("stat", image)(e)),
-            }
+            durable::remove_durable(image).map_err(StoreError::io("remove", image))?;
+            removed.push(image.clone());
         }
-        let record = self.layout.adopted();
-        durable::remove_durable(&record).map_err(StoreError::io("remove", &record))?;
+        if !left {
+            let record = self.layout.adopted();
+            durable::remove_durable(&record).map_err(StoreError::io("remove", &record))?;
+        }
         Ok(removed)
     }
 
@@ -204,6 +231,24 @@ impl PointStore {
 struct Adopted {
     sequence: u64,
     images: Vec<PathBuf>,
-    /// Each image's (device, inode) when it was adopted.
+    /// Each image's (device, inode) when it was adopted (a record without them: the point's
+    /// layers', as they are now).
+    #[serde(default)]
     files: Vec<(u64, u64)>,
+}
+
+impl Adopted {
+    fn files(&self, layout: &super::layout::Layout) -> Vec<(u64, u64)> {
+        if self.files.len() == self.images.len() {
+            return self.files.clone();
+        }
+        (0..self.images.len())
+            .map(|i| identity(&layout.layer(self.sequence, i)).unwrap_or((0, 0)))
+            .collect()
+    }
+}
+
+/// A file's (device, inode), following symlinks; `None` when it cannot be read.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }

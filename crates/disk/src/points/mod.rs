@@ -200,6 +200,11 @@ impl PointStore {
         (0..disks).map(|i| layout.overlay_disk(name, i)).collect()
     }
 
+    /// Whether overlay `name` exists in `vm`'s store under `root` (without opening the store).
+    pub fn overlay_exists(root: &Path, vm: Uuid, name: &str) -> bool {
+        Layout::of(root, vm).overlay_meta(name).exists()
+    }
+
     /// The VM's directory in the store.
     pub fn dir(&self) -> &Path {
         &self.layout.vm_dir

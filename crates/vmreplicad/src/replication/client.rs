@@ -189,8 +189,9 @@ const _: () = {
 #[derive(Clone)]
 pub struct Patience {
     retries: &'static [u64],
-    /// The waits once a commit was sent and its answer lost (they replace `retries` from then on).
-    unanswered: &'static [u64],
+    /// The waits once a commit was sent and its answer lost, if they differ from `retries` (they
+    /// replace them from then on).
+    unanswered: Option<&'static [u64]>,
     give_up: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// The waits start over after an attempt that sent more than any before (each outage gets
     /// them all).
@@ -202,7 +203,7 @@ impl Patience {
     pub fn quick() -> Patience {
         Patience {
             retries: &QUICK_RETRIES,
-            unanswered: &QUICK_RETRIES,
+            unanswered: None,
             give_up: None,
             per_outage: false,
         }
@@ -215,7 +216,7 @@ impl Patience {
     pub fn quick_asking_after_commit(give_up: Arc<dyn Fn() -> bool + Send + Sync>) -> Patience {
         Patience {
             retries: &QUICK_RETRIES,
-            unanswered: &UNANSWERED_RETRIES,
+            unanswered: Some(&UNANSWERED_RETRIES),
             give_up: Some(give_up),
             per_outage: false,
         }
@@ -225,17 +226,16 @@ impl Patience {
     pub fn initial(give_up: Arc<dyn Fn() -> bool + Send + Sync>) -> Patience {
         Patience {
             retries: &INITIAL_RETRIES,
-            unanswered: &INITIAL_RETRIES,
+            unanswered: None,
             give_up: Some(give_up),
             per_outage: true,
         }
     }
 
     fn schedule(&self, unanswered: bool) -> &'static [u64] {
-        if unanswered {
-            self.unanswered
-        } else {
-            self.retries
+        match self.unanswered {
+            Some(waits) if unanswered => waits,
+            _ => self.retries,
         }
     }
 
@@ -667,7 +667,7 @@ impl Peers {
                         furthest = log.furthest_sent();
                         attempt = 0;
                     }
-                    if commit_sent && !unanswered {
+                    if commit_sent && !unanswered && patience.unanswered.is_some() {
                         // Whether the log is committed only the recovery server can say: asked
                         // from now on with the waits after an unanswered commit.
                         unanswered = true;

@@ -347,7 +347,7 @@ impl ReplicaSide {
         // Only now, with nothing naming them any more, do the disk files the VM ran on go: the
         // names of adopted disks (the point holds them), the overlay of an earlier failover (taken
         // in as point N); original image files that were copied are left where they are. A stop
-        // before this: at the next start (`finish_cut_off_reverses`).
+        // before this: both at the next start (`finish_cut_off_reverses`).
         // A task of its own: a dropped request (the peer gone) must not cut it off halfway.
         let root = PathBuf::from(&replica.store_root);
         let _ = tokio::spawn(async move { finish_switch(vm, &root).await }).await;
@@ -382,33 +382,34 @@ async fn finish_switch(vm: Uuid, root: &Path) {
     }
 }
 
-/// At the daemon's start: finishes the failbacks' switches a stop cut off after the VM became a
-/// replica (an adoption is still recorded: its old names are there); they go now. (Not the
-/// overlay of an earlier failover: a replica may be failed over again by now.) One cut off before
-/// the switch (the VM still a primary whose disks are those names) is left as it is: the failback
-/// run again takes the adopted point as it is.
+/// At the daemon's start, before anything uses a point store: finishes the reverses a stop cut off
+/// after the switch to replica.
+/// - An adoption still recorded (its old names there) of a VM now a replica: the names go. One
+///   of a VM still a primary (cut off before the switch, its disks those names) is left as it is:
+///   the failback run again takes the adopted point as it is.
+/// - The overlay of an earlier failover (`failover`) in the store of a replica VM that is not
+///   failed over (no `failovers` row: a failed-over replica always has one) and runs on no disks
+///   of its own: deleted (it would pin its base point and refuse the next failover).
 pub async fn finish_cut_off_reverses(store: &Store) {
     for (vm, root) in store.replica_stores().unwrap_or_default() {
         let root = Path::new(&root);
-        if !PointStore::adoption_recorded(root, vm) {
+        let Ok(Some(row)) = store.get_vm(vm) else {
             continue;
-        }
-        let replica = store
-            .get_vm(vm)
-            .ok()
-            .flatten()
-            .is_some_and(|v| v.mode == ReplicationMode::Replica.as_u16());
-        if !replica {
+        };
+        let replica = row.mode == ReplicationMode::Replica.as_u16();
+        let adopted = PointStore::adoption_recorded(root, vm);
+        if adopted && !replica {
             tracing::warn!(%vm, "a failback was cut off before this VM became a replica; its disks keep their names until the failback runs again");
+        }
+        let overlay = replica
+            && row.disks.is_empty()
+            && PointStore::overlay_exists(root, vm, FAILOVER_OVERLAY)
+            && matches!(store.failover(vm), Ok(None));
+        if !(replica && (adopted || overlay)) {
             continue;
         }
-        tracing::warn!(%vm, "finishing a failback's switch to replica that a stop cut off");
-        match PointStore::open(root, vm).await {
-            Ok(points) => release_names(vm, &points).await,
-            Err(e) => {
-                tracing::warn!(%vm, "cannot open the point store: {}", crate::error_chain(&e))
-            }
-        }
+        tracing::warn!(%vm, "finishing a reverse's switch to replica that a stop cut off");
+        finish_switch(vm, root).await;
     }
 }
 
