@@ -599,6 +599,16 @@ def test_a_replica_vm_kept_after_its_relationship_was_removed_seeds_the_next_one
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x2b 9M 128k", "-c", "write -z 1M 64k", disk)
 
     lab.replica.cli("enable-as-replica", "kept01")
+    # An exported initial replica cannot go on top of the kept points: refused, saying the way.
+    export = tmp_path / "usb" / f"kept01_{vm_id}"
+    export.mkdir(parents=True)
+    (export / "initial-replica.vrlog").write_bytes(b"not looked at")
+    refused = lab.replica.cli("import", "kept01", "--path", str(tmp_path / "usb"), check=False)
+    assert refused.returncode != 0
+    said = refused.stdout + refused.stderr
+    assert "already holds recovery points" in said, said
+    assert points()[-1] == kept
+    assert vm_by_name(lab.replica.conn(), "kept01")["ReplicationState"] == 2
     lab.primary.cli("enable", "kept01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
                     "--thumbprint", lab.t1, "--no-compression")
     svc = p.EnumerateInstances("Msvm_ReplicationService")[0]

@@ -589,7 +589,11 @@ pub async fn import(
             "Give the folder that StartReplication exported (it holds <VMName>_<VMID>/initial-replica.vrlog).",
         ));
     };
-    let root = replica_root(&store, &data_dir, &rel);
+    // A replica VM kept from an earlier relationship: its store, wherever that is.
+    let root = match store.replica_vm(vm.id)? {
+        Some(kept) => PathBuf::from(kept.store_root),
+        None => replica_root(&store, &data_dir, &rel),
+    };
     let points = PointStore::open(&root, vm.id).await.map_err(|e| {
         fail(
             format!(
@@ -600,6 +604,23 @@ pub async fn import(
             "Check the replica storage location.",
         )
     })?;
+    // A replica VM kept from an earlier relationship holds its points: an exported initial
+    // replica (log 1, a whole new chain) cannot go on top of them.
+    let kept = points.latest_point().map_err(|e| {
+        fail(
+            crate::error_chain(&e),
+            "Check the replica storage location.",
+        )
+    })?;
+    if let Some(latest) = kept {
+        return Err(fail(
+            format!(
+                "'{}' already holds recovery points (the latest is {}) of an earlier relationship; an exported initial replica starts a new chain and cannot go on top of them",
+                vm.name, latest.sequence
+            ),
+            "Start the initial replication as seeded on the primary (StartReplication type 3): it sends only what differs from the latest point. Or delete this replica VM and import into a new one.",
+        ));
+    }
     ctx.progress(5)?;
     let expect = Expect {
         vm: vm.id,
