@@ -641,6 +641,59 @@ def test_a_replica_vm_kept_after_its_relationship_was_removed_seeds_the_next_one
     latest_point_equals(store, disk, "qcow2", at_least=settled(lab, vm_id))
 
 
+def test_logs_a_replica_had_not_applied_when_its_relationship_was_removed_are_dropped_with_it(lab, tmp_path):
+    """A log committed on the replica whose apply cannot go on (its point store made immutable)
+    when the relationship is removed: the removal drops it and its file, and says so; the kept
+    replica VM holds its latest applied point. Made a replica again, it waits for its initial
+    replication (the old log used to be applied then, moving it to 3 with no primary), and a seeded
+    start sends what differs from that point."""
+    import subprocess
+
+    disk = ext4_disk(tmp_path / "kept02.qcow2", payload_bytes=2_000_000)
+    vm_id = replicate_network(lab, tmp_path, "kept02", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="point 1")
+    p = lab.primary.conn()
+    vm = vm_by_name(p, "kept02")
+    rrsc(p, vm, 7)
+    kept = settled(lab, vm_id)
+    store = lab.storage / vm_id.lower()
+    frozen = [str(store), *map(str, store.glob("disk*"))]
+    if subprocess.run(["chattr", "+i", *frozen], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 1M 64k", disk)
+        rrsc(p, vm, 3)
+        wait_for(lambda: re.search(rf"log committed.*sequence={kept + 1}\b", plain_log(lab.replica)),
+                 what="the next log committed")
+        rrsc(p, vm, 7)
+        wait_for(lambda: "applying the log failed" in plain_log(lab.replica), what="its apply failing")
+        committed = store / "incoming" / f"{kept + 1:020}.vrlog"
+        assert committed.exists()
+        lab.primary.cli("disable", "kept02")
+        lab.replica.cli("disable", "kept02")
+    finally:
+        subprocess.run(["chattr", "-i", *frozen], check=True)
+    assert not committed.exists()
+    assert re.search(r"logs received and not applied are dropped with the relationship", plain_log(lab.replica))
+    assert max(int(f.stem[1:]) for f in store.glob("p*.json")) == kept
+
+    lab.replica.cli("enable-as-replica", "kept02")
+    time.sleep(6)  # the apply task retries a failed log within 5 s
+    assert vm_by_name(lab.replica.conn(), "kept02")["ReplicationState"] == 2
+    assert max(int(f.stem[1:]) for f in store.glob("p*.json")) == kept
+    lab.primary.cli("enable", "kept02", "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    vm = vm_by_name(p, "kept02")
+    rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
+                             InitialReplicationType=Uint16(3))
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    rrsc(p, vm, 7)
+    latest_point_equals(store, disk, "qcow2", at_least=settled(lab, vm_id))
+
+
 def test_failback_after_an_unplanned_failover_sends_only_what_diverged_and_the_vm_goes_home(lab, tmp_path):
     """The whole life of issue 5: replication, an unplanned failover to an earlier point, writes on
     both sides, InitiateFailback on the old primary, then a planned failover and a reverse home."""

@@ -20,6 +20,18 @@ use super::replica::{json, ApiError, ApiResult, Compare, ReplicaSide};
 use crate::clock::now;
 use crate::store::{Store, StoreResult};
 
+/// Drops the committed logs of `vm` that were never applied, with their files (in its store's
+/// incoming folder); returns their sequences.
+pub(crate) fn drop_unapplied_logs(store: &Store, vm: Uuid) -> StoreResult<Vec<u64>> {
+    let seqs = store.drop_unapplied(vm)?;
+    if let Some(replica) = store.replica_vm(vm)? {
+        for seq in &seqs {
+            super::replica::remove_committed(std::path::Path::new(&replica.store_root), vm, *seq);
+        }
+    }
+    Ok(seqs)
+}
+
 impl Store {
     /// Marks log `sequence` of `vm` as the result of a resynchronization.
     pub(super) fn mark_resync_point(&self, vm: Uuid, sequence: u64) -> StoreResult<()> {
@@ -160,12 +172,7 @@ impl ReplicaSide {
                 ));
             }
             // Logs that cannot be applied (why a resync is needed): the resync replaces them.
-            for seq in self.store.drop_unapplied(vm)? {
-                super::replica::remove_committed(
-                    std::path::Path::new(&replica.store_root),
-                    vm,
-                    seq,
-                );
+            for seq in drop_unapplied_logs(&self.store, vm)? {
                 tracing::info!(%vm, sequence = seq, "a log that was never applied is dropped for the resynchronization");
             }
         }

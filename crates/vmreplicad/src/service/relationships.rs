@@ -184,6 +184,7 @@ impl Service {
             .data_dir()
             .filter(|_| vm.mode == ReplicationMode::Primary.as_u16())
             .map(std::path::Path::to_path_buf);
+        let replica = vm.mode == ReplicationMode::Replica.as_u16();
         self.job(
             t.job_type,
             Some(claim),
@@ -191,6 +192,18 @@ impl Service {
             move |ctx| async move {
                 ctx.check_cancelled()?;
                 store.remove_relationship(id)?;
+                if replica {
+                    // Logs committed and not applied yet never will be (only a replica's are, and
+                    // the chain they continue ends here): the VM keeps its latest applied point.
+                    let dropped = crate::replication::resync::drop_unapplied_logs(&store, id)?;
+                    if let Some(last) = dropped.last() {
+                        tracing::info!(vm = %id, logs = ?dropped, "logs received and not applied are dropped with the relationship");
+                        ctx.note(&format!(
+                            "{} received log(s) not applied yet were dropped (up to {last}): the VM keeps its latest applied recovery point",
+                            dropped.len()
+                        ))?;
+                    }
+                }
                 // No cycle starts without the relationship; the one in flight, if any, stops
                 // uploading and ends before the chain goes, so nothing of it lands on a chain
                 // enabled again later (and should it outlast the wait, its outcome finds no chain
