@@ -576,6 +576,22 @@ def test_a_removed_relationship_and_vm_definition_let_replication_start_over(lab
     assert list(lab.storage.glob(f"{vm_id.lower()}.removed-*"))
 
 
+def enable_seeded(lab, p, name):
+    """Enables VM `name` on the primary `p` towards the lab's replica (which holds a copy already)
+    and runs a seeded initial replication (StartReplication type 3) through pywbem to its end;
+    returns the VM."""
+    lab.primary.cli("enable", name, "--replica-server", REPLICA, "--replica-port", str(lab.port),
+                    "--thumbprint", lab.t1, "--no-compression")
+    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
+    vm = vm_by_name(p, name)
+    rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
+                             InitialReplicationType=Uint16(3))
+    assert rv == 4096, rv
+    job = wait_job(p, out["Job"], timeout=120)
+    assert job["JobState"] == 7, job["ErrorDescription"]
+    return vm
+
+
 def test_a_replica_vm_kept_after_its_relationship_was_removed_seeds_the_next_one(lab, tmp_path):
     """Spec §13.7: removed on both sides, the replica VM stays and can seed a new relationship.
     Made a replica again, a seeded initial replication compares the primary's disk with the
@@ -609,15 +625,7 @@ def test_a_replica_vm_kept_after_its_relationship_was_removed_seeds_the_next_one
     assert "already holds recovery points" in said, said
     assert points()[-1] == kept
     assert vm_by_name(lab.replica.conn(), "kept01")["ReplicationState"] == 2
-    lab.primary.cli("enable", "kept01", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                    "--thumbprint", lab.t1, "--no-compression")
-    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
-    vm = vm_by_name(p, "kept01")
-    rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
-                             InitialReplicationType=Uint16(3))
-    assert rv == 4096, rv
-    job = wait_job(p, out["Job"], timeout=120)
-    assert job["JobState"] == 7, job["ErrorDescription"]
+    vm = enable_seeded(lab, p, "kept01")
     assert vm_by_name(p, "kept01")["ReplicationState"] == 3
     wait_for(lambda: applied_sequence(lab, vm_id) >= kept + 1, what="the differences to be applied")
     with raw_peer(lab) as c:
@@ -681,15 +689,7 @@ def test_logs_a_replica_had_not_applied_when_its_relationship_was_removed_are_dr
     time.sleep(6)  # the apply task retries a failed log within 5 s
     assert vm_by_name(lab.replica.conn(), "kept02")["ReplicationState"] == 2
     assert max(int(f.stem[1:]) for f in store.glob("p*.json")) == kept
-    lab.primary.cli("enable", "kept02", "--replica-server", REPLICA, "--replica-port", str(lab.port),
-                    "--thumbprint", lab.t1, "--no-compression")
-    svc = p.EnumerateInstances("Msvm_ReplicationService")[0]
-    vm = vm_by_name(p, "kept02")
-    rv, out = p.InvokeMethod("StartReplication", svc.path, ComputerSystem=vm.path,
-                             InitialReplicationType=Uint16(3))
-    assert rv == 4096, rv
-    job = wait_job(p, out["Job"], timeout=120)
-    assert job["JobState"] == 7, job["ErrorDescription"]
+    vm = enable_seeded(lab, p, "kept02")
     rrsc(p, vm, 7)
     latest_point_equals(store, disk, "qcow2", at_least=settled(lab, vm_id))
 

@@ -41,6 +41,25 @@ fn qcow2_of(raw: &std::path::Path, out: &std::path::Path) {
     );
 }
 
+/// A store under `dir`/`store` whose point `sequence` adopted `dir`/`image`, a qcow2 copy of
+/// version 1 of `src`; returns the store, its root and the image's path.
+async fn adopted_store(
+    dir: &std::path::Path,
+    src: &Source,
+    (store, image): (&str, &str),
+    sequence: u64,
+) -> (PointStore, std::path::PathBuf, std::path::PathBuf) {
+    let image = dir.join(image);
+    qcow2_of(&src.raw(1), &image);
+    let root = dir.join(store);
+    let points = PointStore::open(&root, support::vm()).await.expect("open");
+    points
+        .adopt(&info(sequence), std::slice::from_ref(&image))
+        .await
+        .expect("adopt");
+    (points, root, image)
+}
+
 #[tokio::test]
 async fn own_images_become_the_first_point_and_logs_apply_on_top() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -118,14 +137,7 @@ async fn own_images_become_the_first_point_and_logs_apply_on_top() {
 async fn an_adoption_cut_off_after_its_commit_is_taken_as_it_is_and_its_names_released_later() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = Source::new(dir.path(), 1);
-    let image = dir.path().join("vm-disk.qcow2");
-    qcow2_of(&src.raw(1), &image);
-    let root = dir.path().join("store");
-    let store = PointStore::open(&root, support::vm()).await.expect("open");
-    store
-        .adopt(&info(4), std::slice::from_ref(&image))
-        .await
-        .expect("adopt");
+    let (store, root, image) = adopted_store(dir.path(), &src, ("store", "vm-disk.qcow2"), 4).await;
     // Cut off here (the names not released yet); the store opened again, the adoption asked
     // again takes the point as it is.
     drop(store);
@@ -150,14 +162,7 @@ async fn a_release_leaves_a_file_put_at_an_old_name_since_and_an_adoption_cut_of
 ) {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = Source::new(dir.path(), 1);
-    let image = dir.path().join("vm-disk.qcow2");
-    qcow2_of(&src.raw(1), &image);
-    let root = dir.path().join("store");
-    let store = PointStore::open(&root, support::vm()).await.expect("open");
-    store
-        .adopt(&info(1), std::slice::from_ref(&image))
-        .await
-        .expect("adopt");
+    let (store, _, image) = adopted_store(dir.path(), &src, ("store", "vm-disk.qcow2"), 1).await;
     // Another file at the old name: not the point's layer, so it stays.
     std::fs::remove_file(&image).unwrap();
     std::fs::write(&image, b"someone else's").unwrap();
@@ -166,14 +171,7 @@ async fn a_release_leaves_a_file_put_at_an_old_name_since_and_an_adoption_cut_of
 
     // Cut off before the commit: the point's metadata is missing. Recovery deletes the layer (the
     // extra name); the release leaves the image, and its record (asked again later).
-    let other = dir.path().join("other.qcow2");
-    qcow2_of(&src.raw(1), &other);
-    let dir2 = dir.path().join("store2");
-    let store2 = PointStore::open(&dir2, support::vm()).await.expect("open");
-    store2
-        .adopt(&info(1), std::slice::from_ref(&other))
-        .await
-        .expect("adopt");
+    let (store2, dir2, other) = adopted_store(dir.path(), &src, ("store2", "other.qcow2"), 1).await;
     let vm_dir2 = dir2.join(support::vm().hyphenated().to_string());
     std::fs::remove_file(vm_dir2.join(format!("p{:020}.json", 1))).unwrap();
     drop(store2);
@@ -201,14 +199,7 @@ async fn an_adoption_cut_off_is_dropped_when_other_images_are_adopted_and_a_merg
     let dir = tempfile::tempdir().expect("tempdir");
     let src = Source::new(dir.path(), 2);
     let logs = src.logs(dir.path(), 20);
-    let image = dir.path().join("vm-disk.qcow2");
-    qcow2_of(&src.raw(1), &image);
-    let root = dir.path().join("store");
-    let store = PointStore::open(&root, support::vm()).await.expect("open");
-    store
-        .adopt(&info(1), std::slice::from_ref(&image))
-        .await
-        .expect("adopt");
+    let (store, _, image) = adopted_store(dir.path(), &src, ("store", "vm-disk.qcow2"), 1).await;
     // Cut off; the disk is replaced by another file meanwhile: adopting it drops the first
     // point (its layer only: the replaced file is gone with it, not the new image's name).
     std::fs::remove_file(&image).unwrap();
@@ -221,14 +212,7 @@ async fn an_adoption_cut_off_is_dropped_when_other_images_are_adopted_and_a_merg
     assert!(same(&store.point_path(1, 0).unwrap(), &src.raw(2)));
     // A log applied and the old point merged away before the release (its file renamed to the
     // new point's layer): the old name still goes, by its file, not by its layer's name.
-    let merged = dir.path().join("merged.qcow2");
-    qcow2_of(&src.raw(1), &merged);
-    let root2 = dir.path().join("store2");
-    let store2 = PointStore::open(&root2, support::vm()).await.expect("open");
-    store2
-        .adopt(&info(1), std::slice::from_ref(&merged))
-        .await
-        .expect("adopt");
+    let (store2, _, merged) = adopted_store(dir.path(), &src, ("store2", "merged.qcow2"), 1).await;
     store2
         .apply(&logs[1], &Source::expect(2))
         .await
@@ -256,14 +240,7 @@ async fn an_adoption_cut_off_is_dropped_when_other_images_are_adopted_and_a_merg
 async fn a_stale_adoption_record_never_drops_a_point_an_overlay_stands_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = Source::new(dir.path(), 1);
-    let image = dir.path().join("vm-disk.qcow2");
-    qcow2_of(&src.raw(1), &image);
-    let root = dir.path().join("store");
-    let store = PointStore::open(&root, support::vm()).await.expect("open");
-    store
-        .adopt(&info(1), std::slice::from_ref(&image))
-        .await
-        .expect("adopt");
+    let (store, _, image) = adopted_store(dir.path(), &src, ("store", "vm-disk.qcow2"), 1).await;
     // The release did not happen (the record stays); the old name is gone by other means, and
     // the VM runs on an overlay of point 1 (a failover).
     std::fs::remove_file(&image).unwrap();

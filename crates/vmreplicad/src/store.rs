@@ -1062,10 +1062,9 @@ pub(crate) mod tests {
         assert!(store.list_jobs().expect("list").is_empty());
     }
 
-    #[test]
-    fn a_cut_off_jobs_state_is_put_back_unless_its_failback_completed() {
-        let (_d, store) = temp_store();
-        let job = |id: &str, vm: Uuid, state: u16| JobRow {
+    /// A job of `vm` in `state`.
+    fn job_of(id: &str, vm: Uuid, state: u16) -> JobRow {
+        JobRow {
             id: id.into(),
             job_type: 94,
             state,
@@ -1080,7 +1079,12 @@ pub(crate) mod tests {
             time_finished: None,
             last_change: 100,
             cancellable: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_cut_off_jobs_state_is_put_back_unless_its_failback_completed() {
+        let (_d, store) = temp_store();
         // (state when the daemon stopped, its job's state, a log committed and not applied, that
         // log marked as a resynchronization's): the failback's log not come, come and applied,
         // come; only a delta come (a run again from 3); a job that completed.
@@ -1116,7 +1120,7 @@ pub(crate) mod tests {
                     .expect("mark");
             }
             let id = format!("j{i}");
-            store.put_job(&job(&id, v.id, job_state)).expect("job");
+            store.put_job(&job_of(&id, v.id, job_state)).expect("job");
             store.put_job_restore(&id, v.id, 9).expect("restore");
             vms.push(v.id);
         }
@@ -1144,24 +1148,7 @@ pub(crate) mod tests {
         let mut rel = RelationshipRow::new(v.id, 5);
         rel.state = 13;
         store.put_relationship(&rel, 1).expect("put");
-        store
-            .put_job(&JobRow {
-                id: "j".into(),
-                job_type: 124,
-                state: 4,
-                percent: 0,
-                error_code: 0,
-                error_description: None,
-                errors: Vec::new(),
-                vm: Some(v.id),
-                description: "d".into(),
-                time_submitted: 100,
-                start_time: Some(100),
-                time_finished: None,
-                last_change: 100,
-                cancellable: true,
-            })
-            .expect("job");
+        store.put_job(&job_of("j", v.id, 4)).expect("job");
         store.put_job_restore("j", v.id, 3).expect("restore");
         store
             .put_chain(&crate::replication::chain::ChainRow {
