@@ -678,11 +678,11 @@ def test_logs_a_replica_had_not_applied_when_its_relationship_was_removed_are_dr
         committed = store / "incoming" / f"{kept + 1:020}.vrlog"
         assert committed.exists()
         lab.primary.cli("disable", "kept02")
-        lab.replica.cli("disable", "kept02")
+        removed = lab.replica.cli("disable", "kept02")
     finally:
         subprocess.run(["chattr", "-i", *frozen], check=True)
     assert not committed.exists()
-    assert re.search(r"logs received and not applied are dropped with the relationship", plain_log(lab.replica))
+    assert "1 received log(s) not applied yet were dropped" in removed.stdout, removed.stdout
     assert max(int(f.stem[1:]) for f in store.glob("p*.json")) == kept
 
     lab.replica.cli("enable-as-replica", "kept02")

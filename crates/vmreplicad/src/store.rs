@@ -344,6 +344,16 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Records an apply at `time` on `vm`'s relationship and moves its state from `from` to `to`,
+    /// in one statement that changes nothing else; false when it is no longer in `from`.
+    pub fn note_apply(&self, vm: Uuid, from: u16, to: u16, time: i64) -> StoreResult<bool> {
+        let n = self.conn().execute(
+            "UPDATE relationships SET state = ?3, last_apply_time = ?4 WHERE vm = ?1 AND state = ?2",
+            params![vm.to_string(), from, to, time],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Records a replication at `time` (of type `kind`) unless a later one is recorded, or the
     /// relationship is not past its initial replication (0, 1, 2: one removed and enabled again
     /// while the log was in flight): one statement, so it needs no claim on the VM and no
@@ -358,10 +368,13 @@ impl Store {
         Ok(())
     }
 
-    /// Removes the relationship and sets the VM's mode to None, in one transaction.
-    pub fn remove_relationship(&self, vm: Uuid) -> StoreResult<()> {
+    /// Removes the relationship and sets the VM's mode to None, in one transaction; the logs it
+    /// received and had not applied go with it (never applied now: only a replica's are, and the
+    /// chain they continue ends here). Returns their sequences (their files are the caller's).
+    pub fn remove_relationship(&self, vm: Uuid) -> StoreResult<Vec<u64>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let dropped = crate::replication::resync::drop_unapplied_in(&tx, vm)?;
         tx.execute("DELETE FROM relationships WHERE vm = ?1", [vm.to_string()])?;
         // A failover of it is over too: a later relationship of the VM (a seeded replication, a
         // resynchronization) must not take itself for that failover's reverse.
@@ -370,7 +383,7 @@ impl Store {
         tx.execute("DELETE FROM resync_points WHERE vm = ?1", [vm.to_string()])?;
         tx.execute("UPDATE vms SET mode = 0 WHERE id = ?1", [vm.to_string()])?;
         tx.commit()?;
-        Ok(())
+        Ok(dropped)
     }
 
     // ---- recovery-server settings and authorization ----
@@ -1138,6 +1151,26 @@ pub(crate) mod tests {
             .restore_interrupted_states()
             .expect("again")
             .is_empty());
+    }
+
+    #[test]
+    fn an_apply_is_noted_only_over_the_state_it_read() {
+        let (_d, store) = temp_store();
+        let v = vm("a");
+        store.insert_vm(&v).expect("insert");
+        let mut rel = RelationshipRow::new(v.id, 5);
+        rel.state = 13;
+        rel.primary_connection_point = Some("p".into());
+        store.put_relationship(&rel, 2).expect("put");
+        // Moved meanwhile (13 → 14): the apply that read 13 writes nothing.
+        assert!(store.move_state(v.id, 13, 14).expect("move"));
+        assert!(!store.note_apply(v.id, 13, 13, 50).expect("note"));
+        let row = store.get_relationship(v.id).expect("get").expect("row");
+        assert_eq!((row.state, row.last_apply_time), (14, None));
+        assert!(store.note_apply(v.id, 14, 3, 60).expect("note"));
+        let row = store.get_relationship(v.id).expect("get").expect("row");
+        assert_eq!((row.state, row.last_apply_time), (3, Some(60)));
+        assert_eq!(row.primary_connection_point.as_deref(), Some("p"));
     }
 
     #[test]

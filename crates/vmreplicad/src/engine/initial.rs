@@ -605,21 +605,26 @@ pub async fn import(
         )
     })?;
     // A replica VM kept from an earlier relationship holds its points: an exported initial
-    // replica (log 1, a whole new chain) cannot go on top of them.
-    let kept = points.latest_point().map_err(|e| {
+    // replica (log 1, a whole new chain) cannot go on top of them. (Point 1 alone may be this very
+    // log's, imported by a run cut off before it recorded so: the apply tells.)
+    let kept = |latest: u64| {
+        fail(
+            format!(
+                "'{}' already holds recovery points (the latest is {latest}) of an earlier relationship; an exported initial replica starts a new chain and cannot go on top of them",
+                vm.name
+            ),
+            "Start the initial replication as seeded on the primary (StartReplication type 3): it sends only what differs from the latest point. Or delete this replica VM and import into a new one.",
+        )
+    };
+    let latest = points.latest_point().map_err(|e| {
         fail(
             crate::error_chain(&e),
             "Check the replica storage location.",
         )
     })?;
-    if let Some(latest) = kept {
-        return Err(fail(
-            format!(
-                "'{}' already holds recovery points (the latest is {}) of an earlier relationship; an exported initial replica starts a new chain and cannot go on top of them",
-                vm.name, latest.sequence
-            ),
-            "Start the initial replication as seeded on the primary (StartReplication type 3): it sends only what differs from the latest point. Or delete this replica VM and import into a new one.",
-        ));
+    match latest.map(|p| p.sequence) {
+        Some(n) if n > 1 => return Err(kept(n)),
+        _ => {}
     }
     ctx.progress(5)?;
     let expect = Expect {
@@ -628,14 +633,16 @@ pub async fn import(
         sequence: 1,
         parent: 0,
     };
-    let point = points.apply(log, &expect).await.map_err(|e| {
-        fail(
+    let point = points.apply(log, &expect).await.map_err(|e| match e {
+        disk::points::ApplyError::SequenceTaken { .. }
+        | disk::points::ApplyError::Superseded { .. } => kept(1),
+        e => fail(
             format!(
                 "the initial replica could not be imported: {}",
                 crate::error_chain(&e)
             ),
             "Export the initial replica again on the primary.",
-        )
+        ),
     })?;
     let all = points.list_points().map_err(|e| {
         fail(

@@ -2666,7 +2666,12 @@ pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
             let mut blocked = std::collections::HashSet::new();
             let mut retry_soon = false;
             for log in pending {
-                if blocked.contains(&log.vm) || !applies_now(&replica.store, log.vm) {
+                // Asked under the VM's apply lock: a removal that held it dropped the log.
+                let _applying = replica.claims.applying(log.vm).await;
+                if blocked.contains(&log.vm)
+                    || !applies_now(&replica.store, log.vm)
+                    || !matches!(replica.store.received_log(log.vm, log.sequence), Ok(Some(l)) if !l.applied)
+                {
                     continue;
                 }
                 match apply_one(&replica, &log).await {
@@ -2833,29 +2838,47 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
     // whole base image (after a resync or failback) and take a while; an interrupted prune is
     // done at the next apply.
     list_points(&points)?;
-    if let (Ok(Some(v)), Ok(Some(mut rel))) = (store.get_vm(log.vm), store.get_relationship(log.vm))
-    {
-        rel.last_apply_time = Some(now());
-        if rel.state == ReplicationState::WaitingToCompleteInitialReplication.as_u16() {
-            rel.state = ReplicationState::Replicating.as_u16();
+    // The apply time and the state the log moves the relationship to, written only if the state
+    // is still the one read (a command may move it meanwhile: read again then), and nothing else
+    // of the row: a write of the whole row read before would undo such a move.
+    for _ in 0..3 {
+        let Ok(Some(rel)) = store.get_relationship(log.vm) else {
+            break;
+        };
+        let mut state = rel.state;
+        if state == ReplicationState::WaitingToCompleteInitialReplication.as_u16() {
+            state = ReplicationState::Replicating.as_u16();
         }
         // The failback's log: the old primary's disks are the new primary's point now.
         // (9: a failback job here was cut off after the log was committed.)
-        let failback = rel.state == ReplicationState::FailbackInProgress.as_u16()
-            || (rel.state == ReplicationState::WaitingToStartResynchronization.as_u16()
+        let failback = state == ReplicationState::FailbackInProgress.as_u16()
+            || (state == ReplicationState::WaitingToStartResynchronization.as_u16()
                 && super::failback::base_dir(&replica.data_dir, log.vm)
                     .join("base.json")
                     .is_file());
-        if resynced && failback {
-            rel.state = ReplicationState::FailbackComplete.as_u16();
-            // Its base describes a point that is no longer the latest: never offered again.
-            super::failback::retire_base(&replica.data_dir, log.vm);
-            tracing::info!(vm = %log.vm, sequence = log.sequence, "failback complete: the disks equal the new primary's point");
-        } else if !resynced && rel.state == ReplicationState::FailbackComplete.as_u16() {
+        let complete = resynced && failback;
+        if complete {
+            state = ReplicationState::FailbackComplete.as_u16();
+        } else if !resynced && state == ReplicationState::FailbackComplete.as_u16() {
             // The next delta after a failback: an ordinary replica again.
-            rel.state = ReplicationState::Replicating.as_u16();
+            state = ReplicationState::Replicating.as_u16();
         }
-        let _ = store.put_relationship(&rel, v.mode);
+        match store.note_apply(log.vm, rel.state, state, now()) {
+            Ok(true) => {
+                if complete {
+                    // Its base describes a point that is no longer the latest: never offered
+                    // again.
+                    super::failback::retire_base(&replica.data_dir, log.vm);
+                    tracing::info!(vm = %log.vm, sequence = log.sequence, "failback complete: the disks equal the new primary's point");
+                }
+                break;
+            }
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(vm = %log.vm, "cannot record the apply: {}", crate::error_chain(&e));
+                break;
+            }
+        }
     }
     store
         .mark_applied(log.vm, log.sequence)

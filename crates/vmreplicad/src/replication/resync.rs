@@ -20,16 +20,49 @@ use super::replica::{json, ApiError, ApiResult, Compare, ReplicaSide};
 use crate::clock::now;
 use crate::store::{Store, StoreResult};
 
+/// [`Store::drop_unapplied`] through `conn` (a caller's transaction too).
+pub(crate) fn drop_unapplied_in(conn: &rusqlite::Connection, vm: Uuid) -> StoreResult<Vec<u64>> {
+    let mut stmt = conn.prepare(
+        "SELECT sequence FROM received_logs WHERE vm = ?1 AND applied = 0 ORDER BY sequence",
+    )?;
+    let seqs = stmt
+        .query_map([vm.to_string()], |r| r.get::<_, i64>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    conn.execute(
+        "DELETE FROM received_logs WHERE vm = ?1 AND applied = 0",
+        [vm.to_string()],
+    )?;
+    // Their sequences will be other logs' (a mark of one would make it a resync's).
+    for seq in &seqs {
+        conn.execute(
+            "DELETE FROM resync_points WHERE vm = ?1 AND sequence = ?2",
+            params![vm.to_string(), seq],
+        )?;
+    }
+    // Uploads past them would collide with the resync's log.
+    conn.execute("DELETE FROM uploads WHERE vm = ?1", [vm.to_string()])?;
+    Ok(seqs
+        .into_iter()
+        .filter_map(|s| u64::try_from(s).ok())
+        .collect())
+}
+
 /// Drops the committed logs of `vm` that were never applied, with their files (in its store's
 /// incoming folder); returns their sequences.
 pub(crate) fn drop_unapplied_logs(store: &Store, vm: Uuid) -> StoreResult<Vec<u64>> {
     let seqs = store.drop_unapplied(vm)?;
-    if let Some(replica) = store.replica_vm(vm)? {
-        for seq in &seqs {
+    remove_log_files(store, vm, &seqs);
+    Ok(seqs)
+}
+
+/// Deletes the files of `vm`'s committed logs `seqs` (forgotten, never to be applied), as far as
+/// it can.
+pub(crate) fn remove_log_files(store: &Store, vm: Uuid, seqs: &[u64]) {
+    if let Ok(Some(replica)) = store.replica_vm(vm) {
+        for seq in seqs {
             super::replica::remove_committed(std::path::Path::new(&replica.store_root), vm, *seq);
         }
     }
-    Ok(seqs)
 }
 
 impl Store {
@@ -44,30 +77,7 @@ impl Store {
 
     /// Forgets the committed logs of `vm` that were never applied; returns their sequences.
     fn drop_unapplied(&self, vm: Uuid) -> StoreResult<Vec<u64>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT sequence FROM received_logs WHERE vm = ?1 AND applied = 0 ORDER BY sequence",
-        )?;
-        let seqs = stmt
-            .query_map([vm.to_string()], |r| r.get::<_, i64>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        conn.execute(
-            "DELETE FROM received_logs WHERE vm = ?1 AND applied = 0",
-            [vm.to_string()],
-        )?;
-        // Their sequences will be other logs' (a mark of one would make it a resync's).
-        for seq in &seqs {
-            conn.execute(
-                "DELETE FROM resync_points WHERE vm = ?1 AND sequence = ?2",
-                params![vm.to_string(), seq],
-            )?;
-        }
-        // Uploads past them would collide with the resync's log.
-        conn.execute("DELETE FROM uploads WHERE vm = ?1", [vm.to_string()])?;
-        Ok(seqs
-            .into_iter()
-            .filter_map(|s| u64::try_from(s).ok())
-            .collect())
+        drop_unapplied_in(&self.conn(), vm)
     }
 
     /// Whether log `sequence` of `vm` is a resynchronization's (.0), and whether one before it is
@@ -165,7 +175,9 @@ impl ReplicaSide {
             .replica_vm(vm)?
             .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, "no placeholder record"))?;
         if self.store.pending_apply()?.iter().any(|l| l.vm == vm) {
-            if !replica.resync_required {
+            // Not while one of them is being applied (dropped, it would land anyway).
+            let applying = self.claims.try_applying(vm);
+            if !replica.resync_required || applying.is_none() {
                 return Err(ApiError::new(
                     ErrorCode::Busy,
                     "the replica is still applying logs; ask again shortly",

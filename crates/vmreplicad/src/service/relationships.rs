@@ -191,11 +191,14 @@ impl Service {
             &format!("Remove replication of '{}'", vm.name),
             move |ctx| async move {
                 ctx.check_cancelled()?;
-                store.remove_relationship(id)?;
+                // Not while a log of it is being applied: it would land after its log was dropped.
+                let applying = claims.applying(id).await;
+                let dropped = store.remove_relationship(id)?;
+                drop(applying);
                 if replica {
                     // Logs committed and not applied yet never will be (only a replica's are, and
                     // the chain they continue ends here): the VM keeps its latest applied point.
-                    let dropped = crate::replication::resync::drop_unapplied_logs(&store, id)?;
+                    crate::replication::resync::remove_log_files(&store, id, &dropped);
                     if let Some(last) = dropped.last() {
                         tracing::info!(vm = %id, logs = ?dropped, "logs received and not applied are dropped with the relationship");
                         ctx.note(&format!(
