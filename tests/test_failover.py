@@ -918,6 +918,19 @@ def initiate_failback(p, name):
     return out["Job"]
 
 
+def write_when_unlocked(disk, command, timeout=60):
+    """`qemu-io -c command` on the qcow2 `disk`, asked again while another process holds its lock
+    (a replication cycle reading it)."""
+    import subprocess
+
+    def attempt():
+        res = subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(disk)], capture_output=True, text=True)
+        assert res.returncode == 0 or "lock" in res.stderr, res.stderr
+        return res.returncode == 0
+
+    wait_for(attempt, timeout=timeout, what=f"a write to {disk}")
+
+
 def protected_and_suspended(lab, tmp_path, name):
     """An off VM `name` replicated to hv2, a delta applied, then replication suspended and settled;
     returns (disk, vm_id)."""
@@ -1029,7 +1042,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     job = wait_job(p, initiate_failback(p, "fb02"), timeout=60)
     assert job["JobState"] == 7, job["ErrorDescription"]
     assert vm_by_name(p, "fb02")["ReplicationState"] in (14, 3)
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 40M 64k", new_disk)
+    write_when_unlocked(new_disk, "write -P 0x66 40M 64k")  # its next cycle may be reading it
     wait_for(lambda: vm_by_name(p, "fb02")["ReplicationState"] == 3, timeout=60, what="an ordinary replica")
 
     def latest_equal():
@@ -1122,7 +1135,7 @@ def test_a_failbacks_commit_whose_answer_is_lost_with_the_old_primary_down_for_a
     assert "asking whether it was committed" in lab.replica.log.read_text()
     wait_for(lambda: vm_by_name(p, "fb10")["ReplicationState"] in (14, 3), timeout=60,
              what="the old primary's apply of the failback's log")
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 40M 64k", new_disk)
+    write_when_unlocked(new_disk, "write -P 0x66 40M 64k")  # its next cycle may be reading it
     wait_for(lambda: vm_by_name(p, "fb10")["ReplicationState"] == 3, timeout=60, what="an ordinary replica")
 
     def latest_equal():

@@ -62,6 +62,11 @@ impl VmClaim {
     pub fn vm(&self) -> Uuid {
         self.vm
     }
+
+    /// Waits until no apply of this VM's logs runs (the caller keeps the next one off otherwise).
+    pub async fn apply_ended(&self) {
+        drop(self.set.applying(self.vm).await);
+    }
 }
 
 impl Drop for VmClaim {

@@ -1154,6 +1154,57 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_commit_records_the_log_and_the_replication_only_while_the_relationship_exists() {
+        use crate::replication::records::UploadRow;
+        let (_d, store) = temp_store();
+        let v = vm("a");
+        store.insert_vm(&v).expect("insert");
+        let mut rel = RelationshipRow::new(v.id, 5);
+        rel.state = 3;
+        rel.settings.replication_interval = 300;
+        store.put_relationship(&rel, 2).expect("put");
+        let upload = |sequence: u64, secs: i64, point_type: u16| UploadRow {
+            vm: v.id,
+            sequence,
+            upload_id: Uuid::new_v4(),
+            log_hash: "h".into(),
+            log_bytes: 1,
+            point_time: secs * 1_000_000,
+            point_type,
+        };
+        let u = upload(2, 100, 2);
+        store.put_upload(&u).expect("upload");
+        assert!(store.commit_upload(&u, 1).expect("commit"));
+        let row = store.get_relationship(v.id).expect("get").expect("row");
+        assert_eq!(
+            (
+                row.last_replication_time,
+                row.last_replication_type,
+                row.last_app_consistent_time
+            ),
+            (Some(100), 1, Some(100))
+        );
+        assert_eq!(row.settings.replication_interval, 300);
+        assert!(store.received_log(v.id, 2).expect("log").is_some());
+        // An earlier point committed later does not move the time back.
+        let u = upload(3, 90, 1);
+        store.put_upload(&u).expect("upload");
+        assert!(store.commit_upload(&u, 1).expect("commit"));
+        let row = store.get_relationship(v.id).expect("get").expect("row");
+        assert_eq!(
+            (row.last_replication_time, row.last_app_consistent_time),
+            (Some(100), Some(100))
+        );
+        // Removed meanwhile: nothing is written, and the relationship does not come back.
+        let u = upload(4, 200, 1);
+        store.put_upload(&u).expect("upload");
+        store.remove_relationship(v.id).expect("remove");
+        assert!(!store.commit_upload(&u, 1).expect("commit"));
+        assert!(store.get_relationship(v.id).expect("get").is_none());
+        assert!(store.received_log(v.id, 4).expect("log").is_none());
+    }
+
+    #[test]
     fn an_apply_is_noted_only_over_the_state_it_read() {
         let (_d, store) = temp_store();
         let v = vm("a");

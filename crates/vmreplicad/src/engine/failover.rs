@@ -165,6 +165,9 @@ impl LocalEngine {
             &what,
             false,
             move |_ctx, vm, mut rel, _, claim| async move {
+                // The failovers row keeps the next apply off; one already running (its point,
+                // its prune) ends before the overlay is made.
+                claim.apply_ended().await;
                 let _claim = claim;
                 let made = async {
                     let points = PointStore::open(&root, vm.id).await?;

@@ -634,8 +634,8 @@ pub async fn import(
         parent: 0,
     };
     let point = points.apply(log, &expect).await.map_err(|e| match e {
-        disk::points::ApplyError::SequenceTaken { .. }
-        | disk::points::ApplyError::Superseded { .. } => kept(1),
+        disk::points::ApplyError::SequenceTaken { .. } => kept(1),
+        disk::points::ApplyError::Superseded { latest, .. } => kept(latest),
         e => fail(
             format!(
                 "the initial replica could not be imported: {}",

@@ -162,14 +162,32 @@ impl Store {
         Ok(())
     }
 
-    /// The commit: the upload row becomes a received log, in one transaction.
-    pub fn commit_upload(&self, u: &UploadRow) -> StoreResult<()> {
+    /// The commit: the upload row becomes a received log, and the relationship records the
+    /// replication (its time unless a later one is recorded, of type `kind`; the time of an
+    /// application-consistent point), in one transaction that writes nothing else of the
+    /// relationship. False, and nothing written, when the upload row or the relationship is gone
+    /// meanwhile (a removal).
+    pub fn commit_upload(&self, u: &UploadRow, kind: u16) -> StoreResult<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "DELETE FROM uploads WHERE vm = ?1 AND sequence = ?2",
-            params![u.vm.to_string(), seq_sql(u.sequence)?],
+        let vm = u.vm.to_string();
+        let time = u.point_time / 1_000_000;
+        let recorded = tx.execute(
+            "UPDATE relationships SET
+                last_replication_type = CASE WHEN coalesce(last_replication_time, -1) <= ?2
+                    THEN ?3 ELSE last_replication_type END,
+                last_replication_time = max(coalesce(last_replication_time, -1), ?2),
+                last_app_consistent_time = CASE WHEN ?4 THEN ?2 ELSE last_app_consistent_time END
+             WHERE vm = ?1",
+            params![vm, time, kind, u.point_type == 2],
         )?;
+        let taken = tx.execute(
+            "DELETE FROM uploads WHERE vm = ?1 AND sequence = ?2",
+            params![vm, seq_sql(u.sequence)?],
+        )?;
+        if recorded != 1 || taken != 1 {
+            return Ok(false);
+        }
         tx.execute(
             "INSERT INTO received_logs (vm, sequence, log_hash, log_bytes, point_time, applied)
              VALUES (?1, ?2, ?3, ?4, ?5, 0)",
@@ -182,7 +200,7 @@ impl Store {
             ],
         )?;
         tx.commit()?;
-        Ok(())
+        Ok(true)
     }
 
     /// Records a log applied without an upload (offline initial replication's import).

@@ -2168,7 +2168,7 @@ impl ReplicaSide {
         seq: u64,
         commit: Commit,
     ) -> ApiResult {
-        let (vm_row, mut rel) = self.bound_vm(entry, vm)?;
+        let (_, rel) = self.bound_vm(entry, vm)?;
         {
             let lock = self.lock_for(vm);
             let _guard = lock.lock().await;
@@ -2227,13 +2227,16 @@ impl ReplicaSide {
                 }
                 return Err(ApiError::internal(e));
             }
-            self.store.commit_upload(&up)?;
-            rel.last_replication_time = Some(up.point_time / 1_000_000);
-            rel.last_replication_type = ReplicationType::Regular.as_u16();
-            if up.point_type == 2 {
-                rel.last_app_consistent_time = Some(up.point_time / 1_000_000);
+            if !self
+                .store
+                .commit_upload(&up, ReplicationType::Regular.as_u16())?
+            {
+                remove_committed(&root, vm, seq);
+                return Err(ApiError::new(
+                    ErrorCode::UnknownVm,
+                    "the relationship ended while the log was being committed",
+                ));
             }
-            self.store.put_relationship(&rel, vm_row.mode)?;
             tracing::info!(%vm, sequence = seq, "log committed");
         }
         self.apply_wake.notify_one();
@@ -2665,15 +2668,17 @@ pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
             };
             let mut blocked = std::collections::HashSet::new();
             let mut retry_soon = false;
-            for log in pending {
-                // Asked under the VM's apply lock: a removal that held it dropped the log.
-                let _applying = replica.claims.applying(log.vm).await;
-                if blocked.contains(&log.vm)
-                    || !applies_now(&replica.store, log.vm)
-                    || !matches!(replica.store.received_log(log.vm, log.sequence), Ok(Some(l)) if !l.applied)
-                {
+            for listed in pending {
+                // Asked again under the VM's apply lock: a removal that held it dropped the log (or
+                // another log of a new chain took its sequence meanwhile).
+                let _applying = replica.claims.applying(listed.vm).await;
+                if blocked.contains(&listed.vm) || !applies_now(&replica.store, listed.vm) {
                     continue;
                 }
+                let log = match replica.store.received_log(listed.vm, listed.sequence) {
+                    Ok(Some(l)) if !l.applied => l,
+                    _ => continue,
+                };
                 match apply_one(&replica, &log).await {
                     Ok(()) => {
                         failures.remove(&(log.vm, log.sequence));
@@ -2841,8 +2846,10 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
     // The apply time and the state the log moves the relationship to, written only if the state
     // is still the one read (a command may move it meanwhile: read again then), and nothing else
     // of the row: a write of the whole row read before would undo such a move.
+    let mut noted = false;
     for _ in 0..3 {
         let Ok(Some(rel)) = store.get_relationship(log.vm) else {
+            noted = true; // removed meanwhile: nothing to note
             break;
         };
         let mut state = rel.state;
@@ -2866,19 +2873,26 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         match store.note_apply(log.vm, rel.state, state, now()) {
             Ok(true) => {
                 if complete {
-                    // Its base describes a point that is no longer the latest: never offered
-                    // again.
-                    super::failback::retire_base(&replica.data_dir, log.vm);
                     tracing::info!(vm = %log.vm, sequence = log.sequence, "failback complete: the disks equal the new primary's point");
                 }
+                // Its base describes a point that is no longer the latest: never offered again.
+                // (Also when the state read was 14 already: a stop came before this, last time.)
+                if resynced && state == ReplicationState::FailbackComplete.as_u16() {
+                    super::failback::retire_base(&replica.data_dir, log.vm);
+                }
+                noted = true;
                 break;
             }
             Ok(false) => continue,
             Err(e) => {
                 tracing::warn!(vm = %log.vm, "cannot record the apply: {}", crate::error_chain(&e));
+                noted = true;
                 break;
             }
         }
+    }
+    if !noted {
+        tracing::warn!(vm = %log.vm, sequence = log.sequence, "the apply's time and state were not recorded: the relationship kept changing");
     }
     store
         .mark_applied(log.vm, log.sequence)

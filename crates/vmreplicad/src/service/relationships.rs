@@ -192,13 +192,21 @@ impl Service {
             move |ctx| async move {
                 ctx.check_cancelled()?;
                 // Not while a log of it is being applied: it would land after its log was dropped.
-                let applying = claims.applying(id).await;
+                // (A cancel ends the wait.)
+                let applying = tokio::select! {
+                    guard = claims.applying(id) => guard,
+                    () = async {
+                        while ctx.check_cancelled().is_ok() {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                    } => return ctx.check_cancelled(),
+                };
                 let dropped = store.remove_relationship(id)?;
                 drop(applying);
+                // Logs committed and not applied yet never will be (only a replica's are, and the
+                // chain they continue ends here): the VM keeps its latest applied point.
+                crate::replication::resync::remove_log_files(&store, id, &dropped);
                 if replica {
-                    // Logs committed and not applied yet never will be (only a replica's are, and
-                    // the chain they continue ends here): the VM keeps its latest applied point.
-                    crate::replication::resync::remove_log_files(&store, id, &dropped);
                     if let Some(last) = dropped.last() {
                         tracing::info!(vm = %id, logs = ?dropped, "logs received and not applied are dropped with the relationship");
                         ctx.note(&format!(
