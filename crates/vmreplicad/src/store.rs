@@ -334,6 +334,15 @@ impl Store {
         Ok(())
     }
 
+    /// Sets `vm`'s relationship's state, and nothing else of it (no row: nothing).
+    pub fn set_state(&self, vm: Uuid, state: u16) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE relationships SET state = ?2 WHERE vm = ?1",
+            params![vm.to_string(), state],
+        )?;
+        Ok(())
+    }
+
     /// Moves `vm`'s relationship from state `from` to `to` in one statement (no write of a row
     /// read before can come between); false when it was not in `from`.
     pub fn move_state(&self, vm: Uuid, from: u16, to: u16) -> StoreResult<bool> {
@@ -1155,7 +1164,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_commit_records_the_log_and_the_replication_only_while_the_relationship_exists() {
-        use crate::replication::records::UploadRow;
+        use crate::replication::records::{Committed, UploadRow};
         let (_d, store) = temp_store();
         let v = vm("a");
         store.insert_vm(&v).expect("insert");
@@ -1174,7 +1183,7 @@ pub(crate) mod tests {
         };
         let u = upload(2, 100, 2);
         store.put_upload(&u).expect("upload");
-        assert!(store.commit_upload(&u, 1).expect("commit"));
+        assert_eq!(store.commit_upload(&u, 1).expect("commit"), Committed::Yes);
         let row = store.get_relationship(v.id).expect("get").expect("row");
         assert_eq!(
             (
@@ -1189,7 +1198,7 @@ pub(crate) mod tests {
         // An earlier point committed later does not move the time back.
         let u = upload(3, 90, 1);
         store.put_upload(&u).expect("upload");
-        assert!(store.commit_upload(&u, 1).expect("commit"));
+        assert_eq!(store.commit_upload(&u, 1).expect("commit"), Committed::Yes);
         let row = store.get_relationship(v.id).expect("get").expect("row");
         assert_eq!(
             (row.last_replication_time, row.last_app_consistent_time),
@@ -1198,8 +1207,29 @@ pub(crate) mod tests {
         // Removed meanwhile: nothing is written, and the relationship does not come back.
         let u = upload(4, 200, 1);
         store.put_upload(&u).expect("upload");
+        // Dropped by a resynchronization's begin: nothing either.
+        let dropped = upload(5, 200, 1);
+        store.put_upload(&dropped).expect("upload");
+        store.remove_uploads(v.id).expect("drop");
+        assert_eq!(
+            store.commit_upload(&dropped, 1).expect("commit"),
+            Committed::NoUpload
+        );
+        assert!(store.received_log(v.id, 5).expect("log").is_none());
+        assert_eq!(
+            store
+                .get_relationship(v.id)
+                .expect("get")
+                .expect("row")
+                .last_replication_time,
+            Some(100)
+        );
+        store.put_upload(&u).expect("upload");
         store.remove_relationship(v.id).expect("remove");
-        assert!(!store.commit_upload(&u, 1).expect("commit"));
+        assert_eq!(
+            store.commit_upload(&u, 1).expect("commit"),
+            Committed::NoRelationship
+        );
         assert!(store.get_relationship(v.id).expect("get").is_none());
         assert!(store.received_log(v.id, 4).expect("log").is_none());
     }

@@ -32,6 +32,16 @@ pub struct UploadRow {
     pub point_type: u16,
 }
 
+/// What [`Store::commit_upload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Yes,
+    /// Nothing: the relationship is gone.
+    NoRelationship,
+    /// Nothing: the upload row is gone.
+    NoUpload,
+}
+
 /// A committed log (transfer state 3, or 4 once applied).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedLog {
@@ -166,8 +176,8 @@ impl Store {
     /// replication (its time unless a later one is recorded, of type `kind`; the time of an
     /// application-consistent point), in one transaction that writes nothing else of the
     /// relationship. False, and nothing written, when the upload row or the relationship is gone
-    /// meanwhile (a removal).
-    pub fn commit_upload(&self, u: &UploadRow, kind: u16) -> StoreResult<bool> {
+    /// meanwhile (a removal, or a resynchronization's begin that dropped the upload).
+    pub fn commit_upload(&self, u: &UploadRow, kind: u16) -> StoreResult<Committed> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let vm = u.vm.to_string();
@@ -185,8 +195,11 @@ impl Store {
             "DELETE FROM uploads WHERE vm = ?1 AND sequence = ?2",
             params![vm, seq_sql(u.sequence)?],
         )?;
-        if recorded != 1 || taken != 1 {
-            return Ok(false);
+        if recorded != 1 {
+            return Ok(Committed::NoRelationship);
+        }
+        if taken != 1 {
+            return Ok(Committed::NoUpload);
         }
         tx.execute(
             "INSERT INTO received_logs (vm, sequence, log_hash, log_bytes, point_time, applied)
@@ -200,7 +213,29 @@ impl Store {
             ],
         )?;
         tx.commit()?;
-        Ok(true)
+        Ok(Committed::Yes)
+    }
+
+    /// Writes the settings, the primary's connection point and the authorization entry a `PUT`
+    /// of the VM gives (and nothing else of the row); false when the relationship is gone.
+    pub fn put_replica_binding(
+        &self,
+        vm: Uuid,
+        settings: &vmreplica_core::settings::ReplicationSettings,
+        primary_connection_point: &str,
+        authorization_entry: &str,
+    ) -> StoreResult<bool> {
+        let n = self.conn().execute(
+            "UPDATE relationships SET settings = ?2, primary_connection_point = ?3,
+                authorization_entry = ?4 WHERE vm = ?1",
+            params![
+                vm.to_string(),
+                serde_json::to_string(settings)?,
+                primary_connection_point,
+                authorization_entry
+            ],
+        )?;
+        Ok(n == 1)
     }
 
     /// Records a log applied without an upload (offline initial replication's import).

@@ -1525,7 +1525,18 @@ impl ReplicaSide {
                     existing.name = put.name.clone();
                 }
                 self.store.put_replica_vm(&replica)?;
-                self.store.put_relationship(&rel, existing.mode)?;
+                // Only what this request sets: an apply or a commit may write the rest meanwhile.
+                if !self.store.put_replica_binding(
+                    vm,
+                    &rel.settings,
+                    &put.primary_connection_point,
+                    rel.authorization_entry.as_deref().unwrap_or_default(),
+                )? {
+                    return Err(ApiError::new(
+                        ErrorCode::UnknownVm,
+                        "the replica has no relationship",
+                    ));
+                }
                 Ok(json(200, &self.describe(&existing, &rel)?))
             }
             None => {
@@ -2227,15 +2238,25 @@ impl ReplicaSide {
                 }
                 return Err(ApiError::internal(e));
             }
-            if !self
+            let done = self
                 .store
-                .commit_upload(&up, ReplicationType::Regular.as_u16())?
-            {
+                .commit_upload(&up, ReplicationType::Regular.as_u16())?;
+            if done != super::records::Committed::Yes {
                 remove_committed(&root, vm, seq);
-                return Err(ApiError::new(
-                    ErrorCode::UnknownVm,
-                    "the relationship ended while the log was being committed",
-                ));
+                if resync {
+                    let _ = self.store.take_resync_point(vm, seq);
+                }
+                return Err(if done == super::records::Committed::NoRelationship {
+                    ApiError::new(
+                        ErrorCode::UnknownVm,
+                        "the relationship ended while the log was being committed",
+                    )
+                } else {
+                    ApiError::new(
+                        ErrorCode::UnknownLog,
+                        format!("the upload of log {seq} was dropped meanwhile; send it again"),
+                    )
+                });
             }
             tracing::info!(%vm, sequence = seq, "log committed");
         }
@@ -2744,10 +2765,7 @@ fn applies_now(store: &Store, vm: Uuid) -> bool {
 }
 
 fn mark_state(store: &Store, vm: Uuid, state: ReplicationState) {
-    if let (Ok(Some(v)), Ok(Some(mut rel))) = (store.get_vm(vm), store.get_relationship(vm)) {
-        rel.state = state.as_u16();
-        let _ = store.put_relationship(&rel, v.mode);
-    }
+    let _ = store.set_state(vm, state.as_u16());
 }
 
 async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), ApplyOutcome> {

@@ -192,15 +192,7 @@ impl Service {
             move |ctx| async move {
                 ctx.check_cancelled()?;
                 // Not while a log of it is being applied: it would land after its log was dropped.
-                // (A cancel ends the wait.)
-                let applying = tokio::select! {
-                    guard = claims.applying(id) => guard,
-                    () = async {
-                        while ctx.check_cancelled().is_ok() {
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        }
-                    } => return ctx.check_cancelled(),
-                };
+                let applying = claims.applying(id).await;
                 let dropped = store.remove_relationship(id)?;
                 drop(applying);
                 // Logs committed and not applied yet never will be (only a replica's are, and the
