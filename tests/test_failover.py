@@ -931,6 +931,19 @@ def write_when_unlocked(disk, command, timeout=60):
     wait_for(attempt, timeout=timeout, what=f"a write to {disk}")
 
 
+def next_delta_reaches_the_old_primary(p, name, new_disk, store1):
+    """After a failback of `name`: a write on the new primary's disk, then the old primary `p` is an
+    ordinary replica (3) whose latest point in `store1` equals that disk."""
+    write_when_unlocked(new_disk, "write -P 0x66 40M 64k")  # its next cycle may be reading it
+    wait_for(lambda: vm_by_name(p, name)["ReplicationState"] == 3, timeout=60, what="an ordinary replica")
+
+    def latest_equal():
+        last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
+        return compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")[0]
+
+    wait_for(latest_equal, timeout=90, what="the delta with that write")
+
+
 def protected_and_suspended(lab, tmp_path, name):
     """An off VM `name` replicated to hv2, a delta applied, then replication suspended and settled;
     returns (disk, vm_id)."""
@@ -1042,14 +1055,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     job = wait_job(p, initiate_failback(p, "fb02"), timeout=60)
     assert job["JobState"] == 7, job["ErrorDescription"]
     assert vm_by_name(p, "fb02")["ReplicationState"] in (14, 3)
-    write_when_unlocked(new_disk, "write -P 0x66 40M 64k")  # its next cycle may be reading it
-    wait_for(lambda: vm_by_name(p, "fb02")["ReplicationState"] == 3, timeout=60, what="an ordinary replica")
-
-    def latest_equal():
-        last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
-        return compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")[0]
-
-    wait_for(latest_equal, timeout=90, what="the delta with that write")
+    next_delta_reaches_the_old_primary(p, "fb02", new_disk, store1)
 
 
 def test_a_failback_killed_while_it_takes_in_the_old_primarys_disks_loses_none_of_them(lab, tmp_path):
@@ -1135,14 +1141,7 @@ def test_a_failbacks_commit_whose_answer_is_lost_with_the_old_primary_down_for_a
     assert "asking whether it was committed" in lab.replica.log.read_text()
     wait_for(lambda: vm_by_name(p, "fb10")["ReplicationState"] in (14, 3), timeout=60,
              what="the old primary's apply of the failback's log")
-    write_when_unlocked(new_disk, "write -P 0x66 40M 64k")  # its next cycle may be reading it
-    wait_for(lambda: vm_by_name(p, "fb10")["ReplicationState"] == 3, timeout=60, what="an ordinary replica")
-
-    def latest_equal():
-        last = max(int(f.stem[1:]) for f in store1.glob("p*.json"))
-        return compare(store1 / "disk0" / f"p{last:020}.qcow2", new_disk, "qcow2")[0]
-
-    wait_for(latest_equal, timeout=90, what="the delta with that write")
+    next_delta_reaches_the_old_primary(p, "fb10", new_disk, store1)
 
 
 def test_a_failback_followed_over_a_connection_that_breaks_goes_on_to_the_end(lab, tmp_path):

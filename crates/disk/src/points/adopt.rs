@@ -7,7 +7,8 @@
 //! disks of its own), asks [`PointStore::release_adopted`] to remove them. So a crash at any point
 //! leaves every disk with a name its owner knows:
 //! - before the commit: uncommitted layers, which recovery deletes (only the extra names go, the
-//!   images stay), and a record naming no committed layer, which the release forgets;
+//!   images stay), and a record naming no committed layer, which the release leaves (no name
+//!   goes) until an adoption asked again replaces it;
 //! - after it: the point committed and the old names still there. [`PointStore::adopt`] asked
 //!   again takes the point as it is (of other images, it drops that point first); the release,
 //!   asked again (at the daemon's start), removes the names that still name the adopted files.
