@@ -280,18 +280,35 @@ impl Store {
     // ---- relationships ----
 
     pub fn get_relationship(&self, vm: Uuid) -> StoreResult<Option<RelationshipRow>> {
-        let raw = self
-            .conn()
-            .query_row(
-                "SELECT vm, state, settings, primary_connection_point, authorization_entry,
-                        last_replication_time, last_apply_time, last_app_consistent_time,
-                        last_replication_type, failed_over_type, statistics_reset_time
-                 FROM relationships WHERE vm = ?1",
+        read_relationship(&self.conn(), vm)
+    }
+
+    /// Changes `vm`'s relationship as `change` says, on the row as it is (read and written in one
+    /// transaction, so a write of another column meanwhile, an apply's or a commit's, is kept),
+    /// and sets the VM's mode to `mode` if given. False when there is no relationship.
+    pub fn update_relationship(
+        &self,
+        vm: Uuid,
+        mode: Option<u16>,
+        change: impl FnOnce(&mut RelationshipRow),
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let Some(mut rel) = read_relationship(&tx, vm)? else {
+            return Ok(false);
+        };
+        change(&mut rel);
+        let mode = match mode {
+            Some(m) => m,
+            None => tx.query_row(
+                "SELECT mode FROM vms WHERE id = ?1",
                 [vm.to_string()],
-                raw_relationship,
-            )
-            .optional()?;
-        raw.map(RawRelationship::into_row).transpose()
+                |r| r.get(0),
+            )?,
+        };
+        write_relationship(&tx, &rel, mode)?;
+        tx.commit()?;
+        Ok(true)
     }
 
     /// Writes the relationship and the VM's mode in one transaction.
@@ -858,6 +875,21 @@ impl RawJob {
     }
 }
 
+/// `vm`'s relationship read through `conn` (a caller's transaction too).
+fn read_relationship(conn: &Connection, vm: Uuid) -> StoreResult<Option<RelationshipRow>> {
+    let raw = conn
+        .query_row(
+            "SELECT vm, state, settings, primary_connection_point, authorization_entry,
+                    last_replication_time, last_apply_time, last_app_consistent_time,
+                    last_replication_type, failed_over_type, statistics_reset_time
+             FROM relationships WHERE vm = ?1",
+            [vm.to_string()],
+            raw_relationship,
+        )
+        .optional()?;
+    raw.map(RawRelationship::into_row).transpose()
+}
+
 /// Writes `rel` and the VM's `mode` through `conn` (a caller's transaction); see
 /// [`Store::put_relationship`].
 fn write_relationship(conn: &Connection, rel: &RelationshipRow, mode: u16) -> StoreResult<()> {
@@ -1232,6 +1264,32 @@ pub(crate) mod tests {
         );
         assert!(store.get_relationship(v.id).expect("get").is_none());
         assert!(store.received_log(v.id, 4).expect("log").is_none());
+    }
+
+    #[test]
+    fn an_update_changes_the_row_as_it_is_and_keeps_what_others_wrote() {
+        let (_d, store) = temp_store();
+        let v = vm("a");
+        store.insert_vm(&v).expect("insert");
+        let mut rel = RelationshipRow::new(v.id, 5);
+        rel.state = 2;
+        store.put_relationship(&rel, 2).expect("put");
+        // An apply writes its columns after the command read the row.
+        assert!(store.note_apply(v.id, 2, 3, 70).expect("note"));
+        assert!(store
+            .update_relationship(v.id, None, |r| r.statistics_reset_time = 99)
+            .expect("update"));
+        let row = store.get_relationship(v.id).expect("get").expect("row");
+        assert_eq!(
+            (row.state, row.last_apply_time, row.statistics_reset_time),
+            (3, Some(70), 99)
+        );
+        assert_eq!(store.get_vm(v.id).expect("vm").expect("row").mode, 2);
+        store.remove_relationship(v.id).expect("remove");
+        assert!(!store
+            .update_relationship(v.id, Some(2), |r| r.state = 3)
+            .expect("update"));
+        assert!(store.get_relationship(v.id).expect("get").is_none());
     }
 
     #[test]

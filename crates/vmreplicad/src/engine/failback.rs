@@ -1383,17 +1383,29 @@ impl LocalEngine {
                         Ok(())
                     }
                     Err(failure) => {
-                        let mut back = now_row;
                         // Made the new primary's replica by this run: it may run the failback
                         // again from 9; otherwise its state before.
-                        back.state = if now_mode == ReplicationMode::Replica.as_u16()
+                        let back = if now_mode == ReplicationMode::Replica.as_u16()
                             && mode == ReplicationMode::Primary.as_u16()
                         {
                             ReplicationState::WaitingToStartResynchronization.as_u16()
                         } else {
                             before
                         };
-                        store.put_relationship(&back, now_mode)?;
+                        if now_mode == ReplicationMode::Replica.as_u16() {
+                            // Only from the 13 this run showed: the failback's log may have
+                            // arrived and been applied all the same (13 → 14, and a delta's
+                            // apply on to 3), which a failure of the job here must not undo.
+                            store.move_state(
+                                vm.id,
+                                ReplicationState::FailbackInProgress.as_u16(),
+                                back,
+                            )?;
+                        } else {
+                            let mut row = now_row;
+                            row.state = back;
+                            store.put_relationship(&row, now_mode)?;
+                        }
                         Err(failure)
                     }
                 }

@@ -125,14 +125,16 @@ impl Service {
                 entry.allowed_primary_host_system
             )));
         };
-        let Some(mut rel) = self.store.get_relationship(vm.id)? else {
+        let entry = found.allowed_primary_host_system.clone();
+        if !self
+            .store
+            .update_relationship(vm.id, None, |r| r.authorization_entry = Some(entry))?
+        {
             return Err(CommandError::new(
                 ReturnCode::InvalidState,
                 "the VM is not a replica: it has no relationship",
             ));
-        };
-        rel.authorization_entry = Some(found.allowed_primary_host_system.clone());
-        self.store.put_relationship(&rel, vm.mode)?;
+        }
         Ok(CommandOutput::Completed)
     }
 }

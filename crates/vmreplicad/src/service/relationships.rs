@@ -312,6 +312,7 @@ impl Service {
             }
             return Ok(CommandOutput::Job(job));
         }
+        let rel_existed = rel.is_some();
         let mut rel = match rel {
             Some(r) => r,
             // RequestReplicationStateChange(2) on a VM with no relationship makes it a replica that
@@ -322,7 +323,13 @@ impl Service {
         if let Some(during) = t.during {
             // While the change is in progress, ReplicationState already reads as the requested value.
             rel.state = during.as_u16();
-            self.store.put_relationship(&rel, mode)?;
+            if !(rel_existed
+                && self
+                    .store
+                    .update_relationship(vm.id, Some(mode), |cur| cur.state = rel.state)?)
+            {
+                self.store.put_relationship(&rel, mode)?;
+            }
         }
         rel.state = t.after.as_u16();
         if op == Operation::ReverseReplicationRelationship {
@@ -339,9 +346,23 @@ impl Service {
         let in_flight = (t.after == ReplicationState::Suspended
             && vm.mode == ReplicationMode::Primary.as_u16())
         .then(|| self.in_flight.clone());
+        let existed = rel_existed;
+        let reverse = op == Operation::ReverseReplicationRelationship && args.settings.is_some();
         self.job(t.job_type, Some(claim), &what, move |ctx| async move {
             ctx.check_cancelled()?;
-            store.put_relationship(&rel, mode)?;
+            // On the row as it is now: an apply or a commit may have written it since it was read.
+            let changed = existed
+                && store.update_relationship(rel.vm, Some(mode), |cur| {
+                    cur.state = rel.state;
+                    if reverse {
+                        cur.settings = rel.settings.clone();
+                        cur.primary_connection_point = rel.primary_connection_point.clone();
+                        cur.authorization_entry = None;
+                    }
+                })?;
+            if !changed {
+                store.put_relationship(&rel, mode)?;
+            }
             if let Some(f) = in_flight {
                 if !f
                     .wait_idle(rel.vm, std::time::Duration::from_secs(600))

@@ -99,9 +99,10 @@ impl Service {
     pub(super) fn reset_statistics(&self, vm: &VmRef) -> CommandResult {
         let (vm, _claim) = self.claimed_vm(vm)?; // the claim is held while the row is rewritten
         let (rel, _) = self.decide(&vm, Operation::ResetReplicationStatistics)?;
-        if let Some(mut rel) = rel {
-            rel.statistics_reset_time = now();
-            self.store.put_relationship(&rel, vm.mode)?;
+        if rel.is_some() {
+            let at = now();
+            self.store
+                .update_relationship(vm.id, None, |r| r.statistics_reset_time = at)?;
             self.store.reset_stats(vm.id)?;
         }
         Ok(CommandOutput::Completed)
