@@ -346,7 +346,8 @@ impl Service {
         let in_flight = (t.after == ReplicationState::Suspended
             && vm.mode == ReplicationMode::Primary.as_u16())
         .then(|| self.in_flight.clone());
-        let existed = rel_existed;
+        // The row exists by now also when the in-progress state was written for a new one.
+        let existed = rel_existed || t.during.is_some();
         let reverse = op == Operation::ReverseReplicationRelationship && args.settings.is_some();
         self.job(t.job_type, Some(claim), &what, move |ctx| async move {
             ctx.check_cancelled()?;
