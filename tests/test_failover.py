@@ -968,6 +968,19 @@ def lost_and_failed_over(lab, tmp_path, name):
     return hv1_storage, new_disk
 
 
+def diverged(lab, tmp_path, name):
+    """VM `name` protected and suspended, then written on hv1 and never replicated (a raw copy of
+    its disk then: `before`), hv1 lost, hv2 failed over and committed, and 16 MiB written there;
+    returns (disk, vm_id, before, hv1's replica storage, hv2's disk)."""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, name)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)  # never replicated
+    before = tmp_path / "old-primary-before.raw"
+    run("qemu-img", "convert", "-O", "raw", disk, before)
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, name)
+    write_noise(tmp_path, new_disk)
+    return disk, vm_id, before, hv1_storage, new_disk
+
+
 def cap_new_primary(lab):
     """Restarts hv2, the new primary of the failbacks to come, capped at 2 MB/s: its failback log
     takes seconds."""
@@ -989,12 +1002,7 @@ def test_a_failback_cancelled_or_cut_off_by_sigkill_leaves_the_old_primary_as_it
     import signal
 
     cap_new_primary(lab)
-    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb02")
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)  # never replicated
-    before = tmp_path / "old-primary-before.raw"
-    run("qemu-img", "convert", "-O", "raw", disk, before)
-    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb02")
-    write_noise(tmp_path, new_disk)
+    disk, vm_id, before, hv1_storage, new_disk = diverged(lab, tmp_path, "fb02")
     lab.primary.start()
     p, r = lab.primary.conn(), lab.replica.conn()
     store1 = hv1_storage / vm_id.lower()
@@ -1065,12 +1073,7 @@ def test_a_failback_killed_while_it_takes_in_the_old_primarys_disks_loses_none_o
     that are where they were; killed right after it became a replica, its start drops the old names
     and the point holds the disks. Either way the failback run again ends with the new primary's
     disks. (The names used to go before the switch: a kill there left a primary without disks.)"""
-    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb09")
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 20M 256k", disk)  # never replicated
-    before = tmp_path / "old-primary-before.raw"
-    run("qemu-img", "convert", "-O", "raw", disk, before)
-    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb09")
-    write_noise(tmp_path, new_disk)
+    disk, vm_id, before, hv1_storage, new_disk = diverged(lab, tmp_path, "fb09")
     store1 = hv1_storage / vm_id.lower()
     r = lab.replica.conn()
 
