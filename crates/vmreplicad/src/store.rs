@@ -1116,6 +1116,22 @@ pub(crate) mod tests {
         assert!(store.list_jobs().expect("list").is_empty());
     }
 
+    /// A VM "a" with a relationship in `state` (`more` changed too), the VM in `mode`.
+    fn related(
+        store: &Store,
+        state: u16,
+        mode: u16,
+        more: impl FnOnce(&mut RelationshipRow),
+    ) -> (VmRow, RelationshipRow) {
+        let v = vm("a");
+        store.insert_vm(&v).expect("insert");
+        let mut rel = RelationshipRow::new(v.id, 5);
+        rel.state = state;
+        more(&mut rel);
+        store.put_relationship(&rel, mode).expect("put");
+        (v, rel)
+    }
+
     /// A job of `vm` in `state`.
     fn job_of(id: &str, vm: Uuid, state: u16) -> JobRow {
         JobRow {
@@ -1198,12 +1214,7 @@ pub(crate) mod tests {
     fn a_commit_records_the_log_and_the_replication_only_while_the_relationship_exists() {
         use crate::replication::records::{Committed, UploadRow};
         let (_d, store) = temp_store();
-        let v = vm("a");
-        store.insert_vm(&v).expect("insert");
-        let mut rel = RelationshipRow::new(v.id, 5);
-        rel.state = 3;
-        rel.settings.replication_interval = 300;
-        store.put_relationship(&rel, 2).expect("put");
+        let (v, _) = related(&store, 3, 2, |r| r.settings.replication_interval = 300);
         let upload = |sequence: u64, secs: i64, point_type: u16| UploadRow {
             vm: v.id,
             sequence,
@@ -1269,11 +1280,7 @@ pub(crate) mod tests {
     #[test]
     fn an_update_changes_the_row_as_it_is_and_keeps_what_others_wrote() {
         let (_d, store) = temp_store();
-        let v = vm("a");
-        store.insert_vm(&v).expect("insert");
-        let mut rel = RelationshipRow::new(v.id, 5);
-        rel.state = 2;
-        store.put_relationship(&rel, 2).expect("put");
+        let (v, _) = related(&store, 2, 2, |_| {});
         // An apply writes its columns after the command read the row.
         assert!(store.note_apply(v.id, 2, 3, 70).expect("note"));
         assert!(store
@@ -1295,12 +1302,9 @@ pub(crate) mod tests {
     #[test]
     fn an_apply_is_noted_only_over_the_state_it_read() {
         let (_d, store) = temp_store();
-        let v = vm("a");
-        store.insert_vm(&v).expect("insert");
-        let mut rel = RelationshipRow::new(v.id, 5);
-        rel.state = 13;
-        rel.primary_connection_point = Some("p".into());
-        store.put_relationship(&rel, 2).expect("put");
+        let (v, _) = related(&store, 13, 2, |r| {
+            r.primary_connection_point = Some("p".into())
+        });
         // Moved meanwhile (13 → 14): the apply that read 13 writes nothing.
         assert!(store.move_state(v.id, 13, 14).expect("move"));
         assert!(!store.note_apply(v.id, 13, 13, 50).expect("note"));
@@ -1315,11 +1319,7 @@ pub(crate) mod tests {
     #[test]
     fn a_switch_to_replica_writes_the_disks_relationship_mode_restore_and_chain_at_once() {
         let (_d, store) = temp_store();
-        let v = vm("a");
-        store.insert_vm(&v).expect("insert");
-        let mut rel = RelationshipRow::new(v.id, 5);
-        rel.state = 13;
-        store.put_relationship(&rel, 1).expect("put");
+        let (v, rel) = related(&store, 13, 1, |_| {});
         store.put_job(&job_of("j", v.id, 4)).expect("job");
         store.put_job_restore("j", v.id, 3).expect("restore");
         store
