@@ -18,8 +18,13 @@ pub struct VmClaims(Arc<Mutex<HashSet<Uuid>>>, ApplyLocks);
 #[derive(Default, Clone)]
 struct ApplyLocks(Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>>);
 
-/// A held claim; dropping it releases the VM.
-pub struct VmClaim {
+/// A held claim; dropping it releases the VM. Its clones share it: the VM is released when the
+/// last of them is dropped (a job keeps one until it has written its result, whatever its work
+/// does with the other).
+#[derive(Clone)]
+pub struct VmClaim(Arc<Held>);
+
+struct Held {
     set: VmClaims,
     vm: Uuid,
 }
@@ -51,25 +56,27 @@ impl VmClaims {
 
     /// Claims `vm`, or None when another command holds it.
     pub fn claim(&self, vm: Uuid) -> Option<VmClaim> {
-        self.lock().insert(vm).then(|| VmClaim {
-            set: self.clone(),
-            vm,
+        self.lock().insert(vm).then(|| {
+            VmClaim(Arc::new(Held {
+                set: self.clone(),
+                vm,
+            }))
         })
     }
 }
 
 impl VmClaim {
     pub fn vm(&self) -> Uuid {
-        self.vm
+        self.0.vm
     }
 
     /// Waits until no apply of this VM's logs runs (the caller keeps the next one off otherwise).
     pub async fn apply_ended(&self) {
-        drop(self.set.applying(self.vm).await);
+        drop(self.0.set.applying(self.0.vm).await);
     }
 }
 
-impl Drop for VmClaim {
+impl Drop for Held {
     fn drop(&mut self) {
         self.set.lock().remove(&self.vm);
     }
@@ -86,7 +93,10 @@ mod tests {
         let first = claims.claim(a).expect("free");
         assert!(claims.claim(a).is_none());
         let other = claims.claim(b).expect("another VM is independent");
+        let shared = first.clone();
         drop(first);
+        assert!(claims.claim(a).is_none(), "a clone still holds it");
+        drop(shared);
         assert!(claims.claim(a).is_some());
         drop(other);
     }

@@ -72,6 +72,71 @@ impl RelationshipRow {
             statistics_reset_time: now,
         }
     }
+
+    /// Takes from `done` every field that differs from `given` (what a job changed of the row it
+    /// was given) and keeps its own elsewhere (what others wrote meanwhile: an apply's time, a
+    /// cycle's replication). The replication's time and type go together; an apply's time only
+    /// moves forward.
+    pub fn rebase(&mut self, given: &RelationshipRow, done: &RelationshipRow) {
+        // Every field named, so a new one cannot be forgotten here.
+        let RelationshipRow {
+            vm: _,
+            state,
+            settings,
+            primary_connection_point,
+            authorization_entry,
+            last_replication_time,
+            last_apply_time,
+            last_app_consistent_time,
+            last_replication_type,
+            failed_over_type,
+            statistics_reset_time,
+        } = done;
+        fn take<T: PartialEq + Clone>(mine: &mut T, given: &T, done: &T) {
+            if given != done {
+                *mine = done.clone();
+            }
+        }
+        take(&mut self.state, &given.state, state);
+        take(&mut self.settings, &given.settings, settings);
+        take(
+            &mut self.primary_connection_point,
+            &given.primary_connection_point,
+            primary_connection_point,
+        );
+        take(
+            &mut self.authorization_entry,
+            &given.authorization_entry,
+            authorization_entry,
+        );
+        // The replication's time and type are one: both or neither (write_relationship still
+        // keeps a later time from the row).
+        if (last_replication_time, last_replication_type)
+            != (&given.last_replication_time, &given.last_replication_type)
+        {
+            self.last_replication_time = *last_replication_time;
+            self.last_replication_type = *last_replication_type;
+        }
+        // An apply's time never goes back to one the job read before an apply since.
+        if last_apply_time != &given.last_apply_time && *last_apply_time > self.last_apply_time {
+            self.last_apply_time = *last_apply_time;
+        }
+        take(
+            &mut self.last_app_consistent_time,
+            &given.last_app_consistent_time,
+            last_app_consistent_time,
+        );
+        take(
+            &mut self.failed_over_type,
+            &given.failed_over_type,
+            failed_over_type,
+        );
+        take(
+            &mut self.statistics_reset_time,
+            &given.statistics_reset_time,
+            statistics_reset_time,
+        );
+    }
 }
 
 /// One retained recovery point of a replica VM: the catalog row that `Msvm_VirtualSystemSettingData`
@@ -292,12 +357,25 @@ impl Store {
         mode: Option<u16>,
         change: impl FnOnce(&mut RelationshipRow),
     ) -> StoreResult<bool> {
+        self.update_relationship_and(vm, mode, change, |_| Ok(()))
+    }
+
+    /// [`Store::update_relationship`], and `also` in the same transaction (when there is a
+    /// relationship): a stop or a reader sees both or neither.
+    pub fn update_relationship_and(
+        &self,
+        vm: Uuid,
+        mode: Option<u16>,
+        change: impl FnOnce(&mut RelationshipRow),
+        also: impl FnOnce(&rusqlite::Transaction) -> StoreResult<()>,
+    ) -> StoreResult<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let Some(mut rel) = read_relationship(&tx, vm)? else {
             return Ok(false);
         };
         change(&mut rel);
+        also(&tx)?;
         let mode = match mode {
             Some(m) => m,
             None => tx.query_row(
@@ -1297,6 +1375,63 @@ pub(crate) mod tests {
             .update_relationship(v.id, Some(2), |r| r.state = 3)
             .expect("update"));
         assert!(store.get_relationship(v.id).expect("get").is_none());
+    }
+
+    #[test]
+    fn a_jobs_outcome_goes_on_the_row_as_it_is_with_what_goes_with_it_or_not_at_all() {
+        let (_d, store) = temp_store();
+        let (v, given) = related(&store, 12, 2, |_| {});
+        let failover_rows = |store: &Store| -> i64 {
+            store
+                .conn()
+                .query_row("SELECT count(*) FROM failovers", [], |r| r.get(0))
+                .expect("count")
+        };
+        store
+            .conn()
+            .execute(
+                "INSERT INTO failovers (vm, point, log_hash, disks_before) VALUES (?1, 3, 'h', '[]')",
+                [v.id.to_string()],
+            )
+            .expect("failover");
+        // An apply wrote its time after the job read the row; the job changed other fields.
+        assert!(store.note_apply(v.id, 12, 12, 70).expect("note"));
+        let mut done = given.clone();
+        done.state = 3;
+        done.failed_over_type = 1;
+        done.primary_connection_point = Some("b".into());
+        done.last_apply_time = Some(60); // the job's own, before the apply's
+        let forget = |tx: &rusqlite::Transaction| -> StoreResult<()> {
+            tx.execute("DELETE FROM failovers WHERE vm = ?1", [v.id.to_string()])?;
+            Ok(())
+        };
+        // What goes with it fails: nothing is written.
+        let failed = store.update_relationship_and(
+            v.id,
+            Some(1),
+            |cur| cur.rebase(&given, &done),
+            |tx| {
+                forget(tx)?;
+                Err(StoreError::Corrupt("no".into()))
+            },
+        );
+        assert!(failed.is_err());
+        assert_eq!(failover_rows(&store), 1);
+        let row = store.get_relationship(v.id).expect("get").expect("row");
+        assert_eq!((row.state, row.failed_over_type), (12, 0));
+        assert_eq!(store.get_vm(v.id).expect("vm").expect("row").mode, 2);
+
+        assert!(store
+            .update_relationship_and(v.id, Some(1), |cur| cur.rebase(&given, &done), forget)
+            .expect("update"));
+        let row = store.get_relationship(v.id).expect("get").expect("row");
+        assert_eq!(
+            (row.state, row.failed_over_type, row.last_apply_time),
+            (3, 1, Some(70))
+        );
+        assert_eq!(row.primary_connection_point.as_deref(), Some("b"));
+        assert_eq!(failover_rows(&store), 0);
+        assert_eq!(store.get_vm(v.id).expect("vm").expect("row").mode, 1);
     }
 
     #[test]

@@ -1344,8 +1344,10 @@ impl LocalEngine {
         let mut rel = relationship.unwrap_or(rel);
         let before = rel.state;
         if let Some(during) = transition.during {
+            // Only the state: on a replica run again from 3, an apply may write its row meanwhile.
             rel.state = during.as_u16();
-            self.store.put_relationship(&rel, vm.mode)?;
+            self.store
+                .update_relationship(vm.id, Some(vm.mode), |cur| cur.state = rel.state)?;
         }
         let description = format!("Failback of '{}' from {new_primary}", vm.name);
         let (vm_id, mode) = (vm.id, vm.mode);
@@ -1364,7 +1366,6 @@ impl LocalEngine {
                     Err(f) => Err(f),
                 };
                 let _ = store.forget_job_restore(ctx.id());
-                let now_row = store.get_relationship(vm.id)?.unwrap_or(rel.clone());
                 let now_mode = store.get_vm(vm.id)?.map_or(mode, |v| v.mode);
                 match outcome {
                     // The failback's log is applied here. Its apply moved 13 to 14 (and a delta
@@ -1402,9 +1403,9 @@ impl LocalEngine {
                                 back,
                             )?;
                         } else {
-                            let mut row = now_row;
-                            row.state = back;
-                            store.put_relationship(&row, now_mode)?;
+                            store.update_relationship(vm.id, Some(now_mode), |cur| {
+                                cur.state = back
+                            })?;
                         }
                         Err(failure)
                     }

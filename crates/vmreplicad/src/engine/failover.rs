@@ -55,6 +55,12 @@ impl FailoverRow {
     }
 }
 
+/// Deletes `vm`'s failover row, within the caller's transaction if it has one.
+pub(super) fn forget_in(conn: &rusqlite::Connection, vm: Uuid) -> StoreResult<()> {
+    conn.execute("DELETE FROM failovers WHERE vm = ?1", [vm.to_string()])?;
+    Ok(())
+}
+
 impl Store {
     pub fn failover(&self, vm: Uuid) -> StoreResult<Option<FailoverRow>> {
         let raw: Option<(i64, String, String)> = self
@@ -91,9 +97,7 @@ impl Store {
     }
 
     pub fn remove_failover(&self, vm: Uuid) -> StoreResult<()> {
-        self.conn()
-            .execute("DELETE FROM failovers WHERE vm = ?1", [vm.to_string()])?;
-        Ok(())
+        forget_in(&self.conn(), vm)
     }
 
     pub fn set_vm_disks(&self, vm: Uuid, disks: &[String]) -> StoreResult<()> {
@@ -203,7 +207,6 @@ impl LocalEngine {
     pub(super) fn revert_failover(&self, req: EngineRequest) -> Result<JobRow, CommandError> {
         let root = store_root(&self.store, &req.vm)?;
         let store = self.store.clone();
-        let wake = self.apply_wake.clone();
         self.spawn_with_outcome(
             req,
             None,
@@ -233,11 +236,14 @@ impl LocalEngine {
                     }
                 }
                 store.set_vm_disks(vm.id, &before)?;
-                store.remove_failover(vm.id)?;
                 rel.failed_over_type = ReplicationType::None.as_u16();
-                wake.notify_one();
                 tracing::info!(vm = %vm.id, "failover reverted");
-                Ok(rel)
+                // The queued logs are the apply task's again once the state is written.
+                Ok(super::Done {
+                    rel,
+                    failover_over: true,
+                    wake_apply: true,
+                })
             },
         )
     }

@@ -198,6 +198,28 @@ impl DataPlane for LocalEngine {
     }
 }
 
+/// What the work of a job that owns the relationship leaves (`LocalEngine::spawn_with_outcome`):
+/// the row as it made it, and what goes with its write.
+pub(crate) struct Done {
+    pub rel: RelationshipRow,
+    /// The VM's failover is over: its row goes in the same transaction as the relationship's
+    /// (the apply task keeps off a failed-over VM's logs until then, and never sees it as a replica
+    /// with no failover before its new mode is written).
+    pub failover_over: bool,
+    /// Wakes the apply task once written (the VM's queued logs are its again).
+    pub wake_apply: bool,
+}
+
+impl From<RelationshipRow> for Done {
+    fn from(rel: RelationshipRow) -> Done {
+        Done {
+            rel,
+            failover_over: false,
+            wake_apply: false,
+        }
+    }
+}
+
 /// What a network transfer job sends.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
@@ -255,15 +277,18 @@ impl LocalEngine {
         let before = rel.state;
         if let Some(during) = t.during {
             rel.state = during.as_u16();
-            self.store.put_relationship(rel, vm.mode)?;
+            self.store
+                .update_relationship(vm.id, Some(vm.mode), |cur| cur.state = rel.state)?;
         }
         Ok(before)
     }
 
     /// Runs `work` as a job that owns the relationship: the state shows `transition.during` now;
-    /// on success the job writes what `work` returned with `transition.after` and the new mode, on
-    /// failure it puts the state back.
-    fn spawn_with_outcome<F, Fut>(
+    /// on success the job writes what `work` changed of the row it was given, with
+    /// `transition.after` and the new mode, on the row as it is then (what an apply or a cycle
+    /// wrote meanwhile stays); on failure it puts the state back. The VM's claim is held until
+    /// that write, whatever `work` does with its own.
+    fn spawn_with_outcome<F, Fut, D>(
         &self,
         req: EngineRequest,
         location_param: Option<&str>,
@@ -273,7 +298,8 @@ impl LocalEngine {
     ) -> Result<JobRow, CommandError>
     where
         F: FnOnce(JobContext, VmRow, RelationshipRow, PathBuf, VmClaim) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<RelationshipRow, JobFailure>> + Send + 'static,
+        Fut: std::future::Future<Output = Result<D, JobFailure>> + Send + 'static,
+        D: Into<Done>,
     {
         let EngineRequest {
             vm,
@@ -291,7 +317,7 @@ impl LocalEngine {
             ),
         };
         let before = self.show_during(&vm, &mut rel, &transition)?;
-        let store = self.store.clone();
+        let (store, apply_wake) = (self.store.clone(), self.apply_wake.clone());
         let description = match location_param {
             Some(_) => format!("{what} of '{}' ({})", vm.name, location.display()),
             None => format!("{what} of '{}'", vm.name),
@@ -301,29 +327,50 @@ impl LocalEngine {
         // job cut off by a stop of the daemon puts the state back (Store::restore_interrupted_states).
         let restore = transition.job_type != vmreplica_core::job::JobType::InitiateFailover
             && transition.during.is_some();
+        let held = claim.clone();
         let job = self.jobs.spawn(
             transition.job_type,
             Some(vm_id),
             description,
             cancellable,
             move |ctx| async move {
+                let _held = held; // until the outcome is written
                 let job_id = ctx.id().to_string();
-                let mut restore = rel.clone();
+                let given = rel.clone();
                 let outcome = work(ctx, vm, rel, location, claim).await;
                 let _ = store.forget_job_restore(&job_id);
                 match outcome {
-                    Ok(mut done) => {
-                        done.state = transition.after.as_u16();
-                        store
-                            .put_relationship(&done, transition.mode_after.as_u16())
-                            .map_err(JobFailure::from)?;
+                    Ok(done) => {
+                        let Done {
+                            rel: done,
+                            failover_over,
+                            wake_apply,
+                        } = done.into();
+                        let written = store.update_relationship_and(
+                            vm_id,
+                            Some(transition.mode_after.as_u16()),
+                            |cur| {
+                                cur.rebase(&given, &done);
+                                cur.state = transition.after.as_u16();
+                            },
+                            |tx| match failover_over {
+                                true => failover::forget_in(tx, vm_id),
+                                false => Ok(()),
+                            },
+                        )?;
+                        if !written {
+                            return Err(JobFailure::failed(
+                                "the replication relationship was removed while the job ran",
+                                "Enable replication again if it is still wanted.",
+                            ));
+                        }
+                        if wake_apply {
+                            apply_wake.notify_one();
+                        }
                         Ok(())
                     }
                     Err(failure) => {
-                        restore.state = before;
-                        store
-                            .put_relationship(&restore, mode)
-                            .map_err(JobFailure::from)?;
+                        store.update_relationship(vm_id, Some(mode), |cur| cur.state = before)?;
                         Err(failure)
                     }
                 }

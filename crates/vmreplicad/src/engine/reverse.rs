@@ -195,10 +195,15 @@ impl LocalEngine {
                     retry_at: 0,
                     last_error: None,
                 })?;
-                store.remove_failover(vm.id)?;
                 reversed.last_replication_type = ReplicationType::Planned.as_u16();
                 tracing::info!(vm = %vm.id, point = common.point, replica = %target.host, "replication reversed");
-                Ok(reversed)
+                // The failover ends with the switch to primary, in one transaction: the apply task
+                // never sees a replica that is not failed over in between.
+                Ok(super::Done {
+                    rel: reversed,
+                    failover_over: true,
+                    wake_apply: false,
+                })
             },
         )
     }

@@ -2750,18 +2750,24 @@ enum ApplyOutcome {
 /// Whether the apply task applies `vm`'s queued logs now: not once the VM is no longer a replica
 /// (reversed), not while it is failed over (a RevertFailover applies them), and not in Critical
 /// until an operator resumes it (RRSC 3).
+///
+/// The failover row is read before the mode: a reverse deletes it in the transaction that makes
+/// the VM a primary, so either read sees its end.
 fn applies_now(store: &Store, vm: Uuid) -> bool {
-    let replica = store
-        .get_vm(vm)
-        .ok()
-        .flatten()
-        .is_some_and(|v| v.mode == ReplicationMode::Replica.as_u16());
+    if !matches!(store.failover(vm), Ok(None)) {
+        return false;
+    }
     let critical = store
         .get_relationship(vm)
         .ok()
         .flatten()
         .is_some_and(|r| r.state == ReplicationState::Critical.as_u16());
-    replica && !critical && store.failover(vm).ok().flatten().is_none()
+    let replica = store
+        .get_vm(vm)
+        .ok()
+        .flatten()
+        .is_some_and(|v| v.mode == ReplicationMode::Replica.as_u16());
+    replica && !critical
 }
 
 fn mark_state(store: &Store, vm: Uuid, state: ReplicationState) {
