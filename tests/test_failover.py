@@ -1147,6 +1147,50 @@ def test_a_failbacks_commit_whose_answer_is_lost_with_the_old_primary_down_for_a
     next_delta_reaches_the_old_primary(p, "fb10", new_disk, store1)
 
 
+def test_a_failback_given_up_after_its_commit_goes_on_with_a_resynchronization(lab, tmp_path):
+    """The old primary commits the failback's log and dies before it answers; the new primary's job
+    is cancelled while it asks (as if it had given up), so it waits in 9 while the old primary,
+    back, applies the log and is complete (14). Resynchronize on the new primary then goes on
+    (a replica in 14 takes a resync: before, it refused and neither side could go on) and ships
+    only what differs; the next delta makes the old primary an ordinary replica."""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb11")
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb11")
+    write_noise(tmp_path, new_disk)
+    store1 = hv1_storage / vm_id.lower()
+    r = lab.replica.conn()
+    lab.primary.extra_args += ["--crash-at", "log-committed"]
+    lab.primary.start()
+    initiate_failback(lab.primary.conn(), "fb11")
+    assert lab.primary.proc.wait(timeout=60) == -9, "the crash point was not reached"
+    lab.primary.proc = None
+    lab.primary.extra_args = lab.primary.extra_args[:-2]
+    wait_for(lambda: "asking whether it was committed" in lab.replica.log.read_text(), timeout=30,
+             what="the new primary asking about its commit")
+    (job,) = [j.path for j in r.EnumerateInstances("Msvm_ConcreteJob")
+              if j["JobType"] == 124 and j["JobState"] == 4]
+    rv, _ = r.InvokeMethod("RequestStateChange", job, RequestedState=Uint16(4))
+    assert rv in (0, 4096), rv
+    assert wait_job(r, job, timeout=60)["JobState"] != 7
+    wait_for(lambda: vm_by_name(r, "fb11")["ReplicationState"] == 9, timeout=30,
+             what="the new primary waiting to resynchronize")
+    lab.primary.start()
+    p = lab.primary.conn()
+    wait_for(lambda: vm_by_name(p, "fb11")["ReplicationState"] == 14, timeout=60,
+             what="the old primary's apply of the failback's log")
+    rvm = vm_by_name(r, "fb11")
+    rv, out = r.InvokeMethod("Resynchronize", r.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=rvm.path)
+    assert rv == 4096, rv
+    done = wait_job(r, out["Job"], timeout=120)
+    assert done["JobState"] == 7, done["ErrorDescription"]
+    assert vm_by_name(r, "fb11")["ReplicationState"] == 3
+    # The old primary's point already is the new primary's disk: nothing differs.
+    sent = [l for l in plain_log(lab.replica).splitlines()
+            if "compared blocks sent and committed" in l and "kind=2" in l]
+    assert sent and "differing_blocks=0 " in sent[-1], sent
+    next_delta_reaches_the_old_primary(p, "fb11", new_disk, store1)
+
+
 def test_a_failback_followed_over_a_connection_that_breaks_goes_on_to_the_end(lab, tmp_path):
     """The old primary follows the new primary's failback job over a proxy that breaks the
     connection while the new primary sends: it connects again and follows the job to its end."""

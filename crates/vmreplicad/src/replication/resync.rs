@@ -138,11 +138,14 @@ impl ReplicaSide {
         begin: &protocol::BeginCompare,
         state: u16,
     ) -> ApiResult {
+        // 14: the failback's log applied here, the new primary's job perhaps not told (it gave
+        // up asking, or was cancelled, and waits in 9): its resync is how both go on.
         let usable = [
             ReplicationState::Replicating,
             ReplicationState::Suspended,
             ReplicationState::Critical,
             ReplicationState::WaitingToStartResynchronization,
+            ReplicationState::FailbackComplete,
         ]
         .map(ReplicationState::as_u16);
         let failback = begin.kind == 3;
