@@ -1117,6 +1117,22 @@ def test_a_failback_killed_while_it_takes_in_the_old_primarys_disks_loses_none_o
     latest_point_equals(store1, new_disk, "qcow2")
 
 
+def failback_committed_unanswered(lab, tmp_path, name):
+    """A failback of `name` whose log the old primary (hv1) committed before it was killed, so
+    the new primary (hv2) never got the answer; the old primary stays down. Returns (the new
+    primary's disk, the old primary's point store)."""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, name)
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, name)
+    write_noise(tmp_path, new_disk)
+    lab.primary.extra_args += ["--crash-at", "log-committed"]
+    lab.primary.start()
+    initiate_failback(lab.primary.conn(), name)
+    assert lab.primary.proc.wait(timeout=60) == -9, "the crash point was not reached"
+    lab.primary.proc = None
+    lab.primary.extra_args = lab.primary.extra_args[:-2]
+    return new_disk, hv1_storage / vm_id.lower()
+
+
 def test_a_failbacks_commit_whose_answer_is_lost_with_the_old_primary_down_for_a_while_completes(lab, tmp_path):
     """The old primary commits the failback's log and dies before it answers (a crash point), and
     stays down longer than a cycle's quick retries (1, 2, 4 s). The new primary keeps asking
@@ -1124,17 +1140,8 @@ def test_a_failbacks_commit_whose_answer_is_lost_with_the_old_primary_down_for_a
     job completes, the old primary applies the log, and the next delta makes it an ordinary
     replica. (Given up after 7 s, the new primary used to wait to resynchronize in 9 while the old
     primary was complete in 14, and neither could go on.)"""
-    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb10")
-    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb10")
-    write_noise(tmp_path, new_disk)
-    store1 = hv1_storage / vm_id.lower()
+    new_disk, store1 = failback_committed_unanswered(lab, tmp_path, "fb10")
     r = lab.replica.conn()
-    lab.primary.extra_args += ["--crash-at", "log-committed"]
-    lab.primary.start()
-    initiate_failback(lab.primary.conn(), "fb10")
-    assert lab.primary.proc.wait(timeout=60) == -9, "the crash point was not reached"
-    lab.primary.proc = None
-    lab.primary.extra_args = lab.primary.extra_args[:-2]
     time.sleep(10)  # longer than the quick retries
     assert vm_by_name(r, "fb10")["ReplicationState"] == 10  # still asking
     lab.primary.start()
@@ -1153,17 +1160,8 @@ def test_a_failback_given_up_after_its_commit_goes_on_with_a_resynchronization(l
     back, applies the log and is complete (14). Resynchronize on the new primary then goes on
     (a replica in 14 takes a resync: before, it refused and neither side could go on) and ships
     only what differs; the next delta makes the old primary an ordinary replica."""
-    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb11")
-    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb11")
-    write_noise(tmp_path, new_disk)
-    store1 = hv1_storage / vm_id.lower()
+    new_disk, store1 = failback_committed_unanswered(lab, tmp_path, "fb11")
     r = lab.replica.conn()
-    lab.primary.extra_args += ["--crash-at", "log-committed"]
-    lab.primary.start()
-    initiate_failback(lab.primary.conn(), "fb11")
-    assert lab.primary.proc.wait(timeout=60) == -9, "the crash point was not reached"
-    lab.primary.proc = None
-    lab.primary.extra_args = lab.primary.extra_args[:-2]
     wait_for(lambda: "asking whether it was committed" in lab.replica.log.read_text(), timeout=30,
              what="the new primary asking about its commit")
     (job,) = [j.path for j in r.EnumerateInstances("Msvm_ConcreteJob")
