@@ -327,8 +327,8 @@ impl LocalEngine {
         // job cut off by a stop of the daemon puts the state back (Store::restore_interrupted_states).
         let restore = transition.job_type != vmreplica_core::job::JobType::InitiateFailover
             && transition.during.is_some();
-        let held = claim.clone();
-        let job = self.jobs.spawn(
+        let (held, shown) = (claim.clone(), transition.during);
+        let spawned = self.jobs.spawn(
             transition.job_type,
             Some(vm_id),
             description,
@@ -375,7 +375,13 @@ impl LocalEngine {
                     }
                 }
             },
-        )?;
+        );
+        let job = spawned.inspect_err(|_| {
+            // No job runs: the state shown for it goes (where nothing moved it since).
+            if let Some(during) = shown {
+                let _ = self.store.move_state(vm_id, during.as_u16(), before);
+            }
+        })?;
         if restore {
             self.store.put_job_restore(&job.id, vm_id, before)?;
         }
