@@ -1929,3 +1929,77 @@ def test_a_recovery_server_of_an_older_build_gets_its_log_format(lab, tmp_path):
     # What the replica read: both logs in format 1, each verified as such.
     read = re.findall(r"log uploaded[^\n]* sequence=(\d+) bytes=\d+ log_format=(\d+)", plain_log(lab.replica))
     assert ("1", "1") in read and ("2", "1") in read and all(f == "1" for _, f in read), read
+
+
+def replica_restarted_to_crash_at(lab, point):
+    """Restarts the lab's recovery server so that it kills itself (SIGKILL) at crash point `point`."""
+    lab.replica.stop()
+    lab.replica.extra_args += ["--crash-at", point]
+    lab.replica.start()
+    wait_port(lab.port)
+
+
+def replica_crashed(lab, timeout=60):
+    """Waits for the recovery server armed by replica_restarted_to_crash_at to reach its point."""
+    assert lab.replica.proc.wait(timeout=timeout) == -9, "the crash point was not reached"
+    lab.replica.proc = None
+    lab.replica.extra_args = lab.replica.extra_args[:-2]
+
+
+def failed_cycles(lab):
+    return plain_log(lab.primary).count("replication cycle failed")
+
+
+def test_a_commit_cut_off_after_its_rename_is_committed_when_asked_again(lab, tmp_path):
+    """The recovery server dies between renaming an initial replication's verified log to its
+    committed name and writing the row that commits it. Back, it is asked to commit the same
+    upload again: it finds the file under its committed name and writes the row (before, the
+    rename found no file, every commit failed, and the initial replication could not end)."""
+    replica_restarted_to_crash_at(lab, "log-renamed")
+    disk = random_raw(tmp_path / "ren01.raw", "32M", 8 << 20)
+    vm_id, p, job = start_network_ir(lab, "ren01", disk)
+    replica_crashed(lab)
+    lab.replica.start()
+    wait_port(lab.port)
+    done = wait_job(p, job, timeout=120)
+    assert done["JobState"] == 7, done["ErrorDescription"]
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=30, what="initial replication")
+    assert "was renamed by a commit cut off before its row" in plain_log(lab.replica)
+    wait_for(lambda: vm_by_name(p, "ren01")["ReplicationState"] == 3, timeout=30,
+             what="the primary replicating")
+    rrsc(p, vm_by_name(p, "ren01"), 7)
+    settled(lab, vm_id)
+    latest_point_equals(lab.storage / vm_id.lower(), disk)
+
+
+def test_the_recovery_servers_tidy_leaves_a_partial_upload_still_arriving_alone(lab, tmp_path):
+    """The recovery server tidies its uploads (hourly; here every second) while a slow delta
+    arrives: a partial upload still being written is neither cut back nor deleted. (A cut under its
+    writer left a hole in the file whose stream had verified, so the committed log could not be
+    applied and the VM needed a resynchronization.)"""
+    import os
+
+    lab.replica.stop()
+    lab.replica.extra_args += ["--tidy-every", "1"]
+    lab.replica.start()
+    wait_port(lab.port)
+    disk = tmp_path / "tidy01.raw"
+    run("truncate", "-s", "64M", disk)
+    vm_id = replicate_network(lab, tmp_path, "tidy01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication")
+    lab.primary.stop()
+    lab.primary.extra_args += ["--bandwidth-limit", "2M"]  # the 12 MiB delta takes 6 s
+    lab.primary.start()
+    with open(disk, "r+b") as f:
+        f.seek(8 << 20)
+        f.write(os.urandom(12 << 20))
+    t = time.time()
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    wait_for(lambda: any(incoming.glob("*.partial")), timeout=15, what="the delta arriving")
+    shipped_since(lab, vm_id, t)
+    p = lab.primary.conn()
+    rrsc(p, vm_by_name(p, "tidy01"), 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk)
+    assert same, text
+    assert "cannot be applied" not in plain_log(lab.replica)

@@ -12,6 +12,9 @@ pub const POINTS: &[&str] = &[
     "reverse-switched",
     // A recovery server committed a log; its answer is not sent yet.
     "log-committed",
+    // A recovery server renamed a log to its committed name; the row that commits it is not
+    // written yet.
+    "log-renamed",
 ];
 
 static AT: OnceLock<&'static str> = OnceLock::new();

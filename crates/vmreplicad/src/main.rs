@@ -97,6 +97,10 @@ struct Args {
     /// stop before its job ends (that VM's tracking then ends once the cycle did). For labs.
     #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=3600), hide = true)]
     removal_wait: u64,
+    /// How often the recovery server tidies what uploads left in its storage (partial uploads
+    /// cut back to whole records, abandoned ones deleted). For labs.
+    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86400), hide = true)]
+    tidy_every: u64,
     /// Kills the daemon (SIGKILL) when it reaches this point (crash::POINTS). For labs.
     #[arg(long, value_name = "POINT", value_parser = clap::builder::PossibleValuesParser::new(crash::POINTS), hide = true)]
     crash_at: Option<String>,
@@ -313,7 +317,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     replication::reverse::finish_cut_off_reverses(&store).await;
-    replication::replica::spawn_apply_task(replica.clone());
+    replication::replica::spawn_apply_task(
+        replica.clone(),
+        std::time::Duration::from_secs(args.tidy_every),
+    );
     let listener_control = replication::server::ListenerControl::default();
     replication::server::spawn_supervisor(
         replica,

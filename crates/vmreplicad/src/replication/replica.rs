@@ -2217,6 +2217,27 @@ impl ReplicaSide {
             if !uploaded.exists() && staged.exists() {
                 (uploaded, committed) = (staged, super::staged::committed_path(&dir, seq));
             }
+            // A commit cut off after its rename (a crash, or the store refusing the row) left the
+            // file under its committed name and the upload's row in place: asked again, it only
+            // writes the row.
+            let mut renamed = false;
+            if !uploaded.exists() {
+                let staged_committed = super::staged::committed_path(&dir, seq);
+                if super::staged::StagedPoint::read(&staged_committed)
+                    .is_ok_and(|s| s.point.log_hash.eq_ignore_ascii_case(&up.log_hash))
+                {
+                    (committed, renamed) = (staged_committed, true);
+                } else if std::fs::metadata(&committed).is_ok_and(|m| m.len() == up.log_bytes)
+                    && prefix_hash(committed.clone(), up.log_bytes)
+                        .await
+                        .is_ok_and(|h| h.eq_ignore_ascii_case(&up.log_hash))
+                {
+                    renamed = true;
+                }
+                if renamed {
+                    tracing::info!(%vm, seq, "log {seq} was renamed by a commit cut off before its row: committing it");
+                }
+            }
             // A resynchronization's log, marked (only now that this commit is checked) before the
             // commit wakes the apply task, which prunes after a resync. The primary says so too:
             // this replica may have lost the session (a restart) while the log was on its way.
@@ -2230,14 +2251,19 @@ impl ReplicaSide {
             if resync {
                 self.store.mark_resync_point(vm, seq)?;
             }
-            if let Err(e) = std::fs::rename(&uploaded, &committed)
-                .and_then(|()| sync_dir(&incoming_dir(&root, vm)))
+            if let Err(e) = (if renamed {
+                Ok(())
+            } else {
+                std::fs::rename(&uploaded, &committed)
+            })
+            .and_then(|()| sync_dir(&incoming_dir(&root, vm)))
             {
                 if resync && !committed.exists() {
                     let _ = self.store.take_resync_point(vm, seq);
                 }
                 return Err(ApiError::internal(e));
             }
+            crate::crash::point("log-renamed");
             let done = self
                 .store
                 .commit_upload(&up, ReplicationType::Regular.as_u16())?;
@@ -2569,6 +2595,13 @@ async fn tidy_incoming(replica: &ReplicaSide) {
                 .and_then(|t| t.elapsed().ok())
                 .unwrap_or_default();
             if name.ends_with(".partial") {
+                // An upload writes its partial file under the VM's lock, to the end: one still
+                // arriving is neither cut nor deleted (a cut under its writer would leave a hole
+                // or a gap in the file its stream verified).
+                let lock = replica.lock_for(vm.id);
+                let Ok(_held) = lock.try_lock() else {
+                    continue;
+                };
                 if age > ABANDONED_AFTER {
                     tracing::info!(vm = %vm.id, file = %name, "deleting an upload abandoned for 7 days");
                     let _ = std::fs::remove_file(&path);
@@ -2670,13 +2703,13 @@ fn staged_layers(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Applies committed logs in order, one VM after the other, until the process ends; tidies the
-/// uploads at start and then hourly.
-pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
+/// uploads at start and then every `tidy_every` (an hour, but for labs).
+pub fn spawn_apply_task(replica: Arc<ReplicaSide>, tidy_every: Duration) {
     tokio::spawn(async move {
         let mut failures: HashMap<(Uuid, u64), u32> = HashMap::new();
         let mut tidied: Option<tokio::time::Instant> = None;
         loop {
-            if tidied.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+            if tidied.is_none_or(|t| t.elapsed() > tidy_every) {
                 tidy_incoming(&replica).await;
                 tidied = Some(tokio::time::Instant::now());
             }
@@ -2735,9 +2768,8 @@ pub fn spawn_apply_task(replica: Arc<ReplicaSide>) {
                     }
                 }
             }
-            let wait = if retry_soon { 5 } else { 30 };
-            let _ = tokio::time::timeout(Duration::from_secs(wait), replica.apply_wake.notified())
-                .await;
+            let wait = Duration::from_secs(if retry_soon { 5 } else { 30 }).min(tidy_every);
+            let _ = tokio::time::timeout(wait, replica.apply_wake.notified()).await;
         }
     });
 }
