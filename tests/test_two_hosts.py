@@ -1950,6 +1950,40 @@ def failed_cycles(lab):
     return plain_log(lab.primary).count("replication cycle failed")
 
 
+def test_a_log_committed_whose_answer_was_lost_becomes_the_baseline_of_the_next(lab, tmp_path):
+    """The replica commits a delta and dies before it answers, and stays down longer than the
+    cycle's quick retries, so the primary's chain stays one log behind. Meanwhile the guest writes
+    a block back to the bytes it had before that log. The next cycle finds the replica ahead: the
+    maps the primary kept of that log become its baseline, so the block written back is shipped.
+    (Built against the older maps, the next log skipped it: its hash equalled the old one, and the
+    replica kept the lost log's bytes for good.)"""
+    disk = random_raw(tmp_path / "lost01.raw", "32M", 8 << 20)
+    vm_id = replicate_network(lab, tmp_path, "lost01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication")
+    with open(disk, "rb") as f:
+        f.seek(2 << 20)
+        before = f.read(64 << 10)
+    replica_restarted_to_crash_at(lab, "log-committed")
+    with open(disk, "r+b") as f:
+        f.seek(2 << 20)
+        f.write(b"\x5a" * (64 << 10))
+    replica_crashed(lab)
+    failed = failed_cycles(lab)
+    wait_for(lambda: failed_cycles(lab) > failed, timeout=30, what="the cycle to give up")
+    with open(disk, "r+b") as f:
+        f.seek(2 << 20)
+        f.write(before)
+    lab.replica.start()
+    wait_port(lab.port)
+    shipped_since(lab, vm_id, time.time())
+    p = lab.primary.conn()
+    rrsc(p, vm_by_name(p, "lost01"), 7)
+    seq = settled(lab, vm_id)
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk)
+    assert same, text
+    assert "whose answer was lost: its block-hash maps are now the baseline" in plain_log(lab.primary)
+
+
 def test_a_commit_cut_off_after_its_rename_is_committed_when_asked_again(lab, tmp_path):
     """The recovery server dies between renaming an initial replication's verified log to its
     committed name and writing the row that commits it. Back, it is asked to commit the same
@@ -1970,6 +2004,48 @@ def test_a_commit_cut_off_after_its_rename_is_committed_when_asked_again(lab, tm
     rrsc(p, vm_by_name(p, "ren01"), 7)
     settled(lab, vm_id)
     latest_point_equals(lab.storage / vm_id.lower(), disk)
+
+
+def test_a_disk_whose_tracking_restarted_is_scanned_until_a_scan_of_it_is_committed(lab, tmp_path):
+    """A running VM's raw disk loses its bitmap with its QEMU process, after a write no log holds
+    yet. The next cycle hash-scans the disk and restarts tracking, but its log is never committed
+    (the recovery server dies before the commit's row). The cycle after must scan the disk again:
+    its bitmap, merged back from the failed cycle, holds only writes since the restart. (It was
+    trusted, and the write made before the restart never reached the replica.)"""
+    disk = tmp_path / "mark01.raw"
+    run("truncate", "-s", "32M", disk)
+    qsd = Qsd(disk, tmp_path, fmt="raw")
+    try:
+        vm_id = enable_running(lab, "mark01", disk, qsd)
+        lab.primary.cli("start", "mark01")
+        qsd.write("write -P 0x21 1M 64k")
+        shipped_since(lab, vm_id, time.time())
+        # The recovery server is down (cycles fail before they freeze anything) while the guest
+        # writes and its QEMU process restarts without the bitmap that held the write.
+        lab.replica.stop()
+        lab.replica.extra_args += ["--crash-at", "log-renamed"]
+        qsd.write("write -P 0x5a 9M 64k")
+        qsd.stop()
+        qsd = Qsd(disk, tmp_path, fmt="raw")
+        lab.replica.start()
+        wait_port(lab.port)
+        replica_crashed(lab)
+        failed = failed_cycles(lab)
+        wait_for(lambda: failed_cycles(lab) > failed, timeout=30, what="the cycle to give up")
+        assert "hash-scanning it once" in plain_log(lab.primary)
+        lab.replica.start()
+        wait_port(lab.port)
+        shipped_since(lab, vm_id, time.time())
+        assert "no scan of it was committed yet: hash-scanning it" in plain_log(lab.primary)
+        p = lab.primary.conn()
+        rrsc(p, vm_by_name(p, "mark01"), 7)
+        seq = settled(lab, vm_id)
+        layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
+        res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        qsd.stop()
 
 
 def test_the_recovery_servers_tidy_leaves_a_partial_upload_still_arriving_alone(lab, tmp_path):

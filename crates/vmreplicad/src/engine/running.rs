@@ -10,6 +10,10 @@
 //!   the last point, initial replication): tracking restarts just before the freeze and the whole
 //!   frozen view is hash-scanned against the last shipped map (or, for initial replication, in
 //!   full). Writes between the restart and the freeze are in the frozen view, so nothing is lost.
+//!   A restarted bitmap holds only what was written since its restart, so until a log read that
+//!   way is committed, the disk stays one to scan: a marker (`tracking/<VM>/disk<i>.scan`, durable
+//!   before the restart) says so to the cycles that follow a failed one, and to this daemon after
+//!   a crash, instead of the bitmap a failed cycle merged back.
 //!
 //! Because every cycle leaves an exact block-hash map, a VM may be replicated running or turned off
 //! from one cycle to the next. Only the consumer's confirmation ([`RunningPoint::finish`] with
@@ -43,6 +47,28 @@ impl RunningError {
 
 fn failed(e: impl std::error::Error) -> RunningError {
     RunningError::Failed(crate::error_chain(&e))
+}
+
+/// The marker of disk `index` of the VM whose tracking directory is `tracking`: present while the
+/// disk's bitmap started after the last shipped point (see the module's doc).
+fn scan_marker(tracking: &Path, index: usize) -> PathBuf {
+    tracking.join(format!("disk{index}.scan"))
+}
+
+/// Writes `marker` durably (file and directory).
+fn mark_for_scan(marker: &Path) -> std::io::Result<()> {
+    let dir = marker.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    std::fs::File::create(marker)?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Drops the scan markers of a VM's disks once a log that read them whole is committed (any log
+/// after a marker was written did: [`RunningPoint::freeze`] reads a marked disk whole).
+pub fn scans_committed(tracking: &Path, disks: usize) {
+    for i in 0..disks {
+        let _ = std::fs::remove_file(scan_marker(tracking, i));
+    }
 }
 
 /// A frozen point of a running VM, until [`RunningPoint::finish`].
@@ -153,7 +179,8 @@ impl RunningPoint {
         let mut tracker = tracker(vm, qmp, data_dir).await?;
         let mut nodes = Vec::new();
         let mut by_bitmap = Vec::new();
-        for path in &vm.disks {
+        let tracking = super::reverse::tracking_dir(data_dir, vm.id);
+        for (i, path) in vm.disks.iter().enumerate() {
             let node = tracker.node_for_image(Path::new(path)).await.map_err(|e| {
                 RunningError::Failed(format!(
                     "the QEMU process of '{}' does not hold {path} as a block node: {}",
@@ -164,13 +191,18 @@ impl RunningPoint {
             tracker.recover(&node).await.map_err(failed)?;
             let status = tracker.status(&node).await.map_err(failed)?;
             let tracked = matches!(status, BitmapStatus::Tracking(_));
+            let marker = scan_marker(&tracking, i);
             if !tracked && !full {
                 tracing::info!(vm = %vm.id, disk = %path, ?status, "changes of this disk were not tracked since the last point: hash-scanning it once, tracking restarts");
+                mark_for_scan(&marker)
+                    .map_err(|e| RunningError::Failed(format!("{}: {e}", marker.display())))?;
+            } else if tracked && !full && marker.exists() {
+                tracing::info!(vm = %vm.id, disk = %path, "tracking of this disk restarted after the last shipped point and no scan of it was committed yet: hash-scanning it");
             }
             if full || !tracked {
                 tracker.start_tracking(&node, 1).await.map_err(failed)?;
             }
-            by_bitmap.push(tracked && !full);
+            by_bitmap.push(tracked && !full && !marker.exists());
             nodes.push(node);
         }
         let names: Vec<&str> = nodes.iter().map(String::as_str).collect();

@@ -16,6 +16,7 @@ pub mod records;
 pub mod replica;
 pub mod resync;
 pub mod reverse;
+pub mod sent;
 pub mod server;
 pub mod staged;
 pub mod tls;

@@ -8,8 +8,10 @@
 //! One cycle: connect and say hello; ask the replica what it committed last (`c`); write log `c+1`
 //! (parent `c`) with the changes since the baseline; upload; commit. Only the commit's 200 makes
 //! the new block-hash maps the baseline. If the commit answer was lost, the replica is ahead of the
-//! primary's record: the next log is then `c+1` built against the older baseline, a superset of the
-//! changes, so applying it on top of `c` still gives the primary's disks.
+//! primary's record: the maps of the log it holds, kept until its outcome is known
+//! (`replication::sent`), become the baseline, and the chain moves to `c`; a replica ahead with a
+//! log this host kept no maps of needs a resynchronization (a log built against the older baseline
+//! would skip a block written back to its older bytes).
 //!
 //! Change tracking: a running VM's point is frozen in its QEMU process and read through its dirty
 //! bitmaps (`engine::running`); a turned-off VM's disk files are hash-scanned (BLAKE3 per block)
@@ -516,18 +518,19 @@ impl PrimarySide {
         ) else {
             return Err("the VM has no replication chain yet".into());
         };
-        let mut chain = from.clone();
+        let mut from = from;
         let started = std::time::Instant::now();
-        let (seq, hash, bytes, point_time) = self
-            .ship(vm, &rel, &chain, PointType::PlannedFailover, None)
-            .await
-            .map_err(|e| match e {
-                CycleError::Network(m)
-                | CycleError::Failed(m)
-                | CycleError::Skipped(m)
-                | CycleError::Resync(m)
-                | CycleError::Critical(m) => m,
-            })?;
+        let shipped = self
+            .ship(vm, &rel, &mut from, PointType::PlannedFailover, None)
+            .await;
+        let mut chain = from.clone();
+        let (seq, hash, bytes, point_time) = shipped.map_err(|e| match e {
+            CycleError::Network(m)
+            | CycleError::Failed(m)
+            | CycleError::Skipped(m)
+            | CycleError::Resync(m)
+            | CycleError::Critical(m) => m,
+        })?;
         chain.last_sequence = seq;
         chain.last_log_hash = hash;
         chain.retries = 0;
@@ -673,11 +676,13 @@ impl PrimarySide {
 
     async fn cycle(&self, vm: VmRow, rel: RelationshipRow, from: ChainRow, stop: &Stop) {
         let started = std::time::Instant::now();
+        // `ship` moves `from` to the log the replica holds when it adopts that log's maps.
+        let mut from = from;
+        let shipped = self
+            .ship(&vm, &rel, &mut from, PointType::Standard, Some(stop))
+            .await;
         let mut chain = from.clone();
-        match self
-            .ship(&vm, &rel, &chain, PointType::Standard, Some(stop))
-            .await
-        {
+        match shipped {
             Ok((seq, hash, bytes, point_time)) => {
                 chain.last_sequence = seq;
                 chain.last_log_hash = hash;
@@ -758,12 +763,13 @@ impl PrimarySide {
     }
 
     /// One log from building to commit; returns (sequence, hash, bytes, point time in µs). A
-    /// fired `stop` ends the upload as if its connection broke for good.
+    /// fired `stop` ends the upload as if its connection broke for good. A replica found holding
+    /// the log this host sent last without learning its outcome moves `chain` (and its row) to it.
     async fn ship(
         &self,
         vm: &VmRow,
         rel: &RelationshipRow,
-        chain: &ChainRow,
+        chain: &mut ChainRow,
         point_type: PointType,
         stop: Option<&Stop>,
     ) -> Result<(u64, String, u64, i64), CycleError> {
@@ -806,6 +812,9 @@ impl PrimarySide {
                 "the replica holds log {c}, but log {} was committed there",
                 chain.last_sequence
             )));
+        }
+        if c > chain.last_sequence {
+            self.adopt_sent(vm, chain, &replica.last_committed)?;
         }
         let seq = c + 1;
         if stop.is_some_and(Stop::fired) {
@@ -950,6 +959,7 @@ impl PrimarySide {
                         return Err(CycleError::Failed(crate::error_chain(&e)));
                     }
                 }
+                crate::engine::running::scans_committed(&tracking, vm.disks.len());
                 rotation.after_commit(&vm.disks, &tracking).await;
                 match live {
                     Some(live) => {
@@ -970,13 +980,78 @@ impl PrimarySide {
                 Ok((seq, hash, bytes, point_time))
             }
             Err(e) => {
-                for (tmp, _) in &maps {
-                    let _ = std::fs::remove_file(tmp);
-                }
+                // The maps stay kept (replication::sent): the replica may have committed the log
+                // and its answer be what was lost.
                 rotation.abandon(&vm.disks).await;
                 Err(e)
             }
         }
+    }
+
+    /// The replica holds log `held.sequence` above `chain`: the log this host sent last, whose
+    /// commit answer was lost. Its kept maps become the baseline (and its blocks the journal's)
+    /// and the chain moves to it, on its row too. Any other log needs a resynchronization.
+    fn adopt_sent(
+        &self,
+        vm: &VmRow,
+        chain: &mut ChainRow,
+        held: &wire::protocol::LastCommitted,
+    ) -> Result<(), CycleError> {
+        let c = held.sequence;
+        let tracking = crate::engine::reverse::tracking_dir(&self.data_dir, vm.id);
+        let Some(kept) = super::sent::record(&tracking).filter(|k| {
+            k.sequence == c
+                && c == chain.last_sequence + 1
+                && k.log_hash.eq_ignore_ascii_case(&held.log_hash)
+        }) else {
+            return Err(CycleError::Resync(format!(
+                "the replica holds log {c}, but this host recorded log {} as the last it sent and                  kept nothing of log {c}",
+                chain.last_sequence
+            )));
+        };
+        let maps: Vec<(PathBuf, PathBuf)> = (0..vm.disks.len())
+            .map(|i| {
+                let map = tracking.join(format!("disk{i}.hashes"));
+                (super::sent::sent_map(&map, c), map)
+            })
+            .collect();
+        // Adopted once already up to some disk (cut off): the journal was written first.
+        if maps.iter().all(|(sent, _)| sent.is_file()) {
+            let changed: Result<Vec<_>, String> = maps
+                .iter()
+                .map(|(sent, map)| super::journal::map_diff(map, sent))
+                .collect();
+            if let Ok(changed) = changed {
+                if let Err(e) = self.store.record_sent_blocks(vm.id, c, &changed) {
+                    tracing::warn!(vm = %vm.id, "cannot record the blocks of log {c}: {e}");
+                }
+            }
+        }
+        for (sent, map) in &maps {
+            if sent.is_file() {
+                disk::scan::hashmap::commit(sent, map)
+                    .map_err(|e| CycleError::Failed(crate::error_chain(&e)))?;
+            }
+        }
+        // What the files looked like before an older read: no longer this point's.
+        super::journal::record_fingerprints(&tracking, None, maps.len());
+        // Log `c` was read after any scan marker was written (engine::running).
+        crate::engine::running::scans_committed(&tracking, maps.len());
+        let mut adopted = chain.clone();
+        adopted.last_sequence = c;
+        adopted.last_log_hash = kept.log_hash;
+        let moved = self
+            .store
+            .end_cycle(&adopted, chain.last_sequence, &chain.last_log_hash)
+            .map_err(|e| CycleError::Failed(crate::error_chain(&e)))?;
+        if !moved {
+            return Err(CycleError::Skipped(
+                "the replication relationship changed meanwhile".into(),
+            ));
+        }
+        tracing::info!(vm = %vm.id, sequence = c, "the replica committed log {c}, whose answer was lost: its block-hash maps are now the baseline");
+        *chain = adopted;
+        Ok(())
     }
 
     /// Writes log `seq` with the changes of every disk since its last shipped map: read from the
@@ -992,9 +1067,20 @@ impl PrimarySide {
         path: &Path,
         growing: Arc<GrowingLog>,
     ) -> Result<BuiltDelta, CycleError> {
-        let result = self
+        let mut result = self
             .build_delta_inner(vm, mode, point, running, path, growing.clone())
             .await;
+        // Kept before the upload can send its end (and so its commit): see replication::sent.
+        if let Ok((hash, _, _, maps, _)) = &mut result {
+            let tracking = crate::engine::reverse::tracking_dir(&self.data_dir, vm.id);
+            if let Err(e) = super::sent::keep(&tracking, point.0, hash, maps) {
+                cleanup(maps, path);
+                result = Err(CycleError::Failed(format!(
+                    "keeping the block-hash maps of log {}: {e}",
+                    point.0
+                )));
+            }
+        }
         match &result {
             Ok((hash, bytes, _, _, _)) => growing.finish(hash.clone(), *bytes),
             Err(e) => growing.fail(format!("the log could not be written: {e:?}")),
