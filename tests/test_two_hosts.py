@@ -1984,26 +1984,47 @@ def test_a_log_committed_whose_answer_was_lost_becomes_the_baseline_of_the_next(
     assert "whose answer was lost: its block-hash maps are now the baseline" in plain_log(lab.primary)
 
 
-def test_a_commit_cut_off_after_its_rename_is_committed_when_asked_again(lab, tmp_path):
-    """The recovery server dies between renaming an initial replication's verified log to its
-    committed name and writing the row that commits it. Back, it is asked to commit the same
-    upload again: it finds the file under its committed name and writes the row (before, the
-    rename found no file, every commit failed, and the initial replication could not end)."""
-    replica_restarted_to_crash_at(lab, "log-renamed")
+@pytest.mark.parametrize("log", ["initial", "delta"])
+def test_a_commit_cut_off_after_its_rename_is_committed_when_asked_again(lab, tmp_path, log):
+    """The recovery server dies between renaming a verified log to its committed name and writing
+    the row that commits it: an initial replication's staged point, or a delta's log file. Back,
+    it is asked to commit the same upload again: it finds the file under its committed name (by
+    the staged point's hash, or the log's trailer) and writes the row. (Before, the rename found no
+    file and every commit failed: the initial replication could not end, and the delta's cycle
+    failed and built its log again.)"""
+    import os
+
     disk = random_raw(tmp_path / "ren01.raw", "32M", 8 << 20)
-    vm_id, p, job = start_network_ir(lab, "ren01", disk)
-    replica_crashed(lab)
-    lab.replica.start()
-    wait_port(lab.port)
-    done = wait_job(p, job, timeout=120)
-    assert done["JobState"] == 7, done["ErrorDescription"]
-    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, timeout=30, what="initial replication")
-    assert "was renamed by a commit cut off before its row" in plain_log(lab.replica)
+    if log == "initial":
+        replica_restarted_to_crash_at(lab, "log-renamed")
+        vm_id, p, job = start_network_ir(lab, "ren01", disk)
+        replica_crashed(lab)
+        lab.replica.start()
+        wait_port(lab.port)
+        done = wait_job(p, job, timeout=120)
+        assert done["JobState"] == 7, done["ErrorDescription"]
+    else:
+        vm_id = replicate_network(lab, tmp_path, "ren01", [disk], "--no-compression")
+        wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication")
+        replica_restarted_to_crash_at(lab, "log-renamed")
+        with open(disk, "r+b") as f:
+            f.seek(4 << 20)
+            f.write(os.urandom(1 << 20))
+        replica_crashed(lab)
+        # Back within the cycle's quick retries (1, 2, 4 s), which ask and commit again.
+        failed = failed_cycles(lab)
+        lab.replica.start()
+        wait_port(lab.port)
+        p = lab.primary.conn()
+    wait_for(lambda: "was renamed by a commit cut off before its row" in plain_log(lab.replica),
+             timeout=30, what="the commit asked again")
     wait_for(lambda: vm_by_name(p, "ren01")["ReplicationState"] == 3, timeout=30,
              what="the primary replicating")
     rrsc(p, vm_by_name(p, "ren01"), 7)
     settled(lab, vm_id)
     latest_point_equals(lab.storage / vm_id.lower(), disk)
+    if log == "delta":
+        assert failed_cycles(lab) == failed, "the cycle whose commit was cut off failed"
 
 
 def test_a_disk_whose_tracking_restarted_is_scanned_until_a_scan_of_it_is_committed(lab, tmp_path):

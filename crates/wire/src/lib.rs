@@ -21,7 +21,9 @@ pub use log::extent::{Content, Extent, ExtentError};
 pub use log::frame::{OwnedContent, OwnedExtent, OwnedFrame};
 pub use log::header::{DiskInfo, HeaderError, LogHeader, PointType};
 pub use log::limits;
-pub use log::reader::{verify, whole_records_prefix, Expect, LogReader, ReaderCheckpoint};
+pub use log::reader::{
+    trailer_hash, verify, whole_records_prefix, Expect, LogReader, ReaderCheckpoint,
+};
 pub use log::resumable::ResumableHasher;
 pub use log::summary::{LogCounts, LogSummary};
 pub use log::writer::{Compression, LogWriter};

@@ -238,3 +238,27 @@ fn a_version_1_streams_checkpoint_keeps_the_older_layout_and_resumes() {
         verify(&log[..], &expect()).expect("valid").hash
     );
 }
+
+#[test]
+fn the_trailer_of_a_whole_log_names_its_hash_and_nothing_else_does() {
+    for version in [1, 2] {
+        let log = write(version, &extents(), false, Compression::Off);
+        let summary = verify(&log[..], &expect()).expect("valid");
+        let len = log.len() as u64;
+        assert_eq!(wire::trailer_hash(&log, len), Some(summary.hash));
+        assert_eq!(
+            wire::trailer_hash(&log[log.len() - 93..], len),
+            Some(summary.hash)
+        );
+        // Not the whole trailer, another length, a flipped byte, bytes after it: no claim.
+        assert_eq!(wire::trailer_hash(&log[log.len() - 92..], len), None);
+        assert_eq!(wire::trailer_hash(&log, len + 1), None);
+        let mut flipped = log.clone();
+        let at = flipped.len() - 40;
+        flipped[at] ^= 1;
+        assert_eq!(wire::trailer_hash(&flipped, len), None);
+        let mut longer = log.clone();
+        longer.push(0);
+        assert_eq!(wire::trailer_hash(&longer, len + 1), None);
+    }
+}

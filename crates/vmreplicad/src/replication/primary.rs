@@ -1005,7 +1005,8 @@ impl PrimarySide {
                 && k.log_hash.eq_ignore_ascii_case(&held.log_hash)
         }) else {
             return Err(CycleError::Resync(format!(
-                "the replica holds log {c}, but this host recorded log {} as the last it sent and                  kept nothing of log {c}",
+                "the replica holds log {c}, but this host recorded log {} as the last it sent and \
+                 kept nothing of log {c}",
                 chain.last_sequence
             )));
         };

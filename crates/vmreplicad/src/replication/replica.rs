@@ -2227,10 +2227,8 @@ impl ReplicaSide {
                     .is_ok_and(|s| s.point.log_hash.eq_ignore_ascii_case(&up.log_hash))
                 {
                     (committed, renamed) = (staged_committed, true);
-                } else if std::fs::metadata(&committed).is_ok_and(|m| m.len() == up.log_bytes)
-                    && prefix_hash(committed.clone(), up.log_bytes)
-                        .await
-                        .is_ok_and(|h| h.eq_ignore_ascii_case(&up.log_hash))
+                } else if committed_log_hash(&committed, up.log_bytes)
+                    .is_some_and(|h| h.eq_ignore_ascii_case(&up.log_hash))
                 {
                     renamed = true;
                 }
@@ -2345,6 +2343,22 @@ async fn cut_back(path: PathBuf) -> Result<u64, ApiError> {
     .await
     .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
     .map_err(ApiError::internal)
+}
+
+/// The log hash (lowercase hex) the trailer of the log file at `path` claims, if the file is
+/// `len` bytes long and ends with a whole trailer (only an upload verified whole is renamed to a
+/// committed name, so its trailer tells which upload it was).
+fn committed_log_hash(path: &Path, len: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    if file.metadata().ok()?.len() != len {
+        return None;
+    }
+    let mut tail = [0u8; 128];
+    let n = usize::try_from(len).ok()?.min(tail.len());
+    file.seek(SeekFrom::End(-(n as i64))).ok()?;
+    file.read_exact(&mut tail[..n]).ok()?;
+    wire::trailer_hash(&tail[..n], len).map(hex::encode)
 }
 
 /// BLAKE3 of the first `len` bytes of `path`, lowercase hex.

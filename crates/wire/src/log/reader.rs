@@ -376,6 +376,19 @@ pub fn verify<R: Read>(input: R, expect: &Expect) -> Result<LogSummary, LogDecod
         .ok_or(LogDecodeError::ReaderFailed)
 }
 
+/// The stream hash the trailer of a log claims, read from the log's last bytes (`tail`, at least
+/// its trailer record): None unless they end with a whole trailer record whose checksum verifies
+/// and which says it starts where it does (`log_len`, the whole log's length). Nothing before the
+/// trailer is checked ([`verify`] does): this only tells which log a file verified earlier is.
+pub fn trailer_hash(tail: &[u8], log_len: u64) -> Option<[u8; 32]> {
+    let body = crate::log::record::trailing_trailer(tail)?;
+    let t = crate::log::summary::Trailer::decode(body)?;
+    let record = (crate::log::limits::RECORD_HEAD_LEN
+        + crate::log::limits::TRAILER_BODY_LEN
+        + crate::log::limits::RECORD_CHECKSUM_LEN) as u64;
+    (t.hashed_bytes.checked_add(record) == Some(log_len)).then_some(t.hash)
+}
+
 /// The length of the longest prefix of `input` made of the preamble and whole records whose
 /// checksums verify (0 when not even the preamble does). An interrupted upload is cut back to this
 /// length and resumed there: at most one record is sent again, and no byte after a damaged or torn

@@ -51,6 +51,20 @@ fn checksum(head: &[u8], body: &[u8]) -> [u8; RECORD_CHECKSUM_LEN] {
     checksum_parts(head, body, &[])
 }
 
+/// The body of the trailer record that ends `log` (its last bytes, at least that record), when they
+/// are a whole trailer record whose checksum verifies; nothing before it is looked at.
+pub(crate) fn trailing_trailer(log: &[u8]) -> Option<&[u8]> {
+    let n = RECORD_HEAD_LEN + TRAILER_BODY_LEN + RECORD_CHECKSUM_LEN;
+    let record = log.get(log.len().checked_sub(n)?..)?;
+    let (head, rest) = record.split_at(RECORD_HEAD_LEN);
+    let (body, sum) = rest.split_at(TRAILER_BODY_LEN);
+    let length = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+    (head[0] == RecordKind::Trailer as u8
+        && length as usize == TRAILER_BODY_LEN
+        && checksum(head, body) == sum)
+        .then_some(body)
+}
+
 /// The checksum of a record whose body is `body` followed by `tail`.
 fn checksum_parts(head: &[u8], body: &[u8], tail: &[u8]) -> [u8; RECORD_CHECKSUM_LEN] {
     // XXH3-64, seed 0 (twox-hash picks AVX2 or SSE2 at run time).

@@ -101,7 +101,7 @@ impl Trailer {
     }
 
     /// Decodes a body whose length the framing already checked.
-    fn decode(body: &[u8]) -> Option<Self> {
+    pub(crate) fn decode(body: &[u8]) -> Option<Self> {
         let mut c = Cursor::new(body);
         let counts = LogCounts::decode(&mut c)?;
         Some(Trailer {
