@@ -304,7 +304,8 @@ def test_unknown_class(conn):
     assert_cim_error(pywbem.CIM_ERR_INVALID_CLASS,
                      lambda: conn.GetInstance(pywbem.CIMInstanceName("Msvm_NoSuchClass", {"Name": "x"})),
                      "Msvm_NoSuchClass")
-    assert_cim_error(pywbem.CIM_ERR_INVALID_CLASS, lambda: conn.GetClass("Msvm_NoSuchClass"), "Msvm_NoSuchClass")
+    # DSP0200: GetClass of a class the namespace lacks is CIM_ERR_NOT_FOUND (not INVALID_CLASS).
+    assert_cim_error(pywbem.CIM_ERR_NOT_FOUND, lambda: conn.GetClass("Msvm_NoSuchClass"), "Msvm_NoSuchClass")
 
 
 def test_get_instance_of_missing_vm_is_not_found(conn):
@@ -387,6 +388,33 @@ def test_embedded_instance_of_the_wrong_class(server, conn):
                                                AuthorizationEntry=rsd.tocimxmlstr()),
                      "Msvm_ReplicationAuthorizationSettingData")
     assert conn.GetInstance(vm_path(server))["ReplicationState"] == 0
+
+
+def test_raw_instance_parameter_of_the_wrong_class(server, conn):
+    """An embedded instance sent as an <INSTANCE> element (not an escaped string) is checked for its
+    class too: an Msvm_ComputerSystem is no authorization entry."""
+    wrong = pywbem.CIMInstance("Msvm_ComputerSystem", properties={"AllowedPrimaryHostSystem": "raw.example.org"})
+    call = ('<METHODCALL NAME="AddAuthorizationEntry"><LOCALINSTANCEPATH>' + NS_XML
+            + '<INSTANCENAME CLASSNAME="Msvm_ReplicationService"><KEYBINDING NAME="Name">'
+            '<KEYVALUE VALUETYPE="string">replicasvc</KEYVALUE></KEYBINDING></INSTANCENAME></LOCALINSTANCEPATH>'
+            f'<PARAMVALUE NAME="AuthorizationEntry" PARAMTYPE="string">{wrong.tocimxmlstr()}'
+            '</PARAMVALUE></METHODCALL>')
+    code, _, body = post(server, message(f"<SIMPLEREQ>{call}</SIMPLEREQ>"),
+                         headers={**CIM_HEADERS, "CIMMethod": "AddAuthorizationEntry",
+                                  "CIMObject": "root%2Fvirtualization%2Fv2%3AMsvm_ReplicationService"})
+    assert code == 200, body
+    error = ET.fromstring(body).find(".//ERROR")
+    assert error is not None and error.get("CODE") == str(pywbem.CIM_ERR_INVALID_PARAMETER), body
+    assert "Msvm_ReplicationAuthorizationSettingData" in error.get("DESCRIPTION"), body
+    assert "raw.example.org" not in entries(conn)
+
+
+def test_a_snapshot_reference_that_names_no_recovery_point_is_refused(server, conn):
+    """SnapshotSettingData null means the latest point; a reference to anything but a recovery
+    point (here the VM itself) is an invalid parameter, not the latest point."""
+    for method in ("InitiateFailover", "TestReplicaSystem"):
+        assert_refused(conn, server, INVALID_PARAMETER, method, ComputerSystem=vm_path(server),
+                       SnapshotSettingData=vm_path(server))
 
 
 def test_computer_system_ref_to_missing_guid_is_not_found(server, conn):

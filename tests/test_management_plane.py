@@ -455,3 +455,66 @@ def test_cli_replica_side_verbs_and_completions(daemon, disk):
     assert (row["state"], row["health"]) == ("Error", "Critical")
     script = daemon.cli("completions", "bash").stdout
     assert "enable-as-replica" in script
+
+
+def test_the_ex_methods_act_only_on_a_relationship_of_the_vm_they_name(daemon, disk):
+    """RemoveReplicationRelationshipEx, Get/ResetReplicationStatisticsEx and
+    RequestReplicationStateChangeEx name a relationship (`Microsoft:<VMID>\\HVR\\<0|1>`): one of
+    another VM is an invalid parameter, and nothing of either VM changes (it used to act on the
+    VM the call named); relationship 1 (extended replication) is not supported."""
+    conn = daemon.conn()
+    svc = service(conn)
+    for name in ("exa01", "exb01"):
+        daemon.add_vm(name, [disk(f"{name}.qcow2")])
+        vm = vm_by_name(conn, name)
+        rsd = enable_settings(settings_of(conn, vm))
+        rv, out = conn.InvokeMethod("CreateReplicationRelationship", svc.path,
+                                    ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+        assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
+    a, b = vm_by_name(conn, "exa01"), vm_by_name(conn, "exb01")
+    rel_b = relationship_of(conn, b)
+    for method in ("RemoveReplicationRelationshipEx", "GetReplicationStatisticsEx",
+                   "ResetReplicationStatisticsEx"):
+        rv, out = conn.InvokeMethod(method, svc.path, ComputerSystem=a.path,
+                                    ReplicationRelationship=rel_b.tocimxmlstr())
+        assert rv == 32773, (method, rv)
+        assert out.get("Job") is None
+    rv, _ = conn.InvokeMethod("RequestReplicationStateChangeEx", a.path, RequestedState=Uint16(7),
+                              ReplicationRelationship=rel_b.tocimxmlstr())
+    assert rv == 32773
+    own_id = relationship_of(conn, a)["InstanceID"]
+    extended = pywbem.CIMInstance("Msvm_ReplicationRelationship", properties={"InstanceID": own_id[:-1] + "1"})
+    rv, _ = conn.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=a.path,
+                              ReplicationRelationship=extended.tocimxmlstr())
+    assert rv == 32770
+    for vm in (a, b):
+        vm = conn.GetInstance(vm.path)
+        assert vm["ReplicationMode"] == 1 and vm["ReplicationState"] == 1, vm["ElementName"]
+        assert relationship_of(conn, vm) is not None
+    # Its own relationship, InstanceID in lower case as a client may send it: removed.
+    own = pywbem.CIMInstance("Msvm_ReplicationRelationship", properties={"InstanceID": own_id.lower()})
+    rv, out = conn.InvokeMethod("RemoveReplicationRelationshipEx", svc.path, ComputerSystem=a.path,
+                                ReplicationRelationship=own.tocimxmlstr())
+    assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
+    assert relationship_of(conn, conn.GetInstance(a.path)) is None
+    assert relationship_of(conn, conn.GetInstance(b.path)) is not None
+
+
+def test_a_replication_provider_other_than_the_built_in_one_is_not_supported(daemon, disk):
+    """ReplicationProvider may name the built-in host-to-host provider (its GUID, or the path of its
+    Msvm_ReplicationProvider instance); a path to any other provider is not supported (32770)."""
+    daemon.add_vm("prov01", [disk()])
+    conn = daemon.conn()
+    svc, vm = service(conn), vm_by_name(conn, "prov01")
+    (provider,) = conn.EnumerateInstanceNames("Msvm_ReplicationProvider")
+    other = provider.copy()
+    other["InstanceID"] = "Microsoft:elsewhere\\ReplicationProvider\\SomeoneElsesProvider"
+    rsd = enable_settings(settings_of(conn, vm), ReplicationProvider=str(other))
+    rv, out = conn.InvokeMethod("CreateReplicationRelationship", svc.path,
+                                ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 32770 and out.get("Job") is None
+    assert conn.GetInstance(vm.path)["ReplicationMode"] == 0
+    rsd = enable_settings(settings_of(conn, vm), ReplicationProvider=str(provider))
+    rv, out = conn.InvokeMethod("CreateReplicationRelationship", svc.path,
+                                ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7

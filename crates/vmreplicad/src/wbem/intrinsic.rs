@@ -223,7 +223,14 @@ impl View<'_> {
     pub fn run(&self, method: &str, params: &[ParamValue]) -> Result<IReturn, CimError> {
         match method.to_ascii_lowercase().as_str() {
             "getclass" => {
-                let class = class_param(params)?;
+                // DSP0200: GetClass of a class the namespace lacks is CIM_ERR_NOT_FOUND.
+                let class = class_param(params).map_err(|e| {
+                    if e.code == CimStatusCode::InvalidClass {
+                        CimError::new(CimStatusCode::NotFound, e.description)
+                    } else {
+                        e
+                    }
+                })?;
                 let view = class_view(class, flag(params, "IncludeQualifiers", true), flag(params, "IncludeClassOrigin", false));
                 Ok(IReturn::Class(view))
             }

@@ -57,6 +57,11 @@ fn embedded(decl: &ParamDecl, text: &str) -> Result<CimInstance, CimError> {
             decl.name
         ))
     })?;
+    of_class(decl, inst)
+}
+
+/// `inst`, if it is an instance of the class `decl`'s EmbeddedInstance qualifier names.
+fn of_class(decl: &ParamDecl, inst: CimInstance) -> Result<CimInstance, CimError> {
     if let Some(class) = embedded_class(decl) {
         let fits =
             schema::is_a(&inst.class_name, class) || inst.class_name.eq_ignore_ascii_case(class);
@@ -85,7 +90,7 @@ fn typed(decl: &ParamDecl, pv: &ParamValue) -> Result<Option<Arg>, CimError> {
                 .map_err(|e| invalid_param(format!("{name}: not an object path: {e}")))?,
         ),
         (ParamData::Instance(i), CimType::String, false) if embedded_class(decl).is_some() => {
-            Arg::Instance(i.clone())
+            Arg::Instance(of_class(decl, i.clone())?)
         }
         (ParamData::Value(text), CimType::String, false) if embedded_class(decl).is_some() => {
             Arg::Instance(embedded(decl, text)?)
@@ -414,7 +419,7 @@ async fn dispatch(
                 .method
                 .eq_ignore_ascii_case("RequestReplicationStateChangeEx")
             {
-                check_primary_relationship(args)?;
+                check_primary_relationship(args, &vm)?;
             }
             let requested = RequestedState::from_u16(requested).ok_or_else(|| {
                 CommandError::new(
@@ -452,23 +457,41 @@ async fn dispatch(
     }
 }
 
-/// The Ex methods name a relationship; only the primary relationship (index 0) exists here.
-fn check_primary_relationship(args: &Args) -> Result<(), MethodError> {
+/// The Ex methods name a relationship of VM `vm` (its `Name`, a GUID): `Microsoft:<VMID>\HVR\<0|1>`,
+/// or none (the primary relationship). Only the primary relationship (index 0) exists here; one of
+/// another VM, or no relationship at all, is an invalid parameter.
+fn check_primary_relationship(args: &Args, vm: &str) -> Result<(), MethodError> {
     let Some(Arg::Instance(rel)) = args.get("ReplicationRelationship") else {
         return Ok(());
     };
     let id = rel
         .value("InstanceID")
         .and_then(CimValue::as_str)
-        .unwrap_or("");
-    if id.ends_with("\\1") {
-        return Err(CommandError::new(
+        .unwrap_or("")
+        .trim();
+    if id.is_empty() {
+        return Ok(());
+    }
+    let ours = format!("Microsoft:{}\\HVR\\", vm.trim_matches(['{', '}']));
+    let index = id
+        .get(..ours.len())
+        .filter(|head| head.eq_ignore_ascii_case(&ours))
+        .and_then(|_| id.get(ours.len()..));
+    match index {
+        Some("0") => Ok(()),
+        Some("1") => Err(CommandError::new(
             ReturnCode::NotSupported,
             "extended replication (relationship 1) is not supported yet",
         )
-        .into());
+        .into()),
+        _ => Err(CommandError::new(
+            ReturnCode::InvalidParameter,
+            format!(
+                "ReplicationRelationship '{id}' is not a relationship of this VM (expected {ours}0)"
+            ),
+        )
+        .into()),
     }
-    Ok(())
 }
 
 async fn concrete_job(
@@ -609,8 +632,9 @@ async fn replication_service(svc: &Service, args: &Args) -> Result<CommandOutput
             Command::RemoveReplicationRelationship { vm: args.vm(svc)? }
         }
         "RemoveReplicationRelationshipEx" => {
-            check_primary_relationship(args)?;
-            Command::RemoveReplicationRelationship { vm: args.vm(svc)? }
+            let vm = args.vm(svc)?;
+            check_primary_relationship(args, &vm)?;
+            Command::RemoveReplicationRelationship { vm }
         }
         "StartReplication" => {
             let t = args
@@ -636,7 +660,7 @@ async fn replication_service(svc: &Service, args: &Args) -> Result<CommandOutput
                 ..OperationArgs::default()
             },
         )?,
-        "InitiateFailover" => op(Operation::InitiateFailover, point_args(args))?,
+        "InitiateFailover" => op(Operation::InitiateFailover, point_args(args)?)?,
         "RevertFailover" => op(Operation::RevertFailover, OperationArgs::default())?,
         "CommitFailover" => op(Operation::CommitFailover, OperationArgs::default())?,
         "ReverseReplicationRelationship" => {
@@ -652,7 +676,7 @@ async fn replication_service(svc: &Service, args: &Args) -> Result<CommandOutput
                 args: a,
             }
         }
-        "TestReplicaSystem" => op(Operation::TestReplicaSystem, point_args(args))?,
+        "TestReplicaSystem" => op(Operation::TestReplicaSystem, point_args(args)?)?,
         "Resynchronize" => op(
             Operation::Resynchronize,
             OperationArgs {
@@ -672,18 +696,23 @@ async fn replication_service(svc: &Service, args: &Args) -> Result<CommandOutput
         }
         "GetReplicationStatistics" => Command::GetReplicationStatistics { vm: args.vm(svc)? },
         "GetReplicationStatisticsEx" => {
-            check_primary_relationship(args)?;
-            Command::GetReplicationStatistics { vm: args.vm(svc)? }
+            let vm = args.vm(svc)?;
+            check_primary_relationship(args, &vm)?;
+            Command::GetReplicationStatistics { vm }
         }
         "ResetReplicationStatistics" => Command::ResetReplicationStatistics { vm: args.vm(svc)? },
         "ResetReplicationStatisticsEx" => {
-            check_primary_relationship(args)?;
-            Command::ResetReplicationStatistics { vm: args.vm(svc)? }
+            let vm = args.vm(svc)?;
+            check_primary_relationship(args, &vm)?;
+            Command::ResetReplicationStatistics { vm }
         }
-        "ChangeReplicationModeToPrimary" => op(
-            Operation::ChangeReplicationModeToPrimary,
-            OperationArgs::default(),
-        )?,
+        "ChangeReplicationModeToPrimary" => {
+            check_primary_relationship(args, &args.vm(svc)?)?;
+            op(
+                Operation::ChangeReplicationModeToPrimary,
+                OperationArgs::default(),
+            )?
+        }
         "InitiateFailback" => {
             let vm = args.vm(svc)?;
             let settings = replication_settings(svc, &vm, args)?;
@@ -763,15 +792,31 @@ fn vm_definition(args: &Args) -> Result<VmDefinition, MethodError> {
     })
 }
 
-fn point_args(args: &Args) -> OperationArgs {
-    let point = args
-        .reference("SnapshotSettingData")
-        .and_then(|p| p.key_str("InstanceID"))
-        .map(str::to_string);
-    OperationArgs {
+/// The recovery point a `SnapshotSettingData` reference names (null: the latest point).
+fn point_args(args: &Args) -> Result<OperationArgs, CommandError> {
+    let point = match args.reference("SnapshotSettingData") {
+        None => None,
+        Some(p) => {
+            let id = p
+                .key_str("InstanceID")
+                .filter(|_| schema::is_a(&p.class_name, "CIM_VirtualSystemSettingData"));
+            let Some(id) = id else {
+                return Err(CommandError::new(
+                    ReturnCode::InvalidParameter,
+                    format!(
+                        "SnapshotSettingData must reference a recovery point \
+                         (an Msvm_VirtualSystemSettingData by InstanceID), not {}",
+                        p.class_name
+                    ),
+                ));
+            };
+            Some(id.to_string())
+        }
+    };
+    Ok(OperationArgs {
         recovery_point: point,
         ..OperationArgs::default()
-    }
+    })
 }
 
 /// The `Msvm_FailoverNetworkAdapterSettingData` instances of SetFailoverNetworkAdapterSettings for
@@ -1013,10 +1058,15 @@ fn replication_settings(
     p.u16("ReplicationInterval", &mut s.replication_interval)?;
     p.opt_string("AdditionalSettings", &mut s.additional_settings)?;
     if let Some(provider) = &s.replication_provider {
+        // Its Name (the GUID), or the path of its instance here (by InstanceID).
         let built_in = provider.to_uppercase().contains(objects::PROVIDER_GUID)
             || ObjectPath::parse_wmi(provider).is_ok_and(|p| {
                 p.class_name
                     .eq_ignore_ascii_case("Msvm_ReplicationProvider")
+                    && p.key_str("InstanceID").is_some_and(|id| {
+                        id.to_ascii_lowercase()
+                            .ends_with(&objects::PROVIDER_INSTANCE_SUFFIX.to_ascii_lowercase())
+                    })
             });
         if !built_in {
             return Err(CommandError::new(

@@ -196,10 +196,13 @@ fn authorization_path(host_pattern: &str) -> ObjectPath {
     )
 }
 
+/// How the InstanceID of the built-in provider ends (`Microsoft:<host>` comes before it).
+pub const PROVIDER_INSTANCE_SUFFIX: &str = "\\ReplicationProvider\\HostToHostReplicationProvider";
+
 fn provider_path(host: &str) -> ObjectPath {
     instance_id_path(
         "Msvm_ReplicationProvider",
-        &format!("Microsoft:{host}\\ReplicationProvider\\HostToHostReplicationProvider"),
+        &format!("Microsoft:{host}{PROVIDER_INSTANCE_SUFFIX}"),
     )
 }
 

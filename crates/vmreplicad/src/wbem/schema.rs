@@ -92,8 +92,13 @@ impl ClassBuilder {
         }
         self
     }
-    fn embedded_array(mut self, name: &str, class: &str) -> Self {
-        let q = vec![Qualifier::string("EmbeddedInstance", class)];
+    /// A string array whose entries name instances of `class` (InstanceIDs or object paths; spec
+    /// §6: `HyperVEmbeddedInstance`, not DSP0004's `EmbeddedInstance`: they are not instances).
+    fn named_array(mut self, name: &str, class: &str) -> Self {
+        let q = vec![
+            Qualifier::string("HyperVEmbeddedInstance", class),
+            Qualifier::string("ArrayType", "Indexed"),
+        ];
         self.0.properties.push(prop(name, S, true, q));
         self
     }
@@ -429,7 +434,7 @@ fn replication_setting_data() -> CimClass {
             U16,
             &["ApplicationConsistentSnapshotInterval", "RecoveryHistory"],
         )
-        .embedded_array("IncludedDisks", "CIM_StorageAllocationSettingData")
+        .named_array("IncludedDisks", "CIM_StorageAllocationSettingData")
         .props(B, &["AutoResynchronizeEnabled"])
         .props(
             DT,
