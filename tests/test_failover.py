@@ -1798,3 +1798,30 @@ def test_a_paused_resynchronization_keeps_its_progress_unless_the_disk_changed(l
     seq = settled(lab, vm_id)
     same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk, "qcow2")
     assert same, text  # the write made during the pause is there
+
+
+def test_a_commit_whose_failover_disks_are_gone_never_takes_an_earlier_failovers_images(lab, tmp_path):
+    """A failed-over VM whose failover disks are gone (as a RevertFailover cut off right after it
+    deleted them leaves it, still in 5) is not committed onto the images an earlier failover's
+    commit left in its `<vm>.failed-over/` directory: CommitFailover fails and every recovery point
+    stays. (It took those images as its own, made them the VM's disks and deleted every point.)"""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "stale01")
+    lab.primary.stop()
+    r = lab.replica.conn()
+    lab.replica.cli("failover", "stale01")
+    assert vm_by_name(r, "stale01")["ReplicationState"] == 5
+    stale = lab.storage / f"{vm_id.lower()}.failed-over"
+    stale.mkdir()
+    run("qemu-img", "create", "-q", "-f", "qcow2", stale / "disk0.qcow2", "256M")
+    shutil.rmtree(lab.storage / vm_id.lower() / "overlays" / "failover")
+    points = sorted(p.name for p in (lab.storage / vm_id.lower()).glob("p*.json"))
+    assert points
+    rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    rv, out = r.InvokeMethod("CommitFailover", rsvc.path, ComputerSystem=vm_by_name(r, "stale01").path)
+    assert rv == 4096, rv
+    job = wait_job(r, out["Job"], timeout=60)
+    assert job["JobState"] != 7, "committed onto an earlier failover's images"
+    assert "cannot flatten the failover disks" in job["ErrorDescription"]
+    assert vm_by_name(r, "stale01")["ReplicationState"] == 5
+    assert sorted(p.name for p in (lab.storage / vm_id.lower()).glob("p*.json")) == points
+    assert str(stale / "disk0.qcow2") not in vm_disks(lab.replica, "stale01")

@@ -58,17 +58,19 @@ async fn pruning_merges_dropped_points_and_keeps_every_retained_one_intact() {
         .remove_overlay("test-failover")
         .await
         .expect("remove overlay");
+    // A point a failover chose and has no overlay on yet stays when the caller names it.
+    let latest_only = RetentionPolicy {
+        recovery_history: 1,
+        keep_app_consistent: true,
+    };
     let report = store
-        .prune(
-            &RetentionPolicy {
-                recovery_history: 1,
-                keep_app_consistent: true,
-            },
-            now,
-        )
+        .prune_keeping(&latest_only, now, &[4].into_iter().collect())
         .await
-        .expect("prune");
-    assert_eq!((report.merged, report.kept), (vec![3, 4, 5], vec![7]));
+        .expect("prune keeping 4");
+    assert_eq!((report.merged, report.kept), (vec![3, 5], vec![4, 7]));
+    assert_retained(&store, &src, &[4, 7]).await;
+    let report = store.prune(&latest_only, now).await.expect("prune");
+    assert_eq!((report.merged, report.kept), (vec![4], vec![7]));
     assert_retained(&store, &src, &[7]).await;
     let backing = support::run(
         "qemu-img",

@@ -41,6 +41,18 @@ impl PointStore {
         policy: &RetentionPolicy,
         now_micros: i64,
     ) -> Result<PruneReport, PruneError> {
+        self.prune_keeping(policy, now_micros, &BTreeSet::new())
+            .await
+    }
+
+    /// [`PointStore::prune`] that also keeps the points `chosen` (ones a failover or a test
+    /// failover chose and has no overlay on yet).
+    pub async fn prune_keeping(
+        &self,
+        policy: &RetentionPolicy,
+        now_micros: i64,
+        chosen: &BTreeSet<u64>,
+    ) -> Result<PruneReport, PruneError> {
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
         // A merge a crash cut off is finished first.
@@ -48,10 +60,11 @@ impl PointStore {
             self.finish_merge(&m, true).await?;
         }
         let mut points = catalog::points(&self.layout)?;
-        let pinned: BTreeSet<u64> = catalog::overlays(&self.layout)?
+        let mut pinned: BTreeSet<u64> = catalog::overlays(&self.layout)?
             .iter()
             .map(|o| o.base)
             .collect();
+        pinned.extend(chosen.iter().copied());
         let keep = points_to_keep(&points, policy, now_micros, &pinned);
         let mut report = PruneReport::default();
         let mut i = 0;

@@ -311,9 +311,19 @@ pub(super) async fn flatten(
             "Check the replica's storage location.",
         )
     })?;
+    let overlays = PointStore::overlay_disk_paths(root, vm.id, OVERLAY, vm.disks.len());
+    let overlay_gone = !overlays.iter().all(|o| o.is_file());
+    let tracking = super::reverse::tracking_dir(data_dir, vm.id);
+    let baseline_kept = (0..vm.disks.len()).all(|i| {
+        tracking
+            .join(format!("disk{i}.{}", super::reverse::COMMITTED_BASELINE))
+            .is_file()
+    });
     // After a planned failover, the point's maps are kept for a reverse, which must send
-    // everything the VM wrote since (docs/protocol.md §5.7).
-    if let (Some(f), true) = (store.failover(vm.id)?, planned) {
+    // everything the VM wrote since (docs/protocol.md §5.7). A run after a cut that removed the
+    // overlay (and maybe the points) took them before it made the images.
+    let hash_point = planned && !(overlay_gone && baseline_kept);
+    if let (Some(f), true) = (store.failover(vm.id)?, hash_point) {
         let table = super::initial::disk_table(vm)?;
         let layers = (0..table.len())
             .map(|i| points.point_path(f.point, i))
@@ -325,7 +335,6 @@ pub(super) async fn flatten(
                     "Check the replica's storage location.",
                 )
             })?;
-        let tracking = super::reverse::tracking_dir(data_dir, vm.id);
         let name = super::reverse::COMMITTED_BASELINE;
         let layers: Vec<(String, String)> = layers
             .iter()
@@ -353,10 +362,24 @@ pub(super) async fn flatten(
             )?;
         }
     }
+    // Which failover the images about to be made in `dest` are of, so that a run after a cut
+    // (the overlay gone) takes only its own: an earlier failover's commit left images there too.
+    let ours = store
+        .failover(vm.id)?
+        .map(|f| serde_json::json!({"point": f.point, "log_hash": f.log_hash}).to_string());
+    let marker = dest.join(FLATTENED_FOR);
     // What the VM wrote since the failover point, for a failback (engine::failback); when this
     // finishes a cut commit (the overlay gone), the first run's records stay.
-    let overlays = PointStore::overlay_disk_paths(root, vm.id, OVERLAY, vm.disks.len());
-    if overlays.iter().all(|o| o.is_file()) {
+    if !overlay_gone {
+        if let Some(ours) = &ours {
+            write_durably(&marker, ours.as_bytes()).map_err(|e| {
+                failed(
+                    "cannot record which failover the flattened disks are of",
+                    &e,
+                    "Check the replica's storage location.",
+                )
+            })?;
+        }
         // Never an earlier failover's records.
         super::failback::forget_records(data_dir, vm.id, vm.disks.len());
         if let Err(why) = super::failback::record_overlay_writes(data_dir, vm.id, &overlays).await {
@@ -365,13 +388,16 @@ pub(super) async fn flatten(
     }
     let disks = match points.commit_overlay(OVERLAY, &dest).await {
         Ok(disks) => disks,
-        // A commit cut off after the images were made and the overlay removed.
+        // A commit cut off after the images were made and the overlay removed: images of this
+        // failover, not ones an earlier failover's commit left.
         Err(OverlayError::Unknown(_))
-            if vm
-                .disks
-                .iter()
-                .enumerate()
-                .all(|(i, _)| dest.join(format!("disk{i}.qcow2")).is_file()) =>
+            if ours.is_some()
+                && std::fs::read_to_string(&marker).ok() == ours
+                && vm
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .all(|(i, _)| dest.join(format!("disk{i}.qcow2")).is_file()) =>
         {
             (0..vm.disks.len())
                 .map(|i| dest.join(format!("disk{i}.qcow2")))
@@ -391,6 +417,24 @@ pub(super) async fn flatten(
     }
     store.set_vm_disks(vm.id, &paths(&disks))?;
     Ok(points)
+}
+
+/// In `<root>/<vm>.failed-over/`: which failover (point and log hash) its images were flattened
+/// for.
+const FLATTENED_FOR: &str = "flattened-for.json";
+
+/// Writes `path` durably: a temporary file synced, renamed, the directory synced.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// After [`flatten`]: the VM keeps no recovery point and no received log.

@@ -2969,7 +2969,19 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
         .map_err(|e| retry(&e))?;
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&staged_path);
-    match points.prune(&policy, now() * 1_000_000).await {
+    // A point a failover or a test failover chose stays, though its overlay may not exist yet
+    // (the failover's job waits for this apply to end; a test VM's job makes its overlay).
+    let chosen: std::collections::BTreeSet<u64> = [
+        store.failover(log.vm).ok().flatten().map(|f| f.point),
+        store.test_system_of(log.vm).ok().flatten().map(|t| t.point),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match points
+        .prune_keeping(&policy, now() * 1_000_000, &chosen)
+        .await
+    {
         Ok(_) if resynced || unpruned => {
             if let Err(e) = store.forget_resync_points(log.vm, log.sequence) {
                 // The next log prunes to its point alone, as after a crash here.
