@@ -1800,19 +1800,27 @@ def test_a_paused_resynchronization_keeps_its_progress_unless_the_disk_changed(l
     assert same, text  # the write made during the pause is there
 
 
-def test_a_commit_whose_failover_disks_are_gone_never_takes_an_earlier_failovers_images(lab, tmp_path):
+@pytest.mark.parametrize("left", ["images", "images-and-their-record"])
+def test_a_commit_whose_failover_disks_are_gone_never_takes_an_earlier_failovers_images(lab, tmp_path, left):
     """A failed-over VM whose failover disks are gone (as a RevertFailover cut off right after it
     deleted them leaves it, still in 5) is not committed onto the images an earlier failover's
     commit left in its `<vm>.failed-over/` directory: CommitFailover fails and every recovery point
-    stays. (It took those images as its own, made them the VM's disks and deleted every point.)"""
+    stays. (It took those images as its own, made them the VM's disks and deleted every point.)
+    Also when that earlier commit, cut off, recorded the very point and log this failover has (a
+    failover to the same point, reverted): a failover begun anew forgets that record."""
     disk, vm_id = protected_and_suspended(lab, tmp_path, "stale01")
+    with raw_peer(lab) as c:
+        last = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").json()["last_committed"]
     lab.primary.stop()
     r = lab.replica.conn()
-    lab.replica.cli("failover", "stale01")
-    assert vm_by_name(r, "stale01")["ReplicationState"] == 5
     stale = lab.storage / f"{vm_id.lower()}.failed-over"
     stale.mkdir()
     run("qemu-img", "create", "-q", "-f", "qcow2", stale / "disk0.qcow2", "256M")
+    if left == "images-and-their-record":
+        (stale / "flattened-for.json").write_text(json.dumps(
+            {"point": last["sequence"], "log_hash": last["log_hash"], "maps": False}))
+    lab.replica.cli("failover", "stale01")
+    assert vm_by_name(r, "stale01")["ReplicationState"] == 5
     shutil.rmtree(lab.storage / vm_id.lower() / "overlays" / "failover")
     points = sorted(p.name for p in (lab.storage / vm_id.lower()).glob("p*.json"))
     assert points

@@ -64,7 +64,7 @@ async fn pruning_merges_dropped_points_and_keeps_every_retained_one_intact() {
         keep_app_consistent: true,
     };
     let report = store
-        .prune_keeping(&latest_only, now, &[4].into_iter().collect())
+        .prune_keeping(&latest_only, now, || [4].into_iter().collect())
         .await
         .expect("prune keeping 4");
     assert_eq!((report.merged, report.kept), (vec![3, 5], vec![4, 7]));

@@ -41,17 +41,16 @@ impl PointStore {
         policy: &RetentionPolicy,
         now_micros: i64,
     ) -> Result<PruneReport, PruneError> {
-        self.prune_keeping(policy, now_micros, &BTreeSet::new())
-            .await
+        self.prune_keeping(policy, now_micros, BTreeSet::new).await
     }
 
-    /// [`PointStore::prune`] that also keeps the points `chosen` (ones a failover or a test
-    /// failover chose and has no overlay on yet).
+    /// [`PointStore::prune`] that also keeps the points `chosen` returns, asked once the store is
+    /// locked (points a failover or a test failover chose and has no overlay on yet).
     pub async fn prune_keeping(
         &self,
         policy: &RetentionPolicy,
         now_micros: i64,
-        chosen: &BTreeSet<u64>,
+        chosen: impl FnOnce() -> BTreeSet<u64>,
     ) -> Result<PruneReport, PruneError> {
         let _lock = self.lock().await?;
         recover::run(&self.layout)?;
@@ -64,7 +63,7 @@ impl PointStore {
             .iter()
             .map(|o| o.base)
             .collect();
-        pinned.extend(chosen.iter().copied());
+        pinned.extend(chosen());
         let keep = points_to_keep(&points, policy, now_micros, &pinned);
         let mut report = PruneReport::default();
         let mut i = 0;

@@ -173,6 +173,14 @@ impl LocalEngine {
                 // its prune) ends before the overlay is made.
                 claim.apply_ended().await;
                 let _claim = claim;
+                if let Err(e) = forget_flattened(&root, vm.id) {
+                    store.remove_failover(vm.id)?;
+                    return Err(failed(
+                        "cannot forget an earlier failover's images",
+                        &e,
+                        "Check the replica's storage location.",
+                    ));
+                }
                 let made = async {
                     let points = PointStore::open(&root, vm.id).await?;
                     points.create_overlay(point, OVERLAY).await
@@ -221,6 +229,13 @@ impl LocalEngine {
                 let points = PointStore::open(&root, vm.id).await.map_err(|e| {
                     failed(
                         "cannot open the recovery points",
+                        &e,
+                        "Check the replica's storage location.",
+                    )
+                })?;
+                forget_flattened(&root, vm.id).map_err(|e| {
+                    failed(
+                        "cannot forget a cut commit's images",
                         &e,
                         "Check the replica's storage location.",
                     )
@@ -314,16 +329,20 @@ pub(super) async fn flatten(
     let overlays = PointStore::overlay_disk_paths(root, vm.id, OVERLAY, vm.disks.len());
     let overlay_gone = !overlays.iter().all(|o| o.is_file());
     let tracking = super::reverse::tracking_dir(data_dir, vm.id);
-    let baseline_kept = (0..vm.disks.len()).all(|i| {
-        tracking
-            .join(format!("disk{i}.{}", super::reverse::COMMITTED_BASELINE))
-            .is_file()
-    });
+    // Which failover the images about to be made in `dest` are of, so that a run after a cut
+    // (the overlay gone) takes only its own: an earlier failover's commit left images there too.
+    let current = store.failover(vm.id)?;
+    let marker = dest.join(FLATTENED_FOR);
+    let found = flattened_for(&marker);
+    let ours = |f: &FailoverRow, found: &FlattenedFor| {
+        found.point == f.point && found.log_hash == f.log_hash
+    };
     // After a planned failover, the point's maps are kept for a reverse, which must send
     // everything the VM wrote since (docs/protocol.md §5.7). A run after a cut that removed the
-    // overlay (and maybe the points) took them before it made the images.
-    let hash_point = planned && !(overlay_gone && baseline_kept);
-    if let (Some(f), true) = (store.failover(vm.id)?, hash_point) {
+    // overlay (and maybe the points) took them before it made the images, as its record says.
+    let maps_taken =
+        overlay_gone && matches!((&current, &found), (Some(f), Some(m)) if ours(f, m) && m.maps);
+    if let (Some(f), true) = (&current, planned && !maps_taken) {
         let table = super::initial::disk_table(vm)?;
         let layers = (0..table.len())
             .map(|i| points.point_path(f.point, i))
@@ -362,17 +381,17 @@ pub(super) async fn flatten(
             )?;
         }
     }
-    // Which failover the images about to be made in `dest` are of, so that a run after a cut
-    // (the overlay gone) takes only its own: an earlier failover's commit left images there too.
-    let ours = store
-        .failover(vm.id)?
-        .map(|f| serde_json::json!({"point": f.point, "log_hash": f.log_hash}).to_string());
-    let marker = dest.join(FLATTENED_FOR);
     // What the VM wrote since the failover point, for a failback (engine::failback); when this
     // finishes a cut commit (the overlay gone), the first run's records stay.
     if !overlay_gone {
-        if let Some(ours) = &ours {
-            write_durably(&marker, ours.as_bytes()).map_err(|e| {
+        if let Some(f) = &current {
+            let record = FlattenedFor {
+                point: f.point,
+                log_hash: f.log_hash.clone(),
+                maps: planned,
+            };
+            let json = serde_json::to_vec(&record).unwrap_or_default();
+            write_durably(&marker, &json).map_err(|e| {
                 failed(
                     "cannot record which failover the flattened disks are of",
                     &e,
@@ -391,8 +410,7 @@ pub(super) async fn flatten(
         // A commit cut off after the images were made and the overlay removed: images of this
         // failover, not ones an earlier failover's commit left.
         Err(OverlayError::Unknown(_))
-            if ours.is_some()
-                && std::fs::read_to_string(&marker).ok() == ours
+            if matches!((&current, &found), (Some(f), Some(m)) if ours(f, m))
                 && vm
                     .disks
                     .iter()
@@ -419,9 +437,36 @@ pub(super) async fn flatten(
     Ok(points)
 }
 
-/// In `<root>/<vm>.failed-over/`: which failover (point and log hash) its images were flattened
-/// for.
+/// In `<root>/<vm>.failed-over/`: which failover its images were flattened for ([`FlattenedFor`]).
 const FLATTENED_FOR: &str = "flattened-for.json";
+
+/// The failover (its point and the point's log hash) a commit flattened `<vm>.failed-over/`'s
+/// images for, written before it began; `maps`: it had kept the point's block-hash maps first.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FlattenedFor {
+    point: u64,
+    log_hash: String,
+    maps: bool,
+}
+
+fn flattened_for(marker: &Path) -> Option<FlattenedFor> {
+    serde_json::from_slice(&std::fs::read(marker).ok()?).ok()
+}
+
+/// Forgets which failover `vm`'s `<root>/<vm>.failed-over/` images were flattened for: a failover
+/// reverted or begun anew must never find an earlier one's images its own.
+fn forget_flattened(root: &Path, vm: Uuid) -> std::io::Result<()> {
+    let marker = root
+        .join(format!("{}.failed-over", vm.hyphenated()))
+        .join(FLATTENED_FOR);
+    match std::fs::remove_file(&marker) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => marker.parent().map_or(Ok(()), |d| {
+            std::fs::File::open(d).and_then(|d| d.sync_all())
+        }),
+    }
+}
 
 /// Writes `path` durably: a temporary file synced, renamed, the directory synced.
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -2971,15 +2971,17 @@ async fn apply_one(replica: &ReplicaSide, log: &ReceivedLog) -> Result<(), Apply
     let _ = std::fs::remove_file(&staged_path);
     // A point a failover or a test failover chose stays, though its overlay may not exist yet
     // (the failover's job waits for this apply to end; a test VM's job makes its overlay).
-    let chosen: std::collections::BTreeSet<u64> = [
-        store.failover(log.vm).ok().flatten().map(|f| f.point),
-        store.test_system_of(log.vm).ok().flatten().map(|t| t.point),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let chosen = || {
+        [
+            store.failover(log.vm).ok().flatten().map(|f| f.point),
+            store.test_system_of(log.vm).ok().flatten().map(|t| t.point),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    };
     match points
-        .prune_keeping(&policy, now() * 1_000_000, &chosen)
+        .prune_keeping(&policy, now() * 1_000_000, chosen)
         .await
     {
         Ok(_) if resynced || unpruned => {
