@@ -580,6 +580,14 @@ def latest_point_equals(store, other, fmt="raw", shared=False, at_least=0):
     return wait_for(check, timeout=30, what="the latest point to compare")
 
 
+def point_equals_running_disk(lab, vm_id, seq, qsd):
+    """Point `seq` of disk 0 on the replica compares equal with the disk `qsd` serves over NBD."""
+    layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
+    res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def latest_layers(lab, vm_id, seq):
     store = lab.storage / vm_id.lower()
     return [store / f"disk{i}" / f"p{seq:020}.qcow2" for i in range(2)]
@@ -735,11 +743,7 @@ def test_a_running_vm_replicates_through_dirty_bitmaps_while_it_keeps_writing(la
         last = applied_sequence(lab, vm_id)
         wait_for(lambda: applied_sequence(lab, vm_id) >= last + 2, timeout=30, what="two quiet cycles")
         rrsc(p, vm, 7)  # nothing in flight from here on
-        seq = settled(lab, vm_id)
-        layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
-        res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout + res.stderr
+        point_equals_running_disk(lab, vm_id, settled(lab, vm_id), qsd)
 
         rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
         rv, out = p.InvokeMethod("GetReplicationStatisticsEx", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
@@ -775,11 +779,7 @@ def test_a_running_vm_replicates_through_dirty_bitmaps_while_it_keeps_writing(la
         before = applied_sequence(lab, vm_id)
         wait_for(lambda: applied_sequence(lab, vm_id) >= before + 2, timeout=30, what="cycles after the crash")
         rrsc(p, vm, 7)
-        seq = settled(lab, vm_id)
-        layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
-        res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout + res.stderr
+        point_equals_running_disk(lab, vm_id, settled(lab, vm_id), qsd)
     finally:
         qsd.stop()
 
@@ -799,10 +799,7 @@ def test_a_running_vm_with_a_raw_disk_is_tracked_while_its_qemu_runs(lab, tmp_pa
         def shipped_equal():
             rrsc(p, vm, 7)
             seq = settled(lab, vm_id)
-            layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
-            res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
-                                 capture_output=True, text=True)
-            assert res.returncode == 0, res.stdout + res.stderr
+            point_equals_running_disk(lab, vm_id, seq, qsd)
             rrsc(p, vm, 3)
             return seq
 
@@ -2060,11 +2057,7 @@ def test_a_disk_whose_tracking_restarted_is_scanned_until_a_scan_of_it_is_commit
         assert "no scan of it was committed yet: hash-scanning it" in plain_log(lab.primary)
         p = lab.primary.conn()
         rrsc(p, vm_by_name(p, "mark01"), 7)
-        seq = settled(lab, vm_id)
-        layer = lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2"
-        res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(layer), qsd.url],
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout + res.stderr
+        point_equals_running_disk(lab, vm_id, settled(lab, vm_id), qsd)
     finally:
         qsd.stop()
 

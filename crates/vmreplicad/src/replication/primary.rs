@@ -942,17 +942,7 @@ impl PrimarySide {
         }
         match result {
             Ok(()) => {
-                // What this log changed, for a failback after an unplanned failover
-                // (replication::journal); a disk whose record cannot be made is simply unknown.
-                let changed: Result<Vec<_>, String> = maps
-                    .iter()
-                    .map(|(tmp, map)| super::journal::map_diff(map, tmp))
-                    .collect();
-                if let Ok(changed) = changed {
-                    if let Err(e) = self.store.record_sent_blocks(vm.id, seq, &changed) {
-                        tracing::warn!(vm = %vm.id, "cannot record the blocks of log {seq}: {e}");
-                    }
-                }
+                self.record_sent_blocks(vm.id, seq, &maps);
                 for (tmp, map) in &maps {
                     if let Err(e) = disk::scan::hashmap::commit(tmp, map) {
                         rotation.abandon(&vm.disks).await;
@@ -988,6 +978,21 @@ impl PrimarySide {
         }
     }
 
+    /// Records what log `seq` changed, from each disk's (new, baseline) maps, for a failback after
+    /// an unplanned failover (replication::journal); a disk whose record cannot be made is simply
+    /// unknown.
+    fn record_sent_blocks(&self, vm: Uuid, seq: u64, maps: &[(PathBuf, PathBuf)]) {
+        let changed: Result<Vec<_>, String> = maps
+            .iter()
+            .map(|(new, map)| super::journal::map_diff(map, new))
+            .collect();
+        if let Ok(changed) = changed {
+            if let Err(e) = self.store.record_sent_blocks(vm, seq, &changed) {
+                tracing::warn!(%vm, "cannot record the blocks of log {seq}: {e}");
+            }
+        }
+    }
+
     /// The replica holds log `held.sequence` above `chain`: the log this host sent last, whose
     /// commit answer was lost. Its kept maps become the baseline (and its blocks the journal's)
     /// and the chain moves to it, on its row too. Any other log needs a resynchronization.
@@ -1018,15 +1023,7 @@ impl PrimarySide {
             .collect();
         // Adopted once already up to some disk (cut off): the journal was written first.
         if maps.iter().all(|(sent, _)| sent.is_file()) {
-            let changed: Result<Vec<_>, String> = maps
-                .iter()
-                .map(|(sent, map)| super::journal::map_diff(map, sent))
-                .collect();
-            if let Ok(changed) = changed {
-                if let Err(e) = self.store.record_sent_blocks(vm.id, c, &changed) {
-                    tracing::warn!(vm = %vm.id, "cannot record the blocks of log {c}: {e}");
-                }
-            }
+            self.record_sent_blocks(vm.id, c, &maps);
         }
         for (sent, map) in &maps {
             if sent.is_file() {
