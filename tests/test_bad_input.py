@@ -417,6 +417,27 @@ def test_a_snapshot_reference_that_names_no_recovery_point_is_refused(server, co
                        SnapshotSettingData=vm_path(server))
 
 
+def test_a_method_of_a_service_that_is_not_here_is_not_found(server, conn):
+    """A service's method called on a path naming another service (another Name, or another host's
+    SystemName) is CIM_ERR_NOT_FOUND, and nothing runs."""
+    entry = pywbem.CIMInstance("Msvm_ReplicationAuthorizationSettingData", properties={
+        "AllowedPrimaryHostSystem": "elsewhere.example.org", "TrustGroup": "g", "ReplicaStorageLocation": "/nonexistent"})
+    for key, value in (("Name", "bogus"), ("SystemName", "another-host")):
+        path = service_path(conn).copy()
+        path.keybindings[key] = value
+        assert_cim_error(pywbem.CIM_ERR_NOT_FOUND,
+                         lambda: conn.InvokeMethod("AddAuthorizationEntry", path, AuthorizationEntry=entry.tocimxmlstr()),
+                         value)
+    assert "elsewhere.example.org" not in entries(conn)
+    (vsms,) = conn.EnumerateInstanceNames("Msvm_VirtualSystemManagementService")
+    other = vsms.copy()
+    other.keybindings["SystemName"] = "another-host"
+    assert_cim_error(pywbem.CIM_ERR_NOT_FOUND,
+                     lambda: conn.InvokeMethod("DestroySystem", other, AffectedSystem=vm_path(server, "ctl01")),
+                     "another-host")
+    assert conn.GetInstance(vm_path(server, "ctl01"))["ElementName"] == "ctl01"
+
+
 def test_computer_system_ref_to_missing_guid_is_not_found(server, conn):
     missing = pywbem.CIMInstanceName("Msvm_ComputerSystem",
                                      {"CreationClassName": "Msvm_ComputerSystem", "Name": MISSING_GUID},

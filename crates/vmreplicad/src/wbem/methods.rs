@@ -8,7 +8,7 @@
 
 use cim::{
     parse_embedded_instance, CimDateTime, CimError, CimInstance, CimStatusCode, CimType, CimValue,
-    MethodDecl, ObjectPath, OutParam, ParamData, ParamDecl, ParamValue,
+    KeyValue, MethodDecl, ObjectPath, OutParam, ParamData, ParamDecl, ParamValue,
 };
 use vmreplica_core::codes::ReturnCode;
 use vmreplica_core::command::{
@@ -402,7 +402,10 @@ async fn dispatch(
     args: &Args,
 ) -> Result<CommandOutput, MethodError> {
     match class {
-        "Msvm_ReplicationService" => replication_service(svc, args).await,
+        "Msvm_ReplicationService" => {
+            service_target(target, &objects::service_path(&svc.host))?;
+            replication_service(svc, args).await
+        }
         "Msvm_ComputerSystem" if args.method == "RequestStateChange" => {
             let vm = vm_from_path(svc, target, "the target")?;
             let requested = args
@@ -440,9 +443,11 @@ async fn dispatch(
         }
         "Msvm_ConcreteJob" => concrete_job(svc, target, args).await,
         "Msvm_VirtualSystemManagementService" if args.method == "DefineSystem" => {
+            service_target(target, &objects::management_service_path(&svc.host))?;
             run(svc, Command::AddVm(vm_definition(args)?)).await
         }
         "Msvm_VirtualSystemManagementService" => {
+            service_target(target, &objects::management_service_path(&svc.host))?;
             let path = args
                 .reference("AffectedSystem")
                 .ok_or_else(|| args.missing("AffectedSystem"))?;
@@ -454,6 +459,28 @@ async fn dispatch(
             format!("{other} has no callable methods"),
         )
         .into()),
+    }
+}
+
+/// The target of a service's method must be that service (`ours`): every key it gives must name
+/// it (string keys compared without regard to case; a class path, with no keys, stands for the one
+/// service). Any other is not on this host.
+fn service_target(target: &ObjectPath, ours: &ObjectPath) -> Result<(), MethodError> {
+    let fits = target
+        .keys
+        .iter()
+        .all(|(name, v)| match (v, ours.key(name)) {
+            (KeyValue::String(a), Some(KeyValue::String(b))) => a.eq_ignore_ascii_case(b),
+            _ => false,
+        });
+    if fits {
+        Ok(())
+    } else {
+        Err(CimError::new(
+            CimStatusCode::NotFound,
+            format!("no {} {} on this host", target.class_name, target.to_wmi()),
+        )
+        .into())
     }
 }
 
