@@ -438,6 +438,16 @@ def test_a_method_of_a_service_that_is_not_here_is_not_found(server, conn):
     assert conn.GetInstance(vm_path(server, "ctl01"))["ElementName"] == "ctl01"
 
 
+def test_a_vm_path_with_its_guid_in_lower_case_names_the_same_vm(server, conn):
+    """WMI compares string keys without regard to case: a VM's path with its GUID in lower case
+    (as a tool that lower-cases GUIDs builds it) is the same instance."""
+    lower = vm_path(server).copy()
+    lower.keybindings["Name"] = server.disks["web01"].lower()
+    assert conn.GetInstance(lower)["ElementName"] == "web01"
+    rels = conn.Associators(lower, ResultClass="Msvm_ReplicationSettingData")
+    assert len(rels) == 1
+
+
 def test_computer_system_ref_to_missing_guid_is_not_found(server, conn):
     missing = pywbem.CIMInstanceName("Msvm_ComputerSystem",
                                      {"CreationClassName": "Msvm_ComputerSystem", "Name": MISSING_GUID},

@@ -281,6 +281,8 @@ fn key_values_match(a: &KeyValue, b: &KeyValue) -> bool {
         (KeyValue::Number(x), KeyValue::Number(y)) => {
             x == y || matches!((x.parse::<i128>(), y.parse::<i128>()), (Ok(a), Ok(b)) if a == b)
         }
+        // As WMI compares string keys: a GUID in lower case names the same VM.
+        (KeyValue::String(x), KeyValue::String(y)) => x.eq_ignore_ascii_case(y),
         _ => a == b,
     }
 }
@@ -365,6 +367,20 @@ mod tests {
                 KeyValue::String("Msvm_ComputerSystem".into()),
             );
         assert!(a.same_instance(&b));
+        let lower = ObjectPath::new("Msvm_ComputerSystem")
+            .with_key("Name", KeyValue::String("5b8e-guid".into()))
+            .with_key(
+                "CreationClassName",
+                KeyValue::String("msvm_computersystem".into()),
+            );
+        assert!(a.same_instance(&lower));
+        let other = ObjectPath::new("Msvm_ComputerSystem")
+            .with_key("Name", KeyValue::String("5b8e-guie".into()))
+            .with_key(
+                "CreationClassName",
+                KeyValue::String("msvm_computersystem".into()),
+            );
+        assert!(!a.same_instance(&other));
         let c = b.clone().with_key("X", KeyValue::Number("1".into()));
         assert!(!a.same_instance(&c));
     }
