@@ -61,10 +61,10 @@
 //! | prune j, per disk | fsync j's layer, rename it over c's, fsync dir | c's name on j's old file: c's content, over j's backing | — (the next prune finds no j layer for that disk) |
 //! | prune j, per disk, when the commit cannot run (c held open) | copy c to `c.tmp`, safe `qemu-img rebase` onto j's backing, fsync, rename over c, then delete j's layer | `c.tmp`, or c over j's backing with j's layer unreferenced | delete `*.tmp`; the next prune copies again or only deletes j's layer |
 //! | prune j | delete `merge.json` | **j merged** | — |
-//! | create overlay | mkdir, `qemu-img create` its disks | an overlay dir without `overlay.json` | delete the dir |
+//! | create overlay | mkdir, `qemu-img create` its disks (its pid in `run/overlay-<name>.pid`) | an overlay dir without `overlay.json`; the create may still run | stop it (SIGKILL, wait for its exit), delete the dir |
 //! | create overlay | write `overlay.json` atomically | **overlay exists**, base pinned | — |
 //! | remove overlay | delete `overlay.json` | an overlay dir without `overlay.json` | delete the dir |
-//! | commit overlay | `qemu-img convert` to `dest/disk<i>.qcow2.tmp`, fsync, rename | the flattened images; the overlay still exists | — (commit again; it overwrites) |
+//! | commit overlay | `qemu-img convert` to `dest/disk<i>.qcow2.tmp` (its pid in `run/overlay-<name>.pid`), fsync, rename | the flattened images; the overlay still exists; the convert may still run | stop it as above; commit again (it overwrites) |
 //!
 //! So at any instant every committed point is intact and the log of an uncommitted point can be
 //! applied again from scratch. A log is read once: its extents go into the temporary layers as

@@ -22,6 +22,7 @@ impl PointStore {
             return Err(OverlayError::BadName(name.to_string()));
         }
         let _lock = self.lock().await?;
+        qemu_img::reap_overlay(&self.layout.run_dir(), name);
         recover::run(&self.layout)?;
         let point =
             catalog::point(&self.layout, sequence)?.ok_or(StoreError::UnknownPoint { sequence })?;
@@ -34,7 +35,8 @@ impl PointStore {
         for (disk, info) in point.disks.iter().enumerate() {
             let path = self.layout.overlay_disk(name, disk);
             let backing = format!("../../disk{disk}/{}", layer_name(sequence));
-            qemu_img::create(&path, Some(&backing), info.virtual_size).await?;
+            let run = self.layout.run_dir();
+            qemu_img::create_recorded(&path, &backing, info.virtual_size, (&run, name)).await?;
             durable::sync_file(&path).map_err(StoreError::io("sync", &path))?;
             paths.push(path);
         }
@@ -70,13 +72,17 @@ impl PointStore {
         let info = catalog::overlay(&self.layout, name)?
             .ok_or_else(|| OverlayError::Unknown(name.to_string()))?;
         std::fs::create_dir_all(dest).map_err(StoreError::io("create", dest))?;
+        // A killed run's flattening may still be writing into `dest`.
+        qemu_img::reap_overlay(&self.layout.run_dir(), name);
         // No lock while converting: the base point is pinned by the overlay, and a concurrent prune
         // only replaces ancestor layers by rename, which the running convert does not see.
         let mut out = Vec::with_capacity(info.disks);
         for disk in 0..info.disks {
             let target = dest.join(format!("disk{disk}.qcow2"));
             let tmp = tmp_name(&target);
-            qemu_img::convert(&self.layout.overlay_disk(name, disk), &tmp).await?;
+            let run = self.layout.run_dir();
+            qemu_img::convert_recorded(&self.layout.overlay_disk(name, disk), &tmp, (&run, name))
+                .await?;
             durable::sync_file(&tmp).map_err(StoreError::io("sync", &tmp))?;
             durable::rename_durable(&tmp, &target).map_err(StoreError::io("rename", &tmp))?;
             out.push(target);

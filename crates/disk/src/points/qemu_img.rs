@@ -108,53 +108,137 @@ pub(crate) async fn rebase(path: &Path, backing: Option<&str>) -> Result<(), Qem
 
 /// `run/merge-commit.pid`: the pid of a running [`commit_keep`], so that recovery can stop one a
 /// killed daemon left behind before anything else writes the same image.
-fn commit_pid_file(run_dir: &Path) -> std::path::PathBuf {
-    run_dir.join("merge-commit.pid")
+const MERGE_COMMIT: &str = "merge-commit.pid";
+/// `run/overlay-<name>.pid`: the pid of a running [`create_recorded`] or [`convert_recorded`] of
+/// overlay `name` (its creation, or its commit's flattening), stopped the same way
+/// ([`reap_overlay`]).
+fn overlay_pid_file(name: &str) -> String {
+    format!("overlay-{name}.pid")
 }
 
-/// `qemu-img commit -d`: writes the clusters `path` holds into its backing file, leaving `path`
-/// as it is. Needs the write lock on both (a process holding `path` open makes it fail). Its pid
-/// is kept in `run_dir` while it runs.
-pub(crate) async fn commit_keep(path: &Path, run_dir: &Path) -> Result<(), QemuImgError> {
-    let verb = "commit";
+fn commit_pid_file(run_dir: &Path) -> std::path::PathBuf {
+    run_dir.join(MERGE_COMMIT)
+}
+
+/// `qemu-img <verb> <args…>` whose pid is kept in `pid_file` while it runs; `image` names the
+/// file concerned in errors.
+async fn run_recorded(
+    verb: &'static str,
+    image: &Path,
+    args: &[&OsStr],
+    pid_file: &Path,
+) -> Result<(), QemuImgError> {
     let child = Command::new("qemu-img")
-        .args([
-            os("commit"),
-            os("-q"),
-            os("-d"),
-            os("-f"),
-            os("qcow2"),
-            path.as_os_str(),
-        ])
+        .arg(verb)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| QemuImgError::Spawn { verb, source })?;
-    let pid_file = commit_pid_file(run_dir);
     if let Some(pid) = child.id() {
-        let _ = std::fs::create_dir_all(run_dir);
-        let _ = std::fs::write(&pid_file, pid.to_string());
+        if let Some(dir) = pid_file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(pid_file, pid.to_string());
     }
     let out = child.wait_with_output().await;
-    let _ = std::fs::remove_file(&pid_file);
+    let _ = std::fs::remove_file(pid_file);
     let out = out.map_err(|source| QemuImgError::Spawn { verb, source })?;
     if out.status.success() {
         return Ok(());
     }
     Err(QemuImgError::Failed {
         verb,
-        image: path.display().to_string(),
+        image: image.display().to_string(),
         status: out.status.to_string(),
         stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
     })
 }
 
+/// `qemu-img commit -d`: writes the clusters `path` holds into its backing file, leaving `path`
+/// as it is. Needs the write lock on both (a process holding `path` open makes it fail). Its pid
+/// is kept in `run_dir` while it runs.
+pub(crate) async fn commit_keep(path: &Path, run_dir: &Path) -> Result<(), QemuImgError> {
+    let args = [os("-q"), os("-d"), os("-f"), os("qcow2"), path.as_os_str()];
+    run_recorded("commit", path, &args, &commit_pid_file(run_dir)).await
+}
+
+/// [`create`] of an image of overlay `overlay`, its pid kept in `run_dir` while it runs.
+pub(crate) async fn create_recorded(
+    path: &Path,
+    backing: &str,
+    size: u64,
+    (run_dir, overlay): (&Path, &str),
+) -> Result<(), QemuImgError> {
+    let size = size.to_string();
+    let args = [
+        os("-q"),
+        os("-f"),
+        os("qcow2"),
+        os("-b"),
+        os(backing),
+        os("-F"),
+        os("qcow2"),
+        path.as_os_str(),
+        os(&size),
+    ];
+    run_recorded(
+        "create",
+        path,
+        &args,
+        &run_dir.join(overlay_pid_file(overlay)),
+    )
+    .await
+}
+
+/// `qemu-img convert` of an image of overlay `overlay` (its whole chain) into a standalone qcow2
+/// `dst`, its pid kept in `run_dir` while it runs.
+pub(crate) async fn convert_recorded(
+    src: &Path,
+    dst: &Path,
+    (run_dir, overlay): (&Path, &str),
+) -> Result<(), QemuImgError> {
+    let args = [
+        os("-f"),
+        os("qcow2"),
+        os("-O"),
+        os("qcow2"),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ];
+    run_recorded(
+        "convert",
+        src,
+        &args,
+        &run_dir.join(overlay_pid_file(overlay)),
+    )
+    .await
+}
+
 /// Stops a [`commit_keep`] a killed daemon left running (SIGKILL, then waits up to 10 s for it to
 /// exit and release its image locks). The pid is trusted only while it is a `qemu-img`.
 pub(crate) fn reap_commit(run_dir: &Path) {
-    let pid_file = commit_pid_file(run_dir);
+    reap(
+        run_dir,
+        MERGE_COMMIT,
+        "stopped the merge commit a killed prune left running",
+    );
+}
+
+/// Stops an overlay's [`create_recorded`] or [`convert_recorded`] a killed daemon left running,
+/// as [`reap_commit`] does: a run again would find its image locked, or written under it.
+pub(crate) fn reap_overlay(run_dir: &Path, overlay: &str) {
+    reap(
+        run_dir,
+        &overlay_pid_file(overlay),
+        "stopped the overlay's qemu-img a killed run left running",
+    );
+}
+
+fn reap(run_dir: &Path, name: &str, done: &str) {
+    let pid_file = run_dir.join(name);
     let Some(pid) = std::fs::read_to_string(&pid_file)
         .ok()
         .and_then(|t| t.trim().parse::<i32>().ok())
@@ -195,7 +279,7 @@ pub(crate) fn reap_commit(run_dir: &Path) {
         while alive() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        tracing::info!(pid, "stopped the merge commit a killed prune left running");
+        tracing::info!(pid, "{done}");
     }
     let _ = std::fs::remove_file(&pid_file);
 }
@@ -217,19 +301,6 @@ pub(crate) async fn repair_leaks(path: &Path) -> Result<(), QemuImgError> {
 pub(crate) async fn check(path: &Path) -> Result<(), QemuImgError> {
     let args = [os("-q"), os("-f"), os("qcow2"), path.as_os_str()];
     run("check", path, &args).await.map(drop)
-}
-
-/// Flattens the chain under `src` into a standalone qcow2 at `dst`.
-pub(crate) async fn convert(src: &Path, dst: &Path) -> Result<(), QemuImgError> {
-    let args = [
-        os("-f"),
-        os("qcow2"),
-        os("-O"),
-        os("qcow2"),
-        src.as_os_str(),
-        dst.as_os_str(),
-    ];
-    run("convert", src, &args).await.map(drop)
 }
 
 #[cfg(test)]
