@@ -8,6 +8,7 @@ mod certs;
 mod claims;
 mod clock;
 mod crash;
+mod durable;
 mod engine;
 mod http;
 mod jobs;

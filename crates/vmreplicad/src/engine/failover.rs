@@ -391,13 +391,15 @@ pub(super) async fn flatten(
                 maps: planned,
             };
             let json = serde_json::to_vec(&record).unwrap_or_default();
-            write_durably(&marker, &json).map_err(|e| {
-                failed(
-                    "cannot record which failover the flattened disks are of",
-                    &e,
-                    "Check the replica's storage location.",
-                )
-            })?;
+            std::fs::create_dir_all(&dest)
+                .and_then(|()| crate::durable::write_file(&marker, &json))
+                .map_err(|e| {
+                    failed(
+                        "cannot record which failover the flattened disks are of",
+                        &e,
+                        "Check the replica's storage location.",
+                    )
+                })?;
         }
         // Never an earlier failover's records.
         super::failback::forget_records(data_dir, vm.id, vm.disks.len());
@@ -462,24 +464,8 @@ fn forget_flattened(root: &Path, vm: Uuid) -> std::io::Result<()> {
     match std::fs::remove_file(&marker) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
-        Ok(()) => marker.parent().map_or(Ok(()), |d| {
-            std::fs::File::open(d).and_then(|d| d.sync_all())
-        }),
+        Ok(()) => marker.parent().map_or(Ok(()), crate::durable::sync_dir),
     }
-}
-
-/// Writes `path` durably: a temporary file synced, renamed, the directory synced.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// After [`flatten`]: the VM keeps no recovery point and no received log.

@@ -189,9 +189,9 @@ impl Rotation {
                 bitmap: name.clone(),
                 since: now,
             };
-            let written = serde_json::to_vec(&record)
-                .ok()
-                .is_some_and(|json| write_durable(&record_file(tracking, i), &json).is_ok());
+            let written = serde_json::to_vec(&record).ok().is_some_and(|json| {
+                crate::durable::write_file(&record_file(tracking, i), &json).is_ok()
+            });
             if !written {
                 // The old record still holds a superset; the new bitmap goes at the next rotation.
                 continue;
@@ -349,7 +349,7 @@ fn write_marked(
         print,
     };
     if let Ok(json) = serde_json::to_vec(&marked) {
-        let _ = write_durable(&marked_file(tracking, disk), &json);
+        let _ = crate::durable::write_file(&marked_file(tracking, disk), &json);
     }
 }
 
@@ -373,16 +373,6 @@ pub fn check_marked(
         );
     }
     Ok(())
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
-fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

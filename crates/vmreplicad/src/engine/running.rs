@@ -60,7 +60,7 @@ fn mark_for_scan(marker: &Path) -> std::io::Result<()> {
     let dir = marker.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     std::fs::File::create(marker)?.sync_all()?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::sync_dir(dir)
 }
 
 /// Drops the scan markers of a VM's disks once a log that read them whole is committed (any log

@@ -14,7 +14,6 @@
 //! holds (`PrimarySide::adopt_sent`, which then moves the chain to `c`); any other
 //! replica ahead of the chain needs a resynchronization.
 
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -35,10 +34,6 @@ pub fn sent_map(map: &Path, seq: u64) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Keeps the new maps of log `seq` (hash `log_hash`) in `tracking`: each `(tmp, map)` pair's
 /// finished temporary map (already synced) is renamed to [`sent_map`] and the pair now names it;
 /// the record goes last. What an older log kept goes first.
@@ -52,7 +47,7 @@ pub fn keep(
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    sync_dir(tracking)?;
+    crate::durable::sync_dir(tracking)?;
     forget_maps(tracking);
     for (tmp, map) in maps.iter_mut() {
         let sent = sent_map(map, seq);
@@ -64,14 +59,7 @@ pub fn keep(
         log_hash: log_hash.to_string(),
     };
     let json = serde_json::to_vec(&record).map_err(io::Error::other)?;
-    let tmp = tracking.join(format!("{RECORD}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        io::Write::write_all(&mut f, &json)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, tracking.join(RECORD))?;
-    sync_dir(tracking)
+    crate::durable::write_file(&tracking.join(RECORD), &json)
 }
 
 /// The kept log, if any.
