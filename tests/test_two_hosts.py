@@ -2062,6 +2062,44 @@ def test_a_disk_whose_tracking_restarted_is_scanned_until_a_scan_of_it_is_commit
         qsd.stop()
 
 
+def test_a_running_vms_disk_replaced_by_an_older_copy_of_itself_is_scanned(lab, tmp_path):
+    """A backup of a running VM's qcow2 disk, taken while the VM was off, is restored over it while
+    it is off again, after a write the replica got. The copy's bitmap is consistent but older than
+    the last point: it knows nothing of the write the copy undid. The next cycle must hash-scan the
+    disk and send the block back. (It trusted the copy's bitmap, and the replica kept the undone
+    write for good.)"""
+    disk = tmp_path / "older01.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", disk, "32M")
+    qsd = Qsd(disk, tmp_path)
+    try:
+        vm_id = enable_running(lab, "older01", disk, qsd)
+        lab.primary.cli("start", "older01")
+        qsd.write("write -P 0x21 1M 64k")
+        shipped_since(lab, vm_id, time.time())
+        p = lab.primary.conn()
+        vm = vm_by_name(p, "older01")
+        rrsc(p, vm, 7)
+        qsd.stop()
+        backup = tmp_path / "backup.qcow2"
+        shutil.copyfile(disk, backup)
+        qsd = Qsd(disk, tmp_path)
+        rrsc(p, vm, 3)
+        qsd.write("write -P 0x5a 9M 64k")
+        shipped_since(lab, vm_id, time.time())
+        rrsc(p, vm, 7)
+        qsd.stop()
+        shutil.copyfile(backup, disk)  # restored in place: the write at 9M is undone
+        qsd = Qsd(disk, tmp_path)
+        rrsc(p, vm, 3)
+        qsd.write("write -P 0x33 5M 64k")
+        shipped_since(lab, vm_id, time.time())
+        rrsc(p, vm, 7)
+        point_equals_running_disk(lab, vm_id, settled(lab, vm_id), qsd)
+        assert "older than the one recording since the last point" in plain_log(lab.primary)
+    finally:
+        qsd.stop()
+
+
 def test_the_recovery_servers_tidy_leaves_a_partial_upload_still_arriving_alone(lab, tmp_path):
     """The recovery server tidies its uploads (hourly; here every second) while a slow delta
     arrives: a partial upload still being written is neither cut back nor deleted. (A cut under its

@@ -13,7 +13,9 @@
 //!   A restarted bitmap holds only what was written since its restart, so until a log read that
 //!   way is committed, the disk stays one to scan: a marker (`tracking/<VM>/disk<i>.scan`, durable
 //!   before the restart) says so to the cycles that follow a failed one, and to this daemon after
-//!   a crash, instead of the bitmap a failed cycle merged back.
+//!   a crash, instead of the bitmap a failed cycle merged back. A bitmap whose generation is
+//!   below the one recorded when the last point was frozen came back with an older copy of the
+//!   file and is not trusted either (`disk<i>.generation`).
 //!
 //! Because every cycle leaves an exact block-hash map, a VM may be replicated running or turned off
 //! from one cycle to the next. Only the consumer's confirmation ([`RunningPoint::finish`] with
@@ -69,6 +71,30 @@ pub fn scans_committed(tracking: &Path, disks: usize) {
     for i in 0..disks {
         let _ = std::fs::remove_file(scan_marker(tracking, i));
     }
+}
+
+/// The record of the generation of disk `index`'s bitmap that records since the last point was
+/// frozen (`disk<i>.generation`). Generations only grow, from one tracking restart to the next
+/// too, so a bitmap below it came back with an older copy of the file (a backup restored while
+/// the VM was off): it lacks writes the replica holds and the copy undid, and is not trusted.
+fn generation_record(tracking: &Path, index: usize) -> PathBuf {
+    tracking.join(format!("disk{index}.generation"))
+}
+
+fn expected_generation(tracking: &Path, index: usize) -> Option<u64> {
+    std::fs::read_to_string(generation_record(tracking, index))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Written once a point is frozen. (A crash before leaves the record of the point before: lower,
+/// never higher than what the disk holds.)
+fn expect_generation(tracking: &Path, index: usize, generation: u64) -> std::io::Result<()> {
+    std::fs::create_dir_all(tracking)?;
+    crate::durable::write_file(
+        &generation_record(tracking, index),
+        format!("{generation}\n").as_bytes(),
+    )
 }
 
 /// A frozen point of a running VM, until [`RunningPoint::finish`].
@@ -190,19 +216,32 @@ impl RunningPoint {
             })?;
             tracker.recover(&node).await.map_err(failed)?;
             let status = tracker.status(&node).await.map_err(failed)?;
-            let tracked = matches!(status, BitmapStatus::Tracking(_));
+            let expected = expected_generation(&tracking, i);
+            let (tracked, found) = match status {
+                BitmapStatus::Tracking(g) => (true, g),
+                BitmapStatus::Inconsistent(g) => (false, g),
+                BitmapStatus::Missing => (false, 0),
+            };
+            let older = tracked && expected.is_some_and(|e| found < e);
             let marker = scan_marker(&tracking, i);
-            if !tracked && !full {
+            if older && !full {
+                tracing::warn!(vm = %vm.id, disk = %path, found, expected = expected.unwrap_or_default(), "this disk's bitmap is older than the one recording since the last point (was the file replaced by an older copy of itself?): hash-scanning it once, tracking restarts");
+            } else if !tracked && !full {
                 tracing::info!(vm = %vm.id, disk = %path, ?status, "changes of this disk were not tracked since the last point: hash-scanning it once, tracking restarts");
-                mark_for_scan(&marker)
-                    .map_err(|e| RunningError::Failed(format!("{}: {e}", marker.display())))?;
             } else if tracked && !full && marker.exists() {
                 tracing::info!(vm = %vm.id, disk = %path, "tracking of this disk restarted after the last shipped point and no scan of it was committed yet: hash-scanning it");
             }
-            if full || !tracked {
-                tracker.start_tracking(&node, 1).await.map_err(failed)?;
+            let trusted = tracked && !older;
+            if !trusted && !full {
+                mark_for_scan(&marker)
+                    .map_err(|e| RunningError::Failed(format!("{}: {e}", marker.display())))?;
             }
-            by_bitmap.push(tracked && !full && !marker.exists());
+            if full || !trusted {
+                // Above every generation this disk had: an older copy's bitmap stays below.
+                let next = found.max(expected.unwrap_or(0)) + 1;
+                tracker.start_tracking(&node, next).await.map_err(failed)?;
+            }
+            by_bitmap.push(trusted && !full && !marker.exists());
             nodes.push(node);
         }
         let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
@@ -212,6 +251,11 @@ impl RunningPoint {
             }
             other => failed(other),
         })?;
+        for (i, g) in point.generations().into_iter().enumerate() {
+            if let Err(e) = expect_generation(&tracking, i, g + 1) {
+                tracing::warn!(vm = %vm.id, disk = i, "cannot record the generation of its bitmap: {e}");
+            }
+        }
         Ok(RunningPoint {
             tracker,
             point,
