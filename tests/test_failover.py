@@ -26,7 +26,10 @@ from test_two_hosts import (  # noqa: F401  (lab is a fixture)
     Qsd,
     applied_sequence,
     ext4_disk,
+    intruder,
     lab,
+    peer_as,
+    put_body,
     raw_peer,
     replicate_network,
     rrsc,
@@ -294,6 +297,37 @@ def points_taken_after(store, t):
         except FileNotFoundError:
             pass
     return seqs
+
+
+def test_only_the_recovery_server_a_vm_replicates_to_can_reverse_it(lab, tmp_path):
+    """A host the old primary's authorization table allows, but not the recovery server its
+    turned-off VM replicates to, says it is (in the request's primary_connection_point) and asks
+    the VM to become its replica, as after an unplanned failover. Refused: the sender is who its
+    certificate names. (The request was believed: the VM became the intruder's replica and its
+    chain to the recovery server was dropped.)"""
+    disk = tmp_path / "own01.raw"
+    run("truncate", "-s", "16M", disk)
+    vm_id = replicate_network(lab, tmp_path, "own01", [disk], "--no-compression")
+    wait_for(lambda: applied_sequence(lab, vm_id) >= 1, what="initial replication")
+    p = lab.primary.conn()
+    rrsc(p, vm_by_name(p, "own01"), 7)
+    hv1_storage = tmp_path / "hv1-storage"
+    port1 = serve(lab.primary, lab.t1, "*.lab.example", hv1_storage)
+    certs, t3 = intruder(lab)
+    body = put_body("own01", [("disk0", 16 << 20)])
+    body["primary_connection_point"] = REPLICA
+    body["reverse"] = {"sequence": 1, "log_hash": "0" * 64, "resync": True}
+    with peer_as(lab, certs, t3, port1) as c:
+        res = c.put(f"/vmreplica/v1/vms/{vm_id.lower()}", json=body)
+    assert res.status_code == 403 and res.json()["error"]["name"] == "AccessDenied", res.text
+    pvm = vm_by_name(p, "own01")
+    assert (pvm["ReplicationMode"], pvm["ReplicationState"]) == (1, 7)  # still the primary, suspended
+    assert not hv1_storage.exists() or list(hv1_storage.iterdir()) == []
+    rrsc(p, pvm, 3)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 3M 64k", disk)
+    seq = shipped_since(lab, vm_id, time.time())
+    same, text = compare(lab.storage / vm_id.lower() / "disk0" / f"p{seq:020}.qcow2", disk)
+    assert same, text
 
 
 def test_planned_failover_and_reverse_continue_without_resynchronization(lab, tmp_path):
@@ -1243,6 +1277,28 @@ def test_a_failback_after_a_backup_was_restored_over_the_old_primarys_disk_compa
     assert job["JobState"] == 7, job["ErrorDescription"]
     assert "lost blocks it had marked" in job["Description"], job["Description"]
     latest_point_equals(hv1_storage / vm_id.lower(), new_disk, "qcow2")
+
+
+def test_a_failback_is_refused_to_an_old_primary_the_authorization_table_no_longer_binds(lab, tmp_path):
+    """After an unplanned failover, the new primary's administrator removes the entry that bound
+    the VM; the old primary still matches an entry of another trust group. Its InitiateFailback is
+    refused and the failed-over VM is left as it was. (The failback route checked only the
+    primary's name, not the VM's binding, and started sending the VM to it.)"""
+    disk, vm_id = protected_and_suspended(lab, tmp_path, "fb09")
+    hv1_storage, new_disk = lost_and_failed_over(lab, tmp_path, "fb09")
+    other = tmp_path / "other-storage"
+    other.mkdir()
+    lab.replica.cli("auth", "remove", "*.lab.example")
+    lab.replica.cli("auth", "add", "--primary", PRIMARY, "--storage", str(other), "--trust-group", "OTHER")
+    r = lab.replica.conn()
+    before = vm_by_name(r, "fb09")
+    lab.primary.start()
+    p = lab.primary.conn()
+    job = wait_job(p, initiate_failback(p, "fb09"), timeout=120)
+    assert job["JobState"] != 7 and "removed" in job["ErrorDescription"], job["ErrorDescription"]
+    after = vm_by_name(r, "fb09")
+    assert (after["ReplicationMode"], after["ReplicationState"]) == (before["ReplicationMode"], before["ReplicationState"])
+    assert list(other.iterdir()) == [] and not list(hv1_storage.glob("*/p*.json"))
 
 
 def test_a_failback_after_the_old_primary_ran_trusts_the_bitmap_its_qemu_kept(lab, tmp_path):

@@ -265,11 +265,22 @@ def test_unknown_ca_and_disallowed_names_are_refused_and_nothing_is_written(lab,
 
 def raw_peer(lab):
     """An HTTP/2 client presenting the primary's certificate, as a hostile primary would."""
+    return peer_as(lab, lab.primary.data_dir / "certs", lab.t1, lab.port)
+
+
+def peer_as(lab, certs, thumbprint, port):
+    """An HTTP/2 client to 127.0.0.1:`port` presenting certificate `thumbprint` from `certs`."""
     ctx = ssl.create_default_context(cafile=str(lab.ca / "ca" / "ca.pem"))
     ctx.check_hostname = False  # it dials 127.0.0.1; the server is not what is under test here
-    certs = lab.primary.data_dir / "certs"
-    ctx.load_cert_chain(certs / f"{lab.t1.lower()}.pem", certs / f"{lab.t1.lower()}.key")
-    return httpx.Client(http2=True, verify=ctx, base_url=f"https://127.0.0.1:{lab.port}", timeout=30)
+    ctx.load_cert_chain(certs / f"{thumbprint.lower()}.pem", certs / f"{thumbprint.lower()}.key")
+    return httpx.Client(http2=True, verify=ctx, base_url=f"https://127.0.0.1:{port}", timeout=30)
+
+
+def intruder(lab):
+    """A third host's certificate from the lab CA, hv3.lab.example, which the recovery server's
+    `*.lab.example` entry allows: (its certificates directory, its thumbprint)."""
+    host = "hv3.lab.example"
+    return lab.ca / host / "certs", cert_new(lab.ca, host)[host]
 
 
 def put_body(name, disks):
@@ -1271,6 +1282,34 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
         res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log,
                       headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
     assert res.status_code == 200 and res.json()["state"] == 2, res.text
+
+
+def test_a_replica_made_here_is_bound_to_the_first_primary_that_names_it(lab, tmp_path):
+    """A replica made on the recovery server (Enable-VMReplication -AsReplica) has no binding until
+    a primary names it: the first one binds it, and a primary of another trust group is refused
+    from then on. (It stayed unbound until a PUT, and any authorized primary could upload to it.)"""
+    disk = tmp_path / "bind01.raw"
+    run("truncate", "-s", "16M", disk)
+    vm_id = str(uuid.uuid4()).upper()
+    lab.replica.cli("vm", "add", "--name", "bind01", "--id", vm_id, "--disk", str(disk))
+    lab.replica.cli("enable-as-replica", "bind01")
+    certs, t3 = intruder(lab)
+    other = tmp_path / "other-storage"
+    other.mkdir()
+    lab.replica.cli("auth", "add", "--primary", "hv3.lab.example", "--storage", str(other),
+                    "--trust-group", "OTHER")
+    with raw_peer(lab) as c:
+        res = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}")
+        assert res.status_code == 200, res.text
+    with peer_as(lab, certs, t3, lab.port) as c:
+        res = c.get(f"/vmreplica/v1/vms/{vm_id.lower()}")
+        assert res.status_code == 403 and res.json()["error"]["name"] == "AccessDenied", res.text
+        res = c.patch(f"/vmreplica/v1/vms/{vm_id.lower()}/logs/1", content=b"x" * 64,
+                      headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
+        assert res.status_code == 403, res.text
+    with raw_peer(lab) as c:
+        assert c.get(f"/vmreplica/v1/vms/{vm_id.lower()}").status_code == 200
+    assert list(other.iterdir()) == []
 
 
 @pytest.mark.parametrize("running", [False, True], ids=["off", "running"])

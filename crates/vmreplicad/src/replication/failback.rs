@@ -395,6 +395,13 @@ impl ReplicaSide {
                 "this host does not run failbacks",
             )
         })?;
+        // A replica here answers only to the primaries its binding allows, as every other route
+        // naming it does (§2.3): an entry removed since, or another trust group's, is refused.
+        if let (Some(v), Some(rel)) = (self.store.get_vm(vm)?, self.store.get_relationship(vm)?) {
+            if v.mode == vmreplica_core::state::ReplicationMode::Replica.as_u16() {
+                self.check_binding(entry, &rel)?;
+            }
+        }
         let (status, code) = engine.start(entry, name, vm, req).await?;
         Ok(json(code, &status))
     }

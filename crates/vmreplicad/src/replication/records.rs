@@ -238,6 +238,16 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Binds replica `vm`, not bound yet, to authorization entry `entry`; whether it was unbound.
+    pub fn bind_replica(&self, vm: Uuid, entry: &str) -> StoreResult<bool> {
+        let n = self.conn().execute(
+            "UPDATE relationships SET authorization_entry = ?2
+             WHERE vm = ?1 AND authorization_entry IS NULL",
+            params![vm.to_string(), entry],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Records a log applied without an upload (offline initial replication's import).
     pub fn record_applied_log(&self, l: &ReceivedLog) -> StoreResult<()> {
         self.conn().execute(

@@ -1196,7 +1196,7 @@ impl ReplicaSide {
             }
             R::PutVm(vm) => {
                 let put: PutVm = read_json(req.into_body()).await?;
-                self.put_vm(&entry, vm, put).await
+                self.put_vm(&entry, &name, vm, put).await
             }
             R::GetVm(vm) => {
                 let (vm_row, rel) = self.bound_vm(&entry, vm)?;
@@ -1351,7 +1351,7 @@ impl ReplicaSide {
     }
 
     /// §2.3 step 3: the VM must be a replica bound to this entry or its trust group.
-    fn check_binding(
+    pub(super) fn check_binding(
         &self,
         entry: &AuthorizationEntry,
         rel: &RelationshipRow,
@@ -1397,9 +1397,20 @@ impl ReplicaSide {
             )
         };
         let vm_row = self.store.get_vm(vm)?.ok_or_else(unknown)?;
-        let rel = self.store.get_relationship(vm)?.ok_or_else(unknown)?;
+        let mut rel = self.store.get_relationship(vm)?.ok_or_else(unknown)?;
         if vm_row.mode != ReplicationMode::Replica.as_u16() {
             return Err(unknown());
+        }
+        // A replica made here (RequestReplicationStateChange 2, an import) is bound to the first
+        // primary that names it (§2.3 step 3); from then on only its entry or trust group may.
+        if rel.authorization_entry.is_none() {
+            if self
+                .store
+                .bind_replica(vm, &entry.allowed_primary_host_system)?
+            {
+                tracing::info!(%vm, entry = %entry.allowed_primary_host_system, "replica bound to the authorization entry of the first primary that named it");
+            }
+            rel = self.store.get_relationship(vm)?.ok_or_else(unknown)?;
         }
         self.check_binding(entry, &rel)?;
         Ok((vm_row, rel))
@@ -1452,7 +1463,14 @@ impl ReplicaSide {
         })
     }
 
-    async fn put_vm(&self, entry: &AuthorizationEntry, vm: Uuid, put: PutVm) -> ApiResult {
+    /// `PUT vms/{vm}` from the primary `name` (the certificate's name `entry` matched).
+    async fn put_vm(
+        &self,
+        entry: &AuthorizationEntry,
+        name: &str,
+        vm: Uuid,
+        put: PutVm,
+    ) -> ApiResult {
         let lock = self.lock_for(vm);
         let _guard = lock.lock().await;
         let settings = |mut s: ReplicationSettings| {
@@ -1471,7 +1489,8 @@ impl ReplicaSide {
                     .reverse
                     .clone()
                     .unwrap_or_else(|| unreachable!("checked"));
-                self.accept_reverse(entry, existing, &put, &from).await
+                self.accept_reverse(entry, name, existing, &put, &from)
+                    .await
             }
             Some(existing) if existing.mode != ReplicationMode::Replica.as_u16() => {
                 Err(ApiError::new(

@@ -99,6 +99,7 @@ impl ReplicaSide {
     pub(super) async fn accept_reverse(
         &self,
         entry: &AuthorizationEntry,
+        sender: &str,
         existing: VmRow,
         put: &PutVm,
         from: &ReverseFrom,
@@ -151,15 +152,15 @@ impl ReplicaSide {
                 ),
             ));
         }
-        if !rel
-            .settings
-            .recovery_connection_point
-            .eq_ignore_ascii_case(&put.primary_connection_point)
+        // The sender is who its certificate names, not what its request says (§5.7).
+        let ours = rel.settings.recovery_connection_point.trim_end_matches('.');
+        if !ours.eq_ignore_ascii_case(sender)
+            || !ours.eq_ignore_ascii_case(put.primary_connection_point.trim_end_matches('.'))
         {
-            return Err(refused(
-                ErrorCode::AccessDenied,
+            return Err(super::server::refusal(
+                wire::protocol::RefusalReason::NotAuthorizedForVm,
                 format!(
-                    "'{}' replicates to {}, not to {}",
+                    "'{}' replicates to {}, not to {sender} (whose request names {})",
                     existing.name,
                     rel.settings.recovery_connection_point,
                     put.primary_connection_point
