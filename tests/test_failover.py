@@ -238,6 +238,10 @@ def test_planned_failover_loses_nothing_and_can_be_cancelled(lab, tmp_path):
     assert vm_by_name(p, "pfo01")["ReplicationState"] == 4
     prel = p.Associators(pvm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     assert prel["LastReplicationType"] == 3  # planned
+    # The replica got a planned point too (it said Regular for every log).
+    r = lab.replica.conn()
+    rrel = r.Associators(vm_by_name(r, "pfo01").path, AssocClass="Msvm_SystemReplicationRelationship")[0]
+    assert rrel["LastReplicationType"] == 3
     # Locked from starting.
     rv, _ = p.InvokeMethod("RequestStateChange", pvm.path, RequestedState=Uint16(2))
     assert rv == 32775

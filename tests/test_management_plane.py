@@ -8,7 +8,7 @@ import shutil
 import xml.etree.ElementTree as ET
 
 import pywbem
-from pywbem import Uint16
+from pywbem import CIMDateTime, Uint16
 
 from conftest import NAMESPACE, free_port, thumbprint, wait_job
 
@@ -186,9 +186,11 @@ def test_replica_side_state_changes_suspend_resume_and_authorization(daemon, dis
     assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
     assert relationship_of(conn, vm)["ReplicationState"] == 7
 
+    # Resumed before any initial replication arrived: back to waiting for it (2), where an import
+    # is still accepted (it went on to 3, and ImportInitialReplica was refused for good).
     rv, out = conn.InvokeMethod("RequestReplicationStateChange", vm.path, RequestedState=Uint16(3))
     assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
-    assert relationship_of(conn, vm)["ReplicationState"] == 3
+    assert relationship_of(conn, vm)["ReplicationState"] == 2
 
     # A replica's primary relationship settings cannot be changed here (PS-IMPL).
     rsd = enable_settings(settings_of(conn, vm))
@@ -253,6 +255,15 @@ def test_recovery_server_settings_statistics_and_certificates(daemon, disk, tmp_
     rv, _ = conn.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
     assert rv == 32770
 
+    # MonitoringStartTime given as a timestamp is a time of day taken to UTC with its offset:
+    # 09:00 at UTC+8 is 01:00 UTC (it was stored as 09:00, the offset dropped).
+    s = conn.Associators(svc.path, ResultClass="Msvm_ReplicationServiceSettingData")[0]
+    s["MonitoringStartTime"] = CIMDateTime("20261128090000.000000+480")
+    rv, out = conn.InvokeMethod("ModifyServiceSettings", svc.path, SettingData=s.tocimxmlstr())
+    assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
+    s = conn.Associators(svc.path, ResultClass="Msvm_ReplicationServiceSettingData")[0]
+    assert str(s["MonitoringStartTime"]) == "00000000010000.000000:000", s["MonitoringStartTime"]
+
     # Statistics of a fresh relationship: zero counters, the health message of IR not done.
     daemon.add_vm("stat01", [disk()])
     vm = vm_by_name(conn, "stat01")
@@ -267,6 +278,10 @@ def test_recovery_server_settings_statistics_and_certificates(daemon, disk, tmp_
     assert rv == 0
     stats = props(out["ReplicationStatistics"][0])
     assert stats["ReplicationSuccessCount"] == "0" and stats["ReplicationHealth"] == "2"
+    # Counted from the relationship's creation to the end of its monitoring window: 12 h windows
+    # from 01:00 UTC end at 01:00 or 13:00 (it was the creation time plus 12 h).
+    start, end = (CIMDateTime(stats[k]).datetime for k in ("StartStatisticTime", "EndStatisticTime"))
+    assert end.strftime("%H%M%S") in ("010000", "130000") and 0 < (end - start).total_seconds() <= 43200, (start, end)
     issues = [props(e)["Message"] for e in out["ReplicationHealthIssues"]]
     assert any("initial replication" in m.lower() for m in issues), issues
     rv, _ = conn.InvokeMethod("ResetReplicationStatisticsEx", svc.path, ComputerSystem=vm.path,

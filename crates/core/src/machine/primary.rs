@@ -123,7 +123,7 @@ fn request(
             ))
         }
         R::WaitingToCompleteInitialReplication => Err(already_protected(op)),
-        R::Replicating => resume(state, op),
+        R::Replicating => resume(state, op, facts),
         // Start-VMFailover -Prepare: VM off, state 3 → 4; ships the final log.
         R::SyncedReplicationComplete => {
             require(op, state, &[S::Replicating])?;
@@ -147,7 +147,9 @@ fn request(
 
 /// Resume-VMReplication (RRSC 3) from 7, 9, 11, 8. From 9 and 11 the changes are unknown, so the
 /// resume runs (or continues) a resynchronization: 10 is shown, not 3 (our choice; nothing is lost).
-fn resume(state: S, op: Operation) -> Result<Transition, Refusal> {
+/// A VM suspended before its initial replication completed (from 2) goes back to 2: there is no
+/// chain to continue yet (an export waits for its import; a network one is started again).
+fn resume(state: S, op: Operation, facts: &Facts) -> Result<Transition, Refusal> {
     require(
         op,
         state,
@@ -158,6 +160,10 @@ fn resume(state: S, op: Operation) -> Result<Transition, Refusal> {
             S::ResynchronizationSuspended,
         ],
     )?;
+    if state == S::Suspended && !facts.has_received_replication {
+        let waiting = S::WaitingToCompleteInitialReplication;
+        return Ok(go(Some(waiting), waiting, PRIMARY, op, false));
+    }
     let during = match state {
         S::WaitingToStartResynchronization | S::ResynchronizationSuspended => S::Resynchronizing,
         _ => S::Replicating,

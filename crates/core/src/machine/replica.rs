@@ -57,7 +57,7 @@ pub(super) fn decide(state: S, op: Operation, facts: &Facts) -> Result<Transitio
             require_off(op, facts)?;
             Ok(go(Some(S::FailbackInProgress), S::FailbackComplete, REPLICA, op, true))
         }
-        O::RequestReplicationStateChange(requested) => request(state, op, requested),
+        O::RequestReplicationStateChange(requested) => request(state, op, requested, facts),
         O::RemoveReplicationRelationship
         | O::SetFailoverNetworkAdapterSettings
         | O::GetReplicationStatistics
@@ -135,7 +135,12 @@ fn require_received(op: Operation, facts: &Facts) -> Result<(), Refusal> {
 }
 
 /// Spec §3.3 on the replica side.
-fn request(state: S, op: Operation, requested: RequestedState) -> Result<Transition, Refusal> {
+fn request(
+    state: S,
+    op: Operation,
+    requested: RequestedState,
+    facts: &Facts,
+) -> Result<Transition, Refusal> {
     use RequestedState as R;
     match requested {
         R::ReadyForReplication => Err(wrong_side(
@@ -147,6 +152,11 @@ fn request(state: S, op: Operation, requested: RequestedState) -> Result<Transit
         // Resume-VMReplication; Stop-VMReplication on a simple replica; the pre-failover fix-up.
         R::Replicating => {
             require(op, state, &[S::Suspended, S::Critical, S::Resynchronizing, S::ResynchronizationSuspended])?;
+            // Suspended before its initial replication arrived (from 2): back to waiting for it.
+            if state == S::Suspended && !facts.has_received_replication {
+                let waiting = S::WaitingToCompleteInitialReplication;
+                return Ok(go(Some(waiting), waiting, REPLICA, op, false));
+            }
             Ok(go(Some(S::Replicating), S::Replicating, REPLICA, op, false))
         }
         R::SyncedReplicationComplete => Err(wrong_side(

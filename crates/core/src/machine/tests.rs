@@ -247,6 +247,21 @@ fn suspend_resume_and_resynchronize() {
     assert_eq!(run(P, 9, rrsc(Rq::Replicating)), Ok((Some(10), 3, P, 96)));
     assert_eq!(run(P, 11, rrsc(Rq::Replicating)), Ok((Some(10), 3, P, 96)));
     assert_eq!(run(P, 3, rrsc(Rq::Replicating)), Err(32775));
+    // Suspended before initial replication completed (§13.6: a suspend from 2): a resume goes
+    // back to 2 on both sides, not on to 3 (the primary then needed a resync, and the replica
+    // refused ImportInitialReplica for good).
+    let no_ir = |m| Facts {
+        has_received_replication: false,
+        ..Facts::typical(mode(m))
+    };
+    assert_eq!(
+        with(P, 7, rrsc(Rq::Replicating), no_ir(P)),
+        Ok((Some(2), 2, P, 96))
+    );
+    assert_eq!(
+        with(R, 7, rrsc(Rq::Replicating), no_ir(R)),
+        Ok((Some(2), 2, R, 96))
+    );
     // §3.2 InitiateFailover: PS first requests 3 on a replica in 7 or 10.
     assert_eq!(run(R, 7, rrsc(Rq::Replicating)), Ok((Some(3), 3, R, 96)));
     assert_eq!(run(R, 10, rrsc(Rq::Replicating)), Ok((Some(3), 3, R, 96)));
@@ -475,16 +490,25 @@ fn refusals_carry_a_documented_code_and_a_sentence() {
 
 /// Spec §3.3: the numbers equal the target states, and the state reads as the target while the job
 /// runs. Documented exceptions: 7 from 10 → 11 (§16.1 choice); 3 from 9 or 11 on a primary shows 10
-/// while the resynchronization runs.
+/// while the resynchronization runs; 3 from 7 before any replication arrived goes back to 2
+/// (§13.6: the suspend came from 2).
 #[test]
 fn request_state_change_reaches_the_requested_state() {
-    every_case(|m, s, op, _, outcome| {
+    every_case(|m, s, op, facts, outcome| {
         let (Operation::RequestReplicationStateChange(requested), Ok(t)) = (op, outcome) else {
             return;
         };
         let n = requested.as_u16();
         let suspend_resync = n == 7 && s == ReplicationState::Resynchronizing;
-        let expected_after = if suspend_resync { 11 } else { n };
+        let resume_before_ir =
+            n == 3 && s == ReplicationState::Suspended && !facts.has_received_replication;
+        let expected_after = if suspend_resync {
+            11
+        } else if resume_before_ir {
+            2
+        } else {
+            n
+        };
         assert_eq!(t.after.as_u16(), expected_after, "{m:?} {s:?} {op:?}");
         let resync_resume = n == 3 && m == ReplicationMode::Primary && matches!(s.as_u16(), 9 | 11);
         let expected_during = if resync_resume { 10 } else { expected_after };

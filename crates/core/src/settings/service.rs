@@ -95,6 +95,16 @@ impl ServiceSettings {
         }
     }
 
+    /// The monitoring window (spec §10) that Unix time `t` falls in, as (start, end) in Unix
+    /// seconds: windows of `MonitoringInterval` follow one another from `MonitoringStartTime` of
+    /// 1970-01-01 (UTC), so with a window that divides a day one starts at that time every day.
+    pub fn monitoring_window(&self, t: i64) -> (i64, i64) {
+        let interval = i64::from(self.monitoring_interval.max(1));
+        let anchor = i64::from(self.monitoring_start_time % 86_400);
+        let start = anchor + (t - anchor).div_euclid(interval) * interval;
+        (start, start + interval)
+    }
+
     fn check_monitoring(&self) -> Result<(), SettingsError> {
         let interval = self.monitoring_interval;
         if !(MIN_MONITORING_INTERVAL..=MAX_MONITORING_INTERVAL).contains(&interval) {
@@ -121,6 +131,35 @@ fn check_port(property: &'static str, port: u16) -> Result<(), SettingsError> {
 mod tests {
     use super::*;
     use crate::codes::ReturnCode;
+
+    #[test]
+    fn monitoring_windows_follow_one_another_from_the_start_time() {
+        let s = ServiceSettings::default(); // 12 h from 09:00 UTC
+        let day = 20_000 * 86_400; // some midnight, UTC
+        let h = 3600;
+        assert_eq!(
+            s.monitoring_window(day + 9 * h),
+            (day + 9 * h, day + 21 * h)
+        );
+        assert_eq!(
+            s.monitoring_window(day + 14 * h),
+            (day + 9 * h, day + 21 * h)
+        );
+        assert_eq!(
+            s.monitoring_window(day + 21 * h),
+            (day + 21 * h, day + 33 * h)
+        );
+        assert_eq!(s.monitoring_window(day + 3 * h), (day - 3 * h, day + 9 * h));
+        let week = ServiceSettings {
+            monitoring_interval: 604_800,
+            monitoring_start_time: 0,
+            ..s
+        };
+        let (start, end) = week.monitoring_window(day + 5);
+        assert!(start <= day + 5 && day + 5 < end && end - start == 604_800);
+        assert_eq!(start % 604_800, 0);
+        assert_eq!(week.monitoring_window(-1).1, 0); // before 1970 too
+    }
 
     fn enabled() -> ServiceSettings {
         ServiceSettings {

@@ -173,6 +173,8 @@ impl Store {
     }
 
     pub fn record_stat(&self, vm: Uuid, e: StatEvent) -> StoreResult<()> {
+        // Into the window it happened in.
+        self.roll_statistics(vm, crate::clock::now())?;
         let conn = self.conn();
         conn.execute(
             "INSERT OR IGNORE INTO replication_stats (vm) VALUES (?1)",
@@ -219,16 +221,48 @@ impl Store {
         Ok(())
     }
 
-    /// Zeroes the counters (ResetReplicationStatistics); the pending size is a state, not a count.
-    pub fn reset_stats(&self, vm: Uuid) -> StoreResult<()> {
-        self.conn().execute(
-            "UPDATE replication_stats SET success = 0, size = 0, max_size = 0, latency = 0,
-             max_latency = 0, misses = 0, network_failures = 0, failures = 0 WHERE vm = ?1",
-            [vm.to_string()],
+    /// Once the monitoring window the counters of `vm` cover has ended (spec §10), zeroes them and
+    /// starts the window `now` falls in; else leaves them.
+    pub fn roll_statistics(&self, vm: Uuid, now: i64) -> StoreResult<()> {
+        let settings = self.service_settings()?;
+        let Some(rel) = self.get_relationship(vm)? else {
+            return Ok(());
+        };
+        let counted_from = rel.statistics_reset_time;
+        if now < settings.monitoring_window(counted_from).1 {
+            return Ok(());
+        }
+        let start = settings.monitoring_window(now).0;
+        let rolled = std::cell::Cell::new(false);
+        self.update_relationship_and(
+            vm,
+            None,
+            |r| {
+                // Only once, by whoever comes first; the counters in the same transaction.
+                if r.statistics_reset_time == counted_from {
+                    r.statistics_reset_time = start;
+                    rolled.set(true);
+                }
+            },
+            |tx| {
+                if rolled.get() {
+                    tx.execute(ZERO_COUNTERS, [vm.to_string()])?;
+                }
+                Ok(())
+            },
         )?;
         Ok(())
     }
+
+    /// Zeroes the counters (ResetReplicationStatistics); the pending size is a state, not a count.
+    pub fn reset_stats(&self, vm: Uuid) -> StoreResult<()> {
+        self.conn().execute(ZERO_COUNTERS, [vm.to_string()])?;
+        Ok(())
+    }
 }
+
+const ZERO_COUNTERS: &str = "UPDATE replication_stats SET success = 0, size = 0, max_size = 0,
+    latency = 0, max_latency = 0, misses = 0, network_failures = 0, failures = 0 WHERE vm = ?1";
 
 #[cfg(test)]
 mod tests {
@@ -280,6 +314,34 @@ mod tests {
         failed.retries = 1;
         assert!(!store.end_cycle(&failed, 1, "old1").unwrap());
         assert_eq!(store.chain(vm).unwrap().unwrap(), chain(vm, 1, "new1"));
+    }
+
+    #[test]
+    fn the_counters_cover_the_current_monitoring_window_only() {
+        let (_dir, store) = temp_store();
+        let with = crate::store::tests::vm("windowed");
+        let vm = with.id;
+        store.insert_vm(&with).unwrap();
+        let settings = store.service_settings().unwrap(); // 12 h windows from 09:00 UTC
+        let now = crate::clock::now();
+        let (start, end) = settings.monitoring_window(now);
+        let mut rel = crate::store::RelationshipRow::new(vm, start + 1);
+        store.put_relationship(&rel, 1).unwrap();
+        store.record_stat(vm, StatEvent::Miss).unwrap();
+        store.roll_statistics(vm, end - 1).unwrap(); // still this window
+        assert_eq!(store.stats(vm).unwrap().misses, 1);
+        store.roll_statistics(vm, end + 5).unwrap();
+        assert_eq!(store.stats(vm).unwrap().misses, 0);
+        let rolled = store.get_relationship(vm).unwrap().unwrap();
+        assert_eq!(rolled.statistics_reset_time, end);
+        // Counted from a window long gone (a host off for days): the one `now` is in begins.
+        rel.statistics_reset_time = start - 10 * 86_400;
+        store.put_relationship(&rel, 1).unwrap();
+        store.record_stat(vm, StatEvent::Failure).unwrap();
+        assert_eq!(store.stats(vm).unwrap().failures, 1);
+        let row = store.get_relationship(vm).unwrap().unwrap();
+        // (`start`, unless the clock passed into the next window meanwhile.)
+        assert!([start, end].contains(&row.statistics_reset_time));
     }
 
     #[test]

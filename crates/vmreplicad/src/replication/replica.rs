@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 use vmreplica_core::command::PowerControl;
 use vmreplica_core::settings::{AuthorizationEntry, ReplicationSettings};
-use vmreplica_core::state::{ReplicationMode, ReplicationState, ReplicationType};
+use vmreplica_core::state::{ReplicationMode, ReplicationState};
 use wire::protocol::{
     self, decode, headers, highest_common, Commit, DiskSpec, Empty, ErrorCode, ErrorDetail, Hello,
     HelloResponse, LastCommitted, Limits, LogStatus, PutVm, RefusalReason, ReplicaVm, TestResponse,
@@ -2281,9 +2281,8 @@ impl ReplicaSide {
                 return Err(ApiError::internal(e));
             }
             crate::crash::point("log-renamed");
-            let done = self
-                .store
-                .commit_upload(&up, ReplicationType::Regular.as_u16())?;
+            // LastReplicationType: the point's type (§4.2 numbers them as the log does).
+            let done = self.store.commit_upload(&up, up.point_type)?;
             if done != super::records::Committed::Yes {
                 remove_committed(&root, vm, seq);
                 if resync {

@@ -14,6 +14,10 @@ impl Service {
         let state = rel
             .and_then(|r| ReplicationState::from_u16(r.state))
             .unwrap_or(ReplicationState::Disabled);
+        // Counted over the current monitoring window (spec §10).
+        if let Err(e) = self.store.roll_statistics(vm.id, now()) {
+            tracing::warn!(vm = %vm.id, "cannot start the new monitoring window: {e}");
+        }
         let stats = self.store.stats(vm.id).unwrap_or_default();
         let inputs = HealthInputs {
             mode,
@@ -40,15 +44,24 @@ impl Service {
         let vm = self.resolve_vm(vm)?;
         let (rel, _) = self.decide(&vm, Operation::GetReplicationStatistics)?;
         let (health, messages) = self.health(&vm, rel.as_ref());
-        let start = rel.as_ref().map_or_else(now, |r| r.statistics_reset_time);
-        let window = i64::from(self.store.service_settings()?.monitoring_interval);
+        // Read again: the health above started a new window if the last one had ended.
+        let rel = self.store.get_relationship(vm.id)?;
+        let settings = self.store.service_settings()?;
+        let (start, end) = match rel.as_ref() {
+            // From a reset (or the relationship's creation) to the end of its window.
+            Some(r) => (
+                r.statistics_reset_time,
+                settings.monitoring_window(r.statistics_reset_time).1,
+            ),
+            None => settings.monitoring_window(now()),
+        };
         let s = self.store.stats(vm.id)?;
         let pending = s
             .pending_size
             .saturating_add(self.initial_pending(&vm, rel.as_ref())?);
         Ok(CommandOutput::Statistics(StatisticsView {
             start_statistic_time: start,
-            end_statistic_time: start + window,
+            end_statistic_time: end,
             replication_success_count: s.success,
             replication_size: s.size,
             max_replication_size: s.max_size,

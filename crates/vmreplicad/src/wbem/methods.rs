@@ -998,7 +998,8 @@ impl Props<'_> {
         }
         Ok(())
     }
-    /// A time of day given as a CIM interval (or a timestamp, whose time of day is used).
+    /// A time of day in UTC given as a CIM interval (or a timestamp, whose time of day is taken
+    /// to UTC with its offset: `…090000.000000+480` is 01:00 UTC).
     fn time_of_day(&self, name: &str, into: &mut u32) -> Result<(), CommandError> {
         let Some(v) = self.get(name) else {
             return Ok(());
@@ -1015,8 +1016,12 @@ impl Props<'_> {
                 hour,
                 minute,
                 second,
+                utc_offset_minutes,
                 ..
-            } => u64::from(hour) * 3600 + u64::from(minute) * 60 + u64::from(second),
+            } => {
+                let local = i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second);
+                (local - i64::from(utc_offset_minutes) * 60).rem_euclid(86_400) as u64
+            }
         };
         *into = u32::try_from(secs).unwrap_or(u32::MAX);
         Ok(())
