@@ -325,6 +325,14 @@ def test_a_hostile_peer_gets_clear_errors_and_writes_nothing_outside_the_store(l
         assert not (tmp_path / "etc").exists()
         again = c.put(f"/vmreplica/v1/vms/{vm}", json=put_body("renamed", [("../../root/k", 1 << 20)]))
         assert again.status_code == 200 and again.json()["name"] == "renamed"
+        # A link planted where a VM's folder goes: refused before anything is made through it.
+        planted, elsewhere = uuid.uuid4(), tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (lab.storage / str(planted)).symlink_to(elsewhere)
+        res = c.put(f"/vmreplica/v1/vms/{planted}", json=put_body("linked", [("disk0", 1 << 20)]))
+        assert res.status_code == 403 and res.json()["error"]["name"] == "AccessDenied", res.text
+        assert list(elsewhere.iterdir()) == []
+        (lab.storage / str(planted)).unlink()
 
         bad = c.put(f"/vmreplica/v1/vms/{uuid.uuid4()}", json={**put_body("y", [("d", 1)]), "extra": 1})
         assert bad.status_code == 400
@@ -1282,6 +1290,33 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
         res = c.patch(f"/vmreplica/v1/vms/{vm}/logs/1", content=log,
                       headers={"vmreplica-upload-id": str(uuid.uuid4()), "vmreplica-upload-offset": "0"})
     assert res.status_code == 200 and res.json()["state"] == 2, res.text
+
+
+def test_a_ca_taken_out_of_the_recovery_servers_trusted_store_is_no_longer_trusted(lab, tmp_path):
+    """The recovery server's administrator replaces the lab CA in `certs/trusted/` by another CA:
+    within one check (10 s) a primary whose certificate the lab CA signed is refused at the
+    handshake; put back, it is accepted again. (The trusted CAs were read once, when the listener
+    started: a CA taken out stayed trusted until the daemon restarted.)"""
+    trusted = lab.replica.data_dir / "certs" / "trusted"
+    saved = tmp_path / "saved-trusted"
+    shutil.copytree(trusted, saved)
+    cert_new(tmp_path / "other-ca", "hv9.other.example")
+    for f in trusted.iterdir():
+        f.unlink()
+    shutil.copy(tmp_path / "other-ca" / "ca" / "ca.pem", trusted / "other.pem")
+
+    def accepted():
+        try:
+            with raw_peer(lab) as c:
+                return c.post("/vmreplica/v1/test", json={}).status_code == 200
+        except (httpx.HTTPError, ssl.SSLError, OSError):
+            return False
+
+    wait_for(lambda: not accepted(), timeout=30, what="the lab CA no longer trusted")
+    (trusted / "other.pem").unlink()
+    for f in saved.iterdir():
+        shutil.copy(f, trusted / f.name)
+    wait_for(accepted, timeout=30, what="the lab CA trusted again")
 
 
 def test_a_replica_made_here_is_bound_to_the_first_primary_that_names_it(lab, tmp_path):

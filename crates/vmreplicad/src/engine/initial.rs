@@ -35,9 +35,22 @@ use crate::store::{PointRow, RelationshipRow, Store, VmRow};
 /// File name of the initial replica inside the VM's export folder.
 pub const INITIAL_LOG: &str = "initial-replica.vrlog";
 
-/// The folder an export writes for `vm` below `location` (`<VMName>_<VMID>`).
+/// The folder an export writes for `vm` below `location` (`<VMName>_<VMID>`). A path separator in
+/// the name (a replica's name comes from its primary) becomes `_`: the folder stays one level
+/// below `location`, never above or elsewhere.
 pub fn export_folder(location: &Path, vm: &VmRow) -> PathBuf {
-    location.join(format!("{}_{}", vm.name, vm.id.to_string().to_uppercase()))
+    let name: String = vm
+        .name
+        .chars()
+        .map(|c| {
+            if matches!(c, '/' | '\\' | '\0') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    location.join(format!("{name}_{}", vm.id.to_string().to_uppercase()))
 }
 
 /// Where the replica's recovery points of `vm` live.
@@ -681,4 +694,23 @@ pub async fn import(
     rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
     tracing::info!(vm = %vm.id, sequence = point.sequence, "initial replica imported");
     Ok(rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_folder_stays_one_level_below_its_location() {
+        let location = Path::new("/srv/exports");
+        for name in ["web01", "../../etc", "/etc/cron.d/x", "a\\b", ".."] {
+            let vm = crate::store::tests::vm(name);
+            let folder = export_folder(location, &vm);
+            assert_eq!(folder.parent(), Some(location), "{name}");
+            assert!(folder
+                .file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.ends_with(&vm.id.to_string().to_uppercase())));
+        }
+    }
 }

@@ -182,6 +182,20 @@ pub fn trusted_roots(cert_dir: &Path) -> Result<Arc<RootCertStore>, PeerCertErro
     Ok(Arc::new(roots))
 }
 
+/// What the trusted CAs of the store `cert_dir` are read from, to notice a change: each file's
+/// path, length and modification time.
+pub fn trusted_files(cert_dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    store_files(&cert_dir.join("trusted"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+            (f, len, meta.and_then(|m| m.modified().ok()))
+        })
+        .collect()
+}
+
 /// The DNS names of a peer's certificate that may identify it: its DNS SANs in certificate order,
 /// without wildcard names (§2.3: IP SANs and the CN never count).
 pub fn dns_names(der: &[u8]) -> Vec<String> {

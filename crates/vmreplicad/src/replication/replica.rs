@@ -1599,6 +1599,17 @@ impl ReplicaSide {
     ) -> Result<ReplicaVmRow, ApiError> {
         let loc = Self::location(entry)?;
         let dir = loc.join(vm.hyphenated().to_string());
+        // Nothing is created through a link planted where the VM's folder goes (`loc` itself is
+        // canonical, so `dir` is its only component that can be one).
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(refusal(
+                RefusalReason::StorageEscape,
+                format!(
+                    "{} is a symbolic link; the storage location must hold the VM's folder itself",
+                    dir.display()
+                ),
+            ));
+        }
         std::fs::create_dir_all(dir.join("incoming")).map_err(|e| {
             ApiError::new(
                 ErrorCode::StorageUnavailable,

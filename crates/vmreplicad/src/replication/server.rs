@@ -19,14 +19,16 @@ use super::peer_certs::{dns_names, sha1_thumbprint};
 use super::replica::{ApiError, ReplicaSide};
 use super::tls::server_config;
 
-/// What the listener should be: bound to this port with this certificate.
+/// What the listener should be: bound to this port with this certificate, trusting the CAs of
+/// these files (a CA removed from `certs/trusted/` stops being trusted within one check).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Wanted {
     port: u16,
     thumbprint: String,
+    trusted: Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)>,
 }
 
-fn wanted(s: &ServiceSettings) -> Option<Wanted> {
+fn wanted(s: &ServiceSettings, cert_dir: &std::path::Path) -> Option<Wanted> {
     let certificate = matches!(s.allowed_authentication_type, 2 | 3);
     match (
         &s.certificate_thumbprint,
@@ -35,6 +37,7 @@ fn wanted(s: &ServiceSettings) -> Option<Wanted> {
         (Some(t), true) if !t.is_empty() => Some(Wanted {
             port: s.https_port,
             thumbprint: t.clone(),
+            trusted: super::peer_certs::trusted_files(cert_dir),
         }),
         _ => None,
     }
@@ -58,7 +61,7 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
         let mut current: Option<(Wanted, Listening)> = None;
         loop {
             let want = match replica.store.service_settings() {
-                Ok(s) => wanted(&s),
+                Ok(s) => wanted(&s, &replica.cert_dir),
                 Err(e) => {
                     tracing::error!(
                         "cannot read the service settings: {}",
@@ -77,6 +80,8 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                     l.task.abort();
                     // Open connections get GOAWAY: what they are doing ends, nothing new starts.
                     let _ = l.stop.send(true);
+                    // The socket is closed once the task is gone: the port can be bound again.
+                    let _ = l.task.await;
                     tracing::info!(
                         port = have.port,
                         "replication listener stopped; its connections drain for at most {} s",
@@ -94,7 +99,8 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                 }
             }
             // Settings changes wake us at once; the periodic check retries a listener that could
-            // not start (a certificate copied in later, a port freed).
+            // not start (a certificate copied in later, a port freed) and restarts one whose
+            // trusted CAs changed.
             let _ = tokio::time::timeout(Duration::from_secs(10), control.changed.notified()).await;
         }
     });
