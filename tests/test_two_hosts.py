@@ -660,6 +660,15 @@ def test_delta_cycles_suspend_and_resume_ship_exactly_the_primary_state(lab, tmp
     assert stats["ReplicationHealth"] == "1", stats
     rel = p.Associators(vm.path, AssocClass="Msvm_SystemReplicationRelationship")[0]
     assert rel["ReplicationState"] == 3 and rel["ReplicationHealth"] == 1
+    # The replica counts what it received too (spec §10: per relationship, on both sides).
+    r = lab.replica.conn()
+    rvm = vm_by_name(r, vm["ElementName"])
+    rsvc = r.EnumerateInstances("Msvm_ReplicationService")[0]
+    rv, out = r.InvokeMethod("GetReplicationStatistics", rsvc.path, ComputerSystem=rvm.path)
+    assert rv == 0
+    received = out["ReplicationStatistics"][0]
+    assert int(received["ReplicationSuccessCount"]) >= 5
+    assert int(received["ReplicationSize"]) >= written, received["ReplicationSize"]
 
 
 class Qsd:
