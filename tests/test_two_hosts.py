@@ -2183,6 +2183,43 @@ def test_a_running_vms_disk_replaced_by_an_older_copy_of_itself_is_scanned(lab, 
         qsd.stop()
 
 
+def test_a_turned_off_vms_disk_replaced_by_an_older_copy_after_an_offline_point_is_scanned_when_it_runs(lab, tmp_path):
+    """A VM that ran is turned off; a backup of its qcow2 disk is taken, a tool writes the disk and
+    a turned-off point ships that write; then the backup is restored and the VM started before the
+    next turned-off point. The copy's bitmap has the expected generation but lacks the mark of the
+    write it undid: the first cycle of the running VM must hash-scan the disk. (It trusted the
+    bitmap, and the replica kept the undone write for good.)"""
+    disk = tmp_path / "older02.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", disk, "32M")
+    qsd = Qsd(disk, tmp_path)
+    try:
+        vm_id = enable_running(lab, "older02", disk, qsd)
+        lab.primary.cli("start", "older02")
+        qsd.write("write -P 0x21 1M 64k")
+        shipped_since(lab, vm_id, time.time())
+        qsd.stop()  # turned off: the next points are read from the file
+        shipped_since(lab, vm_id, time.time())
+        p = lab.primary.conn()
+        vm = vm_by_name(p, "older02")
+        rrsc(p, vm, 7)
+        backup = tmp_path / "backup.qcow2"
+        shutil.copyfile(disk, backup)
+        rrsc(p, vm, 3)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 9M 64k", disk)
+        shipped_since(lab, vm_id, time.time() + 2.5)  # (a file is read once left alone 2 s)
+        rrsc(p, vm, 7)
+        shutil.copyfile(backup, disk)  # restored in place: the write at 9M is undone
+        qsd = Qsd(disk, tmp_path)
+        rrsc(p, vm, 3)
+        qsd.write("write -P 0x33 5M 64k")
+        shipped_since(lab, vm_id, time.time())
+        rrsc(p, vm, 7)
+        point_equals_running_disk(lab, vm_id, settled(lab, vm_id), qsd)
+        assert "lost blocks it marked when the last turned-off point" in plain_log(lab.primary)
+    finally:
+        qsd.stop()
+
+
 def test_the_recovery_servers_tidy_leaves_a_partial_upload_still_arriving_alone(lab, tmp_path):
     """The recovery server tidies its uploads (hourly; here every second) while a slow delta
     arrives: a partial upload still being written is neither cut back nor deleted. (A cut under its

@@ -15,7 +15,11 @@
 //!   before the restart) says so to the cycles that follow a failed one, and to this daemon after
 //!   a crash, instead of the bitmap a failed cycle merged back. A bitmap whose generation is
 //!   below the one recorded when the last point was frozen came back with an older copy of the
-//!   file and is not trusted either (`disk<i>.generation`).
+//!   file and is not trusted either (`disk<i>.generation`). A copy taken after the last running
+//!   point has the expected generation, but if turned-off points were committed since (reading
+//!   the files), what the bitmap marked then is remembered (`disk<i>.running-marked.json`,
+//!   [`remember_offline_marks`]) and must still be marked at the next freeze: bitmaps only grow,
+//!   so one that lost marks came back with an older copy (and the disk is scanned).
 //!
 //! Because every cycle leaves an exact block-hash map, a VM may be replicated running or turned off
 //! from one cycle to the next. Only the consumer's confirmation ([`RunningPoint::finish`] with
@@ -97,12 +101,89 @@ fn expect_generation(tracking: &Path, index: usize, generation: u64) -> std::io:
     )
 }
 
+fn marks_record(tracking: &Path, index: usize) -> PathBuf {
+    tracking.join(format!("disk{index}.running-marked.json"))
+}
+
+/// What bitmap `vmreplica-<generation>` of a disk marked once a turned-off point was committed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marks {
+    generation: u64,
+    runs: crate::replication::journal::Runs,
+    /// The file's fingerprint before the bitmap was read: unchanged, so are the marks.
+    print: Option<disk::fingerprint::Fingerprint>,
+}
+
+fn read_marks(tracking: &Path, index: usize) -> Option<Marks> {
+    std::fs::read(marks_record(tracking, index))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// After a turned-off VM's delta point was committed: what each qcow2 disk's tracker bitmap (the
+/// one recording since the last running point, which QEMU's tools keep recording in) marks now,
+/// for the next freeze to check ([`RunningPoint::freeze`]). A disk whose bitmap cannot be read is
+/// marked to be scanned instead; one never tracked running has nothing to remember.
+pub async fn remember_offline_marks(data_dir: &Path, vm: uuid::Uuid, images: &[String]) {
+    let tracking = super::reverse::tracking_dir(data_dir, vm);
+    for (i, image) in images.iter().enumerate() {
+        let Some(generation) = expected_generation(&tracking, i) else {
+            continue;
+        };
+        let before = read_marks(&tracking, i);
+        let now = disk::fingerprint::Fingerprint::of(Path::new(image)).ok();
+        if before
+            .as_ref()
+            .is_some_and(|m| m.generation == generation && m.print.is_some() && m.print == now)
+        {
+            continue; // the file is as it was when these marks were read
+        }
+        let print = crate::replication::journal::settled_fingerprint(Path::new(image));
+        let size = disk::scan::hashmap::MapReader::open(&tracking.join(format!("disk{i}.hashes")))
+            .map(|m| m.disk_size);
+        let name = format!("{}{generation}", disk::bitmap::PREFIX);
+        let read = match size {
+            Ok(size) => super::failback::read_bitmap(data_dir, vm, i, image, size, &name).await,
+            Err(e) => Err(e.to_string()),
+        };
+        let kept = read.and_then(|runs| {
+            let marks = Marks {
+                generation,
+                runs,
+                print,
+            };
+            let json = serde_json::to_vec(&marks).map_err(|e| e.to_string())?;
+            crate::durable::write_file(&marks_record(&tracking, i), &json)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(why) = kept {
+            let _ = std::fs::remove_file(marks_record(&tracking, i));
+            tracing::info!(%vm, disk = %image, "the next point read from its running QEMU process hash-scans this disk: its bitmap {name} cannot be remembered ({why})");
+            if let Err(e) = mark_for_scan(&scan_marker(&tracking, i)) {
+                tracing::warn!(%vm, disk = %image, "cannot mark the disk to be scanned: {e}");
+            }
+        }
+    }
+}
+
+/// Once a running point was committed: the marks remembered at turned-off points describe a bitmap
+/// that is gone.
+pub fn forget_offline_marks(tracking: &Path, disks: usize) {
+    for i in 0..disks {
+        let _ = std::fs::remove_file(marks_record(tracking, i));
+    }
+}
+
 /// A frozen point of a running VM, until [`RunningPoint::finish`].
 pub struct RunningPoint {
     tracker: BitmapTracker,
     point: FrozenPoint,
     /// Per disk: read through its bitmap (true) or hash-scanned whole (false).
     by_bitmap: Vec<bool>,
+    /// Per disk read through its bitmap: what it must still mark ([`remember_offline_marks`]).
+    must_mark: Vec<Option<crate::replication::journal::Runs>>,
+    /// Where the VM's scan markers are.
+    tracking: PathBuf,
 }
 
 /// The per-VM working directory (fleecing images) and NBD socket in the VM's QEMU process.
@@ -205,6 +286,7 @@ impl RunningPoint {
         let mut tracker = tracker(vm, qmp, data_dir).await?;
         let mut nodes = Vec::new();
         let mut by_bitmap = Vec::new();
+        let mut must_mark = Vec::new();
         let tracking = super::reverse::tracking_dir(data_dir, vm.id);
         for (i, path) in vm.disks.iter().enumerate() {
             let node = tracker.node_for_image(Path::new(path)).await.map_err(|e| {
@@ -241,7 +323,17 @@ impl RunningPoint {
                 let next = found.max(expected.unwrap_or(0)) + 1;
                 tracker.start_tracking(&node, next).await.map_err(failed)?;
             }
-            by_bitmap.push(trusted && !full && !marker.exists());
+            let by = trusted && !full && !marker.exists();
+            by_bitmap.push(by);
+            must_mark.push(if by {
+                read_marks(&tracking, i).map(|m| m.runs)
+            } else {
+                None
+            });
+            if full {
+                // A new lineage of bitmaps begins with this point.
+                let _ = std::fs::remove_file(marks_record(&tracking, i));
+            }
             nodes.push(node);
         }
         let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
@@ -260,6 +352,8 @@ impl RunningPoint {
             tracker,
             point,
             by_bitmap,
+            must_mark,
+            tracking,
         })
     }
 
@@ -290,6 +384,8 @@ impl RunningPoint {
             tracker,
             point,
             by_bitmap: vec![false; vm.disks.len()],
+            must_mark: vec![None; vm.disks.len()],
+            tracking: super::reverse::tracking_dir(data_dir, vm.id),
         }))
     }
 
@@ -336,14 +432,28 @@ impl RunningPoint {
             Some(ranges.to_vec())
         } else if self.by_bitmap[index] && previous.is_some() {
             let context = self.point.dirty_context(index);
-            let dirty = nbd.map(&context, 0, size).await.map_err(failed)?;
-            Some(
-                dirty
-                    .iter()
-                    .filter(|e| e.is_dirty())
-                    .map(|e| (e.offset, e.length))
-                    .collect::<Vec<_>>(),
-            )
+            let dirty: Vec<(u64, u64)> = nbd
+                .map(&context, 0, size)
+                .await
+                .map_err(failed)?
+                .iter()
+                .filter(|e| e.is_dirty())
+                .map(|e| (e.offset, e.length))
+                .collect();
+            let marked = super::failback::block_runs(dirty.iter().copied());
+            let lost = self.must_mark[index]
+                .as_ref()
+                .is_some_and(|must| crate::replication::journal::union(&marked, must) != marked);
+            if lost {
+                // Until a scan of it is committed (the bitmap merged back after a failed cycle
+                // still lacks those marks, but the record may be gone by then).
+                tracing::warn!(disk = index, "this disk's bitmap lost blocks it marked when the last turned-off point was committed (was the file replaced by an older copy of itself?): hash-scanning it");
+                mark_for_scan(&scan_marker(&self.tracking, index))
+                    .map_err(|e| RunningError::Failed(format!("the scan marker: {e}")))?;
+                None
+            } else {
+                Some(dirty)
+            }
         } else {
             None
         };

@@ -953,7 +953,8 @@ impl PrimarySide {
                 rotation.after_commit(&vm.disks, &tracking).await;
                 match live {
                     Some(live) => {
-                        crate::engine::offline::remember_marked_live(&tracking, seq, live)
+                        crate::engine::offline::remember_marked_live(&tracking, seq, live);
+                        crate::engine::running::forget_offline_marks(&tracking, vm.disks.len());
                     }
                     None => {
                         crate::engine::offline::remember_marked(
@@ -963,7 +964,13 @@ impl PrimarySide {
                             &tracking,
                             seq,
                         )
-                        .await
+                        .await;
+                        crate::engine::running::remember_offline_marks(
+                            &self.data_dir,
+                            vm.id,
+                            &vm.disks,
+                        )
+                        .await;
                     }
                 }
                 super::journal::record_fingerprints(&tracking, prints.as_deref(), maps.len());
