@@ -146,6 +146,15 @@ def test_modify_then_remove_relationship(daemon, disk):
     assert rv == 4096
     assert wait_job(conn, out["Job"])["JobType"] == 92
     assert settings_of(conn, vm)["ReplicationInterval"] == 900
+    # The auto-resynchronization window is a local time of day (spec §6): a timestamp's own time
+    # of day is kept, not moved by its offset as MonitoringStartTime's is.
+    rsd = settings_of(conn, vm)
+    rsd["AutoResynchronizeIntervalStart"] = CIMDateTime("20261128183000.000000+480")
+    rv, out = conn.InvokeMethod("ModifyReplicationSettings", svc.path,
+                                ComputerSystem=vm.path, ReplicationSettingData=rsd.tocimxmlstr())
+    assert rv == 4096 and wait_job(conn, out["Job"])["JobState"] == 7
+    start = settings_of(conn, vm)["AutoResynchronizeIntervalStart"]
+    assert str(start) == "00000000183000.000000:000", start
 
     rsd["ReplicationInterval"] = Uint16(60)
     rv, _ = conn.InvokeMethod("ModifyReplicationSettings", svc.path,
@@ -464,7 +473,7 @@ def test_cli_replica_side_verbs_and_completions(daemon, disk):
     assert (row["mode"], row["state"]) == ("Replica", "Suspended")
     daemon.cli("resume", "rep01")
     row = json.loads(daemon.cli("--output", "json", "status").stdout)["rows"][0]
-    assert row["state"] == "Replicating"
+    assert row["state"] == "WaitingForInitialReplication"  # none arrived yet
     daemon.cli("auth", "remove", "primary.example.org")
     row = json.loads(daemon.cli("--output", "json", "status").stdout)["rows"][0]
     assert (row["state"], row["health"]) == ("Error", "Critical")

@@ -147,8 +147,9 @@ fn request(
 
 /// Resume-VMReplication (RRSC 3) from 7, 9, 11, 8. From 9 and 11 the changes are unknown, so the
 /// resume runs (or continues) a resynchronization: 10 is shown, not 3 (our choice; nothing is lost).
-/// A VM suspended before its initial replication completed (from 2) goes back to 2: there is no
-/// chain to continue yet (an export waits for its import; a network one is started again).
+/// A VM suspended (or made critical) before its initial replication completed goes back to 2:
+/// there is no chain to continue yet (an export waits for its import; a network one is started
+/// again).
 fn resume(state: S, op: Operation, facts: &Facts) -> Result<Transition, Refusal> {
     require(
         op,
@@ -160,7 +161,7 @@ fn resume(state: S, op: Operation, facts: &Facts) -> Result<Transition, Refusal>
             S::ResynchronizationSuspended,
         ],
     )?;
-    if state == S::Suspended && !facts.has_received_replication {
+    if matches!(state, S::Suspended | S::Critical) && !facts.has_received_replication {
         let waiting = S::WaitingToCompleteInitialReplication;
         return Ok(go(Some(waiting), waiting, PRIMARY, op, false));
     }

@@ -152,8 +152,9 @@ fn request(
         // Resume-VMReplication; Stop-VMReplication on a simple replica; the pre-failover fix-up.
         R::Replicating => {
             require(op, state, &[S::Suspended, S::Critical, S::Resynchronizing, S::ResynchronizationSuspended])?;
-            // Suspended before its initial replication arrived (from 2): back to waiting for it.
-            if state == S::Suspended && !facts.has_received_replication {
+            // Suspended (or made critical: its entry removed) before its initial replication
+            // arrived: back to waiting for it.
+            if matches!(state, S::Suspended | S::Critical) && !facts.has_received_replication {
                 let waiting = S::WaitingToCompleteInitialReplication;
                 return Ok(go(Some(waiting), waiting, REPLICA, op, false));
             }

@@ -30,8 +30,7 @@ Cells:
 Outcomes that depend on other facts: with the VM running, InitiateFailover, RevertFailover (replica),
 InitiateFailback and RequestReplicationStateChange(4) are refused with 32775; without a received
 replication, InitiateFailover and TestReplicaSystem are refused with 32775 and
-RequestReplicationStateChange(3) from 7 ends in 2 (the suspend came before initial replication
-completed); with a test VM present,
+RequestReplicationStateChange(3) from 7 or 8 ends in 2 (initial replication never completed); with a test VM present,
 TestReplicaSystem is refused with 32774; after a planned failover, ReverseReplicationRelationship ends in
 3 instead of 9; without a relationship record every operation but RemoveReplicationRelationship is
 refused with 32775.

@@ -262,6 +262,15 @@ fn suspend_resume_and_resynchronize() {
         with(R, 7, rrsc(Rq::Replicating), no_ir(R)),
         Ok((Some(2), 2, R, 96))
     );
+    // The same from 8 (a replica waiting for its import whose authorization entry was removed).
+    assert_eq!(
+        with(R, 8, rrsc(Rq::Replicating), no_ir(R)),
+        Ok((Some(2), 2, R, 96))
+    );
+    assert_eq!(
+        with(P, 8, rrsc(Rq::Replicating), no_ir(P)),
+        Ok((Some(2), 2, P, 96))
+    );
     // §3.2 InitiateFailover: PS first requests 3 on a replica in 7 or 10.
     assert_eq!(run(R, 7, rrsc(Rq::Replicating)), Ok((Some(3), 3, R, 96)));
     assert_eq!(run(R, 10, rrsc(Rq::Replicating)), Ok((Some(3), 3, R, 96)));
@@ -490,7 +499,7 @@ fn refusals_carry_a_documented_code_and_a_sentence() {
 
 /// Spec §3.3: the numbers equal the target states, and the state reads as the target while the job
 /// runs. Documented exceptions: 7 from 10 → 11 (§16.1 choice); 3 from 9 or 11 on a primary shows 10
-/// while the resynchronization runs; 3 from 7 before any replication arrived goes back to 2
+/// while the resynchronization runs; 3 from 7 or 8 before any replication arrived goes back to 2
 /// (§13.6: the suspend came from 2).
 #[test]
 fn request_state_change_reaches_the_requested_state() {
@@ -500,8 +509,9 @@ fn request_state_change_reaches_the_requested_state() {
         };
         let n = requested.as_u16();
         let suspend_resync = n == 7 && s == ReplicationState::Resynchronizing;
-        let resume_before_ir =
-            n == 3 && s == ReplicationState::Suspended && !facts.has_received_replication;
+        let resume_before_ir = n == 3
+            && matches!(s, ReplicationState::Suspended | ReplicationState::Critical)
+            && !facts.has_received_replication;
         let expected_after = if suspend_resync {
             11
         } else if resume_before_ir {

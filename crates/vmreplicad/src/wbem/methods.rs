@@ -998,9 +998,10 @@ impl Props<'_> {
         }
         Ok(())
     }
-    /// A time of day in UTC given as a CIM interval (or a timestamp, whose time of day is taken
-    /// to UTC with its offset: `…090000.000000+480` is 01:00 UTC).
-    fn time_of_day(&self, name: &str, into: &mut u32) -> Result<(), CommandError> {
+    /// A time of day given as a CIM interval, or as a timestamp whose time of day is used: taken to
+    /// UTC with its offset when `utc` (`…090000.000000+480` is 01:00 UTC: MonitoringStartTime,
+    /// §7), else as written (a local time of day: AutoResynchronizeIntervalStart/End, §6).
+    fn time_of_day(&self, name: &str, into: &mut u32, utc: bool) -> Result<(), CommandError> {
         let Some(v) = self.get(name) else {
             return Ok(());
         };
@@ -1020,7 +1021,12 @@ impl Props<'_> {
                 ..
             } => {
                 let local = i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second);
-                (local - i64::from(utc_offset_minutes) * 60).rem_euclid(86_400) as u64
+                let offset = if utc {
+                    i64::from(utc_offset_minutes) * 60
+                } else {
+                    0
+                };
+                (local - offset).rem_euclid(86_400) as u64
             }
         };
         *into = u32::try_from(secs).unwrap_or(u32::MAX);
@@ -1077,10 +1083,12 @@ fn replication_settings(
     p.time_of_day(
         "AutoResynchronizeIntervalStart",
         &mut s.auto_resynchronize_interval_start,
+        false,
     )?;
     p.time_of_day(
         "AutoResynchronizeIntervalEnd",
         &mut s.auto_resynchronize_interval_end,
+        false,
     )?;
     p.bool(
         "EnableWriteOrderPreservationAcrossDisks",
@@ -1126,7 +1134,7 @@ fn service_settings(
     p.u16("HttpPort", &mut s.http_port)?;
     p.u16("HttpsPort", &mut s.https_port)?;
     p.u32("MonitoringInterval", &mut s.monitoring_interval)?;
-    p.time_of_day("MonitoringStartTime", &mut s.monitoring_start_time)?;
+    p.time_of_day("MonitoringStartTime", &mut s.monitoring_start_time, true)?;
     Ok(s)
 }
 
