@@ -1182,6 +1182,7 @@ impl ReplicaSide {
         route: protocol::Route,
         entry: AuthorizationEntry,
         name: String,
+        names: &[String],
         req: Request<Incoming>,
     ) -> ApiResult {
         use protocol::Route as R;
@@ -1196,7 +1197,7 @@ impl ReplicaSide {
             }
             R::PutVm(vm) => {
                 let put: PutVm = read_json(req.into_body()).await?;
-                self.put_vm(&entry, &name, vm, put).await
+                self.put_vm(&entry, names, vm, put).await
             }
             R::GetVm(vm) => {
                 let (vm_row, rel) = self.bound_vm(&entry, vm)?;
@@ -1463,11 +1464,11 @@ impl ReplicaSide {
         })
     }
 
-    /// `PUT vms/{vm}` from the primary `name` (the certificate's name `entry` matched).
+    /// `PUT vms/{vm}` from the primary whose certificate carries the DNS names `names`.
     async fn put_vm(
         &self,
         entry: &AuthorizationEntry,
-        name: &str,
+        names: &[String],
         vm: Uuid,
         put: PutVm,
     ) -> ApiResult {
@@ -1489,7 +1490,7 @@ impl ReplicaSide {
                     .reverse
                     .clone()
                     .unwrap_or_else(|| unreachable!("checked"));
-                self.accept_reverse(entry, name, existing, &put, &from)
+                self.accept_reverse(entry, names, existing, &put, &from)
                     .await
             }
             Some(existing) if existing.mode != ReplicationMode::Replica.as_u16() => {

@@ -99,7 +99,7 @@ impl ReplicaSide {
     pub(super) async fn accept_reverse(
         &self,
         entry: &AuthorizationEntry,
-        sender: &str,
+        sender: &[String],
         existing: VmRow,
         put: &PutVm,
         from: &ReverseFrom,
@@ -154,15 +154,18 @@ impl ReplicaSide {
         }
         // The sender is who its certificate names, not what its request says (§5.7).
         let ours = rel.settings.recovery_connection_point.trim_end_matches('.');
-        if !ours.eq_ignore_ascii_case(sender)
-            || !ours.eq_ignore_ascii_case(put.primary_connection_point.trim_end_matches('.'))
+        let named = sender
+            .iter()
+            .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(ours));
+        if !named || !ours.eq_ignore_ascii_case(put.primary_connection_point.trim_end_matches('.'))
         {
             return Err(super::server::refusal(
                 wire::protocol::RefusalReason::NotAuthorizedForVm,
                 format!(
-                    "'{}' replicates to {}, not to {sender} (whose request names {})",
+                    "'{}' replicates to {}, not to {} (whose request names {})",
                     existing.name,
                     rel.settings.recovery_connection_point,
+                    sender.join(", "),
                     put.primary_connection_point
                 ),
             ));

@@ -375,7 +375,9 @@ async fn handle(
                 ),
             ));
         };
-        replica.dispatch(route, entry.clone(), name, req).await
+        replica
+            .dispatch(route, entry.clone(), name, &peer.names, req)
+            .await
     }
     .await;
     match result {
