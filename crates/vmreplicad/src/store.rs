@@ -1003,6 +1003,27 @@ fn write_relationship(conn: &Connection, rel: &RelationshipRow, mode: u16) -> St
             rel.statistics_reset_time
         ],
     )?;
+    // A VM whose role changes (a replica failed over and reversed or failed back to become the
+    // primary, and the other way) starts its statistics anew: what it counted received is not
+    // what it sends.
+    let before: Option<u16> = conn
+        .query_row(
+            "SELECT mode FROM vms WHERE id = ?1",
+            [rel.vm.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    // (Not when a relationship begins or ends: mode None, 0, on one side.)
+    if before.is_some_and(|b| b != mode && b != 0 && mode != 0) {
+        conn.execute(
+            "DELETE FROM replication_stats WHERE vm = ?1",
+            [rel.vm.to_string()],
+        )?;
+        conn.execute(
+            "UPDATE relationships SET statistics_reset_time = ?2 WHERE vm = ?1",
+            params![rel.vm.to_string(), crate::clock::now()],
+        )?;
+    }
     conn.execute(
         "UPDATE vms SET mode = ?2 WHERE id = ?1",
         params![rel.vm.to_string(), mode],
@@ -1075,6 +1096,36 @@ pub(crate) mod tests {
         assert_eq!(store.get_vm(a.id).expect("get"), Some(a.clone()));
         assert_eq!(store.find_vm_by_name("WEB01").expect("find"), Some(a));
         assert!(store.insert_vm(&vm("Web01")).is_err());
+    }
+
+    #[test]
+    fn a_vm_whose_role_changes_starts_its_statistics_anew() {
+        let (_d, store) = temp_store();
+        let a = vm("rev01");
+        store.insert_vm(&a).expect("insert");
+        let rel = RelationshipRow::new(a.id, 5);
+        store.put_relationship(&rel, 2).expect("a replica");
+        let received = crate::replication::chain::StatEvent::Success {
+            bytes: 4096,
+            latency_secs: 3,
+        };
+        store.record_stat(a.id, received).expect("stat");
+        let counted = store.stats(a.id).expect("stats");
+        store
+            .put_relationship(&store.get_relationship(a.id).unwrap().unwrap(), 2)
+            .unwrap();
+        assert_eq!(store.stats(a.id).expect("stats"), counted); // the same role: kept
+        let rel = store.get_relationship(a.id).unwrap().unwrap();
+        store.put_relationship(&rel, 1).expect("now the primary");
+        assert_eq!(store.stats(a.id).expect("stats").success, 0);
+        assert!(
+            store
+                .get_relationship(a.id)
+                .unwrap()
+                .unwrap()
+                .statistics_reset_time
+                > 5
+        );
     }
 
     #[test]
