@@ -1114,7 +1114,11 @@ async fn send(
             relationship: 0,
             sequence: cs.next_sequence,
             parent: cs.baseline_sequence,
-            point_time_micros: now() * 1_000_000,
+            // A running VM's point is its frozen view (see engine::seeded).
+            point_time_micros: running.as_ref().map_or(
+                now() * 1_000_000,
+                super::running::RunningPoint::frozen_at_micros,
+            ),
             point_type: PointType::Standard,
             full_image: false,
             disks: log_disks(&disks),

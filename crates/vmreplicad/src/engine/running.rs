@@ -184,6 +184,8 @@ pub struct RunningPoint {
     must_mark: Vec<Option<crate::replication::journal::Runs>>,
     /// Where the VM's scan markers are.
     tracking: PathBuf,
+    /// When the point was frozen (Unix microseconds): its recovery point's time.
+    frozen_at_micros: i64,
 }
 
 /// The per-VM working directory (fleecing images) and NBD socket in the VM's QEMU process.
@@ -343,6 +345,7 @@ impl RunningPoint {
             }
             other => failed(other),
         })?;
+        let frozen_at_micros = crate::clock::now() * 1_000_000;
         for (i, g) in point.generations().into_iter().enumerate() {
             if let Err(e) = expect_generation(&tracking, i, g + 1) {
                 tracing::warn!(vm = %vm.id, disk = i, "cannot record the generation of its bitmap: {e}");
@@ -354,6 +357,7 @@ impl RunningPoint {
             by_bitmap,
             must_mark,
             tracking,
+            frozen_at_micros,
         })
     }
 
@@ -386,7 +390,15 @@ impl RunningPoint {
             by_bitmap: vec![false; vm.disks.len()],
             must_mark: vec![None; vm.disks.len()],
             tracking: super::reverse::tracking_dir(data_dir, vm.id),
+            // (Its delivery record keeps the time it was frozen.)
+            frozen_at_micros: crate::clock::now() * 1_000_000,
         }))
+    }
+
+    /// When the point was frozen (Unix microseconds): the time of the recovery point it becomes,
+    /// however long the reading that follows takes.
+    pub fn frozen_at_micros(&self) -> i64 {
+        self.frozen_at_micros
     }
 
     /// Each disk's bitmap generation of this point, for [`RunningPoint::adopt`].

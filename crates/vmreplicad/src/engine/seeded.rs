@@ -241,13 +241,14 @@ fn log_header(
     sequence: u64,
     parent: u64,
     full_image: bool,
+    point_time_micros: i64,
 ) -> LogHeader {
     LogHeader {
         vm: vm.id,
         relationship: 0,
         sequence,
         parent,
-        point_time_micros: now() * 1_000_000,
+        point_time_micros,
         point_type: PointType::Standard,
         full_image,
         disks: super::initial::log_disks(disks),
@@ -270,7 +271,7 @@ async fn hash_own(
     std::fs::create_dir_all(&tracking).map_err(local)?;
     let mut hashes_only = LogWriter::new(
         std::io::sink(),
-        log_header(vm, disks, 1, 0, true),
+        log_header(vm, disks, 1, 0, true, now() * 1_000_000),
         Compression::Off,
     )
     .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
@@ -611,7 +612,16 @@ async fn compare_begun(
         .log_mode(rel.settings.compression_enabled)
         .writer(
             std::io::BufWriter::with_capacity(1 << 20, file),
-            log_header(vm, &disks, cs.next_sequence, cs.baseline_sequence, false),
+            log_header(
+                vm,
+                &disks,
+                cs.next_sequence,
+                cs.baseline_sequence,
+                false,
+                // A running VM's point is its frozen view, however long hashing took since; a
+                // turned-off one's files are read now.
+                running.map_or(now() * 1_000_000, RunningPoint::frozen_at_micros),
+            ),
         )
         .map_err(|e| fail(e.to_string(), "Report this as a bug."))?;
     // Per disk, the differing blocks: the log carries them, a later failback asks about them.
