@@ -313,6 +313,7 @@ async fn write_full_log_inner(
         .into_inner()
         .map_err(|e| fail(format!("cannot write the log: {e}"), "Check free space."))?;
     // A log being sent needs no fsync (after a crash it is built again); an export does.
+    let durable = matches!(out, LogOut::File(_));
     if let LogOut::File(file) = out {
         file.sync_all().map_err(|e| {
             fail(
@@ -325,6 +326,21 @@ async fn write_full_log_inner(
         std::fs::rename(&tmp_log, path).map_err(|e| {
             fail(
                 format!("cannot rename the log: {e}"),
+                "Check the disk holding the log.",
+            )
+        })?;
+    }
+    if durable {
+        // Its name, and the export folder's own (made for it), survive a power cut too: the
+        // primary records the export as done next.
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let synced = crate::durable::sync_dir(folder).and_then(|()| match folder.parent() {
+            Some(above) if !above.as_os_str().is_empty() => crate::durable::sync_dir(above),
+            _ => Ok(()),
+        });
+        synced.map_err(|e| {
+            fail(
+                format!("cannot sync the folder of the log: {e}"),
                 "Check the disk holding the log.",
             )
         })?;
