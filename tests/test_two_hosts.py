@@ -268,12 +268,14 @@ def raw_peer(lab):
     return peer_as(lab, lab.primary.data_dir / "certs", lab.t1, lab.port)
 
 
-def peer_as(lab, certs, thumbprint, port):
-    """An HTTP/2 client to 127.0.0.1:`port` presenting certificate `thumbprint` from `certs`."""
+def peer_as(lab, certs, thumbprint, port, keepalive=5.0):
+    """An HTTP/2 client to 127.0.0.1:`port` presenting certificate `thumbprint` from `certs`,
+    keeping an idle connection open for `keepalive` seconds."""
     ctx = ssl.create_default_context(cafile=str(lab.ca / "ca" / "ca.pem"))
     ctx.check_hostname = False  # it dials 127.0.0.1; the server is not what is under test here
     ctx.load_cert_chain(certs / f"{thumbprint.lower()}.pem", certs / f"{thumbprint.lower()}.key")
-    return httpx.Client(http2=True, verify=ctx, base_url=f"https://127.0.0.1:{port}", timeout=30)
+    return httpx.Client(http2=True, verify=ctx, base_url=f"https://127.0.0.1:{port}", timeout=30,
+                        limits=httpx.Limits(keepalive_expiry=keepalive))
 
 
 def intruder(lab):
@@ -1304,12 +1306,16 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
 def test_a_ca_taken_out_of_the_recovery_servers_trusted_store_is_no_longer_trusted(lab, tmp_path):
     """The recovery server's administrator replaces the lab CA in `certs/trusted/` by another CA:
     within one check (10 s) a primary whose certificate the lab CA signed is refused at the
-    handshake; put back, it is accepted again. (The trusted CAs were read once, when the listener
-    started: a CA taken out stayed trusted until the daemon restarted.)"""
+    handshake of a new connection, while one already open (an upload) goes on; put back, it is
+    accepted again. (The trusted CAs were read once, when the listener started: a CA taken out
+    stayed trusted until the daemon restarted.)"""
     trusted = lab.replica.data_dir / "certs" / "trusted"
     saved = tmp_path / "saved-trusted"
     shutil.copytree(trusted, saved)
     cert_new(tmp_path / "other-ca", "hv9.other.example")
+    # A connection made before (an upload in progress), kept open.
+    open_before = peer_as(lab, lab.primary.data_dir / "certs", lab.t1, lab.port, keepalive=120)
+    assert open_before.post("/vmreplica/v1/test", json={}).status_code == 200
     for f in trusted.iterdir():
         f.unlink()
     shutil.copy(tmp_path / "other-ca" / "ca" / "ca.pem", trusted / "other.pem")
@@ -1322,6 +1328,9 @@ def test_a_ca_taken_out_of_the_recovery_servers_trusted_store_is_no_longer_trust
             return False
 
     wait_for(lambda: not accepted(), timeout=30, what="the lab CA no longer trusted")
+    # The listener was not restarted for it: a connection already open goes on.
+    assert open_before.post("/vmreplica/v1/test", json={}).status_code == 200
+    open_before.close()
     (trusted / "other.pem").unlink()
     for f in saved.iterdir():
         shutil.copy(f, trusted / f.name)

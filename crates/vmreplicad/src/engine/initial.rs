@@ -334,8 +334,13 @@ async fn write_full_log_inner(
         // Its name, and the export folder's own (made for it), survive a power cut too: the
         // primary records the export as done next.
         let folder = path.parent().unwrap_or(Path::new("."));
-        let synced = crate::durable::sync_dir(folder).and_then(|()| match folder.parent() {
-            Some(above) if !above.as_os_str().is_empty() => crate::durable::sync_dir(above),
+        // (A file system that cannot sync a directory, some network ones, is not an error.)
+        let sync = |dir: &Path| match crate::durable::sync_dir(dir) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP)) => Ok(()),
+            other => other,
+        };
+        let synced = sync(folder).and_then(|()| match folder.parent() {
+            Some(above) if !above.as_os_str().is_empty() => sync(above),
             _ => Ok(()),
         });
         synced.map_err(|e| {

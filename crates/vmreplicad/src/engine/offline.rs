@@ -128,7 +128,7 @@ pub(crate) fn stamped(prefix: &str) -> String {
 }
 
 /// Whether `image` is a qcow2 file (its magic), which alone can hold bitmaps.
-fn is_qcow2(image: &Path) -> bool {
+pub(crate) fn is_qcow2(image: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
     std::fs::File::open(image)

@@ -122,14 +122,19 @@ fn read_marks(tracking: &Path, index: usize) -> Option<Marks> {
 
 /// After a turned-off VM's delta point was committed: what each qcow2 disk's tracker bitmap (the
 /// one recording since the last running point, which QEMU's tools keep recording in) marks now,
-/// for the next freeze to check ([`RunningPoint::freeze`]). A disk whose bitmap cannot be read is
-/// marked to be scanned instead; one never tracked running has nothing to remember.
+/// for the next freeze to check ([`RunningPoint::freeze`]); one never tracked running has nothing
+/// to remember. Where the bitmap cannot be read (the VM was started meanwhile and QEMU holds it in
+/// use, or it is gone), what was remembered of that generation stays: a subset of what it marks,
+/// since bitmaps only grow. (A bitmap gone or left inconsistent is not trusted at the freeze.)
 pub async fn remember_offline_marks(data_dir: &Path, vm: uuid::Uuid, images: &[String]) {
     let tracking = super::reverse::tracking_dir(data_dir, vm);
     for (i, image) in images.iter().enumerate() {
         let Some(generation) = expected_generation(&tracking, i) else {
             continue;
         };
+        if !super::offline::is_qcow2(Path::new(image)) {
+            continue; // a raw disk's bitmaps end with its QEMU process
+        }
         let before = read_marks(&tracking, i);
         let now = disk::fingerprint::Fingerprint::of(Path::new(image)).ok();
         if before
@@ -157,11 +162,10 @@ pub async fn remember_offline_marks(data_dir: &Path, vm: uuid::Uuid, images: &[S
                 .map_err(|e| e.to_string())
         });
         if let Err(why) = kept {
-            let _ = std::fs::remove_file(marks_record(&tracking, i));
-            tracing::info!(%vm, disk = %image, "the next point read from its running QEMU process hash-scans this disk: its bitmap {name} cannot be remembered ({why})");
-            if let Err(e) = mark_for_scan(&scan_marker(&tracking, i)) {
-                tracing::warn!(%vm, disk = %image, "cannot mark the disk to be scanned: {e}");
+            if before.is_none_or(|m| m.generation != generation) {
+                let _ = std::fs::remove_file(marks_record(&tracking, i));
             }
+            tracing::info!(%vm, disk = %image, "what its bitmap {name} marks now is not remembered: {why}");
         }
     }
 }
@@ -327,8 +331,12 @@ impl RunningPoint {
             }
             let by = trusted && !full && !marker.exists();
             by_bitmap.push(by);
+            // (Of this generation only: a record left by a crash before a running point's commit
+            // forgot it describes a bitmap that is gone.)
             must_mark.push(if by {
-                read_marks(&tracking, i).map(|m| m.runs)
+                read_marks(&tracking, i)
+                    .filter(|m| m.generation == found)
+                    .map(|m| m.runs)
             } else {
                 None
             });

@@ -20,7 +20,8 @@ use super::replica::{ApiError, ReplicaSide};
 use super::tls::server_config;
 
 /// What the listener should be: bound to this port with this certificate, trusting the CAs of
-/// these files (a CA removed from `certs/trusted/` stops being trusted within one check).
+/// these files (a CA taken out of `certs/trusted/` is not trusted by connections made after the
+/// next check, within 10 s).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Wanted {
     port: u16,
@@ -70,6 +71,30 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                     current.as_ref().map(|c| c.0.clone())
                 }
             };
+            // Only the trusted CAs changed: new connections are checked against the new ones,
+            // and the listener and its connections go on (an upload is not cut for it).
+            if let (Some((have, l)), Some(w)) = (current.as_mut(), &want) {
+                let retrust = have.port == w.port
+                    && have.thumbprint == w.thumbprint
+                    && have.trusted != w.trusted
+                    && !l.task.is_finished();
+                if retrust {
+                    match server_config(&replica.cert_dir, &w.thumbprint) {
+                        Ok(config) => {
+                            *l.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+                            have.trusted = w.trusted.clone();
+                            tracing::info!(
+                                port = w.port,
+                                "the trusted CAs changed: new connections are checked against them"
+                            );
+                        }
+                        // (No CA left, say: the listener stops below, and is tried again.)
+                        Err(e) => {
+                            tracing::error!("the trusted CAs changed and cannot be read: {e}")
+                        }
+                    }
+                }
+            }
             let same = match (&current, &want) {
                 (Some((have, l)), Some(w)) => have == w && !l.task.is_finished(),
                 (None, None) => true,
@@ -99,8 +124,8 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                 }
             }
             // Settings changes wake us at once; the periodic check retries a listener that could
-            // not start (a certificate copied in later, a port freed) and restarts one whose
-            // trusted CAs changed.
+            // not start (a certificate copied in later, a port freed) and notices a change of the
+            // trusted CAs.
             let _ = tokio::time::timeout(Duration::from_secs(10), control.changed.notified()).await;
         }
     });
@@ -111,10 +136,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopped listener's connections may finish what they do (docs/protocol.md §2.1).
 const DRAIN: Duration = Duration::from_secs(30);
 
-/// A running listener: its accept loop, and the signal that makes its connections drain.
+/// A running listener: its accept loop, the signal that makes its connections drain, and the TLS
+/// configuration each new connection is accepted with.
 struct Listening {
     task: tokio::task::JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
+    config: Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
 }
 
 async fn start(replica: Arc<ReplicaSide>, bind: IpAddr, w: &Wanted) -> anyhow::Result<Listening> {
@@ -122,7 +149,8 @@ async fn start(replica: Arc<ReplicaSide>, bind: IpAddr, w: &Wanted) -> anyhow::R
     let addr = SocketAddr::new(bind, w.port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, thumbprint = %w.thumbprint, "replication listener serving HTTP/2 over TLS 1.3");
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let config = Arc::new(std::sync::RwLock::new(config));
+    let shared = config.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
@@ -138,14 +166,17 @@ async fn start(replica: Arc<ReplicaSide>, bind: IpAddr, w: &Wanted) -> anyhow::R
                     continue;
                 }
             };
-            let (acceptor, replica, stopped) = (acceptor.clone(), replica.clone(), stopped.clone());
+            let acceptor = tokio_rustls::TlsAcceptor::from(
+                shared.read().unwrap_or_else(|p| p.into_inner()).clone(),
+            );
+            let (replica, stopped) = (replica.clone(), stopped.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 serve_connection(replica, acceptor, tcp, addr, stopped).await;
             });
         }
     });
-    Ok(Listening { task, stop })
+    Ok(Listening { task, stop, config })
 }
 
 /// Who is on the other end of one connection, from its verified certificate.
