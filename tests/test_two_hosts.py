@@ -1303,6 +1303,29 @@ def test_a_primary_gets_busy_beyond_four_uploads_at_once(lab, tmp_path):
     assert res.status_code == 200 and res.json()["state"] == 2, res.text
 
 
+def test_connections_that_never_begin_their_handshake_do_not_keep_primaries_out(lab):
+    """A client on another address opens 300 connections to the recovery server and sends nothing.
+    A primary's request still gets in at once: one address holds at most 32 handshakes in progress.
+    (Each such connection held one of the listener's 256 places for the 10 s handshake limit, so a
+    primary waited in the kernel's queue for that long, again and again.)"""
+    idle = []
+    try:
+        for _ in range(300):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", lab.port))
+            idle.append(s)
+        time.sleep(1)  # accepted (or queued) by now
+        t = time.time()
+        with raw_peer(lab) as c:
+            assert c.post("/vmreplica/v1/test", json={}).status_code == 200
+        assert time.time() - t < 5, time.time() - t
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_a_ca_taken_out_of_the_recovery_servers_trusted_store_is_no_longer_trusted(lab, tmp_path):
     """The recovery server's administrator replaces the lab CA in `certs/trusted/` by another CA:
     within one check (10 s) a primary whose certificate the lab CA signed is refused at the

@@ -166,13 +166,21 @@ async fn start(replica: Arc<ReplicaSide>, bind: IpAddr, w: &Wanted) -> anyhow::R
                     continue;
                 }
             };
+            let Some(handshaking) = Place::take(
+                &HANDSHAKING_BY_ADDRESS,
+                &addr.ip().to_string(),
+                MAX_HANDSHAKES_PER_ADDRESS,
+            ) else {
+                tracing::debug!(peer = %addr, "closed: {MAX_HANDSHAKES_PER_ADDRESS} handshakes from this address already");
+                continue; // (the connection and the listener's place go at once)
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(
                 shared.read().unwrap_or_else(|p| p.into_inner()).clone(),
             );
             let (replica, stopped) = (replica.clone(), stopped.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                serve_connection(replica, acceptor, tcp, addr, stopped).await;
+                serve_connection(replica, acceptor, tcp, addr, stopped, handshaking).await;
             });
         }
     });
@@ -193,9 +201,12 @@ async fn serve_connection(
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
     mut stopped: tokio::sync::watch::Receiver<bool>,
+    handshaking: Place,
 ) {
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+    drop(handshaking);
+    let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             tracing::info!(peer = %addr, "connection closed before the TLS handshake ended");
@@ -227,7 +238,7 @@ async fn serve_connection(
         .names
         .first()
         .map_or_else(|| peer.thumbprint.clone(), |n| n.to_ascii_lowercase());
-    let Some(_place) = PerPrimary::take(&key) else {
+    let Some(_place) = Place::take(&OPEN_BY_PRIMARY, &key, MAX_CONNECTIONS_PER_PRIMARY) else {
         tracing::warn!(peer = %addr, host = %key, "refused: more than {MAX_CONNECTIONS_PER_PRIMARY} connections from one primary host");
         return;
     };
@@ -301,32 +312,43 @@ fn refusal_log_due(ip: IpAddr, reason: &'static str) -> Option<u64> {
 /// Connections per authenticated primary host (its certificate's names), docs/protocol.md §8.
 const MAX_CONNECTIONS_PER_PRIMARY: usize = 8;
 
-/// Open connections by the certificate's first DNS name; a guard frees its place.
-struct PerPrimary {
+/// TLS handshakes in progress from one address at most: a client that opens connections and sends
+/// nothing holds no more of the listener's places than this, whatever it does, so primaries
+/// elsewhere still get in at once.
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+
+type Counts = std::sync::Mutex<Option<std::collections::HashMap<String, usize>>>;
+
+/// Open connections by the certificate's first DNS name.
+static OPEN_BY_PRIMARY: Counts = std::sync::Mutex::new(None);
+/// Handshakes in progress by the peer's IP address.
+static HANDSHAKING_BY_ADDRESS: Counts = std::sync::Mutex::new(None);
+
+/// One of at most `limit` places of `key` in a count; dropping it frees the place.
+struct Place {
+    counts: &'static Counts,
     key: String,
 }
 
-static OPEN_BY_PRIMARY: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>> =
-    std::sync::Mutex::new(None);
-
-impl PerPrimary {
-    fn take(key: &str) -> Option<PerPrimary> {
-        let mut guard = OPEN_BY_PRIMARY.lock().unwrap_or_else(|p| p.into_inner());
+impl Place {
+    fn take(counts: &'static Counts, key: &str, limit: usize) -> Option<Place> {
+        let mut guard = counts.lock().unwrap_or_else(|p| p.into_inner());
         let map = guard.get_or_insert_with(std::collections::HashMap::new);
         let n = map.entry(key.to_string()).or_default();
-        if *n >= MAX_CONNECTIONS_PER_PRIMARY {
+        if *n >= limit {
             return None;
         }
         *n += 1;
-        Some(PerPrimary {
+        Some(Place {
+            counts,
             key: key.to_string(),
         })
     }
 }
 
-impl Drop for PerPrimary {
+impl Drop for Place {
     fn drop(&mut self) {
-        let mut guard = OPEN_BY_PRIMARY.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(map) = guard.as_mut() {
             if let Some(n) = map.get_mut(&self.key) {
                 *n = n.saturating_sub(1);
@@ -461,15 +483,37 @@ mod tests {
     #[test]
     fn a_primary_host_gets_at_most_eight_connections() {
         let places: Vec<_> = (0..MAX_CONNECTIONS_PER_PRIMARY)
-            .map(|_| PerPrimary::take("p9.lab.example").expect("a place"))
+            .map(|_| {
+                Place::take(
+                    &OPEN_BY_PRIMARY,
+                    "p9.lab.example",
+                    MAX_CONNECTIONS_PER_PRIMARY,
+                )
+                .expect("a place")
+            })
             .collect();
-        assert!(PerPrimary::take("p9.lab.example").is_none());
+        assert!(Place::take(
+            &OPEN_BY_PRIMARY,
+            "p9.lab.example",
+            MAX_CONNECTIONS_PER_PRIMARY
+        )
+        .is_none());
         assert!(
-            PerPrimary::take("p10.lab.example").is_some(),
+            Place::take(
+                &OPEN_BY_PRIMARY,
+                "p10.lab.example",
+                MAX_CONNECTIONS_PER_PRIMARY
+            )
+            .is_some(),
             "another host is not affected"
         );
         drop(places);
-        assert!(PerPrimary::take("p9.lab.example").is_some());
+        assert!(Place::take(
+            &OPEN_BY_PRIMARY,
+            "p9.lab.example",
+            MAX_CONNECTIONS_PER_PRIMARY
+        )
+        .is_some());
     }
 
     #[test]
