@@ -86,3 +86,20 @@ def test_a_failing_start_command_is_reported(daemon, disk):
 def os_kill0(pid):
     import os
     os.kill(pid, 0)
+
+
+def test_a_replica_vm_starts_only_once_failed_over(daemon, disk, tmp_path):
+    """A replica VM (here made by Enable-VMReplication -AsReplica, waiting for its initial
+    replication) is a copy of a VM that runs elsewhere: RequestStateChange(2) is refused and its
+    start command never runs. (It ran: a second copy of the VM beside the primary, or QEMU writing
+    a seed while it was being taken in.)"""
+    ran = tmp_path / "started"
+    daemon.cli("vm", "add", "--name", "rep02", "--disk", str(disk()), "--start-command", f"touch {ran}")
+    daemon.cli("enable-as-replica", "rep02")
+    conn = daemon.conn()
+    vm = conn.ExecQuery("WQL", "SELECT * FROM Msvm_ComputerSystem WHERE ElementName = 'rep02'")[0]
+    rv, _ = conn.InvokeMethod("RequestStateChange", vm.path, RequestedState=Uint16(2))
+    assert rv == 32775
+    res = daemon.cli("vm", "start", "rep02", check=False)
+    assert res.returncode == 3 and "only after a failover" in res.stderr, res.stderr
+    assert not ran.exists()

@@ -144,7 +144,7 @@ impl Service {
     }
 
     /// Starts (2), turns off (3) or shuts down (4) the VM. A primary prepared for a planned
-    /// failover (state 4) is locked from starting.
+    /// failover (state 4) is locked from starting, and so is a replica not failed over (5, 6).
     pub(super) async fn set_power_state(&self, vm: &VmRef, requested: u16) -> CommandResult {
         let (vm, _claim) = self.claimed_vm(vm)?;
         let current = power::enabled_state(&vm.power);
@@ -170,6 +170,19 @@ impl Service {
                         r.state == ReplicationState::Recovered.as_u16()
                             || r.state == ReplicationState::Committed.as_u16()
                     });
+                // Any other replica is a copy of a VM that runs elsewhere, whose disks are recovery
+                // points (or a seed being taken in): it starts only once failed over, as in
+                // Hyper-V. (It started, and a second copy of the VM ran beside the primary.)
+                if vm.mode == ReplicationMode::Replica.as_u16() && !failed_over {
+                    return Err(CommandError::new(
+                        ReturnCode::InvalidState,
+                        format!(
+                            "'{}' is a replica (state {}); it starts only after a failover (InitiateFailover), or test it with TestReplicaSystem",
+                            vm.name,
+                            rel.as_ref().map_or(0, |r| r.state)
+                        ),
+                    ));
+                }
                 let network = match failed_over {
                     true => Some(self.store.failover_network(vm.id)?),
                     false => None,
