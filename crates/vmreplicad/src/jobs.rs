@@ -74,22 +74,18 @@ impl JobContext {
 
     /// Records progress (0-100) as the job's PercentComplete.
     pub fn progress(&self, percent: u16) -> StoreResult<()> {
-        if let Some(mut job) = self.store.get_job(&self.id)? {
-            job.percent = percent.min(100);
-            job.last_change = now();
-            self.store.put_job(&job)?;
-        }
-        Ok(())
+        self.store
+            .update_running_job(&self.id, Some(percent.min(100)), None, now())
     }
 
     /// Adds `text` to the job's log: the daemon's log, and the end of the job's `Description`
     /// (what `Msvm_ConcreteJob` and the CLI show).
     pub fn note(&self, text: &str) -> StoreResult<()> {
         tracing::info!(job = %self.id, "{text}");
-        if let Some(mut job) = self.store.get_job(&self.id)? {
-            job.description = format!("{}. {text}", job.description.trim_end_matches('.'));
-            job.last_change = now();
-            self.store.put_job(&job)?;
+        if let Some(job) = self.store.get_job(&self.id)? {
+            let description = format!("{}. {text}", job.description.trim_end_matches('.'));
+            self.store
+                .update_running_job(&self.id, None, Some(&description), now())?;
         }
         Ok(())
     }
@@ -196,7 +192,18 @@ impl JobEngine {
         let engine = self.clone();
         let id = job.id.clone();
         tokio::spawn(async move {
-            let result = work(ctx).await;
+            // In a task of its own, so that a panic in it still ends the job (as an exception)
+            // instead of leaving it running for good.
+            let result = match tokio::spawn(work(ctx)).await {
+                Ok(result) => result,
+                Err(e) => {
+                    tracing::error!(job = %id, "the job's work ended abnormally: {e}");
+                    Err(JobFailure::failed(
+                        format!("the job ended abnormally: {e}"),
+                        "Report this as a bug; the operation can be started again.",
+                    ))
+                }
+            };
             engine.complete(&id, result);
         });
         Ok(job)
@@ -379,6 +386,48 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("job {id} did not finish");
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_work_panics_ends_and_late_progress_never_revives_one() {
+        let (dir, store, jobs) = engine();
+        let kept: Arc<std::sync::Mutex<Option<JobContext>>> = Arc::default();
+        let keep = kept.clone();
+        let job = jobs
+            .spawn(
+                JobType::Resynchronizing,
+                None,
+                "panics".into(),
+                false,
+                move |ctx| async move {
+                    *keep.lock().expect("lock") = Some(ctx.clone());
+                    ctx.progress(30)?;
+                    if ctx.id().is_empty() {
+                        return Ok(());
+                    }
+                    panic!("a bug in the work");
+                },
+            )
+            .expect("spawn");
+        let ended = wait_terminal(&store, &job.id).await;
+        assert_eq!(ended.state, JobState::Exception.as_u16());
+        assert!(
+            ended
+                .error_description
+                .as_deref()
+                .is_some_and(|d| d.contains("abnormally")),
+            "{ended:?}"
+        );
+        // A report from a task of the job that outlived it (an upload's progress) changes nothing.
+        let ctx = kept.lock().expect("lock").clone().expect("the context");
+        ctx.progress(90).expect("progress");
+        ctx.note("late").expect("note");
+        let after = store.get_job(&job.id).expect("get").expect("exists");
+        assert_eq!(
+            (after.state, after.percent, after.description),
+            (ended.state, ended.percent, ended.description)
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]

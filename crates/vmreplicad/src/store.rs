@@ -818,6 +818,26 @@ impl Store {
         self.jobs_changed.subscribe()
     }
 
+    /// Sets a running job's PercentComplete, Description (when given) and last change, only while it
+    /// is still running (4): a progress report racing the job's end never brings it back.
+    pub fn update_running_job(
+        &self,
+        id: &str,
+        percent: Option<u16>,
+        description: Option<&str>,
+        at: i64,
+    ) -> StoreResult<()> {
+        let n = self.conn().execute(
+            "UPDATE jobs SET percent = coalesce(?2, percent), description = coalesce(?3, description),
+                last_change = ?4 WHERE id = ?1 AND state = 4",
+            params![id, percent, description, at],
+        )?;
+        if n > 0 {
+            self.jobs_changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
+    }
+
     pub fn get_job(&self, id: &str) -> StoreResult<Option<JobRow>> {
         let raw = self
             .conn()
