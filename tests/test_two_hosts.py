@@ -2177,6 +2177,26 @@ def test_a_disk_whose_tracking_restarted_is_scanned_until_a_scan_of_it_is_commit
         qsd.stop()
 
 
+def restored_then_running(lab, name, vm_id, disk, backup, tmp_path):
+    """With replication of the turned-off VM `name` suspended: `backup` is restored over `disk`
+    (undoing the write at 9M), the VM started and replication resumed; after a write, the point
+    shipped must equal the running disk. Returns the VM's QEMU (a Qsd) for the caller to stop."""
+    p = lab.primary.conn()
+    vm = vm_by_name(p, name)
+    shutil.copyfile(backup, disk)  # restored in place
+    qsd = Qsd(disk, tmp_path)
+    try:
+        rrsc(p, vm, 3)
+        qsd.write("write -P 0x33 5M 64k")
+        shipped_since(lab, vm_id, time.time())
+        rrsc(p, vm, 7)
+        point_equals_running_disk(lab, vm_id, settled(lab, vm_id), qsd)
+    except BaseException:
+        qsd.stop()
+        raise
+    return qsd
+
+
 def test_a_running_vms_disk_replaced_by_an_older_copy_of_itself_is_scanned(lab, tmp_path):
     """A backup of a running VM's qcow2 disk, taken while the VM was off, is restored over it while
     it is off again, after a write the replica got. The copy's bitmap is consistent but older than
@@ -2203,13 +2223,7 @@ def test_a_running_vms_disk_replaced_by_an_older_copy_of_itself_is_scanned(lab, 
         shipped_since(lab, vm_id, time.time())
         rrsc(p, vm, 7)
         qsd.stop()
-        shutil.copyfile(backup, disk)  # restored in place: the write at 9M is undone
-        qsd = Qsd(disk, tmp_path)
-        rrsc(p, vm, 3)
-        qsd.write("write -P 0x33 5M 64k")
-        shipped_since(lab, vm_id, time.time())
-        rrsc(p, vm, 7)
-        point_equals_running_disk(lab, vm_id, settled(lab, vm_id), qsd)
+        qsd = restored_then_running(lab, "older01", vm_id, disk, backup, tmp_path)
         assert "older than the one recording since the last point" in plain_log(lab.primary)
     finally:
         qsd.stop()
@@ -2240,13 +2254,7 @@ def test_a_turned_off_vms_disk_replaced_by_an_older_copy_after_an_offline_point_
         run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 9M 64k", disk)
         shipped_since(lab, vm_id, time.time() + 2.5)  # (a file is read once left alone 2 s)
         rrsc(p, vm, 7)
-        shutil.copyfile(backup, disk)  # restored in place: the write at 9M is undone
-        qsd = Qsd(disk, tmp_path)
-        rrsc(p, vm, 3)
-        qsd.write("write -P 0x33 5M 64k")
-        shipped_since(lab, vm_id, time.time())
-        rrsc(p, vm, 7)
-        point_equals_running_disk(lab, vm_id, settled(lab, vm_id), qsd)
+        qsd = restored_then_running(lab, "older02", vm_id, disk, backup, tmp_path)
         assert "lost blocks it marked when the last turned-off point" in plain_log(lab.primary)
     finally:
         qsd.stop()

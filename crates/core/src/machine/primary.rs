@@ -161,15 +161,28 @@ fn resume(state: S, op: Operation, facts: &Facts) -> Result<Transition, Refusal>
             S::ResynchronizationSuspended,
         ],
     )?;
-    if matches!(state, S::Suspended | S::Critical) && !facts.has_received_replication {
-        let waiting = S::WaitingToCompleteInitialReplication;
-        return Ok(go(Some(waiting), waiting, PRIMARY, op, false));
+    if let Some(t) = resume_before_initial_replication(state, op, facts, PRIMARY) {
+        return Ok(t);
     }
     let during = match state {
         S::WaitingToStartResynchronization | S::ResynchronizationSuspended => S::Resynchronizing,
         _ => S::Replicating,
     };
     Ok(go(Some(during), S::Replicating, PRIMARY, op, true))
+}
+
+/// A resume of a VM suspended (or made critical) before any initial replication arrived, on either
+/// side: back to waiting for it (2), since the suspend came from 2 (§13.6).
+pub(super) fn resume_before_initial_replication(
+    state: S,
+    op: Operation,
+    facts: &Facts,
+    mode: ReplicationMode,
+) -> Option<Transition> {
+    (matches!(state, S::Suspended | S::Critical) && !facts.has_received_replication).then(|| {
+        let waiting = S::WaitingToCompleteInitialReplication;
+        go(Some(waiting), waiting, mode, op, false)
+    })
 }
 
 /// Suspend-VMReplication (RRSC 7) from 2, 3, 10 (spec §3.3). Suspending a resynchronization keeps its

@@ -1,7 +1,7 @@
 //! Rules for a VM in mode Replica (spec §3.2, §3.3, §13, §14; DESIGN §6). Extended Replica VMs are
 //! decided here too and then refused with 32770 by the caller.
 
-use super::primary::{already_protected, suspend};
+use super::primary::{already_protected, resume_before_initial_replication, suspend};
 use super::{
     go, refuse, require, require_off, stay, wrong_side, Facts, Operation, Refusal, RequestedState,
     Transition,
@@ -154,9 +154,8 @@ fn request(
             require(op, state, &[S::Suspended, S::Critical, S::Resynchronizing, S::ResynchronizationSuspended])?;
             // Suspended (or made critical: its entry removed) before its initial replication
             // arrived: back to waiting for it.
-            if matches!(state, S::Suspended | S::Critical) && !facts.has_received_replication {
-                let waiting = S::WaitingToCompleteInitialReplication;
-                return Ok(go(Some(waiting), waiting, REPLICA, op, false));
+            if let Some(t) = resume_before_initial_replication(state, op, facts, REPLICA) {
+                return Ok(t);
             }
             Ok(go(Some(S::Replicating), S::Replicating, REPLICA, op, false))
         }
