@@ -1055,6 +1055,17 @@ impl PrimarySide {
             ));
         }
         tracing::info!(vm = %vm.id, sequence = c, "the replica committed log {c}, whose answer was lost: its block-hash maps are now the baseline");
+        // It did replicate: counted as the success it was (its cycle counted a failure).
+        if kept.point_time > 0 {
+            let latency = (now() - kept.point_time / 1_000_000).max(0);
+            let _ = self.store.record_stat(
+                vm.id,
+                StatEvent::Success {
+                    bytes: kept.log_bytes,
+                    latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
+                },
+            );
+        }
         *chain = adopted;
         Ok(())
     }
@@ -1076,9 +1087,10 @@ impl PrimarySide {
             .build_delta_inner(vm, mode, point, running, path, growing.clone())
             .await;
         // Kept before the upload can send its end (and so its commit): see replication::sent.
-        if let Ok((hash, _, _, maps, _)) = &mut result {
+        if let Ok((hash, bytes, point_time, maps, _)) = &mut result {
             let tracking = crate::engine::reverse::tracking_dir(&self.data_dir, vm.id);
-            if let Err(e) = super::sent::keep(&tracking, point.0, hash, maps) {
+            let log = (point.0, hash.as_str(), *bytes, *point_time);
+            if let Err(e) = super::sent::keep(&tracking, log, maps) {
                 cleanup(maps, path);
                 result = Err(CycleError::Failed(format!(
                     "keeping the block-hash maps of log {}: {e}",

@@ -25,6 +25,12 @@ const RECORD: &str = "sent.json";
 pub struct SentLog {
     pub sequence: u64,
     pub log_hash: String,
+    /// Its size and point time (Unix microseconds), for its statistics once adopted (0 in a
+    /// record an older build wrote).
+    #[serde(default)]
+    pub log_bytes: u64,
+    #[serde(default)]
+    pub point_time: i64,
 }
 
 /// Where disk `map`'s new map for log `seq` is kept.
@@ -39,8 +45,7 @@ pub fn sent_map(map: &Path, seq: u64) -> PathBuf {
 /// the record goes last. What an older log kept goes first.
 pub fn keep(
     tracking: &Path,
-    seq: u64,
-    log_hash: &str,
+    (seq, log_hash, log_bytes, point_time): (u64, &str, u64, i64),
     maps: &mut [(PathBuf, PathBuf)],
 ) -> io::Result<()> {
     match std::fs::remove_file(tracking.join(RECORD)) {
@@ -57,6 +62,8 @@ pub fn keep(
     let record = SentLog {
         sequence: seq,
         log_hash: log_hash.to_string(),
+        log_bytes,
+        point_time,
     };
     let json = serde_json::to_vec(&record).map_err(io::Error::other)?;
     crate::durable::write_file(&tracking.join(RECORD), &json)
@@ -92,7 +99,7 @@ mod tests {
         std::fs::write(t.join("disk0.hashes.sent-4"), b"old").expect("old");
         std::fs::write(map.with_extension("hashes.tmp"), b"new").expect("tmp");
         let mut maps = vec![(map.with_extension("hashes.tmp"), map.clone())];
-        keep(t, 5, "abc", &mut maps).expect("keep");
+        keep(t, (5, "abc", 4096, 7_000_000), &mut maps).expect("keep");
         assert_eq!(maps[0].0, t.join("disk0.hashes.sent-5"));
         assert_eq!(std::fs::read(&maps[0].0).expect("sent"), b"new");
         assert!(!t.join("disk0.hashes.sent-4").exists());
@@ -100,12 +107,14 @@ mod tests {
             record(t),
             Some(SentLog {
                 sequence: 5,
-                log_hash: "abc".into()
+                log_hash: "abc".into(),
+                log_bytes: 4096,
+                point_time: 7_000_000,
             })
         );
         std::fs::write(t.join("disk0.hashes.tmp"), b"newer").expect("tmp");
         let mut maps = vec![(t.join("disk0.hashes.tmp"), map)];
-        keep(t, 6, "def", &mut maps).expect("keep");
+        keep(t, (6, "def", 1, 1), &mut maps).expect("keep");
         assert!(!t.join("disk0.hashes.sent-5").exists());
         assert_eq!(record(t).map(|r| r.sequence), Some(6));
     }
