@@ -978,13 +978,9 @@ pub(super) fn commit_sent(
     rel.last_replication_time = Some(summary.header.point_time_micros / 1_000_000);
     rel.last_replication_type = vmreplica_core::state::ReplicationType::Regular.as_u16();
     if count {
-        let latency = (now() - summary.header.point_time_micros / 1_000_000).max(0);
         job.store.record_stat(
             vm.id,
-            StatEvent::Success {
-                bytes: summary.bytes,
-                latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
-            },
+            StatEvent::replicated(summary.bytes, summary.header.point_time_micros),
         )?;
     }
     Ok(())

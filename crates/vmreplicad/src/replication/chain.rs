@@ -46,6 +46,18 @@ pub enum StatEvent {
     Failure,
 }
 
+impl StatEvent {
+    /// A log of `bytes` replicated now, its point taken at `point_time_micros` (Unix): the latency
+    /// is the point's age.
+    pub fn replicated(bytes: u64, point_time_micros: i64) -> StatEvent {
+        let latency = (crate::clock::now() - point_time_micros / 1_000_000).max(0);
+        StatEvent::Success {
+            bytes,
+            latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
+        }
+    }
+}
+
 fn to_i64(v: u64) -> StoreResult<i64> {
     i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("value {v}")))
 }

@@ -545,14 +545,9 @@ impl PrimarySide {
                 "the replication relationship changed while the final log was in flight".into(),
             );
         }
-        let latency = (now() - point_time / 1_000_000).max(0);
-        let _ = self.store.record_stat(
-            vm.id,
-            StatEvent::Success {
-                bytes,
-                latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
-            },
-        );
+        let _ = self
+            .store
+            .record_stat(vm.id, StatEvent::replicated(bytes, point_time));
         tracing::info!(vm = %vm.id, sequence = seq, bytes, ms = started.elapsed().as_millis() as u64, "final log of the planned failover applied");
         Ok((seq, point_time / 1_000_000))
     }
@@ -692,14 +687,9 @@ impl PrimarySide {
                 if !self.end_cycle(&chain, &from) {
                     return;
                 }
-                let latency = (now() - point_time / 1_000_000).max(0);
-                let _ = self.store.record_stat(
-                    vm.id,
-                    StatEvent::Success {
-                        bytes,
-                        latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
-                    },
-                );
+                let _ = self
+                    .store
+                    .record_stat(vm.id, StatEvent::replicated(bytes, point_time));
                 self.set_state(
                     vm.id,
                     ReplicationState::Replicating,
@@ -1057,13 +1047,9 @@ impl PrimarySide {
         tracing::info!(vm = %vm.id, sequence = c, "the replica committed log {c}, whose answer was lost: its block-hash maps are now the baseline");
         // It did replicate: counted as the success it was (its cycle counted a failure).
         if kept.point_time > 0 {
-            let latency = (now() - kept.point_time / 1_000_000).max(0);
             let _ = self.store.record_stat(
                 vm.id,
-                StatEvent::Success {
-                    bytes: kept.log_bytes,
-                    latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
-                },
+                StatEvent::replicated(kept.log_bytes, kept.point_time),
             );
         }
         *chain = adopted;

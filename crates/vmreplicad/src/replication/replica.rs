@@ -2315,13 +2315,9 @@ impl ReplicaSide {
             tracing::info!(%vm, sequence = seq, "log committed");
             // The replica's statistics (spec §10: per relationship, on both sides): one success
             // per log received, its size, and how old its point was when it arrived.
-            let latency = (now() - up.point_time / 1_000_000).max(0);
             let _ = self.store.record_stat(
                 vm,
-                super::chain::StatEvent::Success {
-                    bytes: up.log_bytes,
-                    latency_secs: u32::try_from(latency).unwrap_or(u32::MAX),
-                },
+                super::chain::StatEvent::replicated(up.log_bytes, up.point_time),
             );
         }
         self.apply_wake.notify_one();
