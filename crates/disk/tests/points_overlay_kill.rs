@@ -47,7 +47,9 @@ async fn helper_creates_and_commits() {
         .expect("commit");
 }
 
-fn spawn_helper(dir: &Path) -> Child {
+/// The helper run; its output kept (`keep`, read by `wait_with_output`) or dropped.
+fn spawn_helper(dir: &Path, keep: bool) -> Child {
+    let out = || if keep { Stdio::piped() } else { Stdio::null() };
     Command::new(std::env::current_exe().expect("test executable"))
         .args([
             "--exact",
@@ -56,8 +58,8 @@ fn spawn_helper(dir: &Path) -> Child {
             "--quiet",
         ])
         .env(HELPER_ENV, dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(out())
+        .stderr(out())
         .spawn()
         .expect("spawn helper")
 }
@@ -125,7 +127,10 @@ fn killing_an_overlay_create_or_commit_never_damages_a_point() {
     let _ = std::fs::remove_dir_all(&committed);
     let start = Instant::now();
     assert!(
-        spawn_helper(dir.path()).wait().expect("wait").success(),
+        spawn_helper(dir.path(), false)
+            .wait()
+            .expect("wait")
+            .success(),
         "uninterrupted run"
     );
     let full = start.elapsed();
@@ -145,7 +150,7 @@ fn killing_an_overlay_create_or_commit_never_damages_a_point() {
         seed ^= seed << 17;
         copy_tree(&baseline, &store_root);
         let _ = std::fs::remove_dir_all(&committed);
-        let mut child = spawn_helper(dir.path());
+        let mut child = spawn_helper(dir.path(), false);
         std::thread::sleep(Duration::from_micros(
             seed % (full.as_micros() as u64).max(1),
         ));
@@ -155,10 +160,15 @@ fn killing_an_overlay_create_or_commit_never_damages_a_point() {
         }
         child.wait().expect("reap");
         verify_points(&vm_dir, &src);
-        // Running it again finishes the job with the same result.
+        // Running it again finishes the job with the same result (its output says why not).
+        let again = spawn_helper(dir.path(), true)
+            .wait_with_output()
+            .expect("wait");
         assert!(
-            spawn_helper(dir.path()).wait().expect("wait").success(),
-            "run after a kill"
+            again.status.success(),
+            "run after a kill (seed {seed}): {}{}",
+            String::from_utf8_lossy(&again.stdout),
+            String::from_utf8_lossy(&again.stderr)
         );
         verify_points(&vm_dir, &src);
         finished(&src);
