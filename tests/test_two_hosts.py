@@ -1681,7 +1681,7 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     import os
     import signal
 
-    size = 160 if cap else 768
+    size = 224 if cap else 768
     disk = tmp_path / "ckpt01.raw"
     run("truncate", "-s", f"{size + 96}M", disk)
     with open(disk, "r+b") as f:
@@ -1693,9 +1693,9 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     vm_id, p, job = start_network_ir(lab, "ckpt01", disk, cap)
     incoming = lab.storage / vm_id.lower() / "incoming"
 
-    # Past the 80 MiB the primary keeps of a log it sends from memory: it no longer holds the first
+    # Past the 112 MiB the primary keeps of a log it sends from memory: it no longer holds the first
     # byte, so without the checkpoint a restart of the replica here failed the initial replication.
-    past = (96 if cap else 256) << 20
+    past = (128 if cap else 256) << 20
 
     def far():
         return [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > past]

@@ -30,7 +30,7 @@ pub const AHEAD: u64 = 16 << 20;
 /// Bytes an in-memory log keeps behind the furthest point sent, for a resume: more than a replica
 /// can lose of it (what was in flight, and a staged upload's bytes since the checkpoint it continues
 /// from after a restart: replication::staged::CHECKPOINT_MAX_LAG, checked there).
-pub const KEEP: u64 = 80 << 20;
+pub const KEEP: u64 = 112 << 20;
 
 /// The buffer in front of a log's output ([`LogOut`]), for the small records. Smaller than a frame
 /// of data, so a whole frame written from a scan's read passes through it to the output in one

@@ -117,14 +117,19 @@ pub const CHECKPOINT_EVERY: u64 = 4 << 20;
 /// A checkpoint is skipped while the last is still being saved (the writer does not wait for the
 /// disk), unless the saved one is more than this behind it.
 ///
+/// A save syncs the layers and the runs files and writes the checkpoint durably: four flushes,
+/// 20-40 ms on a virtual disk. At 16 MiB the writer waited for nearly every save, which held a
+/// network initial replication to about 16 MiB per save (560 MiB/s where the disk took 683 MiB/s;
+/// docs/performance.md, "A twenty-first look"); at 48 MiB it does not wait.
+///
 /// What the primary counted as sent beyond the checkpoint on disk is then at most: this lag, one
 /// interval and a frame (4.6 MB) before the next checkpoint is taken; the frames handed to the
 /// writer thread and not yet written (three of at most 4.6 MB: two queued, one being written); the
 /// chunks queued to the staging thread ([`QUEUED_CHUNKS`] of at most 1 MiB, and two more in hand);
 /// the stream's flow-control window (8 MiB); the primary's own queue and send buffer (about
-/// 9 MiB). At most 75 MiB, less than the 80 MiB the primary keeps of a log sent from memory, so it
+/// 9 MiB). At most 107 MiB, less than the 112 MiB the primary keeps of a log sent from memory, so it
 /// continues where the checkpoint is.
-pub const CHECKPOINT_MAX_LAG: u64 = 16 << 20;
+pub const CHECKPOINT_MAX_LAG: u64 = 48 << 20;
 
 const _: () = assert!(
     CHECKPOINT_MAX_LAG
