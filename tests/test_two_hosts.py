@@ -1327,37 +1327,57 @@ def test_connections_that_never_begin_their_handshake_do_not_keep_primaries_out(
 
 
 def test_a_ca_taken_out_of_the_recovery_servers_trusted_store_is_no_longer_trusted(lab, tmp_path):
-    """The recovery server's administrator replaces the lab CA in `certs/trusted/` by another CA:
-    within one check (10 s) a primary whose certificate the lab CA signed is refused at the
-    handshake of a new connection, while one already open (an upload) goes on; put back, it is
-    accepted again. (The trusted CAs were read once, when the listener started: a CA taken out
-    stayed trusted until the daemon restarted.)"""
+    """The recovery server's administrator takes the lab CA out of `certs/trusted/`, where another
+    CA stays: within one check (10 s) a primary whose certificate the lab CA signed is refused at
+    the handshake of a new connection, and its connection already open (an upload, say) is closed,
+    while one from a host of the other CA goes on (the listener is not restarted for it); put
+    back, the lab CA is trusted again. (The trusted CAs were read once, when the listener started:
+    a CA taken out stayed trusted until the daemon restarted; then open connections of its hosts
+    went on until they ended.)"""
     trusted = lab.replica.data_dir / "certs" / "trusted"
     saved = tmp_path / "saved-trusted"
     shutil.copytree(trusted, saved)
-    cert_new(tmp_path / "other-ca", "hv9.other.example")
-    # A connection made before (an upload in progress), kept open.
-    open_before = peer_as(lab, lab.primary.data_dir / "certs", lab.t1, lab.port, keepalive=120)
-    assert open_before.post("/vmreplica/v1/test", json={}).status_code == 200
-    for f in trusted.iterdir():
-        f.unlink()
-    shutil.copy(tmp_path / "other-ca" / "ca" / "ca.pem", trusted / "other.pem")
+    # hv9.lab.example matches the `*.lab.example` entry; another CA signed its certificate.
+    other = tmp_path / "other-ca"
+    t9 = cert_new(other, "hv9.lab.example")["hv9.lab.example"]
+    shutil.copy(other / "ca" / "ca.pem", trusted / "other.pem")
 
-    def accepted():
+    def accepted(certs, thumbprint):
         try:
-            with raw_peer(lab) as c:
+            with peer_as(lab, certs, thumbprint, lab.port) as c:
                 return c.post("/vmreplica/v1/test", json={}).status_code == 200
         except (httpx.HTTPError, ssl.SSLError, OSError):
             return False
 
-    wait_for(lambda: not accepted(), timeout=30, what="the lab CA no longer trusted")
-    # The listener was not restarted for it: a connection already open goes on.
-    assert open_before.post("/vmreplica/v1/test", json={}).status_code == 200
-    open_before.close()
+    lab_host = (lab.primary.data_dir / "certs", lab.t1)
+    other_host = (other / "hv9.lab.example" / "certs", t9)
+    wait_for(lambda: accepted(*other_host), timeout=30, what="the other CA trusted")
+    # Connections made before (uploads in progress, say), kept open.
+    open_lab = peer_as(lab, *lab_host, lab.port, keepalive=120)
+    open_other = peer_as(lab, *other_host, lab.port, keepalive=120)
+    for c in (open_lab, open_other):
+        assert c.post("/vmreplica/v1/test", json={}).status_code == 200
+    for f in trusted.iterdir():
+        if f.name != "other.pem":
+            f.unlink()
+
+    wait_for(lambda: not accepted(*lab_host), timeout=30, what="the lab CA no longer trusted")
+    # The listener was not restarted for it: the other CA's connection goes on.
+    assert open_other.post("/vmreplica/v1/test", json={}).status_code == 200
+    # The lab CA's connection was closed by the server, not left to end on its own.
+    wait_for(lambda: "replication connection closed: its certificate is no longer trusted"
+             in plain_log(lab.replica), timeout=10, what="the open connection closed")
+    with pytest.raises((httpx.HTTPError, ssl.SSLError, OSError)):
+        open_lab.post("/vmreplica/v1/test", json={})
+    assert 'names=["hv1.lab.example"]' in plain_log(lab.replica)
+    assert 'names=["hv9.lab.example"]' not in plain_log(lab.replica)
+    for c in (open_lab, open_other):
+        c.close()
     (trusted / "other.pem").unlink()
     for f in saved.iterdir():
         shutil.copy(f, trusted / f.name)
-    wait_for(accepted, timeout=30, what="the lab CA trusted again")
+    wait_for(lambda: accepted(*lab_host), timeout=30, what="the lab CA trusted again")
+    wait_for(lambda: not accepted(*other_host), timeout=30, what="the other CA no longer trusted")
 
 
 def test_a_replica_made_here_is_bound_to_the_first_primary_that_names_it(lab, tmp_path):

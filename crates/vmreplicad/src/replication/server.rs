@@ -18,6 +18,8 @@ use wire::protocol::{ErrorCode, ErrorDetail, RefusalReason, Route, RouteError};
 use super::peer_certs::{dns_names, sha1_thumbprint};
 use super::replica::{ApiError, ReplicaSide};
 use super::tls::server_config;
+use rustls::server::danger::ClientCertVerifier;
+use rustls_pki_types::CertificateDer;
 
 /// What the listener should be: bound to this port with this certificate, trusting the CAs of
 /// these files (a CA taken out of `certs/trusted/` is not trusted by connections made after the
@@ -71,8 +73,9 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                     current.as_ref().map(|c| c.0.clone())
                 }
             };
-            // Only the trusted CAs changed: new connections are checked against the new ones,
-            // and the listener and its connections go on (an upload is not cut for it).
+            // Only the trusted CAs changed: new connections are checked against the new ones, and
+            // the listener goes on; an open connection goes on while its peer's chain is still
+            // trusted (an upload is not cut for another CA's change).
             if let (Some((have, l)), Some(w)) = (current.as_mut(), &want) {
                 let retrust = have.port == w.port
                     && have.thumbprint == w.thumbprint
@@ -80,12 +83,14 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                     && !l.task.is_finished();
                 if retrust {
                     match server_config(&replica.cert_dir, &w.thumbprint) {
-                        Ok(config) => {
-                            *l.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+                        Ok(tls) => {
+                            *l.config.write().unwrap_or_else(|p| p.into_inner()) = tls.config;
+                            // Open connections check their peer's chain again (`cut_if_untrusted`).
+                            l.trust.send_replace(tls.verifier);
                             have.trusted = w.trusted.clone();
                             tracing::info!(
                                 port = w.port,
-                                "the trusted CAs changed: new connections are checked against them"
+                                "the trusted CAs changed: new connections are checked against them, and open ones again"
                             );
                         }
                         // (No CA left, say: the listener stops below, and is tried again.)
@@ -136,21 +141,25 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopped listener's connections may finish what they do (docs/protocol.md §2.1).
 const DRAIN: Duration = Duration::from_secs(30);
 
-/// A running listener: its accept loop, the signal that makes its connections drain, and the TLS
-/// configuration each new connection is accepted with.
+/// A running listener: its accept loop, the signal that makes its connections drain, the TLS
+/// configuration each new connection is accepted with, and the verifier of the trusted CAs that
+/// open connections check their peer against again when it changes.
 struct Listening {
     task: tokio::task::JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
     config: Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
+    trust: tokio::sync::watch::Sender<Arc<dyn ClientCertVerifier>>,
 }
 
 async fn start(replica: Arc<ReplicaSide>, bind: IpAddr, w: &Wanted) -> anyhow::Result<Listening> {
-    let config = server_config(&replica.cert_dir, &w.thumbprint)?;
+    let tls = server_config(&replica.cert_dir, &w.thumbprint)?;
     let addr = SocketAddr::new(bind, w.port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, thumbprint = %w.thumbprint, "replication listener serving HTTP/2 over TLS 1.3");
-    let config = Arc::new(std::sync::RwLock::new(config));
+    let config = Arc::new(std::sync::RwLock::new(tls.config));
     let shared = config.clone();
+    let (trust, _) = tokio::sync::watch::channel(tls.verifier);
+    let trusted = trust.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
@@ -174,17 +183,26 @@ async fn start(replica: Arc<ReplicaSide>, bind: IpAddr, w: &Wanted) -> anyhow::R
                 tracing::debug!(peer = %addr, "closed: {MAX_HANDSHAKES_PER_ADDRESS} handshakes from this address already");
                 continue; // (the connection and the listener's place go at once)
             };
+            // Watched before the configuration is read: a change after it is seen by the
+            // connection, whichever configuration it was accepted with.
+            let trust = trusted.subscribe();
             let acceptor = tokio_rustls::TlsAcceptor::from(
                 shared.read().unwrap_or_else(|p| p.into_inner()).clone(),
             );
             let (replica, stopped) = (replica.clone(), stopped.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                serve_connection(replica, acceptor, tcp, addr, stopped, handshaking).await;
+                let watched = (stopped, trust);
+                serve_connection(replica, acceptor, tcp, addr, watched, handshaking).await;
             });
         }
     });
-    Ok(Listening { task, stop, config })
+    Ok(Listening {
+        task,
+        stop,
+        config,
+        trust,
+    })
 }
 
 /// Who is on the other end of one connection, from its verified certificate.
@@ -200,7 +218,10 @@ async fn serve_connection(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    (mut stopped, trust): (
+        tokio::sync::watch::Receiver<bool>,
+        tokio::sync::watch::Receiver<Arc<dyn ClientCertVerifier>>,
+    ),
     handshaking: Place,
 ) {
     let _ = tcp.set_nodelay(true);
@@ -221,18 +242,19 @@ async fn serve_connection(
             return;
         }
     };
-    let Some(leaf) = stream
+    let Some(chain) = stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
+        .filter(|c| !c.is_empty())
+        .map(|c| c.iter().map(|d| d.clone().into_owned()).collect::<Vec<_>>())
     else {
         return; // the verifier requires one; nothing to serve otherwise
     };
     let peer = Arc::new(Peer {
         addr,
-        names: dns_names(leaf),
-        thumbprint: sha1_thumbprint(leaf),
+        names: dns_names(&chain[0]),
+        thumbprint: sha1_thumbprint(&chain[0]),
     });
     let key = peer
         .names
@@ -242,6 +264,7 @@ async fn serve_connection(
         tracing::warn!(peer = %addr, host = %key, "refused: more than {MAX_CONNECTIONS_PER_PRIMARY} connections from one primary host");
         return;
     };
+    let who = peer.clone();
     let service = hyper::service::service_fn(move |req| {
         let (replica, peer) = (replica.clone(), peer.clone());
         async move { Ok::<_, Infallible>(handle(&replica, &peer, req).await) }
@@ -260,6 +283,12 @@ async fn serve_connection(
     tokio::pin!(conn);
     let served = tokio::select! {
         r = conn.as_mut() => r,
+        // The trusted CAs changed and no longer include this peer's: the connection is closed
+        // at once, uploads in flight included (the primary is refused at its next handshake).
+        e = cut_if_untrusted(trust, &chain) => {
+            tracing::warn!(peer = %addr, names = ?who.names, thumbprint = %who.thumbprint, "replication connection closed: its certificate is no longer trusted ({e})");
+            return;
+        }
         // The listener stopped (or went away): GOAWAY, then at most DRAIN for the streams open.
         () = async { drop(stopped.wait_for(|s| *s).await) } => {
             conn.as_mut().graceful_shutdown();
@@ -275,6 +304,22 @@ async fn serve_connection(
     if let Err(e) = served {
         tracing::info!(peer = %addr, "replication connection ended: {}", crate::error_chain(&e));
     }
+}
+
+/// Resolves when the trusted CAs change and `chain` (an open connection's peer) no longer
+/// verifies against them, with why; never while it does, nor once the listener is gone.
+async fn cut_if_untrusted(
+    mut trust: tokio::sync::watch::Receiver<Arc<dyn ClientCertVerifier>>,
+    chain: &[CertificateDer<'static>],
+) -> rustls::Error {
+    while trust.changed().await.is_ok() {
+        let verifier = trust.borrow_and_update().clone();
+        let now = rustls_pki_types::UnixTime::now();
+        if let Err(e) = verifier.verify_client_cert(&chain[0], &chain[1..], now) {
+            return e;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Refusals logged per (peer IP, reason): at most one line a minute, with the count of those not

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ServerConfig};
 
@@ -23,18 +24,29 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The recovery server's TLS: its configuration, and the verifier of client certificates in it
+/// (kept apart too, to check again the chains of connections already open when the trusted CAs
+/// change).
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub verifier: Arc<dyn ClientCertVerifier>,
+}
+
 /// The recovery server's listener: its certificate by `thumbprint`; a client certificate from a
 /// trusted CA is required (no certificate: alert `certificate_required`).
-pub fn server_config(cert_dir: &Path, thumbprint: &str) -> Result<Arc<ServerConfig>, PeerTlsError> {
+pub fn server_config(cert_dir: &Path, thumbprint: &str) -> Result<ServerTls, PeerTlsError> {
     let identity = find_identity(cert_dir, thumbprint)?;
     let roots = trusted_roots(cert_dir)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(identity.chain, identity.key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        verifier,
+    })
 }
 
 /// The primary's side: presents the certificate `thumbprint`, checks the server's chain and name.
