@@ -1379,6 +1379,21 @@ def test_a_ca_taken_out_of_the_recovery_servers_trusted_store_is_no_longer_trust
     wait_for(lambda: accepted(*lab_host), timeout=30, what="the lab CA trusted again")
     wait_for(lambda: not accepted(*other_host), timeout=30, what="the other CA no longer trusted")
 
+    # No CA left at all (the listener stops until one is put back): the open connection is closed
+    # at once too, not left to drain.
+    cut = "replication connection closed: its certificate is no longer trusted (no trusted CA can be read)"
+    open_lab = peer_as(lab, *lab_host, lab.port, keepalive=120)
+    assert open_lab.post("/vmreplica/v1/test", json={}).status_code == 200
+    for f in trusted.iterdir():
+        f.unlink()
+    wait_for(lambda: cut in plain_log(lab.replica), timeout=30, what="the open connection closed")
+    with pytest.raises((httpx.HTTPError, ssl.SSLError, OSError)):
+        open_lab.post("/vmreplica/v1/test", json={})
+    open_lab.close()
+    for f in saved.iterdir():
+        shutil.copy(f, trusted / f.name)
+    wait_for(lambda: accepted(*lab_host), timeout=30, what="the lab CA trusted again")
+
 
 def test_a_replica_made_here_is_bound_to_the_first_primary_that_names_it(lab, tmp_path):
     """A replica made on the recovery server (Enable-VMReplication -AsReplica) has no binding until

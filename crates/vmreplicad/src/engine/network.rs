@@ -432,7 +432,9 @@ async fn send_full(
     running: Option<&RunningPoint>,
 ) -> Result<(super::initial::FullLog, String), (JobFailure, bool)> {
     // The log is sent while it is written: the scan and the transfer overlap.
-    let growing = std::sync::Arc::new(crate::replication::client::GrowingLog::in_memory());
+    let growing = std::sync::Arc::new(crate::replication::client::GrowingLog::in_memory(
+        crate::replication::growing::KEEP_STAGED,
+    ));
     let progress_ctx = ctx.clone();
     let progress: crate::replication::client::Progress =
         std::sync::Arc::new(move |sent: u64, total: u64| {

@@ -28,9 +28,12 @@ use bytes::Bytes;
 /// Most bytes an in-memory log's writer runs ahead of its upload.
 pub const AHEAD: u64 = 16 << 20;
 /// Bytes an in-memory log keeps behind the furthest point sent, for a resume: more than a replica
-/// can lose of it (what was in flight, and a staged upload's bytes since the checkpoint it continues
-/// from after a restart: replication::staged::CHECKPOINT_MAX_LAG, checked there).
-pub const KEEP: u64 = 112 << 20;
+/// can lose of it (what was in flight: its flow-control windows and a partial record).
+pub const KEEP: u64 = 80 << 20;
+/// [`KEEP`] for the network initial replication's log, which the replica stages: more, since a
+/// restart of the replica also loses its bytes since the checkpoint it continues from
+/// (replication::staged::CHECKPOINT_MAX_LAG, checked there).
+pub const KEEP_STAGED: u64 = 112 << 20;
 
 /// The buffer in front of a log's output ([`LogOut`]), for the small records. Smaller than a frame
 /// of data, so a whole frame written from a scan's read passes through it to the output in one
@@ -61,6 +64,8 @@ struct Memory {
 
 #[derive(Default)]
 struct Kept {
+    /// Bytes kept behind the furthest offset sent ([`KEEP`] or [`KEEP_STAGED`]).
+    keep: u64,
     /// Consecutive pieces, the first starting at `base`.
     chunks: VecDeque<Bytes>,
     base: u64,
@@ -73,9 +78,9 @@ struct Kept {
 }
 
 impl Kept {
-    /// Drops what lies more than [`KEEP`] behind the furthest byte sent.
+    /// Drops what lies more than `keep` behind the furthest byte sent.
     fn trim(&mut self) {
-        let floor = self.sent.saturating_sub(KEEP);
+        let floor = self.sent.saturating_sub(self.keep);
         while let Some(first) = self.chunks.front() {
             let len = first.len() as u64;
             if self.base + len > floor {
@@ -101,11 +106,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl GrowingLog {
-    /// A log written into memory and sent from there, without a spool file.
-    pub fn in_memory() -> GrowingLog {
+    /// A log written into memory and sent from there, without a spool file, keeping the last
+    /// `keep` bytes sent for a resume ([`KEEP`], or [`KEEP_STAGED`] for a staged upload).
+    pub fn in_memory(keep: u64) -> GrowingLog {
         GrowingLog {
             memory: Some(Memory {
-                kept: Mutex::new(Kept::default()),
+                kept: Mutex::new(Kept {
+                    keep,
+                    ..Kept::default()
+                }),
                 room: tokio::sync::Notify::new(),
                 lent: Mutex::new(None),
             }),
@@ -208,7 +217,7 @@ impl GrowingLog {
     }
 
     /// Up to `max` bytes of an in-memory log from offset `from`, without copying; marks them sent
-    /// and drops what lies more than [`KEEP`] behind the furthest byte sent.
+    /// and drops what lies more than its keep behind the furthest byte sent.
     pub(super) fn take(&self, from: u64, max: usize) -> Taken {
         let Some(m) = &self.memory else {
             return Taken::NotYet;
@@ -392,7 +401,7 @@ mod tests {
 
     #[test]
     fn pieces_are_taken_across_writes_and_dropped_only_past_keep() {
-        let log = Arc::new(GrowingLog::in_memory());
+        let log = Arc::new(GrowingLog::in_memory(KEEP));
         let mut out = LogOut::Memory(log.clone());
         let piece = vec![7u8; 1 << 20];
         let (written, sent) = (KEEP + (32 << 20), KEEP + (22 << 20));
@@ -417,7 +426,7 @@ mod tests {
     #[test]
     fn bytes_written_from_the_lent_read_are_kept_as_slices_of_it() {
         use disk::scan::Pace;
-        let log = Arc::new(GrowingLog::in_memory());
+        let log = Arc::new(GrowingLog::in_memory(KEEP));
         let mut out = LogOut::Memory(log.clone());
         let read = Bytes::from(vec![9u8; 1 << 20]);
         log.lend(Some(read.clone()));
@@ -436,7 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_log_resumed_at_an_offset_is_written_up_to_it_without_waiting_or_keeping_it() {
-        let log = Arc::new(GrowingLog::in_memory());
+        let log = Arc::new(GrowingLog::in_memory(KEEP));
         let mut out = LogOut::Memory(log.clone());
         let skip = KEEP + 3 * AHEAD;
         log.skip_to(skip);
@@ -465,7 +474,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_waits_for_the_upload_and_stops_when_it_gives_up() {
-        let log = Arc::new(GrowingLog::in_memory());
+        let log = Arc::new(GrowingLog::in_memory(KEEP));
         let mut out = LogOut::Memory(log.clone());
         out.write_all(&vec![1u8; (AHEAD + 1) as usize]).unwrap();
         let waiting = tokio::time::timeout(Duration::from_millis(200), log.wait_for_room()).await;

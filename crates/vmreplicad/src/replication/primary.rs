@@ -835,7 +835,7 @@ impl PrimarySide {
             .join("outgoing")
             .join(vm.id.to_string().to_uppercase())
             .join(format!("{seq:020}.vrlog"));
-        let growing = Arc::new(GrowingLog::in_memory());
+        let growing = Arc::new(GrowingLog::in_memory(super::growing::KEEP));
         let progress: super::client::Progress = Arc::new(|_, _| {});
         let target = target(rel);
         let mode = session.log_mode(rel.settings.compression_enabled);

@@ -17,7 +17,7 @@ use wire::protocol::{ErrorCode, ErrorDetail, RefusalReason, Route, RouteError};
 
 use super::peer_certs::{dns_names, sha1_thumbprint};
 use super::replica::{ApiError, ReplicaSide};
-use super::tls::server_config;
+use super::tls::{client_verifier, server_config};
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::CertificateDer;
 
@@ -73,29 +73,36 @@ pub fn spawn_supervisor(replica: Arc<ReplicaSide>, bind: IpAddr, control: Listen
                     current.as_ref().map(|c| c.0.clone())
                 }
             };
-            // Only the trusted CAs changed: new connections are checked against the new ones, and
-            // the listener goes on; an open connection goes on while its peer's chain is still
-            // trusted (an upload is not cut for another CA's change).
+            // The trusted CAs changed: an open connection goes on while its peer's chain is still
+            // trusted (an upload is not cut for another CA's change), and is closed at once
+            // otherwise, or when none can be read (no CA left, say), whether or not the listener
+            // goes on (`cut_if_untrusted`). If only they changed, the listener goes on and new
+            // connections are checked against them.
             if let (Some((have, l)), Some(w)) = (current.as_mut(), &want) {
-                let retrust = have.port == w.port
-                    && have.thumbprint == w.thumbprint
-                    && have.trusted != w.trusted
-                    && !l.task.is_finished();
-                if retrust {
-                    match server_config(&replica.cert_dir, &w.thumbprint) {
-                        Ok(tls) => {
-                            *l.config.write().unwrap_or_else(|p| p.into_inner()) = tls.config;
-                            // Open connections check their peer's chain again (`cut_if_untrusted`).
-                            l.trust.send_replace(tls.verifier);
-                            have.trusted = w.trusted.clone();
-                            tracing::info!(
-                                port = w.port,
-                                "the trusted CAs changed: new connections are checked against them, and open ones again"
-                            );
-                        }
-                        // (No CA left, say: the listener stops below, and is tried again.)
-                        Err(e) => {
+                if have.trusted != w.trusted {
+                    let verifier = client_verifier(&replica.cert_dir)
+                        .inspect_err(|e| {
                             tracing::error!("the trusted CAs changed and cannot be read: {e}")
+                        })
+                        .ok();
+                    l.trust.send_replace(verifier.clone());
+                    let retrust = have.port == w.port
+                        && have.thumbprint == w.thumbprint
+                        && !l.task.is_finished();
+                    // (Without a verifier, the listener stops below, and is tried again.)
+                    if let (true, Some(verifier)) = (retrust, verifier) {
+                        match server_config(&replica.cert_dir, &w.thumbprint, verifier) {
+                            Ok(config) => {
+                                *l.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+                                have.trusted = w.trusted.clone();
+                                tracing::info!(
+                                    port = w.port,
+                                    "the trusted CAs changed: new connections are checked against them, and open ones again"
+                                );
+                            }
+                            Err(e) => tracing::error!(
+                                "the listener's TLS configuration cannot be built again: {e}"
+                            ),
                         }
                     }
                 }
@@ -148,17 +155,18 @@ struct Listening {
     task: tokio::task::JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
     config: Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
-    trust: tokio::sync::watch::Sender<Arc<dyn ClientCertVerifier>>,
+    trust: tokio::sync::watch::Sender<Option<Arc<dyn ClientCertVerifier>>>,
 }
 
 async fn start(replica: Arc<ReplicaSide>, bind: IpAddr, w: &Wanted) -> anyhow::Result<Listening> {
-    let tls = server_config(&replica.cert_dir, &w.thumbprint)?;
+    let verifier = client_verifier(&replica.cert_dir)?;
+    let config = server_config(&replica.cert_dir, &w.thumbprint, verifier.clone())?;
     let addr = SocketAddr::new(bind, w.port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, thumbprint = %w.thumbprint, "replication listener serving HTTP/2 over TLS 1.3");
-    let config = Arc::new(std::sync::RwLock::new(tls.config));
+    let config = Arc::new(std::sync::RwLock::new(config));
     let shared = config.clone();
-    let (trust, _) = tokio::sync::watch::channel(tls.verifier);
+    let (trust, _) = tokio::sync::watch::channel(Some(verifier));
     let trusted = trust.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -220,13 +228,15 @@ async fn serve_connection(
     addr: SocketAddr,
     (mut stopped, trust): (
         tokio::sync::watch::Receiver<bool>,
-        tokio::sync::watch::Receiver<Arc<dyn ClientCertVerifier>>,
+        tokio::sync::watch::Receiver<Option<Arc<dyn ClientCertVerifier>>>,
     ),
     handshaking: Place,
 ) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
     drop(handshaking);
+    // The chain is checked again at this time when the trusted CAs change: only they decide.
+    let verified_at = rustls_pki_types::UnixTime::now();
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -285,7 +295,7 @@ async fn serve_connection(
         r = conn.as_mut() => r,
         // The trusted CAs changed and no longer include this peer's: the connection is closed
         // at once, uploads in flight included (the primary is refused at its next handshake).
-        e = cut_if_untrusted(trust, &chain) => {
+        e = cut_if_untrusted(trust, &chain, verified_at) => {
             tracing::warn!(peer = %addr, names = ?who.names, thumbprint = %who.thumbprint, "replication connection closed: its certificate is no longer trusted ({e})");
             return;
         }
@@ -306,17 +316,21 @@ async fn serve_connection(
     }
 }
 
-/// Resolves when the trusted CAs change and `chain` (an open connection's peer) no longer
-/// verifies against them, with why; never while it does, nor once the listener is gone.
+/// Resolves when the trusted CAs change and `chain` (an open connection's peer, verified at
+/// `at`) no longer verifies against them as of `at`, or none can be read, with why; never while
+/// it does, nor once the listener is gone. (As of `at`: a certificate that expired since is not
+/// cut for another CA's change.)
 async fn cut_if_untrusted(
-    mut trust: tokio::sync::watch::Receiver<Arc<dyn ClientCertVerifier>>,
+    mut trust: tokio::sync::watch::Receiver<Option<Arc<dyn ClientCertVerifier>>>,
     chain: &[CertificateDer<'static>],
-) -> rustls::Error {
+    at: rustls_pki_types::UnixTime,
+) -> String {
     while trust.changed().await.is_ok() {
-        let verifier = trust.borrow_and_update().clone();
-        let now = rustls_pki_types::UnixTime::now();
-        if let Err(e) = verifier.verify_client_cert(&chain[0], &chain[1..], now) {
-            return e;
+        let Some(verifier) = trust.borrow_and_update().clone() else {
+            return "no trusted CA can be read".into();
+        };
+        if let Err(e) = verifier.verify_client_cert(&chain[0], &chain[1..], at) {
+            return e.to_string();
         }
     }
     std::future::pending().await

@@ -139,7 +139,7 @@ const _: () = assert!(
         + (QUEUED_CHUNKS as u64 + 2) * (1 << 20)
         + (8 << 20)
         + (9 << 20)
-        < super::growing::KEEP
+        < super::growing::KEEP_STAGED
 );
 
 /// Chunks of the request body queued to the staging thread (HTTP/2 DATA frames, at most 1 MiB;

@@ -24,29 +24,28 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The recovery server's TLS: its configuration, and the verifier of client certificates in it
-/// (kept apart too, to check again the chains of connections already open when the trusted CAs
-/// change).
-pub struct ServerTls {
-    pub config: Arc<ServerConfig>,
-    pub verifier: Arc<dyn ClientCertVerifier>,
+/// The recovery server's check of client certificates: chained to a CA of `certs/trusted/`. Kept
+/// apart from the configuration too, so that connections already open check their peer's chain
+/// again when the trusted CAs change.
+pub fn client_verifier(cert_dir: &Path) -> Result<Arc<dyn ClientCertVerifier>, PeerTlsError> {
+    let roots = trusted_roots(cert_dir)?;
+    Ok(WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?)
 }
 
-/// The recovery server's listener: its certificate by `thumbprint`; a client certificate from a
-/// trusted CA is required (no certificate: alert `certificate_required`).
-pub fn server_config(cert_dir: &Path, thumbprint: &str) -> Result<ServerTls, PeerTlsError> {
+/// The recovery server's listener: its certificate by `thumbprint`; a client certificate that
+/// `verifier` accepts is required (no certificate: alert `certificate_required`).
+pub fn server_config(
+    cert_dir: &Path,
+    thumbprint: &str,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<Arc<ServerConfig>, PeerTlsError> {
     let identity = find_identity(cert_dir, thumbprint)?;
-    let roots = trusted_roots(cert_dir)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier.clone())
+        .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain, identity.key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(ServerTls {
-        config: Arc::new(config),
-        verifier,
-    })
+    Ok(Arc::new(config))
 }
 
 /// The primary's side: presents the certificate `thumbprint`, checks the server's chain and name.
