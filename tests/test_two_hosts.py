@@ -1759,6 +1759,37 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     assert vm_by_name(p, "ckpt01")["ReplicationState"] == 3
 
 
+def test_a_network_initial_replication_is_cancelled_mid_disk_and_a_run_again_goes_on_from_there(lab, tmp_path):
+    """Stop-VMInitialReplication (RequestStateChange 4 on the job) while one disk is being sent: the
+    job ends Terminated at once, not once the whole disk went, and the relationship is ready again
+    (1); the replica keeps what arrived, and StartReplication again continues from there."""
+    disk = random_raw(tmp_path / "cancel01.raw", "256M", 224 << 20)
+    vm_id, p, job = start_network_ir(lab, "cancel01", disk, "24M")
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 32 << 20],
+             timeout=30, what="an initial replication under way")
+    asked = time.monotonic()
+    rv, _ = p.InvokeMethod("RequestStateChange", job, RequestedState=Uint16(4))
+    assert rv in (0, 4096), rv
+    ended = wait_job(p, job, timeout=30)
+    took = time.monotonic() - asked
+    # 224 MiB at 24 MB/s: the rest of the disk would have taken several more seconds.
+    assert ended["JobState"] == 8, (ended["JobState"], ended["ErrorDescription"])
+    assert took < 3, took
+    assert vm_by_name(p, "cancel01")["ReplicationState"] == 1
+    assert "staged upload interrupted; kept for a resume" in plain_log(lab.replica)
+    rv, out = p.InvokeMethod("StartReplication", p.EnumerateInstances("Msvm_ReplicationService")[0].path,
+                             ComputerSystem=vm_by_name(p, "cancel01").path, InitialReplicationType=Uint16(1))
+    assert rv == 4096
+    again = wait_job(p, out["Job"], timeout=60)
+    assert again["JobState"] == 7, (again["JobState"], again["ErrorDescription"])
+    # Continued where the replica stood (at least past the checkpoint seen), not sent again from 0.
+    resumed = re.findall(rf"resuming an upload vm={vm_id.lower()} sequence=1 offset=(\d+)", plain_log(lab.replica))
+    assert resumed and int(resumed[-1]) > 32 << 20, plain_log(lab.replica)[-3000:]
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
+    assert vm_by_name(p, "cancel01")["ReplicationState"] == 3
+
+
 def test_an_initial_replication_waiting_for_its_stopped_recovery_server_is_cancelled_at_once(lab, tmp_path):
     import signal
 
