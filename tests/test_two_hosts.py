@@ -1790,6 +1790,32 @@ def test_a_network_initial_replication_is_cancelled_mid_disk_and_a_run_again_goe
     assert vm_by_name(p, "cancel01")["ReplicationState"] == 3
 
 
+def test_a_network_initial_replication_suspended_while_it_runs_goes_on_from_there_when_resumed(lab, tmp_path):
+    """Suspend-VMReplication while the initial replication runs (state 2, from which spec §3.3
+    allows it; it answered 32774 while the initial replication's job held the VM): the transfer
+    stops at once and the VM reads Suspended (7); Resume-VMReplication runs the initial
+    replication again, which continues where the replica stood and ends Replicating (3)."""
+    disk = random_raw(tmp_path / "susp01.raw", "256M", 224 << 20)
+    vm_id, p, job = start_network_ir(lab, "susp01", disk, "24M")
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 32 << 20],
+             timeout=30, what="an initial replication under way")
+    asked = time.monotonic()
+    rrsc(p, vm_by_name(p, "susp01"), 7)
+    assert time.monotonic() - asked < 3
+    assert wait_job(p, job)["JobState"] == 8
+    assert vm_by_name(p, "susp01")["ReplicationState"] == 7
+    # Tracking and the replica's part wait: nothing more is sent while suspended.
+    time.sleep(3)
+    assert vm_by_name(p, "susp01")["ReplicationState"] == 7
+    assert applied_sequence(lab, vm_id) == 0
+    rrsc(p, vm_by_name(p, "susp01"), 3)  # waits for the initial replication it runs again
+    resumed = re.findall(rf"resuming an upload vm={vm_id.lower()} sequence=1 offset=(\d+)", plain_log(lab.replica))
+    assert resumed and int(resumed[-1]) > 32 << 20, plain_log(lab.replica)[-3000:]
+    latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
+    assert vm_by_name(p, "susp01")["ReplicationState"] == 3
+
+
 def test_an_initial_replication_waiting_for_its_stopped_recovery_server_is_cancelled_at_once(lab, tmp_path):
     import signal
 

@@ -232,6 +232,7 @@ CREATE TABLE IF NOT EXISTS sent_blocks (
 CREATE TABLE IF NOT EXISTS job_restores (
     job TEXT PRIMARY KEY, vm TEXT NOT NULL, state INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS test_failover_times (vm TEXT PRIMARY KEY, time INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS suspended_initial_replications (vm TEXT PRIMARY KEY, time INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS failover_network (
     vm TEXT NOT NULL, adapter INTEGER NOT NULL, protocol INTEGER NOT NULL, settings TEXT NOT NULL,
     PRIMARY KEY (vm, adapter, protocol));
@@ -485,6 +486,10 @@ impl Store {
         tx.execute("DELETE FROM failovers WHERE vm = ?1", [vm.to_string()])?;
         // Marks of resynchronization logs: a later chain numbers its logs from 1 again.
         tx.execute("DELETE FROM resync_points WHERE vm = ?1", [vm.to_string()])?;
+        tx.execute(
+            "DELETE FROM suspended_initial_replications WHERE vm = ?1",
+            [vm.to_string()],
+        )?;
         tx.execute("UPDATE vms SET mode = 0 WHERE id = ?1", [vm.to_string()])?;
         tx.commit()?;
         Ok(dropped)
@@ -723,6 +728,33 @@ impl Store {
             params![job, vm.to_string(), state],
         )?;
         Ok(())
+    }
+
+    /// Marks (or unmarks) `vm`'s network initial replication as suspended while it ran: a resume
+    /// runs it again (`service::relationships`).
+    pub fn set_initial_suspended(&self, vm: Uuid, suspended: bool) -> StoreResult<()> {
+        let conn = self.conn();
+        if suspended {
+            conn.execute(
+                "INSERT OR REPLACE INTO suspended_initial_replications (vm, time) VALUES (?1, ?2)",
+                params![vm.to_string(), crate::clock::now()],
+            )?;
+        } else {
+            conn.execute(
+                "DELETE FROM suspended_initial_replications WHERE vm = ?1",
+                [vm.to_string()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// True when `vm`'s network initial replication was suspended while it ran.
+    pub fn initial_suspended(&self, vm: Uuid) -> StoreResult<bool> {
+        Ok(self.conn().query_row(
+            "SELECT EXISTS (SELECT 1 FROM suspended_initial_replications WHERE vm = ?1)",
+            [vm.to_string()],
+            |r| r.get(0),
+        )?)
     }
 
     /// Forgets the restore record of job `job` (it ended).

@@ -278,6 +278,14 @@ impl Service {
         if let Some(output) = self.stop_resync(vm, op)? {
             return Ok(output);
         }
+        // Suspend-VMReplication while a network initial replication runs (2, spec §3.3), and
+        // Resume-VMReplication of one suspended so.
+        if let Some(output) = self.suspend_initial_replication(vm, op)? {
+            return Ok(output);
+        }
+        if let Some(output) = self.resume_initial_replication(vm, op)? {
+            return Ok(output);
+        }
         let (vm, claim) = self.claimed_vm(vm)?;
         check_args(op, &args)?;
         let (rel, t) = self.decide(&vm, op)?;
@@ -401,20 +409,10 @@ impl Service {
             r.state == ReplicationState::Resynchronizing.as_u16()
                 && found.mode == ReplicationMode::Primary.as_u16()
         });
-        let running: Vec<String> = self
-            .store
-            .list_jobs()?
-            .into_iter()
-            .filter(|j| {
-                j.vm == Some(found.id)
-                    && [JobType::Resynchronizing, JobType::ReplicateStateChange]
-                        .map(JobType::as_u16)
-                        .contains(&j.job_type)
-                    && !vmreplica_core::job::JobState::from_u16(j.state)
-                        .is_some_and(|s| s.is_terminal())
-            })
-            .map(|j| j.id)
-            .collect();
+        let running = self.running_jobs(
+            found.id,
+            &[JobType::Resynchronizing, JobType::ReplicateStateChange],
+        )?;
         if !resyncing || running.is_empty() {
             return Ok(None);
         }
@@ -434,28 +432,8 @@ impl Service {
             false,
             move |_ctx| async move {
                 // The resync's job puts the state back to 9 when it ends and lets the VM go.
-                let deadline = crate::clock::now() + 120;
-                let claim = loop {
-                    let ended = running.iter().all(|j| {
-                        store.get_job(j).ok().flatten().is_none_or(|j| {
-                            vmreplica_core::job::JobState::from_u16(j.state)
-                                .is_some_and(|s| s.is_terminal())
-                        })
-                    });
-                    if ended {
-                        if let Some(c) = claims.claim(id) {
-                            break c;
-                        }
-                    }
-                    if crate::clock::now() > deadline {
-                        return Err(JobFailure::failed(
-                            "the resynchronization did not stop within 2 minutes",
-                            "Cancel its job and try again.",
-                        ));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                };
-                let _claim = claim;
+                let _claim =
+                    claim_once_ended(&store, &claims, id, &running, "resynchronization").await?;
                 if let (Some(v), Some(mut rel)) = (store.get_vm(id)?, store.get_relationship(id)?) {
                     // Not over a resync that completed meanwhile.
                     let stopped = [
@@ -475,6 +453,131 @@ impl Service {
         Ok(Some(CommandOutput::Job(job_view(&job))))
     }
 
+    /// RRSC 7 on a primary whose network initial replication (job 94) runs, in state 2 (spec §3.3
+    /// allows a suspend from 2): a job that cancels it (the scan and the upload stop at once; the
+    /// replica keeps what arrived), waits for it to end (its outcome puts the state back to 1),
+    /// then writes 7 and remembers the initial replication was suspended, so that a resume runs it
+    /// again (`resume_initial_replication`), continuing where the replica stands. If it completed
+    /// meanwhile (3), the suspend is an ordinary one. None when no such job runs.
+    fn suspend_initial_replication(
+        &self,
+        vm: &VmRef,
+        op: Operation,
+    ) -> Result<Option<CommandOutput>, CommandError> {
+        if op != Operation::RequestReplicationStateChange(RequestedState::Suspend) {
+            return Ok(None);
+        }
+        let found = self.resolve_vm(vm)?;
+        let sending = found.mode == ReplicationMode::Primary.as_u16()
+            && self.store.get_relationship(found.id)?.is_some_and(|r| {
+                r.state == ReplicationState::WaitingToCompleteInitialReplication.as_u16()
+            });
+        let running = self.running_jobs(found.id, &[JobType::StartInbandInitialReplication])?;
+        if !sending || running.is_empty() {
+            return Ok(None);
+        }
+        for id in &running {
+            let _ = self.jobs.cancel(id);
+        }
+        let (store, claims, id) = (self.store.clone(), self.claims.clone(), found.id);
+        let in_flight = self.in_flight.clone();
+        let what = format!(
+            "{} on '{}' (stops its initial replication)",
+            op.name(),
+            found.name
+        );
+        let job = self.jobs.spawn(
+            op.job_type(),
+            Some(id),
+            what,
+            false,
+            move |_ctx| async move {
+                let _claim =
+                    claim_once_ended(&store, &claims, id, &running, "initial replication").await?;
+                let (Some(v), Some(mut rel)) = (store.get_vm(id)?, store.get_relationship(id)?)
+                else {
+                    return Ok(());
+                };
+                let ready = ReplicationState::ReadyForReplication.as_u16();
+                let replicating = ReplicationState::Replicating.as_u16();
+                if rel.state == ready || rel.state == replicating {
+                    if rel.state == ready {
+                        store.set_initial_suspended(id, true)?;
+                    }
+                    rel.state = ReplicationState::Suspended.as_u16();
+                    store.put_relationship(&rel, v.mode)?;
+                    // (After a completed one, a cycle may have started: as any suspend.)
+                    if !in_flight
+                        .wait_idle(id, std::time::Duration::from_secs(600))
+                        .await
+                    {
+                        tracing::warn!(vm = %id, "suspended while a log is still in flight");
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        Ok(Some(CommandOutput::Job(job_view(&job))))
+    }
+
+    /// RRSC 3 on a primary in 7 whose network initial replication was suspended while it ran
+    /// (and none arrived since): back to 1, and StartReplication (1) again, whose job is the
+    /// answer; it continues where the replica stands (docs/protocol.md §5.3). None otherwise.
+    fn resume_initial_replication(
+        &self,
+        vm: &VmRef,
+        op: Operation,
+    ) -> Result<Option<CommandOutput>, CommandError> {
+        if op != Operation::RequestReplicationStateChange(RequestedState::Replicating) {
+            return Ok(None);
+        }
+        let found = self.resolve_vm(vm)?;
+        let Some(rel) = self.store.get_relationship(found.id)? else {
+            return Ok(None);
+        };
+        let suspended = found.mode == ReplicationMode::Primary.as_u16()
+            && rel.state == ReplicationState::Suspended.as_u16()
+            && rel.last_replication_time.is_none()
+            && self.store.initial_suspended(found.id)?;
+        if !suspended {
+            return Ok(None);
+        }
+        let (suspended, ready) = (
+            ReplicationState::Suspended.as_u16(),
+            ReplicationState::ReadyForReplication.as_u16(),
+        );
+        if !self.store.move_state(found.id, suspended, ready)? {
+            return Ok(None); // (moved meanwhile: decided as it is now)
+        }
+        let start = Operation::StartReplication(vmreplica_core::InitialReplicationType::Network);
+        match self.replication(vm, start, OperationArgs::default()) {
+            Ok(output) => {
+                self.store.set_initial_suspended(found.id, false)?;
+                Ok(Some(output))
+            }
+            Err(e) => {
+                let _ = self.store.move_state(found.id, ready, suspended);
+                Err(e)
+            }
+        }
+    }
+
+    /// The jobs of `types` running for `vm`.
+    fn running_jobs(&self, vm: Uuid, types: &[JobType]) -> Result<Vec<String>, CommandError> {
+        Ok(self
+            .store
+            .list_jobs()?
+            .into_iter()
+            .filter(|j| {
+                j.vm == Some(vm)
+                    && types.iter().any(|t| t.as_u16() == j.job_type)
+                    && !vmreplica_core::job::JobState::from_u16(j.state)
+                        .is_some_and(|s| s.is_terminal())
+            })
+            .map(|j| j.id)
+            .collect())
+    }
+
     pub(super) fn refuse_engineless(&self, t: &Transition, what: &str) -> Result<(), CommandError> {
         if t.moves_data {
             return Err(CommandError::new(
@@ -483,6 +586,36 @@ impl Service {
             ));
         }
         Ok(())
+    }
+}
+
+/// `vm`'s claim once the jobs `running` (cancelled) ended and let it go; fails after 2 minutes.
+async fn claim_once_ended(
+    store: &Store,
+    claims: &VmClaims,
+    vm: Uuid,
+    running: &[String],
+    what: &str,
+) -> Result<crate::claims::VmClaim, JobFailure> {
+    let deadline = crate::clock::now() + 120;
+    loop {
+        let ended = running.iter().all(|j| {
+            store.get_job(j).ok().flatten().is_none_or(|j| {
+                vmreplica_core::job::JobState::from_u16(j.state).is_some_and(|s| s.is_terminal())
+            })
+        });
+        if ended {
+            if let Some(c) = claims.claim(vm) {
+                return Ok(c);
+            }
+        }
+        if crate::clock::now() > deadline {
+            return Err(JobFailure::failed(
+                format!("the {what} did not stop within 2 minutes"),
+                "Cancel its job and try again.",
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
