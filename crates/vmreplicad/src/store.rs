@@ -748,6 +748,38 @@ impl Store {
         Ok(())
     }
 
+    /// The suspend of a network initial replication whose job ended (`service::relationships`),
+    /// in one transaction: from 1 (the job stopped) to 7, remembered as suspended; from 3 (it
+    /// completed meanwhile) to 7, an ordinary suspend. Returns the state found (None without a
+    /// relationship); any other is left as it is.
+    pub fn suspend_ended_initial_replication(&self, vm: Uuid) -> StoreResult<Option<u16>> {
+        let (ready, replicating) = (
+            ReplicationState::ReadyForReplication.as_u16(),
+            ReplicationState::Replicating.as_u16(),
+        );
+        let found = std::cell::Cell::new(None);
+        self.update_relationship_and(
+            vm,
+            None,
+            |rel| {
+                found.set(Some(rel.state));
+                if rel.state == ready || rel.state == replicating {
+                    rel.state = ReplicationState::Suspended.as_u16();
+                }
+            },
+            |tx| {
+                if found.get() == Some(ready) {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO suspended_initial_replications (vm, time) VALUES (?1, ?2)",
+                        params![vm.to_string(), crate::clock::now()],
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(found.get())
+    }
+
     /// True when `vm`'s network initial replication was suspended while it ran.
     pub fn initial_suspended(&self, vm: Uuid) -> StoreResult<bool> {
         Ok(self.conn().query_row(

@@ -479,19 +479,20 @@ async fn send_full(
     );
     // A cancel stops the scan and the upload where they are (within 200 ms), not at the end of
     // the disk: the upload stops as after a broken connection, so the replica keeps what arrived
-    // for a run again, and the scan's next write into the log fails.
-    let cancelled = {
+    // for a run again, and the scan's next write into the log fails. (Once the log is complete
+    // the upload goes on to its commit; once the commit was sent, its answer is awaited:
+    // `client::Patience`.)
+    let _watch = crate::replication::client::AbortOnDrop(tokio::spawn({
         let (ctx, growing) = (ctx.clone(), growing.clone());
-        tokio::spawn(async move {
+        async move {
             while !ctx.is_cancelled() {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
             growing.fail("the job was cancelled".into());
             growing.close();
-        })
-    };
+        }
+    }));
     let (built, delivered) = tokio::join!(build, send);
-    cancelled.abort();
     // The delivery stays recorded for a run after this host's restart, a broken connection or a
     // cancel; an upload refused for another reason starts over. A log built again for an earlier
     // delivery and refused (the disks no longer make its bytes) starts over at once (`true`).

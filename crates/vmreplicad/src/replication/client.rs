@@ -241,13 +241,13 @@ impl Patience {
 
     /// Waits before retry `attempt` (of the waits after an unanswered commit if `unanswered`);
     /// false when there is none, or when told to give up meanwhile.
-    async fn wait(&self, attempt: usize, unanswered: bool) -> bool {
+    async fn wait(&self, attempt: usize, (unanswered, committing): (bool, bool)) -> bool {
         let Some(&secs) = self.schedule(unanswered).get(attempt) else {
             return false;
         };
         let until = tokio::time::Instant::now() + Duration::from_secs(secs);
         while tokio::time::Instant::now() < until {
-            if self.gave_up() {
+            if self.stops(committing) {
                 return false;
             }
             tokio::time::sleep_until(
@@ -255,15 +255,23 @@ impl Patience {
             )
             .await;
         }
-        !self.gave_up()
+        !self.stops(committing)
     }
 
-    fn has(&self, attempt: usize, unanswered: bool) -> bool {
-        attempt < self.schedule(unanswered).len() && !self.gave_up()
+    fn has(&self, attempt: usize, (unanswered, committing): (bool, bool)) -> bool {
+        attempt < self.schedule(unanswered).len() && !self.stops(committing)
     }
 
     fn gave_up(&self) -> bool {
         self.give_up.as_ref().is_some_and(|g| g())
+    }
+
+    /// Whether a give-up (a cancel of the job) ends the delivery now: not once a commit was sent
+    /// and its answer lost (`committing`). Only the recovery server can say whether it committed
+    /// the log then; a delivery that stopped without asking could leave this host ready for an
+    /// initial replication the replica already holds.
+    fn stops(&self, committing: bool) -> bool {
+        !committing && self.gave_up()
     }
 }
 
@@ -501,6 +509,8 @@ impl Peers {
         let mut furthest = 0;
         // A commit was sent and its answer lost: the waits after an unanswered commit apply.
         let mut unanswered = false;
+        // ... whatever the waits: a give-up no longer ends the delivery before it asked.
+        let mut committing = false;
         loop {
             let mut commit_sent = false;
             let result = async {
@@ -667,13 +677,14 @@ impl Peers {
                         furthest = log.furthest_sent();
                         attempt = 0;
                     }
+                    committing |= commit_sent;
                     if commit_sent && !unanswered && patience.unanswered.is_some() {
                         // Whether the log is committed only the recovery server can say: asked
                         // from now on with the waits after an unanswered commit.
                         unanswered = true;
                         attempt = 0;
                     }
-                    if !patience.has(attempt, unanswered) {
+                    if !patience.has(attempt, (unanswered, committing)) {
                         return Err(e);
                     }
                     broken += 1;
@@ -682,12 +693,12 @@ impl Peers {
                     } else {
                         tracing::info!(%vm, sequence, "the connection broke ({}); sending again", crate::error_chain(&e));
                     }
-                    if !patience.wait(attempt, unanswered).await {
+                    if !patience.wait(attempt, (unanswered, committing)).await {
                         return Err(e);
                     }
                     attempt += 1;
                     match self.connect(target).await {
-                        Ok(_) if patience.gave_up() => return Err(e),
+                        Ok(_) if patience.stops(committing) => return Err(e),
                         // The recovery server was upgraded or downgraded meanwhile: the log, in
                         // the format of the first connection, is built again by the next try.
                         Ok(s) if s.hello.log_format_version != session.hello.log_format_version => {
@@ -697,7 +708,10 @@ impl Peers {
                             )));
                         }
                         Ok(s) => *session = s,
-                        Err(e) if e.is_network() && patience.has(attempt, unanswered) => {
+                        Err(e)
+                            if e.is_network()
+                                && patience.has(attempt, (unanswered, committing)) =>
+                        {
                             broken += 1;
                             // The next round tries again on the old (broken) session and reconnects.
                         }
@@ -1157,7 +1171,7 @@ fn body_error(e: hyper::Error) -> PeerError {
 }
 
 /// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -146,9 +146,10 @@ impl GrowingLog {
         self.changed.notify_waiters();
     }
 
-    /// The writer gave up: the upload stops with `why`.
+    /// The writer gave up: the upload stops with `why`. Not once the log is complete (a cancel
+    /// that came too late: the upload goes on to its commit).
     pub fn fail(&self, why: String) {
-        *lock(&self.end) = Some(Err(why));
+        lock(&self.end).get_or_insert(Err(why));
         self.changed.notify_waiters();
     }
 

@@ -291,23 +291,31 @@ async fn serve_connection(
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .serve_connection(io, service);
     tokio::pin!(conn);
+    // The trusted CAs changed and no longer include this peer's: the connection is closed at
+    // once, uploads in flight included (the primary is refused at its next handshake), also
+    // while it drains. Looked at first: a CA taken out can stop the listener at the same time.
+    let cut = cut_if_untrusted(trust, &chain, verified_at);
+    tokio::pin!(cut);
+    let closed = |e: String| {
+        tracing::warn!(peer = %addr, names = ?who.names, thumbprint = %who.thumbprint, "replication connection closed: its certificate is no longer trusted ({e})");
+    };
     let served = tokio::select! {
+        biased;
+        e = &mut cut => return closed(e),
         r = conn.as_mut() => r,
-        // The trusted CAs changed and no longer include this peer's: the connection is closed
-        // at once, uploads in flight included (the primary is refused at its next handshake).
-        e = cut_if_untrusted(trust, &chain, verified_at) => {
-            tracing::warn!(peer = %addr, names = ?who.names, thumbprint = %who.thumbprint, "replication connection closed: its certificate is no longer trusted ({e})");
-            return;
-        }
         // The listener stopped (or went away): GOAWAY, then at most DRAIN for the streams open.
         () = async { drop(stopped.wait_for(|s| *s).await) } => {
             conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(DRAIN, conn.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::info!(peer = %addr, "replication connection closed: still busy {} s after its listener stopped", DRAIN.as_secs());
-                    return;
-                }
+            tokio::select! {
+                biased;
+                e = &mut cut => return closed(e),
+                r = tokio::time::timeout(DRAIN, conn.as_mut()) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::info!(peer = %addr, "replication connection closed: still busy {} s after its listener stopped", DRAIN.as_secs());
+                        return;
+                    }
+                },
             }
         }
     };

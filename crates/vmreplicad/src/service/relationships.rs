@@ -289,6 +289,10 @@ impl Service {
         let (vm, claim) = self.claimed_vm(vm)?;
         check_args(op, &args)?;
         let (rel, t) = self.decide(&vm, op)?;
+        if matches!(op, Operation::StartReplication(_)) {
+            // An initial replication starts: whatever suspended an earlier one is over.
+            self.store.set_initial_suspended(vm.id, false)?;
+        }
         if let Some(s) = &args.settings {
             s.validate().map_err(settings_error)?;
         }
@@ -476,11 +480,8 @@ impl Service {
         if !sending || running.is_empty() {
             return Ok(None);
         }
-        for id in &running {
-            let _ = self.jobs.cancel(id);
-        }
         let (store, claims, id) = (self.store.clone(), self.claims.clone(), found.id);
-        let in_flight = self.in_flight.clone();
+        let (jobs, in_flight) = (self.jobs.clone(), self.in_flight.clone());
         let what = format!(
             "{} on '{}' (stops its initial replication)",
             op.name(),
@@ -492,29 +493,31 @@ impl Service {
             what,
             false,
             move |_ctx| async move {
+                for job in &running {
+                    let _ = jobs.cancel(job);
+                }
                 let _claim =
                     claim_once_ended(&store, &claims, id, &running, "initial replication").await?;
-                let (Some(v), Some(mut rel)) = (store.get_vm(id)?, store.get_relationship(id)?)
-                else {
-                    return Ok(());
-                };
-                let ready = ReplicationState::ReadyForReplication.as_u16();
-                let replicating = ReplicationState::Replicating.as_u16();
-                if rel.state == ready || rel.state == replicating {
-                    if rel.state == ready {
-                        store.set_initial_suspended(id, true)?;
+                match store.suspend_ended_initial_replication(id)? {
+                    None => Ok(()),
+                    Some(s) if s == ReplicationState::ReadyForReplication.as_u16() => Ok(()),
+                    Some(s) if s == ReplicationState::Replicating.as_u16() => {
+                        // It completed meanwhile: an ordinary suspend, after the log in flight.
+                        if !in_flight
+                            .wait_idle(id, std::time::Duration::from_secs(600))
+                            .await
+                        {
+                            tracing::warn!(vm = %id, "suspended while a log is still in flight");
+                        }
+                        Ok(())
                     }
-                    rel.state = ReplicationState::Suspended.as_u16();
-                    store.put_relationship(&rel, v.mode)?;
-                    // (After a completed one, a cycle may have started: as any suspend.)
-                    if !in_flight
-                        .wait_idle(id, std::time::Duration::from_secs(600))
-                        .await
-                    {
-                        tracing::warn!(vm = %id, "suspended while a log is still in flight");
-                    }
+                    Some(s) => Err(JobFailure::failed(
+                        format!(
+                            "the initial replication ended in state {s}: nothing was suspended"
+                        ),
+                        "Look at the replication state, and suspend again if it is still wanted.",
+                    )),
                 }
-                Ok(())
             },
         )?;
         Ok(Some(CommandOutput::Job(job_view(&job))))
@@ -551,12 +554,11 @@ impl Service {
         }
         let start = Operation::StartReplication(vmreplica_core::InitialReplicationType::Network);
         match self.replication(vm, start, OperationArgs::default()) {
-            Ok(output) => {
-                self.store.set_initial_suspended(found.id, false)?;
-                Ok(Some(output))
-            }
+            Ok(output) => Ok(Some(output)),
             Err(e) => {
-                let _ = self.store.move_state(found.id, ready, suspended);
+                if self.store.move_state(found.id, ready, suspended)? {
+                    self.store.set_initial_suspended(found.id, true)?;
+                }
                 Err(e)
             }
         }
