@@ -1759,15 +1759,28 @@ def test_an_initial_replication_continues_from_its_checkpoint_after_the_replica_
     assert vm_by_name(p, "ckpt01")["ReplicationState"] == 3
 
 
+def network_ir_under_way(lab, tmp_path, name):
+    """A network initial replication of a 224 MiB disk at 24 MB/s, once the replica checkpointed
+    more than 32 MiB of it: (the disk, the VM's id, the primary's connection, the job's path)."""
+    disk = random_raw(tmp_path / f"{name}.raw", "256M", 224 << 20)
+    vm_id, p, job = start_network_ir(lab, name, disk, "24M")
+    incoming = lab.storage / vm_id.lower() / "incoming"
+    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 32 << 20],
+             timeout=30, what="an initial replication under way")
+    return disk, vm_id, p, job
+
+
+def resumed_past_32_mib(lab, vm_id):
+    """The replica continued log 1 past 32 MiB (where it stood), not from its start."""
+    resumed = re.findall(rf"resuming an upload vm={vm_id.lower()} sequence=1 offset=(\d+)", plain_log(lab.replica))
+    assert resumed and int(resumed[-1]) > 32 << 20, plain_log(lab.replica)[-3000:]
+
+
 def test_a_network_initial_replication_is_cancelled_mid_disk_and_a_run_again_goes_on_from_there(lab, tmp_path):
     """Stop-VMInitialReplication (RequestStateChange 4 on the job) while one disk is being sent: the
     job ends Terminated at once, not once the whole disk went, and the relationship is ready again
     (1); the replica keeps what arrived, and StartReplication again continues from there."""
-    disk = random_raw(tmp_path / "cancel01.raw", "256M", 224 << 20)
-    vm_id, p, job = start_network_ir(lab, "cancel01", disk, "24M")
-    incoming = lab.storage / vm_id.lower() / "incoming"
-    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 32 << 20],
-             timeout=30, what="an initial replication under way")
+    disk, vm_id, p, job = network_ir_under_way(lab, tmp_path, "cancel01")
     asked = time.monotonic()
     rv, _ = p.InvokeMethod("RequestStateChange", job, RequestedState=Uint16(4))
     assert rv in (0, 4096), rv
@@ -1783,9 +1796,7 @@ def test_a_network_initial_replication_is_cancelled_mid_disk_and_a_run_again_goe
     assert rv == 4096
     again = wait_job(p, out["Job"], timeout=60)
     assert again["JobState"] == 7, (again["JobState"], again["ErrorDescription"])
-    # Continued where the replica stood (at least past the checkpoint seen), not sent again from 0.
-    resumed = re.findall(rf"resuming an upload vm={vm_id.lower()} sequence=1 offset=(\d+)", plain_log(lab.replica))
-    assert resumed and int(resumed[-1]) > 32 << 20, plain_log(lab.replica)[-3000:]
+    resumed_past_32_mib(lab, vm_id)
     latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
     assert vm_by_name(p, "cancel01")["ReplicationState"] == 3
 
@@ -1795,11 +1806,7 @@ def test_a_network_initial_replication_suspended_while_it_runs_goes_on_from_ther
     allows it; it answered 32774 while the initial replication's job held the VM): the transfer
     stops at once and the VM reads Suspended (7); Resume-VMReplication runs the initial
     replication again, which continues where the replica stood and ends Replicating (3)."""
-    disk = random_raw(tmp_path / "susp01.raw", "256M", 224 << 20)
-    vm_id, p, job = start_network_ir(lab, "susp01", disk, "24M")
-    incoming = lab.storage / vm_id.lower() / "incoming"
-    wait_for(lambda: [c for c in incoming.glob("*.checkpoint") if staged_checkpoint_offset(c) > 32 << 20],
-             timeout=30, what="an initial replication under way")
+    disk, vm_id, p, job = network_ir_under_way(lab, tmp_path, "susp01")
     asked = time.monotonic()
     rrsc(p, vm_by_name(p, "susp01"), 7)
     assert time.monotonic() - asked < 3
@@ -1810,8 +1817,7 @@ def test_a_network_initial_replication_suspended_while_it_runs_goes_on_from_ther
     assert vm_by_name(p, "susp01")["ReplicationState"] == 7
     assert applied_sequence(lab, vm_id) == 0
     rrsc(p, vm_by_name(p, "susp01"), 3)  # waits for the initial replication it runs again
-    resumed = re.findall(rf"resuming an upload vm={vm_id.lower()} sequence=1 offset=(\d+)", plain_log(lab.replica))
-    assert resumed and int(resumed[-1]) > 32 << 20, plain_log(lab.replica)[-3000:]
+    resumed_past_32_mib(lab, vm_id)
     latest_point_equals(lab.storage / vm_id.lower(), disk, at_least=1)
     assert vm_by_name(p, "susp01")["ReplicationState"] == 3
 

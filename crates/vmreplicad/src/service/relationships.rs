@@ -420,24 +420,13 @@ impl Service {
         if !resyncing || running.is_empty() {
             return Ok(None);
         }
-        for id in &running {
-            let _ = self.jobs.cancel(id);
-        }
-        let (store, claims, id) = (self.store.clone(), self.claims.clone(), found.id);
-        let what = format!(
-            "{} on '{}' (stops its resynchronization)",
-            op.name(),
-            found.name
-        );
-        let job = self.jobs.spawn(
-            op.job_type(),
-            Some(id),
-            what,
-            false,
-            move |_ctx| async move {
-                // The resync's job puts the state back to 9 when it ends and lets the VM go.
-                let _claim =
-                    claim_once_ended(&store, &claims, id, &running, "resynchronization").await?;
+        // The resync's job puts the state back to 9 when it ends and lets the VM go.
+        self.after_stopping(
+            &found,
+            op,
+            running,
+            "resynchronization",
+            move |store, id| async move {
                 if let (Some(v), Some(mut rel)) = (store.get_vm(id)?, store.get_relationship(id)?) {
                     // Not over a resync that completed meanwhile.
                     let stopped = [
@@ -453,8 +442,7 @@ impl Service {
                 }
                 Ok(())
             },
-        )?;
-        Ok(Some(CommandOutput::Job(job_view(&job))))
+        )
     }
 
     /// RRSC 7 on a primary whose network initial replication (job 94) runs, in state 2 (spec §3.3
@@ -480,24 +468,13 @@ impl Service {
         if !sending || running.is_empty() {
             return Ok(None);
         }
-        let (store, claims, id) = (self.store.clone(), self.claims.clone(), found.id);
-        let (jobs, in_flight) = (self.jobs.clone(), self.in_flight.clone());
-        let what = format!(
-            "{} on '{}' (stops its initial replication)",
-            op.name(),
-            found.name
-        );
-        let job = self.jobs.spawn(
-            op.job_type(),
-            Some(id),
-            what,
-            false,
-            move |_ctx| async move {
-                for job in &running {
-                    let _ = jobs.cancel(job);
-                }
-                let _claim =
-                    claim_once_ended(&store, &claims, id, &running, "initial replication").await?;
+        let in_flight = self.in_flight.clone();
+        self.after_stopping(
+            &found,
+            op,
+            running,
+            "initial replication",
+            move |store, id| async move {
                 match store.suspend_ended_initial_replication(id)? {
                     None => Ok(()),
                     Some(s) if s == ReplicationState::ReadyForReplication.as_u16() => Ok(()),
@@ -518,6 +495,42 @@ impl Service {
                         "Look at the replication state, and suspend again if it is still wanted.",
                     )),
                 }
+            },
+        )
+    }
+
+    /// A job for `op` on `found` that cancels its jobs `running` (they hold the VM; `stops` says
+    /// what they do), waits for them to end and let the VM go, then runs `then` holding its claim.
+    fn after_stopping<F, Fut>(
+        &self,
+        found: &VmRow,
+        op: Operation,
+        running: Vec<String>,
+        stops: &'static str,
+        then: F,
+    ) -> Result<Option<CommandOutput>, CommandError>
+    where
+        F: FnOnce(Arc<Store>, Uuid) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), JobFailure>> + Send + 'static,
+    {
+        let (store, claims, jobs, id) = (
+            self.store.clone(),
+            self.claims.clone(),
+            self.jobs.clone(),
+            found.id,
+        );
+        let what = format!("{} on '{}' (stops its {stops})", op.name(), found.name);
+        let job = self.jobs.spawn(
+            op.job_type(),
+            Some(id),
+            what,
+            false,
+            move |_ctx| async move {
+                for job in &running {
+                    let _ = jobs.cancel(job);
+                }
+                let _claim = claim_once_ended(&store, &claims, id, &running, stops).await?;
+                then(store, id).await
             },
         )?;
         Ok(Some(CommandOutput::Job(job_view(&job))))
